@@ -1,0 +1,33 @@
+"""Declarative, reproducible surgery on neural-network checkpoints.
+
+>>> import brainsurgery as bs
+>>> report = bs.run({"inputs": ["model.safetensors"], "transforms": [...], "output": "out/"})  # doctest: +SKIP
+
+The engine is Rust (``brainsurgery._core``); this package re-exports it and adds the NumPy view of
+opened checkpoints.
+"""
+
+from brainsurgery._checkpoint import Checkpoint, open
+from brainsurgery._core import (
+    AssertionFailed,
+    BrainSurgeryError,
+    FormatError,
+    PlanError,
+    TransformError,
+    __version__,
+    check,
+    run,
+)
+
+__all__ = [
+    "AssertionFailed",
+    "BrainSurgeryError",
+    "Checkpoint",
+    "FormatError",
+    "PlanError",
+    "TransformError",
+    "__version__",
+    "check",
+    "open",
+    "run",
+]

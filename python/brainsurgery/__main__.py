@@ -1,0 +1,5 @@
+"""``python -m brainsurgery`` runs the command line."""
+
+from brainsurgery.cli import main
+
+main()

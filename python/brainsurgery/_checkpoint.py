@@ -1,0 +1,80 @@
+"""Lazy, zero-copy NumPy views of checkpoint tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from brainsurgery import _core
+
+# Dtypes NumPy lacks come from ml_dtypes; everything else is a little-endian NumPy dtype.
+_EXTRA_DTYPES: dict[str, np.dtype] = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+if hasattr(ml_dtypes, "float8_e8m0fnu"):
+    _EXTRA_DTYPES["float8_e8m0fnu"] = np.dtype(ml_dtypes.float8_e8m0fnu)
+
+# Packed sub-byte formats have no NumPy layout (ml_dtypes stores one element per byte).
+_PACKED = {"float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"}
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a brainsurgery dtype name (``bfloat16`` via ml_dtypes)."""
+    if name in _EXTRA_DTYPES:
+        return _EXTRA_DTYPES[name]
+    if name in _PACKED:
+        raise _core.FormatError(f"{name} tensors are packed below one byte per element and have no NumPy view")
+    return np.dtype(name).newbyteorder("<")
+
+
+class Checkpoint(Mapping[str, np.ndarray]):
+    """A checkpoint opened lazily: a read-only mapping from tensor names to NumPy arrays.
+
+    Only headers are read when it is opened. Indexing returns a read-only array that views the
+    memory-mapped file directly (no copy); the array keeps the mapping alive after the checkpoint
+    object is gone.
+    """
+
+    def __init__(self, core: _core.Checkpoint) -> None:
+        self._core = core
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape = self._core.info(name)
+        array = np.frombuffer(self._core.buffer(name), dtype=numpy_dtype(dtype))
+        return array.reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._core.keys())
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._core
+
+    def info(self, name: str) -> tuple[str, list[int]]:
+        """``(dtype name, shape)`` of a tensor, from the header alone."""
+        return self._core.info(name)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the (first) file."""
+        return self._core.metadata
+
+    @property
+    def path(self) -> str:
+        """The path that was opened."""
+        return self._core.path
+
+    def __repr__(self) -> str:
+        return f"<brainsurgery.Checkpoint {self.path!r}: {len(self)} tensors>"
+
+
+def open(path: str | os.PathLike[str]) -> Checkpoint:  # noqa: A001 - mirrors the SPEC's bs.open
+    """Open a checkpoint (safetensors file or directory) lazily; see :class:`Checkpoint`."""
+    return Checkpoint(_core.open(os.fspath(path)))

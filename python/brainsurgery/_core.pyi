@@ -1,0 +1,71 @@
+"""Type stubs for the Rust extension module ``brainsurgery._core``."""
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
+
+__version__: str
+
+class TensorReport(TypedDict):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+class Report(TypedDict):
+    alias: str | None
+    tensors: list[TensorReport]
+    total_bytes: int
+    written: list[str]
+    notes: list[str]
+    added: int
+    removed: int
+    peak_memory_estimate: int
+
+PlanLike = Mapping[str, Any] | str | os.PathLike[str]
+
+def run(
+    plan: PlanLike | Sequence[PlanLike],
+    *,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    threads: int = 0,
+) -> Report:
+    """Run a plan and write its output; returns a report."""
+
+def check(
+    plan: PlanLike | Sequence[PlanLike],
+    *,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+) -> Report:
+    """Check a plan against the checkpoint headers without reading tensor data."""
+
+def cli_main(args: list[str]) -> int:
+    """Run the command line on ``args``; returns the exit status."""
+
+def open(path: str) -> Checkpoint:
+    """Open a checkpoint lazily (headers only)."""
+
+class TensorBuffer:
+    """Read-only bytes of one mapped tensor (buffer protocol)."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+class Checkpoint:
+    """A checkpoint opened lazily."""
+
+    @property
+    def metadata(self) -> dict[str, str]: ...
+    @property
+    def path(self) -> str: ...
+    def keys(self) -> list[str]: ...
+    def info(self, name: str) -> tuple[str, list[int]]: ...
+    def buffer(self, name: str) -> TensorBuffer: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, name: str) -> bool: ...
+
+class BrainSurgeryError(Exception): ...
+class PlanError(BrainSurgeryError): ...
+class TransformError(BrainSurgeryError): ...
+class AssertionFailed(BrainSurgeryError): ...
+class FormatError(BrainSurgeryError): ...

@@ -1,0 +1,64 @@
+//! The Python exception hierarchy of SPEC §11, declared once, and the one conversion from engine
+//! errors to Python exceptions.
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyPermissionError};
+use pyo3::prelude::*;
+
+use crate::cli::error_chain;
+use crate::error::Error;
+use crate::formats::FormatError;
+use crate::plan::PlanError;
+
+create_exception!(_core, BrainSurgeryError, PyException, "Base class of every brainsurgery error.");
+create_exception!(_core, PlanError_, BrainSurgeryError, "The plan document is malformed or invalid.");
+create_exception!(_core, TransformError, BrainSurgeryError, "A transform cannot apply to the tensors it selects.");
+create_exception!(_core, AssertionFailed, BrainSurgeryError, "An assertion of the plan was false.");
+create_exception!(_core, FormatError_, BrainSurgeryError, "A checkpoint is unreadable, malformed or unwritable.");
+
+/// Attaches the underlying I/O error as `__cause__`, typed by kind, so callers can inspect it.
+fn with_io_cause(py: Python<'_>, err: PyErr, format: &FormatError) -> PyErr {
+    let io = match format {
+        FormatError::Io { source, path } => Some((source, path)),
+        _ => None,
+    };
+    if let Some((source, path)) = io {
+        let cause = match source.kind() {
+            std::io::ErrorKind::NotFound => Some(PyFileNotFoundError::new_err((2, source.to_string(), path.display().to_string()))),
+            std::io::ErrorKind::PermissionDenied => Some(PyPermissionError::new_err((13, source.to_string(), path.display().to_string()))),
+            _ => None,
+        };
+        if let Some(cause) = cause {
+            err.set_cause(py, Some(cause));
+        }
+    }
+    err
+}
+
+/// Converts an engine error to the matching Python exception.
+pub fn to_py(py: Python<'_>, error: Error) -> PyErr {
+    let message = error_chain(&error);
+    match &error {
+        Error::Plan(_) => PlanError_::new_err(message),
+        Error::Format(format) => with_io_cause(py, FormatError_::new_err(message), format),
+        Error::Transform { .. } => TransformError::new_err(message),
+        Error::Assertion { .. } => AssertionFailed::new_err(message),
+        Error::Cancelled => PyKeyboardInterrupt::new_err(message),
+    }
+}
+
+/// A plan error raised before the engine runs (a bad argument type).
+pub fn plan_error(error: PlanError) -> PyErr {
+    PlanError_::new_err(error_chain(&error))
+}
+
+/// Registers the exception classes on the module under their public names.
+pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = module.py();
+    module.add("BrainSurgeryError", py.get_type::<BrainSurgeryError>())?;
+    module.add("PlanError", py.get_type::<PlanError_>())?;
+    module.add("TransformError", py.get_type::<TransformError>())?;
+    module.add("AssertionFailed", py.get_type::<AssertionFailed>())?;
+    module.add("FormatError", py.get_type::<FormatError_>())?;
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! Python bindings (the only module that uses PyO3): `run`, `check`, `open`, the command line,
+//! and the exceptions. Every long call goes through [`detached`], which releases the GIL, turns
+//! Ctrl-C into a cancellation of the engine and then `KeyboardInterrupt`, and converts errors.
+
+mod errors;
+
+use std::collections::BTreeMap;
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use serde_json::Value;
+
+use crate::error::Error;
+use crate::executor::{Prepared, Report, RunOptions};
+use crate::formats::{open_checkpoint, Checkpoint as EngineCheckpoint, SourceFile};
+use crate::plan::{Location, Plan, PlanError, PlanSource};
+
+/// Runs `work` on another thread with the GIL released, polling for Ctrl-C meanwhile. On an
+/// interrupt the engine's cancel flag is set; the work stops at its next chunk and the signal's
+/// exception (normally `KeyboardInterrupt`) is raised.
+fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + Send) -> PyResult<T> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut signal: Option<PyErr> = None;
+    let result = py.detach(|| {
+        std::thread::scope(|scope| {
+            let flag = cancel.clone();
+            let handle = scope.spawn(move || work(flag));
+            while !handle.is_finished() {
+                std::thread::sleep(Duration::from_millis(20));
+                if signal.is_none() {
+                    if let Err(e) = Python::attach(|py| py.check_signals()) {
+                        cancel.store(true, Ordering::Relaxed);
+                        signal = Some(e);
+                    }
+                }
+            }
+            handle.join()
+        })
+    });
+    if let Some(e) = signal {
+        return Err(e);
+    }
+    result.map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread panicked"))
+}
+
+/// Converts a Python plan value (dict/list/str/number/bool/None, paths as strings) to a document.
+fn to_value(obj: &Bound<'_, PyAny>, location: &Location) -> PyResult<Value> {
+    if obj.is_none() {
+        return Ok(Value::Null);
+    }
+    if let Ok(b) = obj.cast::<pyo3::types::PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if let Ok(i) = obj.extract::<i64>() {
+        if obj.is_instance_of::<pyo3::types::PyInt>() {
+            return Ok(Value::from(i));
+        }
+    }
+    if obj.is_instance_of::<pyo3::types::PyInt>() {
+        let u: u64 = obj.extract().map_err(|_| errors::plan_error(PlanError::invalid(location, "integer out of range")))?;
+        return Ok(Value::from(u));
+    }
+    if let Ok(f) = obj.cast::<pyo3::types::PyFloat>() {
+        let f = f.value();
+        return serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .ok_or_else(|| errors::plan_error(PlanError::invalid(location, format!("{f} is not a finite number"))));
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(Value::String(s.to_str()?.to_owned()));
+    }
+    if let Ok(dict) = obj.cast::<PyDict>() {
+        let mut map = serde_json::Map::new();
+        for (k, v) in dict.iter() {
+            let key: String = k.extract().map_err(|_| {
+                errors::plan_error(PlanError::invalid(location, format!("mapping keys must be strings, got {}", k.get_type())))
+            })?;
+            let value = to_value(&v, &location.key(&key))?;
+            map.insert(key, value);
+        }
+        return Ok(Value::Object(map));
+    }
+    if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
+        let mut items = Vec::new();
+        for (i, item) in obj.try_iter()?.enumerate() {
+            items.push(to_value(&item?, &location.index(i))?);
+        }
+        return Ok(Value::Array(items));
+    }
+    // os.PathLike
+    if let Ok(fspath) = obj.call_method0("__fspath__") {
+        return Ok(Value::String(fspath.extract()?));
+    }
+    Err(errors::plan_error(PlanError::invalid(location, format!("cannot use a {} in a plan", obj.get_type()))))
+}
+
+/// One plan argument: a dict, YAML/JSON text, or a path to a plan file.
+fn to_source(obj: &Bound<'_, PyAny>) -> PyResult<PlanSource> {
+    if obj.is_instance_of::<PyDict>() {
+        return Ok(PlanSource::Value(to_value(obj, &Location::root())?));
+    }
+    if let Ok(text) = obj.cast::<PyString>() {
+        let text = text.to_str()?;
+        let looks_like_document = text.contains('\n') || text.contains(": ") || text.trim_start().starts_with('{');
+        if !looks_like_document {
+            return Ok(PlanSource::File(text.into()));
+        }
+        return Ok(PlanSource::Text(text.to_owned()));
+    }
+    if let Ok(fspath) = obj.call_method0("__fspath__") {
+        let path: String = fspath.extract()?;
+        return Ok(PlanSource::File(path.into()));
+    }
+    Err(PyTypeError::new_err(format!("a plan is a dict, YAML text or a path, not {}", obj.get_type())))
+}
+
+fn to_sources(plan: &Bound<'_, PyAny>) -> PyResult<Vec<PlanSource>> {
+    if plan.is_instance_of::<PyList>() || plan.is_instance_of::<PyTuple>() {
+        plan.try_iter()?.map(|item| to_source(&item?)).collect()
+    } else {
+        Ok(vec![to_source(plan)?])
+    }
+}
+
+fn overrides_of(overrides: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+    match overrides {
+        None => Ok(Vec::new()),
+        Some(o) if o.is_instance_of::<PyDict>() => {
+            let dict = o.cast::<PyDict>()?;
+            let mut out = Vec::new();
+            for (k, v) in dict.iter() {
+                let key: String = k.extract()?;
+                let value = to_value(&v, &Location::root().key(&key))?;
+                out.push(format!("{key}={value}"));
+            }
+            Ok(out)
+        }
+        Some(o) => o.extract::<Vec<String>>(),
+    }
+}
+
+fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("alias", report.alias.clone())?;
+    let tensors = PyList::empty(py);
+    for t in &report.tensors {
+        let entry = PyDict::new(py);
+        entry.set_item("name", &t.name)?;
+        entry.set_item("dtype", &t.dtype)?;
+        entry.set_item("shape", PyTuple::new(py, &t.shape)?)?;
+        entry.set_item("nbytes", t.nbytes)?;
+        tensors.append(entry)?;
+    }
+    dict.set_item("tensors", tensors)?;
+    dict.set_item("total_bytes", report.total_bytes)?;
+    dict.set_item("written", report.written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>())?;
+    dict.set_item("notes", &report.notes)?;
+    dict.set_item("added", report.added)?;
+    dict.set_item("removed", report.removed)?;
+    dict.set_item("peak_memory_estimate", report.peak_memory_estimate)?;
+    Ok(dict)
+}
+
+fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> Result<Prepared, Error> {
+    let plan = Plan::load(&sources, &overrides)?;
+    Prepared::new(plan, threads)
+}
+
+/// Runs a plan (a dict, YAML text, a path, or a list of them merged in order) and writes its
+/// output. Returns a report: the alias written, its tensors, the files written, one note per
+/// transform.
+#[pyfunction]
+#[pyo3(signature = (plan, *, overrides = None, threads = 0))]
+fn run<'py>(py: Python<'py>, plan: &Bound<'py, PyAny>, overrides: Option<&Bound<'py, PyAny>>, threads: usize) -> PyResult<Bound<'py, PyDict>> {
+    let sources = to_sources(plan)?;
+    let overrides = overrides_of(overrides)?;
+    let result = detached(py, move |cancel| {
+        let prepared = prepare(sources, overrides, threads)?;
+        prepared.run(&RunOptions { threads, cancel, progress: None })
+    })?;
+    let report = result.map_err(|e| errors::to_py(py, e))?;
+    report_to_dict(py, &report)
+}
+
+/// Checks a plan against the checkpoint headers without reading tensor data (SPEC §8.1) and
+/// returns the report of what a run would write.
+#[pyfunction]
+#[pyo3(signature = (plan, *, overrides = None))]
+fn check<'py>(py: Python<'py>, plan: &Bound<'py, PyAny>, overrides: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
+    let sources = to_sources(plan)?;
+    let overrides = overrides_of(overrides)?;
+    let result = detached(py, move |_| prepare(sources, overrides, 1)?.check())?;
+    let report = result.map_err(|e| errors::to_py(py, e))?;
+    report_to_dict(py, &report)
+}
+
+/// The command line: parses `args` (without the program name), runs, returns the exit status.
+#[pyfunction]
+fn cli_main(py: Python<'_>, args: Vec<String>) -> PyResult<i32> {
+    detached(py, move |cancel| crate::cli::main(args, cancel))
+}
+
+/// Read-only bytes of one tensor in a memory-mapped file, exposed through the buffer protocol
+/// so NumPy views them without a copy. Holds the mapping alive.
+#[pyclass(name = "TensorBuffer", module = "brainsurgery._core", frozen)]
+struct PyTensorBuffer {
+    map: Arc<memmap2::Mmap>,
+    offset: usize,
+    len: usize,
+}
+
+#[pymethods]
+impl PyTensorBuffer {
+    /// # Safety
+    /// Called by CPython with a valid `view`. The buffer is read-only and its memory lives as long
+    /// as `self` (the view holds a reference to `self`, and `self` holds the mapping).
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if flags & pyo3::ffi::PyBUF_WRITABLE != 0 {
+            return Err(pyo3::exceptions::PyBufferError::new_err("checkpoint tensors are read-only"));
+        }
+        let this = slf.get();
+        let ptr = this.map[this.offset..this.offset + this.len].as_ptr() as *mut std::ffi::c_void;
+        // SAFETY: `view` comes from CPython; the pointer and length describe memory owned by the
+        // mapping that `slf` keeps alive for as long as the view holds its reference.
+        let status = unsafe { pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, this.len as isize, 1, flags) };
+        if status == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+}
+
+/// A checkpoint opened lazily: headers are read, tensor bytes are mapped, nothing is copied.
+#[pyclass(name = "Checkpoint", module = "brainsurgery._core", frozen)]
+struct PyCheckpoint {
+    checkpoint: EngineCheckpoint,
+    maps: Vec<std::sync::OnceLock<Arc<memmap2::Mmap>>>,
+    index: BTreeMap<String, usize>,
+}
+
+impl PyCheckpoint {
+    fn entry(&self, name: &str) -> PyResult<&crate::formats::TensorEntry> {
+        self.index
+            .get(name)
+            .map(|&i| &self.checkpoint.tensors[i])
+            .ok_or_else(|| PyKeyError::new_err(name.to_owned()))
+    }
+
+    fn map_of(&self, py: Python<'_>, file: usize) -> PyResult<Arc<memmap2::Mmap>> {
+        if let Some(map) = self.maps[file].get() {
+            return Ok(map.clone());
+        }
+        let source: &SourceFile = &self.checkpoint.files[file];
+        let map = source.map().map_err(|e| errors::to_py(py, Error::Format(e)))?;
+        Ok(self.maps[file].get_or_init(|| Arc::new(map)).clone())
+    }
+}
+
+#[pymethods]
+impl PyCheckpoint {
+    /// Tensor names in file order.
+    fn keys(&self) -> Vec<String> {
+        self.checkpoint.tensors.iter().map(|t| t.name.clone()).collect()
+    }
+
+    fn __len__(&self) -> usize {
+        self.checkpoint.tensors.len()
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// `(dtype name, shape)` of a tensor, from the header.
+    fn info(&self, name: &str) -> PyResult<(String, Vec<usize>)> {
+        let t = self.entry(name)?;
+        Ok((t.dtype.name().to_owned(), t.shape.clone()))
+    }
+
+    /// The tensor's bytes as a read-only buffer over the mapped file.
+    fn buffer(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorBuffer> {
+        let t = self.entry(name)?;
+        let map = self.map_of(py, t.file)?;
+        let offset = usize::try_from(t.offset).map_err(|_| PyValueError::new_err("offset out of range"))?;
+        let len = usize::try_from(t.nbytes).map_err(|_| PyValueError::new_err("size out of range"))?;
+        Ok(PyTensorBuffer { map, offset, len })
+    }
+
+    /// `__metadata__` of the (first) file.
+    #[getter]
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.checkpoint.metadata.clone()
+    }
+
+    /// The path opened.
+    #[getter]
+    fn path(&self) -> String {
+        self.checkpoint.path.display().to_string()
+    }
+}
+
+/// Opens a checkpoint lazily (headers only).
+#[pyfunction]
+fn open(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyCheckpoint> {
+    let checkpoint = detached(py, move |_| open_checkpoint(&path))?.map_err(|e| errors::to_py(py, Error::Format(e)))?;
+    let index = checkpoint.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+    let maps = checkpoint.files.iter().map(|_| std::sync::OnceLock::new()).collect();
+    Ok(PyCheckpoint { checkpoint, maps, index })
+}
+
+/// The `brainsurgery._core` extension module.
+#[pymodule]
+fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    module.add_function(wrap_pyfunction!(run, module)?)?;
+    module.add_function(wrap_pyfunction!(check, module)?)?;
+    module.add_function(wrap_pyfunction!(open, module)?)?;
+    module.add_function(wrap_pyfunction!(cli_main, module)?)?;
+    module.add_class::<PyCheckpoint>()?;
+    module.add_class::<PyTensorBuffer>()?;
+    errors::register(module)?;
+    Ok(())
+}

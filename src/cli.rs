@@ -1,0 +1,228 @@
+//! The `brainsurgery` command line (SPEC §10): `run` (the default), `check` and `inspect`.
+//! This is the one place that prints an error chain and chooses the exit status; the Python
+//! console script calls [`main`] with the arguments and exits with what it returns.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::Error;
+use crate::executor::{Prepared, Report, RunOptions};
+use crate::formats::open_checkpoint;
+use crate::plan::document::looks_like_override;
+use crate::plan::{Plan, PlanSource};
+use crate::transforms::fmt_shape;
+
+#[derive(Parser, Debug)]
+#[command(name = "brainsurgery", version, about = "Declarative, reproducible surgery on neural-network checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run plans: check them against the headers, then stream the output (the default command).
+    Run(PlanArgs),
+    /// Check plans against the checkpoint headers without reading tensor data.
+    Check(PlanArgs),
+    /// Print a header-level table of a checkpoint's tensors.
+    Inspect {
+        /// A checkpoint file or directory.
+        path: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct PlanArgs {
+    /// Plan files (YAML or JSON), merged in order, then `key.path=value` overrides.
+    #[arg(required = true, value_name = "PLAN|key=value")]
+    items: Vec<String>,
+    /// Worker threads for writing (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Shard budget for directory outputs, e.g. 5GB or none (overrides output.shard).
+    #[arg(long, value_name = "SIZE")]
+    shard_size: Option<String>,
+    /// Print the transforms that ran.
+    #[arg(long, overrides_with = "no_summarize")]
+    summarize: bool,
+    /// Do not print the transforms that ran.
+    #[arg(long)]
+    no_summarize: bool,
+    /// Show a progress bar (default: when stderr is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    progress: bool,
+    /// Never show a progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "help"];
+
+/// Formats an error with its causes, one paragraph.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Human-readable byte count in binary units.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
+    let mut sources = Vec::new();
+    let mut overrides = Vec::new();
+    for item in &args.items {
+        if looks_like_override(item) {
+            overrides.push(item.clone());
+        } else {
+            sources.push(PlanSource::File(PathBuf::from(item)));
+        }
+    }
+    if let Some(size) = &args.shard_size {
+        overrides.push(format!("output.shard={size}"));
+    }
+    let plan = Plan::load(&sources, &overrides)?;
+    Prepared::new(plan, args.threads)
+}
+
+fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -> std::io::Result<()> {
+    if notes {
+        for (i, note) in report.notes.iter().enumerate() {
+            writeln!(out, "  [{i}] {note}")?;
+        }
+    }
+    match &report.alias {
+        Some(alias) => writeln!(
+            out,
+            "{verb} alias `{alias}`: {} tensors, {} ({} added, {} removed)",
+            report.tensors.len(),
+            human_bytes(report.total_bytes),
+            report.added,
+            report.removed
+        )?,
+        None => writeln!(out, "no output")?,
+    }
+    for path in &report.written {
+        writeln!(out, "  wrote {}", path.display())?;
+    }
+    Ok(())
+}
+
+fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::executor::ProgressFn>)> {
+    if !enabled {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let handle = bar.clone();
+    let callback: Arc<crate::executor::ProgressFn> = Arc::new(move |done, total| {
+        handle.set_length(total);
+        handle.set_position(done);
+    });
+    Some((bar, callback))
+}
+
+fn inspect(path: &PathBuf, out: &mut dyn Write) -> Result<(), Error> {
+    let checkpoint = open_checkpoint(path)?;
+    let width = checkpoint.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(out, "{:<width$}  {:<13}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
+    let mut total = 0u64;
+    for t in &checkpoint.tensors {
+        total += t.nbytes;
+        let _ = writeln!(out, "{:<width$}  {:<13}  {:<20}  {:>12}", t.name, t.dtype.name(), fmt_shape(&t.shape), t.nbytes);
+    }
+    let _ = writeln!(out, "{} tensors, {} in {} file(s)", checkpoint.tensors.len(), human_bytes(total), checkpoint.files.len());
+    for (key, value) in &checkpoint.metadata {
+        let _ = writeln!(out, "metadata {key} = {value}");
+    }
+    Ok(())
+}
+
+fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<(), Error> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match command {
+        Command::Inspect { path } => inspect(&path, &mut out),
+        Command::Check(args) => {
+            let prepared = load_plan(&args)?;
+            let report = prepared.check()?;
+            let _ = writeln!(out, "plan is valid: {} transforms checked against the headers", prepared.plan().transforms.len());
+            let _ = print_report(&mut out, &report, true, "would write");
+            let _ = writeln!(out, "estimated peak memory for buffers: {}", human_bytes(report.peak_memory_estimate));
+            Ok(())
+        }
+        Command::Run(args) => {
+            let prepared = load_plan(&args)?;
+            let show_progress = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
+            let bar = progress_bar(show_progress);
+            let options = RunOptions { threads: args.threads, cancel, progress: bar.as_ref().map(|(_, f)| f.clone()) };
+            let result = prepared.run(&options);
+            if let Some((bar, _)) = bar {
+                bar.finish_and_clear();
+            }
+            let report = result?;
+            let _ = print_report(&mut out, &report, args.summarize && !args.no_summarize, "wrote");
+            Ok(())
+        }
+    }
+}
+
+/// Runs the command line on `args` (without the program name) and returns the exit status.
+/// `cancel` is set by the caller's Ctrl-C handling.
+pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
+    let mut argv = vec!["brainsurgery".to_owned()];
+    let first = args.first().map(String::as_str);
+    let implicit_run = match first {
+        None => false,
+        Some(a) if a.starts_with('-') => false,
+        Some(a) => !SUBCOMMANDS.contains(&a),
+    };
+    if implicit_run {
+        argv.push("run".to_owned());
+    }
+    argv.extend(args);
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match execute(cli.command, cancel) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            e.exit_code()
+        }
+    }
+}

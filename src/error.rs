@@ -1,0 +1,51 @@
+//! The engine's top-level error: one of the layer errors, with the transform it happened in.
+//! The CLI picks the exit status from it and the bindings the Python exception class.
+
+use crate::formats::FormatError;
+use crate::plan::PlanError;
+use crate::transforms::{AssertionFailure, TransformError};
+
+/// Everything a plan run can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The plan document is invalid (exit status 2, `PlanError`).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// An input or output file is unreadable, malformed or unwritable (exit status 2,
+    /// `FormatError`).
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A transform cannot apply to the tensors it selects (exit status 1, `TransformError`).
+    #[error("transforms[{index}] ({name}): {source}")]
+    Transform {
+        /// Index of the transform in the plan.
+        index: usize,
+        /// Its name.
+        name: String,
+        /// What went wrong.
+        source: TransformError,
+    },
+    /// An assertion was false (exit status 1, `AssertionFailed`).
+    #[error("transforms[{index}] (assert): {failure}")]
+    Assertion {
+        /// Index of the assertion in the plan.
+        index: usize,
+        /// What was false, with the measured value.
+        failure: AssertionFailure,
+    },
+    /// The run was interrupted (Ctrl-C); nothing was written.
+    #[error("interrupted; nothing was written")]
+    Cancelled,
+}
+
+impl Error {
+    /// The command-line exit status (SPEC §10): 2 for an invalid plan or input, 1 for a failed
+    /// transform or assertion, 130 for an interruption.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Plan(_) | Error::Format(_) => 2,
+            Error::Transform { .. } | Error::Assertion { .. } => 1,
+            Error::Cancelled => 130,
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The working state of a plan run: aliases, each an ordered set of named lazy tensors, and the
+//! reference resolution every transform goes through.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use crate::formats::Checkpoint;
+use crate::plan::{Location, PlanError};
+use crate::references::{closest_names, Captures, Reference, ResolvedSlice};
+use crate::transforms::TransformError;
+use crate::value::{Tensor, Value};
+
+/// Where an alias's tensors came from, for output metadata and sidecars.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The path the user gave.
+    pub path: PathBuf,
+    /// `__metadata__` of its (first) file.
+    pub metadata: BTreeMap<String, String>,
+    /// Non-weight files beside a directory input.
+    pub sidecars: Vec<PathBuf>,
+    /// The weight files read, for refusing to overwrite them.
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    tensor: Tensor,
+    order: u64,
+}
+
+/// One alias: named tensors in a deterministic order (input order, then creation order).
+#[derive(Debug, Clone, Default)]
+pub struct AliasState {
+    tensors: HashMap<String, Entry>,
+    order: BTreeMap<u64, String>,
+    /// The checkpoint it was loaded from, if any.
+    pub origin: Option<Origin>,
+}
+
+impl AliasState {
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the alias holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// A tensor by name.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name).map(|e| &e.tensor)
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Tensors in output order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.order.values().map(move |name| (name.as_str(), &self.tensors[name].tensor))
+    }
+}
+
+/// One tensor selected by a reference.
+#[derive(Debug, Clone)]
+pub struct Match {
+    /// The alias it is in.
+    pub alias: String,
+    /// Its name.
+    pub name: String,
+    /// The tensor as selected: a view when the reference has a slice.
+    pub tensor: Tensor,
+    /// The whole tensor.
+    pub base: Tensor,
+    /// The slice, resolved against the tensor's shape, when the reference has one.
+    pub slice: Option<ResolvedSlice>,
+    /// Captures for rewriting destination names.
+    pub captures: Captures,
+}
+
+impl Match {
+    /// `alias::name` plus the slice, for messages.
+    pub fn display(&self) -> String {
+        match &self.slice {
+            Some(_) => format!("{}::{}::[...]", self.alias, self.name),
+            None => format!("{}::{}", self.alias, self.name),
+        }
+    }
+}
+
+/// All aliases of a run.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    aliases: BTreeMap<String, AliasState>,
+    declared: Vec<String>,
+    next_order: u64,
+    /// The alias used by references that name none (SPEC §3).
+    pub default_alias: Option<String>,
+    /// Aliases some transform has written to, for choosing the output alias (SPEC §6.3).
+    pub written: BTreeSet<String>,
+}
+
+impl State {
+    /// Adds an alias holding a checkpoint's tensors, in its input order.
+    pub fn add_checkpoint(&mut self, alias: &str, checkpoint: &Checkpoint) {
+        let mut state = AliasState {
+            origin: Some(Origin {
+                path: checkpoint.path.clone(),
+                metadata: checkpoint.metadata.clone(),
+                sidecars: checkpoint.sidecars.clone(),
+                files: checkpoint.files.iter().map(|f| f.path.clone()).collect(),
+            }),
+            ..AliasState::default()
+        };
+        for entry in &checkpoint.tensors {
+            let tensor =
+                Tensor::stored(entry.dtype, entry.shape.clone(), checkpoint.files[entry.file].clone(), entry.offset);
+            let order = self.next_order;
+            self.next_order += 1;
+            state.order.insert(order, entry.name.clone());
+            state.tensors.insert(entry.name.clone(), Entry { tensor, order });
+        }
+        self.declared.push(alias.to_owned());
+        self.aliases.insert(alias.to_owned(), state);
+    }
+
+    /// Adds an empty alias (or keeps an existing one).
+    pub fn ensure_alias(&mut self, alias: &str) {
+        if !self.aliases.contains_key(alias) {
+            self.declared.push(alias.to_owned());
+            self.aliases.insert(alias.to_owned(), AliasState::default());
+        }
+    }
+
+    /// Alias names in declaration order.
+    pub fn alias_names(&self) -> Vec<String> {
+        self.declared.clone()
+    }
+
+    /// One alias.
+    pub fn alias(&self, alias: &str) -> Option<&AliasState> {
+        self.aliases.get(alias)
+    }
+
+    /// The alias a reference means, or the plan error for an unknown or missing alias.
+    pub fn alias_for(&self, explicit: Option<&str>, reference: &str, location: &Location) -> Result<String, PlanError> {
+        let alias = match explicit {
+            Some(a) => a.to_owned(),
+            None => match &self.default_alias {
+                Some(a) => a.clone(),
+                None => {
+                    return Err(PlanError::NoDefaultAlias {
+                        location: location.clone(),
+                        reference: reference.to_owned(),
+                        known: self.alias_names(),
+                    })
+                }
+            },
+        };
+        if !self.aliases.contains_key(&alias) {
+            return Err(PlanError::UnknownAlias { location: location.clone(), alias, known: self.alias_names() });
+        }
+        Ok(alias)
+    }
+
+    /// Every tensor `reference` selects, in order; zero matches are an empty list.
+    pub fn select(&self, reference: &Reference, location: &Location) -> Result<Vec<Match>, SelectError> {
+        let alias = self.alias_for(reference.alias.as_deref(), &reference.text, location)?;
+        let state = &self.aliases[&alias];
+        let mut matches = Vec::new();
+        for (name, tensor) in state.iter() {
+            let Some(captures) = reference.selector.captures(name) else { continue };
+            let (view, slice) = match &reference.slice {
+                None => (tensor.clone(), None),
+                Some(spec) => {
+                    let resolved = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice {
+                        tensor: format!("{alias}::{name}"),
+                        source,
+                    })?;
+                    (view_of(tensor, &resolved, &format!("{alias}::{name}"))?, Some(resolved))
+                }
+            };
+            matches.push(Match {
+                alias: alias.clone(),
+                name: name.to_owned(),
+                tensor: view,
+                base: tensor.clone(),
+                slice,
+                captures,
+            });
+        }
+        Ok(matches)
+    }
+
+    /// Like [`State::select`], but zero matches are an error showing the closest names.
+    pub fn select_some(&self, reference: &Reference, location: &Location) -> Result<Vec<Match>, SelectError> {
+        let matches = self.select(reference, location)?;
+        if matches.is_empty() {
+            let alias = self.alias_for(reference.alias.as_deref(), &reference.text, location)?;
+            let state = &self.aliases[&alias];
+            let closest = closest_names(&pattern_text(reference), state.iter().map(|(n, _)| n), 5)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            return Err(TransformError::ZeroMatches { reference: reference.text.clone(), alias, closest }.into());
+        }
+        Ok(matches)
+    }
+
+    /// A tensor by alias and name.
+    pub fn get(&self, alias: &str, name: &str) -> Option<&Tensor> {
+        self.aliases.get(alias)?.get(name)
+    }
+
+    /// Adds a new tensor at the end of the alias's order (the alias is created if needed).
+    pub fn insert(&mut self, alias: &str, name: &str, tensor: Tensor) {
+        let order = self.next_order;
+        self.next_order += 1;
+        self.insert_with_order(alias, name, tensor, order);
+    }
+
+    fn insert_with_order(&mut self, alias: &str, name: &str, tensor: Tensor, order: u64) {
+        self.ensure_alias(alias);
+        self.written.insert(alias.to_owned());
+        let state = self.aliases.get_mut(alias).expect("alias ensured");
+        if let Some(old) = state.tensors.insert(name.to_owned(), Entry { tensor, order }) {
+            state.order.remove(&old.order);
+        }
+        state.order.insert(order, name.to_owned());
+    }
+
+    /// Replaces an existing tensor's value, keeping its place in the order.
+    pub fn replace(&mut self, alias: &str, name: &str, tensor: Tensor) {
+        let order = self.aliases.get(alias).and_then(|s| s.tensors.get(name)).map(|e| e.order);
+        match order {
+            Some(order) => self.insert_with_order(alias, name, tensor, order),
+            None => self.insert(alias, name, tensor),
+        }
+    }
+
+    /// Removes a tensor, returning it and its place in the order.
+    pub fn remove(&mut self, alias: &str, name: &str) -> Option<(Tensor, u64)> {
+        let state = self.aliases.get_mut(alias)?;
+        let entry = state.tensors.remove(name)?;
+        state.order.remove(&entry.order);
+        self.written.insert(alias.to_owned());
+        Some((entry.tensor, entry.order))
+    }
+
+    /// Re-inserts a tensor at a given place in the order (a rename keeps its place).
+    pub fn insert_at(&mut self, alias: &str, name: &str, tensor: Tensor, order: u64) {
+        self.insert_with_order(alias, name, tensor, order);
+    }
+}
+
+/// Builds a view tensor for a resolved slice, or the tensor itself when the slice is whole.
+pub fn view_of(tensor: &Tensor, slice: &ResolvedSlice, display: &str) -> Result<Tensor, TransformError> {
+    if slice.is_full() && slice.shape == tensor.shape {
+        return Ok(tensor.clone());
+    }
+    if tensor.dtype.size().is_none() {
+        return Err(TransformError::Unsupported { op: "slicing", tensor: display.to_owned(), dtype: tensor.dtype });
+    }
+    Ok(Tensor {
+        dtype: tensor.dtype,
+        shape: slice.shape.clone(),
+        value: std::sync::Arc::new(Value::View { base: tensor.clone(), slice: slice.clone() }),
+    })
+}
+
+/// The text a zero-match message compares names against: the pattern without alias and slice.
+fn pattern_text(reference: &Reference) -> String {
+    let text = reference.text.as_str();
+    let text = text.split_once("::").map_or(text, |(alias, rest)| {
+        if reference.alias.as_deref() == Some(alias) {
+            rest
+        } else {
+            text
+        }
+    });
+    match text.rfind("::[") {
+        Some(i) => text[..i].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+/// Selecting tensors can fail as a plan error (unknown alias) or a transform error (bad slice,
+/// zero matches).
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    /// The plan names an alias that does not exist.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The selection does not fit the tensors.
+    #[error(transparent)]
+    Transform(#[from] TransformError),
+}

@@ -1,0 +1,150 @@
+//! Writing the output alias: the header is computed from the lazy tensors, temporaries are
+//! created beside the target, and every tensor is streamed into its final offset in chunks of
+//! [`CHUNK_BYTES`], in parallel across chunks, through one reused buffer per thread. Nothing is
+//! renamed into place until every byte is written; any failure removes the temporaries.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use super::state::State;
+use super::RunOptions;
+use crate::error::Error;
+use crate::formats::output::{OutputLayout, OutputTensor, SafetensorsWriter};
+use crate::formats::FormatError;
+use crate::plan::{Location, OutputFormat, OutputSpec, Plan, PlanError};
+use crate::value::{Scratch, Tensor, Value, CHUNK_BYTES};
+
+/// Metadata key recording the engine version.
+pub const VERSION_KEY: &str = "brainsurgery.version";
+/// Metadata key recording the SHA-256 of the plan document.
+pub const PLAN_KEY: &str = "brainsurgery.plan_sha256";
+
+fn canonical(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    // A path that does not exist yet: canonicalize its parent.
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Some(parent.canonicalize().ok()?.join(path.file_name()?))
+}
+
+/// Refuses outputs that cannot be written: formats not available yet, and targets that would
+/// overwrite an input.
+pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: &Plan) -> Result<(), Error> {
+    let location = Location::root().key("output");
+    if output.format != OutputFormat::Safetensors {
+        return Err(PlanError::invalid(
+            &location.key("format"),
+            "only safetensors output is available in this version (PyTorch and NumPy output are planned)",
+        )
+        .into());
+    }
+    let Some(target) = canonical(&output.path) else { return Ok(()) };
+    for alias in state.alias_names() {
+        let Some(origin) = state.alias(&alias).and_then(|a| a.origin.as_ref()) else { continue };
+        let input_root = canonical(&origin.path);
+        for file in &origin.files {
+            let Some(file) = canonical(file) else { continue };
+            let clash = if output.single_file {
+                file == target
+            } else {
+                file.parent() == Some(target.as_path()) || Some(&target) == input_root.as_ref()
+            };
+            if clash || Some(&target) == input_root.as_ref() {
+                return Err(PlanError::invalid(
+                    &location.key("path"),
+                    format!("output `{}` would overwrite input `{}`; inputs are never modified", output.path.display(), origin.path.display()),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Streams one byte range of a tensor to `file` at `offset`.
+fn write_range(tensor: &Tensor, byte_start: usize, buf: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+    match &*tensor.value {
+        Value::Stored { .. } | Value::Memory(_) => tensor.read_raw(byte_start, buf, scratch),
+        _ => {
+            let size = tensor.dtype.size().expect("computed values have byte-sized dtypes");
+            tensor.read(byte_start / size, buf, scratch)
+        }
+    }
+}
+
+/// Writes `alias` to the output and returns the files written.
+pub fn write_output(
+    output: &OutputSpec,
+    state: &State,
+    alias: &str,
+    plan: &Plan,
+    threads: usize,
+    options: &RunOptions,
+) -> Result<Vec<PathBuf>, Error> {
+    validate_output(output, state, alias, plan)?;
+    let current = state.alias(alias).expect("output alias exists");
+    let tensors: Vec<(&str, &Tensor)> = current.iter().collect();
+    let specs: Vec<OutputTensor> = tensors
+        .iter()
+        .map(|(name, t)| OutputTensor { name: (*name).to_owned(), dtype: t.dtype, shape: t.shape.clone() })
+        .collect();
+    let mut metadata: BTreeMap<String, String> = current.origin.as_ref().map(|o| o.metadata.clone()).unwrap_or_default();
+    metadata.insert(VERSION_KEY.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
+    metadata.insert(PLAN_KEY.to_owned(), plan.sha256.clone());
+    let layout = if output.single_file {
+        OutputLayout::File(output.path.clone())
+    } else {
+        OutputLayout::Directory { dir: output.path.clone(), shard_budget: output.shard }
+    };
+    let writer = SafetensorsWriter::create(layout, &specs, &metadata)?;
+
+    // Work items: chunks of every tensor, so one huge tensor still uses every thread.
+    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, (_, t)) in tensors.iter().enumerate() {
+        let nbytes = t.nbytes();
+        let mut start = 0;
+        while start < nbytes {
+            let len = CHUNK_BYTES.min(nbytes - start);
+            items.push((i, start, len));
+            start += len;
+        }
+    }
+    let total: u64 = tensors.iter().map(|(_, t)| t.nbytes() as u64).sum();
+    let done = AtomicU64::new(0);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| FormatError::Io { path: output.path.clone(), source: std::io::Error::other(e) })?;
+    let result: Result<(), Error> = pool.install(|| {
+        items.par_iter().try_for_each_init(
+            || (Scratch::default(), Vec::<u8>::with_capacity(CHUNK_BYTES)),
+            |(scratch, buf), &(i, start, len)| {
+                if options.cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                let tensor = tensors[i].1;
+                buf.resize(len, 0);
+                write_range(tensor, start, buf, scratch)?;
+                let (file, offset) = writer.placement(i);
+                file.write_all_at(buf, offset + start as u64)
+                    .map_err(|source| FormatError::Io { path: output.path.clone(), source })?;
+                let now = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+                if let Some(progress) = &options.progress {
+                    progress(now, total);
+                }
+                Ok(())
+            },
+        )
+    });
+    result?;
+    let sidecars = match (&current.origin, output.sidecars && !output.single_file) {
+        (Some(origin), true) => origin.sidecars.clone(),
+        _ => Vec::new(),
+    };
+    Ok(writer.commit(&sidecars)?)
+}

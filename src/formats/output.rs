@@ -1,0 +1,1016 @@
+//! Atomic safetensors output (SPEC §6.2). [`SafetensorsWriter`] lays tensors out, creates
+//! temporary files beside the final names with their headers written and their lengths set, and
+//! hands out `(file, offset)` placements so callers can `pwrite` tensor bytes concurrently.
+//! [`SafetensorsWriter::commit`] renames everything into place, index last, and clears stale
+//! shards of an earlier run; dropping an uncommitted writer leaves nothing behind. Producing the
+//! bytes is the executor's job.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{Map, Value};
+
+use super::{FormatError, INDEX_NAME};
+use crate::dtype::DType;
+
+/// File name of an unsharded directory output.
+pub const SINGLE_NAME: &str = "model.safetensors";
+
+/// One tensor to write: its bytes are supplied later, at [`SafetensorsWriter::placement`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// Where the output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputLayout {
+    /// A single safetensors file at this path.
+    File(PathBuf),
+    /// A directory: `model.safetensors`, or shards plus `model.safetensors.index.json` when
+    /// the tensors do not fit in one shard of `shard_budget` bytes.
+    Directory {
+        /// The output directory (created if missing).
+        dir: PathBuf,
+        /// Most tensor bytes per shard; `None` means one file.
+        shard_budget: Option<u64>,
+    },
+}
+
+/// One output file being written.
+#[derive(Debug)]
+struct Shard {
+    final_path: PathBuf,
+    temp_path: PathBuf,
+    file: File,
+}
+
+/// A temporary not yet renamed into place, removed by `Drop`.
+#[derive(Debug)]
+struct Pending {
+    temp: PathBuf,
+    target: PathBuf,
+}
+
+/// Writes safetensors output atomically: see the module docs.
+#[derive(Debug)]
+pub struct SafetensorsWriter {
+    /// The output directory, for a [`OutputLayout::Directory`] layout.
+    dir: Option<PathBuf>,
+    shards: Vec<Shard>,
+    /// Per tensor: shard index and absolute offset.
+    slots: Vec<(usize, u64)>,
+    /// Final path of the index, when sharded.
+    index: Option<PathBuf>,
+    /// Temporaries to rename on commit, in order (shards, then index), or remove on drop.
+    pending: Vec<Pending>,
+    /// Directories this writer created, outermost first.
+    created_dirs: Vec<PathBuf>,
+    total: u64,
+    sync: bool,
+    committed: bool,
+}
+
+/// Bytes of each tensor; errors for overflow and for sub-byte tensors that do not fill whole
+/// bytes (the official loader rejects those).
+fn tensor_nbytes(t: &OutputTensor) -> Result<u64, FormatError> {
+    let invalid = || FormatError::InvalidTensorSize {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+    };
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(invalid)?;
+    let bits = numel.checked_mul(t.dtype.bits()).ok_or_else(invalid)?;
+    if bits % 8 != 0 {
+        return Err(invalid());
+    }
+    u64::try_from(bits / 8).map_err(|_| invalid())
+}
+
+/// Splits tensor sizes into shards greedily in order: a shard is closed when the next tensor
+/// would take it past the budget; a tensor above the budget therefore sits alone.
+fn plan_shards(sizes: &[u64], budget: Option<u64>) -> Vec<usize> {
+    let mut shard_of = Vec::with_capacity(sizes.len());
+    let mut shard = 0usize;
+    let mut used: u64 = 0;
+    let mut count = 0usize;
+    for &size in sizes {
+        if let Some(budget) = budget {
+            if count > 0 && used.saturating_add(size) > budget {
+                shard += 1;
+                used = 0;
+                count = 0;
+            }
+        }
+        used = used.saturating_add(size);
+        count += 1;
+        shard_of.push(shard);
+    }
+    shard_of
+}
+
+/// Name of shard `i` (0-based) of `n`, as Hugging Face names them.
+fn shard_name(i: usize, n: usize) -> String {
+    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+}
+
+/// Whether `name` is an output file an earlier run may have left in a directory.
+fn is_weight_output_name(name: &str) -> bool {
+    if name == SINGLE_NAME || name == INDEX_NAME {
+        return true;
+    }
+    // model-NNNNN-of-NNNNN.safetensors
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix("model-")
+        .and_then(|rest| rest.strip_suffix(".safetensors"))
+        .and_then(|rest| rest.split_once("-of-"))
+        .is_some_and(|(a, b)| digits(a) && digits(b))
+}
+
+/// The prefix of a safetensors file: 8-byte length and the JSON header padded with spaces to a
+/// multiple of 8, so the data section is 8-byte aligned as the official writer does.
+fn header_bytes<'a>(
+    tensors: impl Iterator<Item = (&'a OutputTensor, u64, u64)>,
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
+    let mut map = Map::new();
+    if !metadata.is_empty() {
+        let meta: Map<String, Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        map.insert("__metadata__".to_string(), Value::Object(meta));
+    }
+    for (t, begin, end) in tensors {
+        let mut entry = Map::new();
+        entry.insert("dtype".into(), t.dtype.safetensors_name().into());
+        entry.insert(
+            "shape".into(),
+            t.shape.iter().map(|&d| Value::from(d)).collect(),
+        );
+        entry.insert(
+            "data_offsets".into(),
+            Value::Array(vec![begin.into(), end.into()]),
+        );
+        map.insert(t.name.clone(), Value::Object(entry));
+    }
+    let mut json = serde_json::to_vec(&Value::Object(map))
+        .expect("a JSON value with string keys always serializes");
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out
+}
+
+/// A fresh temporary path beside `target`: hidden (readers skip dot-files) and unique per
+/// process and call.
+fn temp_path_for(target: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = format!(".{name}.tmp-{}-{n}{nanos:x}", std::process::id());
+    target.with_file_name(tmp)
+}
+
+/// Creates a new file that must not exist yet, for reading and writing.
+fn create_new(path: &Path) -> Result<File, FormatError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| FormatError::io(path, e))
+}
+
+impl SafetensorsWriter {
+    /// Lays out `tensors` in the given order, creates temporary files beside the final names,
+    /// writes each header and sets each file's length (sparse), so callers can `pwrite` the
+    /// data concurrently through [`SafetensorsWriter::placement`].
+    ///
+    /// Missing directories (the output directory, or a file's parents) are created and removed
+    /// again if the writer is dropped uncommitted. Every shard carries `metadata`.
+    pub fn create(
+        layout: OutputLayout,
+        tensors: &[OutputTensor],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self, FormatError> {
+        let mut names = HashSet::with_capacity(tensors.len());
+        let mut sizes = Vec::with_capacity(tensors.len());
+        for t in tensors {
+            if t.name == "__metadata__" {
+                return Err(FormatError::ReservedTensorName {
+                    name: t.name.clone(),
+                });
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(FormatError::DuplicateOutputTensor {
+                    name: t.name.clone(),
+                });
+            }
+            sizes.push(tensor_nbytes(t)?);
+        }
+        let total = sizes
+            .iter()
+            .try_fold(0u64, |acc, &s| acc.checked_add(s))
+            .ok_or_else(|| FormatError::InvalidOutput {
+                path: match &layout {
+                    OutputLayout::File(p) => p.clone(),
+                    OutputLayout::Directory { dir, .. } => dir.clone(),
+                },
+                reason: "total size overflows",
+            })?;
+
+        let (dir, final_paths, shard_of, index) = match &layout {
+            OutputLayout::File(path) => {
+                let parent = match (path.file_name(), path.parent()) {
+                    (Some(_), Some(p)) if p.as_os_str().is_empty() => PathBuf::from("."),
+                    (Some(_), Some(p)) => p.to_path_buf(),
+                    _ => {
+                        return Err(FormatError::InvalidOutput {
+                            path: path.clone(),
+                            reason: "no file name",
+                        })
+                    }
+                };
+                if path.is_dir() {
+                    return Err(FormatError::InvalidOutput {
+                        path: path.clone(),
+                        reason: "is a directory",
+                    });
+                }
+                (parent, vec![path.clone()], vec![0; tensors.len()], None)
+            }
+            OutputLayout::Directory { dir, shard_budget } => {
+                if dir.exists() && !dir.is_dir() {
+                    return Err(FormatError::InvalidOutput {
+                        path: dir.clone(),
+                        reason: "exists and is not a directory",
+                    });
+                }
+                let shard_of = plan_shards(&sizes, *shard_budget);
+                let n = shard_of.last().map_or(1, |&s| s + 1);
+                if n == 1 {
+                    (dir.clone(), vec![dir.join(SINGLE_NAME)], shard_of, None)
+                } else {
+                    let paths = (0..n).map(|i| dir.join(shard_name(i, n))).collect();
+                    (dir.clone(), paths, shard_of, Some(dir.join(INDEX_NAME)))
+                }
+            }
+        };
+
+        // From here on, failures drop `writer`, which removes what it created.
+        let mut writer = SafetensorsWriter {
+            dir: matches!(layout, OutputLayout::Directory { .. }).then(|| dir.clone()),
+            shards: Vec::with_capacity(final_paths.len()),
+            slots: Vec::with_capacity(tensors.len()),
+            index: index.clone(),
+            pending: Vec::new(),
+            created_dirs: Vec::new(),
+            total,
+            sync: false,
+            committed: false,
+        };
+        writer.create_dirs(&dir)?;
+
+        // Offsets within each shard, consecutive in the given order (no holes, so the official
+        // loader accepts the file).
+        let mut cursor = vec![0u64; final_paths.len()];
+        let mut layout_entries: Vec<Vec<(&OutputTensor, u64, u64)>> =
+            vec![Vec::new(); final_paths.len()];
+        let mut relative = Vec::with_capacity(tensors.len());
+        for ((t, &size), &shard) in tensors.iter().zip(&sizes).zip(&shard_of) {
+            // Indices come from plan_shards, which numbers shards 0..final_paths.len().
+            let begin = cursor[shard];
+            let end = begin + size; // cannot overflow: bounded by `total`
+            cursor[shard] = end;
+            layout_entries[shard].push((t, begin, end));
+            relative.push((shard, begin));
+        }
+
+        let mut data_starts = Vec::with_capacity(final_paths.len());
+        for (final_path, entries) in final_paths.iter().zip(&layout_entries) {
+            let data_len: u64 = entries.last().map_or(0, |e| e.2);
+            let prefix = header_bytes(entries.iter().copied(), metadata);
+            let temp = temp_path_for(final_path);
+            let file = create_new(&temp)?;
+            writer.pending.push(Pending {
+                temp: temp.clone(),
+                target: final_path.clone(),
+            });
+            file.write_all_at(&prefix, 0)
+                .map_err(|e| FormatError::io(&temp, e))?;
+            // Sparse: unwritten data reads as zeros and costs no disk until written.
+            file.set_len(prefix.len() as u64 + data_len)
+                .map_err(|e| FormatError::io(&temp, e))?;
+            data_starts.push(prefix.len() as u64);
+            writer.shards.push(Shard {
+                final_path: final_path.clone(),
+                temp_path: temp,
+                file,
+            });
+        }
+        writer.slots = relative
+            .into_iter()
+            .map(|(shard, begin)| (shard, data_starts[shard] + begin))
+            .collect();
+
+        if let Some(index_path) = &index {
+            let mut weight_map = Map::new();
+            for (t, &shard) in tensors.iter().zip(&shard_of) {
+                weight_map.insert(t.name.clone(), shard_name(shard, final_paths.len()).into());
+            }
+            let mut meta = Map::new();
+            meta.insert("total_size".into(), total.into());
+            let mut doc = Map::new();
+            doc.insert("metadata".into(), Value::Object(meta));
+            doc.insert("weight_map".into(), Value::Object(weight_map));
+            let mut text = serde_json::to_vec_pretty(&Value::Object(doc))
+                .expect("a JSON value with string keys always serializes");
+            text.push(b'\n');
+            let temp = temp_path_for(index_path);
+            let file = create_new(&temp)?;
+            writer.pending.push(Pending {
+                temp: temp.clone(),
+                target: index_path.clone(),
+            });
+            file.write_all_at(&text, 0)
+                .map_err(|e| FormatError::io(&temp, e))?;
+        }
+        Ok(writer)
+    }
+
+    /// Creates `dir` and its missing parents, remembering each so `Drop` can remove them.
+    fn create_dirs(&mut self, dir: &Path) -> Result<(), FormatError> {
+        let missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .collect();
+        for d in missing.into_iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => self.created_dirs.push(d.to_path_buf()),
+                // Someone else created it meanwhile: theirs to keep.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(FormatError::io(d, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`SafetensorsWriter::commit`] calls `fsync` on every file and the directory.
+    ///
+    /// Off by default: the rename protocol already makes the output atomic against failure of
+    /// this process, which is what users meet; surviving power loss costs a full flush of
+    /// gigabytes, and `cp` does not pay it either.
+    pub fn set_sync(&mut self, sync: bool) {
+        self.sync = sync;
+    }
+
+    /// Where tensor `i` (index into the slice given to `create`) goes: the open file and the
+    /// absolute byte offset. Write exactly its byte size there, e.g. with
+    /// `FileExt::write_all_at`; writes to distinct tensors may run concurrently.
+    ///
+    /// # Panics
+    /// If `i` is not an index of that slice.
+    pub fn placement(&self, i: usize) -> (&File, u64) {
+        let (shard, offset) = self.slots[i];
+        (&self.shards[shard].file, offset)
+    }
+
+    /// Sum of the tensors' byte sizes (the index's `total_size`), not counting headers.
+    pub fn total_bytes(&self) -> u64 {
+        self.total
+    }
+
+    /// The final paths of the weight files, then the index if any, as `commit` will write
+    /// them.
+    pub fn final_paths(&self) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = self.shards.iter().map(|s| s.final_path.clone()).collect();
+        paths.extend(self.index.clone());
+        paths
+    }
+
+    /// Renames every temporary into place (sidecars, then weight files, the index last),
+    /// removes output files of an earlier run that are not part of this one
+    /// (`model-NNNNN-of-NNNNN.safetensors`, `model.safetensors`, the index; the index first
+    /// so no reader sees it point at missing shards), and returns the paths written.
+    ///
+    /// `sidecars` are copied into the directory (first to temporaries, so a failed copy leaves
+    /// nothing); they are ignored for a [`OutputLayout::File`] output. A sidecar that already
+    /// is the file in the output directory is skipped.
+    ///
+    /// A failure before the first rename leaves no trace; one during the renames (which only
+    /// fail on a broken filesystem) leaves the files already renamed in place.
+    pub fn commit(mut self, sidecars: &[PathBuf]) -> Result<Vec<PathBuf>, FormatError> {
+        let mut written_sidecars = Vec::new();
+        if let Some(dir) = self.dir.clone() {
+            let outputs: HashSet<PathBuf> = self.final_paths().into_iter().collect();
+            let mut staged = Vec::new();
+            for source in sidecars {
+                let Some(name) = source.file_name() else {
+                    return Err(FormatError::InvalidOutput {
+                        path: source.clone(),
+                        reason: "sidecar has no file name",
+                    });
+                };
+                let target = dir.join(name);
+                if outputs.contains(&target) {
+                    return Err(FormatError::InvalidOutput {
+                        path: source.clone(),
+                        reason: "sidecar has the name of an output weight file",
+                    });
+                }
+                if same_file(source, &target) {
+                    continue;
+                }
+                let temp = temp_path_for(&target);
+                self.pending.push(Pending {
+                    temp: temp.clone(),
+                    target: target.clone(),
+                });
+                std::fs::copy(source, &temp).map_err(|e| FormatError::io(source, e))?;
+                staged.push(target);
+            }
+            written_sidecars = staged;
+            // Sidecars before weights: the weights landing is the visible commit point.
+            let n_weight = self.shards.len() + usize::from(self.index.is_some());
+            self.pending.rotate_left(n_weight);
+        }
+
+        if self.sync {
+            for shard in &self.shards {
+                shard
+                    .file
+                    .sync_all()
+                    .map_err(|e| FormatError::io(&shard.temp_path, e))?;
+            }
+            for p in &self.pending {
+                File::open(&p.temp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| FormatError::io(&p.temp, e))?;
+            }
+        }
+
+        let stale = match &self.dir {
+            Some(dir) => self.stale_outputs(dir)?,
+            None => Vec::new(),
+        };
+
+        while let Some(p) = self.pending.first() {
+            std::fs::rename(&p.temp, &p.target).map_err(|e| FormatError::io(&p.target, e))?;
+            self.pending.remove(0);
+        }
+        // Everything is in place: nothing for Drop to undo any more.
+        self.committed = true;
+
+        for path in stale {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(FormatError::io(&path, e)),
+            }
+        }
+        let sync_dir = self.dir.clone().or_else(|| {
+            self.shards
+                .first()
+                .and_then(|s| s.final_path.parent().map(Path::to_path_buf))
+        });
+        if self.sync {
+            if let Some(dir) = sync_dir {
+                let dir = if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir
+                };
+                File::open(&dir)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| FormatError::io(&dir, e))?;
+            }
+        }
+
+        let mut written = self.final_paths();
+        written.extend(written_sidecars);
+        Ok(written)
+    }
+
+    /// Output files of an earlier run in `dir` that this output does not overwrite, the index
+    /// first.
+    fn stale_outputs(&self, dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
+        let ours: HashSet<PathBuf> = self.final_paths().into_iter().collect();
+        let mut stale = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| FormatError::io(dir, e))? {
+            let entry = entry.map_err(|e| FormatError::io(dir, e))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let path = dir.join(&name);
+            if is_weight_output_name(&name) && !ours.contains(&path) {
+                stale.push(path);
+            }
+        }
+        // Index first, then shards in name order: deterministic and never a dangling index.
+        stale.sort_by_key(|p| (!p.ends_with(INDEX_NAME), p.clone()));
+        Ok(stale)
+    }
+}
+
+/// Whether two paths name the same existing file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+impl Drop for SafetensorsWriter {
+    /// Not committed: removes every temporary, then the directories this writer created.
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for p in &self.pending {
+            let _ = std::fs::remove_file(&p.temp);
+        }
+        // Innermost first; a directory someone else filled meanwhile stays (remove_dir fails).
+        for d in self.created_dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::open_checkpoint;
+    use crate::formats::test_util::pattern;
+    use ::safetensors::SafeTensors;
+
+    fn t(name: &str, dtype: DType, shape: &[usize]) -> OutputTensor {
+        OutputTensor {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
+    fn meta() -> BTreeMap<String, String> {
+        [
+            ("format".to_string(), "pt".to_string()),
+            ("brainsurgery.version".to_string(), "0.3.0".to_string()),
+        ]
+        .into()
+    }
+
+    /// Fills every tensor with a distinct pattern and returns the bytes written.
+    fn fill(w: &SafetensorsWriter, tensors: &[OutputTensor]) -> Vec<Vec<u8>> {
+        tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let n = tensor_nbytes(t).unwrap() as usize;
+                let bytes = pattern(n, i as u8);
+                let (file, offset) = w.placement(i);
+                file.write_all_at(&bytes, offset).unwrap();
+                bytes
+            })
+            .collect()
+    }
+
+    fn dir_names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn sample() -> Vec<OutputTensor> {
+        vec![
+            t("b.weight", DType::BF16, &[4, 3]),
+            t("a.mask", DType::Bool, &[5]),
+            t("ids", DType::I64, &[2]),
+            t("empty", DType::F32, &[0, 7]),
+            t("f8", DType::F8E4M3, &[3, 3]),
+            t("scalar", DType::F64, &[]),
+            t("f4", DType::F4, &[6]),
+        ]
+    }
+
+    #[test]
+    fn file_layout_round_trips_through_official_loader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/deeper/out.safetensors");
+        let tensors = sample();
+        let w =
+            SafetensorsWriter::create(OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
+        assert_eq!(w.total_bytes(), 24 + 5 + 16 + 9 + 8 + 3); // "empty" takes 0
+        let data = fill(&w, &tensors);
+        let written = w.commit(&[dir.path().join("ignored.json")]).unwrap();
+        assert_eq!(written, vec![path.clone()]);
+
+        let bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        assert_eq!(n % 8, 0);
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for (tensor, data) in tensors.iter().zip(&data) {
+            let view = st.tensor(&tensor.name).unwrap();
+            assert_eq!(
+                format!("{:?}", view.dtype()),
+                tensor.dtype.safetensors_name()
+            );
+            assert_eq!(view.shape(), &tensor.shape[..]);
+            assert_eq!(view.data(), &data[..], "{}", tensor.name);
+        }
+        let names: Vec<String> = SafeTensors::read_metadata(&bytes)
+            .unwrap()
+            .1
+            .metadata()
+            .clone()
+            .unwrap()
+            .into_keys()
+            .collect();
+        assert_eq!(names.len(), 2);
+        // Our own reader agrees and keeps the given order.
+        let ck = open_checkpoint(&path).unwrap();
+        let order: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            order,
+            tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>()
+        );
+        assert_eq!(ck.metadata, meta());
+        // __metadata__ comes first in the JSON.
+        assert!(bytes[8..].starts_with(b"{\"__metadata__\":{"));
+        // Only the output is left in the directory.
+        assert_eq!(
+            dir_names(&dir.path().join("nested/deeper")),
+            vec!["out.safetensors"]
+        );
+    }
+
+    #[test]
+    fn deterministic_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = sample();
+        let mut outputs = Vec::new();
+        for name in ["one.safetensors", "two.safetensors"] {
+            let path = dir.path().join(name);
+            let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &tensors, &meta())
+                .unwrap();
+            fill(&w, &tensors);
+            w.commit(&[]).unwrap();
+            outputs.push(std::fs::read(&path).unwrap());
+        }
+        assert_eq!(outputs[0], outputs[1]);
+    }
+
+    #[test]
+    fn empty_output_and_no_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &[], &BTreeMap::new())
+            .unwrap();
+        w.commit(&[]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[8..], b"{}      ");
+        assert!(SafeTensors::deserialize(&bytes)
+            .unwrap()
+            .tensors()
+            .is_empty());
+    }
+
+    #[test]
+    fn plan_shards_boundaries() {
+        assert_eq!(plan_shards(&[4, 4, 4], None), vec![0, 0, 0]);
+        assert_eq!(plan_shards(&[4, 4, 4], Some(8)), vec![0, 0, 1]);
+        assert_eq!(plan_shards(&[4, 4, 4], Some(7)), vec![0, 1, 2]);
+        assert_eq!(plan_shards(&[4, 4, 4], Some(12)), vec![0, 0, 0]);
+        assert_eq!(plan_shards(&[2, 20, 2, 2], Some(5)), vec![0, 1, 2, 2]);
+        assert_eq!(plan_shards(&[20, 0, 3], Some(5)), vec![0, 1, 1]);
+        assert_eq!(plan_shards(&[0, 0], Some(0)), vec![0, 0]);
+        assert_eq!(plan_shards(&[], Some(1)), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn sharded_directory_with_index() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        let tensors = vec![
+            t("a", DType::F32, &[2]),   // 8
+            t("b", DType::F32, &[2]),   // 8 -> 16 fits budget 16
+            t("big", DType::U8, &[40]), // above budget: alone
+            t("c", DType::U16, &[4]),   // 8
+            t("d", DType::U8, &[8]),    // 8 -> 16
+            t("e", DType::U8, &[1]),    // new shard
+        ];
+        let layout = OutputLayout::Directory {
+            dir: dir.clone(),
+            shard_budget: Some(16),
+        };
+        let w = SafetensorsWriter::create(layout, &tensors, &meta()).unwrap();
+        assert_eq!(w.total_bytes(), 73);
+        let data = fill(&w, &tensors);
+        let side = root.path().join("config.json");
+        std::fs::write(&side, b"{\"x\": 1}").unwrap();
+        let written = w.commit(std::slice::from_ref(&side)).unwrap();
+        let shard_names: Vec<String> = (1..=4)
+            .map(|i| format!("model-0000{i}-of-00004.safetensors"))
+            .collect();
+        let mut expected: Vec<PathBuf> = shard_names.iter().map(|n| dir.join(n)).collect();
+        expected.push(dir.join(INDEX_NAME));
+        expected.push(dir.join("config.json"));
+        assert_eq!(written, expected);
+        let mut listing = shard_names.clone();
+        listing.push("config.json".into());
+        listing.push(INDEX_NAME.into());
+        listing.sort();
+        assert_eq!(dir_names(&dir), listing);
+        assert_eq!(
+            std::fs::read(dir.join("config.json")).unwrap(),
+            b"{\"x\": 1}"
+        );
+
+        let index: Value =
+            serde_json::from_slice(&std::fs::read(dir.join(INDEX_NAME)).unwrap()).unwrap();
+        assert_eq!(index["metadata"]["total_size"], 73);
+        let wm = index["weight_map"].as_object().unwrap();
+        let expect_shard = [0, 0, 1, 2, 2, 3];
+        for (tensor, s) in tensors.iter().zip(expect_shard) {
+            assert_eq!(wm[&tensor.name], shard_names[s].as_str());
+        }
+        // Each shard loads with the official loader, holds the metadata and the right bytes.
+        for (s, name) in shard_names.iter().enumerate() {
+            let bytes = std::fs::read(dir.join(name)).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            assert_eq!(
+                SafeTensors::read_metadata(&bytes)
+                    .unwrap()
+                    .1
+                    .metadata()
+                    .as_ref()
+                    .unwrap()
+                    .len(),
+                2
+            );
+            for ((tensor, data), _) in tensors
+                .iter()
+                .zip(&data)
+                .zip(expect_shard)
+                .filter(|(_, e)| *e == s)
+            {
+                assert_eq!(st.tensor(&tensor.name).unwrap().data(), &data[..]);
+            }
+        }
+        // And the reader reads it back through the index, in the same order.
+        let ck = open_checkpoint(&dir).unwrap();
+        let order: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(order, vec!["a", "b", "big", "c", "d", "e"]);
+        assert_eq!(ck.sidecars, vec![dir.join("config.json")]);
+        // Reading the shards without the index gives the same.
+        std::fs::remove_file(dir.join(INDEX_NAME)).unwrap();
+        let ck = open_checkpoint(&dir).unwrap();
+        let order2: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(order2, order);
+    }
+
+    #[test]
+    fn everything_fitting_one_shard_gives_single_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = vec![t("a", DType::F32, &[2]), t("b", DType::F32, &[2])];
+        let layout = OutputLayout::Directory {
+            dir: dir.path().to_path_buf(),
+            shard_budget: Some(16),
+        };
+        let w = SafetensorsWriter::create(layout, &tensors, &BTreeMap::new()).unwrap();
+        fill(&w, &tensors);
+        assert_eq!(w.commit(&[]).unwrap(), vec![dir.path().join(SINGLE_NAME)]);
+        assert_eq!(dir_names(dir.path()), vec![SINGLE_NAME]);
+    }
+
+    #[test]
+    fn stale_shards_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // An earlier sharded run, plus unrelated files that must survive.
+        for name in [
+            "model-00001-of-00003.safetensors",
+            "model-00002-of-00003.safetensors",
+            "model-00003-of-00003.safetensors",
+            INDEX_NAME,
+            "config.json",
+            "model-1-of-2.safetensors",
+            "other.safetensors",
+        ] {
+            std::fs::write(d.join(name), b"old").unwrap();
+        }
+        let tensors = vec![t("a", DType::U8, &[4]), t("b", DType::U8, &[4])];
+        let layout = |budget| OutputLayout::Directory {
+            dir: d.to_path_buf(),
+            shard_budget: budget,
+        };
+        let w = SafetensorsWriter::create(layout(Some(4)), &tensors, &BTreeMap::new()).unwrap();
+        fill(&w, &tensors);
+        w.commit(&[]).unwrap();
+        assert_eq!(
+            dir_names(d),
+            vec![
+                "config.json",
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model-1-of-2.safetensors",
+                INDEX_NAME,
+                "other.safetensors",
+            ]
+        );
+        // Now unsharded over the sharded output: shards and index go.
+        let w = SafetensorsWriter::create(layout(None), &tensors, &BTreeMap::new()).unwrap();
+        fill(&w, &tensors);
+        w.commit(&[]).unwrap();
+        assert_eq!(
+            dir_names(d),
+            vec![
+                "config.json",
+                "model-1-of-2.safetensors",
+                SINGLE_NAME,
+                "other.safetensors"
+            ]
+        );
+        // And sharded again: model.safetensors goes.
+        let w = SafetensorsWriter::create(layout(Some(4)), &tensors, &BTreeMap::new()).unwrap();
+        fill(&w, &tensors);
+        w.commit(&[]).unwrap();
+        assert!(!d.join(SINGLE_NAME).exists());
+        assert!(d.join(INDEX_NAME).exists());
+    }
+
+    #[test]
+    fn drop_removes_temporaries_and_created_dirs() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b/out");
+        let tensors = vec![t("a", DType::U8, &[4]), t("b", DType::U8, &[4])];
+        let layout = OutputLayout::Directory {
+            dir: dir.clone(),
+            shard_budget: Some(4),
+        };
+        let w = SafetensorsWriter::create(layout, &tensors, &BTreeMap::new()).unwrap();
+        fill(&w, &tensors);
+        // Temporaries are hidden and beside the final names; nothing final exists yet.
+        let names = dir_names(&dir);
+        assert_eq!(names.len(), 3);
+        assert!(names
+            .iter()
+            .all(|n| n.starts_with('.') && n.contains(".tmp-")));
+        drop(w);
+        assert_eq!(dir_names(root.path()), Vec::<String>::new());
+
+        // In an existing directory, only the temporaries go, and earlier files stay.
+        std::fs::write(root.path().join("keep.txt"), b"k").unwrap();
+        let w = SafetensorsWriter::create(
+            OutputLayout::File(root.path().join("x.safetensors")),
+            &tensors,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        drop(w);
+        assert_eq!(dir_names(root.path()), vec!["keep.txt"]);
+    }
+
+    #[test]
+    fn failed_sidecar_copy_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        let tensors = vec![t("a", DType::U8, &[4])];
+        let layout = OutputLayout::Directory {
+            dir: dir.clone(),
+            shard_budget: None,
+        };
+        let w = SafetensorsWriter::create(layout, &tensors, &BTreeMap::new()).unwrap();
+        fill(&w, &tensors);
+        let missing = root.path().join("missing.json");
+        match w.commit(std::slice::from_ref(&missing)) {
+            Err(FormatError::Io { path, source }) => {
+                assert_eq!(path, missing);
+                assert_eq!(source.kind(), io::ErrorKind::NotFound);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn invalid_requests() {
+        let root = tempfile::tempdir().unwrap();
+        let file = OutputLayout::File(root.path().join("o.safetensors"));
+        let dup = vec![t("a", DType::U8, &[1]), t("a", DType::U8, &[1])];
+        assert!(matches!(
+            SafetensorsWriter::create(file.clone(), &dup, &BTreeMap::new()),
+            Err(FormatError::DuplicateOutputTensor { name }) if name == "a"
+        ));
+        let reserved = vec![t("__metadata__", DType::U8, &[1])];
+        assert!(matches!(
+            SafetensorsWriter::create(file.clone(), &reserved, &BTreeMap::new()),
+            Err(FormatError::ReservedTensorName { .. })
+        ));
+        let odd_f4 = vec![t("q", DType::F4, &[3])];
+        assert!(matches!(
+            SafetensorsWriter::create(file.clone(), &odd_f4, &BTreeMap::new()),
+            Err(FormatError::InvalidTensorSize { name, .. }) if name == "q"
+        ));
+        let huge = vec![t("h", DType::F64, &[usize::MAX, 2])];
+        assert!(matches!(
+            SafetensorsWriter::create(file, &huge, &BTreeMap::new()),
+            Err(FormatError::InvalidTensorSize { .. })
+        ));
+        assert!(matches!(
+            SafetensorsWriter::create(
+                OutputLayout::File(root.path().to_path_buf()),
+                &[],
+                &BTreeMap::new()
+            ),
+            Err(FormatError::InvalidOutput { .. })
+        ));
+        let blocker = root.path().join("plainfile");
+        std::fs::write(&blocker, b"x").unwrap();
+        let layout = OutputLayout::Directory {
+            dir: blocker.clone(),
+            shard_budget: None,
+        };
+        assert!(matches!(
+            SafetensorsWriter::create(layout, &[], &BTreeMap::new()),
+            Err(FormatError::InvalidOutput { path, .. }) if path == blocker
+        ));
+        // A parent that is a file: the error names the path that could not be created.
+        let under = blocker.join("sub/o.safetensors");
+        match SafetensorsWriter::create(OutputLayout::File(under), &[], &BTreeMap::new()) {
+            Err(FormatError::Io { path, .. }) => assert!(path.starts_with(&blocker)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(dir_names(root.path()), vec!["plainfile"]);
+    }
+
+    #[test]
+    fn concurrent_placement_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors: Vec<OutputTensor> = (0..16)
+            .map(|i| t(&format!("t{i}"), DType::F32, &[257 + i]))
+            .collect();
+        let layout = OutputLayout::Directory {
+            dir: dir.path().to_path_buf(),
+            shard_budget: Some(4000),
+        };
+        let w = SafetensorsWriter::create(layout, &tensors, &meta()).unwrap();
+        std::thread::scope(|s| {
+            for chunk in [0..8, 8..16] {
+                let w = &w;
+                let tensors = &tensors;
+                s.spawn(move || {
+                    for i in chunk {
+                        let n = tensor_nbytes(&tensors[i]).unwrap() as usize;
+                        let (f, off) = w.placement(i);
+                        f.write_all_at(&pattern(n, i as u8), off).unwrap();
+                    }
+                });
+            }
+        });
+        w.commit(&[]).unwrap();
+        let ck = open_checkpoint(dir.path()).unwrap();
+        assert!(ck.files.len() > 1);
+        for (i, e) in ck.tensors.iter().enumerate() {
+            assert_eq!(e.name, format!("t{i}"));
+            let mut buf = vec![0u8; e.nbytes as usize];
+            ck.files[e.file].read_at(e.offset, &mut buf).unwrap();
+            assert_eq!(buf, pattern(e.nbytes as usize, i as u8));
+        }
+    }
+
+    #[test]
+    fn stale_name_pattern() {
+        assert!(is_weight_output_name("model-00001-of-00002.safetensors"));
+        assert!(is_weight_output_name(SINGLE_NAME));
+        assert!(is_weight_output_name(INDEX_NAME));
+        assert!(!is_weight_output_name("model-1-of-2.safetensors"));
+        assert!(!is_weight_output_name(
+            "model-00001-of-00002.safetensors.bak"
+        ));
+        assert!(!is_weight_output_name("adapter_model.safetensors"));
+    }
+}

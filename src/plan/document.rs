@@ -1,0 +1,234 @@
+//! The raw plan document: YAML or JSON text, files or an already-built value (a Python dict),
+//! merged in order, with `key.path[i]=value` overrides applied last (SPEC §2). The result is a
+//! plain `serde_json::Value`; nothing here knows what a transform is.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use super::error::PlanError;
+use super::location::Location;
+
+/// One piece of a plan, as the user handed it over.
+#[derive(Debug, Clone)]
+pub enum PlanSource {
+    /// A YAML or JSON file (JSON when the name ends in `.json`).
+    File(PathBuf),
+    /// YAML (or JSON, a subset of YAML) text.
+    Text(String),
+    /// An already-parsed document (a Python dict).
+    Value(Value),
+}
+
+/// Parses YAML text into a document value. `origin` names the text in messages.
+pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
+    let value: Value = serde_saphyr::from_str(text)
+        .map_err(|e| PlanError::Syntax { origin: origin.to_owned(), message: e.to_string() })?;
+    Ok(value)
+}
+
+fn load(source: &PlanSource) -> Result<Value, PlanError> {
+    match source {
+        PlanSource::Value(v) => Ok(v.clone()),
+        PlanSource::Text(text) => parse_yaml(text, "<string>"),
+        PlanSource::File(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| PlanError::Read { path: path.clone(), source })?;
+            let origin = path.display().to_string();
+            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
+                serde_json::from_str(&text)
+                    .map_err(|e| PlanError::Syntax { origin, message: e.to_string() })
+            } else {
+                parse_yaml(&text, &origin)
+            }
+        }
+    }
+}
+
+/// Merges `overlay` into `base`: mappings merge key by key, recursively; any other value
+/// (a scalar or a list) replaces what was there.
+pub fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(base), Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+/// One step of an override path.
+#[derive(Debug, Clone, PartialEq)]
+enum PathStep {
+    Key(String),
+    Index(usize),
+}
+
+fn parse_override_path(path: &str) -> Result<Vec<PathStep>, String> {
+    let mut steps = Vec::new();
+    for part in path.split('.') {
+        let (key, mut rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if key.is_empty() && (steps.is_empty() || rest.is_empty()) {
+            return Err(format!("empty key in `{path}`"));
+        }
+        if !key.is_empty() {
+            steps.push(PathStep::Key(key.to_owned()));
+        }
+        while let Some(after) = rest.strip_prefix('[') {
+            let close = after.find(']').ok_or_else(|| format!("unclosed `[` in `{path}`"))?;
+            let index = after[..close]
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| format!("`{}` is not a list index in `{path}`", &after[..close]))?;
+            steps.push(PathStep::Index(index));
+            rest = &after[close + 1..];
+        }
+        if !rest.is_empty() {
+            return Err(format!("unexpected `{rest}` in `{path}`"));
+        }
+    }
+    Ok(steps)
+}
+
+/// Applies one `key.path[i].x=value` override. The value is typed like a YAML flow value:
+/// `by=0.5` is a number, `shape=[2,4]` a list, `name='007'` a string.
+pub fn apply_override(doc: &mut Value, assignment: &str) -> Result<(), PlanError> {
+    let origin = format!("override `{assignment}`");
+    let syntax = |message: String| PlanError::Syntax { origin: origin.clone(), message };
+    let (path, text) = assignment
+        .split_once('=')
+        .ok_or_else(|| syntax("expected key.path=value".to_owned()))?;
+    let steps = parse_override_path(path.trim()).map_err(syntax)?;
+    let value = if text.trim().is_empty() {
+        Value::String(String::new())
+    } else {
+        parse_yaml(text, &origin)?
+    };
+    let mut node = doc;
+    let mut location = Location::root();
+    for step in steps {
+        node = match step {
+            PathStep::Key(key) => {
+                location = location.key(&key);
+                if node.is_null() {
+                    *node = Value::Object(Map::new());
+                }
+                let Value::Object(map) = node else {
+                    return Err(PlanError::invalid(&location, "override walks into a value that is not a mapping"));
+                };
+                map.entry(key).or_insert(Value::Null)
+            }
+            PathStep::Index(index) => {
+                location = location.index(index);
+                let Value::Array(list) = node else {
+                    return Err(PlanError::invalid(&location, "override indexes a value that is not a list"));
+                };
+                let len = list.len();
+                list.get_mut(index).ok_or_else(|| {
+                    PlanError::invalid(&location, format!("override index {index} is past the end of a list of {len}"))
+                })?
+            }
+        };
+    }
+    *node = value;
+    Ok(())
+}
+
+/// Loads, merges and overrides a plan. An empty list of sources gives an empty plan.
+pub fn assemble(sources: &[PlanSource], overrides: &[String]) -> Result<Value, PlanError> {
+    let mut doc = Value::Object(Map::new());
+    for source in sources {
+        let value = load(source)?;
+        let value = match value {
+            Value::Null => Value::Object(Map::new()),
+            v @ Value::Object(_) => v,
+            other => {
+                let origin = match source {
+                    PlanSource::File(p) => p.display().to_string(),
+                    _ => "<string>".to_owned(),
+                };
+                return Err(PlanError::Syntax {
+                    origin,
+                    message: format!("a plan is a mapping with inputs/transforms/output, not {}", kind_of(&other)),
+                });
+            }
+        };
+        merge(&mut doc, value);
+    }
+    for assignment in overrides {
+        apply_override(&mut doc, assignment)?;
+    }
+    Ok(doc)
+}
+
+/// Whether a command-line argument is an override rather than a plan file.
+pub fn looks_like_override(arg: &str) -> bool {
+    !Path::new(arg).exists() && arg.contains('=') && !arg.starts_with('=')
+}
+
+/// A short description of a value's type for messages.
+pub fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn merge_maps_recursively_and_replaces_lists() {
+        let mut a = json!({"output": {"path": "a", "shard": "5GB"}, "transforms": [1, 2]});
+        merge(&mut a, json!({"output": {"path": "b"}, "transforms": [3]}));
+        assert_eq!(a, json!({"output": {"path": "b", "shard": "5GB"}, "transforms": [3]}));
+    }
+
+    #[test]
+    fn overrides_are_typed_like_yaml() {
+        let mut doc = json!({"transforms": [{"scale_": {"target": "x", "by": 1}}]});
+        apply_override(&mut doc, "transforms[0].scale_.by=0.5").unwrap();
+        apply_override(&mut doc, "output.shape=[2,4]").unwrap();
+        apply_override(&mut doc, "output.name='007'").unwrap();
+        assert_eq!(doc["transforms"][0]["scale_"]["by"], json!(0.5));
+        assert_eq!(doc["output"]["shape"], json!([2, 4]));
+        assert_eq!(doc["output"]["name"], json!("007"));
+    }
+
+    #[test]
+    fn override_errors_name_the_place() {
+        let mut doc = json!({"transforms": []});
+        let err = apply_override(&mut doc, "transforms[2].x=1").unwrap_err();
+        assert!(err.to_string().contains("transforms[2]"), "{err}");
+        assert!(apply_override(&mut doc, "novalue").is_err());
+        assert!(apply_override(&mut doc, "a[x]=1").is_err());
+    }
+
+    #[test]
+    fn malformed_yaml_names_line() {
+        let err = parse_yaml("a: [1, 2\n", "plan.yaml").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("plan.yaml") && text.contains("line 1"), "{text}");
+    }
+
+    #[test]
+    fn assemble_rejects_non_mapping() {
+        let err = assemble(&[PlanSource::Text("- a\n- b\n".into())], &[]).unwrap_err();
+        assert!(err.to_string().contains("mapping"));
+    }
+}

@@ -1,0 +1,157 @@
+//! Errors of the plan layer: the document could not be read, or does not describe a valid plan.
+
+use std::path::PathBuf;
+
+use super::location::Location;
+use crate::references::ReferenceError;
+
+/// The plan document is malformed or invalid. Maps to Python's `PlanError`, exit status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// YAML or JSON syntax error.
+    #[error("{origin}: {message}")]
+    Syntax {
+        /// The file name, or `<string>` / `<override>`.
+        origin: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A plan file could not be read.
+    #[error("cannot read plan {}: {source}", path.display())]
+    Read {
+        /// The plan file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A mapping has a key the plan language does not know.
+    #[error("{location}: unknown key `{key}`{}; expected one of: {}", did_you_mean(suggestion), expected.join(", "))]
+    UnknownKey {
+        /// Where the mapping is.
+        location: Location,
+        /// The unknown key.
+        key: String,
+        /// The closest known key, if any is close.
+        suggestion: Option<String>,
+        /// Every key allowed there.
+        expected: Vec<String>,
+    },
+    /// A transform name the engine does not know.
+    #[error("{location}: unknown transform `{name}`{}", did_you_mean(suggestion))]
+    UnknownTransform {
+        /// Where the transform is.
+        location: Location,
+        /// The unknown name.
+        name: String,
+        /// The closest known name, if any is close.
+        suggestion: Option<String>,
+    },
+    /// A required key is absent.
+    #[error("{location}: missing required key `{key}`")]
+    MissingKey {
+        /// Where the mapping is.
+        location: Location,
+        /// The missing key.
+        key: String,
+    },
+    /// A value has the wrong type or an impossible value.
+    #[error("{location}: {message}")]
+    Invalid {
+        /// Where the value is.
+        location: Location,
+        /// What is wrong, and what was expected.
+        message: String,
+    },
+    /// A tensor reference or rewrite template does not parse.
+    #[error("{location}: {source}")]
+    Reference {
+        /// Where the reference is.
+        location: Location,
+        /// The reference error.
+        source: ReferenceError,
+    },
+    /// A reference names an alias that no input or load defines.
+    #[error("{location}: unknown alias `{alias}` (known: {})", known.join(", "))]
+    UnknownAlias {
+        /// Where the reference is.
+        location: Location,
+        /// The unknown alias.
+        alias: String,
+        /// The aliases that exist at that point.
+        known: Vec<String>,
+    },
+    /// A reference has no alias and no default alias exists.
+    #[error("{location}: `{reference}` names no alias and the plan has several inputs ({}); write `alias::pattern` or set output.alias", known.join(", "))]
+    NoDefaultAlias {
+        /// Where the reference is.
+        location: Location,
+        /// The reference text.
+        reference: String,
+        /// The aliases that exist.
+        known: Vec<String>,
+    },
+}
+
+fn did_you_mean(suggestion: &Option<String>) -> String {
+    match suggestion {
+        Some(s) => format!(" (did you mean `{s}`?)"),
+        None => String::new(),
+    }
+}
+
+impl PlanError {
+    /// Shorthand for [`PlanError::Invalid`].
+    pub fn invalid(location: &Location, message: impl Into<String>) -> Self {
+        PlanError::Invalid { location: location.clone(), message: message.into() }
+    }
+}
+
+/// The closest of `candidates` to `word` by edit distance, when it is close enough to be a
+/// likely typo (at most a third of the word's length, and at least one edit allowed).
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(word, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, c)| (*d, *c))
+        .map(|(_, c)| c.to_owned())
+}
+
+/// Edit distance counting insertions, deletions, substitutions and swaps of adjacent characters
+/// (optimal string alignment), so the common typo `scael` is one edit from `scale`.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(suggest("scael", ["scale", "scale_", "cast"]).as_deref(), Some("scale"));
+        assert_eq!(suggest("frmo", ["from", "to"]).as_deref(), Some("from"));
+        assert_eq!(suggest("zzzzzz", ["from", "to"]), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+}

@@ -1,0 +1,351 @@
+//! The plan language's document layer (SPEC §2): reading YAML/JSON/dicts, merging, overrides,
+//! and the top-level `inputs` / `transforms` / `output` sections. Transform payloads are parsed by
+//! `transforms`; checking the plan against checkpoint headers is the executor's job.
+
+pub mod document;
+pub mod error;
+pub mod location;
+pub mod payload;
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+pub use document::{assemble, PlanSource};
+pub use error::PlanError;
+pub use location::Location;
+
+use document::kind_of;
+use error::suggest;
+
+/// The alias a single bare input path gets.
+pub const DEFAULT_ALIAS: &str = "model";
+
+/// One `alias::path` input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputSpec {
+    /// The alias references use.
+    pub alias: String,
+    /// The checkpoint path (file or directory).
+    pub path: PathBuf,
+}
+
+/// Output file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// safetensors, a file or a (sharded) directory.
+    Safetensors,
+    /// PyTorch zip format.
+    Torch,
+    /// NumPy `.npz`.
+    Npz,
+}
+
+/// The `output` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputSpec {
+    /// Target file or directory.
+    pub path: PathBuf,
+    /// The format.
+    pub format: OutputFormat,
+    /// Whether `path` names a single file (by its extension) rather than a directory.
+    pub single_file: bool,
+    /// Shard budget in bytes for directories; `None` disables sharding.
+    pub shard: Option<u64>,
+    /// Which alias to write (SPEC §6.3).
+    pub alias: Option<String>,
+    /// Whether non-weight files beside a directory input are copied.
+    pub sidecars: bool,
+}
+
+/// Shard budget of directory outputs when the plan does not give one.
+pub const DEFAULT_SHARD: &str = "5GB";
+
+/// One entry of `transforms`, not yet parsed: its name, payload and place.
+#[derive(Debug, Clone)]
+pub struct RawTransform {
+    /// The transform name (`scale_`).
+    pub name: String,
+    /// Its payload (`Null` for a bare name such as `exit`).
+    pub payload: Value,
+    /// `transforms[i]`.
+    pub location: Location,
+}
+
+/// A plan document, checked at the top level.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The inputs, in order.
+    pub inputs: Vec<InputSpec>,
+    /// The transforms, in order, unparsed.
+    pub transforms: Vec<RawTransform>,
+    /// The output, if any.
+    pub output: Option<OutputSpec>,
+    /// SHA-256 of the merged document, recorded in the output metadata.
+    pub sha256: String,
+}
+
+const TOP_KEYS: &[&str] = &["inputs", "transforms", "output"];
+const OUTPUT_KEYS: &[&str] = &["path", "format", "shard", "alias", "sidecars"];
+
+fn check_keys(map: &Map<String, Value>, allowed: &[&str], location: &Location) -> Result<(), PlanError> {
+    for key in map.keys() {
+        if !allowed.contains(&key.as_str()) {
+            return Err(PlanError::UnknownKey {
+                location: location.clone(),
+                key: key.clone(),
+                suggestion: suggest(key, allowed.iter().copied()),
+                expected: allowed.iter().map(|s| s.to_string()).collect(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn valid_alias(alias: &str) -> bool {
+    let mut chars = alias.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+fn parse_input(text: &str, location: &Location, single: bool) -> Result<InputSpec, PlanError> {
+    match text.split_once("::") {
+        Some((alias, path)) => {
+            if !valid_alias(alias) {
+                return Err(PlanError::invalid(location, format!("`{alias}` is not a valid alias (letters, digits, _ - .)")));
+            }
+            if path.is_empty() {
+                return Err(PlanError::invalid(location, format!("input `{text}` has no path")));
+            }
+            Ok(InputSpec { alias: alias.to_owned(), path: PathBuf::from(path) })
+        }
+        None if single => Ok(InputSpec { alias: DEFAULT_ALIAS.to_owned(), path: PathBuf::from(text) }),
+        None => Err(PlanError::invalid(
+            location,
+            format!("input `{text}` needs an alias when there are several inputs: write `alias::{text}`"),
+        )),
+    }
+}
+
+fn parse_inputs(value: Option<&Value>) -> Result<Vec<InputSpec>, PlanError> {
+    let location = Location::root().key("inputs");
+    let inputs = match value {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![parse_input(s, &location, true)?],
+        Some(Value::Array(items)) => {
+            let single = items.len() == 1;
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::String(s) => parse_input(s, &location.index(i), single),
+                    other => Err(PlanError::invalid(
+                        &location.index(i),
+                        format!("expected \"alias::path\", got {}", kind_of(other)),
+                    )),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(Value::Object(map)) => map
+            .iter()
+            .map(|(alias, path)| {
+                let at = location.key(alias);
+                let Value::String(path) = path else {
+                    return Err(PlanError::invalid(&at, format!("expected a path, got {}", kind_of(path))));
+                };
+                if !valid_alias(alias) {
+                    return Err(PlanError::invalid(&at, format!("`{alias}` is not a valid alias")));
+                }
+                Ok(InputSpec { alias: alias.clone(), path: PathBuf::from(path) })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(PlanError::invalid(&location, format!("expected a list of \"alias::path\", got {}", kind_of(other))))
+        }
+    };
+    for (i, input) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|other| other.alias == input.alias) {
+            return Err(PlanError::invalid(&location, format!("alias `{}` is defined twice", input.alias)));
+        }
+    }
+    Ok(inputs)
+}
+
+fn parse_transforms(value: Option<&Value>) -> Result<Vec<RawTransform>, PlanError> {
+    let location = Location::root().key("transforms");
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(other) => return Err(PlanError::invalid(&location, format!("expected a list of transforms, got {}", kind_of(other)))),
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = location.index(i);
+            match item {
+                Value::String(name) => Ok(RawTransform { name: name.clone(), payload: Value::Null, location: at }),
+                Value::Object(map) if map.len() == 1 => {
+                    let (name, payload) = map.iter().next().expect("map has one entry");
+                    Ok(RawTransform { name: name.clone(), payload: payload.clone(), location: at })
+                }
+                Value::Object(map) => Err(PlanError::invalid(
+                    &at,
+                    format!(
+                        "a transform is a mapping with exactly one key (its name), got keys {}",
+                        map.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                )),
+                other => Err(PlanError::invalid(&at, format!("expected a transform, got {}", kind_of(other)))),
+            }
+        })
+        .collect()
+}
+
+fn format_of(path: &std::path::Path) -> Option<OutputFormat> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "safetensors" => Some(OutputFormat::Safetensors),
+        "bin" | "pt" | "pth" => Some(OutputFormat::Torch),
+        "npz" => Some(OutputFormat::Npz),
+        _ => None,
+    }
+}
+
+fn parse_output(value: Option<&Value>) -> Result<Option<OutputSpec>, PlanError> {
+    let location = Location::root().key("output");
+    let empty = Map::new();
+    let (path, map) = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(path)) => (path.clone(), &empty),
+        Some(Value::Object(map)) => {
+            check_keys(map, OUTPUT_KEYS, &location)?;
+            let path = match map.get("path") {
+                Some(Value::String(p)) => p.clone(),
+                Some(other) => return Err(PlanError::invalid(&location.key("path"), format!("expected a path, got {}", kind_of(other)))),
+                None => return Err(PlanError::MissingKey { location, key: "path".into() }),
+            };
+            (path, map)
+        }
+        Some(other) => return Err(PlanError::invalid(&location, format!("expected a path or a mapping, got {}", kind_of(other)))),
+    };
+    if path.is_empty() {
+        return Err(PlanError::invalid(&location.key("path"), "empty output path"));
+    }
+    let path = PathBuf::from(path);
+    let by_extension = format_of(&path);
+    let format = match map.get("format") {
+        None | Some(Value::Null) => by_extension.unwrap_or(OutputFormat::Safetensors),
+        Some(Value::String(f)) => match f.to_ascii_lowercase().as_str() {
+            "safetensors" => OutputFormat::Safetensors,
+            "torch" | "pytorch" => OutputFormat::Torch,
+            "npz" | "numpy" => OutputFormat::Npz,
+            _ => return Err(PlanError::invalid(&location.key("format"), format!("unknown format `{f}`; expected safetensors, torch or npz"))),
+        },
+        Some(other) => return Err(PlanError::invalid(&location.key("format"), format!("expected a format name, got {}", kind_of(other)))),
+    };
+    let single_file = by_extension.is_some();
+    let shard = match map.get("shard") {
+        None | Some(Value::Null) => Some(DEFAULT_SHARD.to_owned()),
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("none") => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::Bool(false)) => None,
+        Some(other) => return Err(PlanError::invalid(&location.key("shard"), format!("expected a size like 5GB or none, got {}", kind_of(other)))),
+    };
+    let shard = match shard {
+        None => None,
+        Some(text) => Some(
+            crate::formats::parse_size(&text).map_err(|e| PlanError::invalid(&location.key("shard"), e.to_string()))?,
+        ),
+    };
+    let alias = match map.get("alias") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(a)) => Some(a.clone()),
+        Some(other) => return Err(PlanError::invalid(&location.key("alias"), format!("expected an alias, got {}", kind_of(other)))),
+    };
+    let sidecars = match map.get("sidecars") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(PlanError::invalid(&location.key("sidecars"), format!("expected true or false, got {}", kind_of(other)))),
+    };
+    Ok(Some(OutputSpec { path, format, single_file, shard, alias, sidecars }))
+}
+
+impl Plan {
+    /// Checks the top level of an assembled document.
+    pub fn from_document(doc: &Value) -> Result<Plan, PlanError> {
+        let Value::Object(map) = doc else {
+            return Err(PlanError::invalid(&Location::root(), format!("a plan is a mapping, not {}", kind_of(doc))));
+        };
+        check_keys(map, TOP_KEYS, &Location::root())?;
+        let inputs = parse_inputs(map.get("inputs"))?;
+        let transforms = parse_transforms(map.get("transforms"))?;
+        let output = parse_output(map.get("output"))?;
+        let canonical = serde_json::to_vec(doc).expect("a JSON value always serializes");
+        let sha256 = Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Plan { inputs, transforms, output, sha256 })
+    }
+
+    /// Assembles sources and overrides, then checks the top level.
+    pub fn load(sources: &[PlanSource], overrides: &[String]) -> Result<Plan, PlanError> {
+        Plan::from_document(&assemble(sources, overrides)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn inputs_forms() {
+        let plan = Plan::from_document(&json!({"inputs": ["m.safetensors"]})).unwrap();
+        assert_eq!(plan.inputs, vec![InputSpec { alias: "model".into(), path: "m.safetensors".into() }]);
+        let plan = Plan::from_document(&json!({"inputs": ["a::x", "b::y/z"]})).unwrap();
+        assert_eq!(plan.inputs[1].alias, "b");
+        assert!(Plan::from_document(&json!({"inputs": ["x", "y"]})).is_err());
+        assert!(Plan::from_document(&json!({"inputs": ["a::x", "a::y"]})).is_err());
+        let plan = Plan::from_document(&json!({"inputs": {"m": "x"}})).unwrap();
+        assert_eq!(plan.inputs[0].alias, "m");
+    }
+
+    #[test]
+    fn unknown_top_key() {
+        let err = Plan::from_document(&json!({"input": []})).unwrap_err().to_string();
+        assert!(err.contains("unknown key `input`") && err.contains("did you mean `inputs`"), "{err}");
+        let err = Plan::from_document(&json!({"output": {"path": "x", "shards": "1GB"}})).unwrap_err().to_string();
+        assert!(err.contains("output") && err.contains("`shards`"), "{err}");
+    }
+
+    #[test]
+    fn transforms_forms() {
+        let plan = Plan::from_document(&json!({"transforms": ["exit", {"delete": {"target": "x"}}]})).unwrap();
+        assert_eq!(plan.transforms[0].name, "exit");
+        assert_eq!(plan.transforms[1].location.to_string(), "transforms[1]");
+        assert!(Plan::from_document(&json!({"transforms": [{"a": 1, "b": 2}]})).is_err());
+    }
+
+    #[test]
+    fn output_forms() {
+        let plan = Plan::from_document(&json!({"output": "out/x.safetensors"})).unwrap();
+        let out = plan.output.unwrap();
+        assert!(out.single_file);
+        assert_eq!(out.format, OutputFormat::Safetensors);
+        let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "100MB", "alias": "base"}})).unwrap();
+        let out = plan.output.unwrap();
+        assert_eq!(out.shard, Some(100 << 20));
+        assert!(!out.single_file);
+        let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "none"}})).unwrap();
+        assert_eq!(plan.output.unwrap().shard, None);
+    }
+
+    #[test]
+    fn sha_is_stable() {
+        let a = Plan::from_document(&json!({"inputs": ["x"]})).unwrap();
+        let b = Plan::from_document(&json!({"inputs": ["x"]})).unwrap();
+        assert_eq!(a.sha256, b.sha256);
+        assert_eq!(a.sha256.len(), 64);
+    }
+}

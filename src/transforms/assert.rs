@@ -1,0 +1,443 @@
+//! `assert`: built-in assertions (SPEC §5). Header assertions (`exists`, `count`, `shape`,
+//! `dimensions`, `dtype`) are decided during the plan check; value assertions (`equal`, `iszero`,
+//! `finite`) stream the tensors they need at their point in the plan, and are reported as
+//! deferred by the check. Zero matches are a value (`count … is: 0` passes); an invalid pattern
+//! or unknown alias is an error even under `not`.
+
+use serde_json::Value;
+
+use super::{AssertionFailure, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use crate::dtype::DType;
+use crate::executor::state::{Match, State};
+use crate::kernels::{self, Stats};
+use crate::plan::document::kind_of;
+use crate::plan::error::suggest;
+use crate::plan::payload::{parse_dtype, Field, FieldKind, Payload};
+use crate::plan::{Location, PlanError};
+use crate::references::{Reference, Target};
+use crate::transforms::fmt_shape;
+use crate::value::{Tensor, CHUNK_BYTES};
+
+/// `assert`.
+pub const ASSERT: TransformSpec = TransformSpec {
+    name: "assert",
+    summary: "fail the run when an expression is false (exists, count, shape, dimensions, dtype, equal, iszero, finite, all, any, not)",
+    fields: &[],
+    parse: |value, location| Ok(Box::new(Assert { expr: Expr::parse(value, location)?, location: location.clone() })),
+};
+
+/// The assertion operators and their keys, for parsing and help.
+pub const OPERATORS: &[(&str, &[Field])] = &[
+    ("exists", &[Field::required("of", FieldKind::Reference, "tensors that must exist (or give the reference directly)")]),
+    ("count", &[
+        Field::required("of", FieldKind::Reference, "tensors to count"),
+        Field::required("is", FieldKind::Number, "the required count"),
+    ]),
+    ("shape", &[
+        Field::required("of", FieldKind::Reference, "tensors to check"),
+        Field::required("is", FieldKind::Text, "the required shape, a list"),
+    ]),
+    ("dimensions", &[
+        Field::required("of", FieldKind::Reference, "tensors to check"),
+        Field::optional("is", FieldKind::Number, None, "exactly this many dimensions"),
+        Field::optional("ge", FieldKind::Number, None, "at least"),
+        Field::optional("gt", FieldKind::Number, None, "more than"),
+        Field::optional("le", FieldKind::Number, None, "at most"),
+        Field::optional("lt", FieldKind::Number, None, "fewer than"),
+    ]),
+    ("dtype", &[
+        Field::required("of", FieldKind::Reference, "tensors to check"),
+        Field::required("is", FieldKind::DType, "the required dtype"),
+    ]),
+    ("equal", &[
+        Field::required("left", FieldKind::Reference, "tensors compared"),
+        Field::required("right", FieldKind::Target, "the tensor each left match is compared with (a rewrite; aliases may differ)"),
+        Field::optional("eps", FieldKind::Number, Some("0"), "largest allowed |a - b|"),
+    ]),
+    ("iszero", &[
+        Field::required("of", FieldKind::Reference, "tensors that must be zero (or give the reference directly)"),
+        Field::optional("eps", FieldKind::Number, Some("0"), "largest allowed |x|"),
+    ]),
+    ("finite", &[Field::required("of", FieldKind::Reference, "tensors that must hold no NaN or Inf (or give the reference directly)")]),
+    ("all", &[]),
+    ("any", &[]),
+    ("not", &[]),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Comparison {
+    Is,
+    Ge,
+    Gt,
+    Le,
+    Lt,
+}
+
+#[derive(Debug)]
+enum Expr {
+    Exists(Reference),
+    Count { of: Reference, is: usize },
+    Shape { of: Reference, is: Vec<usize> },
+    Dimensions { of: Reference, comparison: Comparison, n: usize },
+    DType { of: Reference, is: DType },
+    Equal { left: Reference, right: Target, eps: f64 },
+    IsZero { of: Reference, eps: f64 },
+    Finite { of: Reference },
+    All(Vec<Expr>),
+    Any(Vec<Expr>),
+    Not(Box<Expr>),
+}
+
+/// The result of evaluating an assertion.
+#[derive(Debug)]
+enum Outcome {
+    Pass,
+    Fail(AssertionFailure),
+    /// Needs tensor values, which the header-only check does not read.
+    Deferred,
+}
+
+fn fail(assertion: &str, tensor: Option<String>, message: impl Into<String>) -> Outcome {
+    Outcome::Fail(AssertionFailure { assertion: assertion.to_owned(), tensor, message: message.into() })
+}
+
+fn reference_or_of(value: &Value, op: &'static str, fields: &[Field], location: &Location) -> Result<(Reference, Option<f64>), PlanError> {
+    match value {
+        Value::String(_) | Value::Array(_) => {
+            let reference = Reference::parse(value).map_err(|source| PlanError::Reference { location: location.clone(), source })?;
+            Ok((reference, None))
+        }
+        // A structured reference mapping has `path`; an operator payload has `of`.
+        Value::Object(map) if map.contains_key("path") && !map.contains_key("of") => {
+            let reference = Reference::parse(value).map_err(|source| PlanError::Reference { location: location.clone(), source })?;
+            Ok((reference, None))
+        }
+        _ => {
+            let p = Payload::new(value, fields, location.clone())?;
+            let eps = if op == "iszero" { p.number("eps")? } else { None };
+            Ok((p.reference("of")?, eps))
+        }
+    }
+}
+
+fn eps_of(p: &Payload) -> Result<f64, PlanError> {
+    let eps = p.number("eps")?.unwrap_or(0.0);
+    if eps.is_nan() || eps < 0.0 {
+        return Err(PlanError::invalid(&p.at("eps"), "eps must be ≥ 0"));
+    }
+    Ok(eps)
+}
+
+impl Expr {
+    fn parse(value: &Value, location: &Location) -> Result<Expr, PlanError> {
+        let Value::Object(map) = value else {
+            return Err(PlanError::invalid(location, format!("expected an assertion such as `exists: pattern`, got {}", kind_of(value))));
+        };
+        let names: Vec<&str> = OPERATORS.iter().map(|(n, _)| *n).collect();
+        let mut entries = map.iter();
+        let (Some((op, payload)), None) = (entries.next(), entries.next()) else {
+            return Err(PlanError::invalid(location, format!("an assertion is a mapping with exactly one operator ({})", names.join(", "))));
+        };
+        let Some((op, fields)) = OPERATORS.iter().find(|(n, _)| n == op).copied() else {
+            return Err(PlanError::UnknownKey {
+                location: location.clone(),
+                key: op.clone(),
+                suggestion: suggest(op, names.iter().copied()),
+                expected: names.iter().map(|s| s.to_string()).collect(),
+            });
+        };
+        let at = location.key(op);
+        let list = |payload: &Value| -> Result<Vec<Expr>, PlanError> {
+            let Value::Array(items) = payload else {
+                return Err(PlanError::invalid(&at, format!("`{op}` takes a list of assertions, got {}", kind_of(payload))));
+            };
+            items.iter().enumerate().map(|(i, item)| Expr::parse(item, &at.index(i))).collect()
+        };
+        Ok(match op {
+            "exists" => Expr::Exists(reference_or_of(payload, op, fields, &at)?.0),
+            "finite" => Expr::Finite { of: reference_or_of(payload, op, fields, &at)?.0 },
+            "iszero" => {
+                let (of, eps) = reference_or_of(payload, op, fields, &at)?;
+                let eps = eps.unwrap_or(0.0);
+                if eps.is_nan() || eps < 0.0 {
+                    return Err(PlanError::invalid(&at.key("eps"), "eps must be ≥ 0"));
+                }
+                Expr::IsZero { of, eps }
+            }
+            "count" => {
+                let p = Payload::new(payload, fields, at.clone())?;
+                let is = p.count("is")?.expect("required key");
+                Expr::Count { of: p.reference("of")?, is }
+            }
+            "shape" => {
+                let p = Payload::new(payload, fields, at.clone())?;
+                Expr::Shape { of: p.reference("of")?, is: p.shape("is")?.expect("required key") }
+            }
+            "dimensions" => {
+                let p = Payload::new(payload, fields, at.clone())?;
+                let mut given = Vec::new();
+                for (key, comparison) in [("is", Comparison::Is), ("ge", Comparison::Ge), ("gt", Comparison::Gt), ("le", Comparison::Le), ("lt", Comparison::Lt)] {
+                    if let Some(n) = p.count(key)? {
+                        given.push((comparison, n));
+                    }
+                }
+                let [(comparison, n)] = given[..] else {
+                    return Err(PlanError::invalid(&at, "dimensions takes exactly one of is, ge, gt, le, lt"));
+                };
+                Expr::Dimensions { of: p.reference("of")?, comparison, n }
+            }
+            "dtype" => {
+                let p = Payload::new(payload, fields, at.clone())?;
+                let name = p.text("is")?.expect("required key");
+                Expr::DType { of: p.reference("of")?, is: parse_dtype(name, &p.at("is"))? }
+            }
+            "equal" => {
+                let p = Payload::new(payload, fields, at.clone())?;
+                Expr::Equal { left: p.reference("left")?, right: p.target("right")?, eps: eps_of(&p)? }
+            }
+            "all" => Expr::All(list(payload)?),
+            "any" => Expr::Any(list(payload)?),
+            "not" => Expr::Not(Box::new(Expr::parse(payload, &at)?)),
+            _ => unreachable!("every operator in OPERATORS is handled"),
+        })
+    }
+
+    fn evaluate(&self, state: &State, ctx: &mut Context, location: &Location) -> Result<Outcome, StepError> {
+        match self {
+            Expr::Exists(of) => {
+                let matches = state.select(of, location)?;
+                Ok(if matches.is_empty() { fail("exists", None, format!("nothing matches `{}`", of.text)) } else { Outcome::Pass })
+            }
+            Expr::Count { of, is } => {
+                let n = state.select(of, location)?.len();
+                Ok(if n == *is { Outcome::Pass } else { fail("count", None, format!("`{}` matches {n} tensors, expected {is}", of.text)) })
+            }
+            Expr::Shape { of, is } => each_match(state, of, location, "shape", |m| {
+                (m.tensor.shape != *is).then(|| format!("shape is {}, expected {}", fmt_shape(&m.tensor.shape), fmt_shape(is)))
+            }),
+            Expr::Dimensions { of, comparison, n } => each_match(state, of, location, "dimensions", |m| {
+                let d = m.tensor.shape.len();
+                let (ok, word) = match comparison {
+                    Comparison::Is => (d == *n, "exactly"),
+                    Comparison::Ge => (d >= *n, "at least"),
+                    Comparison::Gt => (d > *n, "more than"),
+                    Comparison::Le => (d <= *n, "at most"),
+                    Comparison::Lt => (d < *n, "fewer than"),
+                };
+                (!ok).then(|| format!("has {d} dimensions, expected {word} {n}"))
+            }),
+            Expr::DType { of, is } => each_match(state, of, location, "dtype", |m| {
+                (m.tensor.dtype != *is).then(|| format!("dtype is {}, expected {is}", m.tensor.dtype))
+            }),
+            Expr::Equal { left, right, eps } => evaluate_equal(state, ctx, location, left, right, *eps),
+            Expr::IsZero { of, eps } => evaluate_values(state, ctx, location, of, "iszero", |stats| {
+                let max = stats.max_abs;
+                if stats.nan_count > 0 {
+                    Some(format!("holds {} NaN values", stats.nan_count))
+                } else {
+                    (max > *eps).then(|| format!("max |x| = {max:e} > eps {eps:e}"))
+                }
+            }),
+            Expr::Finite { of } => evaluate_values(state, ctx, location, of, "finite", |stats| {
+                (stats.nan_count + stats.inf_count > 0).then(|| format!("holds {} NaN and {} infinite values", stats.nan_count, stats.inf_count))
+            }),
+            Expr::All(items) => {
+                let mut deferred = false;
+                for item in items {
+                    match item.evaluate(state, ctx, location)? {
+                        Outcome::Pass => {}
+                        Outcome::Deferred => deferred = true,
+                        failed @ Outcome::Fail(_) => return Ok(failed),
+                    }
+                }
+                Ok(if deferred { Outcome::Deferred } else { Outcome::Pass })
+            }
+            Expr::Any(items) => {
+                let mut deferred = false;
+                let mut failures = Vec::new();
+                for item in items {
+                    match item.evaluate(state, ctx, location)? {
+                        Outcome::Pass => return Ok(Outcome::Pass),
+                        Outcome::Deferred => deferred = true,
+                        Outcome::Fail(f) => failures.push(f.to_string()),
+                    }
+                }
+                Ok(if deferred {
+                    Outcome::Deferred
+                } else {
+                    fail("any", None, format!("none of {} held: {}", items.len(), failures.join("; ")))
+                })
+            }
+            Expr::Not(inner) => Ok(match inner.evaluate(state, ctx, location)? {
+                Outcome::Pass => fail("not", None, "the negated assertion held"),
+                Outcome::Fail(_) => Outcome::Pass,
+                Outcome::Deferred => Outcome::Deferred,
+            }),
+        }
+    }
+}
+
+/// Header checks over every match; zero matches fail.
+fn each_match(
+    state: &State,
+    of: &Reference,
+    location: &Location,
+    assertion: &str,
+    check: impl Fn(&Match) -> Option<String>,
+) -> Result<Outcome, StepError> {
+    let matches = state.select(of, location)?;
+    if matches.is_empty() {
+        return Ok(fail(assertion, None, format!("nothing matches `{}`", of.text)));
+    }
+    for m in &matches {
+        if let Some(message) = check(m) {
+            return Ok(fail(assertion, Some(m.display()), message));
+        }
+    }
+    Ok(Outcome::Pass)
+}
+
+fn require_values(m: &Match, op: &'static str) -> Result<(), TransformError> {
+    if m.tensor.dtype.is_computable() {
+        Ok(())
+    } else {
+        Err(TransformError::Unsupported { op, tensor: m.display(), dtype: m.tensor.dtype })
+    }
+}
+
+/// Statistics of each match, streamed; zero matches fail.
+fn evaluate_values(
+    state: &State,
+    ctx: &mut Context,
+    location: &Location,
+    of: &Reference,
+    assertion: &'static str,
+    check: impl Fn(&Stats) -> Option<String>,
+) -> Result<Outcome, StepError> {
+    let matches = state.select(of, location)?;
+    if matches.is_empty() {
+        return Ok(fail(assertion, None, format!("nothing matches `{}`", of.text)));
+    }
+    for m in &matches {
+        require_values(m, assertion)?;
+    }
+    if !ctx.evaluate {
+        return Ok(Outcome::Deferred);
+    }
+    for m in &matches {
+        let mut stats = Stats::default();
+        let cancel = ctx.cancel.clone();
+        let mut cancelled = false;
+        m.tensor.for_each_chunk(&mut ctx.scratch, |chunk| {
+            kernels::accumulate_stats(m.tensor.dtype, chunk, &mut stats);
+            cancelled = cancel.load(std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        })?;
+        if cancelled {
+            return Err(StepError::Cancelled);
+        }
+        if let Some(message) = check(&stats) {
+            return Ok(fail(assertion, Some(m.display()), message));
+        }
+    }
+    Ok(Outcome::Pass)
+}
+
+fn evaluate_equal(
+    state: &State,
+    ctx: &mut Context,
+    location: &Location,
+    left: &Reference,
+    right: &Target,
+    eps: f64,
+) -> Result<Outcome, StepError> {
+    let matches = state.select(left, location)?;
+    if matches.is_empty() {
+        return Ok(fail("equal", None, format!("nothing matches `{}`", left.text)));
+    }
+    let mut pairs: Vec<(&Match, Tensor, String)> = Vec::with_capacity(matches.len());
+    for m in &matches {
+        let name = right.expand(&m.captures).map_err(|source| TransformError::Template { tensor: m.display(), source })?;
+        let alias = state.alias_for(right.alias.as_deref().or(Some(&m.alias)), &right.text, location)?;
+        let display = format!("{alias}::{name}");
+        let Some(tensor) = state.get(&alias, &name) else {
+            return Ok(fail("equal", Some(m.display()), format!("right-hand tensor `{display}` does not exist")));
+        };
+        let tensor = match &right.slice {
+            None => tensor.clone(),
+            Some(spec) => {
+                let resolved = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice { tensor: display.clone(), source })?;
+                crate::executor::state::view_of(tensor, &resolved, &display)?
+            }
+        };
+        if tensor.shape != m.tensor.shape {
+            return Ok(fail(
+                "equal",
+                Some(m.display()),
+                format!("shape {} differs from `{display}` {}", fmt_shape(&m.tensor.shape), fmt_shape(&tensor.shape)),
+            ));
+        }
+        require_values(m, "equal")?;
+        if !tensor.dtype.is_computable() {
+            return Err(TransformError::Unsupported { op: "equal", tensor: display, dtype: tensor.dtype }.into());
+        }
+        pairs.push((m, tensor, display));
+    }
+    if !ctx.evaluate {
+        return Ok(Outcome::Deferred);
+    }
+    for (m, right, display) in pairs {
+        let diff = max_abs_difference(&m.tensor, &right, ctx)?;
+        if !(diff <= eps) {
+            return Ok(fail("equal", Some(m.display()), format!("max |a-b| = {diff:e} against `{display}` exceeds eps {eps:e}")));
+        }
+    }
+    Ok(Outcome::Pass)
+}
+
+/// Streams two tensors of one shape in lockstep and returns max |a - b|.
+fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, StepError> {
+    let (sa, sb) = (a.dtype.size().expect("computable"), b.dtype.size().expect("computable"));
+    let per_chunk = (CHUNK_BYTES / sa.max(sb)).max(1);
+    let total = a.numel();
+    let mut buf_a = ctx.scratch.take(per_chunk.min(total) * sa);
+    let mut buf_b = ctx.scratch.take(per_chunk.min(total) * sb);
+    let mut worst = 0.0f64;
+    let mut start = 0;
+    let mut result = Ok(());
+    while start < total {
+        if ctx.cancelled() {
+            result = Err(StepError::Cancelled);
+            break;
+        }
+        let n = per_chunk.min(total - start);
+        let (ca, cb) = (&mut buf_a[..n * sa], &mut buf_b[..n * sb]);
+        if let Err(e) = a.read(start, ca, &mut ctx.scratch).and_then(|()| b.read(start, cb, &mut ctx.scratch)) {
+            result = Err(e.into());
+            break;
+        }
+        worst = worst.max(kernels::max_abs_diff(a.dtype, ca, b.dtype, cb));
+        start += n;
+    }
+    ctx.scratch.give(buf_a);
+    ctx.scratch.give(buf_b);
+    result.map(|()| worst)
+}
+
+#[derive(Debug)]
+struct Assert {
+    expr: Expr,
+    location: Location,
+}
+
+impl Transform for Assert {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        match self.expr.evaluate(state, ctx, &self.location)? {
+            Outcome::Pass => ctx.note("assert: passed".to_owned()),
+            Outcome::Deferred => ctx.note("assert: needs tensor values; checked when the plan runs".to_owned()),
+            Outcome::Fail(failure) => return Err(failure.into()),
+        }
+        Ok(Flow::Continue)
+    }
+}
+

@@ -1,0 +1,155 @@
+//! Errors of transforms applied to concrete tensors, and assertion failures.
+
+use std::fmt;
+
+use crate::dtype::DType;
+use crate::references::ReferenceError;
+
+/// A transform cannot apply to the tensors it selects. Maps to Python's `TransformError`,
+/// exit status 1. The executor wraps it with the transform's index and name.
+#[derive(Debug, thiserror::Error)]
+pub enum TransformError {
+    /// A reference selects no tensor.
+    #[error("`{reference}` matches no tensor in `{alias}`{}", closest_hint(closest))]
+    ZeroMatches {
+        /// The reference as written.
+        reference: String,
+        /// The alias searched.
+        alias: String,
+        /// The closest existing names.
+        closest: Vec<String>,
+    },
+    /// Two sources rewrite to one destination.
+    #[error("`{first}` and `{second}` both rewrite to `{destination}`")]
+    Collision {
+        /// The shared destination.
+        destination: String,
+        /// The first source.
+        first: String,
+        /// The second source.
+        second: String,
+    },
+    /// A transform that creates tensors would overwrite one.
+    #[error("destination `{destination}` already exists (from `{source_name}`); use assign to overwrite, or delete it first")]
+    DestinationExists {
+        /// The destination.
+        destination: String,
+        /// The source that rewrote to it.
+        source_name: String,
+    },
+    /// A transform that writes into tensors found none at the destination.
+    #[error("destination `{destination}` does not exist (from `{source_name}`)")]
+    DestinationMissing {
+        /// The destination.
+        destination: String,
+        /// The source that rewrote to it.
+        source_name: String,
+    },
+    /// Shapes that must agree do not.
+    #[error("shape mismatch: `{source_name}` is {} but `{destination}` is {}", fmt_shape(source_shape), fmt_shape(destination_shape))]
+    ShapeMismatch {
+        /// The source tensor (with its slice).
+        source_name: String,
+        /// Its shape.
+        source_shape: Vec<usize>,
+        /// The destination tensor (with its slice).
+        destination: String,
+        /// Its shape.
+        destination_shape: Vec<usize>,
+    },
+    /// Dtypes that must agree do not (nothing is promoted silently).
+    #[error("dtype mismatch: `{source_name}` is {source_dtype} but `{destination}` is {destination_dtype}; cast first")]
+    DTypeMismatch {
+        /// The source tensor.
+        source_name: String,
+        /// Its dtype.
+        source_dtype: DType,
+        /// The destination tensor.
+        destination: String,
+        /// Its dtype.
+        destination_dtype: DType,
+    },
+    /// A floating-point operation selected a tensor that is not floating point.
+    #[error("{op} is a floating-point operation but `{tensor}` is {dtype}; cast it first, or narrow the pattern")]
+    NotFloat {
+        /// The operation.
+        op: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// Its dtype.
+        dtype: DType,
+    },
+    /// The tensor's dtype is carried through only (sub-byte floats, complex).
+    #[error("{op} cannot compute on `{tensor}`: {dtype} tensors are carried through unchanged only")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// Its dtype.
+        dtype: DType,
+    },
+    /// A slice does not fit the tensor it is applied to.
+    #[error("slice on `{tensor}`: {source}")]
+    Slice {
+        /// The tensor.
+        tensor: String,
+        /// Why.
+        source: ReferenceError,
+    },
+    /// A destination template cannot be expanded for a match.
+    #[error("rewriting `{tensor}`: {source}")]
+    Template {
+        /// The matched tensor.
+        tensor: String,
+        /// Why.
+        source: ReferenceError,
+    },
+    /// A slice was given where the transform cannot use one.
+    #[error("`{reference}`: {transform} does not take a slice here")]
+    SliceNotAllowed {
+        /// The reference as written.
+        reference: String,
+        /// The transform.
+        transform: &'static str,
+    },
+}
+
+fn closest_hint(closest: &[String]) -> String {
+    if closest.is_empty() {
+        " (the alias holds no tensors)".to_owned()
+    } else {
+        format!("; closest names: {}", closest.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "))
+    }
+}
+
+/// Formats a shape as NumPy prints it: `(2, 3)`, `(4,)`, `()`.
+pub fn fmt_shape(shape: &[usize]) -> String {
+    match shape {
+        [single] => format!("({single},)"),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// A false assertion: which one, on which tensor, and what was measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AssertionFailure {
+    /// The assertion as written (`equal`, `count`, ...).
+    pub assertion: String,
+    /// The tensor it failed on, when one.
+    pub tensor: Option<String>,
+    /// What was measured against what was required.
+    pub message: String,
+}
+
+impl fmt::Display for AssertionFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "assertion `{}` failed", self.assertion)?;
+        if let Some(tensor) = &self.tensor {
+            write!(f, " on `{tensor}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for AssertionFailure {}

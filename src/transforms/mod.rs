@@ -1,0 +1,199 @@
+//! Transforms: one file per family, one registry. Each family declares its YAML name, its key
+//! table (which validates payloads and feeds `help`) and a parser producing a [`Transform`]; the
+//! single [`parse`] function dispatches on the name and rejects unknown ones.
+
+pub mod assert;
+pub mod assign;
+pub mod cast;
+pub mod control;
+pub mod copy;
+pub mod error;
+pub mod scale;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub use error::{fmt_shape, AssertionFailure, TransformError};
+
+use crate::executor::state::{Match, SelectError, State};
+use crate::formats::FormatError;
+use crate::plan::error::suggest;
+use crate::plan::payload::Field;
+use crate::plan::{Location, PlanError, RawTransform};
+use crate::references::Target;
+use crate::value::Scratch;
+
+/// Whether execution goes on after a transform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Run the next transform.
+    Continue,
+    /// Stop executing transforms (`exit`); the output is still written.
+    Exit,
+}
+
+/// What a transform may use while it runs.
+#[derive(Debug)]
+pub struct Context {
+    /// Whether value assertions read tensor data (a run) or are deferred (the header-only plan
+    /// check of SPEC §8.1).
+    pub evaluate: bool,
+    /// Buffers for value assertions.
+    pub scratch: Scratch,
+    /// One line per transform describing what it did, for `check` and `--summarize`.
+    pub notes: Vec<String>,
+    /// Set by Ctrl-C; long evaluations stop at the next chunk.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Context {
+    /// A context for a run (`evaluate`) or a check.
+    pub fn new(evaluate: bool, cancel: Arc<AtomicBool>) -> Self {
+        Context { evaluate, scratch: Scratch::default(), notes: Vec::new(), cancel }
+    }
+
+    /// Records what a transform did.
+    pub fn note(&mut self, line: String) {
+        self.notes.push(line);
+    }
+
+    /// Whether the run was interrupted.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// Why one step of a plan failed; the executor adds the step's index and name.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The plan is invalid at this step (e.g. an unknown alias).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The transform cannot apply.
+    #[error(transparent)]
+    Transform(#[from] TransformError),
+    /// An assertion is false.
+    #[error(transparent)]
+    Assertion(#[from] AssertionFailure),
+    /// Reading tensor data failed.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// Interrupted.
+    #[error("interrupted")]
+    Cancelled,
+}
+
+impl From<SelectError> for StepError {
+    fn from(e: SelectError) -> Self {
+        match e {
+            SelectError::Plan(e) => StepError::Plan(e),
+            SelectError::Transform(e) => StepError::Transform(e),
+        }
+    }
+}
+
+/// One parsed step of a plan.
+pub trait Transform: Send + Sync + std::fmt::Debug {
+    /// Applies the step to the state. Every match is checked before any change is made.
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError>;
+}
+
+/// A transform family member: its name, help and key table, and its parser.
+#[derive(Debug)]
+pub struct TransformSpec {
+    /// The YAML key (`scale_`).
+    pub name: &'static str,
+    /// One line of help.
+    pub summary: &'static str,
+    /// The keys it takes (empty for `exit`; `assert` takes an expression instead).
+    pub fields: &'static [Field],
+    /// Builds the transform from its payload.
+    pub parse: fn(&serde_json::Value, &Location) -> Result<Box<dyn Transform>, PlanError>,
+}
+
+/// Every transform the engine knows.
+pub const REGISTRY: &[&TransformSpec] = &[
+    &copy::COPY,
+    &copy::MOVE,
+    &copy::DELETE,
+    &assign::ASSIGN,
+    &cast::CAST,
+    &cast::CAST_,
+    &scale::SCALE,
+    &scale::SCALE_,
+    &assert::ASSERT,
+    &control::EXIT,
+];
+
+/// Looks a transform up by name.
+pub fn spec(name: &str) -> Option<&'static TransformSpec> {
+    REGISTRY.iter().copied().find(|s| s.name == name)
+}
+
+/// Parses one raw transform.
+pub fn parse(raw: &RawTransform) -> Result<Box<dyn Transform>, PlanError> {
+    let Some(spec) = spec(&raw.name) else {
+        return Err(PlanError::UnknownTransform {
+            location: raw.location.clone(),
+            name: raw.name.clone(),
+            suggestion: suggest(&raw.name, REGISTRY.iter().map(|s| s.name)),
+        });
+    };
+    (spec.parse)(&raw.payload, &raw.location.key(&raw.name))
+}
+
+/// Where each match of a creating transform (`copy`, `cast`, `scale`) goes: the destination
+/// alias and name, checked for collisions and for destinations that already exist.
+pub(crate) fn new_destinations(
+    state: &State,
+    matches: &[Match],
+    to: &Target,
+    transform: &'static str,
+    location: &Location,
+) -> Result<Vec<(String, String)>, StepError> {
+    if to.slice.is_some() {
+        return Err(TransformError::SliceNotAllowed { reference: to.text.clone(), transform }.into());
+    }
+    if let Some(alias) = &to.alias {
+        // A new alias may be created by writing to it; only check the name is sensible.
+        if alias.is_empty() {
+            return Err(PlanError::invalid(location, "empty alias").into());
+        }
+    }
+    let mut seen: std::collections::HashMap<(String, String), String> = std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(matches.len());
+    for m in matches {
+        let name = to
+            .expand(&m.captures)
+            .map_err(|source| TransformError::Template { tensor: m.display(), source })?;
+        let alias = to.alias.clone().unwrap_or_else(|| m.alias.clone());
+        if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
+            return Err(TransformError::Collision { destination: format!("{alias}::{name}"), first, second: m.display() }.into());
+        }
+        if state.get(&alias, &name).is_some() {
+            return Err(TransformError::DestinationExists { destination: format!("{alias}::{name}"), source_name: m.display() }.into());
+        }
+        out.push((alias, name));
+    }
+    Ok(out)
+}
+
+/// Refuses computing on carry-only dtypes and, for floating operations, on non-float tensors.
+pub(crate) fn require_float(m: &Match, op: &'static str) -> Result<(), TransformError> {
+    if !m.tensor.dtype.is_computable() {
+        return Err(TransformError::Unsupported { op, tensor: m.display(), dtype: m.tensor.dtype });
+    }
+    if !m.tensor.dtype.is_float() {
+        return Err(TransformError::NotFloat { op, tensor: m.display(), dtype: m.tensor.dtype });
+    }
+    Ok(())
+}
+
+/// "3 tensors" / "1 tensor".
+pub(crate) fn count_noun(n: usize) -> String {
+    if n == 1 {
+        "1 tensor".to_owned()
+    } else {
+        format!("{n} tensors")
+    }
+}

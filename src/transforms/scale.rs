@@ -1,0 +1,101 @@
+//! `scale` and `scale_`: multiply floating tensors by a number, computed in f32 (f64 for F64)
+//! and rounded to nearest even back. In place through a slice, only the region is scaled.
+
+use std::sync::Arc;
+
+use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
+use crate::executor::state::State;
+use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::{Location, PlanError};
+use crate::references::{Reference, Target};
+use crate::value::{Tensor, Value};
+
+const SCALE_FIELDS: &[Field] = &[
+    Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
+    Field::required("to", FieldKind::Target, "destination names"),
+    Field::required("by", FieldKind::Number, "the factor"),
+];
+
+const SCALE_INPLACE_FIELDS: &[Field] = &[
+    Field::required("target", FieldKind::Reference, "tensors to scale in place (a slice scales only that part)"),
+    Field::required("by", FieldKind::Number, "the factor"),
+];
+
+fn factor(p: &Payload) -> Result<f64, PlanError> {
+    let by = p.required_number("by")?;
+    if !by.is_finite() {
+        return Err(PlanError::invalid(&p.at("by"), "the factor must be finite"));
+    }
+    Ok(by)
+}
+
+/// `scale`.
+pub const SCALE: TransformSpec = TransformSpec {
+    name: "scale",
+    summary: "new tensors multiplied by a number",
+    fields: SCALE_FIELDS,
+    parse: |value, location| {
+        let p = Payload::new(value, SCALE_FIELDS, location.clone())?;
+        Ok(Box::new(Scale { from: p.reference("from")?, to: Some(p.target("to")?), by: factor(&p)?, location: location.clone() }))
+    },
+};
+
+/// `scale_`.
+pub const SCALE_: TransformSpec = TransformSpec {
+    name: "scale_",
+    summary: "multiply tensors by a number in place",
+    fields: SCALE_INPLACE_FIELDS,
+    parse: |value, location| {
+        let p = Payload::new(value, SCALE_INPLACE_FIELDS, location.clone())?;
+        Ok(Box::new(Scale { from: p.reference("target")?, to: None, by: factor(&p)?, location: location.clone() }))
+    },
+};
+
+#[derive(Debug)]
+struct Scale {
+    from: Reference,
+    to: Option<Target>,
+    by: f64,
+    location: Location,
+}
+
+fn scaled(tensor: &Tensor, by: f64) -> Tensor {
+    Tensor { dtype: tensor.dtype, shape: tensor.shape.clone(), value: Arc::new(Value::Scale { base: tensor.clone(), by }) }
+}
+
+impl Transform for Scale {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let matches = state.select_some(&self.from, &self.location)?;
+        for m in &matches {
+            require_float(m, "scale")?;
+        }
+        match &self.to {
+            Some(to) => {
+                let destinations = new_destinations(state, &matches, to, "scale", &self.location)?;
+                for (m, (alias, name)) in matches.iter().zip(&destinations) {
+                    state.insert(alias, name, scaled(&m.tensor, self.by));
+                }
+                ctx.note(format!("scale: {} × {}", count_noun(matches.len()), self.by));
+            }
+            None => {
+                for m in &matches {
+                    let tensor = match &m.slice {
+                        Some(region) if m.tensor.shape != m.base.shape || !region.is_full() => Tensor {
+                            dtype: m.base.dtype,
+                            shape: m.base.shape.clone(),
+                            value: Arc::new(Value::Overwrite {
+                                base: m.base.clone(),
+                                region: region.clone(),
+                                with: scaled(&m.tensor, self.by),
+                            }),
+                        },
+                        _ => scaled(&m.base, self.by),
+                    };
+                    state.replace(&m.alias, &m.name, tensor);
+                }
+                ctx.note(format!("scale_: {} × {}", count_noun(matches.len()), self.by));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+}

@@ -1,0 +1,383 @@
+//! Lazy tensor values (SPEC §8.2). A transform never computes bytes: it builds a [`Tensor`], a
+//! description of where the bytes come from (a stored range of an input file, a view, a cast, a
+//! scale, a write through a slice). Bytes are produced only when a tensor is written or a value
+//! assertion inspects it, chunk by chunk, through [`Tensor::read`] into caller-owned buffers.
+
+use std::sync::Arc;
+
+use crate::dtype::DType;
+use crate::formats::{FormatError, SourceFile};
+use crate::kernels;
+use crate::references::ResolvedSlice;
+
+/// Bytes per streaming chunk: about a core's L2 (SPEC §8: 1 MiB chunks were 1.3–5× faster than
+/// 16–64 MiB buffers). A multiple of every element size.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// A strided read whose covering span is at most this many bytes reads the span once and
+/// gathers; a sparser one reads element by element.
+const GATHER_SPAN_LIMIT: usize = 4 * CHUNK_BYTES;
+
+/// An owned byte buffer a [`Value::Memory`] tensor reads from (a NumPy array handed over by
+/// Python, a constant).
+pub trait Bytes: Send + Sync + std::fmt::Debug {
+    /// The bytes, little-endian, row-major.
+    fn bytes(&self) -> &[u8];
+}
+
+impl Bytes for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// A tensor: its dtype and shape, and how to produce its bytes.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape (empty for a scalar).
+    pub shape: Vec<usize>,
+    /// Where the bytes come from.
+    pub value: Arc<Value>,
+}
+
+/// How a tensor's bytes are produced.
+#[derive(Debug)]
+pub enum Value {
+    /// Contiguous bytes of an input file starting at `offset`.
+    Stored {
+        /// The file.
+        file: Arc<SourceFile>,
+        /// Absolute byte offset of the first element.
+        offset: u64,
+    },
+    /// Bytes held in memory.
+    Memory(Arc<dyn Bytes>),
+    /// A slice of `base` (same dtype).
+    View {
+        /// The viewed tensor.
+        base: Tensor,
+        /// The selection, resolved against `base.shape`.
+        slice: ResolvedSlice,
+    },
+    /// `base` converted to the tensor's dtype.
+    Cast {
+        /// The source.
+        base: Tensor,
+    },
+    /// `base` multiplied by a factor (same floating dtype).
+    Scale {
+        /// The source.
+        base: Tensor,
+        /// The factor.
+        by: f64,
+    },
+    /// `base` with the elements selected by `region` replaced by `with` (same dtype; `with` has
+    /// the region's shape): a write through a slice.
+    Overwrite {
+        /// The tensor written into.
+        base: Tensor,
+        /// The selection, resolved against `base.shape`.
+        region: ResolvedSlice,
+        /// The values written.
+        with: Tensor,
+    },
+}
+
+/// Reusable buffers for the temporaries of one reading thread, so steady-state streaming
+/// allocates nothing.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    pool: Vec<Vec<u8>>,
+}
+
+impl Scratch {
+    /// A buffer of exactly `len` bytes (contents unspecified).
+    pub fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Returns a buffer for reuse.
+    pub fn give(&mut self, buf: Vec<u8>) {
+        self.pool.push(buf);
+    }
+}
+
+/// Row-major element strides of a shape.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * shape[d + 1];
+    }
+    strides
+}
+
+impl Tensor {
+    /// A tensor stored contiguously in an input file.
+    pub fn stored(dtype: DType, shape: Vec<usize>, file: Arc<SourceFile>, offset: u64) -> Tensor {
+        Tensor { dtype, shape, value: Arc::new(Value::Stored { file, offset }) }
+    }
+
+    /// A tensor whose bytes are in memory (`bytes.len()` must equal the tensor's byte size).
+    pub fn in_memory(dtype: DType, shape: Vec<usize>, bytes: Arc<dyn Bytes>) -> Tensor {
+        Tensor { dtype, shape, value: Arc::new(Value::Memory(bytes)) }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size in bytes.
+    pub fn nbytes(&self) -> usize {
+        self.dtype.nbytes(self.numel()).unwrap_or(usize::MAX)
+    }
+
+    /// Whether the bytes are a stored range of a file, copied through unchanged.
+    pub fn as_stored(&self) -> Option<(&Arc<SourceFile>, u64)> {
+        match &*self.value {
+            Value::Stored { file, offset } => Some((file, *offset)),
+            _ => None,
+        }
+    }
+
+    /// Reads raw bytes `[byte_start, byte_start + out.len())` of a stored or in-memory tensor.
+    /// Works for every dtype, sub-byte ones included; other values go through [`Tensor::read`].
+    pub fn read_raw(&self, byte_start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+        match &*self.value {
+            Value::Stored { file, offset } => file.read_at(offset + byte_start as u64, out),
+            Value::Memory(bytes) => {
+                out.copy_from_slice(&bytes.bytes()[byte_start..byte_start + out.len()]);
+                Ok(())
+            }
+            _ => {
+                let size = self.dtype.size().expect("computed values have byte-sized dtypes");
+                self.read(byte_start / size, out, scratch)
+            }
+        }
+    }
+
+    /// Fills `out` with elements `[start, start + out.len() / itemsize)` of the tensor in
+    /// row-major order. The dtype must be byte-sized (transforms refuse computing on others).
+    pub fn read(&self, start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+        let size = self.dtype.size().expect("element reads need a byte-sized dtype");
+        if out.is_empty() {
+            return Ok(());
+        }
+        match &*self.value {
+            Value::Stored { file, offset } => file.read_at(offset + (start * size) as u64, out),
+            Value::Memory(bytes) => {
+                let bytes = bytes.bytes();
+                out.copy_from_slice(&bytes[start * size..start * size + out.len()]);
+                Ok(())
+            }
+            Value::Cast { base } => {
+                let n = out.len() / size;
+                let base_size = base.dtype.size().expect("cast sources are byte-sized");
+                let mut tmp = scratch.take(n * base_size);
+                let result = base.read(start, &mut tmp, scratch);
+                if result.is_ok() {
+                    kernels::convert(base.dtype, &tmp, self.dtype, out);
+                }
+                scratch.give(tmp);
+                result
+            }
+            Value::Scale { base, by } => {
+                base.read(start, out, scratch)?;
+                kernels::scale_in_place(self.dtype, out, *by);
+                Ok(())
+            }
+            Value::View { base, slice } => read_view(base, slice, size, start, out, scratch),
+            Value::Overwrite { base, region, with } => read_overwrite(base, region, with, size, start, out, scratch),
+        }
+    }
+
+    /// Streams the whole tensor through `f`, one chunk of at most [`CHUNK_BYTES`] at a time
+    /// (whole elements). Used by value assertions; writing goes through the executor.
+    pub fn for_each_chunk(
+        &self,
+        scratch: &mut Scratch,
+        mut f: impl FnMut(&[u8]) -> Result<(), FormatError>,
+    ) -> Result<(), FormatError> {
+        let size = self.dtype.size().expect("element reads need a byte-sized dtype");
+        let total = self.numel();
+        let per_chunk = (CHUNK_BYTES / size).max(1);
+        let mut buf = scratch.take(per_chunk.min(total) * size);
+        let mut start = 0;
+        let mut result = Ok(());
+        while start < total {
+            let n = per_chunk.min(total - start);
+            let chunk = &mut buf[..n * size];
+            if let Err(e) = self.read(start, chunk, scratch).and_then(|()| f(chunk)) {
+                result = Err(e);
+                break;
+            }
+            start += n;
+        }
+        scratch.give(buf);
+        result
+    }
+}
+
+/// Reads elements `[start, ..)` of a view of `base`. Output rows run along the base's last
+/// dimension; each row is one contiguous read, or one span read plus a gather for a step.
+fn read_view(
+    base: &Tensor,
+    slice: &ResolvedSlice,
+    size: usize,
+    start: usize,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<(), FormatError> {
+    let dims = &slice.dims;
+    let Some(last) = dims.last() else {
+        return base.read(start, out, scratch);
+    };
+    let row_len = last.len;
+    if row_len == 0 {
+        return Ok(());
+    }
+    let strides = strides(&base.shape);
+    let k = dims.len();
+    let mut remaining = out.len() / size;
+    let mut pos = start;
+    let mut written = 0;
+    while remaining > 0 {
+        let (row, col) = (pos / row_len, pos % row_len);
+        let mut rest = row;
+        let mut row_offset = 0usize;
+        for d in (0..k - 1).rev() {
+            let sel = &dims[d];
+            let i = rest % sel.len;
+            rest /= sel.len;
+            row_offset += index_at(sel.start, sel.step, i) * strides[d];
+        }
+        let count = (row_len - col).min(remaining);
+        let dst = &mut out[written * size..(written + count) * size];
+        let first = index_at(last.start, last.step, col);
+        if last.step == 1 {
+            base.read(row_offset + first, dst, scratch)?;
+        } else {
+            let step = last.step.unsigned_abs();
+            let lowest = if last.step > 0 { first } else { first - (count - 1) * step };
+            let span = (count - 1) * step + 1;
+            if span * size <= GATHER_SPAN_LIMIT {
+                let mut tmp = scratch.take(span * size);
+                let result = base.read(row_offset + lowest, &mut tmp, scratch);
+                if result.is_ok() {
+                    for j in 0..count {
+                        let at = index_at(first, last.step, j) - lowest;
+                        dst[j * size..(j + 1) * size].copy_from_slice(&tmp[at * size..(at + 1) * size]);
+                    }
+                }
+                scratch.give(tmp);
+                result?;
+            } else {
+                for j in 0..count {
+                    base.read(row_offset + index_at(first, last.step, j), &mut dst[j * size..(j + 1) * size], scratch)?;
+                }
+            }
+        }
+        pos += count;
+        written += count;
+        remaining -= count;
+    }
+    Ok(())
+}
+
+/// The base index of the `i`-th selected element of a dimension selection.
+fn index_at(start: usize, step: isize, i: usize) -> usize {
+    (start as isize + step * i as isize) as usize
+}
+
+/// The position within a dimension selection of base index `i`, if `i` is selected.
+fn position_in(start: usize, step: isize, len: usize, i: usize) -> Option<usize> {
+    let delta = i as isize - start as isize;
+    if step == 0 || delta % step != 0 {
+        return None;
+    }
+    let j = delta / step;
+    (j >= 0 && (j as usize) < len).then_some(j as usize)
+}
+
+/// Reads elements `[start, ..)` of `base` with `region` overwritten by `with`: the base range
+/// first, then, row by row of the base, the selected columns from `with`.
+fn read_overwrite(
+    base: &Tensor,
+    region: &ResolvedSlice,
+    with: &Tensor,
+    size: usize,
+    start: usize,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<(), FormatError> {
+    base.read(start, out, scratch)?;
+    let dims = &region.dims;
+    let Some(last) = dims.last() else {
+        return with.read(start, out, scratch);
+    };
+    let k = dims.len();
+    let row_len = base.shape[k - 1];
+    if row_len == 0 || last.len == 0 {
+        return Ok(());
+    }
+    let end = start + out.len() / size;
+    for row in start / row_len..=(end - 1) / row_len {
+        // Which region row (if any) this base row is.
+        let mut rest = row;
+        let mut region_row = 0;
+        let mut multiplier = 1;
+        let mut selected = true;
+        for d in (0..k - 1).rev() {
+            let i = rest % base.shape[d];
+            rest /= base.shape[d];
+            match position_in(dims[d].start, dims[d].step, dims[d].len, i) {
+                Some(j) => {
+                    region_row += j * multiplier;
+                    multiplier *= dims[d].len;
+                }
+                None => {
+                    selected = false;
+                    break;
+                }
+            }
+        }
+        if !selected {
+            continue;
+        }
+        let row_start = row * row_len;
+        let lo = start.max(row_start) - row_start;
+        let hi = end.min(row_start + row_len) - row_start;
+        // Region columns j whose base column lies in [lo, hi).
+        let (s, step) = (last.start as isize, last.step);
+        let (j_min, j_max) = if step > 0 {
+            let j_min = (lo as isize - s + step - 1).div_euclid(step).max(0);
+            let j_max = (hi as isize - 1 - s).div_euclid(step).min(last.len as isize - 1);
+            (j_min, j_max)
+        } else {
+            let a = -step;
+            let j_min = (s - (hi as isize - 1) + a - 1).div_euclid(a).max(0);
+            let j_max = (s - lo as isize).div_euclid(a).min(last.len as isize - 1);
+            (j_min, j_max)
+        };
+        if j_min > j_max {
+            continue;
+        }
+        let (j_min, count) = (j_min as usize, (j_max - j_min + 1) as usize);
+        let mut tmp = scratch.take(count * size);
+        let result = with.read(region_row * last.len + j_min, &mut tmp, scratch);
+        if result.is_ok() {
+            for t in 0..count {
+                let col = index_at(last.start, step, j_min + t);
+                let at = row_start + col - start;
+                out[at * size..(at + 1) * size].copy_from_slice(&tmp[t * size..(t + 1) * size]);
+            }
+        }
+        scratch.give(tmp);
+        result?;
+    }
+    Ok(())
+}
