@@ -151,7 +151,7 @@ fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::exe
     Some((bar, callback))
 }
 
-fn inspect(path: &PathBuf, out: &mut dyn Write) -> Result<(), Error> {
+fn inspect(path: &std::path::Path, out: &mut dyn Write) -> Result<(), Error> {
     let checkpoint = open_checkpoint(path)?;
     let width = checkpoint.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
     let _ = writeln!(out, "{:<width$}  {:<13}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");

@@ -381,3 +381,118 @@ fn read_overwrite(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::references::SliceSpec;
+
+    fn memory_u16(shape: &[usize], offset: u16) -> Tensor {
+        let n: usize = shape.iter().product();
+        let bytes: Vec<u8> = (0..n).flat_map(|i| (i as u16).wrapping_add(offset).to_le_bytes()).collect();
+        Tensor::in_memory(DType::U16, shape.to_vec(), Arc::new(bytes))
+    }
+
+    fn values(t: &Tensor, start: usize, n: usize) -> Vec<u16> {
+        let mut out = vec![0u8; n * 2];
+        t.read(start, &mut out, &mut Scratch::default()).unwrap();
+        out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    }
+
+    /// Base linear indices of a selection in result order, computed the slow obvious way.
+    fn naive_indices(slice: &ResolvedSlice, base_shape: &[usize]) -> Vec<usize> {
+        let strides = strides(base_shape);
+        let mut out = vec![0usize];
+        for (d, sel) in slice.dims.iter().enumerate() {
+            let mut next = Vec::new();
+            for &prefix in &out {
+                for j in 0..sel.len {
+                    next.push(prefix + index_at(sel.start, sel.step, j) * strides[d]);
+                }
+            }
+            out = next;
+        }
+        out
+    }
+
+    const SLICES: &[&str] = &[
+        "[:]", "[1]", "[:, 2:5]", "[::2]", "[::-1]", "[1:3, ::-2, 1:]", "[-1, :, 4]", "[:, 1, ::3]", "[2:2]",
+        "[0, 0, 0]", "[..., ::-1]", "[3:0:-1, 1:4]",
+    ];
+
+    #[test]
+    fn views_read_like_numpy_indexing_in_any_chunking() {
+        let shape = [4, 5, 6];
+        let base = memory_u16(&shape, 7);
+        let all = values(&base, 0, 120);
+        for text in SLICES {
+            let slice = SliceSpec::parse(text).unwrap().resolve(&shape).unwrap();
+            let expected: Vec<u16> = naive_indices(&slice, &shape).iter().map(|&i| all[i]).collect();
+            let view = Tensor {
+                dtype: DType::U16,
+                shape: slice.shape.clone(),
+                value: Arc::new(Value::View { base: base.clone(), slice: slice.clone() }),
+            };
+            assert_eq!(view.numel(), expected.len(), "{text}");
+            for chunk in [1, 2, 3, 7, 200] {
+                let mut got = Vec::new();
+                let mut start = 0;
+                while start < expected.len() {
+                    let n = chunk.min(expected.len() - start);
+                    got.extend(values(&view, start, n));
+                    start += n;
+                }
+                assert_eq!(got, expected, "slice {text}, chunk {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn overwrites_replace_exactly_the_region() {
+        let shape = [4, 5, 6];
+        let base = memory_u16(&shape, 0);
+        for text in SLICES {
+            let region = SliceSpec::parse(text).unwrap().resolve(&shape).unwrap();
+            let with = memory_u16(&region.shape, 1000);
+            let mut expected = values(&base, 0, 120);
+            let replacement = values(&with, 0, with.numel());
+            for (j, &i) in naive_indices(&region, &shape).iter().enumerate() {
+                expected[i] = replacement[j];
+            }
+            let written = Tensor {
+                dtype: DType::U16,
+                shape: shape.to_vec(),
+                value: Arc::new(Value::Overwrite { base: base.clone(), region: region.clone(), with: with.clone() }),
+            };
+            for chunk in [1, 5, 6, 11, 120] {
+                let mut got = Vec::new();
+                let mut start = 0;
+                while start < 120 {
+                    let n = chunk.min(120 - start);
+                    got.extend(values(&written, start, n));
+                    start += n;
+                }
+                assert_eq!(got, expected, "region {text}, chunk {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn cast_and_scale_read_through_kernels() {
+        let bytes: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let base = Tensor::in_memory(DType::F32, vec![3], Arc::new(bytes));
+        let scaled = Tensor { dtype: DType::F32, shape: vec![3], value: Arc::new(Value::Scale { base: base.clone(), by: 2.0 }) };
+        let cast = Tensor { dtype: DType::F64, shape: vec![3], value: Arc::new(Value::Cast { base: scaled }) };
+        let mut out = vec![0u8; 24];
+        cast.read(0, &mut out, &mut Scratch::default()).unwrap();
+        let got: Vec<f64> = out.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, vec![3.0, -4.0, 6.5]);
+        let mut seen = Vec::new();
+        base.for_each_chunk(&mut Scratch::default(), |c| {
+            seen.extend_from_slice(c);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 12);
+    }
+}

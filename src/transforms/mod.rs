@@ -98,6 +98,9 @@ pub trait Transform: Send + Sync + std::fmt::Debug {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError>;
 }
 
+/// Builds a transform from its payload and location.
+pub type ParseFn = fn(&serde_json::Value, &Location) -> Result<Box<dyn Transform>, PlanError>;
+
 /// A transform family member: its name, help and key table, and its parser.
 #[derive(Debug)]
 pub struct TransformSpec {
@@ -108,7 +111,7 @@ pub struct TransformSpec {
     /// The keys it takes (empty for `exit`; `assert` takes an expression instead).
     pub fields: &'static [Field],
     /// Builds the transform from its payload.
-    pub parse: fn(&serde_json::Value, &Location) -> Result<Box<dyn Transform>, PlanError>,
+    pub parse: ParseFn,
 }
 
 /// Every transform the engine knows.
