@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-
-import ml_dtypes
-import numpy as np
+from typing import TYPE_CHECKING
 
 from brainsurgery import _core
 
-# Dtypes NumPy lacks come from ml_dtypes; everything else is a little-endian NumPy dtype.
-_EXTRA_DTYPES: dict[str, np.dtype] = {
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-}
-if hasattr(ml_dtypes, "float8_e8m0fnu"):
-    _EXTRA_DTYPES["float8_e8m0fnu"] = np.dtype(ml_dtypes.float8_e8m0fnu)
+if TYPE_CHECKING:
+    import numpy as np
+
+# NumPy and ml_dtypes are imported on first use: the command line never needs them, and they
+# would double its start-up time.
+
+# Dtypes NumPy lacks come from ml_dtypes (by attribute name); the rest are NumPy dtypes.
+_ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu"}
 
 # Packed sub-byte formats have no NumPy layout (ml_dtypes stores one element per byte).
 _PACKED = {"float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"}
@@ -25,14 +23,18 @@ _PACKED = {"float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"}
 
 def numpy_dtype(name: str) -> np.dtype:
     """The NumPy dtype of a brainsurgery dtype name (``bfloat16`` via ml_dtypes)."""
-    if name in _EXTRA_DTYPES:
-        return _EXTRA_DTYPES[name]
+    import numpy as np
+
     if name in _PACKED:
         raise _core.FormatError(f"{name} tensors are packed below one byte per element and have no NumPy view")
+    if name in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
     return np.dtype(name).newbyteorder("<")
 
 
-class Checkpoint(Mapping[str, np.ndarray]):
+class Checkpoint(Mapping[str, "np.ndarray"]):
     """A checkpoint opened lazily: a read-only mapping from tensor names to NumPy arrays.
 
     Only headers are read when it is opened. Indexing returns a read-only array that views the
@@ -44,6 +46,8 @@ class Checkpoint(Mapping[str, np.ndarray]):
         self._core = core
 
     def __getitem__(self, name: str) -> np.ndarray:
+        import numpy as np
+
         dtype, shape = self._core.info(name)
         array = np.frombuffer(self._core.buffer(name), dtype=numpy_dtype(dtype))
         return array.reshape(shape)

@@ -218,3 +218,143 @@ impl Prepared {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::PlanSource;
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+
+    fn f32_bytes(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn write_input(dir: &std::path::Path) -> PathBuf {
+        let a = f32_bytes(&(0..12).map(|i| i as f32).collect::<Vec<_>>());
+        let b = f32_bytes(&[1.0, -2.0, 3.5]);
+        let ids: Vec<u8> = (0..4i64).flat_map(|v| v.to_le_bytes()).collect();
+        let tensors = vec![
+            ("layers.0.w", TensorView::new(Dtype::F32, vec![3, 4], &a).unwrap()),
+            ("layers.0.b", TensorView::new(Dtype::F32, vec![3], &b).unwrap()),
+            ("ids", TensorView::new(Dtype::I64, vec![4], &ids).unwrap()),
+        ];
+        let path = dir.join("in.safetensors");
+        let metadata = Some(std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]));
+        safetensors::serialize_to_file(tensors, metadata, &path).unwrap();
+        path
+    }
+
+    fn run_yaml(yaml: &str, threads: usize) -> Result<Report, Error> {
+        let plan = Plan::load(&[PlanSource::Text(yaml.to_owned())], &[])?;
+        Prepared::new(plan, threads)?.run(&RunOptions::default())
+    }
+
+    fn floats(st: &SafeTensors, name: &str) -> Vec<f32> {
+        st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn plan_runs_end_to_end_and_output_reads_with_the_official_crate() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let out = dir.path().join("out.safetensors");
+        let yaml = format!(
+            "inputs: ['{}']\ntransforms:\n  - move: {{from: 'layers\\.(\\d+)\\.(.*)', to: 'blocks.\\1.\\2'}}\n  - scale_: {{target: 'blocks\\.0\\.w::[1:, ::2]', by: 10}}\n  - cast: {{from: ids, to: ids32, dtype: int32}}\n  - assert: {{equal: {{left: 'blocks.0.b', right: 'blocks.0.b'}}}}\noutput: '{}'\n",
+            input.display(),
+            out.display()
+        );
+        let report = run_yaml(&yaml, 2).unwrap();
+        assert_eq!(report.written, vec![out.clone()]);
+        let bytes = std::fs::read(&out).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        assert_eq!(names.len(), 4);
+        let mut w: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        for r in 1..3 {
+            for c in [0, 2] {
+                w[r * 4 + c] *= 10.0;
+            }
+        }
+        assert_eq!(floats(&st, "blocks.0.w"), w);
+        assert_eq!(floats(&st, "blocks.0.b"), vec![1.0, -2.0, 3.5]);
+        let ids32 = st.tensor("ids32").unwrap();
+        assert_eq!(ids32.dtype(), Dtype::I32);
+        assert_eq!(ids32.data(), &[0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = meta.metadata().clone().unwrap();
+        assert_eq!(meta["format"], "pt");
+        assert_eq!(meta[write::PLAN_KEY].len(), 64);
+    }
+
+    #[test]
+    fn output_is_identical_for_any_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let mut outputs = Vec::new();
+        // The same plan text (the output path is part of its hash) for every thread count.
+        let out = dir.path().join("out.safetensors");
+        for threads in [1, 2, 3] {
+            let yaml = format!(
+                "inputs: ['{}']\ntransforms:\n  - cast_: {{target: '.*', dtype: bf16, only: float}}\noutput: '{}'\n",
+                input.display(),
+                out.display()
+            );
+            run_yaml(&yaml, threads).unwrap();
+            outputs.push(std::fs::read(&out).unwrap());
+        }
+        assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+    }
+
+    #[test]
+    fn failing_assertion_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let out = dir.path().join("out");
+        let yaml = format!(
+            "inputs: ['{}']\ntransforms:\n  - scale_: {{target: 'layers.0.b', by: 2}}\n  - assert: {{iszero: 'layers.0.b'}}\noutput: '{}'\n",
+            input.display(),
+            out.display()
+        );
+        let err = run_yaml(&yaml, 1).unwrap_err();
+        assert_eq!(err.exit_code(), 1);
+        assert!(err.to_string().contains("transforms[1]"), "{err}");
+        assert!(!out.exists());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+    }
+
+    #[test]
+    fn check_reads_no_tensor_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        // Keep the header, destroy the data: a check still passes, a run reads the garbage.
+        let mut bytes = std::fs::read(&input).unwrap();
+        let n = bytes.len();
+        bytes[n - 40..].fill(0xff);
+        std::fs::write(&input, bytes).unwrap();
+        let yaml = format!(
+            "inputs: ['{}']\ntransforms:\n  - assert: {{finite: 'layers.*'}}\n",
+            input.display()
+        );
+        let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
+        let prepared = Prepared::new(plan, 1).unwrap();
+        let report = prepared.check().unwrap();
+        assert!(report.notes[0].contains("checked when the plan runs"));
+        let err = prepared.run(&RunOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::Assertion { .. }), "{err}");
+    }
+
+    #[test]
+    fn output_alias_must_be_chosen_with_several_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let yaml = format!(
+            "inputs: ['a::{0}', 'b::{0}']\noutput: '{1}'\n",
+            input.display(),
+            dir.path().join("o.safetensors").display()
+        );
+        let err = run_yaml(&yaml, 1).unwrap_err();
+        assert!(err.to_string().contains("set output.alias"), "{err}");
+    }
+}
