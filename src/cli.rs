@@ -17,7 +17,11 @@ use crate::plan::{Plan, PlanSource};
 use crate::transforms::fmt_shape;
 
 #[derive(Parser, Debug)]
-#[command(name = "brainsurgery", version, about = "Declarative, reproducible surgery on neural-network checkpoints")]
+#[command(
+    name = "brainsurgery",
+    version,
+    about = "Declarative, reproducible surgery on neural-network checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -111,7 +115,12 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
     Prepared::new(plan, args.threads)
 }
 
-fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -> std::io::Result<()> {
+fn print_report(
+    out: &mut dyn Write,
+    report: &Report,
+    notes: bool,
+    verb: &str,
+) -> std::io::Result<()> {
     if notes {
         for (i, note) in report.notes.iter().enumerate() {
             writeln!(out, "  [{i}] {note}")?;
@@ -134,14 +143,18 @@ fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -
     Ok(())
 }
 
-fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::executor::ProgressFn>)> {
+fn progress_bar(
+    enabled: bool,
+) -> Option<(indicatif::ProgressBar, Arc<crate::executor::ProgressFn>)> {
     if !enabled {
         return None;
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let handle = bar.clone();
     let callback: Arc<crate::executor::ProgressFn> = Arc::new(move |done, total| {
@@ -153,14 +166,37 @@ fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::exe
 
 fn inspect(path: &std::path::Path, out: &mut dyn Write) -> Result<(), Error> {
     let checkpoint = open_checkpoint(path)?;
-    let width = checkpoint.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
-    let _ = writeln!(out, "{:<width$}  {:<13}  {:<20}  {:>12}", "name", "dtype", "shape", "bytes");
+    let width = checkpoint
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<13}  {:<20}  {:>12}",
+        "name", "dtype", "shape", "bytes"
+    );
     let mut total = 0u64;
     for t in &checkpoint.tensors {
         total += t.nbytes;
-        let _ = writeln!(out, "{:<width$}  {:<13}  {:<20}  {:>12}", t.name, t.dtype.name(), fmt_shape(&t.shape), t.nbytes);
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<13}  {:<20}  {:>12}",
+            t.name,
+            t.dtype.name(),
+            fmt_shape(&t.shape),
+            t.nbytes
+        );
     }
-    let _ = writeln!(out, "{} tensors, {} in {} file(s)", checkpoint.tensors.len(), human_bytes(total), checkpoint.files.len());
+    let _ = writeln!(
+        out,
+        "{} tensors, {} in {} file(s)",
+        checkpoint.tensors.len(),
+        human_bytes(total),
+        checkpoint.files.len()
+    );
     for (key, value) in &checkpoint.metadata {
         let _ = writeln!(out, "metadata {key} = {value}");
     }
@@ -175,22 +211,40 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<(), Error> {
         Command::Check(args) => {
             let prepared = load_plan(&args)?;
             let report = prepared.check()?;
-            let _ = writeln!(out, "plan is valid: {} transforms checked against the headers", prepared.plan().transforms.len());
+            let _ = writeln!(
+                out,
+                "plan is valid: {} transforms checked against the headers",
+                prepared.plan().transforms.len()
+            );
             let _ = print_report(&mut out, &report, true, "would write");
-            let _ = writeln!(out, "estimated peak memory for buffers: {}", human_bytes(report.peak_memory_estimate));
+            let _ = writeln!(
+                out,
+                "estimated peak memory for buffers: {}",
+                human_bytes(report.peak_memory_estimate)
+            );
             Ok(())
         }
         Command::Run(args) => {
             let prepared = load_plan(&args)?;
-            let show_progress = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
+            let show_progress =
+                !args.no_progress && (args.progress || std::io::stderr().is_terminal());
             let bar = progress_bar(show_progress);
-            let options = RunOptions { threads: args.threads, cancel, progress: bar.as_ref().map(|(_, f)| f.clone()) };
+            let options = RunOptions {
+                threads: args.threads,
+                cancel,
+                progress: bar.as_ref().map(|(_, f)| f.clone()),
+            };
             let result = prepared.run(&options);
             if let Some((bar, _)) = bar {
                 bar.finish_and_clear();
             }
             let report = result?;
-            let _ = print_report(&mut out, &report, args.summarize && !args.no_summarize, "wrote");
+            let _ = print_report(
+                &mut out,
+                &report,
+                args.summarize && !args.no_summarize,
+                "wrote",
+            );
             Ok(())
         }
     }

@@ -4,17 +4,17 @@
 //! and tensor references, lazy values, transforms, the executor, and the front ends (command
 //! line, Python bindings).
 
-pub mod dtype;
-pub mod kernels;
-pub mod formats;
-pub mod plan;
-pub mod references;
-pub mod value;
-pub mod transforms;
-pub mod executor;
-pub mod error;
-pub mod cli;
 #[cfg(feature = "python")]
 pub mod bindings;
+pub mod cli;
+pub mod dtype;
+pub mod error;
+pub mod executor;
+pub mod formats;
+pub mod kernels;
+pub mod plan;
+pub mod references;
+pub mod transforms;
+pub mod value;
 
 pub use error::Error;

@@ -118,12 +118,20 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 impl Tensor {
     /// A tensor stored contiguously in an input file.
     pub fn stored(dtype: DType, shape: Vec<usize>, file: Arc<SourceFile>, offset: u64) -> Tensor {
-        Tensor { dtype, shape, value: Arc::new(Value::Stored { file, offset }) }
+        Tensor {
+            dtype,
+            shape,
+            value: Arc::new(Value::Stored { file, offset }),
+        }
     }
 
     /// A tensor whose bytes are in memory (`bytes.len()` must equal the tensor's byte size).
     pub fn in_memory(dtype: DType, shape: Vec<usize>, bytes: Arc<dyn Bytes>) -> Tensor {
-        Tensor { dtype, shape, value: Arc::new(Value::Memory(bytes)) }
+        Tensor {
+            dtype,
+            shape,
+            value: Arc::new(Value::Memory(bytes)),
+        }
     }
 
     /// Number of elements.
@@ -146,7 +154,12 @@ impl Tensor {
 
     /// Reads raw bytes `[byte_start, byte_start + out.len())` of a stored or in-memory tensor.
     /// Works for every dtype, sub-byte ones included; other values go through [`Tensor::read`].
-    pub fn read_raw(&self, byte_start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+    pub fn read_raw(
+        &self,
+        byte_start: usize,
+        out: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<(), FormatError> {
         match &*self.value {
             Value::Stored { file, offset } => file.read_at(offset + byte_start as u64, out),
             Value::Memory(bytes) => {
@@ -154,7 +167,10 @@ impl Tensor {
                 Ok(())
             }
             _ => {
-                let size = self.dtype.size().expect("computed values have byte-sized dtypes");
+                let size = self
+                    .dtype
+                    .size()
+                    .expect("computed values have byte-sized dtypes");
                 self.read(byte_start / size, out, scratch)
             }
         }
@@ -162,8 +178,16 @@ impl Tensor {
 
     /// Fills `out` with elements `[start, start + out.len() / itemsize)` of the tensor in
     /// row-major order. The dtype must be byte-sized (transforms refuse computing on others).
-    pub fn read(&self, start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
-        let size = self.dtype.size().expect("element reads need a byte-sized dtype");
+    pub fn read(
+        &self,
+        start: usize,
+        out: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<(), FormatError> {
+        let size = self
+            .dtype
+            .size()
+            .expect("element reads need a byte-sized dtype");
         if out.is_empty() {
             return Ok(());
         }
@@ -191,7 +215,9 @@ impl Tensor {
                 Ok(())
             }
             Value::View { base, slice } => read_view(base, slice, size, start, out, scratch),
-            Value::Overwrite { base, region, with } => read_overwrite(base, region, with, size, start, out, scratch),
+            Value::Overwrite { base, region, with } => {
+                read_overwrite(base, region, with, size, start, out, scratch)
+            }
         }
     }
 
@@ -202,7 +228,10 @@ impl Tensor {
         scratch: &mut Scratch,
         mut f: impl FnMut(&[u8]) -> Result<(), FormatError>,
     ) -> Result<(), FormatError> {
-        let size = self.dtype.size().expect("element reads need a byte-sized dtype");
+        let size = self
+            .dtype
+            .size()
+            .expect("element reads need a byte-sized dtype");
         let total = self.numel();
         let per_chunk = (CHUNK_BYTES / size).max(1);
         let mut buf = scratch.take(per_chunk.min(total) * size);
@@ -262,7 +291,11 @@ fn read_view(
             base.read(row_offset + first, dst, scratch)?;
         } else {
             let step = last.step.unsigned_abs();
-            let lowest = if last.step > 0 { first } else { first - (count - 1) * step };
+            let lowest = if last.step > 0 {
+                first
+            } else {
+                first - (count - 1) * step
+            };
             let span = (count - 1) * step + 1;
             if span * size <= GATHER_SPAN_LIMIT {
                 let mut tmp = scratch.take(span * size);
@@ -270,14 +303,19 @@ fn read_view(
                 if result.is_ok() {
                     for j in 0..count {
                         let at = index_at(first, last.step, j) - lowest;
-                        dst[j * size..(j + 1) * size].copy_from_slice(&tmp[at * size..(at + 1) * size]);
+                        dst[j * size..(j + 1) * size]
+                            .copy_from_slice(&tmp[at * size..(at + 1) * size]);
                     }
                 }
                 scratch.give(tmp);
                 result?;
             } else {
                 for j in 0..count {
-                    base.read(row_offset + index_at(first, last.step, j), &mut dst[j * size..(j + 1) * size], scratch)?;
+                    base.read(
+                        row_offset + index_at(first, last.step, j),
+                        &mut dst[j * size..(j + 1) * size],
+                        scratch,
+                    )?;
                 }
             }
         }
@@ -355,7 +393,9 @@ fn read_overwrite(
         let (s, step) = (last.start as isize, last.step);
         let (j_min, j_max) = if step > 0 {
             let j_min = (lo as isize - s + step - 1).div_euclid(step).max(0);
-            let j_max = (hi as isize - 1 - s).div_euclid(step).min(last.len as isize - 1);
+            let j_max = (hi as isize - 1 - s)
+                .div_euclid(step)
+                .min(last.len as isize - 1);
             (j_min, j_max)
         } else {
             let a = -step;
@@ -389,14 +429,18 @@ mod tests {
 
     fn memory_u16(shape: &[usize], offset: u16) -> Tensor {
         let n: usize = shape.iter().product();
-        let bytes: Vec<u8> = (0..n).flat_map(|i| (i as u16).wrapping_add(offset).to_le_bytes()).collect();
+        let bytes: Vec<u8> = (0..n)
+            .flat_map(|i| (i as u16).wrapping_add(offset).to_le_bytes())
+            .collect();
         Tensor::in_memory(DType::U16, shape.to_vec(), Arc::new(bytes))
     }
 
     fn values(t: &Tensor, start: usize, n: usize) -> Vec<u16> {
         let mut out = vec![0u8; n * 2];
         t.read(start, &mut out, &mut Scratch::default()).unwrap();
-        out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+        out.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
     }
 
     /// Base linear indices of a selection in result order, computed the slow obvious way.
@@ -416,8 +460,18 @@ mod tests {
     }
 
     const SLICES: &[&str] = &[
-        "[:]", "[1]", "[:, 2:5]", "[::2]", "[::-1]", "[1:3, ::-2, 1:]", "[-1, :, 4]", "[:, 1, ::3]", "[2:2]",
-        "[0, 0, 0]", "[..., ::-1]", "[3:0:-1, 1:4]",
+        "[:]",
+        "[1]",
+        "[:, 2:5]",
+        "[::2]",
+        "[::-1]",
+        "[1:3, ::-2, 1:]",
+        "[-1, :, 4]",
+        "[:, 1, ::3]",
+        "[2:2]",
+        "[0, 0, 0]",
+        "[..., ::-1]",
+        "[3:0:-1, 1:4]",
     ];
 
     #[test]
@@ -427,11 +481,17 @@ mod tests {
         let all = values(&base, 0, 120);
         for text in SLICES {
             let slice = SliceSpec::parse(text).unwrap().resolve(&shape).unwrap();
-            let expected: Vec<u16> = naive_indices(&slice, &shape).iter().map(|&i| all[i]).collect();
+            let expected: Vec<u16> = naive_indices(&slice, &shape)
+                .iter()
+                .map(|&i| all[i])
+                .collect();
             let view = Tensor {
                 dtype: DType::U16,
                 shape: slice.shape.clone(),
-                value: Arc::new(Value::View { base: base.clone(), slice: slice.clone() }),
+                value: Arc::new(Value::View {
+                    base: base.clone(),
+                    slice: slice.clone(),
+                }),
             };
             assert_eq!(view.numel(), expected.len(), "{text}");
             for chunk in [1, 2, 3, 7, 200] {
@@ -462,7 +522,11 @@ mod tests {
             let written = Tensor {
                 dtype: DType::U16,
                 shape: shape.to_vec(),
-                value: Arc::new(Value::Overwrite { base: base.clone(), region: region.clone(), with: with.clone() }),
+                value: Arc::new(Value::Overwrite {
+                    base: base.clone(),
+                    region: region.clone(),
+                    with: with.clone(),
+                }),
             };
             for chunk in [1, 5, 6, 11, 120] {
                 let mut got = Vec::new();
@@ -479,13 +543,30 @@ mod tests {
 
     #[test]
     fn cast_and_scale_read_through_kernels() {
-        let bytes: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = [1.5f32, -2.0, 3.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let base = Tensor::in_memory(DType::F32, vec![3], Arc::new(bytes));
-        let scaled = Tensor { dtype: DType::F32, shape: vec![3], value: Arc::new(Value::Scale { base: base.clone(), by: 2.0 }) };
-        let cast = Tensor { dtype: DType::F64, shape: vec![3], value: Arc::new(Value::Cast { base: scaled }) };
+        let scaled = Tensor {
+            dtype: DType::F32,
+            shape: vec![3],
+            value: Arc::new(Value::Scale {
+                base: base.clone(),
+                by: 2.0,
+            }),
+        };
+        let cast = Tensor {
+            dtype: DType::F64,
+            shape: vec![3],
+            value: Arc::new(Value::Cast { base: scaled }),
+        };
         let mut out = vec![0u8; 24];
         cast.read(0, &mut out, &mut Scratch::default()).unwrap();
-        let got: Vec<f64> = out.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+        let got: Vec<f64> = out
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(got, vec![3.0, -4.0, 6.5]);
         let mut seen = Vec::new();
         base.for_each_chunk(&mut Scratch::default(), |c| {

@@ -10,11 +10,36 @@ use crate::error::Error;
 use crate::formats::FormatError;
 use crate::plan::PlanError;
 
-create_exception!(_core, BrainSurgeryError, PyException, "Base class of every brainsurgery error.");
-create_exception!(_core, PlanError_, BrainSurgeryError, "The plan document is malformed or invalid.");
-create_exception!(_core, TransformError, BrainSurgeryError, "A transform cannot apply to the tensors it selects.");
-create_exception!(_core, AssertionFailed, BrainSurgeryError, "An assertion of the plan was false.");
-create_exception!(_core, FormatError_, BrainSurgeryError, "A checkpoint is unreadable, malformed or unwritable.");
+create_exception!(
+    _core,
+    BrainSurgeryError,
+    PyException,
+    "Base class of every brainsurgery error."
+);
+create_exception!(
+    _core,
+    PlanError_,
+    BrainSurgeryError,
+    "The plan document is malformed or invalid."
+);
+create_exception!(
+    _core,
+    TransformError,
+    BrainSurgeryError,
+    "A transform cannot apply to the tensors it selects."
+);
+create_exception!(
+    _core,
+    AssertionFailed,
+    BrainSurgeryError,
+    "An assertion of the plan was false."
+);
+create_exception!(
+    _core,
+    FormatError_,
+    BrainSurgeryError,
+    "A checkpoint is unreadable, malformed or unwritable."
+);
 
 /// Attaches the underlying I/O error as `__cause__`, typed by kind, so callers can inspect it.
 fn with_io_cause(py: Python<'_>, err: PyErr, format: &FormatError) -> PyErr {
@@ -24,8 +49,16 @@ fn with_io_cause(py: Python<'_>, err: PyErr, format: &FormatError) -> PyErr {
     };
     if let Some((source, path)) = io {
         let cause = match source.kind() {
-            std::io::ErrorKind::NotFound => Some(PyFileNotFoundError::new_err((2, source.to_string(), path.display().to_string()))),
-            std::io::ErrorKind::PermissionDenied => Some(PyPermissionError::new_err((13, source.to_string(), path.display().to_string()))),
+            std::io::ErrorKind::NotFound => Some(PyFileNotFoundError::new_err((
+                2,
+                source.to_string(),
+                path.display().to_string(),
+            ))),
+            std::io::ErrorKind::PermissionDenied => Some(PyPermissionError::new_err((
+                13,
+                source.to_string(),
+                path.display().to_string(),
+            ))),
             _ => None,
         };
         if let Some(cause) = cause {

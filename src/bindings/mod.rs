@@ -23,7 +23,10 @@ use crate::plan::{Location, Plan, PlanError, PlanSource};
 /// Runs `work` on another thread with the GIL released, polling for Ctrl-C meanwhile. On an
 /// interrupt the engine's cancel flag is set; the work stops at its next chunk and the signal's
 /// exception (normally `KeyboardInterrupt`) is raised.
-fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + Send) -> PyResult<T> {
+fn detached<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(Arc<AtomicBool>) -> T + Send,
+) -> PyResult<T> {
     let cancel = Arc::new(AtomicBool::new(false));
     let mut signal: Option<PyErr> = None;
     let result = py.detach(|| {
@@ -45,7 +48,9 @@ fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + S
     if let Some(e) = signal {
         return Err(e);
     }
-    result.map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread panicked"))
+    result.map_err(|_| {
+        pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread panicked")
+    })
 }
 
 /// Converts a Python plan value (dict/list/str/number/bool/None, paths as strings) to a document.
@@ -62,14 +67,21 @@ fn to_value(obj: &Bound<'_, PyAny>, location: &Location) -> PyResult<Value> {
         }
     }
     if obj.is_instance_of::<pyo3::types::PyInt>() {
-        let u: u64 = obj.extract().map_err(|_| errors::plan_error(PlanError::invalid(location, "integer out of range")))?;
+        let u: u64 = obj.extract().map_err(|_| {
+            errors::plan_error(PlanError::invalid(location, "integer out of range"))
+        })?;
         return Ok(Value::from(u));
     }
     if let Ok(f) = obj.cast::<pyo3::types::PyFloat>() {
         let f = f.value();
         return serde_json::Number::from_f64(f)
             .map(Value::Number)
-            .ok_or_else(|| errors::plan_error(PlanError::invalid(location, format!("{f} is not a finite number"))));
+            .ok_or_else(|| {
+                errors::plan_error(PlanError::invalid(
+                    location,
+                    format!("{f} is not a finite number"),
+                ))
+            });
     }
     if let Ok(s) = obj.cast::<PyString>() {
         return Ok(Value::String(s.to_str()?.to_owned()));
@@ -78,7 +90,10 @@ fn to_value(obj: &Bound<'_, PyAny>, location: &Location) -> PyResult<Value> {
         let mut map = serde_json::Map::new();
         for (k, v) in dict.iter() {
             let key: String = k.extract().map_err(|_| {
-                errors::plan_error(PlanError::invalid(location, format!("mapping keys must be strings, got {}", k.get_type())))
+                errors::plan_error(PlanError::invalid(
+                    location,
+                    format!("mapping keys must be strings, got {}", k.get_type()),
+                ))
             })?;
             let value = to_value(&v, &location.key(&key))?;
             map.insert(key, value);
@@ -96,7 +111,10 @@ fn to_value(obj: &Bound<'_, PyAny>, location: &Location) -> PyResult<Value> {
     if let Ok(fspath) = obj.call_method0("__fspath__") {
         return Ok(Value::String(fspath.extract()?));
     }
-    Err(errors::plan_error(PlanError::invalid(location, format!("cannot use a {} in a plan", obj.get_type()))))
+    Err(errors::plan_error(PlanError::invalid(
+        location,
+        format!("cannot use a {} in a plan", obj.get_type()),
+    )))
 }
 
 /// One plan argument: a dict, YAML/JSON text, or a path to a plan file.
@@ -106,7 +124,8 @@ fn to_source(obj: &Bound<'_, PyAny>) -> PyResult<PlanSource> {
     }
     if let Ok(text) = obj.cast::<PyString>() {
         let text = text.to_str()?;
-        let looks_like_document = text.contains('\n') || text.contains(": ") || text.trim_start().starts_with('{');
+        let looks_like_document =
+            text.contains('\n') || text.contains(": ") || text.trim_start().starts_with('{');
         if !looks_like_document {
             return Ok(PlanSource::File(text.into()));
         }
@@ -116,7 +135,10 @@ fn to_source(obj: &Bound<'_, PyAny>) -> PyResult<PlanSource> {
         let path: String = fspath.extract()?;
         return Ok(PlanSource::File(path.into()));
     }
-    Err(PyTypeError::new_err(format!("a plan is a dict, YAML text or a path, not {}", obj.get_type())))
+    Err(PyTypeError::new_err(format!(
+        "a plan is a dict, YAML text or a path, not {}",
+        obj.get_type()
+    )))
 }
 
 fn to_sources(plan: &Bound<'_, PyAny>) -> PyResult<Vec<PlanSource>> {
@@ -158,7 +180,14 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     }
     dict.set_item("tensors", tensors)?;
     dict.set_item("total_bytes", report.total_bytes)?;
-    dict.set_item("written", report.written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>())?;
+    dict.set_item(
+        "written",
+        report
+            .written
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>(),
+    )?;
     dict.set_item("notes", &report.notes)?;
     dict.set_item("added", report.added)?;
     dict.set_item("removed", report.removed)?;
@@ -166,7 +195,11 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     Ok(dict)
 }
 
-fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> Result<Prepared, Error> {
+fn prepare(
+    sources: Vec<PlanSource>,
+    overrides: Vec<String>,
+    threads: usize,
+) -> Result<Prepared, Error> {
     let plan = Plan::load(&sources, &overrides)?;
     Prepared::new(plan, threads)
 }
@@ -176,12 +209,21 @@ fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> 
 /// transform.
 #[pyfunction]
 #[pyo3(signature = (plan, *, overrides = None, threads = 0))]
-fn run<'py>(py: Python<'py>, plan: &Bound<'py, PyAny>, overrides: Option<&Bound<'py, PyAny>>, threads: usize) -> PyResult<Bound<'py, PyDict>> {
+fn run<'py>(
+    py: Python<'py>,
+    plan: &Bound<'py, PyAny>,
+    overrides: Option<&Bound<'py, PyAny>>,
+    threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
     let result = detached(py, move |cancel| {
         let prepared = prepare(sources, overrides, threads)?;
-        prepared.run(&RunOptions { threads, cancel, progress: None })
+        prepared.run(&RunOptions {
+            threads,
+            cancel,
+            progress: None,
+        })
     })?;
     let report = result.map_err(|e| errors::to_py(py, e))?;
     report_to_dict(py, &report)
@@ -191,7 +233,11 @@ fn run<'py>(py: Python<'py>, plan: &Bound<'py, PyAny>, overrides: Option<&Bound<
 /// returns the report of what a run would write.
 #[pyfunction]
 #[pyo3(signature = (plan, *, overrides = None))]
-fn check<'py>(py: Python<'py>, plan: &Bound<'py, PyAny>, overrides: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
+fn check<'py>(
+    py: Python<'py>,
+    plan: &Bound<'py, PyAny>,
+    overrides: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
     let result = detached(py, move |_| prepare(sources, overrides, 1)?.check())?;
@@ -219,15 +265,23 @@ impl PyTensorBuffer {
     /// # Safety
     /// Called by CPython with a valid `view`. The buffer is read-only and its memory lives as long
     /// as `self` (the view holds a reference to `self`, and `self` holds the mapping).
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         if flags & pyo3::ffi::PyBUF_WRITABLE != 0 {
-            return Err(pyo3::exceptions::PyBufferError::new_err("checkpoint tensors are read-only"));
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "checkpoint tensors are read-only",
+            ));
         }
         let this = slf.get();
         let ptr = this.map[this.offset..this.offset + this.len].as_ptr() as *mut std::ffi::c_void;
         // SAFETY: `view` comes from CPython; the pointer and length describe memory owned by the
         // mapping that `slf` keeps alive for as long as the view holds its reference.
-        let status = unsafe { pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, this.len as isize, 1, flags) };
+        let status = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, this.len as isize, 1, flags)
+        };
         if status == -1 {
             return Err(PyErr::fetch(slf.py()));
         }
@@ -260,7 +314,9 @@ impl PyCheckpoint {
             return Ok(map.clone());
         }
         let source: &SourceFile = &self.checkpoint.files[file];
-        let map = source.map().map_err(|e| errors::to_py(py, Error::Format(e)))?;
+        let map = source
+            .map()
+            .map_err(|e| errors::to_py(py, Error::Format(e)))?;
         Ok(self.maps[file].get_or_init(|| Arc::new(map)).clone())
     }
 }
@@ -269,7 +325,11 @@ impl PyCheckpoint {
 impl PyCheckpoint {
     /// Tensor names in file order.
     fn keys(&self) -> Vec<String> {
-        self.checkpoint.tensors.iter().map(|t| t.name.clone()).collect()
+        self.checkpoint
+            .tensors
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
     }
 
     fn __len__(&self) -> usize {
@@ -290,8 +350,10 @@ impl PyCheckpoint {
     fn buffer(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorBuffer> {
         let t = self.entry(name)?;
         let map = self.map_of(py, t.file)?;
-        let offset = usize::try_from(t.offset).map_err(|_| PyValueError::new_err("offset out of range"))?;
-        let len = usize::try_from(t.nbytes).map_err(|_| PyValueError::new_err("size out of range"))?;
+        let offset =
+            usize::try_from(t.offset).map_err(|_| PyValueError::new_err("offset out of range"))?;
+        let len =
+            usize::try_from(t.nbytes).map_err(|_| PyValueError::new_err("size out of range"))?;
         Ok(PyTensorBuffer { map, offset, len })
     }
 
@@ -311,10 +373,24 @@ impl PyCheckpoint {
 /// Opens a checkpoint lazily (headers only).
 #[pyfunction]
 fn open(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyCheckpoint> {
-    let checkpoint = detached(py, move |_| open_checkpoint(&path))?.map_err(|e| errors::to_py(py, Error::Format(e)))?;
-    let index = checkpoint.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-    let maps = checkpoint.files.iter().map(|_| std::sync::OnceLock::new()).collect();
-    Ok(PyCheckpoint { checkpoint, maps, index })
+    let checkpoint = detached(py, move |_| open_checkpoint(&path))?
+        .map_err(|e| errors::to_py(py, Error::Format(e)))?;
+    let index = checkpoint
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    let maps = checkpoint
+        .files
+        .iter()
+        .map(|_| std::sync::OnceLock::new())
+        .collect();
+    Ok(PyCheckpoint {
+        checkpoint,
+        maps,
+        index,
+    })
 }
 
 /// The `brainsurgery._core` extension module.

@@ -32,7 +32,9 @@ pub struct RunOptions {
 
 impl std::fmt::Debug for RunOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunOptions").field("threads", &self.threads).finish_non_exhaustive()
+        f.debug_struct("RunOptions")
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
     }
 }
 
@@ -83,7 +85,11 @@ fn step_error(index: usize, name: &str, error: StepError) -> Error {
     match error {
         StepError::Plan(e) => Error::Plan(e),
         StepError::Format(e) => Error::Format(e),
-        StepError::Transform(source) => Error::Transform { index, name: name.to_owned(), source },
+        StepError::Transform(source) => Error::Transform {
+            index,
+            name: name.to_owned(),
+            source,
+        },
         StepError::Assertion(failure) => Error::Assertion { index, failure },
         StepError::Cancelled => Error::Cancelled,
     }
@@ -92,7 +98,11 @@ fn step_error(index: usize, name: &str, error: StepError) -> Error {
 impl Prepared {
     /// Parses every transform and opens every input's headers.
     pub fn new(plan: Plan, threads: usize) -> Result<Prepared, Error> {
-        let steps = plan.transforms.iter().map(transforms::parse).collect::<Result<Vec<_>, _>>()?;
+        let steps = plan
+            .transforms
+            .iter()
+            .map(transforms::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut initial = State::default();
         for input in &plan.inputs {
             let checkpoint = open_checkpoint(&input.path)?;
@@ -100,11 +110,19 @@ impl Prepared {
         }
         initial.written.clear();
         initial.default_alias = match (&plan.output, plan.inputs.as_slice()) {
-            (Some(OutputSpec { alias: Some(alias), .. }), _) => Some(alias.clone()),
+            (
+                Some(OutputSpec {
+                    alias: Some(alias), ..
+                }),
+                _,
+            ) => Some(alias.clone()),
             (_, [only]) => Some(only.alias.clone()),
             _ => None,
         };
-        if let Some(OutputSpec { alias: Some(alias), .. }) = &plan.output {
+        if let Some(OutputSpec {
+            alias: Some(alias), ..
+        }) = &plan.output
+        {
             if initial.alias(alias).is_none() && !plan.transforms.is_empty() {
                 // It may be created by the transforms; checked again when choosing the output.
             } else if initial.alias(alias).is_none() {
@@ -116,8 +134,17 @@ impl Prepared {
                 .into());
             }
         }
-        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
-        Ok(Prepared { plan, steps, initial, threads })
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        Ok(Prepared {
+            plan,
+            steps,
+            initial,
+            threads,
+        })
     }
 
     /// The plan.
@@ -142,12 +169,19 @@ impl Prepared {
 
     /// The alias the output holds (SPEC §6.3).
     fn output_alias(&self, state: &State) -> Result<Option<String>, Error> {
-        let Some(output) = &self.plan.output else { return Ok(None) };
+        let Some(output) = &self.plan.output else {
+            return Ok(None);
+        };
         let location = Location::root().key("output");
         if let Some(alias) = &output.alias {
             return match state.alias(alias) {
                 Some(_) => Ok(Some(alias.clone())),
-                None => Err(PlanError::UnknownAlias { location: location.key("alias"), alias: alias.clone(), known: state.alias_names() }.into()),
+                None => Err(PlanError::UnknownAlias {
+                    location: location.key("alias"),
+                    alias: alias.clone(),
+                    known: state.alias_names(),
+                }
+                .into()),
             };
         }
         if let [only] = self.plan.inputs.as_slice() {
@@ -157,10 +191,17 @@ impl Prepared {
         match written.as_slice() {
             [one] => Ok(Some((*one).clone())),
             _ => {
-                let candidates = if written.is_empty() { state.alias_names() } else { written.iter().map(|s| s.to_string()).collect() };
+                let candidates = if written.is_empty() {
+                    state.alias_names()
+                } else {
+                    written.iter().map(|s| s.to_string()).collect()
+                };
                 Err(PlanError::invalid(
                     &location,
-                    format!("cannot tell which alias to write; set output.alias to one of: {}", candidates.join(", ")),
+                    format!(
+                        "cannot tell which alias to write; set output.alias to one of: {}",
+                        candidates.join(", ")
+                    ),
                 )
                 .into())
             }
@@ -168,7 +209,10 @@ impl Prepared {
     }
 
     fn report(&self, state: &State, ctx: Context) -> Result<Report, Error> {
-        let mut report = Report { notes: ctx.notes, ..Report::default() };
+        let mut report = Report {
+            notes: ctx.notes,
+            ..Report::default()
+        };
         report.alias = self.output_alias(state)?;
         if let Some(alias) = &report.alias {
             let current = state.alias(alias).expect("output alias exists");
@@ -213,7 +257,8 @@ impl Prepared {
         let state = self.execute(&mut ctx)?;
         let mut report = self.report(&state, ctx)?;
         if let (Some(output), Some(alias)) = (&self.plan.output, report.alias.clone()) {
-            report.written = write::write_output(output, &state, &alias, &self.plan, self.threads, options)?;
+            report.written =
+                write::write_output(output, &state, &alias, &self.plan, self.threads, options)?;
         }
         Ok(report)
     }
@@ -235,12 +280,21 @@ mod tests {
         let b = f32_bytes(&[1.0, -2.0, 3.5]);
         let ids: Vec<u8> = (0..4i64).flat_map(|v| v.to_le_bytes()).collect();
         let tensors = vec![
-            ("layers.0.w", TensorView::new(Dtype::F32, vec![3, 4], &a).unwrap()),
-            ("layers.0.b", TensorView::new(Dtype::F32, vec![3], &b).unwrap()),
+            (
+                "layers.0.w",
+                TensorView::new(Dtype::F32, vec![3, 4], &a).unwrap(),
+            ),
+            (
+                "layers.0.b",
+                TensorView::new(Dtype::F32, vec![3], &b).unwrap(),
+            ),
             ("ids", TensorView::new(Dtype::I64, vec![4], &ids).unwrap()),
         ];
         let path = dir.join("in.safetensors");
-        let metadata = Some(std::collections::HashMap::from([("format".to_owned(), "pt".to_owned())]));
+        let metadata = Some(std::collections::HashMap::from([(
+            "format".to_owned(),
+            "pt".to_owned(),
+        )]));
         safetensors::serialize_to_file(tensors, metadata, &path).unwrap();
         path
     }
@@ -251,7 +305,12 @@ mod tests {
     }
 
     fn floats(st: &SafeTensors, name: &str) -> Vec<f32> {
-        st.tensor(name).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     #[test]
@@ -280,7 +339,10 @@ mod tests {
         assert_eq!(floats(&st, "blocks.0.b"), vec![1.0, -2.0, 3.5]);
         let ids32 = st.tensor("ids32").unwrap();
         assert_eq!(ids32.dtype(), Dtype::I32);
-        assert_eq!(ids32.data(), &[0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(
+            ids32.data(),
+            &[0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]
+        );
         let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
         let meta = meta.metadata().clone().unwrap();
         assert_eq!(meta["format"], "pt");
@@ -320,7 +382,10 @@ mod tests {
         assert_eq!(err.exit_code(), 1);
         assert!(err.to_string().contains("transforms[1]"), "{err}");
         assert!(!out.exists());
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     }
 

@@ -61,7 +61,9 @@ impl AliasState {
 
     /// Tensors in output order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.order.values().map(move |name| (name.as_str(), &self.tensors[name].tensor))
+        self.order
+            .values()
+            .map(move |name| (name.as_str(), &self.tensors[name].tensor))
     }
 }
 
@@ -117,12 +119,18 @@ impl State {
             ..AliasState::default()
         };
         for entry in &checkpoint.tensors {
-            let tensor =
-                Tensor::stored(entry.dtype, entry.shape.clone(), checkpoint.files[entry.file].clone(), entry.offset);
+            let tensor = Tensor::stored(
+                entry.dtype,
+                entry.shape.clone(),
+                checkpoint.files[entry.file].clone(),
+                entry.offset,
+            );
             let order = self.next_order;
             self.next_order += 1;
             state.order.insert(order, entry.name.clone());
-            state.tensors.insert(entry.name.clone(), Entry { tensor, order });
+            state
+                .tensors
+                .insert(entry.name.clone(), Entry { tensor, order });
         }
         self.declared.push(alias.to_owned());
         self.aliases.insert(alias.to_owned(), state);
@@ -147,7 +155,12 @@ impl State {
     }
 
     /// The alias a reference means, or the plan error for an unknown or missing alias.
-    pub fn alias_for(&self, explicit: Option<&str>, reference: &str, location: &Location) -> Result<String, PlanError> {
+    pub fn alias_for(
+        &self,
+        explicit: Option<&str>,
+        reference: &str,
+        location: &Location,
+    ) -> Result<String, PlanError> {
         let alias = match explicit {
             Some(a) => a.to_owned(),
             None => match &self.default_alias {
@@ -162,26 +175,41 @@ impl State {
             },
         };
         if !self.aliases.contains_key(&alias) {
-            return Err(PlanError::UnknownAlias { location: location.clone(), alias, known: self.alias_names() });
+            return Err(PlanError::UnknownAlias {
+                location: location.clone(),
+                alias,
+                known: self.alias_names(),
+            });
         }
         Ok(alias)
     }
 
     /// Every tensor `reference` selects, in order; zero matches are an empty list.
-    pub fn select(&self, reference: &Reference, location: &Location) -> Result<Vec<Match>, SelectError> {
+    pub fn select(
+        &self,
+        reference: &Reference,
+        location: &Location,
+    ) -> Result<Vec<Match>, SelectError> {
         let alias = self.alias_for(reference.alias.as_deref(), &reference.text, location)?;
         let state = &self.aliases[&alias];
         let mut matches = Vec::new();
         for (name, tensor) in state.iter() {
-            let Some(captures) = reference.selector.captures(name) else { continue };
+            let Some(captures) = reference.selector.captures(name) else {
+                continue;
+            };
             let (view, slice) = match &reference.slice {
                 None => (tensor.clone(), None),
                 Some(spec) => {
-                    let resolved = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice {
-                        tensor: format!("{alias}::{name}"),
-                        source,
-                    })?;
-                    (view_of(tensor, &resolved, &format!("{alias}::{name}"))?, Some(resolved))
+                    let resolved =
+                        spec.resolve(&tensor.shape)
+                            .map_err(|source| TransformError::Slice {
+                                tensor: format!("{alias}::{name}"),
+                                source,
+                            })?;
+                    (
+                        view_of(tensor, &resolved, &format!("{alias}::{name}"))?,
+                        Some(resolved),
+                    )
                 }
             };
             matches.push(Match {
@@ -197,7 +225,11 @@ impl State {
     }
 
     /// Like [`State::select`], but zero matches are an error showing the closest names.
-    pub fn select_some(&self, reference: &Reference, location: &Location) -> Result<Vec<Match>, SelectError> {
+    pub fn select_some(
+        &self,
+        reference: &Reference,
+        location: &Location,
+    ) -> Result<Vec<Match>, SelectError> {
         let matches = self.select(reference, location)?;
         if matches.is_empty() {
             let alias = self.alias_for(reference.alias.as_deref(), &reference.text, location)?;
@@ -206,7 +238,12 @@ impl State {
                 .into_iter()
                 .map(str::to_owned)
                 .collect();
-            return Err(TransformError::ZeroMatches { reference: reference.text.clone(), alias, closest }.into());
+            return Err(TransformError::ZeroMatches {
+                reference: reference.text.clone(),
+                alias,
+                closest,
+            }
+            .into());
         }
         Ok(matches)
     }
@@ -227,7 +264,10 @@ impl State {
         self.ensure_alias(alias);
         self.written.insert(alias.to_owned());
         let state = self.aliases.get_mut(alias).expect("alias ensured");
-        if let Some(old) = state.tensors.insert(name.to_owned(), Entry { tensor, order }) {
+        if let Some(old) = state
+            .tensors
+            .insert(name.to_owned(), Entry { tensor, order })
+        {
             state.order.remove(&old.order);
         }
         state.order.insert(order, name.to_owned());
@@ -235,7 +275,11 @@ impl State {
 
     /// Replaces an existing tensor's value, keeping its place in the order.
     pub fn replace(&mut self, alias: &str, name: &str, tensor: Tensor) {
-        let order = self.aliases.get(alias).and_then(|s| s.tensors.get(name)).map(|e| e.order);
+        let order = self
+            .aliases
+            .get(alias)
+            .and_then(|s| s.tensors.get(name))
+            .map(|e| e.order);
         match order {
             Some(order) => self.insert_with_order(alias, name, tensor, order),
             None => self.insert(alias, name, tensor),
@@ -258,17 +302,28 @@ impl State {
 }
 
 /// Builds a view tensor for a resolved slice, or the tensor itself when the slice is whole.
-pub fn view_of(tensor: &Tensor, slice: &ResolvedSlice, display: &str) -> Result<Tensor, TransformError> {
+pub fn view_of(
+    tensor: &Tensor,
+    slice: &ResolvedSlice,
+    display: &str,
+) -> Result<Tensor, TransformError> {
     if slice.is_full() && slice.shape == tensor.shape {
         return Ok(tensor.clone());
     }
     if tensor.dtype.size().is_none() {
-        return Err(TransformError::Unsupported { op: "slicing", tensor: display.to_owned(), dtype: tensor.dtype });
+        return Err(TransformError::Unsupported {
+            op: "slicing",
+            tensor: display.to_owned(),
+            dtype: tensor.dtype,
+        });
     }
     Ok(Tensor {
         dtype: tensor.dtype,
         shape: slice.shape.clone(),
-        value: std::sync::Arc::new(Value::View { base: tensor.clone(), slice: slice.clone() }),
+        value: std::sync::Arc::new(Value::View {
+            base: tensor.clone(),
+            slice: slice.clone(),
+        }),
     })
 }
 

@@ -28,13 +28,21 @@ fn canonical(path: &Path) -> Option<PathBuf> {
         return Some(p);
     }
     // A path that does not exist yet: canonicalize its parent.
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     Some(parent.canonicalize().ok()?.join(path.file_name()?))
 }
 
 /// Refuses outputs that cannot be written: formats not available yet, and targets that would
 /// overwrite an input.
-pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: &Plan) -> Result<(), Error> {
+pub fn validate_output(
+    output: &OutputSpec,
+    state: &State,
+    _alias: &str,
+    _plan: &Plan,
+) -> Result<(), Error> {
     let location = Location::root().key("output");
     if output.format != OutputFormat::Safetensors {
         return Err(PlanError::invalid(
@@ -43,12 +51,18 @@ pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: 
         )
         .into());
     }
-    let Some(target) = canonical(&output.path) else { return Ok(()) };
+    let Some(target) = canonical(&output.path) else {
+        return Ok(());
+    };
     for alias in state.alias_names() {
-        let Some(origin) = state.alias(&alias).and_then(|a| a.origin.as_ref()) else { continue };
+        let Some(origin) = state.alias(&alias).and_then(|a| a.origin.as_ref()) else {
+            continue;
+        };
         let input_root = canonical(&origin.path);
         for file in &origin.files {
-            let Some(file) = canonical(file) else { continue };
+            let Some(file) = canonical(file) else {
+                continue;
+            };
             let clash = if output.single_file {
                 file == target
             } else {
@@ -57,7 +71,11 @@ pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: 
             if clash || Some(&target) == input_root.as_ref() {
                 return Err(PlanError::invalid(
                     &location.key("path"),
-                    format!("output `{}` would overwrite input `{}`; inputs are never modified", output.path.display(), origin.path.display()),
+                    format!(
+                        "output `{}` would overwrite input `{}`; inputs are never modified",
+                        output.path.display(),
+                        origin.path.display()
+                    ),
                 )
                 .into());
             }
@@ -67,11 +85,19 @@ pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: 
 }
 
 /// Streams one byte range of a tensor to `file` at `offset`.
-fn write_range(tensor: &Tensor, byte_start: usize, buf: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+fn write_range(
+    tensor: &Tensor,
+    byte_start: usize,
+    buf: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<(), FormatError> {
     match &*tensor.value {
         Value::Stored { .. } | Value::Memory(_) => tensor.read_raw(byte_start, buf, scratch),
         _ => {
-            let size = tensor.dtype.size().expect("computed values have byte-sized dtypes");
+            let size = tensor
+                .dtype
+                .size()
+                .expect("computed values have byte-sized dtypes");
             tensor.read(byte_start / size, buf, scratch)
         }
     }
@@ -91,15 +117,26 @@ pub fn write_output(
     let tensors: Vec<(&str, &Tensor)> = current.iter().collect();
     let specs: Vec<OutputTensor> = tensors
         .iter()
-        .map(|(name, t)| OutputTensor { name: (*name).to_owned(), dtype: t.dtype, shape: t.shape.clone() })
+        .map(|(name, t)| OutputTensor {
+            name: (*name).to_owned(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
         .collect();
-    let mut metadata: BTreeMap<String, String> = current.origin.as_ref().map(|o| o.metadata.clone()).unwrap_or_default();
+    let mut metadata: BTreeMap<String, String> = current
+        .origin
+        .as_ref()
+        .map(|o| o.metadata.clone())
+        .unwrap_or_default();
     metadata.insert(VERSION_KEY.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
     metadata.insert(PLAN_KEY.to_owned(), plan.sha256.clone());
     let layout = if output.single_file {
         OutputLayout::File(output.path.clone())
     } else {
-        OutputLayout::Directory { dir: output.path.clone(), shard_budget: output.shard }
+        OutputLayout::Directory {
+            dir: output.path.clone(),
+            shard_budget: output.shard,
+        }
     };
     let writer = SafetensorsWriter::create(layout, &specs, &metadata)?;
 
@@ -119,7 +156,10 @@ pub fn write_output(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .build()
-        .map_err(|e| FormatError::Io { path: output.path.clone(), source: std::io::Error::other(e) })?;
+        .map_err(|e| FormatError::Io {
+            path: output.path.clone(),
+            source: std::io::Error::other(e),
+        })?;
     let result: Result<(), Error> = pool.install(|| {
         items.par_iter().try_for_each_init(
             || (Scratch::default(), Vec::<u8>::with_capacity(CHUNK_BYTES)),
@@ -132,7 +172,10 @@ pub fn write_output(
                 write_range(tensor, start, buf, scratch)?;
                 let (file, offset) = writer.placement(i);
                 file.write_all_at(buf, offset + start as u64)
-                    .map_err(|source| FormatError::Io { path: output.path.clone(), source })?;
+                    .map_err(|source| FormatError::Io {
+                        path: output.path.clone(),
+                        source,
+                    })?;
                 let now = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
                 if let Some(progress) = &options.progress {
                     progress(now, total);

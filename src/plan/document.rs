@@ -22,8 +22,10 @@ pub enum PlanSource {
 
 /// Parses YAML text into a document value. `origin` names the text in messages.
 pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
-    let value: Value = serde_saphyr::from_str(text)
-        .map_err(|e| PlanError::Syntax { origin: origin.to_owned(), message: e.to_string() })?;
+    let value: Value = serde_saphyr::from_str(text).map_err(|e| PlanError::Syntax {
+        origin: origin.to_owned(),
+        message: e.to_string(),
+    })?;
     Ok(value)
 }
 
@@ -32,12 +34,19 @@ fn load(source: &PlanSource) -> Result<Value, PlanError> {
         PlanSource::Value(v) => Ok(v.clone()),
         PlanSource::Text(text) => parse_yaml(text, "<string>"),
         PlanSource::File(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| PlanError::Read { path: path.clone(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
+                path: path.clone(),
+                source,
+            })?;
             let origin = path.display().to_string();
-            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
-                serde_json::from_str(&text)
-                    .map_err(|e| PlanError::Syntax { origin, message: e.to_string() })
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+            {
+                serde_json::from_str(&text).map_err(|e| PlanError::Syntax {
+                    origin,
+                    message: e.to_string(),
+                })
             } else {
                 parse_yaml(&text, &origin)
             }
@@ -84,7 +93,9 @@ fn parse_override_path(path: &str) -> Result<Vec<PathStep>, String> {
             steps.push(PathStep::Key(key.to_owned()));
         }
         while let Some(after) = rest.strip_prefix('[') {
-            let close = after.find(']').ok_or_else(|| format!("unclosed `[` in `{path}`"))?;
+            let close = after
+                .find(']')
+                .ok_or_else(|| format!("unclosed `[` in `{path}`"))?;
             let index = after[..close]
                 .trim()
                 .parse::<usize>()
@@ -103,7 +114,10 @@ fn parse_override_path(path: &str) -> Result<Vec<PathStep>, String> {
 /// `by=0.5` is a number, `shape=[2,4]` a list, `name='007'` a string.
 pub fn apply_override(doc: &mut Value, assignment: &str) -> Result<(), PlanError> {
     let origin = format!("override `{assignment}`");
-    let syntax = |message: String| PlanError::Syntax { origin: origin.clone(), message };
+    let syntax = |message: String| PlanError::Syntax {
+        origin: origin.clone(),
+        message,
+    };
     let (path, text) = assignment
         .split_once('=')
         .ok_or_else(|| syntax("expected key.path=value".to_owned()))?;
@@ -123,18 +137,27 @@ pub fn apply_override(doc: &mut Value, assignment: &str) -> Result<(), PlanError
                     *node = Value::Object(Map::new());
                 }
                 let Value::Object(map) = node else {
-                    return Err(PlanError::invalid(&location, "override walks into a value that is not a mapping"));
+                    return Err(PlanError::invalid(
+                        &location,
+                        "override walks into a value that is not a mapping",
+                    ));
                 };
                 map.entry(key).or_insert(Value::Null)
             }
             PathStep::Index(index) => {
                 location = location.index(index);
                 let Value::Array(list) = node else {
-                    return Err(PlanError::invalid(&location, "override indexes a value that is not a list"));
+                    return Err(PlanError::invalid(
+                        &location,
+                        "override indexes a value that is not a list",
+                    ));
                 };
                 let len = list.len();
                 list.get_mut(index).ok_or_else(|| {
-                    PlanError::invalid(&location, format!("override index {index} is past the end of a list of {len}"))
+                    PlanError::invalid(
+                        &location,
+                        format!("override index {index} is past the end of a list of {len}"),
+                    )
                 })?
             }
         };
@@ -158,7 +181,10 @@ pub fn assemble(sources: &[PlanSource], overrides: &[String]) -> Result<Value, P
                 };
                 return Err(PlanError::Syntax {
                     origin,
-                    message: format!("a plan is a mapping with inputs/transforms/output, not {}", kind_of(&other)),
+                    message: format!(
+                        "a plan is a mapping with inputs/transforms/output, not {}",
+                        kind_of(&other)
+                    ),
                 });
             }
         };
@@ -196,7 +222,10 @@ mod tests {
     fn merge_maps_recursively_and_replaces_lists() {
         let mut a = json!({"output": {"path": "a", "shard": "5GB"}, "transforms": [1, 2]});
         merge(&mut a, json!({"output": {"path": "b"}, "transforms": [3]}));
-        assert_eq!(a, json!({"output": {"path": "b", "shard": "5GB"}, "transforms": [3]}));
+        assert_eq!(
+            a,
+            json!({"output": {"path": "b", "shard": "5GB"}, "transforms": [3]})
+        );
     }
 
     #[test]
@@ -223,7 +252,10 @@ mod tests {
     fn malformed_yaml_names_line() {
         let err = parse_yaml("a: [1, 2\n", "plan.yaml").unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("plan.yaml") && text.contains("line 1"), "{text}");
+        assert!(
+            text.contains("plan.yaml") && text.contains("line 1"),
+            "{text}"
+        );
     }
 
     #[test]

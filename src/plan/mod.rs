@@ -89,7 +89,11 @@ pub struct Plan {
 const TOP_KEYS: &[&str] = &["inputs", "transforms", "output"];
 const OUTPUT_KEYS: &[&str] = &["path", "format", "shard", "alias", "sidecars"];
 
-fn check_keys(map: &Map<String, Value>, allowed: &[&str], location: &Location) -> Result<(), PlanError> {
+fn check_keys(
+    map: &Map<String, Value>,
+    allowed: &[&str],
+    location: &Location,
+) -> Result<(), PlanError> {
     for key in map.keys() {
         if !allowed.contains(&key.as_str()) {
             return Err(PlanError::UnknownKey {
@@ -105,7 +109,9 @@ fn check_keys(map: &Map<String, Value>, allowed: &[&str], location: &Location) -
 
 fn valid_alias(alias: &str) -> bool {
     let mut chars = alias.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
@@ -152,21 +158,36 @@ fn parse_inputs(value: Option<&Value>) -> Result<Vec<InputSpec>, PlanError> {
             .map(|(alias, path)| {
                 let at = location.key(alias);
                 let Value::String(path) = path else {
-                    return Err(PlanError::invalid(&at, format!("expected a path, got {}", kind_of(path))));
+                    return Err(PlanError::invalid(
+                        &at,
+                        format!("expected a path, got {}", kind_of(path)),
+                    ));
                 };
                 if !valid_alias(alias) {
-                    return Err(PlanError::invalid(&at, format!("`{alias}` is not a valid alias")));
+                    return Err(PlanError::invalid(
+                        &at,
+                        format!("`{alias}` is not a valid alias"),
+                    ));
                 }
-                Ok(InputSpec { alias: alias.clone(), path: PathBuf::from(path) })
+                Ok(InputSpec {
+                    alias: alias.clone(),
+                    path: PathBuf::from(path),
+                })
             })
             .collect::<Result<_, _>>()?,
         Some(other) => {
-            return Err(PlanError::invalid(&location, format!("expected a list of \"alias::path\", got {}", kind_of(other))))
+            return Err(PlanError::invalid(
+                &location,
+                format!("expected a list of \"alias::path\", got {}", kind_of(other)),
+            ))
         }
     };
     for (i, input) in inputs.iter().enumerate() {
         if inputs[..i].iter().any(|other| other.alias == input.alias) {
-            return Err(PlanError::invalid(&location, format!("alias `{}` is defined twice", input.alias)));
+            return Err(PlanError::invalid(
+                &location,
+                format!("alias `{}` is defined twice", input.alias),
+            ));
         }
     }
     Ok(inputs)
@@ -177,7 +198,12 @@ fn parse_transforms(value: Option<&Value>) -> Result<Vec<RawTransform>, PlanErro
     let items = match value {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
-        Some(other) => return Err(PlanError::invalid(&location, format!("expected a list of transforms, got {}", kind_of(other)))),
+        Some(other) => {
+            return Err(PlanError::invalid(
+                &location,
+                format!("expected a list of transforms, got {}", kind_of(other)),
+            ))
+        }
     };
     items
         .iter()
@@ -185,19 +211,33 @@ fn parse_transforms(value: Option<&Value>) -> Result<Vec<RawTransform>, PlanErro
         .map(|(i, item)| {
             let at = location.index(i);
             match item {
-                Value::String(name) => Ok(RawTransform { name: name.clone(), payload: Value::Null, location: at }),
+                Value::String(name) => Ok(RawTransform {
+                    name: name.clone(),
+                    payload: Value::Null,
+                    location: at,
+                }),
                 Value::Object(map) if map.len() == 1 => {
                     let (name, payload) = map.iter().next().expect("map has one entry");
-                    Ok(RawTransform { name: name.clone(), payload: payload.clone(), location: at })
+                    Ok(RawTransform {
+                        name: name.clone(),
+                        payload: payload.clone(),
+                        location: at,
+                    })
                 }
                 Value::Object(map) => Err(PlanError::invalid(
                     &at,
                     format!(
                         "a transform is a mapping with exactly one key (its name), got keys {}",
-                        map.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                        map.keys()
+                            .map(|k| format!("`{k}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 )),
-                other => Err(PlanError::invalid(&at, format!("expected a transform, got {}", kind_of(other)))),
+                other => Err(PlanError::invalid(
+                    &at,
+                    format!("expected a transform, got {}", kind_of(other)),
+                )),
             }
         })
         .collect()
@@ -223,15 +263,33 @@ fn parse_output(value: Option<&Value>) -> Result<Option<OutputSpec>, PlanError> 
             check_keys(map, OUTPUT_KEYS, &location)?;
             let path = match map.get("path") {
                 Some(Value::String(p)) => p.clone(),
-                Some(other) => return Err(PlanError::invalid(&location.key("path"), format!("expected a path, got {}", kind_of(other)))),
-                None => return Err(PlanError::MissingKey { location, key: "path".into() }),
+                Some(other) => {
+                    return Err(PlanError::invalid(
+                        &location.key("path"),
+                        format!("expected a path, got {}", kind_of(other)),
+                    ))
+                }
+                None => {
+                    return Err(PlanError::MissingKey {
+                        location,
+                        key: "path".into(),
+                    })
+                }
             };
             (path, map)
         }
-        Some(other) => return Err(PlanError::invalid(&location, format!("expected a path or a mapping, got {}", kind_of(other)))),
+        Some(other) => {
+            return Err(PlanError::invalid(
+                &location,
+                format!("expected a path or a mapping, got {}", kind_of(other)),
+            ))
+        }
     };
     if path.is_empty() {
-        return Err(PlanError::invalid(&location.key("path"), "empty output path"));
+        return Err(PlanError::invalid(
+            &location.key("path"),
+            "empty output path",
+        ));
     }
     let path = PathBuf::from(path);
     let by_extension = format_of(&path);
@@ -241,9 +299,19 @@ fn parse_output(value: Option<&Value>) -> Result<Option<OutputSpec>, PlanError> 
             "safetensors" => OutputFormat::Safetensors,
             "torch" | "pytorch" => OutputFormat::Torch,
             "npz" | "numpy" => OutputFormat::Npz,
-            _ => return Err(PlanError::invalid(&location.key("format"), format!("unknown format `{f}`; expected safetensors, torch or npz"))),
+            _ => {
+                return Err(PlanError::invalid(
+                    &location.key("format"),
+                    format!("unknown format `{f}`; expected safetensors, torch or npz"),
+                ))
+            }
         },
-        Some(other) => return Err(PlanError::invalid(&location.key("format"), format!("expected a format name, got {}", kind_of(other)))),
+        Some(other) => {
+            return Err(PlanError::invalid(
+                &location.key("format"),
+                format!("expected a format name, got {}", kind_of(other)),
+            ))
+        }
     };
     let single_file = by_extension.is_some();
     let shard = match map.get("shard") {
@@ -252,40 +320,74 @@ fn parse_output(value: Option<&Value>) -> Result<Option<OutputSpec>, PlanError> 
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(Value::Bool(false)) => None,
-        Some(other) => return Err(PlanError::invalid(&location.key("shard"), format!("expected a size like 5GB or none, got {}", kind_of(other)))),
+        Some(other) => {
+            return Err(PlanError::invalid(
+                &location.key("shard"),
+                format!("expected a size like 5GB or none, got {}", kind_of(other)),
+            ))
+        }
     };
     let shard = match shard {
         None => None,
         Some(text) => Some(
-            crate::formats::parse_size(&text).map_err(|e| PlanError::invalid(&location.key("shard"), e.to_string()))?,
+            crate::formats::parse_size(&text)
+                .map_err(|e| PlanError::invalid(&location.key("shard"), e.to_string()))?,
         ),
     };
     let alias = match map.get("alias") {
         None | Some(Value::Null) => None,
         Some(Value::String(a)) => Some(a.clone()),
-        Some(other) => return Err(PlanError::invalid(&location.key("alias"), format!("expected an alias, got {}", kind_of(other)))),
+        Some(other) => {
+            return Err(PlanError::invalid(
+                &location.key("alias"),
+                format!("expected an alias, got {}", kind_of(other)),
+            ))
+        }
     };
     let sidecars = match map.get("sidecars") {
         None | Some(Value::Null) => true,
         Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(PlanError::invalid(&location.key("sidecars"), format!("expected true or false, got {}", kind_of(other)))),
+        Some(other) => {
+            return Err(PlanError::invalid(
+                &location.key("sidecars"),
+                format!("expected true or false, got {}", kind_of(other)),
+            ))
+        }
     };
-    Ok(Some(OutputSpec { path, format, single_file, shard, alias, sidecars }))
+    Ok(Some(OutputSpec {
+        path,
+        format,
+        single_file,
+        shard,
+        alias,
+        sidecars,
+    }))
 }
 
 impl Plan {
     /// Checks the top level of an assembled document.
     pub fn from_document(doc: &Value) -> Result<Plan, PlanError> {
         let Value::Object(map) = doc else {
-            return Err(PlanError::invalid(&Location::root(), format!("a plan is a mapping, not {}", kind_of(doc))));
+            return Err(PlanError::invalid(
+                &Location::root(),
+                format!("a plan is a mapping, not {}", kind_of(doc)),
+            ));
         };
         check_keys(map, TOP_KEYS, &Location::root())?;
         let inputs = parse_inputs(map.get("inputs"))?;
         let transforms = parse_transforms(map.get("transforms"))?;
         let output = parse_output(map.get("output"))?;
         let canonical = serde_json::to_vec(doc).expect("a JSON value always serializes");
-        let sha256 = Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Plan { inputs, transforms, output, sha256 })
+        let sha256 = Sha256::digest(&canonical)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Plan {
+            inputs,
+            transforms,
+            output,
+            sha256,
+        })
     }
 
     /// Assembles sources and overrides, then checks the top level.
@@ -302,7 +404,13 @@ mod tests {
     #[test]
     fn inputs_forms() {
         let plan = Plan::from_document(&json!({"inputs": ["m.safetensors"]})).unwrap();
-        assert_eq!(plan.inputs, vec![InputSpec { alias: "model".into(), path: "m.safetensors".into() }]);
+        assert_eq!(
+            plan.inputs,
+            vec![InputSpec {
+                alias: "model".into(),
+                path: "m.safetensors".into()
+            }]
+        );
         let plan = Plan::from_document(&json!({"inputs": ["a::x", "b::y/z"]})).unwrap();
         assert_eq!(plan.inputs[1].alias, "b");
         assert!(Plan::from_document(&json!({"inputs": ["x", "y"]})).is_err());
@@ -313,15 +421,24 @@ mod tests {
 
     #[test]
     fn unknown_top_key() {
-        let err = Plan::from_document(&json!({"input": []})).unwrap_err().to_string();
-        assert!(err.contains("unknown key `input`") && err.contains("did you mean `inputs`"), "{err}");
-        let err = Plan::from_document(&json!({"output": {"path": "x", "shards": "1GB"}})).unwrap_err().to_string();
+        let err = Plan::from_document(&json!({"input": []}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown key `input`") && err.contains("did you mean `inputs`"),
+            "{err}"
+        );
+        let err = Plan::from_document(&json!({"output": {"path": "x", "shards": "1GB"}}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("output") && err.contains("`shards`"), "{err}");
     }
 
     #[test]
     fn transforms_forms() {
-        let plan = Plan::from_document(&json!({"transforms": ["exit", {"delete": {"target": "x"}}]})).unwrap();
+        let plan =
+            Plan::from_document(&json!({"transforms": ["exit", {"delete": {"target": "x"}}]}))
+                .unwrap();
         assert_eq!(plan.transforms[0].name, "exit");
         assert_eq!(plan.transforms[1].location.to_string(), "transforms[1]");
         assert!(Plan::from_document(&json!({"transforms": [{"a": 1, "b": 2}]})).is_err());
@@ -333,11 +450,15 @@ mod tests {
         let out = plan.output.unwrap();
         assert!(out.single_file);
         assert_eq!(out.format, OutputFormat::Safetensors);
-        let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "100MB", "alias": "base"}})).unwrap();
+        let plan = Plan::from_document(
+            &json!({"output": {"path": "out", "shard": "100MB", "alias": "base"}}),
+        )
+        .unwrap();
         let out = plan.output.unwrap();
         assert_eq!(out.shard, Some(100 << 20));
         assert!(!out.single_file);
-        let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "none"}})).unwrap();
+        let plan =
+            Plan::from_document(&json!({"output": {"path": "out", "shard": "none"}})).unwrap();
         assert_eq!(plan.output.unwrap().shard, None);
     }
 

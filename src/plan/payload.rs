@@ -62,7 +62,13 @@ pub struct Field {
 impl Field {
     /// A required key.
     pub const fn required(name: &'static str, kind: FieldKind, doc: &'static str) -> Field {
-        Field { name, kind, required: true, default: None, doc }
+        Field {
+            name,
+            kind,
+            required: true,
+            default: None,
+            doc,
+        }
     }
 
     /// An optional key with the default help shows.
@@ -72,7 +78,13 @@ impl Field {
         default: Option<&'static str>,
         doc: &'static str,
     ) -> Field {
-        Field { name, kind, required: false, default, doc }
+        Field {
+            name,
+            kind,
+            required: false,
+            default,
+            doc,
+        }
     }
 }
 
@@ -109,7 +121,10 @@ impl<'a> Payload<'a> {
         }
         for field in fields.iter().filter(|f| f.required) {
             if !map.contains_key(field.name) {
-                return Err(PlanError::MissingKey { location: location.clone(), key: field.name.to_owned() });
+                return Err(PlanError::MissingKey {
+                    location: location.clone(),
+                    key: field.name.to_owned(),
+                });
             }
         }
         Ok(Payload { map, location })
@@ -131,19 +146,28 @@ impl<'a> Payload<'a> {
     }
 
     fn require(&self, key: &str) -> Result<&'a Value, PlanError> {
-        self.get(key).ok_or_else(|| PlanError::MissingKey { location: self.location.clone(), key: key.to_owned() })
+        self.get(key).ok_or_else(|| PlanError::MissingKey {
+            location: self.location.clone(),
+            key: key.to_owned(),
+        })
     }
 
     /// A required tensor reference.
     pub fn reference(&self, key: &str) -> Result<Reference, PlanError> {
         let value = self.require(key)?;
-        Reference::parse(value).map_err(|source| PlanError::Reference { location: self.at(key), source })
+        Reference::parse(value).map_err(|source| PlanError::Reference {
+            location: self.at(key),
+            source,
+        })
     }
 
     /// A required rewrite template.
     pub fn target(&self, key: &str) -> Result<Target, PlanError> {
         let value = self.require(key)?;
-        Target::parse(value).map_err(|source| PlanError::Reference { location: self.at(key), source })
+        Target::parse(value).map_err(|source| PlanError::Reference {
+            location: self.at(key),
+            source,
+        })
     }
 
     /// An optional number.
@@ -156,7 +180,11 @@ impl<'a> Payload<'a> {
                 .ok_or_else(|| PlanError::invalid(&self.at(key), "number out of range")),
             Some(other) => Err(PlanError::invalid(
                 &self.at(key),
-                format!("expected a number, got {} `{}`", kind_of(other), compact(other)),
+                format!(
+                    "expected a number, got {} `{}`",
+                    kind_of(other),
+                    compact(other)
+                ),
             )),
         }
     }
@@ -174,7 +202,11 @@ impl<'a> Payload<'a> {
             Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64().map(|n| n as usize)),
             Some(other) => Err(PlanError::invalid(
                 &self.at(key),
-                format!("expected a whole number ≥ 0, got {} `{}`", kind_of(other), compact(other)),
+                format!(
+                    "expected a whole number ≥ 0, got {} `{}`",
+                    kind_of(other),
+                    compact(other)
+                ),
             )),
         }
     }
@@ -186,7 +218,11 @@ impl<'a> Payload<'a> {
             Some(Value::Bool(b)) => Ok(*b),
             Some(other) => Err(PlanError::invalid(
                 &self.at(key),
-                format!("expected true or false, got {} `{}`", kind_of(other), compact(other)),
+                format!(
+                    "expected true or false, got {} `{}`",
+                    kind_of(other),
+                    compact(other)
+                ),
             )),
         }
     }
@@ -198,7 +234,11 @@ impl<'a> Payload<'a> {
             Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(PlanError::invalid(
                 &self.at(key),
-                format!("expected a string, got {} `{}`", kind_of(other), compact(other)),
+                format!(
+                    "expected a string, got {} `{}`",
+                    kind_of(other),
+                    compact(other)
+                ),
             )),
         }
     }
@@ -238,11 +278,20 @@ pub fn shape_of(value: &Value, location: &Location) -> Result<Vec<usize>, PlanEr
     let invalid = || {
         PlanError::invalid(
             location,
-            format!("expected a shape (a list of whole numbers), got {} `{}`", kind_of(value), compact(value)),
+            format!(
+                "expected a shape (a list of whole numbers), got {} `{}`",
+                kind_of(value),
+                compact(value)
+            ),
         )
     };
-    let Value::Array(items) = value else { return Err(invalid()) };
-    items.iter().map(|v| v.as_u64().map(|n| n as usize).ok_or_else(invalid)).collect()
+    let Value::Array(items) = value else {
+        return Err(invalid());
+    };
+    items
+        .iter()
+        .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(invalid))
+        .collect()
 }
 
 /// A value printed on one line for messages, cut when long.
@@ -279,20 +328,35 @@ mod tests {
         let v = json!({"target": "x", "bu": 2});
         let err = Payload::new(&v, FIELDS, loc()).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("transforms[2].scale_") && text.contains("`bu`") && text.contains("did you mean `by`"), "{text}");
+        assert!(
+            text.contains("transforms[2].scale_")
+                && text.contains("`bu`")
+                && text.contains("did you mean `by`"),
+            "{text}"
+        );
     }
 
     #[test]
     fn missing_and_wrong_types() {
         let v = json!({"by": 2});
-        assert!(Payload::new(&v, FIELDS, loc()).unwrap_err().to_string().contains("missing required key `target`"));
+        assert!(Payload::new(&v, FIELDS, loc())
+            .unwrap_err()
+            .to_string()
+            .contains("missing required key `target`"));
         let v = json!({"target": "x", "by": "abc"});
         let p = Payload::new(&v, FIELDS, loc()).unwrap();
         let text = p.number("by").unwrap_err().to_string();
-        assert!(text.contains("transforms[2].scale_.by") && text.contains("abc"), "{text}");
+        assert!(
+            text.contains("transforms[2].scale_.by") && text.contains("abc"),
+            "{text}"
+        );
         let v = json!({"target": "x", "dtype": "fp33"});
         let p = Payload::new(&v, FIELDS, loc()).unwrap();
-        assert!(p.dtype("dtype").unwrap_err().to_string().contains("unknown dtype `fp33`"));
+        assert!(p
+            .dtype("dtype")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown dtype `fp33`"));
         assert!(Payload::new(&json!("x"), FIELDS, loc()).is_err());
     }
 

@@ -28,37 +28,87 @@ pub const ASSERT: TransformSpec = TransformSpec {
 
 /// The assertion operators and their keys, for parsing and help.
 pub const OPERATORS: &[(&str, &[Field])] = &[
-    ("exists", &[Field::required("of", FieldKind::Reference, "tensors that must exist (or give the reference directly)")]),
-    ("count", &[
-        Field::required("of", FieldKind::Reference, "tensors to count"),
-        Field::required("is", FieldKind::Number, "the required count"),
-    ]),
-    ("shape", &[
-        Field::required("of", FieldKind::Reference, "tensors to check"),
-        Field::required("is", FieldKind::Text, "the required shape, a list"),
-    ]),
-    ("dimensions", &[
-        Field::required("of", FieldKind::Reference, "tensors to check"),
-        Field::optional("is", FieldKind::Number, None, "exactly this many dimensions"),
-        Field::optional("ge", FieldKind::Number, None, "at least"),
-        Field::optional("gt", FieldKind::Number, None, "more than"),
-        Field::optional("le", FieldKind::Number, None, "at most"),
-        Field::optional("lt", FieldKind::Number, None, "fewer than"),
-    ]),
-    ("dtype", &[
-        Field::required("of", FieldKind::Reference, "tensors to check"),
-        Field::required("is", FieldKind::DType, "the required dtype"),
-    ]),
-    ("equal", &[
-        Field::required("left", FieldKind::Reference, "tensors compared"),
-        Field::required("right", FieldKind::Target, "the tensor each left match is compared with (a rewrite; aliases may differ)"),
-        Field::optional("eps", FieldKind::Number, Some("0"), "largest allowed |a - b|"),
-    ]),
-    ("iszero", &[
-        Field::required("of", FieldKind::Reference, "tensors that must be zero (or give the reference directly)"),
-        Field::optional("eps", FieldKind::Number, Some("0"), "largest allowed |x|"),
-    ]),
-    ("finite", &[Field::required("of", FieldKind::Reference, "tensors that must hold no NaN or Inf (or give the reference directly)")]),
+    (
+        "exists",
+        &[Field::required(
+            "of",
+            FieldKind::Reference,
+            "tensors that must exist (or give the reference directly)",
+        )],
+    ),
+    (
+        "count",
+        &[
+            Field::required("of", FieldKind::Reference, "tensors to count"),
+            Field::required("is", FieldKind::Number, "the required count"),
+        ],
+    ),
+    (
+        "shape",
+        &[
+            Field::required("of", FieldKind::Reference, "tensors to check"),
+            Field::required("is", FieldKind::Text, "the required shape, a list"),
+        ],
+    ),
+    (
+        "dimensions",
+        &[
+            Field::required("of", FieldKind::Reference, "tensors to check"),
+            Field::optional(
+                "is",
+                FieldKind::Number,
+                None,
+                "exactly this many dimensions",
+            ),
+            Field::optional("ge", FieldKind::Number, None, "at least"),
+            Field::optional("gt", FieldKind::Number, None, "more than"),
+            Field::optional("le", FieldKind::Number, None, "at most"),
+            Field::optional("lt", FieldKind::Number, None, "fewer than"),
+        ],
+    ),
+    (
+        "dtype",
+        &[
+            Field::required("of", FieldKind::Reference, "tensors to check"),
+            Field::required("is", FieldKind::DType, "the required dtype"),
+        ],
+    ),
+    (
+        "equal",
+        &[
+            Field::required("left", FieldKind::Reference, "tensors compared"),
+            Field::required(
+                "right",
+                FieldKind::Target,
+                "the tensor each left match is compared with (a rewrite; aliases may differ)",
+            ),
+            Field::optional(
+                "eps",
+                FieldKind::Number,
+                Some("0"),
+                "largest allowed |a - b|",
+            ),
+        ],
+    ),
+    (
+        "iszero",
+        &[
+            Field::required(
+                "of",
+                FieldKind::Reference,
+                "tensors that must be zero (or give the reference directly)",
+            ),
+            Field::optional("eps", FieldKind::Number, Some("0"), "largest allowed |x|"),
+        ],
+    ),
+    (
+        "finite",
+        &[Field::required(
+            "of",
+            FieldKind::Reference,
+            "tensors that must hold no NaN or Inf (or give the reference directly)",
+        )],
+    ),
     ("all", &[]),
     ("any", &[]),
     ("not", &[]),
@@ -76,13 +126,35 @@ enum Comparison {
 #[derive(Debug)]
 enum Expr {
     Exists(Reference),
-    Count { of: Reference, is: usize },
-    Shape { of: Reference, is: Vec<usize> },
-    Dimensions { of: Reference, comparison: Comparison, n: usize },
-    DType { of: Reference, is: DType },
-    Equal { left: Reference, right: Target, eps: f64 },
-    IsZero { of: Reference, eps: f64 },
-    Finite { of: Reference },
+    Count {
+        of: Reference,
+        is: usize,
+    },
+    Shape {
+        of: Reference,
+        is: Vec<usize>,
+    },
+    Dimensions {
+        of: Reference,
+        comparison: Comparison,
+        n: usize,
+    },
+    DType {
+        of: Reference,
+        is: DType,
+    },
+    Equal {
+        left: Reference,
+        right: Target,
+        eps: f64,
+    },
+    IsZero {
+        of: Reference,
+        eps: f64,
+    },
+    Finite {
+        of: Reference,
+    },
     All(Vec<Expr>),
     Any(Vec<Expr>),
     Not(Box<Expr>),
@@ -98,23 +170,42 @@ enum Outcome {
 }
 
 fn fail(assertion: &str, tensor: Option<String>, message: impl Into<String>) -> Outcome {
-    Outcome::Fail(AssertionFailure { assertion: assertion.to_owned(), tensor, message: message.into() })
+    Outcome::Fail(AssertionFailure {
+        assertion: assertion.to_owned(),
+        tensor,
+        message: message.into(),
+    })
 }
 
-fn reference_or_of(value: &Value, op: &'static str, fields: &[Field], location: &Location) -> Result<(Reference, Option<f64>), PlanError> {
+fn reference_or_of(
+    value: &Value,
+    op: &'static str,
+    fields: &[Field],
+    location: &Location,
+) -> Result<(Reference, Option<f64>), PlanError> {
     match value {
         Value::String(_) | Value::Array(_) => {
-            let reference = Reference::parse(value).map_err(|source| PlanError::Reference { location: location.clone(), source })?;
+            let reference = Reference::parse(value).map_err(|source| PlanError::Reference {
+                location: location.clone(),
+                source,
+            })?;
             Ok((reference, None))
         }
         // A structured reference mapping has `path`; an operator payload has `of`.
         Value::Object(map) if map.contains_key("path") && !map.contains_key("of") => {
-            let reference = Reference::parse(value).map_err(|source| PlanError::Reference { location: location.clone(), source })?;
+            let reference = Reference::parse(value).map_err(|source| PlanError::Reference {
+                location: location.clone(),
+                source,
+            })?;
             Ok((reference, None))
         }
         _ => {
             let p = Payload::new(value, fields, location.clone())?;
-            let eps = if op == "iszero" { p.number("eps")? } else { None };
+            let eps = if op == "iszero" {
+                p.number("eps")?
+            } else {
+                None
+            };
             Ok((p.reference("of")?, eps))
         }
     }
@@ -131,12 +222,24 @@ fn eps_of(p: &Payload) -> Result<f64, PlanError> {
 impl Expr {
     fn parse(value: &Value, location: &Location) -> Result<Expr, PlanError> {
         let Value::Object(map) = value else {
-            return Err(PlanError::invalid(location, format!("expected an assertion such as `exists: pattern`, got {}", kind_of(value))));
+            return Err(PlanError::invalid(
+                location,
+                format!(
+                    "expected an assertion such as `exists: pattern`, got {}",
+                    kind_of(value)
+                ),
+            ));
         };
         let names: Vec<&str> = OPERATORS.iter().map(|(n, _)| *n).collect();
         let mut entries = map.iter();
         let (Some((op, payload)), None) = (entries.next(), entries.next()) else {
-            return Err(PlanError::invalid(location, format!("an assertion is a mapping with exactly one operator ({})", names.join(", "))));
+            return Err(PlanError::invalid(
+                location,
+                format!(
+                    "an assertion is a mapping with exactly one operator ({})",
+                    names.join(", ")
+                ),
+            ));
         };
         let Some((op, fields)) = OPERATORS.iter().find(|(n, _)| n == op).copied() else {
             return Err(PlanError::UnknownKey {
@@ -149,13 +252,25 @@ impl Expr {
         let at = location.key(op);
         let list = |payload: &Value| -> Result<Vec<Expr>, PlanError> {
             let Value::Array(items) = payload else {
-                return Err(PlanError::invalid(&at, format!("`{op}` takes a list of assertions, got {}", kind_of(payload))));
+                return Err(PlanError::invalid(
+                    &at,
+                    format!(
+                        "`{op}` takes a list of assertions, got {}",
+                        kind_of(payload)
+                    ),
+                ));
             };
-            items.iter().enumerate().map(|(i, item)| Expr::parse(item, &at.index(i))).collect()
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| Expr::parse(item, &at.index(i)))
+                .collect()
         };
         Ok(match op {
             "exists" => Expr::Exists(reference_or_of(payload, op, fields, &at)?.0),
-            "finite" => Expr::Finite { of: reference_or_of(payload, op, fields, &at)?.0 },
+            "finite" => Expr::Finite {
+                of: reference_or_of(payload, op, fields, &at)?.0,
+            },
             "iszero" => {
                 let (of, eps) = reference_or_of(payload, op, fields, &at)?;
                 let eps = eps.unwrap_or(0.0);
@@ -167,33 +282,59 @@ impl Expr {
             "count" => {
                 let p = Payload::new(payload, fields, at.clone())?;
                 let is = p.count("is")?.expect("required key");
-                Expr::Count { of: p.reference("of")?, is }
+                Expr::Count {
+                    of: p.reference("of")?,
+                    is,
+                }
             }
             "shape" => {
                 let p = Payload::new(payload, fields, at.clone())?;
-                Expr::Shape { of: p.reference("of")?, is: p.shape("is")?.expect("required key") }
+                Expr::Shape {
+                    of: p.reference("of")?,
+                    is: p.shape("is")?.expect("required key"),
+                }
             }
             "dimensions" => {
                 let p = Payload::new(payload, fields, at.clone())?;
                 let mut given = Vec::new();
-                for (key, comparison) in [("is", Comparison::Is), ("ge", Comparison::Ge), ("gt", Comparison::Gt), ("le", Comparison::Le), ("lt", Comparison::Lt)] {
+                for (key, comparison) in [
+                    ("is", Comparison::Is),
+                    ("ge", Comparison::Ge),
+                    ("gt", Comparison::Gt),
+                    ("le", Comparison::Le),
+                    ("lt", Comparison::Lt),
+                ] {
                     if let Some(n) = p.count(key)? {
                         given.push((comparison, n));
                     }
                 }
                 let [(comparison, n)] = given[..] else {
-                    return Err(PlanError::invalid(&at, "dimensions takes exactly one of is, ge, gt, le, lt"));
+                    return Err(PlanError::invalid(
+                        &at,
+                        "dimensions takes exactly one of is, ge, gt, le, lt",
+                    ));
                 };
-                Expr::Dimensions { of: p.reference("of")?, comparison, n }
+                Expr::Dimensions {
+                    of: p.reference("of")?,
+                    comparison,
+                    n,
+                }
             }
             "dtype" => {
                 let p = Payload::new(payload, fields, at.clone())?;
                 let name = p.text("is")?.expect("required key");
-                Expr::DType { of: p.reference("of")?, is: parse_dtype(name, &p.at("is"))? }
+                Expr::DType {
+                    of: p.reference("of")?,
+                    is: parse_dtype(name, &p.at("is"))?,
+                }
             }
             "equal" => {
                 let p = Payload::new(payload, fields, at.clone())?;
-                Expr::Equal { left: p.reference("left")?, right: p.target("right")?, eps: eps_of(&p)? }
+                Expr::Equal {
+                    left: p.reference("left")?,
+                    right: p.target("right")?,
+                    eps: eps_of(&p)?,
+                }
             }
             "all" => Expr::All(list(payload)?),
             "any" => Expr::Any(list(payload)?),
@@ -202,44 +343,79 @@ impl Expr {
         })
     }
 
-    fn evaluate(&self, state: &State, ctx: &mut Context, location: &Location) -> Result<Outcome, StepError> {
+    fn evaluate(
+        &self,
+        state: &State,
+        ctx: &mut Context,
+        location: &Location,
+    ) -> Result<Outcome, StepError> {
         match self {
             Expr::Exists(of) => {
                 let matches = state.select(of, location)?;
-                Ok(if matches.is_empty() { fail("exists", None, format!("nothing matches `{}`", of.text)) } else { Outcome::Pass })
+                Ok(if matches.is_empty() {
+                    fail("exists", None, format!("nothing matches `{}`", of.text))
+                } else {
+                    Outcome::Pass
+                })
             }
             Expr::Count { of, is } => {
                 let n = state.select(of, location)?.len();
-                Ok(if n == *is { Outcome::Pass } else { fail("count", None, format!("`{}` matches {n} tensors, expected {is}", of.text)) })
+                Ok(if n == *is {
+                    Outcome::Pass
+                } else {
+                    fail(
+                        "count",
+                        None,
+                        format!("`{}` matches {n} tensors, expected {is}", of.text),
+                    )
+                })
             }
             Expr::Shape { of, is } => each_match(state, of, location, "shape", |m| {
-                (m.tensor.shape != *is).then(|| format!("shape is {}, expected {}", fmt_shape(&m.tensor.shape), fmt_shape(is)))
+                (m.tensor.shape != *is).then(|| {
+                    format!(
+                        "shape is {}, expected {}",
+                        fmt_shape(&m.tensor.shape),
+                        fmt_shape(is)
+                    )
+                })
             }),
-            Expr::Dimensions { of, comparison, n } => each_match(state, of, location, "dimensions", |m| {
-                let d = m.tensor.shape.len();
-                let (ok, word) = match comparison {
-                    Comparison::Is => (d == *n, "exactly"),
-                    Comparison::Ge => (d >= *n, "at least"),
-                    Comparison::Gt => (d > *n, "more than"),
-                    Comparison::Le => (d <= *n, "at most"),
-                    Comparison::Lt => (d < *n, "fewer than"),
-                };
-                (!ok).then(|| format!("has {d} dimensions, expected {word} {n}"))
-            }),
+            Expr::Dimensions { of, comparison, n } => {
+                each_match(state, of, location, "dimensions", |m| {
+                    let d = m.tensor.shape.len();
+                    let (ok, word) = match comparison {
+                        Comparison::Is => (d == *n, "exactly"),
+                        Comparison::Ge => (d >= *n, "at least"),
+                        Comparison::Gt => (d > *n, "more than"),
+                        Comparison::Le => (d <= *n, "at most"),
+                        Comparison::Lt => (d < *n, "fewer than"),
+                    };
+                    (!ok).then(|| format!("has {d} dimensions, expected {word} {n}"))
+                })
+            }
             Expr::DType { of, is } => each_match(state, of, location, "dtype", |m| {
-                (m.tensor.dtype != *is).then(|| format!("dtype is {}, expected {is}", m.tensor.dtype))
+                (m.tensor.dtype != *is)
+                    .then(|| format!("dtype is {}, expected {is}", m.tensor.dtype))
             }),
-            Expr::Equal { left, right, eps } => evaluate_equal(state, ctx, location, left, right, *eps),
-            Expr::IsZero { of, eps } => evaluate_values(state, ctx, location, of, "iszero", |stats| {
-                let max = stats.max_abs;
-                if stats.nan_count > 0 {
-                    Some(format!("holds {} NaN values", stats.nan_count))
-                } else {
-                    (max > *eps).then(|| format!("max |x| = {max:e} > eps {eps:e}"))
-                }
-            }),
+            Expr::Equal { left, right, eps } => {
+                evaluate_equal(state, ctx, location, left, right, *eps)
+            }
+            Expr::IsZero { of, eps } => {
+                evaluate_values(state, ctx, location, of, "iszero", |stats| {
+                    let max = stats.max_abs;
+                    if stats.nan_count > 0 {
+                        Some(format!("holds {} NaN values", stats.nan_count))
+                    } else {
+                        (max > *eps).then(|| format!("max |x| = {max:e} > eps {eps:e}"))
+                    }
+                })
+            }
             Expr::Finite { of } => evaluate_values(state, ctx, location, of, "finite", |stats| {
-                (stats.nan_count + stats.inf_count > 0).then(|| format!("holds {} NaN and {} infinite values", stats.nan_count, stats.inf_count))
+                (stats.nan_count + stats.inf_count > 0).then(|| {
+                    format!(
+                        "holds {} NaN and {} infinite values",
+                        stats.nan_count, stats.inf_count
+                    )
+                })
             }),
             Expr::All(items) => {
                 let mut deferred = false;
@@ -250,7 +426,11 @@ impl Expr {
                         failed @ Outcome::Fail(_) => return Ok(failed),
                     }
                 }
-                Ok(if deferred { Outcome::Deferred } else { Outcome::Pass })
+                Ok(if deferred {
+                    Outcome::Deferred
+                } else {
+                    Outcome::Pass
+                })
             }
             Expr::Any(items) => {
                 let mut deferred = false;
@@ -265,7 +445,11 @@ impl Expr {
                 Ok(if deferred {
                     Outcome::Deferred
                 } else {
-                    fail("any", None, format!("none of {} held: {}", items.len(), failures.join("; ")))
+                    fail(
+                        "any",
+                        None,
+                        format!("none of {} held: {}", items.len(), failures.join("; ")),
+                    )
                 })
             }
             Expr::Not(inner) => Ok(match inner.evaluate(state, ctx, location)? {
@@ -287,7 +471,11 @@ fn each_match(
 ) -> Result<Outcome, StepError> {
     let matches = state.select(of, location)?;
     if matches.is_empty() {
-        return Ok(fail(assertion, None, format!("nothing matches `{}`", of.text)));
+        return Ok(fail(
+            assertion,
+            None,
+            format!("nothing matches `{}`", of.text),
+        ));
     }
     for m in &matches {
         if let Some(message) = check(m) {
@@ -301,7 +489,11 @@ fn require_values(m: &Match, op: &'static str) -> Result<(), TransformError> {
     if m.tensor.dtype.is_computable() {
         Ok(())
     } else {
-        Err(TransformError::Unsupported { op, tensor: m.display(), dtype: m.tensor.dtype })
+        Err(TransformError::Unsupported {
+            op,
+            tensor: m.display(),
+            dtype: m.tensor.dtype,
+        })
     }
 }
 
@@ -316,7 +508,11 @@ fn evaluate_values(
 ) -> Result<Outcome, StepError> {
     let matches = state.select(of, location)?;
     if matches.is_empty() {
-        return Ok(fail(assertion, None, format!("nothing matches `{}`", of.text)));
+        return Ok(fail(
+            assertion,
+            None,
+            format!("nothing matches `{}`", of.text),
+        ));
     }
     for m in &matches {
         require_values(m, assertion)?;
@@ -353,20 +549,42 @@ fn evaluate_equal(
 ) -> Result<Outcome, StepError> {
     let matches = state.select(left, location)?;
     if matches.is_empty() {
-        return Ok(fail("equal", None, format!("nothing matches `{}`", left.text)));
+        return Ok(fail(
+            "equal",
+            None,
+            format!("nothing matches `{}`", left.text),
+        ));
     }
     let mut pairs: Vec<(&Match, Tensor, String)> = Vec::with_capacity(matches.len());
     for m in &matches {
-        let name = right.expand(&m.captures).map_err(|source| TransformError::Template { tensor: m.display(), source })?;
-        let alias = state.alias_for(right.alias.as_deref().or(Some(&m.alias)), &right.text, location)?;
+        let name = right
+            .expand(&m.captures)
+            .map_err(|source| TransformError::Template {
+                tensor: m.display(),
+                source,
+            })?;
+        let alias = state.alias_for(
+            right.alias.as_deref().or(Some(&m.alias)),
+            &right.text,
+            location,
+        )?;
         let display = format!("{alias}::{name}");
         let Some(tensor) = state.get(&alias, &name) else {
-            return Ok(fail("equal", Some(m.display()), format!("right-hand tensor `{display}` does not exist")));
+            return Ok(fail(
+                "equal",
+                Some(m.display()),
+                format!("right-hand tensor `{display}` does not exist"),
+            ));
         };
         let tensor = match &right.slice {
             None => tensor.clone(),
             Some(spec) => {
-                let resolved = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice { tensor: display.clone(), source })?;
+                let resolved =
+                    spec.resolve(&tensor.shape)
+                        .map_err(|source| TransformError::Slice {
+                            tensor: display.clone(),
+                            source,
+                        })?;
                 crate::executor::state::view_of(tensor, &resolved, &display)?
             }
         };
@@ -374,12 +592,21 @@ fn evaluate_equal(
             return Ok(fail(
                 "equal",
                 Some(m.display()),
-                format!("shape {} differs from `{display}` {}", fmt_shape(&m.tensor.shape), fmt_shape(&tensor.shape)),
+                format!(
+                    "shape {} differs from `{display}` {}",
+                    fmt_shape(&m.tensor.shape),
+                    fmt_shape(&tensor.shape)
+                ),
             ));
         }
         require_values(m, "equal")?;
         if !tensor.dtype.is_computable() {
-            return Err(TransformError::Unsupported { op: "equal", tensor: display, dtype: tensor.dtype }.into());
+            return Err(TransformError::Unsupported {
+                op: "equal",
+                tensor: display,
+                dtype: tensor.dtype,
+            }
+            .into());
         }
         pairs.push((m, tensor, display));
     }
@@ -390,7 +617,11 @@ fn evaluate_equal(
         let diff = max_abs_difference(&m.tensor, &right, ctx)?;
         // NaN differences are already infinite in max_abs_diff; `>` is then enough.
         if diff > eps {
-            return Ok(fail("equal", Some(m.display()), format!("max |a-b| = {diff:e} against `{display}` exceeds eps {eps:e}")));
+            return Ok(fail(
+                "equal",
+                Some(m.display()),
+                format!("max |a-b| = {diff:e} against `{display}` exceeds eps {eps:e}"),
+            ));
         }
     }
     Ok(Outcome::Pass)
@@ -398,7 +629,10 @@ fn evaluate_equal(
 
 /// Streams two tensors of one shape in lockstep and returns max |a - b|.
 fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, StepError> {
-    let (sa, sb) = (a.dtype.size().expect("computable"), b.dtype.size().expect("computable"));
+    let (sa, sb) = (
+        a.dtype.size().expect("computable"),
+        b.dtype.size().expect("computable"),
+    );
     let per_chunk = (CHUNK_BYTES / sa.max(sb)).max(1);
     let total = a.numel();
     let mut buf_a = ctx.scratch.take(per_chunk.min(total) * sa);
@@ -413,7 +647,10 @@ fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, 
         }
         let n = per_chunk.min(total - start);
         let (ca, cb) = (&mut buf_a[..n * sa], &mut buf_b[..n * sb]);
-        if let Err(e) = a.read(start, ca, &mut ctx.scratch).and_then(|()| b.read(start, cb, &mut ctx.scratch)) {
+        if let Err(e) = a
+            .read(start, ca, &mut ctx.scratch)
+            .and_then(|()| b.read(start, cb, &mut ctx.scratch))
+        {
             result = Err(e.into());
             break;
         }
@@ -435,10 +672,11 @@ impl Transform for Assert {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         match self.expr.evaluate(state, ctx, &self.location)? {
             Outcome::Pass => ctx.note("assert: passed".to_owned()),
-            Outcome::Deferred => ctx.note("assert: needs tensor values; checked when the plan runs".to_owned()),
+            Outcome::Deferred => {
+                ctx.note("assert: needs tensor values; checked when the plan runs".to_owned())
+            }
             Outcome::Fail(failure) => return Err(failure.into()),
         }
         Ok(Flow::Continue)
     }
 }
-

@@ -13,8 +13,16 @@ use crate::references::{Reference, Target};
 use crate::value::{Tensor, Value};
 
 const FIELDS: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "tensors whose values are written (may be sliced)"),
-    Field::required("to", FieldKind::Target, "existing tensors written into, rewritten from each match (may be sliced)"),
+    Field::required(
+        "from",
+        FieldKind::Reference,
+        "tensors whose values are written (may be sliced)",
+    ),
+    Field::required(
+        "to",
+        FieldKind::Target,
+        "existing tensors written into, rewritten from each match (may be sliced)",
+    ),
 ];
 
 /// `assign`.
@@ -24,7 +32,11 @@ pub const ASSIGN: TransformSpec = TransformSpec {
     fields: FIELDS,
     parse: |value, location| {
         let p = Payload::new(value, FIELDS, location.clone())?;
-        Ok(Box::new(Assign { from: p.reference("from")?, to: p.target("to")?, location: location.clone() }))
+        Ok(Box::new(Assign {
+            from: p.reference("from")?,
+            to: p.target("to")?,
+            location: location.clone(),
+        }))
     },
 };
 
@@ -44,21 +56,40 @@ impl Transform for Assign {
             let name = self
                 .to
                 .expand(&m.captures)
-                .map_err(|source| TransformError::Template { tensor: m.display(), source })?;
-            let alias = state.alias_for(self.to.alias.as_deref().or(Some(&m.alias)), &self.to.text, &self.location)?;
+                .map_err(|source| TransformError::Template {
+                    tensor: m.display(),
+                    source,
+                })?;
+            let alias = state.alias_for(
+                self.to.alias.as_deref().or(Some(&m.alias)),
+                &self.to.text,
+                &self.location,
+            )?;
             let display = format!("{alias}::{name}");
             if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
-                return Err(TransformError::Collision { destination: display, first, second: m.display() }.into());
+                return Err(TransformError::Collision {
+                    destination: display,
+                    first,
+                    second: m.display(),
+                }
+                .into());
             }
             let Some(dest) = state.get(&alias, &name) else {
-                return Err(TransformError::DestinationMissing { destination: display, source_name: m.display() }.into());
+                return Err(TransformError::DestinationMissing {
+                    destination: display,
+                    source_name: m.display(),
+                }
+                .into());
             };
             let (region, dest_shape) = match &self.to.slice {
                 None => (None, dest.shape.clone()),
                 Some(spec) => {
-                    let region = spec
-                        .resolve(&dest.shape)
-                        .map_err(|source| TransformError::Slice { tensor: display.clone(), source })?;
+                    let region =
+                        spec.resolve(&dest.shape)
+                            .map_err(|source| TransformError::Slice {
+                                tensor: display.clone(),
+                                source,
+                            })?;
                     let shape = region.shape.clone();
                     (Some(region), shape)
                 }
@@ -84,16 +115,29 @@ impl Transform for Assign {
             let tensor = match region {
                 Some(region) if !(region.is_full() && region.shape == dest.shape) => {
                     if dest.dtype.size().is_none() {
-                        return Err(TransformError::Unsupported { op: "assign through a slice", tensor: display, dtype: dest.dtype }.into());
+                        return Err(TransformError::Unsupported {
+                            op: "assign through a slice",
+                            tensor: display,
+                            dtype: dest.dtype,
+                        }
+                        .into());
                     }
                     Tensor {
                         dtype: dest.dtype,
                         shape: dest.shape.clone(),
-                        value: Arc::new(Value::Overwrite { base: dest.clone(), region, with: m.tensor.clone() }),
+                        value: Arc::new(Value::Overwrite {
+                            base: dest.clone(),
+                            region,
+                            with: m.tensor.clone(),
+                        }),
                     }
                 }
                 // A whole-tensor assignment is just the source's value under the old name.
-                _ => Tensor { dtype: dest.dtype, shape: dest.shape.clone(), value: m.tensor.value.clone() },
+                _ => Tensor {
+                    dtype: dest.dtype,
+                    shape: dest.shape.clone(),
+                    value: m.tensor.value.clone(),
+                },
             };
             writes.push((alias, name, tensor));
         }

@@ -5,15 +5,26 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
-use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use super::{
+    count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError,
+    TransformSpec,
+};
 use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 
 const FROM_TO: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "tensors to read (a slice makes a view)"),
-    Field::required("to", FieldKind::Target, "destination names, rewritten from each match"),
+    Field::required(
+        "from",
+        FieldKind::Reference,
+        "tensors to read (a slice makes a view)",
+    ),
+    Field::required(
+        "to",
+        FieldKind::Target,
+        "destination names, rewritten from each match",
+    ),
 ];
 
 /// `copy`: new tensors with the same values.
@@ -23,7 +34,11 @@ pub const COPY: TransformSpec = TransformSpec {
     fields: FROM_TO,
     parse: |value, location| {
         let p = Payload::new(value, FROM_TO, location.clone())?;
-        Ok(Box::new(Copy { from: p.reference("from")?, to: p.target("to")?, location: location.clone() }))
+        Ok(Box::new(Copy {
+            from: p.reference("from")?,
+            to: p.target("to")?,
+            location: location.clone(),
+        }))
     },
 };
 
@@ -34,13 +49,22 @@ pub const MOVE: TransformSpec = TransformSpec {
     fields: FROM_TO,
     parse: |value, location| {
         let p = Payload::new(value, FROM_TO, location.clone())?;
-        Ok(Box::new(Move { from: p.reference("from")?, to: p.target("to")?, location: location.clone() }))
+        Ok(Box::new(Move {
+            from: p.reference("from")?,
+            to: p.target("to")?,
+            location: location.clone(),
+        }))
     },
 };
 
 const DELETE_FIELDS: &[Field] = &[
     Field::required("target", FieldKind::Reference, "tensors to remove"),
-    Field::optional("missing_ok", FieldKind::Bool, Some("false"), "succeed when nothing matches"),
+    Field::optional(
+        "missing_ok",
+        FieldKind::Bool,
+        Some("false"),
+        "succeed when nothing matches",
+    ),
 ];
 
 /// `delete`: remove tensors.
@@ -51,14 +75,20 @@ pub const DELETE: TransformSpec = TransformSpec {
     parse: |value, location| {
         // `delete: pattern` is accepted as shorthand for `delete: {target: pattern}`.
         let (target, missing_ok) = if let Value::String(_) = value {
-            let target = Reference::parse(value)
-                .map_err(|source| PlanError::Reference { location: location.clone(), source })?;
+            let target = Reference::parse(value).map_err(|source| PlanError::Reference {
+                location: location.clone(),
+                source,
+            })?;
             (target, false)
         } else {
             let p = Payload::new(value, DELETE_FIELDS, location.clone())?;
             (p.reference("target")?, p.flag("missing_ok", false)?)
         };
-        Ok(Box::new(Delete { target, missing_ok, location: location.clone() }))
+        Ok(Box::new(Delete {
+            target,
+            missing_ok,
+            location: location.clone(),
+        }))
     },
 };
 
@@ -91,35 +121,66 @@ struct Move {
 impl Transform for Move {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         if self.from.slice.is_some() {
-            return Err(TransformError::SliceNotAllowed { reference: self.from.text.clone(), transform: "move" }.into());
+            return Err(TransformError::SliceNotAllowed {
+                reference: self.from.text.clone(),
+                transform: "move",
+            }
+            .into());
         }
         if self.to.slice.is_some() {
-            return Err(TransformError::SliceNotAllowed { reference: self.to.text.clone(), transform: "move" }.into());
+            return Err(TransformError::SliceNotAllowed {
+                reference: self.to.text.clone(),
+                transform: "move",
+            }
+            .into());
         }
         let matches = state.select_some(&self.from, &self.location)?;
-        let moving: HashSet<(&str, &str)> = matches.iter().map(|m| (m.alias.as_str(), m.name.as_str())).collect();
+        let moving: HashSet<(&str, &str)> = matches
+            .iter()
+            .map(|m| (m.alias.as_str(), m.name.as_str()))
+            .collect();
         let mut seen: HashMap<(String, String), String> = HashMap::new();
         let mut destinations = Vec::with_capacity(matches.len());
         for m in &matches {
             let name = self
                 .to
                 .expand(&m.captures)
-                .map_err(|source| TransformError::Template { tensor: m.display(), source })?;
+                .map_err(|source| TransformError::Template {
+                    tensor: m.display(),
+                    source,
+                })?;
             let alias = self.to.alias.clone().unwrap_or_else(|| m.alias.clone());
             if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
-                return Err(TransformError::Collision { destination: format!("{alias}::{name}"), first, second: m.display() }.into());
+                return Err(TransformError::Collision {
+                    destination: format!("{alias}::{name}"),
+                    first,
+                    second: m.display(),
+                }
+                .into());
             }
             // A destination may be a name that this same move vacates (a swap or shift).
-            if state.get(&alias, &name).is_some() && !moving.contains(&(alias.as_str(), name.as_str())) {
-                return Err(TransformError::DestinationExists { destination: format!("{alias}::{name}"), source_name: m.display() }.into());
+            if state.get(&alias, &name).is_some()
+                && !moving.contains(&(alias.as_str(), name.as_str()))
+            {
+                return Err(TransformError::DestinationExists {
+                    destination: format!("{alias}::{name}"),
+                    source_name: m.display(),
+                }
+                .into());
             }
             destinations.push((alias, name));
         }
         let removed: Vec<_> = matches
             .iter()
-            .map(|m| state.remove(&m.alias, &m.name).expect("matched tensors exist"))
+            .map(|m| {
+                state
+                    .remove(&m.alias, &m.name)
+                    .expect("matched tensors exist")
+            })
             .collect();
-        for ((tensor, order), ((alias, name), m)) in removed.into_iter().zip(destinations.iter().zip(&matches)) {
+        for ((tensor, order), ((alias, name), m)) in
+            removed.into_iter().zip(destinations.iter().zip(&matches))
+        {
             if *alias == m.alias {
                 state.insert_at(alias, name, tensor, order);
             } else {
@@ -142,7 +203,11 @@ struct Delete {
 impl Transform for Delete {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         if self.target.slice.is_some() {
-            return Err(TransformError::SliceNotAllowed { reference: self.target.text.clone(), transform: "delete" }.into());
+            return Err(TransformError::SliceNotAllowed {
+                reference: self.target.text.clone(),
+                transform: "delete",
+            }
+            .into());
         }
         let matches = if self.missing_ok {
             state.select(&self.target, &self.location)?

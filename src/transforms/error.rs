@@ -10,7 +10,10 @@ use crate::references::ReferenceError;
 #[derive(Debug, thiserror::Error)]
 pub enum TransformError {
     /// A reference selects no tensor.
-    #[error("`{reference}` matches no tensor in `{alias}`{}", closest_hint(closest))]
+    #[error(
+        "`{reference}` matches no tensor in `{alias}`{}",
+        closest_hint(closest)
+    )]
     ZeroMatches {
         /// The reference as written.
         reference: String,
@@ -46,7 +49,11 @@ pub enum TransformError {
         source_name: String,
     },
     /// Shapes that must agree do not.
-    #[error("shape mismatch: `{source_name}` is {} but `{destination}` is {}", fmt_shape(source_shape), fmt_shape(destination_shape))]
+    #[error(
+        "shape mismatch: `{source_name}` is {} but `{destination}` is {}",
+        fmt_shape(source_shape),
+        fmt_shape(destination_shape)
+    )]
     ShapeMismatch {
         /// The source tensor (with its slice).
         source_name: String,
@@ -80,7 +87,9 @@ pub enum TransformError {
         dtype: DType,
     },
     /// The tensor's dtype is carried through only (sub-byte floats, complex).
-    #[error("{op} cannot compute on `{tensor}`: {dtype} tensors are carried through unchanged only")]
+    #[error(
+        "{op} cannot compute on `{tensor}`: {dtype} tensors are carried through unchanged only"
+    )]
     Unsupported {
         /// The operation.
         op: &'static str,
@@ -119,7 +128,14 @@ fn closest_hint(closest: &[String]) -> String {
     if closest.is_empty() {
         " (the alias holds no tensors)".to_owned()
     } else {
-        format!("; closest names: {}", closest.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "))
+        format!(
+            "; closest names: {}",
+            closest
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 }
 
@@ -127,7 +143,14 @@ fn closest_hint(closest: &[String]) -> String {
 pub fn fmt_shape(shape: &[usize]) -> String {
     match shape {
         [single] => format!("({single},)"),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 

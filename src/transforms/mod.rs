@@ -49,7 +49,12 @@ pub struct Context {
 impl Context {
     /// A context for a run (`evaluate`) or a check.
     pub fn new(evaluate: bool, cancel: Arc<AtomicBool>) -> Self {
-        Context { evaluate, scratch: Scratch::default(), notes: Vec::new(), cancel }
+        Context {
+            evaluate,
+            scratch: Scratch::default(),
+            notes: Vec::new(),
+            cancel,
+        }
     }
 
     /// Records what a transform did.
@@ -155,7 +160,11 @@ pub(crate) fn new_destinations(
     location: &Location,
 ) -> Result<Vec<(String, String)>, StepError> {
     if to.slice.is_some() {
-        return Err(TransformError::SliceNotAllowed { reference: to.text.clone(), transform }.into());
+        return Err(TransformError::SliceNotAllowed {
+            reference: to.text.clone(),
+            transform,
+        }
+        .into());
     }
     if let Some(alias) = &to.alias {
         // A new alias may be created by writing to it; only check the name is sensible.
@@ -163,18 +172,31 @@ pub(crate) fn new_destinations(
             return Err(PlanError::invalid(location, "empty alias").into());
         }
     }
-    let mut seen: std::collections::HashMap<(String, String), String> = std::collections::HashMap::new();
+    let mut seen: std::collections::HashMap<(String, String), String> =
+        std::collections::HashMap::new();
     let mut out = Vec::with_capacity(matches.len());
     for m in matches {
         let name = to
             .expand(&m.captures)
-            .map_err(|source| TransformError::Template { tensor: m.display(), source })?;
+            .map_err(|source| TransformError::Template {
+                tensor: m.display(),
+                source,
+            })?;
         let alias = to.alias.clone().unwrap_or_else(|| m.alias.clone());
         if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
-            return Err(TransformError::Collision { destination: format!("{alias}::{name}"), first, second: m.display() }.into());
+            return Err(TransformError::Collision {
+                destination: format!("{alias}::{name}"),
+                first,
+                second: m.display(),
+            }
+            .into());
         }
         if state.get(&alias, &name).is_some() {
-            return Err(TransformError::DestinationExists { destination: format!("{alias}::{name}"), source_name: m.display() }.into());
+            return Err(TransformError::DestinationExists {
+                destination: format!("{alias}::{name}"),
+                source_name: m.display(),
+            }
+            .into());
         }
         out.push((alias, name));
     }
@@ -184,10 +206,18 @@ pub(crate) fn new_destinations(
 /// Refuses computing on carry-only dtypes and, for floating operations, on non-float tensors.
 pub(crate) fn require_float(m: &Match, op: &'static str) -> Result<(), TransformError> {
     if !m.tensor.dtype.is_computable() {
-        return Err(TransformError::Unsupported { op, tensor: m.display(), dtype: m.tensor.dtype });
+        return Err(TransformError::Unsupported {
+            op,
+            tensor: m.display(),
+            dtype: m.tensor.dtype,
+        });
     }
     if !m.tensor.dtype.is_float() {
-        return Err(TransformError::NotFloat { op, tensor: m.display(), dtype: m.tensor.dtype });
+        return Err(TransformError::NotFloat {
+            op,
+            tensor: m.display(),
+            dtype: m.tensor.dtype,
+        });
     }
     Ok(())
 }

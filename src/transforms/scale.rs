@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
+use super::{
+    count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec,
+};
 use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
@@ -11,13 +13,21 @@ use crate::references::{Reference, Target};
 use crate::value::{Tensor, Value};
 
 const SCALE_FIELDS: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
+    Field::required(
+        "from",
+        FieldKind::Reference,
+        "tensors to read (may be sliced)",
+    ),
     Field::required("to", FieldKind::Target, "destination names"),
     Field::required("by", FieldKind::Number, "the factor"),
 ];
 
 const SCALE_INPLACE_FIELDS: &[Field] = &[
-    Field::required("target", FieldKind::Reference, "tensors to scale in place (a slice scales only that part)"),
+    Field::required(
+        "target",
+        FieldKind::Reference,
+        "tensors to scale in place (a slice scales only that part)",
+    ),
     Field::required("by", FieldKind::Number, "the factor"),
 ];
 
@@ -36,7 +46,12 @@ pub const SCALE: TransformSpec = TransformSpec {
     fields: SCALE_FIELDS,
     parse: |value, location| {
         let p = Payload::new(value, SCALE_FIELDS, location.clone())?;
-        Ok(Box::new(Scale { from: p.reference("from")?, to: Some(p.target("to")?), by: factor(&p)?, location: location.clone() }))
+        Ok(Box::new(Scale {
+            from: p.reference("from")?,
+            to: Some(p.target("to")?),
+            by: factor(&p)?,
+            location: location.clone(),
+        }))
     },
 };
 
@@ -47,7 +62,12 @@ pub const SCALE_: TransformSpec = TransformSpec {
     fields: SCALE_INPLACE_FIELDS,
     parse: |value, location| {
         let p = Payload::new(value, SCALE_INPLACE_FIELDS, location.clone())?;
-        Ok(Box::new(Scale { from: p.reference("target")?, to: None, by: factor(&p)?, location: location.clone() }))
+        Ok(Box::new(Scale {
+            from: p.reference("target")?,
+            to: None,
+            by: factor(&p)?,
+            location: location.clone(),
+        }))
     },
 };
 
@@ -60,7 +80,14 @@ struct Scale {
 }
 
 fn scaled(tensor: &Tensor, by: f64) -> Tensor {
-    Tensor { dtype: tensor.dtype, shape: tensor.shape.clone(), value: Arc::new(Value::Scale { base: tensor.clone(), by }) }
+    Tensor {
+        dtype: tensor.dtype,
+        shape: tensor.shape.clone(),
+        value: Arc::new(Value::Scale {
+            base: tensor.clone(),
+            by,
+        }),
+    }
 }
 
 impl Transform for Scale {
@@ -75,25 +102,35 @@ impl Transform for Scale {
                 for (m, (alias, name)) in matches.iter().zip(&destinations) {
                     state.insert(alias, name, scaled(&m.tensor, self.by));
                 }
-                ctx.note(format!("scale: {} × {}", count_noun(matches.len()), self.by));
+                ctx.note(format!(
+                    "scale: {} × {}",
+                    count_noun(matches.len()),
+                    self.by
+                ));
             }
             None => {
                 for m in &matches {
                     let tensor = match &m.slice {
-                        Some(region) if m.tensor.shape != m.base.shape || !region.is_full() => Tensor {
-                            dtype: m.base.dtype,
-                            shape: m.base.shape.clone(),
-                            value: Arc::new(Value::Overwrite {
-                                base: m.base.clone(),
-                                region: region.clone(),
-                                with: scaled(&m.tensor, self.by),
-                            }),
-                        },
+                        Some(region) if m.tensor.shape != m.base.shape || !region.is_full() => {
+                            Tensor {
+                                dtype: m.base.dtype,
+                                shape: m.base.shape.clone(),
+                                value: Arc::new(Value::Overwrite {
+                                    base: m.base.clone(),
+                                    region: region.clone(),
+                                    with: scaled(&m.tensor, self.by),
+                                }),
+                            }
+                        }
                         _ => scaled(&m.base, self.by),
                     };
                     state.replace(&m.alias, &m.name, tensor);
                 }
-                ctx.note(format!("scale_: {} × {}", count_noun(matches.len()), self.by));
+                ctx.note(format!(
+                    "scale_: {} × {}",
+                    count_noun(matches.len()),
+                    self.by
+                ));
             }
         }
         Ok(Flow::Continue)
