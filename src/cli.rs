@@ -108,10 +108,18 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
             sources.push(PlanSource::File(PathBuf::from(item)));
         }
     }
-    if let Some(size) = &args.shard_size {
-        overrides.push(format!("output.shard={size}"));
+    let mut plan = Plan::load(&sources, &overrides)?;
+    if let (Some(size), Some(output)) = (&args.shard_size, plan.output.as_mut()) {
+        output.shard = if size.eq_ignore_ascii_case("none") {
+            None
+        } else {
+            let invalid = |e: crate::formats::FormatError| crate::plan::PlanError::Syntax {
+                origin: "--shard-size".into(),
+                message: e.to_string(),
+            };
+            Some(crate::formats::parse_size(size).map_err(invalid)?)
+        };
     }
-    let plan = Plan::load(&sources, &overrides)?;
     Prepared::new(plan, args.threads)
 }
 

@@ -104,21 +104,3 @@ def gpt2(tmp_path: Path, gpt2_tensors: dict[str, np.ndarray]) -> Path:
     save_safetensors(out / "model.safetensors", gpt2_tensors, {"format": "pt"})
     (out / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2, "n_embd": 16}))
     return out
-
-
-@pytest.fixture
-def run_plan(tmp_path: Path) -> Callable[..., dict[str, np.ndarray]]:
-    """``run_plan(inputs, transforms, **kw)`` runs a plan to a fresh output file and reads it back."""
-    counter = iter(range(10**6))
-
-    def _run(inputs: list[str] | str, transforms: list, **kwargs) -> dict[str, np.ndarray]:
-        out = (tmp_path / f"out{next(counter)}.safetensors").resolve()
-        if isinstance(inputs, (str, Path)):
-            inputs = [str(inputs)]
-        output = {"path": str(out)}
-        if "alias" in kwargs:
-            output["alias"] = kwargs.pop("alias")
-        bs.run({"inputs": [str(i) for i in inputs], "transforms": transforms, "output": output}, **kwargs)
-        return read(out)
-
-    return _run

@@ -74,10 +74,14 @@ def header_pairs(path: Path) -> list[tuple[str, Any]]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         raw = f.read(n)
-    return json.loads(raw, object_pairs_hook=list)
+    order = [k for k, _ in json.loads(raw, object_pairs_hook=list)]
+    values = json.loads(raw)
+    assert len(order) == len(values), "duplicate keys in the header"
+    return [(k, values[k]) for k in order]
 
 
 def header_dict(path: Path) -> dict[str, Any]:
+    """The JSON header (keys in file order)."""
     return dict(header_pairs(path))
 
 
@@ -87,7 +91,7 @@ def tensor_order(path: Path) -> list[str]:
 
 
 def file_metadata(path: Path) -> dict[str, str]:
-    return dict(header_dict(path).get("__metadata__", []))
+    return dict(header_dict(path).get("__metadata__", {}))
 
 
 def sha256(path: Path) -> str:

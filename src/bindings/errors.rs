@@ -1,8 +1,7 @@
 //! The Python exception hierarchy of SPEC §11, declared once, and the one conversion from engine
 //! errors to Python exceptions.
 
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyPermissionError};
+use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyPermissionError};
 use pyo3::prelude::*;
 
 use crate::cli::error_chain;
@@ -10,36 +9,47 @@ use crate::error::Error;
 use crate::formats::FormatError;
 use crate::plan::PlanError;
 
-create_exception!(
-    _core,
-    BrainSurgeryError,
-    PyException,
-    "Base class of every brainsurgery error."
-);
-create_exception!(
-    _core,
-    PlanError_,
-    BrainSurgeryError,
-    "The plan document is malformed or invalid."
-);
-create_exception!(
-    _core,
+/// The Python classes, in their own module so their names can match the engine's error types.
+mod classes {
+    use pyo3::create_exception;
+    use pyo3::exceptions::PyException;
+
+    create_exception!(
+        brainsurgery,
+        BrainSurgeryError,
+        PyException,
+        "Base class of every brainsurgery error."
+    );
+    create_exception!(
+        brainsurgery,
+        PlanError,
+        BrainSurgeryError,
+        "The plan document is malformed or invalid."
+    );
+    create_exception!(
+        brainsurgery,
+        TransformError,
+        BrainSurgeryError,
+        "A transform cannot apply to the tensors it selects."
+    );
+    create_exception!(
+        brainsurgery,
+        AssertionFailed,
+        BrainSurgeryError,
+        "An assertion of the plan was false."
+    );
+    create_exception!(
+        brainsurgery,
+        FormatError,
+        BrainSurgeryError,
+        "A checkpoint is unreadable, malformed or unwritable."
+    );
+}
+
+use classes::{
+    AssertionFailed, BrainSurgeryError, FormatError as FormatError_, PlanError as PlanError_,
     TransformError,
-    BrainSurgeryError,
-    "A transform cannot apply to the tensors it selects."
-);
-create_exception!(
-    _core,
-    AssertionFailed,
-    BrainSurgeryError,
-    "An assertion of the plan was false."
-);
-create_exception!(
-    _core,
-    FormatError_,
-    BrainSurgeryError,
-    "A checkpoint is unreadable, malformed or unwritable."
-);
+};
 
 /// Attaches the underlying I/O error as `__cause__`, typed by kind, so callers can inspect it.
 fn with_io_cause(py: Python<'_>, err: PyErr, format: &FormatError) -> PyErr {

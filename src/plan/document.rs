@@ -22,9 +22,17 @@ pub enum PlanSource {
 
 /// Parses YAML text into a document value. `origin` names the text in messages.
 pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
-    let value: Value = serde_saphyr::from_str(text).map_err(|e| PlanError::Syntax {
-        origin: origin.to_owned(),
-        message: e.to_string(),
+    let value: Value = serde_saphyr::from_str(text).map_err(|e| {
+        // The parser's message starts with its own "error: "; ours names the origin instead.
+        let message = e.to_string();
+        let message = message
+            .strip_prefix("error: ")
+            .unwrap_or(&message)
+            .to_owned();
+        PlanError::Syntax {
+            origin: origin.to_owned(),
+            message,
+        }
     })?;
     Ok(value)
 }

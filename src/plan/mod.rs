@@ -364,6 +364,25 @@ fn parse_output(value: Option<&Value>) -> Result<Option<OutputSpec>, PlanError> 
     }))
 }
 
+/// The document with every mapping's keys sorted, so the plan hash does not depend on the order
+/// keys were written in (a Python dict, `yaml.safe_dump`).
+fn canonical(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), canonical(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
 impl Plan {
     /// Checks the top level of an assembled document.
     pub fn from_document(doc: &Value) -> Result<Plan, PlanError> {
@@ -377,7 +396,8 @@ impl Plan {
         let inputs = parse_inputs(map.get("inputs"))?;
         let transforms = parse_transforms(map.get("transforms"))?;
         let output = parse_output(map.get("output"))?;
-        let canonical = serde_json::to_vec(doc).expect("a JSON value always serializes");
+        let canonical =
+            serde_json::to_vec(&canonical(doc)).expect("a JSON value always serializes");
         let sha256 = Sha256::digest(&canonical)
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -460,6 +480,17 @@ mod tests {
         let plan =
             Plan::from_document(&json!({"output": {"path": "out", "shard": "none"}})).unwrap();
         assert_eq!(plan.output.unwrap().shard, None);
+    }
+
+    #[test]
+    fn sha_ignores_key_order() {
+        let a =
+            Plan::from_document(&json!({"inputs": ["x"], "output": {"path": "o", "shard": "1GB"}}))
+                .unwrap();
+        let b =
+            Plan::from_document(&json!({"output": {"shard": "1GB", "path": "o"}, "inputs": ["x"]}))
+                .unwrap();
+        assert_eq!(a.sha256, b.sha256);
     }
 
     #[test]

@@ -140,6 +140,15 @@ fn translate_python(pattern: &str) -> String {
 }
 
 fn compile(pattern: &str, shown: &str) -> Result<Regex, ReferenceError> {
+    // Compile the pattern alone first so a syntax error's position is in the user's text, not
+    // in the anchored wrapper.
+    let translated = translate_python(pattern);
+    if let Err(e) = Regex::new(&translated) {
+        return Err(ReferenceError::Regex {
+            pattern: shown.to_string(),
+            message: e.to_string(),
+        });
+    }
     Regex::new(&format!(r"\A(?:{})\z", translate_python(pattern))).map_err(|e| {
         ReferenceError::Regex {
             pattern: shown.to_string(),

@@ -1,0 +1,302 @@
+"""The ``brainsurgery`` command line (SPEC §2 plan merging/overrides, §10): a tmp dir, a run, a
+comparison against NumPy / the official safetensors reader / bytes written by hand."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import brainsurgery as bs
+from helpers import cli, dump_plan, header_dict, listing, pymod, sha256, write_st
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TENSORS = {
+    "a.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "b.weight": np.linspace(-1, 1, 8, dtype=np.float32),
+    "h.weight": np.arange(6, dtype=np.float16),
+    "ids": np.arange(5, dtype=np.int64),
+}
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    write_st(tmp_path / "in.safetensors", TENSORS, {"format": "pt"})
+    return tmp_path
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert "error" not in proc.stderr.lower(), proc.stderr
+    return proc
+
+
+SIMPLE = [
+    {"scale_": {"target": "a\\.weight", "by": 2}},
+    {"copy": {"from": "b.weight", "to": "b.copy"}},
+    {"delete": {"target": "ids"}},
+]
+
+
+def simple_expected() -> dict[str, np.ndarray]:
+    return {
+        "a.weight": TENSORS["a.weight"] * 2,
+        "b.weight": TENSORS["b.weight"],
+        "h.weight": TENSORS["h.weight"],
+        "b.copy": TENSORS["b.weight"],
+    }
+
+
+def assert_tensors(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(expected)
+    for name, want in expected.items():
+        assert got[name].dtype == want.dtype, name
+        assert got[name].shape == want.shape, name
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
+def test_bare_plan_equals_run_subcommand(ws: Path) -> None:
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": SIMPLE, "output": {"path": "o1.safetensors"}})
+    ok(cli(["p.yaml"], cwd=ws))
+    ok(cli(["run", "p.yaml", "output.path=o2.safetensors"], cwd=ws))
+    assert_tensors(load_file(str(ws / "o1.safetensors")), simple_expected())
+    assert_tensors(load_file(str(ws / "o2.safetensors")), simple_expected())
+    # Same plan document except the output path: the tensors and their layout are identical.
+    h1, h2 = header_dict(ws / "o1.safetensors"), header_dict(ws / "o2.safetensors")
+    h1.pop("__metadata__")
+    h2.pop("__metadata__")
+    assert h1 == h2
+
+
+def test_check_validates_prints_summary_and_writes_nothing(ws: Path) -> None:
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": SIMPLE, "output": {"path": "out/dir", "shard": "16B"}})
+    before = listing(ws)
+    proc = ok(cli(["check", "p.yaml"], cwd=ws))
+    assert "plan is valid" in proc.stdout
+    # output summary: the alias and the number of tensors it would write (4), added/removed
+    summary = [line for line in proc.stdout.splitlines() if "model" in line and "tensors" in line]
+    assert summary, proc.stdout
+    assert re.search(r"\b4 tensors\b", summary[0]), summary[0]
+    assert re.search(r"\b1 added\b", summary[0]) and re.search(r"\b1 removed\b", summary[0]), summary[0]
+    assert "memory" in proc.stdout.lower(), proc.stdout
+    assert listing(ws) == before
+    # A plan that fails the header-level check makes `check` fail the same way as `run`.
+    dump_plan(ws / "bad.yaml", {"inputs": ["in.safetensors"], "transforms": [{"delete": {"target": "nope"}}], "output": "o.safetensors"})
+    proc = cli(["check", "bad.yaml"], cwd=ws)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "transforms[0]" in proc.stderr
+    assert listing(ws) == sorted(before + ["bad.yaml"])
+
+
+def test_inspect_lists_header(ws: Path) -> None:
+    proc = ok(cli(["inspect", "in.safetensors"], cwd=ws))
+    lines = proc.stdout.splitlines()
+    total = 0
+    for name, array in TENSORS.items():
+        row = [line for line in lines if line.split() and line.split()[0] == name]
+        assert len(row) == 1, (name, proc.stdout)
+        fields = row[0]
+        assert array.dtype.name in fields, fields
+        dims = [int(d) for d in re.findall(r"\d+", fields.split(array.dtype.name, 1)[1])]
+        # shape digits then the byte count
+        assert dims[:-1] == list(array.shape), fields
+        assert dims[-1] == array.nbytes, fields
+        total += array.nbytes
+    assert any(re.search(rf"\b{len(TENSORS)} tensors\b", line) for line in lines), proc.stdout
+    assert any(re.search(rf"\b{total} B\b", line) for line in lines), proc.stdout  # 136 B
+    assert "format" in proc.stdout and "pt" in proc.stdout  # the metadata
+
+
+def test_inspect_directory(ws: Path) -> None:
+    write_st(ws / "ck" / "model-00001-of-00002.safetensors", {"x": np.zeros(3, np.float32)})
+    write_st(ws / "ck" / "model-00002-of-00002.safetensors", {"y": np.zeros((2, 2), np.int8)})
+    proc = ok(cli(["inspect", "ck"], cwd=ws))
+    names = [line.split()[0] for line in proc.stdout.splitlines() if line.split()]
+    assert "x" in names and "y" in names
+    assert re.search(r"\b2 tensors\b", proc.stdout)
+    assert re.search(r"\b16 B\b", proc.stdout)
+
+
+def test_plan_files_merge_and_overrides_are_typed(ws: Path) -> None:
+    dump_plan(
+        ws / "base.yaml",
+        {
+            "inputs": ["in.safetensors"],
+            "transforms": [{"delete": {"target": "ids"}}, {"delete": {"target": "h.weight"}}],
+            "output": {"path": "merged", "shard": "none"},
+        },
+    )
+    # The later list REPLACES the earlier one; the output mapping MERGES (path kept, sidecars added).
+    dump_plan(
+        ws / "over.yaml",
+        {
+            "transforms": [
+                {"scale_": {"target": "a\\.weight", "by": 3}},
+                {"copy": {"from": "b.weight", "to": "placeholder"}},
+            ],
+            "output": {"sidecars": False},
+        },
+    )
+    proc = ok(cli(["base.yaml", "over.yaml", "transforms[0].scale_.by=0.5", "transforms[1].copy.to='007'"], cwd=ws))
+    assert "error" not in proc.stdout.lower()
+    out = ws / "merged" / "model.safetensors"  # shard: none from base.yaml
+    assert listing(ws / "merged") == ["model.safetensors"]
+    got = load_file(str(out))
+    expected = dict(TENSORS)  # the deletes of base.yaml were replaced away: ids and h.weight stay
+    expected["a.weight"] = TENSORS["a.weight"] * 0.5  # by=0.5 is a number (not the string "0.5", not 3)
+    expected["007"] = TENSORS["b.weight"]  # '007' is a string name, not the integer 7
+    assert_tensors(got, expected)
+
+
+def test_override_with_wrong_type_is_a_plan_error(ws: Path) -> None:
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": [{"scale_": {"target": "a.weight", "by": 2}}], "output": "o.safetensors"})
+    proc = cli(["p.yaml", "transforms[0].scale_.by='0.5'"], cwd=ws)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "transforms[0]" in proc.stderr
+    assert not (ws / "o.safetensors").exists()
+
+
+def test_threads_one(ws: Path) -> None:
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": SIMPLE, "output": "o.safetensors"})
+    ok(cli(["p.yaml", "--threads", "1"], cwd=ws))
+    assert_tensors(load_file(str(ws / "o.safetensors")), simple_expected())
+
+
+def test_summarize_prints_one_line_per_transform(ws: Path) -> None:
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": SIMPLE, "output": "o.safetensors"})
+    proc = ok(cli(["p.yaml", "--summarize"], cwd=ws))
+    lines = proc.stdout.splitlines()
+    for i, transform in enumerate(SIMPLE):
+        (name,) = transform
+        hits = [line for line in lines if re.match(rf"\s*\[{i}\]\s+{re.escape(name)}\b", line)]
+        assert len(hits) == 1, (i, name, proc.stdout)
+    assert len([line for line in lines if re.match(r"\s*\[\d+\]", line)]) == len(SIMPLE)
+    quiet = ok(cli(["p.yaml", "--no-summarize", "output=o2.safetensors"], cwd=ws))
+    assert not [line for line in quiet.stdout.splitlines() if re.match(r"\s*\[\d+\]", line)], quiet.stdout
+
+
+def _expected_shards(sizes: list[int], budget: int) -> list[list[int]]:
+    """SPEC §6.2 greedy packing: tensors in order; a shard closes when the next would overflow."""
+    shards: list[list[int]] = [[]]
+    used = 0
+    for i, size in enumerate(sizes):
+        if shards[-1] and used + size > budget:
+            shards.append([])
+            used = 0
+        shards[-1].append(i)
+        used += size
+    return shards
+
+
+@pytest.mark.parametrize("output", ["sharded", {"path": "sharded"}])
+def test_shard_size_option_produces_shards(ws: Path, output: Any) -> None:
+    tensors = {f"t{i}": np.full(100, i, np.float32) for i in range(5)}  # 400 B each
+    write_st(ws / "big.safetensors", tensors)
+    dump_plan(ws / "p.yaml", {"inputs": ["big.safetensors"], "output": output})
+    ok(cli(["p.yaml", "--shard-size", "1KB"], cwd=ws))
+    groups = _expected_shards([400] * 5, 1024)  # 1KB = 1024 bytes → [[0,1],[2,3],[4]]
+    n = len(groups)
+    names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    assert listing(ws / "sharded") == sorted(names + ["model.safetensors.index.json"])
+    for k, group in enumerate(groups):
+        got = load_file(str(ws / "sharded" / names[k]))
+        assert sorted(got) == sorted(f"t{i}" for i in group)
+        for i in group:
+            np.testing.assert_array_equal(got[f"t{i}"], tensors[f"t{i}"])
+
+
+def test_version(ws: Path) -> None:
+    proc = ok(cli(["--version"], cwd=ws))
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert proc.stdout.strip() == f"brainsurgery {pyproject}"
+    assert bs.__version__ == pyproject
+    assert ok(pymod(["--version"], cwd=ws)).stdout.strip() == f"brainsurgery {pyproject}"
+
+
+def test_python_dash_m(ws: Path) -> None:
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": SIMPLE, "output": "o.safetensors"})
+    ok(pymod(["p.yaml"], cwd=ws))
+    assert_tensors(load_file(str(ws / "o.safetensors")), simple_expected())
+    proc = pymod(["p.yaml", "output=o.safetensors", "transforms[0].scale_.target=nope"], cwd=ws)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_usage_errors_exit_2(ws: Path) -> None:
+    assert cli(["--no-such-option"], cwd=ws).returncode == 2
+    assert cli(["check"], cwd=ws).returncode == 2  # a plan is required
+    proc = cli(["does-not-exist.yaml"], cwd=ws)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "does-not-exist.yaml" in proc.stderr
+
+
+def _bf16_tensor(path: Path, name: str) -> np.ndarray:
+    """A BF16 tensor read by hand from the file bytes (the safetensors NumPy API has no bf16)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        f.seek(8 + n + begin)
+        data = f.read(end - begin)
+    assert entry["dtype"] == "BF16", entry
+    return np.frombuffer(data, dtype=ml_dtypes.bfloat16).reshape(entry["shape"])
+
+
+def test_readme_demo(tmp_path: Path) -> None:
+    made = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "make_tiny_gpt2.py"), str(tmp_path / "tiny-gpt2")],
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    demo = (ROOT / "examples" / "demo.yaml").read_text()
+    assert "examples/tiny-gpt2" in demo and "out/tiny-gpt2-bf16" in demo
+    plan = demo.replace("examples/tiny-gpt2", str(tmp_path / "tiny-gpt2")).replace("out/tiny-gpt2-bf16", str(tmp_path / "out"))
+    (tmp_path / "demo.yaml").write_text(plan)
+    source = tmp_path / "tiny-gpt2" / "model.safetensors"
+    before = sha256(source)
+    proc = ok(cli(["demo.yaml"], cwd=tmp_path))
+    assert "wrote" in proc.stdout
+    assert sha256(source) == before
+
+    # Every assertion of the plan passed (exit 0). Check the result independently.
+    original = load_file(str(source))
+    out_dir = tmp_path / "out"
+    assert "config.json" in listing(out_dir)  # sidecar copied
+    (out_file,) = [out_dir / p for p in listing(out_dir) if p.endswith(".safetensors")]
+    header = header_dict(out_file)
+    meta = header.pop("__metadata__")
+    assert meta["format"] == "pt"
+    expected_names = [re.sub(r"^h\.(\d+)\.", r"layers.\1.", k) for k in original]
+    assert list(header) == expected_names  # input order kept, renamed in place; nothing added
+    for old, new in zip(original, expected_names, strict=True):
+        array = original[old]
+        if array.dtype == np.int64:
+            assert header[new]["dtype"] == "I64"
+            continue
+        assert header[new]["dtype"] == "BF16", (new, header[new])
+        assert header[new]["shape"] == list(array.shape)
+        want = array * np.float32(0.5) if re.fullmatch(r"layers\.\d+\.attn\.c_proj\.weight", new) else array
+        got = _bf16_tensor(out_file, new)
+        np.testing.assert_array_equal(got, want.astype(ml_dtypes.bfloat16), err_msg=new)
+
+
+def test_demo_check_does_not_write(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_gpt2.py"), str(tmp_path / "g")], check=True, capture_output=True)
+    plan = (ROOT / "examples" / "demo.yaml").read_text().replace("examples/tiny-gpt2", "g").replace("out/tiny-gpt2-bf16", "o")
+    (tmp_path / "demo.yaml").write_text(plan)
+    proc = ok(cli(["check", "demo.yaml"], cwd=tmp_path))
+    assert "plan is valid" in proc.stdout
+    assert not (tmp_path / "o").exists()
+    shutil.rmtree(tmp_path / "g")

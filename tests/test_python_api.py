@@ -1,0 +1,511 @@
+"""The Python surface (python/brainsurgery, src/bindings): open(), run(), check(), reports, errors."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import brainsurgery as bs
+from brainsurgery import _core
+from conftest import read, read_header, tensor_names
+
+RNG = np.random.default_rng(21)
+TENSORS = {
+    "w": RNG.standard_normal((3, 4)).astype(np.float32),
+    "h": RNG.standard_normal(5).astype(np.float16),
+    "bf": RNG.standard_normal((2, 3)).astype(ml_dtypes.bfloat16),
+    "d": RNG.standard_normal(2),
+    "ids": np.arange(4, dtype=np.int64),
+    "mask": np.array([True, False, True]),
+    "u": np.array([0, 255], np.uint8),
+    "e4": RNG.standard_normal(3).astype(ml_dtypes.float8_e4m3fn),
+    "empty": np.zeros((0, 3), np.float32),
+    "scalar": np.array(2.5, np.float32),
+}
+
+
+@pytest.fixture
+def src(write):
+    return write(TENSORS, metadata={"format": "pt", "note": "x"})
+
+
+# ---------------------------------------------------------------- open()
+
+
+def test_open_values_equal_what_was_written(src):
+    ck = bs.open(src)
+    for name, expected in TENSORS.items():
+        got = ck[name]
+        assert got.dtype == expected.dtype, name
+        assert got.shape == expected.shape, name
+        assert got.tobytes() == expected.tobytes(), name
+
+
+def test_open_accepts_pathlike_and_directory(gpt2, gpt2_tensors):
+    for path in (gpt2, str(gpt2), gpt2 / "model.safetensors"):
+        ck = bs.open(path)
+        assert list(ck) == list(gpt2_tensors)
+        np.testing.assert_array_equal(ck["wte.weight"], gpt2_tensors["wte.weight"])
+
+
+def test_open_bf16_and_float8_dtypes(src):
+    ck = bs.open(src)
+    assert ck["bf"].dtype == np.dtype(ml_dtypes.bfloat16)
+    assert ck["e4"].dtype == np.dtype(ml_dtypes.float8_e4m3fn)
+    np.testing.assert_array_equal(ck["bf"].astype(np.float32), TENSORS["bf"].astype(np.float32))
+    assert ck.info("bf") == ("bfloat16", [2, 3])
+
+
+def test_open_arrays_are_read_only(src):
+    ck = bs.open(src)
+    a = ck["w"]
+    assert not a.flags.writeable
+    with pytest.raises(ValueError):
+        a[0, 0] = 1.0
+    with pytest.raises(ValueError):
+        a.flags.writeable = True
+    with pytest.raises(ValueError):
+        np.add(a, 1, out=a)
+    # The file is unchanged.
+    assert bs.open(src)["w"].tobytes() == TENSORS["w"].tobytes()
+
+
+def test_open_is_zero_copy(src):
+    ck = bs.open(src)
+    a, b = ck["w"], ck["w"]
+    assert np.shares_memory(a, b)
+    assert not np.shares_memory(a, ck["h"])
+    base = a
+    chain = []
+    while base is not None:
+        chain.append(type(base))
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    assert _core.TensorBuffer in chain, chain
+
+
+def test_array_outlives_the_checkpoint(src):
+    ck = bs.open(src)
+    a = ck["w"]
+    h = ck["h"][1:]
+    del ck
+    gc.collect()
+    np.testing.assert_array_equal(a, TENSORS["w"])
+    np.testing.assert_array_equal(h, TENSORS["h"][1:])
+    assert float(a.sum()) == pytest.approx(float(TENSORS["w"].sum()), rel=1e-6)
+
+
+def test_checkpoint_mapping_protocol(src):
+    ck = bs.open(src)
+    assert isinstance(ck, Mapping)
+    assert len(ck) == len(TENSORS)
+    assert list(ck) == list(TENSORS)  # file order
+    assert list(ck.keys()) == list(TENSORS)
+    assert "w" in ck and "nope" not in ck and 3 not in ck and None not in ck
+    with pytest.raises(KeyError):
+        ck["nope"]
+    assert ck.get("nope") is None
+    assert dict(ck.items()).keys() == TENSORS.keys()
+    assert ck.metadata == {"format": "pt", "note": "x"}
+    assert Path(ck.path) == src
+    assert ck.info("w") == ("float32", [3, 4])
+    assert ck.info("scalar") == ("float32", [])
+    assert ck["scalar"].shape == () and ck["empty"].shape == (0, 3)
+    assert "10 tensors" in repr(ck)
+
+
+def test_open_missing_file_raises(tmp_path):
+    with pytest.raises((bs.BrainSurgeryError, OSError)):
+        bs.open(tmp_path / "missing.safetensors")
+
+
+def test_open_is_lazy_header_only(src, tmp_path):
+    # Overwriting the data region with garbage doesn't matter until a tensor is read.
+    copy = tmp_path / "garbage.safetensors"
+    shutil.copy(src, copy)
+    header, start = read_header(copy)
+    with open(copy, "r+b") as f:
+        f.seek(start)
+        f.write(b"\xff" * (copy.stat().st_size - start))
+    ck = bs.open(copy)
+    assert list(ck) == list(TENSORS)
+    assert ck["ids"].tobytes() == b"\xff" * 32
+
+
+# ---------------------------------------------------------------- exceptions
+
+
+def test_exception_hierarchy():
+    for cls in (bs.PlanError, bs.TransformError, bs.AssertionFailed, bs.FormatError):
+        assert issubclass(cls, bs.BrainSurgeryError)
+    assert issubclass(bs.BrainSurgeryError, Exception)
+    assert len({bs.PlanError, bs.TransformError, bs.AssertionFailed, bs.FormatError}) == 4
+
+
+EXCEPTIONS = ("BrainSurgeryError", "PlanError", "TransformError", "AssertionFailed", "FormatError")
+
+
+@pytest.mark.parametrize("name", EXCEPTIONS)
+def test_exception_class_names_are_the_public_names(name):
+    # Tracebacks print `module.qualname`; users must see the names the SPEC documents (§11),
+    # not `_core.PlanError_`.
+    cls = getattr(bs, name)
+    assert cls.__name__ == name, cls
+    assert cls.__qualname__ == name, cls
+
+
+@pytest.mark.parametrize("name", EXCEPTIONS)
+def test_exception_module_is_the_package(name):
+    cls = getattr(bs, name)
+    assert cls.__module__.startswith("brainsurgery"), cls
+
+
+# ---------------------------------------------------------------- run(): plan forms
+
+
+def _plan(src, out, by=2.0):
+    return {"inputs": [str(src)], "transforms": [{"scale_": {"target": "w", "by": by}}], "output": str(out)}
+
+
+def _w(out):
+    return read(out)["w"]
+
+
+def _expected_w(by):
+    return TENSORS["w"] * np.float32(by)
+
+
+def test_run_accepts_dict(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    bs.run(_plan(src, out))
+    np.testing.assert_array_equal(_w(out), _expected_w(2.0))
+
+
+def test_run_accepts_yaml_text(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    text = f"inputs:\n  - {src}\ntransforms:\n  - scale_: {{ target: w, by: 3.0 }}\noutput: {out}\n"
+    bs.run(text)
+    np.testing.assert_array_equal(_w(out), _expected_w(3.0))
+
+
+def test_run_accepts_json_text(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    bs.run(json.dumps(_plan(src, out, by=-1.0)))
+    np.testing.assert_array_equal(_w(out), _expected_w(-1.0))
+
+
+@pytest.mark.parametrize("as_type", [str, Path])
+def test_run_accepts_a_path(src, tmp_path, as_type):
+    out = tmp_path / "o.safetensors"
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(f"inputs: ['{src}']\ntransforms:\n  - scale_: {{target: w, by: 0.5}}\noutput: '{out}'\n")
+    bs.run(as_type(plan_file))
+    np.testing.assert_array_equal(_w(out), _expected_w(0.5))
+
+
+def test_run_list_of_files_merged_later_list_replaces(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    other = tmp_path / "other.safetensors"
+    base = tmp_path / "base.yaml"
+    base.write_text(f"inputs: ['{src}']\ntransforms:\n  - scale_: {{target: w, by: 2.0}}\n  - delete: {{target: h}}\noutput: {{path: '{other}'}}\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(f"transforms:\n  - scale_: {{target: w, by: 4.0}}\noutput: {{path: '{out}'}}\n")
+    bs.run([base, str(extra)])
+    got = read(out)
+    assert not other.exists()  # mapping merged: the later output.path wins
+    np.testing.assert_array_equal(got["w"], _expected_w(4.0))
+    assert "h" in got  # the later transforms list replaced the earlier one entirely
+
+
+def test_run_list_of_dicts_merged_recursively(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    bs.run([{"inputs": [str(src)], "output": {"path": str(tmp_path / "x.safetensors")}}, {"transforms": [{"delete": {"target": "h"}}], "output": {"path": str(out)}}])
+    assert "h" not in read(out)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"transforms[0].scale_.by": 0.5}, ["transforms[0].scale_.by=0.5"], ("transforms[0].scale_.by=0.5",)],
+)
+def test_run_overrides_apply_last(src, tmp_path, overrides):
+    out = tmp_path / "o.safetensors"
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(f"inputs: ['{src}']\ntransforms:\n  - scale_: {{target: w, by: 2.0}}\noutput: '{out}'\n")
+    bs.run([plan_file], overrides=overrides)
+    np.testing.assert_array_equal(_w(out), _expected_w(0.5))
+
+
+def test_overrides_values_are_yaml_typed(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    plan = {"inputs": [str(src)], "transforms": [{"copy": {"from": "w", "to": "x"}}], "output": str(out)}
+    # a string that looks like a number stays a string when quoted
+    bs.run(plan, overrides=["transforms[0].copy.to='007'"])
+    got = read(out)
+    assert "007" in got
+    np.testing.assert_array_equal(got["007"], TENSORS["w"])
+
+
+def test_override_of_nested_output_key(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    bs.run(_plan(src, tmp_path / "never.safetensors"), overrides={"output": str(out)})
+    assert out.exists() and not (tmp_path / "never.safetensors").exists()
+
+
+# ---------------------------------------------------------------- reports
+
+
+def test_run_report_fields(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    report = bs.run(
+        {
+            "inputs": [str(src)],
+            "transforms": [{"copy": {"from": "w", "to": "w2"}}, {"delete": {"target": "h|d"}}, {"cast_": {"target": "w2", "dtype": "bf16"}}],
+            "output": str(out),
+        }
+    )
+    expected_names = [n for n in TENSORS if n not in ("h", "d")] + ["w2"]
+    assert report["alias"] == "model"
+    assert [t["name"] for t in report["tensors"]] == expected_names
+    assert tensor_names(out) == expected_names
+    header, _ = read_header(out)
+    for t in report["tensors"]:
+        ref = TENSORS.get(t["name"], TENSORS["w"].astype(ml_dtypes.bfloat16))
+        assert tuple(t["shape"]) == ref.shape
+        assert t["nbytes"] == ref.nbytes
+        assert t["dtype"] == ("bfloat16" if t["name"] == "w2" else ref.dtype.name)
+        begin, end = header[t["name"]]["data_offsets"]
+        assert end - begin == t["nbytes"]
+    assert report["total_bytes"] == sum(t["nbytes"] for t in report["tensors"])
+    assert [Path(p).resolve() for p in report["written"]] == [out.resolve()]
+    assert report["added"] == 1 and report["removed"] == 2
+    assert isinstance(report["notes"], list) and all(isinstance(n, str) for n in report["notes"])
+    assert isinstance(report["peak_memory_estimate"], int) and report["peak_memory_estimate"] > 0
+
+
+def test_check_report_matches_run_report_and_writes_nothing(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    plan = {"inputs": [str(src)], "transforms": [{"copy": {"from": "w", "to": "w2"}}, {"delete": {"target": "ids"}}], "output": str(out)}
+    checked = bs.check(plan)
+    assert checked["written"] == []
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+    ran = bs.run(plan)
+    for key in ("alias", "tensors", "total_bytes", "added", "removed"):
+        assert checked[key] == ran[key], key
+
+
+def test_check_catches_plan_and_transform_errors(src, tmp_path):
+    out = str(tmp_path / "o.safetensors")
+    with pytest.raises(bs.PlanError):
+        bs.check({"inputs": [str(src)], "transforms": [{"copy": {"from": "w"}}], "output": out})
+    with pytest.raises(bs.TransformError):
+        bs.check({"inputs": [str(src)], "transforms": [{"copy": {"from": "w", "to": "h"}}], "output": out})
+    with pytest.raises(bs.TransformError):
+        bs.check({"inputs": [str(src)], "transforms": [{"scale_": {"target": "ids", "by": 2}}], "output": out})
+
+
+# ---------------------------------------------------------------- check() reads no tensor data
+
+
+def _corrupt_data(src: Path, dst: Path) -> None:
+    """Copy ``src`` with every byte of its data region (not the header) set to 0xff (NaN for floats)."""
+    shutil.copy(src, dst)
+    _, start = read_header(dst)
+    size = dst.stat().st_size
+    with open(dst, "r+b") as f:
+        f.seek(start)
+        f.write(b"\xff" * (size - start))
+
+
+def test_check_reads_no_data_corrupted_values(write, tmp_path):
+    tensors = {"w": np.ones((4, 4), np.float32), "b": np.zeros(4, np.float32)}
+    clean = write(tensors)
+    bad = tmp_path / "bad.safetensors"
+    _corrupt_data(clean, bad)
+    plan = {
+        "inputs": [str(bad)],
+        "transforms": [{"assert": {"finite": ".*"}}, {"scale_": {"target": "w", "by": 2.0}}, {"assert": {"iszero": "b"}}],
+        "output": str(tmp_path / "o.safetensors"),
+    }
+    # The headers are intact, so check() (which never looks at values) passes ...
+    report = bs.check(plan)
+    assert [t["name"] for t in report["tensors"]] == ["w", "b"]
+    # ... while run() reads the values and finds NaN.
+    with pytest.raises(bs.AssertionFailed, match="NaN"):
+        bs.run(plan)
+    assert not (tmp_path / "o.safetensors").exists()
+    # The same plan on the clean file passes both.
+    plan["inputs"] = [str(clean)]
+    bs.check(plan)
+    bs.run(plan)
+
+
+def test_check_reads_no_data_run_copies_garbage_bytes(write, tmp_path):
+    tensors = {"w": np.ones((4, 4), np.float32), "ids": np.arange(3, dtype=np.int64)}
+    bad = tmp_path / "bad.safetensors"
+    _corrupt_data(write(tensors), bad)
+    out = tmp_path / "o.safetensors"
+    plan = {"inputs": [str(bad)], "transforms": [{"copy": {"from": "ids", "to": "ids2"}}], "output": str(out)}
+    bs.check(plan)
+    assert not out.exists()
+    bs.run(plan)
+    got = read(out)
+    assert got["ids2"].tobytes() == b"\xff" * 24
+    np.testing.assert_array_equal(got["ids2"], np.full(3, -1, np.int64))
+
+
+def test_truncated_data_region_is_a_format_error_for_check_and_run(write, tmp_path):
+    # Truncation is visible from the header plus the file size, so check() refuses it as well.
+    clean = write({"w": np.ones((4, 4), np.float32), "b": np.zeros(4, np.float32)})
+    short = tmp_path / "short.safetensors"
+    shutil.copy(clean, short)
+    _, start = read_header(short)
+    with open(short, "r+b") as f:
+        f.truncate(start + 10)
+    plan = {"inputs": [str(short)], "transforms": [{"scale_": {"target": "w", "by": 2.0}}], "output": str(tmp_path / "o.safetensors")}
+    with pytest.raises(bs.FormatError):
+        bs.check(plan)
+    with pytest.raises(bs.FormatError):
+        bs.run(plan)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def read_header_bytes(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n])
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_threads_give_byte_identical_output(write, tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal((300, 1000)).astype(np.float32) for i in range(3)}  # > 1 MiB each
+    tensors["ids"] = np.arange(1000, dtype=np.int64)
+    src = write(tensors)
+    transforms = [
+        {"scale_": {"target": "t0", "by": 0.3}},
+        {"cast": {"from": r"t(\d)", "to": r"bf\1", "dtype": "bfloat16"}},
+        {"copy": {"from": "t1::[::-1, 100:900:3]", "to": "part"}},
+        {"assign": {"from": "t2::[:150]", "to": "t1::[150:]"}},
+        {"assert": {"equal": {"left": "t1::[150:]", "right": "t2::[:150]"}}},
+        {"delete": {"target": "t2"}},
+    ]
+    # The plan (and so its hash in the metadata) must be the same: one output path, kept aside.
+    out = tmp_path / "out.safetensors"
+    digests = {}
+    for threads in (1, 2, 4, 0):
+        bs.run({"inputs": [str(src)], "transforms": transforms, "output": str(out)}, threads=threads)
+        digests[threads] = _sha(out)
+        shutil.copy(out, tmp_path / f"kept{threads}.safetensors")
+    assert len(set(digests.values())) == 1, digests
+    # And the content is right (vs NumPy).
+    got = bs.open(tmp_path / "kept2.safetensors")
+    np.testing.assert_array_equal(got["t0"], tensors["t0"] * np.float32(0.3))
+    np.testing.assert_array_equal(got["part"], tensors["t1"][::-1, 100:900:3])
+    t1 = tensors["t1"].copy()
+    t1[150:] = tensors["t2"][:150]
+    np.testing.assert_array_equal(got["t1"], t1)
+    assert got["bf2"].tobytes() == tensors["t2"].astype(ml_dtypes.bfloat16).tobytes()
+
+
+def test_repeated_runs_are_byte_identical(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    plan = {"inputs": [str(src)], "transforms": [{"cast_": {"target": ".*", "dtype": "float16", "only": "float"}}], "output": str(out)}
+    bs.run(plan)
+    first = out.read_bytes()
+    bs.run(plan)
+    assert out.read_bytes() == first
+    # The same plan as JSON / YAML text (keys in the same order) gives the same file.
+    import yaml
+
+    bs.run(json.dumps(plan))
+    assert out.read_bytes() == first
+    bs.run(yaml.safe_dump(plan, sort_keys=False))
+    assert out.read_bytes() == first
+
+
+def test_plan_hash_ignores_mapping_key_order(src, tmp_path):
+    # SPEC §1: same inputs and plan give byte-identical output. Reordering the keys of a mapping
+    # does not change the plan, so the recorded plan_sha256 (and the file) must not change either.
+    out = tmp_path / "o.safetensors"
+    plan = {"inputs": [str(src)], "transforms": [{"scale_": {"target": "w", "by": 2.0}}], "output": str(out)}
+    reordered = {"output": str(out), "transforms": [{"scale_": {"by": 2.0, "target": "w"}}], "inputs": [str(src)]}
+    bs.run(plan)
+    first = out.read_bytes()
+    bs.run(reordered)
+    assert read_header(out)[0]["__metadata__"] == read_header_bytes(first)["__metadata__"]
+    assert out.read_bytes() == first
+
+
+def test_output_metadata_keeps_input_and_adds_version_and_plan_hash(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    bs.run(_plan(src, out))
+    header, _ = read_header(out)
+    meta = header["__metadata__"]
+    assert meta["format"] == "pt" and meta["note"] == "x"
+    assert meta["brainsurgery.version"] == bs.__version__
+    assert len(meta["brainsurgery.plan_sha256"]) == 64
+    int(meta["brainsurgery.plan_sha256"], 16)
+
+
+def test_threads_argument_validation(src, tmp_path):
+    with pytest.raises((ValueError, OverflowError, TypeError, bs.BrainSurgeryError)):
+        bs.run(_plan(src, tmp_path / "o.safetensors"), threads=-1)
+
+
+def test_version():
+    import importlib.metadata
+
+    assert bs.__version__ == importlib.metadata.version("brainsurgery")
+
+
+# ---------------------------------------------------------------- the README demo, end to end
+
+
+def test_demo_plan_on_tiny_gpt2(tmp_path):
+    # The demo asserts the default width (64), so build the default tiny GPT-2 here.
+    from conftest import save_safetensors, tiny_gpt2
+
+    gpt2_tensors = tiny_gpt2()
+    gpt2 = tmp_path / "tiny-gpt2"
+    save_safetensors(gpt2 / "model.safetensors", gpt2_tensors, {"format": "pt"})
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+    demo = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+    out = tmp_path / "gpt2-bf16"
+    report = bs.run(demo, overrides={"inputs": [f"gpt2::{gpt2}"], "output.path": str(out)})
+    assert report["alias"] == "gpt2"
+    files = sorted(p.name for p in out.iterdir())
+    assert "config.json" in files  # sidecar copied to a directory output
+    weights = [out / f for f in files if f.endswith(".safetensors")]
+    got: dict[str, np.ndarray] = {}
+    for w in weights:
+        got.update(read(w))
+    expected: dict[str, np.ndarray] = {}
+    for name, value in gpt2_tensors.items():
+        new = name
+        if name.startswith("h."):
+            _, i, rest = name.split(".", 2)
+            new = f"layers.{i}.{rest}"
+        if name.endswith("attn.c_proj.weight"):
+            value = value * np.float32(0.5)
+        if value.dtype.kind == "f":
+            value = value.astype(ml_dtypes.bfloat16)
+        expected[new] = value
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype, name
+        assert got[name].tobytes() == value.tobytes(), name
