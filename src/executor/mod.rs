@@ -119,13 +119,13 @@ impl Prepared {
             (_, [only]) => Some(only.alias.clone()),
             _ => None,
         };
+        // An output alias no input defines may still be created by the transforms; a plan
+        // without transforms cannot create it.
         if let Some(OutputSpec {
             alias: Some(alias), ..
         }) = &plan.output
         {
-            if initial.alias(alias).is_none() && !plan.transforms.is_empty() {
-                // It may be created by the transforms; checked again when choosing the output.
-            } else if initial.alias(alias).is_none() {
+            if initial.alias(alias).is_none() && plan.transforms.is_empty() {
                 return Err(PlanError::UnknownAlias {
                     location: Location::root().key("output").key("alias"),
                     alias: alias.clone(),
