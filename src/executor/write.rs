@@ -143,14 +143,34 @@ pub fn write_output(
     };
     let writer = SafetensorsWriter::create(layout, &specs, &metadata)?;
 
-    // Work items: chunks of every tensor, so one huge tensor still uses every thread.
-    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+    // Output tensors that are the same lazy value (copies, e.g. one MLP weight fanned out to
+    // four experts) are produced once per chunk and written to every destination.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut group_of: std::collections::HashMap<*const Value, usize> =
+        std::collections::HashMap::new();
     for (i, (_, t)) in tensors.iter().enumerate() {
-        let nbytes = t.nbytes();
+        let key = std::sync::Arc::as_ptr(&t.value);
+        match group_of.get(&key) {
+            Some(&g)
+                if tensors[groups[g][0]].1.dtype == t.dtype
+                    && tensors[groups[g][0]].1.shape == t.shape =>
+            {
+                groups[g].push(i)
+            }
+            _ => {
+                group_of.insert(key, groups.len());
+                groups.push(vec![i]);
+            }
+        }
+    }
+    // Work items: chunks of every group, so one huge tensor still uses every thread.
+    let mut items: Vec<(usize, usize, usize)> = Vec::new();
+    for (g, members) in groups.iter().enumerate() {
+        let nbytes = tensors[members[0]].1.nbytes();
         let mut start = 0;
         while start < nbytes {
             let len = CHUNK_BYTES.min(nbytes - start);
-            items.push((i, start, len));
+            items.push((g, start, len));
             start += len;
         }
     }
@@ -166,19 +186,22 @@ pub fn write_output(
     let result: Result<(), Error> = pool.install(|| {
         items.par_iter().try_for_each_init(
             || (Scratch::default(), Vec::<u8>::with_capacity(CHUNK_BYTES)),
-            |(scratch, buf), &(i, start, len)| {
+            |(scratch, buf), &(g, start, len)| {
                 if options.cancel.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
-                let tensor = tensors[i].1;
+                let members = &groups[g];
                 buf.resize(len, 0);
-                write_range(tensor, start, buf, scratch)?;
-                let (file, offset) = writer.placement(i);
-                file.write_all_at(buf, offset + start as u64)
-                    .map_err(|source| FormatError::Io {
-                        path: output.path.clone(),
-                        source,
-                    })?;
+                write_range(tensors[members[0]].1, start, buf, scratch)?;
+                for &i in members {
+                    let (file, offset) = writer.placement(i);
+                    file.write_all_at(buf, offset + start as u64)
+                        .map_err(|source| FormatError::Io {
+                            path: output.path.clone(),
+                            source,
+                        })?;
+                }
+                let len = len * members.len();
                 let now = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
                 if let Some(progress) = &options.progress {
                     progress(now, total);
