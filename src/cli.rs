@@ -123,12 +123,7 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
     Prepared::new(plan, args.threads)
 }
 
-fn print_report(
-    out: &mut dyn Write,
-    report: &Report,
-    notes: bool,
-    verb: &str,
-) -> std::io::Result<()> {
+fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -> std::io::Result<()> {
     if notes {
         for (i, note) in report.notes.iter().enumerate() {
             writeln!(out, "  [{i}] {note}")?;
@@ -151,9 +146,7 @@ fn print_report(
     Ok(())
 }
 
-fn progress_bar(
-    enabled: bool,
-) -> Option<(indicatif::ProgressBar, Arc<crate::executor::ProgressFn>)> {
+fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::executor::ProgressFn>)> {
     if !enabled {
         return None;
     }
@@ -234,8 +227,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<(), Error> {
         }
         Command::Run(args) => {
             let prepared = load_plan(&args)?;
-            let show_progress =
-                !args.no_progress && (args.progress || std::io::stderr().is_terminal());
+            let show_progress = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
             let bar = progress_bar(show_progress);
             let options = RunOptions {
                 threads: args.threads,
@@ -247,12 +239,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<(), Error> {
                 bar.finish_and_clear();
             }
             let report = result?;
-            let _ = print_report(
-                &mut out,
-                &report,
-                args.summarize && !args.no_summarize,
-                "wrote",
-            );
+            let _ = print_report(&mut out, &report, args.summarize && !args.no_summarize, "wrote");
             Ok(())
         }
     }

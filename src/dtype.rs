@@ -104,9 +104,7 @@ impl DType {
 
     /// Parses a safetensors header dtype name (exact, upper case).
     pub fn from_safetensors_name(name: &str) -> Option<DType> {
-        DType::ALL
-            .into_iter()
-            .find(|d| d.safetensors_name() == name)
+        DType::ALL.into_iter().find(|d| d.safetensors_name() == name)
     }
 
     /// The canonical user-facing name (`bfloat16`, `float8_e4m3fn`, ...), as NumPy/ml_dtypes
@@ -166,9 +164,7 @@ impl DType {
         match self {
             DType::F4 => 4,
             DType::F6E2M3 | DType::F6E3M2 => 6,
-            DType::Bool | DType::U8 | DType::I8 | DType::F8E5M2 | DType::F8E4M3 | DType::F8E8M0 => {
-                8
-            }
+            DType::Bool | DType::U8 | DType::I8 | DType::F8E5M2 | DType::F8E4M3 | DType::F8E8M0 => 8,
             DType::I16 | DType::U16 | DType::F16 | DType::BF16 => 16,
             DType::I32 | DType::U32 | DType::F32 => 32,
             DType::F64 | DType::I64 | DType::U64 | DType::C64 => 64,

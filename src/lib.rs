@@ -4,17 +4,19 @@
 //! and tensor references, lazy values, transforms, the executor, and the front ends (command
 //! line, Python bindings).
 
-#[cfg(feature = "python")]
-pub mod bindings;
-pub mod cli;
+#![deny(missing_docs)]
+
 pub mod dtype;
-pub mod error;
-pub mod executor;
-pub mod formats;
 pub mod kernels;
+pub mod formats;
 pub mod plan;
 pub mod references;
-pub mod transforms;
 pub mod value;
+pub mod transforms;
+pub mod executor;
+pub mod error;
+pub mod cli;
+#[cfg(feature = "python")]
+pub mod bindings;
 
 pub use error::Error;

@@ -154,12 +154,7 @@ impl Tensor {
 
     /// Reads raw bytes `[byte_start, byte_start + out.len())` of a stored or in-memory tensor.
     /// Works for every dtype, sub-byte ones included; other values go through [`Tensor::read`].
-    pub fn read_raw(
-        &self,
-        byte_start: usize,
-        out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
+    pub fn read_raw(&self, byte_start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
         match &*self.value {
             Value::Stored { file, offset } => file.read_at(offset + byte_start as u64, out),
             Value::Memory(bytes) => {
@@ -167,10 +162,7 @@ impl Tensor {
                 Ok(())
             }
             _ => {
-                let size = self
-                    .dtype
-                    .size()
-                    .expect("computed values have byte-sized dtypes");
+                let size = self.dtype.size().expect("computed values have byte-sized dtypes");
                 self.read(byte_start / size, out, scratch)
             }
         }
@@ -178,16 +170,8 @@ impl Tensor {
 
     /// Fills `out` with elements `[start, start + out.len() / itemsize)` of the tensor in
     /// row-major order. The dtype must be byte-sized (transforms refuse computing on others).
-    pub fn read(
-        &self,
-        start: usize,
-        out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
-        let size = self
-            .dtype
-            .size()
-            .expect("element reads need a byte-sized dtype");
+    pub fn read(&self, start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+        let size = self.dtype.size().expect("element reads need a byte-sized dtype");
         if out.is_empty() {
             return Ok(());
         }
@@ -215,9 +199,7 @@ impl Tensor {
                 Ok(())
             }
             Value::View { base, slice } => read_view(base, slice, size, start, out, scratch),
-            Value::Overwrite { base, region, with } => {
-                read_overwrite(base, region, with, size, start, out, scratch)
-            }
+            Value::Overwrite { base, region, with } => read_overwrite(base, region, with, size, start, out, scratch),
         }
     }
 
@@ -228,10 +210,7 @@ impl Tensor {
         scratch: &mut Scratch,
         mut f: impl FnMut(&[u8]) -> Result<(), FormatError>,
     ) -> Result<(), FormatError> {
-        let size = self
-            .dtype
-            .size()
-            .expect("element reads need a byte-sized dtype");
+        let size = self.dtype.size().expect("element reads need a byte-sized dtype");
         let total = self.numel();
         let per_chunk = (CHUNK_BYTES / size).max(1);
         let mut buf = scratch.take(per_chunk.min(total) * size);
@@ -303,8 +282,7 @@ fn read_view(
                 if result.is_ok() {
                     for j in 0..count {
                         let at = index_at(first, last.step, j) - lowest;
-                        dst[j * size..(j + 1) * size]
-                            .copy_from_slice(&tmp[at * size..(at + 1) * size]);
+                        dst[j * size..(j + 1) * size].copy_from_slice(&tmp[at * size..(at + 1) * size]);
                     }
                 }
                 scratch.give(tmp);
@@ -393,9 +371,7 @@ fn read_overwrite(
         let (s, step) = (last.start as isize, last.step);
         let (j_min, j_max) = if step > 0 {
             let j_min = (lo as isize - s + step - 1).div_euclid(step).max(0);
-            let j_max = (hi as isize - 1 - s)
-                .div_euclid(step)
-                .min(last.len as isize - 1);
+            let j_max = (hi as isize - 1 - s).div_euclid(step).min(last.len as isize - 1);
             (j_min, j_max)
         } else {
             let a = -step;
@@ -438,9 +414,7 @@ mod tests {
     fn values(t: &Tensor, start: usize, n: usize) -> Vec<u16> {
         let mut out = vec![0u8; n * 2];
         t.read(start, &mut out, &mut Scratch::default()).unwrap();
-        out.chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect()
+        out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
     }
 
     /// Base linear indices of a selection in result order, computed the slow obvious way.
@@ -481,10 +455,7 @@ mod tests {
         let all = values(&base, 0, 120);
         for text in SLICES {
             let slice = SliceSpec::parse(text).unwrap().resolve(&shape).unwrap();
-            let expected: Vec<u16> = naive_indices(&slice, &shape)
-                .iter()
-                .map(|&i| all[i])
-                .collect();
+            let expected: Vec<u16> = naive_indices(&slice, &shape).iter().map(|&i| all[i]).collect();
             let view = Tensor {
                 dtype: DType::U16,
                 shape: slice.shape.clone(),
@@ -543,10 +514,7 @@ mod tests {
 
     #[test]
     fn cast_and_scale_read_through_kernels() {
-        let bytes: Vec<u8> = [1.5f32, -2.0, 3.25]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
         let base = Tensor::in_memory(DType::F32, vec![3], Arc::new(bytes));
         let scaled = Tensor {
             dtype: DType::F32,

@@ -47,8 +47,7 @@ mod classes {
 }
 
 use classes::{
-    AssertionFailed, BrainSurgeryError, FormatError as FormatError_, PlanError as PlanError_,
-    TransformError,
+    AssertionFailed, BrainSurgeryError, FormatError as FormatError_, PlanError as PlanError_, TransformError,
 };
 
 /// Attaches the underlying I/O error as `__cause__`, typed by kind, so callers can inspect it.

@@ -23,10 +23,7 @@ use crate::plan::{Location, Plan, PlanError, PlanSource};
 /// Runs `work` on another thread with the GIL released, polling for Ctrl-C meanwhile. On an
 /// interrupt the engine's cancel flag is set; the work stops at its next chunk and the signal's
 /// exception (normally `KeyboardInterrupt`) is raised.
-fn detached<T: Send>(
-    py: Python<'_>,
-    work: impl FnOnce(Arc<AtomicBool>) -> T + Send,
-) -> PyResult<T> {
+fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + Send) -> PyResult<T> {
     let cancel = Arc::new(AtomicBool::new(false));
     let mut signal: Option<PyErr> = None;
     let result = py.detach(|| {
@@ -48,9 +45,7 @@ fn detached<T: Send>(
     if let Some(e) = signal {
         return Err(e);
     }
-    result.map_err(|_| {
-        pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread panicked")
-    })
+    result.map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread panicked"))
 }
 
 /// Converts a Python plan value (dict/list/str/number/bool/None, paths as strings) to a document.
@@ -67,21 +62,16 @@ fn to_value(obj: &Bound<'_, PyAny>, location: &Location) -> PyResult<Value> {
         }
     }
     if obj.is_instance_of::<pyo3::types::PyInt>() {
-        let u: u64 = obj.extract().map_err(|_| {
-            errors::plan_error(PlanError::invalid(location, "integer out of range"))
-        })?;
+        let u: u64 = obj
+            .extract()
+            .map_err(|_| errors::plan_error(PlanError::invalid(location, "integer out of range")))?;
         return Ok(Value::from(u));
     }
     if let Ok(f) = obj.cast::<pyo3::types::PyFloat>() {
         let f = f.value();
         return serde_json::Number::from_f64(f)
             .map(Value::Number)
-            .ok_or_else(|| {
-                errors::plan_error(PlanError::invalid(
-                    location,
-                    format!("{f} is not a finite number"),
-                ))
-            });
+            .ok_or_else(|| errors::plan_error(PlanError::invalid(location, format!("{f} is not a finite number"))));
     }
     if let Ok(s) = obj.cast::<PyString>() {
         return Ok(Value::String(s.to_str()?.to_owned()));
@@ -124,8 +114,7 @@ fn to_source(obj: &Bound<'_, PyAny>) -> PyResult<PlanSource> {
     }
     if let Ok(text) = obj.cast::<PyString>() {
         let text = text.to_str()?;
-        let looks_like_document =
-            text.contains('\n') || text.contains(": ") || text.trim_start().starts_with('{');
+        let looks_like_document = text.contains('\n') || text.contains(": ") || text.trim_start().starts_with('{');
         if !looks_like_document {
             return Ok(PlanSource::File(text.into()));
         }
@@ -195,11 +184,7 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     Ok(dict)
 }
 
-fn prepare(
-    sources: Vec<PlanSource>,
-    overrides: Vec<String>,
-    threads: usize,
-) -> Result<Prepared, Error> {
+fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> Result<Prepared, Error> {
     let plan = Plan::load(&sources, &overrides)?;
     Prepared::new(plan, threads)
 }
@@ -265,11 +250,7 @@ impl PyTensorBuffer {
     /// # Safety
     /// Called by CPython with a valid `view`. The buffer is read-only and its memory lives as long
     /// as `self` (the view holds a reference to `self`, and `self` holds the mapping).
-    unsafe fn __getbuffer__(
-        slf: Bound<'_, Self>,
-        view: *mut pyo3::ffi::Py_buffer,
-        flags: c_int,
-    ) -> PyResult<()> {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         if flags & pyo3::ffi::PyBUF_WRITABLE != 0 {
             return Err(pyo3::exceptions::PyBufferError::new_err(
                 "checkpoint tensors are read-only",
@@ -279,9 +260,7 @@ impl PyTensorBuffer {
         let ptr = this.map[this.offset..this.offset + this.len].as_ptr() as *mut std::ffi::c_void;
         // SAFETY: `view` comes from CPython; the pointer and length describe memory owned by the
         // mapping that `slf` keeps alive for as long as the view holds its reference.
-        let status = unsafe {
-            pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, this.len as isize, 1, flags)
-        };
+        let status = unsafe { pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, this.len as isize, 1, flags) };
         if status == -1 {
             return Err(PyErr::fetch(slf.py()));
         }
@@ -314,9 +293,7 @@ impl PyCheckpoint {
             return Ok(map.clone());
         }
         let source: &SourceFile = &self.checkpoint.files[file];
-        let map = source
-            .map()
-            .map_err(|e| errors::to_py(py, Error::Format(e)))?;
+        let map = source.map().map_err(|e| errors::to_py(py, Error::Format(e)))?;
         Ok(self.maps[file].get_or_init(|| Arc::new(map)).clone())
     }
 }
@@ -325,11 +302,7 @@ impl PyCheckpoint {
 impl PyCheckpoint {
     /// Tensor names in file order.
     fn keys(&self) -> Vec<String> {
-        self.checkpoint
-            .tensors
-            .iter()
-            .map(|t| t.name.clone())
-            .collect()
+        self.checkpoint.tensors.iter().map(|t| t.name.clone()).collect()
     }
 
     fn __len__(&self) -> usize {
@@ -350,10 +323,8 @@ impl PyCheckpoint {
     fn buffer(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorBuffer> {
         let t = self.entry(name)?;
         let map = self.map_of(py, t.file)?;
-        let offset =
-            usize::try_from(t.offset).map_err(|_| PyValueError::new_err("offset out of range"))?;
-        let len =
-            usize::try_from(t.nbytes).map_err(|_| PyValueError::new_err("size out of range"))?;
+        let offset = usize::try_from(t.offset).map_err(|_| PyValueError::new_err("offset out of range"))?;
+        let len = usize::try_from(t.nbytes).map_err(|_| PyValueError::new_err("size out of range"))?;
         Ok(PyTensorBuffer { map, offset, len })
     }
 
@@ -373,19 +344,14 @@ impl PyCheckpoint {
 /// Opens a checkpoint lazily (headers only).
 #[pyfunction]
 fn open(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyCheckpoint> {
-    let checkpoint = detached(py, move |_| open_checkpoint(&path))?
-        .map_err(|e| errors::to_py(py, Error::Format(e)))?;
+    let checkpoint = detached(py, move |_| open_checkpoint(&path))?.map_err(|e| errors::to_py(py, Error::Format(e)))?;
     let index = checkpoint
         .tensors
         .iter()
         .enumerate()
         .map(|(i, t)| (t.name.clone(), i))
         .collect();
-    let maps = checkpoint
-        .files
-        .iter()
-        .map(|_| std::sync::OnceLock::new())
-        .collect();
+    let maps = checkpoint.files.iter().map(|_| std::sync::OnceLock::new()).collect();
     Ok(PyCheckpoint {
         checkpoint,
         maps,

@@ -110,21 +110,13 @@ impl Prepared {
         }
         initial.written.clear();
         initial.default_alias = match (&plan.output, plan.inputs.as_slice()) {
-            (
-                Some(OutputSpec {
-                    alias: Some(alias), ..
-                }),
-                _,
-            ) => Some(alias.clone()),
+            (Some(OutputSpec { alias: Some(alias), .. }), _) => Some(alias.clone()),
             (_, [only]) => Some(only.alias.clone()),
             _ => None,
         };
         // An output alias no input defines may still be created by the transforms; a plan
         // without transforms cannot create it.
-        if let Some(OutputSpec {
-            alias: Some(alias), ..
-        }) = &plan.output
-        {
+        if let Some(OutputSpec { alias: Some(alias), .. }) = &plan.output {
             if initial.alias(alias).is_none() && plan.transforms.is_empty() {
                 return Err(PlanError::UnknownAlias {
                     location: Location::root().key("output").key("alias"),
@@ -257,8 +249,7 @@ impl Prepared {
         let state = self.execute(&mut ctx)?;
         let mut report = self.report(&state, ctx)?;
         if let (Some(output), Some(alias)) = (&self.plan.output, report.alias.clone()) {
-            report.written =
-                write::write_output(output, &state, &alias, &self.plan, self.threads, options)?;
+            report.written = write::write_output(output, &state, &alias, &self.plan, self.threads, options)?;
         }
         Ok(report)
     }
@@ -280,14 +271,8 @@ mod tests {
         let b = f32_bytes(&[1.0, -2.0, 3.5]);
         let ids: Vec<u8> = (0..4i64).flat_map(|v| v.to_le_bytes()).collect();
         let tensors = vec![
-            (
-                "layers.0.w",
-                TensorView::new(Dtype::F32, vec![3, 4], &a).unwrap(),
-            ),
-            (
-                "layers.0.b",
-                TensorView::new(Dtype::F32, vec![3], &b).unwrap(),
-            ),
+            ("layers.0.w", TensorView::new(Dtype::F32, vec![3, 4], &a).unwrap()),
+            ("layers.0.b", TensorView::new(Dtype::F32, vec![3], &b).unwrap()),
             ("ids", TensorView::new(Dtype::I64, vec![4], &ids).unwrap()),
         ];
         let path = dir.join("in.safetensors");
@@ -339,10 +324,7 @@ mod tests {
         assert_eq!(floats(&st, "blocks.0.b"), vec![1.0, -2.0, 3.5]);
         let ids32 = st.tensor("ids32").unwrap();
         assert_eq!(ids32.dtype(), Dtype::I32);
-        assert_eq!(
-            ids32.data(),
-            &[0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]
-        );
+        assert_eq!(ids32.data(), &[0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
         let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
         let meta = meta.metadata().clone().unwrap();
         assert_eq!(meta["format"], "pt");

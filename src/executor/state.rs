@@ -128,9 +128,7 @@ impl State {
             let order = self.next_order;
             self.next_order += 1;
             state.order.insert(order, entry.name.clone());
-            state
-                .tensors
-                .insert(entry.name.clone(), Entry { tensor, order });
+            state.tensors.insert(entry.name.clone(), Entry { tensor, order });
         }
         self.declared.push(alias.to_owned());
         self.aliases.insert(alias.to_owned(), state);
@@ -155,12 +153,7 @@ impl State {
     }
 
     /// The alias a reference means, or the plan error for an unknown or missing alias.
-    pub fn alias_for(
-        &self,
-        explicit: Option<&str>,
-        reference: &str,
-        location: &Location,
-    ) -> Result<String, PlanError> {
+    pub fn alias_for(&self, explicit: Option<&str>, reference: &str, location: &Location) -> Result<String, PlanError> {
         let alias = match explicit {
             Some(a) => a.to_owned(),
             None => match &self.default_alias {
@@ -185,11 +178,7 @@ impl State {
     }
 
     /// Every tensor `reference` selects, in order; zero matches are an empty list.
-    pub fn select(
-        &self,
-        reference: &Reference,
-        location: &Location,
-    ) -> Result<Vec<Match>, SelectError> {
+    pub fn select(&self, reference: &Reference, location: &Location) -> Result<Vec<Match>, SelectError> {
         let alias = self.alias_for(reference.alias.as_deref(), &reference.text, location)?;
         let state = &self.aliases[&alias];
         let mut matches = Vec::new();
@@ -200,16 +189,11 @@ impl State {
             let (view, slice) = match &reference.slice {
                 None => (tensor.clone(), None),
                 Some(spec) => {
-                    let resolved =
-                        spec.resolve(&tensor.shape)
-                            .map_err(|source| TransformError::Slice {
-                                tensor: format!("{alias}::{name}"),
-                                source,
-                            })?;
-                    (
-                        view_of(tensor, &resolved, &format!("{alias}::{name}"))?,
-                        Some(resolved),
-                    )
+                    let resolved = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice {
+                        tensor: format!("{alias}::{name}"),
+                        source,
+                    })?;
+                    (view_of(tensor, &resolved, &format!("{alias}::{name}"))?, Some(resolved))
                 }
             };
             matches.push(Match {
@@ -225,11 +209,7 @@ impl State {
     }
 
     /// Like [`State::select`], but zero matches are an error showing the closest names.
-    pub fn select_some(
-        &self,
-        reference: &Reference,
-        location: &Location,
-    ) -> Result<Vec<Match>, SelectError> {
+    pub fn select_some(&self, reference: &Reference, location: &Location) -> Result<Vec<Match>, SelectError> {
         let matches = self.select(reference, location)?;
         if matches.is_empty() {
             let alias = self.alias_for(reference.alias.as_deref(), &reference.text, location)?;
@@ -264,10 +244,7 @@ impl State {
         self.ensure_alias(alias);
         self.written.insert(alias.to_owned());
         let state = self.aliases.get_mut(alias).expect("alias ensured");
-        if let Some(old) = state
-            .tensors
-            .insert(name.to_owned(), Entry { tensor, order })
-        {
+        if let Some(old) = state.tensors.insert(name.to_owned(), Entry { tensor, order }) {
             state.order.remove(&old.order);
         }
         state.order.insert(order, name.to_owned());
@@ -302,11 +279,7 @@ impl State {
 }
 
 /// Builds a view tensor for a resolved slice, or the tensor itself when the slice is whole.
-pub fn view_of(
-    tensor: &Tensor,
-    slice: &ResolvedSlice,
-    display: &str,
-) -> Result<Tensor, TransformError> {
+pub fn view_of(tensor: &Tensor, slice: &ResolvedSlice, display: &str) -> Result<Tensor, TransformError> {
     if slice.is_full() && slice.shape == tensor.shape {
         return Ok(tensor.clone());
     }

@@ -37,12 +37,7 @@ fn canonical(path: &Path) -> Option<PathBuf> {
 
 /// Refuses outputs that cannot be written: formats not available yet, and targets that would
 /// overwrite an input.
-pub fn validate_output(
-    output: &OutputSpec,
-    state: &State,
-    _alias: &str,
-    _plan: &Plan,
-) -> Result<(), Error> {
+pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: &Plan) -> Result<(), Error> {
     let location = Location::root().key("output");
     if output.format != OutputFormat::Safetensors {
         return Err(PlanError::invalid(
@@ -88,19 +83,11 @@ pub fn validate_output(
 /// thread's reused buffer too: writing them straight from a mapping of the input (`pwrite` from
 /// the map, `MADV_DONTNEED` after each chunk) measured slower on the 3.2 GiB expert job (1.36–1.74 s
 /// against 1.03–1.28 s, interleaved runs, 2 threads) with a higher peak RSS (29 against 21 MiB).
-fn write_range(
-    tensor: &Tensor,
-    byte_start: usize,
-    buf: &mut [u8],
-    scratch: &mut Scratch,
-) -> Result<(), FormatError> {
+fn write_range(tensor: &Tensor, byte_start: usize, buf: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
     match &*tensor.value {
         Value::Stored { .. } | Value::Memory(_) => tensor.read_raw(byte_start, buf, scratch),
         _ => {
-            let size = tensor
-                .dtype
-                .size()
-                .expect("computed values have byte-sized dtypes");
+            let size = tensor.dtype.size().expect("computed values have byte-sized dtypes");
             tensor.read(byte_start / size, buf, scratch)
         }
     }
@@ -126,11 +113,8 @@ pub fn write_output(
             shape: t.shape.clone(),
         })
         .collect();
-    let mut metadata: BTreeMap<String, String> = current
-        .origin
-        .as_ref()
-        .map(|o| o.metadata.clone())
-        .unwrap_or_default();
+    let mut metadata: BTreeMap<String, String> =
+        current.origin.as_ref().map(|o| o.metadata.clone()).unwrap_or_default();
     metadata.insert(VERSION_KEY.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
     metadata.insert(PLAN_KEY.to_owned(), plan.sha256.clone());
     let layout = if output.single_file {
@@ -146,15 +130,11 @@ pub fn write_output(
     // Output tensors that are the same lazy value (copies, e.g. one MLP weight fanned out to
     // four experts) are produced once per chunk and written to every destination.
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut group_of: std::collections::HashMap<*const Value, usize> =
-        std::collections::HashMap::new();
+    let mut group_of: std::collections::HashMap<*const Value, usize> = std::collections::HashMap::new();
     for (i, (_, t)) in tensors.iter().enumerate() {
         let key = std::sync::Arc::as_ptr(&t.value);
         match group_of.get(&key) {
-            Some(&g)
-                if tensors[groups[g][0]].1.dtype == t.dtype
-                    && tensors[groups[g][0]].1.shape == t.shape =>
-            {
+            Some(&g) if tensors[groups[g][0]].1.dtype == t.dtype && tensors[groups[g][0]].1.shape == t.shape => {
                 groups[g].push(i)
             }
             _ => {

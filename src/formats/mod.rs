@@ -95,9 +95,7 @@ pub enum FormatError {
         second: PathBuf,
     },
     /// A size budget such as `"5GB"` could not be parsed.
-    #[error(
-        "invalid size {text:?}: expected a whole number with an optional unit (KB, MB, GB, TB)"
-    )]
+    #[error("invalid size {text:?}: expected a whole number with an optional unit (KB, MB, GB, TB)")]
     InvalidSize {
         /// The text given.
         text: String,
@@ -233,10 +231,7 @@ pub struct Checkpoint {
 /// The non-safetensors weight format a file name indicates, if any.
 fn foreign_format(name: &str) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
-    if [".bin", ".pt", ".pth"]
-        .iter()
-        .any(|ext| lower.ends_with(ext))
-    {
+    if [".bin", ".pt", ".pth"].iter().any(|ext| lower.ends_with(ext)) {
         Some("PyTorch")
     } else if [".npy", ".npz"].iter().any(|ext| lower.ends_with(ext)) {
         Some("NumPy")
@@ -260,10 +255,7 @@ fn is_weight_name(name: &str) -> bool {
 pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
     let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
     if !meta.is_dir() {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
         if let Some(format) = foreign_format(&name) {
             return Err(FormatError::Unsupported {
                 path: path.to_path_buf(),
@@ -323,16 +315,10 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
         return assemble(path, files, Some(index), sidecars, true);
     }
 
-    let weights: Vec<&String> = names
-        .iter()
-        .filter(|n| n.ends_with(".safetensors"))
-        .collect();
+    let weights: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
     if weights.is_empty() {
         if names.iter().any(|n| foreign_format(n).is_some()) {
-            let format = names
-                .iter()
-                .find_map(|n| foreign_format(n))
-                .unwrap_or("PyTorch");
+            let format = names.iter().find_map(|n| foreign_format(n)).unwrap_or("PyTorch");
             return Err(FormatError::Unsupported {
                 path: path.to_path_buf(),
                 format,
@@ -357,8 +343,7 @@ fn read_index(index_path: &Path) -> Result<BTreeMap<String, String>, FormatError
         reason,
     };
     let text = std::fs::read_to_string(index_path).map_err(|e| FormatError::io(index_path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON ({e})")))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON ({e})")))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -372,14 +357,9 @@ fn read_index(index_path: &Path) -> Result<BTreeMap<String, String>, FormatError
         let file = file
             .as_str()
             .ok_or_else(|| bad(format!("shard of {name:?} is not a string")))?;
-        let inside = !file.is_empty()
-            && Path::new(file)
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)));
+        let inside = !file.is_empty() && Path::new(file).components().all(|c| matches!(c, Component::Normal(_)));
         if !inside {
-            return Err(bad(format!(
-                "shard name {file:?} is not a file in the directory"
-            )));
+            return Err(bad(format!("shard name {file:?} is not a file in the directory")));
         }
         weight_map.insert(name.clone(), file.to_string());
     }
@@ -455,13 +435,9 @@ fn assemble(
 /// `"1TB"`, plain bytes `"4096"` or `"4096B"`. Case-insensitive; `KiB`/`MiB`/`GiB`/`TiB` and the
 /// bare `K`/`M`/`G`/`T` mean the same; spaces around and between are allowed.
 pub fn parse_size(text: &str) -> Result<u64, FormatError> {
-    let invalid = || FormatError::InvalidSize {
-        text: text.to_string(),
-    };
+    let invalid = || FormatError::InvalidSize { text: text.to_string() };
     let trimmed = text.trim();
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
+    let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(digits_end);
     if digits.is_empty() {
         return Err(invalid());
@@ -493,9 +469,7 @@ pub(crate) mod test_util {
 
     /// Bytes 0, 1, 2, ... of length `n` offset by `seed`, so tensors are distinguishable.
     pub fn pattern(n: usize, seed: u8) -> Vec<u8> {
-        (0..n)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect()
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
     /// Serializes with the official crate.
@@ -643,12 +617,7 @@ mod tests {
             ],
             Some(m1),
         );
-        for side in [
-            "config.json",
-            "tokenizer.json",
-            "generation_config.json",
-            "README.md",
-        ] {
+        for side in ["config.json", "tokenizer.json", "generation_config.json", "README.md"] {
             std::fs::write(d.join(side), b"{}").unwrap();
         }
         for skip in [
@@ -669,28 +638,16 @@ mod tests {
         let ck = open_checkpoint(d).unwrap();
         assert!(ck.is_directory);
         let files: Vec<_> = ck.files.iter().map(|f| f.path.clone()).collect();
-        assert_eq!(
-            files,
-            vec![d.join("a.safetensors"), d.join("b.safetensors")]
-        );
+        assert_eq!(files, vec![d.join("a.safetensors"), d.join("b.safetensors")]);
         // a.safetensors: x and y by offset (official writer sorts same-dtype by name).
         assert_eq!(names(&ck), vec!["x", "y", "z"]);
         assert_eq!(ck.tensors[2].file, 1);
         assert_eq!(ck.metadata.get("first").map(String::as_str), Some("yes"));
         assert!(!ck.metadata.contains_key("second"));
-        let sidecars: Vec<_> = ck
-            .sidecars
-            .iter()
-            .map(|p| p.file_name().unwrap().to_owned())
-            .collect();
+        let sidecars: Vec<_> = ck.sidecars.iter().map(|p| p.file_name().unwrap().to_owned()).collect();
         assert_eq!(
             sidecars,
-            vec![
-                "README.md",
-                "config.json",
-                "generation_config.json",
-                "tokenizer.json"
-            ]
+            vec!["README.md", "config.json", "generation_config.json", "tokenizer.json"]
         );
     }
 
@@ -748,11 +705,7 @@ mod tests {
         )
         .unwrap();
         match open_checkpoint(d) {
-            Err(FormatError::IndexTensorMissing {
-                index,
-                tensor,
-                file,
-            }) => {
+            Err(FormatError::IndexTensorMissing { index, tensor, file }) => {
                 assert_eq!(index, d.join(INDEX_NAME));
                 assert_eq!(tensor, "ghost");
                 assert_eq!(file, d.join("s1.safetensors"));
@@ -780,10 +733,7 @@ mod tests {
             r#"{"weight_map": {"a": "/etc/passwd"}}"#,
         ] {
             std::fs::write(d.join(INDEX_NAME), bad).unwrap();
-            assert!(
-                matches!(open_checkpoint(d), Err(FormatError::BadIndex { .. })),
-                "{bad}"
-            );
+            assert!(matches!(open_checkpoint(d), Err(FormatError::BadIndex { .. })), "{bad}");
         }
     }
 
@@ -802,11 +752,7 @@ mod tests {
             None,
         );
         match open_checkpoint(d) {
-            Err(FormatError::DuplicateTensor {
-                name,
-                first,
-                second,
-            }) => {
+            Err(FormatError::DuplicateTensor { name, first, second }) => {
                 assert_eq!(name, "w");
                 assert_eq!(first, d.join("a.safetensors"));
                 assert_eq!(second, d.join("b.safetensors"));
@@ -826,10 +772,7 @@ mod tests {
         std::fs::write(dir.path().join("pytorch_model.bin"), b"x").unwrap();
         assert!(matches!(
             open_checkpoint(dir.path()),
-            Err(FormatError::Unsupported {
-                format: "PyTorch",
-                ..
-            })
+            Err(FormatError::Unsupported { format: "PyTorch", .. })
         ));
     }
 

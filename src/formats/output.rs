@@ -157,18 +157,11 @@ fn header_bytes<'a>(
     for (t, begin, end) in tensors {
         let mut entry = Map::new();
         entry.insert("dtype".into(), t.dtype.safetensors_name().into());
-        entry.insert(
-            "shape".into(),
-            t.shape.iter().map(|&d| Value::from(d)).collect(),
-        );
-        entry.insert(
-            "data_offsets".into(),
-            Value::Array(vec![begin.into(), end.into()]),
-        );
+        entry.insert("shape".into(), t.shape.iter().map(|&d| Value::from(d)).collect());
+        entry.insert("data_offsets".into(), Value::Array(vec![begin.into(), end.into()]));
         map.insert(t.name.clone(), Value::Object(entry));
     }
-    let mut json = serde_json::to_vec(&Value::Object(map))
-        .expect("a JSON value with string keys always serializes");
+    let mut json = serde_json::to_vec(&Value::Object(map)).expect("a JSON value with string keys always serializes");
     json.resize(json.len().div_ceil(8) * 8, b' ');
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&json);
@@ -184,10 +177,7 @@ fn temp_path_for(target: &Path) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+    let name = target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = format!(".{name}.tmp-{}-{n}{nanos:x}", std::process::id());
     target.with_file_name(tmp)
 }
@@ -218,14 +208,10 @@ impl SafetensorsWriter {
         let mut sizes = Vec::with_capacity(tensors.len());
         for t in tensors {
             if t.name == "__metadata__" {
-                return Err(FormatError::ReservedTensorName {
-                    name: t.name.clone(),
-                });
+                return Err(FormatError::ReservedTensorName { name: t.name.clone() });
             }
             if !names.insert(t.name.as_str()) {
-                return Err(FormatError::DuplicateOutputTensor {
-                    name: t.name.clone(),
-                });
+                return Err(FormatError::DuplicateOutputTensor { name: t.name.clone() });
             }
             sizes.push(tensor_nbytes(t)?);
         }
@@ -295,8 +281,7 @@ impl SafetensorsWriter {
         // Offsets within each shard, consecutive in the given order (no holes, so the official
         // loader accepts the file).
         let mut cursor = vec![0u64; final_paths.len()];
-        let mut layout_entries: Vec<Vec<(&OutputTensor, u64, u64)>> =
-            vec![Vec::new(); final_paths.len()];
+        let mut layout_entries: Vec<Vec<(&OutputTensor, u64, u64)>> = vec![Vec::new(); final_paths.len()];
         let mut relative = Vec::with_capacity(tensors.len());
         for ((t, &size), &shard) in tensors.iter().zip(&sizes).zip(&shard_of) {
             // Indices come from plan_shards, which numbers shards 0..final_paths.len().
@@ -317,8 +302,7 @@ impl SafetensorsWriter {
                 temp: temp.clone(),
                 target: final_path.clone(),
             });
-            file.write_all_at(&prefix, 0)
-                .map_err(|e| FormatError::io(&temp, e))?;
+            file.write_all_at(&prefix, 0).map_err(|e| FormatError::io(&temp, e))?;
             // Sparse: unwritten data reads as zeros and costs no disk until written.
             file.set_len(prefix.len() as u64 + data_len)
                 .map_err(|e| FormatError::io(&temp, e))?;
@@ -353,8 +337,7 @@ impl SafetensorsWriter {
                 temp: temp.clone(),
                 target: index_path.clone(),
             });
-            file.write_all_at(&text, 0)
-                .map_err(|e| FormatError::io(&temp, e))?;
+            file.write_all_at(&text, 0).map_err(|e| FormatError::io(&temp, e))?;
         }
         Ok(writer)
     }
@@ -621,8 +604,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/deeper/out.safetensors");
         let tensors = sample();
-        let w =
-            SafetensorsWriter::create(OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
+        let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
         assert_eq!(w.total_bytes(), 24 + 5 + 16 + 9 + 8 + 3); // "empty" takes 0
         let data = fill(&w, &tensors);
         let written = w.commit(&[dir.path().join("ignored.json")]).unwrap();
@@ -634,10 +616,7 @@ mod tests {
         let st = SafeTensors::deserialize(&bytes).unwrap();
         for (tensor, data) in tensors.iter().zip(&data) {
             let view = st.tensor(&tensor.name).unwrap();
-            assert_eq!(
-                format!("{:?}", view.dtype()),
-                tensor.dtype.safetensors_name()
-            );
+            assert_eq!(format!("{:?}", view.dtype()), tensor.dtype.safetensors_name());
             assert_eq!(view.shape(), &tensor.shape[..]);
             assert_eq!(view.data(), &data[..], "{}", tensor.name);
         }
@@ -653,18 +632,12 @@ mod tests {
         // Our own reader agrees and keeps the given order.
         let ck = open_checkpoint(&path).unwrap();
         let order: Vec<&str> = ck.tensors.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(
-            order,
-            tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>()
-        );
+        assert_eq!(order, tensors.iter().map(|t| t.name.as_str()).collect::<Vec<_>>());
         assert_eq!(ck.metadata, meta());
         // __metadata__ comes first in the JSON.
         assert!(bytes[8..].starts_with(b"{\"__metadata__\":{"));
         // Only the output is left in the directory.
-        assert_eq!(
-            dir_names(&dir.path().join("nested/deeper")),
-            vec!["out.safetensors"]
-        );
+        assert_eq!(dir_names(&dir.path().join("nested/deeper")), vec!["out.safetensors"]);
     }
 
     #[test]
@@ -674,8 +647,7 @@ mod tests {
         let mut outputs = Vec::new();
         for name in ["one.safetensors", "two.safetensors"] {
             let path = dir.path().join(name);
-            let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &tensors, &meta())
-                .unwrap();
+            let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
             fill(&w, &tensors);
             w.commit(&[]).unwrap();
             outputs.push(std::fs::read(&path).unwrap());
@@ -687,15 +659,11 @@ mod tests {
     fn empty_output_and_no_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.safetensors");
-        let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &[], &BTreeMap::new())
-            .unwrap();
+        let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &[], &BTreeMap::new()).unwrap();
         w.commit(&[]).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[8..], b"{}      ");
-        assert!(SafeTensors::deserialize(&bytes)
-            .unwrap()
-            .tensors()
-            .is_empty());
+        assert!(SafeTensors::deserialize(&bytes).unwrap().tensors().is_empty());
     }
 
     #[test]
@@ -732,9 +700,7 @@ mod tests {
         let side = root.path().join("config.json");
         std::fs::write(&side, b"{\"x\": 1}").unwrap();
         let written = w.commit(std::slice::from_ref(&side)).unwrap();
-        let shard_names: Vec<String> = (1..=4)
-            .map(|i| format!("model-0000{i}-of-00004.safetensors"))
-            .collect();
+        let shard_names: Vec<String> = (1..=4).map(|i| format!("model-0000{i}-of-00004.safetensors")).collect();
         let mut expected: Vec<PathBuf> = shard_names.iter().map(|n| dir.join(n)).collect();
         expected.push(dir.join(INDEX_NAME));
         expected.push(dir.join("config.json"));
@@ -744,13 +710,9 @@ mod tests {
         listing.push(INDEX_NAME.into());
         listing.sort();
         assert_eq!(dir_names(&dir), listing);
-        assert_eq!(
-            std::fs::read(dir.join("config.json")).unwrap(),
-            b"{\"x\": 1}"
-        );
+        assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), b"{\"x\": 1}");
 
-        let index: Value =
-            serde_json::from_slice(&std::fs::read(dir.join(INDEX_NAME)).unwrap()).unwrap();
+        let index: Value = serde_json::from_slice(&std::fs::read(dir.join(INDEX_NAME)).unwrap()).unwrap();
         assert_eq!(index["metadata"]["total_size"], 73);
         let wm = index["weight_map"].as_object().unwrap();
         let expect_shard = [0, 0, 1, 2, 2, 3];
@@ -771,12 +733,7 @@ mod tests {
                     .len(),
                 2
             );
-            for ((tensor, data), _) in tensors
-                .iter()
-                .zip(&data)
-                .zip(expect_shard)
-                .filter(|(_, e)| *e == s)
-            {
+            for ((tensor, data), _) in tensors.iter().zip(&data).zip(expect_shard).filter(|(_, e)| *e == s) {
                 assert_eq!(st.tensor(&tensor.name).unwrap().data(), &data[..]);
             }
         }
@@ -876,9 +833,7 @@ mod tests {
         // Temporaries are hidden and beside the final names; nothing final exists yet.
         let names = dir_names(&dir);
         assert_eq!(names.len(), 3);
-        assert!(names
-            .iter()
-            .all(|n| n.starts_with('.') && n.contains(".tmp-")));
+        assert!(names.iter().all(|n| n.starts_with('.') && n.contains(".tmp-")));
         drop(w);
         assert_eq!(dir_names(root.path()), Vec::<String>::new());
 
@@ -941,11 +896,7 @@ mod tests {
             Err(FormatError::InvalidTensorSize { .. })
         ));
         assert!(matches!(
-            SafetensorsWriter::create(
-                OutputLayout::File(root.path().to_path_buf()),
-                &[],
-                &BTreeMap::new()
-            ),
+            SafetensorsWriter::create(OutputLayout::File(root.path().to_path_buf()), &[], &BTreeMap::new()),
             Err(FormatError::InvalidOutput { .. })
         ));
         let blocker = root.path().join("plainfile");
@@ -970,9 +921,7 @@ mod tests {
     #[test]
     fn concurrent_placement_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let tensors: Vec<OutputTensor> = (0..16)
-            .map(|i| t(&format!("t{i}"), DType::F32, &[257 + i]))
-            .collect();
+        let tensors: Vec<OutputTensor> = (0..16).map(|i| t(&format!("t{i}"), DType::F32, &[257 + i])).collect();
         let layout = OutputLayout::Directory {
             dir: dir.path().to_path_buf(),
             shard_budget: Some(4000),
@@ -1008,9 +957,7 @@ mod tests {
         assert!(is_weight_output_name(SINGLE_NAME));
         assert!(is_weight_output_name(INDEX_NAME));
         assert!(!is_weight_output_name("model-1-of-2.safetensors"));
-        assert!(!is_weight_output_name(
-            "model-00001-of-00002.safetensors.bak"
-        ));
+        assert!(!is_weight_output_name("model-00001-of-00002.safetensors.bak"));
         assert!(!is_weight_output_name("adapter_model.safetensors"));
     }
 }

@@ -213,10 +213,7 @@ fn check_header_len(header_len: u64, file_len: u64) -> Result<(), HeaderError> {
         .checked_sub(LEN_PREFIX)
         .ok_or(HeaderError::TooShort { len: file_len })?;
     if header_len > available {
-        return Err(HeaderError::HeaderPastEnd {
-            header_len,
-            available,
-        });
+        return Err(HeaderError::HeaderPastEnd { header_len, available });
     }
     if header_len > MAX_HEADER_LEN {
         return Err(HeaderError::HeaderTooLarge {
@@ -229,14 +226,13 @@ fn check_header_len(header_len: u64, file_len: u64) -> Result<(), HeaderError> {
 
 /// Decodes the 8-byte little-endian length prefix.
 fn decode_len(bytes: &[u8]) -> Result<u64, HeaderError> {
-    let prefix: [u8; 8] =
-        bytes
-            .get(..8)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(HeaderError::Truncated {
-                needed: LEN_PREFIX,
-                got: bytes.len() as u64,
-            })?;
+    let prefix: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(HeaderError::Truncated {
+            needed: LEN_PREFIX,
+            got: bytes.len() as u64,
+        })?;
     Ok(u64::from_le_bytes(prefix))
 }
 
@@ -285,12 +281,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
         }
         let raw: RawTensor = match serde_json::from_value(value) {
             Ok(raw) => raw,
-            Err(source) => {
-                return Err(HeaderError::InvalidEntry {
-                    tensor: name,
-                    source,
-                })
-            }
+            Err(source) => return Err(HeaderError::InvalidEntry { tensor: name, source }),
         };
         let Some(dtype) = DType::from_safetensors_name(&raw.dtype) else {
             return Err(HeaderError::UnknownDtype {
@@ -445,15 +436,11 @@ mod tests {
             ("i16", Dtype::I16, vec![1], pattern(2, 8)),
             ("f4", Dtype::F4, vec![4], pattern(2, 9)),
         ];
-        let meta: std::collections::HashMap<String, String> =
-            [("format".to_string(), "pt".to_string())].into();
+        let meta: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         let bytes = official(&specs, Some(meta));
         let header = parse(&bytes).unwrap();
         assert_eq!(header.data_start, 8 + header.header_len);
-        assert_eq!(
-            header.metadata.get("format").map(String::as_str),
-            Some("pt")
-        );
+        assert_eq!(header.metadata.get("format").map(String::as_str), Some("pt"));
         assert_eq!(header.tensors.len(), specs.len());
         for (name, dtype, shape, data) in &specs {
             let t = header.tensors.iter().find(|t| t.name == *name).unwrap();
@@ -486,10 +473,7 @@ mod tests {
 
     #[test]
     fn too_short() {
-        assert!(matches!(
-            parse(&[1, 0, 0]),
-            Err(HeaderError::TooShort { len: 3 })
-        ));
+        assert!(matches!(parse(&[1, 0, 0]), Err(HeaderError::TooShort { len: 3 })));
         assert!(matches!(parse(&[]), Err(HeaderError::TooShort { len: 0 })));
     }
 
@@ -506,10 +490,7 @@ mod tests {
         ));
         let mut huge = u64::MAX.to_le_bytes().to_vec();
         huge.extend_from_slice(b"{}");
-        assert!(matches!(
-            parse(&huge),
-            Err(HeaderError::HeaderPastEnd { .. })
-        ));
+        assert!(matches!(parse(&huge), Err(HeaderError::HeaderPastEnd { .. })));
     }
 
     #[test]
@@ -531,10 +512,7 @@ mod tests {
         let bytes = image(r#"{"__metadata__":{}}"#, 0);
         assert!(matches!(
             parse_header(&bytes[..12], 1000),
-            Err(HeaderError::Truncated {
-                needed: 27,
-                got: 12
-            })
+            Err(HeaderError::Truncated { needed: 27, got: 12 })
         ));
     }
 
@@ -547,32 +525,20 @@ mod tests {
 
     #[test]
     fn not_json() {
-        assert!(matches!(
-            parse(&image("{\"a\":", 0)),
-            Err(HeaderError::NotJson(_))
-        ));
-        assert!(matches!(
-            parse(&image("{} x", 0)),
-            Err(HeaderError::NotJson(_))
-        ));
+        assert!(matches!(parse(&image("{\"a\":", 0)), Err(HeaderError::NotJson(_))));
+        assert!(matches!(parse(&image("{} x", 0)), Err(HeaderError::NotJson(_))));
     }
 
     #[test]
     fn not_object() {
         for json in ["[1,2]", "3", "\"s\"", "null"] {
-            assert!(
-                matches!(parse(&image(json, 0)), Err(HeaderError::NotObject)),
-                "{json}"
-            );
+            assert!(matches!(parse(&image(json, 0)), Err(HeaderError::NotObject)), "{json}");
         }
     }
 
     #[test]
     fn unknown_dtype() {
-        let bytes = image(
-            r#"{"w":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#,
-            16,
-        );
+        let bytes = image(r#"{"w":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#, 16);
         assert!(matches!(
             parse(&bytes),
             Err(HeaderError::UnknownDtype { tensor, dtype }) if tensor == "w" && dtype == "F128"
@@ -602,19 +568,13 @@ mod tests {
     fn invalid_metadata() {
         for meta in [r#"{"a":1}"#, r#"[]"#, r#""x""#, r#"{"a":{"b":"c"}}"#] {
             let bytes = image(&format!(r#"{{"__metadata__":{meta}}}"#), 0);
-            assert!(
-                matches!(parse(&bytes), Err(HeaderError::InvalidMetadata(_))),
-                "{meta}"
-            );
+            assert!(matches!(parse(&bytes), Err(HeaderError::InvalidMetadata(_))), "{meta}");
         }
     }
 
     #[test]
     fn past_end() {
-        let bytes = image(
-            r#"{"w":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
-            5,
-        );
+        let bytes = image(r#"{"w":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#, 5);
         assert!(matches!(
             parse(&bytes),
             Err(HeaderError::PastEnd { tensor, end: 6, data_len: 5 }) if tensor == "w"
@@ -623,10 +583,7 @@ mod tests {
 
     #[test]
     fn begin_after_end() {
-        let bytes = image(
-            r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[3,2]}}"#,
-            5,
-        );
+        let bytes = image(r#"{"w":{"dtype":"U8","shape":[0],"data_offsets":[3,2]}}"#, 5);
         assert!(matches!(
             parse(&bytes),
             Err(HeaderError::BeginAfterEnd { tensor, begin: 3, end: 2 }) if tensor == "w"
@@ -662,10 +619,7 @@ mod tests {
 
     #[test]
     fn size_mismatch() {
-        let bytes = image(
-            r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}}"#,
-            16,
-        );
+        let bytes = image(r#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}}"#, 16);
         assert!(matches!(
             parse(&bytes),
             Err(HeaderError::SizeMismatch { tensor, expected: 16, actual: 12 }) if tensor == "w"
@@ -688,10 +642,7 @@ mod tests {
             &format!(r#"{{"w":{{"dtype":"F64","shape":[{max}],"data_offsets":[0,4]}}}}"#),
             4,
         );
-        assert!(matches!(
-            parse(&bytes),
-            Err(HeaderError::SizeOverflow { .. })
-        ));
+        assert!(matches!(parse(&bytes), Err(HeaderError::SizeOverflow { .. })));
     }
 
     #[test]
@@ -706,10 +657,7 @@ mod tests {
             Err(HeaderError::DuplicateName { tensor }) if tensor == "w"
         ));
         let bytes = image(r#"{"__metadata__":{},"__metadata__":{}}"#, 0);
-        assert!(matches!(
-            parse(&bytes),
-            Err(HeaderError::DuplicateName { .. })
-        ));
+        assert!(matches!(parse(&bytes), Err(HeaderError::DuplicateName { .. })));
     }
 
     /// Poor man's fuzzing without extra dependencies: random byte flips, truncations and
@@ -721,8 +669,7 @@ mod tests {
             ("b", Dtype::BF16, vec![3], pattern(6, 2)),
             ("c", Dtype::U8, vec![0], vec![]),
         ];
-        let meta: std::collections::HashMap<String, String> =
-            [("k".to_string(), "v".to_string())].into();
+        let meta: std::collections::HashMap<String, String> = [("k".to_string(), "v".to_string())].into();
         let base = official(&specs, Some(meta));
         let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
@@ -740,11 +687,7 @@ mod tests {
             if next() % 4 == 0 {
                 bytes.truncate((next() as usize) % bytes.len());
             }
-            let file_len = if next() % 8 == 0 {
-                next()
-            } else {
-                bytes.len() as u64
-            };
+            let file_len = if next() % 8 == 0 { next() } else { bytes.len() as u64 };
             let _ = parse_header(&bytes, file_len);
         }
     }
@@ -766,10 +709,7 @@ mod tests {
         ));
         std::fs::write(
             &path,
-            image(
-                r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
-                1,
-            ),
+            image(r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 1),
         )
         .unwrap();
         let file = SourceFile::open(&path).unwrap();

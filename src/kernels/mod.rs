@@ -53,9 +53,7 @@ fn count(dtype: DType, bytes: &[u8]) -> usize {
 }
 
 fn size(dtype: DType) -> usize {
-    dtype
-        .size()
-        .expect("checked by `count` before any block is processed")
+    dtype.size().expect("checked by `count` before any block is processed")
 }
 
 /// Whether `convert` accepts this pair: the same dtype (byte copy, any dtype), or two computable
@@ -92,10 +90,7 @@ fn convert_with(from: DType, src: &[u8], to: DType, dst: &mut [u8], simd: bool) 
         dst.copy_from_slice(src);
         return;
     }
-    assert!(
-        can_convert(from, to),
-        "kernels: cannot convert {from} to {to}"
-    );
+    assert!(can_convert(from, to), "kernels: cannot convert {from} to {to}");
     let n = count(from, src);
     assert_eq!(
         n,
@@ -134,10 +129,7 @@ fn lookup(table: &[u8], src: &[u8], width: usize, dst: &mut [u8]) {
         }
     }
     match width {
-        1 => dst
-            .iter_mut()
-            .zip(src)
-            .for_each(|(d, &b)| *d = table[usize::from(b)]),
+        1 => dst.iter_mut().zip(src).for_each(|(d, &b)| *d = table[usize::from(b)]),
         2 => fixed::<2>(table, src, dst),
         4 => fixed::<4>(table, src, dst),
         8 => fixed::<8>(table, src, dst),
@@ -233,10 +225,7 @@ fn decode_int(dtype: DType, src: &[u8], out: &mut [i128]) {
         };
     }
     match dtype {
-        Bool => out
-            .iter_mut()
-            .zip(src)
-            .for_each(|(o, &b)| *o = i128::from(b != 0)),
+        Bool => out.iter_mut().zip(src).for_each(|(o, &b)| *o = i128::from(b != 0)),
         U8 => ints!(u8, 1),
         I8 => ints!(i8, 1),
         U16 => ints!(u16, 2),
@@ -255,9 +244,7 @@ fn decode_any(dtype: DType, src: &[u8], out: &mut [f64], ints: &mut [i128]) {
         decode_float(dtype, src, out);
     } else {
         decode_int(dtype, src, ints);
-        out.iter_mut()
-            .zip(ints.iter())
-            .for_each(|(o, &v)| *o = v as f64);
+        out.iter_mut().zip(ints.iter()).for_each(|(o, &v)| *o = v as f64);
     }
 }
 
@@ -440,12 +427,12 @@ pub fn map_in_place_f32(dtype: DType, buf: &mut [u8], f: impl Fn(f32) -> f32 + S
         DType::F32 => map_4_in_place(buf, |b| f(f32::from_bits(b)).to_bits()),
         DType::BF16 => map_half_bytes(buf, false, f),
         DType::F16 => map_half_bytes(buf, true, f),
-        DType::F8E4M3 => buf.iter_mut().for_each(|b| {
-            *b = F8E4M3.encode_f64(f64::from(f(F8E4M3_TABLE[usize::from(*b)]))) as u8
-        }),
-        DType::F8E5M2 => buf.iter_mut().for_each(|b| {
-            *b = F8E5M2.encode_f64(f64::from(f(F8E5M2_TABLE[usize::from(*b)]))) as u8
-        }),
+        DType::F8E4M3 => buf
+            .iter_mut()
+            .for_each(|b| *b = F8E4M3.encode_f64(f64::from(f(F8E4M3_TABLE[usize::from(*b)]))) as u8),
+        DType::F8E5M2 => buf
+            .iter_mut()
+            .for_each(|b| *b = F8E5M2.encode_f64(f64::from(f(F8E5M2_TABLE[usize::from(*b)]))) as u8),
         DType::F64 => map_in_place_f64(dtype, buf, |x| f64::from(f(x as f32))),
         _ => unreachable!("assert_float admits only floats"),
     }
@@ -655,11 +642,7 @@ pub fn max_abs_diff(a_dtype: DType, a: &[u8], b_dtype: DType, b: &[u8]) -> f64 {
         "kernels: cannot compare {a_dtype} with {b_dtype}"
     );
     let n = count(a_dtype, a);
-    assert_eq!(
-        n,
-        count(b_dtype, b),
-        "kernels: max_abs_diff length mismatch"
-    );
+    assert_eq!(n, count(b_dtype, b), "kernels: max_abs_diff length mismatch");
     let (sa, sb) = (size(a_dtype), size(b_dtype));
     let blocks = a.chunks(BLOCK * sa).zip(b.chunks(BLOCK * sb));
     let (mut ia, mut ib) = ([0i128; BLOCK], [0i128; BLOCK]);
@@ -723,17 +706,11 @@ mod tests {
     }
 
     fn u16s(bytes: &[u8]) -> Vec<u16> {
-        bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes(arr(c)))
-            .collect()
+        bytes.chunks_exact(2).map(|c| u16::from_le_bytes(arr(c))).collect()
     }
 
     fn u32s(bytes: &[u8]) -> Vec<u32> {
-        bytes
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(arr(c)))
-            .collect()
+        bytes.chunks_exact(4).map(|c| u32::from_le_bytes(arr(c))).collect()
     }
 
     fn all_u16_bytes() -> Vec<u8> {
@@ -754,10 +731,7 @@ mod tests {
 
     fn same_f32(got: u32, want: f32, what: &str) {
         if want.is_nan() {
-            assert!(
-                f32::from_bits(got).is_nan(),
-                "{what}: {got:#x} should be NaN"
-            );
+            assert!(f32::from_bits(got).is_nan(), "{what}: {got:#x} should be NaN");
         } else {
             assert_eq!(got, want.to_bits(), "{what}: got {got:#x}, want {want}");
         }
@@ -873,10 +847,7 @@ mod tests {
             same_16(b, scalar::BF16.encode_f64(f64::from(x)) as u16, true, &what);
             if x.is_nan() {
                 // Quiet NaN, sign and high payload kept (F16C's behaviour).
-                assert_eq!(
-                    h,
-                    (((p >> 16) & 0x8000) | 0x7e00 | ((p >> 13) & 0x3ff)) as u16
-                );
+                assert_eq!(h, (((p >> 16) & 0x8000) | 0x7e00 | ((p >> 13) & 0x3ff)) as u16);
                 assert_eq!(b, ((p >> 16) | 0x40) as u16);
             }
         }
@@ -925,81 +896,65 @@ mod tests {
     // Generated with ml_dtypes 0.6.0 / NumPy 2.4.6:
     // np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_*).astype(np.float32).view(np.uint32)
     const ML_DTYPES_E4M3: [u32; 256] = [
-        0x00000000, 0x3b000000, 0x3b800000, 0x3bc00000, 0x3c000000, 0x3c200000, 0x3c400000,
-        0x3c600000, 0x3c800000, 0x3c900000, 0x3ca00000, 0x3cb00000, 0x3cc00000, 0x3cd00000,
-        0x3ce00000, 0x3cf00000, 0x3d000000, 0x3d100000, 0x3d200000, 0x3d300000, 0x3d400000,
-        0x3d500000, 0x3d600000, 0x3d700000, 0x3d800000, 0x3d900000, 0x3da00000, 0x3db00000,
-        0x3dc00000, 0x3dd00000, 0x3de00000, 0x3df00000, 0x3e000000, 0x3e100000, 0x3e200000,
-        0x3e300000, 0x3e400000, 0x3e500000, 0x3e600000, 0x3e700000, 0x3e800000, 0x3e900000,
-        0x3ea00000, 0x3eb00000, 0x3ec00000, 0x3ed00000, 0x3ee00000, 0x3ef00000, 0x3f000000,
-        0x3f100000, 0x3f200000, 0x3f300000, 0x3f400000, 0x3f500000, 0x3f600000, 0x3f700000,
-        0x3f800000, 0x3f900000, 0x3fa00000, 0x3fb00000, 0x3fc00000, 0x3fd00000, 0x3fe00000,
-        0x3ff00000, 0x40000000, 0x40100000, 0x40200000, 0x40300000, 0x40400000, 0x40500000,
-        0x40600000, 0x40700000, 0x40800000, 0x40900000, 0x40a00000, 0x40b00000, 0x40c00000,
-        0x40d00000, 0x40e00000, 0x40f00000, 0x41000000, 0x41100000, 0x41200000, 0x41300000,
-        0x41400000, 0x41500000, 0x41600000, 0x41700000, 0x41800000, 0x41900000, 0x41a00000,
-        0x41b00000, 0x41c00000, 0x41d00000, 0x41e00000, 0x41f00000, 0x42000000, 0x42100000,
-        0x42200000, 0x42300000, 0x42400000, 0x42500000, 0x42600000, 0x42700000, 0x42800000,
-        0x42900000, 0x42a00000, 0x42b00000, 0x42c00000, 0x42d00000, 0x42e00000, 0x42f00000,
-        0x43000000, 0x43100000, 0x43200000, 0x43300000, 0x43400000, 0x43500000, 0x43600000,
-        0x43700000, 0x43800000, 0x43900000, 0x43a00000, 0x43b00000, 0x43c00000, 0x43d00000,
-        0x43e00000, 0x7fc00000, 0x80000000, 0xbb000000, 0xbb800000, 0xbbc00000, 0xbc000000,
-        0xbc200000, 0xbc400000, 0xbc600000, 0xbc800000, 0xbc900000, 0xbca00000, 0xbcb00000,
-        0xbcc00000, 0xbcd00000, 0xbce00000, 0xbcf00000, 0xbd000000, 0xbd100000, 0xbd200000,
-        0xbd300000, 0xbd400000, 0xbd500000, 0xbd600000, 0xbd700000, 0xbd800000, 0xbd900000,
-        0xbda00000, 0xbdb00000, 0xbdc00000, 0xbdd00000, 0xbde00000, 0xbdf00000, 0xbe000000,
-        0xbe100000, 0xbe200000, 0xbe300000, 0xbe400000, 0xbe500000, 0xbe600000, 0xbe700000,
-        0xbe800000, 0xbe900000, 0xbea00000, 0xbeb00000, 0xbec00000, 0xbed00000, 0xbee00000,
-        0xbef00000, 0xbf000000, 0xbf100000, 0xbf200000, 0xbf300000, 0xbf400000, 0xbf500000,
-        0xbf600000, 0xbf700000, 0xbf800000, 0xbf900000, 0xbfa00000, 0xbfb00000, 0xbfc00000,
-        0xbfd00000, 0xbfe00000, 0xbff00000, 0xc0000000, 0xc0100000, 0xc0200000, 0xc0300000,
-        0xc0400000, 0xc0500000, 0xc0600000, 0xc0700000, 0xc0800000, 0xc0900000, 0xc0a00000,
-        0xc0b00000, 0xc0c00000, 0xc0d00000, 0xc0e00000, 0xc0f00000, 0xc1000000, 0xc1100000,
-        0xc1200000, 0xc1300000, 0xc1400000, 0xc1500000, 0xc1600000, 0xc1700000, 0xc1800000,
-        0xc1900000, 0xc1a00000, 0xc1b00000, 0xc1c00000, 0xc1d00000, 0xc1e00000, 0xc1f00000,
-        0xc2000000, 0xc2100000, 0xc2200000, 0xc2300000, 0xc2400000, 0xc2500000, 0xc2600000,
-        0xc2700000, 0xc2800000, 0xc2900000, 0xc2a00000, 0xc2b00000, 0xc2c00000, 0xc2d00000,
-        0xc2e00000, 0xc2f00000, 0xc3000000, 0xc3100000, 0xc3200000, 0xc3300000, 0xc3400000,
-        0xc3500000, 0xc3600000, 0xc3700000, 0xc3800000, 0xc3900000, 0xc3a00000, 0xc3b00000,
+        0x00000000, 0x3b000000, 0x3b800000, 0x3bc00000, 0x3c000000, 0x3c200000, 0x3c400000, 0x3c600000, 0x3c800000,
+        0x3c900000, 0x3ca00000, 0x3cb00000, 0x3cc00000, 0x3cd00000, 0x3ce00000, 0x3cf00000, 0x3d000000, 0x3d100000,
+        0x3d200000, 0x3d300000, 0x3d400000, 0x3d500000, 0x3d600000, 0x3d700000, 0x3d800000, 0x3d900000, 0x3da00000,
+        0x3db00000, 0x3dc00000, 0x3dd00000, 0x3de00000, 0x3df00000, 0x3e000000, 0x3e100000, 0x3e200000, 0x3e300000,
+        0x3e400000, 0x3e500000, 0x3e600000, 0x3e700000, 0x3e800000, 0x3e900000, 0x3ea00000, 0x3eb00000, 0x3ec00000,
+        0x3ed00000, 0x3ee00000, 0x3ef00000, 0x3f000000, 0x3f100000, 0x3f200000, 0x3f300000, 0x3f400000, 0x3f500000,
+        0x3f600000, 0x3f700000, 0x3f800000, 0x3f900000, 0x3fa00000, 0x3fb00000, 0x3fc00000, 0x3fd00000, 0x3fe00000,
+        0x3ff00000, 0x40000000, 0x40100000, 0x40200000, 0x40300000, 0x40400000, 0x40500000, 0x40600000, 0x40700000,
+        0x40800000, 0x40900000, 0x40a00000, 0x40b00000, 0x40c00000, 0x40d00000, 0x40e00000, 0x40f00000, 0x41000000,
+        0x41100000, 0x41200000, 0x41300000, 0x41400000, 0x41500000, 0x41600000, 0x41700000, 0x41800000, 0x41900000,
+        0x41a00000, 0x41b00000, 0x41c00000, 0x41d00000, 0x41e00000, 0x41f00000, 0x42000000, 0x42100000, 0x42200000,
+        0x42300000, 0x42400000, 0x42500000, 0x42600000, 0x42700000, 0x42800000, 0x42900000, 0x42a00000, 0x42b00000,
+        0x42c00000, 0x42d00000, 0x42e00000, 0x42f00000, 0x43000000, 0x43100000, 0x43200000, 0x43300000, 0x43400000,
+        0x43500000, 0x43600000, 0x43700000, 0x43800000, 0x43900000, 0x43a00000, 0x43b00000, 0x43c00000, 0x43d00000,
+        0x43e00000, 0x7fc00000, 0x80000000, 0xbb000000, 0xbb800000, 0xbbc00000, 0xbc000000, 0xbc200000, 0xbc400000,
+        0xbc600000, 0xbc800000, 0xbc900000, 0xbca00000, 0xbcb00000, 0xbcc00000, 0xbcd00000, 0xbce00000, 0xbcf00000,
+        0xbd000000, 0xbd100000, 0xbd200000, 0xbd300000, 0xbd400000, 0xbd500000, 0xbd600000, 0xbd700000, 0xbd800000,
+        0xbd900000, 0xbda00000, 0xbdb00000, 0xbdc00000, 0xbdd00000, 0xbde00000, 0xbdf00000, 0xbe000000, 0xbe100000,
+        0xbe200000, 0xbe300000, 0xbe400000, 0xbe500000, 0xbe600000, 0xbe700000, 0xbe800000, 0xbe900000, 0xbea00000,
+        0xbeb00000, 0xbec00000, 0xbed00000, 0xbee00000, 0xbef00000, 0xbf000000, 0xbf100000, 0xbf200000, 0xbf300000,
+        0xbf400000, 0xbf500000, 0xbf600000, 0xbf700000, 0xbf800000, 0xbf900000, 0xbfa00000, 0xbfb00000, 0xbfc00000,
+        0xbfd00000, 0xbfe00000, 0xbff00000, 0xc0000000, 0xc0100000, 0xc0200000, 0xc0300000, 0xc0400000, 0xc0500000,
+        0xc0600000, 0xc0700000, 0xc0800000, 0xc0900000, 0xc0a00000, 0xc0b00000, 0xc0c00000, 0xc0d00000, 0xc0e00000,
+        0xc0f00000, 0xc1000000, 0xc1100000, 0xc1200000, 0xc1300000, 0xc1400000, 0xc1500000, 0xc1600000, 0xc1700000,
+        0xc1800000, 0xc1900000, 0xc1a00000, 0xc1b00000, 0xc1c00000, 0xc1d00000, 0xc1e00000, 0xc1f00000, 0xc2000000,
+        0xc2100000, 0xc2200000, 0xc2300000, 0xc2400000, 0xc2500000, 0xc2600000, 0xc2700000, 0xc2800000, 0xc2900000,
+        0xc2a00000, 0xc2b00000, 0xc2c00000, 0xc2d00000, 0xc2e00000, 0xc2f00000, 0xc3000000, 0xc3100000, 0xc3200000,
+        0xc3300000, 0xc3400000, 0xc3500000, 0xc3600000, 0xc3700000, 0xc3800000, 0xc3900000, 0xc3a00000, 0xc3b00000,
         0xc3c00000, 0xc3d00000, 0xc3e00000, 0xffc00000,
     ];
     const ML_DTYPES_E5M2: [u32; 256] = [
-        0x00000000, 0x37800000, 0x38000000, 0x38400000, 0x38800000, 0x38a00000, 0x38c00000,
-        0x38e00000, 0x39000000, 0x39200000, 0x39400000, 0x39600000, 0x39800000, 0x39a00000,
-        0x39c00000, 0x39e00000, 0x3a000000, 0x3a200000, 0x3a400000, 0x3a600000, 0x3a800000,
-        0x3aa00000, 0x3ac00000, 0x3ae00000, 0x3b000000, 0x3b200000, 0x3b400000, 0x3b600000,
-        0x3b800000, 0x3ba00000, 0x3bc00000, 0x3be00000, 0x3c000000, 0x3c200000, 0x3c400000,
-        0x3c600000, 0x3c800000, 0x3ca00000, 0x3cc00000, 0x3ce00000, 0x3d000000, 0x3d200000,
-        0x3d400000, 0x3d600000, 0x3d800000, 0x3da00000, 0x3dc00000, 0x3de00000, 0x3e000000,
-        0x3e200000, 0x3e400000, 0x3e600000, 0x3e800000, 0x3ea00000, 0x3ec00000, 0x3ee00000,
-        0x3f000000, 0x3f200000, 0x3f400000, 0x3f600000, 0x3f800000, 0x3fa00000, 0x3fc00000,
-        0x3fe00000, 0x40000000, 0x40200000, 0x40400000, 0x40600000, 0x40800000, 0x40a00000,
-        0x40c00000, 0x40e00000, 0x41000000, 0x41200000, 0x41400000, 0x41600000, 0x41800000,
-        0x41a00000, 0x41c00000, 0x41e00000, 0x42000000, 0x42200000, 0x42400000, 0x42600000,
-        0x42800000, 0x42a00000, 0x42c00000, 0x42e00000, 0x43000000, 0x43200000, 0x43400000,
-        0x43600000, 0x43800000, 0x43a00000, 0x43c00000, 0x43e00000, 0x44000000, 0x44200000,
-        0x44400000, 0x44600000, 0x44800000, 0x44a00000, 0x44c00000, 0x44e00000, 0x45000000,
-        0x45200000, 0x45400000, 0x45600000, 0x45800000, 0x45a00000, 0x45c00000, 0x45e00000,
-        0x46000000, 0x46200000, 0x46400000, 0x46600000, 0x46800000, 0x46a00000, 0x46c00000,
-        0x46e00000, 0x47000000, 0x47200000, 0x47400000, 0x47600000, 0x7f800000, 0x7fc00000,
-        0x7fc00000, 0x7fc00000, 0x80000000, 0xb7800000, 0xb8000000, 0xb8400000, 0xb8800000,
-        0xb8a00000, 0xb8c00000, 0xb8e00000, 0xb9000000, 0xb9200000, 0xb9400000, 0xb9600000,
-        0xb9800000, 0xb9a00000, 0xb9c00000, 0xb9e00000, 0xba000000, 0xba200000, 0xba400000,
-        0xba600000, 0xba800000, 0xbaa00000, 0xbac00000, 0xbae00000, 0xbb000000, 0xbb200000,
-        0xbb400000, 0xbb600000, 0xbb800000, 0xbba00000, 0xbbc00000, 0xbbe00000, 0xbc000000,
-        0xbc200000, 0xbc400000, 0xbc600000, 0xbc800000, 0xbca00000, 0xbcc00000, 0xbce00000,
-        0xbd000000, 0xbd200000, 0xbd400000, 0xbd600000, 0xbd800000, 0xbda00000, 0xbdc00000,
-        0xbde00000, 0xbe000000, 0xbe200000, 0xbe400000, 0xbe600000, 0xbe800000, 0xbea00000,
-        0xbec00000, 0xbee00000, 0xbf000000, 0xbf200000, 0xbf400000, 0xbf600000, 0xbf800000,
-        0xbfa00000, 0xbfc00000, 0xbfe00000, 0xc0000000, 0xc0200000, 0xc0400000, 0xc0600000,
-        0xc0800000, 0xc0a00000, 0xc0c00000, 0xc0e00000, 0xc1000000, 0xc1200000, 0xc1400000,
-        0xc1600000, 0xc1800000, 0xc1a00000, 0xc1c00000, 0xc1e00000, 0xc2000000, 0xc2200000,
-        0xc2400000, 0xc2600000, 0xc2800000, 0xc2a00000, 0xc2c00000, 0xc2e00000, 0xc3000000,
-        0xc3200000, 0xc3400000, 0xc3600000, 0xc3800000, 0xc3a00000, 0xc3c00000, 0xc3e00000,
-        0xc4000000, 0xc4200000, 0xc4400000, 0xc4600000, 0xc4800000, 0xc4a00000, 0xc4c00000,
-        0xc4e00000, 0xc5000000, 0xc5200000, 0xc5400000, 0xc5600000, 0xc5800000, 0xc5a00000,
-        0xc5c00000, 0xc5e00000, 0xc6000000, 0xc6200000, 0xc6400000, 0xc6600000, 0xc6800000,
-        0xc6a00000, 0xc6c00000, 0xc6e00000, 0xc7000000, 0xc7200000, 0xc7400000, 0xc7600000,
+        0x00000000, 0x37800000, 0x38000000, 0x38400000, 0x38800000, 0x38a00000, 0x38c00000, 0x38e00000, 0x39000000,
+        0x39200000, 0x39400000, 0x39600000, 0x39800000, 0x39a00000, 0x39c00000, 0x39e00000, 0x3a000000, 0x3a200000,
+        0x3a400000, 0x3a600000, 0x3a800000, 0x3aa00000, 0x3ac00000, 0x3ae00000, 0x3b000000, 0x3b200000, 0x3b400000,
+        0x3b600000, 0x3b800000, 0x3ba00000, 0x3bc00000, 0x3be00000, 0x3c000000, 0x3c200000, 0x3c400000, 0x3c600000,
+        0x3c800000, 0x3ca00000, 0x3cc00000, 0x3ce00000, 0x3d000000, 0x3d200000, 0x3d400000, 0x3d600000, 0x3d800000,
+        0x3da00000, 0x3dc00000, 0x3de00000, 0x3e000000, 0x3e200000, 0x3e400000, 0x3e600000, 0x3e800000, 0x3ea00000,
+        0x3ec00000, 0x3ee00000, 0x3f000000, 0x3f200000, 0x3f400000, 0x3f600000, 0x3f800000, 0x3fa00000, 0x3fc00000,
+        0x3fe00000, 0x40000000, 0x40200000, 0x40400000, 0x40600000, 0x40800000, 0x40a00000, 0x40c00000, 0x40e00000,
+        0x41000000, 0x41200000, 0x41400000, 0x41600000, 0x41800000, 0x41a00000, 0x41c00000, 0x41e00000, 0x42000000,
+        0x42200000, 0x42400000, 0x42600000, 0x42800000, 0x42a00000, 0x42c00000, 0x42e00000, 0x43000000, 0x43200000,
+        0x43400000, 0x43600000, 0x43800000, 0x43a00000, 0x43c00000, 0x43e00000, 0x44000000, 0x44200000, 0x44400000,
+        0x44600000, 0x44800000, 0x44a00000, 0x44c00000, 0x44e00000, 0x45000000, 0x45200000, 0x45400000, 0x45600000,
+        0x45800000, 0x45a00000, 0x45c00000, 0x45e00000, 0x46000000, 0x46200000, 0x46400000, 0x46600000, 0x46800000,
+        0x46a00000, 0x46c00000, 0x46e00000, 0x47000000, 0x47200000, 0x47400000, 0x47600000, 0x7f800000, 0x7fc00000,
+        0x7fc00000, 0x7fc00000, 0x80000000, 0xb7800000, 0xb8000000, 0xb8400000, 0xb8800000, 0xb8a00000, 0xb8c00000,
+        0xb8e00000, 0xb9000000, 0xb9200000, 0xb9400000, 0xb9600000, 0xb9800000, 0xb9a00000, 0xb9c00000, 0xb9e00000,
+        0xba000000, 0xba200000, 0xba400000, 0xba600000, 0xba800000, 0xbaa00000, 0xbac00000, 0xbae00000, 0xbb000000,
+        0xbb200000, 0xbb400000, 0xbb600000, 0xbb800000, 0xbba00000, 0xbbc00000, 0xbbe00000, 0xbc000000, 0xbc200000,
+        0xbc400000, 0xbc600000, 0xbc800000, 0xbca00000, 0xbcc00000, 0xbce00000, 0xbd000000, 0xbd200000, 0xbd400000,
+        0xbd600000, 0xbd800000, 0xbda00000, 0xbdc00000, 0xbde00000, 0xbe000000, 0xbe200000, 0xbe400000, 0xbe600000,
+        0xbe800000, 0xbea00000, 0xbec00000, 0xbee00000, 0xbf000000, 0xbf200000, 0xbf400000, 0xbf600000, 0xbf800000,
+        0xbfa00000, 0xbfc00000, 0xbfe00000, 0xc0000000, 0xc0200000, 0xc0400000, 0xc0600000, 0xc0800000, 0xc0a00000,
+        0xc0c00000, 0xc0e00000, 0xc1000000, 0xc1200000, 0xc1400000, 0xc1600000, 0xc1800000, 0xc1a00000, 0xc1c00000,
+        0xc1e00000, 0xc2000000, 0xc2200000, 0xc2400000, 0xc2600000, 0xc2800000, 0xc2a00000, 0xc2c00000, 0xc2e00000,
+        0xc3000000, 0xc3200000, 0xc3400000, 0xc3600000, 0xc3800000, 0xc3a00000, 0xc3c00000, 0xc3e00000, 0xc4000000,
+        0xc4200000, 0xc4400000, 0xc4600000, 0xc4800000, 0xc4a00000, 0xc4c00000, 0xc4e00000, 0xc5000000, 0xc5200000,
+        0xc5400000, 0xc5600000, 0xc5800000, 0xc5a00000, 0xc5c00000, 0xc5e00000, 0xc6000000, 0xc6200000, 0xc6400000,
+        0xc6600000, 0xc6800000, 0xc6a00000, 0xc6c00000, 0xc6e00000, 0xc7000000, 0xc7200000, 0xc7400000, 0xc7600000,
         0xff800000, 0xffc00000, 0xffc00000, 0xffc00000,
     ];
 
@@ -1084,22 +1039,19 @@ mod tests {
             -0.0,
         ];
         let e4m3: [u8; 24] = [
-            0x7e, 0x7e, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0xff, 0x7f, 0xff, 0xff, 0x1, 0x0,
-            0x1, 0x2, 0x2, 0x7f, 0x7f, 0x7f, 0x7f, 0x0, 0x80,
+            0x7e, 0x7e, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0xff, 0x7f, 0xff, 0xff, 0x1, 0x0, 0x1, 0x2, 0x2,
+            0x7f, 0x7f, 0x7f, 0x7f, 0x0, 0x80,
         ];
         let e5m2: [u8; 24] = [
-            0x5f, 0x5f, 0x5f, 0x5f, 0x5f, 0x60, 0x60, 0x7c, 0x7c, 0xfc, 0x7e, 0xfe, 0xdf, 0x18,
-            0x14, 0x14, 0x1a, 0x1a, 0x7b, 0x7c, 0x7b, 0x7c, 0x0, 0x80,
+            0x5f, 0x5f, 0x5f, 0x5f, 0x5f, 0x60, 0x60, 0x7c, 0x7c, 0xfc, 0x7e, 0xfe, 0xdf, 0x18, 0x14, 0x14, 0x1a, 0x1a,
+            0x7b, 0x7c, 0x7b, 0x7c, 0x0, 0x80,
         ];
         let src: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(both(F32, &src, F8E4M3), e4m3);
         assert_eq!(both(F32, &src, F8E5M2), e5m2);
         // Same through f64 and f16 sources (exact widenings of the same values, except the
         // f16 overflow of 1e6 which is inf and so NaN/inf anyway).
-        let wide: Vec<u8> = xs
-            .iter()
-            .flat_map(|&x| f64::from(x).to_le_bytes())
-            .collect();
+        let wide: Vec<u8> = xs.iter().flat_map(|&x| f64::from(x).to_le_bytes()).collect();
         assert_eq!(both(F64, &wide, F8E4M3), e4m3);
         assert_eq!(both(F64, &wide, F8E5M2), e5m2);
     }
@@ -1125,11 +1077,10 @@ mod tests {
             let mut b = src.clone();
             scale_in_place(dtype, &mut a, -0.3);
             map_in_place_f32(dtype, &mut b, |x| x * -0.3f32);
-            let same = a.iter().zip(&b).all(|(x, y)| {
-                x == y
-                    || (to_f64_vec(dtype, &[*x])[0].is_nan()
-                        && to_f64_vec(dtype, &[*y])[0].is_nan())
-            });
+            let same = a
+                .iter()
+                .zip(&b)
+                .all(|(x, y)| x == y || (to_f64_vec(dtype, &[*x])[0].is_nan() && to_f64_vec(dtype, &[*y])[0].is_nan()));
             assert!(same, "scale {dtype}");
         }
     }
@@ -1137,10 +1088,7 @@ mod tests {
     #[test]
     fn stats_match_naive_fold_on_noise() {
         for dtype in [BF16, F16, F32, F8E5M2] {
-            let raw = noise(
-                3 * BLOCK * dtype.size().unwrap() + 6 * dtype.size().unwrap(),
-                5,
-            );
+            let raw = noise(3 * BLOCK * dtype.size().unwrap() + 6 * dtype.size().unwrap(), 5);
             let mut s = Stats::new();
             accumulate_stats(dtype, &raw, &mut s);
             let v = to_f64_vec(dtype, &raw);
@@ -1151,14 +1099,8 @@ mod tests {
             assert_eq!(s.inf_count, (nonnan.len() - finite.len()) as u64);
             assert_eq!(s.zero_count, v.iter().filter(|x| **x == 0.0).count() as u64);
             assert_eq!(s.min, nonnan.iter().copied().fold(f64::INFINITY, f64::min));
-            assert_eq!(
-                s.max,
-                nonnan.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-            );
-            assert_eq!(
-                s.max_abs,
-                nonnan.iter().fold(0.0, |m: f64, x| m.max(x.abs()))
-            );
+            assert_eq!(s.max, nonnan.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+            assert_eq!(s.max_abs, nonnan.iter().fold(0.0, |m: f64, x| m.max(x.abs())));
             let sum: f64 = finite.iter().sum();
             let tol = finite.iter().map(|x| x.abs()).sum::<f64>() * 1e-12;
             assert!((s.sum - sum).abs() <= tol, "{dtype}: {} vs {sum}", s.sum);
@@ -1196,18 +1138,12 @@ mod tests {
         // 2^60 + 2^52 + 1 is just above a bf16 tie; via f64 it would round to 2^60.
         let big = bytes_of(&[(1i64 << 60) + (1 << 52) + 1], i64::to_le_bytes);
         let b = u16s(&both(I64, &big, BF16))[0];
-        assert_eq!(
-            bf16::from_bits(b).to_f64(),
-            ((1u64 << 60) + (1 << 53)) as f64
-        );
+        assert_eq!(bf16::from_bits(b).to_f64(), ((1u64 << 60) + (1 << 53)) as f64);
         let u = bytes_of(&[u64::MAX], u64::to_le_bytes);
         assert_eq!(u32s(&both(U64, &u, F32))[0], 2f32.powi(64).to_bits());
         assert_eq!(to_f64_vec(F64, &both(U64, &u, F64)), [2f64.powi(64)]);
         let i8s = bytes_of(&[-128i8, -1, 0, 127], i8::to_le_bytes);
-        assert_eq!(
-            to_f64_vec(F8E4M3, &both(I8, &i8s, F8E4M3)),
-            [-128.0, -1.0, 0.0, 128.0]
-        );
+        assert_eq!(to_f64_vec(F8E4M3, &both(I8, &i8s, F8E4M3)), [-128.0, -1.0, 0.0, 128.0]);
         let f = bytes_of(&[1000i16], i16::to_le_bytes);
         assert!(to_f64_vec(F8E4M3, &both(I16, &f, F8E4M3))[0].is_nan());
         assert_eq!(to_f64_vec(F8E5M2, &both(I16, &f, F8E5M2)), [1024.0]);
@@ -1248,11 +1184,7 @@ mod tests {
         assert_eq!(both(U8, &[0, 1, 2, 255], Bool), [0, 1, 1, 1]);
         // A stray nonzero byte in a bool tensor still reads as true.
         assert_eq!(both(Bool, &[0, 1, 7], I16), [0, 0, 1, 0, 1, 0]);
-        assert_eq!(
-            u32s(&both(Bool, &[0, 1], F32)),
-            [0, 1f32.to_bits()],
-            "true -> 1.0"
-        );
+        assert_eq!(u32s(&both(Bool, &[0, 1], F32)), [0, 1f32.to_bits()], "true -> 1.0");
         assert_eq!(both(Bool, &[0, 1], BF16), [0, 0, 0x80, 0x3f]);
     }
 
@@ -1328,11 +1260,7 @@ mod tests {
         map_in_place(F64, &mut d, |x| x.clamp(0.0, 2.0), |x| x.clamp(0.0, 2.0));
         assert_eq!(to_f64_vec(F64, &d), [1.0 + 1e-12]);
         map_in_place_f32(F64, &mut d, |x| x);
-        assert_eq!(
-            to_f64_vec(F64, &d),
-            [1.0],
-            "f32 path is lossy on F64, as documented"
-        );
+        assert_eq!(to_f64_vec(F64, &d), [1.0], "f32 path is lossy on F64, as documented");
         let mut b = both(F32, &bytes_of(&[-5.0f32, 0.5, 9.0], f32::to_le_bytes), BF16);
         map_in_place_f32(BF16, &mut b, |x| x.clamp(-1.0, 1.0));
         assert_eq!(to_f64_vec(BF16, &b), [-1.0, 0.5, 1.0]);
@@ -1367,10 +1295,7 @@ mod tests {
         assert_eq!(a, whole);
         let mut i = Stats::new();
         accumulate_stats(I8, &[0xff, 0x80, 0], &mut i);
-        assert_eq!(
-            (i.min, i.max, i.sum, i.zero_count),
-            (-128.0, 0.0, -129.0, 1)
-        );
+        assert_eq!((i.min, i.max, i.sum, i.zero_count), (-128.0, 0.0, -129.0, 1));
         let empty = Stats::new();
         assert!(empty.mean().is_nan());
         assert_eq!((empty.min, empty.max), (f64::INFINITY, f64::NEG_INFINITY));
@@ -1382,15 +1307,8 @@ mod tests {
         let b = bytes_of(&[1.5f32, f32::NAN, f32::INFINITY, 0.0], f32::to_le_bytes);
         assert_eq!(max_abs_diff(F32, &a, F32, &b), 0.5);
         let c = bytes_of(&[1.0f32, 2.0, f32::INFINITY, 0.0], f32::to_le_bytes);
-        assert_eq!(
-            max_abs_diff(F32, &a, F32, &c),
-            f64::INFINITY,
-            "NaN vs number"
-        );
-        let d = bytes_of(
-            &[1.0f32, f32::NAN, f32::NEG_INFINITY, 0.0],
-            f32::to_le_bytes,
-        );
+        assert_eq!(max_abs_diff(F32, &a, F32, &c), f64::INFINITY, "NaN vs number");
+        let d = bytes_of(&[1.0f32, f32::NAN, f32::NEG_INFINITY, 0.0], f32::to_le_bytes);
         assert_eq!(max_abs_diff(F32, &a, F32, &d), f64::INFINITY, "inf vs -inf");
         // BF16 copy of F32 data vs the original: the rounding error.
         let x = bytes_of(&[1.0f32 + 2f32.powi(-10), 3.0], f32::to_le_bytes);
@@ -1467,9 +1385,7 @@ mod tests {
             let s = &s[..unaligned];
             let dn = unaligned / from.size().unwrap() * to.size().unwrap();
             let fast = rate(bytes, || convert(from, black_box(s), to, &mut dst[..dn]));
-            let slow = rate(bytes, || {
-                convert_with(from, black_box(s), to, &mut dst[..dn], false)
-            });
+            let slow = rate(bytes, || convert_with(from, black_box(s), to, &mut dst[..dn], false));
             println!("{:<18} {fast:>9.1}  {slow:>11.1}", format!("{from}->{to}"));
         }
         for dtype in [BF16, F16, F32, F8E4M3] {

@@ -164,8 +164,7 @@ impl Format {
             // Subnormal: man × 2^(1 - bias - mbits); exact in f64.
             man as f64 * pow2(1 - self.bias() - self.mbits as i64)
         } else {
-            ((1u64 << self.mbits) | man as u64) as f64
-                * pow2(exp as i64 - self.bias() - self.mbits as i64)
+            ((1u64 << self.mbits) | man as u64) as f64 * pow2(exp as i64 - self.bias() - self.mbits as i64)
         };
         if neg {
             -mag
@@ -324,24 +323,12 @@ pub(crate) fn map_4_to_2(src: &[u8], dst: &mut [u8], f: impl Fn(u32) -> u16) {
 
 /// f16 bytes → f32 bytes.
 pub(crate) fn f16_bytes_to_f32(src: &[u8], dst: &mut [u8]) {
-    staged(
-        src,
-        dst,
-        u16::from_le_bytes,
-        f16_block_to_f32,
-        f32::to_le_bytes,
-    );
+    staged(src, dst, u16::from_le_bytes, f16_block_to_f32, f32::to_le_bytes);
 }
 
 /// f32 bytes → f16 bytes, nearest even.
 pub(crate) fn f32_bytes_to_f16(src: &[u8], dst: &mut [u8]) {
-    staged(
-        src,
-        dst,
-        f32::from_le_bytes,
-        f32_block_to_f16,
-        u16::to_le_bytes,
-    );
+    staged(src, dst, f32::from_le_bytes, f32_block_to_f16, u16::to_le_bytes);
 }
 
 /// Converts f16 or bf16 bytes (`from_f16`) to the other 16-bit type through f32 blocks.
@@ -355,13 +342,9 @@ pub(crate) fn half_bytes_to_half(src: &[u8], dst: &mut [u8], from_f16: bool) {
             let wide = &mut wide[..a.len()];
             if from_f16 {
                 f16_block_to_f32(a, wide);
-                b.iter_mut()
-                    .zip(wide.iter())
-                    .for_each(|(y, x)| *y = f32_to_bf16(*x));
+                b.iter_mut().zip(wide.iter()).for_each(|(y, x)| *y = f32_to_bf16(*x));
             } else {
-                wide.iter_mut()
-                    .zip(a)
-                    .for_each(|(y, x)| *y = bf16_to_f32(*x));
+                wide.iter_mut().zip(a).for_each(|(y, x)| *y = bf16_to_f32(*x));
                 f32_block_to_f16(wide, b);
             }
         },

@@ -25,10 +25,7 @@ pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
     let value: Value = serde_saphyr::from_str(text).map_err(|e| {
         // The parser's message starts with its own "error: "; ours names the origin instead.
         let message = e.to_string();
-        let message = message
-            .strip_prefix("error: ")
-            .unwrap_or(&message)
-            .to_owned();
+        let message = message.strip_prefix("error: ").unwrap_or(&message).to_owned();
         PlanError::Syntax {
             origin: origin.to_owned(),
             message,
@@ -47,10 +44,7 @@ fn load(source: &PlanSource) -> Result<Value, PlanError> {
                 source,
             })?;
             let origin = path.display().to_string();
-            if path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("json"))
-            {
+            if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
                 serde_json::from_str(&text).map_err(|e| PlanError::Syntax {
                     origin,
                     message: e.to_string(),
@@ -101,9 +95,7 @@ fn parse_override_path(path: &str) -> Result<Vec<PathStep>, String> {
             steps.push(PathStep::Key(key.to_owned()));
         }
         while let Some(after) = rest.strip_prefix('[') {
-            let close = after
-                .find(']')
-                .ok_or_else(|| format!("unclosed `[` in `{path}`"))?;
+            let close = after.find(']').ok_or_else(|| format!("unclosed `[` in `{path}`"))?;
             let index = after[..close]
                 .trim()
                 .parse::<usize>()
@@ -230,10 +222,7 @@ mod tests {
     fn merge_maps_recursively_and_replaces_lists() {
         let mut a = json!({"output": {"path": "a", "shard": "5GB"}, "transforms": [1, 2]});
         merge(&mut a, json!({"output": {"path": "b"}, "transforms": [3]}));
-        assert_eq!(
-            a,
-            json!({"output": {"path": "b", "shard": "5GB"}, "transforms": [3]})
-        );
+        assert_eq!(a, json!({"output": {"path": "b", "shard": "5GB"}, "transforms": [3]}));
     }
 
     #[test]
@@ -260,10 +249,7 @@ mod tests {
     fn malformed_yaml_names_line() {
         let err = parse_yaml("a: [1, 2\n", "plan.yaml").unwrap_err();
         let text = err.to_string();
-        assert!(
-            text.contains("plan.yaml") && text.contains("line 1"),
-            "{text}"
-        );
+        assert!(text.contains("plan.yaml") && text.contains("line 1"), "{text}");
     }
 
     #[test]

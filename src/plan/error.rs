@@ -136,9 +136,7 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
+            let mut best = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 best = best.min(d[i - 2][j - 2] + 1);
             }
@@ -154,10 +152,7 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(
-            suggest("scael", ["scale", "scale_", "cast"]).as_deref(),
-            Some("scale")
-        );
+        assert_eq!(suggest("scael", ["scale", "scale_", "cast"]).as_deref(), Some("scale"));
         assert_eq!(suggest("frmo", ["from", "to"]).as_deref(), Some("from"));
         assert_eq!(suggest("zzzzzz", ["from", "to"]), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);

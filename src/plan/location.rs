@@ -67,11 +67,7 @@ mod tests {
 
     #[test]
     fn displays_like_a_path() {
-        let loc = Location::root()
-            .key("transforms")
-            .index(3)
-            .key("scale_")
-            .key("by");
+        let loc = Location::root().key("transforms").index(3).key("scale_").key("by");
         assert_eq!(loc.to_string(), "transforms[3].scale_.by");
         assert_eq!(loc.transform_index(), Some(3));
         assert_eq!(Location::root().to_string(), "<plan>");

@@ -89,11 +89,7 @@ pub struct Plan {
 const TOP_KEYS: &[&str] = &["inputs", "transforms", "output"];
 const OUTPUT_KEYS: &[&str] = &["path", "format", "shard", "alias", "sidecars"];
 
-fn check_keys(
-    map: &Map<String, Value>,
-    allowed: &[&str],
-    location: &Location,
-) -> Result<(), PlanError> {
+fn check_keys(map: &Map<String, Value>, allowed: &[&str], location: &Location) -> Result<(), PlanError> {
     for key in map.keys() {
         if !allowed.contains(&key.as_str()) {
             return Err(PlanError::UnknownKey {
@@ -109,9 +105,7 @@ fn check_keys(
 
 fn valid_alias(alias: &str) -> bool {
     let mut chars = alias.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
@@ -119,14 +113,23 @@ fn parse_input(text: &str, location: &Location, single: bool) -> Result<InputSpe
     match text.split_once("::") {
         Some((alias, path)) => {
             if !valid_alias(alias) {
-                return Err(PlanError::invalid(location, format!("`{alias}` is not a valid alias (letters, digits, _ - .)")));
+                return Err(PlanError::invalid(
+                    location,
+                    format!("`{alias}` is not a valid alias (letters, digits, _ - .)"),
+                ));
             }
             if path.is_empty() {
                 return Err(PlanError::invalid(location, format!("input `{text}` has no path")));
             }
-            Ok(InputSpec { alias: alias.to_owned(), path: PathBuf::from(path) })
+            Ok(InputSpec {
+                alias: alias.to_owned(),
+                path: PathBuf::from(path),
+            })
         }
-        None if single => Ok(InputSpec { alias: DEFAULT_ALIAS.to_owned(), path: PathBuf::from(text) }),
+        None if single => Ok(InputSpec {
+            alias: DEFAULT_ALIAS.to_owned(),
+            path: PathBuf::from(text),
+        }),
         None => Err(PlanError::invalid(
             location,
             format!("input `{text}` needs an alias when there are several inputs: write `alias::{text}`"),
@@ -164,10 +167,7 @@ fn parse_inputs(value: Option<&Value>) -> Result<Vec<InputSpec>, PlanError> {
                     ));
                 };
                 if !valid_alias(alias) {
-                    return Err(PlanError::invalid(
-                        &at,
-                        format!("`{alias}` is not a valid alias"),
-                    ));
+                    return Err(PlanError::invalid(&at, format!("`{alias}` is not a valid alias")));
                 }
                 Ok(InputSpec {
                     alias: alias.clone(),
@@ -228,10 +228,7 @@ fn parse_transforms(value: Option<&Value>) -> Result<Vec<RawTransform>, PlanErro
                     &at,
                     format!(
                         "a transform is a mapping with exactly one key (its name), got keys {}",
-                        map.keys()
-                            .map(|k| format!("`{k}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        map.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
                     ),
                 )),
                 other => Err(PlanError::invalid(
@@ -286,10 +283,7 @@ fn parse_output(value: Option<&Value>) -> Result<Option<OutputSpec>, PlanError> 
         }
     };
     if path.is_empty() {
-        return Err(PlanError::invalid(
-            &location.key("path"),
-            "empty output path",
-        ));
+        return Err(PlanError::invalid(&location.key("path"), "empty output path"));
     }
     let path = PathBuf::from(path);
     let by_extension = format_of(&path);
@@ -330,8 +324,7 @@ fn parse_output(value: Option<&Value>) -> Result<Option<OutputSpec>, PlanError> 
     let shard = match shard {
         None => None,
         Some(text) => Some(
-            crate::formats::parse_size(&text)
-                .map_err(|e| PlanError::invalid(&location.key("shard"), e.to_string()))?,
+            crate::formats::parse_size(&text).map_err(|e| PlanError::invalid(&location.key("shard"), e.to_string()))?,
         ),
     };
     let alias = match map.get("alias") {
@@ -371,12 +364,7 @@ fn canonical(value: &Value) -> Value {
         Value::Object(map) => {
             let mut entries: Vec<(&String, &Value)> = map.iter().collect();
             entries.sort_by(|a, b| a.0.cmp(b.0));
-            Value::Object(
-                entries
-                    .into_iter()
-                    .map(|(k, v)| (k.clone(), canonical(v)))
-                    .collect(),
-            )
+            Value::Object(entries.into_iter().map(|(k, v)| (k.clone(), canonical(v))).collect())
         }
         Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
         other => other.clone(),
@@ -396,12 +384,8 @@ impl Plan {
         let inputs = parse_inputs(map.get("inputs"))?;
         let transforms = parse_transforms(map.get("transforms"))?;
         let output = parse_output(map.get("output"))?;
-        let canonical =
-            serde_json::to_vec(&canonical(doc)).expect("a JSON value always serializes");
-        let sha256 = Sha256::digest(&canonical)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let canonical = serde_json::to_vec(&canonical(doc)).expect("a JSON value always serializes");
+        let sha256 = Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect();
         Ok(Plan {
             inputs,
             transforms,
@@ -441,9 +425,7 @@ mod tests {
 
     #[test]
     fn unknown_top_key() {
-        let err = Plan::from_document(&json!({"input": []}))
-            .unwrap_err()
-            .to_string();
+        let err = Plan::from_document(&json!({"input": []})).unwrap_err().to_string();
         assert!(
             err.contains("unknown key `input`") && err.contains("did you mean `inputs`"),
             "{err}"
@@ -456,9 +438,7 @@ mod tests {
 
     #[test]
     fn transforms_forms() {
-        let plan =
-            Plan::from_document(&json!({"transforms": ["exit", {"delete": {"target": "x"}}]}))
-                .unwrap();
+        let plan = Plan::from_document(&json!({"transforms": ["exit", {"delete": {"target": "x"}}]})).unwrap();
         assert_eq!(plan.transforms[0].name, "exit");
         assert_eq!(plan.transforms[1].location.to_string(), "transforms[1]");
         assert!(Plan::from_document(&json!({"transforms": [{"a": 1, "b": 2}]})).is_err());
@@ -470,26 +450,18 @@ mod tests {
         let out = plan.output.unwrap();
         assert!(out.single_file);
         assert_eq!(out.format, OutputFormat::Safetensors);
-        let plan = Plan::from_document(
-            &json!({"output": {"path": "out", "shard": "100MB", "alias": "base"}}),
-        )
-        .unwrap();
+        let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "100MB", "alias": "base"}})).unwrap();
         let out = plan.output.unwrap();
         assert_eq!(out.shard, Some(100 << 20));
         assert!(!out.single_file);
-        let plan =
-            Plan::from_document(&json!({"output": {"path": "out", "shard": "none"}})).unwrap();
+        let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "none"}})).unwrap();
         assert_eq!(plan.output.unwrap().shard, None);
     }
 
     #[test]
     fn sha_ignores_key_order() {
-        let a =
-            Plan::from_document(&json!({"inputs": ["x"], "output": {"path": "o", "shard": "1GB"}}))
-                .unwrap();
-        let b =
-            Plan::from_document(&json!({"output": {"shard": "1GB", "path": "o"}, "inputs": ["x"]}))
-                .unwrap();
+        let a = Plan::from_document(&json!({"inputs": ["x"], "output": {"path": "o", "shard": "1GB"}})).unwrap();
+        let b = Plan::from_document(&json!({"output": {"shard": "1GB", "path": "o"}, "inputs": ["x"]})).unwrap();
         assert_eq!(a.sha256, b.sha256);
     }
 

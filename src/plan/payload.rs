@@ -180,11 +180,7 @@ impl<'a> Payload<'a> {
                 .ok_or_else(|| PlanError::invalid(&self.at(key), "number out of range")),
             Some(other) => Err(PlanError::invalid(
                 &self.at(key),
-                format!(
-                    "expected a number, got {} `{}`",
-                    kind_of(other),
-                    compact(other)
-                ),
+                format!("expected a number, got {} `{}`", kind_of(other), compact(other)),
             )),
         }
     }
@@ -218,11 +214,7 @@ impl<'a> Payload<'a> {
             Some(Value::Bool(b)) => Ok(*b),
             Some(other) => Err(PlanError::invalid(
                 &self.at(key),
-                format!(
-                    "expected true or false, got {} `{}`",
-                    kind_of(other),
-                    compact(other)
-                ),
+                format!("expected true or false, got {} `{}`", kind_of(other), compact(other)),
             )),
         }
     }
@@ -234,11 +226,7 @@ impl<'a> Payload<'a> {
             Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(PlanError::invalid(
                 &self.at(key),
-                format!(
-                    "expected a string, got {} `{}`",
-                    kind_of(other),
-                    compact(other)
-                ),
+                format!("expected a string, got {} `{}`", kind_of(other), compact(other)),
             )),
         }
     }
@@ -329,9 +317,7 @@ mod tests {
         let err = Payload::new(&v, FIELDS, loc()).unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("transforms[2].scale_")
-                && text.contains("`bu`")
-                && text.contains("did you mean `by`"),
+            text.contains("transforms[2].scale_") && text.contains("`bu`") && text.contains("did you mean `by`"),
             "{text}"
         );
     }

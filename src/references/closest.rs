@@ -18,11 +18,7 @@ fn distance(a: &[char], b: &str) -> usize {
 
 /// The `k` names with the smallest edit distance to `pattern_text`, ties broken by name.
 /// Regex escapes of punctuation (`\.`) are dropped first so `a\.b` is close to `a.b`.
-pub fn closest_names<'a>(
-    pattern_text: &str,
-    names: impl IntoIterator<Item = &'a str>,
-    k: usize,
-) -> Vec<&'a str> {
+pub fn closest_names<'a>(pattern_text: &str, names: impl IntoIterator<Item = &'a str>, k: usize) -> Vec<&'a str> {
     let mut pat: Vec<char> = Vec::with_capacity(pattern_text.len());
     let mut chars = pattern_text.chars().peekable();
     while let Some(c) = chars.next() {
@@ -31,8 +27,7 @@ pub fn closest_names<'a>(
         }
         pat.push(c);
     }
-    let mut scored: Vec<(usize, &'a str)> =
-        names.into_iter().map(|n| (distance(&pat, n), n)).collect();
+    let mut scored: Vec<(usize, &'a str)> = names.into_iter().map(|n| (distance(&pat, n), n)).collect();
     scored.sort_unstable();
     scored.dedup();
     scored.into_iter().take(k).map(|(_, n)| n).collect()
@@ -53,10 +48,7 @@ mod tests {
         ];
         let got = closest_names(r"model\.layers\.2\.mlp\.w", names, 2);
         assert_eq!(got, vec!["model.layers.0.mlp.w", "model.layers.1.mlp.w"]);
-        assert_eq!(
-            closest_names("lm_head.weigth", names, 1),
-            vec!["lm_head.weight"]
-        );
+        assert_eq!(closest_names("lm_head.weigth", names, 1), vec!["lm_head.weight"]);
         assert!(closest_names("x", [], 3).is_empty());
         assert_eq!(closest_names("a", ["b", "b", "c"], 5), vec!["b", "c"]);
     }
@@ -70,10 +62,7 @@ mod tests {
                 .map(String::from)
                 .collect(),
         };
-        assert_eq!(
-            e.to_string(),
-            "no tensor matches `lm_haed`; closest: lm_head"
-        );
+        assert_eq!(e.to_string(), "no tensor matches `lm_haed`; closest: lm_head");
         assert_eq!(
             ReferenceError::NoMatch {
                 pattern: "x".into(),

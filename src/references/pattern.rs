@@ -10,9 +10,7 @@ use fancy_regex::Regex;
 use super::ReferenceError;
 
 /// Characters that make a pattern a real regex; anything else is matched literally.
-const META: &[char] = &[
-    '\\', '.', '^', '$', '*', '+', '?', '(', ')', '[', ']', '{', '}', '|',
-];
+const META: &[char] = &['\\', '.', '^', '$', '*', '+', '?', '(', ')', '[', ']', '{', '}', '|'];
 
 /// One named capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,11 +147,9 @@ fn compile(pattern: &str, shown: &str) -> Result<Regex, ReferenceError> {
             message: e.to_string(),
         });
     }
-    Regex::new(&format!(r"\A(?:{})\z", translate_python(pattern))).map_err(|e| {
-        ReferenceError::Regex {
-            pattern: shown.to_string(),
-            message: e.to_string(),
-        }
+    Regex::new(&format!(r"\A(?:{})\z", translate_python(pattern))).map_err(|e| ReferenceError::Regex {
+        pattern: shown.to_string(),
+        message: e.to_string(),
     })
 }
 
@@ -228,11 +224,7 @@ impl RegexSelector {
         match &self.matcher {
             Matcher::Regex(re) => CaptureInfo {
                 groups: re.captures_len().saturating_sub(1),
-                named: re
-                    .capture_names()
-                    .flatten()
-                    .map(|n| (n.to_string(), false))
-                    .collect(),
+                named: re.capture_names().flatten().map(|n| (n.to_string(), false)).collect(),
             },
             _ => CaptureInfo {
                 groups: 0,
@@ -267,9 +259,7 @@ pub struct StructuredPattern {
 /// True for `[A-Za-z_][A-Za-z0-9_]*`, the syntax of capture names.
 pub(crate) fn is_ident(s: &str) -> bool {
     let mut c = s.chars();
-    c.next()
-        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_') && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
 /// Reads one structured token from a plan value: strings, and integers as their decimal text
@@ -321,12 +311,9 @@ impl StructuredPattern {
             } else if let Some(body) = tok.strip_prefix('~') {
                 // `~x,y::REGEX` only when the head is a list of identifiers; else it is all regex.
                 let (names, src) = match body.split_once("::") {
-                    Some((head, rest)) if head.split(',').all(|n| is_ident(n.trim())) => (
-                        head.split(',')
-                            .map(|n| n.trim().to_string())
-                            .collect::<Vec<_>>(),
-                        rest,
-                    ),
+                    Some((head, rest)) if head.split(',').all(|n| is_ident(n.trim())) => {
+                        (head.split(',').map(|n| n.trim().to_string()).collect::<Vec<_>>(), rest)
+                    }
                     _ => (Vec::new(), body),
                 };
                 if src.is_empty() {
@@ -345,10 +332,7 @@ impl StructuredPattern {
                         groups,
                     });
                 }
-                let names = names
-                    .into_iter()
-                    .map(&mut bind)
-                    .collect::<Result<Vec<_>, _>>()?;
+                let names = names.into_iter().map(&mut bind).collect::<Result<Vec<_>, _>>()?;
                 out.push(Token::Regex {
                     regex: Box::new(regex),
                     names,
@@ -415,24 +399,13 @@ impl StructuredPattern {
                         binds.push((name.clone(), Capture::One(Some(seg.to_string()))));
                         true
                     }
-                    Token::Regex {
-                        regex,
-                        names,
-                        whole,
-                    } => match regex.captures(seg) {
+                    Token::Regex { regex, names, whole } => match regex.captures(seg) {
                         Ok(Some(c)) => {
                             if *whole {
-                                binds.extend(
-                                    names
-                                        .first()
-                                        .map(|n| (n.clone(), Capture::One(Some(seg.to_string())))),
-                                );
+                                binds.extend(names.first().map(|n| (n.clone(), Capture::One(Some(seg.to_string())))));
                             } else {
                                 for (i, n) in names.iter().enumerate() {
-                                    binds.push((
-                                        n.clone(),
-                                        Capture::One(c.get(i + 1).map(|m| m.as_str().to_string())),
-                                    ));
+                                    binds.push((n.clone(), Capture::One(c.get(i + 1).map(|m| m.as_str().to_string()))));
                                 }
                             }
                             true
@@ -456,9 +429,7 @@ impl StructuredPattern {
             match t {
                 Token::One(n) => named.push((n.clone(), false)),
                 Token::Many(n) => named.push((n.clone(), true)),
-                Token::Regex { names, .. } => {
-                    named.extend(names.iter().map(|n| (n.clone(), false)))
-                }
+                Token::Regex { names, .. } => named.extend(names.iter().map(|n| (n.clone(), false))),
                 Token::Literal(_) => {}
             }
         }
@@ -558,12 +529,7 @@ mod tests {
         // `.` keeps regex meaning in the fast path.
         let s = re("h.0.w");
         assert_eq!(s.literal(), None);
-        assert!(
-            s.is_match("h.0.w")
-                && s.is_match("hx0.w")
-                && !s.is_match("h.0.w2")
-                && !s.is_match("h.0.")
-        );
+        assert!(s.is_match("h.0.w") && s.is_match("hx0.w") && !s.is_match("h.0.w2") && !s.is_match("h.0."));
         let c = s.captures("h.0.w").expect("matches");
         assert_eq!((c.whole(), c.group_count()), ("h.0.w", 0));
     }
@@ -578,9 +544,7 @@ mod tests {
         assert!(s.is_match("a.weight") && !s.is_match("aweight"));
         let s = re(r"(?P<blk>\w+)\.(?P=blk)");
         assert!(s.is_match("h.h") && !s.is_match("h.g"));
-        let c = re(r"h\.(?P<i>\d+)\.(\w+)")
-            .captures("h.12.w")
-            .expect("matches");
+        let c = re(r"h\.(?P<i>\d+)\.(\w+)").captures("h.12.w").expect("matches");
         assert_eq!(
             (c.get(0), c.get(1), c.get(2), c.group_count()),
             (Some("h.12.w"), Some("12"), Some("w"), 2)
@@ -612,10 +576,7 @@ mod tests {
         let s = st(&["model", "layers", "$i", "*rest"]).expect("valid");
         let c = s.captures("model.layers.3.mlp.w").expect("matches");
         assert_eq!(c.name("i"), Some(&Capture::One(Some("3".into()))));
-        assert_eq!(
-            c.name("rest"),
-            Some(&Capture::List(vec!["mlp".into(), "w".into()]))
-        );
+        assert_eq!(c.name("rest"), Some(&Capture::List(vec!["mlp".into(), "w".into()])));
         assert_eq!(c.whole(), "model.layers.3.mlp.w");
         assert!(!s.is_match("model.layers"));
         assert!(s.is_match("model.layers.3"));
@@ -623,9 +584,7 @@ mod tests {
         let c = s.captures("model.layers.3").expect("matches");
         assert_eq!(c.name("rest"), Some(&Capture::List(vec![])));
         // Dotted literals are split into segments.
-        assert!(st(&["model.layers", "$i"])
-            .expect("valid")
-            .is_match("model.layers.0"));
+        assert!(st(&["model.layers", "$i"]).expect("valid").is_match("model.layers.0"));
         assert_eq!(st(&["a", "b"]).expect("valid").literal(), Some("a.b"));
     }
 
@@ -681,18 +640,9 @@ mod tests {
 
     #[test]
     fn invalid_token() {
-        assert!(matches!(
-            st(&["$"]),
-            Err(ReferenceError::InvalidToken { .. })
-        ));
-        assert!(matches!(
-            st(&["*1x"]),
-            Err(ReferenceError::InvalidToken { .. })
-        ));
-        assert!(matches!(
-            st(&["~"]),
-            Err(ReferenceError::InvalidToken { .. })
-        ));
+        assert!(matches!(st(&["$"]), Err(ReferenceError::InvalidToken { .. })));
+        assert!(matches!(st(&["*1x"]), Err(ReferenceError::InvalidToken { .. })));
+        assert!(matches!(st(&["~"]), Err(ReferenceError::InvalidToken { .. })));
         assert!(matches!(st(&["~x::("]), Err(ReferenceError::Regex { .. })));
     }
 }

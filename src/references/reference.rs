@@ -38,8 +38,7 @@ pub struct Target {
 /// True for `[A-Za-z_][A-Za-z0-9_.-]*`, the syntax of input aliases.
 pub fn is_alias(s: &str) -> bool {
     let mut c = s.chars();
-    c.next()
-        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+    c.next().is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
         && c.all(|x| x.is_ascii_alphanumeric() || matches!(x, '_' | '.' | '-'))
 }
 
@@ -78,9 +77,7 @@ fn split_str(text: &str) -> Result<Parts, ReferenceError> {
         }
     }
     if rest.is_empty() {
-        return Err(ReferenceError::EmptyPattern {
-            text: text.to_string(),
-        });
+        return Err(ReferenceError::EmptyPattern { text: text.to_string() });
     }
     Ok(Parts {
         alias,
@@ -92,9 +89,7 @@ fn split_str(text: &str) -> Result<Parts, ReferenceError> {
 
 fn tokens_of(items: &[Value], text: &str) -> Result<Vec<String>, ReferenceError> {
     if items.is_empty() {
-        return Err(ReferenceError::EmptyPattern {
-            text: text.to_string(),
-        });
+        return Err(ReferenceError::EmptyPattern { text: text.to_string() });
     }
     items.iter().map(token_text).collect()
 }
@@ -123,18 +118,13 @@ fn split_value(value: &Value) -> Result<Parts, ReferenceError> {
             })
         }
         Value::Object(map) => {
-            if let Some(key) = map
-                .keys()
-                .find(|k| !matches!(k.as_str(), "alias" | "path" | "slice"))
-            {
+            if let Some(key) = map.keys().find(|k| !matches!(k.as_str(), "alias" | "path" | "slice")) {
                 return Err(ReferenceError::UnknownKey { key: key.clone() });
             }
             let alias = match map.get("alias") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(a)) if is_alias(a) => Some(a.clone()),
-                Some(Value::String(a)) => {
-                    return Err(ReferenceError::InvalidAlias { alias: a.clone() })
-                }
+                Some(Value::String(a)) => return Err(ReferenceError::InvalidAlias { alias: a.clone() }),
                 Some(other) => {
                     return Err(ReferenceError::InvalidType {
                         expected: "a string alias",
@@ -151,11 +141,7 @@ fn split_value(value: &Value) -> Result<Parts, ReferenceError> {
                 }
                 // A string path is a plain regex pattern (no alias/slice splitting inside it).
                 Some(Value::String(s)) if !s.is_empty() => (Body::Text(s.clone()), s.clone()),
-                Some(Value::String(_)) => {
-                    return Err(ReferenceError::EmptyPattern {
-                        text: String::new(),
-                    })
-                }
+                Some(Value::String(_)) => return Err(ReferenceError::EmptyPattern { text: String::new() }),
                 Some(other) => {
                     return Err(ReferenceError::InvalidType {
                         expected: "a list or string path",
@@ -165,9 +151,7 @@ fn split_value(value: &Value) -> Result<Parts, ReferenceError> {
             };
             let slice = match map.get("slice") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.trim_start().starts_with('[') => {
-                    Some(SliceSpec::parse(s)?)
-                }
+                Some(Value::String(s)) if s.trim_start().starts_with('[') => Some(SliceSpec::parse(s)?),
                 // `slice: ":8"` reads naturally in YAML; accept it without brackets.
                 Some(Value::String(s)) => Some(SliceSpec::parse(&format!("[{s}]"))?),
                 Some(other) => {
@@ -294,21 +278,12 @@ mod tests {
         let r = Reference::parse_str(r"ft::model\.layers\.(\d+)\.w::[:8, ::2]").expect("valid");
         assert_eq!(r.alias.as_deref(), Some("ft"));
         assert_eq!(r.selector.to_string(), r"model\.layers\.(\d+)\.w");
-        assert_eq!(
-            r.slice.as_ref().map(|s| s.to_string()).as_deref(),
-            Some("[:8, ::2]")
-        );
+        assert_eq!(r.slice.as_ref().map(|s| s.to_string()).as_deref(), Some("[:8, ::2]"));
         let r = Reference::parse_str("w::[1]").expect("valid");
-        assert_eq!(
-            (r.alias.as_deref(), r.selector.to_string()),
-            (None, "w".to_string())
-        );
+        assert_eq!((r.alias.as_deref(), r.selector.to_string()), (None, "w".to_string()));
         assert!(r.slice.is_some());
         let r = Reference::parse_str("base::a.b").expect("valid");
-        assert_eq!(
-            (r.alias.as_deref(), r.slice.is_none()),
-            (Some("base"), true)
-        );
+        assert_eq!((r.alias.as_deref(), r.slice.is_none()), (Some("base"), true));
         assert_eq!(r.alias_or("model"), "base");
         let r = Reference::parse_str(".*").expect("valid");
         assert_eq!((r.alias_or("model"), r.text.as_str()), ("model", ".*"));
@@ -330,10 +305,8 @@ mod tests {
 
     #[test]
     fn structured_forms() {
-        let r = Reference::parse(
-            &json!({"alias": "ft", "path": ["model", "layers", "$i", "*rest"], "slice": "[:8]"}),
-        )
-        .expect("valid");
+        let r = Reference::parse(&json!({"alias": "ft", "path": ["model", "layers", "$i", "*rest"], "slice": "[:8]"}))
+            .expect("valid");
         assert_eq!(r.alias.as_deref(), Some("ft"));
         assert_eq!(r.text, "ft::[model, layers, $i, *rest]::[:8]");
         assert!(r.selector.is_match("model.layers.0.w"));
@@ -348,10 +321,7 @@ mod tests {
     fn targets() {
         let src = Reference::parse_str(r"ft::model\.(.*)").expect("valid");
         let t = Target::parse(&json!(r"base::\g<0>::[:8]")).expect("valid");
-        assert_eq!(
-            (t.alias.as_deref(), t.slice.is_some()),
-            (Some("base"), true)
-        );
+        assert_eq!((t.alias.as_deref(), t.slice.is_some()), (Some("base"), true));
         t.check_against(&src.selector).expect("groups exist");
         let caps = src.selector.captures("model.x").expect("matches");
         assert_eq!(t.expand(&caps), Ok("model.x".into()));
@@ -395,12 +365,7 @@ mod tests {
     #[test]
     fn unknown_key() {
         let e = Reference::parse(&json!({"path": ["a"], "slcie": "[0]"})).expect_err("typo");
-        assert_eq!(
-            e,
-            ReferenceError::UnknownKey {
-                key: "slcie".into()
-            }
-        );
+        assert_eq!(e, ReferenceError::UnknownKey { key: "slcie".into() });
         assert!(e.to_string().contains("slcie"));
     }
 
@@ -420,9 +385,7 @@ mod tests {
     fn empty_pattern() {
         assert_eq!(
             Reference::parse_str("ft::").err(),
-            Some(ReferenceError::EmptyPattern {
-                text: "ft::".into()
-            })
+            Some(ReferenceError::EmptyPattern { text: "ft::".into() })
         );
         assert!(matches!(
             Reference::parse(&json!([])),

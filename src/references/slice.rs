@@ -146,11 +146,7 @@ impl SliceSpec {
     /// and must be in range, ranges clamp like Python, missing trailing dims are full.
     pub fn resolve(&self, shape: &[usize]) -> Result<ResolvedSlice, ReferenceError> {
         let ndim = shape.len();
-        let count = self
-            .items
-            .iter()
-            .filter(|i| **i != SliceItem::Ellipsis)
-            .count();
+        let count = self.items.iter().filter(|i| **i != SliceItem::Ellipsis).count();
         if count > ndim {
             return Err(ReferenceError::TooManyIndices { count, ndim });
         }
@@ -194,9 +190,7 @@ impl SliceSpec {
                         keep: false,
                     }
                 }
-                Some(SliceItem::Range { start, stop, step }) => {
-                    resolve_range(dim, size, *start, *stop, *step)?
-                }
+                Some(SliceItem::Range { start, stop, step }) => resolve_range(dim, size, *start, *stop, *step)?,
             };
             if sel.keep {
                 out_shape.push(sel.len);
@@ -368,14 +362,7 @@ impl ResolvedSlice {
         }
         let outer_of = |end: usize| -> Vec<(usize, isize, usize, usize)> {
             (0..end)
-                .map(|k| {
-                    (
-                        self.dims[k].start,
-                        self.dims[k].step,
-                        self.dims[k].len,
-                        strides[k],
-                    )
-                })
+                .map(|k| (self.dims[k].start, self.dims[k].step, self.dims[k].len, strides[k]))
                 .collect()
         };
         if j == 0 {
@@ -478,10 +465,7 @@ mod tests {
     /// All base linear indices in result order, by expanding the runs.
     fn elems(r: &ResolvedSlice) -> Vec<usize> {
         r.runs()
-            .flat_map(|run| {
-                (0..run.len)
-                    .map(move |j| (run.base_start as isize + j as isize * run.stride) as usize)
-            })
+            .flat_map(|run| (0..run.len).map(move |j| (run.base_start as isize + j as isize * run.stride) as usize))
             .collect()
     }
 
@@ -536,19 +520,13 @@ mod tests {
         // [-100:100] clamps -> all; [10:] -> empty
         assert!(res("[-100:100]", &[3]).is_full());
         let r = res("[10:]", &[3]);
-        assert_eq!(
-            (r.shape.clone(), r.numel(), elems(&r).len()),
-            (vec![0], 0, 0)
-        );
+        assert_eq!((r.shape.clone(), r.numel(), elems(&r).len()), (vec![0], 0, 0));
         // arange(24).reshape(2,3,4)[..., 1] -> 1,5,9,13,17,21 with shape (2,3)
         let r = res("[..., 1]", &[2, 3, 4]);
         assert_eq!(r.shape, vec![2, 3]);
         assert_eq!(elems(&r), vec![1, 5, 9, 13, 17, 21]);
         // [1, ..., ::2] -> 12,14,16,18,20,22
-        assert_eq!(
-            elems(&res("[1, ..., ::2]", &[2, 3, 4])),
-            vec![12, 14, 16, 18, 20, 22]
-        );
+        assert_eq!(elems(&res("[1, ..., ::2]", &[2, 3, 4])), vec![12, 14, 16, 18, 20, 22]);
         // [:, ::2] on (2,3,4): dim1 strided, dims after whole -> rows 0,2 of each block
         let r = res("[:, ::2]", &[2, 3, 4]);
         assert_eq!(r.shape, vec![2, 2, 4]);
@@ -598,10 +576,7 @@ mod tests {
             "[99999999999999999999]",
         ] {
             assert!(
-                matches!(
-                    SliceSpec::parse(bad),
-                    Err(ReferenceError::InvalidSlice { .. })
-                ),
+                matches!(SliceSpec::parse(bad), Err(ReferenceError::InvalidSlice { .. })),
                 "{bad} should be rejected"
             );
         }
@@ -625,10 +600,7 @@ mod tests {
                 size: 3
             }
         );
-        assert_eq!(
-            e.to_string(),
-            "index -4 is out of range for dim 1 of size 3"
-        );
+        assert_eq!(e.to_string(), "index -4 is out of range for dim 1 of size 3");
     }
 
     #[test]

@@ -122,11 +122,8 @@ fn parse_string_pieces(text: &str) -> Result<Vec<Piece>, ReferenceError> {
                     return Err(bad(text, i, "missing `<` after \\g"));
                 }
                 let body = &text[i + 3..];
-                let end = body
-                    .find('>')
-                    .ok_or_else(|| bad(text, i, "missing `>` in \\g<...>"))?;
-                let r = group_ref(&body[..end])
-                    .ok_or_else(|| bad(text, i, "invalid group name in \\g<...>"))?;
+                let end = body.find('>').ok_or_else(|| bad(text, i, "missing `>` in \\g<...>"))?;
+                let r = group_ref(&body[..end]).ok_or_else(|| bad(text, i, "invalid group name in \\g<...>"))?;
                 pieces.push(Piece::Group(r));
                 i += 3 + end + 1;
             }
@@ -153,8 +150,7 @@ fn parse_literal_token(token: &str) -> Result<Vec<Piece>, ReferenceError> {
         let end = body
             .find('}')
             .ok_or_else(|| bad(token, offset + at, "missing `}` in ${...}"))?;
-        let r = group_ref(&body[..end])
-            .ok_or_else(|| bad(token, offset + at, "invalid name in ${...}"))?;
+        let r = group_ref(&body[..end]).ok_or_else(|| bad(token, offset + at, "invalid name in ${...}"))?;
         pieces.push(Piece::Group(r));
         let consumed = at + 2 + end + 1;
         offset += consumed;
@@ -171,9 +167,7 @@ fn lookup<'c>(caps: &'c Captures, r: &GroupRef) -> Result<Option<&'c Capture>, R
             .name(n)
             .map(Some)
             .ok_or_else(|| ReferenceError::UnknownGroup { group: n.clone() }),
-        GroupRef::Index(i) => Err(ReferenceError::UnknownGroup {
-            group: i.to_string(),
-        }),
+        GroupRef::Index(i) => Err(ReferenceError::UnknownGroup { group: i.to_string() }),
     }
 }
 
@@ -186,11 +180,7 @@ fn text_of(caps: &Captures, r: &GroupRef) -> Result<String, ReferenceError> {
     })
 }
 
-fn expand_pieces(
-    pieces: &[Piece],
-    caps: &Captures,
-    out: &mut String,
-) -> Result<(), ReferenceError> {
+fn expand_pieces(pieces: &[Piece], caps: &Captures, out: &mut String) -> Result<(), ReferenceError> {
     for p in pieces {
         match p {
             Piece::Text(t) => out.push_str(t),
@@ -203,9 +193,7 @@ fn expand_pieces(
 fn check_ref(info: &CaptureInfo, r: &GroupRef) -> Result<Option<bool>, ReferenceError> {
     match r {
         GroupRef::Index(i) if *i <= info.groups => Ok(None),
-        GroupRef::Index(i) => Err(ReferenceError::UnknownGroup {
-            group: i.to_string(),
-        }),
+        GroupRef::Index(i) => Err(ReferenceError::UnknownGroup { group: i.to_string() }),
         GroupRef::Name(n) => info
             .named
             .iter()
@@ -388,14 +376,8 @@ mod tests {
 
     #[test]
     fn spec9_full_match_rewrite() {
-        assert_eq!(
-            rewrite("(.*)", r"backup.\1", "h.0.w"),
-            Ok("backup.h.0.w".into())
-        );
-        assert_eq!(
-            rewrite(r"h\.(\d+)\..*", r"x.\g<0>", "h.0.w"),
-            Ok("x.h.0.w".into())
-        );
+        assert_eq!(rewrite("(.*)", r"backup.\1", "h.0.w"), Ok("backup.h.0.w".into()));
+        assert_eq!(rewrite(r"h\.(\d+)\..*", r"x.\g<0>", "h.0.w"), Ok("x.h.0.w".into()));
         assert_eq!(
             rewrite(r"h\.(?P<i>\d+)\.(.*)", r"b.\g<i>.\2.\g<1>", "h.3.w"),
             Ok("b.3.w.3".into())
@@ -429,16 +411,11 @@ mod tests {
             Err(ReferenceError::UnknownGroup { group: "2".into() })
         );
         let caps = re("(a)").captures("a").expect("matches");
-        assert_eq!(
-            t.expand(&caps),
-            Err(ReferenceError::UnknownGroup { group: "2".into() })
-        );
+        assert_eq!(t.expand(&caps), Err(ReferenceError::UnknownGroup { group: "2".into() }));
         let t = Template::parse_string(r"\g<nope>").expect("valid");
         assert_eq!(
             t.check_against(&re("(?P<i>a)")),
-            Err(ReferenceError::UnknownGroup {
-                group: "nope".into()
-            })
+            Err(ReferenceError::UnknownGroup { group: "nope".into() })
         );
     }
 
@@ -458,12 +435,10 @@ mod tests {
 
     #[test]
     fn list_templates() {
-        let src = Selector::Structured(
-            StructuredPattern::new(&toks(&["model", "layers", "$i", "*rest"])).expect("valid"),
-        );
+        let src =
+            Selector::Structured(StructuredPattern::new(&toks(&["model", "layers", "$i", "*rest"])).expect("valid"));
         let caps = src.captures("model.layers.3.mlp.w").expect("matches");
-        let t = Template::parse_tokens(&toks(&["blocks", "b_${i}", "*rest", "$i", "${rest}"]))
-            .expect("valid");
+        let t = Template::parse_tokens(&toks(&["blocks", "b_${i}", "*rest", "$i", "${rest}"])).expect("valid");
         t.check_against(&src).expect("valid against source");
         assert_eq!(t.expand(&caps), Ok("blocks.b_3.mlp.w.3.mlp.w".into()));
         // An empty list splices to nothing.
@@ -482,27 +457,18 @@ mod tests {
         let src = re(r"h\.(?P<i>\d+)\.(\w+)");
         let t = Template::parse_tokens(&toks(&["blk", "$i", "$2"])).expect("valid");
         t.check_against(&src).expect("valid");
-        assert_eq!(
-            t.expand(&src.captures("h.4.w").expect("matches")),
-            Ok("blk.4.w".into())
-        );
+        assert_eq!(t.expand(&src.captures("h.4.w").expect("matches")), Ok("blk.4.w".into()));
     }
 
     #[test]
     fn capture_kind() {
-        let src =
-            Selector::Structured(StructuredPattern::new(&toks(&["$i", "*rest"])).expect("valid"));
+        let src = Selector::Structured(StructuredPattern::new(&toks(&["$i", "*rest"])).expect("valid"));
         let e = Template::parse_tokens(&toks(&["$rest"]))
             .expect("valid")
             .check_against(&src);
-        assert!(
-            matches!(e, Err(ReferenceError::CaptureKind { ref name, actual: "a list", .. }) if name == "rest")
-        );
+        assert!(matches!(e, Err(ReferenceError::CaptureKind { ref name, actual: "a list", .. }) if name == "rest"));
         let t = Template::parse_tokens(&toks(&["*i"])).expect("valid");
-        assert!(matches!(
-            t.check_against(&src),
-            Err(ReferenceError::CaptureKind { .. })
-        ));
+        assert!(matches!(t.check_against(&src), Err(ReferenceError::CaptureKind { .. })));
         assert!(matches!(
             t.expand(&src.captures("a.b").expect("matches")),
             Err(ReferenceError::CaptureKind { .. })

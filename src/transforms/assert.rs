@@ -54,12 +54,7 @@ pub const OPERATORS: &[(&str, &[Field])] = &[
         "dimensions",
         &[
             Field::required("of", FieldKind::Reference, "tensors to check"),
-            Field::optional(
-                "is",
-                FieldKind::Number,
-                None,
-                "exactly this many dimensions",
-            ),
+            Field::optional("is", FieldKind::Number, None, "exactly this many dimensions"),
             Field::optional("ge", FieldKind::Number, None, "at least"),
             Field::optional("gt", FieldKind::Number, None, "more than"),
             Field::optional("le", FieldKind::Number, None, "at most"),
@@ -82,12 +77,7 @@ pub const OPERATORS: &[(&str, &[Field])] = &[
                 FieldKind::Target,
                 "the tensor each left match is compared with (a rewrite; aliases may differ)",
             ),
-            Field::optional(
-                "eps",
-                FieldKind::Number,
-                Some("0"),
-                "largest allowed |a - b|",
-            ),
+            Field::optional("eps", FieldKind::Number, Some("0"), "largest allowed |a - b|"),
         ],
     ),
     (
@@ -201,11 +191,7 @@ fn reference_or_of(
         }
         _ => {
             let p = Payload::new(value, fields, location.clone())?;
-            let eps = if op == "iszero" {
-                p.number("eps")?
-            } else {
-                None
-            };
+            let eps = if op == "iszero" { p.number("eps")? } else { None };
             Ok((p.reference("of")?, eps))
         }
     }
@@ -254,10 +240,7 @@ impl Expr {
             let Value::Array(items) = payload else {
                 return Err(PlanError::invalid(
                     &at,
-                    format!(
-                        "`{op}` takes a list of assertions, got {}",
-                        kind_of(payload)
-                    ),
+                    format!("`{op}` takes a list of assertions, got {}", kind_of(payload)),
                 ));
             };
             items
@@ -343,12 +326,7 @@ impl Expr {
         })
     }
 
-    fn evaluate(
-        &self,
-        state: &State,
-        ctx: &mut Context,
-        location: &Location,
-    ) -> Result<Outcome, StepError> {
+    fn evaluate(&self, state: &State, ctx: &mut Context, location: &Location) -> Result<Outcome, StepError> {
         match self {
             Expr::Exists(of) => {
                 let matches = state.select(of, location)?;
@@ -371,51 +349,35 @@ impl Expr {
                 })
             }
             Expr::Shape { of, is } => each_match(state, of, location, "shape", |m| {
-                (m.tensor.shape != *is).then(|| {
-                    format!(
-                        "shape is {}, expected {}",
-                        fmt_shape(&m.tensor.shape),
-                        fmt_shape(is)
-                    )
-                })
+                (m.tensor.shape != *is)
+                    .then(|| format!("shape is {}, expected {}", fmt_shape(&m.tensor.shape), fmt_shape(is)))
             }),
-            Expr::Dimensions { of, comparison, n } => {
-                each_match(state, of, location, "dimensions", |m| {
-                    let d = m.tensor.shape.len();
-                    let (ok, word) = match comparison {
-                        Comparison::Is => (d == *n, "exactly"),
-                        Comparison::Ge => (d >= *n, "at least"),
-                        Comparison::Gt => (d > *n, "more than"),
-                        Comparison::Le => (d <= *n, "at most"),
-                        Comparison::Lt => (d < *n, "fewer than"),
-                    };
-                    (!ok).then(|| format!("has {d} dimensions, expected {word} {n}"))
-                })
-            }
+            Expr::Dimensions { of, comparison, n } => each_match(state, of, location, "dimensions", |m| {
+                let d = m.tensor.shape.len();
+                let (ok, word) = match comparison {
+                    Comparison::Is => (d == *n, "exactly"),
+                    Comparison::Ge => (d >= *n, "at least"),
+                    Comparison::Gt => (d > *n, "more than"),
+                    Comparison::Le => (d <= *n, "at most"),
+                    Comparison::Lt => (d < *n, "fewer than"),
+                };
+                (!ok).then(|| format!("has {d} dimensions, expected {word} {n}"))
+            }),
             Expr::DType { of, is } => each_match(state, of, location, "dtype", |m| {
-                (m.tensor.dtype != *is)
-                    .then(|| format!("dtype is {}, expected {is}", m.tensor.dtype))
+                (m.tensor.dtype != *is).then(|| format!("dtype is {}, expected {is}", m.tensor.dtype))
             }),
-            Expr::Equal { left, right, eps } => {
-                evaluate_equal(state, ctx, location, left, right, *eps)
-            }
-            Expr::IsZero { of, eps } => {
-                evaluate_values(state, ctx, location, of, "iszero", |stats| {
-                    let max = stats.max_abs;
-                    if stats.nan_count > 0 {
-                        Some(format!("holds {} NaN values", stats.nan_count))
-                    } else {
-                        (max > *eps).then(|| format!("max |x| = {max:e} > eps {eps:e}"))
-                    }
-                })
-            }
+            Expr::Equal { left, right, eps } => evaluate_equal(state, ctx, location, left, right, *eps),
+            Expr::IsZero { of, eps } => evaluate_values(state, ctx, location, of, "iszero", |stats| {
+                let max = stats.max_abs;
+                if stats.nan_count > 0 {
+                    Some(format!("holds {} NaN values", stats.nan_count))
+                } else {
+                    (max > *eps).then(|| format!("max |x| = {max:e} > eps {eps:e}"))
+                }
+            }),
             Expr::Finite { of } => evaluate_values(state, ctx, location, of, "finite", |stats| {
-                (stats.nan_count + stats.inf_count > 0).then(|| {
-                    format!(
-                        "holds {} NaN and {} infinite values",
-                        stats.nan_count, stats.inf_count
-                    )
-                })
+                (stats.nan_count + stats.inf_count > 0)
+                    .then(|| format!("holds {} NaN and {} infinite values", stats.nan_count, stats.inf_count))
             }),
             Expr::All(items) => {
                 let mut deferred = false;
@@ -426,11 +388,7 @@ impl Expr {
                         failed @ Outcome::Fail(_) => return Ok(failed),
                     }
                 }
-                Ok(if deferred {
-                    Outcome::Deferred
-                } else {
-                    Outcome::Pass
-                })
+                Ok(if deferred { Outcome::Deferred } else { Outcome::Pass })
             }
             Expr::Any(items) => {
                 let mut deferred = false;
@@ -471,11 +429,7 @@ fn each_match(
 ) -> Result<Outcome, StepError> {
     let matches = state.select(of, location)?;
     if matches.is_empty() {
-        return Ok(fail(
-            assertion,
-            None,
-            format!("nothing matches `{}`", of.text),
-        ));
+        return Ok(fail(assertion, None, format!("nothing matches `{}`", of.text)));
     }
     for m in &matches {
         if let Some(message) = check(m) {
@@ -508,11 +462,7 @@ fn evaluate_values(
 ) -> Result<Outcome, StepError> {
     let matches = state.select(of, location)?;
     if matches.is_empty() {
-        return Ok(fail(
-            assertion,
-            None,
-            format!("nothing matches `{}`", of.text),
-        ));
+        return Ok(fail(assertion, None, format!("nothing matches `{}`", of.text)));
     }
     for m in &matches {
         require_values(m, assertion)?;
@@ -549,25 +499,15 @@ fn evaluate_equal(
 ) -> Result<Outcome, StepError> {
     let matches = state.select(left, location)?;
     if matches.is_empty() {
-        return Ok(fail(
-            "equal",
-            None,
-            format!("nothing matches `{}`", left.text),
-        ));
+        return Ok(fail("equal", None, format!("nothing matches `{}`", left.text)));
     }
     let mut pairs: Vec<(&Match, Tensor, String)> = Vec::with_capacity(matches.len());
     for m in &matches {
-        let name = right
-            .expand(&m.captures)
-            .map_err(|source| TransformError::Template {
-                tensor: m.display(),
-                source,
-            })?;
-        let alias = state.alias_for(
-            right.alias.as_deref().or(Some(&m.alias)),
-            &right.text,
-            location,
-        )?;
+        let name = right.expand(&m.captures).map_err(|source| TransformError::Template {
+            tensor: m.display(),
+            source,
+        })?;
+        let alias = state.alias_for(right.alias.as_deref().or(Some(&m.alias)), &right.text, location)?;
         let display = format!("{alias}::{name}");
         let Some(tensor) = state.get(&alias, &name) else {
             return Ok(fail(
@@ -579,12 +519,10 @@ fn evaluate_equal(
         let tensor = match &right.slice {
             None => tensor.clone(),
             Some(spec) => {
-                let resolved =
-                    spec.resolve(&tensor.shape)
-                        .map_err(|source| TransformError::Slice {
-                            tensor: display.clone(),
-                            source,
-                        })?;
+                let resolved = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice {
+                    tensor: display.clone(),
+                    source,
+                })?;
                 crate::executor::state::view_of(tensor, &resolved, &display)?
             }
         };
@@ -629,10 +567,7 @@ fn evaluate_equal(
 
 /// Streams two tensors of one shape in lockstep and returns max |a - b|.
 fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, StepError> {
-    let (sa, sb) = (
-        a.dtype.size().expect("computable"),
-        b.dtype.size().expect("computable"),
-    );
+    let (sa, sb) = (a.dtype.size().expect("computable"), b.dtype.size().expect("computable"));
     let per_chunk = (CHUNK_BYTES / sa.max(sb)).max(1);
     let total = a.numel();
     let mut buf_a = ctx.scratch.take(per_chunk.min(total) * sa);
@@ -672,9 +607,7 @@ impl Transform for Assert {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         match self.expr.evaluate(state, ctx, &self.location)? {
             Outcome::Pass => ctx.note("assert: passed".to_owned()),
-            Outcome::Deferred => {
-                ctx.note("assert: needs tensor values; checked when the plan runs".to_owned())
-            }
+            Outcome::Deferred => ctx.note("assert: needs tensor values; checked when the plan runs".to_owned()),
             Outcome::Fail(failure) => return Err(failure.into()),
         }
         Ok(Flow::Continue)

@@ -53,13 +53,10 @@ impl Transform for Assign {
         let mut seen: HashMap<(String, String), String> = HashMap::new();
         let mut writes = Vec::with_capacity(matches.len());
         for m in &matches {
-            let name = self
-                .to
-                .expand(&m.captures)
-                .map_err(|source| TransformError::Template {
-                    tensor: m.display(),
-                    source,
-                })?;
+            let name = self.to.expand(&m.captures).map_err(|source| TransformError::Template {
+                tensor: m.display(),
+                source,
+            })?;
             let alias = state.alias_for(
                 self.to.alias.as_deref().or(Some(&m.alias)),
                 &self.to.text,
@@ -84,12 +81,10 @@ impl Transform for Assign {
             let (region, dest_shape) = match &self.to.slice {
                 None => (None, dest.shape.clone()),
                 Some(spec) => {
-                    let region =
-                        spec.resolve(&dest.shape)
-                            .map_err(|source| TransformError::Slice {
-                                tensor: display.clone(),
-                                source,
-                            })?;
+                    let region = spec.resolve(&dest.shape).map_err(|source| TransformError::Slice {
+                        tensor: display.clone(),
+                        source,
+                    })?;
                     let shape = region.shape.clone();
                     (Some(region), shape)
                 }

@@ -4,10 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{
-    count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError,
-    TransformSpec,
-};
+use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
 use crate::executor::state::{Match, State};
 use crate::plan::payload::{Field, FieldKind, Payload};
@@ -16,11 +13,7 @@ use crate::references::{Reference, Target};
 use crate::value::{Tensor, Value};
 
 const CAST_FIELDS: &[Field] = &[
-    Field::required(
-        "from",
-        FieldKind::Reference,
-        "tensors to convert (may be sliced)",
-    ),
+    Field::required("from", FieldKind::Reference, "tensors to convert (may be sliced)"),
     Field::required("to", FieldKind::Target, "destination names"),
     Field::required("dtype", FieldKind::DType, "the new dtype"),
     Field::optional(
@@ -32,11 +25,7 @@ const CAST_FIELDS: &[Field] = &[
 ];
 
 const CAST_INPLACE_FIELDS: &[Field] = &[
-    Field::required(
-        "target",
-        FieldKind::Reference,
-        "tensors to convert in place",
-    ),
+    Field::required("target", FieldKind::Reference, "tensors to convert in place"),
     Field::optional("to", FieldKind::DType, None, "the new dtype (or `dtype`)"),
     Field::optional("dtype", FieldKind::DType, None, "the new dtype (or `to`)"),
     Field::optional(
@@ -136,9 +125,7 @@ pub fn cast_tensor(m: &Match, dtype: DType) -> Result<Tensor, TransformError> {
     Ok(Tensor {
         dtype,
         shape: m.tensor.shape.clone(),
-        value: Arc::new(Value::Cast {
-            base: m.tensor.clone(),
-        }),
+        value: Arc::new(Value::Cast { base: m.tensor.clone() }),
     })
 }
 
@@ -158,11 +145,7 @@ impl Transform for Cast {
                 for ((alias, name), tensor) in destinations.iter().zip(casts) {
                     state.insert(alias, name, tensor);
                 }
-                ctx.note(format!(
-                    "cast: {} → {}",
-                    count_noun(matches.len()),
-                    self.dtype
-                ));
+                ctx.note(format!("cast: {} → {}", count_noun(matches.len()), self.dtype));
             }
             None => {
                 if self.from.slice.is_some() {
@@ -175,11 +158,7 @@ impl Transform for Cast {
                 for (m, tensor) in matches.iter().zip(casts) {
                     state.replace(&m.alias, &m.name, tensor);
                 }
-                ctx.note(format!(
-                    "cast_: {} → {}",
-                    count_noun(matches.len()),
-                    self.dtype
-                ));
+                ctx.note(format!("cast_: {} → {}", count_noun(matches.len()), self.dtype));
             }
         }
         Ok(Flow::Continue)

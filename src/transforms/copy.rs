@@ -5,26 +5,15 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
-use super::{
-    count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError,
-    TransformSpec,
-};
+use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 
 const FROM_TO: &[Field] = &[
-    Field::required(
-        "from",
-        FieldKind::Reference,
-        "tensors to read (a slice makes a view)",
-    ),
-    Field::required(
-        "to",
-        FieldKind::Target,
-        "destination names, rewritten from each match",
-    ),
+    Field::required("from", FieldKind::Reference, "tensors to read (a slice makes a view)"),
+    Field::required("to", FieldKind::Target, "destination names, rewritten from each match"),
 ];
 
 /// `copy`: new tensors with the same values.
@@ -135,20 +124,14 @@ impl Transform for Move {
             .into());
         }
         let matches = state.select_some(&self.from, &self.location)?;
-        let moving: HashSet<(&str, &str)> = matches
-            .iter()
-            .map(|m| (m.alias.as_str(), m.name.as_str()))
-            .collect();
+        let moving: HashSet<(&str, &str)> = matches.iter().map(|m| (m.alias.as_str(), m.name.as_str())).collect();
         let mut seen: HashMap<(String, String), String> = HashMap::new();
         let mut destinations = Vec::with_capacity(matches.len());
         for m in &matches {
-            let name = self
-                .to
-                .expand(&m.captures)
-                .map_err(|source| TransformError::Template {
-                    tensor: m.display(),
-                    source,
-                })?;
+            let name = self.to.expand(&m.captures).map_err(|source| TransformError::Template {
+                tensor: m.display(),
+                source,
+            })?;
             let alias = self.to.alias.clone().unwrap_or_else(|| m.alias.clone());
             if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
                 return Err(TransformError::Collision {
@@ -159,9 +142,7 @@ impl Transform for Move {
                 .into());
             }
             // A destination may be a name that this same move vacates (a swap or shift).
-            if state.get(&alias, &name).is_some()
-                && !moving.contains(&(alias.as_str(), name.as_str()))
-            {
+            if state.get(&alias, &name).is_some() && !moving.contains(&(alias.as_str(), name.as_str())) {
                 return Err(TransformError::DestinationExists {
                     destination: format!("{alias}::{name}"),
                     source_name: m.display(),
@@ -172,15 +153,9 @@ impl Transform for Move {
         }
         let removed: Vec<_> = matches
             .iter()
-            .map(|m| {
-                state
-                    .remove(&m.alias, &m.name)
-                    .expect("matched tensors exist")
-            })
+            .map(|m| state.remove(&m.alias, &m.name).expect("matched tensors exist"))
             .collect();
-        for ((tensor, order), ((alias, name), m)) in
-            removed.into_iter().zip(destinations.iter().zip(&matches))
-        {
+        for ((tensor, order), ((alias, name), m)) in removed.into_iter().zip(destinations.iter().zip(&matches)) {
             if *alias == m.alias {
                 state.insert_at(alias, name, tensor, order);
             } else {

@@ -10,10 +10,7 @@ use crate::references::ReferenceError;
 #[derive(Debug, thiserror::Error)]
 pub enum TransformError {
     /// A reference selects no tensor.
-    #[error(
-        "`{reference}` matches no tensor in `{alias}`{}",
-        closest_hint(closest)
-    )]
+    #[error("`{reference}` matches no tensor in `{alias}`{}", closest_hint(closest))]
     ZeroMatches {
         /// The reference as written.
         reference: String,
@@ -65,7 +62,9 @@ pub enum TransformError {
         destination_shape: Vec<usize>,
     },
     /// Dtypes that must agree do not (nothing is promoted silently).
-    #[error("dtype mismatch: `{source_name}` is {source_dtype} but `{destination}` is {destination_dtype}; cast first")]
+    #[error(
+        "dtype mismatch: `{source_name}` is {source_dtype} but `{destination}` is {destination_dtype}; cast first"
+    )]
     DTypeMismatch {
         /// The source tensor.
         source_name: String,
@@ -87,9 +86,7 @@ pub enum TransformError {
         dtype: DType,
     },
     /// The tensor's dtype is carried through only (sub-byte floats, complex).
-    #[error(
-        "{op} cannot compute on `{tensor}`: {dtype} tensors are carried through unchanged only"
-    )]
+    #[error("{op} cannot compute on `{tensor}`: {dtype} tensors are carried through unchanged only")]
     Unsupported {
         /// The operation.
         op: &'static str,
@@ -130,11 +127,7 @@ fn closest_hint(closest: &[String]) -> String {
     } else {
         format!(
             "; closest names: {}",
-            closest
-                .iter()
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            closest.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
         )
     }
 }
@@ -145,11 +138,7 @@ pub fn fmt_shape(shape: &[usize]) -> String {
         [single] => format!("({single},)"),
         _ => format!(
             "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
         ),
     }
 }

@@ -172,16 +172,13 @@ pub(crate) fn new_destinations(
             return Err(PlanError::invalid(location, "empty alias").into());
         }
     }
-    let mut seen: std::collections::HashMap<(String, String), String> =
-        std::collections::HashMap::new();
+    let mut seen: std::collections::HashMap<(String, String), String> = std::collections::HashMap::new();
     let mut out = Vec::with_capacity(matches.len());
     for m in matches {
-        let name = to
-            .expand(&m.captures)
-            .map_err(|source| TransformError::Template {
-                tensor: m.display(),
-                source,
-            })?;
+        let name = to.expand(&m.captures).map_err(|source| TransformError::Template {
+            tensor: m.display(),
+            source,
+        })?;
         let alias = to.alias.clone().unwrap_or_else(|| m.alias.clone());
         if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
             return Err(TransformError::Collision {

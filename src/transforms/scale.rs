@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{
-    count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec,
-};
+use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
 use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
@@ -13,11 +11,7 @@ use crate::references::{Reference, Target};
 use crate::value::{Tensor, Value};
 
 const SCALE_FIELDS: &[Field] = &[
-    Field::required(
-        "from",
-        FieldKind::Reference,
-        "tensors to read (may be sliced)",
-    ),
+    Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
     Field::required("to", FieldKind::Target, "destination names"),
     Field::required("by", FieldKind::Number, "the factor"),
 ];
@@ -102,35 +96,25 @@ impl Transform for Scale {
                 for (m, (alias, name)) in matches.iter().zip(&destinations) {
                     state.insert(alias, name, scaled(&m.tensor, self.by));
                 }
-                ctx.note(format!(
-                    "scale: {} × {}",
-                    count_noun(matches.len()),
-                    self.by
-                ));
+                ctx.note(format!("scale: {} × {}", count_noun(matches.len()), self.by));
             }
             None => {
                 for m in &matches {
                     let tensor = match &m.slice {
-                        Some(region) if m.tensor.shape != m.base.shape || !region.is_full() => {
-                            Tensor {
-                                dtype: m.base.dtype,
-                                shape: m.base.shape.clone(),
-                                value: Arc::new(Value::Overwrite {
-                                    base: m.base.clone(),
-                                    region: region.clone(),
-                                    with: scaled(&m.tensor, self.by),
-                                }),
-                            }
-                        }
+                        Some(region) if m.tensor.shape != m.base.shape || !region.is_full() => Tensor {
+                            dtype: m.base.dtype,
+                            shape: m.base.shape.clone(),
+                            value: Arc::new(Value::Overwrite {
+                                base: m.base.clone(),
+                                region: region.clone(),
+                                with: scaled(&m.tensor, self.by),
+                            }),
+                        },
                         _ => scaled(&m.base, self.by),
                     };
                     state.replace(&m.alias, &m.name, tensor);
                 }
-                ctx.note(format!(
-                    "scale_: {} × {}",
-                    count_noun(matches.len()),
-                    self.by
-                ));
+                ctx.note(format!("scale_: {} × {}", count_noun(matches.len()), self.by));
             }
         }
         Ok(Flow::Continue)
