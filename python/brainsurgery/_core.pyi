@@ -2,7 +2,22 @@
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict
+from typing import Any, TypedDict, final
+
+__all__ = [
+    "__version__",
+    "run",
+    "check",
+    "open",
+    "cli_main",
+    "Checkpoint",
+    "TensorBuffer",
+    "BrainSurgeryError",
+    "PlanError",
+    "TransformError",
+    "AssertionFailed",
+    "FormatError",
+]
 
 __version__: str
 
@@ -45,12 +60,13 @@ def cli_main(args: list[str]) -> int:
 def open(path: str) -> Checkpoint:
     """Open a checkpoint lazily (headers only)."""
 
+@final
 class TensorBuffer:
     """Read-only bytes of one mapped tensor (buffer protocol)."""
 
     def __len__(self) -> int: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
 
+@final
 class Checkpoint:
     """A checkpoint opened lazily."""
 
@@ -62,7 +78,7 @@ class Checkpoint:
     def info(self, name: str) -> tuple[str, list[int]]: ...
     def buffer(self, name: str) -> TensorBuffer: ...
     def __len__(self) -> int: ...
-    def __contains__(self, name: str) -> bool: ...
+    def __contains__(self, key: str, /) -> bool: ...
 
 class BrainSurgeryError(Exception): ...
 class PlanError(BrainSurgeryError): ...
