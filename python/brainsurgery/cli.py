@@ -9,8 +9,7 @@ def main() -> None:
     """Run the command line and exit with its status."""
     try:
         status = _core.cli_main(sys.argv[1:])
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # before the engine started; it reports interruptions itself
         status = 130
     sys.exit(status)
 

@@ -21,9 +21,12 @@ use crate::formats::{open_checkpoint, Checkpoint as EngineCheckpoint, SourceFile
 use crate::plan::{Location, Plan, PlanError, PlanSource};
 
 /// Runs `work` on another thread with the GIL released, polling for Ctrl-C meanwhile. On an
-/// interrupt the engine's cancel flag is set; the work stops at its next chunk and the signal's
-/// exception (normally `KeyboardInterrupt`) is raised.
-fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + Send) -> PyResult<T> {
+/// interrupt the engine's cancel flag is set and the work stops at its next chunk. Returns the
+/// work's result and the signal's exception, if one arrived.
+fn detached_with_signal<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce(Arc<AtomicBool>) -> T + Send,
+) -> PyResult<(T, Option<PyErr>)> {
     let cancel = Arc::new(AtomicBool::new(false));
     let mut signal: Option<PyErr> = None;
     let result = py.detach(|| {
@@ -42,10 +45,17 @@ fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + S
             handle.join()
         })
     });
-    if let Some(e) = signal {
-        return Err(e);
+    let result =
+        result.map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread panicked"))?;
+    Ok((result, signal))
+}
+
+/// [`detached_with_signal`], raising the signal's exception (normally `KeyboardInterrupt`).
+fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + Send) -> PyResult<T> {
+    match detached_with_signal(py, work)? {
+        (_, Some(signal)) => Err(signal),
+        (result, None) => Ok(result),
     }
-    result.map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread panicked"))
 }
 
 /// Converts a Python plan value (dict/list/str/number/bool/None, paths as strings) to a document.
@@ -233,7 +243,9 @@ fn check<'py>(
 /// The command line: parses `args` (without the program name), runs, returns the exit status.
 #[pyfunction]
 fn cli_main(py: Python<'_>, args: Vec<String>) -> PyResult<i32> {
-    detached(py, move |cancel| crate::cli::main(args, cancel))
+    // The command line reports an interruption itself (one message, exit status 130).
+    let (status, _signal) = detached_with_signal(py, move |cancel| crate::cli::main(args, cancel))?;
+    Ok(status)
 }
 
 /// Read-only bytes of one tensor in a memory-mapped file, exposed through the buffer protocol
