@@ -124,6 +124,9 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
 }
 
 fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -> std::io::Result<()> {
+    for text in &report.output {
+        writeln!(out, "{text}")?;
+    }
     if notes {
         for (i, note) in report.notes.iter().enumerate() {
             writeln!(out, "  [{i}] {note}")?;

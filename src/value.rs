@@ -31,6 +31,22 @@ impl Bytes for Vec<u8> {
     }
 }
 
+/// A lazy operation defined outside this module (one file per transform family): element-wise
+/// arithmetic, generated values, permutations, products. It produces the elements of the tensor
+/// it describes on demand, like every other [`Value`].
+pub trait LazyOp: Send + Sync + std::fmt::Debug {
+    /// Fills `out` with elements `[start, start + out.len() / dtype.size())` of the result, in
+    /// row-major order. `dtype` and `shape` are the result's, as recorded in its [`Tensor`].
+    fn read(
+        &self,
+        dtype: DType,
+        shape: &[usize],
+        start: usize,
+        out: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<(), FormatError>;
+}
+
 /// A tensor: its dtype and shape, and how to produce its bytes.
 #[derive(Debug, Clone)]
 pub struct Tensor {
@@ -54,6 +70,8 @@ pub enum Value {
     },
     /// Bytes held in memory.
     Memory(Arc<dyn Bytes>),
+    /// An operation implemented by a transform family.
+    Op(Arc<dyn LazyOp>),
     /// A slice of `base` (same dtype).
     View {
         /// The viewed tensor.
@@ -122,6 +140,15 @@ impl Tensor {
             dtype,
             shape,
             value: Arc::new(Value::Stored { file, offset }),
+        }
+    }
+
+    /// A tensor produced by a lazy operation.
+    pub fn op(dtype: DType, shape: Vec<usize>, op: Arc<dyn LazyOp>) -> Tensor {
+        Tensor {
+            dtype,
+            shape,
+            value: Arc::new(Value::Op(op)),
         }
     }
 
@@ -200,6 +227,7 @@ impl Tensor {
             }
             Value::View { base, slice } => read_view(base, slice, size, start, out, scratch),
             Value::Overwrite { base, region, with } => read_overwrite(base, region, with, size, start, out, scratch),
+            Value::Op(op) => op.read(self.dtype, &self.shape, start, out, scratch),
         }
     }
 

@@ -33,6 +33,7 @@ class Report(TypedDict):
     total_bytes: int
     written: list[str]
     notes: list[str]
+    output: list[str]
     added: int
     removed: int
     peak_memory_estimate: int

@@ -188,6 +188,7 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
             .collect::<Vec<_>>(),
     )?;
     dict.set_item("notes", &report.notes)?;
+    dict.set_item("output", &report.output)?;
     dict.set_item("added", report.added)?;
     dict.set_item("removed", report.removed)?;
     dict.set_item("peak_memory_estimate", report.peak_memory_estimate)?;

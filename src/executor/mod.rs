@@ -56,6 +56,8 @@ pub struct TensorSummary {
 pub struct Report {
     /// One line per transform executed.
     pub notes: Vec<String>,
+    /// Text printed by transforms (`dump`, `diff`, `help`), in order.
+    pub output: Vec<String>,
     /// The alias written (or that would be written).
     pub alias: Option<String>,
     /// The output tensors in order.
@@ -203,6 +205,7 @@ impl Prepared {
     fn report(&self, state: &State, ctx: Context) -> Result<Report, Error> {
         let mut report = Report {
             notes: ctx.notes,
+            output: ctx.output,
             ..Report::default()
         };
         report.alias = self.output_alias(state)?;

@@ -44,6 +44,9 @@ pub struct Context {
     pub notes: Vec<String>,
     /// Set by Ctrl-C; long evaluations stop at the next chunk.
     pub cancel: Arc<AtomicBool>,
+    /// Text transforms print (`dump`, `diff`, `help`), in order; the command line prints it and
+    /// Python returns it in the report.
+    pub output: Vec<String>,
 }
 
 impl Context {
@@ -54,12 +57,18 @@ impl Context {
             scratch: Scratch::default(),
             notes: Vec::new(),
             cancel,
+            output: Vec::new(),
         }
     }
 
     /// Records what a transform did.
     pub fn note(&mut self, line: String) {
         self.notes.push(line);
+    }
+
+    /// Prints text for the user (a `dump` table, a `diff` report).
+    pub fn emit(&mut self, text: String) {
+        self.output.push(text);
     }
 
     /// Whether the run was interrupted.
