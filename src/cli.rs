@@ -255,7 +255,8 @@ pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
     let first = args.first().map(String::as_str);
     let implicit_run = match first {
         None => false,
-        Some(a) if a.starts_with('-') => false,
+        // `brainsurgery --threads 2 plan.yaml` runs too; only help and version stand alone.
+        Some("-h" | "--help" | "-V" | "--version") => false,
         Some(a) => !SUBCOMMANDS.contains(&a),
     };
     if implicit_run {

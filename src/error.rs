@@ -15,6 +15,17 @@ pub enum Error {
     /// `FormatError`).
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// Reading tensor data failed while a transform evaluated values (exit status 2,
+    /// `FormatError`).
+    #[error("transforms[{index}] ({name}): {source}")]
+    FormatAt {
+        /// Index of the transform in the plan.
+        index: usize,
+        /// Its name.
+        name: String,
+        /// What went wrong.
+        source: FormatError,
+    },
     /// A transform cannot apply to the tensors it selects (exit status 1, `TransformError`).
     #[error("transforms[{index}] ({name}): {source}")]
     Transform {
@@ -43,7 +54,7 @@ impl Error {
     /// transform or assertion, 130 for an interruption.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Plan(_) | Error::Format(_) => 2,
+            Error::Plan(_) | Error::Format(_) | Error::FormatAt { .. } => 2,
             Error::Transform { .. } | Error::Assertion { .. } => 1,
             Error::Cancelled => 130,
         }

@@ -82,7 +82,9 @@ pub fn to_py(py: Python<'_>, error: Error) -> PyErr {
     let message = error_chain(&error);
     match &error {
         Error::Plan(_) => PlanError_::new_err(message),
-        Error::Format(format) => with_io_cause(py, FormatError_::new_err(message), format),
+        Error::Format(format) | Error::FormatAt { source: format, .. } => {
+            with_io_cause(py, FormatError_::new_err(message), format)
+        }
         Error::Transform { .. } => TransformError::new_err(message),
         Error::Assertion { .. } => AssertionFailed::new_err(message),
         Error::Cancelled => PyKeyboardInterrupt::new_err(message),

@@ -32,7 +32,13 @@ fn detached_with_signal<T: Send>(
     let result = py.detach(|| {
         std::thread::scope(|scope| {
             let flag = cancel.clone();
-            let handle = scope.spawn(move || work(flag));
+            let handle = std::thread::Builder::new()
+                .stack_size(crate::value::ENGINE_STACK_BYTES)
+                .spawn_scoped(scope, move || work(flag));
+            let handle = match handle {
+                Ok(handle) => handle,
+                Err(e) => return Err(Box::new(e) as Box<dyn std::any::Any + Send>),
+            };
             while !handle.is_finished() {
                 std::thread::sleep(Duration::from_millis(20));
                 if signal.is_none() {
@@ -45,8 +51,9 @@ fn detached_with_signal<T: Send>(
             handle.join()
         })
     });
-    let result =
-        result.map_err(|_| pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread panicked"))?;
+    let result = result.map_err(|_| {
+        pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread failed to start or panicked")
+    })?;
     Ok((result, signal))
 }
 
@@ -110,6 +117,13 @@ fn to_value(obj: &Bound<'_, PyAny>, location: &Location) -> PyResult<Value> {
     // os.PathLike
     if let Ok(fspath) = obj.call_method0("__fspath__") {
         return Ok(Value::String(fspath.extract()?));
+    }
+    // NumPy and other numeric scalars: integers through __index__, reals through __float__.
+    if let Ok(index) = obj.call_method0("__index__") {
+        return to_value(&index, location);
+    }
+    if let Ok(real) = obj.call_method0("__float__") {
+        return to_value(&real, location);
     }
     Err(errors::plan_error(PlanError::invalid(
         location,

@@ -86,7 +86,11 @@ pub struct Prepared {
 fn step_error(index: usize, name: &str, error: StepError) -> Error {
     match error {
         StepError::Plan(e) => Error::Plan(e),
-        StepError::Format(e) => Error::Format(e),
+        StepError::Format(source) => Error::FormatAt {
+            index,
+            name: name.to_owned(),
+            source,
+        },
         StepError::Transform(source) => Error::Transform {
             index,
             name: name.to_owned(),
@@ -111,8 +115,10 @@ impl Prepared {
             initial.add_checkpoint(&input.alias, &checkpoint);
         }
         initial.written.clear();
+        // SPEC §3: the only input, or output.alias — when that names an input; an output alias
+        // the transforms create cannot be the default for references that run before it exists.
         initial.default_alias = match (&plan.output, plan.inputs.as_slice()) {
-            (Some(OutputSpec { alias: Some(alias), .. }), _) => Some(alias.clone()),
+            (Some(OutputSpec { alias: Some(alias), .. }), _) if initial.alias(alias).is_some() => Some(alias.clone()),
             (_, [only]) => Some(only.alias.clone()),
             _ => None,
         };
@@ -227,8 +233,9 @@ impl Prepared {
                 report.added = current.len();
             }
         }
-        // Each writing thread holds a chunk buffer plus, for computed values, one temporary per
-        // level of the value's description (two suffice for every transform of this version).
+        // A typical figure: each writing thread holds a chunk buffer plus a temporary or two for
+        // computed values. Long chains of operations on one tensor take a temporary per level,
+        // and strided slices a covering span of up to 4 MiB per level.
         report.peak_memory_estimate = (self.threads * 3 * CHUNK_BYTES) as u64;
         Ok(report)
     }
@@ -393,6 +400,76 @@ mod tests {
         assert!(report.notes[0].contains("checked when the plan runs"));
         let err = prepared.run(&RunOptions::default()).unwrap_err();
         assert!(matches!(err, Error::Assertion { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_thousand_edits_of_one_tensor_stream_without_overflowing() {
+        // Review finding: every in-place edit nests the value one level deeper.
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let out = dir.path().join("out.safetensors");
+        let edits = "  - scale_: {target: 'layers.0.w::[0]', by: 1.0}\n".repeat(1000);
+        let yaml = format!(
+            "inputs: ['{}']\ntransforms:\n{edits}output: '{}'\n",
+            input.display(),
+            out.display()
+        );
+        let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
+        let prepared = Prepared::new(plan, 2).unwrap();
+        // Run on a thread with the engine's stack, as the bindings do.
+        std::thread::Builder::new()
+            .stack_size(crate::value::ENGINE_STACK_BYTES)
+            .spawn(move || prepared.run(&RunOptions::default()).unwrap())
+            .unwrap()
+            .join()
+            .unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(floats(&st, "layers.0.w"), (0..12).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn output_metadata_has_a_format_and_falls_back_to_the_first_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = vec![0u8; 8];
+        let path = dir.path().join("bare.safetensors");
+        safetensors::serialize_to_file(
+            vec![("w", TensorView::new(Dtype::F32, vec![2], &a).unwrap())],
+            None,
+            &path,
+        )
+        .unwrap();
+        let out = dir.path().join("o.safetensors");
+        let yaml = format!(
+            "inputs: ['{}']\ntransforms:\n  - copy: {{from: w, to: 'new::w'}}\noutput: {{path: '{}', alias: new}}\n",
+            path.display(),
+            out.display()
+        );
+        run_yaml(&yaml, 1).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = meta.metadata().clone().unwrap();
+        assert_eq!(meta["format"], "pt");
+        assert!(meta.contains_key(write::VERSION_KEY));
+    }
+
+    #[test]
+    fn a_symlinked_input_is_not_overwritten_by_a_directory_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        let snapshot = dir.path().join("snapshot");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::create_dir_all(&snapshot).unwrap();
+        let real = write_input(&blobs);
+        std::os::unix::fs::symlink(&real, snapshot.join("model.safetensors")).unwrap();
+        let yaml = format!(
+            "inputs: ['{}']\noutput: '{}'\n",
+            snapshot.join("model.safetensors").display(),
+            snapshot.display()
+        );
+        let err = run_yaml(&yaml, 1).unwrap_err();
+        assert!(err.to_string().contains("would overwrite input"), "{err}");
+        assert!(snapshot.join("model.safetensors").is_symlink());
     }
 
     #[test]

@@ -183,7 +183,11 @@ impl State {
         let state = &self.aliases[&alias];
         let mut matches = Vec::new();
         for (name, tensor) in state.iter() {
-            let Some(captures) = reference.selector.captures(name) else {
+            let captures = reference
+                .selector
+                .try_captures(name)
+                .map_err(|source| TransformError::Match { source })?;
+            let Some(captures) = captures else {
                 continue;
             };
             let (view, slice) = match &reference.slice {

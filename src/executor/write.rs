@@ -23,6 +23,17 @@ pub const VERSION_KEY: &str = "brainsurgery.version";
 /// Metadata key recording the SHA-256 of the plan document.
 pub const PLAN_KEY: &str = "brainsurgery.plan_sha256";
 
+/// The path with its parent directories resolved but not its last component, so a symlinked
+/// input file (the Hugging Face cache links snapshot files to blobs) is compared by the name the
+/// user gave as well as by what it points to.
+fn logical(path: &Path) -> Option<PathBuf> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Some(parent.canonicalize().ok()?.join(path.file_name()?))
+}
+
 fn canonical(path: &Path) -> Option<PathBuf> {
     if let Ok(p) = path.canonicalize() {
         return Some(p);
@@ -46,24 +57,29 @@ pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: 
         )
         .into());
     }
-    let Some(target) = canonical(&output.path) else {
-        return Ok(());
-    };
+    let targets: Vec<PathBuf> = [canonical(&output.path), logical(&output.path)]
+        .into_iter()
+        .flatten()
+        .collect();
     for alias in state.alias_names() {
         let Some(origin) = state.alias(&alias).and_then(|a| a.origin.as_ref()) else {
             continue;
         };
-        let input_root = canonical(&origin.path);
+        let roots: Vec<PathBuf> = [canonical(&origin.path), logical(&origin.path)]
+            .into_iter()
+            .flatten()
+            .collect();
         for file in &origin.files {
-            let Some(file) = canonical(file) else {
-                continue;
-            };
-            let clash = if output.single_file {
-                file == target
-            } else {
-                file.parent() == Some(target.as_path()) || Some(&target) == input_root.as_ref()
-            };
-            if clash || Some(&target) == input_root.as_ref() {
+            let files: Vec<PathBuf> = [canonical(file), logical(file)].into_iter().flatten().collect();
+            let clash = targets.iter().any(|target| {
+                roots.contains(target)
+                    || if output.single_file {
+                        files.contains(target)
+                    } else {
+                        files.iter().any(|f| f.parent() == Some(target.as_path()))
+                    }
+            });
+            if clash {
                 return Err(PlanError::invalid(
                     &location.key("path"),
                     format!(
@@ -113,8 +129,16 @@ pub fn write_output(
             shape: t.shape.clone(),
         })
         .collect();
-    let mut metadata: BTreeMap<String, String> =
-        current.origin.as_ref().map(|o| o.metadata.clone()).unwrap_or_default();
+    // SPEC §6.2: the metadata of the (first) input — the alias's own, or the first input's for an
+    // alias the transforms built. transformers refuses safetensors metadata without `format`.
+    let origin = current.origin.as_ref().or_else(|| {
+        state
+            .alias_names()
+            .iter()
+            .find_map(|a| state.alias(a).and_then(|s| s.origin.as_ref()))
+    });
+    let mut metadata: BTreeMap<String, String> = origin.map(|o| o.metadata.clone()).unwrap_or_default();
+    metadata.entry("format".to_owned()).or_insert_with(|| "pt".to_owned());
     metadata.insert(VERSION_KEY.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
     metadata.insert(PLAN_KEY.to_owned(), plan.sha256.clone());
     let layout = if output.single_file {
@@ -158,6 +182,7 @@ pub fn write_output(
     let done = AtomicU64::new(0);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
+        .stack_size(crate::value::ENGINE_STACK_BYTES)
         .build()
         .map_err(|e| FormatError::Io {
             path: output.path.clone(),

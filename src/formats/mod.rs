@@ -243,10 +243,28 @@ fn foreign_format(name: &str) -> Option<&'static str> {
 /// Whether a file in a checkpoint directory holds weights or a weight index (and so is not a
 /// sidecar to copy).
 fn is_weight_name(name: &str) -> bool {
+    // Other frameworks' weights are not sidecars either: copied beside edited weights they would
+    // be stale, often large, and a TF/Flax/ONNX/GGUF loader would pick up the unedited model.
+    const OTHER_WEIGHTS: &[&str] = &[
+        ".h5",
+        ".msgpack",
+        ".onnx",
+        ".onnx_data",
+        ".gguf",
+        ".ggml",
+        ".ckpt",
+        ".pdparams",
+        ".ot",
+        ".tflite",
+        ".keras",
+        ".pkl",
+        ".pickle",
+        ".joblib",
+        ".index.json",
+    ];
     let lower = name.to_ascii_lowercase();
     lower.ends_with(".safetensors")
-        || lower.ends_with(".safetensors.index.json")
-        || lower.ends_with(".bin.index.json")
+        || OTHER_WEIGHTS.iter().any(|ext| lower.ends_with(ext))
         || foreign_format(name).is_some()
 }
 

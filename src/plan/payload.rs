@@ -120,7 +120,8 @@ impl<'a> Payload<'a> {
             }
         }
         for field in fields.iter().filter(|f| f.required) {
-            if !map.contains_key(field.name) {
+            // `key:` with no value is YAML null: as good as absent.
+            if map.get(field.name).is_none_or(Value::is_null) {
                 return Err(PlanError::MissingKey {
                     location: location.clone(),
                     key: field.name.to_owned(),
@@ -344,6 +345,14 @@ mod tests {
             .to_string()
             .contains("unknown dtype `fp33`"));
         assert!(Payload::new(&json!("x"), FIELDS, loc()).is_err());
+    }
+
+    #[test]
+    fn a_required_key_without_value_is_missing() {
+        // `dtype:` with nothing after it is YAML null (review finding: it used to panic later).
+        let v = json!({"target": null, "by": 2});
+        let err = Payload::new(&v, FIELDS, loc()).unwrap_err().to_string();
+        assert!(err.contains("missing required key `target`"), "{err}");
     }
 
     #[test]

@@ -46,6 +46,17 @@ pub enum ReferenceError {
         /// The regex engine's message.
         message: String,
     },
+    /// The regex engine gave up matching a name (its backtracking limit), so whether the name
+    /// matches is unknown; silently treating it as "no match" would drop tensors.
+    #[error("regex `{pattern}` could not decide whether `{name}` matches: {message}")]
+    MatchFailed {
+        /// The pattern as written in the plan.
+        pattern: String,
+        /// The tensor name being matched.
+        name: String,
+        /// The regex engine's message.
+        message: String,
+    },
     /// A structured-pattern or list-template token is malformed.
     #[error("invalid token `{token}`: {reason}")]
     InvalidToken {

@@ -474,14 +474,22 @@ fn evaluate_values(
         let mut stats = Stats::default();
         let cancel = ctx.cancel.clone();
         let mut cancelled = false;
-        m.tensor.for_each_chunk(&mut ctx.scratch, |chunk| {
+        let streamed = m.tensor.for_each_chunk(&mut ctx.scratch, |chunk| {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                cancelled = true;
+                // Any error stops the stream; it is reported as the interruption below.
+                return Err(crate::formats::FormatError::Io {
+                    path: Default::default(),
+                    source: std::io::ErrorKind::Interrupted.into(),
+                });
+            }
             kernels::accumulate_stats(m.tensor.dtype, chunk, &mut stats);
-            cancelled = cancel.load(std::sync::atomic::Ordering::Relaxed);
             Ok(())
-        })?;
+        });
         if cancelled {
             return Err(StepError::Cancelled);
         }
+        streamed?;
         if let Some(message) = check(&stats) {
             return Ok(fail(assertion, Some(m.display()), message));
         }

@@ -111,6 +111,12 @@ pub enum TransformError {
         /// Why.
         source: ReferenceError,
     },
+    /// A pattern could not be matched against a name.
+    #[error("{source}")]
+    Match {
+        /// Why.
+        source: ReferenceError,
+    },
     /// A slice was given where the transform cannot use one.
     #[error("`{reference}`: {transform} does not take a slice here")]
     SliceNotAllowed {

@@ -7,8 +7,9 @@ use super::{count_noun, new_destinations, require_float, Context, Flow, StepErro
 use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
+use crate::references::ResolvedSlice;
 use crate::references::{Reference, Target};
-use crate::value::{Tensor, Value};
+use crate::value::{ScaleFn, Tensor};
 
 const SCALE_FIELDS: &[Field] = &[
     Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
@@ -73,15 +74,8 @@ struct Scale {
     location: Location,
 }
 
-fn scaled(tensor: &Tensor, by: f64) -> Tensor {
-    Tensor {
-        dtype: tensor.dtype,
-        shape: tensor.shape.clone(),
-        value: Arc::new(Value::Scale {
-            base: tensor.clone(),
-            by,
-        }),
-    }
+fn scaled(tensor: &Tensor, region: Option<ResolvedSlice>, by: f64) -> Tensor {
+    tensor.map(region, Arc::new(ScaleFn(by)))
 }
 
 impl Transform for Scale {
@@ -94,24 +88,18 @@ impl Transform for Scale {
             Some(to) => {
                 let destinations = new_destinations(state, &matches, to, "scale", &self.location)?;
                 for (m, (alias, name)) in matches.iter().zip(&destinations) {
-                    state.insert(alias, name, scaled(&m.tensor, self.by));
+                    state.insert(alias, name, scaled(&m.tensor, None, self.by));
                 }
                 ctx.note(format!("scale: {} × {}", count_noun(matches.len()), self.by));
             }
             None => {
                 for m in &matches {
-                    let tensor = match &m.slice {
-                        Some(region) if m.tensor.shape != m.base.shape || !region.is_full() => Tensor {
-                            dtype: m.base.dtype,
-                            shape: m.base.shape.clone(),
-                            value: Arc::new(Value::Overwrite {
-                                base: m.base.clone(),
-                                region: region.clone(),
-                                with: scaled(&m.tensor, self.by),
-                            }),
-                        },
-                        _ => scaled(&m.base, self.by),
-                    };
+                    // Through a slice only the region is scaled; the base is read once.
+                    let region = m
+                        .slice
+                        .clone()
+                        .filter(|r| !(r.is_full() && m.tensor.shape == m.base.shape));
+                    let tensor = scaled(&m.base, region, self.by);
                     state.replace(&m.alias, &m.name, tensor);
                 }
                 ctx.note(format!("scale_: {} × {}", count_noun(matches.len()), self.by));
