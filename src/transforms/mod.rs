@@ -12,6 +12,7 @@ pub mod scale;
 // Issue 3: arithmetic, clamp and fill families.
 pub mod arith;
 pub mod clamp;
+pub mod fill;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -151,6 +152,11 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &arith::MULTIPLY,
     &arith::ADD_,
     &arith::SUBTRACT_,
+    &fill::FILL,
+    &fill::FILL_,
+    &fill::ZEROES,
+    &fill::ONES,
+    &fill::RAND,
 ];
 
 /// Looks a transform up by name.
