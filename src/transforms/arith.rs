@@ -101,8 +101,18 @@ macro_rules! binary_spec {
 }
 
 binary_spec!(ADD, "add", BinOp::Add, "element-wise a + b written to `to`");
-binary_spec!(SUBTRACT, "subtract", BinOp::Subtract, "element-wise a - b written to `to`");
-binary_spec!(MULTIPLY, "multiply", BinOp::Multiply, "element-wise a * b written to `to`");
+binary_spec!(
+    SUBTRACT,
+    "subtract",
+    BinOp::Subtract,
+    "element-wise a - b written to `to`"
+);
+binary_spec!(
+    MULTIPLY,
+    "multiply",
+    BinOp::Multiply,
+    "element-wise a * b written to `to`"
+);
 
 macro_rules! inplace_spec {
     ($name:ident, $text:literal, $op:expr, $summary:literal) => {
@@ -125,7 +135,12 @@ macro_rules! inplace_spec {
     };
 }
 
-inplace_spec!(ADD_, "add_", BinOp::Add, "add tensors into existing ones in place (to += from)");
+inplace_spec!(
+    ADD_,
+    "add_",
+    BinOp::Add,
+    "add tensors into existing ones in place (to += from)"
+);
 inplace_spec!(
     SUBTRACT_,
     "subtract_",
@@ -378,7 +393,10 @@ impl Transform for Binary {
             if !dtype.is_float() {
                 return Err(crate::plan::PlanError::invalid(
                     &self.location.key("dtype"),
-                    format!("{} computes in floating point; `dtype` must be a float dtype, got {dtype}", self.name),
+                    format!(
+                        "{} computes in floating point; `dtype` must be a float dtype, got {dtype}",
+                        self.name
+                    ),
                 )
                 .into());
             }
@@ -387,10 +405,13 @@ impl Transform for Binary {
         let mut writes = Vec::with_capacity(matches.len());
         for m in &matches {
             // The right operand: `from_b` rewritten from this match, in its alias (or the match's).
-            let b_name = self.from_b.expand(&m.captures).map_err(|source| TransformError::Template {
-                tensor: m.display(),
-                source,
-            })?;
+            let b_name = self
+                .from_b
+                .expand(&m.captures)
+                .map_err(|source| TransformError::Template {
+                    tensor: m.display(),
+                    source,
+                })?;
             let b_alias = state.alias_for(
                 self.from_b.alias.as_deref().or(Some(&m.alias)),
                 &self.from_b.text,
@@ -589,7 +610,10 @@ mod tests {
             b_dtype: DType::F16,
         };
         let text = e.to_string();
-        assert!(text.contains("m::a") && text.contains("m::b") && text.contains("dtype:"), "{text}");
+        assert!(
+            text.contains("m::a") && text.contains("m::b") && text.contains("dtype:"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -27,9 +27,18 @@ use crate::references::{Reference, Target};
 use crate::value::{strides, LazyOp, Scratch, Tensor};
 
 const FILL_FIELDS: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "tensors whose shape and dtype are used (may be sliced)"),
+    Field::required(
+        "from",
+        FieldKind::Reference,
+        "tensors whose shape and dtype are used (may be sliced)",
+    ),
     Field::required("to", FieldKind::Target, "destination names"),
-    Field::optional("mode", FieldKind::Text, Some("constant"), "`constant`, `rand` or `tensor`"),
+    Field::optional(
+        "mode",
+        FieldKind::Text,
+        Some("constant"),
+        "`constant`, `rand` or `tensor`",
+    ),
     Field::optional("value", FieldKind::Number, None, "the constant (mode constant)"),
     Field::optional(
         "distribution",
@@ -61,7 +70,12 @@ const FILL_INPLACE_FIELDS: &[Field] = &[
         FieldKind::Reference,
         "tensors overwritten in place (a slice fills only that part)",
     ),
-    Field::optional("mode", FieldKind::Text, Some("constant"), "`constant`, `rand` or `tensor`"),
+    Field::optional(
+        "mode",
+        FieldKind::Text,
+        Some("constant"),
+        "`constant`, `rand` or `tensor`",
+    ),
     Field::optional("value", FieldKind::Number, None, "the constant (mode constant)"),
     Field::optional(
         "distribution",
@@ -141,7 +155,11 @@ fn seed(p: &Payload) -> Result<u64, PlanError> {
         Some(Json::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64().unwrap_or_default()),
         Some(other) => Err(PlanError::invalid(
             &p.at("seed"),
-            format!("expected a whole number ≥ 0, got {} `{}`", kind_of(other), compact(other)),
+            format!(
+                "expected a whole number ≥ 0, got {} `{}`",
+                kind_of(other),
+                compact(other)
+            ),
         )),
     }
 }
@@ -304,11 +322,17 @@ fn parse_new(
     let Some(plain) = target.template.literal() else {
         return Err(PlanError::invalid(
             &p.at("target"),
-            format!("`{}` must be a plain name (it has nothing to rewrite from)", target.text),
+            format!(
+                "`{}` must be a plain name (it has nothing to rewrite from)",
+                target.text
+            ),
         ));
     };
     if target.slice.is_some() {
-        return Err(PlanError::invalid(&p.at("target"), format!("{name} does not take a slice")));
+        return Err(PlanError::invalid(
+            &p.at("target"),
+            format!("{name} does not take a slice"),
+        ));
     }
     let shape = p.shape("shape")?.unwrap_or_default();
     if shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none() {
@@ -320,7 +344,11 @@ fn parse_new(
         "ones" => (Mode::Constant(1.0), 0),
         _ => {
             let (mode, used) = random(&p)?;
-            reject_unused(&p, used, &format!("distribution `{}`", p.text("distribution")?.unwrap_or("uniform")))?;
+            reject_unused(
+                &p,
+                used,
+                &format!("distribution `{}`", p.text("distribution")?.unwrap_or("uniform")),
+            )?;
             (mode, seed(&p)?)
         }
     };
@@ -604,7 +632,11 @@ fn filled(
                     _ => 0,
                 })
                 .collect();
-            return Ok(Tensor::op(dtype, shape.to_vec(), Arc::new(BroadcastOp { bytes, strides })));
+            return Ok(Tensor::op(
+                dtype,
+                shape.to_vec(),
+                Arc::new(BroadcastOp { bytes, strides }),
+            ));
         }
         Mode::Uniform { low, high } => {
             if !dtype.is_float() {
@@ -781,7 +813,16 @@ mod tests {
     #[test]
     fn uniform_stays_in_range_and_has_the_right_moments() {
         for dtype in [DType::F32, DType::BF16, DType::F16, DType::F8E4M3] {
-            let t = filled(&Mode::Uniform { low: -0.5, high: 2.0 }, 3, dtype, &[100_000], "u", "u", "rand").unwrap();
+            let t = filled(
+                &Mode::Uniform { low: -0.5, high: 2.0 },
+                3,
+                dtype,
+                &[100_000],
+                "u",
+                "u",
+                "rand",
+            )
+            .unwrap();
             let v = f64s(dtype, &read_all(&t, 4096));
             assert!(v.iter().all(|&x| (-0.5..2.0).contains(&x)), "{dtype}");
             let mean = v.iter().sum::<f64>() / v.len() as f64;
@@ -791,11 +832,23 @@ mod tests {
 
     #[test]
     fn normal_has_the_right_moments() {
-        let t = filled(&Mode::Normal { mean: 1.0, std: 2.0 }, 0, DType::F64, &[100_000], "n", "n", "rand").unwrap();
+        let t = filled(
+            &Mode::Normal { mean: 1.0, std: 2.0 },
+            0,
+            DType::F64,
+            &[100_000],
+            "n",
+            "n",
+            "rand",
+        )
+        .unwrap();
         let v = f64s(DType::F64, &read_all(&t, 4096));
         let mean = v.iter().sum::<f64>() / v.len() as f64;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
-        assert!((mean - 1.0).abs() < 0.03 && (var.sqrt() - 2.0).abs() < 0.03, "{mean} {var}");
+        assert!(
+            (mean - 1.0).abs() < 0.03 && (var.sqrt() - 2.0).abs() < 0.03,
+            "{mean} {var}"
+        );
     }
 
     #[test]
@@ -823,7 +876,16 @@ mod tests {
         assert!(err.to_string().contains("2.5"), "{err}");
         assert!(filled(&Mode::Constant(256.0), 0, DType::U8, &[2], "x", "x", "fill").is_err());
         assert!(filled(&Mode::Constant(-128.0), 0, DType::I8, &[2], "x", "x", "fill").is_ok());
-        let err = filled(&Mode::Normal { mean: 0.0, std: 1.0 }, 0, DType::I64, &[2], "x", "m::x", "rand").unwrap_err();
+        let err = filled(
+            &Mode::Normal { mean: 0.0, std: 1.0 },
+            0,
+            DType::I64,
+            &[2],
+            "x",
+            "m::x",
+            "rand",
+        )
+        .unwrap_err();
         assert!(matches!(err, TransformError::NotFloat { .. }));
     }
 
