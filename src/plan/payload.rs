@@ -27,6 +27,10 @@ pub enum FieldKind {
     Text,
     /// A nested assertion expression.
     Expression,
+    /// A list of whole numbers (a shape).
+    Shape,
+    /// A number or a nested list of numbers (fill values, broadcast NumPy-style).
+    Values,
 }
 
 impl FieldKind {
@@ -40,6 +44,8 @@ impl FieldKind {
             FieldKind::DType => "dtype",
             FieldKind::Text => "string",
             FieldKind::Expression => "assertion",
+            FieldKind::Shape => "shape",
+            FieldKind::Values => "nested list",
         }
     }
 }

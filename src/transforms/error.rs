@@ -125,6 +125,41 @@ pub enum TransformError {
         /// The transform.
         transform: &'static str,
     },
+    // Issue 3, arithmetic / clamp / fill family.
+    /// Arithmetic operands of different dtypes without a `dtype:` for the result.
+    #[error("{op} needs operands of one dtype: `{a}` is {a_dtype} but `{b}` is {b_dtype}; give `dtype:` for the result, or cast first")]
+    OperandDTypes {
+        /// The operation.
+        op: &'static str,
+        /// The left operand (the destination for `add_`/`subtract_`).
+        a: String,
+        /// Its dtype.
+        a_dtype: DType,
+        /// The right operand.
+        b: String,
+        /// Its dtype.
+        b_dtype: DType,
+    },
+    /// A rewritten operand (`from_b`) names no tensor.
+    #[error("{op}: operand `{operand}` (rewritten from `{source_name}`) does not exist")]
+    OperandMissing {
+        /// The operation.
+        op: &'static str,
+        /// The missing operand.
+        operand: String,
+        /// The match it was rewritten from.
+        source_name: String,
+    },
+    /// Fill values do not fit the tensor filled (not representable, or not broadcastable).
+    #[error("cannot fill `{tensor}` ({dtype}): {reason}")]
+    FillValue {
+        /// The tensor filled.
+        tensor: String,
+        /// Its dtype.
+        dtype: DType,
+        /// Why.
+        reason: String,
+    },
 }
 
 fn closest_hint(closest: &[String]) -> String {

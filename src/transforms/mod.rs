@@ -9,6 +9,10 @@ pub mod control;
 pub mod copy;
 pub mod error;
 pub mod scale;
+// Issue 3: arithmetic, clamp and fill families.
+pub mod arith;
+pub mod clamp;
+pub mod fill;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -140,6 +144,19 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &scale::SCALE_,
     &assert::ASSERT,
     &control::EXIT,
+    // Issue 3: arithmetic, clamp and fill families.
+    &clamp::CLAMP,
+    &clamp::CLAMP_,
+    &arith::ADD,
+    &arith::SUBTRACT,
+    &arith::MULTIPLY,
+    &arith::ADD_,
+    &arith::SUBTRACT_,
+    &fill::FILL,
+    &fill::FILL_,
+    &fill::ZEROES,
+    &fill::ONES,
+    &fill::RAND,
 ];
 
 /// Looks a transform up by name.

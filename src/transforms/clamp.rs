@@ -1,0 +1,197 @@
+//! `clamp` and `clamp_`: limit floating tensors to `[min, max]` (either bound optional, at least
+//! one), computed in f32 with the bounds rounded to f32 (f64 for F64) and rounded to nearest even
+//! back, as `np.clip(x.astype(f32), f32(min), f32(max)).astype(dtype)`. NaN stays NaN. In place
+//! through a slice, only the region changes (see `arith::write_back`).
+
+use std::sync::Arc;
+
+use super::arith::write_back;
+use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
+use crate::dtype::DType;
+use crate::executor::state::State;
+use crate::formats::FormatError;
+use crate::kernels;
+use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::{Location, PlanError};
+use crate::references::{Reference, Target};
+use crate::value::{LazyOp, Scratch, Tensor};
+
+const CLAMP_FIELDS: &[Field] = &[
+    Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
+    Field::required("to", FieldKind::Target, "destination names"),
+    Field::optional("min", FieldKind::Number, None, "lower bound (give min, max or both)"),
+    Field::optional("max", FieldKind::Number, None, "upper bound (give min, max or both)"),
+];
+
+const CLAMP_INPLACE_FIELDS: &[Field] = &[
+    Field::required(
+        "target",
+        FieldKind::Reference,
+        "tensors to clamp in place (a slice clamps only that part)",
+    ),
+    Field::optional("min", FieldKind::Number, None, "lower bound (give min, max or both)"),
+    Field::optional("max", FieldKind::Number, None, "upper bound (give min, max or both)"),
+];
+
+/// Reads and checks the bounds: at least one, finite, `min <= max`.
+fn bounds(p: &Payload) -> Result<(Option<f64>, Option<f64>), PlanError> {
+    let (min, max) = (p.number("min")?, p.number("max")?);
+    if min.is_none() && max.is_none() {
+        return Err(PlanError::invalid(p.location(), "clamp needs `min`, `max` or both"));
+    }
+    for (key, v) in [("min", min), ("max", max)] {
+        if v.is_some_and(|v| !v.is_finite()) {
+            return Err(PlanError::invalid(&p.at(key), format!("`{key}` must be finite")));
+        }
+    }
+    if let (Some(lo), Some(hi)) = (min, max) {
+        if lo > hi {
+            return Err(PlanError::invalid(
+                p.location(),
+                format!("`min` ({lo}) is greater than `max` ({hi})"),
+            ));
+        }
+    }
+    Ok((min, max))
+}
+
+/// `clamp`.
+pub const CLAMP: TransformSpec = TransformSpec {
+    name: "clamp",
+    summary: "new tensors limited to [min, max]",
+    fields: CLAMP_FIELDS,
+    parse: |value, location| {
+        let p = Payload::new(value, CLAMP_FIELDS, location.clone())?;
+        let (min, max) = bounds(&p)?;
+        Ok(Box::new(Clamp {
+            from: p.reference("from")?,
+            to: Some(p.target("to")?),
+            min,
+            max,
+            location: location.clone(),
+        }))
+    },
+};
+
+/// `clamp_`.
+pub const CLAMP_: TransformSpec = TransformSpec {
+    name: "clamp_",
+    summary: "limit tensors to [min, max] in place",
+    fields: CLAMP_INPLACE_FIELDS,
+    parse: |value, location| {
+        let p = Payload::new(value, CLAMP_INPLACE_FIELDS, location.clone())?;
+        let (min, max) = bounds(&p)?;
+        Ok(Box::new(Clamp {
+            from: p.reference("target")?,
+            to: None,
+            min,
+            max,
+            location: location.clone(),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct Clamp {
+    from: Reference,
+    to: Option<Target>,
+    min: Option<f64>,
+    max: Option<f64>,
+    location: Location,
+}
+
+/// The lazy clamp of a floating tensor.
+#[derive(Debug)]
+pub struct ClampOp {
+    base: Tensor,
+    min: Option<f64>,
+    max: Option<f64>,
+}
+
+impl ClampOp {
+    /// `base` clamped (same dtype and shape; `base` must be a computable float).
+    pub fn tensor(base: Tensor, min: Option<f64>, max: Option<f64>) -> Tensor {
+        let (dtype, shape) = (base.dtype, base.shape.clone());
+        Tensor::op(dtype, shape, Arc::new(ClampOp { base, min, max }))
+    }
+}
+
+/// Comparisons rather than `max`/`min`, so NaN (which compares false) passes through.
+fn clip<T: PartialOrd + Copy>(x: T, lo: Option<T>, hi: Option<T>) -> T {
+    match (lo, hi) {
+        (Some(lo), _) if x < lo => lo,
+        (_, Some(hi)) if x > hi => hi,
+        _ => x,
+    }
+}
+
+impl LazyOp for ClampOp {
+    fn read(
+        &self,
+        dtype: DType,
+        _shape: &[usize],
+        start: usize,
+        out: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<(), FormatError> {
+        self.base.read(start, out, scratch)?;
+        let (lo32, hi32) = (self.min.map(|v| v as f32), self.max.map(|v| v as f32));
+        let (lo, hi) = (self.min, self.max);
+        kernels::map_in_place(dtype, out, |x| clip(x, lo32, hi32), |x| clip(x, lo, hi));
+        Ok(())
+    }
+}
+
+impl Transform for Clamp {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let name = if self.to.is_some() { "clamp" } else { "clamp_" };
+        let matches = state.select_some(&self.from, &self.location)?;
+        for m in &matches {
+            require_float(m, name)?;
+        }
+        match &self.to {
+            Some(to) => {
+                let destinations = new_destinations(state, &matches, to, name, &self.location)?;
+                for (m, (alias, dest)) in matches.iter().zip(&destinations) {
+                    state.insert(alias, dest, ClampOp::tensor(m.tensor.clone(), self.min, self.max));
+                }
+            }
+            None => {
+                for m in &matches {
+                    let tensor = write_back(m, ClampOp::tensor(m.tensor.clone(), self.min, self.max));
+                    state.replace(&m.alias, &m.name, tensor);
+                }
+            }
+        }
+        ctx.note(format!("{name}: {}", count_noun(matches.len())));
+        Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_keeps_nan_and_one_sided_bounds() {
+        assert!(clip(f32::NAN, Some(0.0), Some(1.0)).is_nan());
+        assert_eq!(clip(5.0f32, None, Some(1.0)), 1.0);
+        assert_eq!(clip(-5.0f64, Some(-1.0), None), -1.0);
+        assert_eq!(clip(0.5f64, Some(-1.0), Some(1.0)), 0.5);
+    }
+
+    #[test]
+    fn clamp_op_reads_any_chunk() {
+        let values: Vec<f32> = (0..10).map(|i| i as f32 - 5.0).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let base = Tensor::in_memory(DType::F32, vec![10], Arc::new(bytes));
+        let t = ClampOp::tensor(base, Some(-2.0), Some(3.0));
+        let mut out = vec![0u8; 12];
+        t.read(1, &mut out, &mut Scratch::default()).unwrap();
+        let got: Vec<f32> = out
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(got, vec![-2.0, -2.0, -2.0]);
+    }
+}
