@@ -2,9 +2,10 @@
 //! arithmetic on floating tensors of equal shape, computed in f32 (f64 for F64) and rounded to
 //! nearest even back. Operands must have equal dtypes unless `dtype:` names the result dtype, in
 //! which case both are converted to it first; nothing is promoted silently. Results are lazy
-//! ([`BinaryOp`]) and written through a slice of the destination with `Value::Overwrite`, so the
-//! rest of the tensor streams from where it is. Also holds [`write_back`], shared by the other
-//! in-place families of issue 3 (`clamp_`, `fill_`).
+//! ([`BinaryOp`]); in place (`add_`, `subtract_`) they are maps of the destination's region
+//! (`Value::Map`), so the rest of the tensor streams from where it is and chains of edits are read
+//! once per level. Also holds [`write_back`] (a region overwritten by values that do not read the
+//! destination, as `fill_` writes).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
-use crate::value::{LazyOp, Scratch, Tensor, Value};
+use crate::value::{ElementFn, LazyOp, Scratch, Tensor, Value};
 
 const BINARY_FIELDS: &[Field] = &[
     Field::required("from_a", FieldKind::Reference, "left operands (may be sliced)"),
@@ -186,6 +187,26 @@ impl LazyOp for BinaryOp {
         let result = self.b.read(start, &mut b, scratch);
         if result.is_ok() {
             combine(self.op, dtype, out, &b, scratch);
+        }
+        scratch.give(b);
+        result
+    }
+}
+
+/// `values ∘= other[index..]`: an in-place binary operation for [`Value::Map`].
+#[derive(Debug)]
+struct CombineFn {
+    op: BinOp,
+    /// The right operand, with the shape of the changed region.
+    other: Tensor,
+}
+
+impl ElementFn for CombineFn {
+    fn apply(&self, dtype: DType, index: usize, values: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+        let mut b = scratch.take(values.len());
+        let result = self.other.read(index, &mut b, scratch);
+        if result.is_ok() {
+            combine(self.op, dtype, values, &b, scratch);
         }
         scratch.give(b);
         result
@@ -548,7 +569,18 @@ impl Transform for InPlace {
                 .into());
             }
             require_float_dtype(target.dtype, &dest.display, self.name)?;
-            let tensor = dest.written(BinaryOp::tensor(self.op, target, m.tensor.clone()));
+            // `to ∘= from` as an in-place map of the destination (its region), so the destination
+            // is read once per chunk and chains of in-place edits stay linear.
+            let region = dest
+                .region
+                .as_ref()
+                .map(|(region, _)| region.clone())
+                .filter(|r| !(r.is_full() && target.shape == current.shape));
+            let f = Arc::new(CombineFn {
+                op: self.op,
+                other: m.tensor.clone(),
+            });
+            let tensor = current.map(region, f);
             writes.push((dest.alias, dest.name, tensor));
         }
         for (alias, name, tensor) in writes {

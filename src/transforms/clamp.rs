@@ -1,11 +1,10 @@
 //! `clamp` and `clamp_`: limit floating tensors to `[min, max]` (either bound optional, at least
 //! one), computed in f32 with the bounds rounded to f32 (f64 for F64) and rounded to nearest even
 //! back, as `np.clip(x.astype(f32), f32(min), f32(max)).astype(dtype)`. NaN stays NaN. In place
-//! through a slice, only the region changes (see `arith::write_back`).
+//! through a slice, only the region changes, as an in-place map read once per chunk.
 
 use std::sync::Arc;
 
-use super::arith::write_back;
 use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
 use crate::dtype::DType;
 use crate::executor::state::State;
@@ -14,7 +13,7 @@ use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
-use crate::value::{LazyOp, Scratch, Tensor};
+use crate::value::{ElementFn, LazyOp, Scratch, Tensor};
 
 const CLAMP_FIELDS: &[Field] = &[
     Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
@@ -142,6 +141,22 @@ impl LazyOp for ClampOp {
     }
 }
 
+/// Clamping in place, for [`crate::value::Value::Map`].
+#[derive(Debug)]
+struct ClampFn {
+    min: Option<f64>,
+    max: Option<f64>,
+}
+
+impl ElementFn for ClampFn {
+    fn apply(&self, dtype: DType, _index: usize, values: &mut [u8], _scratch: &mut Scratch) -> Result<(), FormatError> {
+        let (lo32, hi32) = (self.min.map(|v| v as f32), self.max.map(|v| v as f32));
+        let (lo, hi) = (self.min, self.max);
+        kernels::map_in_place(dtype, values, |x| clip(x, lo32, hi32), |x| clip(x, lo, hi));
+        Ok(())
+    }
+}
+
 impl Transform for Clamp {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         let name = if self.to.is_some() { "clamp" } else { "clamp_" };
@@ -158,7 +173,18 @@ impl Transform for Clamp {
             }
             None => {
                 for m in &matches {
-                    let tensor = write_back(m, ClampOp::tensor(m.tensor.clone(), self.min, self.max));
+                    // In place: a map of the base (its region), read once per chunk.
+                    let region = m
+                        .slice
+                        .clone()
+                        .filter(|r| !(r.is_full() && m.tensor.shape == m.base.shape));
+                    let tensor = m.base.map(
+                        region,
+                        Arc::new(ClampFn {
+                            min: self.min,
+                            max: self.max,
+                        }),
+                    );
                     state.replace(&m.alias, &m.name, tensor);
                 }
             }
