@@ -9,6 +9,10 @@ pub mod control;
 pub mod copy;
 pub mod error;
 pub mod scale;
+// Inspection: dump, diff, help (issue 3).
+pub mod diff;
+pub mod dump;
+pub mod help;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -140,6 +144,10 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &scale::SCALE_,
     &assert::ASSERT,
     &control::EXIT,
+    // Inspection: dump, diff, help (issue 3).
+    &dump::DUMP,
+    &diff::DIFF,
+    &help::HELP,
 ];
 
 /// Looks a transform up by name.
