@@ -264,9 +264,15 @@ fn diff(path_a: &std::path::Path, path_b: &std::path::Path, eps: f64, cancel: Ar
 fn help(names: &[String], out: &mut dyn Write) -> Result<i32, String> {
     use clap::CommandFactory;
     let mut command = Cli::command();
+    // Building propagates the program name into the subcommands' usage lines.
+    command.build();
     if let [name] = names {
         if let Some(sub) = command.find_subcommand_mut(name) {
             let _ = writeln!(out, "{}", sub.render_long_help());
+            // `diff` and `help` are transforms too.
+            if let Some(spec) = crate::transforms::spec(name) {
+                let _ = writeln!(out, "the `{name}` transform:\n{}", crate::transforms::help::transform_help(spec));
+            }
             return Ok(0);
         }
     }

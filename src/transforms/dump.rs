@@ -33,7 +33,7 @@ const DUMP_FIELDS: &[Field] = &[
     Field::optional(
         "target",
         FieldKind::Reference,
-        Some("every tensor of the default alias (of every alias when there is none)"),
+        Some("all of the default alias (of every alias if there is none)"),
         "tensors to print",
     ),
     Field::optional(
@@ -434,7 +434,9 @@ pub(crate) fn fmt_g(x: f64, digits: usize) -> String {
         let decimals = (digits as i32 - 1 - exponent).max(0) as usize;
         trim_zeros(&format!("{x:.decimals$}"))
     } else {
-        format!("{}e{exponent}", trim_zeros(mantissa))
+        // Python's and NumPy's spelling: a sign and at least two exponent digits.
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim_zeros(mantissa), exponent.unsigned_abs())
     }
 }
 
@@ -465,7 +467,7 @@ fn max_width(v: &Values) -> usize {
 /// NumPy's `str()` layout: elements right-aligned to one width, rows on their own lines, blank
 /// lines between blocks of three and more dimensions.
 fn render_values(v: &Values) -> String {
-    let width = max_width(v).max(3);
+    let width = max_width(v);
     let ndim = depth(v);
     let mut out = String::new();
     render_into(v, 0, ndim, width, &mut out);
@@ -489,7 +491,7 @@ fn render_into(v: &Values, level: usize, ndim: usize, width: usize, out: &mut St
                 .iter()
                 .map(|e| match e {
                     Some(e) => format!("{:>width$}", fmt_elem(e)),
-                    None => format!("{:>width$}", "..."),
+                    None => "...".to_owned(),
                 })
                 .collect();
             out.push_str(&cells.join(" "));
@@ -665,7 +667,10 @@ fn fold(mut rows: Vec<Row>) -> Vec<Row> {
 
 fn indent(text: &str, by: usize) -> String {
     let pad = " ".repeat(by);
-    text.lines().map(|l| format!("{pad}{l}")).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Lines of `name  dtype  shape  stats`, columns aligned.
@@ -931,8 +936,9 @@ mod tests {
     fn g_format() {
         assert_eq!(fmt_g(0.1234567891, 7), "0.1234568");
         assert_eq!(fmt_g(1234567.0, 7), "1234567");
-        assert_eq!(fmt_g(12345678.0, 7), "1.234568e7");
-        assert_eq!(fmt_g(1e-5, 7), "1e-5");
+        assert_eq!(fmt_g(12345678.0, 7), "1.234568e+07");
+        assert_eq!(fmt_g(1e-5, 7), "1e-05");
+        assert_eq!(fmt_g(2.5e-300, 7), "2.5e-300");
         assert_eq!(fmt_g(-2.0, 6), "-2");
         assert_eq!(fmt_g(f64::NEG_INFINITY, 6), "-inf");
     }

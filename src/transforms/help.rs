@@ -140,7 +140,7 @@ fn operator_names() -> Vec<&'static str> {
 fn requirement(field: &Field) -> String {
     match (field.required, field.default) {
         (true, _) => "required".to_owned(),
-        (false, Some(default)) => format!("optional, default: {default}"),
+        (false, Some(default)) => format!("optional (default: {default})"),
         (false, None) => "optional".to_owned(),
     }
 }
@@ -149,9 +149,14 @@ fn requirement(field: &Field) -> String {
 fn field_lines(fields: &[Field]) -> Vec<String> {
     let w0 = fields.iter().map(|f| f.name.len()).max().unwrap_or(0);
     let w1 = fields.iter().map(|f| f.kind.describe().len()).max().unwrap_or(0);
+    let w2 = fields.iter().map(|f| requirement(f).chars().count()).max().unwrap_or(0);
     fields
         .iter()
-        .map(|f| format!("  {:<w0$}  {:<w1$}  {}. {}", f.name, f.kind.describe(), requirement(f), f.doc))
+        .map(|f| {
+            let need = requirement(f);
+            let pad = " ".repeat(w2 - need.chars().count());
+            format!("  {:<w0$}  {:<w1$}  {need}{pad}  {}", f.name, f.kind.describe(), f.doc)
+        })
         .collect()
 }
 
