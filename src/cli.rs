@@ -230,7 +230,13 @@ fn inspect(path: &std::path::Path, out: &mut dyn Write) -> Result<(), Error> {
 
 /// `brainsurgery diff`: both checkpoints as aliases `left` and `right`, compared whole. Returns
 /// the exit status: 0 equal, 1 different.
-fn diff(path_a: &std::path::Path, path_b: &std::path::Path, eps: f64, cancel: Arc<AtomicBool>, out: &mut dyn Write) -> Result<i32, Error> {
+fn diff(
+    path_a: &std::path::Path,
+    path_b: &std::path::Path,
+    eps: f64,
+    cancel: Arc<AtomicBool>,
+    out: &mut dyn Write,
+) -> Result<i32, Error> {
     if eps.is_nan() || eps < 0.0 {
         return Err(crate::plan::PlanError::Syntax {
             origin: "--eps".into(),
@@ -243,8 +249,8 @@ fn diff(path_a: &std::path::Path, path_b: &std::path::Path, eps: f64, cancel: Ar
     state.add_checkpoint("right", &open_checkpoint(path_b)?);
     let mut ctx = crate::transforms::Context::new(true, cancel);
     let location = crate::plan::Location::root();
-    let report = crate::transforms::diff::compare_aliases(&state, &mut ctx, "left", "right", eps, &location)
-        .map_err(|e| match e {
+    let report = crate::transforms::diff::compare_aliases(&state, &mut ctx, "left", "right", eps, &location).map_err(
+        |e| match e {
             crate::transforms::StepError::Plan(e) => Error::Plan(e),
             crate::transforms::StepError::Format(e) => Error::Format(e),
             crate::transforms::StepError::Cancelled => Error::Cancelled,
@@ -254,7 +260,8 @@ fn diff(path_a: &std::path::Path, path_b: &std::path::Path, eps: f64, cancel: Ar
                 source,
             },
             crate::transforms::StepError::Assertion(failure) => Error::Assertion { index: 0, failure },
-        })?;
+        },
+    )?;
     let _ = writeln!(out, "left = {}\nright = {}", path_a.display(), path_b.display());
     let _ = writeln!(out, "{}", report.render());
     Ok(if report.is_equal() { 0 } else { 1 })
@@ -271,7 +278,11 @@ fn help(names: &[String], out: &mut dyn Write) -> Result<i32, String> {
             let _ = writeln!(out, "{}", sub.render_long_help());
             // `diff` and `help` are transforms too.
             if let Some(spec) = crate::transforms::spec(name) {
-                let _ = writeln!(out, "the `{name}` transform:\n{}", crate::transforms::help::transform_help(spec));
+                let _ = writeln!(
+                    out,
+                    "the `{name}` transform:\n{}",
+                    crate::transforms::help::transform_help(spec)
+                );
             }
             return Ok(0);
         }

@@ -35,7 +35,12 @@ const DIFF_FIELDS: &[Field] = &[
         None,
         "compare this whole alias with `right_alias`, tensors paired by name",
     ),
-    Field::optional("right_alias", FieldKind::Text, None, "the alias compared with `left_alias`"),
+    Field::optional(
+        "right_alias",
+        FieldKind::Text,
+        None,
+        "the alias compared with `left_alias`",
+    ),
     Field::optional(
         "eps",
         FieldKind::Number,
@@ -54,7 +59,8 @@ pub const DIFF: TransformSpec = TransformSpec {
 
 #[derive(Debug)]
 enum Sides {
-    References { left: Reference, right: Target },
+    // Boxed: references are large and `Sides` is built once per plan.
+    References { left: Box<Reference>, right: Box<Target> },
     Aliases { left: String, right: String },
 }
 
@@ -74,8 +80,8 @@ fn parse_diff(value: &Json, location: &Location) -> Result<Box<dyn Transform>, P
     let has = |k: &str| p.get(k).is_some();
     let sides = match (has("left"), has("right"), has("left_alias"), has("right_alias")) {
         (true, true, false, false) => Sides::References {
-            left: p.reference("left")?,
-            right: p.target("right")?,
+            left: Box::new(p.reference("left")?),
+            right: Box::new(p.target("right")?),
         },
         (false, false, true, true) => Sides::Aliases {
             left: p.text("left_alias")?.unwrap_or_default().to_owned(),
@@ -252,7 +258,9 @@ impl Diff {
         for alias in right_aliases.iter().filter(|a| **a != left_alias) {
             if let Some(tensors) = state.alias(alias) {
                 for (name, _) in tensors.iter() {
-                    if left.selector.captures(name).is_some() && !destinations.contains(&(alias.clone(), name.to_owned())) {
+                    if left.selector.captures(name).is_some()
+                        && !destinations.contains(&(alias.clone(), name.to_owned()))
+                    {
                         report.missing_left.push(format!("{alias}::{name}"));
                     }
                 }
@@ -429,7 +437,10 @@ mod tests {
         let err = parse_diff(&json!({"left": "a::x", "left_alias": "b"}), &loc())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("transforms[1].diff") && err.contains("left_alias"), "{err}");
+        assert!(
+            err.contains("transforms[1].diff") && err.contains("left_alias"),
+            "{err}"
+        );
         let err = parse_diff(&json!({"left_alias": "a", "right_alias": "b", "eps": -1}), &loc())
             .unwrap_err()
             .to_string();

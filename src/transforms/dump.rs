@@ -120,7 +120,11 @@ fn parse_dump(value: &Json, location: &Location) -> Result<Box<dyn Transform>, P
     let format = choice(
         &p,
         "format",
-        &[("compact", Format::Compact), ("tree", Format::Tree), ("json", Format::Json)],
+        &[
+            ("compact", Format::Compact),
+            ("tree", Format::Tree),
+            ("json", Format::Json),
+        ],
         Format::Compact,
     )?;
     let verbosity = choice(
@@ -207,11 +211,10 @@ impl Transform for Dump {
                 };
                 let mut out = Vec::new();
                 for alias in aliases {
-                    let mut everything =
-                        Reference::parse_str(".*").map_err(|source| PlanError::Reference {
-                            location: self.location.clone(),
-                            source,
-                        })?;
+                    let mut everything = Reference::parse_str(".*").map_err(|source| PlanError::Reference {
+                        location: self.location.clone(),
+                        source,
+                    })?;
                     everything.alias = Some(alias.clone());
                     out.push((alias, None, state.select(&everything, &self.location)?));
                 }
@@ -424,7 +427,11 @@ pub(crate) fn fmt_g(x: f64, digits: usize) -> String {
         return if x > 0.0 { "inf".to_owned() } else { "-inf".to_owned() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0".to_owned() } else { "0".to_owned() };
+        return if x.is_sign_negative() {
+            "-0".to_owned()
+        } else {
+            "0".to_owned()
+        };
     }
     let digits = digits.max(1);
     let sci = format!("{:.*e}", digits - 1, x);
@@ -448,29 +455,50 @@ fn trim_zeros(text: &str) -> String {
     }
 }
 
-fn fmt_elem(e: &Elem) -> String {
+fn fmt_elem(e: &Elem, digits: usize) -> String {
     match e {
-        Elem::Float(x) => fmt_g(*x, VALUE_DIGITS),
+        Elem::Float(x) => fmt_g(*x, digits),
         Elem::Int(i) => i.to_string(),
         Elem::Bool(b) => if *b { "True" } else { "False" }.to_owned(),
     }
 }
 
-fn max_width(v: &Values) -> usize {
+fn max_width(v: &Values, digits: usize) -> usize {
     match v {
-        Values::Scalar(e) => fmt_elem(e).len(),
-        Values::Row(row) => row.iter().flatten().map(|e| fmt_elem(e).len()).max().unwrap_or(0),
-        Values::Block(block) => block.iter().flatten().map(max_width).max().unwrap_or(0),
+        Values::Scalar(e) => fmt_elem(e, digits).len(),
+        Values::Row(row) => row
+            .iter()
+            .flatten()
+            .map(|e| fmt_elem(e, digits).len())
+            .max()
+            .unwrap_or(0),
+        Values::Block(block) => block.iter().flatten().map(|b| max_width(b, digits)).max().unwrap_or(0),
+    }
+}
+
+/// Whether every printed float is a whole number below 1e16 (printed exactly, like integers).
+fn all_integral(v: &Values) -> bool {
+    let whole = |e: &Elem| match e {
+        Elem::Float(x) => !x.is_finite() || (x.fract() == 0.0 && x.abs() < 1e16),
+        _ => true,
+    };
+    match v {
+        Values::Scalar(e) => whole(e),
+        Values::Row(row) => row.iter().flatten().all(whole),
+        Values::Block(block) => block.iter().flatten().all(all_integral),
     }
 }
 
 /// NumPy's `str()` layout: elements right-aligned to one width, rows on their own lines, blank
 /// lines between blocks of three and more dimensions.
 fn render_values(v: &Values) -> String {
-    let width = max_width(v);
+    // Whole numbers print exactly (17 digits cover every integer below 1e16), others with
+    // VALUE_DIGITS significant digits.
+    let digits = if all_integral(v) { 17 } else { VALUE_DIGITS };
+    let width = max_width(v, digits);
     let ndim = depth(v);
     let mut out = String::new();
-    render_into(v, 0, ndim, width, &mut out);
+    render_into(v, 0, ndim, width, digits, &mut out);
     out
 }
 
@@ -482,15 +510,15 @@ fn depth(v: &Values) -> usize {
     }
 }
 
-fn render_into(v: &Values, level: usize, ndim: usize, width: usize, out: &mut String) {
+fn render_into(v: &Values, level: usize, ndim: usize, width: usize, digits: usize, out: &mut String) {
     match v {
-        Values::Scalar(e) => out.push_str(&fmt_elem(e)),
+        Values::Scalar(e) => out.push_str(&fmt_elem(e, digits)),
         Values::Row(row) => {
             out.push('[');
             let cells: Vec<String> = row
                 .iter()
                 .map(|e| match e {
-                    Some(e) => format!("{:>width$}", fmt_elem(e)),
+                    Some(e) => format!("{:>width$}", fmt_elem(e, digits)),
                     None => "...".to_owned(),
                 })
                 .collect();
@@ -505,7 +533,7 @@ fn render_into(v: &Values, level: usize, ndim: usize, width: usize, out: &mut St
                     out.push_str(&separator);
                 }
                 match child {
-                    Some(child) => render_into(child, level + 1, ndim, width, out),
+                    Some(child) => render_into(child, level + 1, ndim, width, digits, out),
                     None => out.push_str("..."),
                 }
             }
@@ -527,7 +555,7 @@ fn stats_text(stats: &Stats) -> String {
 }
 
 /// The part of a line after the name: dtype, shape and, when computed, statistics.
-fn detail_columns(item: &Item, verbosity: Verbosity, deferred: bool) -> (String, String, String) {
+fn detail_columns(item: &Item, verbosity: Verbosity, deferred: bool) -> Detail {
     let extra = if verbosity == Verbosity::Shape || deferred {
         String::new()
     } else {
@@ -545,12 +573,25 @@ fn section_header(section: &Section, deferred: bool) -> String {
         Some(target) => format!("`{target}` in {}", section.alias),
         None => section.alias.clone(),
     };
-    line.push_str(&format!(": {}, {}", count_noun(section.items.len()), human_bytes(bytes)));
+    line.push_str(&format!(
+        ": {}, {}",
+        count_noun(section.items.len()),
+        human_bytes(bytes)
+    ));
     if deferred {
         line.push_str(" (statistics and values are read when the plan runs)");
     }
     line
 }
+
+/// What a line prints after the name: dtype, shape, statistics.
+type Detail = (String, String, String);
+
+/// A printed line: name, detail, and the values block beneath it.
+type Line = (String, Detail, Option<String>);
+
+/// Rows fold when everything but one numeric segment is equal.
+type FoldKey = (Vec<Option<Seg>>, Detail, Option<String>);
 
 /// A name segment for folding: text, or a set of layer numbers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -612,7 +653,7 @@ fn fmt_segments(segs: &[Seg]) -> String {
 struct Row {
     segs: Vec<Seg>,
     /// Everything printed after the name; rows fold only when it is identical.
-    detail: (String, String, String),
+    detail: Detail,
     values: Option<String>,
     first: usize,
 }
@@ -626,8 +667,7 @@ fn fold(mut rows: Vec<Row>) -> Vec<Row> {
         let longest = rows.iter().map(|r| r.segs.len()).max().unwrap_or(0);
         for p in (0..longest).rev() {
             let mut merged: Vec<Row> = Vec::with_capacity(rows.len());
-            let mut index: HashMap<(Vec<Option<Seg>>, (String, String, String), Option<String>), usize> =
-                HashMap::new();
+            let mut index: HashMap<FoldKey, usize> = HashMap::new();
             for row in rows {
                 let Some(Seg::Nums(_)) = row.segs.get(p) else {
                     merged.push(row);
@@ -668,13 +708,19 @@ fn fold(mut rows: Vec<Row>) -> Vec<Row> {
 fn indent(text: &str, by: usize) -> String {
     let pad = " ".repeat(by);
     text.lines()
-        .map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") })
+        .map(|l| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{pad}{l}")
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
 
 /// Lines of `name  dtype  shape  stats`, columns aligned.
-fn aligned(lines: &[(String, (String, String, String), Option<String>)], values_indent: usize) -> Vec<String> {
+fn aligned(lines: &[Line], values_indent: usize) -> Vec<String> {
     let w0 = lines.iter().map(|l| l.0.chars().count()).max().unwrap_or(0);
     let w1 = lines.iter().map(|l| l.1 .0.len()).max().unwrap_or(0);
     let w2 = lines.iter().map(|l| l.1 .1.len()).max().unwrap_or(0);
@@ -750,7 +796,8 @@ impl Node {
             let mut order: Vec<(usize, &(String, Node))> = self.children.iter().enumerate().collect();
             order.sort_by_key(key);
             let order: Vec<usize> = order.into_iter().map(|(i, _)| i).collect();
-            let mut taken: Vec<Option<(String, Node)>> = std::mem::take(&mut self.children).into_iter().map(Some).collect();
+            let mut taken: Vec<Option<(String, Node)>> =
+                std::mem::take(&mut self.children).into_iter().map(Some).collect();
             self.children = order.into_iter().filter_map(|i| taken[i].take()).collect();
         }
         for (_, child) in &mut self.children {
@@ -759,14 +806,7 @@ impl Node {
     }
 }
 
-fn tree_lines(
-    node: &Node,
-    level: usize,
-    items: &[Item],
-    verbosity: Verbosity,
-    deferred: bool,
-    out: &mut Vec<(String, (String, String, String), Option<String>)>,
-) {
+fn tree_lines(node: &Node, level: usize, items: &[Item], verbosity: Verbosity, deferred: bool, out: &mut Vec<Line>) {
     for (segment, child) in &node.children {
         let name = format!("{}{segment}", "  ".repeat(level + 1));
         match child.item.and_then(|i| items.get(i)) {
@@ -858,10 +898,7 @@ fn render_json(sections: &[Section], verbosity: Verbosity, deferred: bool) -> St
                         t.insert("stats".into(), stats);
                     }
                     if verbosity == Verbosity::Full && !deferred {
-                        t.insert(
-                            "values".into(),
-                            item.values.as_ref().map_or(Json::Null, json_values),
-                        );
+                        t.insert("values".into(), item.values.as_ref().map_or(Json::Null, json_values));
                         t.insert("truncated".into(), json!(item.truncated));
                     }
                     Json::Object(t)
@@ -932,6 +969,45 @@ mod tests {
         assert_eq!(folded(&refs), vec!["l.[0-2].e.[0-1].w", "x.007", "x.008"]);
     }
 
+    /// A lazy value that counts the elements read from it.
+    #[derive(Debug, Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl crate::value::LazyOp for Counting {
+        fn read(
+            &self,
+            _dtype: DType,
+            _shape: &[usize],
+            start: usize,
+            out: &mut [u8],
+            _scratch: &mut Scratch,
+        ) -> Result<(), crate::formats::FormatError> {
+            self.0.fetch_add(out.len() / 4, std::sync::atomic::Ordering::Relaxed);
+            for (i, c) in out.chunks_exact_mut(4).enumerate() {
+                c.copy_from_slice(&((start + i) as f32).to_le_bytes());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn full_reads_only_the_printed_elements() {
+        let op = std::sync::Arc::new(Counting::default());
+        let tensor = Tensor::op(DType::F32, vec![1000, 2000], op.clone());
+        let values = read_values(&tensor, true, &mut Scratch::default()).unwrap();
+        assert_eq!(op.0.load(std::sync::atomic::Ordering::Relaxed), 36);
+        let text = render_values(&values);
+        assert!(
+            text.starts_with("[[      0       1       2 ...    1997    1998    1999]\n"),
+            "{text}"
+        );
+        assert!(text.contains("\n ...\n"), "{text}");
+        assert!(
+            text.ends_with(" [1998000 1998001 1998002 ... 1999997 1999998 1999999]]"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn g_format() {
         assert_eq!(fmt_g(0.1234567891, 7), "0.1234568");
@@ -946,7 +1022,12 @@ mod tests {
     #[test]
     fn unknown_format_is_a_plan_error_with_a_suggestion() {
         let location = Location::root().key("transforms").index(0).key("dump");
-        let err = parse_dump(&json!({"format": "tre"}), &location).unwrap_err().to_string();
-        assert!(err.contains("transforms[0].dump.format") && err.contains("did you mean `tree`"), "{err}");
+        let err = parse_dump(&json!({"format": "tre"}), &location)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("transforms[0].dump.format") && err.contains("did you mean `tree`"),
+            "{err}"
+        );
     }
 }

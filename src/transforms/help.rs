@@ -36,7 +36,10 @@ pub const HELP: TransformSpec = TransformSpec {
 
 /// The assertion operators whose payload is not a key table, described here.
 const COMBINATORS: &[(&str, &str)] = &[
-    ("all", "a list of assertions; holds when every one holds (an empty list holds)"),
+    (
+        "all",
+        "a list of assertions; holds when every one holds (an empty list holds)",
+    ),
     ("any", "a list of assertions; holds when at least one holds"),
     (
         "not",
@@ -73,7 +76,10 @@ fn operator_topic(name: &str, location: &Location) -> Result<Topic, PlanError> {
                 .unwrap_or_default();
             Err(PlanError::invalid(
                 location,
-                format!("unknown assertion operator `{name}`{hint} expected one of: {}", names.join(", ")),
+                format!(
+                    "unknown assertion operator `{name}`{hint} expected one of: {}",
+                    names.join(", ")
+                ),
             ))
         }
     }
@@ -92,7 +98,10 @@ fn parse_help(value: &Json, location: &Location) -> Result<Box<dyn Transform>, P
                 (Some(name), None) => transform_topic(name, &p.at("transform"))?,
                 (None, Some(op)) => operator_topic(op, &p.at("assert"))?,
                 (Some(_), Some(_)) => {
-                    return Err(PlanError::invalid(location, "help takes `transform` or `assert`, not both"))
+                    return Err(PlanError::invalid(
+                        location,
+                        "help takes `transform` or `assert`, not both",
+                    ))
                 }
             }
         }
@@ -174,7 +183,13 @@ pub fn transform_help(spec: &TransformSpec) -> String {
             } else {
                 fields
                     .iter()
-                    .map(|f| if f.required { f.name.to_owned() } else { format!("[{}]", f.name) })
+                    .map(|f| {
+                        if f.required {
+                            f.name.to_owned()
+                        } else {
+                            format!("[{}]", f.name)
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             };
@@ -248,7 +263,10 @@ mod tests {
         for (op, fields) in assert::OPERATORS {
             let text = operator_help(op).expect("known operator");
             if fields.is_empty() {
-                assert!(COMBINATORS.iter().any(|(n, _)| n == op), "operator {op} has no description");
+                assert!(
+                    COMBINATORS.iter().any(|(n, _)| n == op),
+                    "operator {op} has no description"
+                );
             }
             for field in *fields {
                 assert!(!field.doc.trim().is_empty(), "assert {op}.{} has no doc", field.name);
@@ -262,13 +280,19 @@ mod tests {
         let location = Location::root().key("transforms").index(0).key("help");
         let err = parse_help(&json!("scal"), &location).map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("transforms[0].help"));
-        let err = parse_help(&json!("scael_"), &location).map(|_| ()).unwrap_err().to_string();
+        let err = parse_help(&json!("scael_"), &location)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("did you mean `scale_`"), "{err}");
         let err = parse_help(&json!({"assert": "eqaul"}), &location)
             .map(|_| ())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("transforms[0].help.assert") && err.contains("did you mean `equal`"), "{err}");
+        assert!(
+            err.contains("transforms[0].help.assert") && err.contains("did you mean `equal`"),
+            "{err}"
+        );
         let err = parse_help(&json!({"transform": "copy", "assert": "equal"}), &location)
             .map(|_| ())
             .unwrap_err()
