@@ -1,4 +1,5 @@
-//! The `brainsurgery` command line (SPEC §10): `run` (the default), `check` and `inspect`.
+//! The `brainsurgery` command line (SPEC §10): `run` (the default), `check`, `inspect`, `diff`
+//! and `help`.
 //! This is the one place that prints an error chain and chooses the exit status; the Python
 //! console script calls [`main`] with the arguments and exits with what it returns.
 
@@ -20,7 +21,9 @@ use crate::transforms::fmt_shape;
 #[command(
     name = "brainsurgery",
     version,
-    about = "Declarative, reproducible surgery on neural-network checkpoints"
+    about = "Declarative, reproducible surgery on neural-network checkpoints",
+    // `help NAME` describes transforms (below); `help SUBCOMMAND` still shows clap's help.
+    disable_help_subcommand = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +40,24 @@ enum Command {
     Inspect {
         /// A checkpoint file or directory.
         path: PathBuf,
+    },
+    /// Compare two checkpoints: tensors missing on either side, and differing shapes, dtypes or
+    /// values. Exit status 0 when they are equal, 1 when they differ.
+    Diff {
+        /// The left checkpoint (file or directory).
+        path_a: PathBuf,
+        /// The right checkpoint.
+        path_b: PathBuf,
+        /// Largest |a - b| still counted as equal.
+        #[arg(long, default_value_t = 0.0)]
+        eps: f64,
+    },
+    /// Describe a transform (`help scale_`), an assertion operator (`help assert equal`), every
+    /// transform (`help`), or a subcommand (`help check`).
+    Help {
+        /// A transform, `assert OPERATOR`, or a subcommand.
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
     },
 }
 
@@ -65,7 +86,7 @@ struct PlanArgs {
     no_progress: bool,
 }
 
-const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "help"];
+const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "diff", "help"];
 
 /// Formats an error with its causes, one paragraph.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
@@ -207,11 +228,84 @@ fn inspect(path: &std::path::Path, out: &mut dyn Write) -> Result<(), Error> {
     Ok(())
 }
 
-fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<(), Error> {
+/// `brainsurgery diff`: both checkpoints as aliases `left` and `right`, compared whole. Returns
+/// the exit status: 0 equal, 1 different.
+fn diff(
+    path_a: &std::path::Path,
+    path_b: &std::path::Path,
+    eps: f64,
+    cancel: Arc<AtomicBool>,
+    out: &mut dyn Write,
+) -> Result<i32, Error> {
+    if eps.is_nan() || eps < 0.0 {
+        return Err(crate::plan::PlanError::Syntax {
+            origin: "--eps".into(),
+            message: format!("eps must be ≥ 0, got {eps}"),
+        }
+        .into());
+    }
+    let mut state = crate::executor::state::State::default();
+    state.add_checkpoint("left", &open_checkpoint(path_a)?);
+    state.add_checkpoint("right", &open_checkpoint(path_b)?);
+    let mut ctx = crate::transforms::Context::new(true, cancel);
+    let location = crate::plan::Location::root();
+    let report = crate::transforms::diff::compare_aliases(&state, &mut ctx, "left", "right", eps, &location).map_err(
+        |e| match e {
+            crate::transforms::StepError::Plan(e) => Error::Plan(e),
+            crate::transforms::StepError::Format(e) => Error::Format(e),
+            crate::transforms::StepError::Cancelled => Error::Cancelled,
+            crate::transforms::StepError::Transform(source) => Error::Transform {
+                index: 0,
+                name: "diff".to_owned(),
+                source,
+            },
+            crate::transforms::StepError::Assertion(failure) => Error::Assertion { index: 0, failure },
+        },
+    )?;
+    let _ = writeln!(out, "left = {}\nright = {}", path_a.display(), path_b.display());
+    let _ = writeln!(out, "{}", report.render());
+    Ok(if report.is_equal() { 0 } else { 1 })
+}
+
+/// `brainsurgery help [NAME]`: a subcommand's usage, or the transform help `help` prints.
+fn help(names: &[String], out: &mut dyn Write) -> Result<i32, String> {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    // Building propagates the program name into the subcommands' usage lines.
+    command.build();
+    if let [name] = names {
+        if let Some(sub) = command.find_subcommand_mut(name) {
+            let _ = writeln!(out, "{}", sub.render_long_help());
+            // `diff` and `help` are transforms too.
+            if let Some(spec) = crate::transforms::spec(name) {
+                let _ = writeln!(
+                    out,
+                    "the `{name}` transform:\n{}",
+                    crate::transforms::help::transform_help(spec)
+                );
+            }
+            return Ok(0);
+        }
+    }
+    let words: Vec<&str> = names.iter().map(String::as_str).collect();
+    let text = crate::transforms::help::help_text(&words)?;
+    if names.is_empty() {
+        let _ = writeln!(out, "{}", command.render_help());
+    }
+    let _ = writeln!(out, "{text}");
+    Ok(0)
+}
+
+fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match command {
-        Command::Inspect { path } => inspect(&path, &mut out),
+        Command::Inspect { path } => inspect(&path, &mut out).map(|()| 0),
+        Command::Diff { path_a, path_b, eps } => diff(&path_a, &path_b, eps, cancel, &mut out),
+        Command::Help { names } => help(&names, &mut out).or_else(|message| {
+            eprintln!("error: {message}");
+            Ok(2)
+        }),
         Command::Check(args) => {
             let prepared = load_plan(&args)?;
             let report = prepared.check()?;
@@ -226,7 +320,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<(), Error> {
                 "estimated peak memory for buffers: {}",
                 human_bytes(report.peak_memory_estimate)
             );
-            Ok(())
+            Ok(0)
         }
         Command::Run(args) => {
             let prepared = load_plan(&args)?;
@@ -243,7 +337,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<(), Error> {
             }
             let report = result?;
             let _ = print_report(&mut out, &report, args.summarize && !args.no_summarize, "wrote");
-            Ok(())
+            Ok(0)
         }
     }
 }
@@ -272,7 +366,7 @@ pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
         }
     };
     match execute(cli.command, cancel) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             e.exit_code()

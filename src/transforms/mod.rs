@@ -13,6 +13,10 @@ pub mod scale;
 pub mod arith;
 pub mod clamp;
 pub mod fill;
+// Inspection: dump, diff, help (issue 3).
+pub mod diff;
+pub mod dump;
+pub mod help;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -157,6 +161,10 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &fill::ZEROES,
     &fill::ONES,
     &fill::RAND,
+    // Inspection: dump, diff, help (issue 3).
+    &dump::DUMP,
+    &diff::DIFF,
+    &help::HELP,
 ];
 
 /// Looks a transform up by name.

@@ -1,0 +1,467 @@
+//! `diff`: compare tensors and print what differs, without failing the run (`assert equal` is
+//! the failing form). Two modes: references (`left`, and `right` a rewrite of each left match, as
+//! in `assert equal`) or whole aliases (`left_alias`, `right_alias`, tensors paired by name). It
+//! reports tensors missing on either side and pairs that differ in shape, dtype or values (max
+//! |a-b| > eps). Header differences are found in a plan check; values are streamed chunk by chunk
+//! only when the plan runs. The `brainsurgery diff A B` command uses [`compare_aliases`].
+
+use serde_json::Value as Json;
+
+use super::{Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use crate::executor::state::{view_of, State};
+use crate::kernels;
+use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::{Location, PlanError};
+use crate::references::{Reference, Target};
+use crate::transforms::fmt_shape;
+use crate::value::{Tensor, CHUNK_BYTES};
+
+const DIFF_FIELDS: &[Field] = &[
+    Field::optional(
+        "left",
+        FieldKind::Reference,
+        None,
+        "tensors compared (with `right`; or give `left_alias` and `right_alias`)",
+    ),
+    Field::optional(
+        "right",
+        FieldKind::Target,
+        None,
+        "the tensor each left match is compared with (a rewrite such as `b::\\g<0>`; aliases may differ)",
+    ),
+    Field::optional(
+        "left_alias",
+        FieldKind::Text,
+        None,
+        "compare this whole alias with `right_alias`, tensors paired by name",
+    ),
+    Field::optional(
+        "right_alias",
+        FieldKind::Text,
+        None,
+        "the alias compared with `left_alias`",
+    ),
+    Field::optional(
+        "eps",
+        FieldKind::Number,
+        Some("0"),
+        "largest |a - b| still counted as equal",
+    ),
+];
+
+/// `diff`.
+pub const DIFF: TransformSpec = TransformSpec {
+    name: "diff",
+    summary: "report tensors missing on either side and tensors that differ (shape, dtype, max |a-b|)",
+    fields: DIFF_FIELDS,
+    parse: parse_diff,
+};
+
+#[derive(Debug)]
+enum Sides {
+    // Boxed: references are large and `Sides` is built once per plan.
+    References { left: Box<Reference>, right: Box<Target> },
+    Aliases { left: String, right: String },
+}
+
+#[derive(Debug)]
+struct Diff {
+    sides: Sides,
+    eps: f64,
+    location: Location,
+}
+
+fn parse_diff(value: &Json, location: &Location) -> Result<Box<dyn Transform>, PlanError> {
+    let p = Payload::new(value, DIFF_FIELDS, location.clone())?;
+    let eps = p.number("eps")?.unwrap_or(0.0);
+    if eps.is_nan() || eps < 0.0 {
+        return Err(PlanError::invalid(&p.at("eps"), "eps must be ≥ 0"));
+    }
+    let has = |k: &str| p.get(k).is_some();
+    let sides = match (has("left"), has("right"), has("left_alias"), has("right_alias")) {
+        (true, true, false, false) => Sides::References {
+            left: Box::new(p.reference("left")?),
+            right: Box::new(p.target("right")?),
+        },
+        (false, false, true, true) => Sides::Aliases {
+            left: p.text("left_alias")?.unwrap_or_default().to_owned(),
+            right: p.text("right_alias")?.unwrap_or_default().to_owned(),
+        },
+        _ => {
+            return Err(PlanError::invalid(
+                location,
+                "diff takes either `left` and `right`, or `left_alias` and `right_alias`",
+            ))
+        }
+    };
+    Ok(Box::new(Diff {
+        sides,
+        eps,
+        location: location.clone(),
+    }))
+}
+
+/// One pair of tensors to compare.
+#[derive(Debug)]
+struct Pair {
+    left_name: String,
+    right_name: String,
+    left: Tensor,
+    right: Tensor,
+}
+
+/// What a comparison found. [`DiffReport::render`] is the text `diff` prints.
+#[derive(Debug, Clone, Default)]
+pub struct DiffReport {
+    /// What was compared with what, as written.
+    pub title: String,
+    /// The tolerance.
+    pub eps: f64,
+    /// Pairs compared (present on both sides).
+    pub compared: usize,
+    /// Tensors present only on the right (`alias::name`).
+    pub missing_left: Vec<String>,
+    /// Tensors present only on the left.
+    pub missing_right: Vec<String>,
+    /// Pairs that differ: left name, right name, reason.
+    pub differing: Vec<(String, String, String)>,
+    /// Pairs whose values were not compared because this is a check.
+    pub deferred: usize,
+}
+
+impl DiffReport {
+    /// Whether nothing differs and nothing is missing (values deferred in a check count as equal).
+    pub fn is_equal(&self) -> bool {
+        self.missing_left.is_empty() && self.missing_right.is_empty() && self.differing.is_empty()
+    }
+
+    /// Number of reported differences (missing tensors plus differing pairs).
+    pub fn difference_count(&self) -> usize {
+        self.missing_left.len() + self.missing_right.len() + self.differing.len()
+    }
+
+    /// The report: a summary line, then one line per missing tensor and per differing pair.
+    pub fn render(&self) -> String {
+        let mut head = format!(
+            "diff {} (eps {}): {} compared",
+            self.title,
+            self.eps,
+            if self.compared == 1 {
+                "1 pair".to_owned()
+            } else {
+                format!("{} pairs", self.compared)
+            }
+        );
+        if self.is_equal() {
+            head.push_str(", no differences");
+        } else {
+            head.push_str(&format!(
+                ", {} differ, {} missing on the left, {} missing on the right",
+                self.differing.len(),
+                self.missing_left.len(),
+                self.missing_right.len()
+            ));
+        }
+        if self.deferred > 0 {
+            head.push_str(&format!(
+                " (values of {} compared when the plan runs)",
+                if self.deferred == 1 {
+                    "1 pair".to_owned()
+                } else {
+                    format!("{} pairs", self.deferred)
+                }
+            ));
+        }
+        let mut lines = vec![head];
+        for name in &self.missing_left {
+            lines.push(format!("  missing on the left: {name}"));
+        }
+        for name in &self.missing_right {
+            lines.push(format!("  missing on the right: {name}"));
+        }
+        for (left, right, reason) in &self.differing {
+            lines.push(format!("  differs: {left} vs {right}: {reason}"));
+        }
+        lines.join("\n")
+    }
+}
+
+impl Transform for Diff {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let report = match &self.sides {
+            Sides::Aliases { left, right } => compare_aliases(state, ctx, left, right, self.eps, &self.location)?,
+            Sides::References { left, right } => self.compare_references(state, ctx, left, right)?,
+        };
+        ctx.emit(report.render());
+        ctx.note(if report.is_equal() {
+            format!("diff: {} compared, no differences", report.compared)
+        } else {
+            format!("diff: {} differences", report.difference_count())
+        });
+        Ok(Flow::Continue)
+    }
+}
+
+impl Diff {
+    fn compare_references(
+        &self,
+        state: &State,
+        ctx: &mut Context,
+        left: &Reference,
+        right: &Target,
+    ) -> Result<DiffReport, StepError> {
+        let matches = state.select_some(left, &self.location)?;
+        let left_alias = state.alias_for(left.alias.as_deref(), &left.text, &self.location)?;
+        let mut report = DiffReport {
+            title: format!("`{}` vs `{}`", left.text, right.text),
+            eps: self.eps,
+            ..DiffReport::default()
+        };
+        let mut pairs = Vec::new();
+        let mut destinations: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+        let mut right_aliases: Vec<String> = Vec::new();
+        for m in &matches {
+            let name = right.expand(&m.captures).map_err(|source| TransformError::Template {
+                tensor: m.display(),
+                source,
+            })?;
+            let alias = state.alias_for(right.alias.as_deref().or(Some(&m.alias)), &right.text, &self.location)?;
+            if !right_aliases.contains(&alias) {
+                right_aliases.push(alias.clone());
+            }
+            let display = format!("{alias}::{name}");
+            destinations.insert((alias.clone(), name.clone()));
+            let Some(tensor) = state.get(&alias, &name) else {
+                report.missing_right.push(display);
+                continue;
+            };
+            let tensor = match &right.slice {
+                None => tensor.clone(),
+                Some(spec) => {
+                    let resolved = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice {
+                        tensor: display.clone(),
+                        source,
+                    })?;
+                    view_of(tensor, &resolved, &display)?
+                }
+            };
+            pairs.push(Pair {
+                left_name: m.display(),
+                right_name: display,
+                left: m.tensor.clone(),
+                right: tensor,
+            });
+        }
+        // A tensor of another alias is missing on the left when the left pattern selects its
+        // name but no left match rewrote to it (comparing `a::.*` with `b::\g<0>` finds the
+        // tensors only `b` has). Within one alias every such name is itself a left match.
+        for alias in right_aliases.iter().filter(|a| **a != left_alias) {
+            if let Some(tensors) = state.alias(alias) {
+                for (name, _) in tensors.iter() {
+                    if left.selector.captures(name).is_some()
+                        && !destinations.contains(&(alias.clone(), name.to_owned()))
+                    {
+                        report.missing_left.push(format!("{alias}::{name}"));
+                    }
+                }
+            }
+        }
+        compare_pairs(&pairs, ctx, &mut report)?;
+        Ok(report)
+    }
+}
+
+/// Compares two whole aliases, pairing tensors by name: the left alias's order for pairs and
+/// tensors missing on the right, the right alias's order for those missing on the left.
+pub fn compare_aliases(
+    state: &State,
+    ctx: &mut Context,
+    left: &str,
+    right: &str,
+    eps: f64,
+    location: &Location,
+) -> Result<DiffReport, StepError> {
+    let left = state.alias_for(Some(left), left, &location.key("left_alias"))?;
+    let right = state.alias_for(Some(right), right, &location.key("right_alias"))?;
+    let (Some(a), Some(b)) = (state.alias(&left), state.alias(&right)) else {
+        unreachable!("alias_for checked both aliases exist");
+    };
+    let mut report = DiffReport {
+        title: format!("{left} vs {right}"),
+        eps,
+        ..DiffReport::default()
+    };
+    let mut pairs = Vec::new();
+    for (name, tensor) in a.iter() {
+        match b.get(name) {
+            Some(other) => pairs.push(Pair {
+                left_name: format!("{left}::{name}"),
+                right_name: format!("{right}::{name}"),
+                left: tensor.clone(),
+                right: other.clone(),
+            }),
+            None => report.missing_right.push(format!("{left}::{name}")),
+        }
+    }
+    for (name, _) in b.iter() {
+        if !a.contains(name) {
+            report.missing_left.push(format!("{right}::{name}"));
+        }
+    }
+    compare_pairs(&pairs, ctx, &mut report)?;
+    Ok(report)
+}
+
+fn compare_pairs(pairs: &[Pair], ctx: &mut Context, report: &mut DiffReport) -> Result<(), StepError> {
+    report.compared = pairs.len();
+    for pair in pairs {
+        let (a, b) = (&pair.left, &pair.right);
+        if a.shape != b.shape {
+            let reason = format!("shape {} vs {}", fmt_shape(&a.shape), fmt_shape(&b.shape));
+            report
+                .differing
+                .push((pair.left_name.clone(), pair.right_name.clone(), reason));
+            continue;
+        }
+        let mut reasons = Vec::new();
+        if a.dtype != b.dtype {
+            reasons.push(format!("dtype {} vs {}", a.dtype, b.dtype));
+        }
+        let comparable = a.dtype.is_computable() && b.dtype.is_computable();
+        let raw = !comparable && a.dtype == b.dtype;
+        if comparable || raw {
+            if !ctx.evaluate {
+                report.deferred += 1;
+            } else if comparable {
+                let diff = max_abs_difference(a, b, ctx)?;
+                // NaN against a number is an infinite difference, so `>` is enough.
+                if diff > report.eps || !reasons.is_empty() {
+                    reasons.push(if diff > report.eps {
+                        format!("max |a-b| = {diff:e} > eps {}", report.eps)
+                    } else {
+                        format!("max |a-b| = {diff:e}")
+                    });
+                }
+            } else if !bytes_equal(a, b, ctx)? {
+                reasons.push(format!("bytes differ ({} values are compared byte for byte)", a.dtype));
+            }
+        }
+        if !reasons.is_empty() {
+            report
+                .differing
+                .push((pair.left_name.clone(), pair.right_name.clone(), reasons.join("; ")));
+        }
+    }
+    Ok(())
+}
+
+/// Streams two tensors of one shape in lockstep and returns max |a - b| (NaN against a number is
+/// infinite, NaN against NaN equal; see `kernels::max_abs_diff`).
+fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, StepError> {
+    let (sa, sb) = (
+        a.dtype.size().expect("computable dtypes are byte-sized"),
+        b.dtype.size().expect("computable dtypes are byte-sized"),
+    );
+    let per_chunk = (CHUNK_BYTES / sa.max(sb)).max(1);
+    let total = a.numel();
+    let mut buf_a = ctx.scratch.take(per_chunk.min(total) * sa);
+    let mut buf_b = ctx.scratch.take(per_chunk.min(total) * sb);
+    let mut worst = 0.0f64;
+    let mut start = 0;
+    let mut result = Ok(());
+    while start < total {
+        if ctx.cancelled() {
+            result = Err(StepError::Cancelled);
+            break;
+        }
+        let n = per_chunk.min(total - start);
+        let (ca, cb) = (&mut buf_a[..n * sa], &mut buf_b[..n * sb]);
+        if let Err(e) = a
+            .read(start, ca, &mut ctx.scratch)
+            .and_then(|()| b.read(start, cb, &mut ctx.scratch))
+        {
+            result = Err(e.into());
+            break;
+        }
+        worst = worst.max(kernels::max_abs_diff(a.dtype, ca, b.dtype, cb));
+        start += n;
+    }
+    ctx.scratch.give(buf_a);
+    ctx.scratch.give(buf_b);
+    result.map(|()| worst)
+}
+
+/// Compares the raw bytes of two tensors of one carry-only dtype (sub-byte floats, complex).
+fn bytes_equal(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<bool, StepError> {
+    let total = a.nbytes();
+    let mut buf_a = ctx.scratch.take(CHUNK_BYTES.min(total));
+    let mut buf_b = ctx.scratch.take(CHUNK_BYTES.min(total));
+    let mut start = 0;
+    let mut result = Ok(true);
+    while start < total {
+        if ctx.cancelled() {
+            result = Err(StepError::Cancelled);
+            break;
+        }
+        let n = CHUNK_BYTES.min(total - start);
+        let (ca, cb) = (&mut buf_a[..n], &mut buf_b[..n]);
+        if let Err(e) = a
+            .read_raw(start, ca, &mut ctx.scratch)
+            .and_then(|()| b.read_raw(start, cb, &mut ctx.scratch))
+        {
+            result = Err(e.into());
+            break;
+        }
+        if ca != cb {
+            result = Ok(false);
+            break;
+        }
+        start += n;
+    }
+    ctx.scratch.give(buf_a);
+    ctx.scratch.give(buf_b);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn loc() -> Location {
+        Location::root().key("transforms").index(1).key("diff")
+    }
+
+    #[test]
+    fn mixed_modes_are_a_plan_error() {
+        let err = parse_diff(&json!({"left": "a::x", "left_alias": "b"}), &loc())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("transforms[1].diff") && err.contains("left_alias"),
+            "{err}"
+        );
+        let err = parse_diff(&json!({"left_alias": "a", "right_alias": "b", "eps": -1}), &loc())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("transforms[1].diff.eps"), "{err}");
+    }
+
+    #[test]
+    fn report_text() {
+        let report = DiffReport {
+            title: "a vs b".into(),
+            eps: 0.0,
+            compared: 2,
+            missing_left: vec!["b::x".into()],
+            missing_right: vec![],
+            differing: vec![("a::w".into(), "b::w".into(), "shape (2,) vs (3,)".into())],
+            deferred: 0,
+        };
+        assert_eq!(
+            report.render(),
+            "diff a vs b (eps 0): 2 pairs compared, 1 differ, 1 missing on the left, 0 missing on the right\n  \
+             missing on the left: b::x\n  differs: a::w vs b::w: shape (2,) vs (3,)"
+        );
+    }
+}
