@@ -5,6 +5,7 @@
 pub mod document;
 pub mod error;
 pub mod location;
+pub mod oneline;
 pub mod payload;
 
 use std::path::PathBuf;
