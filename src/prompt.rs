@@ -92,14 +92,18 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
     let prefix = line.get(..pos).unwrap_or(line);
     let start = prefix
         .char_indices()
-        .filter(|(_, c)| matches!(c, ' ' | '\t' | ',' | '[' | '{' | '\'' | '"'))
-        .last()
+        .rfind(|(_, c)| matches!(c, ' ' | '\t' | ',' | '[' | '{' | '\'' | '"'))
         .map_or(0, |(i, c)| i + c.len_utf8());
     let word = &prefix[start..];
     let before = prefix[..start].trim_end();
     let mut out: Vec<String> = Vec::new();
     if before.is_empty() {
-        out.extend(REGISTRY.iter().map(|s| s.name.to_owned()).filter(|n| n.starts_with(word)));
+        out.extend(
+            REGISTRY
+                .iter()
+                .map(|s| s.name.to_owned())
+                .filter(|n| n.starts_with(word)),
+        );
         return (start, finish(out));
     }
     let name = first_separator(prefix).map_or("", |i| prefix[..i].trim());
@@ -121,10 +125,15 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
     // assertion operator): the one-line form nests the next run there.
     let after_colon = before.ends_with(':');
     let key_position = !in_list
-        && (before.ends_with(',') || before.ends_with('{') || (after_colon && (last_key == name || is_operator(last_key))));
+        && (before.ends_with(',')
+            || before.ends_with('{')
+            || (after_colon && (last_key == name || is_operator(last_key))));
     if key_position {
         if name == "assert" {
-            let op = written.iter().rev().find_map(|k| OPERATORS.iter().find(|(o, _)| o == k));
+            let op = written
+                .iter()
+                .rev()
+                .find_map(|k| OPERATORS.iter().find(|(o, _)| o == k));
             if let Some((_, fields)) = op {
                 out.extend(fields.iter().map(|f| f.name.to_owned()));
             }
@@ -182,7 +191,12 @@ struct PromptHelper {
 impl Completer for PromptHelper {
     type Candidate = String;
 
-    fn complete(&self, line: &str, pos: usize, _ctx: &rustyline::Context<'_>) -> rustyline::Result<(usize, Vec<String>)> {
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _ctx: &rustyline::Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<String>)> {
         Ok(complete(line, pos, &self.names))
     }
 }
@@ -204,7 +218,10 @@ pub fn opens_block(line: &str) -> bool {
     }
     let trimmed = line.trim_end();
     trimmed.strip_suffix(':').is_some_and(|name| {
-        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
     })
 }
 
@@ -421,7 +438,10 @@ mod tests {
         assert_eq!(at_end("copy: from: a, t"), (15, vec!["to".to_owned()]));
         assert_eq!(at_end("scale_: {target: x, "), (20, vec!["by".to_owned()]));
         let (_, ops) = at_end("assert: ");
-        assert!(ops.contains(&"equal".to_owned()) && ops.contains(&"iszero".to_owned()), "{ops:?}");
+        assert!(
+            ops.contains(&"equal".to_owned()) && ops.contains(&"iszero".to_owned()),
+            "{ops:?}"
+        );
         assert!(!ops.contains(&"wte".to_owned()), "{ops:?}");
         let (_, keys) = at_end("assert: equal: {l");
         assert_eq!(keys, vec!["left".to_owned()]);
@@ -434,7 +454,10 @@ mod tests {
             (12, vec!["h.0.attn.weight".to_owned(), "h.0.mlp.weight".to_owned()])
         );
         assert_eq!(at_end("copy: from: ba").1, vec!["base::".to_owned()]);
-        assert_eq!(at_end("copy: from: base::h").1, vec!["base::h.0.attn.weight".to_owned()]);
+        assert_eq!(
+            at_end("copy: from: base::h").1,
+            vec!["base::h.0.attn.weight".to_owned()]
+        );
         assert_eq!(at_end("assert: iszero: w").1, vec!["wte".to_owned()]);
         assert_eq!(at_end("concat: from: [wte, h.0.m").1, vec!["h.0.mlp.weight".to_owned()]);
         // The cursor in the middle of the line completes the word before it.

@@ -123,7 +123,8 @@ impl Session {
         let mut report = prepared.report(&self.state, ctx)?;
         if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
             write::validate_output(output, &self.state, &alias, &prepared.plan)?;
-            report.written = write::write_output(output, &self.state, &alias, &prepared.plan, prepared.threads, options)?;
+            report.written =
+                write::write_output(output, &self.state, &alias, &prepared.plan, prepared.threads, options)?;
         }
         Ok(report)
     }

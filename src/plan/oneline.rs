@@ -98,8 +98,7 @@ impl Parser {
 
     /// Whether the `:` at `i` separates a key from its value.
     fn separator_at(&self, i: usize) -> bool {
-        self.peek_at(i) == Some(':')
-            && matches!(self.peek_at(i + 1), None | Some(' ' | '\t' | ',' | ']' | '}'))
+        self.peek_at(i) == Some(':') && matches!(self.peek_at(i + 1), None | Some(' ' | '\t' | ',' | ']' | '}'))
     }
 
     /// Scans a bare scalar from the current position; returns its trimmed text.
@@ -140,7 +139,10 @@ impl Parser {
         }
         if let Some(&open) = openers.first() {
             let bracket = self.peek_at(open).unwrap_or('(');
-            return Err(self.error(open, format!("`{bracket}` in a bare value is never closed (quote the value)")));
+            return Err(self.error(
+                open,
+                format!("`{bracket}` in a bare value is never closed (quote the value)"),
+            ));
         }
         Ok(text.trim_end().to_owned())
     }
@@ -318,7 +320,12 @@ impl Parser {
             match (ctx, self.peek()) {
                 (_, Some(',')) => self.pos += 1,
                 (Ctx::Top, None) | (Ctx::Map, Some('}')) | (Ctx::Map, None) => return Ok(()),
-                (Ctx::Top, c) => return Err(self.error(self.pos, format!("expected `,` or the end of the line, found {}", describe(c)))),
+                (Ctx::Top, c) => {
+                    return Err(self.error(
+                        self.pos,
+                        format!("expected `,` or the end of the line, found {}", describe(c)),
+                    ))
+                }
                 (_, c) => return Err(self.error(self.pos, format!("expected `,` or `}}`, found {}", describe(c)))),
             }
         }
@@ -395,7 +402,9 @@ fn type_scalar(text: &str) -> Value {
         || (!text.is_empty()
             && !text.starts_with("--")
             && !text.starts_with("..")
-            && text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+' | '-')));
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '+' | '-')));
     if plain {
         if let Ok(value) = parse_yaml(text, "") {
             if !value.is_object() && !value.is_array() {
@@ -547,32 +556,74 @@ mod tests {
 
     /// (one-line, YAML equivalent) pairs; the YAML is a transform entry.
     const CASES: &[(&str, &str)] = &[
-        ("copy: from: a.weight, to: b.weight", "copy: {from: a.weight, to: b.weight}"),
-        ("assert: equal: {left: x, right: y, eps: 1e-6}", "assert: {equal: {left: x, right: y, eps: 1e-6}}"),
+        (
+            "copy: from: a.weight, to: b.weight",
+            "copy: {from: a.weight, to: b.weight}",
+        ),
+        (
+            "assert: equal: {left: x, right: y, eps: 1e-6}",
+            "assert: {equal: {left: x, right: y, eps: 1e-6}}",
+        ),
         ("exit", "exit"),
         ("exit:", "exit:"),
         ("delete: target: 'x.*'", "delete: {target: 'x.*'}"),
-        ("delete: target: x.*, missing_ok: true", "delete: {target: x.*, missing_ok: true}"),
+        (
+            "delete: target: x.*, missing_ok: true",
+            "delete: {target: x.*, missing_ok: true}",
+        ),
         ("scale_: target: .*, by: 0.5", "scale_: {target: .*, by: 0.5}"),
-        ("scale_: target: m::.*norm.*, by: -2", "scale_: {target: 'm::.*norm.*', by: -2}"),
-        ("move: from: h\\.(\\d+)\\.w, to: layers.\\1.w", "move: {from: 'h\\.(\\d+)\\.w', to: 'layers.\\1.w'}"),
-        ("assign: from: a, to: w::[:, 10:20]", "assign: {from: a, to: 'w::[:, 10:20]'}"),
-        ("move: from: 'a, b: c', to: \"x\\ty\"", "move: {from: 'a, b: c', to: \"x\\ty\"}"),
+        (
+            "scale_: target: m::.*norm.*, by: -2",
+            "scale_: {target: 'm::.*norm.*', by: -2}",
+        ),
+        (
+            "move: from: h\\.(\\d+)\\.w, to: layers.\\1.w",
+            "move: {from: 'h\\.(\\d+)\\.w', to: 'layers.\\1.w'}",
+        ),
+        (
+            "assign: from: a, to: w::[:, 10:20]",
+            "assign: {from: a, to: 'w::[:, 10:20]'}",
+        ),
+        (
+            "move: from: 'a, b: c', to: \"x\\ty\"",
+            "move: {from: 'a, b: c', to: \"x\\ty\"}",
+        ),
         ("move: from: 'it''s', to: b", "move: {from: 'it''s', to: b}"),
         ("copy: {from: a, to: b}", "copy: {from: a, to: b}"),
         ("copy: {from: a, to: b,}", "copy: {from: a, to: b}"),
         ("assert: not: exists: x", "assert: {not: {exists: x}}"),
-        ("assert: all: [{exists: a}, count: {of: b, is: 0}]", "assert: {all: [{exists: a}, {count: {of: b, is: 0}}]}"),
+        (
+            "assert: all: [{exists: a}, count: {of: b, is: 0}]",
+            "assert: {all: [{exists: a}, {count: {of: b, is: 0}}]}",
+        ),
         ("assert: iszero: router", "assert: {iszero: router}"),
-        ("zeroes: target: z, shape: [2, 3], dtype: bf16", "zeroes: {target: z, shape: [2, 3], dtype: bf16}"),
-        ("reshape: from: a, to: b, shape: [-1, 4]", "reshape: {from: a, to: b, shape: [-1, 4]}"),
-        ("x: a: null, b: ~, c: , d: true, e: False", "x: {a: null, b: ~, c: , d: true, e: False}"),
-        ("x: a: 0x1F, b: 1_000, c: .5, d: 1E3, e: +1, f: yes", "x: {a: 0x1F, b: 1_000, c: .5, d: 1E3, e: +1, f: yes}"),
-        ("x: a: [], b: {}, c: [[1, 2], [3]]", "x: {a: [], b: {}, c: [[1, 2], [3]]}"),
+        (
+            "zeroes: target: z, shape: [2, 3], dtype: bf16",
+            "zeroes: {target: z, shape: [2, 3], dtype: bf16}",
+        ),
+        (
+            "reshape: from: a, to: b, shape: [-1, 4]",
+            "reshape: {from: a, to: b, shape: [-1, 4]}",
+        ),
+        (
+            "x: a: null, b: ~, c: , d: true, e: False",
+            "x: {a: null, b: ~, c: , d: true, e: False}",
+        ),
+        (
+            "x: a: 0x1F, b: 1_000, c: .5, d: 1E3, e: +1, f: yes",
+            "x: {a: 0x1F, b: 1_000, c: .5, d: 1E3, e: +1, f: yes}",
+        ),
+        (
+            "x: a: [], b: {}, c: [[1, 2], [3]]",
+            "x: {a: [], b: {}, c: [[1, 2], [3]]}",
+        ),
         ("x: a: '', b: '007', c: \"\"", "x: {a: '', b: '007', c: ''}"),
         ("x: a: b c  d  ", "x: {a: b c  d}"),
         ("copy: from: a, to: b # a comment", "copy: {from: a, to: b}"),
-        ("x: s: {path: [model, layers, $i, '*rest']}", "x: {s: {path: [model, layers, $i, '*rest']}}"),
+        (
+            "x: s: {path: [model, layers, $i, '*rest']}",
+            "x: {s: {path: [model, layers, $i, '*rest']}}",
+        ),
         ("x: s: ~x::\\d+", "x: {s: '~x::\\d+'}"),
         ("x: s: a{2,3}b", "x: {s: 'a{2,3}b'}"),
         ("x: s: \"\\u00e9\\\\\"", "x: {s: \"\\u00e9\\\\\"}"),
@@ -597,13 +648,19 @@ mod tests {
             let rendered = render(&value);
             assert_eq!(parse(&rendered), value, "{line} → {rendered}");
         }
-        assert_eq!(render(&json!({"copy": {"from": "a.weight", "to": "b.weight"}})), "copy: from: a.weight, to: b.weight");
+        assert_eq!(
+            render(&json!({"copy": {"from": "a.weight", "to": "b.weight"}})),
+            "copy: from: a.weight, to: b.weight"
+        );
         assert_eq!(
             render(&json!({"assert": {"equal": {"left": "x", "right": "y", "eps": 1e-6}}})),
             "assert: equal: {left: x, right: 'y', eps: 1e-6}"
         );
         assert_eq!(render(&json!("exit")), "exit");
-        assert_eq!(render(&json!({"x": {"a": "007", "b": "a, b", "c": "it's"}})), "x: a: '007', b: 'a, b', c: it's");
+        assert_eq!(
+            render(&json!({"x": {"a": "007", "b": "a, b", "c": "it's"}})),
+            "x: a: '007', b: 'a, b', c: it's"
+        );
     }
 
     /// A small deterministic generator (xorshift), so the property test needs no extra crate.
@@ -671,7 +728,10 @@ mod tests {
         assert_eq!(e.column, 18);
         assert_eq!(e.message, "expected ':' after key");
         let shown = e.display("copy: from: a, to");
-        assert_eq!(shown, "1:18: expected ':' after key\n  copy: from: a, to\n                   ^");
+        assert_eq!(
+            shown,
+            "1:18: expected ':' after key\n  copy: from: a, to\n                   ^"
+        );
         assert_eq!(err("x: {a}").column, 6);
     }
 
@@ -737,7 +797,11 @@ mod tests {
         assert!(e.message.contains("one transform per line"), "{}", e.message);
         let e = err("copy: [1] x");
         assert_eq!(e.column, 11);
-        assert!(e.message.starts_with("expected `,` or the end of the line"), "{}", e.message);
+        assert!(
+            e.message.starts_with("expected `,` or the end of the line"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
@@ -755,7 +819,10 @@ mod tests {
                 panic!("{e:?}");
             };
             assert_eq!(origin, "-e #1");
-            assert!(message.starts_with(&format!("1:{column}: expected a transform")), "{line}: {message}");
+            assert!(
+                message.starts_with(&format!("1:{column}: expected a transform")),
+                "{line}: {message}"
+            );
         }
         let e = parse_transform("copy: from: a, to", "-e #2").unwrap_err().to_string();
         assert!(e.starts_with("-e #2: 1:18: expected ':' after key\n"), "{e}");
