@@ -62,10 +62,17 @@ LINES_AND_YAML = [
     ),
     (
         ["assign: {from: h.1.w, to: 'h.0.w::[1]'}", "assert: equal: {left: h.1.w, right: h.0.w::[1], eps: 1e-6}"],
-        [{"assign": {"from": "h.1.w", "to": "h.0.w::[1]"}}, {"assert": {"equal": {"left": "h.1.w", "right": "h.0.w::[1]", "eps": 1e-6}}}],
+        [
+            {"assign": {"from": "h.1.w", "to": "h.0.w::[1]"}},
+            {"assert": {"equal": {"left": "h.1.w", "right": "h.0.w::[1]", "eps": 1e-6}}},
+        ],
     ),
     (
-        ["cast: from: ids, to: ids32, dtype: int32", "assert: all: [{exists: ids32}, count: {of: 'h.*', is: 2}]", "exit"],
+        [
+            "cast: from: ids, to: ids32, dtype: int32",
+            "assert: all: [{exists: ids32}, count: {of: 'h.*', is: 2}]",
+            "exit",
+        ],
         [
             {"cast": {"from": "ids", "to": "ids32", "dtype": "int32"}},
             {"assert": {"all": [{"exists": "ids32"}, {"count": {"of": "h.*", "is": 2}}]}},
@@ -101,8 +108,8 @@ def test_execute_appends_after_plan_transforms(ws: Path) -> None:
 
 def test_execute_with_alias_inputs(ws: Path) -> None:
     write_st(ws / "b.safetensors", {"h.0.w": np.zeros((2, 3), np.float32)})
-    proc = pymod(["-e", "assign: from: a::h.0.w, to: b::h.0.w", "-o", "o.safetensors", "a::m.safetensors", "b::b.safetensors",
-                  "output.alias=b"], cwd=ws)
+    line = "assign: from: a::h.0.w, to: b::h.0.w"
+    proc = pymod(["-e", line, "-o", "o.safetensors", "a::m.safetensors", "b::b.safetensors", "output.alias=b"], cwd=ws)
     ok(proc)
     np.testing.assert_array_equal(load_file(str(ws / "o.safetensors"))["h.0.w"], TENSORS["h.0.w"])
 
