@@ -63,9 +63,25 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct PlanArgs {
-    /// Plan files (YAML or JSON), merged in order, then `key.path=value` overrides.
-    #[arg(required = true, value_name = "PLAN|key=value")]
+    /// Plan files (YAML or JSON), merged in order; `key.path=value` overrides; checkpoint paths
+    /// (`.safetensors`/`.bin`/`.pt`/`.pth`/`.npz`/`.npy`, a directory, or `alias::path`) added to
+    /// the inputs.
+    #[arg(value_name = "PLAN|key=value|CHECKPOINT")]
     items: Vec<String>,
+    /// A transform in one-line form, run after the plan's (repeatable):
+    /// -e 'scale_: target: .*, by: 0.5'.
+    #[arg(short = 'e', long = "execute", value_name = "ONE-LINE")]
+    execute: Vec<String>,
+    /// An input checkpoint, `alias::path` or a path (repeatable).
+    #[arg(short = 'I', long = "input", value_name = "ALIAS::PATH")]
+    input: Vec<String>,
+    /// The output path (sets output.path).
+    #[arg(short = 'o', long = "output", value_name = "PATH")]
+    output: Option<String>,
+    /// After the plan's transforms, read more at a `bs> ` prompt; the output is written when the
+    /// session ends (exit, save or Ctrl-D).
+    #[arg(short = 'i', long)]
+    interactive: bool,
     /// Worker threads for writing (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -119,17 +135,100 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Whether a positional argument names a checkpoint rather than a plan file.
+fn looks_like_checkpoint(item: &str) -> bool {
+    const EXTENSIONS: &[&str] = &["safetensors", "bin", "pt", "pth", "npz", "npy"];
+    let path = std::path::Path::new(item);
+    let by_extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)));
+    by_extension || path.is_dir() || (item.contains("::") && !path.exists())
+}
+
+/// Adds command-line inputs, output and one-line transforms to the merged document.
+fn apply_options(doc: &mut serde_json::Value, inputs: &[String], args: &PlanArgs) -> Result<(), Error> {
+    use serde_json::Value;
+    let Value::Object(map) = doc else {
+        return Ok(());
+    };
+    if !inputs.is_empty() {
+        let entry = map.entry("inputs").or_insert(Value::Null);
+        let mut list = match entry.take() {
+            Value::Null => Vec::new(),
+            Value::Array(items) => items,
+            Value::Object(aliases) => {
+                // The mapping form (`alias: path`) stays a mapping; bare paths get alias `model`.
+                let mut aliases = aliases;
+                for input in inputs {
+                    let (alias, path) = input.split_once("::").unwrap_or((crate::plan::DEFAULT_ALIAS, input));
+                    aliases.insert(alias.to_owned(), Value::String(path.to_owned()));
+                }
+                *entry = Value::Object(aliases);
+                Vec::new()
+            }
+            other => vec![other],
+        };
+        if !entry.is_object() {
+            list.extend(inputs.iter().map(|s| Value::String(s.clone())));
+            *entry = Value::Array(list);
+        }
+    }
+    if let Some(path) = &args.output {
+        match map.get_mut("output") {
+            Some(Value::Object(output)) => {
+                output.insert("path".into(), Value::String(path.clone()));
+            }
+            _ => {
+                // The mapping form, so `output.alias=…` overrides still apply.
+                let output = serde_json::json!({ "path": path });
+                map.insert("output".into(), output);
+            }
+        }
+    }
+    if !args.execute.is_empty() {
+        let entry = map.entry("transforms").or_insert(Value::Null);
+        let mut list = match entry.take() {
+            Value::Array(items) => items,
+            Value::Null => Vec::new(),
+            other => vec![other],
+        };
+        for (i, line) in args.execute.iter().enumerate() {
+            list.push(crate::plan::oneline::parse_transform(line, &format!("-e #{}", i + 1))?);
+        }
+        *entry = Value::Array(list);
+    }
+    Ok(())
+}
+
 fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
     let mut sources = Vec::new();
     let mut overrides = Vec::new();
+    let mut inputs = Vec::new();
     for item in &args.items {
         if looks_like_override(item) {
             overrides.push(item.clone());
+        } else if looks_like_checkpoint(item) {
+            inputs.push(item.clone());
         } else {
             sources.push(PlanSource::File(PathBuf::from(item)));
         }
     }
-    let mut plan = Plan::load(&sources, &overrides)?;
+    inputs.extend(args.input.iter().cloned());
+    if sources.is_empty() && inputs.is_empty() && args.execute.is_empty() && !args.interactive {
+        return Err(crate::plan::PlanError::Syntax {
+            origin: "command line".into(),
+            message: "nothing to run: give a plan file, -e ONE-LINE, -i, or checkpoint inputs".into(),
+        }
+        .into());
+    }
+    // Overrides apply last (SPEC §2), after the command-line inputs, output and transforms.
+    let mut doc = crate::plan::assemble(&sources, &[])?;
+    apply_options(&mut doc, &inputs, args)?;
+    for assignment in &overrides {
+        crate::plan::document::apply_override(&mut doc, assignment)?;
+    }
+    let mut plan = Plan::from_document(&doc)?;
     if let (Some(size), Some(output)) = (&args.shard_size, plan.output.as_mut()) {
         output.shard = if size.eq_ignore_ascii_case("none") {
             None
@@ -307,6 +406,13 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
             Ok(2)
         }),
         Command::Check(args) => {
+            if args.interactive {
+                return Err(crate::plan::PlanError::Syntax {
+                    origin: "command line".into(),
+                    message: "--interactive applies to run, not check".into(),
+                }
+                .into());
+            }
             let prepared = load_plan(&args)?;
             let report = prepared.check()?;
             let _ = writeln!(
@@ -324,14 +430,19 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
         }
         Command::Run(args) => {
             let prepared = load_plan(&args)?;
-            let show_progress = !args.no_progress && (args.progress || std::io::stderr().is_terminal());
+            let show_progress =
+                !args.interactive && !args.no_progress && (args.progress || std::io::stderr().is_terminal());
             let bar = progress_bar(show_progress);
             let options = RunOptions {
                 threads: args.threads,
-                cancel,
+                cancel: cancel.clone(),
                 progress: bar.as_ref().map(|(_, f)| f.clone()),
             };
-            let result = prepared.run(&options);
+            let result = if args.interactive {
+                interactive(prepared, cancel, &options, &mut out)
+            } else {
+                prepared.run(&options)
+            };
             if let Some((bar, _)) = bar {
                 bar.finish_and_clear();
             }
@@ -342,16 +453,31 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
     }
 }
 
+/// `-i`: run the plan's transforms, then the prompt; the output is written when it ends.
+fn interactive(
+    prepared: Prepared,
+    cancel: Arc<AtomicBool>,
+    options: &RunOptions,
+    out: &mut dyn Write,
+) -> Result<Report, Error> {
+    let (mut session, applied) = crate::executor::session::Session::start(prepared, cancel)?;
+    for text in &applied.output {
+        let _ = writeln!(out, "{text}");
+    }
+    let _ = out.flush();
+    crate::prompt::run(&mut session, out);
+    session.finish(options)
+}
+
 /// Runs the command line on `args` (without the program name) and returns the exit status.
 /// `cancel` is set by the caller's Ctrl-C handling.
 pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
     let mut argv = vec!["brainsurgery".to_owned()];
     let first = args.first().map(String::as_str);
+    // Anything but a subcommand or a top-level flag is a run: `brainsurgery -e '…' model.safetensors`.
     let implicit_run = match first {
         None => false,
-        // `brainsurgery --threads 2 plan.yaml` runs too; only help and version stand alone.
-        Some("-h" | "--help" | "-V" | "--version") => false,
-        Some(a) => !SUBCOMMANDS.contains(&a),
+        Some(a) => !SUBCOMMANDS.contains(&a) && !matches!(a, "-h" | "--help" | "-V" | "--version"),
     };
     if implicit_run {
         argv.push("run".to_owned());

@@ -16,6 +16,7 @@ pub mod transforms;
 pub mod executor;
 pub mod error;
 pub mod cli;
+pub mod prompt;
 #[cfg(feature = "python")]
 pub mod bindings;
 

@@ -2,6 +2,7 @@
 //! values (the plan check), run them again evaluating value assertions, then stream the chosen
 //! alias into its output in parallel. Nothing reads tensor bytes before the check has passed.
 
+pub mod session;
 pub mod state;
 pub mod write;
 

@@ -5,6 +5,7 @@
 pub mod document;
 pub mod error;
 pub mod location;
+pub mod oneline;
 pub mod payload;
 
 use std::path::PathBuf;
@@ -208,36 +209,41 @@ fn parse_transforms(value: Option<&Value>) -> Result<Vec<RawTransform>, PlanErro
     items
         .iter()
         .enumerate()
-        .map(|(i, item)| {
-            let at = location.index(i);
-            match item {
-                Value::String(name) => Ok(RawTransform {
-                    name: name.clone(),
-                    payload: Value::Null,
-                    location: at,
-                }),
-                Value::Object(map) if map.len() == 1 => {
-                    let (name, payload) = map.iter().next().expect("map has one entry");
-                    Ok(RawTransform {
-                        name: name.clone(),
-                        payload: payload.clone(),
-                        location: at,
-                    })
-                }
-                Value::Object(map) => Err(PlanError::invalid(
-                    &at,
-                    format!(
-                        "a transform is a mapping with exactly one key (its name), got keys {}",
-                        map.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
-                    ),
-                )),
-                other => Err(PlanError::invalid(
-                    &at,
-                    format!("expected a transform, got {}", kind_of(other)),
-                )),
-            }
-        })
+        .map(|(i, item)| RawTransform::from_value(item, location.index(i)))
         .collect()
+}
+
+impl RawTransform {
+    /// One entry of a transform list: a bare name (`exit`) or a one-key mapping. `at` is where
+    /// it sits (`transforms[i]`); the prompt and `-e` number their transforms after the plan's.
+    pub fn from_value(item: &Value, at: Location) -> Result<RawTransform, PlanError> {
+        match item {
+            Value::String(name) => Ok(RawTransform {
+                name: name.clone(),
+                payload: Value::Null,
+                location: at,
+            }),
+            Value::Object(map) if map.len() == 1 => {
+                let (name, payload) = map.iter().next().expect("map has one entry");
+                Ok(RawTransform {
+                    name: name.clone(),
+                    payload: payload.clone(),
+                    location: at,
+                })
+            }
+            Value::Object(map) => Err(PlanError::invalid(
+                &at,
+                format!(
+                    "a transform is a mapping with exactly one key (its name), got keys {}",
+                    map.keys().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+            other => Err(PlanError::invalid(
+                &at,
+                format!("expected a transform, got {}", kind_of(other)),
+            )),
+        }
+    }
 }
 
 fn format_of(path: &std::path::Path) -> Option<OutputFormat> {

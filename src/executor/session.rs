@@ -1,0 +1,185 @@
+//! A live plan run that takes more transforms one block at a time: the prompt (`brainsurgery -i`)
+//! drives it. A block (one transform, or a list of them) is first checked symbolically on a copy
+//! of the state, then applied for real on another copy, and only a block that succeeds entirely
+//! replaces the state, so a failing block leaves the session exactly as it was before it.
+//! Reading lines, completion and printing are the prompt's business.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::state::State;
+use super::{step_error, write, Prepared, Report, RunOptions};
+use crate::error::Error;
+use crate::plan::{Location, RawTransform};
+use crate::transforms::{self, Context, Flow};
+
+/// What one applied block printed and did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    /// Text the transforms printed (`dump`, `diff`, `help`).
+    pub output: Vec<String>,
+    /// One line per transform describing what it did.
+    pub notes: Vec<String>,
+    /// Whether the block ran `exit`, which ends the session.
+    pub exit: bool,
+}
+
+/// A plan whose transforms have run, ready to take more.
+#[derive(Debug)]
+pub struct Session {
+    prepared: Prepared,
+    state: State,
+    cancel: Arc<AtomicBool>,
+    /// Index the next transform gets in messages (`transforms[i]`), after the plan's.
+    next: usize,
+}
+
+impl Session {
+    /// Checks and runs the plan's transforms (without writing the output) and returns the
+    /// session with what they printed.
+    pub fn start(prepared: Prepared, cancel: Arc<AtomicBool>) -> Result<(Session, Applied), Error> {
+        let mut check = Context::new(false, cancel.clone());
+        prepared.execute(&mut check)?;
+        let mut ctx = Context::new(true, cancel.clone());
+        let state = prepared.execute(&mut ctx)?;
+        let next = prepared.plan.transforms.len();
+        let applied = Applied {
+            output: ctx.output,
+            notes: ctx.notes,
+            exit: false,
+        };
+        Ok((
+            Session {
+                prepared,
+                state,
+                cancel,
+                next,
+            },
+            applied,
+        ))
+    }
+
+    /// The current state (for completion: aliases and tensor names).
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Applies one block: a transform (`{scale_: {…}}` or a bare name) or a list of them. On any
+    /// error the state is left as it was before the block. An interruption is reported as
+    /// [`Error::Cancelled`] and clears the cancel flag, so the session can go on.
+    pub fn apply(&mut self, block: &Value) -> Result<Applied, Error> {
+        let items: Vec<&Value> = match block {
+            Value::Array(items) => items.iter().collect(),
+            other => vec![other],
+        };
+        let base = Location::root().key("transforms");
+        let raws = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| RawTransform::from_value(item, base.index(self.next + i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let steps = raws.iter().map(transforms::parse).collect::<Result<Vec<_>, _>>()?;
+        let run = |evaluate: bool| -> Result<(State, Context, bool), Error> {
+            let mut state = self.state.clone();
+            let mut ctx = Context::new(evaluate, self.cancel.clone());
+            let mut exit = false;
+            for (i, (step, raw)) in steps.iter().zip(&raws).enumerate() {
+                if ctx.cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                match step.apply(&mut state, &mut ctx) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Exit) => {
+                        exit = true;
+                        break;
+                    }
+                    Err(e) => return Err(step_error(self.next + i, &raw.name, e)),
+                }
+            }
+            Ok((state, ctx, exit))
+        };
+        let result = run(false).and_then(|_| run(true));
+        let (state, ctx, exit) = result.inspect_err(|e| {
+            if matches!(e, Error::Cancelled) {
+                self.cancel.store(false, Ordering::Relaxed);
+            }
+        })?;
+        self.state = state;
+        self.next += raws.len();
+        Ok(Applied {
+            output: ctx.output,
+            notes: ctx.notes,
+            exit,
+        })
+    }
+
+    /// Ends the session: writes the plan's output (if it has one) from the current state and
+    /// returns the report, as a run would.
+    pub fn finish(self, options: &RunOptions) -> Result<Report, Error> {
+        let prepared = &self.prepared;
+        let ctx = Context::new(false, self.cancel.clone());
+        let mut report = prepared.report(&self.state, ctx)?;
+        if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
+            write::validate_output(output, &self.state, &alias, &prepared.plan)?;
+            report.written =
+                write::write_output(output, &self.state, &alias, &prepared.plan, prepared.threads, options)?;
+        }
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Plan, PlanSource};
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+    use serde_json::json;
+
+    fn session(dir: &std::path::Path) -> Session {
+        let values: Vec<u8> = [1.0f32, 2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let input = dir.join("in.safetensors");
+        let tensors = vec![("w", TensorView::new(Dtype::F32, vec![3], &values).unwrap())];
+        safetensors::serialize_to_file(tensors, None, &input).unwrap();
+        let yaml = format!(
+            "inputs: ['{}']\ntransforms:\n  - copy: {{from: w, to: w0}}\noutput: '{}'\n",
+            input.display(),
+            dir.join("out.safetensors").display()
+        );
+        let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
+        let prepared = Prepared::new(plan, 1).unwrap();
+        Session::start(prepared, Arc::new(AtomicBool::new(false))).unwrap().0
+    }
+
+    #[test]
+    fn failing_block_keeps_the_state_from_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = session(dir.path());
+        s.apply(&json!({"scale_": {"target": "w", "by": 2}})).unwrap();
+        // The second transform of the block fails: the first one must not stick either.
+        let block = json!([{"copy": {"from": "w", "to": "w2"}}, {"assert": {"iszero": "w"}}]);
+        let err = s.apply(&block).unwrap_err();
+        assert!(err.to_string().contains("transforms[3]"), "{err}");
+        assert!(s.state().get("model", "w2").is_none());
+        let err = s.apply(&json!({"scael_": {}})).unwrap_err();
+        assert!(err.to_string().contains("did you mean `scale_`"), "{err}");
+        let applied = s.apply(&json!("exit")).unwrap();
+        assert!(applied.exit);
+        let report = s.finish(&RunOptions::default()).unwrap();
+        let bytes = std::fs::read(&report.written[0]).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let w: Vec<f32> = st
+            .tensor("w")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(w, vec![2.0, 4.0, 6.0]);
+        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        names.sort();
+        assert_eq!(names, vec!["w", "w0"]);
+    }
+}
