@@ -100,11 +100,14 @@ fn step_error(index: usize, name: &str, error: StepError) -> Error {
 impl Prepared {
     /// Parses every transform and opens every input's headers.
     pub fn new(plan: Plan, threads: usize) -> Result<Prepared, Error> {
-        let steps = plan
-            .transforms
-            .iter()
-            .map(transforms::parse)
-            .collect::<Result<Vec<_>, _>>()?;
+        // Nested `execute` plans are parsed here too; relative paths resolve against the plan
+        // file's directory and cycles are found before any input is opened.
+        let steps = transforms::execute::parsing_plan(&plan.files, || {
+            plan.transforms
+                .iter()
+                .map(transforms::parse)
+                .collect::<Result<Vec<_>, _>>()
+        })?;
         let mut initial = State::default();
         for input in &plan.inputs {
             let checkpoint = open_checkpoint(&input.path)?;
@@ -147,6 +150,8 @@ impl Prepared {
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<State, Error> {
+        ctx.threads = self.threads;
+        ctx.plan_sha256 = Some(self.plan.sha256.clone());
         let mut state = self.initial.clone();
         for (index, (step, raw)) in self.steps.iter().zip(&self.plan.transforms).enumerate() {
             if ctx.cancelled() {
@@ -179,7 +184,12 @@ impl Prepared {
             };
         }
         if let [only] = self.plan.inputs.as_slice() {
-            return Ok(Some(only.alias.clone()));
+            // The default alias is the single input's; it follows `prefixes rename`, and
+            // `prefixes remove` refuses to drop it, so it names the input's tensors still.
+            let alias = state.default_alias.clone().unwrap_or_else(|| only.alias.clone());
+            if state.alias(&alias).is_some() {
+                return Ok(Some(alias));
+            }
         }
         let written: Vec<&String> = state.written.iter().collect();
         match written.as_slice() {

@@ -9,6 +9,10 @@ pub mod control;
 pub mod copy;
 pub mod error;
 pub mod scale;
+// load / save, prefixes, execute (issue 3, planops).
+pub mod execute;
+pub mod load;
+pub mod prefixes;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -47,6 +51,10 @@ pub struct Context {
     /// Text transforms print (`dump`, `diff`, `help`), in order; the command line prints it and
     /// Python returns it in the report.
     pub output: Vec<String>,
+    /// Worker threads for writes transforms make (`save`); 0 means one per core.
+    pub threads: usize,
+    /// The plan's hash, recorded in files `save` writes, when the plan is known.
+    pub plan_sha256: Option<String>,
 }
 
 impl Context {
@@ -58,6 +66,8 @@ impl Context {
             notes: Vec::new(),
             cancel,
             output: Vec::new(),
+            threads: 0,
+            plan_sha256: None,
         }
     }
 
@@ -140,6 +150,11 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &scale::SCALE_,
     &assert::ASSERT,
     &control::EXIT,
+    // load / save, prefixes, execute (issue 3, planops).
+    &load::LOAD,
+    &load::SAVE,
+    &prefixes::PREFIXES,
+    &execute::EXECUTE,
 ];
 
 /// Looks a transform up by name.
