@@ -361,3 +361,27 @@ pub enum SelectError {
     #[error(transparent)]
     Transform(#[from] TransformError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_and_remove_alias_keep_bookkeeping() {
+        let mut state = State::default();
+        state.ensure_alias("a");
+        state.ensure_alias("b");
+        state.default_alias = Some("a".into());
+        state.written.insert("a".into());
+        assert!(state.rename_alias("a", "c"));
+        assert_eq!(state.alias_names(), vec!["c", "b"]);
+        assert_eq!(state.default_alias.as_deref(), Some("c"));
+        assert!(state.written.contains("c") && !state.written.contains("a"));
+        assert!(!state.rename_alias("c", "b"));
+        assert!(!state.rename_alias("zz", "q"));
+        assert!(state.remove_alias("c").is_some());
+        assert_eq!(state.alias_names(), vec!["b"]);
+        assert!(state.written.is_empty());
+        assert!(state.remove_alias("c").is_none());
+    }
+}

@@ -109,6 +109,8 @@ struct Frame {
     resolved: PathBuf,
     /// Its directory, for resolving relative `execute` paths inside it.
     dir: PathBuf,
+    /// The path as the plan wrote it, for the cycle message.
+    shown: String,
 }
 
 thread_local! {
@@ -123,6 +125,7 @@ fn frame_of(path: &Path) -> Frame {
         canonical,
         resolved: path.to_path_buf(),
         dir,
+        shown: path.display().to_string(),
     }
 }
 
@@ -176,15 +179,15 @@ fn enter_file(text: &str, location: &Location) -> Result<Frame, PlanError> {
             format!("plan file `{}` does not exist", resolved.display()),
         ));
     }
-    let frame = frame_of(&resolved);
+    let frame = Frame {
+        shown: text.to_owned(),
+        ..frame_of(&resolved)
+    };
     let cycle = FRAMES.with(|f| {
         let frames = f.borrow();
         let start = frames.iter().position(|fr| fr.canonical == frame.canonical)?;
-        let mut chain: Vec<String> = frames[start..]
-            .iter()
-            .map(|fr| fr.resolved.display().to_string())
-            .collect();
-        chain.push(frame.resolved.display().to_string());
+        let mut chain: Vec<String> = frames[start..].iter().map(|fr| fr.shown.clone()).collect();
+        chain.push(frame.shown.clone());
         Some(chain)
     });
     if let Some(chain) = cycle {
@@ -333,5 +336,71 @@ impl Transform for Execute {
         state.written.extend(outer_written);
         ctx.note(format!("execute: {} nested transforms", self.steps.len()));
         Ok(flow)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::RawTransform;
+
+    fn parse(payload: Value) -> Result<Box<dyn Transform>, PlanError> {
+        super::super::parse(&RawTransform {
+            name: "execute".into(),
+            payload,
+            location: Location::root().key("transforms").index(2),
+        })
+    }
+
+    #[test]
+    fn nested_transform_errors_carry_the_nested_location() {
+        let raw = RawTransform {
+            name: "scale_".into(),
+            payload: Value::Null,
+            location: Location::root()
+                .key("transforms")
+                .index(2)
+                .key("execute")
+                .key("transforms")
+                .index(1),
+        };
+        let inner = super::super::TransformError::SliceNotAllowed {
+            reference: "w".into(),
+            transform: "move",
+        };
+        let err = locate(&raw, StepError::Transform(inner));
+        assert!(
+            matches!(&err, StepError::Transform(super::super::TransformError::Nested { name, .. }) if name == "scale_"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("at transforms[2].execute.transforms[1] (scale_): "),
+            "{err}"
+        );
+        let err = parse(serde_json::json!({"transforms": [{"scale_": {"target": "w"}}]})).unwrap_err();
+        assert!(
+            err.to_string().contains("transforms[2].execute.transforms[0].scale_"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cycles_between_files_are_found_when_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.yaml");
+        std::fs::write(&a, "transforms:\n  - execute: {path: b.yaml}\n").unwrap();
+        std::fs::write(dir.path().join("b.yaml"), "transforms:\n  - execute: {path: a.yaml}\n").unwrap();
+        let err = parsing_plan(std::slice::from_ref(&a), || {
+            parse(serde_json::json!({"path": "b.yaml"})).map(|_| ())
+        })
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("execute cycle: ") && text.ends_with("a.yaml → b.yaml → a.yaml"),
+            "{text}"
+        );
+        // The frames are popped again.
+        assert!(FRAMES.with(|f| f.borrow().is_empty()));
     }
 }

@@ -430,3 +430,106 @@ pub(crate) fn save_alias(
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::test_util::{pattern, write_official};
+    use crate::plan::RawTransform;
+    use ::safetensors::Dtype;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn setup(dir: &std::path::Path) -> (PathBuf, State) {
+        let path = dir.join("in.safetensors");
+        write_official(
+            &path,
+            &[
+                ("a", Dtype::F32, vec![2], pattern(8, 1)),
+                ("b", Dtype::F32, vec![2], pattern(8, 2)),
+            ],
+            None,
+        );
+        let mut state = State::default();
+        state.add_checkpoint("m", &open_checkpoint(&path).unwrap());
+        state.default_alias = Some("m".into());
+        (path, state)
+    }
+
+    fn apply(state: &mut State, name: &str, payload: serde_json::Value, evaluate: bool) -> Result<Flow, StepError> {
+        let raw = RawTransform {
+            name: name.into(),
+            payload,
+            location: Location::root().key("transforms").index(0),
+        };
+        let mut ctx = Context::new(evaluate, Arc::new(AtomicBool::new(false)));
+        crate::transforms::parse(&raw).unwrap().apply(state, &mut ctx)
+    }
+
+    #[test]
+    fn load_one_tensor_needs_a_matching_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut state) = setup(dir.path());
+        let payload = serde_json::json!({"path": path, "to": "c"});
+        let err = apply(&mut state, "load", payload, false).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StepError::Transform(TransformError::LoadWhichTensor { count: 2, .. })
+            ),
+            "{err}"
+        );
+        apply(
+            &mut state,
+            "load",
+            serde_json::json!({"path": path, "to": "x::b"}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(state.get("x", "b").unwrap().shape, vec![2]);
+        apply(
+            &mut state,
+            "load",
+            serde_json::json!({"path": path, "alias": "whole"}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(state.alias("whole").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn save_needs_exactly_one_tensor_and_writes_only_when_evaluating() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut state) = setup(dir.path());
+        let out = dir.path().join("out.safetensors");
+        let err = apply(
+            &mut state,
+            "save",
+            serde_json::json!({"path": out, "target": ".*"}),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, StepError::Transform(TransformError::SaveNotOne { count: 2, .. })),
+            "{err}"
+        );
+        apply(
+            &mut state,
+            "save",
+            serde_json::json!({"path": out, "target": "b"}),
+            false,
+        )
+        .unwrap();
+        assert!(!out.exists());
+        apply(
+            &mut state,
+            "save",
+            serde_json::json!({"path": out, "target": "b"}),
+            true,
+        )
+        .unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("b").unwrap().data(), pattern(8, 2).as_slice());
+    }
+}
