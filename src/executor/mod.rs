@@ -230,7 +230,12 @@ impl Prepared {
                 });
             }
             report.total_bytes = report.tensors.iter().map(|t| t.nbytes).sum();
-            if let Some(initial) = self.initial.alias(alias) {
+            // A renamed single input (`prefixes rename`) is compared with what it was.
+            let before = match self.plan.inputs.as_slice() {
+                [only] if state.default_alias.as_deref() == Some(alias.as_str()) => self.initial.alias(&only.alias),
+                _ => self.initial.alias(alias),
+            };
+            if let Some(initial) = before {
                 report.removed = initial.iter().filter(|(n, _)| !current.contains(n)).count();
                 report.added = current.iter().filter(|(n, _)| !initial.contains(n)).count();
             } else {

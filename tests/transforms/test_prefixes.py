@@ -118,6 +118,7 @@ def test_rename_single_input_keeps_it_the_output_with_order_and_metadata(write, 
         }
     )
     assert report["alias"] == "base"
+    assert (report["added"], report["removed"]) == (1, 0)
     assert tensor_names(out) == ["w", "b", "b2"]
     got = read(out)
     np.testing.assert_array_equal(got["w"], t["w"] * np.float32(3))
