@@ -105,11 +105,14 @@ fn step_error(index: usize, name: &str, error: StepError) -> Error {
 impl Prepared {
     /// Parses every transform and opens every input's headers.
     pub fn new(plan: Plan, threads: usize) -> Result<Prepared, Error> {
-        let steps = plan
-            .transforms
-            .iter()
-            .map(transforms::parse)
-            .collect::<Result<Vec<_>, _>>()?;
+        // Nested `execute` plans are parsed here too; relative paths resolve against the plan
+        // file's directory and cycles are found before any input is opened.
+        let steps = transforms::execute::parsing_plan(&plan.files, || {
+            plan.transforms
+                .iter()
+                .map(transforms::parse)
+                .collect::<Result<Vec<_>, _>>()
+        })?;
         let mut initial = State::default();
         for input in &plan.inputs {
             let checkpoint = open_checkpoint(&input.path)?;
@@ -154,6 +157,8 @@ impl Prepared {
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<State, Error> {
+        ctx.threads = self.threads;
+        ctx.plan_sha256 = Some(self.plan.sha256.clone());
         let mut state = self.initial.clone();
         for (index, (step, raw)) in self.steps.iter().zip(&self.plan.transforms).enumerate() {
             if ctx.cancelled() {
@@ -186,7 +191,12 @@ impl Prepared {
             };
         }
         if let [only] = self.plan.inputs.as_slice() {
-            return Ok(Some(only.alias.clone()));
+            // The default alias is the single input's; it follows `prefixes rename`, and
+            // `prefixes remove` refuses to drop it, so it names the input's tensors still.
+            let alias = state.default_alias.clone().unwrap_or_else(|| only.alias.clone());
+            if state.alias(&alias).is_some() {
+                return Ok(Some(alias));
+            }
         }
         let written: Vec<&String> = state.written.iter().collect();
         match written.as_slice() {
@@ -227,7 +237,12 @@ impl Prepared {
                 });
             }
             report.total_bytes = report.tensors.iter().map(|t| t.nbytes).sum();
-            if let Some(initial) = self.initial.alias(alias) {
+            // A renamed single input (`prefixes rename`) is compared with what it was.
+            let before = match self.plan.inputs.as_slice() {
+                [only] if state.default_alias.as_deref() == Some(alias.as_str()) => self.initial.alias(&only.alias),
+                _ => self.initial.alias(alias),
+            };
+            if let Some(initial) = before {
                 report.removed = initial.iter().filter(|(n, _)| !current.contains(n)).count();
                 report.added = current.iter().filter(|(n, _)| !initial.contains(n)).count();
             } else {

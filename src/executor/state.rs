@@ -142,6 +142,40 @@ impl State {
         }
     }
 
+    /// Removes an alias and its tensors (`prefixes remove`); `None` when it does not exist.
+    pub fn remove_alias(&mut self, alias: &str) -> Option<AliasState> {
+        let removed = self.aliases.remove(alias)?;
+        self.declared.retain(|a| a != alias);
+        self.written.remove(alias);
+        Some(removed)
+    }
+
+    /// Renames alias `from` to `to` (`prefixes rename`), keeping its tensors, their order, its
+    /// origin and its place among the aliases. The default alias and the record of written
+    /// aliases follow the rename. Returns false (and changes nothing) when `from` does not exist
+    /// or `to` already does.
+    pub fn rename_alias(&mut self, from: &str, to: &str) -> bool {
+        if self.aliases.contains_key(to) {
+            return false;
+        }
+        let Some(state) = self.aliases.remove(from) else {
+            return false;
+        };
+        self.aliases.insert(to.to_owned(), state);
+        for name in &mut self.declared {
+            if name == from {
+                *name = to.to_owned();
+            }
+        }
+        if self.written.remove(from) {
+            self.written.insert(to.to_owned());
+        }
+        if self.default_alias.as_deref() == Some(from) {
+            self.default_alias = Some(to.to_owned());
+        }
+        true
+    }
+
     /// Alias names in declaration order.
     pub fn alias_names(&self) -> Vec<String> {
         self.declared.clone()
@@ -330,4 +364,28 @@ pub enum SelectError {
     /// The selection does not fit the tensors.
     #[error(transparent)]
     Transform(#[from] TransformError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_and_remove_alias_keep_bookkeeping() {
+        let mut state = State::default();
+        state.ensure_alias("a");
+        state.ensure_alias("b");
+        state.default_alias = Some("a".into());
+        state.written.insert("a".into());
+        assert!(state.rename_alias("a", "c"));
+        assert_eq!(state.alias_names(), vec!["c", "b"]);
+        assert_eq!(state.default_alias.as_deref(), Some("c"));
+        assert!(state.written.contains("c") && !state.written.contains("a"));
+        assert!(!state.rename_alias("c", "b"));
+        assert!(!state.rename_alias("zz", "q"));
+        assert!(state.remove_alias("c").is_some());
+        assert_eq!(state.alias_names(), vec!["b"]);
+        assert!(state.written.is_empty());
+        assert!(state.remove_alias("c").is_none());
+    }
 }

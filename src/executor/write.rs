@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
 use super::state::State;
-use super::RunOptions;
+use super::{ProgressFn, RunOptions};
 use crate::error::Error;
 use crate::formats::output::{OutputLayout, OutputTensor, SafetensorsWriter};
 use crate::formats::FormatError;
@@ -49,7 +49,13 @@ fn canonical(path: &Path) -> Option<PathBuf> {
 /// Refuses outputs that cannot be written: formats not available yet, and targets that would
 /// overwrite an input.
 pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: &Plan) -> Result<(), Error> {
-    let location = Location::root().key("output");
+    validate_target(output, state, &Location::root().key("output"))
+}
+
+/// The checks of [`validate_output`] for any write target (the output, `save`, a nested plan's
+/// output) found at `location`: the format is available and no file of any alias's checkpoint
+/// (the inputs and everything `load` opened) would be overwritten.
+pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) -> Result<(), Error> {
     if output.format != OutputFormat::Safetensors {
         return Err(PlanError::invalid(
             &location.key("format"),
@@ -121,17 +127,24 @@ pub fn write_output(
     validate_output(output, state, alias, plan)?;
     let current = state.alias(alias).expect("output alias exists");
     let tensors: Vec<(&str, &Tensor)> = current.iter().collect();
-    let specs: Vec<OutputTensor> = tensors
-        .iter()
-        .map(|(name, t)| OutputTensor {
-            name: (*name).to_owned(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
-    // SPEC §6.2: the metadata of the (first) input — the alias's own, or the first input's for an
-    // alias the transforms built. transformers refuses safetensors metadata without `format`.
-    let origin = current.origin.as_ref().or_else(|| {
+    let metadata = alias_metadata(state, alias, Some(&plan.sha256));
+    let sidecars = alias_sidecars(state, alias, output);
+    write_tensors(
+        output,
+        &tensors,
+        &metadata,
+        &sidecars,
+        threads,
+        &options.cancel,
+        options.progress.as_deref(),
+    )
+}
+
+/// The `__metadata__` a write of `alias` carries: its checkpoint's (the first input's, for an
+/// alias the transforms built — SPEC §6.2), `format: pt` when absent (transformers refuses
+/// safetensors metadata without it), the engine version and, when known, the plan hash.
+pub fn alias_metadata(state: &State, alias: &str, plan_sha256: Option<&str>) -> BTreeMap<String, String> {
+    let origin = state.alias(alias).and_then(|a| a.origin.as_ref()).or_else(|| {
         state
             .alias_names()
             .iter()
@@ -140,7 +153,43 @@ pub fn write_output(
     let mut metadata: BTreeMap<String, String> = origin.map(|o| o.metadata.clone()).unwrap_or_default();
     metadata.entry("format".to_owned()).or_insert_with(|| "pt".to_owned());
     metadata.insert(VERSION_KEY.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
-    metadata.insert(PLAN_KEY.to_owned(), plan.sha256.clone());
+    if let Some(sha) = plan_sha256 {
+        metadata.insert(PLAN_KEY.to_owned(), sha.to_owned());
+    }
+    metadata
+}
+
+/// The non-weight files a directory write of `alias` copies (none for a single file).
+pub fn alias_sidecars(state: &State, alias: &str, output: &OutputSpec) -> Vec<PathBuf> {
+    match (
+        state.alias(alias).and_then(|a| a.origin.as_ref()),
+        output.sidecars && !output.single_file,
+    ) {
+        (Some(origin), true) => origin.sidecars.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Streams `tensors` (in this order) to `output` atomically and returns the files written:
+/// the one code path behind the plan output, `save` and nested plans' outputs. The caller has
+/// validated the target.
+pub fn write_tensors(
+    output: &OutputSpec,
+    tensors: &[(&str, &Tensor)],
+    metadata: &BTreeMap<String, String>,
+    sidecars: &[PathBuf],
+    threads: usize,
+    cancel: &AtomicBool,
+    progress: Option<&ProgressFn>,
+) -> Result<Vec<PathBuf>, Error> {
+    let specs: Vec<OutputTensor> = tensors
+        .iter()
+        .map(|(name, t)| OutputTensor {
+            name: (*name).to_owned(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
     let layout = if output.single_file {
         OutputLayout::File(output.path.clone())
     } else {
@@ -149,8 +198,7 @@ pub fn write_output(
             shard_budget: output.shard,
         }
     };
-    let writer = SafetensorsWriter::create(layout, &specs, &metadata)?;
-
+    let writer = SafetensorsWriter::create(layout, &specs, metadata)?;
     // Output tensors that are the same lazy value (copies, e.g. one MLP weight fanned out to
     // four experts) are produced once per chunk and written to every destination.
     let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -192,7 +240,7 @@ pub fn write_output(
         items.par_iter().try_for_each_init(
             || (Scratch::default(), Vec::<u8>::with_capacity(CHUNK_BYTES)),
             |(scratch, buf), &(g, start, len)| {
-                if options.cancel.load(Ordering::Relaxed) {
+                if cancel.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
                 let members = &groups[g];
@@ -208,7 +256,7 @@ pub fn write_output(
                 }
                 let len = len * members.len();
                 let now = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
-                if let Some(progress) = &options.progress {
+                if let Some(progress) = progress {
                     progress(now, total);
                 }
                 Ok(())
@@ -216,9 +264,5 @@ pub fn write_output(
         )
     });
     result?;
-    let sidecars = match (&current.origin, output.sidecars && !output.single_file) {
-        (Some(origin), true) => origin.sidecars.clone(),
-        _ => Vec::new(),
-    };
-    Ok(writer.commit(&sidecars)?)
+    Ok(writer.commit(sidecars)?)
 }

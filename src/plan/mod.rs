@@ -85,6 +85,9 @@ pub struct Plan {
     pub output: Option<OutputSpec>,
     /// SHA-256 of the merged document, recorded in the output metadata.
     pub sha256: String,
+    /// The plan files it was assembled from, in order (relative `execute` paths resolve against
+    /// the first one's directory; all of them take part in `execute` cycle detection).
+    pub files: Vec<PathBuf>,
 }
 
 const TOP_KEYS: &[&str] = &["inputs", "transforms", "output"];
@@ -104,7 +107,8 @@ fn check_keys(map: &Map<String, Value>, allowed: &[&str], location: &Location) -
     Ok(())
 }
 
-fn valid_alias(alias: &str) -> bool {
+/// Whether `alias` is a valid alias name (a letter or `_`, then letters, digits, `_ - .`).
+pub(crate) fn valid_alias(alias: &str) -> bool {
     let mut chars = alias.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
@@ -138,8 +142,7 @@ fn parse_input(text: &str, location: &Location, single: bool) -> Result<InputSpe
     }
 }
 
-fn parse_inputs(value: Option<&Value>) -> Result<Vec<InputSpec>, PlanError> {
-    let location = Location::root().key("inputs");
+fn parse_inputs(value: Option<&Value>, location: Location) -> Result<Vec<InputSpec>, PlanError> {
     let inputs = match value {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![parse_input(s, &location, true)?],
@@ -194,8 +197,7 @@ fn parse_inputs(value: Option<&Value>) -> Result<Vec<InputSpec>, PlanError> {
     Ok(inputs)
 }
 
-fn parse_transforms(value: Option<&Value>) -> Result<Vec<RawTransform>, PlanError> {
-    let location = Location::root().key("transforms");
+fn parse_transforms(value: Option<&Value>, location: Location) -> Result<Vec<RawTransform>, PlanError> {
     let items = match value {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
@@ -256,8 +258,9 @@ fn format_of(path: &std::path::Path) -> Option<OutputFormat> {
     }
 }
 
-fn parse_output(value: Option<&Value>) -> Result<Option<OutputSpec>, PlanError> {
-    let location = Location::root().key("output");
+/// Parses an `output`-shaped value (a path, or a mapping with the output keys) found at
+/// `location`; `save` and nested plans use it too.
+pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<Option<OutputSpec>, PlanError> {
     let empty = Map::new();
     let (path, map) = match value {
         None | Some(Value::Null) => return Ok(None),
@@ -380,16 +383,22 @@ fn canonical(value: &Value) -> Value {
 impl Plan {
     /// Checks the top level of an assembled document.
     pub fn from_document(doc: &Value) -> Result<Plan, PlanError> {
+        Plan::from_document_at(doc, &Location::root())
+    }
+
+    /// Checks a plan document that sits at `base` in another plan (a nested `execute` plan), so
+    /// every location, including the transforms', names its place in the including plan.
+    pub fn from_document_at(doc: &Value, base: &Location) -> Result<Plan, PlanError> {
         let Value::Object(map) = doc else {
             return Err(PlanError::invalid(
-                &Location::root(),
+                base,
                 format!("a plan is a mapping, not {}", kind_of(doc)),
             ));
         };
-        check_keys(map, TOP_KEYS, &Location::root())?;
-        let inputs = parse_inputs(map.get("inputs"))?;
-        let transforms = parse_transforms(map.get("transforms"))?;
-        let output = parse_output(map.get("output"))?;
+        check_keys(map, TOP_KEYS, base)?;
+        let inputs = parse_inputs(map.get("inputs"), base.key("inputs"))?;
+        let transforms = parse_transforms(map.get("transforms"), base.key("transforms"))?;
+        let output = parse_output(map.get("output"), base.key("output"))?;
         let canonical = serde_json::to_vec(&canonical(doc)).expect("a JSON value always serializes");
         let sha256 = Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect();
         Ok(Plan {
@@ -397,12 +406,21 @@ impl Plan {
             transforms,
             output,
             sha256,
+            files: Vec::new(),
         })
     }
 
     /// Assembles sources and overrides, then checks the top level.
     pub fn load(sources: &[PlanSource], overrides: &[String]) -> Result<Plan, PlanError> {
-        Plan::from_document(&assemble(sources, overrides)?)
+        let mut plan = Plan::from_document(&assemble(sources, overrides)?)?;
+        plan.files = sources
+            .iter()
+            .filter_map(|s| match s {
+                PlanSource::File(path) => Some(path.clone()),
+                _ => None,
+            })
+            .collect();
+        Ok(plan)
     }
 }
 

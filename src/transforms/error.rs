@@ -160,6 +160,46 @@ pub enum TransformError {
         /// Why.
         reason: String,
     },
+    // load / save / execute (issue 3, planops).
+    /// A step of a nested plan (`execute`) failed; the location names it in the including plan.
+    #[error("at {location} ({name}): {source}")]
+    Nested {
+        /// Where the failing step is (`transforms[3].execute.transforms[1]`).
+        location: crate::plan::Location,
+        /// The failing step's transform name.
+        name: String,
+        /// What went wrong there.
+        source: Box<TransformError>,
+    },
+    /// `load` of one tensor found a file with several tensors, none named like the destination.
+    #[error(
+        "`{}` holds {count} tensors and none is named `{name}`; name one of them in `to` ({}), or load the whole file with `alias`",
+        path.display(),
+        names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    )]
+    LoadWhichTensor {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The destination name looked for.
+        name: String,
+        /// How many tensors the file holds.
+        count: usize,
+        /// The closest names in the file.
+        names: Vec<String>,
+    },
+    /// `save` of one tensor selected several.
+    #[error(
+        "`{reference}` matches {count} tensors ({}); save `target` must match exactly one, or save the whole alias with `alias`",
+        names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    )]
+    SaveNotOne {
+        /// The reference as written.
+        reference: String,
+        /// How many tensors it matched.
+        count: usize,
+        /// The first few of them.
+        names: Vec<String>,
+    },
 }
 
 fn closest_hint(closest: &[String]) -> String {

@@ -17,6 +17,10 @@ pub mod fill;
 pub mod diff;
 pub mod dump;
 pub mod help;
+// load / save, prefixes, execute (issue 3, planops).
+pub mod execute;
+pub mod load;
+pub mod prefixes;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,6 +59,10 @@ pub struct Context {
     /// Text transforms print (`dump`, `diff`, `help`), in order; the command line prints it and
     /// Python returns it in the report.
     pub output: Vec<String>,
+    /// Worker threads for writes transforms make (`save`); 0 means one per core.
+    pub threads: usize,
+    /// The plan's hash, recorded in files `save` writes, when the plan is known.
+    pub plan_sha256: Option<String>,
 }
 
 impl Context {
@@ -66,6 +74,8 @@ impl Context {
             notes: Vec::new(),
             cancel,
             output: Vec::new(),
+            threads: 0,
+            plan_sha256: None,
         }
     }
 
@@ -165,6 +175,11 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &dump::DUMP,
     &diff::DIFF,
     &help::HELP,
+    // load / save, prefixes, execute (issue 3, planops).
+    &load::LOAD,
+    &load::SAVE,
+    &prefixes::PREFIXES,
+    &execute::EXECUTE,
 ];
 
 /// Looks a transform up by name.

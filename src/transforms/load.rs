@@ -1,0 +1,535 @@
+//! `load` and `save`: checkpoints in and out in the middle of a plan. `load` opens headers only
+//! (in a check and in a run alike; tensors stay lazy like the inputs'); `save` writes through the
+//! same streaming, atomic code path as the plan output (`executor::write`), and only when the plan
+//! runs: a check validates the target without writing anything.
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use crate::error::Error;
+use crate::executor::state::State;
+use crate::executor::write;
+use crate::formats::open_checkpoint;
+use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::{parse_output, valid_alias, Location, OutputFormat, OutputSpec, PlanError};
+use crate::references::{closest_names, Reference};
+use crate::value::Tensor;
+
+const LOAD_FIELDS: &[Field] = &[
+    Field::required("path", FieldKind::Text, "a safetensors checkpoint (file or directory)"),
+    Field::optional(
+        "alias",
+        FieldKind::Text,
+        None,
+        "new alias holding the whole checkpoint (with `to`: the destination's alias)",
+    ),
+    Field::optional(
+        "to",
+        FieldKind::Text,
+        None,
+        "load one tensor under this name (`name` or `alias::name`)",
+    ),
+    Field::optional(
+        "format",
+        FieldKind::Text,
+        Some("safetensors"),
+        "file format (PyTorch and NumPy come later)",
+    ),
+];
+
+/// `load`: a whole checkpoint as a new alias, or one tensor.
+pub const LOAD: TransformSpec = TransformSpec {
+    name: "load",
+    summary: "add a checkpoint as a new alias, or one tensor of a file under a name",
+    fields: LOAD_FIELDS,
+    parse: |value, location| {
+        let p = Payload::new(value, LOAD_FIELDS, location.clone())?;
+        let path = nonempty_path(&p)?;
+        check_format(&p)?;
+        let alias = p.text("alias")?.map(str::to_owned);
+        if let Some(alias) = &alias {
+            check_alias(alias, &p.at("alias"))?;
+        }
+        let what = match (p.text("to")?, alias) {
+            (None, None) => {
+                return Err(PlanError::invalid(
+                    location,
+                    "load needs `alias` (a whole checkpoint) or `to` (one tensor)",
+                ))
+            }
+            (None, Some(alias)) => LoadWhat::Checkpoint { alias },
+            (Some(to), alias) => {
+                let (to_alias, name) = match to.split_once("::") {
+                    Some((a, n)) => (Some(a.to_owned()), n),
+                    None => (None, to),
+                };
+                if name.is_empty() {
+                    return Err(PlanError::invalid(&p.at("to"), "empty tensor name"));
+                }
+                if let Some(a) = &to_alias {
+                    check_alias(a, &p.at("to"))?;
+                }
+                let alias = match (to_alias, alias) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(PlanError::invalid(
+                            &p.at("alias"),
+                            format!("`alias: {b}` contradicts `to: {to}`; give the alias once"),
+                        ))
+                    }
+                    (a, b) => a.or(b),
+                };
+                LoadWhat::Tensor {
+                    alias,
+                    name: name.to_owned(),
+                }
+            }
+        };
+        Ok(Box::new(Load {
+            path,
+            what,
+            location: location.clone(),
+        }))
+    },
+};
+
+const SAVE_FIELDS: &[Field] = &[
+    Field::required(
+        "path",
+        FieldKind::Text,
+        "a `.safetensors` file, or a directory (sharded like the output)",
+    ),
+    Field::optional("alias", FieldKind::Text, None, "the alias to write whole"),
+    Field::optional(
+        "target",
+        FieldKind::Reference,
+        None,
+        "one tensor to write (a slice is allowed)",
+    ),
+    Field::optional(
+        "format",
+        FieldKind::Text,
+        Some("by extension, else safetensors"),
+        "file format (PyTorch and NumPy come later)",
+    ),
+    Field::optional(
+        "shard",
+        FieldKind::Text,
+        Some("5GB"),
+        "shard budget of a directory (`none`: one file)",
+    ),
+];
+
+/// `save`: write an alias or one tensor to a file, atomically, when the plan runs.
+pub const SAVE: TransformSpec = TransformSpec {
+    name: "save",
+    summary: "write an alias or one tensor to a safetensors file or directory (when the plan runs)",
+    fields: SAVE_FIELDS,
+    parse: |value, location| {
+        let p = Payload::new(value, SAVE_FIELDS, location.clone())?;
+        nonempty_path(&p)?;
+        // The `output` section's parser gives `save` the same path, format and shard rules.
+        let mut out = Map::new();
+        for key in ["path", "format", "shard"] {
+            if let Some(v) = p.get(key) {
+                out.insert(key.to_owned(), v.clone());
+            }
+        }
+        let spec = parse_output(Some(&Value::Object(out)), location.clone())?.ok_or_else(|| PlanError::MissingKey {
+            location: location.clone(),
+            key: "path".into(),
+        })?;
+        if spec.format != OutputFormat::Safetensors {
+            return Err(unsupported_format(&p.at("format")));
+        }
+        let what = match (p.text("alias")?, p.get("target")) {
+            (Some(alias), None) => SaveWhat::Alias(alias.to_owned()),
+            (None, Some(_)) => SaveWhat::Tensor(p.reference("target")?),
+            (Some(_), Some(_)) => {
+                return Err(PlanError::invalid(
+                    location,
+                    "save takes `alias` (a whole alias) or `target` (one tensor), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(PlanError::invalid(
+                    location,
+                    "save needs `alias` (a whole alias) or `target` (one tensor)",
+                ))
+            }
+        };
+        Ok(Box::new(Save {
+            spec,
+            what,
+            location: location.clone(),
+        }))
+    },
+};
+
+fn nonempty_path(p: &Payload) -> Result<PathBuf, PlanError> {
+    match p.text("path")? {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(PlanError::invalid(&p.at("path"), "expected a non-empty path")),
+    }
+}
+
+fn unsupported_format(location: &Location) -> PlanError {
+    PlanError::invalid(
+        location,
+        "only safetensors is available in this version (PyTorch and NumPy come with a later version)",
+    )
+}
+
+fn check_format(p: &Payload) -> Result<(), PlanError> {
+    match p.text("format")? {
+        None => Ok(()),
+        Some(f) if f.eq_ignore_ascii_case("safetensors") => Ok(()),
+        Some(f) if ["torch", "pytorch", "npz", "npy", "numpy"].contains(&f.to_ascii_lowercase().as_str()) => {
+            Err(unsupported_format(&p.at("format")))
+        }
+        Some(f) => Err(PlanError::invalid(
+            &p.at("format"),
+            format!("unknown format `{f}`; expected safetensors"),
+        )),
+    }
+}
+
+fn check_alias(alias: &str, location: &Location) -> Result<(), PlanError> {
+    if valid_alias(alias) {
+        Ok(())
+    } else {
+        Err(PlanError::invalid(
+            location,
+            format!("`{alias}` is not a valid alias (letters, digits, _ - .)"),
+        ))
+    }
+}
+
+/// An engine error raised inside a transform, back as the step error it came from.
+fn step_error(e: Error) -> StepError {
+    match e {
+        Error::Plan(e) => StepError::Plan(e),
+        Error::Format(e) | Error::FormatAt { source: e, .. } => StepError::Format(e),
+        Error::Transform { source, .. } => StepError::Transform(source),
+        Error::Assertion { failure, .. } => StepError::Assertion(failure),
+        Error::Cancelled => StepError::Cancelled,
+    }
+}
+
+#[derive(Debug)]
+enum LoadWhat {
+    Checkpoint { alias: String },
+    Tensor { alias: Option<String>, name: String },
+}
+
+#[derive(Debug)]
+struct Load {
+    path: PathBuf,
+    what: LoadWhat,
+    location: Location,
+}
+
+impl Transform for Load {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        match &self.what {
+            LoadWhat::Checkpoint { alias } => {
+                if state.alias(alias).is_some() {
+                    return Err(PlanError::invalid(
+                        &self.location.key("alias"),
+                        format!("alias `{alias}` already exists; choose another name or remove it first (prefixes)"),
+                    )
+                    .into());
+                }
+                let checkpoint = open_checkpoint(&self.path)?;
+                state.add_checkpoint(alias, &checkpoint);
+                ctx.note(format!(
+                    "load: `{alias}` ← {} ({})",
+                    self.path.display(),
+                    count_noun(checkpoint.tensors.len())
+                ));
+            }
+            LoadWhat::Tensor { alias, name } => {
+                let alias = match alias.clone().or_else(|| state.default_alias.clone()) {
+                    Some(a) => a,
+                    None => {
+                        return Err(PlanError::NoDefaultAlias {
+                            location: self.location.key("to"),
+                            reference: name.clone(),
+                            known: state.alias_names(),
+                        }
+                        .into())
+                    }
+                };
+                let checkpoint = open_checkpoint(&self.path)?;
+                let entry = match checkpoint.tensors.as_slice() {
+                    [only] => only,
+                    all => all.iter().find(|e| &e.name == name).ok_or_else(|| {
+                        let names = closest_names(name, all.iter().map(|e| e.name.as_str()), 5)
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect();
+                        TransformError::LoadWhichTensor {
+                            path: self.path.clone(),
+                            name: name.clone(),
+                            count: all.len(),
+                            names,
+                        }
+                    })?,
+                };
+                if state.get(&alias, name).is_some() {
+                    return Err(TransformError::DestinationExists {
+                        destination: format!("{alias}::{name}"),
+                        source_name: format!("{}::{}", self.path.display(), entry.name),
+                    }
+                    .into());
+                }
+                let file = checkpoint
+                    .files
+                    .get(entry.file)
+                    .ok_or_else(|| PlanError::invalid(&self.location.key("path"), "tensor entry names no file"))?;
+                let tensor = Tensor::stored(entry.dtype, entry.shape.clone(), file.clone(), entry.offset);
+                state.insert(&alias, name, tensor);
+                ctx.note(format!("load: `{alias}::{name}` ← {}", self.path.display()));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+#[derive(Debug)]
+enum SaveWhat {
+    Alias(String),
+    Tensor(Reference),
+}
+
+#[derive(Debug)]
+struct Save {
+    spec: OutputSpec,
+    what: SaveWhat,
+    location: Location,
+}
+
+impl Transform for Save {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let (alias, tensors): (String, Vec<(String, Tensor)>) = match &self.what {
+            SaveWhat::Alias(alias) => {
+                let Some(current) = state.alias(alias) else {
+                    return Err(PlanError::UnknownAlias {
+                        location: self.location.key("alias"),
+                        alias: alias.clone(),
+                        known: state.alias_names(),
+                    }
+                    .into());
+                };
+                let tensors = current.iter().map(|(n, t)| (n.to_owned(), t.clone())).collect();
+                (alias.clone(), tensors)
+            }
+            SaveWhat::Tensor(reference) => {
+                let mut matches = state.select_some(reference, &self.location)?;
+                if matches.len() != 1 {
+                    return Err(TransformError::SaveNotOne {
+                        reference: reference.text.clone(),
+                        count: matches.len(),
+                        names: matches.iter().take(5).map(|m| m.display()).collect(),
+                    }
+                    .into());
+                }
+                let m = matches.remove(0);
+                (m.alias, vec![(m.name, m.tensor)])
+            }
+        };
+        let what = match &self.what {
+            SaveWhat::Alias(_) => format!("alias `{alias}`"),
+            SaveWhat::Tensor(_) => format!("`{alias}::{}`", tensors.first().map_or("", |(n, _)| n.as_str())),
+        };
+        let sidecars = match self.what {
+            SaveWhat::Alias(_) => write::alias_sidecars(state, &alias, &self.spec),
+            SaveWhat::Tensor(_) => Vec::new(),
+        };
+        let sha = ctx.plan_sha256.clone();
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let written = save_tensors(
+            state,
+            &alias,
+            &refs,
+            &sidecars,
+            &self.spec,
+            &self.location,
+            ctx,
+            sha.as_deref(),
+        )?;
+        ctx.note(match written {
+            None => format!(
+                "save: {what} → {} (written when the plan runs)",
+                self.spec.path.display()
+            ),
+            Some(files) => format!(
+                "save: {what} → {} ({}, {} file{})",
+                self.spec.path.display(),
+                count_noun(refs.len()),
+                files.len(),
+                if files.len() == 1 { "" } else { "s" }
+            ),
+        });
+        Ok(Flow::Continue)
+    }
+}
+
+/// Validates `spec` (at `location`) and, when the plan runs, writes `tensors` of `alias` there
+/// through the output's code path. Returns the files written, or `None` in a check.
+#[allow(clippy::too_many_arguments)]
+fn save_tensors(
+    state: &State,
+    alias: &str,
+    tensors: &[(&str, &Tensor)],
+    sidecars: &[PathBuf],
+    spec: &OutputSpec,
+    location: &Location,
+    ctx: &Context,
+    plan_sha256: Option<&str>,
+) -> Result<Option<Vec<PathBuf>>, StepError> {
+    write::validate_target(spec, state, location).map_err(step_error)?;
+    if !ctx.evaluate {
+        return Ok(None);
+    }
+    let metadata = write::alias_metadata(state, alias, plan_sha256);
+    let threads = match ctx.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    write::write_tensors(spec, tensors, &metadata, sidecars, threads, &ctx.cancel, None)
+        .map(Some)
+        .map_err(step_error)
+}
+
+/// Writes a whole alias like the plan output (nested plans' outputs use it): validated always,
+/// written only when the plan runs.
+pub(crate) fn save_alias(
+    state: &State,
+    alias: &str,
+    spec: &OutputSpec,
+    location: &Location,
+    ctx: &mut Context,
+    plan_sha256: Option<&str>,
+) -> Result<(), StepError> {
+    let current = state.alias(alias).ok_or_else(|| PlanError::UnknownAlias {
+        location: location.key("alias"),
+        alias: alias.to_owned(),
+        known: state.alias_names(),
+    })?;
+    let tensors: Vec<(&str, &Tensor)> = current.iter().collect();
+    let sidecars = write::alias_sidecars(state, alias, spec);
+    let written = save_tensors(state, alias, &tensors, &sidecars, spec, location, ctx, plan_sha256)?;
+    ctx.note(match written {
+        None => format!(
+            "output of `{alias}` → {} (written when the plan runs)",
+            spec.path.display()
+        ),
+        Some(files) => format!("output of `{alias}` → {} ({} files)", spec.path.display(), files.len()),
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::test_util::{pattern, write_official};
+    use crate::plan::RawTransform;
+    use ::safetensors::Dtype;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn setup(dir: &std::path::Path) -> (PathBuf, State) {
+        let path = dir.join("in.safetensors");
+        write_official(
+            &path,
+            &[
+                ("a", Dtype::F32, vec![2], pattern(8, 1)),
+                ("b", Dtype::F32, vec![2], pattern(8, 2)),
+            ],
+            None,
+        );
+        let mut state = State::default();
+        state.add_checkpoint("m", &open_checkpoint(&path).unwrap());
+        state.default_alias = Some("m".into());
+        (path, state)
+    }
+
+    fn apply(state: &mut State, name: &str, payload: serde_json::Value, evaluate: bool) -> Result<Flow, StepError> {
+        let raw = RawTransform {
+            name: name.into(),
+            payload,
+            location: Location::root().key("transforms").index(0),
+        };
+        let mut ctx = Context::new(evaluate, Arc::new(AtomicBool::new(false)));
+        crate::transforms::parse(&raw).unwrap().apply(state, &mut ctx)
+    }
+
+    #[test]
+    fn load_one_tensor_needs_a_matching_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut state) = setup(dir.path());
+        let payload = serde_json::json!({"path": path, "to": "c"});
+        let err = apply(&mut state, "load", payload, false).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StepError::Transform(TransformError::LoadWhichTensor { count: 2, .. })
+            ),
+            "{err}"
+        );
+        apply(
+            &mut state,
+            "load",
+            serde_json::json!({"path": path, "to": "x::b"}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(state.get("x", "b").unwrap().shape, vec![2]);
+        apply(
+            &mut state,
+            "load",
+            serde_json::json!({"path": path, "alias": "whole"}),
+            false,
+        )
+        .unwrap();
+        assert_eq!(state.alias("whole").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn save_needs_exactly_one_tensor_and_writes_only_when_evaluating() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut state) = setup(dir.path());
+        let out = dir.path().join("out.safetensors");
+        let err = apply(
+            &mut state,
+            "save",
+            serde_json::json!({"path": out, "target": ".*"}),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, StepError::Transform(TransformError::SaveNotOne { count: 2, .. })),
+            "{err}"
+        );
+        apply(
+            &mut state,
+            "save",
+            serde_json::json!({"path": out, "target": "b"}),
+            false,
+        )
+        .unwrap();
+        assert!(!out.exists());
+        apply(
+            &mut state,
+            "save",
+            serde_json::json!({"path": out, "target": "b"}),
+            true,
+        )
+        .unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("b").unwrap().data(), pattern(8, 2).as_slice());
+    }
+}

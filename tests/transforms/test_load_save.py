@@ -1,0 +1,235 @@
+"""load / save (src/transforms/load.rs): checkpoints in and out in the middle of a plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import brainsurgery as bs
+from conftest import read, tensor_names
+
+
+def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "h.0.w": rng.standard_normal((3, 4)).astype(np.float32),
+        "h.0.b": rng.standard_normal(4).astype(np.float32),
+        "ids": np.arange(5, dtype=np.int64),
+    }
+
+
+def test_load_second_checkpoint_then_assert_equal_across_aliases(write, tmp_path):
+    tensors = _tensors()
+    a = write(tensors, "a.safetensors")
+    b = write(tensors, "b.safetensors")
+    out = tmp_path / "out.safetensors"
+    report = bs.run(
+        {
+            "inputs": [f"model::{a}"],
+            "transforms": [
+                {"load": {"path": str(b), "alias": "other"}},
+                {"assert": {"equal": {"left": ".*", "right": "other::\\g<0>"}}},
+                {"copy": {"from": "other::h.0.w", "to": "model::from_other"}},
+            ],
+            "output": str(out),
+        }
+    )
+    assert report["alias"] == "model"
+    got = load_file(str(out))
+    np.testing.assert_array_equal(got["from_other"], tensors["h.0.w"])
+    assert tensor_names(out) == ["h.0.w", "h.0.b", "ids", "from_other"]
+
+
+def test_assert_equal_across_loaded_aliases_fails_on_different_values(write, tmp_path):
+    a = write(_tensors(0), "a.safetensors")
+    b = write(_tensors(1), "b.safetensors")
+    with pytest.raises(bs.AssertionFailed, match=r"transforms\[1\].*h\.0\.w"):
+        bs.run(
+            {
+                "inputs": [f"model::{a}"],
+                "transforms": [
+                    {"load": {"path": str(b), "alias": "other"}},
+                    {"assert": {"equal": {"left": "h.0.w", "right": "other::h.0.w"}}},
+                ],
+            }
+        )
+
+
+def test_load_whole_checkpoint_into_existing_alias_is_a_plan_error(write):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.load\.alias.*`model` already exists"):
+        bs.check({"inputs": [f"model::{a}"], "transforms": [{"load": {"path": str(a), "alias": "model"}}]})
+
+
+def test_load_one_tensor_from_one_tensor_file(write, tmp_path):
+    tensors = _tensors()
+    a = write(tensors, "a.safetensors")
+    extra = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    one = write({"anything": extra}, "one.safetensors")
+    out = tmp_path / "out.safetensors"
+    bs.run({"inputs": [str(a)], "transforms": [{"load": {"path": str(one), "to": "extra.w"}}], "output": str(out)})
+    got = read(out)
+    np.testing.assert_array_equal(got["extra.w"], extra)
+    assert tensor_names(out)[-1] == "extra.w"
+
+
+def test_load_one_named_tensor_into_another_alias(write, tmp_path):
+    tensors = _tensors()
+    a = write(tensors, "a.safetensors")
+    other = write(_tensors(3), "other.safetensors")
+    out = tmp_path / "out.safetensors"
+    report = bs.run(
+        {
+            "inputs": [f"a::{a}", f"b::{a}"],
+            "transforms": [{"load": {"path": str(other), "to": "fresh::h.0.b"}}],
+            "output": str(out),
+        }
+    )
+    assert report["alias"] == "fresh"
+    np.testing.assert_array_equal(read(out)["h.0.b"], _tensors(3)["h.0.b"])
+
+
+def test_load_one_tensor_needs_a_matching_name_in_a_multi_tensor_file(write):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.TransformError, match=r"transforms\[0\] \(load\).*holds 3 tensors.*`nope`"):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(a), "to": "nope"}}]})
+
+
+def test_load_one_tensor_onto_existing_name_fails(write):
+    a = write(_tensors(), "a.safetensors")
+    one = write({"x": np.zeros(2, np.float32)}, "one.safetensors")
+    with pytest.raises(bs.TransformError, match=r"transforms\[0\] \(load\).*`model::ids` already exists"):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(one), "to": "ids"}}]})
+
+
+def test_load_other_formats_are_a_plan_error(write):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.load\.format.*only safetensors"):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": "x.bin", "alias": "t", "format": "torch"}}]})
+
+
+def test_load_alias_contradicting_to_is_a_plan_error(write):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.load\.alias.*contradicts"):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(a), "to": "x::w", "alias": "y"}}]})
+
+
+def test_load_needs_alias_or_to(write):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.load.*`alias`.*`to`"):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(a)}}]})
+
+
+def test_load_unknown_key_suggests(write):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.load.*`pth`.*did you mean `path`"):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"pth": str(a), "alias": "x"}}]})
+
+
+def test_save_alias_and_one_tensor_read_back_with_official_package(write, tmp_path):
+    tensors = _tensors()
+    a = write(tensors, "a.safetensors", metadata={"format": "pt"})
+    whole = tmp_path / "whole.safetensors"
+    one = tmp_path / "one.safetensors"
+    sliced = tmp_path / "sliced.safetensors"
+    bs.run(
+        {
+            "inputs": [str(a)],
+            "transforms": [
+                {"scale_": {"target": "h.0.w", "by": 2}},
+                {"save": {"path": str(whole), "alias": "model"}},
+                {"save": {"path": str(one), "target": "h.0.b"}},
+                {"save": {"path": str(sliced), "target": "h.0.w::[1:, :2]"}},
+                {"delete": {"target": "h.0.w"}},
+            ],
+            "output": str(tmp_path / "final.safetensors"),
+        }
+    )
+    got = load_file(str(whole))
+    assert tensor_names(whole) == ["h.0.w", "h.0.b", "ids"]
+    np.testing.assert_array_equal(got["h.0.w"], tensors["h.0.w"] * np.float32(2))
+    np.testing.assert_array_equal(got["ids"], tensors["ids"])
+    assert load_file(str(one)).keys() == {"h.0.b"}
+    np.testing.assert_array_equal(load_file(str(one))["h.0.b"], tensors["h.0.b"])
+    np.testing.assert_array_equal(load_file(str(sliced))["h.0.w"], (tensors["h.0.w"] * np.float32(2))[1:, :2])
+    from safetensors import safe_open
+
+    with safe_open(str(whole), "np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and "brainsurgery.version" in meta
+    # The later delete does not affect what was saved before it.
+    assert "h.0.w" not in read(tmp_path / "final.safetensors")
+
+
+def test_save_directory_is_sharded_like_the_output(write, tmp_path):
+    tensors = _tensors()
+    a = write(tensors, "a.safetensors")
+    out = tmp_path / "saved"
+    bs.run({"inputs": [str(a)], "transforms": [{"save": {"path": str(out), "alias": "model", "shard": "64B"}}]})
+    assert (out / "model.safetensors.index.json").exists()
+    merged = {}
+    for f in sorted(out.glob("*.safetensors")):
+        merged.update(load_file(str(f)))
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(merged[k], v)
+
+
+def test_save_refuses_overwriting_an_input(write, tmp_path):
+    a = write(_tensors(), "a.safetensors")
+    before = a.read_bytes()
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save\.path.*would overwrite input"):
+        bs.run({"inputs": [str(a)], "transforms": [{"save": {"path": str(a), "alias": "model"}}]})
+    assert a.read_bytes() == before
+
+
+def test_save_refuses_overwriting_a_loaded_checkpoint(write, tmp_path):
+    a = write(_tensors(), "a.safetensors")
+    b = write(_tensors(1), "b.safetensors")
+    with pytest.raises(bs.PlanError, match=r"transforms\[1\]\.save\.path.*would overwrite input"):
+        bs.check(
+            {
+                "inputs": [str(a)],
+                "transforms": [{"load": {"path": str(b), "alias": "b"}}, {"save": {"path": str(b), "target": "ids"}}],
+            }
+        )
+
+
+def test_check_does_not_save(write, tmp_path):
+    a = write(_tensors(), "a.safetensors")
+    out = tmp_path / "saved.safetensors"
+    report = bs.check({"inputs": [str(a)], "transforms": [{"save": {"path": str(out), "alias": "model"}}]})
+    assert not out.exists()
+    assert any("written when the plan runs" in n for n in report["notes"])
+
+
+def test_failure_after_save_in_check_writes_nothing(write, tmp_path):
+    a = write(_tensors(), "a.safetensors")
+    out = tmp_path / "saved.safetensors"
+    with pytest.raises(bs.TransformError):
+        bs.run(
+            {
+                "inputs": [str(a)],
+                "transforms": [{"save": {"path": str(out), "alias": "model"}}, {"delete": {"target": "nothing"}}],
+            }
+        )
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_save_target_must_match_one_tensor(write, tmp_path):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.TransformError, match=r"transforms\[0\] \(save\).*`h\.0\..*` matches 2 tensors"):
+        bs.check({"inputs": [str(a)], "transforms": [{"save": {"path": str(tmp_path / "x.safetensors"), "target": "h.0.*"}}]})
+
+
+def test_save_unknown_alias_and_formats(write, tmp_path):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save\.alias.*unknown alias `nope`"):
+        bs.check({"inputs": [str(a)], "transforms": [{"save": {"path": str(tmp_path / "x"), "alias": "nope"}}]})
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save\.format.*only safetensors"):
+        bs.check({"inputs": [str(a)], "transforms": [{"save": {"path": str(tmp_path / "x.pt"), "alias": "model"}}]})
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save.*not both"):
+        bs.check(
+            {"inputs": [str(a)], "transforms": [{"save": {"path": str(tmp_path / "x"), "alias": "model", "target": "ids"}}]}
+        )
