@@ -428,7 +428,7 @@ mod tests {
     #[test]
     fn completes_transform_names() {
         assert_eq!(at_end("sca"), (0, vec!["scale".to_owned(), "scale_".to_owned()]));
-        assert_eq!(at_end("  ex").1, vec!["exit".to_owned()]);
+        assert_eq!(at_end("  exi").1, vec!["exit".to_owned()]);
         assert!(at_end("").1.contains(&"copy".to_owned()));
     }
 
