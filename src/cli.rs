@@ -229,6 +229,14 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
         crate::plan::document::apply_override(&mut doc, assignment)?;
     }
     let mut plan = Plan::from_document(&doc)?;
+    // Nested `execute: {path}` resolves against the plan files' directory.
+    plan.files = sources
+        .iter()
+        .filter_map(|s| match s {
+            PlanSource::File(path) => Some(path.clone()),
+            _ => None,
+        })
+        .collect();
     if let (Some(size), Some(output)) = (&args.shard_size, plan.output.as_mut()) {
         output.shard = if size.eq_ignore_ascii_case("none") {
             None

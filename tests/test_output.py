@@ -195,7 +195,9 @@ def test_metadata_added_when_input_has_none(ws: Path) -> None:
     write_st(ws / "bare.safetensors", {"x": np.zeros(2, np.float32)})
     bs.run({"inputs": ["bare.safetensors"], "output": "o.safetensors"})
     meta = file_metadata(ws / "o.safetensors")
-    assert set(meta) == {"brainsurgery.version", "brainsurgery.plan_sha256"}
+    # `format: pt` too: transformers refuses safetensors metadata without a format.
+    assert set(meta) == {"format", "brainsurgery.version", "brainsurgery.plan_sha256"}
+    assert meta["format"] == "pt"
 
 
 def run_in(directory: Path, plan: dict[str, Any], threads: int = 0) -> None:
