@@ -15,9 +15,8 @@ from brainsurgery._core import (
     PlanError,
     TransformError,
     __version__,
-    check,
-    run,
 )
+from brainsurgery._run import check, run
 
 __all__ = [
     "AssertionFailed",
