@@ -9,6 +9,12 @@ pub mod control;
 pub mod copy;
 pub mod error;
 pub mod scale;
+// Shape family (issue 3).
+pub mod concat;
+pub mod matmul;
+pub mod permute;
+pub mod reshape;
+pub mod split;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -140,6 +146,13 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &scale::SCALE_,
     &assert::ASSERT,
     &control::EXIT,
+    // Shape family: reshape, permute, split, concat, matmul.
+    &reshape::RESHAPE,
+    &reshape::RESHAPE_,
+    &permute::PERMUTE,
+    &split::SPLIT,
+    &concat::CONCAT,
+    &matmul::MATMUL,
 ];
 
 /// Looks a transform up by name.
