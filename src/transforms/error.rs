@@ -196,7 +196,11 @@ pub enum TransformError {
         other_shape: Vec<usize>,
     },
     /// References that must pair up match different numbers of tensors.
-    #[error("{op}: `{first}` matches {first_count} tensors but `{other}` matches {other_count}; they pair up in order")]
+    #[error(
+        "{op}: `{first}` matches {} but `{other}` matches {}; matches pair up in order",
+        super::count_noun(*first_count),
+        super::count_noun(*other_count)
+    )]
     MatchCounts {
         /// The operation.
         op: &'static str,
