@@ -289,6 +289,8 @@ mod tests {
             other: "b.*".into(),
             other_count: 3,
         };
-        assert!(err.to_string().contains("`a.*` matches 2 tensors but `b.*` matches 3 tensors"));
+        assert!(err
+            .to_string()
+            .contains("`a.*` matches 2 tensors but `b.*` matches 3 tensors"));
     }
 }

@@ -214,7 +214,11 @@ pub enum TransformError {
         other_count: usize,
     },
     /// `matmul` operands whose shapes do not multiply.
-    #[error("matmul: `{a}` {} cannot multiply `{b}` {}: {reason}", fmt_shape(a_shape), fmt_shape(b_shape))]
+    #[error(
+        "matmul: `{a}` {} cannot multiply `{b}` {}: {reason}",
+        fmt_shape(a_shape),
+        fmt_shape(b_shape)
+    )]
     MatmulShapes {
         /// The left operand.
         a: String,

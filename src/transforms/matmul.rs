@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError};
 use super::TransformSpec;
+use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError};
 use crate::dtype::DType;
 use crate::executor::state::{view_of, Match, State};
 use crate::formats::FormatError;
@@ -90,7 +90,12 @@ fn operand_b(state: &State, a: &Match, from_b: &Target) -> Result<(String, Tenso
 }
 
 /// The product's dimensions `(batch, m, k, n)` and shape, or why the operands do not multiply.
-fn product_shape(a: &Tensor, a_name: &str, b: &Tensor, b_name: &str) -> Result<([usize; 4], Vec<usize>), TransformError> {
+fn product_shape(
+    a: &Tensor,
+    a_name: &str,
+    b: &Tensor,
+    b_name: &str,
+) -> Result<([usize; 4], Vec<usize>), TransformError> {
     let error = |reason: String| TransformError::MatmulShapes {
         a: a_name.to_owned(),
         a_shape: a.shape.clone(),
@@ -257,12 +262,11 @@ impl MatmulOp {
         }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         // A plain thread: joining it blocks without running other jobs of the caller's pool.
-        let computed = std::thread::scope(|s| s.spawn(|| self.compute(threads)).join()).map_err(|_| {
-            FormatError::Io {
+        let computed =
+            std::thread::scope(|s| s.spawn(|| self.compute(threads)).join()).map_err(|_| FormatError::Io {
                 path: "matmul".into(),
                 source: std::io::Error::other("the matrix product panicked"),
-            }
-        })??;
+            })??;
         let result = Arc::new(computed);
         *slot = Some(result.clone());
         Ok(result)
@@ -310,7 +314,9 @@ mod tests {
     fn values(t: &Tensor) -> Vec<f32> {
         let mut out = vec![0u8; t.nbytes()];
         t.read(0, &mut out, &mut Scratch::default()).unwrap();
-        out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        out.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     #[test]
@@ -325,7 +331,11 @@ mod tests {
         for z in 0..2 {
             for i in 0..2 {
                 for j in 0..2 {
-                    expected.push((0..3).map(|t| av[z * 6 + i * 3 + t] * bv[z * 6 + t * 2 + j]).sum::<f32>());
+                    expected.push(
+                        (0..3)
+                            .map(|t| av[z * 6 + i * 3 + t] * bv[z * 6 + t * 2 + j])
+                            .sum::<f32>(),
+                    );
                 }
             }
         }

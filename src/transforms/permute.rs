@@ -13,6 +13,7 @@
 //! - any other order reads the whole source into memory once (the only case that must, since a
 //!   chunk's elements are scattered over the source without contiguous runs) and gathers from it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
@@ -25,7 +26,7 @@ use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
-use crate::value::{strides, LazyOp, Scratch, Tensor, CHUNK_BYTES};
+use crate::value::{strides, LazyOp, Scratch, Tensor, Value, CHUNK_BYTES};
 
 /// Elements of the source read per tile before they are scattered: 64 KiB of BF16, well within
 /// L2 together with the output band it is written into.
@@ -175,6 +176,8 @@ pub fn permuted(source: &Tensor, order: &[usize]) -> Tensor {
             strides: dim_strides,
             mode,
             whole: Mutex::new(None),
+            mapped: Mutex::new(None),
+            served: AtomicUsize::new(0),
         }),
     )
 }
@@ -195,9 +198,49 @@ pub struct PermuteOp {
     mode: Mode,
     /// The whole source, read once, for orders that cannot stream.
     whole: Mutex<Option<Arc<Vec<u8>>>>,
+    /// A stored source's bytes mapped, for tiles: a run of a few elements per source row is a
+    /// copy from the page cache instead of a system call (8192 `pread`s of 128 bytes per chunk of
+    /// an 8192×2048 BF16 transpose ran at 0.27 GB/s). Unmapped once every element has been served,
+    /// so mapped pages do not pile up in the resident set across a plan.
+    mapped: Mutex<Option<Arc<memmap2::Mmap>>>,
+    /// Bytes served since the mapping was made.
+    served: AtomicUsize,
 }
 
 impl PermuteOp {
+    /// The mapped bytes of a stored source (mapped on first use), or `None` to read instead.
+    fn mapping(&self) -> Option<Arc<memmap2::Mmap>> {
+        let Value::Stored { file, offset } = &*self.source.value else {
+            return None;
+        };
+        let mut slot = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(map) = &*slot {
+            return Some(map.clone());
+        }
+        // SAFETY: as for `SourceFile::map`: inputs must not be modified while a plan runs (every
+        // mmap-based loader requires the same); the mapping is read-only.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(*offset)
+                .len(self.source.nbytes())
+                .populate()
+                .map(file.file())
+        }
+        .ok()?;
+        let map = Arc::new(map);
+        *slot = Some(map.clone());
+        Some(map)
+    }
+
+    /// Counts served bytes; drops the mapping once the whole tensor has been served.
+    fn served(&self, bytes: usize) {
+        let total = self.source.nbytes();
+        if self.served.fetch_add(bytes, Ordering::Relaxed) + bytes >= total {
+            self.served.store(0, Ordering::Relaxed);
+            *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
     /// The source offset of the first element of output row `row` over `dims[..k]`.
     fn offset_of(&self, mut index: usize, k: usize) -> usize {
         let mut offset = 0;
@@ -218,7 +261,8 @@ impl PermuteOp {
             let (row, col) = (pos / len, pos % len);
             let count = (len - col).min(n - done);
             let src = self.offset_of(row, r - 1) + col;
-            self.source.read(src, &mut out[done * size..(done + count) * size], scratch)?;
+            self.source
+                .read(src, &mut out[done * size..(done + count) * size], scratch)?;
             done += count;
         }
         Ok(())
@@ -290,6 +334,19 @@ impl PermuteOp {
         scratch: &mut Scratch,
     ) -> Result<(), FormatError> {
         let count = c1 - c0;
+        if let Some(map) = self.mapping() {
+            for j in 0..count {
+                let src = (first + (c0 + j) * stride) * size;
+                match map.get(src..src + h * size) {
+                    Some(run) => tile[j * h * size..(j + 1) * h * size].copy_from_slice(run),
+                    None => return Err(FormatError::Io {
+                        path: "permute".into(),
+                        source: std::io::Error::other("a source run lies outside the mapped tensor"),
+                    }),
+                }
+            }
+            return Ok(());
+        }
         let span = (count - 1) * stride + h;
         if stride <= 4 * h && span * size <= 4 * CHUNK_BYTES {
             let mut tmp = scratch.take(span * size);
@@ -305,7 +362,8 @@ impl PermuteOp {
         }
         for j in 0..count {
             let src = first + (c0 + j) * stride;
-            self.source.read(src, &mut tile[j * h * size..(j + 1) * h * size], scratch)?;
+            self.source
+                .read(src, &mut tile[j * h * size..(j + 1) * h * size], scratch)?;
         }
         Ok(())
     }
@@ -396,7 +454,11 @@ impl LazyOp for PermuteOp {
         }
         match self.mode {
             Mode::Rows => self.read_rows(size, start, out, scratch),
-            Mode::Tiles => self.read_tiles(size, start, out, scratch),
+            Mode::Tiles => {
+                self.read_tiles(size, start, out, scratch)?;
+                self.served(out.len());
+                Ok(())
+            }
             Mode::Whole => self.read_whole(size, start, out, scratch),
         }
     }

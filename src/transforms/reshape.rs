@@ -166,11 +166,7 @@ impl LazyOp for Reshaped {
 /// `tensor` read with `shape` (same element count): the same lazy value, except operations.
 pub fn reshaped(tensor: &Tensor, shape: Vec<usize>) -> Tensor {
     match &*tensor.value {
-        Value::Op(_) => Tensor::op(
-            tensor.dtype,
-            shape,
-            Arc::new(Reshaped { inner: tensor.clone() }),
-        ),
+        Value::Op(_) => Tensor::op(tensor.dtype, shape, Arc::new(Reshaped { inner: tensor.clone() })),
         _ => Tensor {
             dtype: tensor.dtype,
             shape,

@@ -269,7 +269,9 @@ mod tests {
         assert_eq!(resolve_dim("split", &m, -1).unwrap(), 1);
         let err = resolve_dim("split", &m, 2).unwrap_err();
         assert!(matches!(err, TransformError::DimOutOfRange { .. }));
-        assert!(err.to_string().contains("dimension 2 is out of range for `m::x` (4, 6)"));
+        assert!(err
+            .to_string()
+            .contains("dimension 2 is out of range for `m::x` (4, 6)"));
     }
 
     #[test]
