@@ -339,10 +339,12 @@ impl PermuteOp {
                 let src = (first + (c0 + j) * stride) * size;
                 match map.get(src..src + h * size) {
                     Some(run) => tile[j * h * size..(j + 1) * h * size].copy_from_slice(run),
-                    None => return Err(FormatError::Io {
-                        path: "permute".into(),
-                        source: std::io::Error::other("a source run lies outside the mapped tensor"),
-                    }),
+                    None => {
+                        return Err(FormatError::Io {
+                            path: "permute".into(),
+                            source: std::io::Error::other("a source run lies outside the mapped tensor"),
+                        })
+                    }
                 }
             }
             return Ok(());
