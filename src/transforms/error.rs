@@ -150,6 +150,126 @@ pub enum TransformError {
         /// The match it was rewritten from.
         source_name: String,
     },
+    // Shape family (reshape, permute, split, concat, matmul).
+    /// `reshape` to a shape with another element count.
+    #[error(
+        "cannot reshape `{tensor}` of shape {} ({} elements) to {requested}",
+        fmt_shape(shape),
+        shape.iter().product::<usize>()
+    )]
+    ElementCount {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The requested shape as written, with its element count.
+        requested: String,
+    },
+    /// `permute` with an order that is not a permutation of the tensor's dimensions.
+    #[error(
+        "order {order:?} is not a permutation of the {} dimensions of `{tensor}` {}",
+        shape.len(),
+        fmt_shape(shape)
+    )]
+    NotPermutation {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The order as written.
+        order: Vec<i64>,
+    },
+    /// `split` sizes that do not add up to the split dimension.
+    #[error(
+        "split sizes {sizes:?} add up to {} but dimension {dim} of `{tensor}` {} is {}",
+        sizes.iter().sum::<usize>(),
+        fmt_shape(shape),
+        shape.get(*dim).copied().unwrap_or_default()
+    )]
+    SplitSizes {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The split dimension (non-negative).
+        dim: usize,
+        /// The sizes.
+        sizes: Vec<usize>,
+    },
+    /// A dimension index outside a tensor's dimensions.
+    #[error("{op}: dimension {dim} is out of range for `{tensor}` {}", fmt_shape(shape))]
+    DimOutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The dimension as written.
+        dim: i64,
+    },
+    /// `concat` parts whose shapes differ elsewhere than on the joined dimension.
+    #[error(
+        "concat along dimension {dim}: `{first}` is {} but `{other}` is {}; shapes must agree except on dimension {dim}",
+        fmt_shape(first_shape),
+        fmt_shape(other_shape)
+    )]
+    ConcatShapes {
+        /// The joined dimension.
+        dim: i64,
+        /// The first part.
+        first: String,
+        /// Its shape.
+        first_shape: Vec<usize>,
+        /// The disagreeing part.
+        other: String,
+        /// Its shape.
+        other_shape: Vec<usize>,
+    },
+    /// References that must pair up match different numbers of tensors.
+    #[error(
+        "{op}: `{first}` matches {} but `{other}` matches {}; matches pair up in order",
+        super::count_noun(*first_count),
+        super::count_noun(*other_count)
+    )]
+    MatchCounts {
+        /// The operation.
+        op: &'static str,
+        /// The first reference.
+        first: String,
+        /// Its number of matches.
+        first_count: usize,
+        /// The disagreeing reference.
+        other: String,
+        /// Its number of matches.
+        other_count: usize,
+    },
+    /// `matmul` operands whose shapes do not multiply.
+    #[error(
+        "matmul: `{a}` {} cannot multiply `{b}` {}: {reason}",
+        fmt_shape(a_shape),
+        fmt_shape(b_shape)
+    )]
+    MatmulShapes {
+        /// The left operand.
+        a: String,
+        /// Its shape.
+        a_shape: Vec<usize>,
+        /// The right operand.
+        b: String,
+        /// Its shape.
+        b_shape: Vec<usize>,
+        /// What disagrees.
+        reason: String,
+    },
+    /// A second operand rewritten from a match does not exist.
+    #[error("`{operand}` (rewritten from `{source_name}`) does not exist")]
+    MissingOperand {
+        /// The operand's name.
+        operand: String,
+        /// The match it was rewritten from.
+        source_name: String,
+    },
     /// Fill values do not fit the tensor filled (not representable, or not broadcastable).
     #[error("cannot fill `{tensor}` ({dtype}): {reason}")]
     FillValue {

@@ -21,6 +21,12 @@ pub mod help;
 pub mod execute;
 pub mod load;
 pub mod prefixes;
+// Shape family (issue 3).
+pub mod concat;
+pub mod matmul;
+pub mod permute;
+pub mod reshape;
+pub mod split;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -180,6 +186,13 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &load::SAVE,
     &prefixes::PREFIXES,
     &execute::EXECUTE,
+    // Shape family: reshape, permute, split, concat, matmul.
+    &reshape::RESHAPE,
+    &reshape::RESHAPE_,
+    &permute::PERMUTE,
+    &split::SPLIT,
+    &concat::CONCAT,
+    &matmul::MATMUL,
 ];
 
 /// Looks a transform up by name.

@@ -1,0 +1,378 @@
+//! `matmul`: new tensors `to = a @ b` for 2-D floating tensors, or batched ones (`(..., m, k) @
+//! (..., k, n)` with equal leading dimensions; nothing is broadcast). `from_b` and `to` are
+//! templates expanded from each match of `from_a`. The product is computed by faer in f32 (f64
+//! for F64 tensors) and rounded to nearest even back to the operands' dtype.
+//!
+//! A product needs both operands whole, so [`MatmulOp`] computes it once, on the first read, and
+//! serves every chunk from the kept result. The computation runs on its own thread with its own
+//! thread pool: the reading threads belong to the writer's pool, and letting faer's parallel
+//! jobs share that pool would let a waiting thread pick up another chunk of the same product.
+
+use std::sync::{Arc, Mutex};
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use super::TransformSpec;
+use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError};
+use crate::dtype::DType;
+use crate::executor::state::{view_of, Match, State};
+use crate::formats::FormatError;
+use crate::kernels;
+use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::Location;
+use crate::references::{Reference, Target};
+use crate::value::{LazyOp, Scratch, Tensor, CHUNK_BYTES};
+
+const MATMUL_FIELDS: &[Field] = &[
+    Field::required(
+        "from_a",
+        FieldKind::Reference,
+        "left operands (may be sliced): (m, k) or (..., m, k)",
+    ),
+    Field::required(
+        "from_b",
+        FieldKind::Target,
+        "right operand for each match of from_a (a template, may be sliced): (k, n) or (..., k, n)",
+    ),
+    Field::required("to", FieldKind::Target, "destination names"),
+];
+
+/// `matmul`.
+pub const MATMUL: TransformSpec = TransformSpec {
+    name: "matmul",
+    summary: "new tensors a @ b (2-D or batched, floating point)",
+    fields: MATMUL_FIELDS,
+    parse: |value, location| {
+        let p = Payload::new(value, MATMUL_FIELDS, location.clone())?;
+        Ok(Box::new(Matmul {
+            from_a: p.reference("from_a")?,
+            from_b: p.target("from_b")?,
+            to: p.target("to")?,
+            location: location.clone(),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct Matmul {
+    from_a: Reference,
+    from_b: Target,
+    to: Target,
+    location: Location,
+}
+
+/// The right operand of `a`'s product: `from_b` expanded from its captures, sliced if asked.
+fn operand_b(state: &State, a: &Match, from_b: &Target) -> Result<(String, Tensor), TransformError> {
+    let name = from_b.expand(&a.captures).map_err(|source| TransformError::Template {
+        tensor: a.display(),
+        source,
+    })?;
+    let alias = from_b.alias.clone().unwrap_or_else(|| a.alias.clone());
+    let display = format!("{alias}::{name}");
+    let Some(tensor) = state.get(&alias, &name) else {
+        return Err(TransformError::MissingOperand {
+            operand: display,
+            source_name: a.display(),
+        });
+    };
+    match &from_b.slice {
+        None => Ok((display, tensor.clone())),
+        Some(spec) => {
+            let slice = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice {
+                tensor: display.clone(),
+                source,
+            })?;
+            let view = view_of(tensor, &slice, &display)?;
+            Ok((format!("{display}::[...]"), view))
+        }
+    }
+}
+
+/// The product's dimensions `(batch, m, k, n)` and shape, or why the operands do not multiply.
+fn product_shape(
+    a: &Tensor,
+    a_name: &str,
+    b: &Tensor,
+    b_name: &str,
+) -> Result<([usize; 4], Vec<usize>), TransformError> {
+    let error = |reason: String| TransformError::MatmulShapes {
+        a: a_name.to_owned(),
+        a_shape: a.shape.clone(),
+        b: b_name.to_owned(),
+        b_shape: b.shape.clone(),
+        reason,
+    };
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    if ra < 2 || rb < 2 {
+        return Err(error("both operands need at least 2 dimensions".to_owned()));
+    }
+    if ra != rb || a.shape[..ra - 2] != b.shape[..rb - 2] {
+        return Err(error(
+            "batched operands need equal leading dimensions (nothing is broadcast)".to_owned(),
+        ));
+    }
+    let (m, k, k2, n) = (a.shape[ra - 2], a.shape[ra - 1], b.shape[rb - 2], b.shape[rb - 1]);
+    if k != k2 {
+        return Err(error(format!("inner dimensions differ ({k} and {k2})")));
+    }
+    let batch: usize = a.shape[..ra - 2].iter().product();
+    let mut shape = a.shape[..ra - 2].to_vec();
+    shape.extend([m, n]);
+    Ok(([batch, m, k, n], shape))
+}
+
+impl Transform for Matmul {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let matches = state.select_some(&self.from_a, &self.location)?;
+        let mut products = Vec::with_capacity(matches.len());
+        for a in &matches {
+            require_float(a, "matmul")?;
+            let (b_name, b) = operand_b(state, a, &self.from_b)?;
+            if b.dtype != a.tensor.dtype {
+                return Err(TransformError::DTypeMismatch {
+                    source_name: b_name,
+                    source_dtype: b.dtype,
+                    destination: a.display(),
+                    destination_dtype: a.tensor.dtype,
+                }
+                .into());
+            }
+            let (dims, shape) = product_shape(&a.tensor, &a.display(), &b, &b_name)?;
+            products.push((b, dims, shape));
+        }
+        let destinations = new_destinations(state, &matches, &self.to, "matmul", &self.location)?;
+        for ((a, (alias, name)), (b, dims, shape)) in matches.iter().zip(&destinations).zip(products) {
+            state.insert(alias, name, product(&a.tensor, &b, dims, shape));
+        }
+        ctx.note(format!("matmul: {}", count_noun(matches.len())));
+        Ok(Flow::Continue)
+    }
+}
+
+/// The lazy product `a @ b` with dimensions `(batch, m, k, n)`.
+fn product(a: &Tensor, b: &Tensor, dims: [usize; 4], shape: Vec<usize>) -> Tensor {
+    Tensor::op(
+        a.dtype,
+        shape,
+        Arc::new(MatmulOp {
+            a: a.clone(),
+            b: b.clone(),
+            dims,
+            result: Mutex::new(None),
+        }),
+    )
+}
+
+/// A product computed once on first read; chunks are served from the kept result.
+#[derive(Debug)]
+pub struct MatmulOp {
+    a: Tensor,
+    b: Tensor,
+    /// `(batch, m, k, n)`.
+    dims: [usize; 4],
+    /// The product in the operands' dtype, once computed.
+    result: Mutex<Option<Arc<Vec<u8>>>>,
+}
+
+/// Reads a whole tensor as f32 (or f64) values.
+fn read_values<T: Copy, const N: usize>(
+    t: &Tensor,
+    as_dtype: DType,
+    from_bytes: fn([u8; N]) -> T,
+    scratch: &mut Scratch,
+) -> Result<Vec<T>, FormatError> {
+    let mut values = Vec::with_capacity(t.numel());
+    let mut converted = Vec::new();
+    t.for_each_chunk(scratch, |chunk| {
+        let n = chunk.len() / t.dtype.size().unwrap_or(1);
+        converted.resize(n * N, 0);
+        kernels::convert(t.dtype, chunk, as_dtype, &mut converted);
+        values.extend(
+            converted
+                .chunks_exact(N)
+                .map(|c| from_bytes(c.try_into().unwrap_or([0; N]))),
+        );
+        Ok(())
+    })?;
+    Ok(values)
+}
+
+/// `c = a @ b` per batch, row-major.
+fn multiply<T: faer::traits::ComplexField + Copy + Default>(
+    a: &[T],
+    b: &[T],
+    [batch, m, k, n]: [usize; 4],
+    one: T,
+    par: Par,
+) -> Vec<T> {
+    let mut c = vec![T::default(); batch * m * n];
+    if m * n == 0 {
+        return c;
+    }
+    for i in 0..batch {
+        let lhs = MatRef::from_row_major_slice(&a[i * m * k..(i + 1) * m * k], m, k);
+        let rhs = MatRef::from_row_major_slice(&b[i * k * n..(i + 1) * k * n], k, n);
+        let dst = MatMut::from_row_major_slice_mut(&mut c[i * m * n..(i + 1) * m * n], m, n);
+        matmul(dst, Accum::Replace, lhs, rhs, one, par);
+    }
+    c
+}
+
+impl MatmulOp {
+    /// Computes the product in the operands' dtype.
+    fn compute(&self, threads: usize) -> Result<Vec<u8>, FormatError> {
+        let mut scratch = Scratch::default();
+        let dtype = self.a.dtype;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| FormatError::Io {
+                path: "matmul".into(),
+                source: std::io::Error::other(e),
+            })?;
+        let par = Par::rayon(threads);
+        if dtype == DType::F64 {
+            let a = read_values(&self.a, DType::F64, f64::from_le_bytes, &mut scratch)?;
+            let b = read_values(&self.b, DType::F64, f64::from_le_bytes, &mut scratch)?;
+            let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f64, par));
+            Ok(c.iter().flat_map(|v| v.to_le_bytes()).collect())
+        } else {
+            let a = read_values(&self.a, DType::F32, f32::from_le_bytes, &mut scratch)?;
+            let b = read_values(&self.b, DType::F32, f32::from_le_bytes, &mut scratch)?;
+            let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f32, par));
+            let bytes: Vec<u8> = c.iter().flat_map(|v| v.to_le_bytes()).collect();
+            if dtype == DType::F32 {
+                return Ok(bytes);
+            }
+            let size = dtype.size().unwrap_or(1);
+            let mut out = vec![0u8; c.len() * size];
+            for (src, dst) in bytes.chunks(CHUNK_BYTES).zip(out.chunks_mut(CHUNK_BYTES / 4 * size)) {
+                kernels::convert(DType::F32, src, dtype, dst);
+            }
+            Ok(out)
+        }
+    }
+
+    /// The product, computed on the first call (other readers wait for it).
+    fn result(&self) -> Result<Arc<Vec<u8>>, FormatError> {
+        let mut slot = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(result) = &*slot {
+            return Ok(result.clone());
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // A plain thread: joining it blocks without running other jobs of the caller's pool.
+        let computed =
+            std::thread::scope(|s| s.spawn(|| self.compute(threads)).join()).map_err(|_| FormatError::Io {
+                path: "matmul".into(),
+                source: std::io::Error::other("the matrix product panicked"),
+            })??;
+        let result = Arc::new(computed);
+        *slot = Some(result.clone());
+        Ok(result)
+    }
+}
+
+impl LazyOp for MatmulOp {
+    fn read(
+        &self,
+        dtype: DType,
+        _shape: &[usize],
+        start: usize,
+        out: &mut [u8],
+        _scratch: &mut Scratch,
+    ) -> Result<(), FormatError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let size = dtype.size().unwrap_or(1);
+        let result = self.result()?;
+        let from = start * size;
+        match result.get(from..from + out.len()) {
+            Some(bytes) => {
+                out.copy_from_slice(bytes);
+                Ok(())
+            }
+            None => Err(FormatError::Io {
+                path: "matmul".into(),
+                source: std::io::Error::other("read past the end of a matrix product"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_tensor(shape: &[usize], f: impl Fn(usize) -> f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let bytes: Vec<u8> = (0..n).flat_map(|i| f(i).to_le_bytes()).collect();
+        Tensor::in_memory(DType::F32, shape.to_vec(), Arc::new(bytes))
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        let mut out = vec![0u8; t.nbytes()];
+        t.read(0, &mut out, &mut Scratch::default()).unwrap();
+        out.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn small_products_match_the_definition() {
+        let a = f32_tensor(&[2, 2, 3], |i| i as f32);
+        let b = f32_tensor(&[2, 3, 2], |i| (i as f32) - 3.0);
+        let (dims, shape) = product_shape(&a, "a", &b, "b").unwrap();
+        assert_eq!((dims, shape.clone()), ([2, 2, 3, 2], vec![2, 2, 2]));
+        let got = values(&product(&a, &b, dims, shape));
+        let (av, bv) = (values(&a), values(&b));
+        let mut expected = Vec::new();
+        for z in 0..2 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    expected.push(
+                        (0..3)
+                            .map(|t| av[z * 6 + i * 3 + t] * bv[z * 6 + t * 2 + j])
+                            .sum::<f32>(),
+                    );
+                }
+            }
+        }
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn inner_dimension_mismatch_is_refused() {
+        let a = f32_tensor(&[2, 3], |_| 0.0);
+        let b = f32_tensor(&[4, 2], |_| 0.0);
+        let err = product_shape(&a, "m::a", &b, "m::b").unwrap_err();
+        assert!(matches!(err, TransformError::MatmulShapes { .. }));
+        let text = err.to_string();
+        assert!(
+            text.contains("`m::a` (2, 3)") && text.contains("`m::b` (4, 2)") && text.contains("inner dimensions"),
+            "{text}"
+        );
+        assert!(product_shape(&a, "a", &f32_tensor(&[3], |_| 0.0), "b").is_err());
+    }
+
+    #[test]
+    fn missing_operand_message() {
+        let err = TransformError::MissingOperand {
+            operand: "m::b".into(),
+            source_name: "m::a".into(),
+        };
+        assert_eq!(err.to_string(), "`m::b` (rewritten from `m::a`) does not exist");
+    }
+
+    #[test]
+    fn thread_count_does_not_change_the_product() {
+        let (m, k, n) = (300, 257, 190);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 997) as f32 / 91.0 - 5.0).collect();
+        let seq = multiply(&a, &b, [1, m, k, n], 1.0f32, Par::Seq);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let par = pool.install(|| multiply(&a, &b, [1, m, k, n], 1.0f32, Par::rayon(2)));
+        assert!(seq.iter().zip(&par).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
