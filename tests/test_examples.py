@@ -96,3 +96,17 @@ def test_bulk_scale(workdir: Path) -> None:
         assert out[name].dtype == value.dtype, name
         np.testing.assert_array_equal(out[name].view(np.uint8), value.view(np.uint8), err_msg=name)
     assert "h.0.attn.c_attn.weight" in stdout  # the dump printed
+
+
+def test_tour(workdir: Path) -> None:
+    stdout = run_example(workdir, "tour")
+    original = tiny_gpt2()
+    out = load(workdir / "out" / "tiny-gpt2-tour")
+    assert set(out) == set(original)
+    for name, value in original.items():
+        assert out[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(out[name], value, err_msg=name)
+    np.testing.assert_array_equal(load(workdir / "out" / "tour-wte.safetensors")["wte.weight"], original["wte.weight"])
+    assert "split:" in stdout and "sizes" in stdout  # help
+    assert "h.0.attn.c_attn.weight" in stdout  # dump
+    assert "no differences" in stdout  # diff
