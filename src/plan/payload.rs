@@ -31,6 +31,16 @@ pub enum FieldKind {
     Shape,
     /// A number or a nested list of numbers (fill values, broadcast NumPy-style).
     Values,
+    /// A list of whole numbers (`order`, `sizes`); `Shape` when one may be -1.
+    Numbers,
+    /// A list of rewrite templates (`split.to`).
+    Targets,
+    /// A list of tensor references (`concat.from`).
+    References,
+    /// A list of transforms (`execute.transforms`).
+    Transforms,
+    /// A whole plan mapping (`execute.plan`).
+    Plan,
 }
 
 impl FieldKind {
@@ -46,6 +56,11 @@ impl FieldKind {
             FieldKind::Expression => "assertion",
             FieldKind::Shape => "shape",
             FieldKind::Values => "nested list",
+            FieldKind::Numbers => "list of numbers",
+            FieldKind::Targets => "list of templates",
+            FieldKind::References => "list of references",
+            FieldKind::Transforms => "list of transforms",
+            FieldKind::Plan => "plan",
         }
     }
 }

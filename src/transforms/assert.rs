@@ -47,7 +47,7 @@ pub const OPERATORS: &[(&str, &[Field])] = &[
         "shape",
         &[
             Field::required("of", FieldKind::Reference, "tensors to check"),
-            Field::required("is", FieldKind::Text, "the required shape, a list"),
+            Field::required("is", FieldKind::Shape, "the required shape, a list"),
         ],
     ),
     (

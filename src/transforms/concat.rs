@@ -22,7 +22,7 @@ use crate::value::{LazyOp, Scratch, Tensor};
 const CONCAT_FIELDS: &[Field] = &[
     Field::required(
         "from",
-        FieldKind::Reference,
+        FieldKind::References,
         "a list of references (may be sliced), joined in order; each must match the same number of tensors",
     ),
     Field::required(

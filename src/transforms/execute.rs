@@ -24,13 +24,13 @@ use crate::plan::{assemble, InputSpec, Location, OutputSpec, Plan, PlanError, Pl
 const FIELDS: &[Field] = &[
     Field::optional(
         "transforms",
-        FieldKind::Text,
+        FieldKind::Transforms,
         None,
         "a list of transforms, run in place",
     ),
     Field::optional(
         "plan",
-        FieldKind::Text,
+        FieldKind::Plan,
         None,
         "a plan mapping (inputs, transforms, output)",
     ),

@@ -37,7 +37,7 @@ const PERMUTE_FIELDS: &[Field] = &[
     Field::required("to", FieldKind::Target, "destination names"),
     Field::required(
         "order",
-        FieldKind::Text,
+        FieldKind::Numbers,
         "the source dimension for each result dimension, a permutation of 0..ndim (negatives count from the end)",
     ),
 ];

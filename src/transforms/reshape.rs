@@ -25,7 +25,7 @@ const RESHAPE_FIELDS: &[Field] = &[
     Field::required("to", FieldKind::Target, "destination names"),
     Field::required(
         "shape",
-        FieldKind::Text,
+        FieldKind::Shape,
         "the new shape, a list of whole numbers; one may be -1 (inferred)",
     ),
 ];
@@ -34,7 +34,7 @@ const RESHAPE_INPLACE_FIELDS: &[Field] = &[
     Field::required("target", FieldKind::Reference, "tensors to reshape in place (no slice)"),
     Field::required(
         "shape",
-        FieldKind::Text,
+        FieldKind::Shape,
         "the new shape, a list of whole numbers; one may be -1 (inferred)",
     ),
 ];

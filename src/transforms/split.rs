@@ -17,12 +17,12 @@ const SPLIT_FIELDS: &[Field] = &[
     Field::required("from", FieldKind::Reference, "tensors to cut (may be sliced)"),
     Field::required(
         "to",
-        FieldKind::Target,
+        FieldKind::Targets,
         "a list of destination templates, one per part, in order",
     ),
     Field::optional(
         "sizes",
-        FieldKind::Text,
+        FieldKind::Numbers,
         Some("equal parts"),
         "a list of part sizes along `dim`, adding up to its size",
     ),
