@@ -198,25 +198,7 @@ impl Prepared {
                 return Ok(Some(alias));
             }
         }
-        let written: Vec<&String> = state.written.iter().collect();
-        match written.as_slice() {
-            [one] => Ok(Some((*one).clone())),
-            _ => {
-                let candidates = if written.is_empty() {
-                    state.alias_names()
-                } else {
-                    written.iter().map(|s| s.to_string()).collect()
-                };
-                Err(PlanError::invalid(
-                    &location,
-                    format!(
-                        "cannot tell which alias to write; set output.alias to one of: {}",
-                        candidates.join(", ")
-                    ),
-                )
-                .into())
-            }
-        }
+        Ok(Some(state.the_written_alias(&location)?))
     }
 
     fn report(&self, state: &State, ctx: Context) -> Result<Report, Error> {

@@ -271,6 +271,29 @@ impl State {
         self.aliases.get(alias)?.get(name)
     }
 
+    /// The one alias the transforms wrote to, for choosing what to write (SPEC §6.3), or the
+    /// plan error listing the candidates.
+    pub fn the_written_alias(&self, location: &Location) -> Result<String, PlanError> {
+        let written: Vec<&String> = self.written.iter().collect();
+        match written.as_slice() {
+            [one] => Ok((*one).clone()),
+            _ => {
+                let candidates = if written.is_empty() {
+                    self.alias_names()
+                } else {
+                    written.iter().map(|s| s.to_string()).collect()
+                };
+                Err(PlanError::invalid(
+                    location,
+                    format!(
+                        "cannot tell which alias to write; set output.alias to one of: {}",
+                        candidates.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+
     /// Adds a new tensor at the end of the alias's order (the alias is created if needed).
     pub fn insert(&mut self, alias: &str, name: &str, tensor: Tensor) {
         let order = self.next_order;

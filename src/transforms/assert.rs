@@ -573,8 +573,8 @@ fn evaluate_equal(
     Ok(Outcome::Pass)
 }
 
-/// Streams two tensors of one shape in lockstep and returns max |a - b|.
-fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, StepError> {
+/// Streams two tensors of one shape in lockstep and returns max |a - b| (also used by `diff`).
+pub(crate) fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, StepError> {
     let (sa, sb) = (a.dtype.size().expect("computable"), b.dtype.size().expect("computable"));
     let per_chunk = (CHUNK_BYTES / sa.max(sb)).max(1);
     let total = a.numel();

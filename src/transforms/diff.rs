@@ -7,9 +7,9 @@
 
 use serde_json::Value as Json;
 
+use super::assert::max_abs_difference;
 use super::{Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::executor::state::{view_of, State};
-use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
@@ -353,42 +353,6 @@ fn compare_pairs(pairs: &[Pair], ctx: &mut Context, report: &mut DiffReport) -> 
         }
     }
     Ok(())
-}
-
-/// Streams two tensors of one shape in lockstep and returns max |a - b| (NaN against a number is
-/// infinite, NaN against NaN equal; see `kernels::max_abs_diff`).
-fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, StepError> {
-    let (sa, sb) = (
-        a.dtype.size().expect("computable dtypes are byte-sized"),
-        b.dtype.size().expect("computable dtypes are byte-sized"),
-    );
-    let per_chunk = (CHUNK_BYTES / sa.max(sb)).max(1);
-    let total = a.numel();
-    let mut buf_a = ctx.scratch.take(per_chunk.min(total) * sa);
-    let mut buf_b = ctx.scratch.take(per_chunk.min(total) * sb);
-    let mut worst = 0.0f64;
-    let mut start = 0;
-    let mut result = Ok(());
-    while start < total {
-        if ctx.cancelled() {
-            result = Err(StepError::Cancelled);
-            break;
-        }
-        let n = per_chunk.min(total - start);
-        let (ca, cb) = (&mut buf_a[..n * sa], &mut buf_b[..n * sb]);
-        if let Err(e) = a
-            .read(start, ca, &mut ctx.scratch)
-            .and_then(|()| b.read(start, cb, &mut ctx.scratch))
-        {
-            result = Err(e.into());
-            break;
-        }
-        worst = worst.max(kernels::max_abs_diff(a.dtype, ca, b.dtype, cb));
-        start += n;
-    }
-    ctx.scratch.give(buf_a);
-    ctx.scratch.give(buf_b);
-    result.map(|()| worst)
 }
 
 /// Compares the raw bytes of two tensors of one carry-only dtype (sub-byte floats, complex).

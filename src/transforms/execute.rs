@@ -279,25 +279,7 @@ impl Execute {
                 return Ok(only.alias.clone());
             }
         }
-        let written: Vec<&String> = state.written.iter().collect();
-        match written.as_slice() {
-            [one] => Ok((*one).clone()),
-            _ => {
-                let candidates = if written.is_empty() {
-                    state.alias_names()
-                } else {
-                    written.iter().map(|s| s.to_string()).collect()
-                };
-                Err(PlanError::invalid(
-                    &location,
-                    format!(
-                        "cannot tell which alias to write; set output.alias to one of: {}",
-                        candidates.join(", ")
-                    ),
-                )
-                .into())
-            }
-        }
+        Ok(state.the_written_alias(&location)?)
     }
 }
 
