@@ -1,0 +1,590 @@
+//! NumPy inputs (SPEC §6): `.npy` (one tensor, named by the file stem) and `.npz` (a zip of
+//! `NAME.npy` entries). Only headers are read: the `.npy` header dict is parsed by a tiny strict
+//! parser (never `eval`, never pickle), the zip central directory is walked by hand, and every
+//! tensor becomes a [`TensorEntry`] pointing at its bytes inside the file, so reading is
+//! zero-copy like safetensors. Compressed zip entries, object arrays, Fortran order and
+//! big-endian data are refused with a message saying what to do instead.
+
+use std::path::Path;
+
+use crate::dtype::DType;
+
+use super::{FormatError, SourceFile, TensorEntry};
+
+/// Upper bound on a `.npy` header; NumPy itself refuses headers over 10 000 bytes by default.
+const MAX_HEADER: u64 = 1 << 20;
+
+/// Signature of the zip end-of-central-directory record.
+const EOCD_SIG: u32 = 0x0605_4b50;
+/// Signature of the ZIP64 end-of-central-directory locator.
+const EOCD64_LOCATOR_SIG: u32 = 0x0706_4b50;
+/// Signature of the ZIP64 end-of-central-directory record.
+const EOCD64_SIG: u32 = 0x0606_4b50;
+/// Signature of a central directory header.
+const CENTRAL_SIG: u32 = 0x0201_4b50;
+/// Signature of a local file header.
+const LOCAL_SIG: u32 = 0x0403_4b50;
+
+/// Reads the tensors of a `.npy` or `.npz` file; `file_index` is stored in every entry.
+pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEntry>, FormatError> {
+    let lower = file.path.to_string_lossy().to_ascii_lowercase();
+    let bad = |reason: String| FormatError::Numpy {
+        path: file.path.clone(),
+        reason,
+    };
+    if lower.ends_with(".npz") {
+        let mut entries = Vec::new();
+        for (name, start, end) in zip_entries(file).map_err(bad)? {
+            let (dtype, shape, offset, nbytes) =
+                parse_npy(file, start, end).map_err(|r| bad(format!("tensor {name:?}: {r}")))?;
+            if entries.iter().any(|e: &TensorEntry| e.name == name) {
+                return Err(bad(format!("tensor {name:?} is stored twice")));
+            }
+            entries.push(TensorEntry {
+                name,
+                dtype,
+                shape,
+                file: file_index,
+                offset,
+                nbytes,
+            });
+        }
+        entries.sort_by_key(|e| e.offset);
+        Ok(entries)
+    } else {
+        let name = Path::new(&file.path)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (dtype, shape, offset, nbytes) =
+            parse_npy(file, 0, file.len).map_err(|r| bad(format!("tensor {name:?}: {r}")))?;
+        Ok(vec![TensorEntry {
+            name,
+            dtype,
+            shape,
+            file: file_index,
+            offset,
+            nbytes,
+        }])
+    }
+}
+
+/// Reads `len` bytes at `offset`, refusing reads past `end`.
+fn read(file: &SourceFile, offset: u64, len: u64, end: u64) -> Result<Vec<u8>, String> {
+    let stop = offset.checked_add(len).ok_or("offset overflows")?;
+    if stop > end || stop > file.len {
+        return Err("file is truncated".to_string());
+    }
+    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| "length overflows")?];
+    file.read_at(offset, &mut buf)
+        .map_err(|e| format!("read failed: {e}"))?;
+    Ok(buf)
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2).map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8).map_or(0, |s| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        u64::from_le_bytes(a)
+    })
+}
+
+/// Parses the `.npy` stored in `[start, end)` of `file`: dtype, shape, absolute data offset
+/// and byte size.
+fn parse_npy(file: &SourceFile, start: u64, end: u64) -> Result<(DType, Vec<usize>, u64, u64), String> {
+    let pre = read(file, start, 10, end).map_err(|_| "file is too short for a .npy header".to_string())?;
+    if !pre.starts_with(b"\x93NUMPY") {
+        return Err("not a .npy file (wrong magic)".to_string());
+    }
+    let major = pre[6];
+    let (header_start, header_len) = match major {
+        1 => (start + 10, u64::from(u16_at(&pre, 8))),
+        2 | 3 => {
+            let b = read(file, start, 12, end).map_err(|_| "truncated .npy header".to_string())?;
+            (start + 12, u64::from(u32_at(&b, 8)))
+        }
+        v => return Err(format!(".npy format version {v} is not supported")),
+    };
+    if header_len > MAX_HEADER {
+        return Err(format!(".npy header of {header_len} bytes is too large"));
+    }
+    let raw = read(file, header_start, header_len, end).map_err(|_| "truncated .npy header".to_string())?;
+    // Versions 1 and 2 are latin-1, 3 is UTF-8; every valid header is ASCII either way.
+    let text = std::str::from_utf8(&raw).map_err(|_| "the .npy header is not text".to_string())?;
+    let (descr, fortran, shape) = parse_header(text)?;
+    let dtype = parse_descr(&descr)?;
+    if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
+        return Err("fortran_order arrays are not supported yet; re-save with np.ascontiguousarray".to_string());
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("shape overflows")?;
+    let nbytes = dtype.nbytes(numel).ok_or("shape overflows")? as u64;
+    let offset = header_start + header_len;
+    if offset
+        .checked_add(nbytes)
+        .is_none_or(|stop| stop > end || stop > file.len)
+    {
+        return Err(format!(
+            "data is truncated: shape {shape:?} of {descr} needs {nbytes} bytes"
+        ));
+    }
+    Ok((dtype, shape, offset, nbytes))
+}
+
+/// The dtype of a `descr` string such as `<f4`.
+fn parse_descr(descr: &str) -> Result<DType, String> {
+    let mut chars = descr.chars();
+    let order = chars.next().ok_or("empty descr")?;
+    let code = chars.as_str();
+    let dtype = match code {
+        "f8" => DType::F64,
+        "f4" => DType::F32,
+        "f2" => DType::F16,
+        "i8" => DType::I64,
+        "i4" => DType::I32,
+        "i2" => DType::I16,
+        "i1" => DType::I8,
+        "u8" => DType::U64,
+        "u4" => DType::U32,
+        "u2" => DType::U16,
+        "u1" => DType::U8,
+        "b1" => DType::Bool,
+        "c8" => DType::C64,
+        _ if code.starts_with('O') => {
+            return Err("object arrays are refused (allow_pickle is never used)".to_string());
+        }
+        _ if code.starts_with('V') => {
+            return Err(format!(
+                "dtype {descr:?} is raw bytes (ml_dtypes bfloat16/float8 are saved this way and cannot \
+                 be told apart); save as safetensors or cast to float32 first"
+            ));
+        }
+        _ => return Err(format!("dtype {descr:?} is not supported")),
+    };
+    match order {
+        '<' | '|' | '=' => Ok(dtype),
+        '>' if dtype.bits() == 8 => Ok(dtype),
+        '>' => Err(format!("dtype {descr:?}: big-endian not supported")),
+        _ => Err(format!("dtype {descr:?} is not supported")),
+    }
+}
+
+/// A value of the header dict.
+#[derive(Debug)]
+enum Item {
+    Str(String),
+    Bool(bool),
+    Tuple(Vec<usize>),
+}
+
+/// Strict parser of the header dict `{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }`.
+fn parse_header(text: &str) -> Result<(String, bool, Vec<usize>), String> {
+    let bad = |what: &str| format!("malformed .npy header ({what}): {:?}", text.trim_end());
+    let mut p = Parser {
+        s: text.as_bytes(),
+        i: 0,
+    };
+    p.expect(b'{').map_err(|_| bad("no dict"))?;
+    let (mut descr, mut fortran, mut shape) = (None, None, None);
+    loop {
+        p.ws();
+        if p.eat(b'}') {
+            break;
+        }
+        let key = p.string().ok_or_else(|| bad("key"))?;
+        p.ws();
+        p.expect(b':').map_err(|_| bad("colon"))?;
+        p.ws();
+        let value = if p.peek() == Some(b'[') {
+            return Err("structured dtypes are not supported".to_string());
+        } else {
+            p.item().ok_or_else(|| bad("value"))?
+        };
+        match (key.as_str(), value) {
+            ("descr", Item::Str(s)) if descr.is_none() => descr = Some(s),
+            ("fortran_order", Item::Bool(b)) if fortran.is_none() => fortran = Some(b),
+            ("shape", Item::Tuple(t)) if shape.is_none() => shape = Some(t),
+            _ => return Err(bad(&format!("key {key:?}"))),
+        }
+        p.ws();
+        if !p.eat(b',') {
+            p.ws();
+            p.expect(b'}').map_err(|_| bad("separator"))?;
+            break;
+        }
+    }
+    p.ws();
+    if p.i != p.s.len() {
+        return Err(bad("trailing text"));
+    }
+    match (descr, fortran, shape) {
+        (Some(d), Some(f), Some(s)) => Ok((d, f, s)),
+        _ => Err(bad("missing key")),
+    }
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+            self.i += 1;
+        }
+    }
+    fn eat(&mut self, c: u8) -> bool {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+    fn expect(&mut self, c: u8) -> Result<(), ()> {
+        self.ws();
+        if self.eat(c) {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+    fn string(&mut self) -> Option<String> {
+        let quote = self.peek().filter(|&q| q == b'\'' || q == b'"')?;
+        self.i += 1;
+        let begin = self.i;
+        while self.peek()? != quote {
+            if self.peek()? == b'\\' {
+                return None;
+            }
+            self.i += 1;
+        }
+        let s = std::str::from_utf8(self.s.get(begin..self.i)?).ok()?.to_string();
+        self.i += 1;
+        Some(s)
+    }
+    fn word(&mut self, w: &[u8]) -> bool {
+        if self.s.get(self.i..self.i + w.len()) == Some(w) {
+            self.i += w.len();
+            true
+        } else {
+            false
+        }
+    }
+    fn int(&mut self) -> Option<usize> {
+        let begin = self.i;
+        while self.peek().is_some_and(|c| c.is_ascii_digit()) {
+            self.i += 1;
+        }
+        std::str::from_utf8(self.s.get(begin..self.i)?).ok()?.parse().ok()
+    }
+    fn item(&mut self) -> Option<Item> {
+        match self.peek()? {
+            b'\'' | b'"' => self.string().map(Item::Str),
+            b'T' => self.word(b"True").then_some(Item::Bool(true)),
+            b'F' => self.word(b"False").then_some(Item::Bool(false)),
+            b'(' => {
+                self.i += 1;
+                let mut dims = Vec::new();
+                loop {
+                    self.ws();
+                    if self.eat(b')') {
+                        break;
+                    }
+                    dims.push(self.int()?);
+                    // Python writes an optional `L` suffix in old headers.
+                    self.eat(b'L');
+                    self.ws();
+                    if !self.eat(b',') {
+                        self.ws();
+                        if !self.eat(b')') {
+                            return None;
+                        }
+                        break;
+                    }
+                }
+                Some(Item::Tuple(dims))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The `.npy` entries of a zip: tensor name and the `[start, end)` of each entry's data.
+fn zip_entries(file: &SourceFile) -> Result<Vec<(String, u64, u64)>, String> {
+    let len = file.len;
+    let truncated = || "truncated or not a zip file (no end of central directory)".to_string();
+    // The EOCD record is 22 bytes plus a comment of at most 65535 bytes at the end of the file.
+    let tail_len = len.min(22 + 65535);
+    let tail = read(file, len - tail_len, tail_len, len)?;
+    let pos = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| u32_at(&tail, i) == EOCD_SIG)
+        .ok_or_else(truncated)?;
+    let eocd_abs = len - tail_len + pos as u64;
+    let eocd = tail.get(pos..pos + 22).ok_or_else(truncated)?;
+    let mut count = u64::from(u16_at(eocd, 10));
+    let mut cd_size = u64::from(u32_at(eocd, 12));
+    let mut cd_offset = u64::from(u32_at(eocd, 16));
+    if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
+        let loc_at = eocd_abs.checked_sub(20).ok_or_else(truncated)?;
+        let loc = read(file, loc_at, 20, len)?;
+        if u32_at(&loc, 0) != EOCD64_LOCATOR_SIG {
+            return Err("ZIP64 locator missing".to_string());
+        }
+        let rec = read(file, u64_at(&loc, 8), 56, len)?;
+        if u32_at(&rec, 0) != EOCD64_SIG {
+            return Err("ZIP64 end of central directory missing".to_string());
+        }
+        count = u64_at(&rec, 32);
+        cd_size = u64_at(&rec, 40);
+        cd_offset = u64_at(&rec, 48);
+    }
+    let cd = read(file, cd_offset, cd_size, len).map_err(|_| "central directory is truncated".to_string())?;
+    let mut at = 0usize;
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let fixed = cd.get(at..at + 46).ok_or("central directory is truncated")?;
+        if u32_at(fixed, 0) != CENTRAL_SIG {
+            return Err("bad central directory header".to_string());
+        }
+        let flags = u16_at(fixed, 8);
+        let method = u16_at(fixed, 10);
+        let mut comp = u64::from(u32_at(fixed, 20));
+        let mut uncomp = u64::from(u32_at(fixed, 24));
+        let name_len = usize::from(u16_at(fixed, 28));
+        let extra_len = usize::from(u16_at(fixed, 30));
+        let comment_len = usize::from(u16_at(fixed, 32));
+        let mut local = u64::from(u32_at(fixed, 42));
+        let name_bytes = cd
+            .get(at + 46..at + 46 + name_len)
+            .ok_or("central directory is truncated")?;
+        let extra = cd
+            .get(at + 46 + name_len..at + 46 + name_len + extra_len)
+            .ok_or("central directory is truncated")?;
+        at += 46 + name_len + extra_len + comment_len;
+        let entry = String::from_utf8_lossy(name_bytes).into_owned();
+        // ZIP64 extra field: the 64-bit values of whichever fields are saturated, in order.
+        let mut e = 0usize;
+        while e + 4 <= extra.len() {
+            let id = u16_at(extra, e);
+            let size = usize::from(u16_at(extra, e + 2));
+            if id == 1 {
+                let data = extra.get(e + 4..e + 4 + size).ok_or("bad ZIP64 extra field")?;
+                let mut k = 0;
+                for field in [&mut uncomp, &mut comp, &mut local] {
+                    if *field == 0xFFFF_FFFF {
+                        *field = data
+                            .get(k..k + 8)
+                            .map(|_| u64_at(data, k))
+                            .ok_or("bad ZIP64 extra field")?;
+                        k += 8;
+                    }
+                }
+            }
+            e += 4 + size;
+        }
+        if flags & 1 != 0 {
+            return Err(format!("entry {entry:?} is encrypted"));
+        }
+        if method != 0 {
+            return Err(format!(
+                "entry {entry:?} is compressed (np.savez_compressed); re-save it with np.savez"
+            ));
+        }
+        if comp != uncomp {
+            return Err(format!("entry {entry:?} has inconsistent sizes"));
+        }
+        let Some(name) = entry.strip_suffix(".npy") else {
+            return Err(format!("entry {entry:?} is not a .npy array"));
+        };
+        let lh = read(file, local, 30, len).map_err(|_| format!("entry {entry:?} is truncated"))?;
+        if u32_at(&lh, 0) != LOCAL_SIG {
+            return Err(format!("entry {entry:?}: bad local header"));
+        }
+        let start = local + 30 + u64::from(u16_at(&lh, 26)) + u64::from(u16_at(&lh, 28));
+        let end = start.checked_add(comp).filter(|&e| e <= len);
+        let end = end.ok_or_else(|| format!("entry {entry:?} is truncated"))?;
+        out.push((name.to_string(), start, end));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A v1 `.npy` with `header` padded to 64 bytes and `data`.
+    fn npy(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut h = header.to_string();
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// A stored zip of `(name, bytes)` entries (CRC left zero: the reader does not check it).
+    fn zip(entries: &[(&str, Vec<u8>)], method: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut cd = Vec::new();
+        for (name, data) in entries {
+            let local = out.len() as u32;
+            out.extend_from_slice(&LOCAL_SIG.to_le_bytes());
+            out.extend_from_slice(&[20, 0, 0, 0]);
+            out.extend_from_slice(&method.to_le_bytes());
+            out.extend_from_slice(&[0; 8]);
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(data);
+            cd.extend_from_slice(&CENTRAL_SIG.to_le_bytes());
+            cd.extend_from_slice(&[20, 0, 20, 0, 0, 0]);
+            cd.extend_from_slice(&method.to_le_bytes());
+            cd.extend_from_slice(&[0; 8]);
+            cd.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            cd.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            cd.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            cd.extend_from_slice(&[0; 12]);
+            cd.extend_from_slice(&local.to_le_bytes());
+            cd.extend_from_slice(name.as_bytes());
+        }
+        let cd_offset = out.len() as u32;
+        out.extend_from_slice(&cd);
+        out.extend_from_slice(&EOCD_SIG.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(cd.len() as u32).to_le_bytes());
+        out.extend_from_slice(&cd_offset.to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out
+    }
+
+    const F32_23: &str = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
+
+    fn open(name: &str, bytes: &[u8]) -> Result<Vec<TensorEntry>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let f = SourceFile::open(&path).unwrap();
+        read_tensors(&f, 0).map_err(|e| match e {
+            FormatError::Numpy { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        })
+    }
+
+    #[test]
+    fn reads_npy() {
+        let bytes = npy(F32_23, &[7u8; 24]);
+        let t = open("w.npy", &bytes).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].name, "w");
+        assert_eq!(t[0].dtype, DType::F32);
+        assert_eq!(t[0].shape, vec![2, 3]);
+        assert_eq!(t[0].offset, 128);
+        assert_eq!(t[0].nbytes, 24);
+        let t = open(
+            "s.npy",
+            &npy("{'descr': '|b1', 'fortran_order': False, 'shape': ()}", &[1]),
+        )
+        .unwrap();
+        assert_eq!((t[0].dtype, t[0].shape.clone()), (DType::Bool, vec![]));
+    }
+
+    #[test]
+    fn reads_npz_at_absolute_offsets() {
+        let a = npy(F32_23, &[1u8; 24]);
+        let b = npy("{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }", &[2u8; 8]);
+        let bytes = zip(&[("a.npy", a), ("b.npy", b)], 0);
+        let t = open("m.npz", &bytes).unwrap();
+        assert_eq!(t.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(&bytes[t[0].offset as usize..][..24], &[1u8; 24]);
+        assert_eq!(&bytes[t[1].offset as usize..][..8], &[2u8; 8]);
+        assert_eq!(t[1].dtype, DType::I64);
+    }
+
+    #[test]
+    fn bad_magic_and_truncation() {
+        let mut bytes = npy(F32_23, &[0u8; 24]);
+        bytes[1] = b'X';
+        assert!(open("w.npy", &bytes).unwrap_err().contains("wrong magic"));
+        let bytes = npy(F32_23, &[0u8; 24]);
+        assert!(open("w.npy", &bytes[..30])
+            .unwrap_err()
+            .contains("truncated .npy header"));
+        assert!(open("w.npy", &bytes[..5]).unwrap_err().contains("too short"));
+        assert!(open("w.npy", &bytes[..130]).unwrap_err().contains("data is truncated"));
+    }
+
+    #[test]
+    fn bad_dicts() {
+        for h in [
+            "{'descr': '<f4', 'fortran_order': False}",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}",
+            "{'descr': '<f4', 'fortran_order': 0, 'shape': (2, 3)}",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, -3)}",
+            "__import__('os').system('x')",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3)} x",
+        ] {
+            let err = open("w.npy", &npy(h, &[0u8; 24])).unwrap_err();
+            assert!(err.contains("malformed .npy header"), "{h}: {err}");
+        }
+        let err = open(
+            "w.npy",
+            &npy("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': ()}", &[]),
+        );
+        assert!(err.unwrap_err().contains("structured"));
+    }
+
+    #[test]
+    fn refused_dtypes_and_order() {
+        let h = |d: &str, f: &str| format!("{{'descr': '{d}', 'fortran_order': {f}, 'shape': (2, 3), }}");
+        let cases = [
+            (h("|O", "False"), "allow_pickle is never used"),
+            (h(">f4", "False"), "big-endian not supported"),
+            (h("|V2", "False"), "bfloat16"),
+            (h("<U3", "False"), "not supported"),
+            (h("<f4", "True"), "fortran_order"),
+        ];
+        for (header, want) in cases {
+            let err = open("w.npy", &npy(&header, &[0u8; 200])).unwrap_err();
+            assert!(err.contains(want) && err.contains("tensor \"w\""), "{header}: {err}");
+        }
+    }
+
+    #[test]
+    fn compressed_and_truncated_zip() {
+        let a = npy(F32_23, &[1u8; 24]);
+        let err = open("m.npz", &zip(&[("a.npy", a.clone())], 8)).unwrap_err();
+        assert!(err.contains("np.savez_compressed"), "{err}");
+        let bytes = zip(&[("a.npy", a.clone())], 0);
+        let err = open("m.npz", &bytes[..bytes.len() - 30]).unwrap_err();
+        assert!(err.contains("truncated"), "{err}");
+        let err = open("m.npz", &bytes[..50]).unwrap_err();
+        assert!(err.contains("truncated"), "{err}");
+        let err = open("m.npz", &zip(&[("a.txt", a)], 0)).unwrap_err();
+        assert!(err.contains("not a .npy"), "{err}");
+    }
+}
