@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::state::State;
 use super::{ProgressFn, RunOptions};
 use crate::error::Error;
+use crate::formats::npz::NpzWriter;
 use crate::formats::output::{OutputLayout, OutputTensor, SafetensorsWriter};
 use crate::formats::FormatError;
 use crate::plan::{Location, OutputFormat, OutputSpec, Plan, PlanError};
@@ -56,10 +57,11 @@ pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: 
 /// output) found at `location`: the format is available and no file of any alias's checkpoint
 /// (the inputs and everything `load` opened) would be overwritten.
 pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) -> Result<(), Error> {
-    if output.format != OutputFormat::Safetensors {
+    let npz_file = output.format == OutputFormat::Npz && output.single_file;
+    if output.format != OutputFormat::Safetensors && !npz_file {
         return Err(PlanError::invalid(
             &location.key("format"),
-            "only safetensors output is available in this version (PyTorch and NumPy output are planned)",
+            "only safetensors and single-file .npz output are available in this version (PyTorch output is planned)",
         )
         .into());
     }
@@ -198,7 +200,11 @@ pub fn write_tensors(
             shard_budget: output.shard,
         }
     };
-    let writer = SafetensorsWriter::create(layout, &specs, metadata)?;
+    let writer = if output.format == OutputFormat::Npz {
+        Writer::Npz(NpzWriter::create(output.path.clone(), &specs)?)
+    } else {
+        Writer::Safetensors(SafetensorsWriter::create(layout, &specs, metadata)?)
+    };
     // Output tensors that are the same lazy value (copies, e.g. one MLP weight fanned out to
     // four experts) are produced once per chunk and written to every destination.
     let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -264,5 +270,23 @@ pub fn write_tensors(
         )
     });
     result?;
-    Ok(writer.commit(sidecars)?)
+    Ok(match writer {
+        Writer::Safetensors(w) => w.commit(sidecars)?,
+        Writer::Npz(w) => w.commit()?,
+    })
+}
+
+/// The output writers `write_tensors` streams into; both place tensors the same way.
+enum Writer {
+    Safetensors(SafetensorsWriter),
+    Npz(NpzWriter),
+}
+
+impl Writer {
+    fn placement(&self, i: usize) -> (&std::fs::File, u64) {
+        match self {
+            Writer::Safetensors(w) => w.placement(i),
+            Writer::Npz(w) => w.placement(i),
+        }
+    }
 }

@@ -6,6 +6,7 @@
 
 #![deny(missing_docs)]
 
+pub mod npz;
 pub mod numpy;
 pub mod output;
 pub mod safetensors;
@@ -52,6 +53,14 @@ pub enum FormatError {
         path: PathBuf,
         /// What is wrong, naming the tensor when there is one.
         reason: String,
+    },
+    /// A tensor's dtype has no NumPy equivalent, so it cannot be written to `.npz`.
+    #[error("output tensor {name:?} of dtype {dtype} cannot be stored in .npz (NumPy has no such type); cast it first, e.g. to float32")]
+    NpzDtype {
+        /// The tensor name.
+        name: String,
+        /// Its dtype.
+        dtype: DType,
     },
     /// The input is in a format this build cannot read.
     #[error("cannot read {}: {format} reading is not available yet", path.display())]

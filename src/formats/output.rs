@@ -170,7 +170,7 @@ fn header_bytes<'a>(
 
 /// A fresh temporary path beside `target`: hidden (readers skip dot-files) and unique per
 /// process and call.
-fn temp_path_for(target: &Path) -> PathBuf {
+pub(crate) fn temp_path_for(target: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()

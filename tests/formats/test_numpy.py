@@ -108,3 +108,25 @@ def test_npz_to_safetensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert sorted(got) == sorted(ARRAYS)
     for name, want in ARRAYS.items():
         _same(got[name], want)
+
+
+def test_safetensors_to_npz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "m.npz", **ARRAYS)
+    bs.run({"inputs": ["m.npz"], "output": "mid.safetensors"})
+    bs.run({"inputs": ["mid.safetensors"], "output": "out.npz"})
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as got:
+        assert sorted(got.files) == sorted(ARRAYS)
+        for name, want in ARRAYS.items():
+            _same(got[name], want)
+    bs.run({"inputs": ["mid.safetensors"], "output": {"path": "o2.npz", "format": "npz"}})
+    assert (tmp_path / "o2.npz").exists()
+
+
+def test_npz_output_refuses_bfloat16_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "w.npy", ARRAYS["f32"])
+    plan = {"inputs": ["w.npy"], "transforms": [{"cast_": {"target": "w", "to": "bfloat16"}}], "output": "out.npz"}
+    with pytest.raises(bs.FormatError, match=r'"w".*cannot be stored in \.npz.*cast'):
+        bs.run(plan)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
