@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod output;
+pub mod pickle;
 pub mod safetensors;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +44,23 @@ pub enum FormatError {
         /// What is wrong with it.
         #[source]
         source: HeaderError,
+    },
+    /// The pickle inside a PyTorch checkpoint was refused; the message names the offending
+    /// global or opcode (nothing in it is ever imported or executed).
+    #[error("refused pickle in {}: {reason}", path.display())]
+    Pickle {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What the unpickler refused.
+        reason: pickle::PickleError,
+    },
+    /// A PyTorch checkpoint is malformed or uses something not supported yet.
+    #[error("invalid PyTorch checkpoint {}: {reason}", path.display())]
+    Torch {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it, naming the entry or tensor.
+        reason: String,
     },
     /// The input is in a format this build cannot read.
     #[error("cannot read {}: {format} reading is not available yet", path.display())]
