@@ -9,6 +9,7 @@
 pub mod output;
 pub mod pickle;
 pub mod safetensors;
+pub mod torch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -292,6 +293,18 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
     let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
     if !meta.is_dir() {
         let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        if foreign_format(&name) == Some("PyTorch") {
+            let file = SourceFile::open(path)?;
+            let tensors = torch::read_tensors(&file, 0)?;
+            return Ok(Checkpoint {
+                path: path.to_path_buf(),
+                files: vec![Arc::new(file)],
+                tensors,
+                metadata: BTreeMap::new(),
+                sidecars: Vec::new(),
+                is_directory: false,
+            });
+        }
         if let Some(format) = foreign_format(&name) {
             return Err(FormatError::Unsupported {
                 path: path.to_path_buf(),
@@ -601,13 +614,18 @@ mod tests {
     #[test]
     fn foreign_formats_are_unsupported() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, format) in [
-            ("pytorch_model.bin", "PyTorch"),
-            ("m.pt", "PyTorch"),
-            ("m.PTH", "PyTorch"),
-            ("w.npy", "NumPy"),
-            ("w.npz", "NumPy"),
-        ] {
+        for name in ["pytorch_model.bin", "m.pt", "m.PTH"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"whatever").unwrap();
+            match open_checkpoint(&path) {
+                Err(FormatError::Torch { path: p, reason }) => {
+                    assert_eq!(p, path);
+                    assert!(reason.contains("not a zip"), "{reason}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        for (name, format) in [("w.npy", "NumPy"), ("w.npz", "NumPy")] {
             let path = dir.path().join(name);
             std::fs::write(&path, b"whatever").unwrap();
             match open_checkpoint(&path) {
