@@ -156,6 +156,7 @@ fn flatten(
     value: &Object,
     depth: usize,
     out: &mut Vec<(String, TensorRef)>,
+    index: &mut HashMap<String, usize>,
     path: &Path,
 ) -> Result<(), FormatError> {
     if depth > MAX_DEPTH {
@@ -177,13 +178,14 @@ fn flatten(
         };
         match value {
             Object::Tensor(t) => {
-                if let Some(slot) = out.iter_mut().find(|(n, _)| *n == name) {
+                if let Some(slot) = index.get(&name).and_then(|&i| out.get_mut(i)) {
                     slot.1 = t.clone();
                 } else {
+                    index.insert(name.clone(), out.len());
                     out.push((name, t.clone()));
                 }
             }
-            Object::Dict(_) => flatten(&name, value, depth + 1, out, path)?,
+            Object::Dict(_) => flatten(&name, value, depth + 1, out, index, path)?,
             _ => {} // epochs, optimizer scalars, configs: not weights
         }
     }
@@ -250,7 +252,7 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
         reason,
     })?;
     let mut found = Vec::new();
-    flatten("", state_dict(&root), 0, &mut found, path)?;
+    flatten("", state_dict(&root), 0, &mut found, &mut HashMap::new(), path)?;
 
     let mut tensors = Vec::with_capacity(found.len());
     for (name, t) in found {
@@ -308,4 +310,64 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
     }
     tensors.sort_by_key(|t| t.offset);
     Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/torch")
+            .join(name)
+    }
+
+    fn read(path: &Path) -> Result<Vec<TensorEntry>, FormatError> {
+        read_tensors(&SourceFile::open(path)?, 0)
+    }
+
+    #[test]
+    fn reads_shared_storages_as_views() {
+        let tensors = read(&fixture("shared.pt")).unwrap();
+        let by = |n: &str| tensors.iter().find(|t| t.name == n).unwrap().clone();
+        let (whole, tail, tied) = (by("whole"), by("tail"), by("tied"));
+        assert_eq!(whole.offset, tied.offset);
+        assert_eq!(tail.offset, whole.offset + 16);
+        assert_eq!((whole.nbytes, tail.nbytes), (48, 32));
+        assert_eq!(tail.shape, vec![8]);
+    }
+
+    #[test]
+    fn wrappers_are_unwrapped_and_nesting_flattened() {
+        let mut names: Vec<String> = read(&fixture("wrapped.pt"))
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["encoder.w", "head.b"]);
+    }
+
+    #[test]
+    fn non_contiguous_tensor_is_named() {
+        match read(&fixture("transposed.pt")) {
+            Err(FormatError::Torch { reason, .. }) => {
+                assert!(
+                    reason.contains("\"t\"") && reason.contains("not supported yet"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_is_not_a_zip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.pt");
+        std::fs::write(&path, b"PK").unwrap();
+        assert!(matches!(read(&path), Err(FormatError::Torch { .. })));
+        std::fs::write(&path, b"").unwrap();
+        assert!(matches!(read(&path), Err(FormatError::Torch { .. })));
+    }
 }

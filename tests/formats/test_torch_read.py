@@ -140,3 +140,8 @@ def test_storage_smaller_than_tensor_is_refused(tmp_path: Path) -> None:
             dst.writestr(info.filename, data[:4] if info.filename.endswith("data/0") else data)
     with pytest.raises(bs.FormatError, match="smaller"):
         bs.open(path)
+
+
+def test_non_contiguous_tensor_is_refused_by_name() -> None:
+    with pytest.raises(bs.FormatError, match=r'"t".*not supported yet'):
+        bs.open(FIXTURES / "transposed.pt")
