@@ -370,4 +370,21 @@ mod tests {
         std::fs::write(&path, b"").unwrap();
         assert!(matches!(read(&path), Err(FormatError::Torch { .. })));
     }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_handled_without_panicking() {
+        let bytes = std::fs::read(fixture("plain.pt")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.pt");
+        for n in (0..bytes.len()).step_by(7) {
+            std::fs::write(&path, &bytes[..n]).unwrap();
+            assert!(read(&path).is_err(), "prefix {n} was accepted");
+        }
+        for i in (0..bytes.len()).step_by(3) {
+            let mut flipped = bytes.clone();
+            flipped[i] ^= 0xa5;
+            std::fs::write(&path, &flipped).unwrap();
+            let _ = read(&path); // any outcome but a panic
+        }
+    }
 }
