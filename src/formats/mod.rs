@@ -9,7 +9,9 @@
 pub mod npz;
 pub mod numpy;
 pub mod output;
+pub mod pickle;
 pub mod safetensors;
+pub mod torch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -61,6 +63,23 @@ pub enum FormatError {
         name: String,
         /// Its dtype.
         dtype: DType,
+    },
+    /// The pickle inside a PyTorch checkpoint was refused; the message names the offending
+    /// global or opcode (nothing in it is ever imported or executed).
+    #[error("refused pickle in {}: {reason}", path.display())]
+    Pickle {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What the unpickler refused.
+        reason: pickle::PickleError,
+    },
+    /// A PyTorch checkpoint is malformed or uses something not supported yet.
+    #[error("invalid PyTorch checkpoint {}: {reason}", path.display())]
+    Torch {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it, naming the entry or tensor.
+        reason: String,
     },
     /// The input is in a format this build cannot read.
     #[error("cannot read {}: {format} reading is not available yet", path.display())]
@@ -286,15 +305,23 @@ fn is_weight_name(name: &str) -> bool {
         || foreign_format(name).is_some()
 }
 
+/// Reads the tensor entries of one file of a non-safetensors format (file index for the entries).
+type ReadTensors = fn(&SourceFile, usize) -> Result<Vec<TensorEntry>, FormatError>;
+
 /// Opens a checkpoint: a safetensors file, a directory with `model.safetensors.index.json`, or
 /// a directory of `*.safetensors` files. Only headers are read.
 pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
     let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
     if !meta.is_dir() {
         let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-        if foreign_format(&name) == Some("NumPy") {
+        let reader: Option<ReadTensors> = match foreign_format(&name) {
+            Some("NumPy") => Some(numpy::read_tensors),
+            Some("PyTorch") => Some(torch::read_tensors),
+            _ => None,
+        };
+        if let Some(read_tensors) = reader {
             let file = SourceFile::open(path)?;
-            let tensors = numpy::read_tensors(&file, 0)?;
+            let tensors = read_tensors(&file, 0)?;
             return Ok(Checkpoint {
                 path: path.to_path_buf(),
                 files: vec![Arc::new(file)],
@@ -611,20 +638,24 @@ mod tests {
     }
 
     #[test]
-    fn foreign_formats_are_unsupported() {
+    fn garbage_in_pytorch_and_numpy_files_is_a_format_error() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, format) in [
-            ("pytorch_model.bin", "PyTorch"),
-            ("m.pt", "PyTorch"),
-            ("m.PTH", "PyTorch"),
-        ] {
+        for name in ["pytorch_model.bin", "m.pt", "m.PTH"] {
             let path = dir.path().join(name);
             std::fs::write(&path, b"whatever").unwrap();
             match open_checkpoint(&path) {
-                Err(FormatError::Unsupported { path: p, format: f }) => {
+                Err(FormatError::Torch { path: p, reason }) => {
                     assert_eq!(p, path);
-                    assert_eq!(f, format);
+                    assert!(reason.contains("not a zip"), "{reason}");
                 }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        for name in ["w.npy", "w.npz"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"whatever").unwrap();
+            match open_checkpoint(&path) {
+                Err(FormatError::Numpy { path: p, .. }) => assert_eq!(p, path),
                 other => panic!("{name}: {other:?}"),
             }
         }

@@ -1,0 +1,922 @@
+//! A restricted unpickler for PyTorch checkpoints: a pure function over bytes that interprets
+//! pickle protocols 2–5 into a small object model. Only an allow-list of opcodes and an
+//! allow-list of globals (the few names torch needs to rebuild a state dict) are accepted;
+//! anything else is refused with an error naming it. Nothing is imported or called: an allowed
+//! global is a tag, and `REDUCE` on it builds a plain description (a tensor, an empty dict).
+//! Memo size, stack depth, nesting, string length and total object count are bounded so a
+//! hostile pickle cannot exhaust memory or overflow the native stack.
+
+use crate::dtype::DType;
+
+/// Bounds on what one pickle may build.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most memo entries.
+    pub memo: usize,
+    /// Most values on the stack (counting those hidden under marks).
+    pub stack: usize,
+    /// Deepest nesting of containers.
+    pub nesting: u32,
+    /// Longest string or bytes value.
+    pub string_len: usize,
+    /// Most objects built in total (memo fetches count their whole size).
+    pub objects: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memo: 1 << 20,
+            stack: 1 << 16,
+            nesting: 64,
+            string_len: 1 << 24,
+            objects: 1 << 22,
+        }
+    }
+}
+
+/// Why a pickle was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PickleError {
+    /// The data ends inside an opcode or before `STOP`.
+    #[error("pickle is truncated at byte {at}")]
+    Truncated {
+        /// Offset where more bytes were needed.
+        at: usize,
+    },
+    /// An opcode outside the allow-list.
+    #[error("pickle opcode 0x{opcode:02x} at byte {at} is not allowed")]
+    ForbiddenOpcode {
+        /// The opcode byte.
+        opcode: u8,
+        /// Its offset.
+        at: usize,
+    },
+    /// A global outside the allow-list (`os.system`, `builtins.eval`, unknown classes).
+    #[error("pickle refers to global {module}.{name}, which is not allowed")]
+    ForbiddenGlobal {
+        /// Module part.
+        module: String,
+        /// Name part.
+        name: String,
+    },
+    /// An allowed global used in a way torch never does, or an opcode applied to the wrong kind
+    /// of value.
+    #[error("malformed pickle at byte {at}: {reason}")]
+    Malformed {
+        /// Offset of the opcode.
+        at: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A size limit was exceeded.
+    #[error("pickle exceeds the limit of {limit} on {what}")]
+    Limit {
+        /// Which limit (`"memo entries"`, `"stack depth"`, ...).
+        what: &'static str,
+        /// Its value.
+        limit: usize,
+    },
+}
+
+/// An allowed global.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Global {
+    /// `collections.OrderedDict`.
+    OrderedDict,
+    /// `torch._utils._rebuild_tensor_v2`.
+    RebuildTensorV2,
+    /// `torch._utils._rebuild_parameter`.
+    RebuildParameter,
+    /// `torch.<Type>Storage`, by element type.
+    Storage(DType),
+}
+
+/// A storage named by a persistent id: `('storage', type, key, location, numel)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageRef {
+    /// Element type of the storage.
+    pub dtype: DType,
+    /// Key of its archive entry (`data/<key>`).
+    pub key: String,
+    /// Device it was saved from (`cpu`, `cuda:0`); the bytes are the same either way.
+    pub location: String,
+    /// Number of elements.
+    pub numel: u64,
+}
+
+/// A tensor rebuilt by `_rebuild_tensor_v2`: a strided view of a storage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRef {
+    /// The storage viewed.
+    pub storage: StorageRef,
+    /// Offset of the first element, in elements.
+    pub offset: u64,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Strides, in elements.
+    pub stride: Vec<usize>,
+}
+
+/// A value built by the unpickler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// `None`.
+    None,
+    /// A bool.
+    Bool(bool),
+    /// An int that fits in 64 bits.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A str.
+    Str(String),
+    /// A bytes value.
+    Bytes(Vec<u8>),
+    /// A tuple.
+    Tuple(Vec<Object>),
+    /// A list.
+    List(Vec<Object>),
+    /// A dict or `OrderedDict`: pairs in the order set. A repeated key is kept as a later pair
+    /// (readers let the last one win) so that filling a big dict stays linear.
+    Dict(Vec<(Object, Object)>),
+    /// An allowed global, not called.
+    Global(Global),
+    /// A storage reference.
+    Storage(StorageRef),
+    /// A tensor.
+    Tensor(TensorRef),
+}
+
+impl Object {
+    /// Nesting depth: 0 for scalars, 1 + deepest child for containers.
+    fn depth(&self) -> u32 {
+        match self {
+            Object::Tuple(v) | Object::List(v) => 1 + v.iter().map(Object::depth).max().unwrap_or(0),
+            Object::Dict(v) => 1 + v.iter().map(|(k, x)| k.depth().max(x.depth())).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Number of objects in this value, itself included.
+    fn weight(&self) -> usize {
+        match self {
+            Object::Tuple(v) | Object::List(v) => 1 + v.iter().map(Object::weight).sum::<usize>(),
+            Object::Dict(v) => 1 + v.iter().map(|(k, x)| k.weight() + x.weight()).sum::<usize>(),
+            _ => 1,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Object::None => "None",
+            Object::Bool(_) => "bool",
+            Object::Int(_) => "int",
+            Object::Float(_) => "float",
+            Object::Str(_) => "str",
+            Object::Bytes(_) => "bytes",
+            Object::Tuple(_) => "tuple",
+            Object::List(_) => "list",
+            Object::Dict(_) => "dict",
+            Object::Global(_) => "global",
+            Object::Storage(_) => "storage",
+            Object::Tensor(_) => "tensor",
+        }
+    }
+}
+
+/// Refuses a container whose deepest new child is `child_depth` deep if it would nest deeper
+/// than `nesting` (deep values would overflow the native stack when dropped or walked).
+fn check_nesting(child_depth: u32, nesting: u32) -> Result<(), PickleError> {
+    if child_depth.saturating_add(1) > nesting {
+        return Err(PickleError::Limit {
+            what: "nesting depth",
+            limit: nesting as usize,
+        });
+    }
+    Ok(())
+}
+
+/// The allowed global `module.name`, or a refusal naming it.
+fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
+    let global = match (module, name) {
+        ("collections", "OrderedDict") => Some(Global::OrderedDict),
+        ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
+        ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
+        ("torch", storage) => match storage {
+            "FloatStorage" => Some(DType::F32),
+            "DoubleStorage" => Some(DType::F64),
+            "HalfStorage" => Some(DType::F16),
+            "BFloat16Storage" => Some(DType::BF16),
+            "LongStorage" => Some(DType::I64),
+            "IntStorage" => Some(DType::I32),
+            "ShortStorage" => Some(DType::I16),
+            "CharStorage" => Some(DType::I8),
+            "ByteStorage" => Some(DType::U8),
+            "BoolStorage" => Some(DType::Bool),
+            _ => None,
+        }
+        .map(Global::Storage),
+        _ => None,
+    };
+    global.ok_or_else(|| PickleError::ForbiddenGlobal {
+        module: module.to_string(),
+        name: name.to_string(),
+    })
+}
+
+struct Machine<'a> {
+    data: &'a [u8],
+    pos: usize,
+    /// Offset of the opcode being interpreted, for messages.
+    at: usize,
+    stack: Vec<Object>,
+    marks: Vec<usize>,
+    memo: std::collections::HashMap<u32, Object>,
+    objects: usize,
+    limits: Limits,
+}
+
+impl<'a> Machine<'a> {
+    fn bad(&self, reason: impl Into<String>) -> PickleError {
+        PickleError::Malformed {
+            at: self.at,
+            reason: reason.into(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], PickleError> {
+        let end = self.pos.checked_add(n).ok_or(PickleError::Truncated { at: self.pos })?;
+        let bytes = self
+            .data
+            .get(self.pos..end)
+            .ok_or(PickleError::Truncated { at: self.pos })?;
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], PickleError> {
+        let bytes = self.take(N)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(bytes);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, PickleError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, PickleError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, PickleError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// Reads `len` bytes of a string/bytes payload, checking the length limit first.
+    fn payload(&mut self, len: u64) -> Result<&'a [u8], PickleError> {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        if len > self.limits.string_len {
+            return Err(PickleError::Limit {
+                what: "string length",
+                limit: self.limits.string_len,
+            });
+        }
+        self.take(len)
+    }
+
+    fn text(&mut self, len: u64) -> Result<String, PickleError> {
+        let bytes = self.payload(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.bad("string is not UTF-8"))
+    }
+
+    /// A newline-terminated line (GLOBAL's operands).
+    fn line(&mut self) -> Result<String, PickleError> {
+        let rest = self.data.get(self.pos..).unwrap_or_default();
+        let len = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or(PickleError::Truncated { at: self.pos })?;
+        if len > self.limits.string_len {
+            return Err(PickleError::Limit {
+                what: "string length",
+                limit: self.limits.string_len,
+            });
+        }
+        let text = self.text(len as u64)?;
+        self.pos += 1;
+        Ok(text)
+    }
+
+    fn count(&mut self, n: usize) -> Result<(), PickleError> {
+        self.objects = self.objects.saturating_add(n);
+        if self.objects > self.limits.objects {
+            return Err(PickleError::Limit {
+                what: "object count",
+                limit: self.limits.objects,
+            });
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, obj: Object) -> Result<(), PickleError> {
+        if self.stack.len() >= self.limits.stack {
+            return Err(PickleError::Limit {
+                what: "stack depth",
+                limit: self.limits.stack,
+            });
+        }
+        if obj.depth() > self.limits.nesting {
+            return Err(PickleError::Limit {
+                what: "nesting depth",
+                limit: self.limits.nesting as usize,
+            });
+        }
+        self.count(1)?;
+        self.stack.push(obj);
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Result<Object, PickleError> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return Err(self.bad("stack underflow"));
+        }
+        self.stack.pop().ok_or_else(|| self.bad("stack underflow"))
+    }
+
+    fn top(&mut self) -> Result<&mut Object, PickleError> {
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return Err(self.bad("stack underflow"));
+        }
+        let at = self.at;
+        self.stack.last_mut().ok_or(PickleError::Malformed {
+            at,
+            reason: "stack underflow".into(),
+        })
+    }
+
+    /// Pops everything above the last mark, and the mark.
+    fn pop_mark(&mut self) -> Result<Vec<Object>, PickleError> {
+        let mark = self.marks.pop().ok_or_else(|| self.bad("no mark on the stack"))?;
+        Ok(self.stack.split_off(mark.min(self.stack.len())))
+    }
+
+    fn put(&mut self, index: u32) -> Result<(), PickleError> {
+        let value = self.top()?.clone();
+        if self.memo.len() >= self.limits.memo && !self.memo.contains_key(&index) {
+            return Err(PickleError::Limit {
+                what: "memo entries",
+                limit: self.limits.memo,
+            });
+        }
+        // A memo entry is a snapshot: pickle memoizes containers before filling them, but torch
+        // only fetches back immutable values (tensors, tuples, globals), so the copy is exact
+        // for the checkpoints we read, and it makes reference cycles impossible.
+        self.count(value.weight())?;
+        self.memo.insert(index, value);
+        Ok(())
+    }
+
+    fn get(&mut self, index: u32) -> Result<(), PickleError> {
+        let value = self
+            .memo
+            .get(&index)
+            .cloned()
+            .ok_or_else(|| self.bad(format!("memo entry {index} is not set")))?;
+        // The copy costs its full size; counting it stops a small pickle from fetching a big
+        // value many times over.
+        self.count(value.weight().saturating_sub(1))?;
+        self.push(value)
+    }
+
+    fn set_items(&mut self, items: Vec<Object>) -> Result<(), PickleError> {
+        if items.len() % 2 != 0 {
+            return Err(self.bad("odd number of items for a dict"));
+        }
+        let at = self.at;
+        let nesting = self.limits.nesting;
+        let Object::Dict(dict) = self.top()? else {
+            return Err(PickleError::Malformed {
+                at,
+                reason: "SETITEM(S) on a value that is not a dict".into(),
+            });
+        };
+        let deepest = items.iter().map(Object::depth).max().unwrap_or(0);
+        let mut iter = items.into_iter();
+        while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
+            dict.push((k, v));
+        }
+        check_nesting(deepest, nesting)
+    }
+
+    fn append(&mut self, items: Vec<Object>) -> Result<(), PickleError> {
+        let at = self.at;
+        let nesting = self.limits.nesting;
+        let Object::List(list) = self.top()? else {
+            return Err(PickleError::Malformed {
+                at,
+                reason: "APPEND(S) on a value that is not a list".into(),
+            });
+        };
+        let deepest = items.iter().map(Object::depth).max().unwrap_or(0);
+        list.extend(items);
+        check_nesting(deepest, nesting)
+    }
+
+    fn int_arg(&self, value: &Object, what: &str) -> Result<u64, PickleError> {
+        match value {
+            Object::Int(i) if *i >= 0 => Ok(*i as u64),
+            other => Err(self.bad(format!("{what} is a {} , not a non-negative int", other.kind()))),
+        }
+    }
+
+    fn dims(&self, value: &Object, what: &str) -> Result<Vec<usize>, PickleError> {
+        let Object::Tuple(items) = value else {
+            return Err(self.bad(format!("{what} is a {}, not a tuple", value.kind())));
+        };
+        items
+            .iter()
+            .map(|d| {
+                let n = self.int_arg(d, what)?;
+                usize::try_from(n).map_err(|_| self.bad(format!("{what} is too large")))
+            })
+            .collect()
+    }
+
+    /// `REDUCE`: the callable must be an allowed global torch uses this way.
+    fn reduce(&mut self, callable: Object, args: Object) -> Result<Object, PickleError> {
+        let Object::Tuple(args) = args else {
+            return Err(self.bad(format!("REDUCE arguments are a {}, not a tuple", args.kind())));
+        };
+        match callable {
+            Object::Global(Global::OrderedDict) if args.is_empty() => Ok(Object::Dict(Vec::new())),
+            Object::Global(Global::RebuildTensorV2) if (6..=7).contains(&args.len()) => {
+                let Some(Object::Storage(storage)) = args.first() else {
+                    return Err(self.bad("_rebuild_tensor_v2 expects a storage first"));
+                };
+                let offset = self.int_arg(args.get(1).unwrap_or(&Object::None), "storage offset")?;
+                let shape = self.dims(args.get(2).unwrap_or(&Object::None), "size")?;
+                let stride = self.dims(args.get(3).unwrap_or(&Object::None), "stride")?;
+                if shape.len() != stride.len() {
+                    return Err(self.bad("size and stride differ in length"));
+                }
+                Ok(Object::Tensor(TensorRef {
+                    storage: storage.clone(),
+                    offset,
+                    shape,
+                    stride,
+                }))
+            }
+            Object::Global(Global::RebuildParameter) if args.len() == 3 => match args.into_iter().next() {
+                Some(tensor @ Object::Tensor(_)) => Ok(tensor),
+                _ => Err(self.bad("_rebuild_parameter expects a tensor first")),
+            },
+            Object::Global(g) => Err(self.bad(format!("{g:?} cannot be called with {} arguments", args.len()))),
+            other => Err(self.bad(format!("REDUCE on a {}, which is not callable", other.kind()))),
+        }
+    }
+
+    /// `BINPERSID`: a torch storage id.
+    fn persistent(&self, pid: Object) -> Result<Object, PickleError> {
+        let bad = || self.bad("persistent id is not ('storage', type, key, location, numel)");
+        let Object::Tuple(items) = pid else {
+            return Err(bad());
+        };
+        match items.as_slice() {
+            [Object::Str(tag), Object::Global(Global::Storage(dtype)), Object::Str(key), Object::Str(location), numel]
+                if tag == "storage" =>
+            {
+                Ok(Object::Storage(StorageRef {
+                    dtype: *dtype,
+                    key: key.clone(),
+                    location: location.clone(),
+                    numel: self.int_arg(numel, "storage size")?,
+                }))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    fn run(&mut self) -> Result<Object, PickleError> {
+        loop {
+            self.at = self.pos;
+            let op = self.u8()?;
+            match op {
+                0x80 => {
+                    let proto = self.u8()?;
+                    if !(2..=5).contains(&proto) {
+                        return Err(self.bad(format!("protocol {proto} is not supported (2 to 5 are)")));
+                    }
+                }
+                0x95 => {
+                    self.u64()?; // FRAME: a size hint only
+                }
+                b'.' => {
+                    let value = self.pop()?;
+                    return Ok(value);
+                }
+                b'(' => {
+                    if self.marks.len() >= self.limits.stack {
+                        return Err(PickleError::Limit {
+                            what: "stack depth",
+                            limit: self.limits.stack,
+                        });
+                    }
+                    self.marks.push(self.stack.len());
+                }
+                b'0' => {
+                    self.pop()?;
+                }
+                b'1' => {
+                    self.pop_mark()?;
+                }
+                b'2' => {
+                    let value = self.top()?.clone();
+                    self.count(value.weight().saturating_sub(1))?;
+                    self.push(value)?;
+                }
+                b'N' => self.push(Object::None)?,
+                0x88 => self.push(Object::Bool(true))?,
+                0x89 => self.push(Object::Bool(false))?,
+                b'J' => {
+                    let v = i32::from_le_bytes(self.array()?);
+                    self.push(Object::Int(v.into()))?;
+                }
+                b'K' => {
+                    let v = self.u8()?;
+                    self.push(Object::Int(v.into()))?;
+                }
+                b'M' => {
+                    let v = u16::from_le_bytes(self.array()?);
+                    self.push(Object::Int(v.into()))?;
+                }
+                0x8a => {
+                    // LONG1: little-endian two's complement of n bytes; we keep what fits i64.
+                    let n = self.u8()? as usize;
+                    let bytes = self.take(n)?;
+                    if n > 8 {
+                        return Err(self.bad("integer does not fit in 64 bits"));
+                    }
+                    let fill = if bytes.last().is_some_and(|b| b & 0x80 != 0) {
+                        0xff
+                    } else {
+                        0
+                    };
+                    let mut buf = [fill; 8];
+                    buf[..n].copy_from_slice(bytes);
+                    self.push(Object::Int(i64::from_le_bytes(buf)))?;
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.array()?);
+                    self.push(Object::Float(v))?;
+                }
+                b'X' => {
+                    let len = self.u32()?;
+                    let s = self.text(len.into())?;
+                    self.push(Object::Str(s))?;
+                }
+                0x8c => {
+                    let len = self.u8()?;
+                    let s = self.text(len.into())?;
+                    self.push(Object::Str(s))?;
+                }
+                0x8d => {
+                    let len = self.u64()?;
+                    let s = self.text(len)?;
+                    self.push(Object::Str(s))?;
+                }
+                b'B' | b'C' | 0x8e => {
+                    let len = match op {
+                        b'B' => self.u32()?.into(),
+                        b'C' => self.u8()?.into(),
+                        _ => self.u64()?,
+                    };
+                    let bytes = self.payload(len)?.to_vec();
+                    self.push(Object::Bytes(bytes))?;
+                }
+                b')' => self.push(Object::Tuple(Vec::new()))?,
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.push(Object::Tuple(items))?;
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    let mut items = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        items.push(self.pop()?);
+                    }
+                    items.reverse();
+                    self.push(Object::Tuple(items))?;
+                }
+                b']' => self.push(Object::List(Vec::new()))?,
+                b'a' => {
+                    let item = self.pop()?;
+                    self.append(vec![item])?;
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    self.append(items)?;
+                }
+                b'}' => self.push(Object::Dict(Vec::new()))?,
+                b's' => {
+                    let value = self.pop()?;
+                    let key = self.pop()?;
+                    self.set_items(vec![key, value])?;
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    self.set_items(items)?;
+                }
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    let global = resolve_global(&module, &name)?;
+                    self.push(Object::Global(global))?;
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Object::Str(module), Object::Str(name)) = (module, name) else {
+                        return Err(self.bad("STACK_GLOBAL operands are not strings"));
+                    };
+                    let global = resolve_global(&module, &name)?;
+                    self.push(Object::Global(global))?;
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    let value = self.reduce(callable, args)?;
+                    self.push(value)?;
+                }
+                b'b' => {
+                    // BUILD sets state on the object below: torch passes an OrderedDict its
+                    // `_metadata`, which carries no weights, so the state is dropped.
+                    let _state = self.pop()?;
+                    let target = self.top()?;
+                    if !matches!(target, Object::Dict(_) | Object::Tensor(_)) {
+                        let kind = target.kind();
+                        return Err(self.bad(format!("BUILD on a {kind}")));
+                    }
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let storage = self.persistent(pid)?;
+                    self.push(storage)?;
+                }
+                b'h' => {
+                    let i = self.u8()?;
+                    self.get(i.into())?;
+                }
+                b'j' => {
+                    let i = self.u32()?;
+                    self.get(i)?;
+                }
+                b'q' => {
+                    let i = self.u8()?;
+                    self.put(i.into())?;
+                }
+                b'r' => {
+                    let i = self.u32()?;
+                    self.put(i)?;
+                }
+                0x94 => {
+                    let i = u32::try_from(self.memo.len()).map_err(|_| self.bad("memo too large"))?;
+                    self.put(i)?;
+                }
+                opcode => return Err(PickleError::ForbiddenOpcode { opcode, at: self.at }),
+            }
+        }
+    }
+}
+
+/// Interprets `data` as a pickle under `limits`, returning the value `STOP` leaves.
+pub fn unpickle_with(data: &[u8], limits: Limits) -> Result<Object, PickleError> {
+    let mut machine = Machine {
+        data,
+        pos: 0,
+        at: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: std::collections::HashMap::new(),
+        objects: 0,
+        limits,
+    };
+    machine.run()
+}
+
+/// Interprets `data` as a pickle under the default [`Limits`].
+pub fn unpickle(data: &[u8]) -> Result<Object, PickleError> {
+    unpickle_with(data, Limits::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A protocol-2 pickle in the shape `torch.save` writes: an OrderedDict with one f32
+    /// tensor of shape [2, 3] over storage "0" (offset 1) and the same tensor again via memo.
+    fn torch_like() -> Vec<u8> {
+        let mut p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01(X\x01\x00\x00\x00a".to_vec();
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\nq\x02((X\x07\x00\x00\x00storage");
+        p.extend_from_slice(b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x06\x00\x00\x00cuda:0K\x07tQ");
+        p.extend_from_slice(b"K\x01K\x02K\x03\x86K\x03K\x01\x86\x89h\x00)RtRq\x03");
+        p.extend_from_slice(b"X\x01\x00\x00\x00bh\x03u}b.");
+        p
+    }
+
+    fn expected_tensor() -> Object {
+        Object::Tensor(TensorRef {
+            storage: StorageRef {
+                dtype: DType::F32,
+                key: "0".into(),
+                location: "cuda:0".into(),
+                numel: 7,
+            },
+            offset: 1,
+            shape: vec![2, 3],
+            stride: vec![3, 1],
+        })
+    }
+
+    #[test]
+    fn reads_a_torch_state_dict() {
+        let value = unpickle(&torch_like()).unwrap();
+        let t = expected_tensor();
+        assert_eq!(
+            value,
+            Object::Dict(vec![(Object::Str("a".into()), t.clone()), (Object::Str("b".into()), t)])
+        );
+    }
+
+    #[test]
+    fn every_prefix_is_refused_without_panicking() {
+        let p = torch_like();
+        for n in 0..p.len() {
+            let err = unpickle(&p[..n]).unwrap_err();
+            assert!(
+                matches!(err, PickleError::Truncated { .. } | PickleError::Malformed { .. }),
+                "{n}: {err:?}"
+            );
+        }
+        assert!(matches!(unpickle(b""), Err(PickleError::Truncated { at: 0 })));
+    }
+
+    #[test]
+    fn os_system_is_refused_by_name() {
+        // What `pickle.dumps` writes for an object whose __reduce__ returns (os.system, ("touch x",)).
+        let p = b"\x80\x02cos\nsystem\nq\x00X\x07\x00\x00\x00touch x\x85Rq\x01.";
+        let err = unpickle(p).unwrap_err();
+        assert_eq!(
+            err,
+            PickleError::ForbiddenGlobal {
+                module: "os".into(),
+                name: "system".into()
+            }
+        );
+        assert!(err.to_string().contains("os.system"), "{err}");
+    }
+
+    #[test]
+    fn stack_global_eval_and_posix_system_are_refused() {
+        let p = b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x8c\x04eval\x93.";
+        let err = unpickle(p).unwrap_err();
+        assert!(err.to_string().contains("builtins.eval"), "{err}");
+        let p = b"\x80\x02cposix\nsystem\n.";
+        assert!(unpickle(p).unwrap_err().to_string().contains("posix.system"));
+        let p = b"\x80\x02ctorch\nTensor\n.";
+        assert!(unpickle(p).unwrap_err().to_string().contains("torch.Tensor"));
+    }
+
+    #[test]
+    fn reduce_on_a_storage_class_or_a_value_is_refused() {
+        let p = b"\x80\x02ctorch\nFloatStorage\nK\x03\x85R.";
+        assert!(matches!(unpickle(p), Err(PickleError::Malformed { .. })));
+        let p = b"\x80\x02N)R.";
+        let err = unpickle(p).unwrap_err();
+        assert!(err.to_string().contains("not callable"), "{err}");
+        // OrderedDict with items as arguments is not what torch writes.
+        let p = b"\x80\x02ccollections\nOrderedDict\n]\x85R.";
+        assert!(matches!(unpickle(p), Err(PickleError::Malformed { .. })));
+    }
+
+    #[test]
+    fn opcodes_outside_the_allow_list_are_refused() {
+        // INST, OBJ, NEWOBJ, EXT1, text PERSID, protocol-0 INT.
+        for (op, body) in [
+            (b'i', &b"os\nsystem\n"[..]),
+            (b'o', &b""[..]),
+            (0x81, &b""[..]),
+            (0x82, &b"\x01"[..]),
+            (b'P', &b"x\n"[..]),
+            (b'I', &b"1\n"[..]),
+        ] {
+            let mut p = b"\x80\x02(".to_vec();
+            p.push(op);
+            p.extend_from_slice(body);
+            p.push(b'.');
+            match unpickle(&p) {
+                Err(PickleError::ForbiddenOpcode { opcode, at: 3 }) => assert_eq!(opcode, op),
+                other => panic!("{op:#x}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_persistent_ids_are_refused() {
+        let p = b"\x80\x02X\x01\x00\x00\x00xQ.";
+        assert!(matches!(unpickle(p), Err(PickleError::Malformed { .. })));
+    }
+
+    #[test]
+    fn old_protocols_are_refused() {
+        assert!(matches!(unpickle(b"\x80\x01N."), Err(PickleError::Malformed { .. })));
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            memo: 8,
+            stack: 16,
+            nesting: 8,
+            string_len: 32,
+            objects: 1000,
+        }
+    }
+
+    fn limit_of(p: &[u8]) -> &'static str {
+        match unpickle_with(p, limits()) {
+            Err(PickleError::Limit { what, .. }) => what,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let mut p = b"\x80\x02]".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 20));
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "nesting depth");
+        // Nesting by appending the previous list (fetched from the memo) into a new one.
+        let mut p = b"\x80\x02]q\x00".to_vec();
+        for _ in 0..20 {
+            p.extend_from_slice(b"0]h\x00aq\x00");
+        }
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "nesting depth");
+        // The default limit holds against a million levels without overflowing the stack.
+        let mut p = b"\x80\x02]".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        p.push(b'.');
+        assert!(matches!(
+            unpickle(&p),
+            Err(PickleError::Limit {
+                what: "nesting depth",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn huge_memo_is_refused() {
+        let mut p = b"\x80\x02N".to_vec();
+        for i in 0u32..20 {
+            p.push(b'r');
+            p.extend_from_slice(&i.to_le_bytes());
+        }
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "memo entries");
+    }
+
+    #[test]
+    fn stack_and_marks_are_bounded() {
+        let mut p = b"\x80\x02".to_vec();
+        p.extend(std::iter::repeat_n(b'N', 20));
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "stack depth");
+        let mut p = b"\x80\x02".to_vec();
+        p.extend(std::iter::repeat_n(b'(', 20));
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "stack depth");
+    }
+
+    #[test]
+    fn long_strings_are_refused_before_reading() {
+        let p = b"\x80\x02X\xff\xff\xff\xff.";
+        assert_eq!(limit_of(p), "string length");
+        let p = b"\x80\x02\x8e\xff\xff\xff\xff\xff\xff\xff\xff.";
+        assert_eq!(limit_of(p), "string length");
+    }
+
+    #[test]
+    fn billion_laughs_is_refused() {
+        // Each level is a tuple of the previous one fetched four times: 4^n objects from n steps.
+        let mut p = b"\x80\x02Nq\x00".to_vec();
+        for i in 0u8..7 {
+            p.extend_from_slice(&[b'(', b'h', i, b'h', i, b'h', i, b'h', i, b't', b'q', i + 1, b'0']);
+        }
+        p.extend_from_slice(b"h\x07.");
+        assert_eq!(limit_of(&p), "object count");
+    }
+}
