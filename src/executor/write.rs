@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
@@ -15,7 +15,7 @@ use super::{ProgressFn, RunOptions};
 use crate::error::Error;
 use crate::formats::npz::NpzWriter;
 use crate::formats::output::{OutputLayout, OutputTensor, SafetensorsWriter};
-use crate::formats::FormatError;
+use crate::formats::{zip, FormatError};
 use crate::plan::{Location, OutputFormat, OutputSpec, Plan, PlanError};
 use crate::value::{Scratch, Tensor, Value, CHUNK_BYTES};
 
@@ -232,6 +232,12 @@ pub fn write_tensors(
             start += len;
         }
     }
+    // Zip entries need a CRC-32 of their data; it is taken per chunk while the bytes are in
+    // cache and the chunks' CRCs are combined in order afterwards, so nothing is read twice.
+    let want_crc = writer.needs_crc();
+    let chunk_crcs: Vec<AtomicU32> = (0..if want_crc { items.len() } else { 0 })
+        .map(|_| AtomicU32::new(0))
+        .collect();
     let total: u64 = tensors.iter().map(|(_, t)| t.nbytes() as u64).sum();
     let done = AtomicU64::new(0);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -243,15 +249,18 @@ pub fn write_tensors(
             source: std::io::Error::other(e),
         })?;
     let result: Result<(), Error> = pool.install(|| {
-        items.par_iter().try_for_each_init(
+        items.par_iter().enumerate().try_for_each_init(
             || (Scratch::default(), Vec::<u8>::with_capacity(CHUNK_BYTES)),
-            |(scratch, buf), &(g, start, len)| {
+            |(scratch, buf), (item, &(g, start, len))| {
                 if cancel.load(Ordering::Relaxed) {
                     return Err(Error::Cancelled);
                 }
                 let members = &groups[g];
                 buf.resize(len, 0);
                 write_range(tensors[members[0]].1, start, buf, scratch)?;
+                if let Some(crc) = chunk_crcs.get(item) {
+                    crc.store(zip::crc32(buf), Ordering::Relaxed);
+                }
                 for &i in members {
                     let (file, offset) = writer.placement(i);
                     file.write_all_at(buf, offset + start as u64)
@@ -270,9 +279,21 @@ pub fn write_tensors(
         )
     });
     result?;
+    let mut group_crcs = vec![0u32; groups.len()];
+    for (&(g, _, len), crc) in items.iter().zip(&chunk_crcs) {
+        group_crcs[g] = zip::crc32_combine(group_crcs[g], crc.load(Ordering::Relaxed), len as u64);
+    }
+    let mut crcs = vec![0u32; if want_crc { tensors.len() } else { 0 }];
+    for (members, &crc) in groups.iter().zip(&group_crcs) {
+        for &i in members {
+            if let Some(slot) = crcs.get_mut(i) {
+                *slot = crc;
+            }
+        }
+    }
     Ok(match writer {
         Writer::Safetensors(w) => w.commit(sidecars)?,
-        Writer::Npz(w) => w.commit()?,
+        Writer::Npz(w) => w.commit(&crcs)?,
     })
 }
 
@@ -283,6 +304,11 @@ enum Writer {
 }
 
 impl Writer {
+    /// Whether `commit` needs the CRC-32 of every tensor's bytes.
+    fn needs_crc(&self) -> bool {
+        matches!(self, Writer::Npz(_))
+    }
+
     fn placement(&self, i: usize) -> (&std::fs::File, u64) {
         match self {
             Writer::Safetensors(w) => w.placement(i),

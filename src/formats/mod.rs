@@ -12,6 +12,7 @@ pub mod output;
 pub mod pickle;
 pub mod safetensors;
 pub mod torch;
+pub mod zip;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -166,7 +167,7 @@ pub enum FormatError {
         /// The output path.
         path: PathBuf,
         /// Why it is refused.
-        reason: &'static str,
+        reason: String,
     },
 }
 

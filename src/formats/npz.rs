@@ -1,9 +1,9 @@
-//! Writing NumPy `.npz` output: a zip of STORED `NAME.npy` entries, laid out up front so the
+//! Writing NumPy `.npz` output: a zip of stored `NAME.npy` entries, laid out up front so the
 //! executor can stream every tensor's bytes into place in parallel (the same `create /
-//! placement / commit` shape as the safetensors writer). The CRC-32 every zip entry needs is
-//! computed at commit by re-reading each entry in 1 MiB chunks; the central directory is then
-//! appended and the temporary renamed over the target, so a failure leaves nothing behind.
-//! Archives over 4 GiB would need ZIP64 and are refused for now.
+//! placement / commit` shape as the safetensors writer). Each entry's CRC-32 is the header's
+//! combined with the data's, which the executor computes while streaming; the central directory
+//! is then appended and the temporary renamed over the target, so a failure leaves nothing
+//! behind. Archives over 4 GiB or 65535 tensors get ZIP64 records.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -12,10 +12,8 @@ use std::path::PathBuf;
 use crate::dtype::DType;
 
 use super::output::{temp_path_for, OutputTensor};
+use super::zip::{self, Layout};
 use super::FormatError;
-
-/// Largest archive written without ZIP64.
-const ZIP32_LIMIT: u64 = 0xFFFF_FFFF;
 
 /// The `.npy` descr of `dtype`, or `None` when NumPy has no standard type for it.
 pub fn npy_descr(dtype: DType) -> Option<&'static str> {
@@ -58,51 +56,15 @@ fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// CRC-32 (IEEE, as zip uses) table.
-const fn crc_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-}
-
-static CRC_TABLE: [u32; 256] = crc_table();
-
-/// Continues a CRC-32 (`crc` is the finalised value of the bytes so far; 0 to start).
-fn crc32_update(crc: u32, bytes: &[u8]) -> u32 {
-    let mut c = !crc;
-    for &b in bytes {
-        c = CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
-}
-
-/// One entry's layout: local header offset, entry name, size of header + data.
-#[derive(Debug)]
-struct Entry {
-    local: u64,
-    name: String,
-    size: u64,
-    data: u64,
-}
-
 /// Writes `.npz` output atomically: see the module docs.
 #[derive(Debug)]
 pub struct NpzWriter {
     target: PathBuf,
     temp: PathBuf,
     file: File,
-    entries: Vec<Entry>,
-    end: u64,
+    layout: Layout,
+    /// Per tensor: where its data starts, its byte size and the CRC-32 of its `.npy` header.
+    tensors: Vec<(u64, u64, u32)>,
     committed: bool,
 }
 
@@ -110,9 +72,9 @@ impl NpzWriter {
     /// Lays out `tensors` in order, creates the temporary beside `target` and writes every
     /// local header and `.npy` header; tensors whose dtype NumPy cannot hold are refused.
     pub fn create(target: PathBuf, tensors: &[OutputTensor]) -> Result<Self, FormatError> {
-        let mut entries = Vec::with_capacity(tensors.len());
+        let mut layout = Layout::new();
+        let mut placed = Vec::with_capacity(tensors.len());
         let mut headers = Vec::with_capacity(tensors.len());
-        let mut at = 0u64;
         let mut names = std::collections::HashSet::new();
         for t in tensors {
             if !names.insert(t.name.as_str()) {
@@ -122,40 +84,22 @@ impl NpzWriter {
                 name: t.name.clone(),
                 dtype: t.dtype,
             })?;
-            let nbytes = t
-                .shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .and_then(|n| t.dtype.nbytes(n))
-                .ok_or_else(|| FormatError::InvalidTensorSize {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                })? as u64;
-            let name = format!("{}.npy", t.name);
+            let nbytes = t.nbytes()?;
             let header = npy_header(descr, &t.shape);
-            let size = header.len() as u64 + nbytes;
-            let data = at + 30 + name.len() as u64 + header.len() as u64;
-            entries.push(Entry {
-                local: at,
-                name,
-                size,
-                data,
-            });
-            at = data.saturating_add(nbytes);
-            headers.push(header);
-        }
-        let central: u64 = entries.iter().map(|e| 46 + e.name.len() as u64).sum::<u64>() + 22;
-        if at.saturating_add(central) > ZIP32_LIMIT || entries.len() > 0xFFFF {
-            return Err(FormatError::InvalidOutput {
-                path: target,
-                reason: "npz output over 4 GiB or 65535 tensors needs ZIP64, which is not supported yet",
-            });
+            // Entries start on 64 bytes and the .npy header is padded to 64, so data is aligned.
+            let entry = layout
+                .add(&format!("{}.npy", t.name), header.len() as u64 + nbytes, 64)
+                .map_err(|reason| FormatError::InvalidOutput {
+                    path: target.clone(),
+                    reason,
+                })?;
+            placed.push((entry + header.len() as u64, nbytes, zip::crc32(&header)));
+            headers.push((entry, header));
         }
         if target.file_name().is_none() {
             return Err(FormatError::InvalidOutput {
                 path: target,
-                reason: "no file name",
+                reason: "no file name".to_string(),
             });
         }
         let temp = temp_path_for(&target);
@@ -169,19 +113,15 @@ impl NpzWriter {
             target,
             temp,
             file,
-            entries,
-            end: at,
+            layout,
+            tensors: placed,
             committed: false,
         };
-        writer.file.set_len(at).map_err(|e| FormatError::io(&writer.temp, e))?;
-        for (entry, header) in writer.entries.iter().zip(&headers) {
-            // CRC is patched in at commit, once the data is there.
-            let local = local_header(entry, 0);
-            writer
-                .file
-                .write_all_at(&local, entry.local)
-                .and_then(|()| writer.file.write_all_at(header, entry.data - header.len() as u64))
-                .map_err(|e| FormatError::io(&writer.temp, e))?;
+        let io = |e| FormatError::io(&writer.temp, e);
+        writer.file.set_len(writer.layout.data_end()).map_err(io)?;
+        writer.layout.write_local_headers(&writer.file).map_err(io)?;
+        for (at, header) in &headers {
+            writer.file.write_all_at(header, *at).map_err(io)?;
         }
         Ok(writer)
     }
@@ -191,69 +131,25 @@ impl NpzWriter {
     /// # Panics
     /// If `i` is not an index of the slice given to `create`.
     pub fn placement(&self, i: usize) -> (&File, u64) {
-        (&self.file, self.entries[i].data)
+        (&self.file, self.tensors[i].0)
     }
 
-    /// Computes every CRC, writes the central directory and renames the file into place.
-    pub fn commit(mut self) -> Result<Vec<PathBuf>, FormatError> {
-        let io = |e| FormatError::io(&self.temp, e);
-        let mut central = Vec::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for entry in &self.entries {
-            let begin = entry.local + 30 + entry.name.len() as u64;
-            let mut crc = 0u32;
-            let mut pos = begin;
-            let stop = begin + entry.size;
-            while pos < stop {
-                let n = (stop - pos).min(buf.len() as u64) as usize;
-                let chunk = &mut buf[..n];
-                self.file.read_exact_at(chunk, pos).map_err(io)?;
-                crc = crc32_update(crc, chunk);
-                pos += n as u64;
-            }
-            self.file
-                .write_all_at(&local_header(entry, crc), entry.local)
-                .map_err(io)?;
-            central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
-            central.extend_from_slice(&[20, 3, 20, 0, 0, 0, 0, 0]);
-            central.extend_from_slice(&[0, 0, 0x21, 0]); // time 00:00, date 1980-01-01
-            central.extend_from_slice(&crc.to_le_bytes());
-            central.extend_from_slice(&(entry.size as u32).to_le_bytes());
-            central.extend_from_slice(&(entry.size as u32).to_le_bytes());
-            central.extend_from_slice(&(entry.name.len() as u16).to_le_bytes());
-            central.extend_from_slice(&[0; 8]);
-            central.extend_from_slice(&0o100644u32.wrapping_shl(16).to_le_bytes());
-            central.extend_from_slice(&(entry.local as u32).to_le_bytes());
-            central.extend_from_slice(entry.name.as_bytes());
-        }
-        let count = (self.entries.len() as u16).to_le_bytes();
-        let mut eocd = 0x0605_4b50u32.to_le_bytes().to_vec();
-        eocd.extend_from_slice(&[0; 4]);
-        eocd.extend_from_slice(&count);
-        eocd.extend_from_slice(&count);
-        eocd.extend_from_slice(&(central.len() as u32).to_le_bytes());
-        eocd.extend_from_slice(&(self.end as u32).to_le_bytes());
-        eocd.extend_from_slice(&[0, 0]);
-        central.extend_from_slice(&eocd);
-        self.file.write_all_at(&central, self.end).map_err(io)?;
+    /// Completes the archive with `data_crcs` (the CRC-32 of each tensor's bytes, in order) and
+    /// renames it into place.
+    pub fn commit(mut self, data_crcs: &[u32]) -> Result<Vec<PathBuf>, FormatError> {
+        let crcs: Vec<u32> = self
+            .tensors
+            .iter()
+            .zip(data_crcs)
+            .map(|(&(_, nbytes, header_crc), &crc)| zip::crc32_combine(header_crc, crc, nbytes))
+            .collect();
+        self.layout
+            .finish(&self.file, &crcs)
+            .map_err(|e| FormatError::io(&self.temp, e))?;
         std::fs::rename(&self.temp, &self.target).map_err(|e| FormatError::io(&self.target, e))?;
         self.committed = true;
         Ok(vec![self.target.clone()])
     }
-}
-
-/// The 30-byte local header of `entry` followed by its name.
-fn local_header(entry: &Entry, crc: u32) -> Vec<u8> {
-    let mut out = 0x0403_4b50u32.to_le_bytes().to_vec();
-    out.extend_from_slice(&[20, 0, 0, 0, 0, 0]);
-    out.extend_from_slice(&[0, 0, 0x21, 0]);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&(entry.size as u32).to_le_bytes());
-    out.extend_from_slice(&(entry.size as u32).to_le_bytes());
-    out.extend_from_slice(&(entry.name.len() as u16).to_le_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(entry.name.as_bytes());
-    out
 }
 
 impl Drop for NpzWriter {
@@ -268,12 +164,6 @@ impl Drop for NpzWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32_known_value() {
-        assert_eq!(crc32_update(0, b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32_update(crc32_update(0, b"1234"), b"56789"), 0xCBF4_3926);
-    }
 
     #[test]
     fn round_trips_through_reader_and_refuses_bf16() {
@@ -296,7 +186,8 @@ mod tests {
         f.write_all_at(&[1, 2, 3, 4, 5, 6, 7, 8], off).unwrap();
         let (f, off) = w.placement(1);
         f.write_all_at(&[9], off).unwrap();
-        w.commit().unwrap();
+        w.commit(&[zip::crc32(&[1, 2, 3, 4, 5, 6, 7, 8]), zip::crc32(&[9])])
+            .unwrap();
         let src = super::super::SourceFile::open(&path).unwrap();
         let t = super::super::numpy::read_tensors(&src, 0).unwrap();
         assert_eq!(t.len(), 2);

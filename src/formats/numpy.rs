@@ -9,21 +9,10 @@ use std::path::Path;
 
 use crate::dtype::DType;
 
-use super::{FormatError, SourceFile, TensorEntry};
+use super::{zip, FormatError, SourceFile, TensorEntry};
 
 /// Upper bound on a `.npy` header; NumPy itself refuses headers over 10 000 bytes by default.
 const MAX_HEADER: u64 = 1 << 20;
-
-/// Signature of the zip end-of-central-directory record.
-const EOCD_SIG: u32 = 0x0605_4b50;
-/// Signature of the ZIP64 end-of-central-directory locator.
-const EOCD64_LOCATOR_SIG: u32 = 0x0706_4b50;
-/// Signature of the ZIP64 end-of-central-directory record.
-const EOCD64_SIG: u32 = 0x0606_4b50;
-/// Signature of a central directory header.
-const CENTRAL_SIG: u32 = 0x0201_4b50;
-/// Signature of a local file header.
-const LOCAL_SIG: u32 = 0x0403_4b50;
 
 /// Reads the tensors of a `.npy` or `.npz` file; `file_index` is stored in every entry.
 pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEntry>, FormatError> {
@@ -88,14 +77,6 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
 fn u32_at(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
         .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8).map_or(0, |s| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(s);
-        u64::from_le_bytes(a)
-    })
 }
 
 /// Parses the `.npy` stored in `[start, end)` of `file`: dtype, shape, absolute data offset
@@ -327,100 +308,13 @@ impl Parser<'_> {
 
 /// The `.npy` entries of a zip: tensor name and the `[start, end)` of each entry's data.
 fn zip_entries(file: &SourceFile) -> Result<Vec<(String, u64, u64)>, String> {
-    let len = file.len;
-    let truncated = || "truncated or not a zip file (no end of central directory)".to_string();
-    // The EOCD record is 22 bytes plus a comment of at most 65535 bytes at the end of the file.
-    let tail_len = len.min(22 + 65535);
-    let tail = read(file, len - tail_len, tail_len, len)?;
-    let pos = (0..tail.len().saturating_sub(21))
-        .rev()
-        .find(|&i| u32_at(&tail, i) == EOCD_SIG)
-        .ok_or_else(truncated)?;
-    let eocd_abs = len - tail_len + pos as u64;
-    let eocd = tail.get(pos..pos + 22).ok_or_else(truncated)?;
-    let mut count = u64::from(u16_at(eocd, 10));
-    let mut cd_size = u64::from(u32_at(eocd, 12));
-    let mut cd_offset = u64::from(u32_at(eocd, 16));
-    if count == 0xFFFF || cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
-        let loc_at = eocd_abs.checked_sub(20).ok_or_else(truncated)?;
-        let loc = read(file, loc_at, 20, len)?;
-        if u32_at(&loc, 0) != EOCD64_LOCATOR_SIG {
-            return Err("ZIP64 locator missing".to_string());
-        }
-        let rec = read(file, u64_at(&loc, 8), 56, len)?;
-        if u32_at(&rec, 0) != EOCD64_SIG {
-            return Err("ZIP64 end of central directory missing".to_string());
-        }
-        count = u64_at(&rec, 32);
-        cd_size = u64_at(&rec, 40);
-        cd_offset = u64_at(&rec, 48);
-    }
-    let cd = read(file, cd_offset, cd_size, len).map_err(|_| "central directory is truncated".to_string())?;
-    let mut at = 0usize;
     let mut out = Vec::new();
-    for _ in 0..count {
-        let fixed = cd.get(at..at + 46).ok_or("central directory is truncated")?;
-        if u32_at(fixed, 0) != CENTRAL_SIG {
-            return Err("bad central directory header".to_string());
-        }
-        let flags = u16_at(fixed, 8);
-        let method = u16_at(fixed, 10);
-        let mut comp = u64::from(u32_at(fixed, 20));
-        let mut uncomp = u64::from(u32_at(fixed, 24));
-        let name_len = usize::from(u16_at(fixed, 28));
-        let extra_len = usize::from(u16_at(fixed, 30));
-        let comment_len = usize::from(u16_at(fixed, 32));
-        let mut local = u64::from(u32_at(fixed, 42));
-        let name_bytes = cd
-            .get(at + 46..at + 46 + name_len)
-            .ok_or("central directory is truncated")?;
-        let extra = cd
-            .get(at + 46 + name_len..at + 46 + name_len + extra_len)
-            .ok_or("central directory is truncated")?;
-        at += 46 + name_len + extra_len + comment_len;
-        let entry = String::from_utf8_lossy(name_bytes).into_owned();
-        // ZIP64 extra field: the 64-bit values of whichever fields are saturated, in order.
-        let mut e = 0usize;
-        while e + 4 <= extra.len() {
-            let id = u16_at(extra, e);
-            let size = usize::from(u16_at(extra, e + 2));
-            if id == 1 {
-                let data = extra.get(e + 4..e + 4 + size).ok_or("bad ZIP64 extra field")?;
-                let mut k = 0;
-                for field in [&mut uncomp, &mut comp, &mut local] {
-                    if *field == 0xFFFF_FFFF {
-                        *field = data
-                            .get(k..k + 8)
-                            .map(|_| u64_at(data, k))
-                            .ok_or("bad ZIP64 extra field")?;
-                        k += 8;
-                    }
-                }
-            }
-            e += 4 + size;
-        }
-        if flags & 1 != 0 {
-            return Err(format!("entry {entry:?} is encrypted"));
-        }
-        if method != 0 {
-            return Err(format!(
-                "entry {entry:?} is compressed (np.savez_compressed); re-save it with np.savez"
-            ));
-        }
-        if comp != uncomp {
-            return Err(format!("entry {entry:?} has inconsistent sizes"));
-        }
-        let Some(name) = entry.strip_suffix(".npy") else {
-            return Err(format!("entry {entry:?} is not a .npy array"));
+    for entry in zip::read_entries(file)? {
+        entry.require_stored(" (np.savez_compressed wrote it); re-save it with np.savez")?;
+        let Some(name) = entry.name.strip_suffix(".npy") else {
+            return Err(format!("entry {:?} is not a .npy array", entry.name));
         };
-        let lh = read(file, local, 30, len).map_err(|_| format!("entry {entry:?} is truncated"))?;
-        if u32_at(&lh, 0) != LOCAL_SIG {
-            return Err(format!("entry {entry:?}: bad local header"));
-        }
-        let start = local + 30 + u64::from(u16_at(&lh, 26)) + u64::from(u16_at(&lh, 28));
-        let end = start.checked_add(comp).filter(|&e| e <= len);
-        let end = end.ok_or_else(|| format!("entry {entry:?} is truncated"))?;
-        out.push((name.to_string(), start, end));
+        out.push((name.to_string(), entry.data_offset, entry.data_offset + entry.size));
     }
     Ok(out)
 }
@@ -449,7 +343,7 @@ mod tests {
         let mut cd = Vec::new();
         for (name, data) in entries {
             let local = out.len() as u32;
-            out.extend_from_slice(&LOCAL_SIG.to_le_bytes());
+            out.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
             out.extend_from_slice(&[20, 0, 0, 0]);
             out.extend_from_slice(&method.to_le_bytes());
             out.extend_from_slice(&[0; 8]);
@@ -459,7 +353,7 @@ mod tests {
             out.extend_from_slice(&[0, 0]);
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(data);
-            cd.extend_from_slice(&CENTRAL_SIG.to_le_bytes());
+            cd.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
             cd.extend_from_slice(&[20, 0, 20, 0, 0, 0]);
             cd.extend_from_slice(&method.to_le_bytes());
             cd.extend_from_slice(&[0; 8]);
@@ -472,7 +366,7 @@ mod tests {
         }
         let cd_offset = out.len() as u32;
         out.extend_from_slice(&cd);
-        out.extend_from_slice(&EOCD_SIG.to_le_bytes());
+        out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
         out.extend_from_slice(&(entries.len() as u16).to_le_bytes());

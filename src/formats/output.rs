@@ -80,8 +80,14 @@ pub struct SafetensorsWriter {
     committed: bool,
 }
 
-/// Bytes of each tensor; errors for overflow and for sub-byte tensors that do not fill whole
-/// bytes (the official loader rejects those).
+impl OutputTensor {
+    /// Bytes of the tensor; errors for overflow and for sub-byte tensors that do not fill whole
+    /// bytes (the official loader rejects those).
+    pub fn nbytes(&self) -> Result<u64, FormatError> {
+        tensor_nbytes(self)
+    }
+}
+
 fn tensor_nbytes(t: &OutputTensor) -> Result<u64, FormatError> {
     let invalid = || FormatError::InvalidTensorSize {
         name: t.name.clone(),
@@ -223,7 +229,7 @@ impl SafetensorsWriter {
                     OutputLayout::File(p) => p.clone(),
                     OutputLayout::Directory { dir, .. } => dir.clone(),
                 },
-                reason: "total size overflows",
+                reason: "total size overflows".to_string(),
             })?;
 
         let (dir, final_paths, shard_of, index) = match &layout {
@@ -234,14 +240,14 @@ impl SafetensorsWriter {
                     _ => {
                         return Err(FormatError::InvalidOutput {
                             path: path.clone(),
-                            reason: "no file name",
+                            reason: "no file name".to_string(),
                         })
                     }
                 };
                 if path.is_dir() {
                     return Err(FormatError::InvalidOutput {
                         path: path.clone(),
-                        reason: "is a directory",
+                        reason: "is a directory".to_string(),
                     });
                 }
                 (parent, vec![path.clone()], vec![0; tensors.len()], None)
@@ -250,7 +256,7 @@ impl SafetensorsWriter {
                 if dir.exists() && !dir.is_dir() {
                     return Err(FormatError::InvalidOutput {
                         path: dir.clone(),
-                        reason: "exists and is not a directory",
+                        reason: "exists and is not a directory".to_string(),
                     });
                 }
                 let shard_of = plan_shards(&sizes, *shard_budget);
@@ -412,14 +418,14 @@ impl SafetensorsWriter {
                 let Some(name) = source.file_name() else {
                     return Err(FormatError::InvalidOutput {
                         path: source.clone(),
-                        reason: "sidecar has no file name",
+                        reason: "sidecar has no file name".to_string(),
                     });
                 };
                 let target = dir.join(name);
                 if outputs.contains(&target) {
                     return Err(FormatError::InvalidOutput {
                         path: source.clone(),
-                        reason: "sidecar has the name of an output weight file",
+                        reason: "sidecar has the name of an output weight file".to_string(),
                     });
                 }
                 if same_file(source, &target) {

@@ -9,20 +9,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::pickle::{self, Object, TensorRef};
-use super::{FormatError, SourceFile, TensorEntry};
+use super::{zip, FormatError, SourceFile, TensorEntry};
 
 /// Largest `data.pkl` we read into memory; a state dict's pickle is kilobytes to a few MB.
 const MAX_PICKLE: u64 = 1 << 30;
 /// Deepest wrapper nesting flattened into dotted names.
 const MAX_DEPTH: usize = 64;
-
-/// One zip entry: where its (stored) data starts and how long it is.
-#[derive(Debug, Clone)]
-struct ZipEntry {
-    method: u16,
-    data_offset: u64,
-    size: u64,
-}
 
 fn bad(path: &Path, reason: impl Into<String>) -> FormatError {
     FormatError::Torch {
@@ -31,123 +23,10 @@ fn bad(path: &Path, reason: impl Into<String>) -> FormatError {
     }
 }
 
-fn le16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn le32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn le64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// Reads the central directory: entry name → entry.
-fn read_zip(file: &SourceFile) -> Result<HashMap<String, ZipEntry>, FormatError> {
-    let path = &file.path;
-    let truncated = || {
-        bad(
-            path,
-            "not a zip archive or truncated (no end-of-central-directory record)",
-        )
-    };
-    // The end record is 22 bytes plus a comment of up to 64 KiB, at the very end.
-    let tail_len = file.len.min(22 + 65535);
-    let mut tail = vec![0u8; tail_len as usize];
-    file.read_at(file.len - tail_len, &mut tail)?;
-    let eocd = (0..tail.len().saturating_sub(21))
-        .rev()
-        .find(|&i| le32(&tail, i) == Some(0x0605_4b50))
-        .ok_or_else(truncated)?;
-    let eocd_abs = file.len - tail_len + eocd as u64;
-    let mut count = u64::from(le16(&tail, eocd + 10).ok_or_else(truncated)?);
-    let mut cd_size = u64::from(le32(&tail, eocd + 12).ok_or_else(truncated)?);
-    let mut cd_offset = u64::from(le32(&tail, eocd + 16).ok_or_else(truncated)?);
-    if count == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff {
-        // ZIP64: a locator 20 bytes before the end record points at the ZIP64 end record.
-        let loc = eocd_abs.checked_sub(20).ok_or_else(truncated)?;
-        let mut locator = [0u8; 20];
-        file.read_at(loc, &mut locator)?;
-        if le32(&locator, 0) != Some(0x0706_4b50) {
-            return Err(truncated());
-        }
-        let rec_off = le64(&locator, 8).ok_or_else(truncated)?;
-        let mut rec = [0u8; 56];
-        if rec_off.checked_add(56).is_none_or(|e| e > file.len) {
-            return Err(truncated());
-        }
-        file.read_at(rec_off, &mut rec)?;
-        if le32(&rec, 0) != Some(0x0606_4b50) {
-            return Err(truncated());
-        }
-        count = le64(&rec, 32).ok_or_else(truncated)?;
-        cd_size = le64(&rec, 40).ok_or_else(truncated)?;
-        cd_offset = le64(&rec, 48).ok_or_else(truncated)?;
-    }
-    if cd_offset.checked_add(cd_size).is_none_or(|e| e > file.len) || cd_size > MAX_PICKLE {
-        return Err(bad(path, "zip central directory lies outside the file"));
-    }
-    let mut cd = vec![0u8; cd_size as usize];
-    file.read_at(cd_offset, &mut cd)?;
-    let short = || bad(path, "zip central directory is truncated");
-    let mut entries = HashMap::new();
-    let mut at = 0usize;
-    for _ in 0..count {
-        if le32(&cd, at) != Some(0x0201_4b50) {
-            return Err(short());
-        }
-        let method = le16(&cd, at + 10).ok_or_else(short)?;
-        let mut csize = u64::from(le32(&cd, at + 20).ok_or_else(short)?);
-        let mut usize_ = u64::from(le32(&cd, at + 24).ok_or_else(short)?);
-        let name_len = le16(&cd, at + 28).ok_or_else(short)? as usize;
-        let extra_len = le16(&cd, at + 30).ok_or_else(short)? as usize;
-        let comment_len = le16(&cd, at + 32).ok_or_else(short)? as usize;
-        let mut local = u64::from(le32(&cd, at + 42).ok_or_else(short)?);
-        let name = cd.get(at + 46..at + 46 + name_len).ok_or_else(short)?;
-        let name = String::from_utf8_lossy(name).into_owned();
-        let extra = cd
-            .get(at + 46 + name_len..at + 46 + name_len + extra_len)
-            .ok_or_else(short)?;
-        // ZIP64 extended information: the 0xffffffff fields, in order, are 64-bit here.
-        let mut e = 0usize;
-        while let (Some(tag), Some(len)) = (le16(extra, e), le16(extra, e + 2)) {
-            if tag == 1 {
-                let mut f = e + 4;
-                for field in [&mut usize_, &mut csize, &mut local] {
-                    if *field == 0xffff_ffff {
-                        *field = le64(extra, f).ok_or_else(short)?;
-                        f += 8;
-                    }
-                }
-            }
-            e += 4 + len as usize;
-        }
-        at += 46 + name_len + extra_len + comment_len;
-        let mut header = [0u8; 30];
-        if local.checked_add(30).is_none_or(|end| end > file.len) {
-            return Err(bad(path, format!("zip entry {name:?} lies outside the file")));
-        }
-        file.read_at(local, &mut header)?;
-        if le32(&header, 0) != Some(0x0403_4b50) {
-            return Err(bad(path, format!("zip entry {name:?} has no local header")));
-        }
-        let local_name = u64::from(le16(&header, 26).unwrap_or(0));
-        let local_extra = u64::from(le16(&header, 28).unwrap_or(0));
-        let data_offset = local + 30 + local_name + local_extra;
-        if data_offset.checked_add(csize).is_none_or(|end| end > file.len) {
-            return Err(bad(path, format!("zip entry {name:?} is truncated")));
-        }
-        entries.insert(
-            name,
-            ZipEntry {
-                method,
-                data_offset,
-                size: csize,
-            },
-        );
-    }
-    Ok(entries)
+/// The archive's entries by name.
+fn read_zip(file: &SourceFile) -> Result<HashMap<String, zip::Entry>, FormatError> {
+    let entries = zip::read_entries(file).map_err(|reason| bad(&file.path, reason))?;
+    Ok(entries.into_iter().map(|e| (e.name.clone(), e)).collect())
 }
 
 /// Flattens the unpickled value into `(dotted name, tensor)` pairs; later duplicates win.
@@ -226,20 +105,12 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
         })?
         .clone();
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-    let stored = |name: &str| -> Result<ZipEntry, FormatError> {
+    let stored = |name: &str| -> Result<&zip::Entry, FormatError> {
         let entry = entries
             .get(name)
             .ok_or_else(|| bad(path, format!("zip entry {name:?} is missing")))?;
-        if entry.method != 0 {
-            return Err(bad(
-                path,
-                format!(
-                    "zip entry {name:?} is compressed (method {}); only stored entries can be read",
-                    entry.method
-                ),
-            ));
-        }
-        Ok(entry.clone())
+        entry.require_stored("").map_err(|reason| bad(path, reason))?;
+        Ok(entry)
     };
     let pkl = stored(&pkl_name)?;
     if pkl.size > MAX_PICKLE {

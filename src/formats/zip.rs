@@ -1,0 +1,525 @@
+//! Zip archives as checkpoints use them (NumPy `.npz`, PyTorch `.bin/.pt/.pth`): every entry is
+//! stored uncompressed, so a tensor is a byte range of the archive that can be read in place.
+//!
+//! Reading walks the central directory (classic and ZIP64) and resolves each entry's data offset
+//! through its local header; nothing else of the archive is read. Writing lays every entry out up
+//! front ([`Layout`]), so the executor can stream tensors into their final offsets in parallel;
+//! data can be aligned (PyTorch aligns to 64 bytes so `torch.load(mmap=True)` can map it), ZIP64
+//! records are used exactly when a size or offset needs them, and the CRC-32 of each entry is
+//! supplied at commit by the caller, who computed it while streaming.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::SourceFile;
+
+const EOCD_SIG: u32 = 0x0605_4b50;
+const EOCD64_LOCATOR_SIG: u32 = 0x0706_4b50;
+const EOCD64_SIG: u32 = 0x0606_4b50;
+const CENTRAL_SIG: u32 = 0x0201_4b50;
+const LOCAL_SIG: u32 = 0x0403_4b50;
+/// The value a classic field holds when the real one is in the ZIP64 extra field.
+const SATURATED: u64 = 0xFFFF_FFFF;
+/// Extra field id of ZIP64 extended information.
+const ZIP64_EXTRA: u16 = 0x0001;
+/// Extra field id PyTorch uses for alignment padding (`"FB"`); readers skip unknown ids.
+const PADDING_EXTRA: u16 = 0x4246;
+/// Largest central directory read (a few hundred bytes per entry; this allows millions).
+const MAX_CENTRAL_DIRECTORY: u64 = 1 << 30;
+/// 1980-01-01 00:00 in DOS time/date: fixed, so output bytes do not depend on the clock.
+const DOS_TIME: u16 = 0;
+const DOS_DATE: u16 = 0x21;
+
+/// One entry of an archive being read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Name as stored (UTF-8, lossily).
+    pub name: String,
+    /// Compression method (0 = stored).
+    pub method: u16,
+    /// Whether the entry is encrypted.
+    pub encrypted: bool,
+    /// Absolute offset of the entry's data.
+    pub data_offset: u64,
+    /// Size of the data as stored.
+    pub size: u64,
+}
+
+impl Entry {
+    /// Refuses entries whose bytes are not the data itself; `hint` says what to do instead.
+    pub fn require_stored(&self, hint: &str) -> Result<(), String> {
+        if self.encrypted {
+            return Err(format!("entry {:?} is encrypted", self.name));
+        }
+        if self.method != 0 {
+            return Err(format!(
+                "entry {:?} is compressed (method {}); only stored entries can be read in place{hint}",
+                self.name, self.method
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Reads `len` bytes at `offset`, refusing ranges past the end of the file.
+fn read(file: &SourceFile, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, String> {
+    if offset.checked_add(len).is_none_or(|end| end > file.len) {
+        return Err(format!("{what} lies outside the file (truncated?)"));
+    }
+    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| format!("{what} is too large"))?];
+    file.read_at(offset, &mut buf).map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// The entries of the zip archive `file`, in central-directory order.
+pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, String> {
+    let not_zip = || "not a zip archive, or truncated (no end-of-central-directory record)".to_string();
+    // The end record is 22 bytes plus a comment of at most 64 KiB, at the very end.
+    let tail_len = file.len.min(22 + 0xFFFF);
+    let tail = read(file, file.len - tail_len, tail_len, "end of archive")?;
+    let eocd = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| u32_at(&tail, i) == Some(EOCD_SIG))
+        .ok_or_else(not_zip)?;
+    let eocd_abs = file.len - tail_len + eocd as u64;
+    let field = |at: usize, wide: bool| -> Option<u64> {
+        if wide {
+            u32_at(&tail, eocd + at).map(u64::from)
+        } else {
+            u16_at(&tail, eocd + at).map(u64::from)
+        }
+    };
+    let mut count = field(10, false).ok_or_else(not_zip)?;
+    let mut cd_size = field(12, true).ok_or_else(not_zip)?;
+    let mut cd_offset = field(16, true).ok_or_else(not_zip)?;
+    if count == 0xFFFF || cd_size == SATURATED || cd_offset == SATURATED {
+        // ZIP64: a locator just before the end record points at the ZIP64 end record.
+        let at = eocd_abs.checked_sub(20).ok_or("ZIP64 locator missing")?;
+        let locator = read(file, at, 20, "ZIP64 locator")?;
+        if u32_at(&locator, 0) != Some(EOCD64_LOCATOR_SIG) {
+            return Err("ZIP64 locator missing".to_string());
+        }
+        let record_at = u64_at(&locator, 8).ok_or("ZIP64 locator missing")?;
+        let record = read(file, record_at, 56, "ZIP64 end record")?;
+        if u32_at(&record, 0) != Some(EOCD64_SIG) {
+            return Err("ZIP64 end of central directory missing".to_string());
+        }
+        let bad = || "ZIP64 end record is malformed".to_string();
+        count = u64_at(&record, 32).ok_or_else(bad)?;
+        cd_size = u64_at(&record, 40).ok_or_else(bad)?;
+        cd_offset = u64_at(&record, 48).ok_or_else(bad)?;
+    }
+    if cd_size > MAX_CENTRAL_DIRECTORY {
+        return Err(format!("central directory of {cd_size} bytes is too large"));
+    }
+    let cd = read(file, cd_offset, cd_size, "central directory")?;
+    let short = || "central directory is truncated".to_string();
+    let mut entries = Vec::new();
+    let mut at = 0usize;
+    for _ in 0..count {
+        let fixed = cd.get(at..at + 46).ok_or_else(short)?;
+        if u32_at(fixed, 0) != Some(CENTRAL_SIG) {
+            return Err("bad central directory header".to_string());
+        }
+        let number = |o: usize| u16_at(fixed, o).map_or(0, usize::from);
+        let flags = u16_at(fixed, 8).unwrap_or(0);
+        let method = u16_at(fixed, 10).unwrap_or(0);
+        let mut compressed = u32_at(fixed, 20).map_or(0, u64::from);
+        let mut uncompressed = u32_at(fixed, 24).map_or(0, u64::from);
+        let (name_len, extra_len, comment_len) = (number(28), number(30), number(32));
+        let mut local = u32_at(fixed, 42).map_or(0, u64::from);
+        let name = cd.get(at + 46..at + 46 + name_len).ok_or_else(short)?;
+        let name = String::from_utf8_lossy(name).into_owned();
+        let extra = cd
+            .get(at + 46 + name_len..at + 46 + name_len + extra_len)
+            .ok_or_else(short)?;
+        at += 46 + name_len + extra_len + comment_len;
+        // ZIP64 extended information: the saturated fields, in this order, as 64-bit values.
+        let mut e = 0usize;
+        while let (Some(id), Some(len)) = (u16_at(extra, e), u16_at(extra, e + 2)) {
+            if id == ZIP64_EXTRA {
+                let data = extra
+                    .get(e + 4..e + 4 + usize::from(len))
+                    .ok_or_else(|| format!("entry {name:?}: bad ZIP64 extra field"))?;
+                let mut k = 0;
+                for value in [&mut uncompressed, &mut compressed, &mut local] {
+                    if *value == SATURATED {
+                        *value = u64_at(data, k).ok_or_else(|| format!("entry {name:?}: bad ZIP64 extra field"))?;
+                        k += 8;
+                    }
+                }
+            }
+            e += 4 + usize::from(len);
+        }
+        if method == 0 && compressed != uncompressed {
+            return Err(format!("entry {name:?} has inconsistent sizes"));
+        }
+        let header = read(file, local, 30, &format!("entry {name:?}"))?;
+        if u32_at(&header, 0) != Some(LOCAL_SIG) {
+            return Err(format!("entry {name:?} has no local header"));
+        }
+        let local_name = u16_at(&header, 26).map_or(0, u64::from);
+        let local_extra = u16_at(&header, 28).map_or(0, u64::from);
+        let data_offset = local + 30 + local_name + local_extra;
+        if data_offset.checked_add(compressed).is_none_or(|end| end > file.len) {
+            return Err(format!("entry {name:?} is truncated"));
+        }
+        entries.push(Entry {
+            name,
+            method,
+            encrypted: flags & 1 != 0,
+            data_offset,
+            size: compressed,
+        });
+    }
+    Ok(entries)
+}
+
+/// CRC-32 (IEEE, as zip uses) of `bytes`.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes)
+}
+
+/// The CRC-32 of `a ++ b` from the CRC-32 of each part and the length of `b`.
+pub fn crc32_combine(crc_a: u32, crc_b: u32, len_b: u64) -> u32 {
+    let mut a = crc32fast::Hasher::new_with_initial(crc_a);
+    a.combine(&crc32fast::Hasher::new_with_initial_len(crc_b, len_b));
+    a.finalize()
+}
+
+/// A stored entry laid out for writing.
+#[derive(Debug, Clone)]
+struct Planned {
+    name: String,
+    local: u64,
+    data: u64,
+    size: u64,
+    /// Bytes of local-header extra field (ZIP64 sizes and alignment padding).
+    extra: Vec<u8>,
+    /// Sizes and offsets from this value up go in ZIP64 fields.
+    zip64_from: u64,
+}
+
+impl Planned {
+    fn zip64_sizes(&self) -> bool {
+        self.size >= self.zip64_from
+    }
+
+    fn local_header(&self, crc: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(30 + self.name.len() + self.extra.len());
+        let size = if self.zip64_sizes() { SATURATED } else { self.size } as u32;
+        out.extend_from_slice(&LOCAL_SIG.to_le_bytes());
+        out.extend_from_slice(&version_needed(self.zip64_sizes()).to_le_bytes());
+        out.extend_from_slice(&flags(&self.name).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes()); // stored
+        out.extend_from_slice(&DOS_TIME.to_le_bytes());
+        out.extend_from_slice(&DOS_DATE.to_le_bytes());
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(self.extra.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(&self.extra);
+        out
+    }
+
+    fn central_header(&self, crc: u32) -> Vec<u8> {
+        let (size_big, local_big) = (self.zip64_sizes(), self.local >= self.zip64_from);
+        let mut extra = Vec::new();
+        if size_big || local_big {
+            let mut data = Vec::new();
+            if size_big {
+                data.extend_from_slice(&self.size.to_le_bytes());
+                data.extend_from_slice(&self.size.to_le_bytes());
+            }
+            if local_big {
+                data.extend_from_slice(&self.local.to_le_bytes());
+            }
+            extra.extend_from_slice(&ZIP64_EXTRA.to_le_bytes());
+            extra.extend_from_slice(&(data.len() as u16).to_le_bytes());
+            extra.extend_from_slice(&data);
+        }
+        let size = if size_big { SATURATED } else { self.size } as u32;
+        let local = if local_big { SATURATED } else { self.local } as u32;
+        let version = version_needed(size_big || local_big);
+        let mut out = Vec::with_capacity(46 + self.name.len() + extra.len());
+        out.extend_from_slice(&CENTRAL_SIG.to_le_bytes());
+        out.extend_from_slice(&(version | 3 << 8).to_le_bytes()); // made by: Unix
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&flags(&self.name).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&DOS_TIME.to_le_bytes());
+        out.extend_from_slice(&DOS_DATE.to_le_bytes());
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+        out.extend_from_slice(&[0; 6]); // comment length, disk, internal attributes
+        out.extend_from_slice(&(0o100644u32 << 16).to_le_bytes()); // regular file, rw-r--r--
+        out.extend_from_slice(&local.to_le_bytes());
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(&extra);
+        out
+    }
+}
+
+fn version_needed(zip64: bool) -> u16 {
+    if zip64 {
+        45
+    } else {
+        20
+    }
+}
+
+/// General-purpose flags: bit 11 says the name is UTF-8.
+fn flags(name: &str) -> u16 {
+    if name.is_ascii() {
+        0
+    } else {
+        1 << 11
+    }
+}
+
+/// The layout of an archive of stored entries being written: where each entry's local header and
+/// data go. Entries are added in order; the central directory follows the last one.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    entries: Vec<Planned>,
+    end: u64,
+    /// Sizes, offsets and counts from this value up go in ZIP64 fields; lowered only by tests,
+    /// so the ZIP64 paths are exercised without writing 4 GiB.
+    zip64_from: u64,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            entries: Vec::new(),
+            end: 0,
+            zip64_from: SATURATED,
+        }
+    }
+}
+
+impl Layout {
+    /// An empty archive.
+    pub fn new() -> Self {
+        Layout::default()
+    }
+
+    /// Adds an entry of `size` bytes whose data starts at a multiple of `align` (1 for none) and
+    /// returns that data offset. Names longer than 65535 bytes are refused.
+    pub fn add(&mut self, name: &str, size: u64, align: u64) -> Result<u64, String> {
+        if name.len() > 0xFFFF {
+            return Err(format!("zip entry name of {} bytes is too long", name.len()));
+        }
+        let local = self.end;
+        let mut extra = Vec::new();
+        if size >= self.zip64_from {
+            extra.extend_from_slice(&ZIP64_EXTRA.to_le_bytes());
+            extra.extend_from_slice(&16u16.to_le_bytes());
+            extra.extend_from_slice(&size.to_le_bytes());
+            extra.extend_from_slice(&size.to_le_bytes());
+        }
+        let unpadded = local + 30 + name.len() as u64 + extra.len() as u64;
+        let align = align.max(1);
+        let mut pad = (align - unpadded % align) % align;
+        if pad != 0 && pad < 4 {
+            pad += align; // a padding field needs its 4-byte id and length
+        }
+        if pad != 0 {
+            extra.extend_from_slice(&PADDING_EXTRA.to_le_bytes());
+            extra.extend_from_slice(&((pad - 4) as u16).to_le_bytes());
+            extra.resize(extra.len() + (pad - 4) as usize, b'Z');
+        }
+        let data = unpadded + pad;
+        self.end = data.checked_add(size).ok_or("archive size overflows")?;
+        self.entries.push(Planned {
+            name: name.to_string(),
+            local,
+            data,
+            size,
+            extra,
+            zip64_from: self.zip64_from,
+        });
+        Ok(data)
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no entry was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Where entry `i`'s data starts.
+    ///
+    /// # Panics
+    /// If `i` is not the index of an added entry.
+    pub fn data_offset(&self, i: usize) -> u64 {
+        self.entries[i].data
+    }
+
+    /// Where the last entry's data ends (and the central directory starts).
+    pub fn data_end(&self) -> u64 {
+        self.end
+    }
+
+    /// Writes every local header with a zero CRC (the data is written afterwards).
+    pub fn write_local_headers(&self, file: &File) -> io::Result<()> {
+        for entry in &self.entries {
+            file.write_all_at(&entry.local_header(0), entry.local)?;
+        }
+        Ok(())
+    }
+
+    /// Completes the archive once every entry's data is in place: rewrites the local headers
+    /// with `crcs` (one per entry, in order) and appends the central directory and end records.
+    /// Returns the archive's length.
+    pub fn finish(&self, file: &File, crcs: &[u32]) -> io::Result<u64> {
+        if crcs.len() != self.entries.len() {
+            return Err(io::Error::other("one CRC per zip entry is needed"));
+        }
+        let mut central = Vec::new();
+        for (entry, &crc) in self.entries.iter().zip(crcs) {
+            file.write_all_at(&entry.local_header(crc), entry.local)?;
+            central.extend_from_slice(&entry.central_header(crc));
+        }
+        let (count, size, offset) = (self.entries.len() as u64, central.len() as u64, self.end);
+        if count >= 0xFFFF.min(self.zip64_from) || size >= self.zip64_from || offset >= self.zip64_from {
+            let record_at = offset + size;
+            central.extend_from_slice(&EOCD64_SIG.to_le_bytes());
+            central.extend_from_slice(&44u64.to_le_bytes()); // size of the rest of the record
+            central.extend_from_slice(&(45u16 | 3 << 8).to_le_bytes());
+            central.extend_from_slice(&45u16.to_le_bytes());
+            central.extend_from_slice(&[0; 8]); // this disk, disk of the central directory
+            central.extend_from_slice(&count.to_le_bytes());
+            central.extend_from_slice(&count.to_le_bytes());
+            central.extend_from_slice(&size.to_le_bytes());
+            central.extend_from_slice(&offset.to_le_bytes());
+            central.extend_from_slice(&EOCD64_LOCATOR_SIG.to_le_bytes());
+            central.extend_from_slice(&0u32.to_le_bytes());
+            central.extend_from_slice(&record_at.to_le_bytes());
+            central.extend_from_slice(&1u32.to_le_bytes());
+        }
+        let zip64 = count >= 0xFFFF.min(self.zip64_from) || size >= self.zip64_from || offset >= self.zip64_from;
+        let count16 = if zip64 { 0xFFFF } else { count as u16 };
+        central.extend_from_slice(&EOCD_SIG.to_le_bytes());
+        central.extend_from_slice(&[0; 4]);
+        central.extend_from_slice(&count16.to_le_bytes());
+        central.extend_from_slice(&count16.to_le_bytes());
+        for value in [size, offset] {
+            central.extend_from_slice(&(if zip64 { SATURATED } else { value } as u32).to_le_bytes());
+        }
+        central.extend_from_slice(&[0, 0]); // comment length
+        file.write_all_at(&central, offset)?;
+        Ok(offset + central.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_known_value_and_combination() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32_combine(crc32(b"1234"), crc32(b"56789"), 5), 0xCBF4_3926);
+        assert_eq!(crc32_combine(crc32(b"123456789"), crc32(b""), 0), 0xCBF4_3926);
+        assert_eq!(crc32_combine(0, crc32(b"123456789"), 9), 0xCBF4_3926);
+    }
+
+    fn write(layout: &Layout, data: &[&[u8]]) -> (tempfile::TempDir, SourceFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.zip");
+        let file = File::create(&path).unwrap();
+        layout.write_local_headers(&file).unwrap();
+        for (i, d) in data.iter().enumerate() {
+            file.write_all_at(d, layout.data_offset(i)).unwrap();
+        }
+        let crcs: Vec<u32> = data.iter().map(|d| crc32(d)).collect();
+        let len = layout.finish(&file, &crcs).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), len);
+        let source = SourceFile::open(&path).unwrap();
+        (dir, source)
+    }
+
+    #[test]
+    fn aligned_entries_round_trip() {
+        let mut layout = Layout::new();
+        let names = ["archive/data.pkl", "archive/data/0", "é/unicode"];
+        let data: [&[u8]; 3] = [b"pickle", &[7u8; 100], b""];
+        for (name, d) in names.iter().zip(data) {
+            let at = layout.add(name, d.len() as u64, 64).unwrap();
+            assert_eq!(at % 64, 0);
+        }
+        let (_dir, file) = write(&layout, &data);
+        let entries = read_entries(&file).unwrap();
+        assert_eq!(entries.len(), 3);
+        for ((entry, name), d) in entries.iter().zip(names).zip(data) {
+            assert_eq!(
+                (entry.name.as_str(), entry.method, entry.size),
+                (name, 0, d.len() as u64)
+            );
+            let mut back = vec![0u8; d.len()];
+            file.read_at(entry.data_offset, &mut back).unwrap();
+            assert_eq!(back, d);
+        }
+    }
+
+    #[test]
+    fn zip64_records_round_trip_and_other_readers_accept_them() {
+        let mut layout = Layout {
+            zip64_from: 0,
+            ..Layout::default()
+        };
+        let data: [&[u8]; 2] = [b"first", &[3u8; 70]];
+        layout.add("a", 5, 64).unwrap();
+        layout.add("b", 70, 64).unwrap();
+        let (_dir, file) = write(&layout, &data);
+        let entries = read_entries(&file).unwrap();
+        assert_eq!(entries.iter().map(|e| e.size).collect::<Vec<_>>(), [5, 70]);
+        assert_eq!(entries[1].data_offset % 64, 0);
+        // Python's zipfile, where there is one, checks the records and every CRC.
+        let checked = std::process::Command::new("python3")
+            .args(["-c", "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); assert z.testzip() is None; print(z.read('b').hex())"])
+            .arg(&file.path)
+            .output();
+        if let Ok(out) = checked {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "03".repeat(70));
+        }
+    }
+
+    #[test]
+    fn truncations_are_errors() {
+        let mut layout = Layout::new();
+        layout.add("x", 10, 1).unwrap();
+        let (dir, file) = write(&layout, &[&[1u8; 10]]);
+        let bytes = std::fs::read(&file.path).unwrap();
+        let path = dir.path().join("cut.zip");
+        for n in 0..bytes.len() {
+            std::fs::write(&path, &bytes[..n]).unwrap();
+            let cut = SourceFile::open(&path).unwrap();
+            assert!(read_entries(&cut).is_err(), "prefix of {n} bytes accepted");
+        }
+    }
+}
