@@ -26,6 +26,10 @@ Jobs:
   C   copy every MLP weight into 4 experts, delete the original (0.94 GiB in, 3.19 GiB out)
   D   ``brainsurgery check`` on the plans of A, B and C (headers only; wall time incl. Python start)
   A2  job A on the 2× checkpoint (1.88 GiB), to see that RSS does not grow with the size
+  P   convert the BF16 checkpoint to a PyTorch ``.bin`` (0.94 GiB; baseline: baseline_torch.py)
+  Q   convert that ``.bin`` back to safetensors (the ``.bin`` is written once by ``torch.save``
+      when torch is importable, else by brainsurgery; the baseline needs torch and is skipped
+      without it)
 
 Timings on shared 2-core machines vary 2–4× between batches: compare numbers within one run only.
 """
@@ -143,6 +147,38 @@ def ensure_checkpoints(data: Path) -> dict[str, Path]:
     return paths
 
 
+def convert_job(job: str, src: Path, data: Path, bs: str, py: str, args, have_torch: bool) -> tuple:
+    """Job P (safetensors → .bin) or Q (.bin → safetensors), each against cp and, with torch,
+    against baseline_torch.py."""
+    baseline = str(HERE / "baseline_torch.py")
+    plan = str(PLANS / "convert.yaml")
+    if job == "P":
+        inp, out, label, bjob = src, data / "out.bin", "P safetensors → .bin (0.94 GiB)", "to_bin"
+    else:
+        inp = data / "ckpt-bf16.bin"
+        if not inp.exists():
+            print(f"generating {inp} ...", file=sys.stderr, flush=True)
+            if have_torch:
+                subprocess.run([py, baseline, "to_bin", str(src), str(inp)], check=True)
+            else:
+                subprocess.run([bs, "run", "--no-progress", plan, f"inputs=[m::{src}]", f"output.path={inp}"],
+                               check=True, stdout=subprocess.DEVNULL)
+        out, label, bjob = data / "out.safetensors", "Q .bin → safetensors (0.94 GiB)", "from_bin"
+    cmd = [bs, "run", "--no-progress", "--threads", str(args.threads), plan, f"inputs=[m::{inp}]",
+           f"output.path={out}"]
+    print(f"[{job}] brainsurgery ...", file=sys.stderr, flush=True)
+    m_ours = measure(cmd, inp, out, args.repeat)
+    m_base = None
+    if have_torch:
+        print(f"[{job}] baseline (torch) ...", file=sys.stderr, flush=True)
+        m_base = measure([py, baseline, bjob, str(inp), str(out)], inp, out, args.repeat)
+    print(f"[{job}] cp ...", file=sys.stderr, flush=True)
+    m_ref = measure(["cp", str(inp), str(out)], inp, out, args.repeat)
+    print(f"    ours {m_ours.times}  baseline {m_base.times if m_base else '-'}  cp {m_ref.times}", file=sys.stderr)
+    return (label, m_ours.best, m_base.best if m_base else None, m_ref.best, m_ours.rss_mib,
+            m_base.rss_mib if m_base else None, m_ours.out_bytes)
+
+
 def fmt(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -150,7 +186,7 @@ def fmt(x: float | None, digits: int = 2) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--jobs", default="A,B,C,D,A2")
+    parser.add_argument("--jobs", default="A,B,C,D,A2,P,Q")
     parser.add_argument("--threads", type=int, default=0, help="brainsurgery --threads (0: one per core)")
     args = parser.parse_args()
     jobs = args.jobs.split(",")
@@ -175,8 +211,12 @@ def main() -> None:
         "C": ("C MLP → 4 experts (3.19 GiB out)", "c_experts.yaml", ckpt["bf16"], "experts", "dd"),
         "A2": ("A on 2× checkpoint (1.88 GiB)", "a_cast_bf16_to_f16.yaml", ckpt["bf16x2"], "cast", "cp"),
     }
+    have_torch = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
     rows = []
     for job in jobs:
+        if job in ("P", "Q"):
+            rows.append(convert_job(job, ckpt["bf16"], data, bs, py, args, have_torch))
+            continue
         if job == "D":
             for plan, inp, name in [("a_cast_bf16_to_f16.yaml", ckpt["bf16"], "A"),
                                     ("b_scale_f32.yaml", ckpt["f32"], "B"),
