@@ -65,7 +65,8 @@ pub struct Report {
     pub tensors: Vec<TensorSummary>,
     /// Total bytes of the output tensors.
     pub total_bytes: u64,
-    /// Files written (empty for a check).
+    /// Files written: by transforms (`save`, nested plans) in order, then the output's (empty
+    /// for a check).
     pub written: Vec<PathBuf>,
     /// Estimated peak bytes of buffers the run allocates.
     pub peak_memory_estimate: u64,
@@ -205,6 +206,7 @@ impl Prepared {
         let mut report = Report {
             notes: ctx.notes,
             output: ctx.output,
+            written: ctx.written,
             ..Report::default()
         };
         report.alias = self.output_alias(state)?;
@@ -257,7 +259,8 @@ impl Prepared {
         let state = self.execute(&mut ctx)?;
         let mut report = self.report(&state, ctx)?;
         if let (Some(output), Some(alias)) = (&self.plan.output, report.alias.clone()) {
-            report.written = write::write_output(output, &state, &alias, &self.plan, self.threads, options)?;
+            let files = write::write_output(output, &state, &alias, &self.plan, self.threads, options)?;
+            report.written.extend(files);
         }
         Ok(report)
     }

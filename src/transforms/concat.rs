@@ -230,22 +230,7 @@ impl LazyOp for ConcatOp {
 mod tests {
     use super::*;
 
-    fn tensor(shape: &[usize], offset: u16) -> Tensor {
-        let n: usize = shape.iter().product();
-        let bytes: Vec<u8> = (0..n as u16).flat_map(|v| (v + offset).to_le_bytes()).collect();
-        Tensor::in_memory(DType::U16, shape.to_vec(), Arc::new(bytes))
-    }
-
-    fn matched(name: &str, t: Tensor) -> Match {
-        Match {
-            alias: "m".into(),
-            name: name.into(),
-            tensor: t.clone(),
-            base: t,
-            slice: None,
-            captures: Reference::parse_str(name).unwrap().selector.captures(name).unwrap(),
-        }
-    }
+    use crate::transforms::test_support::{counting as tensor, matched};
 
     #[test]
     fn joins_along_inner_dimensions_in_any_chunking() {

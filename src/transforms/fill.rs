@@ -26,80 +26,43 @@ use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::value::{strides, LazyOp, Scratch, Tensor};
 
-const FILL_FIELDS: &[Field] = &[
+/// A key table: `head` fields followed by the fill-mode keys `fill` and `fill_` share.
+macro_rules! with_mode_fields {
+    ($($head:expr),* $(,)?) => {
+        &[
+            $($head,)*
+            Field::optional("mode", FieldKind::Text, Some("constant"), "`constant`, `rand` or `tensor`"),
+            Field::optional("value", FieldKind::Number, None, "the constant (mode constant)"),
+            Field::optional("distribution", FieldKind::Text, Some("uniform"), "`uniform` or `normal` (mode rand)"),
+            Field::optional("low", FieldKind::Number, Some("0"), "uniform lower bound, inclusive"),
+            Field::optional("high", FieldKind::Number, Some("1"), "uniform upper bound, exclusive"),
+            Field::optional("mean", FieldKind::Number, Some("0"), "normal mean"),
+            Field::optional("std", FieldKind::Number, Some("1"), "normal standard deviation"),
+            Field::optional("seed", FieldKind::Number, Some("0"), "random seed, mixed with each tensor's name"),
+            Field::optional(
+                "values",
+                FieldKind::Values,
+                None,
+                "values broadcast NumPy-style to the shape (mode tensor)",
+            ),
+        ]
+    };
+}
+
+const FILL_FIELDS: &[Field] = with_mode_fields!(
     Field::required(
         "from",
         FieldKind::Reference,
         "tensors whose shape and dtype are used (may be sliced)",
     ),
     Field::required("to", FieldKind::Target, "destination names"),
-    Field::optional(
-        "mode",
-        FieldKind::Text,
-        Some("constant"),
-        "`constant`, `rand` or `tensor`",
-    ),
-    Field::optional("value", FieldKind::Number, None, "the constant (mode constant)"),
-    Field::optional(
-        "distribution",
-        FieldKind::Text,
-        Some("uniform"),
-        "`uniform` or `normal` (mode rand)",
-    ),
-    Field::optional("low", FieldKind::Number, Some("0"), "uniform lower bound, inclusive"),
-    Field::optional("high", FieldKind::Number, Some("1"), "uniform upper bound, exclusive"),
-    Field::optional("mean", FieldKind::Number, Some("0"), "normal mean"),
-    Field::optional("std", FieldKind::Number, Some("1"), "normal standard deviation"),
-    Field::optional(
-        "seed",
-        FieldKind::Number,
-        Some("0"),
-        "random seed, mixed with each tensor's name",
-    ),
-    Field::optional(
-        "values",
-        FieldKind::Values,
-        None,
-        "values broadcast NumPy-style to the shape (mode tensor)",
-    ),
-];
+);
 
-const FILL_INPLACE_FIELDS: &[Field] = &[
-    Field::required(
-        "target",
-        FieldKind::Reference,
-        "tensors overwritten in place (a slice fills only that part)",
-    ),
-    Field::optional(
-        "mode",
-        FieldKind::Text,
-        Some("constant"),
-        "`constant`, `rand` or `tensor`",
-    ),
-    Field::optional("value", FieldKind::Number, None, "the constant (mode constant)"),
-    Field::optional(
-        "distribution",
-        FieldKind::Text,
-        Some("uniform"),
-        "`uniform` or `normal` (mode rand)",
-    ),
-    Field::optional("low", FieldKind::Number, Some("0"), "uniform lower bound, inclusive"),
-    Field::optional("high", FieldKind::Number, Some("1"), "uniform upper bound, exclusive"),
-    Field::optional("mean", FieldKind::Number, Some("0"), "normal mean"),
-    Field::optional("std", FieldKind::Number, Some("1"), "normal standard deviation"),
-    Field::optional(
-        "seed",
-        FieldKind::Number,
-        Some("0"),
-        "random seed, mixed with each tensor's name",
-    ),
-    Field::optional(
-        "values",
-        FieldKind::Values,
-        None,
-        "values broadcast NumPy-style to the shape (mode tensor)",
-    ),
-];
+const FILL_INPLACE_FIELDS: &[Field] = with_mode_fields!(Field::required(
+    "target",
+    FieldKind::Reference,
+    "tensors overwritten in place (a slice fills only that part)",
+));
 
 const CONST_NEW_FIELDS: &[Field] = &[
     Field::required("target", FieldKind::Target, "the new tensor's name (alias::name)"),

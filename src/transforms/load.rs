@@ -377,7 +377,8 @@ impl Transform for Save {
 }
 
 /// Validates `spec` (at `location`) and, when the plan runs, writes `tensors` of `alias` there
-/// through the output's code path. Returns the files written, or `None` in a check.
+/// through the output's code path. Returns the files written (also recorded in the context, for
+/// the run's report), or `None` in a check.
 #[allow(clippy::too_many_arguments)]
 fn save_tensors(
     state: &State,
@@ -386,7 +387,7 @@ fn save_tensors(
     sidecars: &[PathBuf],
     spec: &OutputSpec,
     location: &Location,
-    ctx: &Context,
+    ctx: &mut Context,
     plan_sha256: Option<&str>,
 ) -> Result<Option<Vec<PathBuf>>, StepError> {
     write::validate_target(spec, state, location).map_err(step_error)?;
@@ -398,9 +399,10 @@ fn save_tensors(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    write::write_tensors(spec, tensors, &metadata, sidecars, threads, &ctx.cancel, None)
-        .map(Some)
-        .map_err(step_error)
+    let files =
+        write::write_tensors(spec, tensors, &metadata, sidecars, threads, &ctx.cancel, None).map_err(step_error)?;
+    ctx.written.extend(files.iter().cloned());
+    Ok(Some(files))
 }
 
 /// Writes a whole alias like the plan output (nested plans' outputs use it): validated always,

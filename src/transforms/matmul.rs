@@ -143,15 +143,16 @@ impl Transform for Matmul {
         }
         let destinations = new_destinations(state, &matches, &self.to, "matmul", &self.location)?;
         for ((a, (alias, name)), (b, dims, shape)) in matches.iter().zip(&destinations).zip(products) {
-            state.insert(alias, name, product(&a.tensor, &b, dims, shape));
+            state.insert(alias, name, product(&a.tensor, &b, dims, shape, ctx.threads));
         }
         ctx.note(format!("matmul: {}", count_noun(matches.len())));
         Ok(Flow::Continue)
     }
 }
 
-/// The lazy product `a @ b` with dimensions `(batch, m, k, n)`.
-fn product(a: &Tensor, b: &Tensor, dims: [usize; 4], shape: Vec<usize>) -> Tensor {
+/// The lazy product `a @ b` with dimensions `(batch, m, k, n)`, computed on `threads` threads
+/// (0: one per core).
+fn product(a: &Tensor, b: &Tensor, dims: [usize; 4], shape: Vec<usize>, threads: usize) -> Tensor {
     Tensor::op(
         a.dtype,
         shape,
@@ -159,6 +160,7 @@ fn product(a: &Tensor, b: &Tensor, dims: [usize; 4], shape: Vec<usize>) -> Tenso
             a: a.clone(),
             b: b.clone(),
             dims,
+            threads,
             result: Mutex::new(None),
         }),
     )
@@ -171,6 +173,8 @@ pub struct MatmulOp {
     b: Tensor,
     /// `(batch, m, k, n)`.
     dims: [usize; 4],
+    /// Threads computing the product (the run's `--threads`; 0: one per core).
+    threads: usize,
     /// The product in the operands' dtype, once computed.
     result: Mutex<Option<Arc<Vec<u8>>>>,
 }
@@ -260,7 +264,10 @@ impl MatmulOp {
         if let Some(result) = &*slot {
             return Ok(result.clone());
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         // A plain thread: joining it blocks without running other jobs of the caller's pool.
         let computed =
             std::thread::scope(|s| s.spawn(|| self.compute(threads)).join()).map_err(|_| FormatError::Io {
@@ -325,7 +332,7 @@ mod tests {
         let b = f32_tensor(&[2, 3, 2], |i| (i as f32) - 3.0);
         let (dims, shape) = product_shape(&a, "a", &b, "b").unwrap();
         assert_eq!((dims, shape.clone()), ([2, 2, 3, 2], vec![2, 2, 2]));
-        let got = values(&product(&a, &b, dims, shape));
+        let got = values(&product(&a, &b, dims, shape, 1));
         let (av, bv) = (values(&a), values(&b));
         let mut expected = Vec::new();
         for z in 0..2 {

@@ -28,6 +28,7 @@ pub mod permute;
 pub mod reshape;
 pub mod split;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -69,6 +70,8 @@ pub struct Context {
     pub threads: usize,
     /// The plan's hash, recorded in files `save` writes, when the plan is known.
     pub plan_sha256: Option<String>,
+    /// Files transforms wrote (`save`, nested plans' outputs), in order.
+    pub written: Vec<PathBuf>,
 }
 
 impl Context {
@@ -82,6 +85,7 @@ impl Context {
             output: Vec::new(),
             threads: 0,
             plan_sha256: None,
+            written: Vec::new(),
         }
     }
 
@@ -287,5 +291,33 @@ pub(crate) fn count_noun(n: usize) -> String {
         "1 tensor".to_owned()
     } else {
         format!("{n} tensors")
+    }
+}
+
+/// Fixtures shared by the transform families' unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::references::Reference;
+    use crate::value::Tensor;
+
+    /// A U16 tensor of `shape` holding `offset, offset + 1, ...` in row-major order.
+    pub(crate) fn counting(shape: &[usize], offset: u16) -> Tensor {
+        let n: usize = shape.iter().product();
+        let bytes: Vec<u8> = (0..n as u16).flat_map(|v| (v + offset).to_le_bytes()).collect();
+        Tensor::in_memory(DType::U16, shape.to_vec(), Arc::new(bytes))
+    }
+
+    /// `t` matched as `m::name` without a slice.
+    pub(crate) fn matched(name: &str, t: Tensor) -> Match {
+        Match {
+            alias: "m".into(),
+            name: name.into(),
+            tensor: t.clone(),
+            base: t,
+            slice: None,
+            captures: Reference::parse_str(name).unwrap().selector.captures(name).unwrap(),
+        }
     }
 }

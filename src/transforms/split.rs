@@ -235,22 +235,11 @@ impl Transform for Split {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
-    use crate::value::{Scratch, Tensor};
-    use std::sync::Arc;
+    use crate::transforms::test_support;
+    use crate::value::Scratch;
 
     fn matched(shape: &[usize]) -> Match {
-        let n: usize = shape.iter().product();
-        let bytes: Vec<u8> = (0..n as u16).flat_map(|v| v.to_le_bytes()).collect();
-        let t = Tensor::in_memory(DType::U16, shape.to_vec(), Arc::new(bytes));
-        Match {
-            alias: "m".into(),
-            name: "x".into(),
-            tensor: t.clone(),
-            base: t,
-            slice: None,
-            captures: Reference::parse_str("x").unwrap().selector.captures("x").unwrap(),
-        }
+        test_support::matched("x", test_support::counting(shape, 0))
     }
 
     #[test]

@@ -233,3 +233,20 @@ def test_save_unknown_alias_and_formats(write, tmp_path):
         bs.check(
             {"inputs": [str(a)], "transforms": [{"save": {"path": str(tmp_path / "x"), "alias": "model", "target": "ids"}}]}
         )
+
+
+def test_files_save_writes_are_in_the_report_before_the_output(write, tmp_path):
+    a = write(_tensors(), "a.safetensors")
+    saved, out = tmp_path / "snapshot.safetensors", tmp_path / "out.safetensors"
+    report = bs.run(
+        {
+            "inputs": [f"model::{a}"],
+            "transforms": [
+                {"save": {"path": str(saved), "alias": "model"}},
+                {"scale_": {"target": "h.0.w", "by": 2.0}},
+            ],
+            "output": str(out),
+        }
+    )
+    assert [str(p) for p in report["written"]] == [str(saved), str(out)]
+    np.testing.assert_array_equal(load_file(str(saved))["h.0.w"], _tensors()["h.0.w"])
