@@ -69,6 +69,10 @@ pub struct Context {
     pub threads: usize,
     /// The plan's hash, recorded in files `save` writes, when the plan is known.
     pub plan_sha256: Option<String>,
+    /// Notices about how inputs were read (a directory with weights of two formats, training
+    /// state left out); the command line prints them on stderr, Python returns them in
+    /// `report["notices"]`.
+    pub notices: Vec<String>,
 }
 
 impl Context {
@@ -82,12 +86,18 @@ impl Context {
             output: Vec::new(),
             threads: 0,
             plan_sha256: None,
+            notices: Vec::new(),
         }
     }
 
     /// Records what a transform did.
     pub fn note(&mut self, line: String) {
         self.notes.push(line);
+    }
+
+    /// Records the notices of a checkpoint just opened.
+    pub fn notices_of(&mut self, checkpoint: &crate::formats::Checkpoint) {
+        self.notices.extend(checkpoint.notices.iter().cloned());
     }
 
     /// Prints text for the user (a `dump` table, a `diff` report).
