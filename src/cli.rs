@@ -251,6 +251,13 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
     Prepared::new(plan, args.threads)
 }
 
+/// Prints notices on stderr, so stdout stays what the plan prints (`dump` JSON can be piped).
+fn print_notices(notices: &[String]) {
+    for notice in notices {
+        eprintln!("notice: {notice}");
+    }
+}
+
 fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -> std::io::Result<()> {
     for text in &report.output {
         writeln!(out, "{text}")?;
@@ -298,6 +305,7 @@ fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::exe
 
 fn inspect(path: &std::path::Path, out: &mut dyn Write) -> Result<(), Error> {
     let checkpoint = open_checkpoint(path)?;
+    print_notices(&checkpoint.notices);
     let width = checkpoint
         .tensors
         .iter()
@@ -324,10 +332,11 @@ fn inspect(path: &std::path::Path, out: &mut dyn Write) -> Result<(), Error> {
     }
     let _ = writeln!(
         out,
-        "{} tensors, {} in {} file(s)",
+        "{} tensors, {} in {} {} file(s)",
         checkpoint.tensors.len(),
         human_bytes(total),
-        checkpoint.files.len()
+        checkpoint.files.len(),
+        checkpoint.format.name()
     );
     for (key, value) in &checkpoint.metadata {
         let _ = writeln!(out, "metadata {key} = {value}");
@@ -352,8 +361,11 @@ fn diff(
         .into());
     }
     let mut state = crate::executor::state::State::default();
-    state.add_checkpoint("left", &open_checkpoint(path_a)?);
-    state.add_checkpoint("right", &open_checkpoint(path_b)?);
+    for (alias, path) in [("left", path_a), ("right", path_b)] {
+        let checkpoint = open_checkpoint(path)?;
+        print_notices(&checkpoint.notices);
+        state.add_checkpoint(alias, &checkpoint);
+    }
     let mut ctx = crate::transforms::Context::new(true, cancel);
     let location = crate::plan::Location::root();
     let report = crate::transforms::diff::compare_aliases(&state, &mut ctx, "left", "right", eps, &location).map_err(
@@ -423,6 +435,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
             }
             let prepared = load_plan(&args)?;
             let report = prepared.check()?;
+            print_notices(&report.notices);
             let _ = writeln!(
                 out,
                 "plan is valid: {} transforms checked against the headers",
@@ -455,6 +468,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
                 bar.finish_and_clear();
             }
             let report = result?;
+            print_notices(&report.notices);
             let _ = print_report(&mut out, &report, args.summarize && !args.no_summarize, "wrote");
             Ok(0)
         }
@@ -469,6 +483,7 @@ fn interactive(
     out: &mut dyn Write,
 ) -> Result<Report, Error> {
     let (mut session, applied) = crate::executor::session::Session::start(prepared, cancel)?;
+    print_notices(&applied.notices);
     for text in &applied.output {
         let _ = writeln!(out, "{text}");
     }

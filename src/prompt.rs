@@ -320,6 +320,9 @@ fn terminal(names: Names) -> Option<Terminal> {
 }
 
 fn print_applied(out: &mut dyn Write, applied: &Applied) {
+    for notice in &applied.notices {
+        eprintln!("notice: {notice}");
+    }
     for text in &applied.output {
         let _ = writeln!(out, "{text}");
     }

@@ -75,10 +75,25 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         """The path that was opened."""
         return self._core.path
 
+    @property
+    def format(self) -> str:
+        """The format of the weight files read: ``safetensors``, ``PyTorch`` or ``NumPy``."""
+        return self._core.format
+
+    @property
+    def notices(self) -> list[str]:
+        """How a directory was read, when it matters: weights of another format or training
+        state (``optimizer.pt``, ...) left out. Empty for a file."""
+        return self._core.notices
+
     def __repr__(self) -> str:
         return f"<brainsurgery.Checkpoint {self.path!r}: {len(self)} tensors>"
 
 
 def open(path: str | os.PathLike[str]) -> Checkpoint:  # noqa: A001 - mirrors the SPEC's bs.open
-    """Open a checkpoint (safetensors file or directory) lazily; see :class:`Checkpoint`."""
+    """Open a checkpoint lazily; see :class:`Checkpoint`.
+
+    ``path`` is a ``.safetensors``, ``.bin``/``.pt``/``.pth`` or ``.npy``/``.npz`` file, or a
+    directory of them (docs/semantics.md says which files of a directory are read).
+    """
     return Checkpoint(_core.open(os.fspath(path)))

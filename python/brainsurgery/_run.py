@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,8 @@ PlanLike = Mapping[str, Any] | str | os.PathLike[str]
 
 def _show(report: _core.Report, quiet: bool) -> _core.Report:
     if not quiet:
+        for notice in report["notices"]:
+            print(f"notice: {notice}", file=sys.stderr)
         for text in report["output"]:
             print(text)
     return report
@@ -28,7 +31,8 @@ def run(
     """Run a plan (a dict, YAML text, a path, or a list of them merged in order) and write its output.
 
     What ``dump``, ``diff`` and ``help`` print is printed (unless ``quiet``) and is also in
-    ``report["output"]``. Raises ``PlanError``, ``TransformError``, ``AssertionFailed`` or
+    ``report["output"]``; notices about how inputs were read go to stderr and
+    ``report["notices"]``. Raises ``PlanError``, ``TransformError``, ``AssertionFailed`` or
     ``FormatError``; nothing is written when it raises.
 
     >>> report = run({"inputs": ["model.safetensors"], "output": "out.safetensors"})  # doctest: +SKIP

@@ -203,6 +203,7 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     )?;
     dict.set_item("notes", &report.notes)?;
     dict.set_item("output", &report.output)?;
+    dict.set_item("notices", &report.notices)?;
     dict.set_item("added", report.added)?;
     dict.set_item("removed", report.removed)?;
     dict.set_item("peak_memory_estimate", report.peak_memory_estimate)?;
@@ -365,6 +366,19 @@ impl PyCheckpoint {
     #[getter]
     fn path(&self) -> String {
         self.checkpoint.path.display().to_string()
+    }
+
+    /// The format of the weight files read: `safetensors`, `PyTorch` or `NumPy`.
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.checkpoint.format.name()
+    }
+
+    /// Notices about how a directory was read (files of another format or training state
+    /// left out).
+    #[getter]
+    fn notices(&self) -> Vec<String> {
+        self.checkpoint.notices.clone()
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Text printed by transforms (`dump`, `diff`, `help`), in order.
     pub output: Vec<String>,
+    /// Notices about how inputs were read (inputs first, then `load`s), in order.
+    pub notices: Vec<String>,
     /// The alias written (or that would be written).
     pub alias: Option<String>,
     /// The output tensors in order.
@@ -82,6 +84,8 @@ pub struct Prepared {
     plan: Plan,
     steps: Vec<Box<dyn Transform>>,
     initial: State,
+    /// The inputs' notices, given to every execution's context.
+    notices: Vec<String>,
     threads: usize,
 }
 
@@ -115,9 +119,11 @@ impl Prepared {
                 .collect::<Result<Vec<_>, _>>()
         })?;
         let mut initial = State::default();
+        let mut notices = Vec::new();
         for input in &plan.inputs {
             let checkpoint = open_checkpoint(&input.path)?;
             initial.add_checkpoint(&input.alias, &checkpoint);
+            notices.extend(checkpoint.notices);
         }
         initial.written.clear();
         // SPEC §3: the only input, or output.alias — when that names an input; an output alias
@@ -148,6 +154,7 @@ impl Prepared {
             plan,
             steps,
             initial,
+            notices,
             threads,
         })
     }
@@ -160,6 +167,7 @@ impl Prepared {
     fn execute(&self, ctx: &mut Context) -> Result<State, Error> {
         ctx.threads = self.threads;
         ctx.plan_sha256 = Some(self.plan.sha256.clone());
+        ctx.notices.extend(self.notices.iter().cloned());
         let mut state = self.initial.clone();
         for (index, (step, raw)) in self.steps.iter().zip(&self.plan.transforms).enumerate() {
             if ctx.cancelled() {
@@ -207,6 +215,7 @@ impl Prepared {
             notes: ctx.notes,
             output: ctx.output,
             written: ctx.written,
+            notices: ctx.notices,
             ..Report::default()
         };
         report.alias = self.output_alias(state)?;
@@ -471,6 +480,23 @@ mod tests {
         let err = run_yaml(&yaml, 1).unwrap_err();
         assert!(err.to_string().contains("would overwrite input"), "{err}");
         assert!(snapshot.join("model.safetensors").is_symlink());
+    }
+
+    #[test]
+    fn input_notices_reach_the_report_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("ck");
+        std::fs::create_dir(&ck).unwrap();
+        write_input(&ck);
+        std::fs::write(ck.join("optimizer.pt"), b"never read").unwrap();
+        let out = dir.path().join("o.safetensors");
+        let yaml = format!("inputs: ['{}']\noutput: '{}'\n", ck.display(), out.display());
+        let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
+        let prepared = Prepared::new(plan, 1).unwrap();
+        for report in [prepared.check().unwrap(), prepared.run(&RunOptions::default()).unwrap()] {
+            assert_eq!(report.notices.len(), 1, "{:?}", report.notices);
+            assert!(report.notices[0].contains("optimizer.pt"), "{:?}", report.notices);
+        }
     }
 
     #[test]

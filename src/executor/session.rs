@@ -22,6 +22,8 @@ pub struct Applied {
     pub output: Vec<String>,
     /// One line per transform describing what it did.
     pub notes: Vec<String>,
+    /// Notices about how inputs were read (the plan's inputs, `load`).
+    pub notices: Vec<String>,
     /// Whether the block ran `exit`, which ends the session.
     pub exit: bool,
 }
@@ -48,6 +50,7 @@ impl Session {
         let applied = Applied {
             output: ctx.output,
             notes: ctx.notes,
+            notices: ctx.notices,
             exit: false,
         };
         Ok((
@@ -111,6 +114,7 @@ impl Session {
         Ok(Applied {
             output: ctx.output,
             notes: ctx.notes,
+            notices: ctx.notices,
             exit,
         })
     }

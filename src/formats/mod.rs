@@ -1,6 +1,7 @@
-//! Checkpoint files on disk (SPEC §6): opening inputs read-only, listing their tensors with
-//! absolute byte offsets, and the one error type of this layer. Header parsing lives in
-//! [`safetensors`], the atomic writer in [`output`]. Reading tensor bytes, computing on them and
+//! Checkpoint files on disk (SPEC §6): opening inputs read-only (a file, or a directory whose
+//! files are told apart by name), listing their tensors with absolute byte offsets, and the one
+//! error type of this layer. Header parsing lives in [`safetensors`], [`torch`] and [`numpy`],
+//! the atomic writer in [`output`]. Reading tensor bytes, computing on them and
 //! deciding what to write belong to the executor; this layer only says where bytes are and
 //! where they go.
 
@@ -90,8 +91,9 @@ pub enum FormatError {
         /// The format recognised from the name (`"PyTorch"`, `"NumPy"`).
         format: &'static str,
     },
-    /// A directory input holds no weight files.
-    #[error("no *.safetensors files in directory {}", path.display())]
+    /// A directory input holds no weight files (training state and `training_args.bin` are not
+    /// weights).
+    #[error("no weight files (*.safetensors, *.bin, *.pt, *.pth, *.npy, *.npz) in directory {}", path.display())]
     NoWeights {
         /// The directory.
         path: PathBuf,
@@ -112,7 +114,7 @@ pub enum FormatError {
         /// The shard it names.
         file: PathBuf,
     },
-    /// The weight index places a tensor in a shard whose header does not hold it.
+    /// The weight index places a tensor in a shard that does not hold it.
     #[error("weight index {} puts tensor {tensor:?} in {}, which does not contain it", index.display(), file.display())]
     IndexTensorMissing {
         /// The index file.
@@ -248,11 +250,70 @@ pub struct TensorEntry {
     pub nbytes: u64,
 }
 
+/// The formats checkpoints are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputFormat {
+    /// `.safetensors` files.
+    Safetensors,
+    /// PyTorch `.bin`/`.pt`/`.pth` files (`torch.save`).
+    PyTorch,
+    /// NumPy `.npy`/`.npz` files.
+    NumPy,
+}
+
+impl InputFormat {
+    /// The format's name in messages: `safetensors`, `PyTorch`, `NumPy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InputFormat::Safetensors => "safetensors",
+            InputFormat::PyTorch => "PyTorch",
+            InputFormat::NumPy => "NumPy",
+        }
+    }
+
+    /// The format a file name's extension indicates, if it is one of ours.
+    fn of_name(name: &str) -> Option<InputFormat> {
+        let lower = name.to_ascii_lowercase();
+        let has = |exts: &[&str]| exts.iter().any(|ext| lower.ends_with(ext));
+        if has(&[".safetensors"]) {
+            Some(InputFormat::Safetensors)
+        } else if has(&[".bin", ".pt", ".pth"]) {
+            Some(InputFormat::PyTorch)
+        } else if has(&[".npy", ".npz"]) {
+            Some(InputFormat::NumPy)
+        } else {
+            None
+        }
+    }
+
+    /// The weight index a sharded directory of this format may have.
+    fn index_name(self) -> Option<&'static str> {
+        match self {
+            InputFormat::Safetensors => Some(INDEX_NAME),
+            InputFormat::PyTorch => Some(TORCH_INDEX_NAME),
+            InputFormat::NumPy => None,
+        }
+    }
+
+    /// Reads one file's tensors (entries carry `file_index`) and its `__metadata__` (only
+    /// safetensors has any).
+    fn read(self, file: &SourceFile, file_index: usize) -> Result<FileContents, FormatError> {
+        let read_tensors: ReadTensors = match self {
+            InputFormat::Safetensors => return read_safetensors(file, file_index),
+            InputFormat::PyTorch => torch::read_tensors,
+            InputFormat::NumPy => numpy::read_tensors,
+        };
+        Ok((read_tensors(file, file_index)?, BTreeMap::new()))
+    }
+}
+
 /// An opened input checkpoint: its files, its tensors and the files beside them.
 #[derive(Debug)]
 pub struct Checkpoint {
     /// The path the user gave (file or directory).
     pub path: PathBuf,
+    /// The format of its weight files.
+    pub format: InputFormat,
     /// The weight files, sorted by file name.
     pub files: Vec<Arc<SourceFile>>,
     /// Every tensor, files in order, and within a file by data offset.
@@ -264,23 +325,50 @@ pub struct Checkpoint {
     pub sidecars: Vec<PathBuf>,
     /// Whether the user gave a directory.
     pub is_directory: bool,
+    /// What the user should know about how a directory was read (files of another format or
+    /// training state left out), one sentence each; shown as notices, never errors.
+    pub notices: Vec<String>,
 }
 
-/// The non-safetensors weight format a file name indicates, if any.
-fn foreign_format(name: &str) -> Option<&'static str> {
-    let lower = name.to_ascii_lowercase();
-    if [".bin", ".pt", ".pth"].iter().any(|ext| lower.ends_with(ext)) {
-        Some("PyTorch")
-    } else if [".npy", ".npz"].iter().any(|ext| lower.ends_with(ext)) {
-        Some("NumPy")
-    } else {
-        None
-    }
+/// Name of the weight index of a sharded PyTorch directory (Hugging Face).
+pub const TORCH_INDEX_NAME: &str = "pytorch_model.bin.index.json";
+
+/// Pickles the Hugging Face Trainer writes beside the weights that describe the run rather
+/// than hold weights: never loaded (`training_args.bin` pickles a `TrainingArguments`, which the
+/// restricted unpickler refuses), but copied to a directory output like `config.json`.
+const TRAINING_METADATA: &[&str] = &["training_args.bin"];
+
+/// File stems (before `.bin`/`.pt`/`.pth`) of training state written by the Hugging Face
+/// Trainer, Accelerate and DeepSpeed: optimizer moments, LR scheduler, gradient scaler, sampler
+/// and RNG states. A stem equal to one of these or starting with it plus `_` (`rng_state_3`,
+/// `optimizer_1`) is training state, as is a stem ending in `optim_states` (DeepSpeed ZeRO).
+/// Neither loaded nor copied: it describes the weights before surgery.
+const TRAINING_STATE_STEMS: &[&str] = &[
+    "optimizer",
+    "scheduler",
+    "lr_scheduler",
+    "scaler",
+    "sampler",
+    "rng_state",
+    "random_states",
+];
+
+/// What a file directly in a checkpoint directory is, decided by its name alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileKind {
+    /// Weights of one of the formats we read.
+    Weights(InputFormat),
+    /// Training state: neither loaded nor copied (a notice names it).
+    TrainingState,
+    /// Weights of another framework, or a weight index: not copied.
+    NotCopied,
+    /// Anything else (config, tokenizer, README, `training_args.bin`): copied to a directory
+    /// output.
+    Sidecar,
 }
 
-/// Whether a file in a checkpoint directory holds weights or a weight index (and so is not a
-/// sidecar to copy).
-fn is_weight_name(name: &str) -> bool {
+/// Classifies a file of a checkpoint directory by name.
+fn classify(name: &str) -> FileKind {
     // Other frameworks' weights are not sidecars either: copied beside edited weights they would
     // be stale, often large, and a TF/Flax/ONNX/GGUF loader would pick up the unedited model.
     const OTHER_WEIGHTS: &[&str] = &[
@@ -301,47 +389,89 @@ fn is_weight_name(name: &str) -> bool {
         ".index.json",
     ];
     let lower = name.to_ascii_lowercase();
-    lower.ends_with(".safetensors")
-        || OTHER_WEIGHTS.iter().any(|ext| lower.ends_with(ext))
-        || foreign_format(name).is_some()
+    match InputFormat::of_name(&lower) {
+        Some(InputFormat::PyTorch) if TRAINING_METADATA.contains(&lower.as_str()) => FileKind::Sidecar,
+        Some(InputFormat::PyTorch) if is_training_state(&lower) => FileKind::TrainingState,
+        Some(format) => FileKind::Weights(format),
+        None if OTHER_WEIGHTS.iter().any(|ext| lower.ends_with(ext)) => FileKind::NotCopied,
+        None => FileKind::Sidecar,
+    }
+}
+
+/// Whether a lower-case PyTorch file name is training state (see [`TRAINING_STATE_STEMS`]).
+fn is_training_state(lower: &str) -> bool {
+    let stem = lower.rsplit_once('.').map_or(lower, |(stem, _)| stem);
+    stem.ends_with("optim_states")
+        || TRAINING_STATE_STEMS.iter().any(|known| {
+            stem.strip_prefix(known)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+        })
+}
+
+/// Whether a lower-case name is a Hugging Face PyTorch weight file: `pytorch_model.bin` or a
+/// shard `pytorch_model-00001-of-00002.bin`.
+fn is_hf_torch_weights(lower: &str) -> bool {
+    lower == "pytorch_model.bin" || (lower.starts_with("pytorch_model-") && lower.ends_with(".bin"))
 }
 
 /// Reads the tensor entries of one file of a non-safetensors format (file index for the entries).
 type ReadTensors = fn(&SourceFile, usize) -> Result<Vec<TensorEntry>, FormatError>;
 
-/// Opens a checkpoint: a safetensors file, a directory with `model.safetensors.index.json`, or
-/// a directory of `*.safetensors` files. Only headers are read.
+/// One file's tensors and `__metadata__`.
+type FileContents = (Vec<TensorEntry>, BTreeMap<String, String>);
+
+/// Reads a safetensors header as tensor entries with absolute offsets.
+fn read_safetensors(file: &SourceFile, file_index: usize) -> Result<FileContents, FormatError> {
+    let header = safetensors::read_header(file)?;
+    let tensors = header
+        .tensors
+        .into_iter()
+        .map(|t| TensorEntry {
+            // Cannot overflow: parse_header checked data_start + end <= file length.
+            offset: header.data_start + t.begin,
+            nbytes: t.end - t.begin,
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            file: file_index,
+        })
+        .collect();
+    Ok((tensors, header.metadata))
+}
+
+/// Opens a checkpoint: a file (`.safetensors`, `.bin`/`.pt`/`.pth`, `.npy`/`.npz`; any other
+/// name is read as safetensors) or a directory (see [`open_directory`]). Only headers are read.
 pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
     let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
-    if !meta.is_dir() {
-        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-        let reader: Option<ReadTensors> = match foreign_format(&name) {
-            Some("NumPy") => Some(numpy::read_tensors),
-            Some("PyTorch") => Some(torch::read_tensors),
-            _ => None,
-        };
-        if let Some(read_tensors) = reader {
-            let file = SourceFile::open(path)?;
-            let tensors = read_tensors(&file, 0)?;
-            return Ok(Checkpoint {
-                path: path.to_path_buf(),
-                files: vec![Arc::new(file)],
-                tensors,
-                metadata: BTreeMap::new(),
-                sidecars: Vec::new(),
-                is_directory: false,
-            });
-        }
-        if let Some(format) = foreign_format(&name) {
-            return Err(FormatError::Unsupported {
-                path: path.to_path_buf(),
-                format,
-            });
-        }
-        let file = SourceFile::open(path)?;
-        return assemble(path, vec![file], None, Vec::new(), false);
+    if meta.is_dir() {
+        return open_directory(path);
     }
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let format = InputFormat::of_name(&name).unwrap_or(InputFormat::Safetensors);
+    assemble(path, format, vec![SourceFile::open(path)?], None)
+}
 
+/// Names shown in a notice: all of them up to four, else the first three and a count.
+fn name_list(names: &[&String]) -> String {
+    match names {
+        [] => String::new(),
+        [a] => a.to_string(),
+        _ if names.len() <= 4 => names.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+        _ => format!(
+            "{} and {} more",
+            names.iter().take(3).map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+            names.len() - 3
+        ),
+    }
+}
+
+/// Opens a directory input. The files directly in it are classified by name ([`classify`]);
+/// the weights read are, in order of preference: safetensors (`model.safetensors.index.json`'s
+/// shards, else every `*.safetensors`), PyTorch (`pytorch_model.bin.index.json`'s shards, else
+/// the Hugging Face `pytorch_model.bin` / `pytorch_model-*.bin`, else every other PyTorch
+/// weight file), NumPy (every `*.npy` and `*.npz`). Weights of a format not chosen and
+/// training state are left out with a notice; sidecars are listed for copying.
+fn open_directory(path: &Path) -> Result<Checkpoint, FormatError> {
     // Regular files directly in the directory, following symlinks (the Hugging Face cache
     // links snapshot files to blobs). Hidden files are skipped: they include our own
     // temporaries left by a killed run.
@@ -361,54 +491,91 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
         }
     }
     names.sort();
-    let sidecars: Vec<PathBuf> = names
-        .iter()
-        .filter(|n| !is_weight_name(n))
-        .map(|n| path.join(n))
-        .collect();
+    let of_kind = |kind: FileKind| -> Vec<&String> { names.iter().filter(|n| classify(n) == kind).collect() };
+    let sidecars: Vec<PathBuf> = of_kind(FileKind::Sidecar).into_iter().map(|n| path.join(n)).collect();
+    let has = |name: &str| names.iter().any(|n| n == name);
 
-    if names.iter().any(|n| n == INDEX_NAME) {
-        let index_path = path.join(INDEX_NAME);
-        let weight_map = read_index(&index_path)?;
-        let mut shard_names: Vec<&String> = weight_map.values().collect();
-        shard_names.sort();
-        shard_names.dedup();
-        let mut files = Vec::with_capacity(shard_names.len());
-        for shard in shard_names {
-            let shard_path = path.join(shard);
-            match std::fs::metadata(&shard_path) {
-                Ok(m) if m.is_file() => {}
-                _ => {
-                    return Err(FormatError::IndexFileMissing {
-                        index: index_path,
-                        file: shard_path,
-                    })
-                }
-            }
-            files.push(SourceFile::open(&shard_path)?);
-        }
-        let index = (index_path, weight_map);
-        return assemble(path, files, Some(index), sidecars, true);
-    }
-
-    let weights: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
-    if weights.is_empty() {
-        if names.iter().any(|n| foreign_format(n).is_some()) {
-            let format = names.iter().find_map(|n| foreign_format(n)).unwrap_or("PyTorch");
-            return Err(FormatError::Unsupported {
-                path: path.to_path_buf(),
-                format,
-            });
-        }
+    const PREFERENCE: [InputFormat; 3] = [InputFormat::Safetensors, InputFormat::PyTorch, InputFormat::NumPy];
+    let chosen = PREFERENCE
+        .into_iter()
+        .find(|&f| !of_kind(FileKind::Weights(f)).is_empty() || f.index_name().is_some_and(&has));
+    let Some(format) = chosen else {
         return Err(FormatError::NoWeights {
             path: path.to_path_buf(),
         });
+    };
+
+    let mut notices = Vec::new();
+    for other in PREFERENCE.into_iter().filter(|&f| f != format) {
+        let ignored = of_kind(FileKind::Weights(other));
+        if !ignored.is_empty() {
+            notices.push(format!(
+                "directory {} has both {} and {} weights; loading the {} ({} not read)",
+                path.display(),
+                format.name(),
+                other.name(),
+                format.name(),
+                name_list(&ignored)
+            ));
+        }
+    }
+    let (weights, index) = match format.index_name().filter(|index| has(index)) {
+        Some(index_name) => {
+            let index_path = path.join(index_name);
+            let weight_map = read_index(&index_path)?;
+            let mut shards: Vec<String> = weight_map.values().cloned().collect();
+            shards.sort();
+            shards.dedup();
+            for shard in &shards {
+                let shard_path = path.join(shard);
+                if !std::fs::metadata(&shard_path).is_ok_and(|m| m.is_file()) {
+                    return Err(FormatError::IndexFileMissing {
+                        index: index_path,
+                        file: shard_path,
+                    });
+                }
+            }
+            (shards, Some((index_path, weight_map)))
+        }
+        None => {
+            let mut weights = of_kind(FileKind::Weights(format));
+            if format == InputFormat::PyTorch {
+                // The Hugging Face names win over other PyTorch files (an adapter, an export).
+                let (hf, others): (Vec<&String>, Vec<&String>) = weights
+                    .into_iter()
+                    .partition(|n| is_hf_torch_weights(&n.to_ascii_lowercase()));
+                if !hf.is_empty() && !others.is_empty() {
+                    notices.push(format!(
+                        "directory {} has Hugging Face weights ({}) and other PyTorch files; loading the Hugging \
+                         Face weights ({} not read)",
+                        path.display(),
+                        name_list(&hf),
+                        name_list(&others)
+                    ));
+                }
+                weights = if hf.is_empty() { others } else { hf };
+            }
+            (weights.into_iter().cloned().collect(), None)
+        }
+    };
+    let training = of_kind(FileKind::TrainingState);
+    if !training.is_empty() {
+        notices.push(format!(
+            "directory {}: {} left out (training state, neither loaded nor copied: it would be stale after \
+             surgery)",
+            path.display(),
+            name_list(&training)
+        ));
     }
     let files = weights
-        .into_iter()
+        .iter()
         .map(|n| SourceFile::open(&path.join(n)))
         .collect::<Result<Vec<_>, _>>()?;
-    assemble(path, files, None, sidecars, true)
+    let mut checkpoint = assemble(path, format, files, index)?;
+    checkpoint.sidecars = sidecars;
+    checkpoint.is_directory = true;
+    checkpoint.notices = notices;
+    Ok(checkpoint)
 }
 
 /// Reads `weight_map` of a weight index. Shard names must be relative paths inside the
@@ -442,25 +609,25 @@ fn read_index(index_path: &Path) -> Result<BTreeMap<String, String>, FormatError
     Ok(weight_map)
 }
 
-/// Reads every file's header and builds the checkpoint; `index` is the index path and its
-/// weight map, checked against the shard headers.
+/// Reads every file's tensors in `format` and builds the checkpoint (as a file input: the
+/// caller fills in what a directory adds). A name in two files is an error whatever the
+/// format; `index` is the index path and its weight map, checked against what the shards hold.
 fn assemble(
     path: &Path,
+    format: InputFormat,
     files: Vec<SourceFile>,
     index: Option<(PathBuf, BTreeMap<String, String>)>,
-    sidecars: Vec<PathBuf>,
-    is_directory: bool,
 ) -> Result<Checkpoint, FormatError> {
     let mut tensors = Vec::new();
     let mut metadata = BTreeMap::new();
     // name -> file index, to report a tensor stored twice
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (file_index, file) in files.iter().enumerate() {
-        let header = safetensors::read_header(file)?;
+        let (entries, file_metadata) = format.read(file, file_index)?;
         if file_index == 0 {
-            metadata = header.metadata;
+            metadata = file_metadata;
         }
-        for t in header.tensors {
+        for t in entries {
             if let Some(&first) = seen.get(&t.name) {
                 let first_path = files.get(first).map(|f| f.path.clone()).unwrap_or_default();
                 return Err(FormatError::DuplicateTensor {
@@ -470,15 +637,7 @@ fn assemble(
                 });
             }
             seen.insert(t.name.clone(), file_index);
-            // Cannot overflow: parse_header checked data_start + end <= file length.
-            tensors.push(TensorEntry {
-                offset: header.data_start + t.begin,
-                nbytes: t.end - t.begin,
-                name: t.name,
-                dtype: t.dtype,
-                shape: t.shape,
-                file: file_index,
-            });
+            tensors.push(t);
         }
     }
     if let Some((index_path, weight_map)) = index {
@@ -499,11 +658,13 @@ fn assemble(
     }
     Ok(Checkpoint {
         path: path.to_path_buf(),
+        format,
         files: files.into_iter().map(Arc::new).collect(),
         tensors,
         metadata,
-        sidecars,
-        is_directory,
+        sidecars: Vec::new(),
+        is_directory: false,
+        notices: Vec::new(),
     })
 }
 
@@ -840,18 +1001,291 @@ mod tests {
     }
 
     #[test]
-    fn empty_directory_and_pytorch_only_directory() {
+    fn empty_directory_and_directory_of_training_state_have_no_weights() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), b"{}").unwrap();
         assert!(matches!(
             open_checkpoint(dir.path()),
             Err(FormatError::NoWeights { .. })
         ));
+        for name in [
+            "training_args.bin",
+            "optimizer.pt",
+            "rng_state_0.pth",
+            "flax_model.msgpack",
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        match open_checkpoint(dir.path()) {
+            Err(e @ FormatError::NoWeights { .. }) => assert!(e.to_string().contains("*.bin"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // A PyTorch weight file is now read (and garbage in it is an error naming it).
         std::fs::write(dir.path().join("pytorch_model.bin"), b"x").unwrap();
-        assert!(matches!(
-            open_checkpoint(dir.path()),
-            Err(FormatError::Unsupported { format: "PyTorch", .. })
-        ));
+        match open_checkpoint(dir.path()) {
+            Err(FormatError::Torch { path, .. }) => assert_eq!(path, dir.path().join("pytorch_model.bin")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn torch_fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/torch")
+            .join(name)
+    }
+
+    /// Copies `plain.pt` (f32, f16, bf16, i64, flag, scalar) and `wrapped.pt` (encoder.w,
+    /// head.b) into `dir` under the given names.
+    fn torch_shards(dir: &Path, first: &str, second: &str) {
+        std::fs::copy(torch_fixture("plain.pt"), dir.join(first)).unwrap();
+        std::fs::copy(torch_fixture("wrapped.pt"), dir.join(second)).unwrap();
+    }
+
+    const PLAIN: [&str; 6] = ["f32", "f16", "bf16", "i64", "flag", "scalar"];
+
+    fn sorted_names(ck: &Checkpoint) -> Vec<String> {
+        let mut names: Vec<String> = ck.tensors.iter().map(|t| t.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    fn sorted(names: &[&str]) -> Vec<String> {
+        let mut names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn files_are_classified_by_name() {
+        let cases = [
+            ("model.safetensors", FileKind::Weights(InputFormat::Safetensors)),
+            ("pytorch_model.bin", FileKind::Weights(InputFormat::PyTorch)),
+            ("adapter_model.bin", FileKind::Weights(InputFormat::PyTorch)),
+            ("encoder.PT", FileKind::Weights(InputFormat::PyTorch)),
+            ("w.npy", FileKind::Weights(InputFormat::NumPy)),
+            ("w.npz", FileKind::Weights(InputFormat::NumPy)),
+            ("training_args.bin", FileKind::Sidecar),
+            ("config.json", FileKind::Sidecar),
+            ("trainer_state.json", FileKind::Sidecar),
+            ("optimizer.pt", FileKind::TrainingState),
+            ("optimizer.bin", FileKind::TrainingState),
+            ("optimizer_1.bin", FileKind::TrainingState),
+            ("scheduler.pt", FileKind::TrainingState),
+            ("lr_scheduler.pt", FileKind::TrainingState),
+            ("scaler.pt", FileKind::TrainingState),
+            ("sampler.bin", FileKind::TrainingState),
+            ("rng_state.pth", FileKind::TrainingState),
+            ("rng_state_7.pth", FileKind::TrainingState),
+            (
+                "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                FileKind::TrainingState,
+            ),
+            ("optimizers.pt", FileKind::Weights(InputFormat::PyTorch)),
+            ("pytorch_model.bin.index.json", FileKind::NotCopied),
+            ("tf_model.h5", FileKind::NotCopied),
+        ];
+        for (name, kind) in cases {
+            assert_eq!(classify(name), kind, "{name}");
+        }
+    }
+
+    #[test]
+    fn safetensors_win_over_pytorch_and_numpy_with_a_notice() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_official(
+            &d.join("model.safetensors"),
+            &[("w", Dtype::F32, vec![1], pattern(4, 1))],
+            None,
+        );
+        std::fs::copy(torch_fixture("plain.pt"), d.join("pytorch_model.bin")).unwrap();
+        std::fs::write(d.join("x.npy"), b"never read").unwrap();
+        let ck = open_checkpoint(d).unwrap();
+        assert_eq!(ck.format, InputFormat::Safetensors);
+        assert_eq!(names(&ck), vec!["w"]);
+        assert_eq!(ck.notices.len(), 2, "{:?}", ck.notices);
+        assert!(
+            ck.notices[0].contains("both safetensors and PyTorch weights; loading the safetensors")
+                && ck.notices[0].contains("pytorch_model.bin"),
+            "{:?}",
+            ck.notices
+        );
+        assert!(ck.notices[1].contains("NumPy") && ck.notices[1].contains("x.npy"));
+        assert!(ck.sidecars.is_empty());
+    }
+
+    #[test]
+    fn pytorch_directory_skips_training_state_and_keeps_training_args_as_a_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::copy(torch_fixture("plain.pt"), d.join("pytorch_model.bin")).unwrap();
+        // Never opened: garbage in them proves it.
+        for name in ["training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth"] {
+            std::fs::write(d.join(name), b"not a checkpoint").unwrap();
+        }
+        std::fs::write(d.join("trainer_state.json"), b"{}").unwrap();
+        let ck = open_checkpoint(d).unwrap();
+        assert_eq!(ck.format, InputFormat::PyTorch);
+        assert!(ck.is_directory);
+        assert_eq!(sorted_names(&ck), sorted(&PLAIN));
+        assert_eq!(
+            ck.sidecars,
+            vec![d.join("trainer_state.json"), d.join("training_args.bin")]
+        );
+        assert_eq!(ck.notices.len(), 1, "{:?}", ck.notices);
+        let notice = &ck.notices[0];
+        assert!(notice.contains("optimizer.pt, rng_state.pth, scheduler.pt"), "{notice}");
+        assert!(notice.contains("training state"), "{notice}");
+    }
+
+    #[test]
+    fn hugging_face_pytorch_names_win_over_other_pytorch_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        torch_shards(
+            d,
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+        );
+        std::fs::write(d.join("adapter_model.bin"), b"never read").unwrap();
+        let ck = open_checkpoint(d).unwrap();
+        let mut want = PLAIN.to_vec();
+        want.extend(["encoder.w", "head.b"]);
+        assert_eq!(sorted_names(&ck), sorted(&want));
+        assert_eq!(ck.files.len(), 2);
+        assert!(ck.tensors.iter().all(|t| t.file == usize::from(t.name.contains('.'))));
+        assert!(
+            ck.notices.len() == 1 && ck.notices[0].contains("adapter_model.bin"),
+            "{:?}",
+            ck.notices
+        );
+        // Without Hugging Face names every PyTorch weight file is read, sorted by name.
+        let other = tempfile::tempdir().unwrap();
+        torch_shards(other.path(), "b.pt", "a.pth");
+        let ck = open_checkpoint(other.path()).unwrap();
+        assert_eq!(ck.files[0].path, other.path().join("a.pth"));
+        assert_eq!(ck.tensors[0].name, "encoder.w");
+        assert!(ck.notices.is_empty());
+    }
+
+    fn write_torch_index(d: &Path, weight_map: &[(&str, &str)]) {
+        let map: serde_json::Map<String, serde_json::Value> = weight_map
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+        std::fs::write(d.join(TORCH_INDEX_NAME), index.to_string()).unwrap();
+    }
+
+    #[test]
+    fn pytorch_index_is_honoured_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (s1, s2) = ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin");
+        torch_shards(d, s1, s2);
+        // A stale shard the index does not name is not read.
+        std::fs::write(d.join("pytorch_model-00003-of-00003.bin"), b"stale").unwrap();
+        let mut map: Vec<(&str, &str)> = PLAIN.iter().map(|n| (*n, s1)).collect();
+        map.extend([("encoder.w", s2), ("head.b", s2)]);
+        write_torch_index(d, &map);
+        let ck = open_checkpoint(d).unwrap();
+        assert_eq!(ck.format, InputFormat::PyTorch);
+        assert_eq!(ck.files.len(), 2);
+        assert_eq!(ck.tensors.len(), 8);
+        assert!(ck.notices.is_empty());
+
+        // A tensor placed in a shard that does not hold it.
+        let mut wrong = map.clone();
+        wrong.push(("ghost", s2));
+        write_torch_index(d, &wrong);
+        match open_checkpoint(d) {
+            Err(FormatError::IndexTensorMissing { index, tensor, file }) => {
+                assert_eq!(index, d.join(TORCH_INDEX_NAME));
+                assert_eq!(tensor, "ghost");
+                assert_eq!(file, d.join(s2));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A tensor the index puts in the other shard.
+        let mut moved = map.clone();
+        moved[0] = ("f32", s2);
+        write_torch_index(d, &moved);
+        assert!(matches!(open_checkpoint(d), Err(FormatError::IndexTensorMissing { tensor, .. }) if tensor == "f32"));
+        // A missing shard.
+        let mut missing = map.clone();
+        missing.push(("extra", "pytorch_model-00009-of-00009.bin"));
+        write_torch_index(d, &missing);
+        match open_checkpoint(d) {
+            Err(FormatError::IndexFileMissing { file, .. }) => {
+                assert_eq!(file, d.join("pytorch_model-00009-of-00009.bin"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Names outside the directory.
+        write_torch_index(d, &[("f32", "../pytorch_model.bin")]);
+        assert!(matches!(open_checkpoint(d), Err(FormatError::BadIndex { .. })));
+        // The same tensor in two shards.
+        std::fs::copy(torch_fixture("plain.pt"), d.join(s2)).unwrap();
+        write_torch_index(d, &[("f32", s1), ("f16", s2)]);
+        match open_checkpoint(d) {
+            Err(FormatError::DuplicateTensor { name, first, second }) => {
+                assert_eq!(name, "f32");
+                assert_eq!((first, second), (d.join(s1), d.join(s2)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A v1 `.npy` of float32 values.
+    fn npy_f32(values: &[f32]) -> Vec<u8> {
+        let mut h = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+            values.len()
+        );
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        out.extend_from_slice(h.as_bytes());
+        out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        out
+    }
+
+    #[test]
+    fn numpy_directory_and_duplicates_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("b.npy"), npy_f32(&[1.0, 2.0])).unwrap();
+        std::fs::write(d.join("a.npy"), npy_f32(&[3.0])).unwrap();
+        std::fs::write(d.join("config.json"), b"{}").unwrap();
+        let ck = open_checkpoint(d).unwrap();
+        assert_eq!(ck.format, InputFormat::NumPy);
+        assert_eq!(names(&ck), vec!["a", "b"]);
+        assert_eq!(ck.tensors[1].shape, vec![2]);
+        assert_eq!(ck.sidecars, vec![d.join("config.json")]);
+        // `a.npy` and `a.NPY` both hold a tensor named `a`.
+        let dup = d.join("dup");
+        std::fs::create_dir(&dup).unwrap();
+        std::fs::write(dup.join("a.npy"), npy_f32(&[1.0])).unwrap();
+        std::fs::write(dup.join("a.NPY"), npy_f32(&[2.0])).unwrap();
+        match open_checkpoint(&dup) {
+            Err(FormatError::DuplicateTensor { name, first, second }) => {
+                assert_eq!(name, "a");
+                assert_eq!((first, second), (dup.join("a.NPY"), dup.join("a.npy")));
+            }
+            other => panic!("{other:?}"),
+        }
+        // PyTorch is preferred over NumPy.
+        std::fs::copy(torch_fixture("plain.pt"), d.join("model.pt")).unwrap();
+        let ck = open_checkpoint(d).unwrap();
+        assert_eq!(ck.format, InputFormat::PyTorch);
+        assert!(
+            ck.notices[0].contains("both PyTorch and NumPy weights; loading the PyTorch"),
+            "{:?}",
+            ck.notices
+        );
     }
 
     #[test]

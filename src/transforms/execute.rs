@@ -233,7 +233,7 @@ impl Execute {
     /// Opens the nested plan's inputs as aliases. An alias that already exists is reused when it
     /// holds the same checkpoint (a nested plan may name the including plan's input to be
     /// runnable alone); any other clash is a plan error.
-    fn load_inputs(&self, state: &mut State) -> Result<(), StepError> {
+    fn load_inputs(&self, state: &mut State, ctx: &mut Context) -> Result<(), StepError> {
         for (i, input) in self.inputs.iter().enumerate() {
             if let Some(existing) = state.alias(&input.alias) {
                 let same = existing.origin.as_ref().is_some_and(|o| {
@@ -256,6 +256,7 @@ impl Execute {
             }
             let checkpoint = open_checkpoint(&input.path)?;
             state.add_checkpoint(&input.alias, &checkpoint);
+            ctx.notices_of(&checkpoint);
         }
         Ok(())
     }
@@ -289,7 +290,7 @@ impl Transform for Execute {
         // set gains what the nested plan wrote.
         let outer_written = std::mem::take(&mut state.written);
         let outer_default = state.default_alias.clone();
-        self.load_inputs(state)?;
+        self.load_inputs(state, ctx)?;
         if let [only] = self.inputs.as_slice() {
             state.default_alias = Some(only.alias.clone());
         }

@@ -18,7 +18,11 @@ use crate::references::{closest_names, Reference};
 use crate::value::Tensor;
 
 const LOAD_FIELDS: &[Field] = &[
-    Field::required("path", FieldKind::Text, "a safetensors checkpoint (file or directory)"),
+    Field::required(
+        "path",
+        FieldKind::Text,
+        "a checkpoint (file or directory, any format read)",
+    ),
     Field::optional(
         "alias",
         FieldKind::Text,
@@ -243,6 +247,7 @@ impl Transform for Load {
                 }
                 let checkpoint = open_checkpoint(&self.path)?;
                 state.add_checkpoint(alias, &checkpoint);
+                ctx.notices_of(&checkpoint);
                 ctx.note(format!(
                     "load: `{alias}` ← {} ({})",
                     self.path.display(),
@@ -262,6 +267,7 @@ impl Transform for Load {
                     }
                 };
                 let checkpoint = open_checkpoint(&self.path)?;
+                ctx.notices_of(&checkpoint);
                 let entry = match checkpoint.tensors.as_slice() {
                     [only] => only,
                     all => all.iter().find(|e| &e.name == name).ok_or_else(|| {

@@ -72,6 +72,10 @@ pub struct Context {
     pub plan_sha256: Option<String>,
     /// Files transforms wrote (`save`, nested plans' outputs), in order.
     pub written: Vec<PathBuf>,
+    /// Notices about how inputs were read (a directory with weights of two formats, training
+    /// state left out); the command line prints them on stderr, Python returns them in
+    /// `report["notices"]`.
+    pub notices: Vec<String>,
 }
 
 impl Context {
@@ -86,12 +90,18 @@ impl Context {
             threads: 0,
             plan_sha256: None,
             written: Vec::new(),
+            notices: Vec::new(),
         }
     }
 
     /// Records what a transform did.
     pub fn note(&mut self, line: String) {
         self.notes.push(line);
+    }
+
+    /// Records the notices of a checkpoint just opened.
+    pub fn notices_of(&mut self, checkpoint: &crate::formats::Checkpoint) {
+        self.notices.extend(checkpoint.notices.iter().cloned());
     }
 
     /// Prints text for the user (a `dump` table, a `diff` report).
