@@ -49,6 +49,10 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         import numpy as np
 
         dtype, shape = self._core.info(name)
+        strides = self._core.strides(name)
+        if strides is not None:
+            # A non-contiguous PyTorch view: the same strided view over the mapped storage.
+            return np.ndarray(tuple(shape), dtype=numpy_dtype(dtype), buffer=self._core.buffer(name), strides=strides)
         array = np.frombuffer(self._core.buffer(name), dtype=numpy_dtype(dtype))
         return array.reshape(shape)
 

@@ -86,13 +86,16 @@ pub enum Global {
     OrderedDict,
     /// `torch._utils._rebuild_tensor_v2`.
     RebuildTensorV2,
+    /// `torch._utils._rebuild_tensor` (torch 0.3 and earlier, legacy-format files).
+    RebuildTensor,
     /// `torch._utils._rebuild_parameter`.
     RebuildParameter,
     /// `torch.<Type>Storage`, by element type.
     Storage(DType),
 }
 
-/// A storage named by a persistent id: `('storage', type, key, location, numel)`.
+/// A storage named by a persistent id: `('storage', type, key, location, numel)` in the zip
+/// format, `('storage', type, key, location, numel, view)` in the legacy format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StorageRef {
     /// Element type of the storage.
@@ -103,6 +106,9 @@ pub struct StorageRef {
     pub location: String,
     /// Number of elements.
     pub numel: u64,
+    /// A view of part of the storage (legacy files written by torch < 1.6 from storage views):
+    /// `(offset, numel)` in elements; tensors over it index from `offset`.
+    pub view: Option<(u64, u64)>,
 }
 
 /// A tensor rebuilt by `_rebuild_tensor_v2`: a strided view of a storage.
@@ -127,6 +133,9 @@ pub enum Object {
     Bool(bool),
     /// An int that fits in 64 bits.
     Int(i64),
+    /// A wider int, as its little-endian two's-complement bytes (the legacy format's magic
+    /// number is 80 bits).
+    LongInt(Vec<u8>),
     /// A float.
     Float(f64),
     /// A str.
@@ -171,7 +180,7 @@ impl Object {
         match self {
             Object::None => "None",
             Object::Bool(_) => "bool",
-            Object::Int(_) => "int",
+            Object::Int(_) | Object::LongInt(_) => "int",
             Object::Float(_) => "float",
             Object::Str(_) => "str",
             Object::Bytes(_) => "bytes",
@@ -202,8 +211,10 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
     let global = match (module, name) {
         ("collections", "OrderedDict") => Some(Global::OrderedDict),
         ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
+        ("torch._utils", "_rebuild_tensor") => Some(Global::RebuildTensor),
         ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
-        ("torch", storage) => match storage {
+        // Old GPU checkpoints name CUDA storage classes; the bytes on disk are the same.
+        ("torch" | "torch.cuda", storage) => match storage {
             "FloatStorage" => Some(DType::F32),
             "DoubleStorage" => Some(DType::F64),
             "HalfStorage" => Some(DType::F16),
@@ -453,23 +464,8 @@ impl<'a> Machine<'a> {
         };
         match callable {
             Object::Global(Global::OrderedDict) if args.is_empty() => Ok(Object::Dict(Vec::new())),
-            Object::Global(Global::RebuildTensorV2) if (6..=7).contains(&args.len()) => {
-                let Some(Object::Storage(storage)) = args.first() else {
-                    return Err(self.bad("_rebuild_tensor_v2 expects a storage first"));
-                };
-                let offset = self.int_arg(args.get(1).unwrap_or(&Object::None), "storage offset")?;
-                let shape = self.dims(args.get(2).unwrap_or(&Object::None), "size")?;
-                let stride = self.dims(args.get(3).unwrap_or(&Object::None), "stride")?;
-                if shape.len() != stride.len() {
-                    return Err(self.bad("size and stride differ in length"));
-                }
-                Ok(Object::Tensor(TensorRef {
-                    storage: storage.clone(),
-                    offset,
-                    shape,
-                    stride,
-                }))
-            }
+            Object::Global(Global::RebuildTensorV2) if (6..=7).contains(&args.len()) => self.tensor(&args),
+            Object::Global(Global::RebuildTensor) if args.len() == 4 => self.tensor(&args),
             Object::Global(Global::RebuildParameter) if args.len() == 3 => match args.into_iter().next() {
                 Some(tensor @ Object::Tensor(_)) => Ok(tensor),
                 _ => Err(self.bad("_rebuild_parameter expects a tensor first")),
@@ -479,13 +475,48 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// `BINPERSID`: a torch storage id.
+    /// The tensor `_rebuild_tensor(_v2)(storage, offset, size, stride, ...)` describes.
+    fn tensor(&self, args: &[Object]) -> Result<Object, PickleError> {
+        let Some(Object::Storage(storage)) = args.first() else {
+            return Err(self.bad("_rebuild_tensor expects a storage first"));
+        };
+        let offset = self.int_arg(args.get(1).unwrap_or(&Object::None), "storage offset")?;
+        let shape = self.dims(args.get(2).unwrap_or(&Object::None), "size")?;
+        let stride = self.dims(args.get(3).unwrap_or(&Object::None), "stride")?;
+        if shape.len() != stride.len() {
+            return Err(self.bad("size and stride differ in length"));
+        }
+        Ok(Object::Tensor(TensorRef {
+            storage: storage.clone(),
+            offset,
+            shape,
+            stride,
+        }))
+    }
+
+    /// `BINPERSID`: a torch storage id; the legacy format appends view metadata, `None` or
+    /// `(view key, offset, numel)`.
     fn persistent(&self, pid: Object) -> Result<Object, PickleError> {
-        let bad = || self.bad("persistent id is not ('storage', type, key, location, numel)");
+        let bad = || self.bad("persistent id is not ('storage', type, key, location, numel[, view])");
         let Object::Tuple(items) = pid else {
             return Err(bad());
         };
-        match items.as_slice() {
+        let (head, view) = match items.as_slice() {
+            [head @ .., view] if items.len() == 6 => (head, Some(view)),
+            head => (head, None),
+        };
+        let view = match view {
+            None | Some(Object::None) => None,
+            Some(Object::Tuple(v)) => match v.as_slice() {
+                [Object::Str(_), offset, numel] => Some((
+                    self.int_arg(offset, "storage view offset")?,
+                    self.int_arg(numel, "storage view size")?,
+                )),
+                _ => return Err(bad()),
+            },
+            Some(_) => return Err(bad()),
+        };
+        match head {
             [Object::Str(tag), Object::Global(Global::Storage(dtype)), Object::Str(key), Object::Str(location), numel]
                 if tag == "storage" =>
             {
@@ -494,12 +525,14 @@ impl<'a> Machine<'a> {
                     key: key.clone(),
                     location: location.clone(),
                     numel: self.int_arg(numel, "storage size")?,
+                    view,
                 }))
             }
             _ => Err(bad()),
         }
     }
 
+    /// Interprets opcodes up to and including `STOP`; returns the value and the offset after it.
     fn run(&mut self) -> Result<Object, PickleError> {
         loop {
             self.at = self.pos;
@@ -558,7 +591,9 @@ impl<'a> Machine<'a> {
                     let n = self.u8()? as usize;
                     let bytes = self.take(n)?;
                     if n > 8 {
-                        return Err(self.bad("integer does not fit in 64 bits"));
+                        let bytes = bytes.to_vec();
+                        self.push(Object::LongInt(bytes))?;
+                        continue;
                     }
                     let fill = if bytes.last().is_some_and(|b| b & 0x80 != 0) {
                         0xff
@@ -585,6 +620,17 @@ impl<'a> Machine<'a> {
                 }
                 0x8d => {
                     let len = self.u64()?;
+                    let s = self.text(len)?;
+                    self.push(Object::Str(s))?;
+                }
+                b'T' | b'U' => {
+                    // BINSTRING / SHORT_BINSTRING: a Python 2 `str`, decoded as UTF-8 as
+                    // `torch.load` does by default.
+                    let len = if op == b'T' {
+                        self.u32()?.into()
+                    } else {
+                        self.u8()?.into()
+                    };
                     let s = self.text(len)?;
                     self.push(Object::Str(s))?;
                 }
@@ -694,6 +740,13 @@ impl<'a> Machine<'a> {
 
 /// Interprets `data` as a pickle under `limits`, returning the value `STOP` leaves.
 pub fn unpickle_with(data: &[u8], limits: Limits) -> Result<Object, PickleError> {
+    unpickle_prefix(data, limits).map(|(value, _)| value)
+}
+
+/// Interprets the pickle at the start of `data` under `limits`, returning the value `STOP` leaves
+/// and the offset just after `STOP`, where whatever follows the pickle starts (the legacy PyTorch
+/// format is a sequence of pickles followed by raw storage bytes).
+pub fn unpickle_prefix(data: &[u8], limits: Limits) -> Result<(Object, usize), PickleError> {
     let mut machine = Machine {
         data,
         pos: 0,
@@ -704,7 +757,8 @@ pub fn unpickle_with(data: &[u8], limits: Limits) -> Result<Object, PickleError>
         objects: 0,
         limits,
     };
-    machine.run()
+    let value = machine.run()?;
+    Ok((value, machine.pos))
 }
 
 /// Interprets `data` as a pickle under the default [`Limits`].
@@ -734,6 +788,7 @@ mod tests {
                 key: "0".into(),
                 location: "cuda:0".into(),
                 numel: 7,
+                view: None,
             },
             offset: 1,
             shape: vec![2, 3],
