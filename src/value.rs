@@ -886,4 +886,79 @@ mod tests {
         .unwrap();
         assert_eq!(seen.len(), 12);
     }
+    /// A strided tensor over a file of u16 values 0, 1, 2, ... (after 3 bytes of padding, so
+    /// elements are unaligned as in legacy files).
+    fn strided_u16(dir: &std::path::Path, offset: usize, shape: &[usize], strides: &[usize]) -> (Tensor, Vec<u16>) {
+        let path = dir.join(format!("s{offset}-{shape:?}-{strides:?}.bin"));
+        let numel: usize = shape.iter().product();
+        let last: usize = shape.iter().zip(strides).map(|(d, s)| (d - 1) * s).sum();
+        let mut bytes = vec![0xee; 3];
+        bytes.extend((0..offset + last + 1).flat_map(|i| (i as u16).to_le_bytes()));
+        std::fs::write(&path, &bytes).unwrap();
+        let entry = TensorEntry {
+            name: "t".into(),
+            dtype: DType::U16,
+            shape: shape.to_vec(),
+            file: 0,
+            offset: 3 + 2 * offset as u64,
+            nbytes: 2 * numel as u64,
+            strides: Some(strides.to_vec()),
+        };
+        let file = Arc::new(SourceFile::open(&path).unwrap());
+        // The naive gather: each row-major index turned into a storage index.
+        let expected = (0..numel)
+            .map(|mut i| {
+                let mut at = offset;
+                for d in (0..shape.len()).rev() {
+                    at += (i % shape[d]) * strides[d];
+                    i /= shape[d];
+                }
+                at as u16
+            })
+            .collect();
+        (Tensor::from_entry(&entry, file), expected)
+    }
+
+    #[test]
+    fn strided_reads_gather_like_the_naive_index_in_any_chunking() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: &[(usize, &[usize], &[usize])] = &[
+            (0, &[4, 3], &[1, 4]),        // transposed
+            (1, &[3, 4], &[8, 2]),        // x[:, ::2]
+            (0, &[5, 3], &[1, 0]),        // expanded
+            (9, &[3, 2], &[4, 1]),        // narrow view at an offset
+            (2, &[4, 2, 3], &[1, 12, 4]), // permuted 3-D
+            (0, &[2, 1, 3], &[3, 77, 1]), // size-1 dimension
+            (5, &[50, 40], &[1, 50]),     // runs too sparse for a span read: the mapped path
+            (0, &[3, 700], &[1, 3]),      // span read of long rows
+            (0, &[6, 2, 2], &[0, 0, 0]),  // one element repeated
+        ];
+        for &(offset, shape, strides) in cases {
+            let (t, expected) = strided_u16(dir.path(), offset, shape, strides);
+            assert!(matches!(&*t.value, Value::Strided(_)));
+            let n = expected.len();
+            for chunk in [1, 2, 3, 7, 64, n] {
+                // Twice: the mapping is dropped after a full pass and must come back.
+                for _ in 0..2 {
+                    let mut got = Vec::new();
+                    let mut start = 0;
+                    while start < n {
+                        let len = chunk.min(n - start);
+                        got.extend(values(&t, start, len));
+                        start += len;
+                    }
+                    assert_eq!(got, expected, "{shape:?} {strides:?}, chunk {chunk}");
+                }
+            }
+            let mut raw = vec![0u8; 2 * n];
+            t.read_raw(0, &mut raw, &mut Scratch::default()).unwrap();
+            assert_eq!(
+                raw,
+                values(&t, 0, n)
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<_>>()
+            );
+        }
+    }
 }

@@ -974,4 +974,79 @@ mod tests {
         p.extend_from_slice(b"h\x07.");
         assert_eq!(limit_of(&p), "object count");
     }
+    #[test]
+    fn prefix_reports_where_the_pickle_ends() {
+        let mut p = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.".to_vec();
+        let end = p.len();
+        p.extend_from_slice(b"\x80\x02M\xe9\x03.rest");
+        let (magic, used) = unpickle_prefix(&p, Limits::default()).unwrap();
+        assert_eq!(used, end);
+        assert_eq!(
+            magic,
+            Object::LongInt(vec![0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19])
+        );
+        let (version, used2) = unpickle_prefix(&p[used..], Limits::default()).unwrap();
+        assert_eq!((version, &p[used + used2..]), (Object::Int(1001), &b"rest"[..]));
+    }
+
+    #[test]
+    fn python2_strings_decode_as_utf8() {
+        let p = b"\x80\x02(U\x02abT\x03\x00\x00\x00\xc3\xa9!t.";
+        let value = unpickle(p).unwrap();
+        assert_eq!(
+            value,
+            Object::Tuple(vec![Object::Str("ab".into()), Object::Str("\u{e9}!".into())])
+        );
+        assert!(matches!(
+            unpickle(b"\x80\x02U\x01\xff."),
+            Err(PickleError::Malformed { .. })
+        ));
+    }
+
+    /// A legacy-format tensor over a CUDA storage class with view metadata `view` (pickled).
+    fn legacy_tensor(rebuild: &str, view: &[u8], extra: &[u8]) -> Vec<u8> {
+        let mut p = b"\x80\x02".to_vec();
+        p.extend_from_slice(format!("ctorch._utils\n{rebuild}\n((U\x07storagectorch.cuda\nHalfStorage\n").as_bytes());
+        p.extend_from_slice(b"U\x011U\x06cuda:0K\x0c");
+        p.extend_from_slice(view);
+        p.extend_from_slice(b"tQK\x01K\x03\x85K\x02\x85");
+        p.extend_from_slice(extra);
+        p.extend_from_slice(b"tR.");
+        p
+    }
+
+    #[test]
+    fn legacy_persistent_ids_cuda_classes_and_old_rebuild_are_read() {
+        let extra = b"\x89ccollections\nOrderedDict\n)R";
+        let tensor = |view| {
+            Object::Tensor(TensorRef {
+                storage: StorageRef {
+                    dtype: DType::F16,
+                    key: "1".into(),
+                    location: "cuda:0".into(),
+                    numel: 12,
+                    view,
+                },
+                offset: 1,
+                shape: vec![3],
+                stride: vec![2],
+            })
+        };
+        let p = legacy_tensor("_rebuild_tensor_v2", b"N", extra);
+        assert_eq!(unpickle(&p).unwrap(), tensor(None));
+        let p = legacy_tensor("_rebuild_tensor_v2", b"(U\x012K\x04K\x06t", extra);
+        assert_eq!(unpickle(&p).unwrap(), tensor(Some((4, 6))));
+        let p = legacy_tensor("_rebuild_tensor", b"N", b"");
+        assert_eq!(unpickle(&p).unwrap(), tensor(None));
+        for bad_view in [&b"K\x01"[..], b"(K\x04K\x06t", b"(U\x012J\xff\xff\xff\xffK\x06t"] {
+            let p = legacy_tensor("_rebuild_tensor_v2", bad_view, extra);
+            assert!(
+                matches!(unpickle(&p), Err(PickleError::Malformed { .. })),
+                "{bad_view:?}"
+            );
+        }
+        // Other CUDA names stay refused.
+        let err = unpickle(b"\x80\x02ctorch.cuda\nsynchronize\n.").unwrap_err();
+        assert!(err.to_string().contains("torch.cuda.synchronize"), "{err}");
+    }
 }

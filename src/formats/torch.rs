@@ -136,13 +136,9 @@ pub(crate) fn entry_for(
         });
     }
     // Index of the last element: offset + Σ (size - 1) · stride; it must lie inside the storage.
-    let last = t
-        .shape
-        .iter()
-        .zip(&t.stride)
-        .try_fold(t.offset, |acc, (&d, &s)| {
-            (d as u64 - 1).checked_mul(s as u64).and_then(|x| acc.checked_add(x))
-        });
+    let last = t.shape.iter().zip(&t.stride).try_fold(t.offset, |acc, (&d, &s)| {
+        (d as u64 - 1).checked_mul(s as u64).and_then(|x| acc.checked_add(x))
+    });
     if last.is_none_or(|last| last >= available) {
         return Err(bad(
             path,
@@ -248,7 +244,7 @@ fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn fixture(name: &str) -> std::path::PathBuf {
@@ -283,15 +279,101 @@ mod tests {
         assert_eq!(names, ["encoder.w", "head.b"]);
     }
 
+    /// Every tensor of `<name>.pt`, read through the engine, equals the torch-computed values in
+    /// `<name>.npz` (bf16 is stored there as its bits under `<name>::bf16`).
+    pub(crate) fn assert_matches_expectations(name: &str) {
+        use crate::value::{Scratch, Tensor};
+        let ck = crate::formats::open_checkpoint(&fixture(&format!("{name}.pt"))).unwrap();
+        let want = crate::formats::open_checkpoint(&fixture(&format!("{name}.npz"))).unwrap();
+        assert_eq!(ck.tensors.len(), want.tensors.len(), "{name}");
+        let bytes = |t: &Tensor| {
+            let mut out = vec![0u8; t.nbytes()];
+            t.read(0, &mut out, &mut Scratch::default()).unwrap();
+            out
+        };
+        for entry in &ck.tensors {
+            let expected = want
+                .tensors
+                .iter()
+                .find(|e| e.name.trim_end_matches("::bf16") == entry.name)
+                .unwrap_or_else(|| panic!("{name}: {} not expected", entry.name));
+            let got = Tensor::from_entry(entry, ck.files[entry.file].clone());
+            let exp = Tensor::from_entry(expected, want.files[0].clone());
+            assert_eq!(got.shape, exp.shape, "{name}: {}", entry.name);
+            assert_eq!(bytes(&got), bytes(&exp), "{name}: {}", entry.name);
+        }
+    }
+
     #[test]
-    fn non_contiguous_tensor_is_named() {
-        match read(&fixture("transposed.pt")) {
+    fn non_contiguous_tensors_keep_their_strides() {
+        let tensors = read(&fixture("strided.pt")).unwrap();
+        let by = |n: &str| tensors.iter().find(|t| t.name == n).unwrap().clone();
+        let t = by("transposed");
+        assert_eq!((t.shape.clone(), t.strides.clone()), (vec![4, 3], Some(vec![1, 4])));
+        assert_eq!((t.nbytes, t.extent()), (48, 48));
+        let e = by("expanded_i8");
+        assert_eq!(e.strides, Some(vec![1, 0]));
+        assert_eq!((e.nbytes, e.extent()), (15, 5));
+        let n = by("narrow_f16");
+        assert_eq!((n.strides.clone(), n.nbytes, n.extent()), (Some(vec![4, 1]), 12, 20));
+        assert_eq!(by("row_of_base").strides, None);
+        for name in ["strided", "plain", "shared", "cuda", "parameter", "wrapped"] {
+            assert_matches_expectations(name);
+        }
+    }
+
+    fn tensor_ref(numel: u64, offset: u64, shape: &[usize], stride: &[usize]) -> TensorRef {
+        TensorRef {
+            storage: pickle::StorageRef {
+                dtype: crate::dtype::DType::F32,
+                key: "0".into(),
+                location: "cpu".into(),
+                numel,
+                view: None,
+            },
+            offset,
+            shape: shape.to_vec(),
+            stride: stride.to_vec(),
+        }
+    }
+
+    #[test]
+    fn strided_extent_past_the_storage_is_refused_by_name() {
+        let path = Path::new("m.pt");
+        // Last element: 2 + 1·1 + 2·4 = 11, inside 12 elements and outside 11.
+        let t = tensor_ref(12, 2, &[2, 3], &[1, 4]);
+        let entry = entry_for("w".into(), t.clone(), 100, 12, 0, path).unwrap();
+        assert_eq!((entry.offset, entry.strides, entry.nbytes), (108, Some(vec![1, 4]), 24));
+        match entry_for("w".into(), t, 100, 11, 0, path) {
             Err(FormatError::Torch { reason, .. }) => {
-                assert!(
-                    reason.contains("\"t\"") && reason.contains("not supported yet"),
-                    "{reason}"
-                )
+                assert!(reason.contains("\"w\"") && reason.contains("extends past"), "{reason}")
             }
+            other => panic!("{other:?}"),
+        }
+        // Strides that overflow, and an expanded dimension (stride 0) that fits.
+        let huge = tensor_ref(12, 0, &[3, 2], &[usize::MAX, 1]);
+        assert!(entry_for("w".into(), huge, 0, 12, 0, path).is_err());
+        let expanded = tensor_ref(3, 0, &[1000, 3], &[0, 1]);
+        let entry = entry_for("w".into(), expanded, 0, 3, 0, path).unwrap();
+        assert_eq!((entry.strides.clone(), entry.extent()), (Some(vec![0, 1]), 12));
+        // Empty tensors read nothing, wherever they claim to start.
+        let empty = tensor_ref(1, 50, &[0, 4], &[4, 1]);
+        assert_eq!(entry_for("w".into(), empty, 8, 1, 0, path).unwrap().nbytes, 0);
+        // Size-1 dimensions do not make a tensor strided, whatever their stride.
+        let column = tensor_ref(4, 0, &[4, 1], &[1, 99]);
+        assert_eq!(entry_for("w".into(), column, 0, 4, 0, path).unwrap().strides, None);
+    }
+
+    #[test]
+    fn tar_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.pt");
+        let mut tar = vec![0u8; 1024];
+        tar[..8].copy_from_slice(b"storages");
+        tar[257..263].copy_from_slice(b"ustar\0");
+        std::fs::write(&path, &tar).unwrap();
+        match read(&path) {
+            Err(FormatError::Torch { reason, .. }) => assert!(reason.contains("tar"), "{reason}"),
             other => panic!("{other:?}"),
         }
     }

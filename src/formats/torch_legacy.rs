@@ -68,7 +68,10 @@ fn collect_storages(
         // torch.save refuses to write one storage under two types, so no real file does this.
         return Err(bad(
             &file.path,
-            format!("storage {:?} is declared with two different types or sizes", storage.key),
+            format!(
+                "storage {:?} is declared with two different types or sizes",
+                storage.key
+            ),
         ));
     }
     Ok(())
@@ -116,7 +119,10 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
             return Err(bad(path, "a storage key is not a string"));
         };
         let Some(&(dtype, numel)) = declared.get(&key) else {
-            return Err(bad(path, format!("storage {key:?} is stored but no object refers to it")));
+            return Err(bad(
+                path,
+                format!("storage {key:?} is stored but no object refers to it"),
+            ));
         };
         let mut count = [0u8; 8];
         if at.checked_add(8).is_none_or(|end| end > file.len) {
@@ -156,4 +162,201 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
     }
     tensors.sort_by_key(|t| t.offset);
     Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/torch")
+            .join(name)
+    }
+
+    fn read(path: &Path) -> Result<Vec<TensorEntry>, FormatError> {
+        super::super::torch::read_tensors(&SourceFile::open(path)?, 0)
+    }
+
+    /// A pickled str (`BINUNICODE`).
+    fn s(text: &str) -> Vec<u8> {
+        let mut p = vec![b'X'];
+        p.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        p.extend_from_slice(text.as_bytes());
+        p
+    }
+
+    /// A pickled small int (`BININT2`).
+    fn int(v: usize) -> Vec<u8> {
+        let mut p = vec![b'M'];
+        p.extend_from_slice(&(v as u16).to_le_bytes());
+        p
+    }
+
+    /// A pickled tuple of small ints.
+    fn ints(values: &[usize]) -> Vec<u8> {
+        let mut p = vec![b'('];
+        values.iter().for_each(|&v| p.extend(int(v)));
+        p.push(b't');
+        p
+    }
+
+    /// The header pickles (magic, protocol version, sys_info) as torch writes them.
+    fn header(magic: &[u8]) -> Vec<u8> {
+        let mut p = b"\x80\x02\x8a".to_vec();
+        p.push(magic.len() as u8);
+        p.extend_from_slice(magic);
+        p.extend_from_slice(b".\x80\x02M\xe9\x03.\x80\x02}(");
+        p.extend(s("little_endian"));
+        p.extend_from_slice(b"\x88u.");
+        p
+    }
+
+    /// A legacy file holding one f32 tensor `t` over storage "k" (declared with `numel`
+    /// elements, `count` of them stored, values 0, 1, 2, ...), optionally a view.
+    fn legacy(
+        numel: u16,
+        count: u64,
+        offset: usize,
+        shape: &[usize],
+        stride: &[usize],
+        view: Option<(usize, usize)>,
+    ) -> Vec<u8> {
+        let mut p = header(&MAGIC);
+        p.extend_from_slice(b"\x80\x02}");
+        p.extend(s("t"));
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n((");
+        p.extend(s("storage"));
+        p.extend_from_slice(b"ctorch\nFloatStorage\n");
+        p.extend(s("k"));
+        p.extend(s("cpu"));
+        p.extend(int(numel.into()));
+        match view {
+            None => p.push(b'N'),
+            Some((o, n)) => {
+                p.push(b'(');
+                p.extend(s("v"));
+                p.extend(int(o));
+                p.extend(int(n));
+                p.push(b't');
+            }
+        }
+        p.extend_from_slice(b"tQ");
+        p.extend(int(offset));
+        p.extend(ints(shape));
+        p.extend(ints(stride));
+        p.extend_from_slice(b"\x89ccollections\nOrderedDict\n)RtRs.\x80\x02]");
+        p.extend(s("k"));
+        p.extend_from_slice(b"a.");
+        p.extend_from_slice(&count.to_le_bytes());
+        for i in 0..count {
+            p.extend_from_slice(&(i as f32).to_le_bytes());
+        }
+        p
+    }
+
+    fn write(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.pt");
+        std::fs::write(&path, bytes).unwrap();
+        (dir, path)
+    }
+
+    fn reason(result: Result<Vec<TensorEntry>, FormatError>) -> String {
+        match result {
+            Err(FormatError::Torch { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn torch_written_files_read_like_their_expectations() {
+        for name in [
+            "legacy_plain",
+            "legacy_shared",
+            "legacy_cuda",
+            "legacy_wrapped",
+            "legacy_strided",
+        ] {
+            super::super::torch::tests::assert_matches_expectations(name);
+        }
+        let tensors = read(&fixture("legacy_shared.pt")).unwrap();
+        let by = |n: &str| tensors.iter().find(|t| t.name == n).unwrap().clone();
+        assert_eq!(by("tail").offset, by("whole").offset + 16);
+        assert_eq!(by("tied").offset, by("whole").offset);
+    }
+
+    #[test]
+    fn hand_built_file_locates_its_storage() {
+        let bytes = legacy(12, 12, 2, &[2, 3], &[1, 4], None);
+        let (_dir, path) = write(&bytes);
+        let t = read(&path).unwrap().pop().unwrap();
+        let data_start = bytes.len() as u64 - 48;
+        assert_eq!(t.name, "t");
+        assert_eq!((t.offset, t.strides, t.nbytes), (data_start + 8, Some(vec![1, 4]), 24));
+    }
+
+    #[test]
+    fn storage_views_of_old_files_are_honoured() {
+        // A tensor at offset 1 of a view starting at element 4: storage element 5.
+        let (_dir, path) = write(&legacy(12, 12, 1, &[3], &[1], Some((4, 6))));
+        let t = read(&path).unwrap().pop().unwrap();
+        assert_eq!(t.offset, std::fs::metadata(&path).unwrap().len() - 48 + 5 * 4);
+        // The tensor must fit in the view, and the view in the storage.
+        let (_dir, path) = write(&legacy(12, 12, 4, &[3], &[1], Some((4, 6))));
+        assert!(reason(read(&path)).contains("extends past"));
+        let (_dir, path) = write(&legacy(12, 12, 0, &[3], &[1], Some((10, 6))));
+        assert!(reason(read(&path)).contains("storage view"));
+    }
+
+    #[test]
+    fn storage_smaller_than_the_strided_extent_is_refused() {
+        // Last element 2 + 1 + 8 = 11 of a storage of 11.
+        let (_dir, path) = write(&legacy(11, 11, 2, &[2, 3], &[1, 4], None));
+        let reason = reason(read(&path));
+        assert!(reason.contains("\"t\"") && reason.contains("extends past"), "{reason}");
+    }
+
+    #[test]
+    fn stored_count_must_match_the_declaration() {
+        let (_dir, path) = write(&legacy(12, 11, 0, &[3], &[1], None));
+        assert!(reason(read(&path)).contains("holds 11 elements"));
+    }
+
+    #[test]
+    fn wrong_magic_number_is_refused() {
+        let mut bytes = legacy(12, 12, 0, &[3], &[1], None);
+        bytes[5] ^= 1;
+        let (_dir, path) = write(&bytes);
+        assert!(reason(read(&path)).contains("wrong magic number"));
+        // A plain pickle of something else entirely.
+        let (_dir, path) = write(b"\x80\x02K\x07.");
+        assert!(reason(read(&path)).contains("wrong magic number"));
+        let (_dir, path) = write(b"\x80\x02ctorch\nsave\n.");
+        match read(&path) {
+            Err(FormatError::Pickle { reason, .. }) => assert!(reason.to_string().contains("torch.save")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_handled_without_panicking() {
+        // Every prefix of the small file; the bigger one sampled (writing the files dominates).
+        for (name, step) in [("legacy_plain.pt", 1), ("legacy_strided.pt", 5)] {
+            let bytes = std::fs::read(fixture(name)).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.pt");
+            for n in (0..bytes.len()).step_by(step) {
+                std::fs::write(&path, &bytes[..n]).unwrap();
+                assert!(read(&path).is_err(), "{name}: prefix {n} was accepted");
+            }
+            for i in (0..bytes.len()).step_by(step.max(3)) {
+                let mut flipped = bytes.clone();
+                flipped[i] ^= 0xa5;
+                std::fs::write(&path, &flipped).unwrap();
+                let _ = read(&path); // any outcome but a panic
+            }
+        }
+    }
 }
