@@ -38,8 +38,8 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
     """A checkpoint opened lazily: a read-only mapping from tensor names to NumPy arrays.
 
     Only headers are read when it is opened. Indexing returns a read-only array that views the
-    memory-mapped file directly (no copy); the array keeps the mapping alive after the checkpoint
-    object is gone.
+    memory-mapped file directly (no copy), with the saved strides for a non-contiguous PyTorch
+    tensor; the array keeps the mapping alive after the checkpoint object is gone.
     """
 
     def __init__(self, core: _core.Checkpoint) -> None:

@@ -241,3 +241,20 @@ def test_tar_format_is_refused(tmp_path: Path) -> None:
             tar.addfile(info, io.BytesIO(b"abc"))
     with pytest.raises(bs.FormatError, match="tar archive"):
         bs.open(path)
+
+
+def test_transforms_read_strided_tensors(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    transforms = [
+        {"scale_": {"target": "transposed", "by": 2.0}},
+        {"permute": {"from": "permuted_bool", "to": "back", "order": [1, 2, 0]}},
+        {"cast": {"from": "narrow_f16", "to": "narrow32", "dtype": "float32"}},
+    ]
+    bs.run({"inputs": [str(FIXTURES / "legacy_strided.pt")], "transforms": transforms, "output": str(out)})
+    want = expected("legacy_strided")
+    dtype, shape, data = raw_bytes(out, "transposed")
+    np.testing.assert_array_equal(np.frombuffer(data, "<f4").reshape(shape), want["transposed"] * np.float32(2))
+    dtype, shape, data = raw_bytes(out, "back")
+    np.testing.assert_array_equal(np.frombuffer(data, "?").reshape(shape), want["permuted_bool"].transpose(1, 2, 0))
+    dtype, shape, data = raw_bytes(out, "narrow32")
+    np.testing.assert_array_equal(np.frombuffer(data, "<f4").reshape(shape), want["narrow_f16"].astype(np.float32))
