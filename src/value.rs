@@ -3,10 +3,11 @@
 //! scale, a write through a slice). Bytes are produced only when a tensor is written or a value
 //! assertion inspects it, chunk by chunk, through [`Tensor::read`] into caller-owned buffers.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::dtype::DType;
-use crate::formats::{FormatError, SourceFile};
+use crate::formats::{FormatError, SourceFile, TensorEntry};
 use crate::kernels;
 use crate::references::ResolvedSlice;
 
@@ -22,6 +23,11 @@ pub const ENGINE_STACK_BYTES: usize = 64 << 20;
 /// A strided read whose covering span is at most this many bytes reads the span once and
 /// gathers; a sparser one reads element by element.
 const GATHER_SPAN_LIMIT: usize = 4 * CHUNK_BYTES;
+
+/// A run of a stored strided tensor whose elements are at most this many elements apart is read
+/// as one span and gathered (at most this much read amplification); sparser runs are gathered
+/// from a memory map, where only the touched pages are read.
+const SPAN_GATHER_MAX_STRIDE: usize = 8;
 
 /// An owned byte buffer a [`Value::Memory`] tensor reads from (a NumPy array handed over by
 /// Python, a constant).
@@ -92,6 +98,9 @@ pub enum Value {
         /// Absolute byte offset of the first element.
         offset: u64,
     },
+    /// Elements of an input file at arbitrary non-negative strides (a non-contiguous PyTorch
+    /// tensor: transposed, stepped, expanded, a narrow view of a larger storage).
+    Strided(StridedSource),
     /// Bytes held in memory.
     Memory(Arc<dyn Bytes>),
     /// An operation implemented by a transform family.
@@ -128,6 +137,143 @@ pub enum Value {
         /// The values written.
         with: Tensor,
     },
+}
+
+/// Where a strided stored tensor's elements are: element `(i_0, …, i_k)` starts at byte
+/// `offset + Σ i_d·strides_d·itemsize` of `file`. The reader of the format checked that every
+/// element lies inside the file.
+#[derive(Debug)]
+pub struct StridedSource {
+    /// The file.
+    pub file: Arc<SourceFile>,
+    /// Absolute byte offset of the first element.
+    pub offset: u64,
+    /// Element strides, one per dimension.
+    pub strides: Vec<usize>,
+    /// Bytes from the first element to the end of the last one.
+    extent: usize,
+    /// The extent mapped, for runs too sparse to read as a span (a transposed matrix: one
+    /// `pread` per element would be a system call per element). Dropped once every element has
+    /// been served, so mapped pages do not stay resident across a plan (as in `permute`).
+    mapped: Mutex<Option<Arc<memmap2::Mmap>>>,
+    /// Bytes served since the mapping was made.
+    served: AtomicUsize,
+}
+
+impl StridedSource {
+    /// The mapped extent, mapped on first use; `None` if mapping fails (reads go element by
+    /// element then).
+    fn mapping(&self) -> Option<Arc<memmap2::Mmap>> {
+        let mut slot = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(map) = &*slot {
+            return Some(map.clone());
+        }
+        // SAFETY: as for `SourceFile::map`: inputs must not be modified while they are read
+        // (every mmap-based loader requires the same); the mapping is read-only.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(self.offset)
+                .len(self.extent)
+                .map(self.file.file())
+        }
+        .ok()?;
+        let map = Arc::new(map);
+        *slot = Some(map.clone());
+        Some(map)
+    }
+
+    /// Counts served bytes; drops the mapping once `total` bytes have been served.
+    fn served(&self, bytes: usize, total: usize) {
+        if self.served.fetch_add(bytes, Ordering::Relaxed) + bytes >= total {
+            self.served.store(0, Ordering::Relaxed);
+            *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
+    /// Fills `out` with `count` elements starting `first` elements into the extent, `stride`
+    /// elements apart.
+    fn gather(
+        &self,
+        size: usize,
+        first: usize,
+        stride: usize,
+        count: usize,
+        out: &mut [u8],
+        scratch: &mut Scratch,
+    ) -> Result<(), FormatError> {
+        if stride == 1 {
+            return self.file.read_at(self.offset + (first * size) as u64, out);
+        }
+        if stride == 0 {
+            let (head, rest) = out.split_at_mut(size);
+            self.file.read_at(self.offset + (first * size) as u64, head)?;
+            for dst in rest.chunks_exact_mut(size) {
+                dst.copy_from_slice(head);
+            }
+            return Ok(());
+        }
+        let span = (count - 1) * stride + 1;
+        if stride <= SPAN_GATHER_MAX_STRIDE && span * size <= GATHER_SPAN_LIMIT {
+            let mut tmp = scratch.take(span * size);
+            let result = self.file.read_at(self.offset + (first * size) as u64, &mut tmp);
+            if result.is_ok() {
+                for (j, dst) in out.chunks_exact_mut(size).enumerate() {
+                    let at = j * stride * size;
+                    dst.copy_from_slice(&tmp[at..at + size]);
+                }
+            }
+            scratch.give(tmp);
+            return result;
+        }
+        let map = self.mapping();
+        let map = map.as_deref().map(|m| &m[..]).unwrap_or_default();
+        for (j, dst) in out.chunks_exact_mut(size).enumerate() {
+            let at = (first + j * stride) * size;
+            match map.get(at..at + size) {
+                Some(bytes) => dst.copy_from_slice(bytes),
+                None => self.file.read_at(self.offset + at as u64, dst)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads elements `[start, ..)` of a strided stored tensor in row-major order, one run along the
+/// last dimension at a time.
+fn read_strided(
+    source: &StridedSource,
+    shape: &[usize],
+    size: usize,
+    start: usize,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<(), FormatError> {
+    let k = shape.len();
+    let (Some(&row_len), Some(&last_stride)) = (shape.last(), source.strides.last()) else {
+        return source.file.read_at(source.offset, out); // a scalar
+    };
+    if row_len == 0 {
+        return Ok(());
+    }
+    let mut remaining = out.len() / size;
+    let mut pos = start;
+    let mut written = 0;
+    while remaining > 0 {
+        let (row, col) = (pos / row_len, pos % row_len);
+        let mut rest = row;
+        let mut row_offset = 0usize;
+        for d in (0..k - 1).rev() {
+            row_offset += (rest % shape[d]) * source.strides[d];
+            rest /= shape[d];
+        }
+        let count = (row_len - col).min(remaining);
+        let dst = &mut out[written * size..(written + count) * size];
+        source.gather(size, row_offset + col * last_stride, last_stride, count, dst, scratch)?;
+        pos += count;
+        written += count;
+        remaining -= count;
+    }
+    Ok(())
 }
 
 /// Reusable buffers for the temporaries of one reading thread, so steady-state streaming
@@ -167,6 +313,29 @@ impl Tensor {
             dtype,
             shape,
             value: Arc::new(Value::Stored { file, offset }),
+        }
+    }
+
+    /// The tensor an input entry describes, contiguous or strided, read from `file`.
+    pub fn from_entry(entry: &TensorEntry, file: Arc<SourceFile>) -> Tensor {
+        let value = match &entry.strides {
+            None => Value::Stored {
+                file,
+                offset: entry.offset,
+            },
+            Some(strides) => Value::Strided(StridedSource {
+                file,
+                offset: entry.offset,
+                strides: strides.clone(),
+                extent: usize::try_from(entry.extent()).unwrap_or(usize::MAX),
+                mapped: Mutex::new(None),
+                served: AtomicUsize::new(0),
+            }),
+        };
+        Tensor {
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            value: Arc::new(value),
         }
     }
 
@@ -245,6 +414,11 @@ impl Tensor {
         }
         match &*self.value {
             Value::Stored { file, offset } => file.read_at(offset + (start * size) as u64, out),
+            Value::Strided(source) => {
+                let result = read_strided(source, &self.shape, size, start, out, scratch);
+                source.served(out.len(), self.nbytes());
+                result
+            }
             Value::Memory(bytes) => {
                 let bytes = bytes.bytes();
                 out.copy_from_slice(&bytes[start * size..start * size + out.len()]);
@@ -711,5 +885,80 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen.len(), 12);
+    }
+    /// A strided tensor over a file of u16 values 0, 1, 2, ... (after 3 bytes of padding, so
+    /// elements are unaligned as in legacy files).
+    fn strided_u16(dir: &std::path::Path, offset: usize, shape: &[usize], strides: &[usize]) -> (Tensor, Vec<u16>) {
+        let path = dir.join(format!("s{offset}-{shape:?}-{strides:?}.bin"));
+        let numel: usize = shape.iter().product();
+        let last: usize = shape.iter().zip(strides).map(|(d, s)| (d - 1) * s).sum();
+        let mut bytes = vec![0xee; 3];
+        bytes.extend((0..offset + last + 1).flat_map(|i| (i as u16).to_le_bytes()));
+        std::fs::write(&path, &bytes).unwrap();
+        let entry = TensorEntry {
+            name: "t".into(),
+            dtype: DType::U16,
+            shape: shape.to_vec(),
+            file: 0,
+            offset: 3 + 2 * offset as u64,
+            nbytes: 2 * numel as u64,
+            strides: Some(strides.to_vec()),
+        };
+        let file = Arc::new(SourceFile::open(&path).unwrap());
+        // The naive gather: each row-major index turned into a storage index.
+        let expected = (0..numel)
+            .map(|mut i| {
+                let mut at = offset;
+                for d in (0..shape.len()).rev() {
+                    at += (i % shape[d]) * strides[d];
+                    i /= shape[d];
+                }
+                at as u16
+            })
+            .collect();
+        (Tensor::from_entry(&entry, file), expected)
+    }
+
+    #[test]
+    fn strided_reads_gather_like_the_naive_index_in_any_chunking() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: &[(usize, &[usize], &[usize])] = &[
+            (0, &[4, 3], &[1, 4]),        // transposed
+            (1, &[3, 4], &[8, 2]),        // x[:, ::2]
+            (0, &[5, 3], &[1, 0]),        // expanded
+            (9, &[3, 2], &[4, 1]),        // narrow view at an offset
+            (2, &[4, 2, 3], &[1, 12, 4]), // permuted 3-D
+            (0, &[2, 1, 3], &[3, 77, 1]), // size-1 dimension
+            (5, &[50, 40], &[1, 50]),     // runs too sparse for a span read: the mapped path
+            (0, &[3, 700], &[1, 3]),      // span read of long rows
+            (0, &[6, 2, 2], &[0, 0, 0]),  // one element repeated
+        ];
+        for &(offset, shape, strides) in cases {
+            let (t, expected) = strided_u16(dir.path(), offset, shape, strides);
+            assert!(matches!(&*t.value, Value::Strided(_)));
+            let n = expected.len();
+            for chunk in [1, 2, 3, 7, 64, n] {
+                // Twice: the mapping is dropped after a full pass and must come back.
+                for _ in 0..2 {
+                    let mut got = Vec::new();
+                    let mut start = 0;
+                    while start < n {
+                        let len = chunk.min(n - start);
+                        got.extend(values(&t, start, len));
+                        start += len;
+                    }
+                    assert_eq!(got, expected, "{shape:?} {strides:?}, chunk {chunk}");
+                }
+            }
+            let mut raw = vec![0u8; 2 * n];
+            t.read_raw(0, &mut raw, &mut Scratch::default()).unwrap();
+            assert_eq!(
+                raw,
+                values(&t, 0, n)
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<_>>()
+            );
+        }
     }
 }

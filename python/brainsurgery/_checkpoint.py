@@ -38,8 +38,8 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
     """A checkpoint opened lazily: a read-only mapping from tensor names to NumPy arrays.
 
     Only headers are read when it is opened. Indexing returns a read-only array that views the
-    memory-mapped file directly (no copy); the array keeps the mapping alive after the checkpoint
-    object is gone.
+    memory-mapped file directly (no copy), with the saved strides for a non-contiguous PyTorch
+    tensor; the array keeps the mapping alive after the checkpoint object is gone.
     """
 
     def __init__(self, core: _core.Checkpoint) -> None:
@@ -49,6 +49,10 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         import numpy as np
 
         dtype, shape = self._core.info(name)
+        strides = self._core.strides(name)
+        if strides is not None:
+            # A non-contiguous PyTorch view: the same strided view over the mapped storage.
+            return np.ndarray(tuple(shape), dtype=numpy_dtype(dtype), buffer=self._core.buffer(name), strides=strides)
         array = np.frombuffer(self._core.buffer(name), dtype=numpy_dtype(dtype))
         return array.reshape(shape)
 

@@ -347,13 +347,25 @@ impl PyCheckpoint {
         Ok((t.dtype.name().to_owned(), t.shape.clone()))
     }
 
-    /// The tensor's bytes as a read-only buffer over the mapped file.
+    /// The tensor's bytes as a read-only buffer over the mapped file: from its first element to
+    /// the end of its last one (with gaps and repeats when it is strided, see `strides`).
     fn buffer(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorBuffer> {
         let t = self.entry(name)?;
         let map = self.map_of(py, t.file)?;
         let offset = usize::try_from(t.offset).map_err(|_| PyValueError::new_err("offset out of range"))?;
-        let len = usize::try_from(t.nbytes).map_err(|_| PyValueError::new_err("size out of range"))?;
+        let len = usize::try_from(t.extent()).map_err(|_| PyValueError::new_err("size out of range"))?;
+        if offset.checked_add(len).is_none_or(|end| end > map.len()) {
+            return Err(PyValueError::new_err("tensor lies outside its file"));
+        }
         Ok(PyTensorBuffer { map, offset, len })
+    }
+
+    /// Byte strides of a non-contiguous tensor (a strided PyTorch view), `None` when its bytes
+    /// are row-major contiguous.
+    fn strides(&self, name: &str) -> PyResult<Option<Vec<usize>>> {
+        let t = self.entry(name)?;
+        let item = t.dtype.size().unwrap_or(1);
+        Ok(t.strides.as_ref().map(|s| s.iter().map(|&x| x * item).collect()))
     }
 
     /// `__metadata__` of the (first) file.

@@ -119,12 +119,7 @@ impl State {
             ..AliasState::default()
         };
         for entry in &checkpoint.tensors {
-            let tensor = Tensor::stored(
-                entry.dtype,
-                entry.shape.clone(),
-                checkpoint.files[entry.file].clone(),
-                entry.offset,
-            );
+            let tensor = Tensor::from_entry(entry, checkpoint.files[entry.file].clone());
             let order = self.next_order;
             self.next_order += 1;
             state.order.insert(order, entry.name.clone());

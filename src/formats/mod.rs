@@ -13,6 +13,7 @@ pub mod output;
 pub mod pickle;
 pub mod safetensors;
 pub mod torch;
+pub mod torch_legacy;
 pub mod zip;
 
 use std::collections::{BTreeMap, HashMap};
@@ -244,10 +245,33 @@ pub struct TensorEntry {
     pub shape: Vec<usize>,
     /// Index into [`Checkpoint::files`].
     pub file: usize,
-    /// Absolute byte offset of the tensor's first byte in its file.
+    /// Absolute byte offset of the tensor's first element in its file.
     pub offset: u64,
-    /// Number of bytes the tensor takes.
+    /// Number of bytes the tensor's elements take (numel × item size, also when strided).
     pub nbytes: u64,
+    /// Element strides of a non-contiguous tensor (a PyTorch view saved as is); `None` for
+    /// row-major contiguous bytes. Every element lies inside the file (checked by the reader).
+    pub strides: Option<Vec<usize>>,
+}
+
+impl TensorEntry {
+    /// Bytes from the first to the last byte of the tensor's elements: `nbytes` when contiguous.
+    pub fn extent(&self) -> u64 {
+        let Some(strides) = &self.strides else {
+            return self.nbytes;
+        };
+        let item = self.dtype.size().unwrap_or(1) as u64;
+        if self.nbytes == 0 {
+            return 0;
+        }
+        let last: u64 = self
+            .shape
+            .iter()
+            .zip(strides)
+            .map(|(&d, &s)| (d as u64).saturating_sub(1).saturating_mul(s as u64))
+            .fold(0, u64::saturating_add);
+        last.saturating_add(1).saturating_mul(item)
+    }
 }
 
 /// The formats checkpoints are read from.
@@ -316,7 +340,8 @@ pub struct Checkpoint {
     pub format: InputFormat,
     /// The weight files, sorted by file name.
     pub files: Vec<Arc<SourceFile>>,
-    /// Every tensor, files in order, and within a file by data offset.
+    /// Every tensor, files in order; within a file by data offset (safetensors, NumPy) or in
+    /// state-dict order (PyTorch).
     pub tensors: Vec<TensorEntry>,
     /// `__metadata__` of the first file (empty when it has none).
     pub metadata: BTreeMap<String, String>,
@@ -434,6 +459,7 @@ fn read_safetensors(file: &SourceFile, file_index: usize) -> Result<FileContents
             dtype: t.dtype,
             shape: t.shape,
             file: file_index,
+            strides: None,
         })
         .collect();
     Ok((tensors, header.metadata))

@@ -36,6 +36,7 @@ pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<T
                 file: file_index,
                 offset,
                 nbytes,
+                strides: None,
             });
         }
         entries.sort_by_key(|e| e.offset);
@@ -54,6 +55,7 @@ pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<T
             file: file_index,
             offset,
             nbytes,
+            strides: None,
         }])
     }
 }

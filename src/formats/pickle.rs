@@ -86,13 +86,16 @@ pub enum Global {
     OrderedDict,
     /// `torch._utils._rebuild_tensor_v2`.
     RebuildTensorV2,
+    /// `torch._utils._rebuild_tensor` (torch 0.3 and earlier, legacy-format files).
+    RebuildTensor,
     /// `torch._utils._rebuild_parameter`.
     RebuildParameter,
     /// `torch.<Type>Storage`, by element type.
     Storage(DType),
 }
 
-/// A storage named by a persistent id: `('storage', type, key, location, numel)`.
+/// A storage named by a persistent id: `('storage', type, key, location, numel)` in the zip
+/// format, `('storage', type, key, location, numel, view)` in the legacy format.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StorageRef {
     /// Element type of the storage.
@@ -103,6 +106,9 @@ pub struct StorageRef {
     pub location: String,
     /// Number of elements.
     pub numel: u64,
+    /// A view of part of the storage (legacy files written by torch < 1.6 from storage views):
+    /// `(offset, numel)` in elements; tensors over it index from `offset`.
+    pub view: Option<(u64, u64)>,
 }
 
 /// A tensor rebuilt by `_rebuild_tensor_v2`: a strided view of a storage.
@@ -127,6 +133,9 @@ pub enum Object {
     Bool(bool),
     /// An int that fits in 64 bits.
     Int(i64),
+    /// A wider int, as its little-endian two's-complement bytes (the legacy format's magic
+    /// number is 80 bits).
+    LongInt(Vec<u8>),
     /// A float.
     Float(f64),
     /// A str.
@@ -171,7 +180,7 @@ impl Object {
         match self {
             Object::None => "None",
             Object::Bool(_) => "bool",
-            Object::Int(_) => "int",
+            Object::Int(_) | Object::LongInt(_) => "int",
             Object::Float(_) => "float",
             Object::Str(_) => "str",
             Object::Bytes(_) => "bytes",
@@ -202,8 +211,10 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
     let global = match (module, name) {
         ("collections", "OrderedDict") => Some(Global::OrderedDict),
         ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
+        ("torch._utils", "_rebuild_tensor") => Some(Global::RebuildTensor),
         ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
-        ("torch", storage) => match storage {
+        // Old GPU checkpoints name CUDA storage classes; the bytes on disk are the same.
+        ("torch" | "torch.cuda", storage) => match storage {
             "FloatStorage" => Some(DType::F32),
             "DoubleStorage" => Some(DType::F64),
             "HalfStorage" => Some(DType::F16),
@@ -453,23 +464,8 @@ impl<'a> Machine<'a> {
         };
         match callable {
             Object::Global(Global::OrderedDict) if args.is_empty() => Ok(Object::Dict(Vec::new())),
-            Object::Global(Global::RebuildTensorV2) if (6..=7).contains(&args.len()) => {
-                let Some(Object::Storage(storage)) = args.first() else {
-                    return Err(self.bad("_rebuild_tensor_v2 expects a storage first"));
-                };
-                let offset = self.int_arg(args.get(1).unwrap_or(&Object::None), "storage offset")?;
-                let shape = self.dims(args.get(2).unwrap_or(&Object::None), "size")?;
-                let stride = self.dims(args.get(3).unwrap_or(&Object::None), "stride")?;
-                if shape.len() != stride.len() {
-                    return Err(self.bad("size and stride differ in length"));
-                }
-                Ok(Object::Tensor(TensorRef {
-                    storage: storage.clone(),
-                    offset,
-                    shape,
-                    stride,
-                }))
-            }
+            Object::Global(Global::RebuildTensorV2) if (6..=7).contains(&args.len()) => self.tensor(&args),
+            Object::Global(Global::RebuildTensor) if args.len() == 4 => self.tensor(&args),
             Object::Global(Global::RebuildParameter) if args.len() == 3 => match args.into_iter().next() {
                 Some(tensor @ Object::Tensor(_)) => Ok(tensor),
                 _ => Err(self.bad("_rebuild_parameter expects a tensor first")),
@@ -479,13 +475,48 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// `BINPERSID`: a torch storage id.
+    /// The tensor `_rebuild_tensor(_v2)(storage, offset, size, stride, ...)` describes.
+    fn tensor(&self, args: &[Object]) -> Result<Object, PickleError> {
+        let Some(Object::Storage(storage)) = args.first() else {
+            return Err(self.bad("_rebuild_tensor expects a storage first"));
+        };
+        let offset = self.int_arg(args.get(1).unwrap_or(&Object::None), "storage offset")?;
+        let shape = self.dims(args.get(2).unwrap_or(&Object::None), "size")?;
+        let stride = self.dims(args.get(3).unwrap_or(&Object::None), "stride")?;
+        if shape.len() != stride.len() {
+            return Err(self.bad("size and stride differ in length"));
+        }
+        Ok(Object::Tensor(TensorRef {
+            storage: storage.clone(),
+            offset,
+            shape,
+            stride,
+        }))
+    }
+
+    /// `BINPERSID`: a torch storage id; the legacy format appends view metadata, `None` or
+    /// `(view key, offset, numel)`.
     fn persistent(&self, pid: Object) -> Result<Object, PickleError> {
-        let bad = || self.bad("persistent id is not ('storage', type, key, location, numel)");
+        let bad = || self.bad("persistent id is not ('storage', type, key, location, numel[, view])");
         let Object::Tuple(items) = pid else {
             return Err(bad());
         };
-        match items.as_slice() {
+        let (head, view) = match items.as_slice() {
+            [head @ .., view] if items.len() == 6 => (head, Some(view)),
+            head => (head, None),
+        };
+        let view = match view {
+            None | Some(Object::None) => None,
+            Some(Object::Tuple(v)) => match v.as_slice() {
+                [Object::Str(_), offset, numel] => Some((
+                    self.int_arg(offset, "storage view offset")?,
+                    self.int_arg(numel, "storage view size")?,
+                )),
+                _ => return Err(bad()),
+            },
+            Some(_) => return Err(bad()),
+        };
+        match head {
             [Object::Str(tag), Object::Global(Global::Storage(dtype)), Object::Str(key), Object::Str(location), numel]
                 if tag == "storage" =>
             {
@@ -494,12 +525,14 @@ impl<'a> Machine<'a> {
                     key: key.clone(),
                     location: location.clone(),
                     numel: self.int_arg(numel, "storage size")?,
+                    view,
                 }))
             }
             _ => Err(bad()),
         }
     }
 
+    /// Interprets opcodes up to and including `STOP`; returns the value and the offset after it.
     fn run(&mut self) -> Result<Object, PickleError> {
         loop {
             self.at = self.pos;
@@ -558,7 +591,9 @@ impl<'a> Machine<'a> {
                     let n = self.u8()? as usize;
                     let bytes = self.take(n)?;
                     if n > 8 {
-                        return Err(self.bad("integer does not fit in 64 bits"));
+                        let bytes = bytes.to_vec();
+                        self.push(Object::LongInt(bytes))?;
+                        continue;
                     }
                     let fill = if bytes.last().is_some_and(|b| b & 0x80 != 0) {
                         0xff
@@ -585,6 +620,17 @@ impl<'a> Machine<'a> {
                 }
                 0x8d => {
                     let len = self.u64()?;
+                    let s = self.text(len)?;
+                    self.push(Object::Str(s))?;
+                }
+                b'T' | b'U' => {
+                    // BINSTRING / SHORT_BINSTRING: a Python 2 `str`, decoded as UTF-8 as
+                    // `torch.load` does by default.
+                    let len = if op == b'T' {
+                        self.u32()?.into()
+                    } else {
+                        self.u8()?.into()
+                    };
                     let s = self.text(len)?;
                     self.push(Object::Str(s))?;
                 }
@@ -694,6 +740,13 @@ impl<'a> Machine<'a> {
 
 /// Interprets `data` as a pickle under `limits`, returning the value `STOP` leaves.
 pub fn unpickle_with(data: &[u8], limits: Limits) -> Result<Object, PickleError> {
+    unpickle_prefix(data, limits).map(|(value, _)| value)
+}
+
+/// Interprets the pickle at the start of `data` under `limits`, returning the value `STOP` leaves
+/// and the offset just after `STOP`, where whatever follows the pickle starts (the legacy PyTorch
+/// format is a sequence of pickles followed by raw storage bytes).
+pub fn unpickle_prefix(data: &[u8], limits: Limits) -> Result<(Object, usize), PickleError> {
     let mut machine = Machine {
         data,
         pos: 0,
@@ -704,7 +757,8 @@ pub fn unpickle_with(data: &[u8], limits: Limits) -> Result<Object, PickleError>
         objects: 0,
         limits,
     };
-    machine.run()
+    let value = machine.run()?;
+    Ok((value, machine.pos))
 }
 
 /// Interprets `data` as a pickle under the default [`Limits`].
@@ -734,6 +788,7 @@ mod tests {
                 key: "0".into(),
                 location: "cuda:0".into(),
                 numel: 7,
+                view: None,
             },
             offset: 1,
             shape: vec![2, 3],
@@ -918,5 +973,80 @@ mod tests {
         }
         p.extend_from_slice(b"h\x07.");
         assert_eq!(limit_of(&p), "object count");
+    }
+    #[test]
+    fn prefix_reports_where_the_pickle_ends() {
+        let mut p = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.".to_vec();
+        let end = p.len();
+        p.extend_from_slice(b"\x80\x02M\xe9\x03.rest");
+        let (magic, used) = unpickle_prefix(&p, Limits::default()).unwrap();
+        assert_eq!(used, end);
+        assert_eq!(
+            magic,
+            Object::LongInt(vec![0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19])
+        );
+        let (version, used2) = unpickle_prefix(&p[used..], Limits::default()).unwrap();
+        assert_eq!((version, &p[used + used2..]), (Object::Int(1001), &b"rest"[..]));
+    }
+
+    #[test]
+    fn python2_strings_decode_as_utf8() {
+        let p = b"\x80\x02(U\x02abT\x03\x00\x00\x00\xc3\xa9!t.";
+        let value = unpickle(p).unwrap();
+        assert_eq!(
+            value,
+            Object::Tuple(vec![Object::Str("ab".into()), Object::Str("\u{e9}!".into())])
+        );
+        assert!(matches!(
+            unpickle(b"\x80\x02U\x01\xff."),
+            Err(PickleError::Malformed { .. })
+        ));
+    }
+
+    /// A legacy-format tensor over a CUDA storage class with view metadata `view` (pickled).
+    fn legacy_tensor(rebuild: &str, view: &[u8], extra: &[u8]) -> Vec<u8> {
+        let mut p = b"\x80\x02".to_vec();
+        p.extend_from_slice(format!("ctorch._utils\n{rebuild}\n((U\x07storagectorch.cuda\nHalfStorage\n").as_bytes());
+        p.extend_from_slice(b"U\x011U\x06cuda:0K\x0c");
+        p.extend_from_slice(view);
+        p.extend_from_slice(b"tQK\x01K\x03\x85K\x02\x85");
+        p.extend_from_slice(extra);
+        p.extend_from_slice(b"tR.");
+        p
+    }
+
+    #[test]
+    fn legacy_persistent_ids_cuda_classes_and_old_rebuild_are_read() {
+        let extra = b"\x89ccollections\nOrderedDict\n)R";
+        let tensor = |view| {
+            Object::Tensor(TensorRef {
+                storage: StorageRef {
+                    dtype: DType::F16,
+                    key: "1".into(),
+                    location: "cuda:0".into(),
+                    numel: 12,
+                    view,
+                },
+                offset: 1,
+                shape: vec![3],
+                stride: vec![2],
+            })
+        };
+        let p = legacy_tensor("_rebuild_tensor_v2", b"N", extra);
+        assert_eq!(unpickle(&p).unwrap(), tensor(None));
+        let p = legacy_tensor("_rebuild_tensor_v2", b"(U\x012K\x04K\x06t", extra);
+        assert_eq!(unpickle(&p).unwrap(), tensor(Some((4, 6))));
+        let p = legacy_tensor("_rebuild_tensor", b"N", b"");
+        assert_eq!(unpickle(&p).unwrap(), tensor(None));
+        for bad_view in [&b"K\x01"[..], b"(K\x04K\x06t", b"(U\x012J\xff\xff\xff\xffK\x06t"] {
+            let p = legacy_tensor("_rebuild_tensor_v2", bad_view, extra);
+            assert!(
+                matches!(unpickle(&p), Err(PickleError::Malformed { .. })),
+                "{bad_view:?}"
+            );
+        }
+        // Other CUDA names stay refused.
+        let err = unpickle(b"\x80\x02ctorch.cuda\nsynchronize\n.").unwrap_err();
+        assert!(err.to_string().contains("torch.cuda.synchronize"), "{err}");
     }
 }

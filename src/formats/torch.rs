@@ -1,9 +1,12 @@
-//! PyTorch zip-format checkpoints (`torch.save` since 1.6): a zip archive holding
-//! `<prefix>/data.pkl` (the pickled state dict), `<prefix>/data/<key>` (one entry per storage),
-//! `<prefix>/version` and `<prefix>/byteorder`. The zip directory is parsed here (it is small),
-//! the pickle by the restricted [`super::pickle`] unpickler, and each tensor becomes a
+//! PyTorch checkpoints. The zip format (`torch.save` since 1.6) is read here: a zip archive
+//! holding `<prefix>/data.pkl` (the pickled state dict), `<prefix>/data/<key>` (one entry per
+//! storage), `<prefix>/version` and `<prefix>/byteorder`. The zip directory is parsed here (it is
+//! small), the pickle by the restricted [`super::pickle`] unpickler, and each tensor becomes a
 //! [`TensorEntry`] pointing straight into its storage entry's bytes, which must be stored
-//! uncompressed so they can be read in place.
+//! uncompressed so they can be read in place. The legacy format (a stream of pickles followed
+//! by raw storages) is recognised by its first byte and left to [`super::torch_legacy`]; both
+//! share the flattening of wrappers and the checks of each tensor's extent in its storage.
+//! Non-contiguous tensors keep their strides ([`TensorEntry::strides`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +19,7 @@ const MAX_PICKLE: u64 = 1 << 30;
 /// Deepest wrapper nesting flattened into dotted names.
 const MAX_DEPTH: usize = 64;
 
-fn bad(path: &Path, reason: impl Into<String>) -> FormatError {
+pub(crate) fn bad(path: &Path, reason: impl Into<String>) -> FormatError {
     FormatError::Torch {
         path: path.to_path_buf(),
         reason: reason.into(),
@@ -30,7 +33,7 @@ fn read_zip(file: &SourceFile) -> Result<HashMap<String, zip::Entry>, FormatErro
 }
 
 /// Flattens the unpickled value into `(dotted name, tensor)` pairs; later duplicates win.
-fn flatten(
+pub(crate) fn flatten(
     prefix: &str,
     value: &Object,
     depth: usize,
@@ -73,7 +76,7 @@ fn flatten(
 
 /// The state dict inside a checkpoint: a `{"state_dict": ...}` or `{"model": ...}` wrapper is
 /// unwrapped, anything else is taken whole.
-fn state_dict(root: &Object) -> &Object {
+pub(crate) fn state_dict(root: &Object) -> &Object {
     if let Object::Dict(pairs) = root {
         for wrapper in ["state_dict", "model"] {
             let inner = pairs
@@ -88,21 +91,116 @@ fn state_dict(root: &Object) -> &Object {
     root
 }
 
-/// Reads the tensors of a zip-format PyTorch checkpoint; `file_index` is the file's index in
-/// the checkpoint.
+/// The entry of tensor `name` viewing a storage whose element 0 is at byte `base` of the file
+/// and of which `available` elements are in the file. Contiguous tensors get row-major entries;
+/// other strides are kept, after checking that every element lies inside the storage.
+pub(crate) fn entry_for(
+    name: String,
+    t: TensorRef,
+    mut base: u64,
+    mut available: u64,
+    file_index: usize,
+    path: &Path,
+) -> Result<TensorEntry, FormatError> {
+    let dtype = t.storage.dtype;
+    let item = dtype.size().unwrap_or(1) as u64;
+    if let Some((view_offset, view_numel)) = t.storage.view {
+        // A legacy storage view: elements [view_offset, view_offset + view_numel) of the storage.
+        if view_offset.checked_add(view_numel).is_none_or(|end| end > available) {
+            return Err(bad(
+                path,
+                format!("tensor {name:?} views a storage view that extends past its storage"),
+            ));
+        }
+        base += view_offset * item; // cannot overflow: inside the storage's bytes in the file
+        available = view_numel;
+    }
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .ok_or_else(|| bad(path, format!("tensor {name:?} is too large")))?;
+    let nbytes = numel
+        .checked_mul(item)
+        .ok_or_else(|| bad(path, format!("tensor {name:?} is too large")))?;
+    if numel == 0 {
+        // No element is read, so neither offset nor strides matter.
+        return Ok(TensorEntry {
+            name,
+            dtype,
+            shape: t.shape,
+            file: file_index,
+            offset: base,
+            nbytes: 0,
+            strides: None,
+        });
+    }
+    // Index of the last element: offset + Σ (size - 1) · stride; it must lie inside the storage.
+    let last = t.shape.iter().zip(&t.stride).try_fold(t.offset, |acc, (&d, &s)| {
+        (d as u64 - 1).checked_mul(s as u64).and_then(|x| acc.checked_add(x))
+    });
+    if last.is_none_or(|last| last >= available) {
+        return Err(bad(
+            path,
+            format!(
+                "tensor {name:?} (offset {}, shape {:?}, strides {:?}) extends past the end of its storage \
+                 of {available} elements",
+                t.offset, t.shape, t.stride
+            ),
+        ));
+    }
+    // Row-major strides, ignoring dimensions of size 1 whose stride does not matter.
+    let mut expected = 1usize;
+    let contiguous = t.shape.iter().zip(&t.stride).rev().all(|(&d, &s)| {
+        let ok = d == 1 || s == expected;
+        expected = expected.saturating_mul(d);
+        ok
+    });
+    let strides = (!contiguous).then(|| {
+        let unit = t.shape.iter().zip(&t.stride);
+        unit.map(|(&d, &s)| if d == 1 { 0 } else { s }).collect()
+    });
+    Ok(TensorEntry {
+        name,
+        dtype,
+        shape: t.shape,
+        file: file_index,
+        offset: base + t.offset * item, // cannot overflow: the element is inside the storage
+        nbytes,
+        strides,
+    })
+}
+
+/// Bytes the format is told apart by: zip's local header, a pickle's `PROTO`, tar's `ustar`.
+const SNIFF: usize = 262;
+
+/// Reads the tensors of a PyTorch checkpoint, zip format or legacy (a pickle stream);
+/// `file_index` is the file's index in the checkpoint.
 pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEntry>, FormatError> {
+    let mut head = vec![0u8; SNIFF.min(usize::try_from(file.len).unwrap_or(SNIFF))];
+    file.read_at(0, &mut head)?;
+    if head.first() == Some(&0x80) {
+        return super::torch_legacy::read_tensors(file, file_index);
+    }
+    if head.get(257..262) == Some(b"ustar") {
+        return Err(bad(
+            &file.path,
+            "a tar archive, the format of torch before 0.1.10, which is not supported; load it with \
+             torch and save it again",
+        ));
+    }
+    read_zip_tensors(file, file_index)
+}
+
+/// Reads the tensors of a zip-format PyTorch checkpoint.
+fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEntry>, FormatError> {
     let path = &file.path;
     let entries = read_zip(file)?;
     let pkl_name = entries
         .keys()
         .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .min()
-        .ok_or_else(|| {
-            bad(
-                path,
-                "no <archive>/data.pkl entry (legacy, non-zip checkpoints are not supported yet)",
-            )
-        })?
+        .ok_or_else(|| bad(path, "no <archive>/data.pkl entry (not a torch.save checkpoint)"))?
         .clone();
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     let stored = |name: &str| -> Result<&zip::Entry, FormatError> {
@@ -127,40 +225,8 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
 
     let mut tensors = Vec::with_capacity(found.len());
     for (name, t) in found {
-        let dtype = t.storage.dtype;
-        let item = dtype.size().unwrap_or(1) as u64;
+        let item = t.storage.dtype.size().unwrap_or(1) as u64;
         let entry = stored(&format!("{prefix}data/{}", t.storage.key))?;
-        let numel = t
-            .shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-            .ok_or_else(|| bad(path, format!("tensor {name:?} is too large")))?;
-        // Row-major strides, ignoring dimensions of size 1 whose stride does not matter.
-        let mut expected = 1usize;
-        let contiguous = numel == 0
-            || t.shape.iter().zip(&t.stride).rev().all(|(&d, &s)| {
-                let ok = d == 1 || s == expected;
-                expected = expected.saturating_mul(d);
-                ok
-            });
-        if !contiguous {
-            return Err(bad(
-                path,
-                format!(
-                    "tensor {name:?} has non-contiguous strides {:?}, which are not supported yet",
-                    t.stride
-                ),
-            ));
-        }
-        let end = t.offset.checked_add(numel).filter(|&e| e <= t.storage.numel);
-        let nbytes = numel.checked_mul(item);
-        let (Some(_), Some(nbytes)) = (end, nbytes) else {
-            return Err(bad(
-                path,
-                format!("tensor {name:?} extends past the end of its storage"),
-            ));
-        };
-        let start = t.offset * item; // cannot overflow: offset + numel <= storage numel, checked below
         if t.storage.numel.checked_mul(item).is_none_or(|b| b > entry.size) {
             return Err(bad(
                 path,
@@ -170,21 +236,16 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
                 ),
             ));
         }
-        tensors.push(TensorEntry {
-            name,
-            dtype,
-            shape: t.shape,
-            file: file_index,
-            offset: entry.data_offset + start,
-            nbytes,
-        });
+        let numel = t.storage.numel;
+        tensors.push(entry_for(name, t, entry.data_offset, numel, file_index, path)?);
     }
-    tensors.sort_by_key(|t| t.offset);
+    // State-dict order, as `torch.load` returns it (storage keys of legacy files are memory
+    // addresses, so file order would be arbitrary).
     Ok(tensors)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn fixture(name: &str) -> std::path::PathBuf {
@@ -219,15 +280,101 @@ mod tests {
         assert_eq!(names, ["encoder.w", "head.b"]);
     }
 
+    /// Every tensor of `<name>.pt`, read through the engine, equals the torch-computed values in
+    /// `<name>.npz` (bf16 is stored there as its bits under `<name>::bf16`).
+    pub(crate) fn assert_matches_expectations(name: &str) {
+        use crate::value::{Scratch, Tensor};
+        let ck = crate::formats::open_checkpoint(&fixture(&format!("{name}.pt"))).unwrap();
+        let want = crate::formats::open_checkpoint(&fixture(&format!("{name}.npz"))).unwrap();
+        assert_eq!(ck.tensors.len(), want.tensors.len(), "{name}");
+        let bytes = |t: &Tensor| {
+            let mut out = vec![0u8; t.nbytes()];
+            t.read(0, &mut out, &mut Scratch::default()).unwrap();
+            out
+        };
+        for entry in &ck.tensors {
+            let expected = want
+                .tensors
+                .iter()
+                .find(|e| e.name.trim_end_matches("::bf16") == entry.name)
+                .unwrap_or_else(|| panic!("{name}: {} not expected", entry.name));
+            let got = Tensor::from_entry(entry, ck.files[entry.file].clone());
+            let exp = Tensor::from_entry(expected, want.files[0].clone());
+            assert_eq!(got.shape, exp.shape, "{name}: {}", entry.name);
+            assert_eq!(bytes(&got), bytes(&exp), "{name}: {}", entry.name);
+        }
+    }
+
     #[test]
-    fn non_contiguous_tensor_is_named() {
-        match read(&fixture("transposed.pt")) {
+    fn non_contiguous_tensors_keep_their_strides() {
+        let tensors = read(&fixture("strided.pt")).unwrap();
+        let by = |n: &str| tensors.iter().find(|t| t.name == n).unwrap().clone();
+        let t = by("transposed");
+        assert_eq!((t.shape.clone(), t.strides.clone()), (vec![4, 3], Some(vec![1, 4])));
+        assert_eq!((t.nbytes, t.extent()), (48, 48));
+        let e = by("expanded_i8");
+        assert_eq!(e.strides, Some(vec![1, 0]));
+        assert_eq!((e.nbytes, e.extent()), (15, 5));
+        let n = by("narrow_f16");
+        assert_eq!((n.strides.clone(), n.nbytes, n.extent()), (Some(vec![4, 1]), 12, 20));
+        assert_eq!(by("row_of_base").strides, None);
+        for name in ["strided", "plain", "shared", "cuda", "parameter", "wrapped"] {
+            assert_matches_expectations(name);
+        }
+    }
+
+    fn tensor_ref(numel: u64, offset: u64, shape: &[usize], stride: &[usize]) -> TensorRef {
+        TensorRef {
+            storage: pickle::StorageRef {
+                dtype: crate::dtype::DType::F32,
+                key: "0".into(),
+                location: "cpu".into(),
+                numel,
+                view: None,
+            },
+            offset,
+            shape: shape.to_vec(),
+            stride: stride.to_vec(),
+        }
+    }
+
+    #[test]
+    fn strided_extent_past_the_storage_is_refused_by_name() {
+        let path = Path::new("m.pt");
+        // Last element: 2 + 1·1 + 2·4 = 11, inside 12 elements and outside 11.
+        let t = tensor_ref(12, 2, &[2, 3], &[1, 4]);
+        let entry = entry_for("w".into(), t.clone(), 100, 12, 0, path).unwrap();
+        assert_eq!((entry.offset, entry.strides, entry.nbytes), (108, Some(vec![1, 4]), 24));
+        match entry_for("w".into(), t, 100, 11, 0, path) {
             Err(FormatError::Torch { reason, .. }) => {
-                assert!(
-                    reason.contains("\"t\"") && reason.contains("not supported yet"),
-                    "{reason}"
-                )
+                assert!(reason.contains("\"w\"") && reason.contains("extends past"), "{reason}")
             }
+            other => panic!("{other:?}"),
+        }
+        // Strides that overflow, and an expanded dimension (stride 0) that fits.
+        let huge = tensor_ref(12, 0, &[3, 2], &[usize::MAX, 1]);
+        assert!(entry_for("w".into(), huge, 0, 12, 0, path).is_err());
+        let expanded = tensor_ref(3, 0, &[1000, 3], &[0, 1]);
+        let entry = entry_for("w".into(), expanded, 0, 3, 0, path).unwrap();
+        assert_eq!((entry.strides.clone(), entry.extent()), (Some(vec![0, 1]), 12));
+        // Empty tensors read nothing, wherever they claim to start.
+        let empty = tensor_ref(1, 50, &[0, 4], &[4, 1]);
+        assert_eq!(entry_for("w".into(), empty, 8, 1, 0, path).unwrap().nbytes, 0);
+        // Size-1 dimensions do not make a tensor strided, whatever their stride.
+        let column = tensor_ref(4, 0, &[4, 1], &[1, 99]);
+        assert_eq!(entry_for("w".into(), column, 0, 4, 0, path).unwrap().strides, None);
+    }
+
+    #[test]
+    fn tar_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.pt");
+        let mut tar = vec![0u8; 1024];
+        tar[..8].copy_from_slice(b"storages");
+        tar[257..263].copy_from_slice(b"ustar\0");
+        std::fs::write(&path, &tar).unwrap();
+        match read(&path) {
+            Err(FormatError::Torch { reason, .. }) => assert!(reason.contains("tar"), "{reason}"),
             other => panic!("{other:?}"),
         }
     }

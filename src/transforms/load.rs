@@ -294,7 +294,7 @@ impl Transform for Load {
                     .files
                     .get(entry.file)
                     .ok_or_else(|| PlanError::invalid(&self.location.key("path"), "tensor entry names no file"))?;
-                let tensor = Tensor::stored(entry.dtype, entry.shape.clone(), file.clone(), entry.offset);
+                let tensor = Tensor::from_entry(entry, file.clone());
                 state.insert(&alias, name, tensor);
                 ctx.note(format!("load: `{alias}::{name}` ← {}", self.path.display()));
             }
