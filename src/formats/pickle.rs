@@ -88,8 +88,13 @@ pub enum Global {
     RebuildTensorV2,
     /// `torch._utils._rebuild_parameter`.
     RebuildParameter,
-    /// `torch.<Type>Storage`, by element type.
+    /// `torch._utils._rebuild_tensor_v3`: a tensor of an explicit dtype over an untyped storage
+    /// (how torch saves the dtypes it added later: unsigned 16–64-bit, float8).
+    RebuildTensorV3,
+    /// `torch.<Type>Storage`, by element type; `torch.storage.UntypedStorage` is bytes (`U8`).
     Storage(DType),
+    /// A dtype such as `torch.uint16`, the last argument of `_rebuild_tensor_v3`.
+    Dtype(DType),
 }
 
 /// A storage named by a persistent id: `('storage', type, key, location, numel)`.
@@ -197,12 +202,39 @@ fn check_nesting(child_depth: u32, nesting: u32) -> Result<(), PickleError> {
     Ok(())
 }
 
+/// The dtype torch calls `torch.<name>`, for the byte-sized dtypes we carry.
+fn torch_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "float64" => DType::F64,
+        "float32" => DType::F32,
+        "float16" => DType::F16,
+        "bfloat16" => DType::BF16,
+        "int64" => DType::I64,
+        "int32" => DType::I32,
+        "int16" => DType::I16,
+        "int8" => DType::I8,
+        "uint64" => DType::U64,
+        "uint32" => DType::U32,
+        "uint16" => DType::U16,
+        "uint8" => DType::U8,
+        "bool" => DType::Bool,
+        "complex64" => DType::C64,
+        "float8_e4m3fn" => DType::F8E4M3,
+        "float8_e5m2" => DType::F8E5M2,
+        "float8_e8m0fnu" => DType::F8E8M0,
+        _ => return None,
+    })
+}
+
 /// The allowed global `module.name`, or a refusal naming it.
 fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
     let global = match (module, name) {
         ("collections", "OrderedDict") => Some(Global::OrderedDict),
         ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
         ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
+        ("torch._utils", "_rebuild_tensor_v3") => Some(Global::RebuildTensorV3),
+        ("torch.storage", "UntypedStorage") => Some(Global::Storage(DType::U8)),
+        ("torch", dtype) if torch_dtype(dtype).is_some() => torch_dtype(dtype).map(Global::Dtype),
         ("torch", storage) => match storage {
             "FloatStorage" => Some(DType::F32),
             "DoubleStorage" => Some(DType::F64),
@@ -214,6 +246,7 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
             "CharStorage" => Some(DType::I8),
             "ByteStorage" => Some(DType::U8),
             "BoolStorage" => Some(DType::Bool),
+            "ComplexFloatStorage" => Some(DType::C64),
             _ => None,
         }
         .map(Global::Storage),
@@ -465,6 +498,36 @@ impl<'a> Machine<'a> {
                 }
                 Ok(Object::Tensor(TensorRef {
                     storage: storage.clone(),
+                    offset,
+                    shape,
+                    stride,
+                }))
+            }
+            Object::Global(Global::RebuildTensorV3) if (7..=8).contains(&args.len()) => {
+                let Some(Object::Storage(storage)) = args.first() else {
+                    return Err(self.bad("_rebuild_tensor_v3 expects a storage first"));
+                };
+                let Some(Object::Global(Global::Dtype(dtype))) = args.get(6) else {
+                    return Err(self.bad("_rebuild_tensor_v3 expects a dtype seventh"));
+                };
+                let offset = self.int_arg(args.get(1).unwrap_or(&Object::None), "storage offset")?;
+                let shape = self.dims(args.get(2).unwrap_or(&Object::None), "size")?;
+                let stride = self.dims(args.get(3).unwrap_or(&Object::None), "stride")?;
+                if shape.len() != stride.len() {
+                    return Err(self.bad("size and stride differ in length"));
+                }
+                // The storage is viewed as elements of `dtype`; offset and strides count those.
+                let size = |d: DType| d.size().unwrap_or(1) as u64;
+                let bytes = storage
+                    .numel
+                    .checked_mul(size(storage.dtype))
+                    .ok_or_else(|| self.bad("storage size overflows"))?;
+                Ok(Object::Tensor(TensorRef {
+                    storage: StorageRef {
+                        dtype: *dtype,
+                        numel: bytes / size(*dtype),
+                        ..storage.clone()
+                    },
                     offset,
                     shape,
                     stride,
@@ -749,6 +812,34 @@ mod tests {
             value,
             Object::Dict(vec![(Object::Str("a".into()), t.clone()), (Object::Str("b".into()), t)])
         );
+    }
+
+    #[test]
+    fn reads_rebuild_tensor_v3_over_an_untyped_storage() {
+        // `torch.save(OrderedDict(u=torch.zeros(6, dtype=torch.uint16)[1:]), f)`'s data.pkl: a
+        // 12-byte untyped storage viewed as 5 uint16 from element 1.
+        let p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x01\x00\x00\x00uq\x02ctorch._utils\n_rebuild_tensor_v3\nq\x03((X\x07\x00\x00\x00storageq\x04ctorch.storage\nUntypedStorage\nq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x0ctq\x08QK\x01K\x05\x85q\tK\x01\x85q\n\x89h\x00)Rq\x0bctorch\nuint16\nq\x0ctq\rRq\x0es.";
+        let expected = Object::Tensor(TensorRef {
+            storage: StorageRef {
+                dtype: DType::U16,
+                key: "0".into(),
+                location: "cpu".into(),
+                numel: 6,
+            },
+            offset: 1,
+            shape: vec![5],
+            stride: vec![1],
+        });
+        assert_eq!(
+            unpickle(p).unwrap(),
+            Object::Dict(vec![(Object::Str("u".into()), expected)])
+        );
+        // A dtype is a tag, not a callable; v3 without a dtype is malformed.
+        assert!(matches!(
+            unpickle(b"\x80\x02ctorch\nuint16\n)R."),
+            Err(PickleError::Malformed { .. })
+        ));
+        assert!(unpickle(b"\x80\x02ctorch\nuint2\n.").is_err());
     }
 
     #[test]
