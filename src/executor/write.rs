@@ -12,9 +12,11 @@ use rayon::prelude::*;
 
 use super::state::State;
 use super::{ProgressFn, RunOptions};
+use crate::dtype::DType;
 use crate::error::Error;
-use crate::formats::npz::NpzWriter;
+use crate::formats::npz::{npy_descr, NpzWriter};
 use crate::formats::output::{OutputLayout, OutputTensor, SafetensorsWriter};
+use crate::formats::torch_output::{self, TorchWriter};
 use crate::formats::{zip, FormatError};
 use crate::plan::{Location, OutputFormat, OutputSpec, Plan, PlanError};
 use crate::value::{Scratch, Tensor, Value, CHUNK_BYTES};
@@ -47,21 +49,43 @@ fn canonical(path: &Path) -> Option<PathBuf> {
     Some(parent.canonicalize().ok()?.join(path.file_name()?))
 }
 
-/// Refuses outputs that cannot be written: formats not available yet, and targets that would
-/// overwrite an input.
-pub fn validate_output(output: &OutputSpec, state: &State, _alias: &str, _plan: &Plan) -> Result<(), Error> {
-    validate_target(output, state, &Location::root().key("output"))
+/// Refuses outputs that cannot be written: formats not available, targets that would overwrite
+/// an input, and tensors of `alias` whose dtype the format cannot hold.
+pub fn validate_output(output: &OutputSpec, state: &State, alias: &str, _plan: &Plan) -> Result<(), Error> {
+    validate_target(output, state, &Location::root().key("output"))?;
+    if let Some(current) = state.alias(alias) {
+        validate_dtypes(output, current.iter().map(|(name, t)| (name, t.dtype)))?;
+    }
+    Ok(())
+}
+
+/// Refuses the first tensor whose dtype `output`'s format cannot hold, naming it; read from
+/// headers alone, so a check finds it before anything is computed.
+pub fn validate_dtypes<'a>(
+    output: &OutputSpec,
+    mut tensors: impl Iterator<Item = (&'a str, DType)>,
+) -> Result<(), FormatError> {
+    tensors.try_for_each(|(name, dtype)| match output.format {
+        OutputFormat::Safetensors => Ok(()),
+        OutputFormat::Torch => torch_output::check_dtype(name, dtype),
+        OutputFormat::Npz => match npy_descr(dtype) {
+            Some(_) => Ok(()),
+            None => Err(FormatError::NpzDtype {
+                name: name.to_owned(),
+                dtype,
+            }),
+        },
+    })
 }
 
 /// The checks of [`validate_output`] for any write target (the output, `save`, a nested plan's
 /// output) found at `location`: the format is available and no file of any alias's checkpoint
 /// (the inputs and everything `load` opened) would be overwritten.
 pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) -> Result<(), Error> {
-    let npz_file = output.format == OutputFormat::Npz && output.single_file;
-    if output.format != OutputFormat::Safetensors && !npz_file {
+    if output.format == OutputFormat::Npz && !output.single_file {
         return Err(PlanError::invalid(
             &location.key("format"),
-            "only safetensors and single-file .npz output are available in this version (PyTorch output is planned)",
+            "NumPy output is one .npz file: give a path ending in .npz (directories are safetensors or PyTorch)",
         )
         .into());
     }
@@ -200,10 +224,10 @@ pub fn write_tensors(
             shard_budget: output.shard,
         }
     };
-    let writer = if output.format == OutputFormat::Npz {
-        Writer::Npz(NpzWriter::create(output.path.clone(), &specs)?)
-    } else {
-        Writer::Safetensors(SafetensorsWriter::create(layout, &specs, metadata)?)
+    let writer = match output.format {
+        OutputFormat::Npz => Writer::Npz(NpzWriter::create(output.path.clone(), &specs)?),
+        OutputFormat::Torch => Writer::Torch(TorchWriter::create(layout, &specs)?),
+        OutputFormat::Safetensors => Writer::Safetensors(SafetensorsWriter::create(layout, &specs, metadata)?),
     };
     // Output tensors that are the same lazy value (copies, e.g. one MLP weight fanned out to
     // four experts) are produced once per chunk and written to every destination.
@@ -294,25 +318,28 @@ pub fn write_tensors(
     Ok(match writer {
         Writer::Safetensors(w) => w.commit(sidecars)?,
         Writer::Npz(w) => w.commit(&crcs)?,
+        Writer::Torch(w) => w.commit(sidecars, &crcs)?,
     })
 }
 
-/// The output writers `write_tensors` streams into; both place tensors the same way.
+/// The output writers `write_tensors` streams into; all place tensors the same way.
 enum Writer {
     Safetensors(SafetensorsWriter),
     Npz(NpzWriter),
+    Torch(TorchWriter),
 }
 
 impl Writer {
-    /// Whether `commit` needs the CRC-32 of every tensor's bytes.
+    /// Whether `commit` needs the CRC-32 of every tensor's bytes (zip archives do).
     fn needs_crc(&self) -> bool {
-        matches!(self, Writer::Npz(_))
+        matches!(self, Writer::Npz(_) | Writer::Torch(_))
     }
 
     fn placement(&self, i: usize) -> (&std::fs::File, u64) {
         match self {
             Writer::Safetensors(w) => w.placement(i),
             Writer::Npz(w) => w.placement(i),
+            Writer::Torch(w) => w.placement(i),
         }
     }
 }

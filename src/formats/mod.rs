@@ -14,6 +14,7 @@ pub mod pickle;
 pub mod safetensors;
 pub mod torch;
 pub mod torch_legacy;
+pub mod torch_output;
 pub mod zip;
 
 use std::collections::{BTreeMap, HashMap};
@@ -62,6 +63,14 @@ pub enum FormatError {
     /// A tensor's dtype has no NumPy equivalent, so it cannot be written to `.npz`.
     #[error("output tensor {name:?} of dtype {dtype} cannot be stored in .npz (NumPy has no such type); cast it first, e.g. to float32")]
     NpzDtype {
+        /// The tensor name.
+        name: String,
+        /// Its dtype.
+        dtype: DType,
+    },
+    /// A tensor's dtype has no PyTorch equivalent, so it cannot be written to `.bin/.pt/.pth`.
+    #[error("output tensor {name:?} of dtype {dtype} cannot be stored in a PyTorch file (torch has no such dtype); cast it to one torch has, e.g. bfloat16, or write safetensors")]
+    TorchDtype {
         /// The tensor name.
         name: String,
         /// Its dtype.

@@ -4,6 +4,10 @@
 //! [`SafetensorsWriter::commit`] renames everything into place, index last, and clears stale
 //! shards of an earlier run; dropping an uncommitted writer leaves nothing behind. Producing the
 //! bytes is the executor's job.
+//!
+//! The same shard planning, temporaries, sidecars and cleanup write PyTorch files
+//! ([`WeightFormat::Torch`], through [`super::torch_output::TorchWriter`]): only the file names
+//! and each file's layout (a zip archive from [`super::torch_output`]) differ.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -14,11 +18,47 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value};
 
+use super::torch_output::{self, Archive};
 use super::{FormatError, INDEX_NAME};
 use crate::dtype::DType;
 
 /// File name of an unsharded directory output.
 pub const SINGLE_NAME: &str = "model.safetensors";
+
+/// The file format a writer produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// safetensors: `model.safetensors`, `model-00001-of-0000N.safetensors`.
+    Safetensors,
+    /// PyTorch zip archives: `pytorch_model.bin`, `pytorch_model-00001-of-0000N.bin`.
+    Torch,
+}
+
+impl WeightFormat {
+    /// File name of an unsharded directory output.
+    fn single_name(self) -> &'static str {
+        match self {
+            WeightFormat::Safetensors => SINGLE_NAME,
+            WeightFormat::Torch => torch_output::SINGLE_NAME,
+        }
+    }
+
+    /// File name of the weight index of a sharded directory output.
+    fn index_name(self) -> &'static str {
+        match self {
+            WeightFormat::Safetensors => INDEX_NAME,
+            WeightFormat::Torch => torch_output::INDEX_NAME,
+        }
+    }
+
+    /// Shard names are `<stem>-NNNNN-of-NNNNN.<extension>`.
+    fn shard_parts(self) -> (&'static str, &'static str) {
+        match self {
+            WeightFormat::Safetensors => ("model", "safetensors"),
+            WeightFormat::Torch => ("pytorch_model", "bin"),
+        }
+    }
+}
 
 /// One tensor to write: its bytes are supplied later, at [`SafetensorsWriter::placement`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +92,8 @@ struct Shard {
     final_path: PathBuf,
     temp_path: PathBuf,
     file: File,
+    /// The zip layout of a PyTorch file, completed at commit.
+    archive: Option<Archive>,
 }
 
 /// A temporary not yet renamed into place, removed by `Drop`.
@@ -61,9 +103,11 @@ struct Pending {
     target: PathBuf,
 }
 
-/// Writes safetensors output atomically: see the module docs.
+/// Writes safetensors (or, for [`super::torch_output::TorchWriter`], PyTorch) output
+/// atomically: see the module docs.
 #[derive(Debug)]
 pub struct SafetensorsWriter {
+    format: WeightFormat,
     /// The output directory, for a [`OutputLayout::Directory`] layout.
     dir: Option<PathBuf>,
     shards: Vec<Shard>,
@@ -129,21 +173,48 @@ fn plan_shards(sizes: &[u64], budget: Option<u64>) -> Vec<usize> {
 }
 
 /// Name of shard `i` (0-based) of `n`, as Hugging Face names them.
-fn shard_name(i: usize, n: usize) -> String {
-    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+fn shard_name(format: WeightFormat, i: usize, n: usize) -> String {
+    let (stem, extension) = format.shard_parts();
+    format!("{stem}-{:05}-of-{:05}.{extension}", i + 1, n)
 }
 
-/// Whether `name` is an output file an earlier run may have left in a directory.
-fn is_weight_output_name(name: &str) -> bool {
-    if name == SINGLE_NAME || name == INDEX_NAME {
+/// Whether `name` is an output file of `format` an earlier run may have left in a directory.
+fn is_weight_output_name(format: WeightFormat, name: &str) -> bool {
+    if name == format.single_name() || name == format.index_name() {
         return true;
     }
     // model-NNNNN-of-NNNNN.safetensors
+    let (stem, extension) = format.shard_parts();
     let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
-    name.strip_prefix("model-")
-        .and_then(|rest| rest.strip_suffix(".safetensors"))
+    name.strip_prefix(stem)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .and_then(|rest| rest.strip_suffix(extension))
+        .and_then(|rest| rest.strip_suffix('.'))
         .and_then(|rest| rest.split_once("-of-"))
         .is_some_and(|(a, b)| digits(a) && digits(b))
+}
+
+/// Refuses a PyTorch directory output into a directory holding safetensors weights: readers
+/// (this one, `transformers`) prefer those, so the new files would be ignored.
+fn refuse_shadowing_safetensors(dir: &Path) -> Result<(), FormatError> {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return Ok(()); // missing: created later; unreadable: creating files fails clearly
+    };
+    let mut found: Vec<String> = listing
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.') && (n.ends_with(".safetensors") || n == INDEX_NAME))
+        .collect();
+    found.sort();
+    match found.first() {
+        None => Ok(()),
+        Some(first) => Err(FormatError::InvalidOutput {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "holds safetensors weights ({first}), which loaders prefer over PyTorch files; \
+                 remove them or write the PyTorch output to another directory"
+            ),
+        }),
+    }
 }
 
 /// The prefix of a safetensors file: 8-byte length and the JSON header padded with spaces to a
@@ -210,11 +281,25 @@ impl SafetensorsWriter {
         tensors: &[OutputTensor],
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self, FormatError> {
+        Self::create_as(WeightFormat::Safetensors, layout, tensors, metadata)
+    }
+
+    /// [`SafetensorsWriter::create`] for files of `format`; PyTorch files carry no metadata.
+    pub(crate) fn create_as(
+        format: WeightFormat,
+        layout: OutputLayout,
+        tensors: &[OutputTensor],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self, FormatError> {
         let mut names = HashSet::with_capacity(tensors.len());
         let mut sizes = Vec::with_capacity(tensors.len());
         for t in tensors {
-            if t.name == "__metadata__" {
-                return Err(FormatError::ReservedTensorName { name: t.name.clone() });
+            match format {
+                WeightFormat::Safetensors if t.name == "__metadata__" => {
+                    return Err(FormatError::ReservedTensorName { name: t.name.clone() })
+                }
+                WeightFormat::Torch => torch_output::check_dtype(&t.name, t.dtype)?,
+                WeightFormat::Safetensors => {}
             }
             if !names.insert(t.name.as_str()) {
                 return Err(FormatError::DuplicateOutputTensor { name: t.name.clone() });
@@ -259,19 +344,23 @@ impl SafetensorsWriter {
                         reason: "exists and is not a directory".to_string(),
                     });
                 }
+                if format == WeightFormat::Torch {
+                    refuse_shadowing_safetensors(dir)?;
+                }
                 let shard_of = plan_shards(&sizes, *shard_budget);
                 let n = shard_of.last().map_or(1, |&s| s + 1);
                 if n == 1 {
-                    (dir.clone(), vec![dir.join(SINGLE_NAME)], shard_of, None)
+                    (dir.clone(), vec![dir.join(format.single_name())], shard_of, None)
                 } else {
-                    let paths = (0..n).map(|i| dir.join(shard_name(i, n))).collect();
-                    (dir.clone(), paths, shard_of, Some(dir.join(INDEX_NAME)))
+                    let paths = (0..n).map(|i| dir.join(shard_name(format, i, n))).collect();
+                    (dir.clone(), paths, shard_of, Some(dir.join(format.index_name())))
                 }
             }
         };
 
         // From here on, failures drop `writer`, which removes what it created.
         let mut writer = SafetensorsWriter {
+            format,
             dir: matches!(layout, OutputLayout::Directory { .. }).then(|| dir.clone()),
             shards: Vec::with_capacity(final_paths.len()),
             slots: Vec::with_capacity(tensors.len()),
@@ -288,46 +377,69 @@ impl SafetensorsWriter {
         // loader accepts the file).
         let mut cursor = vec![0u64; final_paths.len()];
         let mut layout_entries: Vec<Vec<(&OutputTensor, u64, u64)>> = vec![Vec::new(); final_paths.len()];
-        let mut relative = Vec::with_capacity(tensors.len());
         for ((t, &size), &shard) in tensors.iter().zip(&sizes).zip(&shard_of) {
             // Indices come from plan_shards, which numbers shards 0..final_paths.len().
             let begin = cursor[shard];
             let end = begin + size; // cannot overflow: bounded by `total`
             cursor[shard] = end;
             layout_entries[shard].push((t, begin, end));
-            relative.push((shard, begin));
         }
 
-        let mut data_starts = Vec::with_capacity(final_paths.len());
+        // Per shard, where each of its tensors' data starts in the file, in order.
+        let mut data_starts: Vec<Vec<u64>> = Vec::with_capacity(final_paths.len());
         for (final_path, entries) in final_paths.iter().zip(&layout_entries) {
-            let data_len: u64 = entries.last().map_or(0, |e| e.2);
-            let prefix = header_bytes(entries.iter().copied(), metadata);
+            // A safetensors file starts with its header; a PyTorch file is a laid-out archive.
+            let (len, starts, header, archive) = match format {
+                WeightFormat::Safetensors => {
+                    let prefix = header_bytes(entries.iter().copied(), metadata);
+                    let data_len: u64 = entries.last().map_or(0, |e| e.2);
+                    let at = prefix.len() as u64;
+                    let starts = entries.iter().map(|e| at + e.1).collect();
+                    (at + data_len, starts, Some(prefix), None)
+                }
+                WeightFormat::Torch => {
+                    let shard_tensors: Vec<&OutputTensor> = entries.iter().map(|e| e.0).collect();
+                    let archive = Archive::plan(&shard_tensors, final_path)?;
+                    let starts = (0..entries.len()).map(|i| archive.tensor_offset(i)).collect();
+                    (archive.data_end(), starts, None, Some(archive))
+                }
+            };
             let temp = temp_path_for(final_path);
             let file = create_new(&temp)?;
             writer.pending.push(Pending {
                 temp: temp.clone(),
                 target: final_path.clone(),
             });
-            file.write_all_at(&prefix, 0).map_err(|e| FormatError::io(&temp, e))?;
             // Sparse: unwritten data reads as zeros and costs no disk until written.
-            file.set_len(prefix.len() as u64 + data_len)
-                .map_err(|e| FormatError::io(&temp, e))?;
-            data_starts.push(prefix.len() as u64);
+            file.set_len(len).map_err(|e| FormatError::io(&temp, e))?;
+            if let Some(header) = &header {
+                file.write_all_at(header, 0).map_err(|e| FormatError::io(&temp, e))?;
+            }
+            if let Some(archive) = &archive {
+                archive.write_prefix(&file).map_err(|e| FormatError::io(&temp, e))?;
+            }
+            data_starts.push(starts);
             writer.shards.push(Shard {
                 final_path: final_path.clone(),
                 temp_path: temp,
                 file,
+                archive,
             });
         }
-        writer.slots = relative
-            .into_iter()
-            .map(|(shard, begin)| (shard, data_starts[shard] + begin))
+        let mut next_in_shard = vec![0usize; final_paths.len()];
+        writer.slots = shard_of
+            .iter()
+            .map(|&shard| {
+                let k = next_in_shard[shard];
+                next_in_shard[shard] += 1;
+                (shard, data_starts[shard][k])
+            })
             .collect();
 
         if let Some(index_path) = &index {
             let mut weight_map = Map::new();
             for (t, &shard) in tensors.iter().zip(&shard_of) {
-                weight_map.insert(t.name.clone(), shard_name(shard, final_paths.len()).into());
+                weight_map.insert(t.name.clone(), shard_name(format, shard, final_paths.len()).into());
             }
             let mut meta = Map::new();
             meta.insert("total_size".into(), total.into());
@@ -409,7 +521,36 @@ impl SafetensorsWriter {
     ///
     /// A failure before the first rename leaves no trace; one during the renames (which only
     /// fail on a broken filesystem) leaves the files already renamed in place.
-    pub fn commit(mut self, sidecars: &[PathBuf]) -> Result<Vec<PathBuf>, FormatError> {
+    pub fn commit(self, sidecars: &[PathBuf]) -> Result<Vec<PathBuf>, FormatError> {
+        self.commit_with_crcs(sidecars, &[])
+    }
+
+    /// [`SafetensorsWriter::commit`], first completing PyTorch archives with `data_crcs` (the
+    /// CRC-32 of every tensor's bytes, in the order given to `create`; unused for safetensors).
+    pub(crate) fn commit_with_crcs(
+        mut self,
+        sidecars: &[PathBuf],
+        data_crcs: &[u32],
+    ) -> Result<Vec<PathBuf>, FormatError> {
+        if self.shards.iter().any(|s| s.archive.is_some()) {
+            if data_crcs.len() != self.slots.len() {
+                return Err(FormatError::InvalidOutput {
+                    path: self.shards.first().map(|s| s.final_path.clone()).unwrap_or_default(),
+                    reason: format!("{} CRCs given for {} tensors", data_crcs.len(), self.slots.len()),
+                });
+            }
+            let mut per_shard: Vec<Vec<u32>> = vec![Vec::new(); self.shards.len()];
+            for (&(shard, _), &crc) in self.slots.iter().zip(data_crcs) {
+                per_shard[shard].push(crc);
+            }
+            for (shard, crcs) in self.shards.iter().zip(&per_shard) {
+                if let Some(archive) = &shard.archive {
+                    archive
+                        .finish(&shard.file, crcs)
+                        .map_err(|e| FormatError::io(&shard.temp_path, e))?;
+                }
+            }
+        }
         let mut written_sidecars = Vec::new();
         if let Some(dir) = self.dir.clone() {
             let outputs: HashSet<PathBuf> = self.final_paths().into_iter().collect();
@@ -512,12 +653,13 @@ impl SafetensorsWriter {
                 continue;
             };
             let path = dir.join(&name);
-            if is_weight_output_name(&name) && !ours.contains(&path) {
+            if is_weight_output_name(self.format, &name) && !ours.contains(&path) {
                 stale.push(path);
             }
         }
         // Index first, then shards in name order: deterministic and never a dangling index.
-        stale.sort_by_key(|p| (!p.ends_with(INDEX_NAME), p.clone()));
+        let index = self.format.index_name();
+        stale.sort_by_key(|p| (!p.ends_with(index), p.clone()));
         Ok(stale)
     }
 }
@@ -959,11 +1101,21 @@ mod tests {
 
     #[test]
     fn stale_name_pattern() {
-        assert!(is_weight_output_name("model-00001-of-00002.safetensors"));
-        assert!(is_weight_output_name(SINGLE_NAME));
-        assert!(is_weight_output_name(INDEX_NAME));
-        assert!(!is_weight_output_name("model-1-of-2.safetensors"));
-        assert!(!is_weight_output_name("model-00001-of-00002.safetensors.bak"));
-        assert!(!is_weight_output_name("adapter_model.safetensors"));
+        let st = WeightFormat::Safetensors;
+        assert!(is_weight_output_name(st, "model-00001-of-00002.safetensors"));
+        assert!(is_weight_output_name(st, SINGLE_NAME));
+        assert!(is_weight_output_name(st, INDEX_NAME));
+        assert!(!is_weight_output_name(st, "model-1-of-2.safetensors"));
+        assert!(!is_weight_output_name(st, "model-00001-of-00002.safetensors.bak"));
+        assert!(!is_weight_output_name(st, "adapter_model.safetensors"));
+        assert!(!is_weight_output_name(st, "pytorch_model.bin"));
+        let pt = WeightFormat::Torch;
+        assert!(is_weight_output_name(pt, "pytorch_model-00001-of-00002.bin"));
+        assert!(is_weight_output_name(pt, "pytorch_model.bin"));
+        assert!(is_weight_output_name(pt, "pytorch_model.bin.index.json"));
+        assert!(!is_weight_output_name(pt, "pytorch_model-00001-of-00002.safetensors"));
+        assert!(!is_weight_output_name(pt, "pytorch_model-00001-of-00002bin"));
+        assert!(!is_weight_output_name(pt, "training_args.bin"));
+        assert!(!is_weight_output_name(pt, SINGLE_NAME));
     }
 }

@@ -90,8 +90,13 @@ pub enum Global {
     RebuildTensor,
     /// `torch._utils._rebuild_parameter`.
     RebuildParameter,
-    /// `torch.<Type>Storage`, by element type.
+    /// `torch._utils._rebuild_tensor_v3`: a tensor of an explicit dtype over an untyped storage
+    /// (how torch saves the dtypes it added later: unsigned 16–64-bit, float8).
+    RebuildTensorV3,
+    /// `torch.<Type>Storage`, by element type; `torch.storage.UntypedStorage` is bytes (`U8`).
     Storage(DType),
+    /// A dtype such as `torch.uint16`, the last argument of `_rebuild_tensor_v3`.
+    Dtype(DType),
 }
 
 /// A storage named by a persistent id: `('storage', type, key, location, numel)` in the zip
@@ -206,6 +211,30 @@ fn check_nesting(child_depth: u32, nesting: u32) -> Result<(), PickleError> {
     Ok(())
 }
 
+/// The dtype torch calls `torch.<name>`, for the byte-sized dtypes we carry.
+fn torch_dtype(name: &str) -> Option<DType> {
+    Some(match name {
+        "float64" => DType::F64,
+        "float32" => DType::F32,
+        "float16" => DType::F16,
+        "bfloat16" => DType::BF16,
+        "int64" => DType::I64,
+        "int32" => DType::I32,
+        "int16" => DType::I16,
+        "int8" => DType::I8,
+        "uint64" => DType::U64,
+        "uint32" => DType::U32,
+        "uint16" => DType::U16,
+        "uint8" => DType::U8,
+        "bool" => DType::Bool,
+        "complex64" => DType::C64,
+        "float8_e4m3fn" => DType::F8E4M3,
+        "float8_e5m2" => DType::F8E5M2,
+        "float8_e8m0fnu" => DType::F8E8M0,
+        _ => return None,
+    })
+}
+
 /// The allowed global `module.name`, or a refusal naming it.
 fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
     let global = match (module, name) {
@@ -213,6 +242,9 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
         ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
         ("torch._utils", "_rebuild_tensor") => Some(Global::RebuildTensor),
         ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
+        ("torch._utils", "_rebuild_tensor_v3") => Some(Global::RebuildTensorV3),
+        ("torch.storage", "UntypedStorage") => Some(Global::Storage(DType::U8)),
+        ("torch", dtype) if torch_dtype(dtype).is_some() => torch_dtype(dtype).map(Global::Dtype),
         // Old GPU checkpoints name CUDA storage classes; the bytes on disk are the same.
         ("torch" | "torch.cuda", storage) => match storage {
             "FloatStorage" => Some(DType::F32),
@@ -225,6 +257,7 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
             "CharStorage" => Some(DType::I8),
             "ByteStorage" => Some(DType::U8),
             "BoolStorage" => Some(DType::Bool),
+            "ComplexFloatStorage" => Some(DType::C64),
             _ => None,
         }
         .map(Global::Storage),
@@ -464,8 +497,31 @@ impl<'a> Machine<'a> {
         };
         match callable {
             Object::Global(Global::OrderedDict) if args.is_empty() => Ok(Object::Dict(Vec::new())),
-            Object::Global(Global::RebuildTensorV2) if (6..=7).contains(&args.len()) => self.tensor(&args),
-            Object::Global(Global::RebuildTensor) if args.len() == 4 => self.tensor(&args),
+            Object::Global(Global::RebuildTensorV2) if (6..=7).contains(&args.len()) => {
+                self.tensor(&args).map(Object::Tensor)
+            }
+            Object::Global(Global::RebuildTensor) if args.len() == 4 => self.tensor(&args).map(Object::Tensor),
+            Object::Global(Global::RebuildTensorV3) if (7..=8).contains(&args.len()) => {
+                let Some(Object::Global(Global::Dtype(dtype))) = args.get(6) else {
+                    return Err(self.bad("_rebuild_tensor_v3 expects a dtype seventh"));
+                };
+                let tensor = self.tensor(&args)?;
+                // The storage is viewed as elements of `dtype`; offset and strides count those.
+                let size = |d: DType| d.size().unwrap_or(1) as u64;
+                let bytes = tensor
+                    .storage
+                    .numel
+                    .checked_mul(size(tensor.storage.dtype))
+                    .ok_or_else(|| self.bad("storage size overflows"))?;
+                Ok(Object::Tensor(TensorRef {
+                    storage: StorageRef {
+                        dtype: *dtype,
+                        numel: bytes / size(*dtype),
+                        ..tensor.storage
+                    },
+                    ..tensor
+                }))
+            }
             Object::Global(Global::RebuildParameter) if args.len() == 3 => match args.into_iter().next() {
                 Some(tensor @ Object::Tensor(_)) => Ok(tensor),
                 _ => Err(self.bad("_rebuild_parameter expects a tensor first")),
@@ -476,7 +532,7 @@ impl<'a> Machine<'a> {
     }
 
     /// The tensor `_rebuild_tensor(_v2)(storage, offset, size, stride, ...)` describes.
-    fn tensor(&self, args: &[Object]) -> Result<Object, PickleError> {
+    fn tensor(&self, args: &[Object]) -> Result<TensorRef, PickleError> {
         let Some(Object::Storage(storage)) = args.first() else {
             return Err(self.bad("_rebuild_tensor expects a storage first"));
         };
@@ -486,12 +542,12 @@ impl<'a> Machine<'a> {
         if shape.len() != stride.len() {
             return Err(self.bad("size and stride differ in length"));
         }
-        Ok(Object::Tensor(TensorRef {
+        Ok(TensorRef {
             storage: storage.clone(),
             offset,
             shape,
             stride,
-        }))
+        })
     }
 
     /// `BINPERSID`: a torch storage id; the legacy format appends view metadata, `None` or
@@ -804,6 +860,35 @@ mod tests {
             value,
             Object::Dict(vec![(Object::Str("a".into()), t.clone()), (Object::Str("b".into()), t)])
         );
+    }
+
+    #[test]
+    fn reads_rebuild_tensor_v3_over_an_untyped_storage() {
+        // `torch.save(OrderedDict(u=torch.zeros(6, dtype=torch.uint16)[1:]), f)`'s data.pkl: a
+        // 12-byte untyped storage viewed as 5 uint16 from element 1.
+        let p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x01\x00\x00\x00uq\x02ctorch._utils\n_rebuild_tensor_v3\nq\x03((X\x07\x00\x00\x00storageq\x04ctorch.storage\nUntypedStorage\nq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x0ctq\x08QK\x01K\x05\x85q\tK\x01\x85q\n\x89h\x00)Rq\x0bctorch\nuint16\nq\x0ctq\rRq\x0es.";
+        let expected = Object::Tensor(TensorRef {
+            storage: StorageRef {
+                dtype: DType::U16,
+                key: "0".into(),
+                location: "cpu".into(),
+                numel: 6,
+                view: None,
+            },
+            offset: 1,
+            shape: vec![5],
+            stride: vec![1],
+        });
+        assert_eq!(
+            unpickle(p).unwrap(),
+            Object::Dict(vec![(Object::Str("u".into()), expected)])
+        );
+        // A dtype is a tag, not a callable; v3 without a dtype is malformed.
+        assert!(matches!(
+            unpickle(b"\x80\x02ctorch\nuint16\n)R."),
+            Err(PickleError::Malformed { .. })
+        ));
+        assert!(unpickle(b"\x80\x02ctorch\nuint2\n.").is_err());
     }
 
     #[test]

@@ -322,6 +322,16 @@ impl Layout {
         Layout::default()
     }
 
+    /// An empty archive that uses ZIP64 records for every size and offset, so tests of other
+    /// modules exercise those paths without writing 4 GiB.
+    #[cfg(test)]
+    pub(crate) fn zip64_everywhere() -> Self {
+        Layout {
+            zip64_from: 0,
+            ..Layout::default()
+        }
+    }
+
     /// Adds an entry of `size` bytes whose data starts at a multiple of `align` (1 for none) and
     /// returns that data offset. Names longer than 65535 bytes are refused.
     pub fn add(&mut self, name: &str, size: u64, align: u64) -> Result<u64, String> {

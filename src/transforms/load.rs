@@ -13,7 +13,7 @@ use crate::executor::state::State;
 use crate::executor::write;
 use crate::formats::open_checkpoint;
 use crate::plan::payload::{Field, FieldKind, Payload};
-use crate::plan::{parse_output, valid_alias, Location, OutputFormat, OutputSpec, PlanError};
+use crate::plan::{parse_output, valid_alias, Location, OutputSpec, PlanError};
 use crate::references::{closest_names, Reference};
 use crate::value::Tensor;
 
@@ -102,7 +102,7 @@ const SAVE_FIELDS: &[Field] = &[
     Field::required(
         "path",
         FieldKind::Text,
-        "a `.safetensors` file, or a directory (sharded like the output)",
+        "a `.safetensors`, `.bin/.pt/.pth` or `.npz` file, or a directory (sharded like the output)",
     ),
     Field::optional("alias", FieldKind::Text, None, "the alias to write whole"),
     Field::optional(
@@ -115,7 +115,7 @@ const SAVE_FIELDS: &[Field] = &[
         "format",
         FieldKind::Text,
         Some("by extension, else safetensors"),
-        "file format (PyTorch and NumPy come later)",
+        "file format: safetensors, torch (PyTorch) or npz",
     ),
     Field::optional(
         "shard",
@@ -128,7 +128,7 @@ const SAVE_FIELDS: &[Field] = &[
 /// `save`: write an alias or one tensor to a file, atomically, when the plan runs.
 pub const SAVE: TransformSpec = TransformSpec {
     name: "save",
-    summary: "write an alias or one tensor to a safetensors file or directory (when the plan runs)",
+    summary: "write an alias or one tensor to a file or directory, like the output (when the plan runs)",
     fields: SAVE_FIELDS,
     parse: |value, location| {
         let p = Payload::new(value, SAVE_FIELDS, location.clone())?;
@@ -144,9 +144,6 @@ pub const SAVE: TransformSpec = TransformSpec {
             location: location.clone(),
             key: "path".into(),
         })?;
-        if spec.format != OutputFormat::Safetensors {
-            return Err(unsupported_format(&p.at("format")));
-        }
         let what = match (p.text("alias")?, p.get("target")) {
             (Some(alias), None) => SaveWhat::Alias(alias.to_owned()),
             (None, Some(_)) => SaveWhat::Tensor(p.reference("target")?),
@@ -397,6 +394,7 @@ fn save_tensors(
     plan_sha256: Option<&str>,
 ) -> Result<Option<Vec<PathBuf>>, StepError> {
     write::validate_target(spec, state, location).map_err(step_error)?;
+    write::validate_dtypes(spec, tensors.iter().map(|(name, t)| (*name, t.dtype)))?;
     if !ctx.evaluate {
         return Ok(None);
     }
