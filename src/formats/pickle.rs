@@ -21,6 +21,9 @@ pub struct Limits {
     pub string_len: usize,
     /// Most objects built in total (memo fetches count their whole size).
     pub objects: usize,
+    /// Most bytes of str and bytes values built in total, copies by `DUP` and the memo included
+    /// (without it, one long string copied many times asks for terabytes).
+    pub bytes: usize,
 }
 
 impl Default for Limits {
@@ -31,6 +34,7 @@ impl Default for Limits {
             nesting: 64,
             string_len: 1 << 24,
             objects: 1 << 22,
+            bytes: 1 << 26,
         }
     }
 }
@@ -172,6 +176,17 @@ impl Object {
         }
     }
 
+    /// Bytes of str and bytes values in this value.
+    fn bytes(&self) -> usize {
+        match self {
+            Object::Str(s) => s.len(),
+            Object::Bytes(b) => b.len(),
+            Object::Tuple(v) | Object::List(v) => v.iter().map(Object::bytes).sum(),
+            Object::Dict(v) => v.iter().map(|(k, x)| k.bytes() + x.bytes()).sum(),
+            _ => 0,
+        }
+    }
+
     /// Number of objects in this value, itself included.
     fn weight(&self) -> usize {
         match self {
@@ -278,6 +293,7 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: std::collections::HashMap<u32, Object>,
     objects: usize,
+    bytes: usize,
     limits: Limits,
 }
 
@@ -327,7 +343,9 @@ impl<'a> Machine<'a> {
                 limit: self.limits.string_len,
             });
         }
-        self.take(len)
+        let bytes = self.take(len)?;
+        self.count_bytes(len)?;
+        Ok(bytes)
     }
 
     fn text(&mut self, len: u64) -> Result<String, PickleError> {
@@ -362,6 +380,23 @@ impl<'a> Machine<'a> {
             });
         }
         Ok(())
+    }
+
+    fn count_bytes(&mut self, n: usize) -> Result<(), PickleError> {
+        self.bytes = self.bytes.saturating_add(n);
+        if self.bytes > self.limits.bytes {
+            return Err(PickleError::Limit {
+                what: "string bytes",
+                limit: self.limits.bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a copy of `value` (all but the copy's root, which `push` counts) before it is made.
+    fn count_copy(&mut self, weight: usize, bytes: usize) -> Result<(), PickleError> {
+        self.count(weight.saturating_sub(1))?;
+        self.count_bytes(bytes)
     }
 
     fn push(&mut self, obj: Object) -> Result<(), PickleError> {
@@ -409,7 +444,7 @@ impl<'a> Machine<'a> {
     }
 
     fn put(&mut self, index: u32) -> Result<(), PickleError> {
-        let value = self.top()?.clone();
+        let (weight, bytes) = self.top().map(|v| (v.weight(), v.bytes()))?;
         if self.memo.len() >= self.limits.memo && !self.memo.contains_key(&index) {
             return Err(PickleError::Limit {
                 what: "memo entries",
@@ -419,20 +454,23 @@ impl<'a> Machine<'a> {
         // A memo entry is a snapshot: pickle memoizes containers before filling them, but torch
         // only fetches back immutable values (tensors, tuples, globals), so the copy is exact
         // for the checkpoints we read, and it makes reference cycles impossible.
-        self.count(value.weight())?;
+        self.count(weight)?;
+        self.count_bytes(bytes)?;
+        let value = self.top()?.clone();
         self.memo.insert(index, value);
         Ok(())
     }
 
     fn get(&mut self, index: u32) -> Result<(), PickleError> {
-        let value = self
+        let (weight, bytes) = self
             .memo
             .get(&index)
-            .cloned()
+            .map(|v| (v.weight(), v.bytes()))
             .ok_or_else(|| self.bad(format!("memo entry {index} is not set")))?;
-        // The copy costs its full size; counting it stops a small pickle from fetching a big
-        // value many times over.
-        self.count(value.weight().saturating_sub(1))?;
+        // The copy costs its full size; counting it (before making it) stops a small pickle
+        // from fetching a big value many times over.
+        self.count_copy(weight, bytes)?;
+        let value = self.memo.get(&index).cloned().unwrap_or(Object::None);
         self.push(value)
     }
 
@@ -623,8 +661,9 @@ impl<'a> Machine<'a> {
                     self.pop_mark()?;
                 }
                 b'2' => {
+                    let (weight, bytes) = self.top().map(|v| (v.weight(), v.bytes()))?;
+                    self.count_copy(weight, bytes)?;
                     let value = self.top()?.clone();
-                    self.count(value.weight().saturating_sub(1))?;
                     self.push(value)?;
                 }
                 b'N' => self.push(Object::None)?,
@@ -811,6 +850,7 @@ pub fn unpickle_prefix(data: &[u8], limits: Limits) -> Result<(Object, usize), P
         marks: Vec::new(),
         memo: std::collections::HashMap::new(),
         objects: 0,
+        bytes: 0,
         limits,
     };
     let value = machine.run()?;
@@ -982,6 +1022,7 @@ mod tests {
             nesting: 8,
             string_len: 32,
             objects: 1000,
+            bytes: 200,
         }
     }
 
@@ -1133,5 +1174,36 @@ mod tests {
         // Other CUDA names stay refused.
         let err = unpickle(b"\x80\x02ctorch.cuda\nsynchronize\n.").unwrap_err();
         assert!(err.to_string().contains("torch.cuda.synchronize"), "{err}");
+    }
+
+    #[test]
+    fn copied_strings_are_bounded() {
+        // One 16 MiB bytes value (within the string limit) duplicated 65535 times: a 16 MiB
+        // pickle asking for 1 TiB. Copies must count against a byte budget, refused before
+        // they are made.
+        let len = 1usize << 24;
+        let mut p = b"\x80\x02B".to_vec();
+        p.extend_from_slice(&(len as u32).to_le_bytes());
+        p.resize(p.len() + len, b'x');
+        p.extend(std::iter::repeat_n(b'2', 65535));
+        p.push(b'.');
+        assert!(matches!(
+            unpickle(&p),
+            Err(PickleError::Limit {
+                what: "string bytes",
+                ..
+            })
+        ));
+        // The same through memo fetches and through memo snapshots.
+        let s30 = b"\x80\x02\x8c\x1e012345678901234567890123456789";
+        let mut p = s30.to_vec();
+        p.extend_from_slice(b"q\x00");
+        p.extend_from_slice(&b"0h\x00".repeat(10));
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "string bytes");
+        let mut p = s30.to_vec();
+        p.extend(std::iter::repeat_n(0x94, 7));
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "string bytes");
     }
 }
