@@ -18,3 +18,11 @@ def test_core_stub_matches_the_extension() -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_package_type_checks_against_the_stubs() -> None:
+    pytest.importorskip("mypy", reason="mypy is a dev dependency")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "python/brainsurgery"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -52,8 +52,9 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         strides = self._core.strides(name)
         if strides is not None:
             # A non-contiguous PyTorch view: the same strided view over the mapped storage.
-            return np.ndarray(tuple(shape), dtype=numpy_dtype(dtype), buffer=self._core.buffer(name), strides=strides)
-        array = np.frombuffer(self._core.buffer(name), dtype=numpy_dtype(dtype))
+            view = memoryview(self._core.buffer(name))
+            return np.ndarray(tuple(shape), dtype=numpy_dtype(dtype), buffer=view, strides=strides)
+        array = np.frombuffer(memoryview(self._core.buffer(name)), dtype=numpy_dtype(dtype))
         return array.reshape(shape)
 
     def __iter__(self) -> Iterator[str]:

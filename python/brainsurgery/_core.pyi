@@ -67,6 +67,7 @@ class TensorBuffer:
     """Read-only bytes of one mapped tensor (buffer protocol)."""
 
     def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
 
 @final
 class Checkpoint:

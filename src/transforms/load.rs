@@ -11,7 +11,7 @@ use super::{count_noun, Context, Flow, StepError, Transform, TransformError, Tra
 use crate::error::Error;
 use crate::executor::state::State;
 use crate::executor::write;
-use crate::formats::open_checkpoint;
+use crate::formats::{open_checkpoint, Checkpoint, InputFormat};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{parse_output, valid_alias, Location, OutputSpec, PlanError};
 use crate::references::{closest_names, Reference};
@@ -38,8 +38,8 @@ const LOAD_FIELDS: &[Field] = &[
     Field::optional(
         "format",
         FieldKind::Text,
-        Some("safetensors"),
-        "file format (PyTorch and NumPy come later)",
+        None,
+        "`safetensors`, `pytorch` or `numpy`: the format `path` must hold (default: any, by file names)",
     ),
 ];
 
@@ -51,7 +51,7 @@ pub const LOAD: TransformSpec = TransformSpec {
     parse: |value, location| {
         let p = Payload::new(value, LOAD_FIELDS, location.clone())?;
         let path = nonempty_path(&p)?;
-        check_format(&p)?;
+        let format = input_format(&p)?;
         let alias = p.text("alias")?.map(str::to_owned);
         if let Some(alias) = &alias {
             check_alias(alias, &p.at("alias"))?;
@@ -93,6 +93,7 @@ pub const LOAD: TransformSpec = TransformSpec {
         Ok(Box::new(Load {
             path,
             what,
+            format,
             location: location.clone(),
         }))
     },
@@ -175,25 +176,22 @@ fn nonempty_path(p: &Payload) -> Result<PathBuf, PlanError> {
     }
 }
 
-fn unsupported_format(location: &Location) -> PlanError {
-    PlanError::invalid(
-        location,
-        "only safetensors is available in this version (PyTorch and NumPy come with a later version)",
-    )
-}
-
-fn check_format(p: &Payload) -> Result<(), PlanError> {
-    match p.text("format")? {
-        None => Ok(()),
-        Some(f) if f.eq_ignore_ascii_case("safetensors") => Ok(()),
-        Some(f) if ["torch", "pytorch", "npz", "npy", "numpy"].contains(&f.to_ascii_lowercase().as_str()) => {
-            Err(unsupported_format(&p.at("format")))
+/// The `format` a `load` requires, if given.
+fn input_format(p: &Payload) -> Result<Option<InputFormat>, PlanError> {
+    let Some(text) = p.text("format")? else {
+        return Ok(None);
+    };
+    Ok(Some(match text.to_ascii_lowercase().as_str() {
+        "safetensors" => InputFormat::Safetensors,
+        "pytorch" | "torch" => InputFormat::PyTorch,
+        "numpy" | "npz" | "npy" => InputFormat::NumPy,
+        _ => {
+            return Err(PlanError::invalid(
+                &p.at("format"),
+                format!("unknown format `{text}`; expected safetensors, pytorch or numpy"),
+            ))
         }
-        Some(f) => Err(PlanError::invalid(
-            &p.at("format"),
-            format!("unknown format `{f}`; expected safetensors"),
-        )),
-    }
+    }))
 }
 
 fn check_alias(alias: &str, location: &Location) -> Result<(), PlanError> {
@@ -228,7 +226,29 @@ enum LoadWhat {
 struct Load {
     path: PathBuf,
     what: LoadWhat,
+    /// The format `path` must hold, when the plan says.
+    format: Option<InputFormat>,
     location: Location,
+}
+
+impl Load {
+    /// Opens `path` (headers only), refusing a checkpoint of another format than `format`.
+    fn open(&self) -> Result<Checkpoint, StepError> {
+        let checkpoint = open_checkpoint(&self.path)?;
+        match self.format {
+            Some(want) if want != checkpoint.format => Err(PlanError::invalid(
+                &self.location.key("format"),
+                format!(
+                    "`{}` holds {} weights, not {}",
+                    self.path.display(),
+                    checkpoint.format.name(),
+                    want.name()
+                ),
+            )
+            .into()),
+            _ => Ok(checkpoint),
+        }
+    }
 }
 
 impl Transform for Load {
@@ -242,7 +262,7 @@ impl Transform for Load {
                     )
                     .into());
                 }
-                let checkpoint = open_checkpoint(&self.path)?;
+                let checkpoint = self.open()?;
                 state.add_checkpoint(alias, &checkpoint);
                 ctx.notices_of(&checkpoint);
                 ctx.note(format!(
@@ -263,7 +283,7 @@ impl Transform for Load {
                         .into())
                     }
                 };
-                let checkpoint = open_checkpoint(&self.path)?;
+                let checkpoint = self.open()?;
                 ctx.notices_of(&checkpoint);
                 let entry = match checkpoint.tensors.as_slice() {
                     [only] => only,

@@ -103,10 +103,39 @@ def test_load_one_tensor_onto_existing_name_fails(write):
         bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(one), "to": "ids"}}]})
 
 
-def test_load_other_formats_are_a_plan_error(write):
+def test_load_pytorch_and_numpy_with_and_without_format(write, tmp_path):
+    from pathlib import Path
+
     a = write(_tensors(), "a.safetensors")
-    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.load\.format.*only safetensors"):
-        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": "x.bin", "alias": "t", "format": "torch"}}]})
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "torch" / "plain.pt"
+    expected = dict(np.load(fixture.with_suffix(".npz")))
+    npy = tmp_path / "w.npy"
+    np.save(npy, np.arange(6, dtype=np.int16).reshape(2, 3))
+    out = tmp_path / "out.safetensors"
+    bs.run(
+        {
+            "inputs": [f"model::{a}"],
+            "transforms": [
+                {"load": {"path": str(fixture), "alias": "t", "format": "pytorch"}},
+                {"load": {"path": str(npy), "to": "model::w"}},
+                {"copy": {"from": "t::(f32|f16|i64|flag|scalar)", "to": "model::torch.\\1"}},
+            ],
+            "output": str(out),
+        },
+        quiet=True,
+    )
+    got = load_file(str(out))
+    np.testing.assert_array_equal(got["w"], np.arange(6, dtype=np.int16).reshape(2, 3))
+    for name in ["f32", "f16", "i64", "flag", "scalar"]:
+        np.testing.assert_array_equal(got[f"torch.{name}"], expected[name])
+
+
+def test_load_format_must_match_the_file(write):
+    a = write(_tensors(), "a.safetensors")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.load\.format.*holds safetensors weights, not PyTorch"):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(a), "alias": "t", "format": "torch"}}]})
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.load\.format.*unknown format `onnx`"):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(a), "alias": "t", "format": "onnx"}}]})
 
 
 def test_load_alias_contradicting_to_is_a_plan_error(write):
