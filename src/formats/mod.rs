@@ -331,12 +331,29 @@ impl InputFormat {
     /// Reads one file's tensors (entries carry `file_index`) and its `__metadata__` (only
     /// safetensors has any).
     fn read(self, file: &SourceFile, file_index: usize) -> Result<FileContents, FormatError> {
-        let read_tensors: ReadTensors = match self {
-            InputFormat::Safetensors => return read_safetensors(file, file_index),
-            InputFormat::PyTorch => torch::read_tensors,
-            InputFormat::NumPy => numpy::read_tensors,
-        };
-        Ok((read_tensors(file, file_index)?, BTreeMap::new()))
+        Ok(match self {
+            InputFormat::Safetensors => {
+                let header = safetensors::read_header(file)?;
+                FileContents {
+                    tensors: safetensors_entries(header.tensors, header.data_start, file_index),
+                    metadata: header.metadata,
+                    skipped: Vec::new(),
+                }
+            }
+            InputFormat::PyTorch => {
+                let (tensors, skipped) = torch::read_file(file, file_index)?;
+                FileContents {
+                    tensors,
+                    metadata: BTreeMap::new(),
+                    skipped,
+                }
+            }
+            InputFormat::NumPy => FileContents {
+                tensors: numpy::read_tensors(file, file_index)?,
+                metadata: BTreeMap::new(),
+                skipped: Vec::new(),
+            },
+        })
     }
 }
 
@@ -448,21 +465,27 @@ fn is_hf_torch_weights(lower: &str) -> bool {
     lower == "pytorch_model.bin" || (lower.starts_with("pytorch_model-") && lower.ends_with(".bin"))
 }
 
-/// Reads the tensor entries of one file of a non-safetensors format (file index for the entries).
-type ReadTensors = fn(&SourceFile, usize) -> Result<Vec<TensorEntry>, FormatError>;
-
 /// One file's tensors and `__metadata__`.
-type FileContents = (Vec<TensorEntry>, BTreeMap<String, String>);
+/// What one weight file holds.
+struct FileContents {
+    tensors: Vec<TensorEntry>,
+    /// `__metadata__` (only safetensors has any).
+    metadata: BTreeMap<String, String>,
+    /// Entries that are not tensors, skipped (PyTorch pickles hold epochs, configs, ...).
+    skipped: Vec<String>,
+}
 
-/// Reads a safetensors header as tensor entries with absolute offsets.
-fn read_safetensors(file: &SourceFile, file_index: usize) -> Result<FileContents, FormatError> {
-    let header = safetensors::read_header(file)?;
-    let tensors = header
-        .tensors
+/// A safetensors header's tensors as entries with absolute offsets.
+fn safetensors_entries(
+    tensors: Vec<safetensors::HeaderTensor>,
+    data_start: u64,
+    file_index: usize,
+) -> Vec<TensorEntry> {
+    tensors
         .into_iter()
         .map(|t| TensorEntry {
             // Cannot overflow: parse_header checked data_start + end <= file length.
-            offset: header.data_start + t.begin,
+            offset: data_start + t.begin,
             nbytes: t.end - t.begin,
             name: t.name,
             dtype: t.dtype,
@@ -470,8 +493,7 @@ fn read_safetensors(file: &SourceFile, file_index: usize) -> Result<FileContents
             file: file_index,
             strides: None,
         })
-        .collect();
-    Ok((tensors, header.metadata))
+        .collect()
 }
 
 /// Opens a checkpoint: a file (`.safetensors`, `.bin`/`.pt`/`.pth`, `.npy`/`.npz`; any other
@@ -609,6 +631,7 @@ fn open_directory(path: &Path) -> Result<Checkpoint, FormatError> {
     let mut checkpoint = assemble(path, format, files, index)?;
     checkpoint.sidecars = sidecars;
     checkpoint.is_directory = true;
+    notices.append(&mut checkpoint.notices);
     checkpoint.notices = notices;
     Ok(checkpoint)
 }
@@ -655,14 +678,28 @@ fn assemble(
 ) -> Result<Checkpoint, FormatError> {
     let mut tensors = Vec::new();
     let mut metadata = BTreeMap::new();
+    let mut notices = Vec::new();
     // name -> file index, to report a tensor stored twice
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (file_index, file) in files.iter().enumerate() {
-        let (entries, file_metadata) = format.read(file, file_index)?;
+        let contents = format.read(file, file_index)?;
         if file_index == 0 {
-            metadata = file_metadata;
+            metadata = contents.metadata;
         }
-        for t in entries {
+        if !contents.skipped.is_empty() {
+            let names: Vec<&String> = contents.skipped.iter().collect();
+            notices.push(format!(
+                "{}: {} skipped ({})",
+                file.path.display(),
+                if names.len() == 1 {
+                    "1 entry that is not a tensor".to_string()
+                } else {
+                    format!("{} entries that are not tensors", names.len())
+                },
+                name_list(&names)
+            ));
+        }
+        for t in contents.tensors {
             if let Some(&first) = seen.get(&t.name) {
                 let first_path = files.get(first).map(|f| f.path.clone()).unwrap_or_default();
                 return Err(FormatError::DuplicateTensor {
@@ -699,7 +736,7 @@ fn assemble(
         metadata,
         sidecars: Vec::new(),
         is_directory: false,
-        notices: Vec::new(),
+        notices,
     })
 }
 
@@ -1189,8 +1226,11 @@ mod tests {
         assert_eq!(sorted_names(&ck), sorted(&want));
         assert_eq!(ck.files.len(), 2);
         assert!(ck.tensors.iter().all(|t| t.file == usize::from(t.name.contains('.'))));
+        // The directory's notice, then the wrapped file's skipped entries.
         assert!(
-            ck.notices.len() == 1 && ck.notices[0].contains("adapter_model.bin"),
+            ck.notices.len() == 2
+                && ck.notices[0].contains("adapter_model.bin")
+                && ck.notices[1].ends_with("2 entries that are not tensors skipped (epoch, lr)"),
             "{:?}",
             ck.notices
         );
@@ -1200,7 +1240,12 @@ mod tests {
         let ck = open_checkpoint(other.path()).unwrap();
         assert_eq!(ck.files[0].path, other.path().join("a.pth"));
         assert_eq!(ck.tensors[0].name, "encoder.w");
-        assert!(ck.notices.is_empty());
+        assert_eq!(
+            ck.notices.len(),
+            1,
+            "only the wrapped file's skipped entries: {:?}",
+            ck.notices
+        );
     }
 
     fn write_torch_index(d: &Path, weight_map: &[(&str, &str)]) {
@@ -1227,7 +1272,11 @@ mod tests {
         assert_eq!(ck.format, InputFormat::PyTorch);
         assert_eq!(ck.files.len(), 2);
         assert_eq!(ck.tensors.len(), 8);
-        assert!(ck.notices.is_empty());
+        assert!(
+            ck.notices.len() == 1 && ck.notices[0].contains("not tensors skipped (epoch, lr)"),
+            "{:?}",
+            ck.notices
+        );
 
         // A tensor placed in a shard that does not hold it.
         let mut wrong = map.clone();

@@ -32,12 +32,30 @@ fn read_zip(file: &SourceFile) -> Result<HashMap<String, zip::Entry>, FormatErro
     Ok(entries.into_iter().map(|e| (e.name.clone(), e)).collect())
 }
 
+/// The tensors of an unpickled checkpoint as `(dotted name, tensor)` pairs, in state-dict order,
+/// and the names of the entries skipped because they are not tensors.
+pub(crate) fn tensors_of(root: &Object, path: &Path) -> Result<(Vec<(String, TensorRef)>, Vec<String>), FormatError> {
+    let (mut found, mut skipped) = (Vec::new(), Vec::new());
+    let (weights, wrapper) = state_dict(root);
+    if let (Object::Dict(pairs), Some(wrapper)) = (root, wrapper) {
+        // The siblings of the wrapper (`epoch`, `optimizer`, ...) are not read either.
+        skipped.extend(pairs.iter().filter_map(|(key, _)| match key {
+            Object::Str(s) if s != wrapper => Some(s.clone()),
+            _ => None,
+        }));
+    }
+    flatten("", weights, 0, &mut found, &mut skipped, &mut HashMap::new(), path)?;
+    Ok((found, skipped))
+}
+
 /// Flattens the unpickled value into `(dotted name, tensor)` pairs; later duplicates win.
-pub(crate) fn flatten(
+/// Values that are neither tensors nor dicts are named in `skipped`.
+fn flatten(
     prefix: &str,
     value: &Object,
     depth: usize,
     out: &mut Vec<(String, TensorRef)>,
+    skipped: &mut Vec<String>,
     index: &mut HashMap<String, usize>,
     path: &Path,
 ) -> Result<(), FormatError> {
@@ -67,16 +85,16 @@ pub(crate) fn flatten(
                     out.push((name, t.clone()));
                 }
             }
-            Object::Dict(_) => flatten(&name, value, depth + 1, out, index, path)?,
-            _ => {} // epochs, optimizer scalars, configs: not weights
+            Object::Dict(_) => flatten(&name, value, depth + 1, out, skipped, index, path)?,
+            _ => skipped.push(name), // epochs, optimizer scalars, configs: not weights
         }
     }
     Ok(())
 }
 
-/// The state dict inside a checkpoint: a `{"state_dict": ...}` or `{"model": ...}` wrapper is
-/// unwrapped, anything else is taken whole.
-pub(crate) fn state_dict(root: &Object) -> &Object {
+/// The state dict inside a checkpoint and the wrapper key it was under: a `{"state_dict": ...}`
+/// or `{"model": ...}` wrapper is unwrapped, anything else is taken whole.
+fn state_dict(root: &Object) -> (&Object, Option<&'static str>) {
     if let Object::Dict(pairs) = root {
         for wrapper in ["state_dict", "model"] {
             let inner = pairs
@@ -84,11 +102,11 @@ pub(crate) fn state_dict(root: &Object) -> &Object {
                 .rev()
                 .find(|(k, _)| matches!(k, Object::Str(s) if s == wrapper));
             if let Some((_, inner @ Object::Dict(_))) = inner {
-                return inner;
+                return (inner, Some(wrapper));
             }
         }
     }
-    root
+    (root, None)
 }
 
 /// The entry of tensor `name` viewing a storage whose element 0 is at byte `base` of the file
@@ -177,10 +195,16 @@ const SNIFF: usize = 262;
 /// Reads the tensors of a PyTorch checkpoint, zip format or legacy (a pickle stream);
 /// `file_index` is the file's index in the checkpoint.
 pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEntry>, FormatError> {
+    read_file(file, file_index).map(|(tensors, _)| tensors)
+}
+
+/// [`read_tensors`], plus the dotted names of the entries skipped because they are not tensors
+/// (an epoch counter, a config, the optimizer state beside a `state_dict` wrapper).
+pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntry>, Vec<String>), FormatError> {
     let mut head = vec![0u8; SNIFF.min(usize::try_from(file.len).unwrap_or(SNIFF))];
     file.read_at(0, &mut head)?;
     if head.first() == Some(&0x80) {
-        return super::torch_legacy::read_tensors(file, file_index);
+        return super::torch_legacy::read_file(file, file_index);
     }
     if head.get(257..262) == Some(b"ustar") {
         return Err(bad(
@@ -193,7 +217,7 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
 }
 
 /// Reads the tensors of a zip-format PyTorch checkpoint.
-fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEntry>, FormatError> {
+fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntry>, Vec<String>), FormatError> {
     let path = &file.path;
     let entries = read_zip(file)?;
     let pkl_name = entries
@@ -220,8 +244,7 @@ fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
         path: path.to_path_buf(),
         reason,
     })?;
-    let mut found = Vec::new();
-    flatten("", state_dict(&root), 0, &mut found, &mut HashMap::new(), path)?;
+    let (found, skipped) = tensors_of(&root, path)?;
 
     let mut tensors = Vec::with_capacity(found.len());
     for (name, t) in found {
@@ -241,7 +264,7 @@ fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
     }
     // State-dict order, as `torch.load` returns it (storage keys of legacy files are memory
     // addresses, so file order would be arbitrary).
-    Ok(tensors)
+    Ok((tensors, skipped))
 }
 
 #[cfg(test)]

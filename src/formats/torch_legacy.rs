@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use crate::dtype::DType;
 
 use super::pickle::{self, Limits, Object, PickleError};
-use super::torch::{bad, entry_for, flatten, state_dict};
+use super::torch::{bad, entry_for, tensors_of};
 use super::{FormatError, SourceFile, TensorEntry};
 
 /// `torch.serialization.MAGIC_NUMBER` (0x1950a86a20f9469cfc6c), little-endian as pickled.
@@ -77,9 +77,10 @@ fn collect_storages(
     Ok(())
 }
 
-/// Reads the tensors of a legacy-format PyTorch checkpoint; `file_index` is the file's index in
+/// Reads the tensors of a legacy-format PyTorch checkpoint, and the names of the non-tensor entries
+/// skipped; `file_index` is the file's index in
 /// the checkpoint.
-pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEntry>, FormatError> {
+pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntry>, Vec<String>), FormatError> {
     let path = &file.path;
     let map = file.map()?;
     let data: &[u8] = &map;
@@ -148,8 +149,7 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
         at = end;
     }
 
-    let mut found = Vec::new();
-    flatten("", state_dict(&root), 0, &mut found, &mut HashMap::new(), path)?;
+    let (found, skipped) = tensors_of(&root, path)?;
     let mut tensors = Vec::with_capacity(found.len());
     for (name, t) in found {
         let Some(&(start, count)) = located.get(&t.storage.key) else {
@@ -162,7 +162,7 @@ pub fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEn
     }
     // State-dict order, as `torch.load` returns it (storage keys of legacy files are memory
     // addresses, so file order would be arbitrary).
-    Ok(tensors)
+    Ok((tensors, skipped))
 }
 
 #[cfg(test)]

@@ -84,6 +84,16 @@ def test_convert_bin_to_safetensors(tmp_path: Path) -> None:
     check(ours(out), expected("plain"))
 
 
+def test_entries_that_are_not_tensors_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # wrapped.pt is {"state_dict": {...}, "epoch": 3, "lr": 0.1}: the wrapper's siblings are
+    # named in a notice, on the opened checkpoint and in a run's report (and on stderr).
+    path = FIXTURES / "wrapped.pt"
+    assert any("2 entries that are not tensors skipped (epoch, lr)" in n for n in bs.open(path).notices)
+    report = bs.run({"inputs": [str(path)], "output": str(tmp_path / "o.safetensors")})
+    assert any("(epoch, lr)" in n for n in report["notices"])
+    assert "(epoch, lr)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_fixture_converts_to_safetensors(tmp_path: Path, name: str) -> None:
     out = tmp_path / "model.safetensors"
