@@ -32,9 +32,12 @@ fn read_zip(file: &SourceFile) -> Result<HashMap<String, zip::Entry>, FormatErro
     Ok(entries.into_iter().map(|e| (e.name.clone(), e)).collect())
 }
 
-/// The tensors of an unpickled checkpoint as `(dotted name, tensor)` pairs, in state-dict order,
-/// and the names of the entries skipped because they are not tensors.
-pub(crate) fn tensors_of(root: &Object, path: &Path) -> Result<(Vec<(String, TensorRef)>, Vec<String>), FormatError> {
+/// `(dotted name, tensor)` pairs in state-dict order.
+type NamedTensors = Vec<(String, TensorRef)>;
+
+/// The tensors of an unpickled checkpoint, and the names of the entries skipped because they are
+/// not tensors.
+pub(crate) fn tensors_of(root: &Object, path: &Path) -> Result<(NamedTensors, Vec<String>), FormatError> {
     let (mut found, mut skipped) = (Vec::new(), Vec::new());
     let (weights, wrapper) = state_dict(root);
     if let (Object::Dict(pairs), Some(wrapper)) = (root, wrapper) {
@@ -54,7 +57,7 @@ fn flatten(
     prefix: &str,
     value: &Object,
     depth: usize,
-    out: &mut Vec<(String, TensorRef)>,
+    out: &mut NamedTensors,
     skipped: &mut Vec<String>,
     index: &mut HashMap<String, usize>,
     path: &Path,
