@@ -14,7 +14,7 @@ use super::state::State;
 use super::{ProgressFn, RunOptions};
 use crate::dtype::DType;
 use crate::error::Error;
-use crate::formats::npz::{npy_descr, NpzWriter};
+use crate::formats::npz::{check_npy_count, npy_descr, NpzWriter};
 use crate::formats::output::{OutputLayout, OutputTensor, SafetensorsWriter};
 use crate::formats::torch_output::{self, TorchWriter};
 use crate::formats::{zip, FormatError};
@@ -63,29 +63,37 @@ pub fn validate_output(output: &OutputSpec, state: &State, alias: &str, _plan: &
 /// headers alone, so a check finds it before anything is computed.
 pub fn validate_dtypes<'a>(
     output: &OutputSpec,
-    mut tensors: impl Iterator<Item = (&'a str, DType)>,
+    tensors: impl Iterator<Item = (&'a str, DType)>,
 ) -> Result<(), FormatError> {
-    tensors.try_for_each(|(name, dtype)| match output.format {
-        OutputFormat::Safetensors => Ok(()),
-        OutputFormat::Torch => torch_output::check_dtype(name, dtype),
-        OutputFormat::Npz => match npy_descr(dtype) {
-            Some(_) => Ok(()),
-            None => Err(FormatError::NpzDtype {
-                name: name.to_owned(),
-                dtype,
-            }),
-        },
-    })
+    let mut count = 0;
+    for (name, dtype) in tensors {
+        count += 1;
+        match output.format {
+            OutputFormat::Safetensors => Ok(()),
+            OutputFormat::Torch => torch_output::check_dtype(name, dtype),
+            OutputFormat::Npz | OutputFormat::Npy => match npy_descr(dtype) {
+                Some(_) => Ok(()),
+                None => Err(FormatError::NpzDtype {
+                    name: name.to_owned(),
+                    dtype,
+                }),
+            },
+        }?;
+    }
+    if output.format == OutputFormat::Npy {
+        check_npy_count(count)?;
+    }
+    Ok(())
 }
 
 /// The checks of [`validate_output`] for any write target (the output, `save`, a nested plan's
 /// output) found at `location`: the format is available and no file of any alias's checkpoint
 /// (the inputs and everything `load` opened) would be overwritten.
 pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) -> Result<(), Error> {
-    if output.format == OutputFormat::Npz && !output.single_file {
+    if matches!(output.format, OutputFormat::Npz | OutputFormat::Npy) && !output.single_file {
         return Err(PlanError::invalid(
             &location.key("format"),
-            "NumPy output is one .npz file: give a path ending in .npz (directories are safetensors or PyTorch)",
+            "NumPy output is one .npz (or .npy) file: give a path ending in .npz or .npy (directories are safetensors or PyTorch)",
         )
         .into());
     }
@@ -226,6 +234,7 @@ pub fn write_tensors(
     };
     let writer = match output.format {
         OutputFormat::Npz => Writer::Npz(NpzWriter::create(output.path.clone(), &specs)?),
+        OutputFormat::Npy => Writer::Npz(NpzWriter::create_npy(output.path.clone(), &specs)?),
         OutputFormat::Torch => Writer::Torch(TorchWriter::create(layout, &specs)?),
         OutputFormat::Safetensors => Writer::Safetensors(SafetensorsWriter::create(layout, &specs, metadata)?),
     };

@@ -68,6 +68,12 @@ pub enum FormatError {
         /// Its dtype.
         dtype: DType,
     },
+    /// A `.npy` output was asked for an alias that does not hold exactly one tensor.
+    #[error("a .npy file holds exactly one tensor, and the alias written has {count}; write .npz for several")]
+    NpyCount {
+        /// How many tensors the alias has.
+        count: usize,
+    },
     /// A tensor's dtype has no PyTorch equivalent, so it cannot be written to `.bin/.pt/.pth`.
     #[error("output tensor {name:?} of dtype {dtype} cannot be stored in a PyTorch file (torch has no such dtype); cast it to one torch has, e.g. bfloat16, or write safetensors")]
     TorchDtype {

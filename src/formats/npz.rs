@@ -3,7 +3,8 @@
 //! placement / commit` shape as the safetensors writer). Each entry's CRC-32 is the header's
 //! combined with the data's, which the executor computes while streaming; the central directory
 //! is then appended and the temporary renamed over the target, so a failure leaves nothing
-//! behind. Archives over 4 GiB or 65535 tensors get ZIP64 records.
+//! behind. Archives over 4 GiB or 65535 tensors get ZIP64 records. A `.npy` output is the same
+//! `.npy` of one tensor without the archive around it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -56,13 +57,23 @@ fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Writes `.npz` output atomically: see the module docs.
+/// Refuses a `.npy` output of other than one tensor.
+pub fn check_npy_count(count: usize) -> Result<(), FormatError> {
+    if count == 1 {
+        Ok(())
+    } else {
+        Err(FormatError::NpyCount { count })
+    }
+}
+
+/// Writes `.npz` output (or one tensor as a bare `.npy`) atomically: see the module docs.
 #[derive(Debug)]
 pub struct NpzWriter {
     target: PathBuf,
     temp: PathBuf,
     file: File,
-    layout: Layout,
+    /// The zip layout; `None` for a bare `.npy`.
+    layout: Option<Layout>,
     /// Per tensor: where its data starts, its byte size and the CRC-32 of its `.npy` header.
     tensors: Vec<(u64, u64, u32)>,
     committed: bool,
@@ -72,6 +83,16 @@ impl NpzWriter {
     /// Lays out `tensors` in order, creates the temporary beside `target` and writes every
     /// local header and `.npy` header; tensors whose dtype NumPy cannot hold are refused.
     pub fn create(target: PathBuf, tensors: &[OutputTensor]) -> Result<Self, FormatError> {
+        Self::create_as(target, tensors, true)
+    }
+
+    /// Writes the one tensor of `tensors` as a bare `.npy` file (header, then data).
+    pub fn create_npy(target: PathBuf, tensors: &[OutputTensor]) -> Result<Self, FormatError> {
+        check_npy_count(tensors.len())?;
+        Self::create_as(target, tensors, false)
+    }
+
+    fn create_as(target: PathBuf, tensors: &[OutputTensor], zipped: bool) -> Result<Self, FormatError> {
         let mut layout = Layout::new();
         let mut placed = Vec::with_capacity(tensors.len());
         let mut headers = Vec::with_capacity(tensors.len());
@@ -87,12 +108,16 @@ impl NpzWriter {
             let nbytes = t.nbytes()?;
             let header = npy_header(descr, &t.shape);
             // Entries start on 64 bytes and the .npy header is padded to 64, so data is aligned.
-            let entry = layout
-                .add(&format!("{}.npy", t.name), header.len() as u64 + nbytes, 64)
-                .map_err(|reason| FormatError::InvalidOutput {
-                    path: target.clone(),
-                    reason,
-                })?;
+            let entry = if zipped {
+                layout
+                    .add(&format!("{}.npy", t.name), header.len() as u64 + nbytes, 64)
+                    .map_err(|reason| FormatError::InvalidOutput {
+                        path: target.clone(),
+                        reason,
+                    })?
+            } else {
+                0
+            };
             placed.push((entry + header.len() as u64, nbytes, zip::crc32(&header)));
             headers.push((entry, header));
         }
@@ -109,17 +134,24 @@ impl NpzWriter {
             .create_new(true)
             .open(&temp)
             .map_err(|e| FormatError::io(&temp, e))?;
+        let end = if zipped {
+            layout.data_end()
+        } else {
+            placed.first().map_or(0, |&(data, nbytes, _)| data + nbytes)
+        };
         let writer = NpzWriter {
             target,
             temp,
             file,
-            layout,
+            layout: zipped.then_some(layout),
             tensors: placed,
             committed: false,
         };
         let io = |e| FormatError::io(&writer.temp, e);
-        writer.file.set_len(writer.layout.data_end()).map_err(io)?;
-        writer.layout.write_local_headers(&writer.file).map_err(io)?;
+        writer.file.set_len(end).map_err(io)?;
+        if let Some(layout) = &writer.layout {
+            layout.write_local_headers(&writer.file).map_err(io)?;
+        }
         for (at, header) in &headers {
             writer.file.write_all_at(header, *at).map_err(io)?;
         }
@@ -143,9 +175,11 @@ impl NpzWriter {
             .zip(data_crcs)
             .map(|(&(_, nbytes, header_crc), &crc)| zip::crc32_combine(header_crc, crc, nbytes))
             .collect();
-        self.layout
-            .finish(&self.file, &crcs)
-            .map_err(|e| FormatError::io(&self.temp, e))?;
+        if let Some(layout) = &self.layout {
+            layout
+                .finish(&self.file, &crcs)
+                .map_err(|e| FormatError::io(&self.temp, e))?;
+        }
         std::fs::rename(&self.temp, &self.target).map_err(|e| FormatError::io(&self.target, e))?;
         self.committed = true;
         Ok(vec![self.target.clone()])

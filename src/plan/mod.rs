@@ -41,6 +41,8 @@ pub enum OutputFormat {
     Torch,
     /// NumPy `.npz`.
     Npz,
+    /// NumPy `.npy` (one tensor).
+    Npy,
 }
 
 /// The `output` section.
@@ -254,6 +256,7 @@ fn format_of(path: &std::path::Path) -> Option<OutputFormat> {
         "safetensors" => Some(OutputFormat::Safetensors),
         "bin" | "pt" | "pth" => Some(OutputFormat::Torch),
         "npz" => Some(OutputFormat::Npz),
+        "npy" => Some(OutputFormat::Npy),
         _ => None,
     }
 }
@@ -302,10 +305,11 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
             "safetensors" => OutputFormat::Safetensors,
             "torch" | "pytorch" => OutputFormat::Torch,
             "npz" | "numpy" => OutputFormat::Npz,
+            "npy" => OutputFormat::Npy,
             _ => {
                 return Err(PlanError::invalid(
                     &location.key("format"),
-                    format!("unknown format `{f}`; expected safetensors, torch or npz"),
+                    format!("unknown format `{f}`; expected safetensors, torch, npz or npy"),
                 ))
             }
         },

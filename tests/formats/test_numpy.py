@@ -130,3 +130,33 @@ def test_npz_output_refuses_bfloat16_and_leaves_nothing(tmp_path: Path, monkeypa
     with pytest.raises(bs.FormatError, match=r'"w".*cannot be stored in \.npz.*cast'):
         bs.run(plan)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
+
+
+def test_npy_output_holds_one_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "m.npz", **ARRAYS)
+    # The plan output, and `save` of one tensor (through a slice) mid-plan.
+    bs.run(
+        {
+            "inputs": ["m.npz"],
+            "transforms": [
+                {"save": {"path": "slice.npy", "target": "f32::[1:, ::2]"}},
+                {"delete": {"target": "(?!i64$).*"}},
+            ],
+            "output": "out.npy",
+        }
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy", allow_pickle=False), ARRAYS["i64"])
+    np.testing.assert_array_equal(np.load(tmp_path / "slice.npy", allow_pickle=False), ARRAYS["f32"][1:, ::2])
+    back = bs.open(tmp_path / "out.npy")
+    assert list(back) == ["out"]  # a .npy is named by its stem when read
+
+
+def test_npy_output_of_several_tensors_is_refused_at_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "m.npz", **ARRAYS)
+    with pytest.raises(bs.FormatError, match=rf"exactly one tensor, and the alias written has {len(ARRAYS)}.*\.npz"):
+        bs.check({"inputs": ["m.npz"], "output": "out.npy"})
+    with pytest.raises(bs.FormatError, match="exactly one tensor"):
+        bs.run({"inputs": ["m.npz"], "output": "out.npy"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
