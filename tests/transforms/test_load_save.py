@@ -256,7 +256,7 @@ def test_save_unknown_alias_and_formats(write, tmp_path):
     a = write(_tensors(), "a.safetensors")
     with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save\.alias.*unknown alias `nope`"):
         bs.check({"inputs": [str(a)], "transforms": [{"save": {"path": str(tmp_path / "x"), "alias": "nope"}}]})
-    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save\.format.*one \.npz file"):
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save\.format.*one \.npz \(or \.npy\) file"):
         bs.check({"inputs": [str(a)], "transforms": [{"save": {"path": str(tmp_path / "x"), "alias": "model", "format": "npz"}}]})
     with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save.*not both"):
         bs.check(
