@@ -148,7 +148,10 @@ pub struct StridedSource {
     pub file: Arc<SourceFile>,
     /// Absolute byte offset of the first element.
     pub offset: u64,
-    /// Element strides, one per dimension.
+    /// The shape the strides belong to. Elements are served in its row-major order; a reshape
+    /// of the tensor keeps this value (and so this shape), as it keeps every other value.
+    pub shape: Vec<usize>,
+    /// Element strides, one per dimension of `shape`.
     pub strides: Vec<usize>,
     /// Bytes from the first element to the end of the last one.
     extent: usize,
@@ -184,9 +187,28 @@ impl StridedSource {
 
     /// Counts served bytes; drops the mapping once `total` bytes have been served.
     fn served(&self, bytes: usize, total: usize) {
-        if self.served.fetch_add(bytes, Ordering::Relaxed) + bytes >= total {
-            self.served.store(0, Ordering::Relaxed);
-            *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // One thread completes each pass: it takes the pass's bytes off the count (keeping what
+        // other threads added meanwhile) and drops the mapping.
+        let mut current = self.served.load(Ordering::Relaxed);
+        loop {
+            let sum = current.saturating_add(bytes);
+            let (next, done) = if sum >= total {
+                (sum - total, true)
+            } else {
+                (sum, false)
+            };
+            match self
+                .served
+                .compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    if done {
+                        *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                    return;
+                }
+                Err(now) => current = now,
+            }
         }
     }
 
@@ -242,12 +264,12 @@ impl StridedSource {
 /// last dimension at a time.
 fn read_strided(
     source: &StridedSource,
-    shape: &[usize],
     size: usize,
     start: usize,
     out: &mut [u8],
     scratch: &mut Scratch,
 ) -> Result<(), FormatError> {
+    let shape = &source.shape;
     let k = shape.len();
     let (Some(&row_len), Some(&last_stride)) = (shape.last(), source.strides.last()) else {
         return source.file.read_at(source.offset, out); // a scalar
@@ -326,6 +348,7 @@ impl Tensor {
             Some(strides) => Value::Strided(StridedSource {
                 file,
                 offset: entry.offset,
+                shape: entry.shape.clone(),
                 strides: strides.clone(),
                 extent: usize::try_from(entry.extent()).unwrap_or(usize::MAX),
                 mapped: Mutex::new(None),
@@ -415,7 +438,7 @@ impl Tensor {
         match &*self.value {
             Value::Stored { file, offset } => file.read_at(offset + (start * size) as u64, out),
             Value::Strided(source) => {
-                let result = read_strided(source, &self.shape, size, start, out, scratch);
+                let result = read_strided(source, size, start, out, scratch);
                 source.served(out.len(), self.nbytes());
                 result
             }
@@ -959,6 +982,22 @@ mod tests {
                     .flat_map(|v| v.to_le_bytes())
                     .collect::<Vec<_>>()
             );
+        }
+    }
+
+    #[test]
+    fn a_reshaped_strided_tensor_reads_the_same_elements_in_order() {
+        // Reshaping keeps the value with a new shape: elements must still follow the source
+        // layout's row-major order (and a larger rank must not index past the strides).
+        let dir = tempfile::tempdir().unwrap();
+        let (t, expected) = strided_u16(dir.path(), 0, &[4, 3], &[1, 4]);
+        for shape in [vec![12], vec![2, 6], vec![1, 2, 2, 3]] {
+            let reshaped = Tensor {
+                dtype: t.dtype,
+                shape,
+                value: t.value.clone(),
+            };
+            assert_eq!(values(&reshaped, 0, 12), expected, "{:?}", reshaped.shape);
         }
     }
 }

@@ -444,8 +444,17 @@ fn classify(name: &str) -> FileKind {
         ".pickle",
         ".joblib",
         ".index.json",
+        ".onnx.data",
+        ".tar",
     ];
+    // Named inside the file name: TensorFlow checkpoints (`model.ckpt.data-00000-of-00001`,
+    // `.ckpt.index`, `.ckpt.meta`) and OpenVINO IR (`openvino_model.xml` + `openvino_model.bin`,
+    // whose `.bin` is not a PyTorch file).
+    const OTHER_WEIGHTS_INSIDE: &[&str] = &[".ckpt.", "openvino_model"];
     let lower = name.to_ascii_lowercase();
+    if OTHER_WEIGHTS_INSIDE.iter().any(|part| lower.contains(part)) {
+        return FileKind::NotCopied;
+    }
     match InputFormat::of_name(&lower) {
         Some(InputFormat::PyTorch) if TRAINING_METADATA.contains(&lower.as_str()) => FileKind::Sidecar,
         Some(InputFormat::PyTorch) if is_training_state(&lower) => FileKind::TrainingState,
@@ -471,7 +480,6 @@ fn is_hf_torch_weights(lower: &str) -> bool {
     lower == "pytorch_model.bin" || (lower.starts_with("pytorch_model-") && lower.ends_with(".bin"))
 }
 
-/// One file's tensors and `__metadata__`.
 /// What one weight file holds.
 struct FileContents {
     tensors: Vec<TensorEntry>,
@@ -1161,6 +1169,12 @@ mod tests {
             ("optimizers.pt", FileKind::Weights(InputFormat::PyTorch)),
             ("pytorch_model.bin.index.json", FileKind::NotCopied),
             ("tf_model.h5", FileKind::NotCopied),
+            ("bert_model.ckpt.data-00000-of-00001", FileKind::NotCopied),
+            ("bert_model.ckpt.index", FileKind::NotCopied),
+            ("model.onnx.data", FileKind::NotCopied),
+            ("checkpoint.pth.tar", FileKind::NotCopied),
+            ("openvino_model.bin", FileKind::NotCopied),
+            ("openvino_model.xml", FileKind::NotCopied),
         ];
         for (name, kind) in cases {
             assert_eq!(classify(name), kind, "{name}");

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use crate::dtype::DType;
 
-use super::output::{temp_path_for, OutputTensor};
+use super::output::{create_missing_dirs, temp_path_for, OutputTensor};
 use super::zip::{self, Layout};
 use super::FormatError;
 
@@ -76,6 +76,8 @@ pub struct NpzWriter {
     layout: Option<Layout>,
     /// Per tensor: where its data starts, its byte size and the CRC-32 of its `.npy` header.
     tensors: Vec<(u64, u64, u32)>,
+    /// Directories created for the target, outermost first (removed again on failure).
+    created_dirs: Vec<PathBuf>,
     committed: bool,
 }
 
@@ -121,19 +123,35 @@ impl NpzWriter {
             placed.push((entry + header.len() as u64, nbytes, zip::crc32(&header)));
             headers.push((entry, header));
         }
-        if target.file_name().is_none() {
+        if target.file_name().is_none() || target.is_dir() {
+            let reason = if target.is_dir() {
+                "is a directory"
+            } else {
+                "no file name"
+            };
             return Err(FormatError::InvalidOutput {
                 path: target,
-                reason: "no file name".to_string(),
+                reason: reason.to_string(),
             });
         }
+        let mut created_dirs = Vec::new();
+        if let Some(parent) = target.parent() {
+            create_missing_dirs(parent, &mut created_dirs)?;
+        }
         let temp = temp_path_for(&target);
-        let file = std::fs::OpenOptions::new()
+        let opened = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&temp)
-            .map_err(|e| FormatError::io(&temp, e))?;
+            .map_err(|e| FormatError::io(&temp, e));
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) => {
+                remove_dirs(&created_dirs);
+                return Err(e);
+            }
+        };
         let end = if zipped {
             layout.data_end()
         } else {
@@ -145,6 +163,7 @@ impl NpzWriter {
             file,
             layout: zipped.then_some(layout),
             tensors: placed,
+            created_dirs,
             committed: false,
         };
         let io = |e| FormatError::io(&writer.temp, e);
@@ -191,7 +210,16 @@ impl Drop for NpzWriter {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.temp);
+            remove_dirs(&self.created_dirs);
         }
+    }
+}
+
+/// Removes the directories a failed writer created, innermost first (one someone else filled
+/// meanwhile stays).
+fn remove_dirs(created: &[PathBuf]) {
+    for d in created.iter().rev() {
+        let _ = std::fs::remove_dir(d);
     }
 }
 

@@ -23,10 +23,11 @@ pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<T
     };
     if lower.ends_with(".npz") {
         let mut entries = Vec::new();
+        let mut names = std::collections::HashSet::new();
         for (name, start, end) in zip_entries(file).map_err(bad)? {
             let (dtype, shape, offset, nbytes) =
                 parse_npy(file, start, end).map_err(|r| bad(format!("tensor {name:?}: {r}")))?;
-            if entries.iter().any(|e: &TensorEntry| e.name == name) {
+            if !names.insert(name.clone()) {
                 return Err(bad(format!("tensor {name:?} is stored twice")));
             }
             entries.push(TensorEntry {

@@ -259,6 +259,24 @@ pub(crate) fn temp_path_for(target: &Path) -> PathBuf {
     target.with_file_name(tmp)
 }
 
+/// Creates `dir` and its missing parents, appending each one created to `created` (outermost
+/// first) so a writer that fails can remove them again.
+pub(crate) fn create_missing_dirs(dir: &Path, created: &mut Vec<PathBuf>) -> Result<(), FormatError> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+        .collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => created.push(d.to_path_buf()),
+            // Someone else created it meanwhile: theirs to keep.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(FormatError::io(d, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Creates a new file that must not exist yet, for reading and writing.
 fn create_new(path: &Path) -> Result<File, FormatError> {
     OpenOptions::new()
@@ -462,19 +480,7 @@ impl SafetensorsWriter {
 
     /// Creates `dir` and its missing parents, remembering each so `Drop` can remove them.
     fn create_dirs(&mut self, dir: &Path) -> Result<(), FormatError> {
-        let missing: Vec<&Path> = dir
-            .ancestors()
-            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
-            .collect();
-        for d in missing.into_iter().rev() {
-            match std::fs::create_dir(d) {
-                Ok(()) => self.created_dirs.push(d.to_path_buf()),
-                // Someone else created it meanwhile: theirs to keep.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(FormatError::io(d, e)),
-            }
-        }
-        Ok(())
+        create_missing_dirs(dir, &mut self.created_dirs)
     }
 
     /// Whether [`SafetensorsWriter::commit`] calls `fsync` on every file and the directory.

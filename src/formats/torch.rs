@@ -237,6 +237,24 @@ fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorE
         entry.require_stored("").map_err(|reason| bad(path, reason))?;
         Ok(entry)
     };
+    // Storages are in the saving machine's byte order (torch byteswaps them on load); files
+    // without the entry predate it and are little-endian.
+    if let Some(order) = entries.get(&format!("{prefix}byteorder")) {
+        order.require_stored("").map_err(|reason| bad(path, reason))?;
+        let mut text = vec![0u8; order.size.min(16) as usize];
+        file.read_at(order.data_offset, &mut text)?;
+        let text = String::from_utf8_lossy(&text);
+        if text.trim() != "little" {
+            return Err(bad(
+                path,
+                format!(
+                    "saved with byte order {:?}; only little-endian checkpoints are read (load and save it \
+                     again with torch on a little-endian machine)",
+                    text.trim()
+                ),
+            ));
+        }
+    }
     let pkl = stored(&pkl_name)?;
     if pkl.size > MAX_PICKLE {
         return Err(bad(path, "data.pkl is too large"));

@@ -25,6 +25,8 @@ const SATURATED: u64 = 0xFFFF_FFFF;
 const ZIP64_EXTRA: u16 = 0x0001;
 /// Extra field id PyTorch uses for alignment padding (`"FB"`); readers skip unknown ids.
 const PADDING_EXTRA: u16 = 0x4246;
+/// Largest data alignment `Layout::add` pads to (the padding goes in a 16-bit extra field).
+const MAX_ALIGN: u64 = 4096;
 /// Largest central directory read (a few hundred bytes per entry; this allows millions).
 const MAX_CENTRAL_DIRECTORY: u64 = 1 << 30;
 /// 1980-01-01 00:00 in DOS time/date: fixed, so output bytes do not depend on the clock.
@@ -105,13 +107,14 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, String> {
     let mut count = field(10, false).ok_or_else(not_zip)?;
     let mut cd_size = field(12, true).ok_or_else(not_zip)?;
     let mut cd_offset = field(16, true).ok_or_else(not_zip)?;
-    if count == 0xFFFF || cd_size == SATURATED || cd_offset == SATURATED {
-        // ZIP64: a locator just before the end record points at the ZIP64 end record.
-        let at = eocd_abs.checked_sub(20).ok_or("ZIP64 locator missing")?;
-        let locator = read(file, at, 20, "ZIP64 locator")?;
-        if u32_at(&locator, 0) != Some(EOCD64_LOCATOR_SIG) {
-            return Err("ZIP64 locator missing".to_string());
-        }
+    // ZIP64: a locator just before the end record points at the ZIP64 end record. Writers use it
+    // only when a value does not fit, and Python's zipfile writes exactly 65535 entries without
+    // one, so the locator's presence decides, not a saturated count.
+    let locator = match eocd_abs.checked_sub(20) {
+        Some(at) => read(file, at, 20, "ZIP64 locator")?,
+        None => Vec::new(),
+    };
+    if u32_at(&locator, 0) == Some(EOCD64_LOCATOR_SIG) {
         let record_at = u64_at(&locator, 8).ok_or("ZIP64 locator missing")?;
         let record = read(file, record_at, 56, "ZIP64 end record")?;
         if u32_at(&record, 0) != Some(EOCD64_SIG) {
@@ -121,6 +124,8 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, String> {
         count = u64_at(&record, 32).ok_or_else(bad)?;
         cd_size = u64_at(&record, 40).ok_or_else(bad)?;
         cd_offset = u64_at(&record, 48).ok_or_else(bad)?;
+    } else if cd_size == SATURATED || cd_offset == SATURATED {
+        return Err("ZIP64 locator missing".to_string());
     }
     if cd_size > MAX_CENTRAL_DIRECTORY {
         return Err(format!("central directory of {cd_size} bytes is too large"));
@@ -346,10 +351,13 @@ impl Layout {
             extra.extend_from_slice(&size.to_le_bytes());
             extra.extend_from_slice(&size.to_le_bytes());
         }
+        if align > MAX_ALIGN {
+            return Err(format!("alignment of {align} bytes is larger than {MAX_ALIGN}"));
+        }
         let unpadded = local + 30 + name.len() as u64 + extra.len() as u64;
         let align = align.max(1);
         let mut pad = (align - unpadded % align) % align;
-        if pad != 0 && pad < 4 {
+        while pad != 0 && pad < 4 {
             pad += align; // a padding field needs its 4-byte id and length
         }
         if pad != 0 {
@@ -517,6 +525,42 @@ mod tests {
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "03".repeat(70));
         }
+    }
+
+    #[test]
+    fn small_alignments_pad_with_a_whole_field() {
+        for align in [1, 2, 3, 4, 8, 64, 4096] {
+            for name_len in 0..10 {
+                let mut layout = Layout::new();
+                let at = layout.add(&"n".repeat(name_len), 1, align).unwrap();
+                assert_eq!(at % align, 0, "align {align}, name of {name_len}");
+            }
+        }
+        assert!(Layout::new().add("x", 1, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn exactly_65535_entries_without_zip64_records_are_read() {
+        let mut layout = Layout::new();
+        for i in 0..0xFFFF {
+            layout.add(&format!("{i}"), 0, 1).unwrap();
+        }
+        let (_dir, file) = write(&layout, &vec![&b""[..]; 0xFFFF]);
+        // Strip the ZIP64 records our writer adds at this count, as Python's zipfile does not
+        // write them: keep the classic end record only.
+        let bytes = std::fs::read(&file.path).unwrap();
+        let eocd = bytes.len() - 22;
+        let locator = eocd - 20;
+        let record = locator - 56;
+        let mut classic = bytes[..record].to_vec();
+        let mut end = bytes[eocd..].to_vec();
+        let cd_offset = layout.data_end() as u32;
+        end[12..16].copy_from_slice(&(record as u32 - cd_offset).to_le_bytes());
+        end[16..20].copy_from_slice(&cd_offset.to_le_bytes());
+        classic.extend_from_slice(&end);
+        std::fs::write(&file.path, &classic).unwrap();
+        let file = SourceFile::open(&file.path).unwrap();
+        assert_eq!(read_entries(&file).unwrap().len(), 0xFFFF);
     }
 
     #[test]

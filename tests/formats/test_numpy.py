@@ -160,3 +160,14 @@ def test_npy_output_of_several_tensors_is_refused_at_check(tmp_path: Path, monke
     with pytest.raises(bs.FormatError, match="exactly one tensor"):
         bs.run({"inputs": ["m.npz"], "output": "out.npy"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+
+
+def test_npz_output_creates_missing_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "w.npy", ARRAYS["f32"])
+    bs.run({"inputs": ["w.npy"], "output": "a/b/out.npz"})
+    with np.load(tmp_path / "a" / "b" / "out.npz") as got:
+        np.testing.assert_array_equal(got["w"], ARRAYS["f32"])
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(bs.FormatError, match="is a directory"):
+        bs.run({"inputs": ["w.npy"], "output": "dir.npz"})

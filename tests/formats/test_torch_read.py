@@ -191,6 +191,35 @@ def test_compressed_entry_is_refused(tmp_path: Path) -> None:
         bs.open(path)
 
 
+def test_big_endian_archive_is_refused(tmp_path: Path) -> None:
+    # torch byteswaps storages saved on a big-endian machine; reading them in place would be wrong.
+    path = tmp_path / "m.pt"
+    with zipfile.ZipFile(FIXTURES / "plain.pt") as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = b"big" if info.filename.endswith("/byteorder") else src.read(info)
+            dst.writestr(info.filename, data)
+    with pytest.raises(bs.FormatError, match=r"byte order \"big\""):
+        bs.open(path)
+
+
+def test_reshaping_a_strided_tensor_keeps_its_element_order(tmp_path: Path) -> None:
+    want = expected("strided")["transposed"]
+    out = tmp_path / "o.safetensors"
+    bs.run(
+        {
+            "inputs": [str(FIXTURES / "strided.pt")],
+            "transforms": [
+                {"reshape": {"from": "transposed", "to": "flat", "shape": [-1]}},
+                {"reshape": {"from": "transposed", "to": "deep", "shape": [1, 2, 1, -1]}},
+            ],
+            "output": str(out),
+        }
+    )
+    got = ours(out)
+    np.testing.assert_array_equal(got["flat"], want.reshape(-1))
+    np.testing.assert_array_equal(got["deep"], want.reshape(1, 2, 1, -1))
+
+
 def test_truncated_zip_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "m.pt"
     path.write_bytes((FIXTURES / "plain.pt").read_bytes()[:-30])
