@@ -787,6 +787,15 @@ pub(crate) mod test_util {
     use ::safetensors::tensor::TensorView;
     use ::safetensors::Dtype;
 
+    /// An output tensor description.
+    pub fn t(name: &str, dtype: crate::dtype::DType, shape: &[usize]) -> super::output::OutputTensor {
+        super::output::OutputTensor {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
     /// A tensor for the official serializer: name, dtype, shape, bytes.
     pub type Spec = (&'static str, Dtype, Vec<usize>, Vec<u8>);
 

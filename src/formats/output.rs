@@ -699,15 +699,8 @@ mod tests {
     use super::*;
     use crate::formats::open_checkpoint;
     use crate::formats::test_util::pattern;
+    use crate::formats::test_util::t;
     use ::safetensors::SafeTensors;
-
-    fn t(name: &str, dtype: DType, shape: &[usize]) -> OutputTensor {
-        OutputTensor {
-            name: name.to_string(),
-            dtype,
-            shape: shape.to_vec(),
-        }
-    }
 
     fn meta() -> BTreeMap<String, String> {
         [

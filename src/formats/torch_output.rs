@@ -434,15 +434,8 @@ impl TorchWriter {
 mod tests {
     use super::*;
     use crate::formats::pickle::{self, Object};
+    use crate::formats::test_util::t;
     use crate::formats::SourceFile;
-
-    fn t(name: &str, dtype: DType, shape: &[usize]) -> OutputTensor {
-        OutputTensor {
-            name: name.to_string(),
-            dtype,
-            shape: shape.to_vec(),
-        }
-    }
 
     fn pickle_of(tensors: &[OutputTensor]) -> Vec<u8> {
         let typed: Vec<_> = tensors

@@ -22,45 +22,7 @@ import numpy as np
 import pytest
 
 import brainsurgery as bs
-from helpers import assert_one_error, cli, dump_plan, listing, temporaries
-
-# safetensors dtype names of every NumPy/ml_dtypes dtype used here.
-ST_DTYPES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint64": "U64",
-    "uint32": "U32",
-    "uint16": "U16",
-    "uint8": "U8",
-    "bool": "BOOL",
-    "complex64": "C64",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e8m0fnu": "F8_E8M0",
-}
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> Path:
-    """A safetensors file written by hand (header length, JSON header, data back to back)."""
-    header: dict[str, Any] = {}
-    blobs = []
-    offset = 0
-    for name, array in tensors.items():
-        data = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": ST_DTYPES[array.dtype.name], "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
-    return path
-
+from helpers import assert_one_error, cli, dump_plan, listing, temporaries, write_st
 
 def random_bits(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """Random bit patterns viewed as ``dtype`` (NaN payloads, infinities and -0.0 included)."""
@@ -108,7 +70,7 @@ SOURCE = source_tensors()
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_safetensors(tmp_path_factory.mktemp("src") / "in.safetensors", SOURCE)
+    return write_st(tmp_path_factory.mktemp("src") / "in.safetensors", SOURCE)
 
 
 def convert(source: Path, out: Path, threads: int = 2, **output: Any) -> dict[str, Any]:
@@ -246,7 +208,7 @@ def test_torch_loads_computed_tensors(source: Path, tmp_path: Path) -> None:
 
 
 def test_format_key_and_empty_checkpoint(tmp_path: Path) -> None:
-    src = write_safetensors(tmp_path / "in.safetensors", {"w": np.arange(3, dtype=np.int16)})
+    src = write_st(tmp_path / "in.safetensors", {"w": np.arange(3, dtype=np.int16)})
     out = tmp_path / "weights.ckpt.pt"
     convert(src, out, format="torch")
     assert_same(np.asarray(bs.open(out)["w"]), np.arange(3, dtype=np.int16), "w")
@@ -260,7 +222,7 @@ def test_format_key_and_empty_checkpoint(tmp_path: Path) -> None:
 
 def test_torch_loads_an_empty_checkpoint(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    src = write_safetensors(tmp_path / "in.safetensors", {"w": np.arange(3, dtype=np.int16)})
+    src = write_st(tmp_path / "in.safetensors", {"w": np.arange(3, dtype=np.int16)})
     empty = tmp_path / "empty.bin"
     bs.run({"inputs": [str(src)], "transforms": [{"delete": {"target": "w"}}], "output": str(empty)})
     for mmap in (False, True):
@@ -291,7 +253,7 @@ def test_failed_write_leaves_nothing(source: Path, tmp_path: Path) -> None:
 
 
 def test_interrupted_write_leaves_nothing(tmp_path: Path) -> None:
-    write_safetensors(tmp_path / "in.safetensors", {"w": np.zeros(8 << 20, np.float32)})
+    write_st(tmp_path / "in.safetensors", {"w": np.zeros(8 << 20, np.float32)})
     # 300 equal-assertions over a 32 MiB tensor keep the engine busy for seconds.
     checks = "".join("  - assert: {equal: {left: w, right: w}}\n" for _ in range(300))
     plan = tmp_path / "plan.yaml"
@@ -368,7 +330,7 @@ def source_dir(tmp_path: Path) -> Path:
     """A directory checkpoint: model.safetensors and config.json."""
     src_dir = tmp_path / "src"
     src_dir.mkdir()
-    write_safetensors(src_dir / "model.safetensors", DIR_TENSORS)
+    write_st(src_dir / "model.safetensors", DIR_TENSORS)
     (src_dir / "config.json").write_text('{"model_type": "x"}')
     return src_dir
 
