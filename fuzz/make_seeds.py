@@ -2,7 +2,7 @@
 """Writes the committed seed inputs under fuzz/seeds/ (a few KB in all); rerun after changing it.
 
 unpickle/: the data.pkl of every zip checkpoint in tests/fixtures/torch (real torch.save output),
-plus pickle.dumps of plain values at protocols 2-5 (opcodes torch does not use) and a hostile
+the main pickle of every legacy (pre-1.6) one, plus pickle.dumps of plain values at protocols 2-5 (opcodes torch does not use) and a hostile
 pickle (os.system), to start from every accepted opcode and from a refusal.
 
 safetensors_header/: the fuzz target's input layout, [data length u64 LE][8-byte header length
@@ -13,8 +13,10 @@ Needs only the standard library, plus numpy and safetensors for the official-wri
 (skipped when absent).
 """
 
+import io
 import json
 import pickle
+import pickletools
 import struct
 import zipfile
 from pathlib import Path
@@ -29,11 +31,29 @@ def write(kind: str, name: str, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def legacy_main_pickle(data: bytes) -> bytes:
+    """The fourth pickle of a legacy file (after magic number, protocol version and sys_info),
+    found by walking opcodes to each STOP; nothing is unpickled."""
+    stream = io.BytesIO(data)
+    for _ in range(3):
+        for _ in pickletools.genops(stream):
+            pass
+    start = stream.tell()
+    for _ in pickletools.genops(stream):
+        pass
+    return data[start : stream.tell()]
+
+
 def pickle_seeds() -> None:
+    for old in (ROOT / "seeds" / "unpickle").glob("torch-*.pkl"):
+        old.unlink()  # fixtures come and go; keep the seeds in step
     for pt in sorted(FIXTURES.glob("*.pt")):
-        with zipfile.ZipFile(pt) as z:
-            pkl = next(n for n in z.namelist() if n.endswith("/data.pkl"))
-            write("unpickle", f"torch-{pt.stem}.pkl", z.read(pkl))
+        if zipfile.is_zipfile(pt):
+            with zipfile.ZipFile(pt) as z:
+                pkl = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+                write("unpickle", f"torch-{pt.stem}.pkl", z.read(pkl))
+        else:
+            write("unpickle", f"torch-{pt.stem}.pkl", legacy_main_pickle(pt.read_bytes()))
     plain = {"a": [1, -2, 300, 70000, 2**40, -(2**63)], "b": (1.5, None, True, False), "c": b"\x00\xff" * 3,
              "d": {"nested": ("x", "y", "x")}, "e": "é" * 3}
     for proto in (2, 3, 4, 5):
