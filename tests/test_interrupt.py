@@ -38,3 +38,32 @@ def test_sigint_cancels_cleanly(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert err.strip() == "error: interrupted; nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "plan.yaml"]
+
+
+def test_every_ctrl_c_cancels_its_entry_in_a_session(tmp_path: Path) -> None:
+    # `-i` goes on after a cancelled entry; the next Ctrl-C must cancel the next entry too.
+    save_safetensors(tmp_path / "in.safetensors", {"w": np.zeros(8 << 20, np.float32)})
+    block = "".join("- assert: {equal: {left: w, right: w}}\n" for _ in range(300)) + "\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "brainsurgery", "-i", "--threads", "1", "in.safetensors"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    deadline = time.monotonic() + 30
+    while "_core" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    for _ in range(2):
+        proc.stdin.write(block)
+        proc.stdin.flush()
+        time.sleep(0.5)  # the entry is running: 300 passes over 32 MiB take seconds
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+    proc.stdin.write("exit\n")
+    _, err = proc.communicate(timeout=60)
+    assert err.count("interrupted") == 2, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]

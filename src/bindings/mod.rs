@@ -22,7 +22,7 @@ use crate::plan::{Location, Plan, PlanError, PlanSource};
 
 /// Runs `work` on another thread with the GIL released, polling for Ctrl-C meanwhile. On an
 /// interrupt the engine's cancel flag is set and the work stops at its next chunk. Returns the
-/// work's result and the signal's exception, if one arrived.
+/// work's result and the first signal's exception, if one arrived.
 fn detached_with_signal<T: Send>(
     py: Python<'_>,
     work: impl FnOnce(Arc<AtomicBool>) -> T + Send,
@@ -41,11 +41,11 @@ fn detached_with_signal<T: Send>(
             };
             while !handle.is_finished() {
                 std::thread::sleep(Duration::from_millis(20));
-                if signal.is_none() {
-                    if let Err(e) = Python::attach(|py| py.check_signals()) {
-                        cancel.store(true, Ordering::Relaxed);
-                        signal = Some(e);
-                    }
+                // Every Ctrl-C cancels, not only the first: an `-i` session clears the flag after
+                // a cancelled entry and goes on, and the next Ctrl-C must stop the next entry.
+                if let Err(e) = Python::attach(|py| py.check_signals()) {
+                    cancel.store(true, Ordering::Relaxed);
+                    signal.get_or_insert(e);
                 }
             }
             handle.join()
