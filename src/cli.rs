@@ -10,12 +10,13 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::error::Error;
+use crate::error::{error_chain, Error};
 use crate::executor::{Prepared, Report, RunOptions};
 use crate::formats::open_checkpoint;
 use crate::plan::document::looks_like_override;
 use crate::plan::{Plan, PlanSource};
 use crate::transforms::fmt_shape;
+use indicatif::HumanBytes;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -103,37 +104,6 @@ struct PlanArgs {
 }
 
 const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "diff", "help"];
-
-/// Formats an error with its causes, one paragraph.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// Human-readable byte count in binary units.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.2} {}", UNITS[unit])
-    }
-}
 
 /// Whether a positional argument names a checkpoint rather than a plan file.
 fn looks_like_checkpoint(item: &str) -> bool {
@@ -272,7 +242,7 @@ fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -
             out,
             "{verb} alias `{alias}`: {} tensors, {} ({} added, {} removed)",
             report.tensors.len(),
-            human_bytes(report.total_bytes),
+            HumanBytes(report.total_bytes),
             report.added,
             report.removed
         )?,
@@ -334,7 +304,7 @@ fn inspect(path: &std::path::Path, out: &mut dyn Write) -> Result<(), Error> {
         out,
         "{} tensors, {} in {} {} file(s)",
         checkpoint.tensors.len(),
-        human_bytes(total),
+        HumanBytes(total),
         checkpoint.files.len(),
         checkpoint.format.name()
     );
@@ -360,7 +330,7 @@ fn diff(
         }
         .into());
     }
-    let mut state = crate::executor::state::State::default();
+    let mut state = crate::state::State::default();
     for (alias, path) in [("left", path_a), ("right", path_b)] {
         let checkpoint = open_checkpoint(path)?;
         print_notices(&checkpoint.notices);
@@ -445,7 +415,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
             let _ = writeln!(
                 out,
                 "estimated peak memory for buffers: {}",
-                human_bytes(report.peak_memory_estimate)
+                HumanBytes(report.peak_memory_estimate)
             );
             Ok(0)
         }

@@ -49,6 +49,25 @@ pub enum Error {
     Cancelled,
 }
 
+impl From<crate::write::WriteError> for Error {
+    fn from(e: crate::write::WriteError) -> Self {
+        match e {
+            crate::write::WriteError::Plan(e) => Error::Plan(e),
+            crate::write::WriteError::Format(e) => Error::Format(e),
+            crate::write::WriteError::Cancelled => Error::Cancelled,
+        }
+    }
+}
+
+impl From<crate::state::OpenError> for Error {
+    fn from(e: crate::state::OpenError) -> Self {
+        match e {
+            crate::state::OpenError::Plan(e) => Error::Plan(e),
+            crate::state::OpenError::Format(e) => Error::Format(e),
+        }
+    }
+}
+
 impl Error {
     /// The command-line exit status (SPEC §10): 2 for an invalid plan or input, 1 for a failed
     /// transform or assertion, 130 for an interruption.
@@ -59,4 +78,19 @@ impl Error {
             Error::Cancelled => 130,
         }
     }
+}
+
+/// Formats an error with its causes, one paragraph.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

@@ -1,23 +1,28 @@
 //! brainsurgery: declarative, reproducible surgery on neural-network checkpoints.
 //!
-//! Modules in data-path order: element types and kernels, checkpoint formats, the plan language
-//! and tensor references, lazy values, transforms, the executor, and the front ends (command
-//! line, Python bindings).
+//! Modules in data-path order, each importing only those above it: element types and kernels,
+//! checkpoint formats, tensor references and the plan language, lazy values, the run state
+//! (aliases of tensors), writing checkpoints, transforms, the executor, and the front ends
+//! (command line, Python bindings).
 
 #![deny(missing_docs)]
 
 pub mod dtype;
 pub mod kernels;
 pub mod formats;
-pub mod plan;
 pub mod references;
+pub mod plan;
 pub mod value;
+pub mod state;
+pub mod write;
 pub mod transforms;
-pub mod executor;
 pub mod error;
-pub mod cli;
+pub mod executor;
 pub mod prompt;
+pub mod cli;
 #[cfg(feature = "python")]
 pub mod bindings;
+#[cfg(test)]
+mod layering;
 
 pub use error::Error;

@@ -21,12 +21,12 @@ use rustyline::validate::Validator;
 use rustyline::{Editor, Helper};
 use serde_json::Value;
 
-use crate::cli::error_chain;
+use crate::error::error_chain;
 use crate::error::Error;
 use crate::executor::session::{Applied, Session};
-use crate::executor::state::State;
 use crate::plan::document::parse_yaml;
 use crate::plan::{oneline, PlanError};
+use crate::state::State;
 use crate::transforms::{assert::OPERATORS, spec, REGISTRY};
 
 /// The prompt.

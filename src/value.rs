@@ -29,6 +29,20 @@ const GATHER_SPAN_LIMIT: usize = 4 * CHUNK_BYTES;
 /// from a memory map, where only the touched pages are read.
 const SPAN_GATHER_MAX_STRIDE: usize = 8;
 
+/// Why a lazy value cannot be built or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ValueError {
+    /// The dtype has no whole-byte element size (sub-byte floats): such tensors are carried
+    /// through whole, never sliced, converted or computed on.
+    #[error("{op} cannot compute on {dtype} tensors: they are carried through unchanged only")]
+    NoByteSize {
+        /// The operation refused.
+        op: &'static str,
+        /// The dtype.
+        dtype: DType,
+    },
+}
+
 /// An owned byte buffer a [`Value::Memory`] tensor reads from (a NumPy array handed over by
 /// Python, a constant).
 pub trait Bytes: Send + Sync + std::fmt::Debug {
@@ -392,6 +406,28 @@ impl Tensor {
             shape,
             value: Arc::new(Value::Memory(bytes)),
         }
+    }
+
+    /// A view of the elements `slice` selects (resolved against `self.shape`), or the tensor
+    /// itself when the slice selects everything.
+    pub fn view(&self, slice: &ResolvedSlice) -> Result<Tensor, ValueError> {
+        if slice.is_full() && slice.shape == self.shape {
+            return Ok(self.clone());
+        }
+        if self.dtype.size().is_none() {
+            return Err(ValueError::NoByteSize {
+                op: "slicing",
+                dtype: self.dtype,
+            });
+        }
+        Ok(Tensor {
+            dtype: self.dtype,
+            shape: slice.shape.clone(),
+            value: Arc::new(Value::View {
+                base: self.clone(),
+                slice: slice.clone(),
+            }),
+        })
     }
 
     /// Number of elements.

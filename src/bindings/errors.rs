@@ -4,7 +4,7 @@
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyPermissionError};
 use pyo3::prelude::*;
 
-use crate::cli::error_chain;
+use crate::error::error_chain;
 use crate::error::Error;
 use crate::formats::FormatError;
 use crate::plan::PlanError;

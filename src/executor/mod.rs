@@ -3,22 +3,19 @@
 //! alias into its output in parallel. Nothing reads tensor bytes before the check has passed.
 
 pub mod session;
-pub mod state;
-pub mod write;
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::error::Error;
-use crate::formats::open_checkpoint;
 use crate::plan::{Location, OutputSpec, Plan, PlanError};
-use crate::transforms::{self, Context, Flow, StepError, Transform};
+use crate::state::State;
+use crate::transforms::{self, run_steps, Context, Step, StepError, StepFailure};
 use crate::value::CHUNK_BYTES;
-use state::State;
+use crate::write::{self, WriteOptions};
 
-/// Called with (bytes written, total bytes) while the output is written.
-pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
+pub use crate::write::ProgressFn;
 
 /// How to run a plan.
 #[derive(Clone, Default)]
@@ -82,14 +79,18 @@ pub struct Report {
 #[derive(Debug)]
 pub struct Prepared {
     plan: Plan,
-    steps: Vec<Box<dyn Transform>>,
+    steps: Vec<Step>,
     initial: State,
     /// The inputs' notices, given to every execution's context.
     notices: Vec<String>,
     threads: usize,
 }
 
-fn step_error(index: usize, name: &str, error: StepError) -> Error {
+/// The engine error for a failed step of the plan (or of an `-i` session), numbered from `first`.
+fn step_error(first: usize, steps: &[Step], failure: StepFailure) -> Error {
+    let StepFailure { index, error } = failure;
+    let name = steps.get(index).map_or("", |s| s.name.as_str());
+    let index = first + index;
     match error {
         StepError::Plan(e) => Error::Plan(e),
         StepError::Format(source) => Error::FormatAt {
@@ -113,18 +114,10 @@ impl Prepared {
         // Nested `execute` plans are parsed here too; relative paths resolve against the plan
         // file's directory and cycles are found before any input is opened.
         let steps = transforms::execute::parsing_plan(&plan.files, || {
-            plan.transforms
-                .iter()
-                .map(transforms::parse)
-                .collect::<Result<Vec<_>, _>>()
+            plan.transforms.iter().map(Step::parse).collect::<Result<Vec<_>, _>>()
         })?;
         let mut initial = State::default();
-        let mut notices = Vec::new();
-        for input in &plan.inputs {
-            let checkpoint = open_checkpoint(&input.path)?;
-            initial.add_checkpoint(&input.alias, &checkpoint);
-            notices.extend(checkpoint.notices);
-        }
+        let notices = initial.open_inputs(&plan.inputs, &Location::root())?;
         initial.written.clear();
         // SPEC §3: the only input, or output.alias — when that names an input; an output alias
         // the transforms create cannot be the default for references that run before it exists.
@@ -169,45 +162,40 @@ impl Prepared {
         ctx.plan_sha256 = Some(self.plan.sha256.clone());
         ctx.notices.extend(self.notices.iter().cloned());
         let mut state = self.initial.clone();
-        for (index, (step, raw)) in self.steps.iter().zip(&self.plan.transforms).enumerate() {
-            if ctx.cancelled() {
-                return Err(Error::Cancelled);
-            }
-            match step.apply(&mut state, ctx) {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Exit) => break,
-                Err(e) => return Err(step_error(index, &raw.name, e)),
-            }
-        }
+        run_steps(&self.steps, &mut state, ctx).map_err(|failure| step_error(0, &self.steps, failure))?;
         Ok(state)
     }
 
-    /// The alias the output holds (SPEC §6.3).
+    /// The alias the output holds (SPEC §6.3), when the plan has an output.
     fn output_alias(&self, state: &State) -> Result<Option<String>, Error> {
         let Some(output) = &self.plan.output else {
             return Ok(None);
         };
         let location = Location::root().key("output");
-        if let Some(alias) = &output.alias {
-            return match state.alias(alias) {
-                Some(_) => Ok(Some(alias.clone())),
-                None => Err(PlanError::UnknownAlias {
-                    location: location.key("alias"),
-                    alias: alias.clone(),
-                    known: state.alias_names(),
-                }
-                .into()),
-            };
-        }
-        if let [only] = self.plan.inputs.as_slice() {
-            // The default alias is the single input's; it follows `prefixes rename`, and
-            // `prefixes remove` refuses to drop it, so it names the input's tensors still.
-            let alias = state.default_alias.clone().unwrap_or_else(|| only.alias.clone());
-            if state.alias(&alias).is_some() {
-                return Ok(Some(alias));
-            }
-        }
-        Ok(Some(state.the_written_alias(&location)?))
+        Ok(Some(state.output_alias(
+            output.alias.as_deref(),
+            &self.plan.inputs,
+            &location,
+        )?))
+    }
+
+    /// Writes the output alias (validated by the check) and returns the files written.
+    fn write(&self, state: &State, alias: &str, options: &RunOptions) -> Result<Vec<PathBuf>, Error> {
+        let Some(output) = &self.plan.output else {
+            return Ok(Vec::new());
+        };
+        let options = WriteOptions {
+            threads: self.threads,
+            cancel: &options.cancel,
+            progress: options.progress.as_deref(),
+        };
+        Ok(write::write_alias(
+            output,
+            state,
+            alias,
+            Some(&self.plan.sha256),
+            options,
+        )?)
     }
 
     fn report(&self, state: &State, ctx: Context) -> Result<Report, Error> {
@@ -256,7 +244,7 @@ impl Prepared {
         let state = self.execute(&mut ctx)?;
         let report = self.report(&state, ctx)?;
         if let (Some(output), Some(alias)) = (&self.plan.output, &report.alias) {
-            write::validate_output(output, &state, alias, &self.plan)?;
+            write::validate_output(output, &state, alias)?;
         }
         Ok(report)
     }
@@ -267,8 +255,8 @@ impl Prepared {
         let mut ctx = Context::new(true, options.cancel.clone());
         let state = self.execute(&mut ctx)?;
         let mut report = self.report(&state, ctx)?;
-        if let (Some(output), Some(alias)) = (&self.plan.output, report.alias.clone()) {
-            let files = write::write_output(output, &state, &alias, &self.plan, self.threads, options)?;
+        if let Some(alias) = report.alias.clone() {
+            let files = self.write(&state, &alias, options)?;
             report.written.extend(files);
         }
         Ok(report)

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::state::State;
-use super::{step_error, write, Prepared, Report, RunOptions};
+use super::{step_error, Prepared, Report, RunOptions};
 use crate::error::Error;
 use crate::plan::{Location, RawTransform};
-use crate::transforms::{self, Context, Flow};
+use crate::state::State;
+use crate::transforms::{run_steps, Context, Flow, Step};
+use crate::write;
 
 /// What one applied block printed and did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -83,25 +84,12 @@ impl Session {
             .enumerate()
             .map(|(i, item)| RawTransform::from_value(item, base.index(self.next + i)))
             .collect::<Result<Vec<_>, _>>()?;
-        let steps = raws.iter().map(transforms::parse).collect::<Result<Vec<_>, _>>()?;
+        let steps = raws.iter().map(Step::parse).collect::<Result<Vec<_>, _>>()?;
         let run = |evaluate: bool| -> Result<(State, Context, bool), Error> {
             let mut state = self.state.clone();
             let mut ctx = Context::new(evaluate, self.cancel.clone());
-            let mut exit = false;
-            for (i, (step, raw)) in steps.iter().zip(&raws).enumerate() {
-                if ctx.cancelled() {
-                    return Err(Error::Cancelled);
-                }
-                match step.apply(&mut state, &mut ctx) {
-                    Ok(Flow::Continue) => {}
-                    Ok(Flow::Exit) => {
-                        exit = true;
-                        break;
-                    }
-                    Err(e) => return Err(step_error(self.next + i, &raw.name, e)),
-                }
-            }
-            Ok((state, ctx, exit))
+            let flow = run_steps(&steps, &mut state, &mut ctx).map_err(|f| step_error(self.next, &steps, f))?;
+            Ok((state, ctx, flow == Flow::Exit))
         };
         let result = run(false).and_then(|_| run(true));
         let (state, ctx, exit) = result.inspect_err(|e| {
@@ -126,9 +114,8 @@ impl Session {
         let ctx = Context::new(false, self.cancel.clone());
         let mut report = prepared.report(&self.state, ctx)?;
         if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
-            write::validate_output(output, &self.state, &alias, &prepared.plan)?;
-            report.written =
-                write::write_output(output, &self.state, &alias, &prepared.plan, prepared.threads, options)?;
+            write::validate_output(output, &self.state, &alias)?;
+            report.written = prepared.write(&self.state, &alias, options)?;
         }
         Ok(report)
     }

@@ -10,14 +10,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::view_of;
 use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::executor::state::{view_of, Match, State};
 use crate::formats::FormatError;
 use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
+use crate::state::{Match, State};
 use crate::value::{ElementFn, LazyOp, Scratch, Tensor, Value};
 
 const BINARY_FIELDS: &[Field] = &[

@@ -8,13 +8,13 @@ use serde_json::Value;
 
 use super::{AssertionFailure, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::executor::state::{Match, State};
 use crate::kernels::{self, Stats};
 use crate::plan::document::kind_of;
 use crate::plan::error::suggest;
 use crate::plan::payload::{parse_dtype, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
+use crate::state::{Match, State};
 use crate::transforms::fmt_shape;
 use crate::value::{Tensor, CHUNK_BYTES};
 
@@ -531,7 +531,7 @@ fn evaluate_equal(
                     tensor: display.clone(),
                     source,
                 })?;
-                crate::executor::state::view_of(tensor, &resolved, &display)?
+                super::view_of(tensor, &resolved, &display)?
             }
         };
         if tensor.shape != m.tensor.shape {

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
+use crate::state::State;
 use crate::value::{Tensor, Value};
 
 const FIELDS: &[Field] = &[

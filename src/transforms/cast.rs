@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::executor::state::{Match, State};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
+use crate::state::{Match, State};
 use crate::value::{Tensor, Value};
 
 const CAST_FIELDS: &[Field] = &[

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
 use crate::dtype::DType;
-use crate::executor::state::State;
 use crate::formats::FormatError;
 use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
+use crate::state::State;
 use crate::value::{ElementFn, LazyOp, Scratch, Tensor};
 
 const CLAMP_FIELDS: &[Field] = &[

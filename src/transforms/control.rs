@@ -1,8 +1,8 @@
 //! `exit`: stop executing transforms; the output is still written.
 
 use super::{Context, Flow, StepError, Transform, TransformSpec};
-use crate::executor::state::State;
 use crate::plan::PlanError;
+use crate::state::State;
 
 /// `exit`.
 pub const EXIT: TransformSpec = TransformSpec {
@@ -19,7 +19,7 @@ pub const EXIT: TransformSpec = TransformSpec {
 };
 
 #[derive(Debug)]
-struct Exit;
+pub(crate) struct Exit;
 
 impl Transform for Exit {
     fn apply(&self, _state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {

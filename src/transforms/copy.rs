@@ -6,10 +6,10 @@ use std::collections::{HashMap, HashSet};
 use serde_json::Value;
 
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
+use crate::state::State;
 
 const FROM_TO: &[Field] = &[
     Field::required("from", FieldKind::Reference, "tensors to read (a slice makes a view)"),

@@ -8,11 +8,12 @@
 use serde_json::Value as Json;
 
 use super::assert::max_abs_difference;
+use super::view_of;
 use super::{Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::executor::state::{view_of, State};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
+use crate::state::State;
 use crate::transforms::fmt_shape;
 use crate::value::{Tensor, CHUNK_BYTES};
 

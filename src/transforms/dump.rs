@@ -10,15 +10,15 @@ use std::collections::{BTreeSet, HashMap};
 use serde_json::{json, Map, Value as Json};
 
 use super::{count_noun, fmt_shape, Context, Flow, StepError, Transform, TransformSpec};
-use crate::cli::human_bytes;
 use crate::dtype::DType;
-use crate::executor::state::{Match, State};
 use crate::kernels::{self, Stats};
 use crate::plan::error::suggest;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::Reference;
+use crate::state::{Match, State};
 use crate::value::{Scratch, Tensor, CHUNK_BYTES};
+use indicatif::HumanBytes;
 
 /// NumPy's `threshold`: tensors with more elements print only their edges.
 const THRESHOLD: usize = 1000;
@@ -573,11 +573,7 @@ fn section_header(section: &Section, deferred: bool) -> String {
         Some(target) => format!("`{target}` in {}", section.alias),
         None => section.alias.clone(),
     };
-    line.push_str(&format!(
-        ": {}, {}",
-        count_noun(section.items.len()),
-        human_bytes(bytes)
-    ));
+    line.push_str(&format!(": {}, {}", count_noun(section.items.len()), HumanBytes(bytes)));
     if deferred {
         line.push_str(" (statistics and values are read when the plan runs)");
     }

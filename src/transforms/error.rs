@@ -9,16 +9,9 @@ use crate::references::ReferenceError;
 /// exit status 1. The executor wraps it with the transform's index and name.
 #[derive(Debug, thiserror::Error)]
 pub enum TransformError {
-    /// A reference selects no tensor.
-    #[error("`{reference}` matches no tensor in `{alias}`{}", closest_hint(closest))]
-    ZeroMatches {
-        /// The reference as written.
-        reference: String,
-        /// The alias searched.
-        alias: String,
-        /// The closest existing names.
-        closest: Vec<String>,
-    },
+    /// A reference cannot select the tensors it names (bad slice, zero matches).
+    #[error(transparent)]
+    Select(crate::state::SelectError),
     /// Two sources rewrite to one destination.
     #[error("`{first}` and `{second}` both rewrite to `{destination}`")]
     Collision {
@@ -108,12 +101,6 @@ pub enum TransformError {
     Template {
         /// The matched tensor.
         tensor: String,
-        /// Why.
-        source: ReferenceError,
-    },
-    /// A pattern could not be matched against a name.
-    #[error("{source}")]
-    Match {
         /// Why.
         source: ReferenceError,
     },
@@ -320,17 +307,6 @@ pub enum TransformError {
         /// The first few of them.
         names: Vec<String>,
     },
-}
-
-fn closest_hint(closest: &[String]) -> String {
-    if closest.is_empty() {
-        " (the alias holds no tensors)".to_owned()
-    } else {
-        format!(
-            "; closest names: {}",
-            closest.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
-        )
-    }
 }
 
 /// Formats a shape as NumPy prints it: `(2, 3)`, `(4,)`, `()`.

@@ -15,11 +15,10 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::load::save_alias;
-use super::{Context, Flow, StepError, Transform, TransformSpec};
-use crate::executor::state::State;
-use crate::formats::open_checkpoint;
+use super::{run_steps, Context, Flow, Step, StepError, StepFailure, Transform, TransformSpec};
 use crate::plan::payload::{Field, FieldKind, Payload};
-use crate::plan::{assemble, InputSpec, Location, OutputSpec, Plan, PlanError, PlanSource, RawTransform};
+use crate::plan::{assemble, InputSpec, Location, OutputSpec, Plan, PlanError, PlanSource};
+use crate::state::State;
 
 const FIELDS: &[Field] = &[
     Field::optional(
@@ -85,10 +84,7 @@ pub const EXECUTE: TransformSpec = TransformSpec {
         // Nested transforms parse with the nested file on the stack (its own `execute` paths
         // resolve against its directory, and a file reached again is a cycle).
         let steps = with_frame(file, || {
-            plan.transforms
-                .iter()
-                .map(|raw| super::parse(raw).map(|step| (raw.clone(), step)))
-                .collect::<Result<Vec<_>, _>>()
+            plan.transforms.iter().map(Step::parse).collect::<Result<Vec<_>, _>>()
         })?;
         Ok(Box::new(Execute {
             inputs: plan.inputs,
@@ -204,83 +200,28 @@ struct Execute {
     inputs: Vec<InputSpec>,
     output: Option<OutputSpec>,
     sha256: String,
-    steps: Vec<(RawTransform, Box<dyn Transform>)>,
+    steps: Vec<Step>,
     /// Where the nested plan sits (`transforms[3].execute.plan`).
     base: Location,
 }
 
 /// Adds the nested step's location to an error from it. Errors from a nested `execute` already
 /// carry the innermost location.
-fn locate(raw: &RawTransform, error: StepError) -> StepError {
-    if raw.name == EXECUTE.name {
+fn locate(step: &Step, error: StepError) -> StepError {
+    if step.name == EXECUTE.name {
         return error;
     }
     match error {
         StepError::Transform(source) => StepError::Transform(super::TransformError::Nested {
-            location: raw.location.clone(),
-            name: raw.name.clone(),
+            location: step.location.clone(),
+            name: step.name.clone(),
             source: Box::new(source),
         }),
         StepError::Assertion(mut failure) => {
-            failure.message = format!("{} (at {})", failure.message, raw.location);
+            failure.message = format!("{} (at {})", failure.message, step.location);
             StepError::Assertion(failure)
         }
         other => other,
-    }
-}
-
-impl Execute {
-    /// Opens the nested plan's inputs as aliases. An alias that already exists is reused when it
-    /// holds the same checkpoint (a nested plan may name the including plan's input to be
-    /// runnable alone); any other clash is a plan error.
-    fn load_inputs(&self, state: &mut State, ctx: &mut Context) -> Result<(), StepError> {
-        for (i, input) in self.inputs.iter().enumerate() {
-            if let Some(existing) = state.alias(&input.alias) {
-                let same = existing.origin.as_ref().is_some_and(|o| {
-                    o.path == input.path
-                        || (o.path.canonicalize().ok().is_some()
-                            && o.path.canonicalize().ok() == input.path.canonicalize().ok())
-                });
-                if same {
-                    continue;
-                }
-                return Err(PlanError::invalid(
-                    &self.base.key("inputs").index(i),
-                    format!(
-                        "alias `{}` already exists and is not `{}`; a nested plan's inputs add new aliases",
-                        input.alias,
-                        input.path.display()
-                    ),
-                )
-                .into());
-            }
-            let checkpoint = open_checkpoint(&input.path)?;
-            state.add_checkpoint(&input.alias, &checkpoint);
-            ctx.notices_of(&checkpoint);
-        }
-        Ok(())
-    }
-
-    /// The alias the nested output holds: SPEC §6.3 applied to the nested plan.
-    fn output_alias(&self, output: &OutputSpec, state: &State) -> Result<String, StepError> {
-        let location = self.base.key("output");
-        if let Some(alias) = &output.alias {
-            if state.alias(alias).is_none() {
-                return Err(PlanError::UnknownAlias {
-                    location: location.key("alias"),
-                    alias: alias.clone(),
-                    known: state.alias_names(),
-                }
-                .into());
-            }
-            return Ok(alias.clone());
-        }
-        if let [only] = self.inputs.as_slice() {
-            if state.alias(&only.alias).is_some() {
-                return Ok(only.alias.clone());
-            }
-        }
-        Ok(state.the_written_alias(&location)?)
     }
 }
 
@@ -290,28 +231,18 @@ impl Transform for Execute {
         // set gains what the nested plan wrote.
         let outer_written = std::mem::take(&mut state.written);
         let outer_default = state.default_alias.clone();
-        self.load_inputs(state, ctx)?;
+        let notices = state.open_inputs(&self.inputs, &self.base)?;
+        ctx.notices.extend(notices);
         if let [only] = self.inputs.as_slice() {
             state.default_alias = Some(only.alias.clone());
         }
-        let mut flow = Flow::Continue;
-        for (raw, step) in &self.steps {
-            if ctx.cancelled() {
-                return Err(StepError::Cancelled);
-            }
-            match step.apply(state, ctx) {
-                Ok(Flow::Continue) => {}
-                // `exit` stops the whole run, nested or not; the nested output is still written.
-                Ok(Flow::Exit) => {
-                    flow = Flow::Exit;
-                    break;
-                }
-                Err(e) => return Err(locate(raw, e)),
-            }
-        }
+        // `exit` stops the whole run, nested or not; the nested output is still written.
+        let flow = run_steps(&self.steps, state, ctx)
+            .map_err(|StepFailure { index, error }| locate(&self.steps[index], error))?;
         if let Some(output) = &self.output {
-            let alias = self.output_alias(output, state)?;
-            save_alias(state, &alias, output, &self.base.key("output"), ctx, Some(&self.sha256))?;
+            let location = self.base.key("output");
+            let alias = state.output_alias(output.alias.as_deref(), &self.inputs, &location)?;
+            save_alias(state, &alias, output, &location, ctx, Some(&self.sha256))?;
         }
         if self.inputs.len() == 1 {
             state.default_alias = outer_default;
@@ -337,21 +268,21 @@ mod tests {
 
     #[test]
     fn nested_transform_errors_carry_the_nested_location() {
-        let raw = RawTransform {
+        let step = Step {
             name: "scale_".into(),
-            payload: Value::Null,
             location: Location::root()
                 .key("transforms")
                 .index(2)
                 .key("execute")
                 .key("transforms")
                 .index(1),
+            transform: Box::new(super::super::control::Exit),
         };
         let inner = super::super::TransformError::SliceNotAllowed {
             reference: "w".into(),
             transform: "move",
         };
-        let err = locate(&raw, StepError::Transform(inner));
+        let err = locate(&step, StepError::Transform(inner));
         assert!(
             matches!(&err, StepError::Transform(super::super::TransformError::Nested { name, .. }) if name == "scale_"),
             "{err}"

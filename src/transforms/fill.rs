@@ -17,13 +17,13 @@ use serde_json::Value as Json;
 use super::arith::write_back;
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::executor::state::State;
 use crate::formats::FormatError;
 use crate::kernels;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
+use crate::state::State;
 use crate::value::{strides, LazyOp, Scratch, Tensor};
 
 /// A key table: `head` fields followed by the fill-mode keys `fill` and `fill_` share.

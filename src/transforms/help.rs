@@ -6,10 +6,10 @@
 use serde_json::{Map, Value as Json};
 
 use super::{assert, Context, Flow, StepError, Transform, TransformSpec, REGISTRY};
-use crate::executor::state::State;
 use crate::plan::error::suggest;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
+use crate::state::State;
 
 const HELP_FIELDS: &[Field] = &[
     Field::optional(

@@ -1,6 +1,6 @@
 //! `load` and `save`: checkpoints in and out in the middle of a plan. `load` opens headers only
 //! (in a check and in a run alike; tensors stay lazy like the inputs'); `save` writes through the
-//! same streaming, atomic code path as the plan output (`executor::write`), and only when the plan
+//! same streaming, atomic code path as the plan output ([`crate::write`]), and only when the plan
 //! runs: a check validates the target without writing anything.
 
 use std::path::PathBuf;
@@ -8,14 +8,13 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::error::Error;
-use crate::executor::state::State;
-use crate::executor::write;
 use crate::formats::{open_checkpoint, Checkpoint, InputFormat};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{parse_output, valid_alias, Location, OutputSpec, PlanError};
 use crate::references::{closest_names, Reference};
+use crate::state::State;
 use crate::value::Tensor;
+use crate::write;
 
 const LOAD_FIELDS: &[Field] = &[
     Field::required(
@@ -202,17 +201,6 @@ fn check_alias(alias: &str, location: &Location) -> Result<(), PlanError> {
             location,
             format!("`{alias}` is not a valid alias (letters, digits, _ - .)"),
         ))
-    }
-}
-
-/// An engine error raised inside a transform, back as the step error it came from.
-fn step_error(e: Error) -> StepError {
-    match e {
-        Error::Plan(e) => StepError::Plan(e),
-        Error::Format(e) | Error::FormatAt { source: e, .. } => StepError::Format(e),
-        Error::Transform { source, .. } => StepError::Transform(source),
-        Error::Assertion { failure, .. } => StepError::Assertion(failure),
-        Error::Cancelled => StepError::Cancelled,
     }
 }
 
@@ -413,7 +401,7 @@ fn save_tensors(
     ctx: &mut Context,
     plan_sha256: Option<&str>,
 ) -> Result<Option<Vec<PathBuf>>, StepError> {
-    write::validate_target(spec, state, location).map_err(step_error)?;
+    write::validate_target(spec, state, location)?;
     write::validate_dtypes(spec, tensors.iter().map(|(name, t)| (*name, t.dtype)))?;
     if !ctx.evaluate {
         return Ok(None);
@@ -423,8 +411,12 @@ fn save_tensors(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let files =
-        write::write_tensors(spec, tensors, &metadata, sidecars, threads, &ctx.cancel, None).map_err(step_error)?;
+    let options = write::WriteOptions {
+        threads,
+        cancel: &ctx.cancel,
+        progress: None,
+    };
+    let files = write::write_tensors(spec, tensors, &metadata, sidecars, options)?;
     ctx.written.extend(files.iter().cloned());
     Ok(Some(files))
 }

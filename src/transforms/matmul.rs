@@ -13,15 +13,16 @@ use std::sync::{Arc, Mutex};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
+use super::view_of;
 use super::TransformSpec;
 use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError};
 use crate::dtype::DType;
-use crate::executor::state::{view_of, Match, State};
 use crate::formats::FormatError;
 use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
+use crate::state::{Match, State};
 use crate::value::{LazyOp, Scratch, Tensor, CHUNK_BYTES};
 
 const MATMUL_FIELDS: &[Field] = &[

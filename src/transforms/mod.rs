@@ -34,13 +34,13 @@ use std::sync::Arc;
 
 pub use error::{fmt_shape, AssertionFailure, TransformError};
 
-use crate::executor::state::{Match, SelectError, State};
 use crate::formats::FormatError;
 use crate::plan::error::suggest;
 use crate::plan::payload::Field;
 use crate::plan::{Location, PlanError, RawTransform};
-use crate::references::Target;
-use crate::value::Scratch;
+use crate::references::{ResolvedSlice, Target};
+use crate::state::{Match, SelectError, State};
+use crate::value::{Scratch, Tensor};
 
 /// Whether execution goes on after a transform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,19 +135,100 @@ pub enum StepError {
     Cancelled,
 }
 
+impl From<crate::write::WriteError> for StepError {
+    fn from(e: crate::write::WriteError) -> Self {
+        match e {
+            crate::write::WriteError::Plan(e) => StepError::Plan(e),
+            crate::write::WriteError::Format(e) => StepError::Format(e),
+            crate::write::WriteError::Cancelled => StepError::Cancelled,
+        }
+    }
+}
+
+impl From<crate::state::OpenError> for StepError {
+    fn from(e: crate::state::OpenError) -> Self {
+        match e {
+            crate::state::OpenError::Plan(e) => StepError::Plan(e),
+            crate::state::OpenError::Format(e) => StepError::Format(e),
+        }
+    }
+}
+
 impl From<SelectError> for StepError {
     fn from(e: SelectError) -> Self {
         match e {
             SelectError::Plan(e) => StepError::Plan(e),
-            SelectError::Transform(e) => StepError::Transform(e),
+            other => StepError::Transform(TransformError::Select(other)),
         }
     }
+}
+
+/// A view of `slice` of `tensor` (named `display` in messages), or the transform error for a
+/// tensor that cannot be sliced.
+pub(crate) fn view_of(tensor: &Tensor, slice: &ResolvedSlice, display: &str) -> Result<Tensor, TransformError> {
+    tensor.view(slice).map_err(|e| match e {
+        crate::value::ValueError::NoByteSize { op, dtype } => TransformError::Unsupported {
+            op,
+            tensor: display.to_owned(),
+            dtype,
+        },
+    })
 }
 
 /// One parsed step of a plan.
 pub trait Transform: Send + Sync + std::fmt::Debug {
     /// Applies the step to the state. Every match is checked before any change is made.
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError>;
+}
+
+/// One parsed step of a plan: the transform and where it was written.
+#[derive(Debug)]
+pub struct Step {
+    /// The transform's name (`scale_`).
+    pub name: String,
+    /// Where it is in the plan (`transforms[3]`, `transforms[2].execute.transforms[0]`).
+    pub location: Location,
+    /// What it does.
+    pub transform: Box<dyn Transform>,
+}
+
+impl Step {
+    /// Parses one raw transform into a step.
+    pub fn parse(raw: &RawTransform) -> Result<Step, PlanError> {
+        Ok(Step {
+            name: raw.name.clone(),
+            location: raw.location.clone(),
+            transform: parse(raw)?,
+        })
+    }
+}
+
+/// The step of a [`run_steps`] call that failed: its position in the slice and why.
+#[derive(Debug)]
+pub struct StepFailure {
+    /// Index of the failing step in the slice given to [`run_steps`].
+    pub index: usize,
+    /// Why it failed.
+    pub error: StepError,
+}
+
+/// The one step loop, behind the plan run, the `-i` session and nested `execute`: applies
+/// `steps` in order, stopping at the first failure or `exit`, and before each step when the run
+/// was interrupted.
+pub fn run_steps(steps: &[Step], state: &mut State, ctx: &mut Context) -> Result<Flow, StepFailure> {
+    for (index, step) in steps.iter().enumerate() {
+        let result = if ctx.cancelled() {
+            Err(StepError::Cancelled)
+        } else {
+            step.transform.apply(state, ctx)
+        };
+        match result {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Exit) => return Ok(Flow::Exit),
+            Err(error) => return Err(StepFailure { index, error }),
+        }
+    }
+    Ok(Flow::Continue)
 }
 
 /// Builds a transform from its payload and location.

@@ -20,12 +20,12 @@ use serde_json::Value as Json;
 
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::executor::state::{Match, State};
 use crate::formats::FormatError;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
+use crate::state::{Match, State};
 use crate::value::{strides, LazyOp, Scratch, Tensor, Value, CHUNK_BYTES};
 
 /// Elements of the source read per tile before they are scattered: 64 KiB of BF16, well within

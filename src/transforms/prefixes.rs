@@ -7,9 +7,9 @@
 use serde_json::Value;
 
 use super::{count_noun, Context, Flow, StepError, Transform, TransformSpec};
-use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{valid_alias, Location, PlanError};
+use crate::state::State;
 
 const FIELDS: &[Field] = &[
     Field::required("mode", FieldKind::Text, "list, add, remove or rename"),

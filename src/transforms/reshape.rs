@@ -12,12 +12,12 @@ use super::{
     count_noun, fmt_shape, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec,
 };
 use crate::dtype::DType;
-use crate::executor::state::{Match, State};
 use crate::formats::FormatError;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
+use crate::state::{Match, State};
 use crate::value::{LazyOp, Scratch, Tensor, Value};
 
 const RESHAPE_FIELDS: &[Field] = &[
@@ -248,7 +248,7 @@ mod tests {
     fn reshaped_views_and_views_of_reshapes_read_linearly() {
         let m = matched(&[4, 6]);
         let slice = SliceSpec::parse("[1:3, ::2]").unwrap().resolve(&[4, 6]).unwrap();
-        let view = crate::executor::state::view_of(&m.tensor, &slice, "x").unwrap();
+        let view = crate::transforms::view_of(&m.tensor, &slice, "x").unwrap();
         let flat = reshaped(&view, vec![6]);
         let mut out = vec![0u8; 12];
         flat.read(0, &mut out, &mut Scratch::default()).unwrap();
@@ -257,7 +257,7 @@ mod tests {
         // A view of a reshaped tensor: rows of the [3, 8] reshape.
         let r = reshaped(&m.tensor, vec![3, 8]);
         let slice = SliceSpec::parse("[1:, 6:]").unwrap().resolve(&[3, 8]).unwrap();
-        let view = crate::executor::state::view_of(&r, &slice, "x").unwrap();
+        let view = crate::transforms::view_of(&r, &slice, "x").unwrap();
         let mut out = vec![0u8; 8];
         view.read(0, &mut out, &mut Scratch::default()).unwrap();
         let got: Vec<u16> = out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();

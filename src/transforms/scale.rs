@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
-use crate::executor::state::State;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::ResolvedSlice;
 use crate::references::{Reference, Target};
+use crate::state::State;
 use crate::value::{ScaleFn, Tensor};
 
 const SCALE_FIELDS: &[Field] = &[

@@ -6,12 +6,13 @@ use std::collections::HashSet;
 
 use serde_json::Value as Json;
 
+use super::view_of;
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::executor::state::{view_of, Match, State};
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{DimSelection, Reference, ResolvedSlice, Target};
+use crate::state::{Match, State};
 
 const SPLIT_FIELDS: &[Field] = &[
     Field::required("from", FieldKind::Reference, "tensors to cut (may be sliced)"),

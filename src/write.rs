@@ -1,7 +1,9 @@
 //! Writing the output alias: the header is computed from the lazy tensors, temporaries are
 //! created beside the target, and every tensor is streamed into its final offset in chunks of
 //! [`CHUNK_BYTES`], in parallel across chunks, through one reused buffer per thread. Nothing is
-//! renamed into place until every byte is written; any failure removes the temporaries.
+//! renamed into place until every byte is written; any failure removes the temporaries. This is
+//! the one write path behind the plan output, `save` and nested plans' outputs; it sits below the
+//! transforms, which call it, and knows nothing of them.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -10,16 +12,43 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
-use super::state::State;
-use super::{ProgressFn, RunOptions};
 use crate::dtype::DType;
-use crate::error::Error;
 use crate::formats::npz::{check_npy_count, npy_descr, NpzWriter};
 use crate::formats::output::{OutputLayout, OutputTensor, SafetensorsWriter};
 use crate::formats::torch_output::{self, TorchWriter};
 use crate::formats::{zip, FormatError};
-use crate::plan::{Location, OutputFormat, OutputSpec, Plan, PlanError};
+use crate::plan::{Location, OutputFormat, OutputSpec, PlanError};
+use crate::state::State;
 use crate::value::{Scratch, Tensor, Value, CHUNK_BYTES};
+
+/// Called with (bytes written, total bytes) while tensors are written.
+pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
+
+/// Why tensors could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The target is refused before anything is written (it would overwrite an input, NumPy
+    /// output to a directory): the plan is wrong (exit status 2).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A file could not be created or written, or a tensor's bytes could not be read.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// Interrupted (Ctrl-C); nothing was left behind.
+    #[error("interrupted")]
+    Cancelled,
+}
+
+/// How tensors are written.
+#[derive(Clone, Copy)]
+pub struct WriteOptions<'a> {
+    /// Worker threads (at least one is used).
+    pub threads: usize,
+    /// Set by Ctrl-C; checked between chunks.
+    pub cancel: &'a AtomicBool,
+    /// Progress callback.
+    pub progress: Option<&'a ProgressFn>,
+}
 
 /// Metadata key recording the engine version.
 pub const VERSION_KEY: &str = "brainsurgery.version";
@@ -51,7 +80,7 @@ fn canonical(path: &Path) -> Option<PathBuf> {
 
 /// Refuses outputs that cannot be written: formats not available, targets that would overwrite
 /// an input, and tensors of `alias` whose dtype the format cannot hold.
-pub fn validate_output(output: &OutputSpec, state: &State, alias: &str, _plan: &Plan) -> Result<(), Error> {
+pub fn validate_output(output: &OutputSpec, state: &State, alias: &str) -> Result<(), WriteError> {
     validate_target(output, state, &Location::root().key("output"))?;
     if let Some(current) = state.alias(alias) {
         validate_dtypes(output, current.iter().map(|(name, t)| (name, t.dtype)))?;
@@ -89,13 +118,12 @@ pub fn validate_dtypes<'a>(
 /// The checks of [`validate_output`] for any write target (the output, `save`, a nested plan's
 /// output) found at `location`: the format is available and no file of any alias's checkpoint
 /// (the inputs and everything `load` opened) would be overwritten.
-pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) -> Result<(), Error> {
+pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) -> Result<(), PlanError> {
     if matches!(output.format, OutputFormat::Npz | OutputFormat::Npy) && !output.single_file {
         return Err(PlanError::invalid(
             &location.key("format"),
             "NumPy output is one .npz (or .npy) file: give a path ending in .npz or .npy (directories are safetensors or PyTorch)",
-        )
-        .into());
+        ));
     }
     let targets: Vec<PathBuf> = [canonical(&output.path), logical(&output.path)]
         .into_iter()
@@ -127,8 +155,7 @@ pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) 
                         output.path.display(),
                         origin.path.display()
                     ),
-                )
-                .into());
+                ));
             }
         }
     }
@@ -149,29 +176,26 @@ fn write_range(tensor: &Tensor, byte_start: usize, buf: &mut [u8], scratch: &mut
     }
 }
 
-/// Writes `alias` to the output and returns the files written.
-pub fn write_output(
+/// Writes the whole of `alias` (validated with [`validate_output`]) to `output`, with its
+/// checkpoint's metadata and sidecars, and returns the files written.
+pub fn write_alias(
     output: &OutputSpec,
     state: &State,
     alias: &str,
-    plan: &Plan,
-    threads: usize,
-    options: &RunOptions,
-) -> Result<Vec<PathBuf>, Error> {
-    validate_output(output, state, alias, plan)?;
-    let current = state.alias(alias).expect("output alias exists");
+    plan_sha256: Option<&str>,
+    options: WriteOptions<'_>,
+) -> Result<Vec<PathBuf>, WriteError> {
+    let Some(current) = state.alias(alias) else {
+        return Err(PlanError::invalid(
+            &Location::root().key("output").key("alias"),
+            format!("alias `{alias}` does not exist"),
+        )
+        .into());
+    };
     let tensors: Vec<(&str, &Tensor)> = current.iter().collect();
-    let metadata = alias_metadata(state, alias, Some(&plan.sha256));
+    let metadata = alias_metadata(state, alias, plan_sha256);
     let sidecars = alias_sidecars(state, alias, output);
-    write_tensors(
-        output,
-        &tensors,
-        &metadata,
-        &sidecars,
-        threads,
-        &options.cancel,
-        options.progress.as_deref(),
-    )
+    write_tensors(output, &tensors, &metadata, &sidecars, options)
 }
 
 /// The `__metadata__` a write of `alias` carries: its checkpoint's (the first input's, for an
@@ -212,10 +236,13 @@ pub fn write_tensors(
     tensors: &[(&str, &Tensor)],
     metadata: &BTreeMap<String, String>,
     sidecars: &[PathBuf],
-    threads: usize,
-    cancel: &AtomicBool,
-    progress: Option<&ProgressFn>,
-) -> Result<Vec<PathBuf>, Error> {
+    options: WriteOptions<'_>,
+) -> Result<Vec<PathBuf>, WriteError> {
+    let WriteOptions {
+        threads,
+        cancel,
+        progress,
+    } = options;
     let specs: Vec<OutputTensor> = tensors
         .iter()
         .map(|(name, t)| OutputTensor {
@@ -281,12 +308,12 @@ pub fn write_tensors(
             path: output.path.clone(),
             source: std::io::Error::other(e),
         })?;
-    let result: Result<(), Error> = pool.install(|| {
+    let result: Result<(), WriteError> = pool.install(|| {
         items.par_iter().enumerate().try_for_each_init(
             || (Scratch::default(), Vec::<u8>::with_capacity(CHUNK_BYTES)),
             |(scratch, buf), (item, &(g, start, len))| {
                 if cancel.load(Ordering::Relaxed) {
-                    return Err(Error::Cancelled);
+                    return Err(WriteError::Cancelled);
                 }
                 let members = &groups[g];
                 buf.resize(len, 0);

@@ -1,14 +1,15 @@
 //! The working state of a plan run: aliases, each an ordered set of named lazy tensors, and the
-//! reference resolution every transform goes through.
+//! reference resolution every transform goes through. It sits below the transforms (which change
+//! it) and the executor (which drives them); it knows lazy values, references and the plan's
+//! locations, nothing of any transform.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
-use crate::formats::Checkpoint;
-use crate::plan::{Location, PlanError};
-use crate::references::{closest_names, Captures, Reference, ResolvedSlice};
-use crate::transforms::TransformError;
-use crate::value::{Tensor, Value};
+use crate::formats::{open_checkpoint, Checkpoint, FormatError};
+use crate::plan::{InputSpec, Location, PlanError};
+use crate::references::{closest_names, Captures, Reference, ReferenceError, ResolvedSlice};
+use crate::value::{Tensor, ValueError};
 
 /// Where an alias's tensors came from, for output metadata and sidecars.
 #[derive(Debug, Clone)]
@@ -129,6 +130,40 @@ impl State {
         self.aliases.insert(alias.to_owned(), state);
     }
 
+    /// Opens the headers of a plan's inputs (`location` is the plan's) and adds each as an
+    /// alias, returning their notices: the one place inputs are opened, for the top-level plan
+    /// and nested ones. An alias that already exists is kept when it holds the same checkpoint
+    /// (a nested plan may name the including plan's input to be runnable alone); any other
+    /// clash is a plan error.
+    pub fn open_inputs(&mut self, inputs: &[InputSpec], location: &Location) -> Result<Vec<String>, OpenError> {
+        let mut notices = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            if let Some(existing) = self.alias(&input.alias) {
+                let same = existing.origin.as_ref().is_some_and(|o| {
+                    o.path == input.path
+                        || (o.path.canonicalize().ok().is_some()
+                            && o.path.canonicalize().ok() == input.path.canonicalize().ok())
+                });
+                if same {
+                    continue;
+                }
+                return Err(PlanError::invalid(
+                    &location.key("inputs").index(i),
+                    format!(
+                        "alias `{}` already exists and is not `{}`; a nested plan's inputs add new aliases",
+                        input.alias,
+                        input.path.display()
+                    ),
+                )
+                .into());
+            }
+            let checkpoint = open_checkpoint(&input.path)?;
+            self.add_checkpoint(&input.alias, &checkpoint);
+            notices.extend(checkpoint.notices);
+        }
+        Ok(notices)
+    }
+
     /// Adds an empty alias (or keeps an existing one).
     pub fn ensure_alias(&mut self, alias: &str) {
         if !self.aliases.contains_key(alias) {
@@ -212,21 +247,22 @@ impl State {
         let state = &self.aliases[&alias];
         let mut matches = Vec::new();
         for (name, tensor) in state.iter() {
-            let captures = reference
-                .selector
-                .try_captures(name)
-                .map_err(|source| TransformError::Match { source })?;
+            let captures = reference.selector.try_captures(name).map_err(SelectError::Match)?;
             let Some(captures) = captures else {
                 continue;
             };
             let (view, slice) = match &reference.slice {
                 None => (tensor.clone(), None),
                 Some(spec) => {
-                    let resolved = spec.resolve(&tensor.shape).map_err(|source| TransformError::Slice {
+                    let resolved = spec.resolve(&tensor.shape).map_err(|source| SelectError::Slice {
                         tensor: format!("{alias}::{name}"),
                         source,
                     })?;
-                    (view_of(tensor, &resolved, &format!("{alias}::{name}"))?, Some(resolved))
+                    let view = tensor.view(&resolved).map_err(|source| SelectError::View {
+                        tensor: format!("{alias}::{name}"),
+                        source,
+                    })?;
+                    (view, Some(resolved))
                 }
             };
             matches.push(Match {
@@ -251,12 +287,11 @@ impl State {
                 .into_iter()
                 .map(str::to_owned)
                 .collect();
-            return Err(TransformError::ZeroMatches {
+            return Err(SelectError::ZeroMatches {
                 reference: reference.text.clone(),
                 alias,
                 closest,
-            }
-            .into());
+            });
         }
         Ok(matches)
     }
@@ -266,9 +301,8 @@ impl State {
         self.aliases.get(alias)?.get(name)
     }
 
-    /// The one alias the transforms wrote to, for choosing what to write (SPEC §6.3), or the
-    /// plan error listing the candidates.
-    pub fn the_written_alias(&self, location: &Location) -> Result<String, PlanError> {
+    /// The one alias the transforms wrote to, or the plan error listing the candidates.
+    fn the_written_alias(&self, location: &Location) -> Result<String, PlanError> {
         let written: Vec<&String> = self.written.iter().collect();
         match written.as_slice() {
             [one] => Ok((*one).clone()),
@@ -287,6 +321,37 @@ impl State {
                 ))
             }
         }
+    }
+
+    /// The alias a plan's (or a nested plan's) output holds (SPEC §6.3): `output.alias` when
+    /// given; else the single input's (the default alias, which follows `prefixes rename`);
+    /// else the one alias the transforms wrote to; else the plan error listing the candidates.
+    /// `location` is the output's.
+    pub fn output_alias(
+        &self,
+        explicit: Option<&str>,
+        inputs: &[InputSpec],
+        location: &Location,
+    ) -> Result<String, PlanError> {
+        if let Some(alias) = explicit {
+            return match self.alias(alias) {
+                Some(_) => Ok(alias.to_owned()),
+                None => Err(PlanError::UnknownAlias {
+                    location: location.key("alias"),
+                    alias: alias.to_owned(),
+                    known: self.alias_names(),
+                }),
+            };
+        }
+        if let [only] = inputs {
+            // `prefixes remove` refuses to drop the default alias, so it names the input's
+            // tensors still.
+            let alias = self.default_alias.clone().unwrap_or_else(|| only.alias.clone());
+            if self.alias(&alias).is_some() {
+                return Ok(alias);
+            }
+        }
+        self.the_written_alias(location)
     }
 
     /// Adds a new tensor at the end of the alias's order (the alias is created if needed).
@@ -334,28 +399,6 @@ impl State {
     }
 }
 
-/// Builds a view tensor for a resolved slice, or the tensor itself when the slice is whole.
-pub fn view_of(tensor: &Tensor, slice: &ResolvedSlice, display: &str) -> Result<Tensor, TransformError> {
-    if slice.is_full() && slice.shape == tensor.shape {
-        return Ok(tensor.clone());
-    }
-    if tensor.dtype.size().is_none() {
-        return Err(TransformError::Unsupported {
-            op: "slicing",
-            tensor: display.to_owned(),
-            dtype: tensor.dtype,
-        });
-    }
-    Ok(Tensor {
-        dtype: tensor.dtype,
-        shape: slice.shape.clone(),
-        value: std::sync::Arc::new(Value::View {
-            base: tensor.clone(),
-            slice: slice.clone(),
-        }),
-    })
-}
-
 /// The text a zero-match message compares names against: the pattern without alias and slice.
 fn pattern_text(reference: &Reference) -> String {
     let text = reference.text.as_str();
@@ -372,16 +415,64 @@ fn pattern_text(reference: &Reference) -> String {
     }
 }
 
-/// Selecting tensors can fail as a plan error (unknown alias) or a transform error (bad slice,
-/// zero matches).
+/// Why a plan's inputs cannot be opened.
 #[derive(Debug, thiserror::Error)]
-pub enum SelectError {
-    /// The plan names an alias that does not exist.
+pub enum OpenError {
+    /// Two inputs clash on an alias (exit status 2).
     #[error(transparent)]
     Plan(#[from] PlanError),
-    /// The selection does not fit the tensors.
+    /// An input is unreadable or malformed (exit status 2).
     #[error(transparent)]
-    Transform(#[from] TransformError),
+    Format(#[from] FormatError),
+}
+
+/// Why a reference cannot select tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    /// The reference names an alias that does not exist, or none when there is no default: the
+    /// plan is wrong (exit status 2).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The pattern could not be matched against a name (the regex engine gave up).
+    #[error(transparent)]
+    Match(ReferenceError),
+    /// The reference's slice does not fit a matched tensor.
+    #[error("slice on `{tensor}`")]
+    Slice {
+        /// The tensor, `alias::name`.
+        tensor: String,
+        /// Why.
+        source: ReferenceError,
+    },
+    /// A slice of a tensor whose values cannot be viewed (a dtype without a byte size).
+    #[error("`{tensor}`")]
+    View {
+        /// The tensor, `alias::name`.
+        tensor: String,
+        /// Why.
+        source: ValueError,
+    },
+    /// The reference selects no tensor where one is needed.
+    #[error("`{reference}` matches no tensor in `{alias}`{}", closest_hint(closest))]
+    ZeroMatches {
+        /// The reference as written.
+        reference: String,
+        /// The alias searched.
+        alias: String,
+        /// The closest existing names.
+        closest: Vec<String>,
+    },
+}
+
+fn closest_hint(closest: &[String]) -> String {
+    if closest.is_empty() {
+        " (the alias holds no tensors)".to_owned()
+    } else {
+        format!(
+            "; closest names: {}",
+            closest.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+        )
+    }
 }
 
 #[cfg(test)]
