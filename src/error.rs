@@ -44,6 +44,10 @@ pub enum Error {
         /// What was false, with the measured value.
         failure: AssertionFailure,
     },
+    /// A tensor's value could not be computed while the output was written (exit status 1,
+    /// `TransformError`).
+    #[error(transparent)]
+    Value(crate::value::ValueError),
     /// The run was interrupted (Ctrl-C); nothing was written.
     #[error("interrupted; nothing was written")]
     Cancelled,
@@ -55,6 +59,7 @@ impl From<crate::write::WriteError> for Error {
             crate::write::WriteError::Plan(e) => Error::Plan(e),
             crate::write::WriteError::Format(e) => Error::Format(e),
             crate::write::WriteError::Cancelled => Error::Cancelled,
+            crate::write::WriteError::Value(e) => Error::Value(e),
         }
     }
 }
@@ -74,7 +79,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Plan(_) | Error::Format(_) | Error::FormatAt { .. } => 2,
-            Error::Transform { .. } | Error::Assertion { .. } => 1,
+            Error::Transform { .. } | Error::Assertion { .. } | Error::Value(_) => 1,
             Error::Cancelled => 130,
         }
     }

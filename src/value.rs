@@ -3,7 +3,7 @@
 //! scale, a write through a slice). Bytes are produced only when a tensor is written or a value
 //! assertion inspects it, chunk by chunk, through [`Tensor::read`] into caller-owned buffers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::dtype::DType;
@@ -29,9 +29,24 @@ const GATHER_SPAN_LIMIT: usize = 4 * CHUNK_BYTES;
 /// from a memory map, where only the touched pages are read.
 const SPAN_GATHER_MAX_STRIDE: usize = 8;
 
-/// Why a lazy value cannot be built or read.
+/// Why a lazy value cannot be built or read: the value layer's error.
 #[derive(Debug, thiserror::Error)]
 pub enum ValueError {
+    /// An input's bytes could not be read.
+    #[error(transparent)]
+    Read(#[from] FormatError),
+    /// The run was interrupted (Ctrl-C) while values were read.
+    #[error("interrupted")]
+    Cancelled,
+    /// A computation could not complete (a worker pool could not start, a computation
+    /// panicked); not the user's input.
+    #[error("{op} failed: {reason}")]
+    Compute {
+        /// The operation.
+        op: &'static str,
+        /// What happened.
+        reason: String,
+    },
     /// The dtype has no whole-byte element size (sub-byte floats): such tensors are carried
     /// through whole, never sliced, converted or computed on.
     #[error("{op} cannot compute on {dtype} tensors: they are carried through unchanged only")]
@@ -60,6 +75,9 @@ impl Bytes for Vec<u8> {
 /// arithmetic, generated values, permutations, products. It produces the elements of the tensor
 /// it describes on demand, like every other [`Value`].
 pub trait LazyOp: Send + Sync + std::fmt::Debug {
+    /// The operation's name in messages (`concatenation`, `permute`).
+    fn name(&self) -> &'static str;
+
     /// Fills `out` with elements `[start, start + out.len() / dtype.size())` of the result, in
     /// row-major order. `dtype` and `shape` are the result's, as recorded in its [`Tensor`].
     fn read(
@@ -68,8 +86,8 @@ pub trait LazyOp: Send + Sync + std::fmt::Debug {
         shape: &[usize],
         start: usize,
         out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError>;
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError>;
 }
 
 /// An element-wise function applied in place (see [`Value::Map`]).
@@ -77,7 +95,7 @@ pub trait ElementFn: Send + Sync + std::fmt::Debug {
     /// Transforms `values` in place: elements `[index, index + n)` of the changed region (of the
     /// whole tensor without a region), in row-major order of the region, holding the base's
     /// values. `index` lets functions with a second operand read the matching elements of it.
-    fn apply(&self, dtype: DType, index: usize, values: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError>;
+    fn apply(&self, dtype: DType, index: usize, values: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError>;
 }
 
 /// Multiplication by a factor, computed in f32 (f64 for F64) and rounded back.
@@ -85,7 +103,7 @@ pub trait ElementFn: Send + Sync + std::fmt::Debug {
 pub struct ScaleFn(pub f64);
 
 impl ElementFn for ScaleFn {
-    fn apply(&self, dtype: DType, _index: usize, values: &mut [u8], _scratch: &mut Scratch) -> Result<(), FormatError> {
+    fn apply(&self, dtype: DType, _index: usize, values: &mut [u8], _cx: &mut ReadContext) -> Result<(), ValueError> {
         kernels::scale_in_place(dtype, values, self.0);
         Ok(())
     }
@@ -235,10 +253,10 @@ impl StridedSource {
         stride: usize,
         count: usize,
         out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         if stride == 1 {
-            return self.file.read_at(self.offset + (first * size) as u64, out);
+            return Ok(self.file.read_at(self.offset + (first * size) as u64, out)?);
         }
         if stride == 0 {
             let (head, rest) = out.split_at_mut(size);
@@ -250,7 +268,7 @@ impl StridedSource {
         }
         let span = (count - 1) * stride + 1;
         if stride <= SPAN_GATHER_MAX_STRIDE && span * size <= GATHER_SPAN_LIMIT {
-            let mut tmp = scratch.take(span * size);
+            let mut tmp = cx.take(span * size);
             let result = self.file.read_at(self.offset + (first * size) as u64, &mut tmp);
             if result.is_ok() {
                 for (j, dst) in out.chunks_exact_mut(size).enumerate() {
@@ -258,8 +276,8 @@ impl StridedSource {
                     dst.copy_from_slice(&tmp[at..at + size]);
                 }
             }
-            scratch.give(tmp);
-            return result;
+            cx.give(tmp);
+            return Ok(result?);
         }
         let map = self.mapping();
         let map = map.as_deref().map(|m| &m[..]).unwrap_or_default();
@@ -281,12 +299,12 @@ fn read_strided(
     size: usize,
     start: usize,
     out: &mut [u8],
-    scratch: &mut Scratch,
-) -> Result<(), FormatError> {
+    cx: &mut ReadContext,
+) -> Result<(), ValueError> {
     let shape = &source.shape;
     let k = shape.len();
     let (Some(&row_len), Some(&last_stride)) = (shape.last(), source.strides.last()) else {
-        return source.file.read_at(source.offset, out); // a scalar
+        return Ok(source.file.read_at(source.offset, out)?); // a scalar
     };
     if row_len == 0 {
         return Ok(());
@@ -304,7 +322,7 @@ fn read_strided(
         }
         let count = (row_len - col).min(remaining);
         let dst = &mut out[written * size..(written + count) * size];
-        source.gather(size, row_offset + col * last_stride, last_stride, count, dst, scratch)?;
+        source.gather(size, row_offset + col * last_stride, last_stride, count, dst, cx)?;
         pos += count;
         written += count;
         remaining -= count;
@@ -312,14 +330,40 @@ fn read_strided(
     Ok(())
 }
 
-/// Reusable buffers for the temporaries of one reading thread, so steady-state streaming
-/// allocates nothing.
+/// What one reading thread carries through every read: reusable buffers for temporaries (so
+/// steady-state streaming allocates nothing) and the run's interruption flag, checked between
+/// chunks by [`stream`] and by operations that compute a whole tensor.
 #[derive(Debug, Default)]
-pub struct Scratch {
+pub struct ReadContext {
     pool: Vec<Vec<u8>>,
+    cancel: Option<Arc<AtomicBool>>,
 }
 
-impl Scratch {
+impl ReadContext {
+    /// A context that stops reading with [`ValueError::Cancelled`] once `cancel` is set.
+    pub fn cancellable(cancel: Arc<AtomicBool>) -> ReadContext {
+        ReadContext {
+            pool: Vec::new(),
+            cancel: Some(cancel),
+        }
+    }
+
+    /// A fresh context (no buffers) sharing this one's interruption flag, for another thread.
+    pub fn fork(&self) -> ReadContext {
+        ReadContext {
+            pool: Vec::new(),
+            cancel: self.cancel.clone(),
+        }
+    }
+
+    /// [`ValueError::Cancelled`] once the run was interrupted.
+    pub fn check(&self) -> Result<(), ValueError> {
+        match &self.cancel {
+            Some(flag) if flag.load(Ordering::Relaxed) => Err(ValueError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
     /// A buffer of exactly `len` bytes (contents unspecified).
     pub fn take(&mut self, len: usize) -> Vec<u8> {
         let mut buf = self.pool.pop().unwrap_or_default();
@@ -378,24 +422,57 @@ impl Tensor {
 
     /// `self` with `f` applied in place to `region` (resolved against `self.shape`), or to every
     /// element.
-    pub fn map(&self, region: Option<ResolvedSlice>, f: Arc<dyn ElementFn>) -> Tensor {
-        Tensor {
-            dtype: self.dtype,
-            shape: self.shape.clone(),
-            value: Arc::new(Value::Map {
+    pub fn map(&self, region: Option<ResolvedSlice>, f: Arc<dyn ElementFn>) -> Result<Tensor, ValueError> {
+        element_size(self.dtype, "element-wise operations")?;
+        Ok(self.derived(
+            self.dtype,
+            self.shape.clone(),
+            Value::Map {
                 base: self.clone(),
                 region,
                 f,
-            }),
-        }
+            },
+        ))
     }
 
-    /// A tensor produced by a lazy operation.
-    pub fn op(dtype: DType, shape: Vec<usize>, op: Arc<dyn LazyOp>) -> Tensor {
-        Tensor {
+    /// `self` converted to `dtype`.
+    pub fn cast(&self, dtype: DType) -> Result<Tensor, ValueError> {
+        element_size(self.dtype, "casting")?;
+        element_size(dtype, "casting")?;
+        Ok(self.derived(dtype, self.shape.clone(), Value::Cast { base: self.clone() }))
+    }
+
+    /// `self` with the elements `region` selects (resolved against `self.shape`) replaced by
+    /// `with` (same dtype, the region's shape).
+    pub fn overwrite(&self, region: ResolvedSlice, with: Tensor) -> Result<Tensor, ValueError> {
+        element_size(self.dtype, "writing through a slice")?;
+        Ok(self.derived(
+            self.dtype,
+            self.shape.clone(),
+            Value::Overwrite {
+                base: self.clone(),
+                region,
+                with,
+            },
+        ))
+    }
+
+    /// A tensor produced by a lazy operation: one of byte-sized `dtype` (whole elements are
+    /// what every operation computes on).
+    pub fn op(dtype: DType, shape: Vec<usize>, op: Arc<dyn LazyOp>) -> Result<Tensor, ValueError> {
+        element_size(dtype, op.name())?;
+        Ok(Tensor {
             dtype,
             shape,
             value: Arc::new(Value::Op(op)),
+        })
+    }
+
+    fn derived(&self, dtype: DType, shape: Vec<usize>, value: Value) -> Tensor {
+        Tensor {
+            dtype,
+            shape,
+            value: Arc::new(value),
         }
     }
 
@@ -414,20 +491,15 @@ impl Tensor {
         if slice.is_full() && slice.shape == self.shape {
             return Ok(self.clone());
         }
-        if self.dtype.size().is_none() {
-            return Err(ValueError::NoByteSize {
-                op: "slicing",
-                dtype: self.dtype,
-            });
-        }
-        Ok(Tensor {
-            dtype: self.dtype,
-            shape: slice.shape.clone(),
-            value: Arc::new(Value::View {
+        element_size(self.dtype, "slicing")?;
+        Ok(self.derived(
+            self.dtype,
+            slice.shape.clone(),
+            Value::View {
                 base: self.clone(),
                 slice: slice.clone(),
-            }),
-        })
+            },
+        ))
     }
 
     /// Number of elements.
@@ -448,86 +520,158 @@ impl Tensor {
         }
     }
 
-    /// Reads raw bytes `[byte_start, byte_start + out.len())` of a stored or in-memory tensor.
-    /// Works for every dtype, sub-byte ones included; other values go through [`Tensor::read`].
-    pub fn read_raw(&self, byte_start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+    /// Reads bytes `[byte_start, byte_start + out.len())` of the tensor: stored and in-memory
+    /// tensors of every dtype (sub-byte ones are carried through whole), computed ones in whole
+    /// elements.
+    pub fn read_bytes(&self, byte_start: usize, out: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
+        if out.is_empty() {
+            return Ok(());
+        }
         match &*self.value {
-            Value::Stored { file, offset } => file.read_at(offset + byte_start as u64, out),
-            Value::Memory(bytes) => {
-                out.copy_from_slice(&bytes.bytes()[byte_start..byte_start + out.len()]);
-                Ok(())
-            }
+            Value::Stored { file, offset } => Ok(file.read_at(offset + byte_start as u64, out)?),
+            Value::Memory(bytes) => copy_from(bytes.bytes(), byte_start, out),
             _ => {
-                let size = self.dtype.size().expect("computed values have byte-sized dtypes");
-                self.read(byte_start / size, out, scratch)
+                let size = element_size(self.dtype, "reading")?;
+                self.read(byte_start / size, out, cx)
             }
         }
     }
 
     /// Fills `out` with elements `[start, start + out.len() / itemsize)` of the tensor in
-    /// row-major order. The dtype must be byte-sized (transforms refuse computing on others).
-    pub fn read(&self, start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
-        let size = self.dtype.size().expect("element reads need a byte-sized dtype");
+    /// row-major order.
+    pub fn read(&self, start: usize, out: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
+        let size = element_size(self.dtype, "reading elements")?;
         if out.is_empty() {
             return Ok(());
         }
         match &*self.value {
-            Value::Stored { file, offset } => file.read_at(offset + (start * size) as u64, out),
+            Value::Stored { file, offset } => Ok(file.read_at(offset + (start * size) as u64, out)?),
             Value::Strided(source) => {
-                let result = read_strided(source, size, start, out, scratch);
+                let result = read_strided(source, size, start, out, cx);
                 source.served(out.len(), self.nbytes());
                 result
             }
-            Value::Memory(bytes) => {
-                let bytes = bytes.bytes();
-                out.copy_from_slice(&bytes[start * size..start * size + out.len()]);
-                Ok(())
-            }
+            Value::Memory(bytes) => copy_from(bytes.bytes(), start * size, out),
             Value::Cast { base } => {
                 let n = out.len() / size;
-                let base_size = base.dtype.size().expect("cast sources are byte-sized");
-                let mut tmp = scratch.take(n * base_size);
-                let result = base.read(start, &mut tmp, scratch);
+                let base_size = element_size(base.dtype, "casting")?;
+                let mut tmp = cx.take(n * base_size);
+                let result = base.read(start, &mut tmp, cx);
                 if result.is_ok() {
                     kernels::convert(base.dtype, &tmp, self.dtype, out);
                 }
-                scratch.give(tmp);
+                cx.give(tmp);
                 result
             }
-            Value::Map { base, region, f } => {
-                read_map(base, region.as_ref(), &**f, self.dtype, size, start, out, scratch)
-            }
-            Value::View { base, slice } => read_view(base, slice, size, start, out, scratch),
-            Value::Overwrite { base, region, with } => read_overwrite(base, region, with, size, start, out, scratch),
-            Value::Op(op) => op.read(self.dtype, &self.shape, start, out, scratch),
+            Value::Map { base, region, f } => read_map(base, region.as_ref(), &**f, self.dtype, size, start, out, cx),
+            Value::View { base, slice } => read_view(base, slice, size, start, out, cx),
+            Value::Overwrite { base, region, with } => read_overwrite(base, region, with, size, start, out, cx),
+            Value::Op(op) => op.read(self.dtype, &self.shape, start, out, cx),
         }
     }
 
-    /// Streams the whole tensor through `f`, one chunk of at most [`CHUNK_BYTES`] at a time
-    /// (whole elements). Used by value assertions; writing goes through the executor.
-    pub fn for_each_chunk(
+    /// The tensor's statistics (extremes, mean, non-finite counts), streamed.
+    pub fn stats(&self, cx: &mut ReadContext) -> Result<kernels::Stats, ValueError> {
+        let mut stats = kernels::Stats::default();
+        self.stream(cx, |chunk| {
+            kernels::accumulate_stats(self.dtype, chunk, &mut stats);
+            Ok::<(), ValueError>(())
+        })?;
+        Ok(stats)
+    }
+
+    /// Streams the whole tensor through `f` (see [`stream`]).
+    pub fn stream<E: From<ValueError>>(
         &self,
-        scratch: &mut Scratch,
-        mut f: impl FnMut(&[u8]) -> Result<(), FormatError>,
-    ) -> Result<(), FormatError> {
-        let size = self.dtype.size().expect("element reads need a byte-sized dtype");
-        let total = self.numel();
-        let per_chunk = (CHUNK_BYTES / size).max(1);
-        let mut buf = scratch.take(per_chunk.min(total) * size);
-        let mut start = 0;
-        let mut result = Ok(());
-        while start < total {
-            let n = per_chunk.min(total - start);
-            let chunk = &mut buf[..n * size];
-            if let Err(e) = self.read(start, chunk, scratch).and_then(|()| f(chunk)) {
-                result = Err(e);
+        cx: &mut ReadContext,
+        mut f: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        stream(&[self], cx, |chunks| f(chunks[0]).map(|()| true))
+    }
+}
+
+/// The byte size of `dtype`'s elements, or the error refusing `op` on a dtype without one.
+fn element_size(dtype: DType, op: &'static str) -> Result<usize, ValueError> {
+    dtype.size().ok_or(ValueError::NoByteSize { op, dtype })
+}
+
+/// Copies `out.len()` bytes of `bytes` from `start`.
+fn copy_from(bytes: &[u8], start: usize, out: &mut [u8]) -> Result<(), ValueError> {
+    let src = start
+        .checked_add(out.len())
+        .and_then(|end| bytes.get(start..end))
+        .ok_or_else(|| ValueError::Compute {
+            op: "reading",
+            reason: format!("bytes {start}.. lie past the end of a {}-byte buffer", bytes.len()),
+        })?;
+    out.copy_from_slice(src);
+    Ok(())
+}
+
+/// The byte ranges `(start, len)` of at most [`CHUNK_BYTES`] that a tensor of `nbytes` bytes is
+/// streamed in: the one chunking of every reader (writing, assertions, `diff`, `dump`).
+pub fn chunks(nbytes: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..nbytes.div_ceil(CHUNK_BYTES)).map(move |i| {
+        let start = i * CHUNK_BYTES;
+        (start, CHUNK_BYTES.min(nbytes - start))
+    })
+}
+
+/// Streams `tensors` (of one element count) in lockstep through `f`, one chunk each at a time,
+/// and stops early when `f` returns `false`: the one chunk loop behind value assertions, `diff`,
+/// `dump` statistics and operations that read a whole operand; writing reads the same [`chunks`]
+/// in parallel. A chunk holds the same elements of every tensor, at most [`CHUNK_BYTES`] of the
+/// widest; tensors of one dtype without a byte size (carried through only) are streamed as raw
+/// bytes. Checks for interruption before each chunk.
+pub fn stream<E: From<ValueError>>(
+    tensors: &[&Tensor],
+    cx: &mut ReadContext,
+    mut f: impl FnMut(&[&[u8]]) -> Result<bool, E>,
+) -> Result<(), E> {
+    let Some(first) = tensors.first() else {
+        return Ok(());
+    };
+    // Element sizes, or 1 for raw bytes of one carry-only dtype.
+    let (sizes, units): (Vec<usize>, usize) = match tensors.iter().map(|t| t.dtype.size()).collect::<Option<Vec<_>>>() {
+        Some(sizes) => (sizes, first.numel()),
+        None if tensors.iter().all(|t| t.dtype == first.dtype) => (vec![1; tensors.len()], first.nbytes()),
+        None => {
+            let odd = tensors.iter().find(|t| t.dtype.size().is_none()).unwrap_or(first);
+            return Err(ValueError::NoByteSize {
+                op: "comparing with another dtype",
+                dtype: odd.dtype,
+            }
+            .into());
+        }
+    };
+    let widest = sizes.iter().copied().max().unwrap_or(1);
+    let mut bufs: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|&size| cx.take(CHUNK_BYTES.min(units * size)))
+        .collect();
+    let result = (|| -> Result<(), E> {
+        for (start, len) in chunks(units * widest) {
+            cx.check()?;
+            let (start, n) = (start / widest, len / widest);
+            for ((t, &size), buf) in tensors.iter().zip(&sizes).zip(bufs.iter_mut()) {
+                let chunk = &mut buf[..n * size];
+                if size == 1 && t.dtype.size().is_none() {
+                    t.read_bytes(start, chunk, cx)?;
+                } else {
+                    t.read(start, chunk, cx)?;
+                }
+            }
+            let views: Vec<&[u8]> = bufs.iter().zip(&sizes).map(|(b, &size)| &b[..n * size]).collect();
+            if !f(&views)? {
                 break;
             }
-            start += n;
         }
-        scratch.give(buf);
-        result
+        Ok(())
+    })();
+    for buf in bufs {
+        cx.give(buf);
     }
+    result
 }
 
 /// Reads elements `[start, ..)` of a view of `base`. Output rows run along the base's last
@@ -538,11 +682,11 @@ fn read_view(
     size: usize,
     start: usize,
     out: &mut [u8],
-    scratch: &mut Scratch,
-) -> Result<(), FormatError> {
+    cx: &mut ReadContext,
+) -> Result<(), ValueError> {
     let dims = &slice.dims;
     let Some(last) = dims.last() else {
-        return base.read(start, out, scratch);
+        return base.read(start, out, cx);
     };
     let row_len = last.len;
     if row_len == 0 {
@@ -567,7 +711,7 @@ fn read_view(
         let dst = &mut out[written * size..(written + count) * size];
         let first = index_at(last.start, last.step, col);
         if last.step == 1 {
-            base.read(row_offset + first, dst, scratch)?;
+            base.read(row_offset + first, dst, cx)?;
         } else {
             let step = last.step.unsigned_abs();
             let lowest = if last.step > 0 {
@@ -577,22 +721,22 @@ fn read_view(
             };
             let span = (count - 1) * step + 1;
             if span * size <= GATHER_SPAN_LIMIT {
-                let mut tmp = scratch.take(span * size);
-                let result = base.read(row_offset + lowest, &mut tmp, scratch);
+                let mut tmp = cx.take(span * size);
+                let result = base.read(row_offset + lowest, &mut tmp, cx);
                 if result.is_ok() {
                     for j in 0..count {
                         let at = index_at(first, last.step, j) - lowest;
                         dst[j * size..(j + 1) * size].copy_from_slice(&tmp[at * size..(at + 1) * size]);
                     }
                 }
-                scratch.give(tmp);
+                cx.give(tmp);
                 result?;
             } else {
                 for j in 0..count {
                     base.read(
                         row_offset + index_at(first, last.step, j),
                         &mut dst[j * size..(j + 1) * size],
-                        scratch,
+                        cx,
                     )?;
                 }
             }
@@ -629,8 +773,8 @@ fn for_each_region_run(
     region: &ResolvedSlice,
     start: usize,
     end: usize,
-    mut visit: impl FnMut(usize, usize, usize, isize) -> Result<(), FormatError>,
-) -> Result<(), FormatError> {
+    mut visit: impl FnMut(usize, usize, usize, isize) -> Result<(), ValueError>,
+) -> Result<(), ValueError> {
     let dims = &region.dims;
     let Some(last) = dims.last() else {
         // A scalar: the region is the whole (one-element) tensor.
@@ -698,20 +842,20 @@ fn read_overwrite(
     size: usize,
     start: usize,
     out: &mut [u8],
-    scratch: &mut Scratch,
-) -> Result<(), FormatError> {
-    base.read(start, out, scratch)?;
+    cx: &mut ReadContext,
+) -> Result<(), ValueError> {
+    base.read(start, out, cx)?;
     let end = start + out.len() / size;
     for_each_region_run(&base.shape, region, start, end, |index, first, count, step| {
-        let mut tmp = scratch.take(count * size);
-        let result = with.read(index, &mut tmp, scratch);
+        let mut tmp = cx.take(count * size);
+        let result = with.read(index, &mut tmp, cx);
         if result.is_ok() {
             for t in 0..count {
                 let at = (first as isize + step * t as isize) as usize;
                 out[at * size..(at + 1) * size].copy_from_slice(&tmp[t * size..(t + 1) * size]);
             }
         }
-        scratch.give(tmp);
+        cx.give(tmp);
         result
     })
 }
@@ -728,30 +872,30 @@ fn read_map(
     size: usize,
     start: usize,
     out: &mut [u8],
-    scratch: &mut Scratch,
-) -> Result<(), FormatError> {
-    base.read(start, out, scratch)?;
+    cx: &mut ReadContext,
+) -> Result<(), ValueError> {
+    base.read(start, out, cx)?;
     let Some(region) = region else {
-        return f.apply(dtype, start, out, scratch);
+        return f.apply(dtype, start, out, cx);
     };
     let end = start + out.len() / size;
     for_each_region_run(&base.shape, region, start, end, |index, first, count, step| {
         if step == 1 {
-            return f.apply(dtype, index, &mut out[first * size..(first + count) * size], scratch);
+            return f.apply(dtype, index, &mut out[first * size..(first + count) * size], cx);
         }
-        let mut tmp = scratch.take(count * size);
+        let mut tmp = cx.take(count * size);
         for t in 0..count {
             let at = (first as isize + step * t as isize) as usize;
             tmp[t * size..(t + 1) * size].copy_from_slice(&out[at * size..(at + 1) * size]);
         }
-        let result = f.apply(dtype, index, &mut tmp, scratch);
+        let result = f.apply(dtype, index, &mut tmp, cx);
         if result.is_ok() {
             for t in 0..count {
                 let at = (first as isize + step * t as isize) as usize;
                 out[at * size..(at + 1) * size].copy_from_slice(&tmp[t * size..(t + 1) * size]);
             }
         }
-        scratch.give(tmp);
+        cx.give(tmp);
         result
     })
 }
@@ -771,7 +915,7 @@ mod tests {
 
     fn values(t: &Tensor, start: usize, n: usize) -> Vec<u16> {
         let mut out = vec![0u8; n * 2];
-        t.read(start, &mut out, &mut Scratch::default()).unwrap();
+        t.read(start, &mut out, &mut ReadContext::default()).unwrap();
         out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
     }
 
@@ -875,7 +1019,7 @@ mod tests {
     struct Bump;
 
     impl ElementFn for Bump {
-        fn apply(&self, _: DType, _: usize, values: &mut [u8], _: &mut Scratch) -> Result<(), FormatError> {
+        fn apply(&self, _: DType, _: usize, values: &mut [u8], _: &mut ReadContext) -> Result<(), ValueError> {
             for c in values.chunks_exact_mut(2) {
                 let v = u16::from_le_bytes([c[0], c[1]]).wrapping_add(1000);
                 c.copy_from_slice(&v.to_le_bytes());
@@ -894,7 +1038,7 @@ mod tests {
             for &i in &naive_indices(&region, &shape) {
                 expected[i] = expected[i].wrapping_add(1000);
             }
-            let mapped = base.map(Some(region.clone()), Arc::new(Bump));
+            let mapped = base.map(Some(region.clone()), Arc::new(Bump)).unwrap();
             for chunk in [1, 5, 7, 120] {
                 let mut got = Vec::new();
                 let mut start = 0;
@@ -910,7 +1054,7 @@ mod tests {
         let region = SliceSpec::parse("[1:3, ::2]").unwrap().resolve(&shape).unwrap();
         let mut t = base.clone();
         for _ in 0..200 {
-            t = t.map(Some(region.clone()), Arc::new(Bump));
+            t = t.map(Some(region.clone()), Arc::new(Bump)).unwrap();
         }
         let got = values(&t, 0, 120);
         let mut expected = values(&base, 0, 120);
@@ -924,23 +1068,19 @@ mod tests {
     fn cast_and_scale_read_through_kernels() {
         let bytes: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
         let base = Tensor::in_memory(DType::F32, vec![3], Arc::new(bytes));
-        let scaled = base.map(None, Arc::new(ScaleFn(2.0)));
-        let cast = Tensor {
-            dtype: DType::F64,
-            shape: vec![3],
-            value: Arc::new(Value::Cast { base: scaled }),
-        };
+        let scaled = base.map(None, Arc::new(ScaleFn(2.0))).unwrap();
+        let cast = scaled.cast(DType::F64).unwrap();
         let mut out = vec![0u8; 24];
-        cast.read(0, &mut out, &mut Scratch::default()).unwrap();
+        cast.read(0, &mut out, &mut ReadContext::default()).unwrap();
         let got: Vec<f64> = out
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(got, vec![3.0, -4.0, 6.5]);
         let mut seen = Vec::new();
-        base.for_each_chunk(&mut Scratch::default(), |c| {
+        base.stream(&mut ReadContext::default(), |c| {
             seen.extend_from_slice(c);
-            Ok(())
+            Ok::<(), ValueError>(())
         })
         .unwrap();
         assert_eq!(seen.len(), 12);
@@ -1010,7 +1150,7 @@ mod tests {
                 }
             }
             let mut raw = vec![0u8; 2 * n];
-            t.read_raw(0, &mut raw, &mut Scratch::default()).unwrap();
+            t.read_bytes(0, &mut raw, &mut ReadContext::default()).unwrap();
             assert_eq!(
                 raw,
                 values(&t, 0, n)

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -19,7 +20,7 @@ use crate::formats::torch_output::{self, TorchWriter};
 use crate::formats::{zip, FormatError};
 use crate::plan::{Location, OutputFormat, OutputSpec, PlanError};
 use crate::state::State;
-use crate::value::{Scratch, Tensor, Value, CHUNK_BYTES};
+use crate::value::{chunks, ReadContext, Tensor, Value, ValueError};
 
 /// Called with (bytes written, total bytes) while tensors are written.
 pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
@@ -37,6 +38,19 @@ pub enum WriteError {
     /// Interrupted (Ctrl-C); nothing was left behind.
     #[error("interrupted")]
     Cancelled,
+    /// A tensor's value could not be computed.
+    #[error(transparent)]
+    Value(ValueError),
+}
+
+impl From<ValueError> for WriteError {
+    fn from(e: ValueError) -> Self {
+        match e {
+            ValueError::Read(e) => WriteError::Format(e),
+            ValueError::Cancelled => WriteError::Cancelled,
+            other => WriteError::Value(other),
+        }
+    }
 }
 
 /// How tensors are written.
@@ -45,7 +59,7 @@ pub struct WriteOptions<'a> {
     /// Worker threads (at least one is used).
     pub threads: usize,
     /// Set by Ctrl-C; checked between chunks.
-    pub cancel: &'a AtomicBool,
+    pub cancel: &'a Arc<AtomicBool>,
     /// Progress callback.
     pub progress: Option<&'a ProgressFn>,
 }
@@ -162,20 +176,6 @@ pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) 
     Ok(())
 }
 
-/// Produces one byte range of a tensor into `buf`. Untouched tensors are `pread` into the
-/// thread's reused buffer too: writing them straight from a mapping of the input (`pwrite` from
-/// the map, `MADV_DONTNEED` after each chunk) measured slower on the 3.2 GiB expert job (1.36–1.74 s
-/// against 1.03–1.28 s, interleaved runs, 2 threads) with a higher peak RSS (29 against 21 MiB).
-fn write_range(tensor: &Tensor, byte_start: usize, buf: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
-    match &*tensor.value {
-        Value::Stored { .. } | Value::Memory(_) => tensor.read_raw(byte_start, buf, scratch),
-        _ => {
-            let size = tensor.dtype.size().expect("computed values have byte-sized dtypes");
-            tensor.read(byte_start / size, buf, scratch)
-        }
-    }
-}
-
 /// Writes the whole of `alias` (validated with [`validate_output`]) to `output`, with its
 /// checkpoint's metadata and sidecars, and returns the files written.
 pub fn write_alias(
@@ -282,16 +282,11 @@ pub fn write_tensors(
         }
     }
     // Work items: chunks of every group, so one huge tensor still uses every thread.
-    let mut items: Vec<(usize, usize, usize)> = Vec::new();
-    for (g, members) in groups.iter().enumerate() {
-        let nbytes = tensors[members[0]].1.nbytes();
-        let mut start = 0;
-        while start < nbytes {
-            let len = CHUNK_BYTES.min(nbytes - start);
-            items.push((g, start, len));
-            start += len;
-        }
-    }
+    let items: Vec<(usize, usize, usize)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, members)| chunks(tensors[members[0]].1.nbytes()).map(move |(start, len)| (g, start, len)))
+        .collect();
     // Zip entries need a CRC-32 of their data; it is taken per chunk while the bytes are in
     // cache and the chunks' CRCs are combined in order afterwards, so nothing is read twice.
     let want_crc = writer.needs_crc();
@@ -310,14 +305,17 @@ pub fn write_tensors(
         })?;
     let result: Result<(), WriteError> = pool.install(|| {
         items.par_iter().enumerate().try_for_each_init(
-            || (Scratch::default(), Vec::<u8>::with_capacity(CHUNK_BYTES)),
-            |(scratch, buf), (item, &(g, start, len))| {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(WriteError::Cancelled);
-                }
+            || (ReadContext::cancellable(cancel.clone()), Vec::<u8>::new()),
+            |(cx, buf), (item, &(g, start, len))| {
+                cx.check()?;
                 let members = &groups[g];
                 buf.resize(len, 0);
-                write_range(tensors[members[0]].1, start, buf, scratch)?;
+                // Untouched tensors are `pread` into the thread's reused buffer too: writing them
+                // straight from a mapping of the input (`pwrite` from the map, `MADV_DONTNEED`
+                // after each chunk) measured slower on the 3.2 GiB expert job (1.36–1.74 s against
+                // 1.03–1.28 s, interleaved runs, 2 threads) with a higher peak RSS (29 against
+                // 21 MiB).
+                tensors[members[0]].1.read_bytes(start, buf, cx)?;
                 if let Some(crc) = chunk_crcs.get(item) {
                     crc.store(zip::crc32(buf), Ordering::Relaxed);
                 }

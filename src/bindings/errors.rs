@@ -85,7 +85,7 @@ pub fn to_py(py: Python<'_>, error: Error) -> PyErr {
         Error::Format(format) | Error::FormatAt { source: format, .. } => {
             with_io_cause(py, FormatError_::new_err(message), format)
         }
-        Error::Transform { .. } => TransformError::new_err(message),
+        Error::Transform { .. } | Error::Value(_) => TransformError::new_err(message),
         Error::Assertion { .. } => AssertionFailed::new_err(message),
         Error::Cancelled => PyKeyboardInterrupt::new_err(message),
     }

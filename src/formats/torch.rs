@@ -327,13 +327,13 @@ pub(crate) mod tests {
     /// Every tensor of `<name>.pt`, read through the engine, equals the torch-computed values in
     /// `<name>.npz` (bf16 is stored there as its bits under `<name>::bf16`).
     pub(crate) fn assert_matches_expectations(name: &str) {
-        use crate::value::{Scratch, Tensor};
+        use crate::value::{ReadContext, Tensor};
         let ck = crate::formats::open_checkpoint(&fixture(&format!("{name}.pt"))).unwrap();
         let want = crate::formats::open_checkpoint(&fixture(&format!("{name}.npz"))).unwrap();
         assert_eq!(ck.tensors.len(), want.tensors.len(), "{name}");
         let bytes = |t: &Tensor| {
             let mut out = vec![0u8; t.nbytes()];
-            t.read(0, &mut out, &mut Scratch::default()).unwrap();
+            t.read(0, &mut out, &mut ReadContext::default()).unwrap();
             out
         };
         for entry in &ck.tensors {

@@ -13,13 +13,12 @@ use std::sync::Arc;
 use super::view_of;
 use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::formats::FormatError;
 use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{ElementFn, LazyOp, Scratch, Tensor, Value};
+use crate::value::{ElementFn, LazyOp, ReadContext, Tensor, ValueError};
 
 const BINARY_FIELDS: &[Field] = &[
     Field::required("from_a", FieldKind::Reference, "left operands (may be sliced)"),
@@ -160,7 +159,7 @@ pub struct BinaryOp {
 
 impl BinaryOp {
     /// The result tensor (operands must already have `dtype`, a computable float, and equal shapes).
-    pub fn tensor(op: BinOp, a: Tensor, b: Tensor) -> Tensor {
+    pub fn tensor(op: BinOp, a: Tensor, b: Tensor) -> Result<Tensor, ValueError> {
         let (dtype, shape) = (a.dtype, a.shape.clone());
         Tensor::op(dtype, shape, Arc::new(BinaryOp { op, a, b }))
     }
@@ -175,21 +174,25 @@ fn f64_at(c: &[u8]) -> f64 {
 }
 
 impl LazyOp for BinaryOp {
+    fn name(&self) -> &'static str {
+        "arithmetic"
+    }
+
     fn read(
         &self,
         dtype: DType,
         _shape: &[usize],
         start: usize,
         out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
-        self.a.read(start, out, scratch)?;
-        let mut b = scratch.take(out.len());
-        let result = self.b.read(start, &mut b, scratch);
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        self.a.read(start, out, cx)?;
+        let mut b = cx.take(out.len());
+        let result = self.b.read(start, &mut b, cx);
         if result.is_ok() {
-            combine(self.op, dtype, out, &b, scratch);
+            combine(self.op, dtype, out, &b, cx);
         }
-        scratch.give(b);
+        cx.give(b);
         result
     }
 }
@@ -203,19 +206,19 @@ struct CombineFn {
 }
 
 impl ElementFn for CombineFn {
-    fn apply(&self, dtype: DType, index: usize, values: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
-        let mut b = scratch.take(values.len());
-        let result = self.other.read(index, &mut b, scratch);
+    fn apply(&self, dtype: DType, index: usize, values: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
+        let mut b = cx.take(values.len());
+        let result = self.other.read(index, &mut b, cx);
         if result.is_ok() {
-            combine(self.op, dtype, values, &b, scratch);
+            combine(self.op, dtype, values, &b, cx);
         }
-        scratch.give(b);
+        cx.give(b);
         result
     }
 }
 
 /// `out = out ∘ b` element-wise for float `dtype`: in f64 for F64, else in f32 rounded back once.
-fn combine(op: BinOp, dtype: DType, out: &mut [u8], b: &[u8], scratch: &mut Scratch) {
+fn combine(op: BinOp, dtype: DType, out: &mut [u8], b: &[u8], cx: &mut ReadContext) {
     match dtype {
         DType::F64 => {
             for (o, y) in out.chunks_exact_mut(8).zip(b.chunks_exact(8)) {
@@ -230,34 +233,29 @@ fn combine(op: BinOp, dtype: DType, out: &mut [u8], b: &[u8], scratch: &mut Scra
         _ => {
             // Narrow floats widen exactly to f32 (vectorised for BF16/F16), so one rounding back.
             let n = out.len() / dtype.size().expect("arithmetic results are byte-sized floats");
-            let mut fa = scratch.take(n * 4);
-            let mut fb = scratch.take(n * 4);
+            let mut fa = cx.take(n * 4);
+            let mut fb = cx.take(n * 4);
             kernels::convert(dtype, out, DType::F32, &mut fa);
             kernels::convert(dtype, b, DType::F32, &mut fb);
             for (o, y) in fa.chunks_exact_mut(4).zip(fb.chunks_exact(4)) {
                 o.copy_from_slice(&op.f32(f32_at(o), f32_at(y)).to_le_bytes());
             }
             kernels::convert(DType::F32, &fa, dtype, out);
-            scratch.give(fa);
-            scratch.give(fb);
+            cx.give(fa);
+            cx.give(fb);
         }
     }
 }
 
 /// The value of an in-place result for a match: the new whole tensor when the match is whole,
 /// else the base with only the selected region replaced by `with` (which has the region's shape).
-pub(crate) fn write_back(m: &Match, with: Tensor) -> Tensor {
+pub(crate) fn write_back(m: &Match, with: Tensor) -> Result<Tensor, StepError> {
     match &m.slice {
-        Some(region) if m.tensor.shape != m.base.shape || !region.is_full() => Tensor {
-            dtype: m.base.dtype,
-            shape: m.base.shape.clone(),
-            value: Arc::new(Value::Overwrite {
-                base: m.base.clone(),
-                region: region.clone(),
-                with,
-            }),
-        },
-        _ => with,
+        Some(region) if m.tensor.shape != m.base.shape || !region.is_full() => m
+            .base
+            .overwrite(region.clone(), with)
+            .map_err(|e| TransformError::value_of(&m.display(), e)),
+        _ => Ok(with),
     }
 }
 
@@ -275,10 +273,9 @@ fn converted(tensor: &Tensor, display: &str, dtype: DType, op: &'static str) -> 
             });
         }
     }
-    Ok(Tensor {
-        dtype,
-        shape: tensor.shape.clone(),
-        value: Arc::new(Value::Cast { base: tensor.clone() }),
+    tensor.cast(dtype).map_err(|source| TransformError::ValueOf {
+        tensor: display.to_owned(),
+        source,
     })
 }
 
@@ -322,18 +319,12 @@ impl Destination {
     }
 
     /// The destination's new value once `with` (the region's shape and dtype) is written.
-    fn written(&self, with: Tensor) -> Tensor {
+    fn written(&self, with: Tensor) -> Result<Tensor, StepError> {
         match (&self.region, &self.current) {
-            (Some((region, view)), Some(current)) if !(region.is_full() && view.shape == current.shape) => Tensor {
-                dtype: current.dtype,
-                shape: current.shape.clone(),
-                value: Arc::new(Value::Overwrite {
-                    base: current.clone(),
-                    region: region.clone(),
-                    with,
-                }),
-            },
-            _ => with,
+            (Some((region, view)), Some(current)) if !(region.is_full() && view.shape == current.shape) => current
+                .overwrite(region.clone(), with)
+                .map_err(|e| TransformError::value_of(&self.display, e)),
+            _ => Ok(with),
         }
     }
 }
@@ -512,7 +503,8 @@ impl Transform for Binary {
                     .into());
                 }
             }
-            let tensor = dest.written(BinaryOp::tensor(self.op, a, b));
+            let result = BinaryOp::tensor(self.op, a, b).map_err(|e| TransformError::value_of(&m.display(), e))?;
+            let tensor = dest.written(result)?;
             writes.push((dest.alias, dest.name, tensor));
         }
         for (alias, name, tensor) in writes {
@@ -581,7 +573,9 @@ impl Transform for InPlace {
                 op: self.op,
                 other: m.tensor.clone(),
             });
-            let tensor = current.map(region, f);
+            let tensor = current
+                .map(region, f)
+                .map_err(|e| TransformError::value_of(&dest.display, e))?;
             writes.push((dest.alias, dest.name, tensor));
         }
         for (alias, name, tensor) in writes {
@@ -603,7 +597,7 @@ mod tests {
 
     fn read_f32(t: &Tensor) -> Vec<f32> {
         let mut out = vec![0u8; t.nbytes()];
-        t.read(0, &mut out, &mut Scratch::default()).unwrap();
+        t.read(0, &mut out, &mut ReadContext::default()).unwrap();
         out.chunks_exact(4).map(f32_at).collect()
     }
 
@@ -611,12 +605,12 @@ mod tests {
     fn binary_ops_compute_elementwise() {
         let a = f32_tensor(&[1.0, 2.0, f32::NAN, -4.0]);
         let b = f32_tensor(&[0.5, -2.0, 1.0, 3.0]);
-        let sum = read_f32(&BinaryOp::tensor(BinOp::Add, a.clone(), b.clone()));
+        let sum = read_f32(&BinaryOp::tensor(BinOp::Add, a.clone(), b.clone()).unwrap());
         assert_eq!(sum[..2], [1.5, 0.0]);
         assert!(sum[2].is_nan());
-        let diff = read_f32(&BinaryOp::tensor(BinOp::Subtract, a.clone(), b.clone()));
+        let diff = read_f32(&BinaryOp::tensor(BinOp::Subtract, a.clone(), b.clone()).unwrap());
         assert_eq!(diff[3], -7.0);
-        let prod = read_f32(&BinaryOp::tensor(BinOp::Multiply, a, b));
+        let prod = read_f32(&BinaryOp::tensor(BinOp::Multiply, a, b).unwrap());
         assert_eq!(prod[1], -4.0);
     }
 
@@ -627,9 +621,9 @@ mod tests {
         let tiny: Vec<u8> = [0x3b80u16, 0x3c00].iter().flat_map(|v| v.to_le_bytes()).collect(); // 2^-8, 2^-7
         let a = Tensor::in_memory(DType::BF16, vec![2], Arc::new(one));
         let b = Tensor::in_memory(DType::BF16, vec![2], Arc::new(tiny));
-        let t = BinaryOp::tensor(BinOp::Add, a, b);
+        let t = BinaryOp::tensor(BinOp::Add, a, b).unwrap();
         let mut out = vec![0u8; 4];
-        t.read(0, &mut out, &mut Scratch::default()).unwrap();
+        t.read(0, &mut out, &mut ReadContext::default()).unwrap();
         assert_eq!(out, [0x80, 0x3f, 0x81, 0x3f]);
     }
 

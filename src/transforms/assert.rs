@@ -16,7 +16,7 @@ use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
 use crate::transforms::fmt_shape;
-use crate::value::{Tensor, CHUNK_BYTES};
+use crate::value::{stream, Tensor};
 
 /// `assert`.
 pub const ASSERT: TransformSpec = TransformSpec {
@@ -471,25 +471,7 @@ fn evaluate_values(
         return Ok(Outcome::Deferred);
     }
     for m in &matches {
-        let mut stats = Stats::default();
-        let cancel = ctx.cancel.clone();
-        let mut cancelled = false;
-        let streamed = m.tensor.for_each_chunk(&mut ctx.scratch, |chunk| {
-            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
-                cancelled = true;
-                // Any error stops the stream; it is reported as the interruption below.
-                return Err(crate::formats::FormatError::Io {
-                    path: Default::default(),
-                    source: std::io::ErrorKind::Interrupted.into(),
-                });
-            }
-            kernels::accumulate_stats(m.tensor.dtype, chunk, &mut stats);
-            Ok(())
-        });
-        if cancelled {
-            return Err(StepError::Cancelled);
-        }
-        streamed?;
+        let stats = m.tensor.stats(&mut ctx.reads)?;
         if let Some(message) = check(&stats) {
             return Ok(fail(assertion, Some(m.display()), message));
         }
@@ -575,34 +557,12 @@ fn evaluate_equal(
 
 /// Streams two tensors of one shape in lockstep and returns max |a - b| (also used by `diff`).
 pub(crate) fn max_abs_difference(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<f64, StepError> {
-    let (sa, sb) = (a.dtype.size().expect("computable"), b.dtype.size().expect("computable"));
-    let per_chunk = (CHUNK_BYTES / sa.max(sb)).max(1);
-    let total = a.numel();
-    let mut buf_a = ctx.scratch.take(per_chunk.min(total) * sa);
-    let mut buf_b = ctx.scratch.take(per_chunk.min(total) * sb);
     let mut worst = 0.0f64;
-    let mut start = 0;
-    let mut result = Ok(());
-    while start < total {
-        if ctx.cancelled() {
-            result = Err(StepError::Cancelled);
-            break;
-        }
-        let n = per_chunk.min(total - start);
-        let (ca, cb) = (&mut buf_a[..n * sa], &mut buf_b[..n * sb]);
-        if let Err(e) = a
-            .read(start, ca, &mut ctx.scratch)
-            .and_then(|()| b.read(start, cb, &mut ctx.scratch))
-        {
-            result = Err(e.into());
-            break;
-        }
-        worst = worst.max(kernels::max_abs_diff(a.dtype, ca, b.dtype, cb));
-        start += n;
-    }
-    ctx.scratch.give(buf_a);
-    ctx.scratch.give(buf_b);
-    result.map(|()| worst)
+    stream(&[a, b], &mut ctx.reads, |chunks| {
+        worst = worst.max(kernels::max_abs_diff(a.dtype, chunks[0], b.dtype, chunks[1]));
+        Ok::<bool, StepError>(true)
+    })?;
+    Ok(worst)
 }
 
 #[derive(Debug)]

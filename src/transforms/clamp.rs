@@ -5,15 +5,16 @@
 
 use std::sync::Arc;
 
-use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
+use super::{
+    count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec,
+};
 use crate::dtype::DType;
-use crate::formats::FormatError;
 use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::State;
-use crate::value::{ElementFn, LazyOp, Scratch, Tensor};
+use crate::value::{ElementFn, LazyOp, ReadContext, Tensor, ValueError};
 
 const CLAMP_FIELDS: &[Field] = &[
     Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
@@ -109,7 +110,7 @@ pub struct ClampOp {
 
 impl ClampOp {
     /// `base` clamped (same dtype and shape; `base` must be a computable float).
-    pub fn tensor(base: Tensor, min: Option<f64>, max: Option<f64>) -> Tensor {
+    pub fn tensor(base: Tensor, min: Option<f64>, max: Option<f64>) -> Result<Tensor, ValueError> {
         let (dtype, shape) = (base.dtype, base.shape.clone());
         Tensor::op(dtype, shape, Arc::new(ClampOp { base, min, max }))
     }
@@ -125,15 +126,19 @@ fn clip<T: PartialOrd + Copy>(x: T, lo: Option<T>, hi: Option<T>) -> T {
 }
 
 impl LazyOp for ClampOp {
+    fn name(&self) -> &'static str {
+        "clamp"
+    }
+
     fn read(
         &self,
         dtype: DType,
         _shape: &[usize],
         start: usize,
         out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
-        self.base.read(start, out, scratch)?;
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        self.base.read(start, out, cx)?;
         let (lo32, hi32) = (self.min.map(|v| v as f32), self.max.map(|v| v as f32));
         let (lo, hi) = (self.min, self.max);
         kernels::map_in_place(dtype, out, |x| clip(x, lo32, hi32), |x| clip(x, lo, hi));
@@ -149,7 +154,7 @@ struct ClampFn {
 }
 
 impl ElementFn for ClampFn {
-    fn apply(&self, dtype: DType, _index: usize, values: &mut [u8], _scratch: &mut Scratch) -> Result<(), FormatError> {
+    fn apply(&self, dtype: DType, _index: usize, values: &mut [u8], _cx: &mut ReadContext) -> Result<(), ValueError> {
         let (lo32, hi32) = (self.min.map(|v| v as f32), self.max.map(|v| v as f32));
         let (lo, hi) = (self.min, self.max);
         kernels::map_in_place(dtype, values, |x| clip(x, lo32, hi32), |x| clip(x, lo, hi));
@@ -168,7 +173,9 @@ impl Transform for Clamp {
             Some(to) => {
                 let destinations = new_destinations(state, &matches, to, name, &self.location)?;
                 for (m, (alias, dest)) in matches.iter().zip(&destinations) {
-                    state.insert(alias, dest, ClampOp::tensor(m.tensor.clone(), self.min, self.max));
+                    let tensor = ClampOp::tensor(m.tensor.clone(), self.min, self.max)
+                        .map_err(|e| TransformError::value_of(&m.display(), e))?;
+                    state.insert(alias, dest, tensor);
                 }
             }
             None => {
@@ -178,13 +185,14 @@ impl Transform for Clamp {
                         .slice
                         .clone()
                         .filter(|r| !(r.is_full() && m.tensor.shape == m.base.shape));
-                    let tensor = m.base.map(
-                        region,
-                        Arc::new(ClampFn {
-                            min: self.min,
-                            max: self.max,
-                        }),
-                    );
+                    let f = Arc::new(ClampFn {
+                        min: self.min,
+                        max: self.max,
+                    });
+                    let tensor = m
+                        .base
+                        .map(region, f)
+                        .map_err(|e| TransformError::value_of(&m.display(), e))?;
                     state.replace(&m.alias, &m.name, tensor);
                 }
             }
@@ -211,9 +219,9 @@ mod tests {
         let values: Vec<f32> = (0..10).map(|i| i as f32 - 5.0).collect();
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let base = Tensor::in_memory(DType::F32, vec![10], Arc::new(bytes));
-        let t = ClampOp::tensor(base, Some(-2.0), Some(3.0));
+        let t = ClampOp::tensor(base, Some(-2.0), Some(3.0)).unwrap();
         let mut out = vec![0u8; 12];
-        t.read(1, &mut out, &mut Scratch::default()).unwrap();
+        t.read(1, &mut out, &mut ReadContext::default()).unwrap();
         let got: Vec<f32> = out
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))

@@ -11,13 +11,12 @@ use serde_json::Value as Json;
 use super::split::{dim_of, resolve_dim};
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::formats::FormatError;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{LazyOp, Scratch, Tensor};
+use crate::value::{LazyOp, ReadContext, Tensor, ValueError};
 
 const CONCAT_FIELDS: &[Field] = &[
     Field::required(
@@ -159,7 +158,9 @@ impl Transform for Concat {
         for ((d, shape, parts), (alias, name)) in results.into_iter().zip(&destinations) {
             let dtype = parts[0].tensor.dtype;
             let tensors: Vec<Tensor> = parts.iter().map(|m| m.tensor.clone()).collect();
-            state.insert(alias, name, concatenated(dtype, shape, d, tensors));
+            let joined =
+                concatenated(dtype, shape, d, tensors).map_err(|e| TransformError::value_of(&parts[0].display(), e))?;
+            state.insert(alias, name, joined);
         }
         ctx.note(format!(
             "concat: {} from {} references",
@@ -171,7 +172,7 @@ impl Transform for Concat {
 }
 
 /// The lazy concatenation of `parts` (same dtype, shapes agreeing except on `dim`) into `shape`.
-pub fn concatenated(dtype: DType, shape: Vec<usize>, dim: usize, parts: Vec<Tensor>) -> Tensor {
+pub fn concatenated(dtype: DType, shape: Vec<usize>, dim: usize, parts: Vec<Tensor>) -> Result<Tensor, ValueError> {
     let inner: usize = shape[dim + 1..].iter().product();
     // Each part contributes `shape[dim] * inner` contiguous elements to every outer row.
     let segments: Vec<usize> = parts.iter().map(|p| p.shape[dim] * inner).collect();
@@ -191,14 +192,18 @@ pub struct ConcatOp {
 }
 
 impl LazyOp for ConcatOp {
+    fn name(&self) -> &'static str {
+        "concat"
+    }
+
     fn read(
         &self,
         dtype: DType,
         _shape: &[usize],
         start: usize,
         out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         let Some(size) = dtype.size() else {
             return Ok(());
         };
@@ -216,7 +221,7 @@ impl LazyOp for ConcatOp {
                 part.read(
                     outer * segment + within,
                     &mut out[done * size..(done + count) * size],
-                    scratch,
+                    cx,
                 )?;
                 done += count;
                 break;
@@ -235,7 +240,7 @@ mod tests {
     #[test]
     fn joins_along_inner_dimensions_in_any_chunking() {
         let (a, b) = (tensor(&[2, 2, 3], 0), tensor(&[2, 1, 3], 100));
-        let t = concatenated(DType::U16, vec![2, 3, 3], 1, vec![a, b]);
+        let t = concatenated(DType::U16, vec![2, 3, 3], 1, vec![a, b]).unwrap();
         let expected: Vec<u16> = vec![0, 1, 2, 3, 4, 5, 100, 101, 102, 6, 7, 8, 9, 10, 11, 103, 104, 105];
         for chunk in [1, 2, 4, 5, 18] {
             let mut got = Vec::new();
@@ -243,7 +248,7 @@ mod tests {
             while start < 18 {
                 let k = chunk.min(18 - start);
                 let mut out = vec![0u8; k * 2];
-                t.read(start, &mut out, &mut Scratch::default()).unwrap();
+                t.read(start, &mut out, &mut ReadContext::default()).unwrap();
                 got.extend(out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
                 start += k;
             }

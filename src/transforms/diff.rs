@@ -15,7 +15,7 @@ use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::State;
 use crate::transforms::fmt_shape;
-use crate::value::{Tensor, CHUNK_BYTES};
+use crate::value::{stream, Tensor};
 
 const DIFF_FIELDS: &[Field] = &[
     Field::optional(
@@ -358,34 +358,12 @@ fn compare_pairs(pairs: &[Pair], ctx: &mut Context, report: &mut DiffReport) -> 
 
 /// Compares the raw bytes of two tensors of one carry-only dtype (sub-byte floats, complex).
 fn bytes_equal(a: &Tensor, b: &Tensor, ctx: &mut Context) -> Result<bool, StepError> {
-    let total = a.nbytes();
-    let mut buf_a = ctx.scratch.take(CHUNK_BYTES.min(total));
-    let mut buf_b = ctx.scratch.take(CHUNK_BYTES.min(total));
-    let mut start = 0;
-    let mut result = Ok(true);
-    while start < total {
-        if ctx.cancelled() {
-            result = Err(StepError::Cancelled);
-            break;
-        }
-        let n = CHUNK_BYTES.min(total - start);
-        let (ca, cb) = (&mut buf_a[..n], &mut buf_b[..n]);
-        if let Err(e) = a
-            .read_raw(start, ca, &mut ctx.scratch)
-            .and_then(|()| b.read_raw(start, cb, &mut ctx.scratch))
-        {
-            result = Err(e.into());
-            break;
-        }
-        if ca != cb {
-            result = Ok(false);
-            break;
-        }
-        start += n;
-    }
-    ctx.scratch.give(buf_a);
-    ctx.scratch.give(buf_b);
-    result
+    let mut equal = true;
+    stream(&[a, b], &mut ctx.reads, |chunks| {
+        equal = chunks[0] == chunks[1];
+        Ok::<bool, StepError>(equal)
+    })?;
+    Ok(equal)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::Reference;
 use crate::state::{Match, State};
-use crate::value::{Scratch, Tensor, CHUNK_BYTES};
+use crate::value::{ReadContext, Tensor};
 use indicatif::HumanBytes;
 
 /// NumPy's `threshold`: tensors with more elements print only their edges.
@@ -273,42 +273,15 @@ impl Dump {
         if !evaluate || !tensor.dtype.is_computable() {
             return Ok(item);
         }
-        let stats = stream_stats(tensor, ctx)?;
+        let stats = tensor.stats(&mut ctx.reads)?;
         item.stats = Some(stats);
         if self.verbosity == Verbosity::Full {
             let truncated = tensor.numel() > THRESHOLD;
-            item.values = Some(read_values(tensor, truncated, &mut ctx.scratch)?);
+            item.values = Some(read_values(tensor, truncated, &mut ctx.reads)?);
             item.truncated = truncated;
         }
         Ok(item)
     }
-}
-
-/// Streams a tensor chunk by chunk into its statistics, stopping at Ctrl-C.
-fn stream_stats(tensor: &Tensor, ctx: &mut Context) -> Result<Stats, StepError> {
-    let size = tensor.dtype.size().expect("computable dtypes are byte-sized");
-    let total = tensor.numel();
-    let per_chunk = (CHUNK_BYTES / size).max(1);
-    let mut buf = ctx.scratch.take(per_chunk.min(total) * size);
-    let mut stats = Stats::default();
-    let mut start = 0;
-    let mut result = Ok(());
-    while start < total {
-        if ctx.cancelled() {
-            result = Err(StepError::Cancelled);
-            break;
-        }
-        let n = per_chunk.min(total - start);
-        let chunk = &mut buf[..n * size];
-        if let Err(e) = tensor.read(start, chunk, &mut ctx.scratch) {
-            result = Err(e.into());
-            break;
-        }
-        kernels::accumulate_stats(tensor.dtype, chunk, &mut stats);
-        start += n;
-    }
-    ctx.scratch.give(buf);
-    result.map(|()| stats)
 }
 
 /// Indices printed along one dimension: all of them, or the edges around a `None` (`...`).
@@ -325,14 +298,14 @@ fn shown(n: usize, truncated: bool) -> Vec<Option<usize>> {
 }
 
 /// Reads only the printed elements of a tensor (a cut tensor reads a few edge runs per row).
-fn read_values(tensor: &Tensor, truncated: bool, scratch: &mut Scratch) -> Result<Values, StepError> {
+fn read_values(tensor: &Tensor, truncated: bool, cx: &mut ReadContext) -> Result<Values, StepError> {
     let shape = &tensor.shape;
     if shape.is_empty() {
-        let elems = read_run(tensor, 0, 1, scratch)?;
+        let elems = read_run(tensor, 0, 1, cx)?;
         return Ok(Values::Scalar(elems.first().copied().unwrap_or(Elem::Float(f64::NAN))));
     }
     let strides = crate::value::strides(shape);
-    read_block(tensor, &strides, 0, 0, truncated, scratch)
+    read_block(tensor, &strides, 0, 0, truncated, cx)
 }
 
 fn read_block(
@@ -341,7 +314,7 @@ fn read_block(
     dim: usize,
     offset: usize,
     truncated: bool,
-    scratch: &mut Scratch,
+    cx: &mut ReadContext,
 ) -> Result<Values, StepError> {
     let n = tensor.shape[dim];
     let indices = shown(n, truncated);
@@ -360,7 +333,7 @@ fn read_block(
                     while i + len < indices.len() && indices[i + len] == Some(first + len) {
                         len += 1;
                     }
-                    row.extend(read_run(tensor, offset + first, len, scratch)?.into_iter().map(Some));
+                    row.extend(read_run(tensor, offset + first, len, cx)?.into_iter().map(Some));
                     i += len;
                 }
             }
@@ -377,19 +350,19 @@ fn read_block(
                 dim + 1,
                 offset + k * strides[dim],
                 truncated,
-                scratch,
+                cx,
             )?),
         });
     }
     Ok(Values::Block(block))
 }
 
-fn read_run(tensor: &Tensor, start: usize, len: usize, scratch: &mut Scratch) -> Result<Vec<Elem>, StepError> {
+fn read_run(tensor: &Tensor, start: usize, len: usize, cx: &mut ReadContext) -> Result<Vec<Elem>, StepError> {
     let size = tensor.dtype.size().expect("computable dtypes are byte-sized");
-    let mut buf = scratch.take(len * size);
-    let result = tensor.read(start, &mut buf[..len * size], scratch);
+    let mut buf = cx.take(len * size);
+    let result = tensor.read(start, &mut buf[..len * size], cx);
     let elems = result.map(|()| decode(tensor.dtype, &buf[..len * size]));
-    scratch.give(buf);
+    cx.give(buf);
     Ok(elems?)
 }
 
@@ -970,14 +943,18 @@ mod tests {
     struct Counting(std::sync::atomic::AtomicUsize);
 
     impl crate::value::LazyOp for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+
         fn read(
             &self,
             _dtype: DType,
             _shape: &[usize],
             start: usize,
             out: &mut [u8],
-            _scratch: &mut Scratch,
-        ) -> Result<(), crate::formats::FormatError> {
+            _cx: &mut ReadContext,
+        ) -> Result<(), crate::value::ValueError> {
             self.0.fetch_add(out.len() / 4, std::sync::atomic::Ordering::Relaxed);
             for (i, c) in out.chunks_exact_mut(4).enumerate() {
                 c.copy_from_slice(&((start + i) as f32).to_le_bytes());
@@ -989,8 +966,8 @@ mod tests {
     #[test]
     fn full_reads_only_the_printed_elements() {
         let op = std::sync::Arc::new(Counting::default());
-        let tensor = Tensor::op(DType::F32, vec![1000, 2000], op.clone());
-        let values = read_values(&tensor, true, &mut Scratch::default()).unwrap();
+        let tensor = Tensor::op(DType::F32, vec![1000, 2000], op.clone()).unwrap();
+        let values = read_values(&tensor, true, &mut ReadContext::default()).unwrap();
         assert_eq!(op.0.load(std::sync::atomic::Ordering::Relaxed), 36);
         let text = render_values(&values);
         assert!(

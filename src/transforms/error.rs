@@ -12,6 +12,17 @@ pub enum TransformError {
     /// A reference cannot select the tensors it names (bad slice, zero matches).
     #[error(transparent)]
     Select(crate::state::SelectError),
+    /// A value cannot be built or computed (a dtype without a byte size, a failed computation).
+    #[error(transparent)]
+    Value(crate::value::ValueError),
+    /// A value of the named tensor cannot be built or computed.
+    #[error("`{tensor}`")]
+    ValueOf {
+        /// The tensor, `alias::name`.
+        tensor: String,
+        /// Why.
+        source: crate::value::ValueError,
+    },
     /// Two sources rewrite to one destination.
     #[error("`{first}` and `{second}` both rewrite to `{destination}`")]
     Collision {

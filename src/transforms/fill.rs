@@ -17,14 +17,13 @@ use serde_json::Value as Json;
 use super::arith::write_back;
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::formats::FormatError;
 use crate::kernels;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::State;
-use crate::value::{strides, LazyOp, Scratch, Tensor};
+use crate::value::{strides, LazyOp, ReadContext, Tensor, ValueError};
 
 /// A key table: `head` fields followed by the fill-mode keys `fill` and `fill_` share.
 macro_rules! with_mode_fields {
@@ -416,14 +415,18 @@ pub struct NoiseOp {
 const BLOCK: usize = 512;
 
 impl LazyOp for NoiseOp {
+    fn name(&self) -> &'static str {
+        "random fill"
+    }
+
     fn read(
         &self,
         dtype: DType,
         _shape: &[usize],
         start: usize,
         out: &mut [u8],
-        _scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
+        _cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         let size = dtype.size().expect("random fills are byte-sized floats");
         let mut wide = [0u8; BLOCK * 8];
         for (b, block) in out.chunks_mut(BLOCK * size).enumerate() {
@@ -447,14 +450,18 @@ pub struct BroadcastOp {
 }
 
 impl LazyOp for BroadcastOp {
+    fn name(&self) -> &'static str {
+        "fill"
+    }
+
     fn read(
         &self,
         dtype: DType,
         shape: &[usize],
         start: usize,
         out: &mut [u8],
-        _scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
+        _cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         let size = dtype.size().expect("fills are byte-sized");
         if self.bytes.len() == size {
             for o in out.chunks_exact_mut(size) {
@@ -566,7 +573,7 @@ fn filled(
                 bytes,
                 strides: vec![0; shape.len()],
             };
-            return Ok(Tensor::op(dtype, shape.to_vec(), Arc::new(op)));
+            return built(Tensor::op(dtype, shape.to_vec(), Arc::new(op)), display);
         }
         Mode::Values { shape: vshape, data } => {
             let fits = vshape.len() <= shape.len()
@@ -595,11 +602,10 @@ fn filled(
                     _ => 0,
                 })
                 .collect();
-            return Ok(Tensor::op(
-                dtype,
-                shape.to_vec(),
-                Arc::new(BroadcastOp { bytes, strides }),
-            ));
+            return built(
+                Tensor::op(dtype, shape.to_vec(), Arc::new(BroadcastOp { bytes, strides })),
+                display,
+            );
         }
         Mode::Uniform { low, high } => {
             if !dtype.is_float() {
@@ -638,7 +644,15 @@ fn filled(
         seed: tensor_seed(seed, name),
         noise,
     };
-    Ok(Tensor::op(dtype, shape.to_vec(), Arc::new(op)))
+    built(Tensor::op(dtype, shape.to_vec(), Arc::new(op)), display)
+}
+
+/// A fill's tensor, or the error naming the tensor filled.
+fn built(tensor: Result<Tensor, ValueError>, display: &str) -> Result<Tensor, TransformError> {
+    tensor.map_err(|source| TransformError::ValueOf {
+        tensor: display.to_owned(),
+        source,
+    })
 }
 
 #[derive(Debug)]
@@ -672,7 +686,7 @@ impl Transform for Fill {
                 for m in &matches {
                     let t = &m.tensor;
                     let with = filled(&self.mode, self.seed, t.dtype, &t.shape, &m.name, &m.display(), op)?;
-                    writes.push(write_back(m, with));
+                    writes.push(write_back(m, with)?);
                 }
                 for (m, tensor) in matches.iter().zip(writes) {
                     state.replace(&m.alias, &m.name, tensor);
@@ -734,9 +748,9 @@ mod tests {
     fn read_all(t: &Tensor, chunk: usize) -> Vec<u8> {
         let size = t.dtype.size().unwrap();
         let mut out = vec![0u8; t.nbytes()];
-        let mut scratch = Scratch::default();
+        let mut cx = ReadContext::default();
         for (k, c) in out.chunks_mut(chunk * size).enumerate() {
-            t.read(k * chunk, c, &mut scratch).unwrap();
+            t.read(k * chunk, c, &mut cx).unwrap();
         }
         out
     }

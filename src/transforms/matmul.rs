@@ -17,13 +17,12 @@ use super::view_of;
 use super::TransformSpec;
 use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError};
 use crate::dtype::DType;
-use crate::formats::FormatError;
 use crate::kernels;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{LazyOp, Scratch, Tensor, CHUNK_BYTES};
+use crate::value::{LazyOp, ReadContext, Tensor, ValueError, CHUNK_BYTES};
 
 const MATMUL_FIELDS: &[Field] = &[
     Field::required(
@@ -144,7 +143,10 @@ impl Transform for Matmul {
         }
         let destinations = new_destinations(state, &matches, &self.to, "matmul", &self.location)?;
         for ((a, (alias, name)), (b, dims, shape)) in matches.iter().zip(&destinations).zip(products) {
-            state.insert(alias, name, product(&a.tensor, &b, dims, shape, ctx.threads));
+            let m = a;
+            let tensor = product(&a.tensor, &b, dims, shape, ctx.threads)
+                .map_err(|e| TransformError::value_of(&m.display(), e))?;
+            state.insert(alias, name, tensor);
         }
         ctx.note(format!("matmul: {}", count_noun(matches.len())));
         Ok(Flow::Continue)
@@ -153,7 +155,7 @@ impl Transform for Matmul {
 
 /// The lazy product `a @ b` with dimensions `(batch, m, k, n)`, computed on `threads` threads
 /// (0: one per core).
-fn product(a: &Tensor, b: &Tensor, dims: [usize; 4], shape: Vec<usize>, threads: usize) -> Tensor {
+fn product(a: &Tensor, b: &Tensor, dims: [usize; 4], shape: Vec<usize>, threads: usize) -> Result<Tensor, ValueError> {
     Tensor::op(
         a.dtype,
         shape,
@@ -185,12 +187,16 @@ fn read_values<T: Copy, const N: usize>(
     t: &Tensor,
     as_dtype: DType,
     from_bytes: fn([u8; N]) -> T,
-    scratch: &mut Scratch,
-) -> Result<Vec<T>, FormatError> {
+    cx: &mut ReadContext,
+) -> Result<Vec<T>, ValueError> {
     let mut values = Vec::with_capacity(t.numel());
     let mut converted = Vec::new();
-    t.for_each_chunk(scratch, |chunk| {
-        let n = chunk.len() / t.dtype.size().unwrap_or(1);
+    let size = t.dtype.size().ok_or(ValueError::NoByteSize {
+        op: "matmul",
+        dtype: t.dtype,
+    })?;
+    t.stream(cx, |chunk| {
+        let n = chunk.len() / size;
         converted.resize(n * N, 0);
         kernels::convert(t.dtype, chunk, as_dtype, &mut converted);
         values.extend(
@@ -198,7 +204,7 @@ fn read_values<T: Copy, const N: usize>(
                 .chunks_exact(N)
                 .map(|c| from_bytes(c.try_into().unwrap_or([0; N]))),
         );
-        Ok(())
+        Ok::<(), ValueError>(())
     })?;
     Ok(values)
 }
@@ -226,31 +232,30 @@ fn multiply<T: faer::traits::ComplexField + Copy + Default>(
 
 impl MatmulOp {
     /// Computes the product in the operands' dtype.
-    fn compute(&self, threads: usize) -> Result<Vec<u8>, FormatError> {
-        let mut scratch = Scratch::default();
+    fn compute(&self, threads: usize, mut cx: ReadContext) -> Result<Vec<u8>, ValueError> {
         let dtype = self.a.dtype;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
-            .map_err(|e| FormatError::Io {
-                path: "matmul".into(),
-                source: std::io::Error::other(e),
+            .map_err(|e| ValueError::Compute {
+                op: "matmul",
+                reason: e.to_string(),
             })?;
         let par = Par::rayon(threads);
         if dtype == DType::F64 {
-            let a = read_values(&self.a, DType::F64, f64::from_le_bytes, &mut scratch)?;
-            let b = read_values(&self.b, DType::F64, f64::from_le_bytes, &mut scratch)?;
+            let a = read_values(&self.a, DType::F64, f64::from_le_bytes, &mut cx)?;
+            let b = read_values(&self.b, DType::F64, f64::from_le_bytes, &mut cx)?;
             let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f64, par));
             Ok(c.iter().flat_map(|v| v.to_le_bytes()).collect())
         } else {
-            let a = read_values(&self.a, DType::F32, f32::from_le_bytes, &mut scratch)?;
-            let b = read_values(&self.b, DType::F32, f32::from_le_bytes, &mut scratch)?;
+            let a = read_values(&self.a, DType::F32, f32::from_le_bytes, &mut cx)?;
+            let b = read_values(&self.b, DType::F32, f32::from_le_bytes, &mut cx)?;
             let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f32, par));
             let bytes: Vec<u8> = c.iter().flat_map(|v| v.to_le_bytes()).collect();
             if dtype == DType::F32 {
                 return Ok(bytes);
             }
-            let size = dtype.size().unwrap_or(1);
+            let size = dtype.size().ok_or(ValueError::NoByteSize { op: "matmul", dtype })?;
             let mut out = vec![0u8; c.len() * size];
             for (src, dst) in bytes.chunks(CHUNK_BYTES).zip(out.chunks_mut(CHUNK_BYTES / 4 * size)) {
                 kernels::convert(DType::F32, src, dtype, dst);
@@ -260,7 +265,7 @@ impl MatmulOp {
     }
 
     /// The product, computed on the first call (other readers wait for it).
-    fn result(&self) -> Result<Arc<Vec<u8>>, FormatError> {
+    fn result(&self, cx: &ReadContext) -> Result<Arc<Vec<u8>>, ValueError> {
         let mut slot = self.result.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(result) = &*slot {
             return Ok(result.clone());
@@ -270,11 +275,13 @@ impl MatmulOp {
             n => n,
         };
         // A plain thread: joining it blocks without running other jobs of the caller's pool.
-        let computed =
-            std::thread::scope(|s| s.spawn(|| self.compute(threads)).join()).map_err(|_| FormatError::Io {
-                path: "matmul".into(),
-                source: std::io::Error::other("the matrix product panicked"),
-            })??;
+        let cx = cx.fork();
+        let computed = std::thread::scope(|s| s.spawn(|| self.compute(threads, cx)).join()).map_err(|_| {
+            ValueError::Compute {
+                op: "matmul",
+                reason: "the matrix product panicked".into(),
+            }
+        })??;
         let result = Arc::new(computed);
         *slot = Some(result.clone());
         Ok(result)
@@ -282,28 +289,32 @@ impl MatmulOp {
 }
 
 impl LazyOp for MatmulOp {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+
     fn read(
         &self,
         dtype: DType,
         _shape: &[usize],
         start: usize,
         out: &mut [u8],
-        _scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         if out.is_empty() {
             return Ok(());
         }
-        let size = dtype.size().unwrap_or(1);
-        let result = self.result()?;
+        let size = dtype.size().ok_or(ValueError::NoByteSize { op: "matmul", dtype })?;
+        let result = self.result(cx)?;
         let from = start * size;
         match result.get(from..from + out.len()) {
             Some(bytes) => {
                 out.copy_from_slice(bytes);
                 Ok(())
             }
-            None => Err(FormatError::Io {
-                path: "matmul".into(),
-                source: std::io::Error::other("read past the end of a matrix product"),
+            None => Err(ValueError::Compute {
+                op: "matmul",
+                reason: "read past the end of the product".into(),
             }),
         }
     }
@@ -321,7 +332,7 @@ mod tests {
 
     fn values(t: &Tensor) -> Vec<f32> {
         let mut out = vec![0u8; t.nbytes()];
-        t.read(0, &mut out, &mut Scratch::default()).unwrap();
+        t.read(0, &mut out, &mut ReadContext::default()).unwrap();
         out.chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect()
@@ -333,7 +344,7 @@ mod tests {
         let b = f32_tensor(&[2, 3, 2], |i| (i as f32) - 3.0);
         let (dims, shape) = product_shape(&a, "a", &b, "b").unwrap();
         assert_eq!((dims, shape.clone()), ([2, 2, 3, 2], vec![2, 2, 2]));
-        let got = values(&product(&a, &b, dims, shape, 1));
+        let got = values(&product(&a, &b, dims, shape, 1).unwrap());
         let (av, bv) = (values(&a), values(&b));
         let mut expected = Vec::new();
         for z in 0..2 {

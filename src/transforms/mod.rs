@@ -40,7 +40,7 @@ use crate::plan::payload::Field;
 use crate::plan::{Location, PlanError, RawTransform};
 use crate::references::{ResolvedSlice, Target};
 use crate::state::{Match, SelectError, State};
-use crate::value::{Scratch, Tensor};
+use crate::value::{ReadContext, Tensor, ValueError};
 
 /// Whether execution goes on after a transform.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +57,8 @@ pub struct Context {
     /// Whether value assertions read tensor data (a run) or are deferred (the header-only plan
     /// check of SPEC §8.1).
     pub evaluate: bool,
-    /// Buffers for value assertions.
-    pub scratch: Scratch,
+    /// Buffers for reading values, and the interruption flag reads check between chunks.
+    pub reads: ReadContext,
     /// One line per transform describing what it did, for `check` and `--summarize`.
     pub notes: Vec<String>,
     /// Set by Ctrl-C; long evaluations stop at the next chunk.
@@ -83,7 +83,7 @@ impl Context {
     pub fn new(evaluate: bool, cancel: Arc<AtomicBool>) -> Self {
         Context {
             evaluate,
-            scratch: Scratch::default(),
+            reads: ReadContext::cancellable(cancel.clone()),
             notes: Vec::new(),
             cancel,
             output: Vec::new(),
@@ -141,6 +141,33 @@ impl From<crate::write::WriteError> for StepError {
             crate::write::WriteError::Plan(e) => StepError::Plan(e),
             crate::write::WriteError::Format(e) => StepError::Format(e),
             crate::write::WriteError::Cancelled => StepError::Cancelled,
+            crate::write::WriteError::Value(e) => StepError::Transform(TransformError::Value(e)),
+        }
+    }
+}
+
+impl From<ValueError> for StepError {
+    fn from(e: ValueError) -> Self {
+        match e {
+            ValueError::Read(e) => StepError::Format(e),
+            ValueError::Cancelled => StepError::Cancelled,
+            other => StepError::Transform(TransformError::Value(other)),
+        }
+    }
+}
+
+impl TransformError {
+    /// The error for a value of `tensor` that cannot be built or computed; reading failures and
+    /// interruptions keep their own kinds.
+    pub fn value_of(tensor: &str, e: ValueError) -> StepError {
+        match e {
+            ValueError::NoByteSize { .. } | ValueError::Compute { .. } => {
+                StepError::Transform(TransformError::ValueOf {
+                    tensor: tensor.to_owned(),
+                    source: e,
+                })
+            }
+            other => other.into(),
         }
     }
 }
@@ -167,10 +194,14 @@ impl From<SelectError> for StepError {
 /// tensor that cannot be sliced.
 pub(crate) fn view_of(tensor: &Tensor, slice: &ResolvedSlice, display: &str) -> Result<Tensor, TransformError> {
     tensor.view(slice).map_err(|e| match e {
-        crate::value::ValueError::NoByteSize { op, dtype } => TransformError::Unsupported {
+        ValueError::NoByteSize { op, dtype } => TransformError::Unsupported {
             op,
             tensor: display.to_owned(),
             dtype,
+        },
+        source => TransformError::ValueOf {
+            tensor: display.to_owned(),
+            source,
         },
     })
 }

@@ -20,13 +20,12 @@ use serde_json::Value as Json;
 
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
-use crate::formats::FormatError;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{strides, LazyOp, Scratch, Tensor, Value, CHUNK_BYTES};
+use crate::value::{strides, LazyOp, ReadContext, Tensor, Value, ValueError, CHUNK_BYTES};
 
 /// Elements of the source read per tile before they are scattered: 64 KiB of BF16, well within
 /// L2 together with the output band it is written into.
@@ -122,7 +121,8 @@ impl Transform for Permute {
         }
         let destinations = new_destinations(state, &matches, &self.to, "permute", &self.location)?;
         for ((m, (alias, name)), order) in matches.iter().zip(&destinations).zip(&orders) {
-            state.insert(alias, name, permuted(&m.tensor, order));
+            let tensor = permuted(&m.tensor, order).map_err(|e| TransformError::value_of(&m.display(), e))?;
+            state.insert(alias, name, tensor);
         }
         ctx.note(format!("permute: {} by {:?}", count_noun(matches.len()), self.order));
         Ok(Flow::Continue)
@@ -130,10 +130,10 @@ impl Transform for Permute {
 }
 
 /// The lazy permutation of `source` (`order` is a valid permutation of its dimensions).
-pub fn permuted(source: &Tensor, order: &[usize]) -> Tensor {
+pub fn permuted(source: &Tensor, order: &[usize]) -> Result<Tensor, ValueError> {
     let shape: Vec<usize> = order.iter().map(|&d| source.shape[d]).collect();
     if order.iter().enumerate().all(|(i, &d)| i == d) {
-        return source.clone();
+        return Ok(source.clone());
     }
     let src_strides = strides(&source.shape);
     // Simplify: drop size-1 dimensions, merge neighbours that stay adjacent in the source.
@@ -251,7 +251,7 @@ impl PermuteOp {
         offset
     }
 
-    fn read_rows(&self, size: usize, start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+    fn read_rows(&self, size: usize, start: usize, out: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
         let r = self.dims.len();
         let len = self.dims[r - 1];
         let n = out.len() / size;
@@ -262,13 +262,13 @@ impl PermuteOp {
             let count = (len - col).min(n - done);
             let src = self.offset_of(row, r - 1) + col;
             self.source
-                .read(src, &mut out[done * size..(done + count) * size], scratch)?;
+                .read(src, &mut out[done * size..(done + count) * size], cx)?;
             done += count;
         }
         Ok(())
     }
 
-    fn read_tiles(&self, size: usize, start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+    fn read_tiles(&self, size: usize, start: usize, out: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
         let r = self.dims.len();
         let (rows, cols) = (self.dims[r - 2], self.dims[r - 1]);
         let col_stride = self.strides[r - 1];
@@ -289,12 +289,12 @@ impl PermuteOp {
                 (0, cols)
             };
             let block = (TILE_ELEMS / h).clamp(1, c_hi - c_lo);
-            let mut tile = scratch.take(block * h * size);
+            let mut tile = cx.take(block * h * size);
             let mut c0 = c_lo;
             let mut result = Ok(());
             while c0 < c_hi {
                 let c1 = c_hi.min(c0 + block);
-                result = self.read_tile(base + q_lo, col_stride, h, c0, c1, &mut tile, size, scratch);
+                result = self.read_tile(base + q_lo, col_stride, h, c0, c1, &mut tile, size, cx);
                 if result.is_err() {
                     break;
                 }
@@ -312,7 +312,7 @@ impl PermuteOp {
                 }
                 c0 = c1;
             }
-            scratch.give(tile);
+            cx.give(tile);
             result?;
             pos += u1 - u0;
         }
@@ -331,8 +331,8 @@ impl PermuteOp {
         c1: usize,
         tile: &mut [u8],
         size: usize,
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         let count = c1 - c0;
         if let Some(map) = self.mapping() {
             for j in 0..count {
@@ -340,9 +340,9 @@ impl PermuteOp {
                 match map.get(src..src + h * size) {
                     Some(run) => tile[j * h * size..(j + 1) * h * size].copy_from_slice(run),
                     None => {
-                        return Err(FormatError::Io {
-                            path: "permute".into(),
-                            source: std::io::Error::other("a source run lies outside the mapped tensor"),
+                        return Err(ValueError::Compute {
+                            op: "permute",
+                            reason: "a source run lies outside the mapped tensor".into(),
                         })
                     }
                 }
@@ -351,26 +351,25 @@ impl PermuteOp {
         }
         let span = (count - 1) * stride + h;
         if stride <= 4 * h && span * size <= 4 * CHUNK_BYTES {
-            let mut tmp = scratch.take(span * size);
-            let result = self.source.read(first + c0 * stride, &mut tmp, scratch);
+            let mut tmp = cx.take(span * size);
+            let result = self.source.read(first + c0 * stride, &mut tmp, cx);
             if result.is_ok() {
                 for j in 0..count {
                     let from = j * stride * size;
                     tile[j * h * size..(j + 1) * h * size].copy_from_slice(&tmp[from..from + h * size]);
                 }
             }
-            scratch.give(tmp);
+            cx.give(tmp);
             return result;
         }
         for j in 0..count {
             let src = first + (c0 + j) * stride;
-            self.source
-                .read(src, &mut tile[j * h * size..(j + 1) * h * size], scratch)?;
+            self.source.read(src, &mut tile[j * h * size..(j + 1) * h * size], cx)?;
         }
         Ok(())
     }
 
-    fn read_whole(&self, size: usize, start: usize, out: &mut [u8], scratch: &mut Scratch) -> Result<(), FormatError> {
+    fn read_whole(&self, size: usize, start: usize, out: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
         let whole = {
             let mut slot = self.whole.lock().unwrap_or_else(|e| e.into_inner());
             match &*slot {
@@ -382,7 +381,7 @@ impl PermuteOp {
                     let mut at = 0;
                     while at < total {
                         let n = per.min(total - at);
-                        self.source.read(at, &mut bytes[at * size..(at + n) * size], scratch)?;
+                        self.source.read(at, &mut bytes[at * size..(at + n) * size], cx)?;
                         at += n;
                     }
                     let whole = Arc::new(bytes);
@@ -440,14 +439,18 @@ fn scatter_row(size: usize, tile: &[u8], h: usize, t: usize, c: usize, dst: &mut
 }
 
 impl LazyOp for PermuteOp {
+    fn name(&self) -> &'static str {
+        "permute"
+    }
+
     fn read(
         &self,
         dtype: DType,
         _shape: &[usize],
         start: usize,
         out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         let Some(size) = dtype.size() else {
             return Ok(());
         };
@@ -455,13 +458,13 @@ impl LazyOp for PermuteOp {
             return Ok(());
         }
         match self.mode {
-            Mode::Rows => self.read_rows(size, start, out, scratch),
+            Mode::Rows => self.read_rows(size, start, out, cx),
             Mode::Tiles => {
-                self.read_tiles(size, start, out, scratch)?;
+                self.read_tiles(size, start, out, cx)?;
                 self.served(out.len());
                 Ok(())
             }
-            Mode::Whole => self.read_whole(size, start, out, scratch),
+            Mode::Whole => self.read_whole(size, start, out, cx),
         }
     }
 }
@@ -496,12 +499,12 @@ mod tests {
     fn read_all(t: &Tensor, chunk: usize) -> Vec<u32> {
         let n = t.numel();
         let mut got = Vec::new();
-        let mut scratch = Scratch::default();
+        let mut cx = ReadContext::default();
         let mut start = 0;
         while start < n {
             let k = chunk.min(n - start);
             let mut out = vec![0u8; k * 4];
-            t.read(start, &mut out, &mut scratch).unwrap();
+            t.read(start, &mut out, &mut cx).unwrap();
             got.extend(out.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())));
             start += k;
         }
@@ -523,7 +526,7 @@ mod tests {
             (&[300, 7], &[1, 0]),
         ];
         for (shape, order) in cases {
-            let t = permuted(&source(shape), order);
+            let t = permuted(&source(shape), order).unwrap();
             let expected = naive(shape, order);
             for chunk in [1, 3, 7, 20, 64, 10_000] {
                 assert_eq!(read_all(&t, chunk), expected, "{shape:?} by {order:?}, chunk {chunk}");

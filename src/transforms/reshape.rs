@@ -12,13 +12,12 @@ use super::{
     count_noun, fmt_shape, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec,
 };
 use crate::dtype::DType;
-use crate::formats::FormatError;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{LazyOp, Scratch, Tensor, Value};
+use crate::value::{LazyOp, ReadContext, Tensor, Value, ValueError};
 
 const RESHAPE_FIELDS: &[Field] = &[
     Field::required("from", FieldKind::Reference, "tensors to reshape (may be sliced)"),
@@ -151,22 +150,31 @@ struct Reshaped {
 }
 
 impl LazyOp for Reshaped {
+    fn name(&self) -> &'static str {
+        "reshape"
+    }
+
     fn read(
         &self,
         _dtype: DType,
         _shape: &[usize],
         start: usize,
         out: &mut [u8],
-        scratch: &mut Scratch,
-    ) -> Result<(), FormatError> {
-        self.inner.read(start, out, scratch)
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        self.inner.read(start, out, cx)
     }
 }
 
 /// `tensor` read with `shape` (same element count): the same lazy value, except operations.
 pub fn reshaped(tensor: &Tensor, shape: Vec<usize>) -> Tensor {
     match &*tensor.value {
-        Value::Op(_) => Tensor::op(tensor.dtype, shape, Arc::new(Reshaped { inner: tensor.clone() })),
+        // An operation's dtype is byte-sized (checked when it was built), as `Reshaped` needs.
+        Value::Op(_) => Tensor {
+            dtype: tensor.dtype,
+            shape,
+            value: Arc::new(Value::Op(Arc::new(Reshaped { inner: tensor.clone() }))),
+        },
         _ => Tensor {
             dtype: tensor.dtype,
             shape,
@@ -251,7 +259,7 @@ mod tests {
         let view = crate::transforms::view_of(&m.tensor, &slice, "x").unwrap();
         let flat = reshaped(&view, vec![6]);
         let mut out = vec![0u8; 12];
-        flat.read(0, &mut out, &mut Scratch::default()).unwrap();
+        flat.read(0, &mut out, &mut ReadContext::default()).unwrap();
         let got: Vec<u16> = out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         assert_eq!(got, vec![6, 8, 10, 12, 14, 16]);
         // A view of a reshaped tensor: rows of the [3, 8] reshape.
@@ -259,7 +267,7 @@ mod tests {
         let slice = SliceSpec::parse("[1:, 6:]").unwrap().resolve(&[3, 8]).unwrap();
         let view = crate::transforms::view_of(&r, &slice, "x").unwrap();
         let mut out = vec![0u8; 8];
-        view.read(0, &mut out, &mut Scratch::default()).unwrap();
+        view.read(0, &mut out, &mut ReadContext::default()).unwrap();
         let got: Vec<u16> = out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         assert_eq!(got, vec![14, 15, 22, 23]);
     }

@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
-use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformSpec};
+use super::{
+    count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec,
+};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::ResolvedSlice;
 use crate::references::{Reference, Target};
-use crate::state::State;
+use crate::state::{Match, State};
 use crate::value::{ScaleFn, Tensor};
 
 const SCALE_FIELDS: &[Field] = &[
@@ -74,8 +76,10 @@ struct Scale {
     location: Location,
 }
 
-fn scaled(tensor: &Tensor, region: Option<ResolvedSlice>, by: f64) -> Tensor {
-    tensor.map(region, Arc::new(ScaleFn(by)))
+fn scaled(m: &Match, tensor: &Tensor, region: Option<ResolvedSlice>, by: f64) -> Result<Tensor, StepError> {
+    tensor
+        .map(region, Arc::new(ScaleFn(by)))
+        .map_err(|e| TransformError::value_of(&m.display(), e))
 }
 
 impl Transform for Scale {
@@ -88,7 +92,7 @@ impl Transform for Scale {
             Some(to) => {
                 let destinations = new_destinations(state, &matches, to, "scale", &self.location)?;
                 for (m, (alias, name)) in matches.iter().zip(&destinations) {
-                    state.insert(alias, name, scaled(&m.tensor, None, self.by));
+                    state.insert(alias, name, scaled(m, &m.tensor, None, self.by)?);
                 }
                 ctx.note(format!("scale: {} × {}", count_noun(matches.len()), self.by));
             }
@@ -99,7 +103,7 @@ impl Transform for Scale {
                         .slice
                         .clone()
                         .filter(|r| !(r.is_full() && m.tensor.shape == m.base.shape));
-                    let tensor = scaled(&m.base, region, self.by);
+                    let tensor = scaled(m, &m.base, region, self.by)?;
                     state.replace(&m.alias, &m.name, tensor);
                 }
                 ctx.note(format!("scale_: {} × {}", count_noun(matches.len()), self.by));

@@ -237,7 +237,7 @@ impl Transform for Split {
 mod tests {
     use super::*;
     use crate::transforms::test_support;
-    use crate::value::Scratch;
+    use crate::value::ReadContext;
 
     fn matched(shape: &[usize]) -> Match {
         test_support::matched("x", test_support::counting(shape, 0))
@@ -269,7 +269,7 @@ mod tests {
         let m = matched(&[3, 4]);
         let part = view_of(&m.tensor, &band(&[3, 4], 1, 1, 2), "x").unwrap();
         let mut out = vec![0u8; 12];
-        part.read(0, &mut out, &mut Scratch::default()).unwrap();
+        part.read(0, &mut out, &mut ReadContext::default()).unwrap();
         let got: Vec<u16> = out.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         assert_eq!(got, vec![1, 2, 5, 6, 9, 10]);
     }
