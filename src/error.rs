@@ -17,7 +17,7 @@ pub enum Error {
     Format(#[from] FormatError),
     /// Reading tensor data failed while a transform evaluated values (exit status 2,
     /// `FormatError`).
-    #[error("transforms[{index}] ({name}): {source}")]
+    #[error("transforms[{index}] ({name})")]
     FormatAt {
         /// Index of the transform in the plan.
         index: usize,
@@ -27,7 +27,7 @@ pub enum Error {
         source: FormatError,
     },
     /// A transform cannot apply to the tensors it selects (exit status 1, `TransformError`).
-    #[error("transforms[{index}] ({name}): {source}")]
+    #[error("transforms[{index}] ({name})")]
     Transform {
         /// Index of the transform in the plan.
         index: usize,
@@ -85,17 +85,215 @@ impl Error {
     }
 }
 
-/// Formats an error with its causes, one paragraph.
+/// Formats an error with its causes, one paragraph: each layer's message says only its own part
+/// and names its cause through `source()`, so the parts join without repeats.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
         source = cause.source();
     }
     text
+}
+
+/// The parts of a failure a program can act on, taken from the error and its causes: Python
+/// exceptions carry them as attributes (`transform_index`, `transform`, `reference`, `tensor`,
+/// `path`, `location`). The outermost error that knows a part wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorContext {
+    /// Index of the failing step in the plan's `transforms` list.
+    pub transform_index: Option<usize>,
+    /// The failing step's transform name.
+    pub transform: Option<String>,
+    /// The tensor reference as written, when the failure is about one.
+    pub reference: Option<String>,
+    /// The tensor (`alias::name`, or the name in a file) the failure is about.
+    pub tensor: Option<String>,
+    /// The file the failure is about.
+    pub path: Option<std::path::PathBuf>,
+    /// Where in the plan document (`transforms[3].scale_.by`).
+    pub location: Option<String>,
+}
+
+impl ErrorContext {
+    /// Collects the context of `error` and of every cause it chains.
+    pub fn of(error: &Error) -> Self {
+        let mut cx = ErrorContext::default();
+        match error {
+            Error::FormatAt { index, name, .. } | Error::Transform { index, name, .. } => {
+                cx.step(*index, name);
+            }
+            Error::Assertion { index, failure } => {
+                cx.step(*index, "assert");
+                cx.visit(failure);
+            }
+            Error::Plan(e) => cx.visit(e),
+            Error::Format(e) => cx.visit(e),
+            Error::Value(e) => cx.visit(e),
+            Error::Cancelled => {}
+        }
+        let mut cause = std::error::Error::source(error);
+        while let Some(e) = cause {
+            cx.visit(e);
+            cause = e.source();
+        }
+        cx
+    }
+
+    fn step(&mut self, index: usize, name: &str) {
+        self.transform_index.get_or_insert(index);
+        self.transform.get_or_insert_with(|| name.to_owned());
+    }
+
+    fn tensor(&mut self, tensor: &str) {
+        self.tensor.get_or_insert_with(|| tensor.to_owned());
+    }
+
+    fn reference(&mut self, reference: &str) {
+        self.reference.get_or_insert_with(|| reference.to_owned());
+    }
+
+    fn path(&mut self, path: &std::path::Path) {
+        self.path.get_or_insert_with(|| path.to_path_buf());
+    }
+
+    fn location(&mut self, location: &crate::plan::Location) {
+        if let (Some(index), Some(name)) = (location.transform_index(), location.transform_name()) {
+            self.step(index, name);
+        }
+        self.location.get_or_insert_with(|| location.to_string());
+    }
+
+    /// Takes what one error of a known layer says about itself. Transparent variants forward
+    /// `source()` past the inner error, so the inner one is visited here explicitly.
+    fn visit(&mut self, error: &(dyn std::error::Error + 'static)) {
+        use crate::state::SelectError;
+        if let Some(e) = error.downcast_ref::<PlanError>() {
+            match e {
+                PlanError::Read { path, .. } => self.path(path),
+                PlanError::NoDefaultAlias {
+                    location, reference, ..
+                } => {
+                    self.location(location);
+                    self.reference(reference);
+                }
+                PlanError::UnknownKey { location, .. }
+                | PlanError::UnknownTransform { location, .. }
+                | PlanError::MissingKey { location, .. }
+                | PlanError::Invalid { location, .. }
+                | PlanError::Reference { location, .. }
+                | PlanError::UnknownAlias { location, .. } => self.location(location),
+                PlanError::Syntax { .. } => {}
+            }
+        } else if let Some(e) = error.downcast_ref::<FormatError>() {
+            match e {
+                FormatError::Io { path, .. }
+                | FormatError::Header { path, .. }
+                | FormatError::Numpy { path, .. }
+                | FormatError::Pickle { path, .. }
+                | FormatError::Torch { path, .. }
+                | FormatError::Unsupported { path, .. }
+                | FormatError::NoWeights { path }
+                | FormatError::BadIndex { path, .. }
+                | FormatError::InvalidOutput { path, .. } => self.path(path),
+                FormatError::IndexFileMissing { index, .. } => self.path(index),
+                FormatError::IndexTensorMissing { index, tensor, .. } => {
+                    self.path(index);
+                    self.tensor(tensor);
+                }
+                FormatError::DuplicateTensor { name, first, .. } => {
+                    self.path(first);
+                    self.tensor(name);
+                }
+                FormatError::NpzDtype { name, .. }
+                | FormatError::TorchDtype { name, .. }
+                | FormatError::DuplicateOutputTensor { name }
+                | FormatError::ReservedTensorName { name }
+                | FormatError::InvalidTensorSize { name, .. } => self.tensor(name),
+                FormatError::NpyCount { .. } | FormatError::InvalidSize { .. } => {}
+            }
+        } else if let Some(e) = error.downcast_ref::<TransformError>() {
+            self.visit_transform(e);
+        } else if let Some(e) = error.downcast_ref::<SelectError>() {
+            match e {
+                SelectError::Plan(e) => self.visit(e),
+                SelectError::Match(_) => {}
+                SelectError::Slice { tensor, .. } | SelectError::View { tensor, .. } => self.tensor(tensor),
+                SelectError::ZeroMatches { reference, .. } => self.reference(reference),
+            }
+        } else if let Some(e) = error.downcast_ref::<crate::value::ValueError>() {
+            if let crate::value::ValueError::Read(e) = e {
+                self.visit(e);
+            }
+        } else if let Some(failure) = error.downcast_ref::<AssertionFailure>() {
+            if let Some(tensor) = &failure.tensor {
+                self.tensor(tensor);
+            }
+        }
+    }
+
+    fn visit_transform(&mut self, error: &TransformError) {
+        use TransformError as T;
+        match error {
+            T::Select(e) => self.visit(e),
+            T::Value(e) => self.visit(e),
+            T::Nested { location, .. } => self.location(location),
+            T::ValueOf { tensor, .. }
+            | T::NotFloat { tensor, .. }
+            | T::Unsupported { tensor, .. }
+            | T::Slice { tensor, .. }
+            | T::Template { tensor, .. }
+            | T::FillValue { tensor, .. }
+            | T::ElementCount { tensor, .. }
+            | T::NotPermutation { tensor, .. }
+            | T::SplitSizes { tensor, .. }
+            | T::DimOutOfRange { tensor, .. } => self.tensor(tensor),
+            T::DestinationExists { destination, .. } | T::DestinationMissing { destination, .. } => {
+                self.tensor(destination)
+            }
+            T::SliceNotAllowed { reference, .. } | T::SaveNotOne { reference, .. } => self.reference(reference),
+            T::Collision { destination, .. }
+            | T::ShapeMismatch { destination, .. }
+            | T::DTypeMismatch { destination, .. } => self.tensor(destination),
+            T::OperandMissing { source_name, .. } | T::MissingOperand { source_name, .. } => self.tensor(source_name),
+            T::LoadWhichTensor { path, .. } => self.path(path),
+            T::OperandDTypes { .. } | T::ConcatShapes { .. } | T::MatchCounts { .. } | T::MatmulShapes { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::references::ReferenceError;
+
+    fn slice_failure() -> Error {
+        Error::Transform {
+            index: 2,
+            name: "scale_".into(),
+            source: TransformError::Slice {
+                tensor: "model::w".into(),
+                source: ReferenceError::ZeroStep { dim: 1 },
+            },
+        }
+    }
+
+    #[test]
+    fn the_chain_says_each_part_once() {
+        assert_eq!(
+            error_chain(&slice_failure()),
+            "transforms[2] (scale_): slice on `model::w`: slice step is zero in dim 1"
+        );
+    }
+
+    #[test]
+    fn context_takes_the_step_and_the_tensor() {
+        let cx = ErrorContext::of(&slice_failure());
+        assert_eq!(cx.transform_index, Some(2));
+        assert_eq!(cx.transform.as_deref(), Some("scale_"));
+        assert_eq!(cx.tensor.as_deref(), Some("model::w"));
+        assert_eq!((cx.reference, cx.path, cx.location), (None, None, None));
+    }
 }

@@ -335,3 +335,67 @@ def test_exception_classes_have_their_public_names(name: str) -> None:
     assert issubclass(cls, bs.BrainSurgeryError)
     # What a traceback shows: `brainsurgery...PlanError`, not an internal spelling.
     assert cls.__name__ == name, f"{name} is exposed as {cls.__module__}.{cls.__name__}"
+
+
+# ---------------------------------------------------------------- structured attributes
+
+
+def raised(plan: dict[str, Any] | str, ws: Path, monkeypatch: pytest.MonkeyPatch) -> bs.BrainSurgeryError:
+    monkeypatch.chdir(ws)
+    with pytest.raises(bs.BrainSurgeryError) as info:
+        bs.run(plan)
+    return info.value
+
+
+def attributes(e: bs.BrainSurgeryError) -> dict[str, Any]:
+    return {k: getattr(e, k) for k in ("transform_index", "transform", "reference", "tensor", "path", "location")}
+
+
+def test_plan_error_carries_its_location(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = raised(plan_with([{"copy": {"from": "a.weight", "to": "c"}}, {"scale_": {"target": "a.weight", "byy": 2}}]), ws, monkeypatch)
+    assert isinstance(e, bs.PlanError)
+    assert attributes(e) == {
+        "transform_index": 1,
+        "transform": "scale_",
+        "reference": None,
+        "tensor": None,
+        "path": None,
+        "location": "transforms[1].scale_",
+    }
+
+
+def test_zero_matches_carries_the_reference(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = raised(plan_with([{"scale_": {"target": "nothing.*", "by": 2}}]), ws, monkeypatch)
+    assert isinstance(e, bs.TransformError)
+    a = attributes(e)
+    assert (a["transform_index"], a["transform"], a["reference"]) == (0, "scale_", "nothing.*")
+
+
+def test_transform_error_carries_the_tensor(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = raised(plan_with([{"reshape_": {"target": "a.weight", "shape": [7]}}]), ws, monkeypatch)
+    assert isinstance(e, bs.TransformError)
+    a = attributes(e)
+    assert (a["transform_index"], a["transform"]) == (0, "reshape_")
+    assert a["tensor"] is not None and a["tensor"].endswith("a.weight")
+    # The message says each layer's part once.
+    assert str(e).count("a.weight") == 1, str(e)
+
+
+def test_assertion_carries_the_tensor(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = raised(plan_with([{"copy": {"from": "a.weight", "to": "c"}}, {"assert": {"equal": {"left": "a.weight", "right": "b.weight"}}}]), ws, monkeypatch)
+    assert isinstance(e, bs.AssertionFailed)
+    a = attributes(e)
+    assert (a["transform_index"], a["transform"]) == (1, "assert")
+
+
+def test_format_error_carries_the_path(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (ws / "bad.safetensors").write_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00{")
+    e = raised(plan_with([], inputs=["bad.safetensors"]), ws, monkeypatch)
+    assert isinstance(e, bs.FormatError)
+    assert e.path is not None and e.path.endswith("bad.safetensors")
+    assert e.transform_index is None
+
+
+def test_every_exception_class_has_the_attributes_unset_by_default() -> None:
+    e = bs.PlanError("raised by hand")
+    assert attributes(e) == dict.fromkeys(attributes(e))

@@ -5,7 +5,7 @@ use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyPermissionErr
 use pyo3::prelude::*;
 
 use crate::error::error_chain;
-use crate::error::Error;
+use crate::error::{Error, ErrorContext};
 use crate::formats::FormatError;
 use crate::plan::PlanError;
 
@@ -77,10 +77,44 @@ fn with_io_cause(py: Python<'_>, err: PyErr, format: &FormatError) -> PyErr {
     err
 }
 
+/// The structured attributes every brainsurgery exception has (None when unknown).
+const ATTRIBUTES: [&str; 6] = [
+    "transform_index",
+    "transform",
+    "reference",
+    "tensor",
+    "path",
+    "location",
+];
+
+/// Sets the structured attributes on the raised exception, so callers need not parse messages.
+fn with_context(py: Python<'_>, err: PyErr, cx: &ErrorContext) -> PyErr {
+    let value = err.value(py);
+    let path = cx.path.as_ref().map(|p| p.display().to_string());
+    let set = || -> PyResult<()> {
+        value.setattr("transform_index", cx.transform_index)?;
+        value.setattr("transform", cx.transform.as_deref())?;
+        value.setattr("reference", cx.reference.as_deref())?;
+        value.setattr("tensor", cx.tensor.as_deref())?;
+        value.setattr("path", path.as_deref())?;
+        value.setattr("location", cx.location.as_deref())?;
+        Ok(())
+    };
+    // Setting attributes on a fresh exception instance cannot fail short of memory exhaustion;
+    // the exception is still raised, with the class defaults, if it does.
+    let _ = set();
+    err
+}
+
 /// Converts an engine error to the matching Python exception.
 pub fn to_py(py: Python<'_>, error: Error) -> PyErr {
-    let message = error_chain(&error);
-    match &error {
+    let context = ErrorContext::of(&error);
+    with_context(py, to_py_class(py, &error), &context)
+}
+
+fn to_py_class(py: Python<'_>, error: &Error) -> PyErr {
+    let message = error_chain(error);
+    match error {
         Error::Plan(_) => PlanError_::new_err(message),
         Error::Format(format) | Error::FormatAt { source: format, .. } => {
             with_io_cause(py, FormatError_::new_err(message), format)
@@ -93,7 +127,7 @@ pub fn to_py(py: Python<'_>, error: Error) -> PyErr {
 
 /// A plan error raised before the engine runs (a bad argument type).
 pub fn plan_error(error: PlanError) -> PyErr {
-    PlanError_::new_err(error_chain(&error))
+    Python::attach(|py| to_py(py, Error::Plan(error)))
 }
 
 /// Registers the exception classes on the module under their public names.
@@ -104,5 +138,10 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("TransformError", py.get_type::<TransformError>())?;
     module.add("AssertionFailed", py.get_type::<AssertionFailed>())?;
     module.add("FormatError", py.get_type::<FormatError_>())?;
+    // Class-level defaults, so an exception raised without context still has every attribute.
+    let base = py.get_type::<BrainSurgeryError>();
+    for name in ATTRIBUTES {
+        base.setattr(name, py.None())?;
+    }
     Ok(())
 }

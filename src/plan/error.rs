@@ -17,7 +17,7 @@ pub enum PlanError {
         message: String,
     },
     /// A plan file could not be read.
-    #[error("cannot read plan {}: {source}", path.display())]
+    #[error("cannot read plan {}", path.display())]
     Read {
         /// The plan file.
         path: PathBuf,
@@ -63,7 +63,7 @@ pub enum PlanError {
         message: String,
     },
     /// A tensor reference or rewrite template does not parse.
-    #[error("{location}: {source}")]
+    #[error("{location}")]
     Reference {
         /// Where the reference is.
         location: Location,

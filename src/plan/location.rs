@@ -45,6 +45,16 @@ impl Location {
     }
 }
 
+impl Location {
+    /// The name of the transform this location lies in (`scale_` in `transforms[3].scale_.by`).
+    pub fn transform_name(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [Segment::Key(k), Segment::Index(_), Segment::Key(name), ..] if k == "transforms" => Some(name),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
@@ -70,6 +80,7 @@ mod tests {
         let loc = Location::root().key("transforms").index(3).key("scale_").key("by");
         assert_eq!(loc.to_string(), "transforms[3].scale_.by");
         assert_eq!(loc.transform_index(), Some(3));
+        assert_eq!(loc.transform_name(), Some("scale_"));
         assert_eq!(Location::root().to_string(), "<plan>");
     }
 }

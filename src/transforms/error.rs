@@ -100,7 +100,7 @@ pub enum TransformError {
         dtype: DType,
     },
     /// A slice does not fit the tensor it is applied to.
-    #[error("slice on `{tensor}`: {source}")]
+    #[error("slice on `{tensor}`")]
     Slice {
         /// The tensor.
         tensor: String,
@@ -108,7 +108,7 @@ pub enum TransformError {
         source: ReferenceError,
     },
     /// A destination template cannot be expanded for a match.
-    #[error("rewriting `{tensor}`: {source}")]
+    #[error("rewriting `{tensor}`")]
     Template {
         /// The matched tensor.
         tensor: String,
@@ -280,7 +280,7 @@ pub enum TransformError {
     },
     // load / save / execute (issue 3, planops).
     /// A step of a nested plan (`execute`) failed; the location names it in the including plan.
-    #[error("at {location} ({name}): {source}")]
+    #[error("at {location} ({name})")]
     Nested {
         /// Where the failing step is (`transforms[3].execute.transforms[1]`).
         location: crate::plan::Location,

@@ -288,8 +288,8 @@ mod tests {
             "{err}"
         );
         assert!(
-            err.to_string()
-                .starts_with("at transforms[2].execute.transforms[1] (scale_): "),
+            crate::error::error_chain(&err)
+                .starts_with("at transforms[2].execute.transforms[1] (scale_): `w`: move does not take"),
             "{err}"
         );
         let err = parse(serde_json::json!({"transforms": [{"scale_": {"target": "w"}}]})).unwrap_err();
