@@ -232,16 +232,18 @@ impl RegexSelector {
                 }))
             }
         };
-        let caps = match re.captures(name) {
-            Ok(Some(caps)) => caps,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                return Err(ReferenceError::MatchFailed {
-                    pattern: self.pattern.clone(),
-                    name: name.to_string(),
-                    message: e.to_string(),
-                })
-            }
+        let failed = |e: fancy_regex::Error| ReferenceError::MatchFailed {
+            pattern: self.pattern.clone(),
+            name: name.to_string(),
+            message: e.to_string(),
+        };
+        // Most names of a scan do not match: `is_match` rejects them with the regex crate's
+        // literal prefilters and DFA, several times faster than a failed `captures` (issue 8).
+        if !re.is_match(name).map_err(failed)? {
+            return Ok(None);
+        }
+        let Some(caps) = re.captures(name).map_err(failed)? else {
+            return Ok(None);
         };
         let groups: Vec<Option<String>> = (0..caps.len())
             .map(|i| caps.get(i).map(|m| m.as_str().to_string()))
