@@ -523,6 +523,49 @@ fn closest_hint(closest: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::test_util::{pattern, write_official};
+    use ::safetensors::Dtype;
+
+    fn names(matches: &[Match]) -> Vec<&str> {
+        matches.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn literal_selectors_are_looked_up_and_sources_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let specs = [
+            ("h.0.w", Dtype::U8, vec![4], pattern(4, 1)),
+            ("hx0.w", Dtype::U8, vec![2], pattern(2, 2)),
+        ];
+        write_official(&path, &specs, None);
+        let mut state = State::default();
+        state.add_checkpoint("m", &open_checkpoint(&path).unwrap());
+        state.default_alias = Some("m".into());
+        let at = Location::root();
+        let select = |text: &str| state.select(&Reference::parse_str(text).unwrap(), &at).unwrap();
+        // Escaped: one name, looked up, with its slice; dotted: a regex, both names.
+        let one = select(r"m::h\.0\.w::[1:]");
+        assert_eq!(names(&one), vec!["h.0.w"]);
+        assert_eq!(one[0].tensor.shape, vec![3]);
+        assert_eq!(one[0].captures.whole(), "h.0.w");
+        assert_eq!(names(&select("h.0.w")), vec!["h.0.w", "hx0.w"]);
+        assert!(select(r"h\.0\.x").is_empty());
+        assert_eq!(names(&select(r"h(.)0\.w")), vec!["h.0.w", "hx0.w"]);
+        let sources = state.sources();
+        assert_eq!(sources.len(), 1);
+        assert_eq!(sources[0].alias, "m");
+        let bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let want: String = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(&bytes[..8 + n])
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        assert_eq!(sources[0].files, vec![("m.safetensors".to_owned(), Some(want))]);
+    }
 
     #[test]
     fn rename_and_remove_alias_keep_bookkeeping() {
