@@ -24,6 +24,16 @@ pub struct Origin {
     pub files: Vec<PathBuf>,
 }
 
+/// One checkpoint a run opened, as the output's provenance records it (issue 8): the alias it
+/// was opened under and, per weight file, its file name (no directory) and header SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIdentity {
+    /// The alias the checkpoint (or the tensor `load` took from it) went into.
+    pub alias: String,
+    /// `(file name, header SHA-256)` of each weight file, in the checkpoint's file order.
+    pub files: Vec<(String, Option<String>)>,
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
     tensor: Tensor,
@@ -105,11 +115,37 @@ pub struct State {
     pub default_alias: Option<String>,
     /// Aliases some transform has written to, for choosing the output alias (SPEC §6.3).
     pub written: BTreeSet<String>,
+    /// Every checkpoint opened so far, in order, for the output's provenance.
+    sources: Vec<SourceIdentity>,
 }
 
 impl State {
+    /// Records that tensors of `checkpoint` entered `alias` (done by [`State::add_checkpoint`];
+    /// `load` of a single tensor calls it itself).
+    pub fn record_source(&mut self, alias: &str, checkpoint: &Checkpoint) {
+        let files = checkpoint
+            .files
+            .iter()
+            .map(|f| {
+                let name = f.path.file_name().map(|n| n.to_string_lossy().into_owned());
+                (name.unwrap_or_default(), f.header_sha256().map(str::to_owned))
+            })
+            .collect();
+        self.sources.push(SourceIdentity {
+            alias: alias.to_owned(),
+            files,
+        });
+    }
+
+    /// The checkpoints opened so far, in order (plan inputs first, then nested plans' inputs and
+    /// `load`s as they ran).
+    pub fn sources(&self) -> &[SourceIdentity] {
+        &self.sources
+    }
+
     /// Adds an alias holding a checkpoint's tensors, in its input order.
     pub fn add_checkpoint(&mut self, alias: &str, checkpoint: &Checkpoint) {
+        self.record_source(alias, checkpoint);
         let mut state = AliasState {
             origin: Some(Origin {
                 path: checkpoint.path.clone(),
@@ -246,11 +282,20 @@ impl State {
         let alias = self.alias_for(reference.alias.as_deref(), &reference.text, location)?;
         let state = &self.aliases[&alias];
         let mut matches = Vec::new();
-        for (name, tensor) in state.iter() {
+        // A selector that provably matches one name is a map lookup, not a scan (issue 8: plans
+        // list thousands of exact names); any other is matched once against each name.
+        // Names are matched before their tensors are looked up: most names of a scan do not match.
+        let candidates: Box<dyn Iterator<Item = &String>> = match reference.selector.literal() {
+            Some(literal) => Box::new(state.tensors.get_key_value(literal).map(|(name, _)| name).into_iter()),
+            None => Box::new(state.order.values()),
+        };
+        for name in candidates {
             let captures = reference.selector.try_captures(name).map_err(SelectError::Match)?;
             let Some(captures) = captures else {
                 continue;
             };
+            let name = name.as_str();
+            let tensor = &state.tensors[name].tensor;
             let (view, slice) = match &reference.slice {
                 None => (tensor.clone(), None),
                 Some(spec) => {
@@ -478,6 +523,49 @@ fn closest_hint(closest: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::test_util::{pattern, write_official};
+    use ::safetensors::Dtype;
+
+    fn names(matches: &[Match]) -> Vec<&str> {
+        matches.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn literal_selectors_are_looked_up_and_sources_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let specs = [
+            ("h.0.w", Dtype::U8, vec![4], pattern(4, 1)),
+            ("hx0.w", Dtype::U8, vec![2], pattern(2, 2)),
+        ];
+        write_official(&path, &specs, None);
+        let mut state = State::default();
+        state.add_checkpoint("m", &open_checkpoint(&path).unwrap());
+        state.default_alias = Some("m".into());
+        let at = Location::root();
+        let select = |text: &str| state.select(&Reference::parse_str(text).unwrap(), &at).unwrap();
+        // Escaped: one name, looked up, with its slice; dotted: a regex, both names.
+        let one = select(r"m::h\.0\.w::[1:]");
+        assert_eq!(names(&one), vec!["h.0.w"]);
+        assert_eq!(one[0].tensor.shape, vec![3]);
+        assert_eq!(one[0].captures.whole(), "h.0.w");
+        assert_eq!(names(&select("h.0.w")), vec!["h.0.w", "hx0.w"]);
+        assert!(select(r"h\.0\.x").is_empty());
+        assert_eq!(names(&select(r"h(.)0\.w")), vec!["h.0.w", "hx0.w"]);
+        let sources = state.sources();
+        assert_eq!(sources.len(), 1);
+        assert_eq!(sources[0].alias, "m");
+        let bytes = std::fs::read(&path).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let want: String = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(&bytes[..8 + n])
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        assert_eq!(sources[0].files, vec![("m.safetensors".to_owned(), Some(want))]);
+    }
 
     #[test]
     fn rename_and_remove_alias_keep_bookkeeping() {

@@ -66,8 +66,28 @@ pub struct WriteOptions<'a> {
 
 /// Metadata key recording the engine version.
 pub const VERSION_KEY: &str = "brainsurgery.version";
-/// Metadata key recording the SHA-256 of the plan document.
+/// Metadata key recording the SHA-256 of the plan document without its locations (issue 8).
 pub const PLAN_KEY: &str = "brainsurgery.plan_sha256";
+/// Metadata key recording the identities of the checkpoints read (issue 8): a JSON list of
+/// `{"alias", "files": [{"name", "header_sha256"}]}`, file names without their directory.
+pub const INPUTS_KEY: &str = "brainsurgery.inputs";
+
+/// The [`INPUTS_KEY`] value for the checkpoints `state` opened.
+fn inputs_json(state: &State) -> String {
+    let sources: Vec<serde_json::Value> = state
+        .sources()
+        .iter()
+        .map(|source| {
+            let files: Vec<serde_json::Value> = source
+                .files
+                .iter()
+                .map(|(name, sha)| serde_json::json!({"name": name, "header_sha256": sha}))
+                .collect();
+            serde_json::json!({"alias": source.alias, "files": files})
+        })
+        .collect();
+    serde_json::Value::Array(sources).to_string()
+}
 
 /// The path with its parent directories resolved but not its last component, so a symlinked
 /// input file (the Hugging Face cache links snapshot files to blobs) is compared by the name the
@@ -200,7 +220,8 @@ pub fn write_alias(
 
 /// The `__metadata__` a write of `alias` carries: its checkpoint's (the first input's, for an
 /// alias the transforms built — SPEC §6.2), `format: pt` when absent (transformers refuses
-/// safetensors metadata without it), the engine version and, when known, the plan hash.
+/// safetensors metadata without it), the engine version, when known the plan hash, and the
+/// identities of the checkpoints read.
 pub fn alias_metadata(state: &State, alias: &str, plan_sha256: Option<&str>) -> BTreeMap<String, String> {
     let origin = state.alias(alias).and_then(|a| a.origin.as_ref()).or_else(|| {
         state
@@ -213,6 +234,9 @@ pub fn alias_metadata(state: &State, alias: &str, plan_sha256: Option<&str>) -> 
     metadata.insert(VERSION_KEY.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
     if let Some(sha) = plan_sha256 {
         metadata.insert(PLAN_KEY.to_owned(), sha.to_owned());
+    }
+    if !state.sources().is_empty() {
+        metadata.insert(INPUTS_KEY.to_owned(), inputs_json(state));
     }
     metadata
 }

@@ -184,7 +184,7 @@ def test_metadata_kept_and_provenance_added(ws: Path) -> None:
     assert meta["format"] == "pt" and meta["note"] == "kept"
     assert meta["brainsurgery.version"] == bs.__version__
     assert re.fullmatch(r"[0-9a-f]{64}", meta["brainsurgery.plan_sha256"]), meta
-    assert set(meta) == set(META) | {"brainsurgery.version", "brainsurgery.plan_sha256"}
+    assert set(meta) == set(META) | {"brainsurgery.version", "brainsurgery.plan_sha256", "brainsurgery.inputs"}
     # The hash identifies the plan: same plan → same hash; another plan → another hash.
     bs.run(dict(plan, output="o2.safetensors", transforms=[{"scale_": {"target": "z.weight", "by": 3}}]))
     other = file_metadata(ws / "o2.safetensors")["brainsurgery.plan_sha256"]
@@ -196,14 +196,13 @@ def test_metadata_added_when_input_has_none(ws: Path) -> None:
     bs.run({"inputs": ["bare.safetensors"], "output": "o.safetensors"})
     meta = file_metadata(ws / "o.safetensors")
     # `format: pt` too: transformers refuses safetensors metadata without a format.
-    assert set(meta) == {"format", "brainsurgery.version", "brainsurgery.plan_sha256"}
+    assert set(meta) == {"format", "brainsurgery.version", "brainsurgery.plan_sha256", "brainsurgery.inputs"}
     assert meta["format"] == "pt"
 
 
 def run_in(directory: Path, plan: dict[str, Any], threads: int = 0) -> None:
-    """Run ``plan`` from ``directory``. The plan document (its relative paths included) is the same
-    in every directory, so its ``brainsurgery.plan_sha256`` is too: outputs are comparable byte for
-    byte."""
+    """Run ``plan`` from ``directory``. ``brainsurgery.plan_sha256`` leaves locations out (issue 8),
+    so outputs are comparable byte for byte."""
     directory.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     os.chdir(directory)

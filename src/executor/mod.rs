@@ -344,7 +344,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let input = write_input(dir.path());
         let mut outputs = Vec::new();
-        // The same plan text (the output path is part of its hash) for every thread count.
+        // The same plan for every thread count.
         let out = dir.path().join("out.safetensors");
         for threads in [1, 2, 3] {
             let yaml = format!(

@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::dtype::DType;
 
@@ -207,6 +207,11 @@ pub struct SourceFile {
     /// Its length in bytes when opened.
     pub len: u64,
     file: File,
+    /// SHA-256 (hex) of its header bytes, set by the reader that parses them (issue 8): the
+    /// whole prefix of a safetensors file (length and JSON), the central directory of a zip
+    /// (PyTorch, `.npz`), everything before the data of a `.npy`, and the pickles before the
+    /// first storage of a legacy PyTorch file.
+    header_sha256: OnceLock<String>,
 }
 
 impl SourceFile {
@@ -224,7 +229,21 @@ impl SourceFile {
             path: path.to_path_buf(),
             len: meta.len(),
             file,
+            header_sha256: OnceLock::new(),
         })
+    }
+
+    /// Records the file's header bytes (the first record wins; readers that parse the header
+    /// again see the same bytes).
+    pub(crate) fn record_header(&self, bytes: &[u8]) {
+        use sha2::{Digest, Sha256};
+        self.header_sha256
+            .get_or_init(|| Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect());
+    }
+
+    /// SHA-256 (hex) of the header bytes, once a reader has parsed them.
+    pub fn header_sha256(&self) -> Option<&str> {
+        self.header_sha256.get().map(String::as_str)
     }
 
     /// Reads exactly `buf.len()` bytes at `offset` (pread, so threads can share the file).

@@ -49,6 +49,10 @@ pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<T
             .unwrap_or_default();
         let (dtype, shape, offset, nbytes) =
             parse_npy(file, 0, file.len).map_err(|r| bad(format!("tensor {name:?}: {r}")))?;
+        // The header is at most 12 bytes plus MAX_HEADER, checked by parse_npy.
+        let mut header = vec![0u8; usize::try_from(offset).map_err(|_| bad("header is too large".to_string()))?];
+        file.read_at(0, &mut header)?;
+        file.record_header(&header);
         Ok(vec![TensorEntry {
             name,
             dtype,

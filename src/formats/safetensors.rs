@@ -390,6 +390,7 @@ pub fn read_prefix(file: &SourceFile) -> Result<Vec<u8>, FormatError> {
     if let Some(head) = prefix.get_mut(..8) {
         head.copy_from_slice(&len_bytes);
     }
+    file.record_header(&prefix);
     Ok(prefix)
 }
 

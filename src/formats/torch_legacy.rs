@@ -109,6 +109,9 @@ pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntr
     let Object::List(keys) = next_pickle(file, data, &mut pos, "storage key")? else {
         return Err(bad(path, "the storage key list is not a list"));
     };
+    if let Some(header) = data.get(..pos) {
+        file.record_header(header);
+    }
 
     let mut declared = HashMap::new();
     collect_storages(&root, &mut declared, file)?;

@@ -131,6 +131,7 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, String> {
         return Err(format!("central directory of {cd_size} bytes is too large"));
     }
     let cd = read(file, cd_offset, cd_size, "central directory")?;
+    file.record_header(&cd);
     let short = || "central directory is truncated".to_string();
     let mut entries = Vec::new();
     let mut at = 0usize;

@@ -85,7 +85,8 @@ pub struct Plan {
     pub transforms: Vec<RawTransform>,
     /// The output, if any.
     pub output: Option<OutputSpec>,
-    /// SHA-256 of the merged document, recorded in the output metadata.
+    /// SHA-256 of the merged document without its locations ([`plan_sha256`]), recorded in the
+    /// output metadata.
     pub sha256: String,
     /// The plan files it was assembled from, in order (relative `execute` paths resolve against
     /// the first one's directory; all of them take part in `execute` cycle detection).
@@ -384,6 +385,128 @@ fn canonical(value: &Value) -> Value {
     }
 }
 
+/// What a file or directory location becomes in the hashed plan (issue 8): `*`, followed by the
+/// extension when the extension chooses a format (`*.safetensors`, `*.npz`), so the hash still
+/// tells a single file from a directory and one format from another, but not where it is.
+pub const LOCATION_PLACEHOLDER: &str = "*";
+
+/// Transforms whose payload's string `path` is a file or directory location (not a structured
+/// reference's `path`, which is a list).
+const LOCATION_TRANSFORMS: &[&str] = &["save", "load", "execute"];
+
+fn placeholder(path: &str) -> Value {
+    let path = std::path::Path::new(path);
+    let ext = format_of(path)
+        .and(path.extension())
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    Value::String(match ext {
+        Some(ext) => format!("{LOCATION_PLACEHOLDER}.{ext}"),
+        None => LOCATION_PLACEHOLDER.to_owned(),
+    })
+}
+
+/// The alias an `inputs` entry defines, as [`parse_input`] reads it (`None` when it is malformed;
+/// such a document never gets as far as being hashed).
+fn input_alias(text: &str, single: bool) -> Option<&str> {
+    match text.split_once("::") {
+        Some((alias, _)) => Some(alias),
+        None => single.then_some(DEFAULT_ALIAS),
+    }
+}
+
+/// A plan document with its locations taken out (issue 8): each input becomes its alias, the
+/// output path and the string `path` of `save`, `load` and `execute` become
+/// [`LOCATION_PLACEHOLDER`], recursively through `execute`'s nested plans and transform lists.
+/// Whatever does not have the expected shape is left as it is.
+fn locationless(doc: &Value) -> Value {
+    let Value::Object(map) = doc else {
+        return doc.clone();
+    };
+    let mut out = map.clone();
+    if let Some(inputs) = map.get("inputs") {
+        let aliases: Option<Vec<Value>> = match inputs {
+            Value::String(s) => input_alias(s, true).map(|a| vec![Value::String(a.to_owned())]),
+            Value::Array(items) => items
+                .iter()
+                .map(|item| match item {
+                    Value::String(s) => input_alias(s, items.len() == 1).map(|a| Value::String(a.to_owned())),
+                    _ => None,
+                })
+                .collect(),
+            Value::Object(m) => Some(m.keys().map(|a| Value::String(a.clone())).collect()),
+            _ => None,
+        };
+        if let Some(aliases) = aliases {
+            out.insert("inputs".to_owned(), Value::Array(aliases));
+        }
+    }
+    match map.get("output") {
+        Some(Value::String(path)) => {
+            let mut output = Map::new();
+            output.insert("path".to_owned(), placeholder(path));
+            out.insert("output".to_owned(), Value::Object(output));
+        }
+        Some(Value::Object(output)) => {
+            let mut output = output.clone();
+            if let Some(Value::String(path)) = output.get("path") {
+                let replaced = placeholder(path);
+                output.insert("path".to_owned(), replaced);
+            }
+            out.insert("output".to_owned(), Value::Object(output));
+        }
+        _ => {}
+    }
+    if let Some(transforms) = map.get("transforms") {
+        out.insert("transforms".to_owned(), locationless_transforms(transforms));
+    }
+    Value::Object(out)
+}
+
+fn locationless_transforms(transforms: &Value) -> Value {
+    let Value::Array(items) = transforms else {
+        return transforms.clone();
+    };
+    let items = items.iter().map(|item| match item {
+        Value::Object(map) if map.len() == 1 => {
+            let (name, payload) = map.iter().next().expect("map has one entry");
+            let payload = match payload {
+                Value::Object(p) if LOCATION_TRANSFORMS.contains(&name.as_str()) => {
+                    let mut p = p.clone();
+                    if let Some(Value::String(path)) = p.get("path") {
+                        let replaced = placeholder(path);
+                        p.insert("path".to_owned(), replaced);
+                    }
+                    if name == "execute" {
+                        if let Some(plan) = p.get("plan") {
+                            let replaced = locationless(plan);
+                            p.insert("plan".to_owned(), replaced);
+                        }
+                        if let Some(nested) = p.get("transforms") {
+                            let replaced = locationless_transforms(nested);
+                            p.insert("transforms".to_owned(), replaced);
+                        }
+                    }
+                    Value::Object(p)
+                }
+                other => other.clone(),
+            };
+            let mut one = Map::new();
+            one.insert(name.clone(), payload);
+            Value::Object(one)
+        }
+        other => other.clone(),
+    });
+    Value::Array(items.collect())
+}
+
+/// SHA-256 (hex) of a plan document as the output metadata records it: its locations taken out
+/// ([`locationless`]) and its mappings' keys sorted ([`canonical`]), serialized as compact JSON.
+/// The same plan over the same inputs hashes alike wherever its files are.
+pub fn plan_sha256(doc: &Value) -> String {
+    let canonical = serde_json::to_vec(&canonical(&locationless(doc))).expect("a JSON value always serializes");
+    Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Plan {
     /// Checks the top level of an assembled document.
     pub fn from_document(doc: &Value) -> Result<Plan, PlanError> {
@@ -403,8 +526,7 @@ impl Plan {
         let inputs = parse_inputs(map.get("inputs"), base.key("inputs"))?;
         let transforms = parse_transforms(map.get("transforms"), base.key("transforms"))?;
         let output = parse_output(map.get("output"), base.key("output"))?;
-        let canonical = serde_json::to_vec(&canonical(doc)).expect("a JSON value always serializes");
-        let sha256 = Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect();
+        let sha256 = plan_sha256(doc);
         Ok(Plan {
             inputs,
             transforms,
@@ -491,6 +613,61 @@ mod tests {
         let a = Plan::from_document(&json!({"inputs": ["x"], "output": {"path": "o", "shard": "1GB"}})).unwrap();
         let b = Plan::from_document(&json!({"output": {"shard": "1GB", "path": "o"}, "inputs": ["x"]})).unwrap();
         assert_eq!(a.sha256, b.sha256);
+    }
+
+    #[test]
+    fn sha_ignores_locations() {
+        // Issue 8: the same plan over files elsewhere hashes alike.
+        let plan = |dir: &str| {
+            json!({
+                "inputs": [format!("base::{dir}/base"), format!("ft::{dir}/ft.safetensors")],
+                "transforms": [
+                    {"load": {"path": format!("{dir}/extra.npz"), "alias": "x"}},
+                    {"save": {"path": format!("{dir}/keep"), "alias": "x"}},
+                    {"execute": {"path": format!("{dir}/sub.yaml")}},
+                    {"execute": {"plan": {"inputs": [format!("{dir}/n.safetensors")], "output": format!("{dir}/n.pt")}}},
+                    {"execute": {"transforms": [{"save": {"path": format!("{dir}/t.npz"), "target": "w"}}]}},
+                    {"delete": {"target": {"alias": "ft", "path": ["model", "$x"]}}},
+                ],
+                "output": {"path": format!("{dir}/out.safetensors"), "alias": "base"},
+            })
+        };
+        let a = Plan::from_document(&plan("/data/run1")).unwrap();
+        let b = Plan::from_document(&plan("rel/other")).unwrap();
+        assert_eq!(a.sha256, b.sha256);
+        assert_eq!(a.sha256, plan_sha256(&plan("x")));
+        // Every form of an input is its alias; a path string output is the path mapping.
+        let forms = [
+            json!({"inputs": "a/m.safetensors", "output": "o/x.safetensors"}),
+            json!({"inputs": ["b/m"], "output": {"path": "p/y.safetensors"}}),
+            json!({"inputs": ["model::c"], "output": "z.safetensors"}),
+            json!({"inputs": {"model": "d"}, "output": "q/r.SafeTensors"}),
+        ];
+        let shas: Vec<String> = forms.iter().map(plan_sha256).collect();
+        assert!(shas.windows(2).all(|w| w[0] == w[1]), "{shas:?}");
+        // What the plan means still counts: aliases, a format-choosing extension, a structured
+        // reference's segments.
+        let other = |f: &dyn Fn(&mut Value)| {
+            let mut doc = plan("d");
+            f(&mut doc);
+            plan_sha256(&doc)
+        };
+        let base = plan_sha256(&plan("d"));
+        assert_ne!(base, other(&|d| d["inputs"][0] = json!("b2::d/base")));
+        assert_ne!(base, other(&|d| d["output"]["path"] = json!("d/out.npz")));
+        assert_ne!(base, other(&|d| d["output"]["path"] = json!("d/out")));
+        assert_ne!(
+            base,
+            other(&|d| d["transforms"][1]["save"]["path"] = json!("d/keep.pt"))
+        );
+        assert_ne!(
+            base,
+            other(&|d| d["transforms"][5]["delete"]["target"]["path"] = json!(["model", "$y"]))
+        );
+        assert_eq!(
+            base,
+            other(&|d| d["transforms"][2]["execute"]["path"] = json!("e/f/sub.yaml"))
+        );
     }
 
     #[test]

@@ -80,10 +80,11 @@ pub struct CaptureInfo {
 /// thousands of exact names).
 #[derive(Debug, Clone)]
 enum Matcher {
-    /// No metacharacters: string equality.
-    Exact,
-    /// Only `.` as metacharacter: char-by-char, `.` matching anything but `\n`.
-    Dotted,
+    /// The one name the pattern can match: a pattern of plain characters and metacharacters
+    /// escaped with `\` (`model\.layers\.0\.w` is `model.layers.0.w`), matched by equality.
+    Exact(String),
+    /// Only `.` as metacharacter (this many): char-by-char, `.` matching anything but `\n`.
+    Dotted(usize),
     /// A real regex, anchored as `\A(?:pat)\z`.
     Regex(Box<Regex>),
 }
@@ -153,13 +154,33 @@ fn compile(pattern: &str, shown: &str) -> Result<Regex, ReferenceError> {
     })
 }
 
+/// The only string `pattern` matches, when it is made of plain characters and escaped
+/// metacharacters: Python's `re` (and fancy-regex) read `\.`, `\(`, `\\`, ... as that character,
+/// and every other character outside [`META`] as itself. Escaped letters and digits (`\d`, `\1`)
+/// and escaped characters outside [`META`] are left to the regex engine.
+fn unescaped_literal(pattern: &str) -> Option<String> {
+    let mut out = String::with_capacity(pattern.len());
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e) if META.contains(&e) => out.push(e),
+                _ => return None,
+            },
+            c if META.contains(&c) => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
 impl RegexSelector {
     /// Compiles a Python-`re` pattern for whole-name matching.
     pub fn new(pattern: &str) -> Result<Self, ReferenceError> {
-        let matcher = if !pattern.contains(META) {
-            Matcher::Exact
+        let matcher = if let Some(literal) = unescaped_literal(pattern) {
+            Matcher::Exact(literal)
         } else if !pattern.chars().any(|c| c != '.' && META.contains(&c)) {
-            Matcher::Dotted
+            Matcher::Dotted(pattern.matches('.').count())
         } else {
             Matcher::Regex(Box::new(compile(pattern, pattern)?))
         };
@@ -174,7 +195,12 @@ impl RegexSelector {
         &self.pattern
     }
 
-    fn dotted_match(&self, name: &str) -> bool {
+    fn dotted_match(&self, name: &str, dots: usize) -> bool {
+        // A `.` takes one character of 1 to 4 bytes, any other character itself: a cheap
+        // rejection for the names of a scan.
+        if name.len() < self.pattern.len() || name.len() > self.pattern.len() + 3 * dots {
+            return false;
+        }
         let mut n = name.chars();
         for p in self.pattern.chars() {
             match n.next() {
@@ -188,39 +214,37 @@ impl RegexSelector {
     /// True if the whole name matches. A regex runtime error (backtrack limit) counts as no match.
     pub fn is_match(&self, name: &str) -> bool {
         match &self.matcher {
-            Matcher::Exact => self.pattern == name,
-            Matcher::Dotted => self.dotted_match(name),
+            Matcher::Exact(literal) => literal == name,
+            Matcher::Dotted(dots) => self.dotted_match(name, *dots),
             Matcher::Regex(re) => re.is_match(name).unwrap_or(false),
         }
     }
 
     /// Captures of a whole-name match, or an error when the regex engine cannot decide (it hit
-    /// its backtracking limit).
+    /// its backtracking limit). The regex runs once per name (issue 8).
     pub fn try_captures(&self, name: &str) -> Result<Option<Captures>, ReferenceError> {
-        if let Matcher::Regex(re) = &self.matcher {
-            if let Err(e) = re.captures(name) {
-                return Err(ReferenceError::MatchFailed {
-                    pattern: self.pattern.clone(),
-                    name: name.to_string(),
-                    message: e.to_string(),
-                });
-            }
-        }
-        Ok(self.captures(name))
-    }
-
-    /// Captures of a whole-name match.
-    pub fn captures(&self, name: &str) -> Option<Captures> {
         let re = match &self.matcher {
             Matcher::Regex(re) => re,
             _ => {
-                return self.is_match(name).then(|| Captures {
+                return Ok(self.is_match(name).then(|| Captures {
                     groups: vec![Some(name.to_string())],
                     named: Vec::new(),
-                })
+                }))
             }
         };
-        let caps = re.captures(name).ok()??;
+        let failed = |e: fancy_regex::Error| ReferenceError::MatchFailed {
+            pattern: self.pattern.clone(),
+            name: name.to_string(),
+            message: e.to_string(),
+        };
+        // Most names of a scan do not match: `is_match` rejects them with the regex crate's
+        // literal prefilters and DFA, several times faster than a failed `captures` (issue 8).
+        if !re.is_match(name).map_err(failed)? {
+            return Ok(None);
+        }
+        let Some(caps) = re.captures(name).map_err(failed)? else {
+            return Ok(None);
+        };
         let groups: Vec<Option<String>> = (0..caps.len())
             .map(|i| caps.get(i).map(|m| m.as_str().to_string()))
             .collect();
@@ -232,7 +256,12 @@ impl RegexSelector {
                 n.map(|n| (n.to_string(), Capture::One(g)))
             })
             .collect();
-        Some(Captures { groups, named })
+        Ok(Some(Captures { groups, named }))
+    }
+
+    /// Captures of a whole-name match; an undecidable match counts as none.
+    pub fn captures(&self, name: &str) -> Option<Captures> {
+        self.try_captures(name).ok().flatten()
     }
 
     fn info(&self) -> CaptureInfo {
@@ -493,11 +522,16 @@ impl Selector {
         }
     }
 
-    /// The only name this selector can match, when it has no metacharacters or capture tokens;
-    /// lets the executor do a map lookup instead of a scan.
+    /// The only name this selector can match, when that is provable: a regex of plain characters
+    /// and escaped metacharacters (`lm_head`, `model\.norm\.weight`; not `model.norm.weight`,
+    /// whose `.` matches any character), or a structured pattern of literal segments. Lets
+    /// selection look the name up instead of scanning.
     pub fn literal(&self) -> Option<&str> {
         match self {
-            Selector::Regex(r) => matches!(r.matcher, Matcher::Exact).then_some(r.pattern.as_str()),
+            Selector::Regex(r) => match &r.matcher {
+                Matcher::Exact(literal) => Some(literal.as_str()),
+                _ => None,
+            },
             Selector::Structured(s) => s.literal.as_deref(),
         }
     }
@@ -569,6 +603,18 @@ mod tests {
         assert!(s.is_match("h.0.w") && s.is_match("hx0.w") && !s.is_match("h.0.w2") && !s.is_match("h.0."));
         let c = s.captures("h.0.w").expect("matches");
         assert_eq!((c.whole(), c.group_count()), ("h.0.w", 0));
+        // Escaped metacharacters are literal too: the pattern matches exactly one string.
+        let s = re(r"model\.layers\.0\.w\(x\)\[1\]\\");
+        assert_eq!(s.literal(), Some(r"model.layers.0.w(x)[1]\"));
+        assert!(s.is_match(r"model.layers.0.w(x)[1]\") && !s.is_match(r"modelXlayers.0.w(x)[1]\"));
+        let c = s.captures(r"model.layers.0.w(x)[1]\").expect("matches");
+        assert_eq!((c.whole(), c.group_count()), (r"model.layers.0.w(x)[1]\", 0));
+        // Escapes that are classes, references or anchors are not literals.
+        for p in [r"a\d", r"(a)\1", r"a\Z", r"a\-b", r"a\.b.c"] {
+            assert_eq!(re(p).literal(), None, "{p}");
+        }
+        assert!(RegexSelector::new(r"a\").is_err());
+        assert!(re(r"a\-b").is_match("a-b"));
     }
 
     #[test]

@@ -273,6 +273,7 @@ impl Transform for Load {
                 };
                 let checkpoint = self.open()?;
                 ctx.notices_of(&checkpoint);
+                state.record_source(&alias, &checkpoint);
                 let entry = match checkpoint.tensors.as_slice() {
                     [only] => only,
                     all => all.iter().find(|e| &e.name == name).ok_or_else(|| {
@@ -387,9 +388,10 @@ impl Transform for Save {
     }
 }
 
-/// Validates `spec` (at `location`) and, when the plan runs, writes `tensors` of `alias` there
-/// through the output's code path. Returns the files written (also recorded in the context, for
-/// the run's report), or `None` in a check.
+/// Validates `spec` (at `location`) in the check and, when the plan runs, writes `tensors` of
+/// `alias` there through the output's code path. Returns the files written (also recorded in
+/// the context, for the run's report), or `None` in a check. A run always follows a check of
+/// the same state, so the target is validated once (issue 8).
 #[allow(clippy::too_many_arguments)]
 fn save_tensors(
     state: &State,
@@ -401,9 +403,9 @@ fn save_tensors(
     ctx: &mut Context,
     plan_sha256: Option<&str>,
 ) -> Result<Option<Vec<PathBuf>>, StepError> {
-    write::validate_target(spec, state, location)?;
-    write::validate_dtypes(spec, tensors.iter().map(|(name, t)| (*name, t.dtype)))?;
     if !ctx.evaluate {
+        write::validate_target(spec, state, location)?;
+        write::validate_dtypes(spec, tensors.iter().map(|(name, t)| (*name, t.dtype)))?;
         return Ok(None);
     }
     let metadata = write::alias_metadata(state, alias, plan_sha256);
