@@ -131,30 +131,18 @@ fn parse_descr(descr: &str) -> Result<DType, String> {
     let mut chars = descr.chars();
     let order = chars.next().ok_or("empty descr")?;
     let code = chars.as_str();
-    let dtype = match code {
-        "f8" => DType::F64,
-        "f4" => DType::F32,
-        "f2" => DType::F16,
-        "i8" => DType::I64,
-        "i4" => DType::I32,
-        "i2" => DType::I16,
-        "i1" => DType::I8,
-        "u8" => DType::U64,
-        "u4" => DType::U32,
-        "u2" => DType::U16,
-        "u1" => DType::U8,
-        "b1" => DType::Bool,
-        "c8" => DType::C64,
-        _ if code.starts_with('O') => {
+    let dtype = match DType::from_numpy_code(code) {
+        Some(dtype) => dtype,
+        None if code.starts_with('O') => {
             return Err("object arrays are refused (allow_pickle is never used)".to_string());
         }
-        _ if code.starts_with('V') => {
+        None if code.starts_with('V') => {
             return Err(format!(
                 "dtype {descr:?} is raw bytes (ml_dtypes bfloat16/float8 are saved this way and cannot \
                  be told apart); save as safetensors or cast to float32 first"
             ));
         }
-        _ => return Err(format!("dtype {descr:?} is not supported")),
+        None => return Err(format!("dtype {descr:?} is not supported")),
     };
     match order {
         '<' | '|' | '=' => Ok(dtype),
