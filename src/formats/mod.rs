@@ -21,7 +21,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::dtype::DType;
 
@@ -52,12 +53,13 @@ pub enum FormatError {
         source: HeaderError,
     },
     /// A NumPy `.npy`/`.npz` input is malformed or uses a feature that is refused.
-    #[error("cannot read NumPy file {}: {reason}", path.display())]
+    #[error("cannot read NumPy file {}: {source}", path.display())]
     Numpy {
         /// The input file.
         path: PathBuf,
-        /// What is wrong, naming the tensor when there is one.
-        reason: String,
+        /// What is wrong, naming the tensor when there is one; an I/O error keeps its kind.
+        #[source]
+        source: numpy::NpyError,
     },
     /// A tensor's dtype has no NumPy equivalent, so it cannot be written to `.npz`.
     #[error("output tensor {name:?} of dtype {dtype} cannot be stored in .npz (NumPy has no such type); cast it first, e.g. to float32")]
@@ -97,6 +99,15 @@ pub enum FormatError {
         path: PathBuf,
         /// What is wrong with it, naming the entry or tensor.
         reason: String,
+    },
+    /// The zip archive of a PyTorch checkpoint is malformed or unreadable.
+    #[error("invalid PyTorch checkpoint {}: {source}", path.display())]
+    TorchArchive {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with the archive; an I/O error keeps its kind.
+        #[source]
+        source: zip::ZipError,
     },
     /// The input is in a format this build cannot read.
     #[error("cannot read {}: {format} reading is not available yet", path.display())]
@@ -235,16 +246,98 @@ impl SourceFile {
 
     /// Read-only memory map of the whole file.
     pub fn map(&self) -> Result<memmap2::Mmap, FormatError> {
+        let len = usize::try_from(self.len)
+            .map_err(|_| FormatError::io(&self.path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
+        self.map_range(0, len, false)
+    }
+
+    /// Read-only memory map of `len` bytes at `offset`; `populate` reads them in ahead
+    /// (`MAP_POPULATE`). The one place this crate maps memory.
+    pub fn map_range(&self, offset: u64, len: usize, populate: bool) -> Result<memmap2::Mmap, FormatError> {
+        let mut options = memmap2::MmapOptions::new();
+        options.offset(offset).len(len);
+        if populate {
+            options.populate();
+        }
         // SAFETY: the map is read-only and the file was opened read-only, so this process never
         // writes through it. Another process truncating or rewriting an input during a run would
         // be undefined behaviour; like every mmap-based loader (safetensors, numpy) we require
         // inputs to stay unchanged while they are being read, which the tool documents.
-        unsafe { memmap2::Mmap::map(&self.file) }.map_err(|e| FormatError::io(&self.path, e))
+        unsafe { options.map(&self.file) }.map_err(|e| FormatError::io(&self.path, e))
     }
 
     /// The open file, for callers that issue their own reads (`copy_file_range`, `pread`).
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+/// Bytes of an input file mapped on first use and unmapped again once a pass over them has
+/// been served, so mapped pages do not pile up in the resident set across a plan: the one lazy
+/// cache of mapped input bytes, for reads too sparse for `pread` (a transposed matrix, a tile of
+/// a permute: one system call per element or short run).
+#[derive(Debug)]
+pub struct LazyMap {
+    file: Arc<SourceFile>,
+    offset: u64,
+    len: usize,
+    populate: bool,
+    mapped: Mutex<Option<Arc<memmap2::Mmap>>>,
+    /// Bytes served since the mapping was made.
+    served: AtomicUsize,
+}
+
+impl LazyMap {
+    /// `len` bytes of `file` at `offset`, not mapped yet; `populate` as for
+    /// [`SourceFile::map_range`].
+    pub fn new(file: Arc<SourceFile>, offset: u64, len: usize, populate: bool) -> Self {
+        LazyMap {
+            file,
+            offset,
+            len,
+            populate,
+            mapped: Mutex::new(None),
+            served: AtomicUsize::new(0),
+        }
+    }
+
+    /// The mapped bytes, mapped on first use; `None` if mapping fails (callers read instead).
+    pub fn get(&self) -> Option<Arc<memmap2::Mmap>> {
+        let mut slot = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(map) = &*slot {
+            return Some(map.clone());
+        }
+        let map = Arc::new(self.file.map_range(self.offset, self.len, self.populate).ok()?);
+        *slot = Some(map.clone());
+        Some(map)
+    }
+
+    /// Counts `bytes` served of a pass of `total` bytes; drops the mapping once a pass is
+    /// complete.
+    pub fn served(&self, bytes: usize, total: usize) {
+        // One thread completes each pass: it takes the pass's bytes off the count (keeping what
+        // other threads added meanwhile) and drops the mapping.
+        let mut current = self.served.load(Ordering::Relaxed);
+        loop {
+            let sum = current.saturating_add(bytes);
+            let (next, done) = if sum >= total {
+                (sum - total, true)
+            } else {
+                (sum, false)
+            };
+            match self
+                .served
+                .compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    if done {
+                        *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                    return;
+                }
+                Err(now) => current = now,
+            }
+        }
     }
 }
 
@@ -983,9 +1076,9 @@ mod tests {
             let path = dir.path().join(name);
             std::fs::write(&path, b"whatever").unwrap();
             match open_checkpoint(&path) {
-                Err(FormatError::Torch { path: p, reason }) => {
+                Err(FormatError::TorchArchive { path: p, source }) => {
                     assert_eq!(p, path);
-                    assert!(reason.contains("not a zip"), "{reason}");
+                    assert!(matches!(source, zip::ZipError::NotZip), "{source}");
                 }
                 other => panic!("{name}: {other:?}"),
             }
@@ -1200,7 +1293,7 @@ mod tests {
         // A PyTorch weight file is now read (and garbage in it is an error naming it).
         std::fs::write(dir.path().join("pytorch_model.bin"), b"x").unwrap();
         match open_checkpoint(dir.path()) {
-            Err(FormatError::Torch { path, .. }) => assert_eq!(path, dir.path().join("pytorch_model.bin")),
+            Err(FormatError::TorchArchive { path, .. }) => assert_eq!(path, dir.path().join("pytorch_model.bin")),
             other => panic!("{other:?}"),
         }
     }
