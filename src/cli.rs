@@ -107,12 +107,11 @@ const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "diff", "help"];
 
 /// Whether a positional argument names a checkpoint rather than a plan file.
 fn looks_like_checkpoint(item: &str) -> bool {
-    const EXTENSIONS: &[&str] = &["safetensors", "bin", "pt", "pth", "npz", "npy"];
     let path = std::path::Path::new(item);
     let by_extension = path
         .extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)));
+        .is_some_and(|e| crate::formats::Format::of_name(&format!(".{e}")).is_some());
     by_extension || path.is_dir() || (item.contains("::") && !path.exists())
 }
 

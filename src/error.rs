@@ -194,6 +194,7 @@ impl ErrorContext {
                 | FormatError::Numpy { path, .. }
                 | FormatError::Pickle { path, .. }
                 | FormatError::Torch { path, .. }
+                | FormatError::TorchArchive { path, .. }
                 | FormatError::Unsupported { path, .. }
                 | FormatError::NoWeights { path }
                 | FormatError::BadIndex { path, .. }

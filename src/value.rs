@@ -3,11 +3,11 @@
 //! scale, a write through a slice). Bytes are produced only when a tensor is written or a value
 //! assertion inspects it, chunk by chunk, through [`Tensor::read`] into caller-owned buffers.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::dtype::DType;
-use crate::formats::{FormatError, SourceFile, TensorEntry};
+use crate::formats::{FormatError, LazyMap, SourceFile, TensorEntry};
 use crate::kernels;
 use crate::references::ResolvedSlice;
 
@@ -185,65 +185,13 @@ pub struct StridedSource {
     pub shape: Vec<usize>,
     /// Element strides, one per dimension of `shape`.
     pub strides: Vec<usize>,
-    /// Bytes from the first element to the end of the last one.
-    extent: usize,
-    /// The extent mapped, for runs too sparse to read as a span (a transposed matrix: one
-    /// `pread` per element would be a system call per element). Dropped once every element has
-    /// been served, so mapped pages do not stay resident across a plan (as in `permute`).
-    mapped: Mutex<Option<Arc<memmap2::Mmap>>>,
-    /// Bytes served since the mapping was made.
-    served: AtomicUsize,
+    /// The bytes from the first element to the end of the last one, mapped for runs too sparse
+    /// to read as a span (a transposed matrix: one `pread` per element would be a system call
+    /// per element); unmapped once every element has been served.
+    map: LazyMap,
 }
 
 impl StridedSource {
-    /// The mapped extent, mapped on first use; `None` if mapping fails (reads go element by
-    /// element then).
-    fn mapping(&self) -> Option<Arc<memmap2::Mmap>> {
-        let mut slot = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(map) = &*slot {
-            return Some(map.clone());
-        }
-        // SAFETY: as for `SourceFile::map`: inputs must not be modified while they are read
-        // (every mmap-based loader requires the same); the mapping is read-only.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(self.offset)
-                .len(self.extent)
-                .map(self.file.file())
-        }
-        .ok()?;
-        let map = Arc::new(map);
-        *slot = Some(map.clone());
-        Some(map)
-    }
-
-    /// Counts served bytes; drops the mapping once `total` bytes have been served.
-    fn served(&self, bytes: usize, total: usize) {
-        // One thread completes each pass: it takes the pass's bytes off the count (keeping what
-        // other threads added meanwhile) and drops the mapping.
-        let mut current = self.served.load(Ordering::Relaxed);
-        loop {
-            let sum = current.saturating_add(bytes);
-            let (next, done) = if sum >= total {
-                (sum - total, true)
-            } else {
-                (sum, false)
-            };
-            match self
-                .served
-                .compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => {
-                    if done {
-                        *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    }
-                    return;
-                }
-                Err(now) => current = now,
-            }
-        }
-    }
-
     /// Fills `out` with `count` elements starting `first` elements into the extent, `stride`
     /// elements apart.
     fn gather(
@@ -279,7 +227,7 @@ impl StridedSource {
             cx.give(tmp);
             return Ok(result?);
         }
-        let map = self.mapping();
+        let map = self.map.get();
         let map = map.as_deref().map(|m| &m[..]).unwrap_or_default();
         for (j, dst) in out.chunks_exact_mut(size).enumerate() {
             let at = (first + j * stride) * size;
@@ -404,13 +352,16 @@ impl Tensor {
                 offset: entry.offset,
             },
             Some(strides) => Value::Strided(StridedSource {
+                map: LazyMap::new(
+                    file.clone(),
+                    entry.offset,
+                    usize::try_from(entry.extent()).unwrap_or(usize::MAX),
+                    false,
+                ),
                 file,
                 offset: entry.offset,
                 shape: entry.shape.clone(),
                 strides: strides.clone(),
-                extent: usize::try_from(entry.extent()).unwrap_or(usize::MAX),
-                mapped: Mutex::new(None),
-                served: AtomicUsize::new(0),
             }),
         };
         Tensor {
@@ -548,7 +499,7 @@ impl Tensor {
             Value::Stored { file, offset } => Ok(file.read_at(offset + (start * size) as u64, out)?),
             Value::Strided(source) => {
                 let result = read_strided(source, size, start, out, cx);
-                source.served(out.len(), self.nbytes());
+                source.map.served(out.len(), self.nbytes());
                 result
             }
             Value::Memory(bytes) => copy_from(bytes.bytes(), start * size, out),

@@ -14,11 +14,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::formats::npz::{check_npy_count, npy_descr, NpzWriter};
-use crate::formats::output::{OutputLayout, OutputTensor, SafetensorsWriter};
-use crate::formats::torch_output::{self, TorchWriter};
-use crate::formats::{zip, FormatError};
-use crate::plan::{Location, OutputFormat, OutputSpec, PlanError};
+use crate::formats::output::{OutputLayout, OutputTensor, Writer};
+use crate::formats::{zip, Format, FormatError};
+use crate::plan::{Location, OutputSpec, PlanError};
 use crate::state::State;
 use crate::value::{chunks, ReadContext, Tensor, Value, ValueError};
 
@@ -122,38 +120,21 @@ pub fn validate_output(output: &OutputSpec, state: &State, alias: &str) -> Resul
     Ok(())
 }
 
-/// Refuses the first tensor whose dtype `output`'s format cannot hold, naming it; read from
-/// headers alone, so a check finds it before anything is computed.
+/// Refuses the first tensor `output`'s format cannot hold, naming it
+/// ([`Format::check_writable`]); read from headers alone, so a check finds it before anything
+/// is computed.
 pub fn validate_dtypes<'a>(
     output: &OutputSpec,
     tensors: impl Iterator<Item = (&'a str, DType)>,
 ) -> Result<(), FormatError> {
-    let mut count = 0;
-    for (name, dtype) in tensors {
-        count += 1;
-        match output.format {
-            OutputFormat::Safetensors => Ok(()),
-            OutputFormat::Torch => torch_output::check_dtype(name, dtype),
-            OutputFormat::Npz | OutputFormat::Npy => match npy_descr(dtype) {
-                Some(_) => Ok(()),
-                None => Err(FormatError::NpzDtype {
-                    name: name.to_owned(),
-                    dtype,
-                }),
-            },
-        }?;
-    }
-    if output.format == OutputFormat::Npy {
-        check_npy_count(count)?;
-    }
-    Ok(())
+    output.format.check_writable(tensors, output.npy)
 }
 
 /// The checks of [`validate_output`] for any write target (the output, `save`, a nested plan's
 /// output) found at `location`: the format is available and no file of any alias's checkpoint
 /// (the inputs and everything `load` opened) would be overwritten.
 pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) -> Result<(), PlanError> {
-    if matches!(output.format, OutputFormat::Npz | OutputFormat::Npy) && !output.single_file {
+    if output.format == Format::NumPy && !output.single_file {
         return Err(PlanError::invalid(
             &location.key("format"),
             "NumPy output is one .npz (or .npy) file: give a path ending in .npz or .npy (directories are safetensors or PyTorch)",
@@ -267,28 +248,19 @@ pub fn write_tensors(
         cancel,
         progress,
     } = options;
-    let specs: Vec<OutputTensor> = tensors
+    let specs = tensors
         .iter()
-        .map(|(name, t)| OutputTensor {
-            name: (*name).to_owned(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        })
-        .collect();
-    let layout = if output.single_file {
-        OutputLayout::File(output.path.clone())
-    } else {
-        OutputLayout::Directory {
+        .map(|(name, t)| OutputTensor::new(*name, t.dtype, t.shape.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let layout = match (output.single_file, output.npy) {
+        (true, true) => OutputLayout::Npy(output.path.clone()),
+        (true, false) => OutputLayout::File(output.path.clone()),
+        (false, _) => OutputLayout::Directory {
             dir: output.path.clone(),
             shard_budget: output.shard,
-        }
+        },
     };
-    let writer = match output.format {
-        OutputFormat::Npz => Writer::Npz(NpzWriter::create(output.path.clone(), &specs)?),
-        OutputFormat::Npy => Writer::Npz(NpzWriter::create_npy(output.path.clone(), &specs)?),
-        OutputFormat::Torch => Writer::Torch(TorchWriter::create(layout, &specs)?),
-        OutputFormat::Safetensors => Writer::Safetensors(SafetensorsWriter::create(layout, &specs, metadata)?),
-    };
+    let writer = Writer::create(output.format, layout, &specs, metadata)?;
     // Output tensors that are the same lazy value (copies, e.g. one MLP weight fanned out to
     // four experts) are produced once per chunk and written to every destination.
     let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -317,7 +289,7 @@ pub fn write_tensors(
     let chunk_crcs: Vec<AtomicU32> = (0..if want_crc { items.len() } else { 0 })
         .map(|_| AtomicU32::new(0))
         .collect();
-    let total: u64 = tensors.iter().map(|(_, t)| t.nbytes() as u64).sum();
+    let total = writer.total_bytes();
     let done = AtomicU64::new(0);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
@@ -373,31 +345,5 @@ pub fn write_tensors(
             }
         }
     }
-    Ok(match writer {
-        Writer::Safetensors(w) => w.commit(sidecars)?,
-        Writer::Npz(w) => w.commit(&crcs)?,
-        Writer::Torch(w) => w.commit(sidecars, &crcs)?,
-    })
-}
-
-/// The output writers `write_tensors` streams into; all place tensors the same way.
-enum Writer {
-    Safetensors(SafetensorsWriter),
-    Npz(NpzWriter),
-    Torch(TorchWriter),
-}
-
-impl Writer {
-    /// Whether `commit` needs the CRC-32 of every tensor's bytes (zip archives do).
-    fn needs_crc(&self) -> bool {
-        matches!(self, Writer::Npz(_) | Writer::Torch(_))
-    }
-
-    fn placement(&self, i: usize) -> (&std::fs::File, u64) {
-        match self {
-            Writer::Safetensors(w) => w.placement(i),
-            Writer::Npz(w) => w.placement(i),
-            Writer::Torch(w) => w.placement(i),
-        }
-    }
+    Ok(writer.commit(sidecars, &crcs)?)
 }

@@ -509,3 +509,17 @@ def test_demo_plan_on_tiny_gpt2(tmp_path):
     for name, value in expected.items():
         assert got[name].dtype == value.dtype, name
         assert got[name].tobytes() == value.tobytes(), name
+
+
+def test_dtype_and_format_tables_come_from_the_engine():
+    from brainsurgery import _core
+
+    dtypes = {d["name"]: d for d in _core.dtypes()}
+    assert dtypes["bfloat16"]["safetensors"] == "BF16" and dtypes["bfloat16"]["ml_dtypes"]
+    assert dtypes["float32"]["numpy"] == "<f4" and dtypes["float32"]["torch_storage"] == "FloatStorage"
+    assert dtypes["float4_e2m1fn"]["size"] is None and dtypes["float4_e2m1fn"]["torch"] is None
+    assert "long" in dtypes["int64"]["aliases"]
+    formats = {f["name"]: f for f in _core.formats()}
+    assert set(formats) == {"safetensors", "PyTorch", "NumPy"}
+    assert ".pth" in formats["PyTorch"]["extensions"]
+    assert formats["safetensors"]["index_name"] == "model.safetensors.index.json"

@@ -14,20 +14,20 @@ if TYPE_CHECKING:
 # NumPy and ml_dtypes are imported on first use: the command line never needs them, and they
 # would double its start-up time.
 
-# Dtypes NumPy lacks come from ml_dtypes (by attribute name); the rest are NumPy dtypes.
-_ML_DTYPES = {"bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu"}
-
-# Packed sub-byte formats have no NumPy layout (ml_dtypes stores one element per byte).
-_PACKED = {"float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"}
+# Every dtype's facts come from the engine's one table (`_core.dtypes()`).
+_DTYPES = {info["name"]: info for info in _core.dtypes()}
 
 
 def numpy_dtype(name: str) -> np.dtype:
     """The NumPy dtype of a brainsurgery dtype name (``bfloat16`` via ml_dtypes)."""
     import numpy as np
 
-    if name in _PACKED:
+    info = _DTYPES[name]
+    if info["size"] is None:
+        # Packed sub-byte formats have no NumPy layout (ml_dtypes stores one element per byte).
         raise _core.FormatError(f"{name} tensors are packed below one byte per element and have no NumPy view")
-    if name in _ML_DTYPES:
+    if info["ml_dtypes"]:
+        # Dtypes NumPy lacks come from ml_dtypes, by attribute name.
         import ml_dtypes
 
         return np.dtype(getattr(ml_dtypes, name))

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict, final
+from typing import Any, Literal, TypedDict, final
 
 __all__ = [
     "__version__",
@@ -10,6 +10,8 @@ __all__ = [
     "check",
     "open",
     "cli_main",
+    "dtypes",
+    "formats",
     "Checkpoint",
     "TensorBuffer",
     "BrainSurgeryError",
@@ -26,6 +28,25 @@ class TensorReport(TypedDict):
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+
+class DTypeInfo(TypedDict):
+    name: str
+    safetensors: str
+    aliases: list[str]
+    bits: int
+    size: int | None
+    kind: Literal["float", "integer", "opaque"]
+    numpy: str | None
+    ml_dtypes: bool
+    torch: str | None
+    torch_storage: str | None
+
+class FormatInfo(TypedDict):
+    name: str
+    keys: list[str]
+    extensions: list[str]
+    index_name: str | None
+    single_name: str | None
 
 class Report(TypedDict):
     alias: str | None
@@ -58,6 +79,12 @@ def check(
 
 def cli_main(args: list[str]) -> int:
     """Run the command line on ``args``; returns the exit status."""
+
+def dtypes() -> list[DTypeInfo]:
+    """Every dtype the engine knows, one dict each, from the engine's one dtype table."""
+
+def formats() -> list[FormatInfo]:
+    """Every checkpoint format, one dict each, from the engine's one format table."""
 
 def open(path: str) -> Checkpoint:
     """Open a checkpoint lazily (headers only)."""

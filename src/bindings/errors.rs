@@ -52,10 +52,28 @@ use classes::{
 
 /// Attaches the underlying I/O error as `__cause__`, typed by kind, so callers can inspect it.
 fn with_io_cause(py: Python<'_>, err: PyErr, format: &FormatError) -> PyErr {
-    let io = match format {
-        FormatError::Io { source, path } => Some((source, path)),
-        _ => None,
-    };
+    use crate::formats::{numpy::NpyError, zip::ZipError};
+    // The first I/O error in the chain, with the path it concerns (archive and `.npy` readers
+    // keep theirs inside their own errors).
+    let mut io = None;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(format);
+    while let Some(e) = cause {
+        io = match (
+            e.downcast_ref::<FormatError>(),
+            e.downcast_ref::<ZipError>(),
+            e.downcast_ref::<NpyError>(),
+        ) {
+            (Some(FormatError::Io { source, path }), _, _)
+            | (_, Some(ZipError::Io { source, path }), _)
+            | (_, _, Some(NpyError::Io { source, path }))
+            | (_, _, Some(NpyError::Zip(ZipError::Io { source, path }))) => Some((source, path)),
+            _ => None,
+        };
+        if io.is_some() {
+            break;
+        }
+        cause = e.source();
+    }
     if let Some((source, path)) = io {
         let cause = match source.kind() {
             std::io::ErrorKind::NotFound => Some(PyFileNotFoundError::new_err((

@@ -413,6 +413,59 @@ fn open(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyCheckpoint> {
 }
 
 /// The `brainsurgery._core` extension module.
+/// Every dtype the engine knows, one dict each, from the engine's one dtype table: ``name``,
+/// ``safetensors``, ``aliases``, ``bits``, ``size`` (``None`` below one byte), ``kind``
+/// (``float``, ``integer`` or ``opaque``), ``numpy`` (the ``.npy`` descr, or ``None``),
+/// ``ml_dtypes`` (the NumPy type comes from ml_dtypes), ``torch`` (``torch.<name>``, or ``None``)
+/// and ``torch_storage`` (the legacy typed storage class, or ``None``).
+#[pyfunction]
+fn dtypes(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    use crate::dtype::{DType, Kind, TorchStorage};
+    let out = PyList::empty(py);
+    for info in &DType::TABLE {
+        let d = PyDict::new(py);
+        d.set_item("name", info.name)?;
+        d.set_item("safetensors", info.safetensors)?;
+        d.set_item("aliases", info.aliases.to_vec())?;
+        d.set_item("bits", info.bits)?;
+        d.set_item("size", info.dtype.size())?;
+        let kind = match info.kind {
+            Kind::Float => "float",
+            Kind::Integer => "integer",
+            Kind::Opaque => "opaque",
+        };
+        d.set_item("kind", kind)?;
+        d.set_item("numpy", info.npy_descr())?;
+        d.set_item("ml_dtypes", info.ml_dtypes)?;
+        d.set_item("torch", info.torch.map(|_| info.name))?;
+        let storage = match info.torch {
+            Some(TorchStorage::Typed(class)) => Some(class),
+            _ => None,
+        };
+        d.set_item("torch_storage", storage)?;
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
+/// Every checkpoint format, one dict each, from the engine's one format table: ``name``,
+/// ``keys`` (the ``format:`` spellings), ``extensions``, ``index_name`` and ``single_name``
+/// (the weight index and the unsharded file of a directory output, or ``None``).
+#[pyfunction]
+fn formats(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    let out = PyList::empty(py);
+    for info in &crate::formats::Format::TABLE {
+        let d = PyDict::new(py);
+        d.set_item("name", info.name)?;
+        d.set_item("keys", info.keys.to_vec())?;
+        d.set_item("extensions", info.extensions.to_vec())?;
+        d.set_item("index_name", info.index_name)?;
+        d.set_item("single_name", info.single_name)?;
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
 #[pymodule]
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -420,6 +473,8 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(check, module)?)?;
     module.add_function(wrap_pyfunction!(open, module)?)?;
     module.add_function(wrap_pyfunction!(cli_main, module)?)?;
+    module.add_function(wrap_pyfunction!(dtypes, module)?)?;
+    module.add_function(wrap_pyfunction!(formats, module)?)?;
     module.add_class::<PyCheckpoint>()?;
     module.add_class::<PyTensorBuffer>()?;
     errors::register(module)?;

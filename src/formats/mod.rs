@@ -7,7 +7,6 @@
 
 #![deny(missing_docs)]
 
-pub mod npz;
 pub mod numpy;
 pub mod output;
 pub mod pickle;
@@ -22,7 +21,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::dtype::DType;
 
@@ -53,12 +53,13 @@ pub enum FormatError {
         source: HeaderError,
     },
     /// A NumPy `.npy`/`.npz` input is malformed or uses a feature that is refused.
-    #[error("cannot read NumPy file {}: {reason}", path.display())]
+    #[error("cannot read NumPy file {}", path.display())]
     Numpy {
         /// The input file.
         path: PathBuf,
-        /// What is wrong, naming the tensor when there is one.
-        reason: String,
+        /// What is wrong, naming the tensor when there is one; an I/O error keeps its kind.
+        #[source]
+        source: numpy::NpyError,
     },
     /// A tensor's dtype has no NumPy equivalent, so it cannot be written to `.npz`.
     #[error("output tensor {name:?} of dtype {dtype} cannot be stored in .npz (NumPy has no such type); cast it first, e.g. to float32")]
@@ -98,6 +99,15 @@ pub enum FormatError {
         path: PathBuf,
         /// What is wrong with it, naming the entry or tensor.
         reason: String,
+    },
+    /// The zip archive of a PyTorch checkpoint is malformed or unreadable.
+    #[error("invalid PyTorch checkpoint {}", path.display())]
+    TorchArchive {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with the archive; an I/O error keeps its kind.
+        #[source]
+        source: zip::ZipError,
     },
     /// The input is in a format this build cannot read.
     #[error("cannot read {}: {format} reading is not available yet", path.display())]
@@ -255,16 +265,98 @@ impl SourceFile {
 
     /// Read-only memory map of the whole file.
     pub fn map(&self) -> Result<memmap2::Mmap, FormatError> {
+        let len = usize::try_from(self.len)
+            .map_err(|_| FormatError::io(&self.path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
+        self.map_range(0, len, false)
+    }
+
+    /// Read-only memory map of `len` bytes at `offset`; `populate` reads them in ahead
+    /// (`MAP_POPULATE`). The one place this crate maps memory.
+    pub fn map_range(&self, offset: u64, len: usize, populate: bool) -> Result<memmap2::Mmap, FormatError> {
+        let mut options = memmap2::MmapOptions::new();
+        options.offset(offset).len(len);
+        if populate {
+            options.populate();
+        }
         // SAFETY: the map is read-only and the file was opened read-only, so this process never
         // writes through it. Another process truncating or rewriting an input during a run would
         // be undefined behaviour; like every mmap-based loader (safetensors, numpy) we require
         // inputs to stay unchanged while they are being read, which the tool documents.
-        unsafe { memmap2::Mmap::map(&self.file) }.map_err(|e| FormatError::io(&self.path, e))
+        unsafe { options.map(&self.file) }.map_err(|e| FormatError::io(&self.path, e))
     }
 
     /// The open file, for callers that issue their own reads (`copy_file_range`, `pread`).
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+/// Bytes of an input file mapped on first use and unmapped again once a pass over them has
+/// been served, so mapped pages do not pile up in the resident set across a plan: the one lazy
+/// cache of mapped input bytes, for reads too sparse for `pread` (a transposed matrix, a tile of
+/// a permute: one system call per element or short run).
+#[derive(Debug)]
+pub struct LazyMap {
+    file: Arc<SourceFile>,
+    offset: u64,
+    len: usize,
+    populate: bool,
+    mapped: Mutex<Option<Arc<memmap2::Mmap>>>,
+    /// Bytes served since the mapping was made.
+    served: AtomicUsize,
+}
+
+impl LazyMap {
+    /// `len` bytes of `file` at `offset`, not mapped yet; `populate` as for
+    /// [`SourceFile::map_range`].
+    pub fn new(file: Arc<SourceFile>, offset: u64, len: usize, populate: bool) -> Self {
+        LazyMap {
+            file,
+            offset,
+            len,
+            populate,
+            mapped: Mutex::new(None),
+            served: AtomicUsize::new(0),
+        }
+    }
+
+    /// The mapped bytes, mapped on first use; `None` if mapping fails (callers read instead).
+    pub fn get(&self) -> Option<Arc<memmap2::Mmap>> {
+        let mut slot = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(map) = &*slot {
+            return Some(map.clone());
+        }
+        let map = Arc::new(self.file.map_range(self.offset, self.len, self.populate).ok()?);
+        *slot = Some(map.clone());
+        Some(map)
+    }
+
+    /// Counts `bytes` served of a pass of `total` bytes; drops the mapping once a pass is
+    /// complete.
+    pub fn served(&self, bytes: usize, total: usize) {
+        // One thread completes each pass: it takes the pass's bytes off the count (keeping what
+        // other threads added meanwhile) and drops the mapping.
+        let mut current = self.served.load(Ordering::Relaxed);
+        loop {
+            let sum = current.saturating_add(bytes);
+            let (next, done) = if sum >= total {
+                (sum - total, true)
+            } else {
+                (sum, false)
+            };
+            match self
+                .served
+                .compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    if done {
+                        *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                    return;
+                }
+                Err(now) => current = now,
+            }
+        }
     }
 }
 
@@ -308,9 +400,9 @@ impl TensorEntry {
     }
 }
 
-/// The formats checkpoints are read from.
+/// The checkpoint formats, read and written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputFormat {
+pub enum Format {
     /// `.safetensors` files.
     Safetensors,
     /// PyTorch `.bin`/`.pt`/`.pth` files (`torch.save`).
@@ -319,45 +411,132 @@ pub enum InputFormat {
     NumPy,
 }
 
-impl InputFormat {
+/// Every fact about one format, in one row of [`Format::TABLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FormatInfo {
+    /// The format this row describes.
+    pub format: Format,
+    /// Its name in messages: `safetensors`, `PyTorch`, `NumPy`.
+    pub name: &'static str,
+    /// Lower-case names a plan may give it as `format:` (`torch`, `npz`, ...).
+    pub keys: &'static [&'static str],
+    /// File extensions of its files, lower case with the dot.
+    pub extensions: &'static [&'static str],
+    /// The weight index of a sharded directory (`model.safetensors.index.json`).
+    pub index_name: Option<&'static str>,
+    /// File name of an unsharded directory output (`model.safetensors`).
+    pub single_name: Option<&'static str>,
+    /// Shard file names are `<stem>-NNNNN-of-NNNNN.<extension>`.
+    pub shard_parts: Option<(&'static str, &'static str)>,
+}
+
+impl Format {
+    /// Every format, one row each, in the order a directory holding several is read by.
+    pub const TABLE: [FormatInfo; 3] = [
+        FormatInfo {
+            format: Format::Safetensors,
+            name: "safetensors",
+            keys: &["safetensors"],
+            extensions: &[".safetensors"],
+            index_name: Some(INDEX_NAME),
+            single_name: Some("model.safetensors"),
+            shard_parts: Some(("model", "safetensors")),
+        },
+        FormatInfo {
+            format: Format::PyTorch,
+            name: "PyTorch",
+            keys: &["torch", "pytorch"],
+            extensions: &[".bin", ".pt", ".pth"],
+            index_name: Some(TORCH_INDEX_NAME),
+            single_name: Some("pytorch_model.bin"),
+            shard_parts: Some(("pytorch_model", "bin")),
+        },
+        FormatInfo {
+            format: Format::NumPy,
+            name: "NumPy",
+            keys: &["npz", "numpy", "npy"],
+            extensions: &[".npy", ".npz"],
+            index_name: None,
+            single_name: None,
+            shard_parts: None,
+        },
+    ];
+
+    /// This format's row of [`Format::TABLE`].
+    pub fn info(self) -> &'static FormatInfo {
+        &Format::TABLE[self as usize]
+    }
+
     /// The format's name in messages: `safetensors`, `PyTorch`, `NumPy`.
     pub fn name(self) -> &'static str {
-        match self {
-            InputFormat::Safetensors => "safetensors",
-            InputFormat::PyTorch => "PyTorch",
-            InputFormat::NumPy => "NumPy",
-        }
+        self.info().name
+    }
+
+    /// The format a plan's `format:` value names (case-insensitive).
+    pub fn parse(key: &str) -> Option<Format> {
+        let lower = key.to_ascii_lowercase();
+        Format::TABLE
+            .iter()
+            .find(|f| f.keys.contains(&lower.as_str()))
+            .map(|f| f.format)
     }
 
     /// The format a file name's extension indicates, if it is one of ours.
-    fn of_name(name: &str) -> Option<InputFormat> {
+    pub fn of_name(name: &str) -> Option<Format> {
         let lower = name.to_ascii_lowercase();
-        let has = |exts: &[&str]| exts.iter().any(|ext| lower.ends_with(ext));
-        if has(&[".safetensors"]) {
-            Some(InputFormat::Safetensors)
-        } else if has(&[".bin", ".pt", ".pth"]) {
-            Some(InputFormat::PyTorch)
-        } else if has(&[".npy", ".npz"]) {
-            Some(InputFormat::NumPy)
-        } else {
-            None
-        }
+        Format::TABLE
+            .iter()
+            .find(|f| f.extensions.iter().any(|ext| lower.ends_with(ext)))
+            .map(|f| f.format)
     }
 
     /// The weight index a sharded directory of this format may have.
     fn index_name(self) -> Option<&'static str> {
-        match self {
-            InputFormat::Safetensors => Some(INDEX_NAME),
-            InputFormat::PyTorch => Some(TORCH_INDEX_NAME),
-            InputFormat::NumPy => None,
+        self.info().index_name
+    }
+
+    /// Refuses the first tensor this format cannot hold, naming it: the one writability check,
+    /// read from names and dtypes alone so a check finds it before anything is computed.
+    /// `bare_npy` asks for a `.npy` file, which holds exactly one tensor.
+    pub fn check_writable<'a>(
+        self,
+        tensors: impl Iterator<Item = (&'a str, DType)>,
+        bare_npy: bool,
+    ) -> Result<(), FormatError> {
+        let mut count = 0;
+        for (name, dtype) in tensors {
+            count += 1;
+            let info = dtype.info();
+            match self {
+                Format::Safetensors if name == "__metadata__" => {
+                    return Err(FormatError::ReservedTensorName { name: name.to_owned() })
+                }
+                Format::PyTorch if info.torch.is_none() => {
+                    return Err(FormatError::TorchDtype {
+                        name: name.to_owned(),
+                        dtype,
+                    })
+                }
+                Format::NumPy if info.numpy.is_none() => {
+                    return Err(FormatError::NpzDtype {
+                        name: name.to_owned(),
+                        dtype,
+                    })
+                }
+                _ => {}
+            }
         }
+        if bare_npy && count != 1 {
+            return Err(FormatError::NpyCount { count });
+        }
+        Ok(())
     }
 
     /// Reads one file's tensors (entries carry `file_index`) and its `__metadata__` (only
     /// safetensors has any).
     fn read(self, file: &SourceFile, file_index: usize) -> Result<FileContents, FormatError> {
         Ok(match self {
-            InputFormat::Safetensors => {
+            Format::Safetensors => {
                 let header = safetensors::read_header(file)?;
                 FileContents {
                     tensors: safetensors_entries(header.tensors, header.data_start, file_index),
@@ -365,7 +544,7 @@ impl InputFormat {
                     skipped: Vec::new(),
                 }
             }
-            InputFormat::PyTorch => {
+            Format::PyTorch => {
                 let (tensors, skipped) = torch::read_file(file, file_index)?;
                 FileContents {
                     tensors,
@@ -373,7 +552,7 @@ impl InputFormat {
                     skipped,
                 }
             }
-            InputFormat::NumPy => FileContents {
+            Format::NumPy => FileContents {
                 tensors: numpy::read_tensors(file, file_index)?,
                 metadata: BTreeMap::new(),
                 skipped: Vec::new(),
@@ -388,7 +567,7 @@ pub struct Checkpoint {
     /// The path the user gave (file or directory).
     pub path: PathBuf,
     /// The format of its weight files.
-    pub format: InputFormat,
+    pub format: Format,
     /// The weight files, sorted by file name.
     pub files: Vec<Arc<SourceFile>>,
     /// Every tensor, files in order; within a file by data offset (safetensors, NumPy) or in
@@ -433,7 +612,7 @@ const TRAINING_STATE_STEMS: &[&str] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FileKind {
     /// Weights of one of the formats we read.
-    Weights(InputFormat),
+    Weights(Format),
     /// Training state: neither loaded nor copied (a notice names it).
     TrainingState,
     /// Weights of another framework, or a weight index: not copied.
@@ -474,9 +653,9 @@ fn classify(name: &str) -> FileKind {
     if OTHER_WEIGHTS_INSIDE.iter().any(|part| lower.contains(part)) {
         return FileKind::NotCopied;
     }
-    match InputFormat::of_name(&lower) {
-        Some(InputFormat::PyTorch) if TRAINING_METADATA.contains(&lower.as_str()) => FileKind::Sidecar,
-        Some(InputFormat::PyTorch) if is_training_state(&lower) => FileKind::TrainingState,
+    match Format::of_name(&lower) {
+        Some(Format::PyTorch) if TRAINING_METADATA.contains(&lower.as_str()) => FileKind::Sidecar,
+        Some(Format::PyTorch) if is_training_state(&lower) => FileKind::TrainingState,
         Some(format) => FileKind::Weights(format),
         None if OTHER_WEIGHTS.iter().any(|ext| lower.ends_with(ext)) => FileKind::NotCopied,
         None => FileKind::Sidecar,
@@ -537,7 +716,7 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
         return open_directory(path);
     }
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let format = InputFormat::of_name(&name).unwrap_or(InputFormat::Safetensors);
+    let format = Format::of_name(&name).unwrap_or(Format::Safetensors);
     assemble(path, format, vec![SourceFile::open(path)?], None)
 }
 
@@ -585,7 +764,7 @@ fn open_directory(path: &Path) -> Result<Checkpoint, FormatError> {
     let sidecars: Vec<PathBuf> = of_kind(FileKind::Sidecar).into_iter().map(|n| path.join(n)).collect();
     let has = |name: &str| names.iter().any(|n| n == name);
 
-    const PREFERENCE: [InputFormat; 3] = [InputFormat::Safetensors, InputFormat::PyTorch, InputFormat::NumPy];
+    const PREFERENCE: [Format; 3] = [Format::Safetensors, Format::PyTorch, Format::NumPy];
     let chosen = PREFERENCE
         .into_iter()
         .find(|&f| !of_kind(FileKind::Weights(f)).is_empty() || f.index_name().is_some_and(&has));
@@ -629,7 +808,7 @@ fn open_directory(path: &Path) -> Result<Checkpoint, FormatError> {
         }
         None => {
             let mut weights = of_kind(FileKind::Weights(format));
-            if format == InputFormat::PyTorch {
+            if format == Format::PyTorch {
                 // The Hugging Face names win over other PyTorch files (an adapter, an export).
                 let (hf, others): (Vec<&String>, Vec<&String>) = weights
                     .into_iter()
@@ -705,7 +884,7 @@ fn read_index(index_path: &Path) -> Result<BTreeMap<String, String>, FormatError
 /// format; `index` is the index path and its weight map, checked against what the shards hold.
 fn assemble(
     path: &Path,
-    format: InputFormat,
+    format: Format,
     files: Vec<SourceFile>,
     index: Option<(PathBuf, BTreeMap<String, String>)>,
 ) -> Result<Checkpoint, FormatError> {
@@ -808,11 +987,7 @@ pub(crate) mod test_util {
 
     /// An output tensor description.
     pub fn t(name: &str, dtype: crate::dtype::DType, shape: &[usize]) -> super::output::OutputTensor {
-        super::output::OutputTensor {
-            name: name.to_string(),
-            dtype,
-            shape: shape.to_vec(),
-        }
+        super::output::OutputTensor::new(name, dtype, shape.to_vec()).unwrap()
     }
 
     /// A tensor for the official serializer: name, dtype, shape, bytes.
@@ -920,9 +1095,9 @@ mod tests {
             let path = dir.path().join(name);
             std::fs::write(&path, b"whatever").unwrap();
             match open_checkpoint(&path) {
-                Err(FormatError::Torch { path: p, reason }) => {
+                Err(FormatError::TorchArchive { path: p, source }) => {
                     assert_eq!(p, path);
-                    assert!(reason.contains("not a zip"), "{reason}");
+                    assert!(matches!(source, zip::ZipError::NotZip), "{source}");
                 }
                 other => panic!("{name}: {other:?}"),
             }
@@ -1137,7 +1312,7 @@ mod tests {
         // A PyTorch weight file is now read (and garbage in it is an error naming it).
         std::fs::write(dir.path().join("pytorch_model.bin"), b"x").unwrap();
         match open_checkpoint(dir.path()) {
-            Err(FormatError::Torch { path, .. }) => assert_eq!(path, dir.path().join("pytorch_model.bin")),
+            Err(FormatError::TorchArchive { path, .. }) => assert_eq!(path, dir.path().join("pytorch_model.bin")),
             other => panic!("{other:?}"),
         }
     }
@@ -1172,12 +1347,12 @@ mod tests {
     #[test]
     fn files_are_classified_by_name() {
         let cases = [
-            ("model.safetensors", FileKind::Weights(InputFormat::Safetensors)),
-            ("pytorch_model.bin", FileKind::Weights(InputFormat::PyTorch)),
-            ("adapter_model.bin", FileKind::Weights(InputFormat::PyTorch)),
-            ("encoder.PT", FileKind::Weights(InputFormat::PyTorch)),
-            ("w.npy", FileKind::Weights(InputFormat::NumPy)),
-            ("w.npz", FileKind::Weights(InputFormat::NumPy)),
+            ("model.safetensors", FileKind::Weights(Format::Safetensors)),
+            ("pytorch_model.bin", FileKind::Weights(Format::PyTorch)),
+            ("adapter_model.bin", FileKind::Weights(Format::PyTorch)),
+            ("encoder.PT", FileKind::Weights(Format::PyTorch)),
+            ("w.npy", FileKind::Weights(Format::NumPy)),
+            ("w.npz", FileKind::Weights(Format::NumPy)),
             ("training_args.bin", FileKind::Sidecar),
             ("config.json", FileKind::Sidecar),
             ("trainer_state.json", FileKind::Sidecar),
@@ -1194,7 +1369,7 @@ mod tests {
                 "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
                 FileKind::TrainingState,
             ),
-            ("optimizers.pt", FileKind::Weights(InputFormat::PyTorch)),
+            ("optimizers.pt", FileKind::Weights(Format::PyTorch)),
             ("pytorch_model.bin.index.json", FileKind::NotCopied),
             ("tf_model.h5", FileKind::NotCopied),
             ("bert_model.ckpt.data-00000-of-00001", FileKind::NotCopied),
@@ -1221,7 +1396,7 @@ mod tests {
         std::fs::copy(torch_fixture("plain.pt"), d.join("pytorch_model.bin")).unwrap();
         std::fs::write(d.join("x.npy"), b"never read").unwrap();
         let ck = open_checkpoint(d).unwrap();
-        assert_eq!(ck.format, InputFormat::Safetensors);
+        assert_eq!(ck.format, Format::Safetensors);
         assert_eq!(names(&ck), vec!["w"]);
         assert_eq!(ck.notices.len(), 2, "{:?}", ck.notices);
         assert!(
@@ -1245,7 +1420,7 @@ mod tests {
         }
         std::fs::write(d.join("trainer_state.json"), b"{}").unwrap();
         let ck = open_checkpoint(d).unwrap();
-        assert_eq!(ck.format, InputFormat::PyTorch);
+        assert_eq!(ck.format, Format::PyTorch);
         assert!(ck.is_directory);
         assert_eq!(sorted_names(&ck), sorted(&PLAIN));
         assert_eq!(
@@ -1317,7 +1492,7 @@ mod tests {
         map.extend([("encoder.w", s2), ("head.b", s2)]);
         write_torch_index(d, &map);
         let ck = open_checkpoint(d).unwrap();
-        assert_eq!(ck.format, InputFormat::PyTorch);
+        assert_eq!(ck.format, Format::PyTorch);
         assert_eq!(ck.files.len(), 2);
         assert_eq!(ck.tensors.len(), 8);
         assert!(
@@ -1393,7 +1568,7 @@ mod tests {
         std::fs::write(d.join("a.npy"), npy_f32(&[3.0])).unwrap();
         std::fs::write(d.join("config.json"), b"{}").unwrap();
         let ck = open_checkpoint(d).unwrap();
-        assert_eq!(ck.format, InputFormat::NumPy);
+        assert_eq!(ck.format, Format::NumPy);
         assert_eq!(names(&ck), vec!["a", "b"]);
         assert_eq!(ck.tensors[1].shape, vec![2]);
         assert_eq!(ck.sidecars, vec![d.join("config.json")]);
@@ -1412,7 +1587,7 @@ mod tests {
         // PyTorch is preferred over NumPy.
         std::fs::copy(torch_fixture("plain.pt"), d.join("model.pt")).unwrap();
         let ck = open_checkpoint(d).unwrap();
-        assert_eq!(ck.format, InputFormat::PyTorch);
+        assert_eq!(ck.format, Format::PyTorch);
         assert!(
             ck.notices[0].contains("both PyTorch and NumPy weights; loading the PyTorch"),
             "{:?}",

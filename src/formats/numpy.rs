@@ -5,11 +5,86 @@
 //! zero-copy like safetensors. Compressed zip entries, object arrays, Fortran order and
 //! big-endian data are refused with a message saying what to do instead.
 
-use std::path::Path;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use crate::dtype::DType;
 
 use super::{zip, FormatError, SourceFile, TensorEntry};
+
+/// Why a `.npy`/`.npz` input was refused. Wrapped with the file path in
+/// [`FormatError::Numpy`].
+#[derive(Debug, thiserror::Error)]
+pub enum NpyError {
+    /// Reading the file failed; the source keeps the I/O error kind.
+    #[error("read failed: i/o error on {}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The `.npz` archive is malformed or has entries that cannot be read in place.
+    #[error(transparent)]
+    Zip(#[from] zip::ZipError),
+    /// A `.npy` header is malformed or asks for what is refused (object arrays, big-endian,
+    /// Fortran order, ...); the text says what, and what to do instead.
+    #[error("{0}")]
+    Invalid(String),
+    /// An entry of an `.npz` is not a `.npy` array.
+    #[error("entry {entry:?} is not a .npy array")]
+    NotNpy {
+        /// The entry name.
+        entry: String,
+    },
+    /// Two `.npz` entries hold the same tensor name.
+    #[error("tensor {name:?} is stored twice")]
+    StoredTwice {
+        /// The tensor name.
+        name: String,
+    },
+    /// The error concerns tensor `name`.
+    #[error("tensor {name:?}")]
+    InTensor {
+        /// The tensor name.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        source: Box<NpyError>,
+    },
+}
+
+impl From<String> for NpyError {
+    fn from(reason: String) -> Self {
+        NpyError::Invalid(reason)
+    }
+}
+
+impl From<&str> for NpyError {
+    fn from(reason: &str) -> Self {
+        NpyError::Invalid(reason.to_owned())
+    }
+}
+
+impl NpyError {
+    /// This error, said of tensor `name`.
+    fn in_tensor(self, name: &str) -> Self {
+        NpyError::InTensor {
+            name: name.to_owned(),
+            source: Box::new(self),
+        }
+    }
+
+    /// This error, or `replacement` when it is not an I/O error (whose kind is kept).
+    fn unless_io(self, replacement: &str) -> Self {
+        match self {
+            NpyError::Io { .. } => self,
+            _ => replacement.into(),
+        }
+    }
+}
 
 /// Upper bound on a `.npy` header; NumPy itself refuses headers over 10 000 bytes by default.
 const MAX_HEADER: u64 = 1 << 20;
@@ -17,18 +92,17 @@ const MAX_HEADER: u64 = 1 << 20;
 /// Reads the tensors of a `.npy` or `.npz` file; `file_index` is stored in every entry.
 pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<TensorEntry>, FormatError> {
     let lower = file.path.to_string_lossy().to_ascii_lowercase();
-    let bad = |reason: String| FormatError::Numpy {
+    let bad = |source: NpyError| FormatError::Numpy {
         path: file.path.clone(),
-        reason,
+        source,
     };
     if lower.ends_with(".npz") {
         let mut entries = Vec::new();
         let mut names = std::collections::HashSet::new();
         for (name, start, end) in zip_entries(file).map_err(bad)? {
-            let (dtype, shape, offset, nbytes) =
-                parse_npy(file, start, end).map_err(|r| bad(format!("tensor {name:?}: {r}")))?;
+            let (dtype, shape, offset, nbytes) = parse_npy(file, start, end).map_err(|e| bad(e.in_tensor(&name)))?;
             if !names.insert(name.clone()) {
-                return Err(bad(format!("tensor {name:?} is stored twice")));
+                return Err(bad(NpyError::StoredTwice { name }));
             }
             entries.push(TensorEntry {
                 name,
@@ -47,10 +121,10 @@ pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<T
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let (dtype, shape, offset, nbytes) =
-            parse_npy(file, 0, file.len).map_err(|r| bad(format!("tensor {name:?}: {r}")))?;
+        let (dtype, shape, offset, nbytes) = parse_npy(file, 0, file.len).map_err(|e| bad(e.in_tensor(&name)))?;
         // The header is at most 12 bytes plus MAX_HEADER, checked by parse_npy.
-        let mut header = vec![0u8; usize::try_from(offset).map_err(|_| bad("header is too large".to_string()))?];
+        let mut header =
+            vec![0u8; usize::try_from(offset).map_err(|_| bad(NpyError::Invalid("header is too large".into())))?];
         file.read_at(0, &mut header)?;
         file.record_header(&header);
         Ok(vec![TensorEntry {
@@ -66,14 +140,18 @@ pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<T
 }
 
 /// Reads `len` bytes at `offset`, refusing reads past `end`.
-fn read(file: &SourceFile, offset: u64, len: u64, end: u64) -> Result<Vec<u8>, String> {
+fn read(file: &SourceFile, offset: u64, len: u64, end: u64) -> Result<Vec<u8>, NpyError> {
     let stop = offset.checked_add(len).ok_or("offset overflows")?;
     if stop > end || stop > file.len {
-        return Err("file is truncated".to_string());
+        return Err("file is truncated".into());
     }
     let mut buf = vec![0u8; usize::try_from(len).map_err(|_| "length overflows")?];
-    file.read_at(offset, &mut buf)
-        .map_err(|e| format!("read failed: {e}"))?;
+    file.file()
+        .read_exact_at(&mut buf, offset)
+        .map_err(|source| NpyError::Io {
+            path: file.path.clone(),
+            source,
+        })?;
     Ok(buf)
 }
 
@@ -88,30 +166,30 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 
 /// Parses the `.npy` stored in `[start, end)` of `file`: dtype, shape, absolute data offset
 /// and byte size.
-fn parse_npy(file: &SourceFile, start: u64, end: u64) -> Result<(DType, Vec<usize>, u64, u64), String> {
-    let pre = read(file, start, 10, end).map_err(|_| "file is too short for a .npy header".to_string())?;
+fn parse_npy(file: &SourceFile, start: u64, end: u64) -> Result<(DType, Vec<usize>, u64, u64), NpyError> {
+    let pre = read(file, start, 10, end).map_err(|e| e.unless_io("file is too short for a .npy header"))?;
     if !pre.starts_with(b"\x93NUMPY") {
-        return Err("not a .npy file (wrong magic)".to_string());
+        return Err("not a .npy file (wrong magic)".into());
     }
     let major = pre[6];
     let (header_start, header_len) = match major {
         1 => (start + 10, u64::from(u16_at(&pre, 8))),
         2 | 3 => {
-            let b = read(file, start, 12, end).map_err(|_| "truncated .npy header".to_string())?;
+            let b = read(file, start, 12, end).map_err(|e| e.unless_io("truncated .npy header"))?;
             (start + 12, u64::from(u32_at(&b, 8)))
         }
-        v => return Err(format!(".npy format version {v} is not supported")),
+        v => return Err(format!(".npy format version {v} is not supported").into()),
     };
     if header_len > MAX_HEADER {
-        return Err(format!(".npy header of {header_len} bytes is too large"));
+        return Err(format!(".npy header of {header_len} bytes is too large").into());
     }
-    let raw = read(file, header_start, header_len, end).map_err(|_| "truncated .npy header".to_string())?;
+    let raw = read(file, header_start, header_len, end).map_err(|e| e.unless_io("truncated .npy header"))?;
     // Versions 1 and 2 are latin-1, 3 is UTF-8; every valid header is ASCII either way.
-    let text = std::str::from_utf8(&raw).map_err(|_| "the .npy header is not text".to_string())?;
+    let text = std::str::from_utf8(&raw).map_err(|_| "the .npy header is not text")?;
     let (descr, fortran, shape) = parse_header(text)?;
     let dtype = parse_descr(&descr)?;
     if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
-        return Err("fortran_order arrays are not supported yet; re-save with np.ascontiguousarray".to_string());
+        return Err("fortran_order arrays are not supported yet; re-save with np.ascontiguousarray".into());
     }
     let numel = shape
         .iter()
@@ -123,9 +201,7 @@ fn parse_npy(file: &SourceFile, start: u64, end: u64) -> Result<(DType, Vec<usiz
         .checked_add(nbytes)
         .is_none_or(|stop| stop > end || stop > file.len)
     {
-        return Err(format!(
-            "data is truncated: shape {shape:?} of {descr} needs {nbytes} bytes"
-        ));
+        return Err(format!("data is truncated: shape {shape:?} of {descr} needs {nbytes} bytes").into());
     }
     Ok((dtype, shape, offset, nbytes))
 }
@@ -135,30 +211,18 @@ fn parse_descr(descr: &str) -> Result<DType, String> {
     let mut chars = descr.chars();
     let order = chars.next().ok_or("empty descr")?;
     let code = chars.as_str();
-    let dtype = match code {
-        "f8" => DType::F64,
-        "f4" => DType::F32,
-        "f2" => DType::F16,
-        "i8" => DType::I64,
-        "i4" => DType::I32,
-        "i2" => DType::I16,
-        "i1" => DType::I8,
-        "u8" => DType::U64,
-        "u4" => DType::U32,
-        "u2" => DType::U16,
-        "u1" => DType::U8,
-        "b1" => DType::Bool,
-        "c8" => DType::C64,
-        _ if code.starts_with('O') => {
+    let dtype = match DType::from_numpy_code(code) {
+        Some(dtype) => dtype,
+        None if code.starts_with('O') => {
             return Err("object arrays are refused (allow_pickle is never used)".to_string());
         }
-        _ if code.starts_with('V') => {
+        None if code.starts_with('V') => {
             return Err(format!(
                 "dtype {descr:?} is raw bytes (ml_dtypes bfloat16/float8 are saved this way and cannot \
                  be told apart); save as safetensors or cast to float32 first"
             ));
         }
-        _ => return Err(format!("dtype {descr:?} is not supported")),
+        None => return Err(format!("dtype {descr:?} is not supported")),
     };
     match order {
         '<' | '|' | '=' => Ok(dtype),
@@ -314,12 +378,12 @@ impl Parser<'_> {
 }
 
 /// The `.npy` entries of a zip: tensor name and the `[start, end)` of each entry's data.
-fn zip_entries(file: &SourceFile) -> Result<Vec<(String, u64, u64)>, String> {
+fn zip_entries(file: &SourceFile) -> Result<Vec<(String, u64, u64)>, NpyError> {
     let mut out = Vec::new();
     for entry in zip::read_entries(file)? {
         entry.require_stored(" (np.savez_compressed wrote it); re-save it with np.savez")?;
         let Some(name) = entry.name.strip_suffix(".npy") else {
-            return Err(format!("entry {:?} is not a .npy array", entry.name));
+            return Err(NpyError::NotNpy { entry: entry.name });
         };
         out.push((name.to_string(), entry.data_offset, entry.data_offset + entry.size));
     }
@@ -385,15 +449,52 @@ mod tests {
 
     const F32_23: &str = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
 
+    /// The message with its causes, as the CLI prints it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text = format!("{text}: {c}");
+            cause = c.source();
+        }
+        text
+    }
+
     fn open(name: &str, bytes: &[u8]) -> Result<Vec<TensorEntry>, String> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(name);
         std::fs::write(&path, bytes).unwrap();
         let f = SourceFile::open(&path).unwrap();
         read_tensors(&f, 0).map_err(|e| match e {
-            FormatError::Numpy { reason, .. } => reason,
+            FormatError::Numpy { source, .. } => chain(&source),
             other => panic!("{other:?}"),
         })
+    }
+
+    #[test]
+    fn a_failed_read_keeps_its_io_error_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.npy");
+        std::fs::write(&path, npy(F32_23, &[7u8; 24])).unwrap();
+        let file = SourceFile::open(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        match read_tensors(&file, 0) {
+            Err(FormatError::Numpy { source, .. }) => match source {
+                NpyError::InTensor { source, .. } => match *source {
+                    NpyError::Io { source, .. } => assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        let npz = dir.path().join("w.npz");
+        std::fs::write(&npz, vec![0u8; 100]).unwrap();
+        let file = SourceFile::open(&npz).unwrap();
+        match read_tensors(&file, 0) {
+            Err(e @ FormatError::Numpy { .. }) => assert!(chain(&e).contains("not a zip archive"), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

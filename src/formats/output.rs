@@ -1,13 +1,15 @@
-//! Atomic safetensors output (SPEC §6.2). [`SafetensorsWriter`] lays tensors out, creates
-//! temporary files beside the final names with their headers written and their lengths set, and
-//! hands out `(file, offset)` placements so callers can `pwrite` tensor bytes concurrently.
-//! [`SafetensorsWriter::commit`] renames everything into place, index last, and clears stale
-//! shards of an earlier run; dropping an uncommitted writer leaves nothing behind. Producing the
-//! bytes is the executor's job.
+//! Atomic output (SPEC §6.2) in every format, through one [`Writer`]: it lays tensors out,
+//! creates temporary files beside the final names with their headers written and their lengths
+//! set, and hands out `(file, offset)` placements so callers can `pwrite` tensor bytes
+//! concurrently. [`Writer::commit`] completes the zip archives with the tensors' CRCs, renames
+//! everything into place (index last) and clears stale shards of an earlier run; dropping an
+//! uncommitted writer leaves nothing behind. Producing the bytes is the executor's job.
 //!
-//! The same shard planning, temporaries, sidecars and cleanup write PyTorch files
-//! ([`WeightFormat::Torch`], through [`super::torch_output::TorchWriter`]): only the file names
-//! and each file's layout (a zip archive from [`super::torch_output`]) differ.
+//! One struct rather than a trait: shard planning, the temporaries ([`Staged`]), sidecars,
+//! renames and cleanup are the same for every format, and only each file's layout differs
+//! ([`Body`]: a safetensors header, a PyTorch archive from [`super::torch_output`], an `.npz`
+//! archive of `.npy` entries, or one bare `.npy`), so a `match` over the body in two places
+//! (creation and commit) is all the per-format code there is.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -18,49 +20,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Map, Value};
 
-use super::torch_output::{self, Archive};
-use super::{FormatError, INDEX_NAME};
+use super::torch_output::Archive;
+use super::zip::{self, Layout};
+use super::{Format, FormatError, INDEX_NAME};
 use crate::dtype::DType;
 
-/// File name of an unsharded directory output.
+/// File name of an unsharded safetensors directory output.
 pub const SINGLE_NAME: &str = "model.safetensors";
 
-/// The file format a writer produces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightFormat {
-    /// safetensors: `model.safetensors`, `model-00001-of-0000N.safetensors`.
-    Safetensors,
-    /// PyTorch zip archives: `pytorch_model.bin`, `pytorch_model-00001-of-0000N.bin`.
-    Torch,
-}
-
-impl WeightFormat {
-    /// File name of an unsharded directory output.
-    fn single_name(self) -> &'static str {
-        match self {
-            WeightFormat::Safetensors => SINGLE_NAME,
-            WeightFormat::Torch => torch_output::SINGLE_NAME,
-        }
-    }
-
-    /// File name of the weight index of a sharded directory output.
-    fn index_name(self) -> &'static str {
-        match self {
-            WeightFormat::Safetensors => INDEX_NAME,
-            WeightFormat::Torch => torch_output::INDEX_NAME,
-        }
-    }
-
-    /// Shard names are `<stem>-NNNNN-of-NNNNN.<extension>`.
-    fn shard_parts(self) -> (&'static str, &'static str) {
-        match self {
-            WeightFormat::Safetensors => ("model", "safetensors"),
-            WeightFormat::Torch => ("pytorch_model", "bin"),
-        }
-    }
-}
-
-/// One tensor to write: its bytes are supplied later, at [`SafetensorsWriter::placement`].
+/// One tensor to write: its bytes are supplied later, at [`Writer::placement`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputTensor {
     /// Tensor name.
@@ -69,15 +37,42 @@ pub struct OutputTensor {
     pub dtype: DType,
     /// Shape.
     pub shape: Vec<usize>,
+    /// Bytes of its elements, computed once by [`OutputTensor::new`].
+    pub nbytes: u64,
+}
+
+impl OutputTensor {
+    /// A tensor to write; errors when its byte size overflows or is not a whole number of bytes
+    /// (sub-byte tensors the official loader rejects).
+    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<usize>) -> Result<Self, FormatError> {
+        let name = name.into();
+        let bits = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|numel| numel.checked_mul(dtype.bits()))
+            .filter(|bits| bits % 8 == 0)
+            .and_then(|bits| u64::try_from(bits / 8).ok());
+        match bits {
+            Some(nbytes) => Ok(OutputTensor {
+                name,
+                dtype,
+                shape,
+                nbytes,
+            }),
+            None => Err(FormatError::InvalidTensorSize { name, dtype, shape }),
+        }
+    }
 }
 
 /// Where the output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputLayout {
-    /// A single safetensors file at this path.
+    /// A single file at this path (a NumPy one is an `.npz` archive).
     File(PathBuf),
+    /// One bare `.npy` file holding exactly one tensor (NumPy only).
+    Npy(PathBuf),
     /// A directory: `model.safetensors`, or shards plus `model.safetensors.index.json` when
-    /// the tensors do not fit in one shard of `shard_budget` bytes.
+    /// the tensors do not fit in one shard of `shard_budget` bytes (likewise for PyTorch).
     Directory {
         /// The output directory (created if missing).
         dir: PathBuf,
@@ -86,28 +81,137 @@ pub enum OutputLayout {
     },
 }
 
+impl OutputLayout {
+    /// The path the user named.
+    fn path(&self) -> &Path {
+        match self {
+            OutputLayout::File(p) | OutputLayout::Npy(p) => p,
+            OutputLayout::Directory { dir, .. } => dir,
+        }
+    }
+}
+
+/// A temporary file beside its target: [`Staged::commit`] renames it into place; dropped
+/// before that, it is removed. Every file a writer produces goes through one.
+#[derive(Debug)]
+struct Staged {
+    temp: PathBuf,
+    target: PathBuf,
+    renamed: bool,
+}
+
+impl Staged {
+    /// A fresh temporary name beside `target`: hidden (readers skip dot-files) and unique per
+    /// process and call. Nothing is created yet, but dropping removes whatever is there.
+    fn beside(target: &Path) -> Staged {
+        Staged {
+            temp: temp_path_for(target),
+            target: target.to_path_buf(),
+            renamed: false,
+        }
+    }
+
+    /// A new temporary file for `target`, open for reading and writing.
+    fn create(target: &Path) -> Result<(Staged, File), FormatError> {
+        let temp = temp_path_for(target);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| FormatError::io(&temp, e))?;
+        let staged = Staged {
+            temp,
+            target: target.to_path_buf(),
+            renamed: false,
+        };
+        Ok((staged, file))
+    }
+
+    /// `fsync`s the temporary's contents.
+    fn sync(&self) -> Result<(), FormatError> {
+        File::open(&self.temp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| FormatError::io(&self.temp, e))
+    }
+
+    /// Renames the temporary over its target.
+    fn commit(mut self) -> Result<(), FormatError> {
+        std::fs::rename(&self.temp, &self.target).map_err(|e| FormatError::io(&self.target, e))?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.renamed {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Directories a writer created, outermost first: removed again (innermost first) when
+/// dropped, unless kept; one someone else filled meanwhile stays (`remove_dir` fails).
+#[derive(Debug, Default)]
+struct CreatedDirs {
+    dirs: Vec<PathBuf>,
+}
+
+impl CreatedDirs {
+    /// Creates `dir` and its missing parents, remembering each one created.
+    fn create(&mut self, dir: &Path) -> Result<(), FormatError> {
+        let missing: Vec<&Path> = dir
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .collect();
+        for d in missing.into_iter().rev() {
+            match std::fs::create_dir(d) {
+                Ok(()) => self.dirs.push(d.to_path_buf()),
+                // Someone else created it meanwhile: theirs to keep.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(FormatError::io(d, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// How one output file is laid out, and what its completion needs at commit.
+#[derive(Debug)]
+enum Body {
+    /// A safetensors file: the header is written at creation; nothing is left to do.
+    Safetensors,
+    /// A PyTorch zip archive, completed with the storages' CRCs.
+    Torch(Archive),
+    /// An `.npz` archive of stored `NAME.npy` entries; per tensor the CRC-32 of its `.npy`
+    /// header and its data's byte size, combined with the data's CRC at commit.
+    Npz(Layout, Vec<(u32, u64)>),
+    /// A bare `.npy`: header, then data.
+    Npy,
+}
+
 /// One output file being written.
 #[derive(Debug)]
 struct Shard {
     final_path: PathBuf,
     temp_path: PathBuf,
     file: File,
-    /// The zip layout of a PyTorch file, completed at commit.
-    archive: Option<Archive>,
+    body: Body,
 }
 
-/// A temporary not yet renamed into place, removed by `Drop`.
+/// Writes output atomically in any format: see the module docs.
 #[derive(Debug)]
-struct Pending {
-    temp: PathBuf,
-    target: PathBuf,
-}
-
-/// Writes safetensors (or, for [`super::torch_output::TorchWriter`], PyTorch) output
-/// atomically: see the module docs.
-#[derive(Debug)]
-pub struct SafetensorsWriter {
-    format: WeightFormat,
+pub struct Writer {
+    format: Format,
     /// The output directory, for a [`OutputLayout::Directory`] layout.
     dir: Option<PathBuf>,
     shards: Vec<Shard>,
@@ -115,39 +219,13 @@ pub struct SafetensorsWriter {
     slots: Vec<(usize, u64)>,
     /// Final path of the index, when sharded.
     index: Option<PathBuf>,
-    /// Temporaries to rename on commit, in order (shards, then index), or remove on drop.
-    pending: Vec<Pending>,
-    /// Directories this writer created, outermost first.
-    created_dirs: Vec<PathBuf>,
+    /// Temporaries to rename on commit, in order (shards, then index); dropped, they are
+    /// removed. Declared before `created_dirs`, so they are dropped (removed) first.
+    staged: Vec<Staged>,
+    /// Directories this writer created.
+    created_dirs: CreatedDirs,
     total: u64,
     sync: bool,
-    committed: bool,
-}
-
-impl OutputTensor {
-    /// Bytes of the tensor; errors for overflow and for sub-byte tensors that do not fill whole
-    /// bytes (the official loader rejects those).
-    pub fn nbytes(&self) -> Result<u64, FormatError> {
-        tensor_nbytes(self)
-    }
-}
-
-fn tensor_nbytes(t: &OutputTensor) -> Result<u64, FormatError> {
-    let invalid = || FormatError::InvalidTensorSize {
-        name: t.name.clone(),
-        dtype: t.dtype,
-        shape: t.shape.clone(),
-    };
-    let numel = t
-        .shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(invalid)?;
-    let bits = numel.checked_mul(t.dtype.bits()).ok_or_else(invalid)?;
-    if bits % 8 != 0 {
-        return Err(invalid());
-    }
-    u64::try_from(bits / 8).map_err(|_| invalid())
 }
 
 /// Splits tensor sizes into shards greedily in order: a shard is closed when the next tensor
@@ -172,19 +250,29 @@ fn plan_shards(sizes: &[u64], budget: Option<u64>) -> Vec<usize> {
     shard_of
 }
 
+/// The names of a directory output of `format`: single file, index, shard stem and extension.
+fn directory_names(format: Format) -> (&'static str, &'static str, (&'static str, &'static str)) {
+    let info = format.info();
+    match (info.single_name, info.index_name, info.shard_parts) {
+        (Some(single), Some(index), Some(parts)) => (single, index, parts),
+        // NumPy output is refused as a directory before names are asked for.
+        _ => ("", "", ("", "")),
+    }
+}
+
 /// Name of shard `i` (0-based) of `n`, as Hugging Face names them.
-fn shard_name(format: WeightFormat, i: usize, n: usize) -> String {
-    let (stem, extension) = format.shard_parts();
+fn shard_name(format: Format, i: usize, n: usize) -> String {
+    let (_, _, (stem, extension)) = directory_names(format);
     format!("{stem}-{:05}-of-{:05}.{extension}", i + 1, n)
 }
 
 /// Whether `name` is an output file of `format` an earlier run may have left in a directory.
-fn is_weight_output_name(format: WeightFormat, name: &str) -> bool {
-    if name == format.single_name() || name == format.index_name() {
+fn is_weight_output_name(format: Format, name: &str) -> bool {
+    let (single, index, (stem, extension)) = directory_names(format);
+    if name == single || name == index {
         return true;
     }
     // model-NNNNN-of-NNNNN.safetensors
-    let (stem, extension) = format.shard_parts();
     let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
     name.strip_prefix(stem)
         .and_then(|rest| rest.strip_prefix('-'))
@@ -245,9 +333,108 @@ fn header_bytes<'a>(
     out
 }
 
+/// The `.npy` header (magic, version 1.0, padded dict) of a C-order array.
+fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
+    let dims = match shape {
+        [d] => format!("({d},)"),
+        _ => format!(
+            "({})",
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {dims}, }}");
+    // NumPy pads so the data starts on a 64-byte boundary of the .npy, ending with a newline.
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    out.extend_from_slice(dict.as_bytes());
+    out
+}
+
+/// One file laid out: its body, its length, where each tensor's data starts, and the bytes
+/// written at creation besides the body's own prefix.
+struct FilePlan {
+    body: Body,
+    len: u64,
+    starts: Vec<u64>,
+    prefix: Vec<(u64, Vec<u8>)>,
+}
+
+/// Lays out one file of `format` holding `entries` (tensor, begin, end within the data).
+fn plan_file(
+    format: Format,
+    bare_npy: bool,
+    entries: &[(&OutputTensor, u64, u64)],
+    metadata: &BTreeMap<String, String>,
+    path: &Path,
+) -> Result<FilePlan, FormatError> {
+    let invalid = |reason| FormatError::InvalidOutput {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // Descrs exist: `check_writable` refused the dtypes NumPy lacks.
+    let npy_of = |t: &OutputTensor| npy_header(&t.dtype.info().npy_descr().unwrap_or_default(), &t.shape);
+    Ok(match format {
+        Format::Safetensors => {
+            let prefix = header_bytes(entries.iter().copied(), metadata);
+            let at = prefix.len() as u64;
+            FilePlan {
+                body: Body::Safetensors,
+                len: at + entries.last().map_or(0, |e| e.2),
+                starts: entries.iter().map(|e| at + e.1).collect(),
+                prefix: vec![(0, prefix)],
+            }
+        }
+        Format::PyTorch => {
+            let tensors: Vec<&OutputTensor> = entries.iter().map(|e| e.0).collect();
+            let archive = Archive::plan(&tensors, path)?;
+            FilePlan {
+                len: archive.data_end(),
+                starts: (0..entries.len()).map(|i| archive.tensor_offset(i)).collect(),
+                body: Body::Torch(archive),
+                prefix: Vec::new(),
+            }
+        }
+        Format::NumPy if bare_npy => {
+            let header = entries.first().map(|e| npy_of(e.0)).unwrap_or_default();
+            let at = header.len() as u64;
+            FilePlan {
+                body: Body::Npy,
+                len: at + entries.first().map_or(0, |e| e.0.nbytes),
+                starts: vec![at; entries.len()],
+                prefix: vec![(0, header)],
+            }
+        }
+        Format::NumPy => {
+            let mut layout = Layout::new();
+            let (mut starts, mut crcs, mut prefix) = (Vec::new(), Vec::new(), Vec::new());
+            for &(t, _, _) in entries {
+                let header = npy_of(t);
+                // Entries start on 64 bytes and the .npy header is padded to 64, so data is
+                // aligned.
+                let entry = layout
+                    .add(&format!("{}.npy", t.name), header.len() as u64 + t.nbytes, 64)
+                    .map_err(invalid)?;
+                starts.push(entry + header.len() as u64);
+                crcs.push((zip::crc32(&header), t.nbytes));
+                prefix.push((entry, header));
+            }
+            FilePlan {
+                len: layout.data_end(),
+                body: Body::Npz(layout, crcs),
+                starts,
+                prefix,
+            }
+        }
+    })
+}
+
 /// A fresh temporary path beside `target`: hidden (readers skip dot-files) and unique per
 /// process and call.
-pub(crate) fn temp_path_for(target: &Path) -> PathBuf {
+fn temp_path_for(target: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
@@ -259,146 +446,98 @@ pub(crate) fn temp_path_for(target: &Path) -> PathBuf {
     target.with_file_name(tmp)
 }
 
-/// Creates `dir` and its missing parents, appending each one created to `created` (outermost
-/// first) so a writer that fails can remove them again.
-pub(crate) fn create_missing_dirs(dir: &Path, created: &mut Vec<PathBuf>) -> Result<(), FormatError> {
-    let missing: Vec<&Path> = dir
-        .ancestors()
-        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
-        .collect();
-    for d in missing.into_iter().rev() {
-        match std::fs::create_dir(d) {
-            Ok(()) => created.push(d.to_path_buf()),
-            // Someone else created it meanwhile: theirs to keep.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(FormatError::io(d, e)),
-        }
-    }
-    Ok(())
-}
-
-/// Creates a new file that must not exist yet, for reading and writing.
-fn create_new(path: &Path) -> Result<File, FormatError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| FormatError::io(path, e))
-}
-
-impl SafetensorsWriter {
-    /// Lays out `tensors` in the given order, creates temporary files beside the final names,
-    /// writes each header and sets each file's length (sparse), so callers can `pwrite` the
-    /// data concurrently through [`SafetensorsWriter::placement`].
+impl Writer {
+    /// Lays out `tensors` in the given order as `format` files, creates temporary files beside
+    /// the final names, writes each header and sets each file's length (sparse), so callers can
+    /// `pwrite` the data concurrently through [`Writer::placement`]. What the format cannot hold
+    /// is refused first ([`Format::check_writable`]).
     ///
     /// Missing directories (the output directory, or a file's parents) are created and removed
-    /// again if the writer is dropped uncommitted. Every shard carries `metadata`.
+    /// again if the writer is dropped uncommitted. Every safetensors shard carries `metadata`;
+    /// the other formats have no place for it.
     pub fn create(
+        format: Format,
         layout: OutputLayout,
         tensors: &[OutputTensor],
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self, FormatError> {
-        Self::create_as(WeightFormat::Safetensors, layout, tensors, metadata)
-    }
-
-    /// [`SafetensorsWriter::create`] for files of `format`; PyTorch files carry no metadata.
-    pub(crate) fn create_as(
-        format: WeightFormat,
-        layout: OutputLayout,
-        tensors: &[OutputTensor],
-        metadata: &BTreeMap<String, String>,
-    ) -> Result<Self, FormatError> {
+        let bare_npy = matches!(layout, OutputLayout::Npy(_));
+        let invalid = |path: &Path, reason: &str| FormatError::InvalidOutput {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        if bare_npy && format != Format::NumPy {
+            return Err(invalid(layout.path(), "only NumPy output is a bare .npy"));
+        }
+        format.check_writable(tensors.iter().map(|t| (t.name.as_str(), t.dtype)), bare_npy)?;
         let mut names = HashSet::with_capacity(tensors.len());
-        let mut sizes = Vec::with_capacity(tensors.len());
         for t in tensors {
-            match format {
-                WeightFormat::Safetensors if t.name == "__metadata__" => {
-                    return Err(FormatError::ReservedTensorName { name: t.name.clone() })
-                }
-                WeightFormat::Torch => torch_output::check_dtype(&t.name, t.dtype)?,
-                WeightFormat::Safetensors => {}
-            }
             if !names.insert(t.name.as_str()) {
                 return Err(FormatError::DuplicateOutputTensor { name: t.name.clone() });
             }
-            sizes.push(tensor_nbytes(t)?);
         }
+        let sizes: Vec<u64> = tensors.iter().map(|t| t.nbytes).collect();
         let total = sizes
             .iter()
             .try_fold(0u64, |acc, &s| acc.checked_add(s))
-            .ok_or_else(|| FormatError::InvalidOutput {
-                path: match &layout {
-                    OutputLayout::File(p) => p.clone(),
-                    OutputLayout::Directory { dir, .. } => dir.clone(),
-                },
-                reason: "total size overflows".to_string(),
-            })?;
+            .ok_or_else(|| invalid(layout.path(), "total size overflows"))?;
 
         let (dir, final_paths, shard_of, index) = match &layout {
-            OutputLayout::File(path) => {
+            OutputLayout::File(path) | OutputLayout::Npy(path) => {
                 let parent = match (path.file_name(), path.parent()) {
                     (Some(_), Some(p)) if p.as_os_str().is_empty() => PathBuf::from("."),
                     (Some(_), Some(p)) => p.to_path_buf(),
-                    _ => {
-                        return Err(FormatError::InvalidOutput {
-                            path: path.clone(),
-                            reason: "no file name".to_string(),
-                        })
-                    }
+                    _ => return Err(invalid(path, "no file name")),
                 };
                 if path.is_dir() {
-                    return Err(FormatError::InvalidOutput {
-                        path: path.clone(),
-                        reason: "is a directory".to_string(),
-                    });
+                    return Err(invalid(path, "is a directory"));
                 }
                 (parent, vec![path.clone()], vec![0; tensors.len()], None)
             }
             OutputLayout::Directory { dir, shard_budget } => {
-                if dir.exists() && !dir.is_dir() {
-                    return Err(FormatError::InvalidOutput {
-                        path: dir.clone(),
-                        reason: "exists and is not a directory".to_string(),
-                    });
+                if format == Format::NumPy {
+                    return Err(invalid(dir, "NumPy output is one .npz (or .npy) file"));
                 }
-                if format == WeightFormat::Torch {
+                if dir.exists() && !dir.is_dir() {
+                    return Err(invalid(dir, "exists and is not a directory"));
+                }
+                if format == Format::PyTorch {
                     refuse_shadowing_safetensors(dir)?;
                 }
+                let (single, index, _) = directory_names(format);
                 let shard_of = plan_shards(&sizes, *shard_budget);
                 let n = shard_of.last().map_or(1, |&s| s + 1);
                 if n == 1 {
-                    (dir.clone(), vec![dir.join(format.single_name())], shard_of, None)
+                    (dir.clone(), vec![dir.join(single)], shard_of, None)
                 } else {
                     let paths = (0..n).map(|i| dir.join(shard_name(format, i, n))).collect();
-                    (dir.clone(), paths, shard_of, Some(dir.join(format.index_name())))
+                    (dir.clone(), paths, shard_of, Some(dir.join(index)))
                 }
             }
         };
 
         // From here on, failures drop `writer`, which removes what it created.
-        let mut writer = SafetensorsWriter {
+        let mut writer = Writer {
             format,
             dir: matches!(layout, OutputLayout::Directory { .. }).then(|| dir.clone()),
             shards: Vec::with_capacity(final_paths.len()),
             slots: Vec::with_capacity(tensors.len()),
             index: index.clone(),
-            pending: Vec::new(),
-            created_dirs: Vec::new(),
+            staged: Vec::new(),
+            created_dirs: CreatedDirs::default(),
             total,
             sync: false,
-            committed: false,
         };
-        writer.create_dirs(&dir)?;
+        writer.created_dirs.create(&dir)?;
 
-        // Offsets within each shard, consecutive in the given order (no holes, so the official
-        // loader accepts the file).
+        // Offsets within each shard's data, consecutive in the given order (no holes, so the
+        // official loader accepts the file).
         let mut cursor = vec![0u64; final_paths.len()];
         let mut layout_entries: Vec<Vec<(&OutputTensor, u64, u64)>> = vec![Vec::new(); final_paths.len()];
-        for ((t, &size), &shard) in tensors.iter().zip(&sizes).zip(&shard_of) {
+        for (t, &shard) in tensors.iter().zip(&shard_of) {
             // Indices come from plan_shards, which numbers shards 0..final_paths.len().
             let begin = cursor[shard];
-            let end = begin + size; // cannot overflow: bounded by `total`
+            let end = begin + t.nbytes; // cannot overflow: bounded by `total`
             cursor[shard] = end;
             layout_entries[shard].push((t, begin, end));
         }
@@ -406,42 +545,27 @@ impl SafetensorsWriter {
         // Per shard, where each of its tensors' data starts in the file, in order.
         let mut data_starts: Vec<Vec<u64>> = Vec::with_capacity(final_paths.len());
         for (final_path, entries) in final_paths.iter().zip(&layout_entries) {
-            // A safetensors file starts with its header; a PyTorch file is a laid-out archive.
-            let (len, starts, header, archive) = match format {
-                WeightFormat::Safetensors => {
-                    let prefix = header_bytes(entries.iter().copied(), metadata);
-                    let data_len: u64 = entries.last().map_or(0, |e| e.2);
-                    let at = prefix.len() as u64;
-                    let starts = entries.iter().map(|e| at + e.1).collect();
-                    (at + data_len, starts, Some(prefix), None)
-                }
-                WeightFormat::Torch => {
-                    let shard_tensors: Vec<&OutputTensor> = entries.iter().map(|e| e.0).collect();
-                    let archive = Archive::plan(&shard_tensors, final_path)?;
-                    let starts = (0..entries.len()).map(|i| archive.tensor_offset(i)).collect();
-                    (archive.data_end(), starts, None, Some(archive))
-                }
-            };
-            let temp = temp_path_for(final_path);
-            let file = create_new(&temp)?;
-            writer.pending.push(Pending {
-                temp: temp.clone(),
-                target: final_path.clone(),
-            });
+            let plan = plan_file(format, bare_npy, entries, metadata, final_path)?;
+            let (staged, file) = Staged::create(final_path)?;
+            let temp = staged.temp.clone();
+            writer.staged.push(staged);
+            let io = |e| FormatError::io(&temp, e);
             // Sparse: unwritten data reads as zeros and costs no disk until written.
-            file.set_len(len).map_err(|e| FormatError::io(&temp, e))?;
-            if let Some(header) = &header {
-                file.write_all_at(header, 0).map_err(|e| FormatError::io(&temp, e))?;
+            file.set_len(plan.len).map_err(io)?;
+            match &plan.body {
+                Body::Torch(archive) => archive.write_prefix(&file).map_err(io)?,
+                Body::Npz(layout, _) => layout.write_local_headers(&file).map_err(io)?,
+                Body::Safetensors | Body::Npy => {}
             }
-            if let Some(archive) = &archive {
-                archive.write_prefix(&file).map_err(|e| FormatError::io(&temp, e))?;
+            for (at, bytes) in &plan.prefix {
+                file.write_all_at(bytes, *at).map_err(io)?;
             }
-            data_starts.push(starts);
+            data_starts.push(plan.starts);
             writer.shards.push(Shard {
                 final_path: final_path.clone(),
                 temp_path: temp,
                 file,
-                archive,
+                body: plan.body,
             });
         }
         let mut next_in_shard = vec![0usize; final_paths.len()];
@@ -467,29 +591,26 @@ impl SafetensorsWriter {
             let mut text = serde_json::to_vec_pretty(&Value::Object(doc))
                 .expect("a JSON value with string keys always serializes");
             text.push(b'\n');
-            let temp = temp_path_for(index_path);
-            let file = create_new(&temp)?;
-            writer.pending.push(Pending {
-                temp: temp.clone(),
-                target: index_path.clone(),
-            });
+            let (staged, file) = Staged::create(index_path)?;
+            let temp = staged.temp.clone();
+            writer.staged.push(staged);
             file.write_all_at(&text, 0).map_err(|e| FormatError::io(&temp, e))?;
         }
         Ok(writer)
     }
 
-    /// Creates `dir` and its missing parents, remembering each so `Drop` can remove them.
-    fn create_dirs(&mut self, dir: &Path) -> Result<(), FormatError> {
-        create_missing_dirs(dir, &mut self.created_dirs)
-    }
-
-    /// Whether [`SafetensorsWriter::commit`] calls `fsync` on every file and the directory.
+    /// Whether [`Writer::commit`] calls `fsync` on every file and the directory.
     ///
     /// Off by default: the rename protocol already makes the output atomic against failure of
     /// this process, which is what users meet; surviving power loss costs a full flush of
     /// gigabytes, and `cp` does not pay it either.
     pub fn set_sync(&mut self, sync: bool) {
         self.sync = sync;
+    }
+
+    /// Whether [`Writer::commit`] needs the CRC-32 of every tensor's bytes (zip archives do).
+    pub fn needs_crc(&self) -> bool {
+        self.format != Format::Safetensors
     }
 
     /// Where tensor `i` (index into the slice given to `create`) goes: the open file and the
@@ -516,29 +637,21 @@ impl SafetensorsWriter {
         paths
     }
 
-    /// Renames every temporary into place (sidecars, then weight files, the index last),
-    /// removes output files of an earlier run that are not part of this one
-    /// (`model-NNNNN-of-NNNNN.safetensors`, `model.safetensors`, the index; the index first
-    /// so no reader sees it point at missing shards), and returns the paths written.
+    /// Completes zip archives with `data_crcs` (the CRC-32 of every tensor's bytes, in the
+    /// order given to `create`; unused for safetensors, see [`Writer::needs_crc`]), renames every
+    /// temporary into place (sidecars, then weight files, the index last), removes output files
+    /// of an earlier run that are not part of this one (`model-NNNNN-of-NNNNN.safetensors`,
+    /// `model.safetensors`, the index; the index first so no reader sees it point at missing
+    /// shards), and returns the paths written.
     ///
     /// `sidecars` are copied into the directory (first to temporaries, so a failed copy leaves
-    /// nothing); they are ignored for a [`OutputLayout::File`] output. A sidecar that already
-    /// is the file in the output directory is skipped.
+    /// nothing); they are ignored for a single-file output. A sidecar that already is the file
+    /// in the output directory is skipped.
     ///
     /// A failure before the first rename leaves no trace; one during the renames (which only
     /// fail on a broken filesystem) leaves the files already renamed in place.
-    pub fn commit(self, sidecars: &[PathBuf]) -> Result<Vec<PathBuf>, FormatError> {
-        self.commit_with_crcs(sidecars, &[])
-    }
-
-    /// [`SafetensorsWriter::commit`], first completing PyTorch archives with `data_crcs` (the
-    /// CRC-32 of every tensor's bytes, in the order given to `create`; unused for safetensors).
-    pub(crate) fn commit_with_crcs(
-        mut self,
-        sidecars: &[PathBuf],
-        data_crcs: &[u32],
-    ) -> Result<Vec<PathBuf>, FormatError> {
-        if self.shards.iter().any(|s| s.archive.is_some()) {
+    pub fn commit(mut self, sidecars: &[PathBuf], data_crcs: &[u32]) -> Result<Vec<PathBuf>, FormatError> {
+        if self.needs_crc() {
             if data_crcs.len() != self.slots.len() {
                 return Err(FormatError::InvalidOutput {
                     path: self.shards.first().map(|s| s.final_path.clone()).unwrap_or_default(),
@@ -550,17 +663,25 @@ impl SafetensorsWriter {
                 per_shard[shard].push(crc);
             }
             for (shard, crcs) in self.shards.iter().zip(&per_shard) {
-                if let Some(archive) = &shard.archive {
-                    archive
-                        .finish(&shard.file, crcs)
-                        .map_err(|e| FormatError::io(&shard.temp_path, e))?;
+                let io = |e| FormatError::io(&shard.temp_path, e);
+                match &shard.body {
+                    Body::Torch(archive) => archive.finish(&shard.file, crcs).map_err(io)?,
+                    Body::Npz(layout, headers) => {
+                        let crcs: Vec<u32> = headers
+                            .iter()
+                            .zip(crcs)
+                            .map(|(&(header_crc, nbytes), &crc)| zip::crc32_combine(header_crc, crc, nbytes))
+                            .collect();
+                        layout.finish(&shard.file, &crcs).map_err(io)?;
+                    }
+                    Body::Safetensors | Body::Npy => {}
                 }
             }
         }
         let mut written_sidecars = Vec::new();
         if let Some(dir) = self.dir.clone() {
             let outputs: HashSet<PathBuf> = self.final_paths().into_iter().collect();
-            let mut staged = Vec::new();
+            let mut sidecar_staged = Vec::new();
             for source in sidecars {
                 let Some(name) = source.file_name() else {
                     return Err(FormatError::InvalidOutput {
@@ -578,31 +699,20 @@ impl SafetensorsWriter {
                 if same_file(source, &target) {
                     continue;
                 }
-                let temp = temp_path_for(&target);
-                self.pending.push(Pending {
-                    temp: temp.clone(),
-                    target: target.clone(),
-                });
+                let staged = Staged::beside(&target);
+                let temp = staged.temp.clone();
+                sidecar_staged.push(staged);
                 std::fs::copy(source, &temp).map_err(|e| FormatError::io(source, e))?;
-                staged.push(target);
+                written_sidecars.push(target);
             }
-            written_sidecars = staged;
             // Sidecars before weights: the weights landing is the visible commit point.
-            let n_weight = self.shards.len() + usize::from(self.index.is_some());
-            self.pending.rotate_left(n_weight);
+            sidecar_staged.append(&mut self.staged);
+            self.staged = sidecar_staged;
         }
 
         if self.sync {
-            for shard in &self.shards {
-                shard
-                    .file
-                    .sync_all()
-                    .map_err(|e| FormatError::io(&shard.temp_path, e))?;
-            }
-            for p in &self.pending {
-                File::open(&p.temp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(|e| FormatError::io(&p.temp, e))?;
+            for staged in &self.staged {
+                staged.sync()?;
             }
         }
 
@@ -611,12 +721,11 @@ impl SafetensorsWriter {
             None => Vec::new(),
         };
 
-        while let Some(p) = self.pending.first() {
-            std::fs::rename(&p.temp, &p.target).map_err(|e| FormatError::io(&p.target, e))?;
-            self.pending.remove(0);
+        for staged in std::mem::take(&mut self.staged) {
+            staged.commit()?;
         }
-        // Everything is in place: nothing for Drop to undo any more.
-        self.committed = true;
+        // Everything is in place: the directories created stay.
+        std::mem::take(&mut self.created_dirs.dirs);
 
         for path in stale {
             match std::fs::remove_file(&path) {
@@ -664,7 +773,7 @@ impl SafetensorsWriter {
             }
         }
         // Index first, then shards in name order: deterministic and never a dangling index.
-        let index = self.format.index_name();
+        let (_, index, _) = directory_names(self.format);
         stale.sort_by_key(|p| (!p.ends_with(index), p.clone()));
         Ok(stale)
     }
@@ -678,28 +787,13 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-impl Drop for SafetensorsWriter {
-    /// Not committed: removes every temporary, then the directories this writer created.
-    fn drop(&mut self) {
-        if self.committed {
-            return;
-        }
-        for p in &self.pending {
-            let _ = std::fs::remove_file(&p.temp);
-        }
-        // Innermost first; a directory someone else filled meanwhile stays (remove_dir fails).
-        for d in self.created_dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::formats::open_checkpoint;
     use crate::formats::test_util::pattern;
     use crate::formats::test_util::t;
+    use crate::formats::Format;
     use ::safetensors::SafeTensors;
 
     fn meta() -> BTreeMap<String, String> {
@@ -711,12 +805,12 @@ mod tests {
     }
 
     /// Fills every tensor with a distinct pattern and returns the bytes written.
-    fn fill(w: &SafetensorsWriter, tensors: &[OutputTensor]) -> Vec<Vec<u8>> {
+    fn fill(w: &Writer, tensors: &[OutputTensor]) -> Vec<Vec<u8>> {
         tensors
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let n = tensor_nbytes(t).unwrap() as usize;
+                let n = t.nbytes as usize;
                 let bytes = pattern(n, i as u8);
                 let (file, offset) = w.placement(i);
                 file.write_all_at(&bytes, offset).unwrap();
@@ -751,10 +845,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/deeper/out.safetensors");
         let tensors = sample();
-        let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
+        let w = Writer::create(Format::Safetensors, OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
         assert_eq!(w.total_bytes(), 24 + 5 + 16 + 9 + 8 + 3); // "empty" takes 0
         let data = fill(&w, &tensors);
-        let written = w.commit(&[dir.path().join("ignored.json")]).unwrap();
+        let written = w.commit(&[dir.path().join("ignored.json")], &[]).unwrap();
         assert_eq!(written, vec![path.clone()]);
 
         let bytes = std::fs::read(&path).unwrap();
@@ -794,9 +888,9 @@ mod tests {
         let mut outputs = Vec::new();
         for name in ["one.safetensors", "two.safetensors"] {
             let path = dir.path().join(name);
-            let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
+            let w = Writer::create(Format::Safetensors, OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
             fill(&w, &tensors);
-            w.commit(&[]).unwrap();
+            w.commit(&[], &[]).unwrap();
             outputs.push(std::fs::read(&path).unwrap());
         }
         assert_eq!(outputs[0], outputs[1]);
@@ -806,8 +900,14 @@ mod tests {
     fn empty_output_and_no_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.safetensors");
-        let w = SafetensorsWriter::create(OutputLayout::File(path.clone()), &[], &BTreeMap::new()).unwrap();
-        w.commit(&[]).unwrap();
+        let w = Writer::create(
+            Format::Safetensors,
+            OutputLayout::File(path.clone()),
+            &[],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        w.commit(&[], &[]).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[8..], b"{}      ");
         assert!(SafeTensors::deserialize(&bytes).unwrap().tensors().is_empty());
@@ -841,12 +941,12 @@ mod tests {
             dir: dir.clone(),
             shard_budget: Some(16),
         };
-        let w = SafetensorsWriter::create(layout, &tensors, &meta()).unwrap();
+        let w = Writer::create(Format::Safetensors, layout, &tensors, &meta()).unwrap();
         assert_eq!(w.total_bytes(), 73);
         let data = fill(&w, &tensors);
         let side = root.path().join("config.json");
         std::fs::write(&side, b"{\"x\": 1}").unwrap();
-        let written = w.commit(std::slice::from_ref(&side)).unwrap();
+        let written = w.commit(std::slice::from_ref(&side), &[]).unwrap();
         let shard_names: Vec<String> = (1..=4).map(|i| format!("model-0000{i}-of-00004.safetensors")).collect();
         let mut expected: Vec<PathBuf> = shard_names.iter().map(|n| dir.join(n)).collect();
         expected.push(dir.join(INDEX_NAME));
@@ -904,9 +1004,9 @@ mod tests {
             dir: dir.path().to_path_buf(),
             shard_budget: Some(16),
         };
-        let w = SafetensorsWriter::create(layout, &tensors, &BTreeMap::new()).unwrap();
+        let w = Writer::create(Format::Safetensors, layout, &tensors, &BTreeMap::new()).unwrap();
         fill(&w, &tensors);
-        assert_eq!(w.commit(&[]).unwrap(), vec![dir.path().join(SINGLE_NAME)]);
+        assert_eq!(w.commit(&[], &[]).unwrap(), vec![dir.path().join(SINGLE_NAME)]);
         assert_eq!(dir_names(dir.path()), vec![SINGLE_NAME]);
     }
 
@@ -931,9 +1031,9 @@ mod tests {
             dir: d.to_path_buf(),
             shard_budget: budget,
         };
-        let w = SafetensorsWriter::create(layout(Some(4)), &tensors, &BTreeMap::new()).unwrap();
+        let w = Writer::create(Format::Safetensors, layout(Some(4)), &tensors, &BTreeMap::new()).unwrap();
         fill(&w, &tensors);
-        w.commit(&[]).unwrap();
+        w.commit(&[], &[]).unwrap();
         assert_eq!(
             dir_names(d),
             vec![
@@ -946,9 +1046,9 @@ mod tests {
             ]
         );
         // Now unsharded over the sharded output: shards and index go.
-        let w = SafetensorsWriter::create(layout(None), &tensors, &BTreeMap::new()).unwrap();
+        let w = Writer::create(Format::Safetensors, layout(None), &tensors, &BTreeMap::new()).unwrap();
         fill(&w, &tensors);
-        w.commit(&[]).unwrap();
+        w.commit(&[], &[]).unwrap();
         assert_eq!(
             dir_names(d),
             vec![
@@ -959,9 +1059,9 @@ mod tests {
             ]
         );
         // And sharded again: model.safetensors goes.
-        let w = SafetensorsWriter::create(layout(Some(4)), &tensors, &BTreeMap::new()).unwrap();
+        let w = Writer::create(Format::Safetensors, layout(Some(4)), &tensors, &BTreeMap::new()).unwrap();
         fill(&w, &tensors);
-        w.commit(&[]).unwrap();
+        w.commit(&[], &[]).unwrap();
         assert!(!d.join(SINGLE_NAME).exists());
         assert!(d.join(INDEX_NAME).exists());
     }
@@ -975,7 +1075,7 @@ mod tests {
             dir: dir.clone(),
             shard_budget: Some(4),
         };
-        let w = SafetensorsWriter::create(layout, &tensors, &BTreeMap::new()).unwrap();
+        let w = Writer::create(Format::Safetensors, layout, &tensors, &BTreeMap::new()).unwrap();
         fill(&w, &tensors);
         // Temporaries are hidden and beside the final names; nothing final exists yet.
         let names = dir_names(&dir);
@@ -986,7 +1086,8 @@ mod tests {
 
         // In an existing directory, only the temporaries go, and earlier files stay.
         std::fs::write(root.path().join("keep.txt"), b"k").unwrap();
-        let w = SafetensorsWriter::create(
+        let w = Writer::create(
+            Format::Safetensors,
             OutputLayout::File(root.path().join("x.safetensors")),
             &tensors,
             &BTreeMap::new(),
@@ -1005,10 +1106,10 @@ mod tests {
             dir: dir.clone(),
             shard_budget: None,
         };
-        let w = SafetensorsWriter::create(layout, &tensors, &BTreeMap::new()).unwrap();
+        let w = Writer::create(Format::Safetensors, layout, &tensors, &BTreeMap::new()).unwrap();
         fill(&w, &tensors);
         let missing = root.path().join("missing.json");
-        match w.commit(std::slice::from_ref(&missing)) {
+        match w.commit(std::slice::from_ref(&missing), &[]) {
             Err(FormatError::Io { path, source }) => {
                 assert_eq!(path, missing);
                 assert_eq!(source.kind(), io::ErrorKind::NotFound);
@@ -1024,26 +1125,36 @@ mod tests {
         let file = OutputLayout::File(root.path().join("o.safetensors"));
         let dup = vec![t("a", DType::U8, &[1]), t("a", DType::U8, &[1])];
         assert!(matches!(
-            SafetensorsWriter::create(file.clone(), &dup, &BTreeMap::new()),
+            Writer::create(Format::Safetensors, file.clone(), &dup, &BTreeMap::new()),
             Err(FormatError::DuplicateOutputTensor { name }) if name == "a"
         ));
         let reserved = vec![t("__metadata__", DType::U8, &[1])];
         assert!(matches!(
-            SafetensorsWriter::create(file.clone(), &reserved, &BTreeMap::new()),
+            Writer::create(Format::Safetensors, file.clone(), &reserved, &BTreeMap::new()),
             Err(FormatError::ReservedTensorName { .. })
         ));
-        let odd_f4 = vec![t("q", DType::F4, &[3])];
         assert!(matches!(
-            SafetensorsWriter::create(file.clone(), &odd_f4, &BTreeMap::new()),
+            OutputTensor::new("q", DType::F4, vec![3]),
             Err(FormatError::InvalidTensorSize { name, .. }) if name == "q"
         ));
-        let huge = vec![t("h", DType::F64, &[usize::MAX, 2])];
         assert!(matches!(
-            SafetensorsWriter::create(file, &huge, &BTreeMap::new()),
+            OutputTensor::new("h", DType::F64, vec![usize::MAX, 2]),
             Err(FormatError::InvalidTensorSize { .. })
         ));
+        let huge: Vec<OutputTensor> = (0..9)
+            .map(|i| t(&format!("h{i}"), DType::U8, &[usize::MAX / 8]))
+            .collect();
         assert!(matches!(
-            SafetensorsWriter::create(OutputLayout::File(root.path().to_path_buf()), &[], &BTreeMap::new()),
+            Writer::create(Format::Safetensors, file, &huge, &BTreeMap::new()),
+            Err(FormatError::InvalidOutput { .. })
+        ));
+        assert!(matches!(
+            Writer::create(
+                Format::Safetensors,
+                OutputLayout::File(root.path().to_path_buf()),
+                &[],
+                &BTreeMap::new()
+            ),
             Err(FormatError::InvalidOutput { .. })
         ));
         let blocker = root.path().join("plainfile");
@@ -1053,12 +1164,12 @@ mod tests {
             shard_budget: None,
         };
         assert!(matches!(
-            SafetensorsWriter::create(layout, &[], &BTreeMap::new()),
+            Writer::create(Format::Safetensors, layout, &[], &BTreeMap::new()),
             Err(FormatError::InvalidOutput { path, .. }) if path == blocker
         ));
         // A parent that is a file: the error names the path that could not be created.
         let under = blocker.join("sub/o.safetensors");
-        match SafetensorsWriter::create(OutputLayout::File(under), &[], &BTreeMap::new()) {
+        match Writer::create(Format::Safetensors, OutputLayout::File(under), &[], &BTreeMap::new()) {
             Err(FormatError::Io { path, .. }) => assert!(path.starts_with(&blocker)),
             other => panic!("{other:?}"),
         }
@@ -1073,21 +1184,21 @@ mod tests {
             dir: dir.path().to_path_buf(),
             shard_budget: Some(4000),
         };
-        let w = SafetensorsWriter::create(layout, &tensors, &meta()).unwrap();
+        let w = Writer::create(Format::Safetensors, layout, &tensors, &meta()).unwrap();
         std::thread::scope(|s| {
             for chunk in [0..8, 8..16] {
                 let w = &w;
                 let tensors = &tensors;
                 s.spawn(move || {
                     for i in chunk {
-                        let n = tensor_nbytes(&tensors[i]).unwrap() as usize;
+                        let n = tensors[i].nbytes as usize;
                         let (f, off) = w.placement(i);
                         f.write_all_at(&pattern(n, i as u8), off).unwrap();
                     }
                 });
             }
         });
-        w.commit(&[]).unwrap();
+        w.commit(&[], &[]).unwrap();
         let ck = open_checkpoint(dir.path()).unwrap();
         assert!(ck.files.len() > 1);
         for (i, e) in ck.tensors.iter().enumerate() {
@@ -1100,7 +1211,7 @@ mod tests {
 
     #[test]
     fn stale_name_pattern() {
-        let st = WeightFormat::Safetensors;
+        let st = Format::Safetensors;
         assert!(is_weight_output_name(st, "model-00001-of-00002.safetensors"));
         assert!(is_weight_output_name(st, SINGLE_NAME));
         assert!(is_weight_output_name(st, INDEX_NAME));
@@ -1108,7 +1219,7 @@ mod tests {
         assert!(!is_weight_output_name(st, "model-00001-of-00002.safetensors.bak"));
         assert!(!is_weight_output_name(st, "adapter_model.safetensors"));
         assert!(!is_weight_output_name(st, "pytorch_model.bin"));
-        let pt = WeightFormat::Torch;
+        let pt = Format::PyTorch;
         assert!(is_weight_output_name(pt, "pytorch_model-00001-of-00002.bin"));
         assert!(is_weight_output_name(pt, "pytorch_model.bin"));
         assert!(is_weight_output_name(pt, "pytorch_model.bin.index.json"));
@@ -1116,5 +1227,45 @@ mod tests {
         assert!(!is_weight_output_name(pt, "pytorch_model-00001-of-00002bin"));
         assert!(!is_weight_output_name(pt, "training_args.bin"));
         assert!(!is_weight_output_name(pt, SINGLE_NAME));
+    }
+
+    #[test]
+    fn npz_round_trips_through_reader_and_refuses_bf16() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.npz");
+        let specs = vec![t("a", DType::F32, &[2]), t("b", DType::U8, &[])];
+        let w = Writer::create(Format::NumPy, OutputLayout::File(path.clone()), &specs, &meta()).unwrap();
+        let (f, off) = w.placement(0);
+        f.write_all_at(&[1, 2, 3, 4, 5, 6, 7, 8], off).unwrap();
+        let (f, off) = w.placement(1);
+        f.write_all_at(&[9], off).unwrap();
+        w.commit(&[], &[zip::crc32(&[1, 2, 3, 4, 5, 6, 7, 8]), zip::crc32(&[9])])
+            .unwrap();
+        let src = super::super::SourceFile::open(&path).unwrap();
+        let t = super::super::numpy::read_tensors(&src, 0).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].dtype, t[0].shape.clone(), t[0].nbytes), (DType::F32, vec![2], 8));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        let bad = vec![super::super::test_util::t("w", DType::BF16, &[1])];
+        let err = Writer::create(
+            Format::NumPy,
+            OutputLayout::File(dir.path().join("x.npz")),
+            &bad,
+            &meta(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("\"w\"") && err.to_string().contains("cast"),
+            "{err}"
+        );
+        let two = Writer::create(
+            Format::NumPy,
+            OutputLayout::Npy(dir.path().join("x.npy")),
+            &specs,
+            &meta(),
+        );
+        assert!(matches!(two, Err(FormatError::NpyCount { count: 2 })));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

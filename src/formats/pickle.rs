@@ -226,30 +226,6 @@ fn check_nesting(child_depth: u32, nesting: u32) -> Result<(), PickleError> {
     Ok(())
 }
 
-/// The dtype torch calls `torch.<name>`, for the byte-sized dtypes we carry.
-fn torch_dtype(name: &str) -> Option<DType> {
-    Some(match name {
-        "float64" => DType::F64,
-        "float32" => DType::F32,
-        "float16" => DType::F16,
-        "bfloat16" => DType::BF16,
-        "int64" => DType::I64,
-        "int32" => DType::I32,
-        "int16" => DType::I16,
-        "int8" => DType::I8,
-        "uint64" => DType::U64,
-        "uint32" => DType::U32,
-        "uint16" => DType::U16,
-        "uint8" => DType::U8,
-        "bool" => DType::Bool,
-        "complex64" => DType::C64,
-        "float8_e4m3fn" => DType::F8E4M3,
-        "float8_e5m2" => DType::F8E5M2,
-        "float8_e8m0fnu" => DType::F8E8M0,
-        _ => return None,
-    })
-}
-
 /// The allowed global `module.name`, or a refusal naming it.
 fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
     let global = match (module, name) {
@@ -259,23 +235,9 @@ fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
         ("torch._utils", "_rebuild_parameter") => Some(Global::RebuildParameter),
         ("torch._utils", "_rebuild_tensor_v3") => Some(Global::RebuildTensorV3),
         ("torch.storage", "UntypedStorage") => Some(Global::Storage(DType::U8)),
-        ("torch", dtype) if torch_dtype(dtype).is_some() => torch_dtype(dtype).map(Global::Dtype),
+        ("torch", dtype) if DType::from_torch_name(dtype).is_some() => DType::from_torch_name(dtype).map(Global::Dtype),
         // Old GPU checkpoints name CUDA storage classes; the bytes on disk are the same.
-        ("torch" | "torch.cuda", storage) => match storage {
-            "FloatStorage" => Some(DType::F32),
-            "DoubleStorage" => Some(DType::F64),
-            "HalfStorage" => Some(DType::F16),
-            "BFloat16Storage" => Some(DType::BF16),
-            "LongStorage" => Some(DType::I64),
-            "IntStorage" => Some(DType::I32),
-            "ShortStorage" => Some(DType::I16),
-            "CharStorage" => Some(DType::I8),
-            "ByteStorage" => Some(DType::U8),
-            "BoolStorage" => Some(DType::Bool),
-            "ComplexFloatStorage" => Some(DType::C64),
-            _ => None,
-        }
-        .map(Global::Storage),
+        ("torch" | "torch.cuda", storage) => DType::from_torch_storage(storage).map(Global::Storage),
         _ => None,
     };
     global.ok_or_else(|| PickleError::ForbiddenGlobal {

@@ -26,9 +26,17 @@ pub(crate) fn bad(path: &Path, reason: impl Into<String>) -> FormatError {
     }
 }
 
+/// A zip error of the checkpoint at `path`.
+fn bad_zip(path: &Path) -> impl Fn(zip::ZipError) -> FormatError + '_ {
+    move |source| FormatError::TorchArchive {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// The archive's entries by name.
 fn read_zip(file: &SourceFile) -> Result<HashMap<String, zip::Entry>, FormatError> {
-    let entries = zip::read_entries(file).map_err(|reason| bad(&file.path, reason))?;
+    let entries = zip::read_entries(file).map_err(bad_zip(&file.path))?;
     Ok(entries.into_iter().map(|e| (e.name.clone(), e)).collect())
 }
 
@@ -234,13 +242,13 @@ fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorE
         let entry = entries
             .get(name)
             .ok_or_else(|| bad(path, format!("zip entry {name:?} is missing")))?;
-        entry.require_stored("").map_err(|reason| bad(path, reason))?;
+        entry.require_stored("").map_err(bad_zip(path))?;
         Ok(entry)
     };
     // Storages are in the saving machine's byte order (torch byteswaps them on load); files
     // without the entry predate it and are little-endian.
     if let Some(order) = entries.get(&format!("{prefix}byteorder")) {
-        order.require_stored("").map_err(|reason| bad(path, reason))?;
+        order.require_stored("").map_err(bad_zip(path))?;
         let mut text = vec![0u8; order.size.min(16) as usize];
         file.read_at(order.data_offset, &mut text)?;
         let text = String::from_utf8_lossy(&text);
@@ -428,9 +436,9 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.pt");
         std::fs::write(&path, b"PK").unwrap();
-        assert!(matches!(read(&path), Err(FormatError::Torch { .. })));
+        assert!(matches!(read(&path), Err(FormatError::TorchArchive { .. })));
         std::fs::write(&path, b"").unwrap();
-        assert!(matches!(read(&path), Err(FormatError::Torch { .. })));
+        assert!(matches!(read(&path), Err(FormatError::TorchArchive { .. })));
     }
 
     #[test]

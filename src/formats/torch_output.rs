@@ -12,30 +12,22 @@
 //! 16/32/64-bit, float8). It is written by a small emitter for exactly that shape, not a general
 //! serializer. Dtypes torch has no type for are refused naming the tensor.
 //!
-//! [`Archive`] lays one file out; [`TorchWriter`] is the atomic writer (one file, or a Hugging
-//! Face directory of `pytorch_model*.bin` shards and an index), built on the temporaries, shard
-//! planning, sidecars and stale-shard cleanup of [`super::output`]. The executor streams the
-//! tensors into [`TorchWriter::placement`] and hands each tensor's CRC-32 to
-//! [`TorchWriter::commit`].
+//! [`Archive`] lays one file out; the atomic writing (one file, or a Hugging Face directory of
+//! `pytorch_model*.bin` shards and an index) is [`super::output::Writer`]'s.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 
-use crate::dtype::DType;
+use crate::dtype::TorchStorage;
 
-use super::output::{OutputLayout, OutputTensor, SafetensorsWriter, WeightFormat};
+use super::output::OutputTensor;
 use super::zip::{self, Layout};
 use super::FormatError;
 
 /// The folder every entry of the archive sits in. `torch.save` uses the target's file stem
 /// (`archive` for a buffer); a fixed name makes the bytes independent of the file name.
 pub const ARCHIVE_PREFIX: &str = "archive";
-/// File name of an unsharded directory output (as `transformers` names it).
-pub const SINGLE_NAME: &str = "pytorch_model.bin";
-/// Weight index of a sharded directory output.
-pub const INDEX_NAME: &str = "pytorch_model.bin.index.json";
 /// Contents of `archive/version`: the file format version current torch writes.
 const VERSION: &[u8] = b"3\n";
 /// Contents of `archive/byteorder`: storages are little-endian.
@@ -44,54 +36,6 @@ const BYTEORDER: &[u8] = b"little";
 const ALIGN: u64 = 64;
 /// Items per `SETITEMS` batch, as Python's pickler batches them.
 const BATCH: usize = 1000;
-
-/// How torch pickles tensors of one dtype.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TorchType {
-    /// `_rebuild_tensor_v2` over the legacy typed storage `torch.<class>`; numel in elements.
-    Typed(&'static str),
-    /// `_rebuild_tensor_v3` over `torch.storage.UntypedStorage` (numel in bytes) and the dtype
-    /// global `torch.<name>`: the dtypes torch added after typed storages were frozen.
-    Untyped(&'static str),
-}
-
-/// How a tensor of `dtype` is stored by torch, or `None` when torch has no such dtype.
-fn torch_type(dtype: DType) -> Option<TorchType> {
-    use TorchType::{Typed, Untyped};
-    Some(match dtype {
-        DType::F64 => Typed("DoubleStorage"),
-        DType::F32 => Typed("FloatStorage"),
-        DType::F16 => Typed("HalfStorage"),
-        DType::BF16 => Typed("BFloat16Storage"),
-        DType::I64 => Typed("LongStorage"),
-        DType::I32 => Typed("IntStorage"),
-        DType::I16 => Typed("ShortStorage"),
-        DType::I8 => Typed("CharStorage"),
-        DType::U8 => Typed("ByteStorage"),
-        DType::Bool => Typed("BoolStorage"),
-        DType::C64 => Typed("ComplexFloatStorage"),
-        DType::U16 => Untyped("uint16"),
-        DType::U32 => Untyped("uint32"),
-        DType::U64 => Untyped("uint64"),
-        DType::F8E4M3 => Untyped("float8_e4m3fn"),
-        DType::F8E5M2 => Untyped("float8_e5m2"),
-        DType::F8E8M0 => Untyped("float8_e8m0fnu"),
-        // torch packs float4 two per byte under another shape (`float4_e2m1fn_x2`) and has no
-        // float6 at all.
-        DType::F4 | DType::F6E2M3 | DType::F6E3M2 => return None,
-    })
-}
-
-/// Refuses a tensor whose dtype a PyTorch file cannot hold (called at check time, too).
-pub fn check_dtype(name: &str, dtype: DType) -> Result<(), FormatError> {
-    match torch_type(dtype) {
-        Some(_) => Ok(()),
-        None => Err(FormatError::TorchDtype {
-            name: name.to_owned(),
-            dtype,
-        }),
-    }
-}
 
 /// Row-major strides of `shape` as torch computes them (a zero dimension counts as one).
 fn contiguous_strides(shape: &[usize]) -> Vec<u64> {
@@ -235,21 +179,21 @@ impl Pickler {
     }
 
     /// The tensor `t`, whose storage is `data/<key>`.
-    fn tensor(&mut self, t: &OutputTensor, key: usize, torch: TorchType, nbytes: u64) {
+    fn tensor(&mut self, t: &OutputTensor, key: usize, torch: TorchStorage) {
         let numel = match torch {
-            TorchType::Typed(_) => t.shape.iter().map(|&d| d as u64).product(),
-            TorchType::Untyped(_) => nbytes,
+            TorchStorage::Typed(_) => t.shape.iter().map(|&d| d as u64).product(),
+            TorchStorage::Untyped => t.nbytes,
         };
         match torch {
-            TorchType::Typed(_) => self.global("torch._utils", "_rebuild_tensor_v2"),
-            TorchType::Untyped(_) => self.global("torch._utils", "_rebuild_tensor_v3"),
+            TorchStorage::Typed(_) => self.global("torch._utils", "_rebuild_tensor_v2"),
+            TorchStorage::Untyped => self.global("torch._utils", "_rebuild_tensor_v3"),
         }
         self.out.push(b'('); // the arguments
         self.out.push(b'('); // the persistent id
         self.shared_str("storage");
         match torch {
-            TorchType::Typed(class) => self.global("torch", class),
-            TorchType::Untyped(_) => self.global("torch.storage", "UntypedStorage"),
+            TorchStorage::Typed(class) => self.global("torch", class),
+            TorchStorage::Untyped => self.global("torch.storage", "UntypedStorage"),
         }
         self.str(&key.to_string());
         self.shared_str("cpu");
@@ -263,8 +207,8 @@ impl Pickler {
         self.int_tuple(&contiguous_strides(&t.shape));
         self.out.push(0x89); // requires_grad = False
         self.empty_ordered_dict();
-        if let TorchType::Untyped(dtype) = torch {
-            self.global("torch", dtype);
+        if torch == TorchStorage::Untyped {
+            self.global("torch", t.dtype.name());
         }
         self.out.push(b't');
         self.put();
@@ -273,9 +217,9 @@ impl Pickler {
     }
 }
 
-/// The `data.pkl` of an archive holding `tensors` (with their dtypes' torch types and byte
-/// sizes), storage `data/i` for the i-th.
-fn state_dict_pickle(tensors: &[(&OutputTensor, TorchType, u64)]) -> Vec<u8> {
+/// The `data.pkl` of an archive holding `tensors` (with their dtypes' torch storages),
+/// storage `data/i` for the i-th.
+fn state_dict_pickle(tensors: &[(&OutputTensor, TorchStorage)]) -> Vec<u8> {
     let mut p = Pickler::new();
     p.global("collections", "OrderedDict");
     p.out.push(b')');
@@ -287,9 +231,9 @@ fn state_dict_pickle(tensors: &[(&OutputTensor, TorchType, u64)]) -> Vec<u8> {
         if many {
             p.out.push(b'(');
         }
-        for &(t, torch, nbytes) in batch {
+        for &(t, torch) in batch {
             p.str(&t.name);
-            p.tensor(t, key, torch, nbytes);
+            p.tensor(t, key, torch);
             key += 1;
         }
         p.out.push(if many { b'u' } else { b's' });
@@ -319,11 +263,13 @@ impl Archive {
     fn plan_in(mut layout: Layout, tensors: &[&OutputTensor], path: &std::path::Path) -> Result<Self, FormatError> {
         let mut typed = Vec::with_capacity(tensors.len());
         for &t in tensors {
-            let torch = torch_type(t.dtype).ok_or_else(|| FormatError::TorchDtype {
+            // `Format::check_writable` refused the dtypes torch lacks; this only keeps the
+            // error typed should a caller skip it.
+            let torch = t.dtype.info().torch.ok_or_else(|| FormatError::TorchDtype {
                 name: t.name.clone(),
                 dtype: t.dtype,
             })?;
-            typed.push((t, torch, t.nbytes()?));
+            typed.push((t, torch));
         }
         let pickle = state_dict_pickle(&typed);
         let invalid = |reason| FormatError::InvalidOutput {
@@ -341,10 +287,10 @@ impl Archive {
         add_fixed(&mut layout, "data.pkl", pickle)?;
         add_fixed(&mut layout, "byteorder", BYTEORDER.to_vec())?;
         let mut offsets = Vec::with_capacity(typed.len());
-        for (key, &(_, _, nbytes)) in typed.iter().enumerate() {
+        for (key, &(t, _)) in typed.iter().enumerate() {
             offsets.push(
                 layout
-                    .add(&format!("{ARCHIVE_PREFIX}/data/{key}"), nbytes, ALIGN)
+                    .add(&format!("{ARCHIVE_PREFIX}/data/{key}"), t.nbytes, ALIGN)
                     .map_err(invalid)?,
             );
         }
@@ -397,51 +343,18 @@ impl Archive {
     }
 }
 
-/// Writes PyTorch output atomically: one file, or a directory (`pytorch_model.bin`, or shards
-/// `pytorch_model-00001-of-0000N.bin` plus `pytorch_model.bin.index.json`). Temporaries,
-/// renames, sidecars and stale-shard cleanup are the safetensors writer's.
-#[derive(Debug)]
-pub struct TorchWriter {
-    inner: SafetensorsWriter,
-}
-
-impl TorchWriter {
-    /// Lays out `tensors` in order, creates the temporaries beside the final names and writes
-    /// everything but the storages and the central directories. Tensors whose dtype torch has
-    /// no type for are refused before anything is created.
-    pub fn create(layout: OutputLayout, tensors: &[OutputTensor]) -> Result<Self, FormatError> {
-        let inner = SafetensorsWriter::create_as(WeightFormat::Torch, layout, tensors, &Default::default())?;
-        Ok(TorchWriter { inner })
-    }
-
-    /// Where tensor `i` goes: the open temporary and the absolute offset of its storage.
-    ///
-    /// # Panics
-    /// If `i` is not an index of the slice given to `create`.
-    pub fn placement(&self, i: usize) -> (&File, u64) {
-        self.inner.placement(i)
-    }
-
-    /// Completes every archive with `data_crcs` (the CRC-32 of each tensor's bytes, in the
-    /// order given to `create`), copies `sidecars` into a directory output and renames
-    /// everything into place.
-    pub fn commit(self, sidecars: &[PathBuf], data_crcs: &[u32]) -> Result<Vec<PathBuf>, FormatError> {
-        self.inner.commit_with_crcs(sidecars, data_crcs)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::DType;
+    use crate::formats::output::{OutputLayout, Writer};
     use crate::formats::pickle::{self, Object};
     use crate::formats::test_util::t;
     use crate::formats::SourceFile;
+    use crate::formats::{Format, TORCH_INDEX_NAME as INDEX_NAME};
 
     fn pickle_of(tensors: &[OutputTensor]) -> Vec<u8> {
-        let typed: Vec<_> = tensors
-            .iter()
-            .map(|t| (t, torch_type(t.dtype).unwrap(), t.nbytes().unwrap()))
-            .collect();
+        let typed: Vec<_> = tensors.iter().map(|t| (t, t.dtype.info().torch.unwrap())).collect();
         state_dict_pickle(&typed)
     }
 
@@ -526,7 +439,13 @@ mod tests {
             t("y", DType::U8, &[]),
             t("z", DType::I16, &[0]),
         ];
-        let w = TorchWriter::create(OutputLayout::File(path.clone()), &tensors).unwrap();
+        let w = Writer::create(
+            Format::PyTorch,
+            OutputLayout::File(path.clone()),
+            &tensors,
+            &Default::default(),
+        )
+        .unwrap();
         let data: [&[u8]; 3] = [&[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0], &[9], &[]];
         for (i, d) in data.iter().enumerate() {
             let (file, at) = w.placement(i);
@@ -629,7 +548,7 @@ mod tests {
             dir: dir.clone(),
             shard_budget: Some(32),
         };
-        let w = TorchWriter::create(layout, &tensors).unwrap();
+        let w = Writer::create(Format::PyTorch, layout, &tensors, &Default::default()).unwrap();
         let mut crcs = Vec::new();
         for i in 0..tensors.len() {
             let bytes = [i as u8; 16];
@@ -678,7 +597,7 @@ mod tests {
             dir: dir.clone(),
             shard_budget: None,
         };
-        let err = TorchWriter::create(layout, &tensors).unwrap_err();
+        let err = Writer::create(Format::PyTorch, layout, &tensors, &Default::default()).unwrap_err();
         assert!(err.to_string().contains("model.safetensors"), "{err}");
     }
 
@@ -686,14 +605,21 @@ mod tests {
     fn dtypes_torch_lacks_are_refused_naming_the_tensor() {
         let dir = tempfile::tempdir().unwrap();
         let tensors = vec![t("ok", DType::F32, &[1]), t("q.packed", DType::F4, &[2])];
-        let err = TorchWriter::create(OutputLayout::File(dir.path().join("m.bin")), &tensors).unwrap_err();
+        let err = Writer::create(
+            Format::PyTorch,
+            OutputLayout::File(dir.path().join("m.bin")),
+            &tensors,
+            &Default::default(),
+        )
+        .unwrap_err();
         assert!(matches!(&err, FormatError::TorchDtype { name, dtype: DType::F4 } if name == "q.packed"));
         let text = err.to_string();
         assert!(text.contains("\"q.packed\"") && text.contains("cast"), "{text}");
-        assert!(check_dtype("w", DType::F6E3M2).is_err());
+        let check = |dtype| Format::PyTorch.check_writable([("w", dtype)].into_iter(), false);
+        assert!(check(DType::F6E3M2).is_err());
         for dtype in DType::ALL {
             if !matches!(dtype, DType::F4 | DType::F6E2M3 | DType::F6E3M2) {
-                check_dtype("w", dtype).unwrap();
+                check(dtype).unwrap();
             }
         }
         // Nothing was created.
@@ -703,12 +629,24 @@ mod tests {
     #[test]
     fn dropping_an_uncommitted_writer_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let w = TorchWriter::create(OutputLayout::File(dir.path().join("m.pth")), &[t("x", DType::U8, &[4])]).unwrap();
+        let w = Writer::create(
+            Format::PyTorch,
+            OutputLayout::File(dir.path().join("m.pth")),
+            &[t("x", DType::U8, &[4])],
+            &Default::default(),
+        )
+        .unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         // A wrong number of CRCs is an error, and leaves nothing either.
-        let w = TorchWriter::create(OutputLayout::File(dir.path().join("m.pth")), &[t("x", DType::U8, &[4])]).unwrap();
+        let w = Writer::create(
+            Format::PyTorch,
+            OutputLayout::File(dir.path().join("m.pth")),
+            &[t("x", DType::U8, &[4])],
+            &Default::default(),
+        )
+        .unwrap();
         assert!(w.commit(&[], &[]).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

@@ -33,6 +33,97 @@ const MAX_CENTRAL_DIRECTORY: u64 = 1 << 30;
 const DOS_TIME: u16 = 0;
 const DOS_DATE: u16 = 0x21;
 
+/// Why a zip archive could not be read. Wrapped with the file path by the format reading it
+/// ([`super::FormatError::TorchArchive`], [`super::numpy::NpyError::Zip`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ZipError {
+    /// Reading the file failed; the source keeps the I/O error kind.
+    #[error("i/o error on {}", path.display())]
+    Io {
+        /// The archive.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A structure the archive points at lies past the end of the file.
+    #[error("{what} lies outside the file (truncated?)")]
+    OutsideFile {
+        /// What was being read (`central directory`, `entry "x"`).
+        what: String,
+    },
+    /// A structure is too large to read into memory.
+    #[error("{what} is too large")]
+    TooLarge {
+        /// What was being read.
+        what: String,
+    },
+    /// No end-of-central-directory record at the end of the file.
+    #[error("not a zip archive, or truncated (no end-of-central-directory record)")]
+    NotZip,
+    /// Sizes or offsets are saturated but the ZIP64 locator is missing.
+    #[error("ZIP64 locator missing")]
+    Zip64LocatorMissing,
+    /// The ZIP64 locator points at no ZIP64 end record.
+    #[error("ZIP64 end of central directory missing")]
+    Zip64RecordMissing,
+    /// The ZIP64 end record is short.
+    #[error("ZIP64 end record is malformed")]
+    Zip64RecordMalformed,
+    /// The central directory exceeds the size read.
+    #[error("central directory of {size} bytes is too large")]
+    CentralDirectoryTooLarge {
+        /// Its declared size.
+        size: u64,
+    },
+    /// The central directory ends inside an entry.
+    #[error("central directory is truncated")]
+    CentralDirectoryTruncated,
+    /// A central directory entry has the wrong signature.
+    #[error("bad central directory header")]
+    BadCentralHeader,
+    /// An entry's ZIP64 extra field is short.
+    #[error("entry {entry:?}: bad ZIP64 extra field")]
+    BadZip64Extra {
+        /// The entry name.
+        entry: String,
+    },
+    /// A stored entry's compressed and uncompressed sizes differ.
+    #[error("entry {entry:?} has inconsistent sizes")]
+    InconsistentSizes {
+        /// The entry name.
+        entry: String,
+    },
+    /// An entry's local header is missing.
+    #[error("entry {entry:?} has no local header")]
+    NoLocalHeader {
+        /// The entry name.
+        entry: String,
+    },
+    /// An entry's data runs past the end of the file.
+    #[error("entry {entry:?} is truncated")]
+    EntryTruncated {
+        /// The entry name.
+        entry: String,
+    },
+    /// An entry is encrypted.
+    #[error("entry {entry:?} is encrypted")]
+    Encrypted {
+        /// The entry name.
+        entry: String,
+    },
+    /// An entry is compressed, so its bytes cannot be read in place.
+    #[error("entry {entry:?} is compressed (method {method}); only stored entries can be read in place{hint}")]
+    Compressed {
+        /// The entry name.
+        entry: String,
+        /// The compression method.
+        method: u16,
+        /// What to do instead (empty, or starting with a space).
+        hint: &'static str,
+    },
+}
+
 /// One entry of an archive being read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -50,15 +141,18 @@ pub struct Entry {
 
 impl Entry {
     /// Refuses entries whose bytes are not the data itself; `hint` says what to do instead.
-    pub fn require_stored(&self, hint: &str) -> Result<(), String> {
+    pub fn require_stored(&self, hint: &'static str) -> Result<(), ZipError> {
         if self.encrypted {
-            return Err(format!("entry {:?} is encrypted", self.name));
+            return Err(ZipError::Encrypted {
+                entry: self.name.clone(),
+            });
         }
         if self.method != 0 {
-            return Err(format!(
-                "entry {:?} is compressed (method {}); only stored entries can be read in place{hint}",
-                self.name, self.method
-            ));
+            return Err(ZipError::Compressed {
+                entry: self.name.clone(),
+                method: self.method,
+                hint,
+            });
         }
         Ok(())
     }
@@ -77,18 +171,24 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
 }
 
 /// Reads `len` bytes at `offset`, refusing ranges past the end of the file.
-fn read(file: &SourceFile, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, String> {
+fn read(file: &SourceFile, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, ZipError> {
     if offset.checked_add(len).is_none_or(|end| end > file.len) {
-        return Err(format!("{what} lies outside the file (truncated?)"));
+        return Err(ZipError::OutsideFile { what: what.to_owned() });
     }
-    let mut buf = vec![0u8; usize::try_from(len).map_err(|_| format!("{what} is too large"))?];
-    file.read_at(offset, &mut buf).map_err(|e| e.to_string())?;
+    let len = usize::try_from(len).map_err(|_| ZipError::TooLarge { what: what.to_owned() })?;
+    let mut buf = vec![0u8; len];
+    file.file()
+        .read_exact_at(&mut buf, offset)
+        .map_err(|source| ZipError::Io {
+            path: file.path.clone(),
+            source,
+        })?;
     Ok(buf)
 }
 
 /// The entries of the zip archive `file`, in central-directory order.
-pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, String> {
-    let not_zip = || "not a zip archive, or truncated (no end-of-central-directory record)".to_string();
+pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
+    let not_zip = || ZipError::NotZip;
     // The end record is 22 bytes plus a comment of at most 64 KiB, at the very end.
     let tail_len = file.len.min(22 + 0xFFFF);
     let tail = read(file, file.len - tail_len, tail_len, "end of archive")?;
@@ -115,30 +215,30 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, String> {
         None => Vec::new(),
     };
     if u32_at(&locator, 0) == Some(EOCD64_LOCATOR_SIG) {
-        let record_at = u64_at(&locator, 8).ok_or("ZIP64 locator missing")?;
+        let record_at = u64_at(&locator, 8).ok_or(ZipError::Zip64LocatorMissing)?;
         let record = read(file, record_at, 56, "ZIP64 end record")?;
         if u32_at(&record, 0) != Some(EOCD64_SIG) {
-            return Err("ZIP64 end of central directory missing".to_string());
+            return Err(ZipError::Zip64RecordMissing);
         }
-        let bad = || "ZIP64 end record is malformed".to_string();
+        let bad = || ZipError::Zip64RecordMalformed;
         count = u64_at(&record, 32).ok_or_else(bad)?;
         cd_size = u64_at(&record, 40).ok_or_else(bad)?;
         cd_offset = u64_at(&record, 48).ok_or_else(bad)?;
     } else if cd_size == SATURATED || cd_offset == SATURATED {
-        return Err("ZIP64 locator missing".to_string());
+        return Err(ZipError::Zip64LocatorMissing);
     }
     if cd_size > MAX_CENTRAL_DIRECTORY {
-        return Err(format!("central directory of {cd_size} bytes is too large"));
+        return Err(ZipError::CentralDirectoryTooLarge { size: cd_size });
     }
     let cd = read(file, cd_offset, cd_size, "central directory")?;
     file.record_header(&cd);
-    let short = || "central directory is truncated".to_string();
+    let short = || ZipError::CentralDirectoryTruncated;
     let mut entries = Vec::new();
     let mut at = 0usize;
     for _ in 0..count {
         let fixed = cd.get(at..at + 46).ok_or_else(short)?;
         if u32_at(fixed, 0) != Some(CENTRAL_SIG) {
-            return Err("bad central directory header".to_string());
+            return Err(ZipError::BadCentralHeader);
         }
         let number = |o: usize| u16_at(fixed, o).map_or(0, usize::from);
         let flags = u16_at(fixed, 8).unwrap_or(0);
@@ -159,11 +259,11 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, String> {
             if id == ZIP64_EXTRA {
                 let data = extra
                     .get(e + 4..e + 4 + usize::from(len))
-                    .ok_or_else(|| format!("entry {name:?}: bad ZIP64 extra field"))?;
+                    .ok_or_else(|| ZipError::BadZip64Extra { entry: name.clone() })?;
                 let mut k = 0;
                 for value in [&mut uncompressed, &mut compressed, &mut local] {
                     if *value == SATURATED {
-                        *value = u64_at(data, k).ok_or_else(|| format!("entry {name:?}: bad ZIP64 extra field"))?;
+                        *value = u64_at(data, k).ok_or_else(|| ZipError::BadZip64Extra { entry: name.clone() })?;
                         k += 8;
                     }
                 }
@@ -171,17 +271,17 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, String> {
             e += 4 + usize::from(len);
         }
         if method == 0 && compressed != uncompressed {
-            return Err(format!("entry {name:?} has inconsistent sizes"));
+            return Err(ZipError::InconsistentSizes { entry: name });
         }
         let header = read(file, local, 30, &format!("entry {name:?}"))?;
         if u32_at(&header, 0) != Some(LOCAL_SIG) {
-            return Err(format!("entry {name:?} has no local header"));
+            return Err(ZipError::NoLocalHeader { entry: name });
         }
         let local_name = u16_at(&header, 26).map_or(0, u64::from);
         let local_extra = u16_at(&header, 28).map_or(0, u64::from);
         let data_offset = local + 30 + local_name + local_extra;
         if data_offset.checked_add(compressed).is_none_or(|end| end > file.len) {
-            return Err(format!("entry {name:?} is truncated"));
+            return Err(ZipError::EntryTruncated { entry: name });
         }
         entries.push(Entry {
             name,
@@ -457,6 +557,23 @@ impl Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_read_keeps_its_io_error_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.zip");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let file = SourceFile::open(&path).unwrap();
+        // The file shrinks after it was opened: the read past its new end fails.
+        std::fs::write(&path, b"").unwrap();
+        match read_entries(&file) {
+            Err(ZipError::Io { path: p, source }) => {
+                assert_eq!(p, path);
+                assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn crc32_known_value_and_combination() {

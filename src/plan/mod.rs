@@ -18,6 +18,8 @@ pub use error::PlanError;
 pub use location::Location;
 
 use document::kind_of;
+
+use crate::formats::Format;
 use error::suggest;
 
 /// The alias a single bare input path gets.
@@ -32,26 +34,15 @@ pub struct InputSpec {
     pub path: PathBuf,
 }
 
-/// Output file format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutputFormat {
-    /// safetensors, a file or a (sharded) directory.
-    Safetensors,
-    /// PyTorch zip format.
-    Torch,
-    /// NumPy `.npz`.
-    Npz,
-    /// NumPy `.npy` (one tensor).
-    Npy,
-}
-
 /// The `output` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputSpec {
     /// Target file or directory.
     pub path: PathBuf,
     /// The format.
-    pub format: OutputFormat,
+    pub format: Format,
+    /// Whether a NumPy output is one bare `.npy` (one tensor) rather than an `.npz`.
+    pub npy: bool,
     /// Whether `path` names a single file (by its extension) rather than a directory.
     pub single_file: bool,
     /// Shard budget in bytes for directories; `None` disables sharding.
@@ -251,15 +242,10 @@ impl RawTransform {
     }
 }
 
-fn format_of(path: &std::path::Path) -> Option<OutputFormat> {
+/// The format a file output's extension names, and whether it is a bare `.npy`.
+fn format_of(path: &std::path::Path) -> Option<(Format, bool)> {
     let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-    match ext.as_str() {
-        "safetensors" => Some(OutputFormat::Safetensors),
-        "bin" | "pt" | "pth" => Some(OutputFormat::Torch),
-        "npz" => Some(OutputFormat::Npz),
-        "npy" => Some(OutputFormat::Npy),
-        _ => None,
-    }
+    Format::of_name(&format!(".{ext}")).map(|f| (f, ext == "npy"))
 }
 
 /// Parses an `output`-shaped value (a path, or a mapping with the output keys) found at
@@ -301,13 +287,10 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
     let path = PathBuf::from(path);
     let by_extension = format_of(&path);
     let format = match map.get("format") {
-        None | Some(Value::Null) => by_extension.unwrap_or(OutputFormat::Safetensors),
-        Some(Value::String(f)) => match f.to_ascii_lowercase().as_str() {
-            "safetensors" => OutputFormat::Safetensors,
-            "torch" | "pytorch" => OutputFormat::Torch,
-            "npz" | "numpy" => OutputFormat::Npz,
-            "npy" => OutputFormat::Npy,
-            _ => {
+        None | Some(Value::Null) => by_extension.unwrap_or((Format::Safetensors, false)),
+        Some(Value::String(f)) => match Format::parse(f) {
+            Some(format) => (format, f.eq_ignore_ascii_case("npy")),
+            None => {
                 return Err(PlanError::invalid(
                     &location.key("format"),
                     format!("unknown format `{f}`; expected safetensors, torch, npz or npy"),
@@ -321,6 +304,7 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
             ))
         }
     };
+    let (format, npy) = format;
     let single_file = by_extension.is_some();
     let shard = match map.get("shard") {
         None | Some(Value::Null) => Some(DEFAULT_SHARD.to_owned()),
@@ -364,6 +348,7 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
     Ok(Some(OutputSpec {
         path,
         format,
+        npy,
         single_file,
         shard,
         alias,
@@ -599,7 +584,7 @@ mod tests {
         let plan = Plan::from_document(&json!({"output": "out/x.safetensors"})).unwrap();
         let out = plan.output.unwrap();
         assert!(out.single_file);
-        assert_eq!(out.format, OutputFormat::Safetensors);
+        assert_eq!(out.format, Format::Safetensors);
         let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "100MB", "alias": "base"}})).unwrap();
         let out = plan.output.unwrap();
         assert_eq!(out.shard, Some(100 << 20));

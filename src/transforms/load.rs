@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::formats::{open_checkpoint, Checkpoint, InputFormat};
+use crate::formats::{open_checkpoint, Checkpoint, Format};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{parse_output, valid_alias, Location, OutputSpec, PlanError};
 use crate::references::{closest_names, Reference};
@@ -176,21 +176,17 @@ fn nonempty_path(p: &Payload) -> Result<PathBuf, PlanError> {
 }
 
 /// The `format` a `load` requires, if given.
-fn input_format(p: &Payload) -> Result<Option<InputFormat>, PlanError> {
+fn input_format(p: &Payload) -> Result<Option<Format>, PlanError> {
     let Some(text) = p.text("format")? else {
         return Ok(None);
     };
-    Ok(Some(match text.to_ascii_lowercase().as_str() {
-        "safetensors" => InputFormat::Safetensors,
-        "pytorch" | "torch" => InputFormat::PyTorch,
-        "numpy" | "npz" | "npy" => InputFormat::NumPy,
-        _ => {
-            return Err(PlanError::invalid(
-                &p.at("format"),
-                format!("unknown format `{text}`; expected safetensors, pytorch or numpy"),
-            ))
-        }
-    }))
+    match Format::parse(text) {
+        Some(format) => Ok(Some(format)),
+        None => Err(PlanError::invalid(
+            &p.at("format"),
+            format!("unknown format `{text}`; expected safetensors, pytorch or numpy"),
+        )),
+    }
 }
 
 fn check_alias(alias: &str, location: &Location) -> Result<(), PlanError> {
@@ -215,7 +211,7 @@ struct Load {
     path: PathBuf,
     what: LoadWhat,
     /// The format `path` must hold, when the plan says.
-    format: Option<InputFormat>,
+    format: Option<Format>,
     location: Location,
 }
 

@@ -13,13 +13,13 @@
 //! - any other order reads the whole source into memory once (the only case that must, since a
 //!   chunk's elements are scattered over the source without contiguous runs) and gathers from it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
 
 use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
+use crate::formats::LazyMap;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
@@ -176,8 +176,10 @@ pub fn permuted(source: &Tensor, order: &[usize]) -> Result<Tensor, ValueError> 
             strides: dim_strides,
             mode,
             whole: Mutex::new(None),
-            mapped: Mutex::new(None),
-            served: AtomicUsize::new(0),
+            mapped: match &*source.value {
+                Value::Stored { file, offset } => Some(LazyMap::new(file.clone(), *offset, source.nbytes(), true)),
+                _ => None,
+            },
         }),
     )
 }
@@ -202,42 +204,20 @@ pub struct PermuteOp {
     /// copy from the page cache instead of a system call (8192 `pread`s of 128 bytes per chunk of
     /// an 8192×2048 BF16 transpose ran at 0.27 GB/s). Unmapped once every element has been served,
     /// so mapped pages do not pile up in the resident set across a plan.
-    mapped: Mutex<Option<Arc<memmap2::Mmap>>>,
-    /// Bytes served since the mapping was made.
-    served: AtomicUsize,
+    /// `None` for a source that is not stored.
+    mapped: Option<LazyMap>,
 }
 
 impl PermuteOp {
     /// The mapped bytes of a stored source (mapped on first use), or `None` to read instead.
     fn mapping(&self) -> Option<Arc<memmap2::Mmap>> {
-        let Value::Stored { file, offset } = &*self.source.value else {
-            return None;
-        };
-        let mut slot = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(map) = &*slot {
-            return Some(map.clone());
-        }
-        // SAFETY: as for `SourceFile::map`: inputs must not be modified while a plan runs (every
-        // mmap-based loader requires the same); the mapping is read-only.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(*offset)
-                .len(self.source.nbytes())
-                .populate()
-                .map(file.file())
-        }
-        .ok()?;
-        let map = Arc::new(map);
-        *slot = Some(map.clone());
-        Some(map)
+        self.mapped.as_ref()?.get()
     }
 
     /// Counts served bytes; drops the mapping once the whole tensor has been served.
     fn served(&self, bytes: usize) {
-        let total = self.source.nbytes();
-        if self.served.fetch_add(bytes, Ordering::Relaxed) + bytes >= total {
-            self.served.store(0, Ordering::Relaxed);
-            *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(map) = &self.mapped {
+            map.served(bytes, self.source.nbytes());
         }
     }
 
