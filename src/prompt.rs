@@ -140,7 +140,7 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
             out.extend(OPERATORS.iter().map(|(o, _)| (*o).to_owned()));
         } else if let Some(spec) = spec(name) {
             out.extend(
-                spec.fields
+                spec.keys()
                     .iter()
                     .map(|f| f.name)
                     .filter(|f| !written.contains(f))

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict, final
+from typing import Any, Literal, NotRequired, TypedDict, final
 
 __all__ = [
     "__version__",
@@ -10,6 +10,7 @@ __all__ = [
     "check",
     "open",
     "cli_main",
+    "transform_specs",
     "Checkpoint",
     "TensorBuffer",
     "BrainSurgeryError",
@@ -58,6 +59,30 @@ def check(
 
 def cli_main(args: list[str]) -> int:
     """Run the command line on ``args``; returns the exit status."""
+
+class KeySpec(TypedDict):
+    name: str
+    type: str
+    required: bool
+    default: str | None
+    doc: str
+
+class OperatorSpec(TypedDict):
+    name: str
+    doc: str | None
+    keys: list[KeySpec]
+
+class TransformSpec(TypedDict):
+    name: str
+    doc: str
+    form: Literal["plain", "new", "in_place"]
+    in_place: bool
+    twin: str | None
+    keys: list[KeySpec]
+    operators: NotRequired[list[OperatorSpec]]
+
+def transform_specs() -> list[TransformSpec]:
+    """Every transform as data, from the key tables that validate plans and print help."""
 
 def open(path: str) -> Checkpoint:
     """Open a checkpoint lazily (headers only)."""

@@ -13,7 +13,7 @@ use super::{step_error, Prepared, Report, RunOptions};
 use crate::error::Error;
 use crate::plan::{Location, RawTransform};
 use crate::state::State;
-use crate::transforms::{run_steps, Context, Flow, Step};
+use crate::transforms::{run_steps, Context, Flow, ParseScope, Step};
 use crate::write;
 
 /// What one applied block printed and did.
@@ -35,6 +35,9 @@ pub struct Session {
     prepared: Prepared,
     state: State,
     cancel: Arc<AtomicBool>,
+    /// Where relative paths typed at the prompt resolve: the plan's directory, or the working
+    /// directory without a plan file.
+    scope: ParseScope,
     /// Index the next transform gets in messages (`transforms[i]`), after the plan's.
     next: usize,
 }
@@ -48,6 +51,7 @@ impl Session {
         let mut ctx = Context::new(true, cancel.clone());
         let state = prepared.execute(&mut ctx)?;
         let next = prepared.plan.transforms.len();
+        let scope = ParseScope::of_plan(&prepared.plan.files);
         let applied = Applied {
             output: ctx.output,
             notes: ctx.notes,
@@ -59,6 +63,7 @@ impl Session {
                 prepared,
                 state,
                 cancel,
+                scope,
                 next,
             },
             applied,
@@ -84,7 +89,10 @@ impl Session {
             .enumerate()
             .map(|(i, item)| RawTransform::from_value(item, base.index(self.next + i)))
             .collect::<Result<Vec<_>, _>>()?;
-        let steps = raws.iter().map(Step::parse).collect::<Result<Vec<_>, _>>()?;
+        let steps = raws
+            .iter()
+            .map(|raw| Step::parse(raw, &self.scope))
+            .collect::<Result<Vec<_>, _>>()?;
         let run = |evaluate: bool| -> Result<(State, Context, bool), Error> {
             let mut state = self.state.clone();
             let mut ctx = Context::new(evaluate, self.cancel.clone());

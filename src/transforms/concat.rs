@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::split::{dim_of, resolve_dim};
-use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
 use crate::dtype::DType;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
@@ -41,8 +41,10 @@ const CONCAT_FIELDS: &[Field] = &[
 pub const CONCAT: TransformSpec = TransformSpec {
     name: "concat",
     summary: "new tensors joining tensors along a dimension",
+    form: super::Form::Plain,
     fields: CONCAT_FIELDS,
-    parse: |value, location| {
+    parse: |value, cx| {
+        let location = &cx.location;
         let p = Payload::new(value, CONCAT_FIELDS, location.clone())?;
         let from_value = p.get("from").unwrap_or(&Json::Null);
         let Json::Array(items) = from_value else {
@@ -154,13 +156,13 @@ impl Transform for Concat {
             let (d, shape) = joined_shape(&parts, self.dim)?;
             results.push((d, shape, parts));
         }
-        let destinations = new_destinations(state, first, &self.to, "concat", &self.location)?;
-        for ((d, shape, parts), (alias, name)) in results.into_iter().zip(&destinations) {
+        let destinations = destinations(state, first, &self.to, Writes::New, "concat", &self.location)?;
+        for ((d, shape, parts), dest) in results.into_iter().zip(&destinations) {
             let dtype = parts[0].tensor.dtype;
             let tensors: Vec<Tensor> = parts.iter().map(|m| m.tensor.clone()).collect();
             let joined =
                 concatenated(dtype, shape, d, tensors).map_err(|e| TransformError::value_of(&parts[0].display(), e))?;
-            state.insert(alias, name, joined);
+            state.insert(&dest.alias, &dest.name, joined);
         }
         ctx.note(format!(
             "concat: {} from {} references",

@@ -28,6 +28,7 @@ pub mod permute;
 pub mod reshape;
 pub mod split;
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,9 +37,12 @@ pub use error::{fmt_shape, AssertionFailure, TransformError};
 
 use crate::formats::FormatError;
 use crate::plan::error::suggest;
-use crate::plan::payload::Field;
+pub use crate::plan::payload::Form;
+pub use execute::ParseScope;
+
+use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError, RawTransform};
-use crate::references::{ResolvedSlice, Target};
+use crate::references::{Reference, ResolvedSlice, Target};
 use crate::state::{Match, SelectError, State};
 use crate::value::{ReadContext, Tensor, ValueError};
 
@@ -224,12 +228,12 @@ pub struct Step {
 }
 
 impl Step {
-    /// Parses one raw transform into a step.
-    pub fn parse(raw: &RawTransform) -> Result<Step, PlanError> {
+    /// Parses one raw transform into a step; relative paths in it resolve as `scope` says.
+    pub fn parse(raw: &RawTransform, scope: &ParseScope) -> Result<Step, PlanError> {
         Ok(Step {
             name: raw.name.clone(),
             location: raw.location.clone(),
-            transform: parse(raw)?,
+            transform: parse(raw, scope)?,
         })
     }
 }
@@ -262,20 +266,122 @@ pub fn run_steps(steps: &[Step], state: &mut State, ctx: &mut Context) -> Result
     Ok(Flow::Continue)
 }
 
-/// Builds a transform from its payload and location.
-pub type ParseFn = fn(&serde_json::Value, &Location) -> Result<Box<dyn Transform>, PlanError>;
+/// Builds a transform from its payload.
+pub type ParseFn = fn(&serde_json::Value, &ParseContext) -> Result<Box<dyn Transform>, PlanError>;
 
-/// A transform family member: its name, help and key table, and its parser.
+/// What a transform's parser knows besides its payload.
+#[derive(Debug)]
+pub struct ParseContext<'a> {
+    /// Where the payload is (`transforms[3].scale_`).
+    pub location: Location,
+    /// The transform being parsed: its name, form and key table.
+    pub spec: &'static TransformSpec,
+    /// The plan files being parsed; relative `execute` paths resolve against
+    /// [`ParseScope::base_dir`].
+    pub scope: &'a ParseScope,
+}
+
+impl ParseContext<'_> {
+    /// The payload, checked against the transform's keys.
+    pub fn payload<'v>(&self, value: &'v serde_json::Value) -> Result<Payload<'v>, PlanError> {
+        Payload::new(value, &self.spec.keys(), self.location.clone())
+    }
+
+    /// The tensors a twin transform reads and, for the new form, where its results go:
+    /// `from` and `to` for `X`, `target` (and no destination) for `X_`.
+    pub fn operands(&self, p: &Payload) -> Result<(Reference, Option<Target>), PlanError> {
+        match self.spec.form {
+            Form::InPlace => Ok((p.reference("target")?, None)),
+            Form::New | Form::Plain => Ok((p.reference("from")?, Some(p.target("to")?))),
+        }
+    }
+}
+
+/// A transform family member: its name, help, form and key table, and its parser.
 #[derive(Debug)]
 pub struct TransformSpec {
     /// The YAML key (`scale_`).
     pub name: &'static str,
     /// One line of help.
     pub summary: &'static str,
-    /// The keys it takes (empty for `exit`; `assert` takes an expression instead).
+    /// Which form of a twin family it is ([`Form::Plain`] for a transform without a twin).
+    pub form: Form,
+    /// The key table (empty for `exit`; `assert` takes an expression instead). A twin family
+    /// shares one table; [`TransformSpec::keys`] gives the keys of this form.
     pub fields: &'static [Field],
     /// Builds the transform from its payload.
     pub parse: ParseFn,
+}
+
+impl TransformSpec {
+    /// The keys this transform takes, in table order.
+    pub fn keys(&self) -> Vec<Field> {
+        self.fields.iter().copied().filter(|f| self.form.takes(f)).collect()
+    }
+
+    /// The other form of a twin family (`scale_` for `scale`), when the registry has it.
+    pub fn twin(&self) -> Option<&'static TransformSpec> {
+        let name = match self.form {
+            Form::Plain => return None,
+            Form::New => format!("{}_", self.name),
+            Form::InPlace => self.name.strip_suffix('_')?.to_owned(),
+        };
+        spec(&name)
+    }
+}
+
+/// One declaration for an `X` / `X_` twin family (`scale` / `scale_`): the names and summaries
+/// of both forms, one key table and one parser (which asks [`ParseContext::spec`] for the form).
+#[derive(Debug)]
+pub struct Twin {
+    /// Name and summary of the new form (`scale`).
+    pub new: (&'static str, &'static str),
+    /// Name and summary of the in-place form (`scale_`).
+    pub in_place: (&'static str, &'static str),
+    /// The keys of both forms; `from` / `to` marked [`Field::new_only`], `target`
+    /// [`Field::in_place_only`].
+    pub fields: &'static [Field],
+    /// Parses either form.
+    pub parse: ParseFn,
+}
+
+impl Twin {
+    /// The new form's spec.
+    pub const fn new_form(&self) -> TransformSpec {
+        TransformSpec {
+            name: self.new.0,
+            summary: self.new.1,
+            form: Form::New,
+            fields: self.fields,
+            parse: self.parse,
+        }
+    }
+
+    /// The in-place form's spec.
+    pub const fn in_place_form(&self) -> TransformSpec {
+        TransformSpec {
+            name: self.in_place.0,
+            summary: self.in_place.1,
+            form: Form::InPlace,
+            fields: self.fields,
+            parse: self.parse,
+        }
+    }
+}
+
+/// The `from` key of a twin family's new form.
+pub(crate) const fn from_key(doc: &'static str) -> Field {
+    Field::required("from", FieldKind::Reference, doc).new_only()
+}
+
+/// The `to` key of a twin family's new form.
+pub(crate) const fn to_key(doc: &'static str) -> Field {
+    Field::required("to", FieldKind::Target, doc).new_only()
+}
+
+/// The `target` key of a twin family's in-place form.
+pub(crate) const fn target_key(doc: &'static str) -> Field {
+    Field::required("target", FieldKind::Reference, doc).in_place_only()
 }
 
 /// Every transform the engine knows.
@@ -326,8 +432,8 @@ pub fn spec(name: &str) -> Option<&'static TransformSpec> {
     REGISTRY.iter().copied().find(|s| s.name == name)
 }
 
-/// Parses one raw transform.
-pub fn parse(raw: &RawTransform) -> Result<Box<dyn Transform>, PlanError> {
+/// Parses one raw transform; relative paths in it resolve as `scope` says.
+pub fn parse(raw: &RawTransform, scope: &ParseScope) -> Result<Box<dyn Transform>, PlanError> {
     let Some(spec) = spec(&raw.name) else {
         return Err(PlanError::UnknownTransform {
             location: raw.location.clone(),
@@ -335,55 +441,159 @@ pub fn parse(raw: &RawTransform) -> Result<Box<dyn Transform>, PlanError> {
             suggestion: suggest(&raw.name, REGISTRY.iter().map(|s| s.name)),
         });
     };
-    (spec.parse)(&raw.payload, &raw.location.key(&raw.name))
+    let cx = ParseContext {
+        location: raw.location.key(&raw.name),
+        spec,
+        scope,
+    };
+    (spec.parse)(&raw.payload, &cx)
 }
 
-/// Where each match of a creating transform (`copy`, `cast`, `scale`) goes: the destination
-/// alias and name, checked for collisions and for destinations that already exist.
-pub(crate) fn new_destinations(
+/// What the destinations of a transform that writes tensors must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Writes {
+    /// New tensors: a destination must not exist yet (`copy`, `cast`, `scale`); no slice.
+    New,
+    /// Renamed tensors: a destination must not exist unless the same step vacates it (`move`,
+    /// so swaps and shifts work); no slice.
+    Moved,
+    /// Existing tensors written into, whole or through a slice (`assign`, `add_`).
+    Existing,
+    /// An existing tensor is overwritten (through a slice if given), a missing one is created
+    /// (`add`).
+    Either,
+}
+
+/// Where one match's result goes.
+#[derive(Debug)]
+pub(crate) struct Destination {
+    /// The alias: written in `to`, else the match's.
+    pub alias: String,
+    /// The name `to` rewrites the match to.
+    pub name: String,
+    /// `alias::name`, with `::[...]` when written through a slice, for messages.
+    pub display: String,
+    /// The tensor there now (for [`Writes::Existing`] and [`Writes::Either`]).
+    pub current: Option<Tensor>,
+    /// The written region, when `to` has a slice.
+    pub region: Option<ResolvedSlice>,
+}
+
+impl Destination {
+    /// The shape written: the region's, else the current tensor's.
+    pub fn shape(&self) -> Option<&[usize]> {
+        match (&self.region, &self.current) {
+            (Some(region), _) => Some(&region.shape),
+            (None, Some(t)) => Some(&t.shape),
+            (None, None) => None,
+        }
+    }
+
+    /// The part of the current tensor written: a view of the region, else the whole tensor.
+    pub fn view(&self) -> Result<Option<Tensor>, TransformError> {
+        match (&self.region, &self.current) {
+            (Some(region), Some(current)) => {
+                view_of(current, region, &format!("{}::{}", self.alias, self.name)).map(Some)
+            }
+            (_, current) => Ok(current.clone()),
+        }
+    }
+
+    /// The destination's new value once `with` (the region's shape and dtype) is written.
+    pub fn written(&self, with: Tensor) -> Result<Tensor, StepError> {
+        match (&self.region, &self.current) {
+            (Some(region), Some(current)) if !(region.is_full() && region.shape == current.shape) => current
+                .overwrite(region.clone(), with)
+                .map_err(|e| TransformError::value_of(&self.display, e)),
+            _ => Ok(with),
+        }
+    }
+}
+
+/// The one place destinations are worked out, for every transform that writes tensors: `to`
+/// rewritten from each match (in its alias, or the match's), refusing two matches that rewrite
+/// to one destination and a destination that `writes` does not allow.
+pub(crate) fn destinations(
     state: &State,
     matches: &[Match],
     to: &Target,
+    writes: Writes,
     transform: &'static str,
     location: &Location,
-) -> Result<Vec<(String, String)>, StepError> {
-    if to.slice.is_some() {
+) -> Result<Vec<Destination>, StepError> {
+    let creates = matches!(writes, Writes::New | Writes::Moved);
+    if creates && to.slice.is_some() {
         return Err(TransformError::SliceNotAllowed {
             reference: to.text.clone(),
             transform,
         }
         .into());
     }
-    if let Some(alias) = &to.alias {
-        // A new alias may be created by writing to it; only check the name is sensible.
-        if alias.is_empty() {
-            return Err(PlanError::invalid(location, "empty alias").into());
-        }
+    // A new alias may be created by writing to it; only check the name is sensible.
+    if to.alias.as_deref() == Some("") && writes != Writes::Moved {
+        return Err(PlanError::invalid(location, "empty alias").into());
     }
-    let mut seen: std::collections::HashMap<(String, String), String> = std::collections::HashMap::new();
+    let moving: HashSet<(&str, &str)> = match writes {
+        Writes::Moved => matches.iter().map(|m| (m.alias.as_str(), m.name.as_str())).collect(),
+        _ => HashSet::new(),
+    };
+    let mut seen: HashMap<(String, String), String> = HashMap::new();
     let mut out = Vec::with_capacity(matches.len());
     for m in matches {
         let name = to.expand(&m.captures).map_err(|source| TransformError::Template {
             tensor: m.display(),
             source,
         })?;
-        let alias = to.alias.clone().unwrap_or_else(|| m.alias.clone());
+        let alias = match writes {
+            // Writing into existing tensors needs an alias that exists.
+            Writes::Existing => state.alias_for(to.alias.as_deref().or(Some(&m.alias)), &to.text, location)?,
+            _ => to.alias.clone().unwrap_or_else(|| m.alias.clone()),
+        };
+        let plain = format!("{alias}::{name}");
         if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
             return Err(TransformError::Collision {
-                destination: format!("{alias}::{name}"),
+                destination: plain,
                 first,
                 second: m.display(),
             }
             .into());
         }
-        if state.get(&alias, &name).is_some() {
+        let current = state.get(&alias, &name).cloned();
+        if creates && current.is_some() && !moving.contains(&(alias.as_str(), name.as_str())) {
             return Err(TransformError::DestinationExists {
-                destination: format!("{alias}::{name}"),
+                destination: plain,
                 source_name: m.display(),
             }
             .into());
         }
-        out.push((alias, name));
+        let display = if to.slice.is_some() {
+            format!("{plain}::[...]")
+        } else {
+            plain.clone()
+        };
+        let region = match (&to.slice, &current) {
+            (Some(spec), Some(current)) => {
+                Some(spec.resolve(&current.shape).map_err(|source| TransformError::Slice {
+                    tensor: plain.clone(),
+                    source,
+                })?)
+            }
+            _ => None,
+        };
+        if current.is_none() && (writes == Writes::Existing || to.slice.is_some()) {
+            return Err(TransformError::DestinationMissing {
+                destination: display,
+                source_name: m.display(),
+            }
+            .into());
+        }
+        out.push(Destination {
+            alias,
+            name,
+            display,
+            current: if creates { None } else { current },
+            region,
+        });
     }
     Ok(out)
 }
@@ -429,6 +639,16 @@ pub(crate) mod test_support {
         let n: usize = shape.iter().product();
         let bytes: Vec<u8> = (0..n as u16).flat_map(|v| (v + offset).to_le_bytes()).collect();
         Tensor::in_memory(DType::U16, shape.to_vec(), Arc::new(bytes))
+    }
+
+    /// The parse context of `spec` at `location`, outside any plan file.
+    pub(crate) fn context(spec: &'static TransformSpec, location: &Location) -> ParseContext<'static> {
+        static SCOPE: ParseScope = ParseScope::NONE;
+        ParseContext {
+            location: location.clone(),
+            spec,
+            scope: &SCOPE,
+        }
     }
 
     /// `t` matched as `m::name` without a slice.

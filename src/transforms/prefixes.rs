@@ -22,8 +22,10 @@ const FIELDS: &[Field] = &[
 pub const PREFIXES: TransformSpec = TransformSpec {
     name: "prefixes",
     summary: "list, add, remove or rename aliases",
+    form: super::Form::Plain,
     fields: FIELDS,
-    parse: |value, location| {
+    parse: |value, cx| {
+        let location = &cx.location;
         // `prefixes: list` is shorthand for `prefixes: {mode: list}`.
         if let Value::String(mode) = value {
             if mode == "list" {
