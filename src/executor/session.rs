@@ -181,4 +181,25 @@ mod tests {
         names.sort();
         assert_eq!(names, vec!["w", "w0"]);
     }
+
+    /// Issue 8: a relative `execute` path typed at the prompt resolves against the plan file's
+    /// directory, not the working directory.
+    #[test]
+    fn relative_execute_paths_resolve_against_the_plan_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let input = dir.path().join("in.safetensors");
+        let tensors = vec![("w", TensorView::new(Dtype::F32, vec![2], &values).unwrap())];
+        safetensors::serialize_to_file(tensors, None, &input).unwrap();
+        let plans = dir.path().join("plans");
+        std::fs::create_dir(&plans).unwrap();
+        std::fs::write(plans.join("inner.yaml"), "transforms:\n  - copy: {from: w, to: w2}\n").unwrap();
+        let main = plans.join("main.yaml");
+        std::fs::write(&main, format!("inputs: ['{}']\n", input.display())).unwrap();
+        let plan = Plan::load(&[PlanSource::File(main)], &[]).unwrap();
+        let prepared = Prepared::new(plan, 1).unwrap();
+        let mut s = Session::start(prepared, Arc::new(AtomicBool::new(false))).unwrap().0;
+        s.apply(&json!({"execute": {"path": "inner.yaml"}})).unwrap();
+        assert!(s.state().get("model", "w2").is_some());
+    }
 }

@@ -1,5 +1,5 @@
 //! `help`: describe transforms and assertion operators. Every line is generated from the same
-//! tables that validate payloads (`TransformSpec::fields` in [`REGISTRY`] and
+//! tables that validate payloads (`TransformSpec::keys` in [`REGISTRY`] and
 //! [`assert::OPERATORS`]), so keys, defaults and help cannot drift apart. The command line's
 //! `brainsurgery help [NAME]` prints the same text through [`help_text`].
 

@@ -1,12 +1,15 @@
 //! Transforms: one file per family, one registry. Each family declares its YAML name, its key
-//! table (which validates payloads and feeds `help`) and a parser producing a [`Transform`]; the
-//! single [`parse`] function dispatches on the name and rejects unknown ones.
+//! table (which validates payloads and feeds `help`, completion and `_core.transform_specs()`)
+//! and a parser producing a [`Transform`]; an `X` / `X_` pair is one [`Twin`] declaration. The
+//! single [`parse`] function dispatches on the name and rejects unknown ones. Where written
+//! tensors go is worked out in one place, `destination::destinations`.
 
 pub mod assert;
 pub mod assign;
 pub mod cast;
 pub mod control;
 pub mod copy;
+mod destination;
 pub mod error;
 pub mod scale;
 // Issue 3: arithmetic, clamp and fill families.
@@ -28,7 +31,6 @@ pub mod permute;
 pub mod reshape;
 pub mod split;
 
-use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -38,6 +40,7 @@ pub use error::{fmt_shape, AssertionFailure, TransformError};
 use crate::formats::FormatError;
 use crate::plan::error::suggest;
 pub use crate::plan::payload::Form;
+pub(crate) use destination::{destinations, Writes};
 pub use execute::ParseScope;
 
 use crate::plan::payload::{Field, FieldKind, Payload};
@@ -447,155 +450,6 @@ pub fn parse(raw: &RawTransform, scope: &ParseScope) -> Result<Box<dyn Transform
         scope,
     };
     (spec.parse)(&raw.payload, &cx)
-}
-
-/// What the destinations of a transform that writes tensors must be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Writes {
-    /// New tensors: a destination must not exist yet (`copy`, `cast`, `scale`); no slice.
-    New,
-    /// Renamed tensors: a destination must not exist unless the same step vacates it (`move`,
-    /// so swaps and shifts work); no slice.
-    Moved,
-    /// Existing tensors written into, whole or through a slice (`assign`, `add_`).
-    Existing,
-    /// An existing tensor is overwritten (through a slice if given), a missing one is created
-    /// (`add`).
-    Either,
-}
-
-/// Where one match's result goes.
-#[derive(Debug)]
-pub(crate) struct Destination {
-    /// The alias: written in `to`, else the match's.
-    pub alias: String,
-    /// The name `to` rewrites the match to.
-    pub name: String,
-    /// `alias::name`, with `::[...]` when written through a slice, for messages.
-    pub display: String,
-    /// The tensor there now (for [`Writes::Existing`] and [`Writes::Either`]).
-    pub current: Option<Tensor>,
-    /// The written region, when `to` has a slice.
-    pub region: Option<ResolvedSlice>,
-}
-
-impl Destination {
-    /// The shape written: the region's, else the current tensor's.
-    pub fn shape(&self) -> Option<&[usize]> {
-        match (&self.region, &self.current) {
-            (Some(region), _) => Some(&region.shape),
-            (None, Some(t)) => Some(&t.shape),
-            (None, None) => None,
-        }
-    }
-
-    /// The part of the current tensor written: a view of the region, else the whole tensor.
-    pub fn view(&self) -> Result<Option<Tensor>, TransformError> {
-        match (&self.region, &self.current) {
-            (Some(region), Some(current)) => {
-                view_of(current, region, &format!("{}::{}", self.alias, self.name)).map(Some)
-            }
-            (_, current) => Ok(current.clone()),
-        }
-    }
-
-    /// The destination's new value once `with` (the region's shape and dtype) is written.
-    pub fn written(&self, with: Tensor) -> Result<Tensor, StepError> {
-        match (&self.region, &self.current) {
-            (Some(region), Some(current)) if !(region.is_full() && region.shape == current.shape) => current
-                .overwrite(region.clone(), with)
-                .map_err(|e| TransformError::value_of(&self.display, e)),
-            _ => Ok(with),
-        }
-    }
-}
-
-/// The one place destinations are worked out, for every transform that writes tensors: `to`
-/// rewritten from each match (in its alias, or the match's), refusing two matches that rewrite
-/// to one destination and a destination that `writes` does not allow.
-pub(crate) fn destinations(
-    state: &State,
-    matches: &[Match],
-    to: &Target,
-    writes: Writes,
-    transform: &'static str,
-    location: &Location,
-) -> Result<Vec<Destination>, StepError> {
-    let creates = matches!(writes, Writes::New | Writes::Moved);
-    if creates && to.slice.is_some() {
-        return Err(TransformError::SliceNotAllowed {
-            reference: to.text.clone(),
-            transform,
-        }
-        .into());
-    }
-    // A new alias may be created by writing to it; only check the name is sensible.
-    if to.alias.as_deref() == Some("") && writes != Writes::Moved {
-        return Err(PlanError::invalid(location, "empty alias").into());
-    }
-    let moving: HashSet<(&str, &str)> = match writes {
-        Writes::Moved => matches.iter().map(|m| (m.alias.as_str(), m.name.as_str())).collect(),
-        _ => HashSet::new(),
-    };
-    let mut seen: HashMap<(String, String), String> = HashMap::new();
-    let mut out = Vec::with_capacity(matches.len());
-    for m in matches {
-        let name = to.expand(&m.captures).map_err(|source| TransformError::Template {
-            tensor: m.display(),
-            source,
-        })?;
-        let alias = match writes {
-            // Writing into existing tensors needs an alias that exists.
-            Writes::Existing => state.alias_for(to.alias.as_deref().or(Some(&m.alias)), &to.text, location)?,
-            _ => to.alias.clone().unwrap_or_else(|| m.alias.clone()),
-        };
-        let plain = format!("{alias}::{name}");
-        if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
-            return Err(TransformError::Collision {
-                destination: plain,
-                first,
-                second: m.display(),
-            }
-            .into());
-        }
-        let current = state.get(&alias, &name).cloned();
-        if creates && current.is_some() && !moving.contains(&(alias.as_str(), name.as_str())) {
-            return Err(TransformError::DestinationExists {
-                destination: plain,
-                source_name: m.display(),
-            }
-            .into());
-        }
-        let display = if to.slice.is_some() {
-            format!("{plain}::[...]")
-        } else {
-            plain.clone()
-        };
-        let region = match (&to.slice, &current) {
-            (Some(spec), Some(current)) => {
-                Some(spec.resolve(&current.shape).map_err(|source| TransformError::Slice {
-                    tensor: plain.clone(),
-                    source,
-                })?)
-            }
-            _ => None,
-        };
-        if current.is_none() && (writes == Writes::Existing || to.slice.is_some()) {
-            return Err(TransformError::DestinationMissing {
-                destination: display,
-                source_name: m.display(),
-            }
-            .into());
-        }
-        out.push(Destination {
-            alias,
-            name,
-            display,
-            current: if creates { None } else { current },
-            region,
-        });
-    }
-    Ok(out)
 }
 
 /// Refuses computing on carry-only dtypes and, for floating operations, on non-float tensors.
