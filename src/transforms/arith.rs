@@ -128,13 +128,13 @@ const SUBTRACT_TWIN: Twin = Twin {
 };
 
 /// `add`.
-pub const ADD: TransformSpec = ADD_TWIN.new_form();
+pub const ADD: TransformSpec = ADD_TWIN.spec(Form::New);
 /// `add_`.
-pub const ADD_: TransformSpec = ADD_TWIN.in_place_form();
+pub const ADD_: TransformSpec = ADD_TWIN.spec(Form::InPlace);
 /// `subtract`.
-pub const SUBTRACT: TransformSpec = SUBTRACT_TWIN.new_form();
+pub const SUBTRACT: TransformSpec = SUBTRACT_TWIN.spec(Form::New);
 /// `subtract_`.
-pub const SUBTRACT_: TransformSpec = SUBTRACT_TWIN.in_place_form();
+pub const SUBTRACT_: TransformSpec = SUBTRACT_TWIN.spec(Form::InPlace);
 /// `multiply` (no in-place form).
 pub const MULTIPLY: TransformSpec = TransformSpec {
     name: "multiply",

@@ -77,9 +77,9 @@ const TWIN: Twin = Twin {
 };
 
 /// `cast`: new tensors with another dtype.
-pub const CAST: TransformSpec = TWIN.new_form();
+pub const CAST: TransformSpec = TWIN.spec(Form::New);
 /// `cast_`: convert in place.
-pub const CAST_: TransformSpec = TWIN.in_place_form();
+pub const CAST_: TransformSpec = TWIN.spec(Form::InPlace);
 
 #[derive(Debug)]
 struct Cast {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::{
-    count_noun, destinations, from_key, require_float, target_key, to_key, Context, Flow, StepError, Transform,
+    count_noun, destinations, from_key, require_float, target_key, to_key, Context, Flow, Form, StepError, Transform,
     TransformError, TransformSpec, Twin, Writes,
 };
 use crate::dtype::DType;
@@ -65,9 +65,9 @@ const TWIN: Twin = Twin {
 };
 
 /// `clamp`.
-pub const CLAMP: TransformSpec = TWIN.new_form();
+pub const CLAMP: TransformSpec = TWIN.spec(Form::New);
 /// `clamp_`.
-pub const CLAMP_: TransformSpec = TWIN.in_place_form();
+pub const CLAMP_: TransformSpec = TWIN.spec(Form::InPlace);
 
 #[derive(Debug)]
 struct Clamp {

@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 
 use super::arith::write_back;
 use super::{
-    count_noun, destinations, from_key, target_key, to_key, Context, Flow, StepError, Transform, TransformError,
+    count_noun, destinations, from_key, target_key, to_key, Context, Flow, Form, StepError, Transform, TransformError,
     TransformSpec, Twin, Writes,
 };
 use crate::dtype::DType;
@@ -258,9 +258,9 @@ const TWIN: Twin = Twin {
 };
 
 /// `fill`.
-pub const FILL: TransformSpec = TWIN.new_form();
+pub const FILL: TransformSpec = TWIN.spec(Form::New);
 /// `fill_`.
-pub const FILL_: TransformSpec = TWIN.in_place_form();
+pub const FILL_: TransformSpec = TWIN.spec(Form::InPlace);
 
 fn parse_new(
     name: &'static str,

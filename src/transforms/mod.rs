@@ -349,23 +349,16 @@ pub struct Twin {
 }
 
 impl Twin {
-    /// The new form's spec.
-    pub const fn new_form(&self) -> TransformSpec {
+    /// The spec of one form (`Form::New` or `Form::InPlace`).
+    pub const fn spec(&self, form: Form) -> TransformSpec {
+        let (name, summary) = match form {
+            Form::InPlace => self.in_place,
+            Form::New | Form::Plain => self.new,
+        };
         TransformSpec {
-            name: self.new.0,
-            summary: self.new.1,
-            form: Form::New,
-            fields: self.fields,
-            parse: self.parse,
-        }
-    }
-
-    /// The in-place form's spec.
-    pub const fn in_place_form(&self) -> TransformSpec {
-        TransformSpec {
-            name: self.in_place.0,
-            summary: self.in_place.1,
-            form: Form::InPlace,
+            name,
+            summary,
+            form,
             fields: self.fields,
             parse: self.parse,
         }

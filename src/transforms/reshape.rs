@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::{
-    count_noun, destinations, fmt_shape, from_key, target_key, to_key, Context, Flow, StepError, Transform,
+    count_noun, destinations, fmt_shape, from_key, target_key, to_key, Context, Flow, Form, StepError, Transform,
     TransformError, TransformSpec, Twin, Writes,
 };
 use crate::dtype::DType;
@@ -47,9 +47,9 @@ const TWIN: Twin = Twin {
 };
 
 /// `reshape`.
-pub const RESHAPE: TransformSpec = TWIN.new_form();
+pub const RESHAPE: TransformSpec = TWIN.spec(Form::New);
 /// `reshape_`.
-pub const RESHAPE_: TransformSpec = TWIN.in_place_form();
+pub const RESHAPE_: TransformSpec = TWIN.spec(Form::InPlace);
 
 /// A requested shape: whole numbers, at most one `None` (written `-1`).
 fn parse_shape(p: &Payload) -> Result<Vec<Option<usize>>, PlanError> {

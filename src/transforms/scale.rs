@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::{
-    count_noun, destinations, from_key, require_float, target_key, to_key, Context, Flow, StepError, Transform,
+    count_noun, destinations, from_key, require_float, target_key, to_key, Context, Flow, Form, StepError, Transform,
     TransformError, TransformSpec, Twin, Writes,
 };
 use crate::plan::payload::{Field, FieldKind};
@@ -41,9 +41,9 @@ const TWIN: Twin = Twin {
 };
 
 /// `scale`.
-pub const SCALE: TransformSpec = TWIN.new_form();
+pub const SCALE: TransformSpec = TWIN.spec(Form::New);
 /// `scale_`.
-pub const SCALE_: TransformSpec = TWIN.in_place_form();
+pub const SCALE_: TransformSpec = TWIN.spec(Form::InPlace);
 
 #[derive(Debug)]
 struct Scale {
