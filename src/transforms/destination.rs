@@ -159,3 +159,78 @@ pub(crate) fn destinations(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::references::Reference;
+    use crate::transforms::test_support::counting;
+
+    /// `m::a.0`, `m::a.1` and `m::b.0`, each of shape (2, 3).
+    fn state() -> State {
+        let mut state = State::default();
+        for name in ["a.0", "a.1", "b.0"] {
+            state.insert("m", name, counting(&[2, 3], 0));
+        }
+        state.default_alias = Some("m".into());
+        state
+    }
+
+    fn run(state: &State, from: &str, to: &str, writes: Writes) -> Result<Vec<Destination>, StepError> {
+        let location = Location::root();
+        let matches = state
+            .select(&Reference::parse_str(from).unwrap(), &location)
+            .map_err(StepError::from)?;
+        destinations(state, &matches, &Target::parse_str(to).unwrap(), writes, "t", &location)
+    }
+
+    fn error(result: Result<Vec<Destination>, StepError>) -> String {
+        result.map(|_| ()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn new_destinations_must_not_exist_nor_collide_nor_be_sliced() {
+        let s = state();
+        let d = run(&s, r"a\.(\d+)", r"c.\1", Writes::New).unwrap();
+        assert_eq!((d[1].alias.as_str(), d[1].name.as_str()), ("m", "c.1"));
+        assert!(d[1].current.is_none() && d[1].region.is_none());
+        assert!(error(run(&s, r"a\.(\d+)", r"b.\1", Writes::New)).contains("`m::b.0` already exists"));
+        assert!(error(run(&s, r"a\.(\d+)", "c", Writes::New)).contains("`m::a.0` and `m::a.1` both rewrite to `m::c`"));
+        assert!(error(run(&s, r"a\.(\d+)", r"c.\1::[0]", Writes::New)).contains("t does not take a slice"));
+        // A new alias is created by writing to it.
+        assert_eq!(run(&s, r"a\.(\d+)", r"x::a.\1", Writes::New).unwrap()[0].alias, "x");
+    }
+
+    #[test]
+    fn moved_destinations_may_be_names_the_step_vacates() {
+        let mut s = state();
+        s.insert("m", "p.p.a", counting(&[1], 0));
+        s.insert("m", "p.a", counting(&[1], 0));
+        // A shift: p.p.a → p.a while p.a → a.
+        let d = run(&s, r"p\.(.*)", r"\1", Writes::Moved).unwrap();
+        assert_eq!(d.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["p.a", "a"]);
+        assert!(error(run(&s, r"p\.(.*)", r"\1", Writes::New)).contains("`m::p.a` already exists"));
+        // A name nothing vacates.
+        assert!(error(run(&s, r"a\.0", "b.0", Writes::Moved)).contains("`m::b.0` already exists"));
+    }
+
+    #[test]
+    fn existing_destinations_must_exist_in_a_known_alias() {
+        let s = state();
+        let d = run(&s, r"a\.0", "b.0::[0]", Writes::Existing).unwrap();
+        assert_eq!(d[0].display, "m::b.0::[...]");
+        assert_eq!(d[0].shape(), Some(&[3][..]));
+        assert_eq!(d[0].view().unwrap().unwrap().shape, vec![3]);
+        assert!(error(run(&s, r"a\.0", "nope", Writes::Existing)).contains("destination `m::nope` does not exist"));
+        assert!(error(run(&s, r"a\.0", "x::b.0", Writes::Existing)).contains("unknown alias `x`"));
+        assert!(error(run(&s, r"a\.0", "b.0::[5]", Writes::Existing)).starts_with("slice on `m::b.0`"));
+    }
+
+    #[test]
+    fn either_destinations_are_created_unless_sliced() {
+        let s = state();
+        let d = run(&s, r"a\.(\d+)", r"b.\1", Writes::Either).unwrap();
+        assert!(d[0].current.is_some() && d[1].current.is_none());
+        assert!(error(run(&s, r"a\.(\d+)", r"b.\1::[0]", Writes::Either)).contains("`m::b.1::[...]` does not exist"));
+    }
+}

@@ -510,3 +510,29 @@ pub(crate) mod test_support {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8: each `X` / `X_` pair is one declaration, so both forms read one key table.
+    #[test]
+    fn twins_share_one_key_table() {
+        let mut pairs = Vec::new();
+        for spec in REGISTRY {
+            let Some(twin) = spec.twin() else { continue };
+            assert_eq!(twin.twin().map(|t| t.name), Some(spec.name));
+            let table = |s: &TransformSpec| s.fields.iter().map(|f| (f.name, f.doc, f.only)).collect::<Vec<_>>();
+            assert_eq!(table(spec), table(twin), "{}", spec.name);
+            if spec.form == Form::New {
+                pairs.push(spec.name);
+            }
+        }
+        assert_eq!(pairs, ["cast", "scale", "clamp", "add", "subtract", "fill", "reshape"]);
+        let names = |s: &TransformSpec| s.keys().iter().map(|f| f.name).collect::<Vec<_>>();
+        assert_eq!(names(&scale::SCALE), ["from", "to", "by"]);
+        assert_eq!(names(&scale::SCALE_), ["target", "by"]);
+        assert_eq!(names(&arith::MULTIPLY), ["from_a", "from_b", "to", "dtype"]);
+        assert!(arith::MULTIPLY.twin().is_none() && copy::COPY.twin().is_none());
+    }
+}
