@@ -6,7 +6,9 @@
 //!
 //! Input rules: a line that is only `name:`, starts with `-`, or is indented opens a YAML block
 //! that ends at an empty line; any other line is one transform in one-line form. `exit`, `save`
-//! or end of input (Ctrl-D) end the session; the caller then writes the plan's output.
+//! or end of input (Ctrl-D) end the session; the caller then writes the plan's output. Relative
+//! `execute` paths typed here resolve as in the plan (the session's `ParseScope`): against the
+//! first plan file's directory, or the working directory without one.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
