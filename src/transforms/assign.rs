@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
-use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::State;
@@ -31,12 +31,11 @@ pub const ASSIGN: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: FIELDS,
     parse: |value, cx| {
-        let location = &cx.location;
-        let p = Payload::new(value, FIELDS, location.clone())?;
+        let p = cx.payload(value)?;
         Ok(Box::new(Assign {
             from: p.reference("from")?,
             to: p.target("to")?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };

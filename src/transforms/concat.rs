@@ -12,7 +12,7 @@ use super::split::{dim_of, resolve_dim};
 use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
 use crate::dtype::DType;
 use crate::plan::document::kind_of;
-use crate::plan::payload::{compact, Field, FieldKind, Payload};
+use crate::plan::payload::{compact, Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
@@ -44,8 +44,7 @@ pub const CONCAT: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: CONCAT_FIELDS,
     parse: |value, cx| {
-        let location = &cx.location;
-        let p = Payload::new(value, CONCAT_FIELDS, location.clone())?;
+        let p = cx.payload(value)?;
         let from_value = p.get("from").unwrap_or(&Json::Null);
         let Json::Array(items) = from_value else {
             return Err(PlanError::invalid(
@@ -74,7 +73,7 @@ pub const CONCAT: TransformSpec = TransformSpec {
             from,
             to: p.target("to")?,
             dim: dim_of(&p)?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
-use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::State;
@@ -21,12 +21,11 @@ pub const COPY: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: FROM_TO,
     parse: |value, cx| {
-        let location = &cx.location;
-        let p = Payload::new(value, FROM_TO, location.clone())?;
+        let p = cx.payload(value)?;
         Ok(Box::new(Copy {
             from: p.reference("from")?,
             to: p.target("to")?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -38,12 +37,11 @@ pub const MOVE: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: FROM_TO,
     parse: |value, cx| {
-        let location = &cx.location;
-        let p = Payload::new(value, FROM_TO, location.clone())?;
+        let p = cx.payload(value)?;
         Ok(Box::new(Move {
             from: p.reference("from")?,
             to: p.target("to")?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -65,22 +63,21 @@ pub const DELETE: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: DELETE_FIELDS,
     parse: |value, cx| {
-        let location = &cx.location;
         // `delete: pattern` is accepted as shorthand for `delete: {target: pattern}`.
         let (target, missing_ok) = if let Value::String(_) = value {
             let target = Reference::parse(value).map_err(|source| PlanError::Reference {
-                location: location.clone(),
+                location: cx.location.clone(),
                 source,
             })?;
             (target, false)
         } else {
-            let p = Payload::new(value, DELETE_FIELDS, location.clone())?;
+            let p = cx.payload(value)?;
             (p.reference("target")?, p.flag("missing_ok", false)?)
         };
         Ok(Box::new(Delete {
             target,
             missing_ok,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };

@@ -95,26 +95,25 @@ fn choice<T: Copy>(p: &Payload, key: &str, options: &[(&str, T)], default: T) ->
 }
 
 fn parse_dump(value: &Json, cx: &super::ParseContext) -> Result<Box<dyn Transform>, PlanError> {
-    let location = &cx.location;
     // `dump` alone and `dump: PATTERN` are shorthands.
     let empty = Json::Object(Map::new());
     let value = match value {
         Json::Null => &empty,
         Json::String(_) | Json::Array(_) => {
             let target = Reference::parse(value).map_err(|source| PlanError::Reference {
-                location: location.clone(),
+                location: cx.location.clone(),
                 source,
             })?;
             return Ok(Box::new(Dump {
                 target: Some(target),
                 format: Format::Compact,
                 verbosity: Verbosity::Shape,
-                location: location.clone(),
+                location: cx.location.clone(),
             }));
         }
         other => other,
     };
-    let p = Payload::new(value, DUMP_FIELDS, location.clone())?;
+    let p = cx.payload(value)?;
     let target = match p.get("target") {
         Some(_) => Some(p.reference("target")?),
         None => None,
@@ -143,7 +142,7 @@ fn parse_dump(value: &Json, cx: &super::ParseContext) -> Result<Box<dyn Transfor
         target,
         format,
         verbosity,
-        location: location.clone(),
+        location: cx.location.clone(),
     }))
 }
 

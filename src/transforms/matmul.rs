@@ -18,7 +18,7 @@ use super::TransformSpec;
 use super::{count_noun, destinations, require_float, Context, Flow, StepError, Transform, TransformError, Writes};
 use crate::dtype::DType;
 use crate::kernels;
-use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
@@ -45,13 +45,12 @@ pub const MATMUL: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: MATMUL_FIELDS,
     parse: |value, cx| {
-        let location = &cx.location;
-        let p = Payload::new(value, MATMUL_FIELDS, location.clone())?;
+        let p = cx.payload(value)?;
         Ok(Box::new(Matmul {
             from_a: p.reference("from_a")?,
             from_b: p.target("from_b")?,
             to: p.target("to")?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };

@@ -21,7 +21,7 @@ use serde_json::Value as Json;
 use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
 use crate::dtype::DType;
 use crate::plan::document::kind_of;
-use crate::plan::payload::{compact, Field, FieldKind, Payload};
+use crate::plan::payload::{compact, Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
@@ -48,8 +48,7 @@ pub const PERMUTE: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: PERMUTE_FIELDS,
     parse: |value, cx| {
-        let location = &cx.location;
-        let p = Payload::new(value, PERMUTE_FIELDS, location.clone())?;
+        let p = cx.payload(value)?;
         let order = p.get("order").unwrap_or(&Json::Null);
         let items = match order {
             Json::Array(items) => items.iter().map(Json::as_i64).collect::<Option<Vec<i64>>>(),
@@ -69,7 +68,7 @@ pub const PERMUTE: TransformSpec = TransformSpec {
             from: p.reference("from")?,
             to: p.target("to")?,
             order: order_list,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };

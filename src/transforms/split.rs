@@ -42,8 +42,7 @@ pub const SPLIT: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: SPLIT_FIELDS,
     parse: |value, cx| {
-        let location = &cx.location;
-        let p = Payload::new(value, SPLIT_FIELDS, location.clone())?;
+        let p = cx.payload(value)?;
         let to_value = p.get("to").unwrap_or(&Json::Null);
         let Json::Array(items) = to_value else {
             return Err(PlanError::invalid(
@@ -102,7 +101,7 @@ pub const SPLIT: TransformSpec = TransformSpec {
             to,
             sizes,
             dim: dim_of(&p)?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
