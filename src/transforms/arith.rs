@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::view_of;
 use super::{
-    count_noun, destinations, Context, Flow, Form, ParseContext, StepError, Transform, TransformError, TransformSpec,
+    count_noun, Context, Destinations, Flow, Form, ParseContext, StepError, Transform, TransformError, TransformSpec,
     Twin, Writes,
 };
 use crate::dtype::DType;
@@ -319,9 +319,9 @@ impl Transform for Binary {
                 .into());
             }
         }
-        let destinations = destinations(state, &matches, &self.to, Writes::Either, self.name, &self.location)?;
+        let mut destinations = Destinations::new(&matches, &self.to, Writes::Either, self.name, &self.location)?;
         let mut writes = Vec::with_capacity(matches.len());
-        for (m, dest) in matches.iter().zip(destinations) {
+        for m in &matches {
             // The right operand: `from_b` rewritten from this match, in its alias (or the match's).
             let b_name = self
                 .from_b
@@ -385,13 +385,15 @@ impl Transform for Binary {
             };
             let a = converted(a, &m.display(), result_dtype, self.name)?;
             let b = converted(&b, &b_display, result_dtype, self.name)?;
-            if let Some(shape) = dest.shape() {
-                if shape != a.shape.as_slice() {
+            // Each match's operands are checked before its destination.
+            let dest = destinations.of(state, m)?;
+            if let Some(view) = dest.view()? {
+                if view.shape != a.shape {
                     return Err(TransformError::ShapeMismatch {
                         source_name: m.display(),
                         source_shape: a.shape.clone(),
                         destination: dest.display.clone(),
-                        destination_shape: shape.to_vec(),
+                        destination_shape: view.shape,
                     }
                     .into());
                 }
@@ -431,9 +433,10 @@ struct InPlace {
 impl Transform for InPlace {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         let matches = state.select_some(&self.from, &self.location)?;
-        let destinations = destinations(state, &matches, &self.to, Writes::Existing, self.name, &self.location)?;
+        let mut destinations = Destinations::new(&matches, &self.to, Writes::Existing, self.name, &self.location)?;
         let mut writes = Vec::with_capacity(matches.len());
-        for (m, dest) in matches.iter().zip(destinations) {
+        for m in &matches {
+            let dest = destinations.of(state, m)?;
             let target = dest.view()?.expect("an existing destination has a tensor");
             let current = dest.current.as_ref().expect("an existing destination has a tensor");
             if target.dtype != m.tensor.dtype {

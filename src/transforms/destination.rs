@@ -83,36 +83,70 @@ pub(crate) fn destinations(
     transform: &'static str,
     location: &Location,
 ) -> Result<Vec<Destination>, StepError> {
-    let creates = matches!(writes, Writes::New | Writes::Moved);
-    if creates && to.slice.is_some() {
-        return Err(TransformError::SliceNotAllowed {
-            reference: to.text.clone(),
-            transform,
+    let mut rule = Destinations::new(matches, to, writes, transform, location)?;
+    matches.iter().map(|m| rule.of(state, m)).collect()
+}
+
+/// [`destinations`] one match at a time, for transforms that check each match's operands
+/// before its destination (`add`, `add_`).
+pub(crate) struct Destinations<'a> {
+    to: &'a Target,
+    writes: Writes,
+    location: &'a Location,
+    /// The names a move vacates, which it may write to.
+    moving: HashSet<(&'a str, &'a str)>,
+    /// Destinations so far, and the match that rewrote to each.
+    seen: HashMap<(String, String), String>,
+}
+
+impl<'a> Destinations<'a> {
+    /// The rule for `matches` (all of them, so a move knows which names it vacates); refuses a
+    /// slice where new tensors are written.
+    pub fn new(
+        matches: &'a [Match],
+        to: &'a Target,
+        writes: Writes,
+        transform: &'static str,
+        location: &'a Location,
+    ) -> Result<Self, StepError> {
+        if matches!(writes, Writes::New | Writes::Moved) && to.slice.is_some() {
+            return Err(TransformError::SliceNotAllowed {
+                reference: to.text.clone(),
+                transform,
+            }
+            .into());
         }
-        .into());
+        // A new alias may be created by writing to it; only check the name is sensible.
+        if to.alias.as_deref() == Some("") && writes != Writes::Moved {
+            return Err(PlanError::invalid(location, "empty alias").into());
+        }
+        let moving = match writes {
+            Writes::Moved => matches.iter().map(|m| (m.alias.as_str(), m.name.as_str())).collect(),
+            _ => HashSet::new(),
+        };
+        Ok(Destinations {
+            to,
+            writes,
+            location,
+            moving,
+            seen: HashMap::new(),
+        })
     }
-    // A new alias may be created by writing to it; only check the name is sensible.
-    if to.alias.as_deref() == Some("") && writes != Writes::Moved {
-        return Err(PlanError::invalid(location, "empty alias").into());
-    }
-    let moving: HashSet<(&str, &str)> = match writes {
-        Writes::Moved => matches.iter().map(|m| (m.alias.as_str(), m.name.as_str())).collect(),
-        _ => HashSet::new(),
-    };
-    let mut seen: HashMap<(String, String), String> = HashMap::new();
-    let mut out = Vec::with_capacity(matches.len());
-    for m in matches {
+
+    /// The destination of match `m`.
+    pub fn of(&mut self, state: &State, m: &Match) -> Result<Destination, StepError> {
+        let (to, writes) = (self.to, self.writes);
         let name = to.expand(&m.captures).map_err(|source| TransformError::Template {
             tensor: m.display(),
             source,
         })?;
         let alias = match writes {
             // Writing into existing tensors needs an alias that exists.
-            Writes::Existing => state.alias_for(to.alias.as_deref().or(Some(&m.alias)), &to.text, location)?,
+            Writes::Existing => state.alias_for(to.alias.as_deref().or(Some(&m.alias)), &to.text, self.location)?,
             _ => to.alias.clone().unwrap_or_else(|| m.alias.clone()),
         };
         let plain = format!("{alias}::{name}");
-        if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
+        if let Some(first) = self.seen.insert((alias.clone(), name.clone()), m.display()) {
             return Err(TransformError::Collision {
                 destination: plain,
                 first,
@@ -120,8 +154,9 @@ pub(crate) fn destinations(
             }
             .into());
         }
+        let creates = matches!(writes, Writes::New | Writes::Moved);
         let current = state.get(&alias, &name).cloned();
-        if creates && current.is_some() && !moving.contains(&(alias.as_str(), name.as_str())) {
+        if creates && current.is_some() && !self.moving.contains(&(alias.as_str(), name.as_str())) {
             return Err(TransformError::DestinationExists {
                 destination: plain,
                 source_name: m.display(),
@@ -149,15 +184,14 @@ pub(crate) fn destinations(
             }
             .into());
         }
-        out.push(Destination {
+        Ok(Destination {
             alias,
             name,
             display,
             current: if creates { None } else { current },
             region,
-        });
+        })
     }
-    Ok(out)
 }
 
 #[cfg(test)]

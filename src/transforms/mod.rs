@@ -40,7 +40,7 @@ pub use error::{fmt_shape, AssertionFailure, TransformError};
 use crate::formats::FormatError;
 use crate::plan::error::suggest;
 pub use crate::plan::payload::Form;
-pub(crate) use destination::{destinations, Writes};
+pub(crate) use destination::{destinations, Destinations, Writes};
 pub use execute::ParseScope;
 
 use crate::plan::payload::{Field, FieldKind, Payload};
