@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
+use super::{count_noun, Context, Destinations, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
 use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
@@ -50,9 +50,11 @@ struct Assign {
 impl Transform for Assign {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         let matches = state.select_some(&self.from, &self.location)?;
-        let destinations = destinations(state, &matches, &self.to, Writes::Existing, "assign", &self.location)?;
+        let mut destinations = Destinations::new(&matches, &self.to, Writes::Existing, "assign", &self.location)?;
         let mut writes = Vec::with_capacity(matches.len());
-        for (m, d) in matches.iter().zip(destinations) {
+        for m in &matches {
+            // Each match is checked in full before the next one's destination.
+            let d = destinations.of(state, m)?;
             let display = format!("{}::{}", d.alias, d.name);
             let dest = d.current.as_ref().expect("an existing destination has a tensor");
             let dest_shape = d.shape().unwrap_or(&dest.shape).to_vec();

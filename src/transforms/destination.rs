@@ -88,7 +88,7 @@ pub(crate) fn destinations(
 }
 
 /// [`destinations`] one match at a time, for transforms that check each match's operands
-/// before its destination (`add`, `add_`).
+/// before the next one's destination (`assign`, `add`, `add_`).
 pub(crate) struct Destinations<'a> {
     to: &'a Target,
     writes: Writes,
