@@ -6,7 +6,9 @@
 //!
 //! Input rules: a line that is only `name:`, starts with `-`, or is indented opens a YAML block
 //! that ends at an empty line; any other line is one transform in one-line form. `exit`, `save`
-//! or end of input (Ctrl-D) end the session; the caller then writes the plan's output.
+//! or end of input (Ctrl-D) end the session; the caller then writes the plan's output. Relative
+//! `execute` paths typed here resolve as in the plan (the session's `ParseScope`): against the
+//! first plan file's directory, or the working directory without one.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -140,7 +142,7 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
             out.extend(OPERATORS.iter().map(|(o, _)| (*o).to_owned()));
         } else if let Some(spec) = spec(name) {
             out.extend(
-                spec.fields
+                spec.keys()
                     .iter()
                     .map(|f| f.name)
                     .filter(|f| !written.contains(f))

@@ -2,7 +2,7 @@
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypedDict, final
+from typing import Any, Literal, NotRequired, TypedDict, final
 
 __all__ = [
     "__version__",
@@ -12,6 +12,7 @@ __all__ = [
     "cli_main",
     "dtypes",
     "formats",
+    "transform_specs",
     "Checkpoint",
     "TensorBuffer",
     "BrainSurgeryError",
@@ -85,6 +86,30 @@ def dtypes() -> list[DTypeInfo]:
 
 def formats() -> list[FormatInfo]:
     """Every checkpoint format, one dict each, from the engine's one format table."""
+
+class KeySpec(TypedDict):
+    name: str
+    type: str
+    required: bool
+    default: str | None
+    doc: str
+
+class OperatorSpec(TypedDict):
+    name: str
+    doc: str | None
+    keys: list[KeySpec]
+
+class TransformSpec(TypedDict):
+    name: str
+    doc: str
+    form: Literal["plain", "new", "in_place"]
+    in_place: bool
+    twin: str | None
+    keys: list[KeySpec]
+    operators: NotRequired[list[OperatorSpec]]
+
+def transform_specs() -> list[TransformSpec]:
+    """Every transform as data, from the key tables that validate plans and print help."""
 
 def open(path: str) -> Checkpoint:
     """Open a checkpoint lazily (headers only)."""

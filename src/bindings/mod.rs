@@ -179,6 +179,44 @@ fn overrides_of(overrides: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
     }
 }
 
+/// A JSON value as the Python value a YAML plan would give (dict, list, str, int, float, bool,
+/// None).
+fn from_value<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => pyo3::types::PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => i.into_pyobject(py)?.into_any(),
+            (None, Some(u)) => u.into_pyobject(py)?.into_any(),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
+        },
+        Value::String(s) => PyString::new(py, s).into_any(),
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(from_value(py, item)?)?;
+            }
+            list.into_any()
+        }
+        Value::Object(map) => {
+            let dict = PyDict::new(py);
+            for (k, v) in map {
+                dict.set_item(k, from_value(py, v)?)?;
+            }
+            dict.into_any()
+        }
+    })
+}
+
+/// Every transform as data, from the key tables that validate plans and print help: a list of
+/// dicts with `name`, `doc`, `form` (`plain`, `new` or `in_place`), `in_place`, `twin` (the other
+/// form's name, or None), `keys` (each with `name`, `type`, `required`, `default`, `doc`) and,
+/// for `assert`, `operators` (each with `name`, `doc`, `keys`).
+#[pyfunction]
+fn transform_specs(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    from_value(py, &crate::transforms::help::specs_data())
+}
+
 fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("alias", report.alias.clone())?;
@@ -475,6 +513,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(cli_main, module)?)?;
     module.add_function(wrap_pyfunction!(dtypes, module)?)?;
     module.add_function(wrap_pyfunction!(formats, module)?)?;
+    module.add_function(wrap_pyfunction!(transform_specs, module)?)?;
     module.add_class::<PyCheckpoint>()?;
     module.add_class::<PyTensorBuffer>()?;
     errors::register(module)?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::plan::{Location, OutputSpec, Plan, PlanError};
 use crate::state::State;
-use crate::transforms::{self, run_steps, Context, Step, StepError, StepFailure};
+use crate::transforms::{run_steps, Context, ParseScope, Step, StepError, StepFailure};
 use crate::value::CHUNK_BYTES;
 use crate::write::{self, WriteOptions};
 
@@ -113,9 +113,12 @@ impl Prepared {
     pub fn new(plan: Plan, threads: usize) -> Result<Prepared, Error> {
         // Nested `execute` plans are parsed here too; relative paths resolve against the plan
         // file's directory and cycles are found before any input is opened.
-        let steps = transforms::execute::parsing_plan(&plan.files, || {
-            plan.transforms.iter().map(Step::parse).collect::<Result<Vec<_>, _>>()
-        })?;
+        let scope = ParseScope::of_plan(&plan.files);
+        let steps = plan
+            .transforms
+            .iter()
+            .map(|raw| Step::parse(raw, &scope))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut initial = State::default();
         let notices = initial.open_inputs(&plan.inputs, &Location::root())?;
         initial.written.clear();

@@ -13,7 +13,7 @@ use super::{step_error, Prepared, Report, RunOptions};
 use crate::error::Error;
 use crate::plan::{Location, RawTransform};
 use crate::state::State;
-use crate::transforms::{run_steps, Context, Flow, Step};
+use crate::transforms::{run_steps, Context, Flow, ParseScope, Step};
 use crate::write;
 
 /// What one applied block printed and did.
@@ -35,6 +35,9 @@ pub struct Session {
     prepared: Prepared,
     state: State,
     cancel: Arc<AtomicBool>,
+    /// Where relative paths typed at the prompt resolve: the plan's directory, or the working
+    /// directory without a plan file.
+    scope: ParseScope,
     /// Index the next transform gets in messages (`transforms[i]`), after the plan's.
     next: usize,
 }
@@ -48,6 +51,7 @@ impl Session {
         let mut ctx = Context::new(true, cancel.clone());
         let state = prepared.execute(&mut ctx)?;
         let next = prepared.plan.transforms.len();
+        let scope = ParseScope::of_plan(&prepared.plan.files);
         let applied = Applied {
             output: ctx.output,
             notes: ctx.notes,
@@ -59,6 +63,7 @@ impl Session {
                 prepared,
                 state,
                 cancel,
+                scope,
                 next,
             },
             applied,
@@ -84,7 +89,10 @@ impl Session {
             .enumerate()
             .map(|(i, item)| RawTransform::from_value(item, base.index(self.next + i)))
             .collect::<Result<Vec<_>, _>>()?;
-        let steps = raws.iter().map(Step::parse).collect::<Result<Vec<_>, _>>()?;
+        let steps = raws
+            .iter()
+            .map(|raw| Step::parse(raw, &self.scope))
+            .collect::<Result<Vec<_>, _>>()?;
         let run = |evaluate: bool| -> Result<(State, Context, bool), Error> {
             let mut state = self.state.clone();
             let mut ctx = Context::new(evaluate, self.cancel.clone());
@@ -172,5 +180,26 @@ mod tests {
         let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
         assert_eq!(names, vec!["w", "w0"]);
+    }
+
+    /// Issue 8: a relative `execute` path typed at the prompt resolves against the plan file's
+    /// directory, not the working directory.
+    #[test]
+    fn relative_execute_paths_resolve_against_the_plan_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let input = dir.path().join("in.safetensors");
+        let tensors = vec![("w", TensorView::new(Dtype::F32, vec![2], &values).unwrap())];
+        safetensors::serialize_to_file(tensors, None, &input).unwrap();
+        let plans = dir.path().join("plans");
+        std::fs::create_dir(&plans).unwrap();
+        std::fs::write(plans.join("inner.yaml"), "transforms:\n  - copy: {from: w, to: w2}\n").unwrap();
+        let main = plans.join("main.yaml");
+        std::fs::write(&main, format!("inputs: ['{}']\n", input.display())).unwrap();
+        let plan = Plan::load(&[PlanSource::File(main)], &[]).unwrap();
+        let prepared = Prepared::new(plan, 1).unwrap();
+        let mut s = Session::start(prepared, Arc::new(AtomicBool::new(false))).unwrap().0;
+        s.apply(&json!({"execute": {"path": "inner.yaml"}})).unwrap();
+        assert!(s.state().get("model", "w2").is_some());
     }
 }

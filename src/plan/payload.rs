@@ -78,6 +78,37 @@ pub struct Field {
     pub default: Option<&'static str>,
     /// One line for help.
     pub doc: &'static str,
+    /// The one form of an `X` / `X_` twin family that takes the key (`from` and `to` for `X`,
+    /// `target` for `X_`), or `None` when every form does.
+    pub only: Option<Form>,
+}
+
+/// Which form of an `X` / `X_` twin family a transform is: both forms share one key table (keys
+/// one form alone takes are marked with [`Field::only`]) and one parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Not one of a twin pair (`copy`, `dump`).
+    Plain,
+    /// `X`: writes new tensors (`scale: {from, to, by}`).
+    New,
+    /// `X_`: changes tensors in place (`scale_: {target, by}`).
+    InPlace,
+}
+
+impl Form {
+    /// The name Python and help use: `plain`, `new` or `in_place`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Form::Plain => "plain",
+            Form::New => "new",
+            Form::InPlace => "in_place",
+        }
+    }
+
+    /// Whether a transform of this form takes `field`.
+    pub fn takes(self, field: &Field) -> bool {
+        field.only.is_none_or(|only| only == self)
+    }
 }
 
 impl Field {
@@ -89,6 +120,7 @@ impl Field {
             required: true,
             default: None,
             doc,
+            only: None,
         }
     }
 
@@ -105,6 +137,23 @@ impl Field {
             required: false,
             default,
             doc,
+            only: None,
+        }
+    }
+
+    /// The key as only the new form (`X`) of a twin family takes it.
+    pub const fn new_only(self) -> Field {
+        Field {
+            only: Some(Form::New),
+            ..self
+        }
+    }
+
+    /// The key as only the in-place form (`X_`) of a twin family takes it.
+    pub const fn in_place_only(self) -> Field {
+        Field {
+            only: Some(Form::InPlace),
+            ..self
         }
     }
 }

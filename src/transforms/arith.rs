@@ -7,46 +7,51 @@
 //! once per level. Also holds [`write_back`] (a region overwritten by values that do not read the
 //! destination, as `fill_` writes).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::view_of;
-use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use super::{
+    count_noun, Context, Destinations, Flow, Form, ParseContext, StepError, Transform, TransformError, TransformSpec,
+    Twin, Writes,
+};
 use crate::dtype::DType;
 use crate::kernels;
-use crate::plan::payload::{Field, FieldKind, Payload};
-use crate::plan::Location;
+use crate::plan::payload::{Field, FieldKind};
+use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
 use crate::value::{ElementFn, LazyOp, ReadContext, Tensor, ValueError};
 
-const BINARY_FIELDS: &[Field] = &[
-    Field::required("from_a", FieldKind::Reference, "left operands (may be sliced)"),
+/// The keys of every arithmetic transform: `add` / `subtract` / `multiply` (`to = a ∘ b`) take
+/// the new-form keys, `add_` / `subtract_` (`to ∘= from`) the in-place ones.
+const FIELDS: &[Field] = &[
+    Field::required("from_a", FieldKind::Reference, "left operands (may be sliced)").new_only(),
     Field::required(
         "from_b",
         FieldKind::Target,
         "right operands, rewritten from each `from_a` match (may be sliced)",
-    ),
+    )
+    .new_only(),
+    Field::required("from", FieldKind::Reference, "operands (may be sliced)").in_place_only(),
     Field::required(
         "to",
         FieldKind::Target,
         "results, rewritten from each match: an existing tensor is overwritten (through a slice if given), a missing one is created",
-    ),
+    )
+    .new_only(),
+    Field::required(
+        "to",
+        FieldKind::Target,
+        "existing tensors updated in place, rewritten from each match (may be sliced)",
+    )
+    .in_place_only(),
     Field::optional(
         "dtype",
         FieldKind::DType,
         None,
         "result dtype (a float); both operands are converted to it. Without it the operands' dtypes must be equal",
-    ),
-];
-
-const INPLACE_FIELDS: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "operands (may be sliced)"),
-    Field::required(
-        "to",
-        FieldKind::Target,
-        "existing tensors updated in place, rewritten from each match (may be sliced)",
-    ),
+    )
+    .new_only(),
 ];
 
 /// An element-wise operation.
@@ -78,76 +83,66 @@ impl BinOp {
     }
 }
 
-macro_rules! binary_spec {
-    ($name:ident, $text:literal, $op:expr, $summary:literal) => {
-        #[doc = concat!("`", $text, "`.")]
-        pub const $name: TransformSpec = TransformSpec {
-            name: $text,
-            summary: $summary,
-            fields: BINARY_FIELDS,
-            parse: |value, location| {
-                let p = Payload::new(value, BINARY_FIELDS, location.clone())?;
-                Ok(Box::new(Binary {
-                    name: $text,
-                    op: $op,
-                    from_a: p.reference("from_a")?,
-                    from_b: p.target("from_b")?,
-                    to: p.target("to")?,
-                    dtype: p.dtype("dtype")?,
-                    location: location.clone(),
-                }))
-            },
-        };
+/// Parses every arithmetic transform; the operation is the name's.
+fn parse(value: &serde_json::Value, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanError> {
+    let p = cx.payload(value)?;
+    let name = cx.spec.name;
+    let op = match name.trim_end_matches('_') {
+        "add" => BinOp::Add,
+        "subtract" => BinOp::Subtract,
+        _ => BinOp::Multiply,
     };
+    let location = cx.location.clone();
+    Ok(match cx.spec.form {
+        Form::InPlace => Box::new(InPlace {
+            name,
+            op,
+            from: p.reference("from")?,
+            to: p.target("to")?,
+            location,
+        }),
+        _ => Box::new(Binary {
+            name,
+            op,
+            from_a: p.reference("from_a")?,
+            from_b: p.target("from_b")?,
+            to: p.target("to")?,
+            dtype: p.dtype("dtype")?,
+            location,
+        }),
+    })
 }
 
-binary_spec!(ADD, "add", BinOp::Add, "element-wise a + b written to `to`");
-binary_spec!(
-    SUBTRACT,
-    "subtract",
-    BinOp::Subtract,
-    "element-wise a - b written to `to`"
-);
-binary_spec!(
-    MULTIPLY,
-    "multiply",
-    BinOp::Multiply,
-    "element-wise a * b written to `to`"
-);
+const ADD_TWIN: Twin = Twin {
+    new: ("add", "element-wise a + b written to `to`"),
+    in_place: ("add_", "add tensors into existing ones in place (to += from)"),
+    fields: FIELDS,
+    parse,
+};
 
-macro_rules! inplace_spec {
-    ($name:ident, $text:literal, $op:expr, $summary:literal) => {
-        #[doc = concat!("`", $text, "`.")]
-        pub const $name: TransformSpec = TransformSpec {
-            name: $text,
-            summary: $summary,
-            fields: INPLACE_FIELDS,
-            parse: |value, location| {
-                let p = Payload::new(value, INPLACE_FIELDS, location.clone())?;
-                Ok(Box::new(InPlace {
-                    name: $text,
-                    op: $op,
-                    from: p.reference("from")?,
-                    to: p.target("to")?,
-                    location: location.clone(),
-                }))
-            },
-        };
-    };
-}
+const SUBTRACT_TWIN: Twin = Twin {
+    new: ("subtract", "element-wise a - b written to `to`"),
+    in_place: ("subtract_", "subtract tensors from existing ones in place (to -= from)"),
+    fields: FIELDS,
+    parse,
+};
 
-inplace_spec!(
-    ADD_,
-    "add_",
-    BinOp::Add,
-    "add tensors into existing ones in place (to += from)"
-);
-inplace_spec!(
-    SUBTRACT_,
-    "subtract_",
-    BinOp::Subtract,
-    "subtract tensors from existing ones in place (to -= from)"
-);
+/// `add`.
+pub const ADD: TransformSpec = ADD_TWIN.spec(Form::New);
+/// `add_`.
+pub const ADD_: TransformSpec = ADD_TWIN.spec(Form::InPlace);
+/// `subtract`.
+pub const SUBTRACT: TransformSpec = SUBTRACT_TWIN.spec(Form::New);
+/// `subtract_`.
+pub const SUBTRACT_: TransformSpec = SUBTRACT_TWIN.spec(Form::InPlace);
+/// `multiply` (no in-place form).
+pub const MULTIPLY: TransformSpec = TransformSpec {
+    name: "multiply",
+    summary: "element-wise a * b written to `to`",
+    form: Form::New,
+    fields: FIELDS,
+    parse,
+};
 
 /// The lazy element-wise `a ∘ b` of two tensors of the result's dtype and shape.
 #[derive(Debug)]
@@ -298,96 +293,6 @@ fn require_float_dtype(dtype: DType, display: &str, op: &'static str) -> Result<
     Ok(())
 }
 
-/// An existing (or missing) destination and the region of it written.
-struct Destination {
-    alias: String,
-    name: String,
-    display: String,
-    /// The current tensor, when it exists.
-    current: Option<Tensor>,
-    /// The written region and its view, when `to` has a slice.
-    region: Option<(crate::references::ResolvedSlice, Tensor)>,
-}
-
-impl Destination {
-    fn shape(&self) -> Option<&[usize]> {
-        match (&self.region, &self.current) {
-            (Some((_, view)), _) => Some(&view.shape),
-            (None, Some(t)) => Some(&t.shape),
-            (None, None) => None,
-        }
-    }
-
-    /// The destination's new value once `with` (the region's shape and dtype) is written.
-    fn written(&self, with: Tensor) -> Result<Tensor, StepError> {
-        match (&self.region, &self.current) {
-            (Some((region, view)), Some(current)) if !(region.is_full() && view.shape == current.shape) => current
-                .overwrite(region.clone(), with)
-                .map_err(|e| TransformError::value_of(&self.display, e)),
-            _ => Ok(with),
-        }
-    }
-}
-
-/// Resolves `to` for match `m`: alias (that of the match when none is written), name, existing
-/// tensor and slice. Duplicate destinations are collisions.
-fn destination(
-    state: &State,
-    m: &Match,
-    to: &Target,
-    seen: &mut HashMap<(String, String), String>,
-    location: &Location,
-) -> Result<Destination, StepError> {
-    let name = to.expand(&m.captures).map_err(|source| TransformError::Template {
-        tensor: m.display(),
-        source,
-    })?;
-    let alias = to.alias.clone().unwrap_or_else(|| m.alias.clone());
-    if alias.is_empty() {
-        return Err(crate::plan::PlanError::invalid(location, "empty alias").into());
-    }
-    let display = format!("{alias}::{name}");
-    if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
-        return Err(TransformError::Collision {
-            destination: display,
-            first,
-            second: m.display(),
-        }
-        .into());
-    }
-    let current = state.get(&alias, &name).cloned();
-    let region = match (&to.slice, &current) {
-        (None, _) => None,
-        (Some(_), None) => {
-            return Err(TransformError::DestinationMissing {
-                destination: format!("{display}::[...]"),
-                source_name: m.display(),
-            }
-            .into())
-        }
-        (Some(spec), Some(current)) => {
-            let region = spec.resolve(&current.shape).map_err(|source| TransformError::Slice {
-                tensor: display.clone(),
-                source,
-            })?;
-            let view = view_of(current, &region, &display)?;
-            Some((region, view))
-        }
-    };
-    let display = if to.slice.is_some() {
-        format!("{display}::[...]")
-    } else {
-        display
-    };
-    Ok(Destination {
-        alias,
-        name,
-        display,
-        current,
-        region,
-    })
-}
-
 #[derive(Debug)]
 struct Binary {
     name: &'static str,
@@ -414,7 +319,7 @@ impl Transform for Binary {
                 .into());
             }
         }
-        let mut seen = HashMap::new();
+        let mut destinations = Destinations::new(&matches, &self.to, Writes::Either, self.name, &self.location)?;
         let mut writes = Vec::with_capacity(matches.len());
         for m in &matches {
             // The right operand: `from_b` rewritten from this match, in its alias (or the match's).
@@ -480,14 +385,15 @@ impl Transform for Binary {
             };
             let a = converted(a, &m.display(), result_dtype, self.name)?;
             let b = converted(&b, &b_display, result_dtype, self.name)?;
-            let dest = destination(state, m, &self.to, &mut seen, &self.location)?;
-            if let Some(shape) = dest.shape() {
-                if shape != a.shape.as_slice() {
+            // Each match's operands are checked before its destination.
+            let dest = destinations.of(state, m)?;
+            if let Some(view) = dest.view()? {
+                if view.shape != a.shape {
                     return Err(TransformError::ShapeMismatch {
                         source_name: m.display(),
                         source_shape: a.shape.clone(),
                         destination: dest.display.clone(),
-                        destination_shape: shape.to_vec(),
+                        destination_shape: view.shape,
                     }
                     .into());
                 }
@@ -527,21 +433,12 @@ struct InPlace {
 impl Transform for InPlace {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         let matches = state.select_some(&self.from, &self.location)?;
-        let mut seen = HashMap::new();
+        let mut destinations = Destinations::new(&matches, &self.to, Writes::Existing, self.name, &self.location)?;
         let mut writes = Vec::with_capacity(matches.len());
         for m in &matches {
-            let dest = destination(state, m, &self.to, &mut seen, &self.location)?;
-            let Some(current) = &dest.current else {
-                return Err(TransformError::DestinationMissing {
-                    destination: dest.display,
-                    source_name: m.display(),
-                }
-                .into());
-            };
-            let target = match &dest.region {
-                Some((_, view)) => view.clone(),
-                None => current.clone(),
-            };
+            let dest = destinations.of(state, m)?;
+            let target = dest.view()?.expect("an existing destination has a tensor");
+            let current = dest.current.as_ref().expect("an existing destination has a tensor");
             if target.dtype != m.tensor.dtype {
                 return Err(TransformError::OperandDTypes {
                     op: self.name,
@@ -566,8 +463,7 @@ impl Transform for InPlace {
             // is read once per chunk and chains of in-place edits stay linear.
             let region = dest
                 .region
-                .as_ref()
-                .map(|(region, _)| region.clone())
+                .clone()
                 .filter(|r| !(r.is_full() && target.shape == current.shape));
             let f = Arc::new(CombineFn {
                 op: self.op,

@@ -22,8 +22,14 @@ use crate::value::{stream, Tensor};
 pub const ASSERT: TransformSpec = TransformSpec {
     name: "assert",
     summary: "fail the run when an expression is false (exists, count, shape, dimensions, dtype, equal, iszero, finite, all, any, not)",
+    form: super::Form::Plain,
     fields: &[],
-    parse: |value, location| Ok(Box::new(Assert { expr: Expr::parse(value, location)?, location: location.clone() })),
+    parse: |value, cx| {
+        Ok(Box::new(Assert {
+            expr: Expr::parse(value, &cx.location)?,
+            location: cx.location.clone(),
+        }))
+    },
 };
 
 /// The assertion operators and their keys, for parsing and help.

@@ -2,11 +2,10 @@
 //! slice is lazy too: the destination becomes "old value with this region replaced", so the rest
 //! of the tensor streams from where it is and is never copied through memory.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::plan::payload::{Field, FieldKind, Payload};
+use super::{count_noun, Context, Destinations, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::State;
@@ -29,13 +28,14 @@ const FIELDS: &[Field] = &[
 pub const ASSIGN: TransformSpec = TransformSpec {
     name: "assign",
     summary: "write values into existing tensors (shape and dtype must agree)",
+    form: super::Form::Plain,
     fields: FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, FIELDS, location.clone())?;
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         Ok(Box::new(Assign {
             from: p.reference("from")?,
             to: p.target("to")?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -50,45 +50,16 @@ struct Assign {
 impl Transform for Assign {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         let matches = state.select_some(&self.from, &self.location)?;
-        let mut seen: HashMap<(String, String), String> = HashMap::new();
+        let mut destinations = Destinations::new(&matches, &self.to, Writes::Existing, "assign", &self.location)?;
         let mut writes = Vec::with_capacity(matches.len());
         for m in &matches {
-            let name = self.to.expand(&m.captures).map_err(|source| TransformError::Template {
-                tensor: m.display(),
-                source,
-            })?;
-            let alias = state.alias_for(
-                self.to.alias.as_deref().or(Some(&m.alias)),
-                &self.to.text,
-                &self.location,
-            )?;
-            let display = format!("{alias}::{name}");
-            if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
-                return Err(TransformError::Collision {
-                    destination: display,
-                    first,
-                    second: m.display(),
-                }
-                .into());
-            }
-            let Some(dest) = state.get(&alias, &name) else {
-                return Err(TransformError::DestinationMissing {
-                    destination: display,
-                    source_name: m.display(),
-                }
-                .into());
-            };
-            let (region, dest_shape) = match &self.to.slice {
-                None => (None, dest.shape.clone()),
-                Some(spec) => {
-                    let region = spec.resolve(&dest.shape).map_err(|source| TransformError::Slice {
-                        tensor: display.clone(),
-                        source,
-                    })?;
-                    let shape = region.shape.clone();
-                    (Some(region), shape)
-                }
-            };
+            // Each match is checked in full before the next one's destination.
+            let d = destinations.of(state, m)?;
+            let display = format!("{}::{}", d.alias, d.name);
+            let dest = d.current.as_ref().expect("an existing destination has a tensor");
+            let dest_shape = d.shape().unwrap_or(&dest.shape).to_vec();
+            let region = d.region.clone();
+            let (alias, name) = (d.alias, d.name);
             if m.tensor.dtype != dest.dtype {
                 return Err(TransformError::DTypeMismatch {
                     source_name: m.display(),

@@ -4,99 +4,82 @@
 
 use std::sync::Arc;
 
-use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use super::{
+    count_noun, destinations, from_key, target_key, to_key, Context, Flow, Form, StepError, Transform, TransformError,
+    TransformSpec, Twin, Writes,
+};
 use crate::dtype::DType;
-use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
 use crate::value::{Tensor, Value};
 
-const CAST_FIELDS: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "tensors to convert (may be sliced)"),
-    Field::required("to", FieldKind::Target, "destination names"),
-    Field::required("dtype", FieldKind::DType, "the new dtype"),
-    Field::optional(
-        "only",
-        FieldKind::Text,
-        None,
-        "`float`: skip matches that are not floating point",
-    ),
-];
-
-const CAST_INPLACE_FIELDS: &[Field] = &[
-    Field::required("target", FieldKind::Reference, "tensors to convert in place"),
-    Field::optional("to", FieldKind::DType, None, "the new dtype (or `dtype`)"),
-    Field::optional("dtype", FieldKind::DType, None, "the new dtype (or `to`)"),
-    Field::optional(
-        "only",
-        FieldKind::Text,
-        None,
-        "`float`: skip matches that are not floating point",
-    ),
-];
-
-fn parse_only(p: &Payload) -> Result<bool, PlanError> {
-    match p.text("only")? {
-        None => Ok(false),
-        Some("float") => Ok(true),
-        Some(other) => Err(PlanError::invalid(
-            &p.at("only"),
-            format!("`only` takes `float`, got `{other}`"),
-        )),
-    }
-}
-
-/// `cast`: new tensors with another dtype.
-pub const CAST: TransformSpec = TransformSpec {
-    name: "cast",
-    summary: "new tensors converted to another dtype",
-    fields: CAST_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, CAST_FIELDS, location.clone())?;
-        let dtype = p.dtype("dtype")?.expect("required key");
-        Ok(Box::new(Cast {
-            from: p.reference("from")?,
-            to: Some(p.target("to")?),
-            dtype,
-            only_float: parse_only(&p)?,
-            location: location.clone(),
-        }))
-    },
-};
-
-/// `cast_`: convert in place.
-pub const CAST_: TransformSpec = TransformSpec {
-    name: "cast_",
-    summary: "convert tensors to another dtype in place",
-    fields: CAST_INPLACE_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, CAST_INPLACE_FIELDS, location.clone())?;
-        // SPEC §9: `cast_` accepts `dtype` as well as `to`.
-        let dtype = match (p.dtype("to")?, p.dtype("dtype")?) {
-            (Some(a), Some(b)) if a != b => {
+/// `cast` and `cast_`: one key table, one parser.
+const TWIN: Twin = Twin {
+    new: ("cast", "new tensors converted to another dtype"),
+    in_place: ("cast_", "convert tensors to another dtype in place"),
+    fields: &[
+        from_key("tensors to convert (may be sliced)"),
+        to_key("destination names"),
+        target_key("tensors to convert in place"),
+        // SPEC §9: `cast_` accepts `to` as well as `dtype`.
+        Field::optional("to", FieldKind::DType, None, "the new dtype (or `dtype`)").in_place_only(),
+        Field::required("dtype", FieldKind::DType, "the new dtype").new_only(),
+        Field::optional("dtype", FieldKind::DType, None, "the new dtype (or `to`)").in_place_only(),
+        Field::optional(
+            "only",
+            FieldKind::Text,
+            None,
+            "`float`: skip matches that are not floating point",
+        ),
+    ],
+    parse: |value, cx| {
+        let location = &cx.location;
+        let p = cx.payload(value)?;
+        let dtype = match cx.spec.form {
+            Form::InPlace => match (p.dtype("to")?, p.dtype("dtype")?) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(PlanError::invalid(
+                        location,
+                        format!("`to` ({a}) and `dtype` ({b}) disagree"),
+                    ))
+                }
+                (Some(d), _) | (None, Some(d)) => d,
+                (None, None) => {
+                    return Err(PlanError::MissingKey {
+                        location: location.clone(),
+                        key: "dtype".into(),
+                    })
+                }
+            },
+            _ => p.dtype("dtype")?.expect("required key"),
+        };
+        let (from, to) = cx.operands(&p)?;
+        let only_float = match p.text("only")? {
+            None => false,
+            Some("float") => true,
+            Some(other) => {
                 return Err(PlanError::invalid(
-                    location,
-                    format!("`to` ({a}) and `dtype` ({b}) disagree"),
+                    &p.at("only"),
+                    format!("`only` takes `float`, got `{other}`"),
                 ))
-            }
-            (Some(d), _) | (None, Some(d)) => d,
-            (None, None) => {
-                return Err(PlanError::MissingKey {
-                    location: location.clone(),
-                    key: "dtype".into(),
-                })
             }
         };
         Ok(Box::new(Cast {
-            from: p.reference("target")?,
-            to: None,
+            from,
+            to,
             dtype,
-            only_float: parse_only(&p)?,
+            only_float,
             location: location.clone(),
         }))
     },
 };
+
+/// `cast`: new tensors with another dtype.
+pub const CAST: TransformSpec = TWIN.spec(Form::New);
+/// `cast_`: convert in place.
+pub const CAST_: TransformSpec = TWIN.spec(Form::InPlace);
 
 #[derive(Debug)]
 struct Cast {
@@ -141,9 +124,9 @@ impl Transform for Cast {
             .collect::<Result<Vec<_>, _>>()?;
         match &self.to {
             Some(to) => {
-                let destinations = new_destinations(state, &matches, to, "cast", &self.location)?;
-                for ((alias, name), tensor) in destinations.iter().zip(casts) {
-                    state.insert(alias, name, tensor);
+                let destinations = destinations(state, &matches, to, Writes::New, "cast", &self.location)?;
+                for (d, tensor) in destinations.iter().zip(casts) {
+                    state.insert(&d.alias, &d.name, tensor);
                 }
                 ctx.note(format!("cast: {} → {}", count_noun(matches.len()), self.dtype));
             }

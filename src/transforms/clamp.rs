@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use super::{
-    count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec,
+    count_noun, destinations, from_key, require_float, target_key, to_key, Context, Flow, Form, StepError, Transform,
+    TransformError, TransformSpec, Twin, Writes,
 };
 use crate::dtype::DType;
 use crate::kernels;
@@ -15,23 +16,6 @@ use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::State;
 use crate::value::{ElementFn, LazyOp, ReadContext, Tensor, ValueError};
-
-const CLAMP_FIELDS: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
-    Field::required("to", FieldKind::Target, "destination names"),
-    Field::optional("min", FieldKind::Number, None, "lower bound (give min, max or both)"),
-    Field::optional("max", FieldKind::Number, None, "upper bound (give min, max or both)"),
-];
-
-const CLAMP_INPLACE_FIELDS: &[Field] = &[
-    Field::required(
-        "target",
-        FieldKind::Reference,
-        "tensors to clamp in place (a slice clamps only that part)",
-    ),
-    Field::optional("min", FieldKind::Number, None, "lower bound (give min, max or both)"),
-    Field::optional("max", FieldKind::Number, None, "upper bound (give min, max or both)"),
-];
 
 /// Reads and checks the bounds: at least one, finite, `min <= max`.
 fn bounds(p: &Payload) -> Result<(Option<f64>, Option<f64>), PlanError> {
@@ -55,41 +39,35 @@ fn bounds(p: &Payload) -> Result<(Option<f64>, Option<f64>), PlanError> {
     Ok((min, max))
 }
 
-/// `clamp`.
-pub const CLAMP: TransformSpec = TransformSpec {
-    name: "clamp",
-    summary: "new tensors limited to [min, max]",
-    fields: CLAMP_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, CLAMP_FIELDS, location.clone())?;
+/// `clamp` and `clamp_`: one key table, one parser.
+const TWIN: Twin = Twin {
+    new: ("clamp", "new tensors limited to [min, max]"),
+    in_place: ("clamp_", "limit tensors to [min, max] in place"),
+    fields: &[
+        from_key("tensors to read (may be sliced)"),
+        to_key("destination names"),
+        target_key("tensors to clamp in place (a slice clamps only that part)"),
+        Field::optional("min", FieldKind::Number, None, "lower bound (give min, max or both)"),
+        Field::optional("max", FieldKind::Number, None, "upper bound (give min, max or both)"),
+    ],
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         let (min, max) = bounds(&p)?;
+        let (from, to) = cx.operands(&p)?;
         Ok(Box::new(Clamp {
-            from: p.reference("from")?,
-            to: Some(p.target("to")?),
+            from,
+            to,
             min,
             max,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
 
+/// `clamp`.
+pub const CLAMP: TransformSpec = TWIN.spec(Form::New);
 /// `clamp_`.
-pub const CLAMP_: TransformSpec = TransformSpec {
-    name: "clamp_",
-    summary: "limit tensors to [min, max] in place",
-    fields: CLAMP_INPLACE_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, CLAMP_INPLACE_FIELDS, location.clone())?;
-        let (min, max) = bounds(&p)?;
-        Ok(Box::new(Clamp {
-            from: p.reference("target")?,
-            to: None,
-            min,
-            max,
-            location: location.clone(),
-        }))
-    },
-};
+pub const CLAMP_: TransformSpec = TWIN.spec(Form::InPlace);
 
 #[derive(Debug)]
 struct Clamp {
@@ -171,11 +149,11 @@ impl Transform for Clamp {
         }
         match &self.to {
             Some(to) => {
-                let destinations = new_destinations(state, &matches, to, name, &self.location)?;
-                for (m, (alias, dest)) in matches.iter().zip(&destinations) {
+                let destinations = destinations(state, &matches, to, Writes::New, name, &self.location)?;
+                for (m, d) in matches.iter().zip(&destinations) {
                     let tensor = ClampOp::tensor(m.tensor.clone(), self.min, self.max)
                         .map_err(|e| TransformError::value_of(&m.display(), e))?;
-                    state.insert(alias, dest, tensor);
+                    state.insert(&d.alias, &d.name, tensor);
                 }
             }
             None => {

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::split::{dim_of, resolve_dim};
-use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
 use crate::dtype::DType;
 use crate::plan::document::kind_of;
-use crate::plan::payload::{compact, Field, FieldKind, Payload};
+use crate::plan::payload::{compact, Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
@@ -41,9 +41,10 @@ const CONCAT_FIELDS: &[Field] = &[
 pub const CONCAT: TransformSpec = TransformSpec {
     name: "concat",
     summary: "new tensors joining tensors along a dimension",
+    form: super::Form::Plain,
     fields: CONCAT_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, CONCAT_FIELDS, location.clone())?;
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         let from_value = p.get("from").unwrap_or(&Json::Null);
         let Json::Array(items) = from_value else {
             return Err(PlanError::invalid(
@@ -72,7 +73,7 @@ pub const CONCAT: TransformSpec = TransformSpec {
             from,
             to: p.target("to")?,
             dim: dim_of(&p)?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -154,13 +155,13 @@ impl Transform for Concat {
             let (d, shape) = joined_shape(&parts, self.dim)?;
             results.push((d, shape, parts));
         }
-        let destinations = new_destinations(state, first, &self.to, "concat", &self.location)?;
-        for ((d, shape, parts), (alias, name)) in results.into_iter().zip(&destinations) {
+        let destinations = destinations(state, first, &self.to, Writes::New, "concat", &self.location)?;
+        for ((d, shape, parts), dest) in results.into_iter().zip(&destinations) {
             let dtype = parts[0].tensor.dtype;
             let tensors: Vec<Tensor> = parts.iter().map(|m| m.tensor.clone()).collect();
             let joined =
                 concatenated(dtype, shape, d, tensors).map_err(|e| TransformError::value_of(&parts[0].display(), e))?;
-            state.insert(alias, name, joined);
+            state.insert(&dest.alias, &dest.name, joined);
         }
         ctx.note(format!(
             "concat: {} from {} references",

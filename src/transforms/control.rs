@@ -8,8 +8,10 @@ use crate::state::State;
 pub const EXIT: TransformSpec = TransformSpec {
     name: "exit",
     summary: "stop executing transforms (the output is still written)",
+    form: super::Form::Plain,
     fields: &[],
-    parse: |value, location| {
+    parse: |value, cx| {
+        let location = &cx.location;
         let empty = value.is_null() || value.as_object().is_some_and(|m| m.is_empty());
         if !empty {
             return Err(PlanError::invalid(location, "exit takes no keys"));

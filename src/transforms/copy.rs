@@ -1,12 +1,10 @@
 //! `copy`, `move` and `delete`: transforms that change which names exist, never the bytes.
 //! A copy or move is a new name for the same lazy value; no data is read or copied here.
 
-use std::collections::{HashMap, HashSet};
-
 use serde_json::Value;
 
-use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::plan::payload::{Field, FieldKind, Payload};
+use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::State;
@@ -20,13 +18,14 @@ const FROM_TO: &[Field] = &[
 pub const COPY: TransformSpec = TransformSpec {
     name: "copy",
     summary: "new tensors with the same values as the matched ones",
+    form: super::Form::Plain,
     fields: FROM_TO,
-    parse: |value, location| {
-        let p = Payload::new(value, FROM_TO, location.clone())?;
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         Ok(Box::new(Copy {
             from: p.reference("from")?,
             to: p.target("to")?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -35,13 +34,14 @@ pub const COPY: TransformSpec = TransformSpec {
 pub const MOVE: TransformSpec = TransformSpec {
     name: "move",
     summary: "rename tensors (no data is copied, ever)",
+    form: super::Form::Plain,
     fields: FROM_TO,
-    parse: |value, location| {
-        let p = Payload::new(value, FROM_TO, location.clone())?;
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         Ok(Box::new(Move {
             from: p.reference("from")?,
             to: p.target("to")?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -60,23 +60,24 @@ const DELETE_FIELDS: &[Field] = &[
 pub const DELETE: TransformSpec = TransformSpec {
     name: "delete",
     summary: "remove tensors",
+    form: super::Form::Plain,
     fields: DELETE_FIELDS,
-    parse: |value, location| {
+    parse: |value, cx| {
         // `delete: pattern` is accepted as shorthand for `delete: {target: pattern}`.
         let (target, missing_ok) = if let Value::String(_) = value {
             let target = Reference::parse(value).map_err(|source| PlanError::Reference {
-                location: location.clone(),
+                location: cx.location.clone(),
                 source,
             })?;
             (target, false)
         } else {
-            let p = Payload::new(value, DELETE_FIELDS, location.clone())?;
+            let p = cx.payload(value)?;
             (p.reference("target")?, p.flag("missing_ok", false)?)
         };
         Ok(Box::new(Delete {
             target,
             missing_ok,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -91,9 +92,9 @@ struct Copy {
 impl Transform for Copy {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         let matches = state.select_some(&self.from, &self.location)?;
-        let destinations = new_destinations(state, &matches, &self.to, "copy", &self.location)?;
-        for (m, (alias, name)) in matches.iter().zip(&destinations) {
-            state.insert(alias, name, m.tensor.clone());
+        let destinations = destinations(state, &matches, &self.to, Writes::New, "copy", &self.location)?;
+        for (m, d) in matches.iter().zip(&destinations) {
+            state.insert(&d.alias, &d.name, m.tensor.clone());
         }
         ctx.note(format!("copy: {}", count_noun(matches.len())));
         Ok(Flow::Continue)
@@ -116,6 +117,7 @@ impl Transform for Move {
             }
             .into());
         }
+        // Checked before selecting, like the source's slice.
         if self.to.slice.is_some() {
             return Err(TransformError::SliceNotAllowed {
                 reference: self.to.text.clone(),
@@ -124,43 +126,17 @@ impl Transform for Move {
             .into());
         }
         let matches = state.select_some(&self.from, &self.location)?;
-        let moving: HashSet<(&str, &str)> = matches.iter().map(|m| (m.alias.as_str(), m.name.as_str())).collect();
-        let mut seen: HashMap<(String, String), String> = HashMap::new();
-        let mut destinations = Vec::with_capacity(matches.len());
-        for m in &matches {
-            let name = self.to.expand(&m.captures).map_err(|source| TransformError::Template {
-                tensor: m.display(),
-                source,
-            })?;
-            let alias = self.to.alias.clone().unwrap_or_else(|| m.alias.clone());
-            if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
-                return Err(TransformError::Collision {
-                    destination: format!("{alias}::{name}"),
-                    first,
-                    second: m.display(),
-                }
-                .into());
-            }
-            // A destination may be a name that this same move vacates (a swap or shift).
-            if state.get(&alias, &name).is_some() && !moving.contains(&(alias.as_str(), name.as_str())) {
-                return Err(TransformError::DestinationExists {
-                    destination: format!("{alias}::{name}"),
-                    source_name: m.display(),
-                }
-                .into());
-            }
-            destinations.push((alias, name));
-        }
+        let destinations = destinations(state, &matches, &self.to, Writes::Moved, "move", &self.location)?;
         let removed: Vec<_> = matches
             .iter()
             .map(|m| state.remove(&m.alias, &m.name).expect("matched tensors exist"))
             .collect();
-        for ((tensor, order), ((alias, name), m)) in removed.into_iter().zip(destinations.iter().zip(&matches)) {
-            if *alias == m.alias {
-                state.insert_at(alias, name, tensor, order);
+        for ((tensor, order), (d, m)) in removed.into_iter().zip(destinations.iter().zip(&matches)) {
+            if d.alias == m.alias {
+                state.insert_at(&d.alias, &d.name, tensor, order);
             } else {
                 // Moving to another alias appends, like any new tensor there.
-                state.insert(alias, name, tensor);
+                state.insert(&d.alias, &d.name, tensor);
             }
         }
         ctx.note(format!("move: {}", count_noun(matches.len())));

@@ -54,6 +54,7 @@ const DIFF_FIELDS: &[Field] = &[
 pub const DIFF: TransformSpec = TransformSpec {
     name: "diff",
     summary: "report tensors missing on either side and tensors that differ (shape, dtype, max |a-b|)",
+    form: super::Form::Plain,
     fields: DIFF_FIELDS,
     parse: parse_diff,
 };
@@ -72,7 +73,8 @@ struct Diff {
     location: Location,
 }
 
-fn parse_diff(value: &Json, location: &Location) -> Result<Box<dyn Transform>, PlanError> {
+fn parse_diff(value: &Json, cx: &super::ParseContext) -> Result<Box<dyn Transform>, PlanError> {
+    let location = &cx.location;
     let p = Payload::new(value, DIFF_FIELDS, location.clone())?;
     let eps = p.number("eps")?.unwrap_or(0.0);
     if eps.is_nan() || eps < 0.0 {
@@ -377,16 +379,22 @@ mod tests {
 
     #[test]
     fn mixed_modes_are_a_plan_error() {
-        let err = parse_diff(&json!({"left": "a::x", "left_alias": "b"}), &loc())
-            .unwrap_err()
-            .to_string();
+        let err = parse_diff(
+            &json!({"left": "a::x", "left_alias": "b"}),
+            &crate::transforms::test_support::context(&DIFF, &loc()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("transforms[1].diff") && err.contains("left_alias"),
             "{err}"
         );
-        let err = parse_diff(&json!({"left_alias": "a", "right_alias": "b", "eps": -1}), &loc())
-            .unwrap_err()
-            .to_string();
+        let err = parse_diff(
+            &json!({"left_alias": "a", "right_alias": "b", "eps": -1}),
+            &crate::transforms::test_support::context(&DIFF, &loc()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("transforms[1].diff.eps"), "{err}");
     }
 

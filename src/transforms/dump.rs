@@ -56,6 +56,7 @@ const DUMP_FIELDS: &[Field] = &[
 pub const DUMP: TransformSpec = TransformSpec {
     name: "dump",
     summary: "print names, dtypes and shapes of tensors, optionally with statistics or values",
+    form: super::Form::Plain,
     fields: DUMP_FIELDS,
     parse: parse_dump,
 };
@@ -93,26 +94,26 @@ fn choice<T: Copy>(p: &Payload, key: &str, options: &[(&str, T)], default: T) ->
     ))
 }
 
-fn parse_dump(value: &Json, location: &Location) -> Result<Box<dyn Transform>, PlanError> {
+fn parse_dump(value: &Json, cx: &super::ParseContext) -> Result<Box<dyn Transform>, PlanError> {
     // `dump` alone and `dump: PATTERN` are shorthands.
     let empty = Json::Object(Map::new());
     let value = match value {
         Json::Null => &empty,
         Json::String(_) | Json::Array(_) => {
             let target = Reference::parse(value).map_err(|source| PlanError::Reference {
-                location: location.clone(),
+                location: cx.location.clone(),
                 source,
             })?;
             return Ok(Box::new(Dump {
                 target: Some(target),
                 format: Format::Compact,
                 verbosity: Verbosity::Shape,
-                location: location.clone(),
+                location: cx.location.clone(),
             }));
         }
         other => other,
     };
-    let p = Payload::new(value, DUMP_FIELDS, location.clone())?;
+    let p = cx.payload(value)?;
     let target = match p.get("target") {
         Some(_) => Some(p.reference("target")?),
         None => None,
@@ -141,7 +142,7 @@ fn parse_dump(value: &Json, location: &Location) -> Result<Box<dyn Transform>, P
         target,
         format,
         verbosity,
-        location: location.clone(),
+        location: cx.location.clone(),
     }))
 }
 
@@ -995,9 +996,12 @@ mod tests {
     #[test]
     fn unknown_format_is_a_plan_error_with_a_suggestion() {
         let location = Location::root().key("transforms").index(0).key("dump");
-        let err = parse_dump(&json!({"format": "tre"}), &location)
-            .unwrap_err()
-            .to_string();
+        let err = parse_dump(
+            &json!({"format": "tre"}),
+            &crate::transforms::test_support::context(&DUMP, &location),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("transforms[0].dump.format") && err.contains("did you mean `tree`"),
             "{err}"

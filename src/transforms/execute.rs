@@ -5,18 +5,17 @@
 //! locations name the place in the including plan (`transforms[3].execute.transforms[1]`).
 //!
 //! A relative `path` resolves against the directory of the plan file that contains it (for the
-//! top-level plan, the first plan file given), else the working directory. Which files are being
-//! parsed is tracked per thread by [`parsing_plan`] because a transform's parser only sees its
-//! payload and location.
+//! top-level plan and the `-i` prompt, the first plan file given), else the working directory.
+//! Which files are being parsed is the [`ParseScope`] every parser is handed: the executor makes
+//! it from the plan's files and a nested file's transforms parse in a scope that adds it.
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use super::load::save_alias;
 use super::{run_steps, Context, Flow, Step, StepError, StepFailure, Transform, TransformSpec};
-use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::{assemble, InputSpec, Location, OutputSpec, Plan, PlanError, PlanSource};
 use crate::state::State;
 
@@ -45,9 +44,11 @@ const FIELDS: &[Field] = &[
 pub const EXECUTE: TransformSpec = TransformSpec {
     name: "execute",
     summary: "run a nested plan (inline transforms, a plan mapping or a plan file) in the current state",
+    form: super::Form::Plain,
     fields: FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, FIELDS, location.clone())?;
+    parse: |value, cx| {
+        let location = &cx.location;
+        let p = cx.payload(value)?;
         let given: Vec<&str> = ["transforms", "plan", "path"]
             .into_iter()
             .filter(|k| p.get(k).is_some())
@@ -59,7 +60,7 @@ pub const EXECUTE: TransformSpec = TransformSpec {
             ));
         };
         let value = p.get(key).unwrap_or(&Value::Null);
-        let (plan, base, file) = match *key {
+        let (plan, base, scope) = match *key {
             "transforms" => {
                 if !value.is_array() {
                     return Err(PlanError::invalid(&p.at("transforms"), "expected a list of transforms"));
@@ -75,17 +76,21 @@ pub const EXECUTE: TransformSpec = TransformSpec {
                 let Value::String(text) = value else {
                     return Err(PlanError::invalid(&p.at("path"), "expected a plan file path"));
                 };
-                let frame = enter_file(text, &p.at("path"))?;
+                let scope = cx.scope.enter(text, &p.at("path"))?;
                 let base = location.key(&format!("path({text})"));
-                let doc = assemble(&[PlanSource::File(frame.resolved.clone())], &[])?;
-                (Plan::from_document_at(&doc, &base)?, base, Some(frame))
+                let resolved = scope.files.last().map(|f| f.resolved.clone()).unwrap_or_default();
+                let doc = assemble(&[PlanSource::File(resolved)], &[])?;
+                (Plan::from_document_at(&doc, &base)?, base, Some(scope))
             }
         };
-        // Nested transforms parse with the nested file on the stack (its own `execute` paths
-        // resolve against its directory, and a file reached again is a cycle).
-        let steps = with_frame(file, || {
-            plan.transforms.iter().map(Step::parse).collect::<Result<Vec<_>, _>>()
-        })?;
+        // A nested file's transforms parse in its scope (its own `execute` paths resolve against
+        // its directory, and a file reached again is a cycle).
+        let scope = scope.as_ref().unwrap_or(cx.scope);
+        let steps = plan
+            .transforms
+            .iter()
+            .map(|raw| Step::parse(raw, scope))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Box::new(Execute {
             inputs: plan.inputs,
             output: plan.output,
@@ -98,7 +103,7 @@ pub const EXECUTE: TransformSpec = TransformSpec {
 
 /// A plan file being parsed.
 #[derive(Debug, Clone)]
-struct Frame {
+struct PlanFile {
     /// The path, canonical when it exists, for comparing.
     canonical: PathBuf,
     /// The path as resolved (for reading and messages).
@@ -109,90 +114,75 @@ struct Frame {
     shown: String,
 }
 
-thread_local! {
-    /// The plan files whose transforms are being parsed, outermost first.
-    static FRAMES: RefCell<Vec<Frame>> = const { RefCell::new(Vec::new()) };
-}
-
-fn frame_of(path: &Path) -> Frame {
-    let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let dir = canonical.parent().map(Path::to_path_buf).unwrap_or_default();
-    Frame {
-        canonical,
-        resolved: path.to_path_buf(),
-        dir,
-        shown: path.display().to_string(),
-    }
-}
-
-/// Pops what it pushed, even when parsing panics.
-struct Pushed(usize);
-
-impl Drop for Pushed {
-    fn drop(&mut self) {
-        FRAMES.with(|f| {
-            let mut frames = f.borrow_mut();
-            let keep = frames.len().saturating_sub(self.0);
-            frames.truncate(keep);
-        });
-    }
-}
-
-fn push(frames: Vec<Frame>) -> Pushed {
-    let n = frames.len();
-    FRAMES.with(|f| f.borrow_mut().extend(frames));
-    Pushed(n)
-}
-
-fn with_frame<R>(frame: Option<Frame>, f: impl FnOnce() -> R) -> R {
-    let _pushed = push(frame.into_iter().collect());
-    f()
-}
-
-/// Runs `f` (which parses a plan's transforms) with `files` as the plan files being parsed, so
-/// nested `execute` paths resolve against the first file's directory and cycles through any of
-/// them are found.
-pub fn parsing_plan<R>(files: &[PathBuf], f: impl FnOnce() -> R) -> R {
-    // The first file ends on top: relative paths resolve against its directory.
-    let _pushed = push(files.iter().rev().map(|p| frame_of(p)).collect());
-    f()
-}
-
-/// Resolves an `execute` path against the including file and refuses a cycle.
-fn enter_file(text: &str, location: &Location) -> Result<Frame, PlanError> {
-    let given = Path::new(text);
-    let resolved = if given.is_absolute() {
-        given.to_path_buf()
-    } else {
-        match FRAMES.with(|f| f.borrow().last().map(|fr| fr.dir.clone())) {
-            Some(dir) => dir.join(given),
-            None => given.to_path_buf(),
+impl PlanFile {
+    fn new(path: &Path) -> PlanFile {
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let dir = canonical.parent().map(Path::to_path_buf).unwrap_or_default();
+        PlanFile {
+            canonical,
+            resolved: path.to_path_buf(),
+            dir,
+            shown: path.display().to_string(),
         }
-    };
-    if !resolved.is_file() {
-        return Err(PlanError::invalid(
-            location,
-            format!("plan file `{}` does not exist", resolved.display()),
-        ));
     }
-    let frame = Frame {
-        shown: text.to_owned(),
-        ..frame_of(&resolved)
-    };
-    let cycle = FRAMES.with(|f| {
-        let frames = f.borrow();
-        let start = frames.iter().position(|fr| fr.canonical == frame.canonical)?;
-        let mut chain: Vec<String> = frames[start..].iter().map(|fr| fr.shown.clone()).collect();
-        chain.push(frame.shown.clone());
-        Some(chain)
-    });
-    if let Some(chain) = cycle {
-        return Err(PlanError::invalid(
-            location,
-            format!("execute cycle: {}", chain.join(" → ")),
-        ));
+}
+
+/// The plan files whose transforms are being parsed, outermost first: relative `execute` paths
+/// resolve against the innermost one's directory, and a file reached again is a cycle. A plan
+/// without files (a Python dict, `-e`, `-i` alone) resolves against the working directory.
+#[derive(Debug, Clone, Default)]
+pub struct ParseScope {
+    files: Vec<PlanFile>,
+}
+
+impl ParseScope {
+    /// No plan file: relative paths resolve against the working directory.
+    pub const NONE: ParseScope = ParseScope { files: Vec::new() };
+
+    /// The scope of a plan assembled from `files`: relative paths resolve against the first
+    /// one's directory, and a cycle through any of them is found.
+    pub fn of_plan(files: &[PathBuf]) -> ParseScope {
+        // The first file ends innermost, so its directory is the base.
+        ParseScope {
+            files: files.iter().rev().map(|p| PlanFile::new(p)).collect(),
+        }
     }
-    Ok(frame)
+
+    /// The directory relative `execute` paths resolve against; `None` is the working directory.
+    pub fn base_dir(&self) -> Option<&Path> {
+        self.files.last().map(|f| f.dir.as_path())
+    }
+
+    /// The scope for parsing the plan file `text` names (resolved against [`Self::base_dir`]),
+    /// refusing a missing file and a cycle.
+    fn enter(&self, text: &str, location: &Location) -> Result<ParseScope, PlanError> {
+        let given = Path::new(text);
+        let resolved = match self.base_dir() {
+            Some(dir) if given.is_relative() => dir.join(given),
+            _ => given.to_path_buf(),
+        };
+        if !resolved.is_file() {
+            return Err(PlanError::invalid(
+                location,
+                format!("plan file `{}` does not exist", resolved.display()),
+            ));
+        }
+        let file = PlanFile {
+            shown: text.to_owned(),
+            ..PlanFile::new(&resolved)
+        };
+        if let Some(start) = self.files.iter().position(|f| f.canonical == file.canonical) {
+            let mut chain: Vec<&str> = self.files[start..].iter().map(|f| f.shown.as_str()).collect();
+            chain.push(&file.shown);
+            return Err(PlanError::invalid(
+                location,
+                format!("execute cycle: {}", chain.join(" → ")),
+            ));
+        }
+        let mut files = self.files.clone();
+        files.push(file);
+        Ok(ParseScope { files })
+    }
 }
 
 #[derive(Debug)]
@@ -258,12 +248,19 @@ mod tests {
     use super::*;
     use crate::plan::RawTransform;
 
+    fn parse_in(payload: Value, scope: &ParseScope) -> Result<Box<dyn Transform>, PlanError> {
+        super::super::parse(
+            &RawTransform {
+                name: "execute".into(),
+                payload,
+                location: Location::root().key("transforms").index(2),
+            },
+            scope,
+        )
+    }
+
     fn parse(payload: Value) -> Result<Box<dyn Transform>, PlanError> {
-        super::super::parse(&RawTransform {
-            name: "execute".into(),
-            payload,
-            location: Location::root().key("transforms").index(2),
-        })
+        parse_in(payload, &ParseScope::default())
     }
 
     #[test]
@@ -305,16 +302,28 @@ mod tests {
         let a = dir.path().join("a.yaml");
         std::fs::write(&a, "transforms:\n  - execute: {path: b.yaml}\n").unwrap();
         std::fs::write(dir.path().join("b.yaml"), "transforms:\n  - execute: {path: a.yaml}\n").unwrap();
-        let err = parsing_plan(std::slice::from_ref(&a), || {
-            parse(serde_json::json!({"path": "b.yaml"})).map(|_| ())
-        })
-        .unwrap_err();
+        let scope = ParseScope::of_plan(std::slice::from_ref(&a));
+        let err = parse_in(serde_json::json!({"path": "b.yaml"}), &scope).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("execute cycle: ") && text.ends_with("a.yaml → b.yaml → a.yaml"),
             "{text}"
         );
-        // The frames are popped again.
-        assert!(FRAMES.with(|f| f.borrow().is_empty()));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_scope_base_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let plan = dir.path().join("sub").join("plan.yaml");
+        std::fs::write(&plan, "transforms: []\n").unwrap();
+        std::fs::write(dir.path().join("sub").join("b.yaml"), "transforms:\n  - exit\n").unwrap();
+        let scope = ParseScope::of_plan(std::slice::from_ref(&plan));
+        assert_eq!(scope.base_dir(), Some(plan.canonicalize().unwrap().parent().unwrap()));
+        parse_in(serde_json::json!({"path": "b.yaml"}), &scope).unwrap();
+        // Without a plan file the working directory is the base, where `b.yaml` is not.
+        assert_eq!(ParseScope::default().base_dir(), None);
+        let err = parse(serde_json::json!({"path": "b.yaml"})).unwrap_err();
+        assert!(err.to_string().contains("plan file `b.yaml` does not exist"), "{err}");
     }
 }

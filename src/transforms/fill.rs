@@ -15,7 +15,10 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::arith::write_back;
-use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use super::{
+    count_noun, destinations, from_key, target_key, to_key, Context, Flow, Form, StepError, Transform, TransformError,
+    TransformSpec, Twin, Writes,
+};
 use crate::dtype::DType;
 use crate::kernels;
 use crate::plan::document::kind_of;
@@ -24,44 +27,6 @@ use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::State;
 use crate::value::{strides, LazyOp, ReadContext, Tensor, ValueError};
-
-/// A key table: `head` fields followed by the fill-mode keys `fill` and `fill_` share.
-macro_rules! with_mode_fields {
-    ($($head:expr),* $(,)?) => {
-        &[
-            $($head,)*
-            Field::optional("mode", FieldKind::Text, Some("constant"), "`constant`, `rand` or `tensor`"),
-            Field::optional("value", FieldKind::Number, None, "the constant (mode constant)"),
-            Field::optional("distribution", FieldKind::Text, Some("uniform"), "`uniform` or `normal` (mode rand)"),
-            Field::optional("low", FieldKind::Number, Some("0"), "uniform lower bound, inclusive"),
-            Field::optional("high", FieldKind::Number, Some("1"), "uniform upper bound, exclusive"),
-            Field::optional("mean", FieldKind::Number, Some("0"), "normal mean"),
-            Field::optional("std", FieldKind::Number, Some("1"), "normal standard deviation"),
-            Field::optional("seed", FieldKind::Number, Some("0"), "random seed, mixed with each tensor's name"),
-            Field::optional(
-                "values",
-                FieldKind::Values,
-                None,
-                "values broadcast NumPy-style to the shape (mode tensor)",
-            ),
-        ]
-    };
-}
-
-const FILL_FIELDS: &[Field] = with_mode_fields!(
-    Field::required(
-        "from",
-        FieldKind::Reference,
-        "tensors whose shape and dtype are used (may be sliced)",
-    ),
-    Field::required("to", FieldKind::Target, "destination names"),
-);
-
-const FILL_INPLACE_FIELDS: &[Field] = with_mode_fields!(Field::required(
-    "target",
-    FieldKind::Reference,
-    "tensors overwritten in place (a slice fills only that part)",
-));
 
 const CONST_NEW_FIELDS: &[Field] = &[
     Field::required("target", FieldKind::Target, "the new tensor's name (alias::name)"),
@@ -237,41 +202,65 @@ fn nested(value: &Json, location: &Location) -> Result<(Vec<usize>, Vec<f64>), P
     }
 }
 
-/// `fill`.
-pub const FILL: TransformSpec = TransformSpec {
-    name: "fill",
-    summary: "new tensors shaped like the matched ones, filled with a constant, noise or values",
-    fields: FILL_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, FILL_FIELDS, location.clone())?;
+/// `fill` and `fill_`: one key table, one parser.
+const TWIN: Twin = Twin {
+    new: (
+        "fill",
+        "new tensors shaped like the matched ones, filled with a constant, noise or values",
+    ),
+    in_place: ("fill_", "overwrite tensors in place with a constant, noise or values"),
+    fields: &[
+        from_key("tensors whose shape and dtype are used (may be sliced)"),
+        to_key("destination names"),
+        target_key("tensors overwritten in place (a slice fills only that part)"),
+        Field::optional(
+            "mode",
+            FieldKind::Text,
+            Some("constant"),
+            "`constant`, `rand` or `tensor`",
+        ),
+        Field::optional("value", FieldKind::Number, None, "the constant (mode constant)"),
+        Field::optional(
+            "distribution",
+            FieldKind::Text,
+            Some("uniform"),
+            "`uniform` or `normal` (mode rand)",
+        ),
+        Field::optional("low", FieldKind::Number, Some("0"), "uniform lower bound, inclusive"),
+        Field::optional("high", FieldKind::Number, Some("1"), "uniform upper bound, exclusive"),
+        Field::optional("mean", FieldKind::Number, Some("0"), "normal mean"),
+        Field::optional("std", FieldKind::Number, Some("1"), "normal standard deviation"),
+        Field::optional(
+            "seed",
+            FieldKind::Number,
+            Some("0"),
+            "random seed, mixed with each tensor's name",
+        ),
+        Field::optional(
+            "values",
+            FieldKind::Values,
+            None,
+            "values broadcast NumPy-style to the shape (mode tensor)",
+        ),
+    ],
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         let (mode, seed) = parse_mode(&p)?;
+        let (from, to) = cx.operands(&p)?;
         Ok(Box::new(Fill {
-            from: p.reference("from")?,
-            to: Some(p.target("to")?),
+            from,
+            to,
             mode,
             seed,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
 
+/// `fill`.
+pub const FILL: TransformSpec = TWIN.spec(Form::New);
 /// `fill_`.
-pub const FILL_: TransformSpec = TransformSpec {
-    name: "fill_",
-    summary: "overwrite tensors in place with a constant, noise or values",
-    fields: FILL_INPLACE_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, FILL_INPLACE_FIELDS, location.clone())?;
-        let (mode, seed) = parse_mode(&p)?;
-        Ok(Box::new(Fill {
-            from: p.reference("target")?,
-            to: None,
-            mode,
-            seed,
-            location: location.clone(),
-        }))
-    },
-};
+pub const FILL_: TransformSpec = TWIN.spec(Form::InPlace);
 
 fn parse_new(
     name: &'static str,
@@ -331,24 +320,27 @@ fn parse_new(
 pub const ZEROES: TransformSpec = TransformSpec {
     name: "zeroes",
     summary: "a new tensor of zeros",
+    form: super::Form::Plain,
     fields: CONST_NEW_FIELDS,
-    parse: |value, location| parse_new("zeroes", value, location, CONST_NEW_FIELDS),
+    parse: |value, cx| parse_new("zeroes", value, &cx.location, CONST_NEW_FIELDS),
 };
 
 /// `ones`.
 pub const ONES: TransformSpec = TransformSpec {
     name: "ones",
     summary: "a new tensor of ones",
+    form: super::Form::Plain,
     fields: CONST_NEW_FIELDS,
-    parse: |value, location| parse_new("ones", value, location, CONST_NEW_FIELDS),
+    parse: |value, cx| parse_new("ones", value, &cx.location, CONST_NEW_FIELDS),
 };
 
 /// `rand`.
 pub const RAND: TransformSpec = TransformSpec {
     name: "rand",
     summary: "a new tensor of deterministic random values (uniform or normal)",
+    form: super::Form::Plain,
     fields: RAND_NEW_FIELDS,
-    parse: |value, location| parse_new("rand", value, location, RAND_NEW_FIELDS),
+    parse: |value, cx| parse_new("rand", value, &cx.location, RAND_NEW_FIELDS),
 };
 
 // ---- counter-based randomness ----
@@ -670,15 +662,16 @@ impl Transform for Fill {
         let matches = state.select_some(&self.from, &self.location)?;
         match &self.to {
             Some(to) => {
-                let destinations = new_destinations(state, &matches, to, op, &self.location)?;
+                let destinations = destinations(state, &matches, to, Writes::New, op, &self.location)?;
                 let mut tensors = Vec::with_capacity(matches.len());
-                for (m, (alias, name)) in matches.iter().zip(&destinations) {
-                    let display = format!("{alias}::{name}");
+                for (m, d) in matches.iter().zip(&destinations) {
                     let t = &m.tensor;
-                    tensors.push(filled(&self.mode, self.seed, t.dtype, &t.shape, name, &display, op)?);
+                    tensors.push(filled(
+                        &self.mode, self.seed, t.dtype, &t.shape, &d.name, &d.display, op,
+                    )?);
                 }
-                for ((alias, name), tensor) in destinations.iter().zip(tensors) {
-                    state.insert(alias, name, tensor);
+                for (d, tensor) in destinations.iter().zip(tensors) {
+                    state.insert(&d.alias, &d.name, tensor);
                 }
             }
             None => {

@@ -1,5 +1,5 @@
 //! `help`: describe transforms and assertion operators. Every line is generated from the same
-//! tables that validate payloads (`TransformSpec::fields` in [`REGISTRY`] and
+//! tables that validate payloads (`TransformSpec::keys` in [`REGISTRY`] and
 //! [`assert::OPERATORS`]), so keys, defaults and help cannot drift apart. The command line's
 //! `brainsurgery help [NAME]` prints the same text through [`help_text`].
 
@@ -30,6 +30,7 @@ const HELP_FIELDS: &[Field] = &[
 pub const HELP: TransformSpec = TransformSpec {
     name: "help",
     summary: "describe transforms and assertion operators: `help`, `help: scale_`, `help: {assert: equal}`",
+    form: super::Form::Plain,
     fields: HELP_FIELDS,
     parse: parse_help,
 };
@@ -85,7 +86,8 @@ fn operator_topic(name: &str, location: &Location) -> Result<Topic, PlanError> {
     }
 }
 
-fn parse_help(value: &Json, location: &Location) -> Result<Box<dyn Transform>, PlanError> {
+fn parse_help(value: &Json, cx: &super::ParseContext) -> Result<Box<dyn Transform>, PlanError> {
+    let location = &cx.location;
     let topic = match value {
         Json::Null => Topic::All,
         Json::String(name) => transform_topic(name, location)?,
@@ -195,13 +197,54 @@ pub fn transform_help(spec: &TransformSpec) -> String {
             };
             lines.push(format!("  {op}: {keys}"));
         }
-    } else if spec.fields.is_empty() {
+    } else if spec.keys().is_empty() {
         lines.push("takes no keys".to_owned());
     } else {
         lines.push("keys:".to_owned());
-        lines.extend(field_lines(spec.fields));
+        lines.extend(field_lines(&spec.keys()));
     }
     lines.join("\n")
+}
+
+/// A key as data: name, type (as help shows it), whether required, default and doc.
+fn key_data(f: &Field) -> Json {
+    serde_json::json!({
+        "name": f.name,
+        "type": f.kind.describe(),
+        "required": f.required,
+        "default": f.default,
+        "doc": f.doc,
+    })
+}
+
+/// Every transform as data, from the same tables as help (for Python's
+/// `_core.transform_specs()` and, later, the plan builder): name, doc (the summary), form
+/// (`plain`, `new`, `in_place`), `in_place`, the twin's name, the keys, and for `assert` its
+/// operators.
+pub fn specs_data() -> Json {
+    let specs = REGISTRY.iter().map(|spec| {
+        let mut entry = serde_json::json!({
+            "name": spec.name,
+            "doc": spec.summary,
+            "form": spec.form.as_str(),
+            "in_place": spec.form == super::Form::InPlace,
+            "twin": spec.twin().map(|t| t.name),
+            "keys": spec.keys().iter().map(key_data).collect::<Vec<_>>(),
+        });
+        if spec.name == assert::ASSERT.name {
+            let operators = assert::OPERATORS.iter().map(|(op, fields)| {
+                let doc = COMBINATORS.iter().find(|(n, _)| n == op).map(|(_, d)| *d);
+                serde_json::json!({
+                    "name": op,
+                    "doc": doc,
+                    "keys": fields.iter().map(key_data).collect::<Vec<_>>(),
+                })
+            });
+            entry["operators"] = Json::Array(operators.collect());
+        }
+        entry
+    });
+    Json::Array(specs.collect())
 }
 
 /// An assertion operator's keys, or `None` for an unknown operator.
@@ -254,7 +297,7 @@ mod tests {
         for spec in REGISTRY {
             assert!(!spec.summary.trim().is_empty(), "{} has no summary", spec.name);
             let text = transform_help(spec);
-            for field in spec.fields {
+            for field in &spec.keys() {
                 assert!(!field.doc.trim().is_empty(), "{}.{} has no doc", spec.name, field.name);
                 assert!(text.contains(field.name) && text.contains(field.doc), "{text}");
             }
@@ -278,25 +321,39 @@ mod tests {
     #[test]
     fn unknown_names_suggest() {
         let location = Location::root().key("transforms").index(0).key("help");
-        let err = parse_help(&json!("scal"), &location).map(|_| ()).unwrap_err();
+        let err = parse_help(
+            &json!("scal"),
+            &crate::transforms::test_support::context(&HELP, &location),
+        )
+        .map(|_| ())
+        .unwrap_err();
         assert!(err.to_string().contains("transforms[0].help"));
-        let err = parse_help(&json!("scael_"), &location)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let err = parse_help(
+            &json!("scael_"),
+            &crate::transforms::test_support::context(&HELP, &location),
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("did you mean `scale_`"), "{err}");
-        let err = parse_help(&json!({"assert": "eqaul"}), &location)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let err = parse_help(
+            &json!({"assert": "eqaul"}),
+            &crate::transforms::test_support::context(&HELP, &location),
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("transforms[0].help.assert") && err.contains("did you mean `equal`"),
             "{err}"
         );
-        let err = parse_help(&json!({"transform": "copy", "assert": "equal"}), &location)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let err = parse_help(
+            &json!({"transform": "copy", "assert": "equal"}),
+            &crate::transforms::test_support::context(&HELP, &location),
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("not both"), "{err}");
         assert!(help_text(&["scael_"]).unwrap_err().contains("did you mean `scale_`"));
         assert!(help_text(&["assert", "equal"]).unwrap().contains("eps"));

@@ -46,8 +46,10 @@ const LOAD_FIELDS: &[Field] = &[
 pub const LOAD: TransformSpec = TransformSpec {
     name: "load",
     summary: "add a checkpoint as a new alias, or one tensor of a file under a name",
+    form: super::Form::Plain,
     fields: LOAD_FIELDS,
-    parse: |value, location| {
+    parse: |value, cx| {
+        let location = &cx.location;
         let p = Payload::new(value, LOAD_FIELDS, location.clone())?;
         let path = nonempty_path(&p)?;
         let format = input_format(&p)?;
@@ -129,8 +131,10 @@ const SAVE_FIELDS: &[Field] = &[
 pub const SAVE: TransformSpec = TransformSpec {
     name: "save",
     summary: "write an alias or one tensor to a file or directory, like the output (when the plan runs)",
+    form: super::Form::Plain,
     fields: SAVE_FIELDS,
-    parse: |value, location| {
+    parse: |value, cx| {
+        let location = &cx.location;
         let p = Payload::new(value, SAVE_FIELDS, location.clone())?;
         nonempty_path(&p)?;
         // The `output` section's parser gives `save` the same path, format and shard rules.
@@ -479,7 +483,9 @@ mod tests {
             location: Location::root().key("transforms").index(0),
         };
         let mut ctx = Context::new(evaluate, Arc::new(AtomicBool::new(false)));
-        crate::transforms::parse(&raw).unwrap().apply(state, &mut ctx)
+        crate::transforms::parse(&raw, &Default::default())
+            .unwrap()
+            .apply(state, &mut ctx)
     }
 
     #[test]

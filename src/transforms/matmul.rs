@@ -15,10 +15,10 @@ use faer::{Accum, MatMut, MatRef, Par};
 
 use super::view_of;
 use super::TransformSpec;
-use super::{count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError};
+use super::{count_noun, destinations, require_float, Context, Flow, StepError, Transform, TransformError, Writes};
 use crate::dtype::DType;
 use crate::kernels;
-use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
@@ -42,14 +42,15 @@ const MATMUL_FIELDS: &[Field] = &[
 pub const MATMUL: TransformSpec = TransformSpec {
     name: "matmul",
     summary: "new tensors a @ b (2-D or batched, floating point)",
+    form: super::Form::Plain,
     fields: MATMUL_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, MATMUL_FIELDS, location.clone())?;
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         Ok(Box::new(Matmul {
             from_a: p.reference("from_a")?,
             from_b: p.target("from_b")?,
             to: p.target("to")?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -141,12 +142,12 @@ impl Transform for Matmul {
             let (dims, shape) = product_shape(&a.tensor, &a.display(), &b, &b_name)?;
             products.push((b, dims, shape));
         }
-        let destinations = new_destinations(state, &matches, &self.to, "matmul", &self.location)?;
-        for ((a, (alias, name)), (b, dims, shape)) in matches.iter().zip(&destinations).zip(products) {
+        let destinations = destinations(state, &matches, &self.to, Writes::New, "matmul", &self.location)?;
+        for ((a, dest), (b, dims, shape)) in matches.iter().zip(&destinations).zip(products) {
             let m = a;
             let tensor = product(&a.tensor, &b, dims, shape, ctx.threads)
                 .map_err(|e| TransformError::value_of(&m.display(), e))?;
-            state.insert(alias, name, tensor);
+            state.insert(&dest.alias, &dest.name, tensor);
         }
         ctx.note(format!("matmul: {}", count_noun(matches.len())));
         Ok(Flow::Continue)

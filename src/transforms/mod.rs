@@ -1,12 +1,15 @@
 //! Transforms: one file per family, one registry. Each family declares its YAML name, its key
-//! table (which validates payloads and feeds `help`) and a parser producing a [`Transform`]; the
-//! single [`parse`] function dispatches on the name and rejects unknown ones.
+//! table (which validates payloads and feeds `help`, completion and `_core.transform_specs()`)
+//! and a parser producing a [`Transform`]; an `X` / `X_` pair is one [`Twin`] declaration. The
+//! single [`parse`] function dispatches on the name and rejects unknown ones. Where written
+//! tensors go is worked out in one place, `destination::destinations`.
 
 pub mod assert;
 pub mod assign;
 pub mod cast;
 pub mod control;
 pub mod copy;
+mod destination;
 pub mod error;
 pub mod scale;
 // Issue 3: arithmetic, clamp and fill families.
@@ -36,9 +39,13 @@ pub use error::{fmt_shape, AssertionFailure, TransformError};
 
 use crate::formats::FormatError;
 use crate::plan::error::suggest;
-use crate::plan::payload::Field;
+pub use crate::plan::payload::Form;
+pub(crate) use destination::{destinations, Destinations, Writes};
+pub use execute::ParseScope;
+
+use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError, RawTransform};
-use crate::references::{ResolvedSlice, Target};
+use crate::references::{Reference, ResolvedSlice, Target};
 use crate::state::{Match, SelectError, State};
 use crate::value::{ReadContext, Tensor, ValueError};
 
@@ -224,12 +231,12 @@ pub struct Step {
 }
 
 impl Step {
-    /// Parses one raw transform into a step.
-    pub fn parse(raw: &RawTransform) -> Result<Step, PlanError> {
+    /// Parses one raw transform into a step; relative paths in it resolve as `scope` says.
+    pub fn parse(raw: &RawTransform, scope: &ParseScope) -> Result<Step, PlanError> {
         Ok(Step {
             name: raw.name.clone(),
             location: raw.location.clone(),
-            transform: parse(raw)?,
+            transform: parse(raw, scope)?,
         })
     }
 }
@@ -262,20 +269,115 @@ pub fn run_steps(steps: &[Step], state: &mut State, ctx: &mut Context) -> Result
     Ok(Flow::Continue)
 }
 
-/// Builds a transform from its payload and location.
-pub type ParseFn = fn(&serde_json::Value, &Location) -> Result<Box<dyn Transform>, PlanError>;
+/// Builds a transform from its payload.
+pub type ParseFn = fn(&serde_json::Value, &ParseContext) -> Result<Box<dyn Transform>, PlanError>;
 
-/// A transform family member: its name, help and key table, and its parser.
+/// What a transform's parser knows besides its payload.
+#[derive(Debug)]
+pub struct ParseContext<'a> {
+    /// Where the payload is (`transforms[3].scale_`).
+    pub location: Location,
+    /// The transform being parsed: its name, form and key table.
+    pub spec: &'static TransformSpec,
+    /// The plan files being parsed; relative `execute` paths resolve against
+    /// [`ParseScope::base_dir`].
+    pub scope: &'a ParseScope,
+}
+
+impl ParseContext<'_> {
+    /// The payload, checked against the transform's keys.
+    pub fn payload<'v>(&self, value: &'v serde_json::Value) -> Result<Payload<'v>, PlanError> {
+        Payload::new(value, &self.spec.keys(), self.location.clone())
+    }
+
+    /// The tensors a twin transform reads and, for the new form, where its results go:
+    /// `from` and `to` for `X`, `target` (and no destination) for `X_`.
+    pub fn operands(&self, p: &Payload) -> Result<(Reference, Option<Target>), PlanError> {
+        match self.spec.form {
+            Form::InPlace => Ok((p.reference("target")?, None)),
+            Form::New | Form::Plain => Ok((p.reference("from")?, Some(p.target("to")?))),
+        }
+    }
+}
+
+/// A transform family member: its name, help, form and key table, and its parser.
 #[derive(Debug)]
 pub struct TransformSpec {
     /// The YAML key (`scale_`).
     pub name: &'static str,
     /// One line of help.
     pub summary: &'static str,
-    /// The keys it takes (empty for `exit`; `assert` takes an expression instead).
+    /// Which form of a twin family it is ([`Form::Plain`] for a transform without a twin).
+    pub form: Form,
+    /// The key table (empty for `exit`; `assert` takes an expression instead). A twin family
+    /// shares one table; [`TransformSpec::keys`] gives the keys of this form.
     pub fields: &'static [Field],
     /// Builds the transform from its payload.
     pub parse: ParseFn,
+}
+
+impl TransformSpec {
+    /// The keys this transform takes, in table order.
+    pub fn keys(&self) -> Vec<Field> {
+        self.fields.iter().copied().filter(|f| self.form.takes(f)).collect()
+    }
+
+    /// The other form of a twin family (`scale_` for `scale`), when the registry has it.
+    pub fn twin(&self) -> Option<&'static TransformSpec> {
+        let name = match self.form {
+            Form::Plain => return None,
+            Form::New => format!("{}_", self.name),
+            Form::InPlace => self.name.strip_suffix('_')?.to_owned(),
+        };
+        spec(&name)
+    }
+}
+
+/// One declaration for an `X` / `X_` twin family (`scale` / `scale_`): the names and summaries
+/// of both forms, one key table and one parser (which asks [`ParseContext::spec`] for the form).
+#[derive(Debug)]
+pub struct Twin {
+    /// Name and summary of the new form (`scale`).
+    pub new: (&'static str, &'static str),
+    /// Name and summary of the in-place form (`scale_`).
+    pub in_place: (&'static str, &'static str),
+    /// The keys of both forms; `from` / `to` marked [`Field::new_only`], `target`
+    /// [`Field::in_place_only`].
+    pub fields: &'static [Field],
+    /// Parses either form.
+    pub parse: ParseFn,
+}
+
+impl Twin {
+    /// The spec of one form (`Form::New` or `Form::InPlace`).
+    pub const fn spec(&self, form: Form) -> TransformSpec {
+        let (name, summary) = match form {
+            Form::InPlace => self.in_place,
+            Form::New | Form::Plain => self.new,
+        };
+        TransformSpec {
+            name,
+            summary,
+            form,
+            fields: self.fields,
+            parse: self.parse,
+        }
+    }
+}
+
+/// The `from` key of a twin family's new form.
+pub(crate) const fn from_key(doc: &'static str) -> Field {
+    Field::required("from", FieldKind::Reference, doc).new_only()
+}
+
+/// The `to` key of a twin family's new form.
+pub(crate) const fn to_key(doc: &'static str) -> Field {
+    Field::required("to", FieldKind::Target, doc).new_only()
+}
+
+/// The `target` key of a twin family's in-place form.
+pub(crate) const fn target_key(doc: &'static str) -> Field {
+    Field::required("target", FieldKind::Reference, doc).in_place_only()
 }
 
 /// Every transform the engine knows.
@@ -326,8 +428,8 @@ pub fn spec(name: &str) -> Option<&'static TransformSpec> {
     REGISTRY.iter().copied().find(|s| s.name == name)
 }
 
-/// Parses one raw transform.
-pub fn parse(raw: &RawTransform) -> Result<Box<dyn Transform>, PlanError> {
+/// Parses one raw transform; relative paths in it resolve as `scope` says.
+pub fn parse(raw: &RawTransform, scope: &ParseScope) -> Result<Box<dyn Transform>, PlanError> {
     let Some(spec) = spec(&raw.name) else {
         return Err(PlanError::UnknownTransform {
             location: raw.location.clone(),
@@ -335,57 +437,12 @@ pub fn parse(raw: &RawTransform) -> Result<Box<dyn Transform>, PlanError> {
             suggestion: suggest(&raw.name, REGISTRY.iter().map(|s| s.name)),
         });
     };
-    (spec.parse)(&raw.payload, &raw.location.key(&raw.name))
-}
-
-/// Where each match of a creating transform (`copy`, `cast`, `scale`) goes: the destination
-/// alias and name, checked for collisions and for destinations that already exist.
-pub(crate) fn new_destinations(
-    state: &State,
-    matches: &[Match],
-    to: &Target,
-    transform: &'static str,
-    location: &Location,
-) -> Result<Vec<(String, String)>, StepError> {
-    if to.slice.is_some() {
-        return Err(TransformError::SliceNotAllowed {
-            reference: to.text.clone(),
-            transform,
-        }
-        .into());
-    }
-    if let Some(alias) = &to.alias {
-        // A new alias may be created by writing to it; only check the name is sensible.
-        if alias.is_empty() {
-            return Err(PlanError::invalid(location, "empty alias").into());
-        }
-    }
-    let mut seen: std::collections::HashMap<(String, String), String> = std::collections::HashMap::new();
-    let mut out = Vec::with_capacity(matches.len());
-    for m in matches {
-        let name = to.expand(&m.captures).map_err(|source| TransformError::Template {
-            tensor: m.display(),
-            source,
-        })?;
-        let alias = to.alias.clone().unwrap_or_else(|| m.alias.clone());
-        if let Some(first) = seen.insert((alias.clone(), name.clone()), m.display()) {
-            return Err(TransformError::Collision {
-                destination: format!("{alias}::{name}"),
-                first,
-                second: m.display(),
-            }
-            .into());
-        }
-        if state.get(&alias, &name).is_some() {
-            return Err(TransformError::DestinationExists {
-                destination: format!("{alias}::{name}"),
-                source_name: m.display(),
-            }
-            .into());
-        }
-        out.push((alias, name));
-    }
-    Ok(out)
+    let cx = ParseContext {
+        location: raw.location.key(&raw.name),
+        spec,
+        scope,
+    };
+    (spec.parse)(&raw.payload, &cx)
 }
 
 /// Refuses computing on carry-only dtypes and, for floating operations, on non-float tensors.
@@ -431,6 +488,16 @@ pub(crate) mod test_support {
         Tensor::in_memory(DType::U16, shape.to_vec(), Arc::new(bytes))
     }
 
+    /// The parse context of `spec` at `location`, outside any plan file.
+    pub(crate) fn context(spec: &'static TransformSpec, location: &Location) -> ParseContext<'static> {
+        static SCOPE: ParseScope = ParseScope::NONE;
+        ParseContext {
+            location: location.clone(),
+            spec,
+            scope: &SCOPE,
+        }
+    }
+
     /// `t` matched as `m::name` without a slice.
     pub(crate) fn matched(name: &str, t: Tensor) -> Match {
         Match {
@@ -441,5 +508,31 @@ pub(crate) mod test_support {
             slice: None,
             captures: Reference::parse_str(name).unwrap().selector.captures(name).unwrap(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8: each `X` / `X_` pair is one declaration, so both forms read one key table.
+    #[test]
+    fn twins_share_one_key_table() {
+        let mut pairs = Vec::new();
+        for spec in REGISTRY {
+            let Some(twin) = spec.twin() else { continue };
+            assert_eq!(twin.twin().map(|t| t.name), Some(spec.name));
+            let table = |s: &TransformSpec| s.fields.iter().map(|f| (f.name, f.doc, f.only)).collect::<Vec<_>>();
+            assert_eq!(table(spec), table(twin), "{}", spec.name);
+            if spec.form == Form::New {
+                pairs.push(spec.name);
+            }
+        }
+        assert_eq!(pairs, ["cast", "scale", "clamp", "add", "subtract", "fill", "reshape"]);
+        let names = |s: &TransformSpec| s.keys().iter().map(|f| f.name).collect::<Vec<_>>();
+        assert_eq!(names(&scale::SCALE), ["from", "to", "by"]);
+        assert_eq!(names(&scale::SCALE_), ["target", "by"]);
+        assert_eq!(names(&arith::MULTIPLY), ["from_a", "from_b", "to", "dtype"]);
+        assert!(arith::MULTIPLY.twin().is_none() && copy::COPY.twin().is_none());
     }
 }

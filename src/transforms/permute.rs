@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
 
-use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
 use crate::dtype::DType;
 use crate::formats::LazyMap;
 use crate::plan::document::kind_of;
-use crate::plan::payload::{compact, Field, FieldKind, Payload};
+use crate::plan::payload::{compact, Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
@@ -45,9 +45,10 @@ const PERMUTE_FIELDS: &[Field] = &[
 pub const PERMUTE: TransformSpec = TransformSpec {
     name: "permute",
     summary: "new tensors with dimensions reordered (stored contiguous)",
+    form: super::Form::Plain,
     fields: PERMUTE_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, PERMUTE_FIELDS, location.clone())?;
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         let order = p.get("order").unwrap_or(&Json::Null);
         let items = match order {
             Json::Array(items) => items.iter().map(Json::as_i64).collect::<Option<Vec<i64>>>(),
@@ -67,7 +68,7 @@ pub const PERMUTE: TransformSpec = TransformSpec {
             from: p.reference("from")?,
             to: p.target("to")?,
             order: order_list,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -119,10 +120,10 @@ impl Transform for Permute {
                 .into());
             }
         }
-        let destinations = new_destinations(state, &matches, &self.to, "permute", &self.location)?;
-        for ((m, (alias, name)), order) in matches.iter().zip(&destinations).zip(&orders) {
+        let destinations = destinations(state, &matches, &self.to, Writes::New, "permute", &self.location)?;
+        for ((m, d), order) in matches.iter().zip(&destinations).zip(&orders) {
             let tensor = permuted(&m.tensor, order).map_err(|e| TransformError::value_of(&m.display(), e))?;
-            state.insert(alias, name, tensor);
+            state.insert(&d.alias, &d.name, tensor);
         }
         ctx.note(format!("permute: {} by {:?}", count_noun(matches.len()), self.order));
         Ok(Flow::Continue)

@@ -7,7 +7,7 @@
 use serde_json::Value;
 
 use super::{count_noun, Context, Flow, StepError, Transform, TransformSpec};
-use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::{valid_alias, Location, PlanError};
 use crate::state::State;
 
@@ -22,18 +22,19 @@ const FIELDS: &[Field] = &[
 pub const PREFIXES: TransformSpec = TransformSpec {
     name: "prefixes",
     summary: "list, add, remove or rename aliases",
+    form: super::Form::Plain,
     fields: FIELDS,
-    parse: |value, location| {
+    parse: |value, cx| {
         // `prefixes: list` is shorthand for `prefixes: {mode: list}`.
         if let Value::String(mode) = value {
             if mode == "list" {
                 return Ok(Box::new(Prefixes {
                     op: Op::List,
-                    location: location.clone(),
+                    location: cx.location.clone(),
                 }));
             }
         }
-        let p = Payload::new(value, FIELDS, location.clone())?;
+        let p = cx.payload(value)?;
         let mode = p.text("mode")?.unwrap_or_default();
         let allowed: &[&str] = match mode {
             "list" => &[],
@@ -57,7 +58,7 @@ pub const PREFIXES: TransformSpec = TransformSpec {
         let name = |key: &str| -> Result<String, PlanError> {
             let Some(alias) = p.text(key)? else {
                 return Err(PlanError::MissingKey {
-                    location: location.clone(),
+                    location: cx.location.clone(),
                     key: key.to_owned(),
                 });
             };
@@ -77,7 +78,7 @@ pub const PREFIXES: TransformSpec = TransformSpec {
         };
         Ok(Box::new(Prefixes {
             op,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use serde_json::Value as Json;
 
 use super::{
-    count_noun, fmt_shape, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec,
+    count_noun, destinations, fmt_shape, from_key, target_key, to_key, Context, Flow, Form, StepError, Transform,
+    TransformError, TransformSpec, Twin, Writes,
 };
 use crate::dtype::DType;
 use crate::plan::document::kind_of;
@@ -19,56 +20,36 @@ use crate::references::{Reference, Target};
 use crate::state::{Match, State};
 use crate::value::{LazyOp, ReadContext, Tensor, Value, ValueError};
 
-const RESHAPE_FIELDS: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "tensors to reshape (may be sliced)"),
-    Field::required("to", FieldKind::Target, "destination names"),
-    Field::required(
-        "shape",
-        FieldKind::Shape,
-        "the new shape, a list of whole numbers; one may be -1 (inferred)",
-    ),
-];
-
-const RESHAPE_INPLACE_FIELDS: &[Field] = &[
-    Field::required("target", FieldKind::Reference, "tensors to reshape in place (no slice)"),
-    Field::required(
-        "shape",
-        FieldKind::Shape,
-        "the new shape, a list of whole numbers; one may be -1 (inferred)",
-    ),
-];
+/// `reshape` and `reshape_`: one key table, one parser.
+const TWIN: Twin = Twin {
+    new: ("reshape", "new tensors with another shape (same elements, row-major)"),
+    in_place: ("reshape_", "give tensors another shape in place"),
+    fields: &[
+        from_key("tensors to reshape (may be sliced)"),
+        to_key("destination names"),
+        target_key("tensors to reshape in place (no slice)"),
+        Field::required(
+            "shape",
+            FieldKind::Shape,
+            "the new shape, a list of whole numbers; one may be -1 (inferred)",
+        ),
+    ],
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
+        let (from, to) = cx.operands(&p)?;
+        Ok(Box::new(Reshape {
+            from,
+            to,
+            shape: parse_shape(&p)?,
+            location: cx.location.clone(),
+        }))
+    },
+};
 
 /// `reshape`.
-pub const RESHAPE: TransformSpec = TransformSpec {
-    name: "reshape",
-    summary: "new tensors with another shape (same elements, row-major)",
-    fields: RESHAPE_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, RESHAPE_FIELDS, location.clone())?;
-        Ok(Box::new(Reshape {
-            from: p.reference("from")?,
-            to: Some(p.target("to")?),
-            shape: parse_shape(&p)?,
-            location: location.clone(),
-        }))
-    },
-};
-
+pub const RESHAPE: TransformSpec = TWIN.spec(Form::New);
 /// `reshape_`.
-pub const RESHAPE_: TransformSpec = TransformSpec {
-    name: "reshape_",
-    summary: "give tensors another shape in place",
-    fields: RESHAPE_INPLACE_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, RESHAPE_INPLACE_FIELDS, location.clone())?;
-        Ok(Box::new(Reshape {
-            from: p.reference("target")?,
-            to: None,
-            shape: parse_shape(&p)?,
-            location: location.clone(),
-        }))
-    },
-};
+pub const RESHAPE_: TransformSpec = TWIN.spec(Form::InPlace);
 
 /// A requested shape: whole numbers, at most one `None` (written `-1`).
 fn parse_shape(p: &Payload) -> Result<Vec<Option<usize>>, PlanError> {
@@ -209,9 +190,9 @@ impl Transform for Reshape {
         let shown = shapes.first().map(|s| fmt_shape(s)).unwrap_or_default();
         match &self.to {
             Some(to) => {
-                let destinations = new_destinations(state, &matches, to, "reshape", &self.location)?;
-                for ((m, (alias, name)), shape) in matches.iter().zip(&destinations).zip(shapes) {
-                    state.insert(alias, name, reshaped(&m.tensor, shape));
+                let destinations = destinations(state, &matches, to, Writes::New, "reshape", &self.location)?;
+                for ((m, d), shape) in matches.iter().zip(&destinations).zip(shapes) {
+                    state.insert(&d.alias, &d.name, reshaped(&m.tensor, shape));
                 }
                 ctx.note(format!("reshape: {} to {shown}", count_noun(matches.len())));
             }

@@ -4,69 +4,46 @@
 use std::sync::Arc;
 
 use super::{
-    count_noun, new_destinations, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec,
+    count_noun, destinations, from_key, require_float, target_key, to_key, Context, Flow, Form, StepError, Transform,
+    TransformError, TransformSpec, Twin, Writes,
 };
-use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::payload::{Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::ResolvedSlice;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
 use crate::value::{ScaleFn, Tensor};
 
-const SCALE_FIELDS: &[Field] = &[
-    Field::required("from", FieldKind::Reference, "tensors to read (may be sliced)"),
-    Field::required("to", FieldKind::Target, "destination names"),
-    Field::required("by", FieldKind::Number, "the factor"),
-];
-
-const SCALE_INPLACE_FIELDS: &[Field] = &[
-    Field::required(
-        "target",
-        FieldKind::Reference,
-        "tensors to scale in place (a slice scales only that part)",
-    ),
-    Field::required("by", FieldKind::Number, "the factor"),
-];
-
-fn factor(p: &Payload) -> Result<f64, PlanError> {
-    let by = p.required_number("by")?;
-    if !by.is_finite() {
-        return Err(PlanError::invalid(&p.at("by"), "the factor must be finite"));
-    }
-    Ok(by)
-}
+/// `scale` and `scale_`: one key table, one parser.
+const TWIN: Twin = Twin {
+    new: ("scale", "new tensors multiplied by a number"),
+    in_place: ("scale_", "multiply tensors by a number in place"),
+    fields: &[
+        from_key("tensors to read (may be sliced)"),
+        to_key("destination names"),
+        target_key("tensors to scale in place (a slice scales only that part)"),
+        Field::required("by", FieldKind::Number, "the factor"),
+    ],
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
+        let (from, to) = cx.operands(&p)?;
+        let by = p.required_number("by")?;
+        if !by.is_finite() {
+            return Err(PlanError::invalid(&p.at("by"), "the factor must be finite"));
+        }
+        Ok(Box::new(Scale {
+            from,
+            to,
+            by,
+            location: cx.location.clone(),
+        }))
+    },
+};
 
 /// `scale`.
-pub const SCALE: TransformSpec = TransformSpec {
-    name: "scale",
-    summary: "new tensors multiplied by a number",
-    fields: SCALE_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, SCALE_FIELDS, location.clone())?;
-        Ok(Box::new(Scale {
-            from: p.reference("from")?,
-            to: Some(p.target("to")?),
-            by: factor(&p)?,
-            location: location.clone(),
-        }))
-    },
-};
-
+pub const SCALE: TransformSpec = TWIN.spec(Form::New);
 /// `scale_`.
-pub const SCALE_: TransformSpec = TransformSpec {
-    name: "scale_",
-    summary: "multiply tensors by a number in place",
-    fields: SCALE_INPLACE_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, SCALE_INPLACE_FIELDS, location.clone())?;
-        Ok(Box::new(Scale {
-            from: p.reference("target")?,
-            to: None,
-            by: factor(&p)?,
-            location: location.clone(),
-        }))
-    },
-};
+pub const SCALE_: TransformSpec = TWIN.spec(Form::InPlace);
 
 #[derive(Debug)]
 struct Scale {
@@ -90,9 +67,9 @@ impl Transform for Scale {
         }
         match &self.to {
             Some(to) => {
-                let destinations = new_destinations(state, &matches, to, "scale", &self.location)?;
-                for (m, (alias, name)) in matches.iter().zip(&destinations) {
-                    state.insert(alias, name, scaled(m, &m.tensor, None, self.by)?);
+                let destinations = destinations(state, &matches, to, Writes::New, "scale", &self.location)?;
+                for (m, d) in matches.iter().zip(&destinations) {
+                    state.insert(&d.alias, &d.name, scaled(m, &m.tensor, None, self.by)?);
                 }
                 ctx.note(format!("scale: {} × {}", count_noun(matches.len()), self.by));
             }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use serde_json::Value as Json;
 
 use super::view_of;
-use super::{count_noun, new_destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
@@ -39,9 +39,10 @@ const SPLIT_FIELDS: &[Field] = &[
 pub const SPLIT: TransformSpec = TransformSpec {
     name: "split",
     summary: "cut tensors into parts along a dimension (the parts are views)",
+    form: super::Form::Plain,
     fields: SPLIT_FIELDS,
-    parse: |value, location| {
-        let p = Payload::new(value, SPLIT_FIELDS, location.clone())?;
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
         let to_value = p.get("to").unwrap_or(&Json::Null);
         let Json::Array(items) = to_value else {
             return Err(PlanError::invalid(
@@ -100,7 +101,7 @@ pub const SPLIT: TransformSpec = TransformSpec {
             to,
             sizes,
             dim: dim_of(&p)?,
-            location: location.clone(),
+            location: cx.location.clone(),
         }))
     },
 };
@@ -198,15 +199,15 @@ impl Transform for Split {
         let per_template = self
             .to
             .iter()
-            .map(|to| new_destinations(state, &matches, to, "split", &self.location))
+            .map(|to| destinations(state, &matches, to, Writes::New, "split", &self.location))
             .collect::<Result<Vec<_>, _>>()?;
         let mut seen = HashSet::new();
         for (i, m) in matches.iter().enumerate() {
             for destinations in &per_template {
-                let (alias, name) = &destinations[i];
-                if !seen.insert((alias.clone(), name.clone())) {
+                let d = &destinations[i];
+                if !seen.insert((d.alias.clone(), d.name.clone())) {
                     return Err(TransformError::Collision {
-                        destination: format!("{alias}::{name}"),
+                        destination: d.display.clone(),
                         first: m.display(),
                         second: m.display(),
                     }
@@ -217,10 +218,10 @@ impl Transform for Split {
         for (i, (m, (dim, sizes))) in matches.iter().zip(&plans).enumerate() {
             let mut offset = 0;
             for (destinations, &len) in per_template.iter().zip(sizes) {
-                let (alias, name) = &destinations[i];
+                let d = &destinations[i];
                 let slice = band(&m.tensor.shape, *dim, offset, len);
                 let part = view_of(&m.tensor, &slice, &m.display())?;
-                state.insert(alias, name, part);
+                state.insert(&d.alias, &d.name, part);
                 offset += len;
             }
         }

@@ -198,3 +198,8 @@ def test_inplace_destination_missing(write, tmp_path):
 
 def test_operand_missing(write, tmp_path):
     _fails(write, tmp_path, {"a": A}, "add", {"from_a": "a", "from_b": "zzz", "to": "c"}, bs.TransformError, ("transforms[1] (add)", "model::zzz"))
+
+
+def test_inplace_into_an_unknown_alias_is_a_plan_error(write, tmp_path):
+    """Issue 8: `add_` writes into existing tensors like `assign`, so an unknown alias is named."""
+    _fails(write, tmp_path, {"a": A}, "add_", {"from": "a", "to": "x::a"}, bs.PlanError, ("unknown alias `x`",))

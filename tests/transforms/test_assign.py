@@ -177,3 +177,13 @@ def test_assign_slice_out_of_range_raises(write, tmp_path):
     src = write({"dest": np.zeros((4, 5), np.float32), "values": np.zeros(5, np.float32)})
     with pytest.raises(bs.BrainSurgeryError):
         _run(src, [{"assign": {"from": "values", "to": "dest::[4]"}}], tmp_path)
+
+
+def test_assign_checks_each_match_in_full_before_the_next(write, tmp_path):
+    """Issue 8: with one destination helper, the first match's shape error still comes before the
+    second match's collision; a sliced missing destination is named with its slice."""
+    src = write({"w.0": np.ones((2, 3), np.float32), "w.1": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)})
+    with pytest.raises(bs.TransformError, match=r"shape mismatch: `model::w.0` is \(2, 3\) but `model::b` is \(3,\)"):
+        _run(src, [{"assign": {"from": r"w\.(\d)", "to": "b"}}], tmp_path)
+    with pytest.raises(bs.TransformError, match=r"destination `model::nope::\[\.\.\.\]` does not exist"):
+        _run(src, [{"assign": {"from": "b", "to": "nope::[0]"}}], tmp_path)

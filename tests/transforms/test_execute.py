@@ -207,3 +207,37 @@ def test_plan_executing_itself_is_a_cycle(tmp_path):
     _dump(tmp_path / "self.yaml", {"transforms": [{"execute": {"path": "self.yaml"}}]})
     with pytest.raises(bs.PlanError, match=r"execute cycle: .*self\.yaml → .*self\.yaml"):
         bs.check(str(tmp_path / "self.yaml"))
+
+
+def _prompt(args: list[str], script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A ``-i`` session with ``script`` piped to stdin."""
+    return subprocess.run(
+        [sys.executable, "-m", "brainsurgery", "-i", *args], input=script, capture_output=True, text=True, cwd=cwd, timeout=60
+    )
+
+
+def test_prompt_path_resolves_relative_to_the_plan_file(write, tmp_path):
+    """Issue 8: a relative `execute: {path}` typed at the `-i` prompt resolves against the plan's
+    directory, as it does inside the plan, not against the working directory."""
+    t = _tensors()
+    a = write(t, "a.safetensors")
+    sub = tmp_path / "plans"
+    sub.mkdir()
+    _dump(sub / "inner.yaml", {"transforms": [{"scale_": {"target": "b", "by": -1}}]})
+    # A decoy in the working directory: resolving there would scale by 10 instead.
+    _dump(tmp_path / "inner.yaml", {"transforms": [{"scale_": {"target": "b", "by": 10}}]})
+    main = _dump(sub / "main.yaml", {"inputs": [str(a)], "output": str(tmp_path / "o.safetensors")})
+    proc = _prompt([str(main)], "execute: path: inner.yaml\n", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "error" not in proc.stdout + proc.stderr
+    np.testing.assert_array_equal(read(tmp_path / "o.safetensors")["b"], -t["b"])
+
+
+def test_prompt_path_without_a_plan_resolves_against_the_working_directory(write, tmp_path):
+    t = _tensors()
+    write(t, "a.safetensors")
+    _dump(tmp_path / "inner.yaml", {"transforms": [{"scale_": {"target": "b", "by": -1}}]})
+    out = tmp_path / "o.safetensors"
+    proc = _prompt(["a.safetensors", "-o", str(out)], "execute: path: inner.yaml\n", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    np.testing.assert_array_equal(read(out)["b"], -t["b"])

@@ -96,3 +96,38 @@ def test_cli_help_prints_the_transform_help(src, tmp_path):
     assert "Usage: brainsurgery diff" in proc.stdout and helped(src, "diff")[0] in proc.stdout
     proc = pymod(["help", "scael_"], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "did you mean `scale_`" in proc.stderr
+
+
+def test_transform_specs_cover_every_transform_and_match_help(src):
+    """Issue 8: `_core.transform_specs()` is the key tables as data; the same tables print help."""
+    from brainsurgery import _core
+
+    specs = {s["name"]: s for s in _core.transform_specs()}
+    overview = helped(src, None)[0]
+    listed = {line.split()[0] for line in overview.splitlines()[1:] if line.startswith("  ")}
+    assert set(specs) == listed and KNOWN <= set(specs)
+    for name, spec in specs.items():
+        # Help's key rows, rebuilt from the data: name, type, requirement and doc in columns.
+        keys = spec["keys"]
+        need = ["required" if k["required"] else "optional" + (f" (default: {k['default']})" if k["default"] else "") for k in keys]
+        widths = [max((len(x) for x in column), default=0) for column in ([k["name"] for k in keys], [k["type"] for k in keys], need)]
+        rows = [
+            f"  {k['name']:<{widths[0]}}  {k['type']:<{widths[1]}}  {n:<{widths[2]}}  {k['doc']}" for k, n in zip(keys, need)
+        ]
+        text = helped(src, name)[0].splitlines()
+        assert text[0] == f"{name}: {spec['doc']}"
+        if name == "assert":
+            assert spec["operators"] and not keys
+        elif keys:
+            assert text[1:] == ["keys:", *rows]
+        else:
+            assert text[1:] == ["takes no keys"]
+    scale, scale_ = specs["scale"], specs["scale_"]
+    assert (scale["form"], scale["in_place"], scale["twin"]) == ("new", False, "scale_")
+    assert (scale_["form"], scale_["in_place"], scale_["twin"]) == ("in_place", True, "scale")
+    assert [k["name"] for k in scale["keys"]] == ["from", "to", "by"]
+    assert [k["name"] for k in scale_["keys"]] == ["target", "by"]
+    assert [k["name"] for k in specs["cast_"]["keys"]] == ["target", "to", "dtype", "only"]
+    assert [k["name"] for k in specs["add_"]["keys"]] == ["from", "to"]
+    assert specs["multiply"]["twin"] is None and specs["copy"]["form"] == "plain"
+    assert {op["name"] for op in specs["assert"]["operators"]} == set(OPERATORS)
