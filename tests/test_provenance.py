@@ -94,7 +94,7 @@ def make_workspace(root: Path, out: Path) -> Path:
     return dump_plan(root / "plan.yaml", plan)
 
 
-def test_issue8_same_plan_elsewhere_gives_identical_bytes(tmp_path: Path) -> None:
+def test_same_plan_elsewhere_gives_identical_bytes(tmp_path: Path) -> None:
     # Issue 8, item 7: reproducible means the same bytes wherever it runs.
     out_a = tmp_path / "results" / "o.safetensors"
     out_b = tmp_path / "elsewhere" / "deeper" / "o.safetensors"
@@ -119,7 +119,22 @@ def test_issue8_same_plan_elsewhere_gives_identical_bytes(tmp_path: Path) -> Non
     assert file_metadata(out_b)["brainsurgery.plan_sha256"] != meta["brainsurgery.plan_sha256"]
 
 
-def test_issue8_copied_plan_folder_gives_identical_bytes(tmp_path: Path) -> None:
+def test_editing_a_nested_plan_file_changes_the_hash(tmp_path: Path) -> None:
+    # `execute: {path}` names a file whose content the including plan does not hold; the hash
+    # must still tell the two plans apart.
+    out = tmp_path / "out" / "o.safetensors"
+    out.parent.mkdir()
+    plan = make_workspace(tmp_path / "w", out)
+    bs.run(plan)
+    before = file_metadata(out)["brainsurgery.plan_sha256"]
+    bs.run(plan)
+    assert file_metadata(out)["brainsurgery.plan_sha256"] == before
+    dump_plan(tmp_path / "w" / "sub.yaml", {"transforms": [{"scale_": {"target": "h.0.b", "by": 4}}]})
+    bs.run(plan)
+    assert file_metadata(out)["brainsurgery.plan_sha256"] != before
+
+
+def test_copied_plan_folder_gives_identical_bytes(tmp_path: Path) -> None:
     # Relative paths: a plan folder copied elsewhere, written to another output folder.
     src = tmp_path / "src"
     src.mkdir()
@@ -135,7 +150,7 @@ def test_issue8_copied_plan_folder_gives_identical_bytes(tmp_path: Path) -> None
     assert (src / "out" / "o.safetensors").read_bytes() == (tmp_path / "x" / "elsewhere" / "o.safetensors").read_bytes()
 
 
-def test_issue8_inputs_are_recorded_by_name_and_header_hash(tmp_path: Path) -> None:
+def test_inputs_are_recorded_by_name_and_header_hash(tmp_path: Path) -> None:
     out = tmp_path / "out" / "o.safetensors"
     out.parent.mkdir()
     plan = make_workspace(tmp_path / "w", out)
@@ -157,13 +172,13 @@ def test_issue8_inputs_are_recorded_by_name_and_header_hash(tmp_path: Path) -> N
         ("legacy_plain.pt", legacy_torch_header_sha),
     ],
 )
-def test_issue8_torch_inputs_header_hash(tmp_path: Path, name: str, expected: Any) -> None:
+def test_torch_inputs_header_hash(tmp_path: Path, name: str, expected: Any) -> None:
     out = tmp_path / "o.safetensors"
     bs.run({"inputs": [f"m::{FIXTURES / name}"], "output": str(out)})
     assert inputs_of(out) == [{"alias": "m", "files": [{"name": name, "header_sha256": expected(FIXTURES / name)}]}]
 
 
-def test_issue8_npz_and_sharded_inputs_header_hash(tmp_path: Path) -> None:
+def test_npz_and_sharded_inputs_header_hash(tmp_path: Path) -> None:
     np.savez(tmp_path / "a.npz", w=np.ones(3, np.float32), v=np.zeros(2, np.int32))
     shards = tmp_path / "sharded"
     bs.run({"inputs": [f"{tmp_path / 'a.npz'}"], "output": {"path": str(shards), "shard": "8B"}})

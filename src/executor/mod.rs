@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::plan::{Location, OutputSpec, Plan, PlanError};
 use crate::state::State;
-use crate::transforms::{run_steps, Context, ParseScope, Step, StepError, StepFailure};
+use crate::transforms::{plan_sha256_with_nested, run_steps, Context, ParseScope, Step, StepError, StepFailure};
 use crate::value::CHUNK_BYTES;
 use crate::write::{self, WriteOptions};
 
@@ -119,6 +119,8 @@ impl Prepared {
             .iter()
             .map(|raw| Step::parse(raw, &scope))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut plan = plan;
+        plan.sha256 = plan_sha256_with_nested(&plan.sha256, &steps);
         let mut initial = State::default();
         let notices = initial.open_inputs(&plan.inputs, &Location::root())?;
         initial.written.clear();

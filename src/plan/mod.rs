@@ -489,7 +489,12 @@ fn locationless_transforms(transforms: &Value) -> Value {
 /// The same plan over the same inputs hashes alike wherever its files are.
 pub fn plan_sha256(doc: &Value) -> String {
     let canonical = serde_json::to_vec(&canonical(&locationless(doc))).expect("a JSON value always serializes");
-    Sha256::digest(&canonical).iter().map(|b| format!("{b:02x}")).collect()
+    sha256_hex(&canonical)
+}
+
+/// SHA-256 of `bytes`, in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Plan {

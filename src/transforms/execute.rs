@@ -94,7 +94,7 @@ pub const EXECUTE: TransformSpec = TransformSpec {
         Ok(Box::new(Execute {
             inputs: plan.inputs,
             output: plan.output,
-            sha256: plan.sha256,
+            sha256: super::plan_sha256_with_nested(&plan.sha256, &steps),
             steps,
             base,
         }))
@@ -216,6 +216,10 @@ fn locate(step: &Step, error: StepError) -> StepError {
 }
 
 impl Transform for Execute {
+    fn nested_sha256(&self) -> Option<&str> {
+        Some(&self.sha256)
+    }
+
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         // The nested plan's "written" set decides its own output alias; the including plan's
         // set gains what the nested plan wrote.

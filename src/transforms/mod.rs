@@ -217,6 +217,23 @@ pub(crate) fn view_of(tensor: &Tensor, slice: &ResolvedSlice, display: &str) -> 
 pub trait Transform: Send + Sync + std::fmt::Debug {
     /// Applies the step to the state. Every match is checked before any change is made.
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError>;
+
+    /// The hash of a nested plan this step runs (`execute`), whose content the including plan's
+    /// document does not hold when it is a file.
+    fn nested_sha256(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// The provenance hash of a plan whose document hashes to `own` and whose steps are `steps`:
+/// `own` itself when no step runs a nested plan, else a hash over `own` and the nested plans'
+/// hashes in order, so editing a plan file that `execute: {path}` names changes it too.
+pub fn plan_sha256_with_nested(own: &str, steps: &[Step]) -> String {
+    let nested: Vec<&str> = steps.iter().filter_map(|s| s.transform.nested_sha256()).collect();
+    if nested.is_empty() {
+        return own.to_owned();
+    }
+    crate::plan::sha256_hex(format!("{own}:{}", nested.join(":")).as_bytes())
 }
 
 /// One parsed step of a plan: the transform and where it was written.
