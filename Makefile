@@ -13,9 +13,8 @@ format: ## Format the Rust code
 	cargo fmt
 
 .PHONY: lint
-lint: ## cargo fmt --check and clippy with warnings as errors
-	cargo fmt --check
-	cargo clippy --all-targets --features python -- -D warnings
+lint: ## cargo fmt --check and clippy with warnings as errors (scripts/lint.sh)
+	bash scripts/lint.sh
 
 .PHONY: test
 test: ## The README's test command: install, cargo test, pytest

@@ -9,6 +9,16 @@ safetensors_header/: the fuzz target's input layout, [data length u64 LE][8-byte
 LE][JSON header]; one header written by the official `safetensors` package, the rest written
 here to cover dtypes, metadata, scalars, empty tensors and holes between tensors.
 
+zip/: archives as checkpoints store them: a few .npz fixtures (np.savez output) and one PyTorch
+zip (ZIP64 end records, entries aligned with "FB" padding extra fields) from tests/fixtures/torch,
+plus archives written here with zipfile: an empty one, one with a comment, one whose entries
+carry ZIP64 local extra fields (force_zip64), a compressed one (refused: not stored) and one with
+an entry that is not a .npy.
+
+npy_header/: whole .npy files written here by hand the way np.save lays them out (version 1.0,
+and 2.0 / 3.0 prefixes), covering every dtype read, a scalar, an empty shape, fortran order,
+the old `L` suffix, and refusals (big-endian, object, raw-bytes dtypes).
+
 Needs only the standard library, plus numpy and safetensors for the official-writer seed
 (skipped when absent).
 """
@@ -88,6 +98,61 @@ def safetensors_seeds() -> None:
     write("safetensors_header", "official.bin", struct.pack("<Q", len(blob) - 8 - n) + blob[: 8 + n])
 
 
+def zip_seeds() -> None:
+    for name in ["plain.npz", "shared.npz", "wrapped.npz", "cuda.pt"]:
+        write("zip", name.replace(".", "-") + ".zip", (FIXTURES / name).read_bytes())
+    one = npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", b"\x00\x00\x80?\x00\x00\x00@")
+
+    def archive(name: str, entries: dict[str, bytes], **options) -> None:
+        buffer = io.BytesIO()
+        comment = options.pop("comment", b"")
+        with zipfile.ZipFile(buffer, "w", **options) as z:
+            z.comment = comment
+            for entry, data in entries.items():
+                with z.open(entry, "w", force_zip64=options.get("allowZip64", False)) as f:
+                    f.write(data)
+        write("zip", name, buffer.getvalue())
+
+    archive("empty.zip", {})
+    archive("comment.zip", {"x.npy": one}, comment=b"a comment at the very end")
+    archive("zip64-local.zip", {"x.npy": one, "y.npy": one}, allowZip64=True)
+    archive("deflated.zip", {"x.npy": one}, compression=zipfile.ZIP_DEFLATED)
+    archive("not-npy.zip", {"x.npy": one, "notes.txt": b"hello"})
+
+
+def npy(header: str, data: bytes, version: int = 1) -> bytes:
+    """A .npy file: magic, version, header length, the dict padded to 64 bytes with a newline."""
+    prefix = 10 if version == 1 else 12
+    while (prefix + len(header) + 1) % 64 != 0:
+        header += " "
+    header += "\n"
+    length = struct.pack("<H", len(header)) if version == 1 else struct.pack("<I", len(header))
+    return b"\x93NUMPY" + bytes([version, 0]) + length + header.encode() + data
+
+
+def npy_seeds() -> None:
+    def seed(name: str, descr: str, shape: str, data: bytes, version: int = 1, fortran: str = "False") -> None:
+        header = f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}"
+        write("npy_header", name, npy(header, data, version))
+
+    seed("f4.npy", "<f4", "(2, 3)", bytes(24))
+    for descr in ["<f8", "<f2", "<i8", "<i4", "<i2", "|i1", "<u8", "<u4", "<u2", "|u1", "|b1", "<c8"]:
+        seed(f"{descr[1:]}.npy", descr, "(2,)", bytes(2 * int(descr[2:])))
+    seed("scalar.npy", "<f8", "()", bytes(8))
+    seed("empty.npy", "<i8", "(0, 4)", b"")
+    seed("fortran.npy", "<f4", "(1, 3)", bytes(12), fortran="True")
+    seed("fortran-2d.npy", "<f4", "(2, 3)", bytes(24), fortran="True")
+    seed("v2.npy", "<f4", "(3,)", bytes(12), version=2)
+    seed("v3.npy", "<f4", "(3,)", bytes(12), version=3)
+    seed("long-suffix.npy", "<i4", "(2L, 1L)", bytes(8))
+    seed("big-endian.npy", ">f4", "(1,)", bytes(4))
+    seed("object.npy", "|O", "(1,)", bytes(8))
+    seed("void.npy", "|V2", "(1,)", bytes(2))
+    write("npy_header", "structured.npy", npy("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }", bytes(4)))
+
+
 if __name__ == "__main__":
     pickle_seeds()
     safetensors_seeds()
+    zip_seeds()
+    npy_seeds()

@@ -17,7 +17,7 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// Stack for threads that read lazy values. Reading recurses once per operation stacked on a
 /// tensor (a plan applying 1000 in-place edits to one tensor nests 1000 deep), which overflowed
-/// rayon's 2 MiB default in review; 64 MiB of reserved (not committed) stack covers ~100k levels.
+/// rayon's 2 MiB default; 64 MiB of reserved (not committed) stack covers ~100k levels.
 pub const ENGINE_STACK_BYTES: usize = 64 << 20;
 
 /// A strided read whose covering span is at most this many bytes reads the span once and

@@ -165,6 +165,12 @@ def test_override_with_wrong_type_is_a_plan_error(ws: Path) -> None:
     assert not (ws / "o.safetensors").exists()
 
 
+def test_options_may_come_before_the_plan(ws: Path) -> None:
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "output": "o.safetensors"})
+    ok(cli(["--threads", "1", "p.yaml"], cwd=ws))
+    assert (ws / "o.safetensors").exists()
+
+
 def test_threads_one(ws: Path) -> None:
     dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": SIMPLE, "output": "o.safetensors"})
     ok(cli(["p.yaml", "--threads", "1"], cwd=ws))

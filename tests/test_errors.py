@@ -114,6 +114,13 @@ def test_unknown_alias(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     check_both(ws, plan, 2, bs.PlanError, ("transforms[0]", "`nope`", "model"), monkeypatch)
 
 
+def test_a_required_key_left_empty_is_a_plan_error(ws: Path) -> None:
+    # `dtype:` with nothing after it is YAML null: reported as missing, not a panic later.
+    plan = {"inputs": [str(ws / "in.safetensors")], "transforms": [{"cast": {"from": "a.weight", "to": "v", "dtype": None}}]}
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.cast.*missing required key `dtype`"):
+        bs.check(plan)
+
+
 # ---------------------------------------------------------------- transform errors (exit 1)
 
 

@@ -260,6 +260,13 @@ def test_sharded_output_identical_across_threads(ws: Path) -> None:
     assert_same(load_dir(a), tensors)
 
 
+def test_default_alias_with_a_new_output_alias(ws: Path) -> None:
+    # The output may name an alias that only a transform creates: just its tensors are written.
+    bs.run({"inputs": ["in.safetensors"], "transforms": [{"copy": {"from": "z.weight", "to": "new::z.weight"}}],
+            "output": {"path": "o.safetensors", "alias": "new"}})
+    assert list(load_file(ws / "o.safetensors")) == ["z.weight"]
+
+
 # ---------------------------------------------------------------- reruns, sidecars, conversions
 
 

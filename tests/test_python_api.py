@@ -260,6 +260,15 @@ def test_override_of_nested_output_key(src, tmp_path):
     assert out.exists() and not (tmp_path / "never.safetensors").exists()
 
 
+def test_numpy_scalars_are_accepted_in_plans(write, tmp_path: Path) -> None:
+    model = write({"w": np.arange(6, dtype=np.float32)})
+    out = tmp_path / "o.safetensors"
+    bs.run({"inputs": [str(model)], "transforms": [{"scale_": {"target": "w", "by": np.float32(0.5)}},
+                                                    {"assert": {"count": {"of": "w", "is": np.int64(1)}}}],
+            "output": str(out)})
+    assert read(out)["w"].tobytes() == (np.arange(6, dtype=np.float32) * np.float32(0.5)).tobytes()
+
+
 # ---------------------------------------------------------------- reports
 
 

@@ -407,7 +407,7 @@ mod tests {
 
     #[test]
     fn a_thousand_edits_of_one_tensor_stream_without_overflowing() {
-        // Review finding: every in-place edit nests the value one level deeper.
+        // Every in-place edit nests the value one level deeper.
         let dir = tempfile::tempdir().unwrap();
         let input = write_input(dir.path());
         let out = dir.path().join("out.safetensors");

@@ -110,40 +110,17 @@ impl PlanError {
 }
 
 /// The closest of `candidates` to `word` by edit distance, when it is close enough to be a
-/// likely typo (at most a third of the word's length, and at least one edit allowed).
+/// likely typo (at most a third of the word's length, and at least one edit allowed). The distance
+/// counts insertions, deletions, substitutions and swaps of adjacent characters (optimal string
+/// alignment), so the common typo `scael` is one edit from `scale`.
 pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
     let limit = (word.chars().count() / 3).max(1);
     candidates
         .into_iter()
-        .map(|c| (edit_distance(word, c), c))
+        .map(|c| (strsim::osa_distance(word, c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, c)| (*d, *c))
         .map(|(_, c)| c.to_owned())
-}
-
-/// Edit distance counting insertions, deletions, substitutions and swaps of adjacent characters
-/// (optimal string alignment), so the common typo `scael` is one edit from `scale`.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for j in 0..=b.len() {
-        d[0][j] = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(d[i - 2][j - 2] + 1);
-            }
-            d[i][j] = best;
-        }
-    }
-    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -155,6 +132,7 @@ mod tests {
         assert_eq!(suggest("scael", ["scale", "scale_", "cast"]).as_deref(), Some("scale"));
         assert_eq!(suggest("frmo", ["from", "to"]).as_deref(), Some("from"));
         assert_eq!(suggest("zzzzzz", ["from", "to"]), None);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        // A swap of adjacent characters is one edit (two under plain Levenshtein).
+        assert_eq!(suggest("ot", ["to"]).as_deref(), Some("to"));
     }
 }

@@ -419,7 +419,7 @@ mod tests {
 
     #[test]
     fn a_required_key_without_value_is_missing() {
-        // `dtype:` with nothing after it is YAML null (review finding: it used to panic later).
+        // `dtype:` with nothing after it is YAML null: reported as missing, not a panic later.
         let v = json!({"target": null, "by": 2});
         let err = Payload::new(&v, FIELDS, loc()).unwrap_err().to_string();
         assert!(err.contains("missing required key `target`"), "{err}");

@@ -1,25 +1,11 @@
 //! Suggestions for zero-match errors: the few names closest to a pattern, so messages stay short
 //! on checkpoints with thousands of tensors.
 
-/// Levenshtein distance over chars, two-row.
-fn distance(a: &[char], b: &str) -> usize {
-    let mut prev: Vec<usize> = (0..=a.len()).collect();
-    let mut cur = vec![0; a.len() + 1];
-    for (j, cb) in b.chars().enumerate() {
-        cur[0] = j + 1;
-        for (i, ca) in a.iter().enumerate() {
-            let sub = prev[i] + usize::from(*ca != cb);
-            cur[i + 1] = sub.min(prev[i + 1] + 1).min(cur[i] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[a.len()]
-}
-
-/// The `k` names with the smallest edit distance to `pattern_text`, ties broken by name.
+/// The `k` names with the smallest Levenshtein distance (over chars) to `pattern_text`, ties
+/// broken by name.
 /// Regex escapes of punctuation (`\.`) are dropped first so `a\.b` is close to `a.b`.
 pub fn closest_names<'a>(pattern_text: &str, names: impl IntoIterator<Item = &'a str>, k: usize) -> Vec<&'a str> {
-    let mut pat: Vec<char> = Vec::with_capacity(pattern_text.len());
+    let mut pat = String::with_capacity(pattern_text.len());
     let mut chars = pattern_text.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '\\' && chars.peek().is_some_and(|n| !n.is_alphanumeric()) {
@@ -27,7 +13,7 @@ pub fn closest_names<'a>(pattern_text: &str, names: impl IntoIterator<Item = &'a
         }
         pat.push(c);
     }
-    let mut scored: Vec<(usize, &'a str)> = names.into_iter().map(|n| (distance(&pat, n), n)).collect();
+    let mut scored: Vec<(usize, &'a str)> = names.into_iter().map(|n| (strsim::levenshtein(&pat, n), n)).collect();
     scored.sort_unstable();
     scored.dedup();
     scored.into_iter().take(k).map(|(_, n)| n).collect()
@@ -51,6 +37,8 @@ mod tests {
         assert_eq!(closest_names("lm_head.weigth", names, 1), vec!["lm_head.weight"]);
         assert!(closest_names("x", [], 3).is_empty());
         assert_eq!(closest_names("a", ["b", "b", "c"], 5), vec!["b", "c"]);
+        // Plain Levenshtein: a swap of adjacent characters is two edits, so `bx` is nearer `ba`.
+        assert_eq!(closest_names("ba", ["ab", "bx"], 1), vec!["bx"]);
     }
 
     #[test]

@@ -570,7 +570,7 @@ mod tests {
 
     #[test]
     fn an_undecidable_match_is_an_error_not_a_miss() {
-        // Review finding: past fancy-regex's backtracking limit the answer is unknown; Python's
+        // Past fancy-regex's backtracking limit the answer is unknown; Python's
         // `re` says this name matches.
         let s = re(r"(?=a)(a|aa)*c|.*");
         let name = format!("{}b", "a".repeat(40));

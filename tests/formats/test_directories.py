@@ -443,3 +443,13 @@ def test_torch_loads_what_a_bin_directory_converts_to(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(ck[name].view(np.uint16), tensor.view(torch.int16).numpy().view(np.uint16))
             else:
                 np.testing.assert_array_equal(ck[name], tensor.numpy())
+
+
+def test_other_frameworks_weights_are_not_sidecars(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_st(src / "model.safetensors", {"w": np.ones(2, np.float32)})
+    for name in ["config.json", "tf_model.h5", "flax_model.msgpack", "model.onnx", "model.gguf"]:
+        (src / name).write_text("x")
+    bs.run({"inputs": [str(src)], "output": str(tmp_path / "out")})
+    assert listing(tmp_path / "out") == ["config.json", "model.safetensors"]
