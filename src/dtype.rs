@@ -240,7 +240,11 @@ impl DType {
 
     /// Bytes taken by `numel` elements (rounded up for sub-byte types), or `None` on overflow.
     pub fn nbytes(self, numel: usize) -> Option<usize> {
-        numel.checked_mul(self.bits()).map(|bits| bits.div_ceil(8))
+        match self.size() {
+            // Whole bytes: no bit count, which would overflow 8 times sooner.
+            Some(size) => numel.checked_mul(size),
+            None => numel.checked_mul(self.bits()).map(|bits| bits.div_ceil(8)),
+        }
     }
 
     /// Floating-point types that arithmetic is defined on.
@@ -268,6 +272,15 @@ impl fmt::Display for DType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_sizes_overflow_only_when_the_bytes_do() {
+        assert_eq!(DType::U8.nbytes(1 << 62), Some(1 << 62));
+        assert_eq!(DType::F64.nbytes(1 << 60), Some(1 << 63));
+        assert_eq!(DType::F64.nbytes(1 << 61), None);
+        assert_eq!(DType::F4.nbytes(3), Some(2));
+        assert_eq!(DType::F4.nbytes(usize::MAX), None);
+    }
 
     #[test]
     fn table_rows_follow_declaration_order() {

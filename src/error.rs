@@ -160,8 +160,12 @@ impl ErrorContext {
     }
 
     fn location(&mut self, location: &crate::plan::Location) {
-        if let (Some(index), Some(name)) = (location.transform_index(), location.transform_name()) {
-            self.step(index, name);
+        // A misspelled transform (`scael_:`) has an index but no known name.
+        if let Some(index) = location.transform_index() {
+            self.transform_index.get_or_insert(index);
+        }
+        if let Some(name) = location.transform_name() {
+            self.transform.get_or_insert_with(|| name.to_owned());
         }
         self.location.get_or_insert_with(|| location.to_string());
     }
@@ -240,7 +244,12 @@ impl ErrorContext {
         match error {
             T::Select(e) => self.visit(e),
             T::Value(e) => self.visit(e),
-            T::Nested { location, .. } => self.location(location),
+            // The boxed source is not reached by downcasting the `source()` chain, so it is
+            // visited here: a nested step's tensor or reference is as useful as a top-level one's.
+            T::Nested { location, source, .. } => {
+                self.location(location);
+                self.visit_transform(source);
+            }
             T::ValueOf { tensor, .. }
             | T::NotFloat { tensor, .. }
             | T::Unsupported { tensor, .. }

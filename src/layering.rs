@@ -3,7 +3,7 @@
 //! them would have copied the workaround).
 
 /// Top-level modules in layer order; a module may use only those before it (and itself). Test
-/// code (after a file's `#[cfg(test)]`) may use anything.
+/// modules (`#[cfg(test)] mod ...`) may use anything.
 const LAYERS: &[&str] = &[
     "dtype",
     "kernels",
@@ -43,23 +43,81 @@ fn files_of(module: &str) -> Vec<std::path::PathBuf> {
     files
 }
 
+/// The top-level modules `code` names through `crate::`: paths (`crate::state::State`,
+/// `crate::write;`) and the first segment of each item of a grouped import
+/// (`use crate::{state::State, write};`, over several lines).
+fn crate_modules_named(code: &str) -> Vec<(usize, String)> {
+    let line_of = |at: usize| code[..at].matches('\n').count() + 1;
+    let ident = |s: &str| -> String { s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect() };
+    let mut named = Vec::new();
+    for (at, _) in code.match_indices("crate::") {
+        let rest = &code[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // The items of the group, split on commas outside nested braces.
+            let (mut depth, mut item_start) = (0usize, 0usize);
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        named.push((line_of(at), ident(group[item_start..i].trim_start())));
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        named.push((line_of(at), ident(group[item_start..i].trim_start())));
+                        item_start = i + 1;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            named.push((line_of(at), ident(rest)));
+        }
+    }
+    named.retain(|(_, m)| !m.is_empty());
+    named
+}
+
+/// `text` up to its first `#[cfg(test)]` module (`mod`, `pub(crate) mod`, ...).
+fn without_test_modules(text: &str) -> &str {
+    let end = text
+        .match_indices("#[cfg(test)]\n")
+        .map(|(at, m)| (at, text[at + m.len()..].trim_start()))
+        .find(|(_, item)| {
+            let item = item
+                .strip_prefix("pub(crate) ")
+                .or_else(|| item.strip_prefix("pub "))
+                .unwrap_or(item);
+            item.starts_with("mod ")
+        })
+        .map_or(text.len(), |(at, _)| at);
+    &text[..end]
+}
+
 #[test]
 fn every_module_imports_only_the_layers_below_it() {
     let mut violations = Vec::new();
     for (rank, module) in LAYERS.iter().enumerate() {
         for file in files_of(module) {
             let text = std::fs::read_to_string(&file).expect("source file");
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
-            for (line_no, line) in code.lines().enumerate() {
-                for (above, _) in LAYERS.iter().enumerate().skip(rank + 1).map(|(i, m)| (m, i)) {
-                    if line.contains(&format!("crate::{above}::")) || line.contains(&format!("crate::{above};")) {
-                        violations.push(format!("{}:{}: {}", file.display(), line_no + 1, line.trim()));
-                    }
+            // Test modules may use anything; a test-only item elsewhere in the file may not.
+            let code = without_test_modules(&text);
+            for (line, named) in crate_modules_named(code) {
+                if LAYERS[rank + 1..].contains(&named.as_str()) {
+                    violations.push(format!("{}:{line}: crate::{named}", file.display()));
                 }
             }
         }
     }
     assert!(violations.is_empty(), "imports pointing up:\n{}", violations.join("\n"));
+}
+
+#[test]
+fn grouped_and_plain_imports_are_both_seen() {
+    let code =
+        "use crate::{\n    formats::{open, Checkpoint},\n    write,\n};\nlet x = crate::state::State::default();";
+    let named: Vec<String> = crate_modules_named(code).into_iter().map(|(_, m)| m).collect();
+    assert_eq!(named, ["formats", "write", "state"]);
 }
 
 #[test]

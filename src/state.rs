@@ -117,6 +117,18 @@ pub struct State {
     pub written: BTreeSet<String>,
     /// Every checkpoint opened so far, in order, for the output's provenance.
     sources: Vec<SourceIdentity>,
+    /// The path and weight files of every checkpoint opened so far, kept after their aliases are
+    /// removed or renamed: no write target may replace a file the run has read from.
+    opened: Vec<OpenedCheckpoint>,
+}
+
+/// Where one opened checkpoint lives, for [`State::opened`].
+#[derive(Debug, Clone)]
+pub struct OpenedCheckpoint {
+    /// The path as given (a file or a directory).
+    pub path: PathBuf,
+    /// Its weight files.
+    pub files: Vec<PathBuf>,
 }
 
 impl State {
@@ -135,6 +147,16 @@ impl State {
             alias: alias.to_owned(),
             files,
         });
+        self.opened.push(OpenedCheckpoint {
+            path: checkpoint.path.clone(),
+            files: checkpoint.files.iter().map(|f| f.path.clone()).collect(),
+        });
+    }
+
+    /// Every checkpoint opened so far (inputs, nested plans' inputs, `load`s), whether or not an
+    /// alias still holds its tensors.
+    pub fn opened(&self) -> &[OpenedCheckpoint] {
+        &self.opened
     }
 
     /// The checkpoints opened so far, in order (plan inputs first, then nested plans' inputs and

@@ -56,6 +56,34 @@ pub enum ValueError {
         /// The dtype.
         dtype: DType,
     },
+    /// A result would take more bytes than memory addresses reach (more than `isize::MAX`):
+    /// no file or buffer can hold it.
+    #[error("{op} would make a {dtype} tensor of shape {shape:?}, too large to address")]
+    TooLarge {
+        /// The operation refused.
+        op: &'static str,
+        /// The result's dtype.
+        dtype: DType,
+        /// The result's shape.
+        shape: Vec<usize>,
+    },
+}
+
+/// Refuses a result of `shape` and `dtype` whose byte size overflows or exceeds `isize::MAX`
+/// (the most any buffer or file offset can hold), so sizes computed later never wrap.
+pub fn check_addressable(op: &'static str, dtype: DType, shape: &[usize]) -> Result<(), ValueError> {
+    let bytes = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .and_then(|numel| dtype.nbytes(numel));
+    match bytes {
+        Some(b) if b <= isize::MAX as usize => Ok(()),
+        _ => Err(ValueError::TooLarge {
+            op,
+            dtype,
+            shape: shape.to_vec(),
+        }),
+    }
 }
 
 /// An owned byte buffer a [`Value::Memory`] tensor reads from (a NumPy array handed over by
@@ -390,6 +418,7 @@ impl Tensor {
     pub fn cast(&self, dtype: DType) -> Result<Tensor, ValueError> {
         element_size(self.dtype, "casting")?;
         element_size(dtype, "casting")?;
+        check_addressable("casting", dtype, &self.shape)?;
         Ok(self.derived(dtype, self.shape.clone(), Value::Cast { base: self.clone() }))
     }
 
@@ -412,6 +441,7 @@ impl Tensor {
     /// what every operation computes on).
     pub fn op(dtype: DType, shape: Vec<usize>, op: Arc<dyn LazyOp>) -> Result<Tensor, ValueError> {
         element_size(dtype, op.name())?;
+        check_addressable(op.name(), dtype, &shape)?;
         Ok(Tensor {
             dtype,
             shape,
@@ -455,7 +485,12 @@ impl Tensor {
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        // Saturating: a shape too large to address is refused where it is made, and a size that
+        // never fits must not wrap to a small one.
+        self.shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 
     /// Size in bytes.
@@ -596,12 +631,22 @@ pub fn stream<E: From<ValueError>>(
         }
     };
     let widest = sizes.iter().copied().max().unwrap_or(1);
+    // Shapes made by transforms are checked when made (`check_addressable`); this guards the
+    // rest, so a size never wraps to a short (vacuously passing) stream.
+    let Some(total) = units.checked_mul(widest).filter(|&b| b <= isize::MAX as usize) else {
+        return Err(ValueError::TooLarge {
+            op: "reading",
+            dtype: first.dtype,
+            shape: first.shape.clone(),
+        }
+        .into());
+    };
     let mut bufs: Vec<Vec<u8>> = sizes
         .iter()
-        .map(|&size| cx.take(CHUNK_BYTES.min(units * size)))
+        .map(|&size| cx.take(CHUNK_BYTES.min(units.saturating_mul(size))))
         .collect();
     let result = (|| -> Result<(), E> {
-        for (start, len) in chunks(units * widest) {
+        for (start, len) in chunks(total) {
             cx.check()?;
             let (start, n) = (start / widest, len / widest);
             for ((t, &size), buf) in tensors.iter().zip(&sizes).zip(bufs.iter_mut()) {

@@ -131,8 +131,9 @@ pub fn validate_dtypes<'a>(
 }
 
 /// The checks of [`validate_output`] for any write target (the output, `save`, a nested plan's
-/// output) found at `location`: the format is available and no file of any alias's checkpoint
-/// (the inputs and everything `load` opened) would be overwritten.
+/// output) found at `location`: the format is available and no file the run has opened (the
+/// inputs, nested plans' inputs and everything `load` opened, whether or not an alias still holds
+/// its tensors) would be overwritten.
 pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) -> Result<(), PlanError> {
     if output.format == Format::NumPy && !output.single_file {
         return Err(PlanError::invalid(
@@ -144,15 +145,12 @@ pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) 
         .into_iter()
         .flatten()
         .collect();
-    for alias in state.alias_names() {
-        let Some(origin) = state.alias(&alias).and_then(|a| a.origin.as_ref()) else {
-            continue;
-        };
-        let roots: Vec<PathBuf> = [canonical(&origin.path), logical(&origin.path)]
+    for opened in state.opened() {
+        let roots: Vec<PathBuf> = [canonical(&opened.path), logical(&opened.path)]
             .into_iter()
             .flatten()
             .collect();
-        for file in &origin.files {
+        for file in &opened.files {
             let files: Vec<PathBuf> = [canonical(file), logical(file)].into_iter().flatten().collect();
             let clash = targets.iter().any(|target| {
                 roots.contains(target)
@@ -168,7 +166,7 @@ pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) 
                     format!(
                         "output `{}` would overwrite input `{}`; inputs are never modified",
                         output.path.display(),
-                        origin.path.display()
+                        opened.path.display()
                     ),
                 ));
             }

@@ -378,6 +378,21 @@ def test_zero_matches_carries_the_reference(ws: Path, monkeypatch: pytest.Monkey
     assert (a["transform_index"], a["transform"], a["reference"]) == (0, "scale_", "nothing.*")
 
 
+def test_a_nested_step_keeps_its_reference(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = raised(plan_with([{"execute": {"transforms": [{"scale_": {"target": "nomatch", "by": 2}}]}}]), ws, monkeypatch)
+    assert isinstance(e, bs.TransformError)
+    a = attributes(e)
+    assert (a["transform_index"], a["reference"]) == (0, "nomatch")
+    assert a["location"] is not None and a["location"].startswith("transforms[0].execute"), a["location"]
+
+
+def test_a_misspelled_transform_still_carries_its_index(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    e = raised(plan_with([{"copy": {"from": "a.weight", "to": "c"}}, {"scael_": {"target": "a.weight", "by": 2}}]), ws, monkeypatch)
+    assert isinstance(e, bs.PlanError)
+    a = attributes(e)
+    assert (a["transform_index"], a["location"]) == (1, "transforms[1]")
+
+
 def test_transform_error_carries_the_tensor(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     e = raised(plan_with([{"reshape_": {"target": "a.weight", "shape": [7]}}]), ws, monkeypatch)
     assert isinstance(e, bs.TransformError)

@@ -52,24 +52,22 @@ use classes::{
 
 /// Attaches the underlying I/O error as `__cause__`, typed by kind, so callers can inspect it.
 fn with_io_cause(py: Python<'_>, err: PyErr, format: &FormatError) -> PyErr {
-    use crate::formats::{numpy::NpyError, zip::ZipError};
-    // The first I/O error in the chain, with the path it concerns (archive and `.npy` readers
-    // keep theirs inside their own errors).
+    // The first I/O error in the chain, with the path of the file it concerns: archive and
+    // `.npy` readers leave the path to the format error wrapping theirs.
     let mut io = None;
+    let mut path = None;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(format);
     while let Some(e) = cause {
-        io = match (
-            e.downcast_ref::<FormatError>(),
-            e.downcast_ref::<ZipError>(),
-            e.downcast_ref::<NpyError>(),
-        ) {
-            (Some(FormatError::Io { source, path }), _, _)
-            | (_, Some(ZipError::Io { source, path }), _)
-            | (_, _, Some(NpyError::Io { source, path }))
-            | (_, _, Some(NpyError::Zip(ZipError::Io { source, path }))) => Some((source, path)),
-            _ => None,
-        };
-        if io.is_some() {
+        match e.downcast_ref::<FormatError>() {
+            Some(FormatError::Io { source, path }) => {
+                io = Some((source, path));
+                break;
+            }
+            Some(FormatError::Numpy { path: p, .. } | FormatError::TorchArchive { path: p, .. }) => path = Some(p),
+            _ => {}
+        }
+        if let (Some(source), Some(path)) = (e.downcast_ref::<std::io::Error>(), path) {
+            io = Some((source, path));
             break;
         }
         cause = e.source();

@@ -96,6 +96,9 @@ impl Session {
         let run = |evaluate: bool| -> Result<(State, Context, bool), Error> {
             let mut state = self.state.clone();
             let mut ctx = Context::new(evaluate, self.cancel.clone());
+            // `save` at the prompt writes with the run's threads. No plan hash: the typed
+            // transforms are not part of the plan file that was hashed.
+            ctx.threads = self.prepared.threads;
             let flow = run_steps(&steps, &mut state, &mut ctx).map_err(|f| step_error(self.next, &steps, f))?;
             Ok((state, ctx, flow == Flow::Exit))
         };

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::dtype::DType;
 
@@ -17,15 +17,10 @@ use super::{zip, FormatError, SourceFile, TensorEntry};
 /// [`FormatError::Numpy`].
 #[derive(Debug, thiserror::Error)]
 pub enum NpyError {
-    /// Reading the file failed; the source keeps the I/O error kind.
-    #[error("read failed: i/o error on {}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    /// Reading the file failed; the source keeps the I/O error kind. The file is named by the
+    /// [`FormatError::Numpy`] wrapping this.
+    #[error("read failed")]
+    Io(#[source] io::Error),
     /// The `.npz` archive is malformed or has entries that cannot be read in place.
     #[error(transparent)]
     Zip(#[from] zip::ZipError),
@@ -80,7 +75,7 @@ impl NpyError {
     /// This error, or `replacement` when it is not an I/O error (whose kind is kept).
     fn unless_io(self, replacement: &str) -> Self {
         match self {
-            NpyError::Io { .. } => self,
+            NpyError::Io(_) => self,
             _ => replacement.into(),
         }
     }
@@ -146,12 +141,7 @@ fn read(file: &SourceFile, offset: u64, len: u64, end: u64) -> Result<Vec<u8>, N
         return Err("file is truncated".into());
     }
     let mut buf = vec![0u8; usize::try_from(len).map_err(|_| "length overflows")?];
-    file.file()
-        .read_exact_at(&mut buf, offset)
-        .map_err(|source| NpyError::Io {
-            path: file.path.clone(),
-            source,
-        })?;
+    file.file().read_exact_at(&mut buf, offset).map_err(NpyError::Io)?;
     Ok(buf)
 }
 
@@ -478,10 +468,14 @@ mod tests {
         std::fs::write(&path, npy(F32_23, &[7u8; 24])).unwrap();
         let file = SourceFile::open(&path).unwrap();
         std::fs::write(&path, b"").unwrap();
-        match read_tensors(&file, 0) {
+        let err = read_tensors(&file, 0).unwrap_err();
+        // The wrapper names the file; the inner error does not repeat it.
+        let text = chain(&err);
+        assert_eq!(text.matches(&*path.to_string_lossy()).count(), 1, "{text}");
+        match Err::<(), _>(err) {
             Err(FormatError::Numpy { source, .. }) => match source {
                 NpyError::InTensor { source, .. } => match *source {
-                    NpyError::Io { source, .. } => assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof),
+                    NpyError::Io(source) => assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof),
                     other => panic!("{other:?}"),
                 },
                 other => panic!("{other:?}"),

@@ -37,15 +37,10 @@ const DOS_DATE: u16 = 0x21;
 /// ([`super::FormatError::TorchArchive`], [`super::numpy::NpyError::Zip`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ZipError {
-    /// Reading the file failed; the source keeps the I/O error kind.
-    #[error("i/o error on {}", path.display())]
-    Io {
-        /// The archive.
-        path: std::path::PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    /// Reading the file failed; the source keeps the I/O error kind. The archive is named by
+    /// the error wrapping this.
+    #[error("read failed")]
+    Io(#[source] io::Error),
     /// A structure the archive points at lies past the end of the file.
     #[error("{what} lies outside the file (truncated?)")]
     OutsideFile {
@@ -177,12 +172,7 @@ fn read(file: &SourceFile, offset: u64, len: u64, what: &str) -> Result<Vec<u8>,
     }
     let len = usize::try_from(len).map_err(|_| ZipError::TooLarge { what: what.to_owned() })?;
     let mut buf = vec![0u8; len];
-    file.file()
-        .read_exact_at(&mut buf, offset)
-        .map_err(|source| ZipError::Io {
-            path: file.path.clone(),
-            source,
-        })?;
+    file.file().read_exact_at(&mut buf, offset).map_err(ZipError::Io)?;
     Ok(buf)
 }
 
@@ -567,8 +557,7 @@ mod tests {
         // The file shrinks after it was opened: the read past its new end fails.
         std::fs::write(&path, b"").unwrap();
         match read_entries(&file) {
-            Err(ZipError::Io { path: p, source }) => {
-                assert_eq!(p, path);
+            Err(ZipError::Io(source)) => {
                 assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
             }
             other => panic!("{other:?}"),

@@ -254,8 +254,14 @@ pub(crate) fn write_back(m: &Match, with: Tensor) -> Result<Tensor, StepError> {
     }
 }
 
-/// `tensor` converted to `dtype` (lazily), refusing carry-only dtypes.
-fn converted(tensor: &Tensor, display: &str, dtype: DType, op: &'static str) -> Result<Tensor, TransformError> {
+/// `tensor` converted to `dtype` (lazily), refusing carry-only dtypes and results too large to
+/// address.
+pub(super) fn converted(
+    tensor: &Tensor,
+    display: &str,
+    dtype: DType,
+    op: &'static str,
+) -> Result<Tensor, TransformError> {
     if tensor.dtype == dtype {
         return Ok(tensor.clone());
     }

@@ -2,8 +2,7 @@
 //! `kernels::convert`). `only: float` restricts a cast to floating tensors, so a blanket
 //! `.*` → bf16 leaves integer buffers (position ids, masks) alone.
 
-use std::sync::Arc;
-
+use super::arith::converted;
 use super::{
     count_noun, destinations, from_key, target_key, to_key, Context, Flow, Form, StepError, Transform, TransformError,
     TransformSpec, Twin, Writes,
@@ -12,8 +11,7 @@ use crate::dtype::DType;
 use crate::plan::payload::{Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
-use crate::state::{Match, State};
-use crate::value::{Tensor, Value};
+use crate::state::State;
 
 /// `cast` and `cast_`: one key table, one parser.
 const TWIN: Twin = Twin {
@@ -91,27 +89,6 @@ struct Cast {
     location: Location,
 }
 
-/// The lazy cast of a matched tensor.
-pub fn cast_tensor(m: &Match, dtype: DType) -> Result<Tensor, TransformError> {
-    if m.tensor.dtype == dtype {
-        return Ok(m.tensor.clone());
-    }
-    for d in [m.tensor.dtype, dtype] {
-        if !d.is_computable() {
-            return Err(TransformError::Unsupported {
-                op: "cast",
-                tensor: m.display(),
-                dtype: d,
-            });
-        }
-    }
-    Ok(Tensor {
-        dtype,
-        shape: m.tensor.shape.clone(),
-        value: Arc::new(Value::Cast { base: m.tensor.clone() }),
-    })
-}
-
 impl Transform for Cast {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         let mut matches = state.select_some(&self.from, &self.location)?;
@@ -120,7 +97,7 @@ impl Transform for Cast {
         }
         let casts = matches
             .iter()
-            .map(|m| cast_tensor(m, self.dtype))
+            .map(|m| converted(&m.tensor, &m.display(), self.dtype, "cast"))
             .collect::<Result<Vec<_>, _>>()?;
         match &self.to {
             Some(to) => {

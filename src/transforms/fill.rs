@@ -26,7 +26,7 @@ use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::State;
-use crate::value::{strides, LazyOp, ReadContext, Tensor, ValueError};
+use crate::value::{check_addressable, strides, LazyOp, ReadContext, Tensor, ValueError};
 
 const CONST_NEW_FIELDS: &[Field] = &[
     Field::required("target", FieldKind::Target, "the new tensor's name (alias::name)"),
@@ -286,10 +286,16 @@ fn parse_new(
         ));
     }
     let shape = p.shape("shape")?.unwrap_or_default();
-    if shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).is_none() {
-        return Err(PlanError::invalid(&p.at("shape"), "shape has too many elements"));
-    }
     let dtype = p.dtype("dtype")?.unwrap_or(DType::F32);
+    if check_addressable("filling", dtype, &shape).is_err() {
+        return Err(PlanError::invalid(
+            &p.at("shape"),
+            format!(
+                "shape {shape:?} of {dtype} is too large to address (over {} bytes)",
+                isize::MAX
+            ),
+        ));
+    }
     let (mode, seed) = match name {
         "zeroes" => (Mode::Constant(0.0), 0),
         "ones" => (Mode::Constant(1.0), 0),

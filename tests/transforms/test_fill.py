@@ -221,3 +221,17 @@ def test_new_tensor_exists(write, tmp_path):
 
 def test_target_must_be_plain(write, tmp_path):
     _fails(write, tmp_path, "zeroes", {"target": r"x.\1", "shape": [2]}, bs.PlanError, ("transforms[1].zeroes.target",))
+
+
+def test_shape_too_large_to_address_is_refused(write, tmp_path):
+    # 2**61 float64 elements are 2**64 bytes: the size wrapped to 0 once, and an assertion on the
+    # tensor passed without reading anything.
+    _fails(write, tmp_path, "ones", {"target": "z", "shape": [2**61], "dtype": "float64"}, bs.PlanError, ("transforms[1].ones.shape", "too large to address"))
+    _fails(write, tmp_path, "zeroes", {"target": "z", "shape": [2**32, 2**32]}, bs.PlanError, ("transforms[1].zeroes.shape", "too large to address"))
+
+
+def test_cast_to_a_size_too_large_to_address_is_refused(write, tmp_path):
+    path = write({"a": np.ones((2, 3), np.float32)})
+    plan = {"inputs": [str(path)], "transforms": [{"zeroes": {"target": "z", "shape": [2**62], "dtype": "uint8"}}, {"cast_": {"target": "z", "to": "float64"}}]}
+    with pytest.raises(bs.TransformError, match="too large to address"):
+        bs.check(plan)

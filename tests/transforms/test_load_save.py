@@ -191,6 +191,36 @@ def test_save_alias_and_one_tensor_read_back_with_official_package(write, tmp_pa
     assert "h.0.w" not in read(tmp_path / "final.safetensors")
 
 
+def test_output_refuses_overwriting_a_file_a_single_tensor_load_read(write, tmp_path):
+    a = write(_tensors(), "a.safetensors")
+    other = write({"v": np.ones(3, np.float32)}, "other.safetensors")
+    before = other.read_bytes()
+    with pytest.raises(bs.PlanError, match=r"output\.path.*would overwrite input"):
+        bs.run({"inputs": [str(a)], "transforms": [{"load": {"path": str(other), "to": "v"}}], "output": str(other)})
+    assert other.read_bytes() == before
+
+
+def test_output_refuses_overwriting_a_checkpoint_whose_alias_was_removed(write, tmp_path):
+    """The alias that held the file is gone, but its tensors live on in another alias."""
+    a = write(_tensors(), "a.safetensors")
+    other = write({"v": np.ones(3, np.float32)}, "other.safetensors")
+    before = other.read_bytes()
+    plan = {
+        "inputs": [f"m::{a}"],
+        "transforms": [
+            {"load": {"path": str(other), "alias": "o"}},
+            {"copy": {"from": "o::v", "to": "m::v"}},
+            {"prefixes": {"mode": "remove", "alias": "o"}},
+        ],
+        "output": {"path": str(other), "alias": "m"},
+    }
+    with pytest.raises(bs.PlanError, match=r"output\.path.*would overwrite input"):
+        bs.check(plan)
+    with pytest.raises(bs.PlanError, match=r"would overwrite input"):
+        bs.run(plan)
+    assert other.read_bytes() == before
+
+
 def test_save_directory_is_sharded_like_the_output(write, tmp_path):
     tensors = _tensors()
     a = write(tensors, "a.safetensors")
