@@ -243,7 +243,10 @@ impl DType {
         match self.size() {
             // Whole bytes: no bit count, which would overflow 8 times sooner.
             Some(size) => numel.checked_mul(size),
-            None => numel.checked_mul(self.bits()).map(|bits| bits.div_ceil(8)),
+            // Sub-byte: whole groups of 8 elements take `bits` bytes each; the rest rounds up.
+            None => (numel / 8)
+                .checked_mul(self.bits())
+                .and_then(|bytes| bytes.checked_add((numel % 8 * self.bits()).div_ceil(8))),
         }
     }
 
@@ -269,6 +272,15 @@ impl fmt::Display for DType {
     }
 }
 
+/// Elements of `shape`, or `None` when they overflow (a shape with a 0 has none, whatever the
+/// order of its dimensions).
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,7 +291,9 @@ mod tests {
         assert_eq!(DType::F64.nbytes(1 << 60), Some(1 << 63));
         assert_eq!(DType::F64.nbytes(1 << 61), None);
         assert_eq!(DType::F4.nbytes(3), Some(2));
-        assert_eq!(DType::F4.nbytes(usize::MAX), None);
+        assert_eq!(DType::F4.nbytes(17), Some(9));
+        assert_eq!(DType::F4.nbytes(usize::MAX), Some(usize::MAX / 2 + 1));
+        assert_eq!(DType::F6E2M3.nbytes(usize::MAX), Some(3 << 62));
     }
 
     #[test]

@@ -43,12 +43,31 @@ fn files_of(module: &str) -> Vec<std::path::PathBuf> {
     files
 }
 
+/// `s` from its first item: leading whitespace, `//` comments and `#[...]` attributes skipped.
+fn skip_comments_and_attributes(mut s: &str) -> &str {
+    loop {
+        s = s.trim_start();
+        if s.starts_with("//") {
+            s = s.split_once('\n').map_or("", |(_, rest)| rest);
+        } else if s.starts_with("#[") {
+            s = s.split_once(']').map_or("", |(_, rest)| rest);
+        } else {
+            return s;
+        }
+    }
+}
+
 /// The top-level modules `code` names through `crate::`: paths (`crate::state::State`,
 /// `crate::write;`) and the first segment of each item of a grouped import
 /// (`use crate::{state::State, write};`, over several lines).
 fn crate_modules_named(code: &str) -> Vec<(usize, String)> {
     let line_of = |at: usize| code[..at].matches('\n').count() + 1;
-    let ident = |s: &str| -> String { s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect() };
+    let ident = |s: &str| -> String {
+        skip_comments_and_attributes(s)
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
     let mut named = Vec::new();
     for (at, _) in code.match_indices("crate::") {
         let rest = &code[at + "crate::".len()..];
@@ -59,12 +78,12 @@ fn crate_modules_named(code: &str) -> Vec<(usize, String)> {
                 match c {
                     '{' => depth += 1,
                     '}' if depth == 0 => {
-                        named.push((line_of(at), ident(group[item_start..i].trim_start())));
+                        named.push((line_of(at), ident(&group[item_start..i])));
                         break;
                     }
                     '}' => depth -= 1,
                     ',' if depth == 0 => {
-                        named.push((line_of(at), ident(group[item_start..i].trim_start())));
+                        named.push((line_of(at), ident(&group[item_start..i])));
                         item_start = i + 1;
                     }
                     _ => {}
@@ -81,8 +100,8 @@ fn crate_modules_named(code: &str) -> Vec<(usize, String)> {
 /// `text` up to its first `#[cfg(test)]` module (`mod`, `pub(crate) mod`, ...).
 fn without_test_modules(text: &str) -> &str {
     let end = text
-        .match_indices("#[cfg(test)]\n")
-        .map(|(at, m)| (at, text[at + m.len()..].trim_start()))
+        .match_indices("#[cfg(test)]")
+        .map(|(at, m)| (at, skip_comments_and_attributes(&text[at + m.len()..])))
         .find(|(_, item)| {
             let item = item
                 .strip_prefix("pub(crate) ")
@@ -114,10 +133,14 @@ fn every_module_imports_only_the_layers_below_it() {
 
 #[test]
 fn grouped_and_plain_imports_are_both_seen() {
-    let code =
-        "use crate::{\n    formats::{open, Checkpoint},\n    write,\n};\nlet x = crate::state::State::default();";
+    let code = "use crate::{\n    formats::{open, Checkpoint},\n    // the writer\n    write,\n    #[cfg(unix)] executor,\n};\nlet x = crate::state::State::default();";
     let named: Vec<String> = crate_modules_named(code).into_iter().map(|(_, m)| m).collect();
-    assert_eq!(named, ["formats", "write", "state"]);
+    assert_eq!(named, ["formats", "write", "executor", "state"]);
+    let text = "use crate::dtype;\n#[cfg(test)]\nfn helper() {}\n#[cfg(test)] #[allow(unused)] pub(crate) mod tests {}";
+    assert_eq!(
+        without_test_modules(text),
+        "use crate::dtype;\n#[cfg(test)]\nfn helper() {}\n"
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::dtype::DType;
+use crate::dtype::{checked_numel, DType};
 use crate::formats::{FormatError, LazyMap, SourceFile, TensorEntry};
 use crate::kernels;
 use crate::references::ResolvedSlice;
@@ -72,10 +72,7 @@ pub enum ValueError {
 /// Refuses a result of `shape` and `dtype` whose byte size overflows or exceeds `isize::MAX`
 /// (the most any buffer or file offset can hold), so sizes computed later never wrap.
 pub fn check_addressable(op: &'static str, dtype: DType, shape: &[usize]) -> Result<(), ValueError> {
-    let bytes = shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .and_then(|numel| dtype.nbytes(numel));
+    let bytes = checked_numel(shape).and_then(|numel| dtype.nbytes(numel));
     match bytes {
         Some(b) if b <= isize::MAX as usize => Ok(()),
         _ => Err(ValueError::TooLarge {
@@ -487,10 +484,7 @@ impl Tensor {
     pub fn numel(&self) -> usize {
         // Saturating: a shape too large to address is refused where it is made, and a size that
         // never fits must not wrap to a small one.
-        self.shape
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .unwrap_or(usize::MAX)
+        checked_numel(&self.shape).unwrap_or(usize::MAX)
     }
 
     /// Size in bytes.

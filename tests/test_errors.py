@@ -390,7 +390,7 @@ def test_a_misspelled_transform_still_carries_its_index(ws: Path, monkeypatch: p
     e = raised(plan_with([{"copy": {"from": "a.weight", "to": "c"}}, {"scael_": {"target": "a.weight", "by": 2}}]), ws, monkeypatch)
     assert isinstance(e, bs.PlanError)
     a = attributes(e)
-    assert (a["transform_index"], a["location"]) == (1, "transforms[1]")
+    assert (a["transform_index"], a["transform"], a["location"]) == (1, None, "transforms[1]")
 
 
 def test_transform_error_carries_the_tensor(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:

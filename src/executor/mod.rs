@@ -222,7 +222,8 @@ impl Prepared {
                     nbytes: tensor.nbytes() as u64,
                 });
             }
-            report.total_bytes = report.tensors.iter().map(|t| t.nbytes).sum();
+            // Saturating: a figure to show; the writer refuses an output whose size overflows.
+            report.total_bytes = report.tensors.iter().fold(0u64, |sum, t| sum.saturating_add(t.nbytes));
             // A renamed single input (`prefixes rename`) is compared with what it was.
             let before = match self.plan.inputs.as_slice() {
                 [only] if state.default_alias.as_deref() == Some(alias.as_str()) => self.initial.alias(&only.alias),

@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::dtype::DType;
+use crate::dtype::{checked_numel, DType};
 
 use super::{zip, FormatError, SourceFile, TensorEntry};
 
@@ -181,10 +181,7 @@ fn parse_npy(file: &SourceFile, start: u64, end: u64) -> Result<(DType, Vec<usiz
     if fortran && shape.iter().filter(|&&d| d > 1).count() > 1 {
         return Err("fortran_order arrays are not supported yet; re-save with np.ascontiguousarray".into());
     }
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or("shape overflows")?;
+    let numel = checked_numel(&shape).ok_or("shape overflows")?;
     let nbytes = dtype.nbytes(numel).ok_or("shape overflows")? as u64;
     let offset = header_start + header_len;
     if offset

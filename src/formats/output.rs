@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use super::torch_output::Archive;
 use super::zip::{self, Layout};
 use super::{Format, FormatError, INDEX_NAME};
-use crate::dtype::DType;
+use crate::dtype::{checked_numel, DType};
 
 /// File name of an unsharded safetensors directory output.
 pub const SINGLE_NAME: &str = "model.safetensors";
@@ -46,13 +46,12 @@ impl OutputTensor {
     /// (sub-byte tensors the official loader rejects).
     pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<usize>) -> Result<Self, FormatError> {
         let name = name.into();
-        let bits = shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .and_then(|numel| numel.checked_mul(dtype.bits()))
-            .filter(|bits| bits % 8 == 0)
-            .and_then(|bits| u64::try_from(bits / 8).ok());
-        match bits {
+        let bytes = checked_numel(&shape)
+            // Sub-byte elements must fill whole bytes.
+            .filter(|numel| numel % 8 * dtype.bits() % 8 == 0)
+            .and_then(|numel| dtype.nbytes(numel))
+            .and_then(|bytes| u64::try_from(bytes).ok());
+        match bytes {
             Some(nbytes) => Ok(OutputTensor {
                 name,
                 dtype,

@@ -11,7 +11,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::{FormatError, SourceFile};
-use crate::dtype::DType;
+use crate::dtype::{checked_numel, DType};
 
 /// Largest header accepted, as in the official implementation: bounds the allocation made
 /// before anything is validated.
@@ -304,10 +304,7 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
                 data_len,
             });
         }
-        let expected = raw
-            .shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        let expected = checked_numel(&raw.shape)
             .and_then(|numel| dtype.nbytes(numel))
             .and_then(|n| u64::try_from(n).ok());
         let Some(expected) = expected else {

@@ -117,7 +117,16 @@ fn joined_shape(parts: &[&Match], dim: i64) -> Result<(usize, Vec<usize>), Trans
                 other_shape: m.tensor.shape.clone(),
             });
         }
-        shape[d] += m.tensor.shape[d];
+        shape[d] = shape[d]
+            .checked_add(m.tensor.shape[d])
+            .ok_or_else(|| TransformError::ValueOf {
+                tensor: m.display(),
+                source: ValueError::TooLarge {
+                    op: "concat",
+                    dtype: m.tensor.dtype,
+                    shape: shape.clone(),
+                },
+            })?;
     }
     if first.tensor.dtype.size().is_none() {
         return Err(TransformError::Unsupported {

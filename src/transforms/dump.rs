@@ -541,8 +541,13 @@ fn detail_columns(item: &Item, verbosity: Verbosity, deferred: bool) -> Detail {
     (item.dtype.name().to_owned(), fmt_shape(&item.shape), extra)
 }
 
+/// The section's bytes; saturating, as a figure to show (each tensor fits, their sum may not).
+fn section_bytes(section: &Section) -> u64 {
+    section.items.iter().fold(0u64, |sum, i| sum.saturating_add(i.nbytes))
+}
+
 fn section_header(section: &Section, deferred: bool) -> String {
-    let bytes: u64 = section.items.iter().map(|i| i.nbytes).sum();
+    let bytes = section_bytes(section);
     let mut line = match &section.target {
         Some(target) => format!("`{target}` in {}", section.alias),
         None => section.alias.clone(),
@@ -878,7 +883,7 @@ fn render_json(sections: &[Section], verbosity: Verbosity, deferred: bool) -> St
                 "alias": section.alias,
                 "target": section.target,
                 "count": section.items.len(),
-                "nbytes": section.items.iter().map(|i| i.nbytes).sum::<u64>(),
+                "nbytes": section_bytes(section),
                 "tensors": tensors,
             })
         })

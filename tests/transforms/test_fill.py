@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import brainsurgery as bs
-from conftest import raw_bytes, read, tensor_names
+from conftest import raw_bytes, read, read_header, tensor_names
 
 
 def run(path, tmp_path, transforms, threads=0, name="out.safetensors"):
@@ -235,3 +235,32 @@ def test_cast_to_a_size_too_large_to_address_is_refused(write, tmp_path):
     plan = {"inputs": [str(path)], "transforms": [{"zeroes": {"target": "z", "shape": [2**62], "dtype": "uint8"}}, {"cast_": {"target": "z", "to": "float64"}}]}
     with pytest.raises(bs.TransformError, match="too large to address"):
         bs.check(plan)
+
+
+def test_concat_whose_length_overflows_is_refused(write, tmp_path):
+    # Each part is addressable; their joined length wrapped to a small number once.
+    path = write({"a": np.ones((2, 3), np.float32)})
+    big = 2**63 - 1
+    plan = {
+        "inputs": [str(path)],
+        "transforms": [
+            {"zeroes": {"target": "z1", "shape": [big], "dtype": "uint8"}},
+            {"zeroes": {"target": "z2", "shape": [big], "dtype": "uint8"}},
+            {"zeroes": {"target": "w", "shape": [3], "dtype": "uint8"}},
+            {"concat": {"from": ["z1", "z2", "w"], "to": "c", "dim": 0}},
+        ],
+    }
+    with pytest.raises(bs.TransformError, match="too large to address") as info:
+        bs.check(plan)
+    assert info.value.transform_index == 3
+
+
+def test_a_shape_with_a_zero_holds_nothing_whatever_its_other_dimensions(write, tmp_path):
+    transforms = [{"zeroes": {"target": "e", "shape": [0, 2**40, 2**40]}}, {"permute": {"from": "e", "to": "p", "order": [1, 2, 0]}}]
+    out = tmp_path / "out.safetensors"
+    bs.run({"inputs": [str(write({"a": np.ones((2, 3), np.float32)}))], "transforms": transforms, "output": str(out)})
+    # The official reader multiplies in order and overflows on `p`; the header is read here.
+    header, _ = read_header(out)
+    assert header["e"]["shape"] == [0, 2**40, 2**40]
+    assert header["p"]["shape"] == [2**40, 2**40, 0]
+    assert header["p"]["data_offsets"][0] == header["p"]["data_offsets"][1]
