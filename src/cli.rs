@@ -89,6 +89,10 @@ struct PlanArgs {
     /// Shard budget for directory outputs, e.g. 5GB or none (overrides output.shard).
     #[arg(long, value_name = "SIZE")]
     shard_size: Option<String>,
+    /// Let a directory output replace weight files brainsurgery did not write (sets
+    /// output.overwrite).
+    #[arg(long)]
+    overwrite: bool,
     /// Print the transforms that ran.
     #[arg(long, overrides_with = "no_summarize")]
     summarize: bool,
@@ -206,6 +210,9 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
             _ => None,
         })
         .collect();
+    if let (true, Some(output)) = (args.overwrite, plan.output.as_mut()) {
+        output.overwrite = true;
+    }
     if let (Some(size), Some(output)) = (&args.shard_size, plan.output.as_mut()) {
         output.shard = if size.eq_ignore_ascii_case("none") {
             None

@@ -62,8 +62,8 @@ pub struct WriteOptions<'a> {
     pub progress: Option<&'a ProgressFn>,
 }
 
-/// Metadata key recording the engine version.
-pub const VERSION_KEY: &str = "brainsurgery.version";
+/// Metadata key recording the engine version (also how a later run recognises our outputs).
+pub use crate::formats::output::VERSION_KEY;
 /// Metadata key recording the SHA-256 of the plan document without its locations (issue 8).
 pub const PLAN_KEY: &str = "brainsurgery.plan_sha256";
 /// Metadata key recording the identities of the checkpoints read (issue 8): a JSON list of
@@ -170,6 +170,23 @@ pub fn validate_target(output: &OutputSpec, state: &State, location: &Location) 
                     ),
                 ));
             }
+        }
+    }
+    if !output.single_file && !output.overwrite {
+        let foreign = crate::formats::output::foreign_outputs(output.format, &output.path);
+        if let Some(first) = foreign.first() {
+            let more = match foreign.len() - 1 {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            return Err(PlanError::invalid(
+                &location.key("path"),
+                format!(
+                    "`{}` holds `{}`{more}, which brainsurgery did not write; a directory output there would replace or remove it. Write elsewhere, or set `overwrite: true` (`--overwrite`)",
+                    output.path.display(),
+                    first.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                ),
+            ));
         }
     }
     Ok(())

@@ -287,6 +287,51 @@ def test_rerun_leaves_no_stale_shards(ws: Path) -> None:
     assert temporaries(ws) == []
 
 
+def _foreign_model(directory: Path) -> dict[str, bytes]:
+    """Another tool's sharded checkpoint: shards and an index without our mark."""
+    directory.mkdir()
+    write_st(directory / "model-00001-of-00002.safetensors", {"x": np.ones(3, np.float32)}, {"format": "pt"})
+    write_st(directory / "model-00002-of-00002.safetensors", {"y": np.zeros(3, np.float32)}, {"format": "pt"})
+    index = {"metadata": {"total_size": 24}, "weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_directory_output_refuses_to_replace_another_tools_checkpoint(ws: Path) -> None:
+    before = _foreign_model(ws / "theirs")
+    proc = cli(["in.safetensors", "-o", "theirs"], ws)
+    assert proc.returncode == 2, proc.stderr
+    assert "brainsurgery did not write" in proc.stderr and "--overwrite" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in (ws / "theirs").iterdir()} == before
+    with pytest.raises(bs.PlanError, match="did not write"):
+        bs.check({"inputs": ["in.safetensors"], "transforms": [{"save": {"path": "theirs", "alias": "model"}}]})
+    # Asked for: replaced, and the other tool's shards removed.
+    proc = cli(["in.safetensors", "-o", "theirs", "--overwrite"], ws)
+    assert proc.returncode == 0, proc.stderr
+    assert listing(ws / "theirs") == ["model.safetensors"]
+    assert_same(load_file(str(ws / "theirs" / "model.safetensors")), INPUT)
+    assert temporaries(ws) == []
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_output_replaces_its_own_earlier_output(ws: Path, fmt: str) -> None:
+    for shard in ["100B", "none", "100B"]:
+        bs.run({"inputs": ["in.safetensors"], "output": {"path": "out", "format": fmt, "shard": shard}})
+    files = listing(ws / "out")
+    assert any(".index.json" in f for f in files), files
+    # A file another tool wrote under one of the names is in the way.
+    name = "pytorch_model.bin" if fmt == "torch" else "model.safetensors"
+    if fmt == "torch":
+        import zipfile
+
+        with zipfile.ZipFile(ws / "out" / name, "w") as z:
+            z.writestr("archive/data.pkl", b"")
+    else:
+        write_st(ws / "out" / name, {"x": np.ones(2, np.float32)})
+    with pytest.raises(bs.PlanError, match=f"holds `{name}`"):
+        bs.run({"inputs": ["in.safetensors"], "output": {"path": "out", "format": fmt, "shard": "none"}})
+
+
 def _checkpoint_dir(root: Path) -> dict[str, np.ndarray]:
     tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16)}
     write_st(root / "model.safetensors", tensors, META)

@@ -734,6 +734,22 @@ fn name_list(names: &[&String]) -> String {
     }
 }
 
+/// Whether sidecar `file` of checkpoint folder `dir` may be copied: a regular file, or a link to
+/// one inside the folder or in the Hugging Face cache's `blobs/` beside its `snapshots/` (where the
+/// cache links every snapshot file). A link elsewhere could copy any readable file (contents and
+/// mode) into an output that is then shared.
+fn sidecar_link_allowed(dir: &Path, file: &Path) -> bool {
+    if !std::fs::symlink_metadata(file).is_ok_and(|m| m.file_type().is_symlink()) {
+        return true;
+    }
+    let Ok(target) = file.canonicalize() else {
+        return false;
+    };
+    let inside = dir.canonicalize().is_ok_and(|d| target.starts_with(d));
+    let blobs = dir.join("../../blobs").canonicalize();
+    inside || blobs.is_ok_and(|b| target.parent() == Some(b.as_path()))
+}
+
 /// Opens a directory input. The files directly in it are classified by name ([`classify`]);
 /// the weights read are, in order of preference: safetensors (`model.safetensors.index.json`'s
 /// shards, else every `*.safetensors`), PyTorch (`pytorch_model.bin.index.json`'s shards, else
@@ -761,7 +777,10 @@ fn open_directory(path: &Path) -> Result<Checkpoint, FormatError> {
     }
     names.sort();
     let of_kind = |kind: FileKind| -> Vec<&String> { names.iter().filter(|n| classify(n) == kind).collect() };
-    let sidecars: Vec<PathBuf> = of_kind(FileKind::Sidecar).into_iter().map(|n| path.join(n)).collect();
+    let (sidecars, outside): (Vec<PathBuf>, Vec<PathBuf>) = of_kind(FileKind::Sidecar)
+        .into_iter()
+        .map(|n| path.join(n))
+        .partition(|p| sidecar_link_allowed(path, p));
     let has = |name: &str| names.iter().any(|n| n == name);
 
     const PREFERENCE: [Format; 3] = [Format::Safetensors, Format::PyTorch, Format::NumPy];
@@ -775,6 +794,17 @@ fn open_directory(path: &Path) -> Result<Checkpoint, FormatError> {
     };
 
     let mut notices = Vec::new();
+    if !outside.is_empty() {
+        notices.push(format!(
+            "{}: not copying {} (symbolic links to files outside the checkpoint folder)",
+            path.display(),
+            outside
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     for other in PREFERENCE.into_iter().filter(|&f| f != format) {
         let ignored = of_kind(FileKind::Weights(other));
         if !ignored.is_empty() {
@@ -1176,6 +1206,36 @@ mod tests {
         assert_eq!(
             sidecars,
             vec!["README.md", "config.json", "generation_config.json", "tokenizer.json"]
+        );
+    }
+
+    #[test]
+    fn sidecar_links_are_followed_only_inside_the_folder_or_into_the_hub_cache_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let snapshot = root.join("models--org--m/snapshots/abc");
+        let blobs = root.join("models--org--m/blobs");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(&blobs).unwrap();
+        write_official(
+            &snapshot.join("model.safetensors"),
+            &[("w", Dtype::F32, vec![1], pattern(4, 1))],
+            None,
+        );
+        std::fs::write(blobs.join("0123"), b"{}").unwrap();
+        std::os::unix::fs::symlink("../../blobs/0123", snapshot.join("config.json")).unwrap();
+        std::fs::write(snapshot.join("real.txt"), b"x").unwrap();
+        std::os::unix::fs::symlink("real.txt", snapshot.join("README.md")).unwrap();
+        let secret = root.join("secret");
+        std::fs::write(&secret, b"do not copy").unwrap();
+        std::os::unix::fs::symlink(&secret, snapshot.join("tokenizer.json")).unwrap();
+        let ck = open_checkpoint(&snapshot).unwrap();
+        let names: Vec<_> = ck.sidecars.iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+        assert_eq!(names, ["README.md", "config.json", "real.txt"]);
+        assert!(
+            ck.notices.iter().any(|n| n.contains("not copying tokenizer.json")),
+            "{:?}",
+            ck.notices
         );
     }
 

@@ -27,6 +27,9 @@ use crate::dtype::{checked_numel, DType};
 
 /// File name of an unsharded safetensors directory output.
 pub const SINGLE_NAME: &str = "model.safetensors";
+/// Metadata key recording the engine version, in safetensors headers and in the index: how a
+/// later run recognises an output it may replace.
+pub const VERSION_KEY: &str = "brainsurgery.version";
 
 /// One tensor to write: its bytes are supplied later, at [`Writer::placement`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -279,6 +282,83 @@ fn is_weight_output_name(format: Format, name: &str) -> bool {
         .and_then(|rest| rest.strip_suffix('.'))
         .and_then(|rest| rest.split_once("-of-"))
         .is_some_and(|(a, b)| digits(a) && digits(b))
+}
+
+/// Weight files of `format`'s directory layout in `dir` (the index, the single file, shards) that
+/// this tool did not write: a directory output there would replace or remove them. Ours are an
+/// index whose metadata has [`VERSION_KEY`] and the shards it names, safetensors files whose
+/// header has it, and zip archives ending in [`zip::ARCHIVE_COMMENT`].
+pub fn foreign_outputs(format: Format, dir: &Path) -> Vec<PathBuf> {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return Vec::new(); // missing: nothing in the way; unreadable: writing fails clearly
+    };
+    let mut names: Vec<String> = listing
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| is_weight_output_name(format, n))
+        .collect();
+    names.sort();
+    let (_, index, _) = directory_names(format);
+    let mut ours: HashSet<String> = HashSet::new();
+    if let Some(shards) = names
+        .iter()
+        .any(|n| n == index)
+        .then(|| our_index_shards(&dir.join(index)))
+        .flatten()
+    {
+        ours.insert(index.to_owned());
+        ours.extend(shards);
+    }
+    names
+        .into_iter()
+        .filter(|n| !ours.contains(n) && !marked_as_ours(&dir.join(n)))
+        .map(|n| dir.join(n))
+        .collect()
+}
+
+/// Largest index or safetensors header read to recognise an earlier output.
+const MAX_MARK_READ: u64 = 256 << 20;
+
+/// The shard names an index of ours lists, or `None` when it is not ours (or unreadable).
+fn our_index_shards(path: &Path) -> Option<Vec<String>> {
+    let file = File::open(path).ok()?;
+    if file.metadata().ok()?.len() > MAX_MARK_READ {
+        return None;
+    }
+    let doc: Value = serde_json::from_reader(io::BufReader::new(file)).ok()?;
+    doc.get("metadata")?.get(VERSION_KEY)?;
+    let map = doc.get("weight_map")?.as_object()?;
+    Some(map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+}
+
+/// Whether the weight file at `path` carries our mark (see [`foreign_outputs`]).
+fn marked_as_ours(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    let mut head = [0u8; 8];
+    if file.read_exact_at(&mut head, 0).is_err() {
+        return false;
+    }
+    if head.starts_with(b"PK") {
+        let tail_len = len.min(zip::ARCHIVE_COMMENT.len() as u64);
+        let mut tail = vec![0u8; tail_len as usize];
+        return file.read_exact_at(&mut tail, len - tail_len).is_ok() && tail == zip::ARCHIVE_COMMENT;
+    }
+    // safetensors: an 8-byte length, then the JSON header.
+    let n = u64::from_le_bytes(head);
+    if n > MAX_MARK_READ || n > len.saturating_sub(8) {
+        return false;
+    }
+    let mut header = vec![0u8; n as usize];
+    if file.read_exact_at(&mut header, 8).is_err() {
+        return false;
+    }
+    serde_json::from_slice::<Value>(&header)
+        .ok()
+        .is_some_and(|doc| doc.get("__metadata__").and_then(|m| m.get(VERSION_KEY)).is_some())
 }
 
 /// Refuses a PyTorch directory output into a directory holding safetensors weights: readers
@@ -584,6 +664,7 @@ impl Writer {
             }
             let mut meta = Map::new();
             meta.insert("total_size".into(), total.into());
+            meta.insert(VERSION_KEY.into(), env!("CARGO_PKG_VERSION").into());
             let mut doc = Map::new();
             doc.insert("metadata".into(), Value::Object(meta));
             doc.insert("weight_map".into(), Value::Object(weight_map));

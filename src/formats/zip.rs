@@ -27,6 +27,10 @@ const ZIP64_EXTRA: u16 = 0x0001;
 const PADDING_EXTRA: u16 = 0x4246;
 /// Largest data alignment `Layout::add` pads to (the padding goes in a 16-bit extra field).
 const MAX_ALIGN: u64 = 4096;
+/// The archive comment of every zip this tool writes (PyTorch files, `.npz`): how a later run
+/// recognises an output it may replace (readers ignore comments).
+pub const ARCHIVE_COMMENT: &[u8] = b"written by brainsurgery";
+
 /// Largest central directory read (a few hundred bytes per entry; this allows millions).
 const MAX_CENTRAL_DIRECTORY: u64 = 1 << 30;
 /// 1980-01-01 00:00 in DOS time/date: fixed, so output bytes do not depend on the clock.
@@ -88,6 +92,15 @@ pub enum ZipError {
     InconsistentSizes {
         /// The entry name.
         entry: String,
+    },
+    /// Two entries share bytes: a zip bomb's trick to make a small file read as many large
+    /// tensors. No writer of checkpoints does this.
+    #[error("entries {first:?} and {second:?} overlap")]
+    Overlapping {
+        /// The entry stored first.
+        first: String,
+        /// The entry whose bytes start inside it.
+        second: String,
     },
     /// An entry's local header is missing.
     #[error("entry {entry:?} has no local header")]
@@ -182,9 +195,14 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
     // The end record is 22 bytes plus a comment of at most 64 KiB, at the very end.
     let tail_len = file.len.min(22 + 0xFFFF);
     let tail = read(file, file.len - tail_len, tail_len, "end of archive")?;
+    // The last end-record signature whose comment fits in the file (a comment cut short means a
+    // truncated archive; bytes after the comment are tolerated, as Python's zipfile does).
     let eocd = (0..tail.len().saturating_sub(21))
         .rev()
-        .find(|&i| u32_at(&tail, i) == Some(EOCD_SIG))
+        .find(|&i| {
+            u32_at(&tail, i) == Some(EOCD_SIG)
+                && u16_at(&tail, i + 20).is_some_and(|c| i + 22 + usize::from(c) <= tail.len())
+        })
         .ok_or_else(not_zip)?;
     let eocd_abs = file.len - tail_len + eocd as u64;
     let field = |at: usize, wide: bool| -> Option<u64> {
@@ -224,6 +242,8 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
     file.record_header(&cd);
     let short = || ZipError::CentralDirectoryTruncated;
     let mut entries = Vec::new();
+    // `(local header offset, end of data, entry index)` for the overlap check.
+    let mut spans: Vec<(u64, u64, usize)> = Vec::new();
     let mut at = 0usize;
     for _ in 0..count {
         let fixed = cd.get(at..at + 46).ok_or_else(short)?;
@@ -280,6 +300,18 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
             data_offset,
             size: compressed,
         });
+        spans.push((local, data_offset + compressed, entries.len() - 1));
+    }
+    // Each entry's bytes, local header included, belong to it alone.
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+        if start < end {
+            return Err(ZipError::Overlapping {
+                first: entries[first].name.clone(),
+                second: entries[second].name.clone(),
+            });
+        }
     }
     Ok(entries)
 }
@@ -538,7 +570,8 @@ impl Layout {
         for value in [size, offset] {
             central.extend_from_slice(&(if zip64 { SATURATED } else { value } as u32).to_le_bytes());
         }
-        central.extend_from_slice(&[0, 0]); // comment length
+        central.extend_from_slice(&(ARCHIVE_COMMENT.len() as u16).to_le_bytes());
+        central.extend_from_slice(ARCHIVE_COMMENT);
         file.write_all_at(&central, offset)?;
         Ok(offset + central.len() as u64)
     }
@@ -656,7 +689,7 @@ mod tests {
         // Strip the ZIP64 records our writer adds at this count, as Python's zipfile does not
         // write them: keep the classic end record only.
         let bytes = std::fs::read(&file.path).unwrap();
-        let eocd = bytes.len() - 22;
+        let eocd = bytes.len() - 22 - ARCHIVE_COMMENT.len();
         let locator = eocd - 20;
         let record = locator - 56;
         let mut classic = bytes[..record].to_vec();
@@ -668,6 +701,31 @@ mod tests {
         std::fs::write(&file.path, &classic).unwrap();
         let file = SourceFile::open(&file.path).unwrap();
         assert_eq!(read_entries(&file).unwrap().len(), 0xFFFF);
+    }
+
+    #[test]
+    fn entries_sharing_bytes_are_refused() {
+        let mut layout = Layout::new();
+        layout.add("a", 10, 1).unwrap();
+        layout.add("b", 10, 1).unwrap();
+        let (_dir, file) = write(&layout, &[&[1u8; 10], &[2u8; 10]]);
+        assert_eq!(read_entries(&file).unwrap().len(), 2);
+        // Point the second central record at the first entry's local header.
+        let mut bytes = std::fs::read(&file.path).unwrap();
+        let central: Vec<usize> = bytes
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == CENTRAL_SIG.to_le_bytes())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(central.len(), 2);
+        bytes[central[1] + 42..central[1] + 46].copy_from_slice(&0u32.to_le_bytes());
+        std::fs::write(&file.path, &bytes).unwrap();
+        let file = SourceFile::open(&file.path).unwrap();
+        match read_entries(&file) {
+            Err(ZipError::Overlapping { first, second }) => assert_eq!((first.as_str(), second.as_str()), ("a", "b")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

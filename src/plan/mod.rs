@@ -51,6 +51,8 @@ pub struct OutputSpec {
     pub alias: Option<String>,
     /// Whether non-weight files beside a directory input are copied.
     pub sidecars: bool,
+    /// Whether a directory output may replace weight files this tool did not write.
+    pub overwrite: bool,
 }
 
 /// Shard budget of directory outputs when the plan does not give one.
@@ -85,7 +87,7 @@ pub struct Plan {
 }
 
 const TOP_KEYS: &[&str] = &["inputs", "transforms", "output"];
-const OUTPUT_KEYS: &[&str] = &["path", "format", "shard", "alias", "sidecars"];
+const OUTPUT_KEYS: &[&str] = &["path", "format", "shard", "alias", "sidecars", "overwrite"];
 
 fn check_keys(map: &Map<String, Value>, allowed: &[&str], location: &Location) -> Result<(), PlanError> {
     for key in map.keys() {
@@ -335,16 +337,16 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
             ))
         }
     };
-    let sidecars = match map.get("sidecars") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return Err(PlanError::invalid(
-                &location.key("sidecars"),
-                format!("expected true or false, got {}", kind_of(other)),
-            ))
-        }
+    let flag = |key: &str, default: bool| match map.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(PlanError::invalid(
+            &location.key(key),
+            format!("expected true or false, got {}", kind_of(other)),
+        )),
     };
+    let sidecars = flag("sidecars", true)?;
+    let overwrite = flag("overwrite", false)?;
     Ok(Some(OutputSpec {
         path,
         format,
@@ -353,6 +355,7 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
         shard,
         alias,
         sidecars,
+        overwrite,
     }))
 }
 

@@ -125,6 +125,12 @@ const SAVE_FIELDS: &[Field] = &[
         Some("5GB"),
         "shard budget of a directory (`none`: one file)",
     ),
+    Field::optional(
+        "overwrite",
+        FieldKind::Bool,
+        Some("false"),
+        "replace weight files in the directory that brainsurgery did not write",
+    ),
 ];
 
 /// `save`: write an alias or one tensor to a file, atomically, when the plan runs.
@@ -139,7 +145,7 @@ pub const SAVE: TransformSpec = TransformSpec {
         nonempty_path(&p)?;
         // The `output` section's parser gives `save` the same path, format and shard rules.
         let mut out = Map::new();
-        for key in ["path", "format", "shard"] {
+        for key in ["path", "format", "shard", "overwrite"] {
             if let Some(v) = p.get(key) {
                 out.insert(key.to_owned(), v.clone());
             }
