@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from make_tiny_gpt2 import save_safetensors  # noqa: E402
@@ -67,3 +68,44 @@ def test_every_ctrl_c_cancels_its_entry_in_a_session(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert err.count("interrupted") == 2, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def _busy_write(tmp_path: Path) -> subprocess.Popen[str]:
+    """A run whose write takes seconds: 400 MB of normal noise generated on one thread."""
+    save_safetensors(tmp_path / "in.safetensors", {"w": np.zeros(4, np.float32)})
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("inputs: [in.safetensors]\ntransforms:\n  - rand: {target: r, shape: [100000000], distribution: normal}\noutput: out\n")
+    proc = subprocess.Popen(
+        ["brainsurgery", str(plan), "--threads", "1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while "_core" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the plan finished before it could be stopped"
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_cancel_like_ctrl_c(tmp_path: Path, signum: int) -> None:
+    proc = _busy_write(tmp_path)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum, err
+    assert err.strip() == "error: interrupted; nothing was written"
+    # Hidden temporaries included: nothing but the inputs.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "plan.yaml"]
+
+
+def test_kill_9_during_a_write_leaves_nothing(tmp_path: Path) -> None:
+    proc = _busy_write(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    # The output directory the run created may stay (empty); no file, hidden or not, is left.
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["in.safetensors", "plan.yaml"]

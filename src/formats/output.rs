@@ -93,12 +93,20 @@ impl OutputLayout {
     }
 }
 
-/// A temporary file beside its target: [`Staged::commit`] renames it into place; dropped
-/// before that, it is removed. Every file a writer produces goes through one.
+/// A temporary file beside its target: [`Staged::commit`] puts it into place; dropped before
+/// that, it is removed. Every file a writer produces goes through one.
+///
+/// On Linux the temporary is unnamed (`O_TMPFILE`): until commit it has no name in the
+/// directory, so even `kill -9` leaves nothing behind. At commit it is linked under a hidden
+/// name and renamed over the target. Where unnamed files are unavailable (other systems, some
+/// filesystems, no `/proc`) it is a hidden named file, and a later run in the folder removes
+/// those of dead processes ([`remove_dead_temporaries`]).
 #[derive(Debug)]
 struct Staged {
     temp: PathBuf,
     target: PathBuf,
+    /// The unnamed file, linked to `temp` at commit; `None` for a named temporary.
+    unnamed: Option<File>,
     renamed: bool,
 }
 
@@ -109,6 +117,7 @@ impl Staged {
         Staged {
             temp: temp_path_for(target),
             target: target.to_path_buf(),
+            unnamed: None,
             renamed: false,
         }
     }
@@ -116,15 +125,23 @@ impl Staged {
     /// A new temporary file for `target`, open for reading and writing.
     fn create(target: &Path) -> Result<(Staged, File), FormatError> {
         let temp = temp_path_for(target);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .map_err(|e| FormatError::io(&temp, e))?;
+        let unnamed = unnamed_file(target).and_then(|f| Some((f.try_clone().ok()?, f)));
+        let (unnamed, file) = match unnamed {
+            Some((kept, file)) => (Some(kept), file),
+            None => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&temp)
+                    .map_err(|e| FormatError::io(&temp, e))?;
+                (None, file)
+            }
+        };
         let staged = Staged {
             temp,
             target: target.to_path_buf(),
+            unnamed,
             renamed: false,
         };
         Ok((staged, file))
@@ -132,13 +149,18 @@ impl Staged {
 
     /// `fsync`s the temporary's contents.
     fn sync(&self) -> Result<(), FormatError> {
-        File::open(&self.temp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| FormatError::io(&self.temp, e))
+        match &self.unnamed {
+            Some(file) => file.sync_all(),
+            None => File::open(&self.temp).and_then(|f| f.sync_all()),
+        }
+        .map_err(|e| FormatError::io(&self.temp, e))
     }
 
-    /// Renames the temporary over its target.
+    /// Puts the temporary in place of its target (atomically replacing what was there).
     fn commit(mut self) -> Result<(), FormatError> {
+        if let Some(file) = self.unnamed.take() {
+            link_unnamed(&file, &self.temp).map_err(|e| FormatError::io(&self.temp, e))?;
+        }
         std::fs::rename(&self.temp, &self.target).map_err(|e| FormatError::io(&self.target, e))?;
         self.renamed = true;
         Ok(())
@@ -147,10 +169,114 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        if !self.renamed {
+        // An unnamed file vanishes when its last descriptor closes; a named one is removed.
+        if !self.renamed && self.unnamed.is_none() {
             let _ = std::fs::remove_file(&self.temp);
         }
     }
+}
+
+/// An unnamed file in `target`'s directory (Linux `O_TMPFILE`), or `None` where unavailable.
+#[cfg(target_os = "linux")]
+fn unnamed_file(target: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Linking it later goes through /proc; without /proc the file could never be named.
+    if !Path::new("/proc/self/fd").is_dir() {
+        return None;
+    }
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o666)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unnamed_file(_target: &Path) -> Option<File> {
+    None
+}
+
+/// Gives the unnamed `file` the name `path` (which must not exist).
+#[cfg(target_os = "linux")]
+fn link_unnamed(file: &File, path: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::AsRawFd;
+    let source = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let dest = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: both arguments are valid NUL-terminated strings that outlive the call; linkat
+    // only reads them.
+    let status = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            source.as_ptr(),
+            libc::AT_FDCWD,
+            dest.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn link_unnamed(_file: &File, _path: &Path) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Removes the named temporaries (`.NAME.tmp-PID-…`) in `dir` left by processes that no longer
+/// run (killed where unnamed temporaries are unavailable). A temporary of a live process, or of
+/// a process id reused since, stays.
+fn remove_dead_temporaries(dir: &Path) {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in listing.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let Some(pid) = temporary_pid(&name) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_alive(pid) {
+            let _ = std::fs::remove_file(dir.join(&name));
+        }
+    }
+}
+
+/// The process id in a temporary's name `.NAME.tmp-PID-SUFFIX` ([`temp_path_for`]).
+fn temporary_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(".tmp-")?;
+    let (pid, suffix) = tail.split_once('-')?;
+    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` exists (signal 0 checks without sending anything).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    // SAFETY: kill with signal 0 has no effect beyond the existence and permission check.
+    let status = unsafe { libc::kill(pid, 0) };
+    status == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// Directories a writer created, outermost first: removed again (innermost first) when
@@ -608,6 +734,7 @@ impl Writer {
             sync: false,
         };
         writer.created_dirs.create(&dir)?;
+        remove_dead_temporaries(&dir);
 
         // Offsets within each shard's data, consecutive in the given order (no holes, so the
         // official loader accepts the file).
@@ -875,6 +1002,53 @@ mod tests {
     use crate::formats::test_util::t;
     use crate::formats::Format;
     use ::safetensors::SafeTensors;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_temporary_has_no_name_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("w.safetensors");
+        let (staged, file) = Staged::create(&target).unwrap();
+        assert!(staged.unnamed.is_some(), "O_TMPFILE is available on the test machine");
+        file.write_all_at(b"bytes", 0).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        staged.sync().unwrap();
+        staged.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"bytes");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Dropped uncommitted: nothing appears.
+        let (staged, file) = Staged::create(&dir.path().join("x")).unwrap();
+        file.write_all_at(b"gone", 0).unwrap();
+        drop((staged, file));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temporaries_of_dead_processes_are_removed_and_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let names = [
+            format!(".model.safetensors.tmp-{dead}-1a2b"),
+            format!(".model.safetensors.tmp-{}-1a2b", std::process::id()),
+            format!(".notes.tmp-{dead}-zz"),
+            "model.safetensors".to_owned(),
+        ];
+        for name in &names {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        remove_dead_temporaries(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [names[1].clone(), names[2].clone(), names[3].clone()]);
+        assert_eq!(temporary_pid(".a.b.tmp-12-0f"), Some(12));
+        assert_eq!(temporary_pid("a.tmp-12-0f"), None);
+        assert_eq!(temporary_pid(".a.tmp-x-0f"), None);
+    }
 
     fn meta() -> BTreeMap<String, String> {
         [
@@ -1157,10 +1331,8 @@ mod tests {
         };
         let w = Writer::create(Format::Safetensors, layout, &tensors, &BTreeMap::new()).unwrap();
         fill(&w, &tensors);
-        // Temporaries are hidden and beside the final names; nothing final exists yet.
-        let names = dir_names(&dir);
-        assert_eq!(names.len(), 3);
-        assert!(names.iter().all(|n| n.starts_with('.') && n.contains(".tmp-")));
+        // Temporaries are unnamed until commit (O_TMPFILE); nothing final exists yet.
+        assert_eq!(dir_names(&dir), Vec::<String>::new());
         drop(w);
         assert_eq!(dir_names(root.path()), Vec::<String>::new());
 

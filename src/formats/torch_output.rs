@@ -636,7 +636,8 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // The temporary is unnamed until commit (O_TMPFILE).
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         // A wrong number of CRCs is an error, and leaves nothing either.
