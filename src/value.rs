@@ -252,14 +252,17 @@ impl StridedSource {
             cx.give(tmp);
             return Ok(result?);
         }
-        let map = self.map.get();
-        let map = map.as_deref().map(|m| &m[..]).unwrap_or_default();
+        let mapped = self.map.get();
+        let map = mapped.as_deref().map(|m| &m[..]).unwrap_or_default();
         for (j, dst) in out.chunks_exact_mut(size).enumerate() {
             let at = (first + j * stride) * size;
             match map.get(at..at + size) {
                 Some(bytes) => dst.copy_from_slice(bytes),
                 None => self.file.read_at(self.offset + at as u64, dst)?,
             }
+        }
+        if let Some(mapped) = &mapped {
+            mapped.check()?;
         }
         Ok(())
     }

@@ -359,7 +359,9 @@ impl PyCheckpoint {
             return Ok(map.clone());
         }
         let source: &SourceFile = &self.checkpoint.files[file];
-        let map = source.map().map_err(|e| errors::to_py(py, Error::Format(e)))?;
+        let map = source
+            .map_for_views()
+            .map_err(|e| errors::to_py(py, Error::Format(e)))?;
         Ok(self.maps[file].get_or_init(|| Arc::new(map)).clone())
     }
 }

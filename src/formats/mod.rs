@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod mapped;
 pub mod numpy;
 pub mod output;
 pub mod pickle;
@@ -263,25 +264,40 @@ impl SourceFile {
             .map_err(|e| FormatError::io(&self.path, e))
     }
 
-    /// Read-only memory map of the whole file.
-    pub fn map(&self) -> Result<memmap2::Mmap, FormatError> {
+    /// Guarded read-only memory map of the whole file (see [`SourceFile::map_range`]).
+    pub fn map(&self) -> Result<mapped::GuardedMap, FormatError> {
         let len = usize::try_from(self.len)
             .map_err(|_| FormatError::io(&self.path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
         self.map_range(0, len, false)
     }
 
-    /// Read-only memory map of `len` bytes at `offset`; `populate` reads them in ahead
-    /// (`MAP_POPULATE`). The one place this crate maps memory.
-    pub fn map_range(&self, offset: u64, len: usize, populate: bool) -> Result<memmap2::Mmap, FormatError> {
+    /// Read-only memory map of `len` bytes at `offset` for the engine's reads; `populate` reads
+    /// them in ahead (`MAP_POPULATE`). Guarded: if the file shrinks meanwhile, reads past its
+    /// new end give zeros instead of SIGBUS and [`mapped::GuardedMap::check`] reports it.
+    pub fn map_range(&self, offset: u64, len: usize, populate: bool) -> Result<mapped::GuardedMap, FormatError> {
+        let map = self.map_unguarded(offset, len, populate)?;
+        mapped::GuardedMap::new(map, self.path.clone())
+            .ok_or_else(|| FormatError::io(&self.path, io::Error::other("too many guarded memory maps at once")))
+    }
+
+    /// Read-only memory map of the whole file for NumPy views handed to Python: not guarded,
+    /// as `numpy.memmap` is not; a view read after the file shrank faults (documented).
+    pub fn map_for_views(&self) -> Result<memmap2::Mmap, FormatError> {
+        let len = usize::try_from(self.len)
+            .map_err(|_| FormatError::io(&self.path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
+        self.map_unguarded(0, len, false)
+    }
+
+    /// The one place this crate maps memory.
+    fn map_unguarded(&self, offset: u64, len: usize, populate: bool) -> Result<memmap2::Mmap, FormatError> {
         let mut options = memmap2::MmapOptions::new();
         options.offset(offset).len(len);
         if populate {
             options.populate();
         }
         // SAFETY: the map is read-only and the file was opened read-only, so this process never
-        // writes through it. Another process truncating or rewriting an input during a run would
-        // be undefined behaviour; like every mmap-based loader (safetensors, numpy) we require
-        // inputs to stay unchanged while they are being read, which the tool documents.
+        // writes through it. A file that shrinks while mapped faults on access; the engine's
+        // maps are guarded against that (`mapped`), views handed to Python are not.
         unsafe { options.map(&self.file) }.map_err(|e| FormatError::io(&self.path, e))
     }
 
@@ -301,7 +317,7 @@ pub struct LazyMap {
     offset: u64,
     len: usize,
     populate: bool,
-    mapped: Mutex<Option<Arc<memmap2::Mmap>>>,
+    mapped: Mutex<Option<Arc<mapped::GuardedMap>>>,
     /// Bytes served since the mapping was made.
     served: AtomicUsize,
 }
@@ -321,7 +337,7 @@ impl LazyMap {
     }
 
     /// The mapped bytes, mapped on first use; `None` if mapping fails (callers read instead).
-    pub fn get(&self) -> Option<Arc<memmap2::Mmap>> {
+    pub fn get(&self) -> Option<Arc<mapped::GuardedMap>> {
         let mut slot = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(map) = &*slot {
             return Some(map.clone());

@@ -112,6 +112,8 @@ pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntr
     if let Some(header) = data.get(..pos) {
         file.record_header(header);
     }
+    // What was parsed came from the file as it is, not zeros after a truncation.
+    map.check()?;
 
     let mut declared = HashMap::new();
     collect_storages(&root, &mut declared, file)?;

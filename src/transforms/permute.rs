@@ -211,7 +211,7 @@ pub struct PermuteOp {
 
 impl PermuteOp {
     /// The mapped bytes of a stored source (mapped on first use), or `None` to read instead.
-    fn mapping(&self) -> Option<Arc<memmap2::Mmap>> {
+    fn mapping(&self) -> Option<Arc<crate::formats::mapped::GuardedMap>> {
         self.mapped.as_ref()?.get()
     }
 
@@ -328,6 +328,7 @@ impl PermuteOp {
                     }
                 }
             }
+            map.check()?;
             return Ok(());
         }
         let span = (count - 1) * stride + h;
@@ -513,6 +514,32 @@ mod tests {
                 assert_eq!(read_all(&t, chunk), expected, "{shape:?} by {order:?}, chunk {chunk}");
             }
         }
+    }
+
+    #[test]
+    fn a_stored_source_that_shrinks_mid_read_is_an_error_not_a_fault() {
+        // 512×512 u32 transposed: tiles read through the guarded map of the stored bytes.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.bin");
+        let (rows, cols) = (512usize, 512usize);
+        let bytes: Vec<u8> = (0..(rows * cols) as u32).flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = Arc::new(crate::formats::SourceFile::open(&path).unwrap());
+        let stored = Tensor::stored(DType::U32, vec![rows, cols], file, 0);
+        let t = permuted(&stored, &[1, 0]).unwrap();
+        let mut cx = ReadContext::default();
+        let mut first = vec![0u8; 4 * cols];
+        t.read(0, &mut first, &mut cx).unwrap();
+        assert_eq!(&first[4..8], &(cols as u32).to_le_bytes());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let mut rest = vec![0u8; 4 * (rows * cols - cols)];
+        let err = t.read(cols, &mut rest, &mut cx).unwrap_err();
+        assert!(crate::error::error_chain(&err).contains("shrank"), "{err}");
     }
 
     #[test]
