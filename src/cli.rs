@@ -420,8 +420,9 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
             let _ = print_report(&mut out, &report, true, "would write");
             let _ = writeln!(
                 out,
-                "estimated peak memory for buffers: {}",
-                HumanBytes(report.peak_memory_estimate)
+                "estimated peak memory: {} ({} for tensors computed whole in memory)",
+                HumanBytes(report.peak_memory_estimate),
+                HumanBytes(report.materialized_bytes)
             );
             Ok(0)
         }

@@ -56,6 +56,15 @@ pub enum ValueError {
         /// The dtype.
         dtype: DType,
     },
+    /// Memory for a tensor computed whole (a product, a permutation that cannot stream) could
+    /// not be had.
+    #[error("{op} needs {bytes} bytes of memory at once, and they could not be allocated")]
+    OutOfMemory {
+        /// The operation.
+        op: &'static str,
+        /// The bytes asked for.
+        bytes: usize,
+    },
     /// A result would take more bytes than memory addresses reach (more than `isize::MAX`):
     /// no file or buffer can hold it.
     #[error("{op} would make a {dtype} tensor of shape {shape:?}, too large to address")]
@@ -81,6 +90,18 @@ pub fn check_addressable(op: &'static str, dtype: DType, shape: &[usize]) -> Res
             shape: shape.to_vec(),
         }),
     }
+}
+
+/// A vector of `len` copies of `fill`, or an error when the memory cannot be had: for whole
+/// tensors computed in memory, whose size the input decides (a failed plain allocation aborts
+/// the process, skipping every cleanup).
+pub fn try_filled<T: Clone>(op: &'static str, len: usize, fill: T) -> Result<Vec<T>, ValueError> {
+    let mut v = Vec::new();
+    let bytes = len.saturating_mul(std::mem::size_of::<T>());
+    v.try_reserve_exact(len)
+        .map_err(|_| ValueError::OutOfMemory { op, bytes })?;
+    v.resize(len, fill);
+    Ok(v)
 }
 
 /// An owned byte buffer a [`Value::Memory`] tensor reads from (a NumPy array handed over by
@@ -113,6 +134,13 @@ pub trait LazyOp: Send + Sync + std::fmt::Debug {
         out: &mut [u8],
         cx: &mut ReadContext,
     ) -> Result<(), ValueError>;
+
+    /// Bytes this operation holds in memory at once when read (a product computed whole, a
+    /// permutation that cannot stream), its operands' included; 0 for streaming operations.
+    /// Tensors whose bytes are reused are counted once per distinct operation.
+    fn materialized(&self, _seen: &mut Vec<usize>) -> usize {
+        0
+    }
 }
 
 /// An element-wise function applied in place (see [`Value::Map`]).
@@ -481,6 +509,25 @@ impl Tensor {
                 slice: slice.clone(),
             },
         ))
+    }
+
+    /// Bytes computing this tensor holds in memory at once (see [`LazyOp::materialized`]),
+    /// through every value it is built on; `seen` lists operations already counted (by
+    /// address), so a result read twice counts once.
+    pub fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+        match &*self.value {
+            Value::Stored { .. } | Value::Strided(_) | Value::Memory(_) => 0,
+            Value::Op(op) => {
+                let key = Arc::as_ptr(op) as *const () as usize;
+                if seen.contains(&key) {
+                    return 0;
+                }
+                seen.push(key);
+                op.materialized(seen)
+            }
+            Value::View { base, .. } | Value::Cast { base } | Value::Map { base, .. } => base.materialized(seen),
+            Value::Overwrite { base, with, .. } => base.materialized(seen).saturating_add(with.materialized(seen)),
+        }
     }
 
     /// Number of elements.
@@ -896,6 +943,15 @@ fn read_map(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_impossible_allocation_is_an_error_not_an_abort() {
+        match try_filled("test", usize::MAX / 4, 0u32) {
+            Err(ValueError::OutOfMemory { op: "test", .. }) => {}
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+        assert_eq!(try_filled("test", 3, 7u8).unwrap(), [7, 7, 7]);
+    }
     use crate::references::SliceSpec;
 
     fn memory_u16(shape: &[usize], offset: u16) -> Tensor {

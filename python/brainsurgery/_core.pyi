@@ -60,6 +60,7 @@ class Report(TypedDict):
     added: int
     removed: int
     peak_memory_estimate: int
+    materialized_bytes: int
 
 PlanLike = Mapping[str, Any] | str | os.PathLike[str]
 

@@ -245,6 +245,7 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     dict.set_item("added", report.added)?;
     dict.set_item("removed", report.removed)?;
     dict.set_item("peak_memory_estimate", report.peak_memory_estimate)?;
+    dict.set_item("materialized_bytes", report.materialized_bytes)?;
     Ok(dict)
 }
 

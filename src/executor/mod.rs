@@ -69,6 +69,8 @@ pub struct Report {
     pub written: Vec<PathBuf>,
     /// Estimated peak bytes of buffers the run allocates.
     pub peak_memory_estimate: u64,
+    /// The part of [`Report::peak_memory_estimate`] for tensors computed whole in memory.
+    pub materialized_bytes: u64,
     /// Input tensor names no longer present in the output alias.
     pub removed: usize,
     /// Output tensor names not present in the alias's input.
@@ -212,8 +214,13 @@ impl Prepared {
             ..Report::default()
         };
         report.alias = self.output_alias(state)?;
+        let mut materialized = 0usize;
         if let Some(alias) = &report.alias {
             let current = state.alias(alias).expect("output alias exists");
+            let mut seen = Vec::new();
+            for (_, tensor) in current.iter() {
+                materialized = materialized.saturating_add(tensor.materialized(&mut seen));
+            }
             for (name, tensor) in current.iter() {
                 report.tensors.push(TensorSummary {
                     name: name.to_owned(),
@@ -237,9 +244,12 @@ impl Prepared {
             }
         }
         // A typical figure: each writing thread holds a chunk buffer plus a temporary or two for
-        // computed values. Long chains of operations on one tensor take a temporary per level,
-        // and strided slices a covering span of up to 4 MiB per level.
-        report.peak_memory_estimate = (self.threads * 3 * CHUNK_BYTES) as u64;
+        // computed values (long chains of operations on one tensor take a temporary per level,
+        // and strided slices a covering span of up to 4 MiB per level), plus every tensor the
+        // output needs computed whole (products, permutations that cannot stream), which are
+        // kept until the write ends.
+        report.materialized_bytes = materialized as u64;
+        report.peak_memory_estimate = ((self.threads * 3 * CHUNK_BYTES) as u64).saturating_add(materialized as u64);
         Ok(report)
     }
 

@@ -173,6 +173,10 @@ impl LazyOp for BinaryOp {
         "arithmetic"
     }
 
+    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+        self.a.materialized(seen).saturating_add(self.b.materialized(seen))
+    }
+
     fn read(
         &self,
         dtype: DType,

@@ -108,6 +108,10 @@ impl LazyOp for ClampOp {
         "clamp"
     }
 
+    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+        self.base.materialized(seen)
+    }
+
     fn read(
         &self,
         dtype: DType,

@@ -206,6 +206,12 @@ impl LazyOp for ConcatOp {
         "concat"
     }
 
+    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+        self.parts
+            .iter()
+            .fold(0, |sum, p| sum.saturating_add(p.materialized(seen)))
+    }
+
     fn read(
         &self,
         dtype: DType,

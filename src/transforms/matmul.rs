@@ -22,7 +22,7 @@ use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{LazyOp, ReadContext, Tensor, ValueError, CHUNK_BYTES};
+use crate::value::{try_filled, LazyOp, ReadContext, Tensor, ValueError, CHUNK_BYTES};
 
 const MATMUL_FIELDS: &[Field] = &[
     Field::required(
@@ -190,7 +190,13 @@ fn read_values<T: Copy, const N: usize>(
     from_bytes: fn([u8; N]) -> T,
     cx: &mut ReadContext,
 ) -> Result<Vec<T>, ValueError> {
-    let mut values = Vec::with_capacity(t.numel());
+    let mut values = Vec::new();
+    values
+        .try_reserve_exact(t.numel())
+        .map_err(|_| ValueError::OutOfMemory {
+            op: "matmul",
+            bytes: t.numel().saturating_mul(N),
+        })?;
     let mut converted = Vec::new();
     let size = t.dtype.size().ok_or(ValueError::NoByteSize {
         op: "matmul",
@@ -217,10 +223,10 @@ fn multiply<T: faer::traits::ComplexField + Copy + Default>(
     [batch, m, k, n]: [usize; 4],
     one: T,
     par: Par,
-) -> Vec<T> {
-    let mut c = vec![T::default(); batch * m * n];
+) -> Result<Vec<T>, ValueError> {
+    let mut c = try_filled("matmul", batch * m * n, T::default())?;
     if m * n == 0 {
-        return c;
+        return Ok(c);
     }
     for i in 0..batch {
         let lhs = MatRef::from_row_major_slice(&a[i * m * k..(i + 1) * m * k], m, k);
@@ -228,7 +234,7 @@ fn multiply<T: faer::traits::ComplexField + Copy + Default>(
         let dst = MatMut::from_row_major_slice_mut(&mut c[i * m * n..(i + 1) * m * n], m, n);
         matmul(dst, Accum::Replace, lhs, rhs, one, par);
     }
-    c
+    Ok(c)
 }
 
 impl MatmulOp {
@@ -246,18 +252,27 @@ impl MatmulOp {
         if dtype == DType::F64 {
             let a = read_values(&self.a, DType::F64, f64::from_le_bytes, &mut cx)?;
             let b = read_values(&self.b, DType::F64, f64::from_le_bytes, &mut cx)?;
-            let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f64, par));
-            Ok(c.iter().flat_map(|v| v.to_le_bytes()).collect())
+            let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f64, par))?;
+            drop((a, b));
+            let mut bytes = try_filled("matmul", c.len() * 8, 0u8)?;
+            for (src, dst) in c.iter().zip(bytes.chunks_exact_mut(8)) {
+                dst.copy_from_slice(&src.to_le_bytes());
+            }
+            Ok(bytes)
         } else {
             let a = read_values(&self.a, DType::F32, f32::from_le_bytes, &mut cx)?;
             let b = read_values(&self.b, DType::F32, f32::from_le_bytes, &mut cx)?;
-            let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f32, par));
-            let bytes: Vec<u8> = c.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f32, par))?;
+            drop((a, b));
+            let mut bytes = try_filled("matmul", c.len() * 4, 0u8)?;
+            for (src, dst) in c.iter().zip(bytes.chunks_exact_mut(4)) {
+                dst.copy_from_slice(&src.to_le_bytes());
+            }
             if dtype == DType::F32 {
                 return Ok(bytes);
             }
             let size = dtype.size().ok_or(ValueError::NoByteSize { op: "matmul", dtype })?;
-            let mut out = vec![0u8; c.len() * size];
+            let mut out = try_filled("matmul", c.len() * size, 0u8)?;
             for (src, dst) in bytes.chunks(CHUNK_BYTES).zip(out.chunks_mut(CHUNK_BYTES / 4 * size)) {
                 kernels::convert(DType::F32, src, dtype, dst);
             }
@@ -292,6 +307,22 @@ impl MatmulOp {
 impl LazyOp for MatmulOp {
     fn name(&self) -> &'static str {
         "matmul"
+    }
+
+    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+        // An upper bound of the peak: both operands and the product as f32 (f64), and the
+        // product's bytes in the result dtype, which are kept for every reader.
+        let [batch, m, k, n] = self.dims;
+        let wide = if self.a.dtype == DType::F64 { 8 } else { 4 };
+        let operands = batch.saturating_mul(m.saturating_mul(k).saturating_add(k.saturating_mul(n)));
+        let product = batch.saturating_mul(m).saturating_mul(n);
+        let result = product.saturating_mul(self.a.dtype.size().unwrap_or(wide));
+        let peak = operands
+            .saturating_add(product)
+            .saturating_mul(wide)
+            .saturating_add(result);
+        peak.saturating_add(self.a.materialized(seen))
+            .saturating_add(self.b.materialized(seen))
     }
 
     fn read(
@@ -390,9 +421,11 @@ mod tests {
         let (m, k, n) = (300, 257, 190);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 997) as f32 / 91.0 - 5.0).collect();
-        let seq = multiply(&a, &b, [1, m, k, n], 1.0f32, Par::Seq);
+        let seq = multiply(&a, &b, [1, m, k, n], 1.0f32, Par::Seq).unwrap();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let par = pool.install(|| multiply(&a, &b, [1, m, k, n], 1.0f32, Par::rayon(2)));
+        let par = pool
+            .install(|| multiply(&a, &b, [1, m, k, n], 1.0f32, Par::rayon(2)))
+            .unwrap();
         assert!(seq.iter().zip(&par).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }

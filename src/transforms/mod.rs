@@ -168,12 +168,13 @@ impl TransformError {
     /// interruptions keep their own kinds.
     pub fn value_of(tensor: &str, e: ValueError) -> StepError {
         match e {
-            ValueError::NoByteSize { .. } | ValueError::Compute { .. } | ValueError::TooLarge { .. } => {
-                StepError::Transform(TransformError::ValueOf {
-                    tensor: tensor.to_owned(),
-                    source: e,
-                })
-            }
+            ValueError::NoByteSize { .. }
+            | ValueError::Compute { .. }
+            | ValueError::TooLarge { .. }
+            | ValueError::OutOfMemory { .. } => StepError::Transform(TransformError::ValueOf {
+                tensor: tensor.to_owned(),
+                source: e,
+            }),
             other => other.into(),
         }
     }

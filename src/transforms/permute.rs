@@ -25,7 +25,7 @@ use crate::plan::payload::{compact, Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{strides, LazyOp, ReadContext, Tensor, Value, ValueError, CHUNK_BYTES};
+use crate::value::{strides, try_filled, LazyOp, ReadContext, Tensor, Value, ValueError, CHUNK_BYTES};
 
 /// Elements of the source read per tile before they are scattered: 64 KiB of BF16, well within
 /// L2 together with the output band it is written into.
@@ -357,7 +357,7 @@ impl PermuteOp {
             match &*slot {
                 Some(whole) => whole.clone(),
                 None => {
-                    let mut bytes = vec![0u8; self.source.numel() * size];
+                    let mut bytes = try_filled("permute", self.source.numel() * size, 0u8)?;
                     let per = (CHUNK_BYTES / size).max(1);
                     let total = self.source.numel();
                     let mut at = 0;
@@ -423,6 +423,16 @@ fn scatter_row(size: usize, tile: &[u8], h: usize, t: usize, c: usize, dst: &mut
 impl LazyOp for PermuteOp {
     fn name(&self) -> &'static str {
         "permute"
+    }
+
+    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+        // Orders that cannot stream hold the whole source; the others a chunk at a time.
+        let own = if self.mode == Mode::Whole {
+            self.source.nbytes()
+        } else {
+            0
+        };
+        own.saturating_add(self.source.materialized(seen))
     }
 
     fn read(

@@ -135,6 +135,10 @@ impl LazyOp for Reshaped {
         "reshape"
     }
 
+    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+        self.inner.materialized(seen)
+    }
+
     fn read(
         &self,
         _dtype: DType,

@@ -3,6 +3,8 @@ and rounded back, so half-precision results are compared with a tolerance."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -77,3 +79,39 @@ def test_matmul_refusals(write, tmp_path):
         _run(path, [{"matmul": {"from_a": "a", "from_b": "nope", "to": "c"}}], out)
     with pytest.raises(bs.TransformError, match="already exists"):
         _run(path, [{"matmul": {"from_a": "a", "from_b": "w", "to": "i"}}], out)
+
+
+def test_check_counts_the_product_held_in_memory(write, tmp_path):
+    path = write({"a": np.ones((512, 256), np.float32), "b": np.ones((256, 1024), np.float32)})
+    report = bs.check({"inputs": [str(path)], "transforms": [{"matmul": {"from_a": "a", "from_b": "b", "to": "c"}}], "output": str(tmp_path / "o.safetensors")})
+    # Both operands and the product as f32, and the product's bytes kept for the writer.
+    want = (512 * 256 + 256 * 1024 + 512 * 1024) * 4 + 512 * 1024 * 4
+    assert report["materialized_bytes"] == want
+    assert report["peak_memory_estimate"] > want
+
+
+def _overcommit_refuses_the_impossible() -> bool:
+    try:
+        return Path("/proc/sys/vm/overcommit_memory").read_text().strip() in ("0", "2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _overcommit_refuses_the_impossible(), reason="the kernel would grant 4 TiB and the test would exhaust memory")
+def test_a_product_too_large_for_memory_is_an_error_and_leaves_nothing(write, tmp_path):
+    # A 2^20 × 2^20 float32 product is 4 TiB: the allocation fails, cleanly.
+    path = write({"w": np.ones(2, np.float32)})
+    out = tmp_path / "out"
+    plan = {
+        "inputs": [str(path)],
+        "transforms": [
+            {"zeroes": {"target": "p", "shape": [2**20, 1]}},
+            {"zeroes": {"target": "q", "shape": [1, 2**20]}},
+            {"matmul": {"from_a": "p", "from_b": "q", "to": "z"}},
+        ],
+        "output": str(out),
+    }
+    with pytest.raises(bs.TransformError, match="could not be allocated"):
+        bs.run(plan)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
