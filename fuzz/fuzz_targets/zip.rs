@@ -8,8 +8,9 @@
 //!
 //! Besides "no panic", it checks:
 //! - determinism: a second reading gives the same entries or the same error;
-//! - every accepted entry's data lies inside the file, after at least a local header, and an
-//!   entry that is neither compressed nor encrypted passes `require_stored`;
+//! - every accepted entry's data lies inside the file, after at least a local header, no two
+//!   entries' data overlap, and an entry that is neither compressed nor encrypted passes
+//!   `require_stored`;
 //! - an accepted `.npz` has unique names, tensors sorted by offset, `nbytes` = dtype × shape, and
 //!   each tensor lies inside the zip entry `NAME.npy` that holds it;
 //! - errors render and say something.
@@ -41,6 +42,12 @@ fuzz_target!(|data: &[u8]| {
         Ok(entries) => {
             for e in entries {
                 accepted_entry(e, file.len);
+            }
+            // No two entries share data bytes (a zip bomb's amplification).
+            let mut spans: Vec<(u64, u64)> = entries.iter().map(|e| (e.data_offset, e.data_offset + e.size)).collect();
+            spans.sort_unstable();
+            for pair in spans.windows(2) {
+                assert!(pair[1].0 >= pair[0].1, "entries overlap: {pair:?}");
             }
         }
         Err(e) => assert!(!e.to_string().is_empty()),
