@@ -3,6 +3,7 @@ comparison against NumPy / the official safetensors reader / bytes written by ha
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -124,6 +125,21 @@ def test_inspect_directory(ws: Path) -> None:
     assert "x" in names and "y" in names
     assert re.search(r"\b2 tensors\b", proc.stdout)
     assert re.search(r"\b16 B\b", proc.stdout)
+
+
+def test_issue9_inspect_long_name_is_shortened_and_whole_in_json(ws: Path) -> None:
+    """Issue 9 item 2: a 65,536-byte name made `inspect` panic on its column width."""
+    long = "model." + "x" * 65_536 + ".weight"
+    write_st(ws / "long.safetensors", {long: np.zeros(2, np.float32), "short": np.zeros((2, 3), np.float32)})
+    proc = ok(cli(["inspect", "long.safetensors"], cwd=ws))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("model."))
+    shown = row.split()[0]
+    assert len(shown) == 100 and "…" in shown and shown.endswith("x.weight"), shown
+    assert len(row) < 200 and "float32" in row and "(2,)" in row
+    doc = json.loads(ok(cli(["inspect", "--json", "long.safetensors"], cwd=ws)).stdout)
+    assert [t["name"] for t in doc["tensors"]] == [long, "short"]
+    assert doc["tensors"][1] == {"name": "short", "dtype": "float32", "shape": [2, 3], "nbytes": 24}
+    assert doc["format"] == "safetensors" and doc["nbytes"] == 32
 
 
 def test_plan_files_merge_and_overrides_are_typed(ws: Path) -> None:

@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value as Json};
 
-use super::{count_noun, fmt_shape, Context, Flow, StepError, Transform, TransformSpec};
+use super::{columns, count_noun, fmt_shape, Context, Flow, StepError, Transform, TransformSpec};
 use crate::dtype::DType;
 use crate::kernels::{self, Stats};
 use crate::plan::error::suggest;
@@ -24,6 +24,9 @@ use indicatif::HumanBytes;
 const THRESHOLD: usize = 1000;
 /// NumPy's `edgeitems`: elements kept at each end of a cut dimension.
 const EDGE: usize = 3;
+/// Levels of the tree layout: segments past this stay joined in the last level's name, so a
+/// name of thousands of dots does not print thousands of ever deeper lines.
+const TREE_DEPTH: usize = 32;
 /// Significant digits of printed statistics (enough for 1e-6 relative comparisons).
 const STAT_DIGITS: usize = 7;
 /// Significant digits of printed values.
@@ -492,7 +495,7 @@ fn render_into(v: &Values, level: usize, ndim: usize, width: usize, digits: usiz
             let cells: Vec<String> = row
                 .iter()
                 .map(|e| match e {
-                    Some(e) => format!("{:>width$}", fmt_elem(e, digits)),
+                    Some(e) => columns::pad_left(&fmt_elem(e, digits), width),
                     None => "...".to_owned(),
                 })
                 .collect();
@@ -694,15 +697,28 @@ fn indent(text: &str, by: usize) -> String {
         .join("\n")
 }
 
-/// Lines of `name  dtype  shape  stats`, columns aligned.
+/// A name cell: its leading indentation, then the name shortened to [`columns::MAX_CELL`].
+fn name_cell(name: &str) -> String {
+    let text = name.trim_start_matches(' ');
+    format!("{}{}", &name[..name.len() - text.len()], columns::cell(text))
+}
+
+/// Lines of `name  dtype  shape  stats`, columns aligned; names and shapes longer than
+/// [`columns::MAX_CELL`] are shortened in the middle (`json` keeps them whole).
 fn aligned(lines: &[Line], values_indent: usize) -> Vec<String> {
-    let w0 = lines.iter().map(|l| l.0.chars().count()).max().unwrap_or(0);
-    let w1 = lines.iter().map(|l| l.1 .0.len()).max().unwrap_or(0);
-    let w2 = lines.iter().map(|l| l.1 .1.len()).max().unwrap_or(0);
+    let cells: Vec<[String; 3]> = lines
+        .iter()
+        .map(|(name, (dtype, shape, _), _)| [name_cell(name), columns::cell(dtype), columns::cell(shape)])
+        .collect();
+    let w: [usize; 3] = std::array::from_fn(|i| columns::width(cells.iter().map(|c| c[i].as_str())));
     let mut out = Vec::new();
-    for (name, (dtype, shape, extra), values) in lines {
-        let pad = w0 - name.chars().count();
-        let line = format!("{name}{}  {dtype:<w1$}  {shape:<w2$}  {extra}", " ".repeat(pad));
+    for ([name, dtype, shape], (_, (_, _, extra), values)) in cells.iter().zip(lines) {
+        let line = format!(
+            "{}  {}  {}  {extra}",
+            columns::pad_right(name, w[0]),
+            columns::pad_right(dtype, w[1]),
+            columns::pad_right(shape, w[2])
+        );
         out.push(line.trim_end().to_owned());
         if let Some(values) = values {
             out.push(indent(values, values_indent));
@@ -739,6 +755,9 @@ fn render_compact(sections: &[Section], verbosity: Verbosity, deferred: bool) ->
 #[derive(Debug, Default)]
 struct Node {
     children: Vec<(String, Node)>,
+    /// Where each child is in `children`, while the tree is built (a linear search made a
+    /// 100,000-tensor flat checkpoint quadratic).
+    index: HashMap<String, usize>,
     item: Option<usize>,
 }
 
@@ -747,9 +766,10 @@ impl Node {
         match path.split_first() {
             None => self.item = Some(item),
             Some((head, rest)) => {
-                let at = match self.children.iter().position(|(s, _)| s == head) {
-                    Some(at) => at,
+                let at = match self.index.get(*head) {
+                    Some(&at) => at,
                     None => {
+                        self.index.insert((*head).to_owned(), self.children.len());
                         self.children.push(((*head).to_owned(), Node::default()));
                         self.children.len() - 1
                     }
@@ -762,6 +782,7 @@ impl Node {
     /// Numeric children take the place of the first one among them, in numeric order; the
     /// others keep their first-seen order.
     fn sort(&mut self) {
+        self.index = HashMap::new();
         let first_numeric = self.children.iter().position(|(s, _)| number(s).is_some());
         if let Some(first) = first_numeric {
             let key = |(i, (s, _)): &(usize, &(String, Node))| match number(s) {
@@ -802,7 +823,7 @@ fn render_tree(sections: &[Section], verbosity: Verbosity, deferred: bool) -> St
         out.push(section_header(section, deferred));
         let mut root = Node::default();
         for (i, item) in section.items.iter().enumerate() {
-            let path: Vec<&str> = item.name.split('.').collect();
+            let path: Vec<&str> = item.name.splitn(TREE_DEPTH, '.').collect();
             root.insert(&path, i);
         }
         root.sort();

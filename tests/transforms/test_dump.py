@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import brainsurgery as bs
+from helpers import write_raw_st
 
 RNG = np.random.default_rng(5)
 
@@ -233,6 +234,37 @@ def test_full_in_compact_folds_identical_values(write):
     rows = compact_rows(text)
     assert set(rows) == {"h.[0-3].b", "h.4.b"}
     assert "    [0 0 0]" in text and "    [1 1 1]" in text
+
+
+def test_issue9_a_22000_dim_shape_and_a_long_name_print_shortened(tmp_path):
+    """Issue 9 item 2: the shape column of a 22,000-dimension tensor panicked (width > 65,535);
+    names and shapes beyond 100 characters are cut in the middle, `json` keeps them whole."""
+    long = "h." + "x" * 70_000 + ".w"
+    header = {
+        "deep": {"dtype": "F32", "shape": [1] * 22_000, "data_offsets": [0, 4]},
+        long: {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    path = write_raw_st(tmp_path / "deep.safetensors", json.dumps(header).encode(), bytes(12))
+    for fmt in ("compact", "tree"):
+        text = run_dump(path, {"format": fmt})
+        lines = text.splitlines()
+        deep = next(l for l in lines if l.lstrip().startswith("deep"))
+        shape = deep.split("float32", 1)[1].strip()
+        assert len(shape) == 100 and shape.startswith("(1, 1") and shape.endswith("1, 1)") and "…" in shape
+        assert max(map(len, lines)) < 250, fmt
+    text = run_dump(path, {"verbosity": "full"})
+    assert "    [[[[" in text  # the values of the deep tensor still print
+    doc = json.loads(run_dump(path, {"format": "json"}))
+    tensors = {t["name"]: t for t in doc["aliases"][0]["tensors"]}
+    assert tensors["deep"]["shape"] == [1] * 22_000 and long in tensors
+
+
+def test_tree_nests_at_most_32_levels(tmp_path):
+    """A name of 70,000 dots would print 70,000 ever deeper lines; deeper segments stay joined."""
+    header = {"." * 70_000: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    path = write_raw_st(tmp_path / "dots.safetensors", json.dumps(header).encode(), bytes(4))
+    lines = run_dump(path, {"format": "tree"}).splitlines()
+    assert len(lines) == 33 and max(map(len, lines)) < 250
 
 
 def test_unknown_format_and_verbosity_are_plan_errors(write):
