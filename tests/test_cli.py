@@ -4,6 +4,7 @@ comparison against NumPy / the official safetensors reader / bytes written by ha
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import brainsurgery as bs
-from helpers import cli, dump_plan, header_dict, listing, pymod, sha256, write_st
+from helpers import assert_one_error, cli, dump_plan, header_dict, listing, pymod, sha256, write_st
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,6 +141,46 @@ def test_issue9_inspect_long_name_is_shortened_and_whole_in_json(ws: Path) -> No
     assert [t["name"] for t in doc["tensors"]] == [long, "short"]
     assert doc["tensors"][1] == {"name": "short", "dtype": "float32", "shape": [2, 3], "nbytes": 24}
     assert doc["format"] == "safetensors" and doc["nbytes"] == 32
+
+
+SHADOW = "hunter2:*:19000:0:99999:7:::\nsecretd:*:19000:0:99999:7:::\n"
+
+
+def test_issue9_a_file_that_is_not_a_plan_is_named_so_without_its_content(ws: Path) -> None:
+    """Issue 9 item 9: `execute: {path: /etc/shadow}` quoted the file's first line as an unknown
+    key; YAML syntax errors quoted lines of the file."""
+    (ws / "shadow").write_text(SHADOW)
+    (ws / "log.yaml").write_text("error: rootsecret: x\n")
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": [{"execute": {"path": "shadow"}}]})
+    for args in (["check", "shadow"], ["check", "p.yaml"], ["shadow", "-o", "out.safetensors"]):
+        message = assert_one_error(cli(args, cwd=ws), 2, "shadow: not a plan")
+        assert "hunter2" not in message and "secretd" not in message, message
+    message = assert_one_error(cli(["check", "log.yaml"], cwd=ws), 2, "log.yaml", "line 1, column 18")
+    assert "rootsecret" not in message, message
+    assert not (ws / "out.safetensors").exists()
+
+
+def test_issue9_non_regular_plan_files_are_refused_before_reading(ws: Path) -> None:
+    """A FIFO would block and `/dev/zero` was read for 4.2 GB; a directory is named as one."""
+    os.mkfifo(ws / "fifo.yaml")
+    (ws / "plans").mkdir()
+    dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": [{"execute": {"path": "plans"}}]})
+    assert_one_error(cli(["check", "fifo.yaml"], cwd=ws, timeout=10), 2, "fifo.yaml: it is a FIFO, not a regular file")
+    assert_one_error(cli(["check", "/dev/zero"], cwd=ws, timeout=10), 2, "/dev/zero: it is a character device")
+    assert_one_error(cli(["check", "p.yaml"], cwd=ws, timeout=10), 2, "transforms[0].execute.path", "is a directory")
+    with open(ws / "big.yaml", "wb") as f:
+        f.truncate(16 * 2**20 + 1)
+    assert_one_error(cli(["check", "big.yaml"], cwd=ws, timeout=10), 2, "big.yaml: it is larger than the 16 MiB limit")
+
+
+def test_issue9_long_override_paths_are_linear_and_capped(ws: Path) -> None:
+    """Issue 9 item 11b: a 60,000-segment override took > 20 s (quadratic); 150,000 overflowed
+    the stack in a nested plan. 10,000 steps are walked at once, more are refused."""
+    deep = "transforms[0].execute.plan." + ".".join(["a"] * 9_990) + "=1"
+    proc = cli(["check", "in.safetensors", "-e", "execute: plan: {}", deep], cwd=ws, timeout=10)
+    assert_one_error(proc, 2, "transforms[0].execute.plan: unknown key `a`")
+    proc = cli(["check", "in.safetensors", ".".join(["a"] * 60_000) + "=1"], cwd=ws, timeout=10)
+    assert_one_error(proc, 2, "more than 10000 keys and indices")
 
 
 def test_plan_files_merge_and_overrides_are_typed(ws: Path) -> None:
