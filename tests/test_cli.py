@@ -228,6 +228,14 @@ def test_options_may_come_before_the_plan(ws: Path) -> None:
     assert (ws / "o.safetensors").exists()
 
 
+def test_issue9_threads_beyond_four_per_core_are_clamped(ws: Path) -> None:
+    """Issue 9 item 11a: `--threads 100000` started 100,000 threads."""
+    proc = ok(cli(["in.safetensors", "-o", "out.safetensors", "--threads", "100000"], cwd=ws, timeout=60))
+    m = re.search(r"notice: 100000 threads requested, more than 4 per core on (\d+) cores; using (\d+)", proc.stderr)
+    assert m and int(m[2]) == 4 * int(m[1]), proc.stderr
+    assert_tensors(load_file(ws / "out.safetensors"), TENSORS)
+
+
 def test_threads_one(ws: Path) -> None:
     dump_plan(ws / "p.yaml", {"inputs": ["in.safetensors"], "transforms": SIMPLE, "output": "o.safetensors"})
     ok(cli(["p.yaml", "--threads", "1"], cwd=ws))

@@ -108,6 +108,28 @@ fn step_error(first: usize, steps: &[Step], failure: StepFailure) -> Error {
     }
 }
 
+/// Most worker threads per core a run may use. More are clamped with a notice (issue 9:
+/// `--threads 100000` started 100,000 threads, each reserving the engine's stack, drove the load
+/// average to 1,600 and then failed with EAGAIN); output bytes never depend on the count.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The worker threads for a requested count (0: one per core) on `cores` cores, and a notice
+/// when the request was clamped to [`MAX_THREADS_PER_CORE`] per core.
+fn worker_threads(requested: usize, cores: usize) -> (usize, Option<String>) {
+    let cores = cores.max(1);
+    let limit = cores.saturating_mul(MAX_THREADS_PER_CORE);
+    match requested {
+        0 => (cores, None),
+        n if n > limit => (
+            limit,
+            Some(format!(
+                "{n} threads requested, more than {MAX_THREADS_PER_CORE} per core on {cores} cores; using {limit}"
+            )),
+        ),
+        n => (n, None),
+    }
+}
+
 impl Prepared {
     /// Parses every transform and opens every input's headers.
     pub fn new(plan: Plan, threads: usize) -> Result<Prepared, Error> {
@@ -122,7 +144,7 @@ impl Prepared {
         let mut plan = plan;
         plan.sha256 = plan_sha256_with_nested(&plan.sha256, &steps);
         let mut initial = State::default();
-        let notices = initial.open_inputs(&plan.inputs, &Location::root())?;
+        let mut notices = initial.open_inputs(&plan.inputs, &Location::root())?;
         initial.written.clear();
         // SPEC §3: the only input, or output.alias — when that names an input; an output alias
         // the transforms create cannot be the default for references that run before it exists.
@@ -143,11 +165,8 @@ impl Prepared {
                 .into());
             }
         }
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
+        let (threads, notice) = worker_threads(threads, std::thread::available_parallelism().map_or(1, |n| n.get()));
+        notices.extend(notice);
         Ok(Prepared {
             plan,
             steps,
@@ -430,6 +449,21 @@ mod tests {
         let bytes = std::fs::read(&out).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(floats(&st, "layers.0.w"), (0..12).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    /// Issue 9 item 11a: the thread count was unbounded.
+    #[test]
+    fn thread_counts_are_clamped_to_four_per_core() {
+        assert_eq!(worker_threads(0, 8), (8, None));
+        assert_eq!(worker_threads(32, 8), (32, None));
+        let (threads, notice) = worker_threads(100_000, 2);
+        assert_eq!(threads, 8);
+        assert_eq!(
+            notice.as_deref(),
+            Some("100000 threads requested, more than 4 per core on 2 cores; using 8")
+        );
+        assert_eq!(worker_threads(usize::MAX, usize::MAX).0, usize::MAX);
+        assert_eq!(worker_threads(3, 0), (3, None));
     }
 
     #[test]
