@@ -249,8 +249,12 @@ impl Prepared {
                 _ => self.initial.alias(alias),
             };
             if let Some(initial) = before {
-                report.removed = initial.iter().filter(|(n, _)| !current.contains(n)).count();
-                report.added = current.iter().filter(|(n, _)| !initial.contains(n)).count();
+                // An alias no transform changed is the initial one, shared (State's aliases are
+                // copied on first change): nothing to compare.
+                if !std::ptr::eq(initial, current) {
+                    report.removed = initial.iter().filter(|(n, _)| !current.contains(n)).count();
+                    report.added = current.iter().filter(|(n, _)| !initial.contains(n)).count();
+                }
             } else {
                 report.added = current.len();
             }
@@ -265,25 +269,34 @@ impl Prepared {
     /// The header-only plan check (SPEC §8.1): every transform runs symbolically, value
     /// assertions are deferred, and the output header is computed. No tensor byte is read.
     pub fn check(&self) -> Result<Report, Error> {
+        let (state, ctx) = self.checked()?;
+        self.report(&state, ctx)
+    }
+
+    /// The check without its report: the state and context it ended with.
+    fn checked(&self) -> Result<(State, Context), Error> {
         let mut ctx = Context::new(false, Arc::new(AtomicBool::new(false)));
         let state = self.execute(&mut ctx)?;
-        let report = self.report(&state, ctx)?;
-        if let (Some(output), Some(alias)) = (&self.plan.output, &report.alias) {
-            write::validate_output(output, &state, alias)?;
+        if let (Some(output), Some(alias)) = (&self.plan.output, self.output_alias(&state)?) {
+            write::validate_output(output, &state, &alias)?;
         }
-        Ok(report)
+        Ok((state, ctx))
     }
 
     /// Checks, then runs the plan for real and writes the output.
     pub fn run(&self, options: &RunOptions) -> Result<Report, Error> {
-        self.check()?;
+        // The check's report would be thrown away: one summary per tensor (issue 9).
+        self.checked()?;
         let mut ctx = Context::new(true, options.cancel.clone());
         let state = self.execute(&mut ctx)?;
+        // Written before the report is built, so the writer's layout and the report's per-tensor
+        // summaries are not held at once.
+        let files = match self.output_alias(&state)? {
+            Some(alias) => self.write(&state, &alias, options)?,
+            None => Vec::new(),
+        };
         let mut report = self.report(&state, ctx)?;
-        if let Some(alias) = report.alias.clone() {
-            let files = self.write(&state, &alias, options)?;
-            report.written.extend(files);
-        }
+        report.written.extend(files);
         Ok(report)
     }
 }
