@@ -228,6 +228,19 @@ def test_full_truncates_large_tensors_like_numpy(write):
     assert "[2000 2001 2002 ... 2397 2398 2399]]]" in text
 
 
+def test_issue9_full_prints_values_instead_of_statistics(write):
+    """Issue 9 item 11d: `full` read every element for its statistics although only the printed
+    ones are promised to be read; it now prints the values alone (`stat` prints statistics)."""
+    a = np.arange(3000, dtype=np.float32).reshape(3, 1000)
+    path = write({"big": a, "small": np.ones(3, np.float32)})
+    doc = json.loads(run_dump(path, {"verbosity": "full", "format": "json"}))
+    for t in doc["aliases"][0]["tensors"]:
+        assert "stats" not in t and "values" in t, t
+    text = run_dump(path, {"verbosity": "full"})
+    assert "min=" not in text and "[[   0    1    2 ...  997  998  999]" in text
+    assert "min=0 max=2999" in run_dump(path, {"verbosity": "stat"})
+
+
 def test_full_in_compact_folds_identical_values(write):
     path = write({f"h.{i}.b": np.zeros(3, np.float32) for i in range(4)} | {"h.4.b": np.ones(3, np.float32)})
     text = run_dump(path, {"verbosity": "full"})
@@ -253,10 +266,20 @@ def test_issue9_a_22000_dim_shape_and_a_long_name_print_shortened(tmp_path):
         assert len(shape) == 100 and shape.startswith("(1, 1") and shape.endswith("1, 1)") and "…" in shape
         assert max(map(len, lines)) < 250, fmt
     text = run_dump(path, {"verbosity": "full"})
-    assert "    [[[[" in text  # the values of the deep tensor still print
+    assert "\n    [0]\n" in text  # beyond 64 dimensions (NumPy's limit) values print flattened
     doc = json.loads(run_dump(path, {"format": "json"}))
     tensors = {t["name"]: t for t in doc["aliases"][0]["tensors"]}
     assert tensors["deep"]["shape"] == [1] * 22_000 and long in tensors
+
+
+def test_full_of_a_million_dimensions_prints_flattened(tmp_path):
+    """Printing recursed once per dimension: a 1,000,000-dimension tensor (a 3 MB header)
+    overflowed the stack."""
+    header = {"deep": {"dtype": "F32", "shape": [1] * 1_000_000, "data_offsets": [0, 4]}}
+    path = write_raw_st(tmp_path / "deep.safetensors", json.dumps(header).encode(), bytes(4))
+    doc = json.loads(run_dump(path, {"verbosity": "full", "format": "json"}))
+    assert doc["aliases"][0]["tensors"][0]["values"] == [0]
+    assert "\n    [0]" in run_dump(path, {"verbosity": "full", "format": "tree"})
 
 
 def test_tree_nests_at_most_32_levels(tmp_path):
