@@ -37,10 +37,14 @@ enum Command {
     Run(PlanArgs),
     /// Check plans against the checkpoint headers without reading tensor data.
     Check(PlanArgs),
-    /// Print a header-level table of a checkpoint's tensors.
+    /// Print a header-level table of a checkpoint's tensors (names longer than 100 characters
+    /// are shortened in the middle; `--json` prints them whole).
     Inspect {
         /// A checkpoint file or directory.
         path: PathBuf,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Compare two checkpoints: tensors missing on either side, and differing shapes, dtypes or
     /// values. Exit status 0 when they are equal, 1 when they differ.
@@ -279,31 +283,64 @@ fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::exe
     Some((bar, callback))
 }
 
-fn inspect(path: &std::path::Path, out: &mut dyn Write) -> Result<(), Error> {
+fn inspect(path: &std::path::Path, json: bool, out: &mut dyn Write) -> Result<(), Error> {
+    use crate::transforms::columns::{cell, pad_left, pad_right, width};
     let checkpoint = open_checkpoint(path)?;
     print_notices(&checkpoint.notices);
-    let width = checkpoint
+    // Saturating: a figure to show (each tensor fits, their sum may not).
+    let total = checkpoint
         .tensors
         .iter()
-        .map(|t| t.name.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    let _ = writeln!(
-        out,
-        "{:<width$}  {:<13}  {:<20}  {:>12}",
-        "name", "dtype", "shape", "bytes"
-    );
-    let mut total = 0u64;
-    for t in &checkpoint.tensors {
-        total += t.nbytes;
+        .fold(0u64, |sum, t| sum.saturating_add(t.nbytes));
+    if json {
+        let tensors: Vec<serde_json::Value> = checkpoint
+            .tensors
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name,
+                    "dtype": t.dtype.name(),
+                    "shape": t.shape,
+                    "nbytes": t.nbytes,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "path": checkpoint.path.display().to_string(),
+            "format": checkpoint.format.name(),
+            "files": checkpoint.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>(),
+            "nbytes": total,
+            "tensors": tensors,
+            "metadata": checkpoint.metadata,
+        });
+        let _ = writeln!(out, "{doc}");
+        return Ok(());
+    }
+    let rows: Vec<[String; 4]> = checkpoint
+        .tensors
+        .iter()
+        .map(|t| {
+            [
+                cell(&t.name),
+                t.dtype.name().to_owned(),
+                cell(&fmt_shape(&t.shape)),
+                t.nbytes.to_string(),
+            ]
+        })
+        .collect();
+    let header = ["name", "dtype", "shape", "bytes"].map(str::to_owned);
+    let minimum = [4, 13, 20, 12];
+    let widths: [usize; 4] = std::array::from_fn(|i| {
+        width(std::iter::once(header[i].as_str()).chain(rows.iter().map(|r| r[i].as_str()))).max(minimum[i])
+    });
+    for row in std::iter::once(&header).chain(&rows) {
         let _ = writeln!(
             out,
-            "{:<width$}  {:<13}  {:<20}  {:>12}",
-            t.name,
-            t.dtype.name(),
-            fmt_shape(&t.shape),
-            t.nbytes
+            "{}  {}  {}  {}",
+            pad_right(&row[0], widths[0]),
+            pad_right(&row[1], widths[1]),
+            pad_right(&row[2], widths[2]),
+            pad_left(&row[3], widths[3])
         );
     }
     let _ = writeln!(
@@ -395,7 +432,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match command {
-        Command::Inspect { path } => inspect(&path, &mut out).map(|()| 0),
+        Command::Inspect { path, json } => inspect(&path, json, &mut out).map(|()| 0),
         Command::Diff { path_a, path_b, eps } => diff(&path_a, &path_b, eps, cancel, &mut out),
         Command::Help { names } => help(&names, &mut out).or_else(|message| {
             eprintln!("error: {message}");

@@ -176,7 +176,9 @@ impl ErrorContext {
         use crate::state::SelectError;
         if let Some(e) = error.downcast_ref::<PlanError>() {
             match e {
-                PlanError::Read { path, .. } => self.path(path),
+                PlanError::Read { path, .. } | PlanError::NotAFile { path, .. } | PlanError::TooLarge { path, .. } => {
+                    self.path(path)
+                }
                 PlanError::NoDefaultAlias {
                     location, reference, ..
                 } => {
@@ -189,7 +191,7 @@ impl ErrorContext {
                 | PlanError::Invalid { location, .. }
                 | PlanError::Reference { location, .. }
                 | PlanError::UnknownAlias { location, .. } => self.location(location),
-                PlanError::Syntax { .. } => {}
+                PlanError::Syntax { .. } | PlanError::NotAPlan { .. } => {}
             }
         } else if let Some(e) = error.downcast_ref::<FormatError>() {
             match e {

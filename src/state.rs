@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::formats::{open_checkpoint, Checkpoint, FormatError};
 use crate::plan::{InputSpec, Location, PlanError};
@@ -108,7 +109,10 @@ impl Match {
 /// All aliases of a run.
 #[derive(Debug, Clone, Default)]
 pub struct State {
-    aliases: BTreeMap<String, AliasState>,
+    /// Shared until changed: cloning a state (the check, the run and every prompt entry each
+    /// start from a copy) copies no alias, and the first change to an alias copies that one
+    /// (issue 9: a 100,000-tensor copy cloned every alias twice).
+    aliases: BTreeMap<String, Arc<AliasState>>,
     declared: Vec<String>,
     next_order: u64,
     /// The alias used by references that name none (SPEC §3).
@@ -185,7 +189,7 @@ impl State {
             state.tensors.insert(entry.name.clone(), Entry { tensor, order });
         }
         self.declared.push(alias.to_owned());
-        self.aliases.insert(alias.to_owned(), state);
+        self.aliases.insert(alias.to_owned(), Arc::new(state));
     }
 
     /// Opens the headers of a plan's inputs (`location` is the plan's) and adds each as an
@@ -226,7 +230,7 @@ impl State {
     pub fn ensure_alias(&mut self, alias: &str) {
         if !self.aliases.contains_key(alias) {
             self.declared.push(alias.to_owned());
-            self.aliases.insert(alias.to_owned(), AliasState::default());
+            self.aliases.insert(alias.to_owned(), Arc::default());
         }
     }
 
@@ -235,7 +239,7 @@ impl State {
         let removed = self.aliases.remove(alias)?;
         self.declared.retain(|a| a != alias);
         self.written.remove(alias);
-        Some(removed)
+        Some(Arc::unwrap_or_clone(removed))
     }
 
     /// Renames alias `from` to `to` (`prefixes rename`), keeping its tensors, their order, its
@@ -271,7 +275,7 @@ impl State {
 
     /// One alias.
     pub fn alias(&self, alias: &str) -> Option<&AliasState> {
-        self.aliases.get(alias)
+        self.aliases.get(alias).map(|a| &**a)
     }
 
     /// The alias a reference means, or the plan error for an unknown or missing alias.
@@ -431,7 +435,7 @@ impl State {
     fn insert_with_order(&mut self, alias: &str, name: &str, tensor: Tensor, order: u64) {
         self.ensure_alias(alias);
         self.written.insert(alias.to_owned());
-        let state = self.aliases.get_mut(alias).expect("alias ensured");
+        let state = Arc::make_mut(self.aliases.get_mut(alias).expect("alias ensured"));
         if let Some(old) = state.tensors.insert(name.to_owned(), Entry { tensor, order }) {
             state.order.remove(&old.order);
         }
@@ -453,7 +457,10 @@ impl State {
 
     /// Removes a tensor, returning it and its place in the order.
     pub fn remove(&mut self, alias: &str, name: &str) -> Option<(Tensor, u64)> {
-        let state = self.aliases.get_mut(alias)?;
+        if !self.aliases.get(alias)?.contains(name) {
+            return None;
+        }
+        let state = Arc::make_mut(self.aliases.get_mut(alias)?);
         let entry = state.tensors.remove(name)?;
         state.order.remove(&entry.order);
         self.written.insert(alias.to_owned());
@@ -606,5 +613,36 @@ mod tests {
         assert_eq!(state.alias_names(), vec!["b"]);
         assert!(state.written.is_empty());
         assert!(state.remove_alias("c").is_none());
+    }
+
+    /// Issue 9 item 11c: clones share their aliases until one changes, and a change never shows
+    /// in the other copy.
+    #[test]
+    fn clones_share_aliases_until_changed() {
+        let tensor = |v: u8| Tensor::in_memory(crate::dtype::DType::U8, vec![1], Arc::new(vec![v]));
+        let mut state = State::default();
+        state.insert("a", "x", tensor(1));
+        state.insert("b", "y", tensor(2));
+        let mut copy = state.clone();
+        assert!(std::ptr::eq(state.alias("a").unwrap(), copy.alias("a").unwrap()));
+        // Removing a name the alias lacks copies nothing.
+        assert!(copy.remove("a", "missing").is_none());
+        assert!(std::ptr::eq(state.alias("a").unwrap(), copy.alias("a").unwrap()));
+        copy.insert("a", "z", tensor(3));
+        assert!(copy.remove("b", "y").is_some());
+        assert!(!std::ptr::eq(state.alias("a").unwrap(), copy.alias("a").unwrap()));
+        let names = |s: &State, a: &str| {
+            s.alias(a)
+                .unwrap()
+                .iter()
+                .map(|(n, _)| n.to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&state, "a"), ["x"]);
+        assert_eq!(names(&copy, "a"), ["x", "z"]);
+        assert_eq!(names(&state, "b"), ["y"]);
+        assert!(copy.alias("b").unwrap().is_empty());
+        assert_eq!(copy.remove_alias("a").map(|a| a.len()), Some(2));
+        assert_eq!(state.alias("a").map(AliasState::len), Some(1));
     }
 }

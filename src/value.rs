@@ -15,9 +15,13 @@ use crate::references::ResolvedSlice;
 /// 16–64 MiB buffers). A multiple of every element size.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-/// Stack for threads that read lazy values. Reading recurses once per operation stacked on a
-/// tensor (a plan applying 1000 in-place edits to one tensor nests 1000 deep), which overflowed
-/// rayon's 2 MiB default; 64 MiB of reserved (not committed) stack covers ~100k levels.
+/// Stack for threads that read lazy values: the engine's worker (command line, Python), the
+/// writer pool and matmul's operand reader; compute-only pools (faer's) keep the default.
+/// Reading recurses once per operation stacked on a tensor (a plan applying 1000 in-place edits
+/// to one tensor nests 1000 deep), which overflowed rayon's 2 MiB default. A level takes 608
+/// bytes in release (`tests::stack_per_chain_level`), so 64 MiB covers ~110k levels. It is
+/// reserved, not committed: a thread's RSS grows only with the depth it reaches, which is why
+/// the writer threads keep it (their count is what is bounded, `executor::MAX_THREADS_PER_CORE`).
 pub const ENGINE_STACK_BYTES: usize = 64 << 20;
 
 /// A strided read whose covering span is at most this many bytes reads the span once and
@@ -953,6 +957,50 @@ mod tests {
         assert_eq!(try_filled("test", 3, 7u8).unwrap(), [7, 7, 7]);
     }
     use crate::references::SliceSpec;
+
+    /// Records how deep in the stack the innermost function of a chain runs.
+    #[derive(Debug, Default)]
+    struct StackProbe(std::sync::atomic::AtomicUsize);
+
+    impl ElementFn for StackProbe {
+        fn apply(
+            &self,
+            _dtype: DType,
+            _index: usize,
+            _values: &mut [u8],
+            _cx: &mut ReadContext,
+        ) -> Result<(), ValueError> {
+            let here = 0u8;
+            self.0.store(std::ptr::addr_of!(here) as usize, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    /// The stack one level of a lazy chain takes when read (the basis of [`ENGINE_STACK_BYTES`]):
+    /// `cargo test --release --lib stack_per_chain_level -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run in release"]
+    fn stack_per_chain_level() {
+        let depth = 10_000;
+        let probe = Arc::new(StackProbe::default());
+        let base = Tensor::in_memory(DType::F32, vec![1024], Arc::new(vec![0u8; 4096]));
+        let mut t = base.map(None, probe.clone()).unwrap();
+        for _ in 1..depth {
+            t = t.map(None, Arc::new(ScaleFn(1.0))).unwrap();
+        }
+        let used = std::thread::Builder::new()
+            .stack_size(ENGINE_STACK_BYTES)
+            .spawn(move || {
+                let top = 0u8;
+                let mut out = vec![0u8; 4096];
+                t.read(0, &mut out, &mut ReadContext::default()).unwrap();
+                std::ptr::addr_of!(top) as usize - probe.0.load(Ordering::Relaxed)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        println!("{depth} levels: {used} bytes of stack, {} per level", used / depth);
+    }
 
     fn memory_u16(shape: &[usize], offset: u16) -> Tensor {
         let n: usize = shape.iter().product();

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
+import re
 import shutil
 import struct
 from collections.abc import Mapping
@@ -398,6 +400,30 @@ def read_header_bytes(data: bytes) -> dict:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_issue9_threads_are_clamped_to_four_per_core(write, tmp_path):
+    """Issue 9 item 11a: `threads=100000` started 100,000 threads (load average 1,600, EAGAIN)."""
+    src = write({"w": np.arange(6, dtype=np.float32)})
+    out = tmp_path / "out.safetensors"
+    report = bs.run({"inputs": [str(src)], "output": str(out)}, threads=100_000, quiet=True)
+    [notice] = [n for n in report["notices"] if "threads requested" in n]
+    m = re.fullmatch(r"100000 threads requested, more than 4 per core on (\d+) cores; using (\d+)", notice)
+    assert m and int(m[2]) == 4 * int(m[1]), notice
+    limit = int(m[2])
+    np.testing.assert_array_equal(bs.open(out)["w"], np.arange(6, dtype=np.float32))
+    report = bs.run({"inputs": [str(src)], "output": str(out)}, threads=limit, quiet=True)
+    assert not any("threads requested" in n for n in report["notices"])
+
+
+def test_issue9_deep_chain_before_matmul_reads_on_a_big_enough_stack(write, tmp_path):
+    """Issue 9: matmul read its operands on a 2 MiB thread; 5,000 in-place edits before it
+    overflowed the stack (a segfault)."""
+    src = write({"a": np.eye(4, dtype=np.float32), "b": np.arange(16, dtype=np.float32).reshape(4, 4)})
+    out = tmp_path / "out.safetensors"
+    transforms = [{"scale_": {"target": "a", "by": 1.0}}] * 5000 + [{"matmul": {"from_a": "a", "from_b": "b", "to": "c"}}]
+    bs.run({"inputs": [str(src)], "transforms": transforms, "output": str(out)}, quiet=True)
+    np.testing.assert_array_equal(bs.open(out)["c"], np.arange(16, dtype=np.float32).reshape(4, 4))
 
 
 def test_threads_give_byte_identical_output(write, tmp_path):

@@ -110,6 +110,28 @@ fn step_error(first: usize, steps: &[Step], failure: StepFailure) -> Error {
     }
 }
 
+/// Most worker threads per core a run may use. More are clamped with a notice (issue 9:
+/// `--threads 100000` started 100,000 threads, each reserving the engine's stack, drove the load
+/// average to 1,600 and then failed with EAGAIN); output bytes never depend on the count.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The worker threads for a requested count (0: one per core) on `cores` cores, and a notice
+/// when the request was clamped to [`MAX_THREADS_PER_CORE`] per core.
+fn worker_threads(requested: usize, cores: usize) -> (usize, Option<String>) {
+    let cores = cores.max(1);
+    let limit = cores.saturating_mul(MAX_THREADS_PER_CORE);
+    match requested {
+        0 => (cores, None),
+        n if n > limit => (
+            limit,
+            Some(format!(
+                "{n} threads requested, more than {MAX_THREADS_PER_CORE} per core on {cores} cores; using {limit}"
+            )),
+        ),
+        n => (n, None),
+    }
+}
+
 impl Prepared {
     /// Parses every transform and opens every input's headers.
     pub fn new(plan: Plan, threads: usize) -> Result<Prepared, Error> {
@@ -124,7 +146,7 @@ impl Prepared {
         let mut plan = plan;
         plan.sha256 = plan_sha256_with_nested(&plan.sha256, &steps);
         let mut initial = State::default();
-        let notices = initial.open_inputs(&plan.inputs, &Location::root())?;
+        let mut notices = initial.open_inputs(&plan.inputs, &Location::root())?;
         initial.written.clear();
         // SPEC §3: the only input, or output.alias — when that names an input; an output alias
         // the transforms create cannot be the default for references that run before it exists.
@@ -145,11 +167,8 @@ impl Prepared {
                 .into());
             }
         }
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
+        let (threads, notice) = worker_threads(threads, std::thread::available_parallelism().map_or(1, |n| n.get()));
+        notices.extend(notice);
         Ok(Prepared {
             plan,
             steps,
@@ -237,8 +256,12 @@ impl Prepared {
                 _ => self.initial.alias(alias),
             };
             if let Some(initial) = before {
-                report.removed = initial.iter().filter(|(n, _)| !current.contains(n)).count();
-                report.added = current.iter().filter(|(n, _)| !initial.contains(n)).count();
+                // An alias no transform changed is the initial one, shared (State's aliases are
+                // copied on first change): nothing to compare.
+                if !std::ptr::eq(initial, current) {
+                    report.removed = initial.iter().filter(|(n, _)| !current.contains(n)).count();
+                    report.added = current.iter().filter(|(n, _)| !initial.contains(n)).count();
+                }
             } else {
                 report.added = current.len();
             }
@@ -256,25 +279,34 @@ impl Prepared {
     /// The header-only plan check (SPEC §8.1): every transform runs symbolically, value
     /// assertions are deferred, and the output header is computed. No tensor byte is read.
     pub fn check(&self) -> Result<Report, Error> {
+        let (state, ctx) = self.checked()?;
+        self.report(&state, ctx)
+    }
+
+    /// The check without its report: the state and context it ended with.
+    fn checked(&self) -> Result<(State, Context), Error> {
         let mut ctx = Context::new(false, Arc::new(AtomicBool::new(false)));
         let state = self.execute(&mut ctx)?;
-        let report = self.report(&state, ctx)?;
-        if let (Some(output), Some(alias)) = (&self.plan.output, &report.alias) {
-            write::validate_output(output, &state, alias)?;
+        if let (Some(output), Some(alias)) = (&self.plan.output, self.output_alias(&state)?) {
+            write::validate_output(output, &state, &alias)?;
         }
-        Ok(report)
+        Ok((state, ctx))
     }
 
     /// Checks, then runs the plan for real and writes the output.
     pub fn run(&self, options: &RunOptions) -> Result<Report, Error> {
-        self.check()?;
+        // The check's report would be thrown away: one summary per tensor (issue 9).
+        self.checked()?;
         let mut ctx = Context::new(true, options.cancel.clone());
         let state = self.execute(&mut ctx)?;
+        // Written before the report is built, so the writer's layout and the report's per-tensor
+        // summaries are not held at once.
+        let files = match self.output_alias(&state)? {
+            Some(alias) => self.write(&state, &alias, options)?,
+            None => Vec::new(),
+        };
         let mut report = self.report(&state, ctx)?;
-        if let Some(alias) = report.alias.clone() {
-            let files = self.write(&state, &alias, options)?;
-            report.written.extend(files);
-        }
+        report.written.extend(files);
         Ok(report)
     }
 }
@@ -440,6 +472,21 @@ mod tests {
         let bytes = std::fs::read(&out).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(floats(&st, "layers.0.w"), (0..12).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    /// Issue 9 item 11a: the thread count was unbounded.
+    #[test]
+    fn thread_counts_are_clamped_to_four_per_core() {
+        assert_eq!(worker_threads(0, 8), (8, None));
+        assert_eq!(worker_threads(32, 8), (32, None));
+        let (threads, notice) = worker_threads(100_000, 2);
+        assert_eq!(threads, 8);
+        assert_eq!(
+            notice.as_deref(),
+            Some("100000 threads requested, more than 4 per core on 2 cores; using 8")
+        );
+        assert_eq!(worker_threads(usize::MAX, usize::MAX).0, usize::MAX);
+        assert_eq!(worker_threads(3, 0), (3, None));
     }
 
     #[test]

@@ -516,22 +516,48 @@ fn header_bytes<'a>(
     tensors: impl Iterator<Item = (&'a OutputTensor, u64, u64)>,
     metadata: &BTreeMap<String, String>,
 ) -> Vec<u8> {
-    let mut map = Map::new();
+    use std::io::Write as _;
+    // Written directly, the bytes `serde_json::to_vec` gives for the same object: building it as
+    // a `serde_json::Value` first took ~1 KB per tensor at once (issue 9: 100,000 tensors).
+    let quoted = |out: &mut Vec<u8>, text: &str| {
+        serde_json::to_writer(out, text).expect("writing a JSON string to a Vec cannot fail");
+    };
+    let mut json = Vec::new();
+    json.push(b'{');
+    let mut first = true;
+    let mut separate = |json: &mut Vec<u8>| {
+        if !std::mem::take(&mut first) {
+            json.push(b',');
+        }
+    };
     if !metadata.is_empty() {
-        let meta: Map<String, Value> = metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
-        map.insert("__metadata__".to_string(), Value::Object(meta));
+        separate(&mut json);
+        json.extend_from_slice(b"\"__metadata__\":{");
+        for (i, (key, value)) in metadata.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            quoted(&mut json, key);
+            json.push(b':');
+            quoted(&mut json, value);
+        }
+        json.push(b'}');
     }
     for (t, begin, end) in tensors {
-        let mut entry = Map::new();
-        entry.insert("dtype".into(), t.dtype.safetensors_name().into());
-        entry.insert("shape".into(), t.shape.iter().map(|&d| Value::from(d)).collect());
-        entry.insert("data_offsets".into(), Value::Array(vec![begin.into(), end.into()]));
-        map.insert(t.name.clone(), Value::Object(entry));
+        separate(&mut json);
+        quoted(&mut json, &t.name);
+        json.extend_from_slice(b":{\"dtype\":");
+        quoted(&mut json, t.dtype.safetensors_name());
+        json.extend_from_slice(b",\"shape\":[");
+        for (i, d) in t.shape.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            write!(json, "{d}").expect("writing to a Vec cannot fail");
+        }
+        write!(json, "],\"data_offsets\":[{begin},{end}]}}").expect("writing to a Vec cannot fail");
     }
-    let mut json = serde_json::to_vec(&Value::Object(map)).expect("a JSON value with string keys always serializes");
+    json.push(b'}');
     json.resize(json.len().div_ceil(8) * 8, b' ');
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&json);
@@ -1092,6 +1118,44 @@ mod tests {
             t("scalar", DType::F64, &[]),
             t("f4", DType::F4, &[6]),
         ]
+    }
+
+    /// The header written directly is what `serde_json` gives for the same object (issue 9: it
+    /// was built as a `serde_json::Value`), escapes included.
+    #[test]
+    fn safetensors_header_is_the_json_object_serde_writes() {
+        let tensors = [
+            OutputTensor::new("plain.w", DType::F32, vec![2, 3]).unwrap(),
+            OutputTensor::new("q\"uo\\te\u{1}\u{e9}\u{1F600}", DType::BF16, vec![]).unwrap(),
+            OutputTensor::new("z", DType::I64, vec![0, 4]).unwrap(),
+        ];
+        let entries = [(&tensors[0], 0, 24), (&tensors[1], 24, 26), (&tensors[2], 26, 26)];
+        for metadata in [
+            BTreeMap::new(),
+            BTreeMap::from([
+                ("format".to_owned(), "pt".to_owned()),
+                ("k\n".to_owned(), "v\"\t".to_owned()),
+            ]),
+        ] {
+            let mut map = Map::new();
+            if !metadata.is_empty() {
+                let meta: Map<String, Value> = metadata.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+                map.insert("__metadata__".into(), Value::Object(meta));
+            }
+            for (t, begin, end) in entries {
+                let entry = serde_json::json!({
+                    "dtype": t.dtype.safetensors_name(),
+                    "shape": t.shape,
+                    "data_offsets": [begin, end],
+                });
+                map.insert(t.name.clone(), entry);
+            }
+            let mut want = serde_json::to_vec(&Value::Object(map)).unwrap();
+            want.resize(want.len().div_ceil(8) * 8, b' ');
+            let got = header_bytes(entries.iter().copied(), &metadata);
+            assert_eq!(&got[..8], &(want.len() as u64).to_le_bytes());
+            assert_eq!(String::from_utf8_lossy(&got[8..]), String::from_utf8_lossy(&want));
+        }
     }
 
     #[test]

@@ -178,33 +178,81 @@ pub struct Header {
 
 /// A tensor entry's fields; unknown extra fields are ignored, as the official loader does.
 #[derive(Deserialize)]
-struct RawTensor {
-    dtype: String,
+struct RawTensor<'a> {
+    #[serde(borrow)]
+    dtype: std::borrow::Cow<'a, str>,
     shape: Vec<usize>,
     data_offsets: (u64, u64),
 }
 
-/// The header object's entries in file order, duplicates kept so they can be reported.
-struct Entries(Vec<(String, serde_json::Value)>);
+/// One entry of the header object, typed as it is read. Entries used to be read as
+/// `serde_json::Value` trees first: ~1.5 KB per tensor at once, 164 MB peak for a
+/// 100,000-tensor header (issue 9).
+enum Entry<'a> {
+    Tensor(String, RawTensor<'a>),
+    Metadata(BTreeMap<String, String>),
+}
 
-impl<'de> Deserialize<'de> for Entries {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EntriesVisitor;
-        impl<'de> Visitor<'de> for EntriesVisitor {
-            type Value = Entries;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
-                    entries.push(entry);
+/// Which entry's value failed to deserialize, so the error can name it.
+enum Failed {
+    Tensor(String),
+    Metadata,
+}
+
+/// Reads the header object's entries in file order, duplicates kept so they can be reported;
+/// records in `failed` the entry whose value was refused.
+struct EntriesVisitor<'f> {
+    failed: &'f std::cell::RefCell<Option<Failed>>,
+}
+
+impl<'de> Visitor<'de> for EntriesVisitor<'_> {
+    type Value = Vec<Entry<'de>>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(name) = map.next_key::<String>()? {
+            if name == METADATA_KEY {
+                match map.next_value() {
+                    Ok(metadata) => entries.push(Entry::Metadata(metadata)),
+                    Err(e) => {
+                        *self.failed.borrow_mut() = Some(Failed::Metadata);
+                        return Err(e);
+                    }
                 }
-                Ok(Entries(entries))
+            } else {
+                match map.next_value() {
+                    Ok(raw) => entries.push(Entry::Tensor(name, raw)),
+                    Err(e) => {
+                        *self.failed.borrow_mut() = Some(Failed::Tensor(name));
+                        return Err(e);
+                    }
+                }
             }
         }
-        deserializer.deserialize_map(EntriesVisitor)
+        Ok(entries)
     }
+}
+
+/// The header's entries, or the error naming the entry (or the syntax) that is wrong.
+fn read_entries(text: &str) -> Result<Vec<Entry<'_>>, HeaderError> {
+    let failed = std::cell::RefCell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let entries = deserializer
+        .deserialize_map(EntriesVisitor { failed: &failed })
+        .and_then(|entries| deserializer.end().map(|()| entries));
+    entries.map_err(|e| {
+        // Only a refused value or a non-object top level are data errors; the rest is syntax.
+        if e.classify() != serde_json::error::Category::Data {
+            return HeaderError::NotJson(e);
+        }
+        match failed.into_inner() {
+            Some(Failed::Tensor(tensor)) => HeaderError::InvalidEntry { tensor, source: e },
+            Some(Failed::Metadata) => HeaderError::InvalidMetadata(e),
+            None => HeaderError::NotObject,
+        }
+    })
 }
 
 /// Checks the declared header length against the file length and the size limit.
@@ -258,35 +306,35 @@ pub fn parse_header(bytes: &[u8], file_len: u64) -> Result<Header, HeaderError> 
             got: bytes.len() as u64,
         })?;
     let text = std::str::from_utf8(json).map_err(HeaderError::NotUtf8)?;
-    let Entries(entries) = serde_json::from_str(text).map_err(|e| {
-        // Data errors can only come from the visitor refusing a non-object top level, since
-        // entries accept any JSON value; everything else is a syntax error.
-        if e.classify() == serde_json::error::Category::Data {
-            HeaderError::NotObject
-        } else {
-            HeaderError::NotJson(e)
+    let entries = read_entries(text)?;
+    {
+        let mut seen = HashSet::with_capacity(entries.len());
+        for entry in &entries {
+            let name = match entry {
+                Entry::Tensor(name, _) => name.as_str(),
+                Entry::Metadata(_) => METADATA_KEY,
+            };
+            if !seen.insert(name) {
+                return Err(HeaderError::DuplicateName {
+                    tensor: name.to_owned(),
+                });
+            }
         }
-    })?;
-
-    let mut seen = HashSet::with_capacity(entries.len());
+    }
     let mut metadata = BTreeMap::new();
     let mut tensors = Vec::with_capacity(entries.len());
-    for (name, value) in entries {
-        if !seen.insert(name.clone()) {
-            return Err(HeaderError::DuplicateName { tensor: name });
-        }
-        if name == METADATA_KEY {
-            metadata = serde_json::from_value(value).map_err(HeaderError::InvalidMetadata)?;
-            continue;
-        }
-        let raw: RawTensor = match serde_json::from_value(value) {
-            Ok(raw) => raw,
-            Err(source) => return Err(HeaderError::InvalidEntry { tensor: name, source }),
+    for entry in entries {
+        let (name, raw) = match entry {
+            Entry::Metadata(m) => {
+                metadata = m;
+                continue;
+            }
+            Entry::Tensor(name, raw) => (name, raw),
         };
         let Some(dtype) = DType::from_safetensors_name(&raw.dtype) else {
             return Err(HeaderError::UnknownDtype {
                 tensor: name,
-                dtype: raw.dtype,
+                dtype: raw.dtype.into_owned(),
             });
         };
         let (begin, end) = raw.data_offsets;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use super::error::PlanError;
-use super::location::Location;
+use super::error::{suggest, PlanError};
+use super::location::{Location, Segment};
 
 /// One piece of a plan, as the user handed it over.
 #[derive(Debug, Clone)]
@@ -20,9 +20,21 @@ pub enum PlanSource {
     Value(Value),
 }
 
+/// Largest plan file read, in bytes. Plans are kilobytes; the limit keeps a device or a
+/// checkpoint named by mistake from being read whole (issue 9: `/dev/zero` as a plan read
+/// 4.2 GB before failing). At most one byte more than this is read.
+pub const MAX_PLAN_BYTES: u64 = 16 << 20;
+
 /// Parses YAML text into a document value. `origin` names the text in messages.
 pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
-    let value: Value = serde_saphyr::from_str(text).map_err(|e| {
+    parse_yaml_with(text, origin, true)
+}
+
+/// [`parse_yaml`]; without `snippet`, syntax errors give the line and column but quote no line
+/// of the text (a plan file may not be a plan, and its lines are not ours to print).
+fn parse_yaml_with(text: &str, origin: &str, snippet: bool) -> Result<Value, PlanError> {
+    let options = serde_saphyr::options! { with_snippet: snippet };
+    let value: Value = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         // The parser's message starts with its own "error: "; ours names the origin instead.
         let message = e.to_string();
         let message = message.strip_prefix("error: ").unwrap_or(&message).to_owned();
@@ -39,10 +51,7 @@ fn load(source: &PlanSource) -> Result<Value, PlanError> {
         PlanSource::Value(v) => Ok(v.clone()),
         PlanSource::Text(text) => parse_yaml(text, "<string>"),
         PlanSource::File(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| PlanError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let text = read_plan_file(path)?;
             let origin = path.display().to_string();
             if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
                 serde_json::from_str(&text).map_err(|e| PlanError::Syntax {
@@ -50,10 +59,76 @@ fn load(source: &PlanSource) -> Result<Value, PlanError> {
                     message: e.to_string(),
                 })
             } else {
-                parse_yaml(&text, &origin)
+                parse_yaml_with(&text, &origin, false)
             }
         }
     }
+}
+
+/// What a file that is not a regular file is, for messages (`a directory`, `a FIFO`, ...).
+pub fn file_kind(file_type: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if file_type.is_fifo() {
+            return "a FIFO";
+        }
+        if file_type.is_char_device() {
+            return "a character device";
+        }
+        if file_type.is_block_device() {
+            return "a block device";
+        }
+        if file_type.is_socket() {
+            return "a socket";
+        }
+    }
+    if file_type.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads a plan file: a regular file (checked before opening, so a FIFO cannot block the read,
+/// and again on the open file) of at most [`MAX_PLAN_BYTES`], as UTF-8 text.
+fn read_plan_file(path: &Path) -> Result<String, PlanError> {
+    use std::io::Read;
+    let io = |source| PlanError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let regular = |metadata: &std::fs::Metadata| {
+        if metadata.is_file() {
+            Ok(())
+        } else {
+            Err(PlanError::NotAFile {
+                path: path.to_path_buf(),
+                kind: file_kind(&metadata.file_type()),
+            })
+        }
+    };
+    regular(&std::fs::metadata(path).map_err(io)?)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    regular(&file.metadata().map_err(io)?)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_PLAN_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > MAX_PLAN_BYTES {
+        return Err(PlanError::TooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_PLAN_BYTES,
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| io(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")))
+}
+
+/// Whether a file's top-level mapping looks like a plan: empty, or with a plan key or a near
+/// miss of one (a misspelt plan still gets its unknown-key message and suggestion).
+fn looks_like_plan(map: &Map<String, Value>) -> bool {
+    map.is_empty()
+        || map
+            .keys()
+            .any(|k| super::TOP_KEYS.contains(&k.as_str()) || suggest(k, super::TOP_KEYS.iter().copied()).is_some())
 }
 
 /// Merges `overlay` into `base`: mappings merge key by key, recursively; any other value
@@ -73,6 +148,11 @@ pub fn merge(base: &mut Value, overlay: Value) {
         (base, overlay) => *base = overlay,
     }
 }
+
+/// Most steps an override path may have. Plan documents nest a few levels (YAML files at most
+/// 64, JSON 128); each level costs stack wherever the document is walked, and a 150,000-step
+/// path overflowed the engine's 64 MiB stack in a nested plan (60,000 did not).
+pub const MAX_OVERRIDE_STEPS: usize = 10_000;
 
 /// One step of an override path.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +186,11 @@ fn parse_override_path(path: &str) -> Result<Vec<PathStep>, String> {
         if !rest.is_empty() {
             return Err(format!("unexpected `{rest}` in `{path}`"));
         }
+        if steps.len() > MAX_OVERRIDE_STEPS {
+            return Err(format!(
+                "the path has more than {MAX_OVERRIDE_STEPS} keys and indices; plans nest a few levels"
+            ));
+        }
     }
     Ok(steps)
 }
@@ -127,35 +212,45 @@ pub fn apply_override(doc: &mut Value, assignment: &str) -> Result<(), PlanError
     } else {
         parse_yaml(text, &origin)?
     };
+    // The location of step `i` is built only for an error: extending it at every step copied
+    // the path so far, quadratic in the path's length (issue 9: 60,000 segments took > 20 s).
+    let location_at = |i: usize| {
+        Location(
+            steps[..=i]
+                .iter()
+                .map(|step| match step {
+                    PathStep::Key(key) => Segment::Key(key.clone()),
+                    PathStep::Index(index) => Segment::Index(*index),
+                })
+                .collect(),
+        )
+    };
     let mut node = doc;
-    let mut location = Location::root();
-    for step in steps {
+    for (i, step) in steps.iter().enumerate() {
         node = match step {
             PathStep::Key(key) => {
-                location = location.key(&key);
                 if node.is_null() {
                     *node = Value::Object(Map::new());
                 }
                 let Value::Object(map) = node else {
                     return Err(PlanError::invalid(
-                        &location,
+                        &location_at(i),
                         "override walks into a value that is not a mapping",
                     ));
                 };
-                map.entry(key).or_insert(Value::Null)
+                map.entry(key.as_str()).or_insert(Value::Null)
             }
             PathStep::Index(index) => {
-                location = location.index(index);
                 let Value::Array(list) = node else {
                     return Err(PlanError::invalid(
-                        &location,
+                        &location_at(i),
                         "override indexes a value that is not a list",
                     ));
                 };
                 let len = list.len();
-                list.get_mut(index).ok_or_else(|| {
+                list.get_mut(*index).ok_or_else(|| {
                     PlanError::invalid(
-                        &location,
+                        &location_at(i),
                         format!("override index {index} is past the end of a list of {len}"),
                     )
                 })?
@@ -171,20 +266,23 @@ pub fn assemble(sources: &[PlanSource], overrides: &[String]) -> Result<Value, P
     let mut doc = Value::Object(Map::new());
     for source in sources {
         let value = load(source)?;
+        let origin = || match source {
+            PlanSource::File(p) => p.display().to_string(),
+            _ => "<string>".to_owned(),
+        };
         let value = match value {
             Value::Null => Value::Object(Map::new()),
+            Value::Object(map) if matches!(source, PlanSource::File(_)) && !looks_like_plan(&map) => {
+                return Err(PlanError::NotAPlan {
+                    origin: origin(),
+                    found: "a mapping without any of those keys",
+                });
+            }
             v @ Value::Object(_) => v,
             other => {
-                let origin = match source {
-                    PlanSource::File(p) => p.display().to_string(),
-                    _ => "<string>".to_owned(),
-                };
-                return Err(PlanError::Syntax {
-                    origin,
-                    message: format!(
-                        "a plan is a mapping with inputs/transforms/output, not {}",
-                        kind_of(&other)
-                    ),
+                return Err(PlanError::NotAPlan {
+                    origin: origin(),
+                    found: kind_of(&other),
                 });
             }
         };
@@ -236,6 +334,33 @@ mod tests {
         assert_eq!(doc["output"]["name"], json!("007"));
     }
 
+    /// Issue 9 item 11b: the walk was quadratic in the path's length (each step copied the
+    /// location so far); deeper than [`MAX_OVERRIDE_STEPS`] is refused before walking.
+    #[test]
+    fn long_override_paths_are_walked_once_and_capped() {
+        let mut doc = json!({});
+        let path = vec!["a"; MAX_OVERRIDE_STEPS].join(".");
+        apply_override(&mut doc, &format!("{path}=1")).unwrap();
+        let mut node = &doc;
+        for _ in 0..MAX_OVERRIDE_STEPS {
+            node = &node["a"];
+        }
+        assert_eq!(node, &json!(1));
+        // The document nests 10,000 levels: dropped on a thread with room for it.
+        std::thread::Builder::new()
+            .stack_size(crate::value::ENGINE_STACK_BYTES)
+            .spawn(move || drop(doc))
+            .unwrap()
+            .join()
+            .unwrap();
+        let err = apply_override(&mut json!({}), &format!("{path}.a=1")).unwrap_err();
+        assert!(err.to_string().contains("more than 10000 keys"), "{err}");
+        // The error's location is still built for a step deep in a long path.
+        let mut doc = json!({"a": {"b": 1}});
+        let err = apply_override(&mut doc, "a.b.c=2").unwrap_err();
+        assert!(err.to_string().starts_with("a.b.c: override walks into"), "{err}");
+    }
+
     #[test]
     fn override_errors_name_the_place() {
         let mut doc = json!({"transforms": []});
@@ -250,6 +375,96 @@ mod tests {
         let err = parse_yaml("a: [1, 2\n", "plan.yaml").unwrap_err();
         let text = err.to_string();
         assert!(text.contains("plan.yaml") && text.contains("line 1"), "{text}");
+    }
+
+    fn file_plan(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    /// Issue 9 item 9: a file that is not a plan is named so, and nothing of it is quoted.
+    #[test]
+    fn a_file_that_is_not_a_plan_quotes_nothing_of_it() {
+        let shadow = "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n";
+        for (name, text) in [
+            ("shadow", shadow),
+            ("p.json", r#"{"rootsecret": 1}"#),
+            ("text", "rootsecret words\n"),
+            ("list.yaml", "- rootsecret\n"),
+        ] {
+            let (_dir, path) = file_plan(name, text);
+            let err = assemble(&[PlanSource::File(path)], &[]).unwrap_err();
+            assert!(matches!(err, PlanError::NotAPlan { .. }), "{name}: {err:?}");
+            let message = err.to_string();
+            assert!(message.contains("not a plan") && !message.contains("root"), "{message}");
+        }
+        // A misspelt plan key is still a plan, with its suggestion (checked when the plan is
+        // built from the document).
+        let (_dir, path) = file_plan("typo.yaml", "transfroms: []\n");
+        assert!(assemble(&[PlanSource::File(path)], &[]).is_ok());
+    }
+
+    #[test]
+    fn syntax_errors_in_files_give_the_place_without_the_line() {
+        let (_dir, path) = file_plan("bad.yaml", "a: b: rootsecret\n");
+        let message = assemble(&[PlanSource::File(path)], &[]).unwrap_err().to_string();
+        assert!(
+            message.contains("line 1, column 5") && !message.contains("rootsecret"),
+            "{message}"
+        );
+        let (_dir, path) = file_plan("bad.json", r#"{"rootsecret": 1,}"#);
+        let message = assemble(&[PlanSource::File(path)], &[]).unwrap_err().to_string();
+        assert!(
+            message.contains("line 1") && !message.contains("rootsecret"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn directories_and_devices_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = assemble(&[PlanSource::File(dir.path().to_path_buf())], &[]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlanError::NotAFile {
+                    kind: "a directory",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        #[cfg(unix)]
+        {
+            let err = assemble(&[PlanSource::File("/dev/zero".into())], &[]).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PlanError::NotAFile {
+                        kind: "a character device",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("/dev/zero: it is a character device"), "{err}");
+        }
+    }
+
+    #[test]
+    fn plan_files_past_the_size_limit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(MAX_PLAN_BYTES + 1).unwrap();
+        let err = assemble(&[PlanSource::File(path.clone())], &[]).unwrap_err();
+        assert!(matches!(err, PlanError::TooLarge { .. }), "{err:?}");
+        assert!(err.to_string().contains("16 MiB"), "{err}");
+        // At the limit it is read.
+        file.set_len(MAX_PLAN_BYTES).unwrap();
+        assert_eq!(read_plan_file(&path).unwrap().len() as u64, MAX_PLAN_BYTES);
     }
 
     #[test]

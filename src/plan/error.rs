@@ -24,6 +24,32 @@ pub enum PlanError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A plan file is a directory, a device, a FIFO or a socket: refused before reading it.
+    #[error("cannot read plan {}: it is {kind}, not a regular file", path.display())]
+    NotAFile {
+        /// The path given.
+        path: PathBuf,
+        /// What it is (`a directory`, `a character device`, ...).
+        kind: &'static str,
+    },
+    /// A plan file is larger than [`super::document::MAX_PLAN_BYTES`].
+    #[error("cannot read plan {}: it is larger than the {} MiB limit for plan files", path.display(), limit >> 20)]
+    TooLarge {
+        /// The plan file.
+        path: PathBuf,
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// A document is not a plan: not a mapping, or (from a file) a mapping with none of the plan's
+    /// keys, nor a near miss of one. Nothing of its content is quoted (issue 9: `execute:
+    /// {path: /etc/shadow}` printed the file's first line as an unknown key).
+    #[error("{origin}: not a plan: a plan is a mapping with inputs, transforms or output, and this is {found}")]
+    NotAPlan {
+        /// The file name, or `<string>`.
+        origin: String,
+        /// What the document is instead (`a list`, `a mapping without any of those keys`).
+        found: &'static str,
+    },
     /// A mapping has a key the plan language does not know.
     #[error("{location}: unknown key `{key}`{}; expected one of: {}", did_you_mean(suggestion), expected.join(", "))]
     UnknownKey {

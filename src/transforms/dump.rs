@@ -1,15 +1,15 @@
 //! `dump`: print a summary of tensors through [`Context::emit`] in three layouts (`compact`,
 //! `tree`, `json`) at three levels of detail (`shape`, `stat`, `full`). `shape` reads headers
 //! only, so it prints during a plan check too; `stat` streams each tensor chunk by chunk through
-//! `kernels::accumulate_stats`, and `full` reads only the elements it prints (NumPy-like, cut with
-//! `...` beyond 1000 elements). Both are deferred in a check. Selection, statistics and values
+//! `kernels::accumulate_stats`, and `full` prints values instead of statistics, reading only the
+//! elements it prints (NumPy-like, cut with `...` beyond 1000 elements). Both are deferred in a check. Selection, statistics and values
 //! are this file's; number formatting for messages stays with the callers.
 
 use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{json, Map, Value as Json};
 
-use super::{count_noun, fmt_shape, Context, Flow, StepError, Transform, TransformSpec};
+use super::{columns, count_noun, fmt_shape, Context, Flow, StepError, Transform, TransformSpec};
 use crate::dtype::DType;
 use crate::kernels::{self, Stats};
 use crate::plan::error::suggest;
@@ -24,6 +24,13 @@ use indicatif::HumanBytes;
 const THRESHOLD: usize = 1000;
 /// NumPy's `edgeitems`: elements kept at each end of a cut dimension.
 const EDGE: usize = 3;
+/// Most dimensions `full` prints nested (NumPy's limit); a tensor with more prints its values
+/// flattened, as printing recurses once per dimension (issue 9: a 1,000,000-dimension tensor,
+/// a 3 MB header, overflowed the stack).
+const MAX_PRINTED_DIMS: usize = 64;
+/// Levels of the tree layout: segments past this stay joined in the last level's name, so a
+/// name of thousands of dots does not print thousands of ever deeper lines.
+const TREE_DEPTH: usize = 32;
 /// Significant digits of printed statistics (enough for 1e-6 relative comparisons).
 const STAT_DIGITS: usize = 7;
 /// Significant digits of printed values.
@@ -47,8 +54,9 @@ const DUMP_FIELDS: &[Field] = &[
         "verbosity",
         FieldKind::Text,
         Some("shape"),
-        "shape (name, dtype, shape; headers only), stat (plus min, max, mean, std, NaN and Inf counts) or full \
-         (plus the values, NumPy-like, cut with `...` beyond 1000 elements)",
+        "shape (name, dtype, shape; headers only), stat (plus min, max, mean, std, NaN and Inf counts, reading \
+         every element) or full (plus the values instead, NumPy-like, cut with `...` beyond 1000 elements; \
+         reads only the printed elements)",
     ),
 ];
 
@@ -182,7 +190,7 @@ struct Item {
     dtype: DType,
     shape: Vec<usize>,
     nbytes: u64,
-    /// `None` when not computed (shape verbosity, a check, or a carry-only dtype).
+    /// `None` when not computed (only `stat` computes them, in a run, for computable dtypes).
     stats: Option<Stats>,
     values: Option<Values>,
     /// The values were cut with `...`.
@@ -274,12 +282,16 @@ impl Dump {
         if !evaluate || !tensor.dtype.is_computable() {
             return Ok(item);
         }
-        let stats = tensor.stats(&mut ctx.reads)?;
-        item.stats = Some(stats);
-        if self.verbosity == Verbosity::Full {
-            let truncated = tensor.numel() > THRESHOLD;
-            item.values = Some(read_values(tensor, truncated, &mut ctx.reads)?);
-            item.truncated = truncated;
+        match self.verbosity {
+            Verbosity::Shape => {}
+            Verbosity::Stat => item.stats = Some(tensor.stats(&mut ctx.reads)?),
+            // Only the printed elements are read (issue 9: statistics made `full` read every
+            // element of every tensor).
+            Verbosity::Full => {
+                let truncated = tensor.numel() > THRESHOLD;
+                item.values = Some(read_values(tensor, truncated, &mut ctx.reads)?);
+                item.truncated = truncated;
+            }
         }
         Ok(item)
     }
@@ -299,27 +311,35 @@ fn shown(n: usize, truncated: bool) -> Vec<Option<usize>> {
 }
 
 /// Reads only the printed elements of a tensor (a cut tensor reads a few edge runs per row).
+/// A tensor of more than [`MAX_PRINTED_DIMS`] dimensions prints flattened.
 fn read_values(tensor: &Tensor, truncated: bool, cx: &mut ReadContext) -> Result<Values, StepError> {
-    let shape = &tensor.shape;
+    let flat;
+    let shape = if tensor.shape.len() > MAX_PRINTED_DIMS {
+        flat = [tensor.numel()];
+        &flat[..]
+    } else {
+        &tensor.shape[..]
+    };
     if shape.is_empty() {
         let elems = read_run(tensor, 0, 1, cx)?;
         return Ok(Values::Scalar(elems.first().copied().unwrap_or(Elem::Float(f64::NAN))));
     }
     let strides = crate::value::strides(shape);
-    read_block(tensor, &strides, 0, 0, truncated, cx)
+    read_block(tensor, shape, &strides, 0, 0, truncated, cx)
 }
 
 fn read_block(
     tensor: &Tensor,
+    shape: &[usize],
     strides: &[usize],
     dim: usize,
     offset: usize,
     truncated: bool,
     cx: &mut ReadContext,
 ) -> Result<Values, StepError> {
-    let n = tensor.shape[dim];
+    let n = shape[dim];
     let indices = shown(n, truncated);
-    if dim + 1 == tensor.shape.len() {
+    if dim + 1 == shape.len() {
         let mut row = Vec::with_capacity(indices.len());
         // Contiguous runs of printed indices are read at once.
         let mut i = 0;
@@ -347,6 +367,7 @@ fn read_block(
             None => None,
             Some(k) => Some(read_block(
                 tensor,
+                shape,
                 strides,
                 dim + 1,
                 offset + k * strides[dim],
@@ -492,7 +513,7 @@ fn render_into(v: &Values, level: usize, ndim: usize, width: usize, digits: usiz
             let cells: Vec<String> = row
                 .iter()
                 .map(|e| match e {
-                    Some(e) => format!("{:>width$}", fmt_elem(e, digits)),
+                    Some(e) => columns::pad_left(&fmt_elem(e, digits), width),
                     None => "...".to_owned(),
                 })
                 .collect();
@@ -530,13 +551,12 @@ fn stats_text(stats: &Stats) -> String {
 
 /// The part of a line after the name: dtype, shape and, when computed, statistics.
 fn detail_columns(item: &Item, verbosity: Verbosity, deferred: bool) -> Detail {
-    let extra = if verbosity == Verbosity::Shape || deferred {
-        String::new()
-    } else {
-        match &item.stats {
-            Some(stats) => stats_text(stats),
-            None => format!("(no statistics: {} values are carried through only)", item.dtype),
-        }
+    let extra = match (verbosity, &item.stats, &item.values) {
+        _ if deferred => String::new(),
+        (Verbosity::Shape, _, _) | (Verbosity::Full, _, Some(_)) => String::new(),
+        (Verbosity::Stat, Some(stats), _) => stats_text(stats),
+        (Verbosity::Stat, None, _) => format!("(no statistics: {} values are carried through only)", item.dtype),
+        (Verbosity::Full, _, None) => format!("(no values: {} values are carried through only)", item.dtype),
     };
     (item.dtype.name().to_owned(), fmt_shape(&item.shape), extra)
 }
@@ -694,15 +714,28 @@ fn indent(text: &str, by: usize) -> String {
         .join("\n")
 }
 
-/// Lines of `name  dtype  shape  stats`, columns aligned.
+/// A name cell: its leading indentation, then the name shortened to [`columns::MAX_CELL`].
+fn name_cell(name: &str) -> String {
+    let text = name.trim_start_matches(' ');
+    format!("{}{}", &name[..name.len() - text.len()], columns::cell(text))
+}
+
+/// Lines of `name  dtype  shape  stats`, columns aligned; names and shapes longer than
+/// [`columns::MAX_CELL`] are shortened in the middle (`json` keeps them whole).
 fn aligned(lines: &[Line], values_indent: usize) -> Vec<String> {
-    let w0 = lines.iter().map(|l| l.0.chars().count()).max().unwrap_or(0);
-    let w1 = lines.iter().map(|l| l.1 .0.len()).max().unwrap_or(0);
-    let w2 = lines.iter().map(|l| l.1 .1.len()).max().unwrap_or(0);
+    let cells: Vec<[String; 3]> = lines
+        .iter()
+        .map(|(name, (dtype, shape, _), _)| [name_cell(name), columns::cell(dtype), columns::cell(shape)])
+        .collect();
+    let w: [usize; 3] = std::array::from_fn(|i| columns::width(cells.iter().map(|c| c[i].as_str())));
     let mut out = Vec::new();
-    for (name, (dtype, shape, extra), values) in lines {
-        let pad = w0 - name.chars().count();
-        let line = format!("{name}{}  {dtype:<w1$}  {shape:<w2$}  {extra}", " ".repeat(pad));
+    for ([name, dtype, shape], (_, (_, _, extra), values)) in cells.iter().zip(lines) {
+        let line = format!(
+            "{}  {}  {}  {extra}",
+            columns::pad_right(name, w[0]),
+            columns::pad_right(dtype, w[1]),
+            columns::pad_right(shape, w[2])
+        );
         out.push(line.trim_end().to_owned());
         if let Some(values) = values {
             out.push(indent(values, values_indent));
@@ -739,6 +772,9 @@ fn render_compact(sections: &[Section], verbosity: Verbosity, deferred: bool) ->
 #[derive(Debug, Default)]
 struct Node {
     children: Vec<(String, Node)>,
+    /// Where each child is in `children`, while the tree is built (a linear search made a
+    /// 100,000-tensor flat checkpoint quadratic).
+    index: HashMap<String, usize>,
     item: Option<usize>,
 }
 
@@ -747,9 +783,10 @@ impl Node {
         match path.split_first() {
             None => self.item = Some(item),
             Some((head, rest)) => {
-                let at = match self.children.iter().position(|(s, _)| s == head) {
-                    Some(at) => at,
+                let at = match self.index.get(*head) {
+                    Some(&at) => at,
                     None => {
+                        self.index.insert((*head).to_owned(), self.children.len());
                         self.children.push(((*head).to_owned(), Node::default()));
                         self.children.len() - 1
                     }
@@ -762,6 +799,7 @@ impl Node {
     /// Numeric children take the place of the first one among them, in numeric order; the
     /// others keep their first-seen order.
     fn sort(&mut self) {
+        self.index = HashMap::new();
         let first_numeric = self.children.iter().position(|(s, _)| number(s).is_some());
         if let Some(first) = first_numeric {
             let key = |(i, (s, _)): &(usize, &(String, Node))| match number(s) {
@@ -802,7 +840,7 @@ fn render_tree(sections: &[Section], verbosity: Verbosity, deferred: bool) -> St
         out.push(section_header(section, deferred));
         let mut root = Node::default();
         for (i, item) in section.items.iter().enumerate() {
-            let path: Vec<&str> = item.name.split('.').collect();
+            let path: Vec<&str> = item.name.splitn(TREE_DEPTH, '.').collect();
             root.insert(&path, i);
         }
         root.sort();
@@ -858,7 +896,7 @@ fn render_json(sections: &[Section], verbosity: Verbosity, deferred: bool) -> St
                     t.insert("dtype".into(), json!(item.dtype.name()));
                     t.insert("shape".into(), json!(item.shape));
                     t.insert("nbytes".into(), json!(item.nbytes));
-                    if verbosity >= Verbosity::Stat && !deferred {
+                    if verbosity == Verbosity::Stat && !deferred {
                         let stats = item.stats.as_ref().map_or(Json::Null, |s| {
                             json!({
                                 "count": s.count,
@@ -985,6 +1023,32 @@ mod tests {
             text.ends_with(" [1998000 1998001 1998002 ... 1999997 1999998 1999999]]"),
             "{text}"
         );
+    }
+
+    /// Issue 9 item 11d: `full` also computed statistics, reading every element of every tensor.
+    #[test]
+    fn full_dump_reads_only_what_it_prints_and_stat_reads_everything() {
+        for (verbosity, reads, shows) in [
+            (Verbosity::Full, 36, "1999999]]"),
+            (Verbosity::Stat, 2_000_000, "max=1999999"),
+        ] {
+            let op = std::sync::Arc::new(Counting::default());
+            let mut state = State::default();
+            state.insert("m", "t", Tensor::op(DType::F32, vec![1000, 2000], op.clone()).unwrap());
+            state.default_alias = Some("m".into());
+            let dump = Dump {
+                target: None,
+                format: Format::Compact,
+                verbosity,
+                location: Location::root(),
+            };
+            let mut ctx = Context::new(true, std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+            dump.apply(&mut state, &mut ctx).unwrap();
+            assert_eq!(op.0.load(std::sync::atomic::Ordering::Relaxed), reads, "{verbosity:?}");
+            let text = &ctx.output[0];
+            assert!(text.contains(shows), "{text}");
+            assert_eq!(text.contains("min="), verbosity == Verbosity::Stat, "{text}");
+        }
     }
 
     #[test]

@@ -161,11 +161,25 @@ impl ParseScope {
             Some(dir) if given.is_relative() => dir.join(given),
             _ => given.to_path_buf(),
         };
-        if !resolved.is_file() {
-            return Err(PlanError::invalid(
-                location,
-                format!("plan file `{}` does not exist", resolved.display()),
-            ));
+        match std::fs::metadata(&resolved) {
+            Err(_) => {
+                return Err(PlanError::invalid(
+                    location,
+                    format!("plan file `{}` does not exist", resolved.display()),
+                ))
+            }
+            // Issue 9: a device or FIFO is refused before anything opens it.
+            Ok(metadata) if !metadata.is_file() => {
+                return Err(PlanError::invalid(
+                    location,
+                    format!(
+                        "plan file `{}` is {}, not a regular file",
+                        resolved.display(),
+                        crate::plan::document::file_kind(&metadata.file_type())
+                    ),
+                ))
+            }
+            Ok(_) => {}
         }
         let file = PlanFile {
             shown: text.to_owned(),

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value as Json};
 
-use super::{assert, Context, Flow, StepError, Transform, TransformSpec, REGISTRY};
+use super::{assert, columns, Context, Flow, StepError, Transform, TransformSpec, REGISTRY};
 use crate::plan::error::suggest;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
@@ -134,7 +134,7 @@ pub fn overview() -> String {
     let width = REGISTRY.iter().map(|s| s.name.len()).max().unwrap_or(0);
     let mut lines = vec!["transforms (`help: NAME` describes one):".to_owned()];
     for spec in REGISTRY {
-        lines.push(format!("  {:<width$}  {}", spec.name, spec.summary));
+        lines.push(format!("  {}  {}", columns::pad_right(spec.name, width), spec.summary));
     }
     lines.push(format!(
         "assertion operators (`help: {{assert: NAME}}` describes one): {}",
@@ -165,8 +165,13 @@ fn field_lines(fields: &[Field]) -> Vec<String> {
         .iter()
         .map(|f| {
             let need = requirement(f);
-            let pad = " ".repeat(w2 - need.chars().count());
-            format!("  {:<w0$}  {:<w1$}  {need}{pad}  {}", f.name, f.kind.describe(), f.doc)
+            format!(
+                "  {}  {}  {}  {}",
+                columns::pad_right(f.name, w0),
+                columns::pad_right(f.kind.describe(), w1),
+                columns::pad_right(&need, w2),
+                f.doc
+            )
         })
         .collect()
 }

@@ -290,13 +290,23 @@ impl MatmulOp {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        // A plain thread: joining it blocks without running other jobs of the caller's pool.
+        // A plain thread: joining it blocks without running other jobs of the caller's pool. It
+        // reads the operands, which recurse once per operation stacked on them: with the default
+        // 2 MiB stack, 5,000 in-place edits before a matmul overflowed it (issue 9).
         let cx = cx.fork();
-        let computed = std::thread::scope(|s| s.spawn(|| self.compute(threads, cx)).join()).map_err(|_| {
-            ValueError::Compute {
-                op: "matmul",
-                reason: "the matrix product panicked".into(),
-            }
+        let computed = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .stack_size(crate::value::ENGINE_STACK_BYTES)
+                .spawn_scoped(s, || self.compute(threads, cx))
+                .map_err(|e| ValueError::Compute {
+                    op: "matmul",
+                    reason: format!("cannot start the product's thread: {e}"),
+                })?
+                .join()
+                .map_err(|_| ValueError::Compute {
+                    op: "matmul",
+                    reason: "the matrix product panicked".into(),
+                })
         })??;
         let result = Arc::new(computed);
         *slot = Some(result.clone());

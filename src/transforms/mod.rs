@@ -7,6 +7,7 @@
 pub mod assert;
 pub mod assign;
 pub mod cast;
+pub mod columns;
 pub mod control;
 pub mod copy;
 mod destination;

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use super::{count_noun, Context, Flow, StepError, Transform, TransformSpec};
+use super::{columns, count_noun, Context, Flow, StepError, Transform, TransformSpec};
 use crate::plan::payload::{Field, FieldKind};
 use crate::plan::{valid_alias, Location, PlanError};
 use crate::state::State;
@@ -113,17 +113,19 @@ impl Transform for Prefixes {
         match &self.op {
             Op::List => {
                 let names = state.alias_names();
-                let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+                let cells: Vec<String> = names.iter().map(|n| columns::cell(n)).collect();
+                let width = columns::width(cells.iter().map(String::as_str));
                 let lines: Vec<String> = names
                     .iter()
-                    .map(|name| {
+                    .zip(&cells)
+                    .map(|(name, cell)| {
                         let count = state.alias(name).map_or(0, |a| a.len());
                         let default = if state.default_alias.as_deref() == Some(name.as_str()) {
                             " (default)"
                         } else {
                             ""
                         };
-                        format!("{name:<width$}  {}{default}", count_noun(count))
+                        format!("{}  {}{default}", columns::pad_right(cell, width), count_noun(count))
                     })
                     .collect();
                 ctx.emit(if lines.is_empty() {

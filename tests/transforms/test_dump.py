@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import brainsurgery as bs
+from helpers import write_raw_st
 
 RNG = np.random.default_rng(5)
 
@@ -227,12 +228,66 @@ def test_full_truncates_large_tensors_like_numpy(write):
     assert "[2000 2001 2002 ... 2397 2398 2399]]]" in text
 
 
+def test_issue9_full_prints_values_instead_of_statistics(write):
+    """Issue 9 item 11d: `full` read every element for its statistics although only the printed
+    ones are promised to be read; it now prints the values alone (`stat` prints statistics)."""
+    a = np.arange(3000, dtype=np.float32).reshape(3, 1000)
+    path = write({"big": a, "small": np.ones(3, np.float32)})
+    doc = json.loads(run_dump(path, {"verbosity": "full", "format": "json"}))
+    for t in doc["aliases"][0]["tensors"]:
+        assert "stats" not in t and "values" in t, t
+    text = run_dump(path, {"verbosity": "full"})
+    assert "min=" not in text and "[[   0    1    2 ...  997  998  999]" in text
+    assert "min=0 max=2999" in run_dump(path, {"verbosity": "stat"})
+
+
 def test_full_in_compact_folds_identical_values(write):
     path = write({f"h.{i}.b": np.zeros(3, np.float32) for i in range(4)} | {"h.4.b": np.ones(3, np.float32)})
     text = run_dump(path, {"verbosity": "full"})
     rows = compact_rows(text)
     assert set(rows) == {"h.[0-3].b", "h.4.b"}
     assert "    [0 0 0]" in text and "    [1 1 1]" in text
+
+
+def test_issue9_a_22000_dim_shape_and_a_long_name_print_shortened(tmp_path):
+    """Issue 9 item 2: the shape column of a 22,000-dimension tensor panicked (width > 65,535);
+    names and shapes beyond 100 characters are cut in the middle, `json` keeps them whole."""
+    long = "h." + "x" * 70_000 + ".w"
+    header = {
+        "deep": {"dtype": "F32", "shape": [1] * 22_000, "data_offsets": [0, 4]},
+        long: {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    path = write_raw_st(tmp_path / "deep.safetensors", json.dumps(header).encode(), bytes(12))
+    for fmt in ("compact", "tree"):
+        text = run_dump(path, {"format": fmt})
+        lines = text.splitlines()
+        deep = next(l for l in lines if l.lstrip().startswith("deep"))
+        shape = deep.split("float32", 1)[1].strip()
+        assert len(shape) == 100 and shape.startswith("(1, 1") and shape.endswith("1, 1)") and "…" in shape
+        assert max(map(len, lines)) < 250, fmt
+    text = run_dump(path, {"verbosity": "full"})
+    assert "\n    [0]\n" in text  # beyond 64 dimensions (NumPy's limit) values print flattened
+    doc = json.loads(run_dump(path, {"format": "json"}))
+    tensors = {t["name"]: t for t in doc["aliases"][0]["tensors"]}
+    assert tensors["deep"]["shape"] == [1] * 22_000 and long in tensors
+
+
+def test_full_of_a_million_dimensions_prints_flattened(tmp_path):
+    """Printing recursed once per dimension: a 1,000,000-dimension tensor (a 3 MB header)
+    overflowed the stack."""
+    header = {"deep": {"dtype": "F32", "shape": [1] * 1_000_000, "data_offsets": [0, 4]}}
+    path = write_raw_st(tmp_path / "deep.safetensors", json.dumps(header).encode(), bytes(4))
+    doc = json.loads(run_dump(path, {"verbosity": "full", "format": "json"}))
+    assert doc["aliases"][0]["tensors"][0]["values"] == [0]
+    assert "\n    [0]" in run_dump(path, {"verbosity": "full", "format": "tree"})
+
+
+def test_tree_nests_at_most_32_levels(tmp_path):
+    """A name of 70,000 dots would print 70,000 ever deeper lines; deeper segments stay joined."""
+    header = {"." * 70_000: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    path = write_raw_st(tmp_path / "dots.safetensors", json.dumps(header).encode(), bytes(4))
+    lines = run_dump(path, {"format": "tree"}).splitlines()
+    assert len(lines) == 33 and max(map(len, lines)) < 250
 
 
 def test_unknown_format_and_verbosity_are_plan_errors(write):

@@ -241,3 +241,14 @@ def test_prompt_path_without_a_plan_resolves_against_the_working_directory(write
     proc = _prompt(["a.safetensors", "-o", str(out)], "execute: path: inner.yaml\n", tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     np.testing.assert_array_equal(read(out)["b"], -t["b"])
+
+
+def test_issue9_execute_path_to_a_file_that_is_not_a_plan_quotes_nothing(write, tmp_path):
+    """Issue 9 item 9: the file's first line came back as an "unknown key"."""
+    a = write(_tensors(), "a.safetensors")
+    (tmp_path / "shadow").write_text("hunter2:*:19000:0:99999:7:::\n")
+    with pytest.raises(bs.PlanError) as info:
+        bs.check({"inputs": [str(a)], "transforms": [{"execute": {"path": str(tmp_path / "shadow")}}]})
+    assert "not a plan" in str(info.value) and "hunter2" not in str(info.value)
+    with pytest.raises(bs.PlanError, match="/dev/zero` is a character device"):
+        bs.check({"inputs": [str(a)], "transforms": [{"execute": {"path": "/dev/zero"}}]})

@@ -35,6 +35,16 @@ def test_list_marks_the_default_alias(write):
     assert report["output"] == ["model  2 tensors (default)"]
 
 
+def test_issue9_list_shortens_a_65536_character_alias(write):
+    """Issue 9 item 2: the alias column's width panicked past 65,535 characters."""
+    a = write(_tensors(), "a.safetensors")
+    alias = "a" * 65_536
+    report = bs.check({"inputs": [f"{alias}::{a}", f"b::{a}"], "transforms": [{"prefixes": "list"}]})
+    lines = report["output"][0].splitlines()
+    assert lines[0] == "a" * 50 + "…" + "a" * 49 + "  2 tensors"
+    assert lines[1] == "b" + " " * 99 + "  2 tensors"
+
+
 def test_add_then_write_makes_it_the_output(write, tmp_path):
     t = _tensors()
     a = write(t, "a.safetensors")
