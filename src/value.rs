@@ -3,6 +3,7 @@
 //! scale, a write through a slice). Bytes are produced only when a tensor is written or a value
 //! assertion inspects it, chunk by chunk, through [`Tensor::read`] into caller-owned buffers.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -142,7 +143,7 @@ pub trait LazyOp: Send + Sync + std::fmt::Debug {
     /// Bytes this operation holds in memory at once when read (a product computed whole, a
     /// permutation that cannot stream), its operands' included; 0 for streaming operations.
     /// Tensors whose bytes are reused are counted once per distinct operation.
-    fn materialized(&self, _seen: &mut Vec<usize>) -> usize {
+    fn materialized(&self, _seen: &mut HashSet<usize>) -> usize {
         0
     }
 }
@@ -518,15 +519,14 @@ impl Tensor {
     /// Bytes computing this tensor holds in memory at once (see [`LazyOp::materialized`]),
     /// through every value it is built on; `seen` lists operations already counted (by
     /// address), so a result read twice counts once.
-    pub fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+    pub fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         match &*self.value {
             Value::Stored { .. } | Value::Strided(_) | Value::Memory(_) => 0,
             Value::Op(op) => {
                 let key = Arc::as_ptr(op) as *const () as usize;
-                if seen.contains(&key) {
+                if !seen.insert(key) {
                     return 0;
                 }
-                seen.push(key);
                 op.materialized(seen)
             }
             Value::View { base, .. } | Value::Cast { base } | Value::Map { base, .. } => base.materialized(seen),

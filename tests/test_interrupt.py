@@ -109,3 +109,25 @@ def test_kill_9_during_a_write_leaves_nothing(tmp_path: Path) -> None:
     # The output directory the run created may stay (empty); no file, hidden or not, is left.
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert left == ["in.safetensors", "plan.yaml"]
+
+
+def test_a_run_started_with_sighup_ignored_keeps_ignoring_it(tmp_path: Path) -> None:
+    """`nohup brainsurgery ...`: closing the terminal does not cancel the run."""
+    save_safetensors(tmp_path / "in.safetensors", {"w": np.zeros(4, np.float32)})
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("inputs: [in.safetensors]\ntransforms:\n  - rand: {target: r, shape: [30000000], distribution: normal}\noutput: out\n")
+    proc = subprocess.Popen(
+        ["brainsurgery", str(plan), "--threads", "1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    deadline = time.monotonic() + 30
+    while "_core" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -332,6 +332,16 @@ def test_directory_output_replaces_its_own_earlier_output(ws: Path, fmt: str) ->
         bs.run({"inputs": ["in.safetensors"], "output": {"path": "out", "format": fmt, "shard": "none"}})
 
 
+def test_an_index_written_before_it_was_marked_is_ours_when_its_shards_are(ws: Path) -> None:
+    bs.run({"inputs": ["in.safetensors"], "output": {"path": "out", "shard": "100B"}})
+    index_path = ws / "out" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["metadata"]["brainsurgery.version"]  # as brainsurgery 0.3.0 before issue 9 wrote it
+    index_path.write_text(json.dumps(index))
+    bs.run({"inputs": ["in.safetensors"], "output": {"path": "out", "shard": "none"}})
+    assert listing(ws / "out") == ["model.safetensors"]
+
+
 def _checkpoint_dir(root: Path) -> dict[str, np.ndarray]:
     tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float16)}
     write_st(root / "model.safetensors", tensors, META)

@@ -44,7 +44,10 @@ fuzz_target!(|data: &[u8]| {
                 accepted_entry(e, file.len);
             }
             // No two entries share data bytes (a zip bomb's amplification).
-            let mut spans: Vec<(u64, u64)> = entries.iter().map(|e| (e.data_offset, e.data_offset + e.size)).collect();
+            let mut spans: Vec<(u64, u64)> = entries
+                .iter()
+                .map(|e| (e.data_offset, e.data_offset + e.size))
+                .collect();
             spans.sort_unstable();
             for pair in spans.windows(2) {
                 assert!(pair[1].0 >= pair[0].1, "entries overlap: {pair:?}");
@@ -85,7 +88,10 @@ fn accepted_entry(e: &Entry, file_len: u64) {
     if e.method == 0 && !e.encrypted {
         assert!(stored.is_ok(), "{e:?}: {stored:?}");
     } else {
-        assert!(stored.is_err_and(|m| !m.to_string().is_empty()), "{e:?} accepted as stored");
+        assert!(
+            stored.is_err_and(|m| !m.to_string().is_empty()),
+            "{e:?} accepted as stored"
+        );
     }
 }
 

@@ -236,7 +236,7 @@ impl Prepared {
         let mut materialized = 0usize;
         if let Some(alias) = &report.alias {
             let current = state.alias(alias).expect("output alias exists");
-            let mut seen = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             for (_, tensor) in current.iter() {
                 materialized = materialized.saturating_add(tensor.materialized(&mut seen));
             }

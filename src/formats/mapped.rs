@@ -15,7 +15,7 @@
 use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::Mutex;
 
 use super::FormatError;
 
@@ -24,6 +24,10 @@ use super::FormatError;
 const SLOTS: usize = 256;
 
 struct Slot {
+    /// Odd while `start`/`len` change (a seqlock): the handler skips a slot whose sequence
+    /// differs before and after it read the range, so a slot reused meanwhile is never taken
+    /// for the faulting map.
+    seq: AtomicUsize,
     start: AtomicUsize,
     len: AtomicUsize,
     faulted: AtomicBool,
@@ -32,6 +36,7 @@ struct Slot {
 
 #[allow(clippy::declare_interior_mutable_const)] // a template for the array below only
 const EMPTY: Slot = Slot {
+    seq: AtomicUsize::new(0),
     start: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
     faulted: AtomicBool::new(false),
@@ -40,7 +45,10 @@ const EMPTY: Slot = Slot {
 
 static REGISTRY: [Slot; SLOTS] = [EMPTY; SLOTS];
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
-static INSTALL: Once = Once::new();
+/// Serialises installing (never taken in the handler).
+static INSTALL: Mutex<()> = Mutex::new(());
+/// Whether our handler is the disposition now: cleared by the handler when it hands a fault
+/// that is not ours back to the previous one, so the next map installs it again.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// A read-only map of part of an input file, registered with the SIGBUS handler while it lives.
@@ -65,10 +73,11 @@ impl GuardedMap {
                 .is_ok()
         })?;
         let entry = &REGISTRY[slot];
-        entry.faulted.store(false, Ordering::Relaxed);
-        entry.len.store(0, Ordering::Release);
+        entry.seq.fetch_add(1, Ordering::AcqRel);
+        entry.faulted.store(false, Ordering::Release);
         entry.start.store(map.as_ptr() as usize, Ordering::Release);
         entry.len.store(map.len(), Ordering::Release);
+        entry.seq.fetch_add(1, Ordering::AcqRel);
         Some(GuardedMap { map, slot, path })
     }
 
@@ -95,8 +104,10 @@ impl Deref for GuardedMap {
 impl Drop for GuardedMap {
     fn drop(&mut self) {
         let entry = &REGISTRY[self.slot];
+        entry.seq.fetch_add(1, Ordering::AcqRel);
         entry.len.store(0, Ordering::Release);
         entry.start.store(0, Ordering::Release);
+        entry.seq.fetch_add(1, Ordering::AcqRel);
         entry.in_use.store(false, Ordering::Release);
     }
 }
@@ -104,9 +115,13 @@ impl Drop for GuardedMap {
 /// The disposition SIGBUS had before ours, restored for faults that are not ours.
 static mut PREVIOUS: std::mem::MaybeUninit<libc::sigaction> = std::mem::MaybeUninit::uninit();
 
-/// Installs the handler once; whether it is installed.
+/// Installs the handler unless it is in place; whether it is.
 fn install() -> bool {
-    INSTALL.call_once(|| {
+    if INSTALLED.load(Ordering::Acquire) {
+        return true;
+    }
+    let _lock = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if !INSTALLED.load(Ordering::Acquire) {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         if let Ok(page) = usize::try_from(page) {
@@ -115,7 +130,8 @@ fn install() -> bool {
             }
         }
         // SAFETY: a zeroed sigaction is valid; the handler has the SA_SIGINFO signature, and
-        // PREVIOUS is written here once, before the handler (its only other user) can run.
+        // PREVIOUS is written here, under the lock, while our handler is not installed (its
+        // only other user).
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_sigbus as *const () as usize;
@@ -126,18 +142,30 @@ fn install() -> bool {
                 INSTALLED.store(true, Ordering::Release);
             }
         }
-    });
+    }
     INSTALLED.load(Ordering::Acquire)
 }
 
 /// The SIGBUS handler: async-signal-safe (atomics, `mmap`, `sigaction` only).
 extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; errno is this
+    // thread's, saved and restored so the interrupted code does not see ours.
     let addr = unsafe { (*info).si_addr() } as usize;
+    let errno = unsafe { *libc::__errno_location() };
+    on_fault(addr);
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// The handler's work for a fault at `addr`.
+fn on_fault(addr: usize) {
     let page = PAGE_SIZE.load(Ordering::Relaxed);
     for entry in &REGISTRY {
+        let seq = entry.seq.load(Ordering::Acquire);
         let start = entry.start.load(Ordering::Acquire);
         let len = entry.len.load(Ordering::Acquire);
+        if seq % 2 == 1 || entry.seq.load(Ordering::Acquire) != seq {
+            continue;
+        }
         if len == 0 || addr < start || addr - start >= len {
             continue;
         }
@@ -159,7 +187,8 @@ extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
             return; // the faulting read is retried and reads zeros
         }
     }
-    // Not ours: the previous disposition takes the retried fault.
+    // Not ours: the previous disposition takes the retried fault (a map made later installs
+    // ours again).
     // SAFETY: PREVIOUS was set when the handler was installed.
     unsafe {
         libc::sigaction(
@@ -168,6 +197,7 @@ extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
             std::ptr::null_mut(),
         );
     }
+    INSTALLED.store(false, Ordering::Release);
 }
 
 #[cfg(test)]

@@ -233,35 +233,52 @@ fn link_unnamed(_file: &File, _path: &Path) -> io::Result<()> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
-/// Removes the named temporaries (`.NAME.tmp-PID-…`) in `dir` left by processes that no longer
-/// run (killed where unnamed temporaries are unavailable). A temporary of a live process, or of
-/// a process id reused since, stays.
-fn remove_dead_temporaries(dir: &Path) {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let Ok(listing) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in listing.flatten() {
-        let Ok(name) = entry.file_name().into_string() else {
+/// A temporary untouched for this long, of a process that no longer runs, is a leftover.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Removes the named temporaries of `targets` (`.NAME.tmp-PID-…` beside each) left by processes
+/// that no longer run (killed where unnamed temporaries are unavailable). Only regular files,
+/// unmodified for [`STALE_TEMPORARY`]: the process-id check means nothing for a writer in another
+/// container or on another host sharing the folder, and such a writer keeps its file fresh.
+fn remove_dead_temporaries(targets: &[&Path]) {
+    for target in targets {
+        let (Some(dir), Some(name)) = (target.parent(), target.file_name().and_then(|n| n.to_str())) else {
             continue;
         };
-        let Some(pid) = temporary_pid(&name) else {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let Ok(listing) = std::fs::read_dir(dir) else {
             continue;
         };
-        if pid != std::process::id() && !process_alive(pid) {
-            let _ = std::fs::remove_file(dir.join(&name));
+        for entry in listing.flatten() {
+            let Ok(file_name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let Some(pid) = temporary_pid(&file_name, name) else {
+                continue;
+            };
+            let stale = entry.metadata().is_ok_and(|m| {
+                m.is_file()
+                    && m.modified()
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= STALE_TEMPORARY))
+            });
+            if stale && pid != std::process::id() && !process_alive(pid) {
+                let _ = std::fs::remove_file(dir.join(&file_name));
+            }
         }
     }
 }
 
-/// The process id in a temporary's name `.NAME.tmp-PID-SUFFIX` ([`temp_path_for`]).
-fn temporary_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix('.')?;
-    let (_, tail) = rest.rsplit_once(".tmp-")?;
+/// The process id in `file_name` when it is a temporary of `target_name`:
+/// `.TARGET.tmp-PID-SUFFIX` ([`temp_path_for`]).
+fn temporary_pid(file_name: &str, target_name: &str) -> Option<u32> {
+    let tail = file_name
+        .strip_prefix('.')?
+        .strip_prefix(target_name)?
+        .strip_prefix(".tmp-")?;
     let (pid, suffix) = tail.split_once('-')?;
     if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
@@ -451,9 +468,12 @@ fn our_index_shards(path: &Path) -> Option<Vec<String>> {
         return None;
     }
     let doc: Value = serde_json::from_reader(io::BufReader::new(file)).ok()?;
-    doc.get("metadata")?.get(VERSION_KEY)?;
     let map = doc.get("weight_map")?.as_object()?;
-    Some(map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+    let shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+    // Indexes written before the version key was added to them: ours when every shard is.
+    let marked = doc.get("metadata").and_then(|m| m.get(VERSION_KEY)).is_some();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    (marked || shards.iter().all(|s| marked_as_ours(&dir.join(s)))).then_some(shards)
 }
 
 /// Whether the weight file at `path` carries our mark (see [`foreign_outputs`]).
@@ -760,7 +780,8 @@ impl Writer {
             sync: false,
         };
         writer.created_dirs.create(&dir)?;
-        remove_dead_temporaries(&dir);
+        let targets: Vec<&Path> = final_paths.iter().chain(&index).map(PathBuf::as_path).collect();
+        remove_dead_temporaries(&targets);
 
         // Offsets within each shard's data, consecutive in the given order (no holes, so the
         // official loader accepts the file).
@@ -1058,22 +1079,31 @@ mod tests {
         let names = [
             format!(".model.safetensors.tmp-{dead}-1a2b"),
             format!(".model.safetensors.tmp-{}-1a2b", std::process::id()),
-            format!(".notes.tmp-{dead}-zz"),
+            format!(".notes.tmp-{dead}-1a2b"),
+            format!(".model.safetensors.tmp-{dead}-3c4d"),
             "model.safetensors".to_owned(),
         ];
-        for name in &names {
-            std::fs::write(dir.path().join(name), b"x").unwrap();
+        let old = std::time::SystemTime::now() - STALE_TEMPORARY * 2;
+        for (i, name) in names.iter().enumerate() {
+            let file = std::fs::File::create(dir.path().join(name)).unwrap();
+            if i != 3 {
+                file.set_modified(old).unwrap(); // the fourth temporary is fresh
+            }
         }
-        remove_dead_temporaries(dir.path());
+        remove_dead_temporaries(&[dir.path().join("model.safetensors").as_path()]);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, [names[1].clone(), names[2].clone(), names[3].clone()]);
-        assert_eq!(temporary_pid(".a.b.tmp-12-0f"), Some(12));
-        assert_eq!(temporary_pid("a.tmp-12-0f"), None);
-        assert_eq!(temporary_pid(".a.tmp-x-0f"), None);
+        // Kept: a live process's, another output's, a fresh one, the output itself.
+        let mut want = names[1..].to_vec();
+        want.sort();
+        assert_eq!(left, want);
+        assert_eq!(temporary_pid(".a.b.tmp-12-0f", "a.b"), Some(12));
+        assert_eq!(temporary_pid(".a.b.tmp-12-0f", "a"), None);
+        assert_eq!(temporary_pid("a.tmp-12-0f", "a"), None);
+        assert_eq!(temporary_pid(".a.tmp-x-0f", "a"), None);
     }
 
     fn meta() -> BTreeMap<String, String> {

@@ -7,6 +7,7 @@
 //! once per level. Also holds [`write_back`] (a region overwritten by values that do not read the
 //! destination, as `fill_` writes).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::view_of;
@@ -173,7 +174,7 @@ impl LazyOp for BinaryOp {
         "arithmetic"
     }
 
-    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+    fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         self.a.materialized(seen).saturating_add(self.b.materialized(seen))
     }
 

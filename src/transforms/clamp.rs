@@ -3,6 +3,7 @@
 //! back, as `np.clip(x.astype(f32), f32(min), f32(max)).astype(dtype)`. NaN stays NaN. In place
 //! through a slice, only the region changes, as an in-place map read once per chunk.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::{
@@ -108,7 +109,7 @@ impl LazyOp for ClampOp {
         "clamp"
     }
 
-    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+    fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         self.base.materialized(seen)
     }
 

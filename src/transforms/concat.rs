@@ -4,6 +4,7 @@
 //! reference's i-th match. Parts must agree in dtype and in shape except on `dim`. The result is
 //! a lazy [`ConcatOp`] that streams each chunk from the parts in contiguous runs.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::Value as Json;
@@ -206,7 +207,7 @@ impl LazyOp for ConcatOp {
         "concat"
     }
 
-    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+    fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         self.parts
             .iter()
             .fold(0, |sum, p| sum.saturating_add(p.materialized(seen)))

@@ -8,6 +8,7 @@
 //! thread pool: the reading threads belong to the writer's pool, and letting faer's parallel
 //! jobs share that pool would let a waiting thread pick up another chunk of the same product.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use faer::linalg::matmul::matmul;
@@ -319,7 +320,7 @@ impl LazyOp for MatmulOp {
         "matmul"
     }
 
-    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+    fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         // An upper bound of the peak: both operands and the product as f32 (f64), and the
         // product's bytes in the result dtype, which are kept for every reader.
         let [batch, m, k, n] = self.dims;

@@ -13,6 +13,7 @@
 //! - any other order reads the whole source into memory once (the only case that must, since a
 //!   chunk's elements are scattered over the source without contiguous runs) and gathers from it.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
@@ -425,7 +426,7 @@ impl LazyOp for PermuteOp {
         "permute"
     }
 
-    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+    fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         // Orders that cannot stream hold the whole source; the others a chunk at a time.
         let own = if self.mode == Mode::Whole {
             self.source.nbytes()

@@ -4,6 +4,7 @@
 //! is a [`Value::Op`], whose `read` is handed the tensor's shape; it is wrapped so it keeps seeing
 //! its own.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::Value as Json;
@@ -135,7 +136,7 @@ impl LazyOp for Reshaped {
         "reshape"
     }
 
-    fn materialized(&self, seen: &mut Vec<usize>) -> usize {
+    fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         self.inner.materialized(seen)
     }
 
