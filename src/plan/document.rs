@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::PlanError;
-use super::location::Location;
+use super::host::depth_exceeds;
+use super::location::{Location, Segment};
+use super::{MAX_DEPTH, MAX_NODES};
 
 /// One piece of a plan, as the user handed it over.
 #[derive(Debug, Clone)]
@@ -22,7 +24,13 @@ pub enum PlanSource {
 
 /// Parses YAML text into a document value. `origin` names the text in messages.
 pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
-    let value: Value = serde_saphyr::from_str(text).map_err(|e| {
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_DEPTH,
+            max_nodes: MAX_NODES,
+        },
+    };
+    let value: Value = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         // The parser's message starts with its own "error: "; ours names the origin instead.
         let message = e.to_string();
         let message = message.strip_prefix("error: ").unwrap_or(&message).to_owned();
@@ -34,8 +42,18 @@ pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
     Ok(value)
 }
 
+/// The error for a document nested deeper than [`MAX_DEPTH`].
+fn too_deep(origin: String) -> PlanError {
+    PlanError::Syntax {
+        origin,
+        message: format!("mappings and lists nest deeper than {MAX_DEPTH} levels, the limit of a plan document"),
+    }
+}
+
 fn load(source: &PlanSource) -> Result<Value, PlanError> {
     match source {
+        // Measured before it is copied: copying a value is recursive.
+        PlanSource::Value(v) if depth_exceeds(v, MAX_DEPTH) => Err(too_deep("<value>".to_owned())),
         PlanSource::Value(v) => Ok(v.clone()),
         PlanSource::Text(text) => parse_yaml(text, "<string>"),
         PlanSource::File(path) => {
@@ -45,10 +63,15 @@ fn load(source: &PlanSource) -> Result<Value, PlanError> {
             })?;
             let origin = path.display().to_string();
             if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
-                serde_json::from_str(&text).map_err(|e| PlanError::Syntax {
-                    origin,
+                // serde_json stops at its own depth (128); the plan's limit is the YAML one.
+                let value: Value = serde_json::from_str(&text).map_err(|e| PlanError::Syntax {
+                    origin: origin.clone(),
                     message: e.to_string(),
-                })
+                })?;
+                if depth_exceeds(&value, MAX_DEPTH) {
+                    return Err(too_deep(origin));
+                }
+                Ok(value)
             } else {
                 parse_yaml(&text, &origin)
             }
@@ -122,17 +145,27 @@ pub fn apply_override(doc: &mut Value, assignment: &str) -> Result<(), PlanError
         .split_once('=')
         .ok_or_else(|| syntax("expected key.path=value".to_owned()))?;
     let steps = parse_override_path(path.trim()).map_err(syntax)?;
+    if steps.len() > MAX_DEPTH {
+        return Err(syntax(format!(
+            "the path has {} steps; a plan document nests at most {MAX_DEPTH} levels",
+            steps.len()
+        )));
+    }
     let value = if text.trim().is_empty() {
         Value::String(String::new())
     } else {
         parse_yaml(text, &origin)?
     };
+    // The path and the value are each within the limit; together they may not be.
+    if depth_exceeds(&value, MAX_DEPTH - steps.len()) {
+        return Err(too_deep(origin));
+    }
     let mut node = doc;
     let mut location = Location::root();
     for step in steps {
         node = match step {
             PathStep::Key(key) => {
-                location = location.key(&key);
+                location.0.push(Segment::Key(key.clone()));
                 if node.is_null() {
                     *node = Value::Object(Map::new());
                 }
@@ -145,7 +178,7 @@ pub fn apply_override(doc: &mut Value, assignment: &str) -> Result<(), PlanError
                 map.entry(key).or_insert(Value::Null)
             }
             PathStep::Index(index) => {
-                location = location.index(index);
+                location.0.push(Segment::Index(index));
                 let Value::Array(list) = node else {
                     return Err(PlanError::invalid(
                         &location,
@@ -250,6 +283,68 @@ mod tests {
         let err = parse_yaml("a: [1, 2\n", "plan.yaml").unwrap_err();
         let text = err.to_string();
         assert!(text.contains("plan.yaml") && text.contains("line 1"), "{text}");
+    }
+
+    /// `depth` flow lists, one inside the other.
+    fn flow(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn every_source_nests_at_most_max_depth() {
+        use crate::plan::host::depth_exceeds;
+        // YAML: the parser's own budget, set from the one constant. The top-level mapping is a level.
+        let ok = parse_yaml(&format!("a: {}", flow(MAX_DEPTH - 1)), "t").unwrap();
+        assert!(!depth_exceeds(&ok, MAX_DEPTH) && depth_exceeds(&ok, MAX_DEPTH - 1));
+        let err = parse_yaml(&format!("a: {}", flow(MAX_DEPTH)), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("depth"), "{err}");
+        // Block style too.
+        let block: String = (0..=MAX_DEPTH).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        assert!(parse_yaml(&block, "t").is_err());
+        // A JSON file: serde_json would allow 128.
+        let dir = std::env::temp_dir().join(format!("bs-depth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ok, deep) = (dir.join("ok.json"), dir.join("deep.json"));
+        std::fs::write(&ok, format!("{{\"a\": {}}}", flow(MAX_DEPTH - 1))).unwrap();
+        std::fs::write(&deep, format!("{{\"a\": {}}}", flow(MAX_DEPTH))).unwrap();
+        assert!(assemble(&[PlanSource::File(ok)], &[]).is_ok());
+        let err = assemble(&[PlanSource::File(deep)], &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("deep.json") && err.contains(&format!("deeper than {MAX_DEPTH}")),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        // An already-built value, measured before it is copied.
+        let value: Value = serde_json::from_str(&format!("{{\"a\": {}}}", flow(MAX_DEPTH))).unwrap();
+        assert!(assemble(&[PlanSource::Value(value)], &[]).is_err());
+    }
+
+    #[test]
+    fn an_override_path_and_value_together_stay_within_the_limit() {
+        let path = |steps: usize| format!("a{}", ".a".repeat(steps - 1));
+        let mut doc = json!({});
+        apply_override(&mut doc, &format!("{}=1", path(MAX_DEPTH))).unwrap();
+        assert!(!crate::plan::host::depth_exceeds(&doc, MAX_DEPTH));
+        let err = apply_override(&mut json!({}), &format!("{}=[1]", path(MAX_DEPTH))).unwrap_err();
+        assert!(err.to_string().contains(&format!("deeper than {MAX_DEPTH}")), "{err}");
+        let err = apply_override(&mut json!({}), &format!("a={}", flow(MAX_DEPTH))).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with(&format!("deeper than {MAX_DEPTH} levels, the limit of a plan document")),
+            "{err}"
+        );
+        let err = apply_override(&mut json!({}), &format!("a={}", flow(MAX_DEPTH + 1))).unwrap_err();
+        assert!(err.to_string().contains("depth"), "{err}");
+        // A long path is refused before it is walked (it once built a location per step, each a
+        // copy of the last: quadratic).
+        let err = apply_override(&mut json!({}), &format!("{}=1", path(200_000))).unwrap_err();
+        assert!(
+            err.to_string().contains("200000 steps"),
+            "{}",
+            &err.to_string()[err.to_string().len() - 100..]
+        );
     }
 
     #[test]
