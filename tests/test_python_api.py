@@ -19,6 +19,7 @@ import pytest
 import brainsurgery as bs
 from brainsurgery import _core
 from conftest import read, read_header, tensor_names
+from helpers import write_raw_st
 
 RNG = np.random.default_rng(21)
 TENSORS = {
@@ -140,6 +141,56 @@ def test_open_is_lazy_header_only(src, tmp_path):
     ck = bs.open(copy)
     assert list(ck) == list(TENSORS)
     assert ck["ids"].tobytes() == b"\xff" * 32
+
+
+def _one_tensor(tmp_path, shape):
+    """A float32 tensor `t` of this shape (its data zeros), header written by hand."""
+    nbytes = 4 * int(np.prod(shape, dtype=object)) if 0 not in shape else 0
+    header = {"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, nbytes]}}
+    return write_raw_st(tmp_path / "t.safetensors", json.dumps(header).encode(), bytes(nbytes))
+
+
+NUMPY_MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+
+
+@pytest.mark.parametrize(
+    ("shape", "part"),
+    [
+        ([0, 2**62], "more than NumPy can address"),
+        ([0, 2**61], "more than NumPy can address"),
+        ([0, 2**63], "more than NumPy can address"),
+        ([0, 2**64 - 1], "more than NumPy can address"),
+        ([0, 2**40, 2**40], "more than NumPy can address"),
+        ([1] * NUMPY_MAX_DIMS + [0], f"NumPy arrays have at most {NUMPY_MAX_DIMS}"),
+        ([0] * 200, f"NumPy arrays have at most {NUMPY_MAX_DIMS}"),
+    ],
+)
+def test_tensor_numpy_cannot_view_is_a_format_error(tmp_path, shape, part):
+    # Valid headers (a zero makes the tensor empty); NumPy refused them with a ValueError.
+    path = _one_tensor(tmp_path, shape)
+    ck = bs.open(path)
+    assert ck.info("t") == ("float32", shape)
+    with pytest.raises(bs.FormatError, match="no NumPy view of tensor 't'") as e:
+        ck["t"]
+    assert part in str(e.value)
+    assert e.value.tensor == "t" and e.value.path == str(path)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**60], [1] * NUMPY_MAX_DIMS, [0] * NUMPY_MAX_DIMS])
+def test_tensor_views_up_to_numpys_limits(tmp_path, shape):
+    array = bs.open(_one_tensor(tmp_path, shape))["t"]
+    assert array.shape == tuple(shape) and array.size == (0 if 0 in shape else 1)
+
+
+def test_a_name_that_is_not_unicode_names_no_tensor(src):
+    ck = bs.open(src)
+    assert "\ud800" not in ck
+    with pytest.raises(KeyError):
+        ck["\ud800"]
+    with pytest.raises(KeyError):
+        ck.info("\ud800")
+    with pytest.raises(bs.FormatError, match="lone surrogate"):
+        bs.open("\ud800.safetensors")
 
 
 # ---------------------------------------------------------------- exceptions
@@ -450,6 +501,12 @@ def test_plan_arguments_of_the_wrong_type_are_type_errors(call):
         call()
 
 
+def test_cli_main_refuses_arguments_that_are_not_utf8(capfd):
+    # sys.argv keeps undecodable bytes as lone surrogates; it was a UnicodeEncodeError.
+    assert _core.cli_main(["x\udcff.safetensors"]) == 2
+    assert "not UTF-8" in capfd.readouterr().err
+
+
 # ---------------------------------------------------------------- reports
 
 
@@ -652,9 +709,19 @@ def test_output_metadata_keeps_input_and_adds_version_and_plan_hash(src, tmp_pat
     int(meta["brainsurgery.plan_sha256"], 16)
 
 
-def test_threads_argument_validation(src, tmp_path):
-    with pytest.raises((ValueError, OverflowError, TypeError, bs.BrainSurgeryError)):
-        bs.run(_plan(src, tmp_path / "o.safetensors"), threads=-1)
+@pytest.mark.parametrize("threads", [-1, 2**64, -(2**70)])
+def test_threads_out_of_range_is_a_plan_error(src, tmp_path, threads):
+    # It was an OverflowError from the argument conversion.
+    with pytest.raises(bs.PlanError, match=r"^threads: .* is not a thread count"):
+        bs.run(_plan(src, tmp_path / "o.safetensors"), threads=threads)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("threads", ["x", 1.5, None])
+def test_threads_of_the_wrong_type_is_a_type_error(src, tmp_path, threads):
+    with pytest.raises(TypeError, match="threads must be an int"):
+        bs.run(_plan(src, tmp_path / "o.safetensors"), threads=threads)
+
 
 
 def test_version():

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
 use serde_json::Value;
@@ -422,6 +422,32 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     Ok(dict)
 }
 
+/// `threads=`: an int (else `TypeError`), 0 for one per core or a positive count (else
+/// `PlanError`, as `--threads` is refused on the command line).
+struct Threads(usize);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Threads {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let Ok(int) = obj.cast::<PyInt>() else {
+            return Err(PyTypeError::new_err(format!(
+                "threads must be an int, not {}",
+                type_name(&obj)
+            )));
+        };
+        int.extract::<usize>().map(Threads).map_err(|_| {
+            text_error(
+                "threads",
+                format!(
+                    "{} is not a thread count (0 for one per core, or a positive number)",
+                    &*int
+                ),
+            )
+        })
+    }
+}
+
 fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> Result<Prepared, Error> {
     let plan = Plan::load(&sources, &overrides)?;
     Prepared::new(plan, threads)
@@ -431,13 +457,14 @@ fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> 
 /// output. Returns a report: the alias written, its tensors, the files written, one note per
 /// transform.
 #[pyfunction]
-#[pyo3(signature = (plan, *, overrides = None, threads = 0))]
+#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0)), text_signature = "(plan, *, overrides=None, threads=0)")]
 fn run<'py>(
     py: Python<'py>,
     plan: &Bound<'py, PyAny>,
     overrides: Option<&Bound<'py, PyAny>>,
-    threads: usize,
+    threads: Threads,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let Threads(threads) = threads;
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
     let result = detached(py, move |cancel| {
@@ -470,7 +497,15 @@ fn check<'py>(
 
 /// The command line: parses `args` (without the program name), runs, returns the exit status.
 #[pyfunction]
-fn cli_main(py: Python<'_>, args: Vec<String>) -> PyResult<i32> {
+fn cli_main(py: Python<'_>, args: Vec<Bound<'_, PyString>>) -> PyResult<i32> {
+    // `sys.argv` keeps bytes that are not UTF-8 as lone surrogates; the command line takes text.
+    let args = match args.iter().map(utf8).collect::<Result<Vec<String>, String>>() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("error: command line: {message} (an argument that is not UTF-8)");
+            return Ok(2);
+        }
+    };
     // The command line reports an interruption itself (one message, exit status 130).
     let (status, _signal) = detached_with_signal(py, move |cancel| crate::cli::main(args, cancel))?;
     Ok(status)
@@ -521,11 +556,14 @@ struct PyCheckpoint {
 }
 
 impl PyCheckpoint {
-    fn entry(&self, name: &str) -> PyResult<&crate::formats::TensorEntry> {
-        self.index
-            .get(name)
+    /// The tensor `name` names; `KeyError` for any other name, also one that is not Unicode text
+    /// (a lone surrogate), which no tensor can have.
+    fn entry(&self, name: &Bound<'_, PyString>) -> PyResult<&crate::formats::TensorEntry> {
+        name.to_str()
+            .ok()
+            .and_then(|n| self.index.get(n))
             .map(|&i| &self.checkpoint.tensors[i])
-            .ok_or_else(|| PyKeyError::new_err(name.to_owned()))
+            .ok_or_else(|| PyKeyError::new_err(name.clone().unbind()))
     }
 
     fn map_of(&self, py: Python<'_>, file: usize) -> PyResult<Arc<memmap2::Mmap>> {
@@ -549,35 +587,60 @@ impl PyCheckpoint {
         self.checkpoint.tensors.len()
     }
 
-    fn __contains__(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+    fn __contains__(&self, name: &Bound<'_, PyString>) -> bool {
+        self.entry(name).is_ok()
     }
 
     /// `(dtype name, shape)` of a tensor, from the header.
-    fn info(&self, name: &str) -> PyResult<(String, Vec<usize>)> {
+    fn info(&self, name: &Bound<'_, PyString>) -> PyResult<(String, Vec<usize>)> {
         let t = self.entry(name)?;
         Ok((t.dtype.name().to_owned(), t.shape.clone()))
     }
 
     /// The tensor's bytes as a read-only buffer over the mapped file: from its first element to
     /// the end of its last one (with gaps and repeats when it is strided, see `strides`).
-    fn buffer(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorBuffer> {
+    fn buffer(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<PyTensorBuffer> {
         let t = self.entry(name)?;
         let map = self.map_of(py, t.file)?;
-        let offset = usize::try_from(t.offset).map_err(|_| PyValueError::new_err("offset out of range"))?;
-        let len = usize::try_from(t.extent()).map_err(|_| PyValueError::new_err("size out of range"))?;
+        let path = &self.checkpoint.files[t.file].path;
+        let error = |message: String| errors::tensor_error(py, message, path, &t.name);
+        let (offset, extent) = (t.offset, t.extent());
+        let (Ok(offset), Ok(len)) = (usize::try_from(offset), usize::try_from(extent)) else {
+            return Err(error(format!(
+                "tensor at byte {offset} spanning {extent} bytes lies beyond what this machine can map"
+            )));
+        };
+        // The reader checked this when the file was opened; the file may have shrunk since.
         if offset.checked_add(len).is_none_or(|end| end > map.len()) {
-            return Err(PyValueError::new_err("tensor lies outside its file"));
+            return Err(error(format!(
+                "tensor bytes {offset}..{} lie outside the file ({} bytes now)",
+                offset.saturating_add(len),
+                map.len()
+            )));
         }
         Ok(PyTensorBuffer { map, offset, len })
     }
 
     /// Byte strides of a non-contiguous tensor (a strided PyTorch view), `None` when its bytes
-    /// are row-major contiguous.
-    fn strides(&self, name: &str) -> PyResult<Option<Vec<usize>>> {
+    /// are row-major contiguous. `FormatError` when a stride in bytes exceeds what an array
+    /// can address (`isize::MAX`, which only an empty tensor's unchecked strides can).
+    fn strides(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<Option<Vec<usize>>> {
         let t = self.entry(name)?;
+        let Some(strides) = &t.strides else {
+            return Ok(None);
+        };
         let item = t.dtype.size().unwrap_or(1);
-        Ok(t.strides.as_ref().map(|s| s.iter().map(|&x| x * item).collect()))
+        let bytes: Option<Vec<usize>> = strides
+            .iter()
+            .map(|&x| x.checked_mul(item).filter(|&b| isize::try_from(b).is_ok()))
+            .collect();
+        bytes.map(Some).ok_or_else(|| {
+            let path = &self.checkpoint.files[t.file].path;
+            let message = format!(
+                "strides {strides:?} of {item}-byte elements exceed what an array can address, so no view can be made"
+            );
+            errors::tensor_error(py, message, path, &t.name)
+        })
     }
 
     /// `__metadata__` of the (first) file.
@@ -608,7 +671,22 @@ impl PyCheckpoint {
 
 /// Opens a checkpoint lazily (headers only).
 #[pyfunction]
-fn open(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyCheckpoint> {
+fn open(py: Python<'_>, path: &Bound<'_, PyString>) -> PyResult<PyCheckpoint> {
+    let path: std::path::PathBuf = match path.extract() {
+        Ok(path) => path,
+        // A lone surrogate that the file system encoding cannot carry: no file has this name.
+        Err(_) => {
+            let source = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the name holds a lone surrogate, which no file name can",
+            );
+            let path = path.to_string_lossy().into_owned().into();
+            return Err(errors::to_py(
+                py,
+                Error::Format(crate::formats::FormatError::Io { path, source }),
+            ));
+        }
+    };
     let checkpoint = detached(py, move |_| open_checkpoint(&path))?.map_err(|e| errors::to_py(py, Error::Format(e)))?;
     let index = checkpoint
         .tensors

@@ -239,7 +239,7 @@ impl Prepared {
         // A typical figure: each writing thread holds a chunk buffer plus a temporary or two for
         // computed values. Long chains of operations on one tensor take a temporary per level,
         // and strided slices a covering span of up to 4 MiB per level.
-        report.peak_memory_estimate = (self.threads * 3 * CHUNK_BYTES) as u64;
+        report.peak_memory_estimate = (self.threads as u64).saturating_mul(3 * CHUNK_BYTES as u64);
         Ok(report)
     }
 
@@ -310,6 +310,18 @@ mod tests {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn a_huge_thread_count_saturates_the_memory_estimate() {
+        // threads × 3 chunks overflowed (a panic under overflow checks, a wrapped number
+        // without). A check starts no threads.
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let yaml = format!("inputs: ['{}']\n", input.display());
+        let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
+        let report = Prepared::new(plan, usize::MAX).unwrap().check().unwrap();
+        assert_eq!(report.peak_memory_estimate, u64::MAX);
     }
 
     #[test]
