@@ -156,6 +156,12 @@ fn classify<'py>(obj: &Bound<'py, PyAny>) -> Result<HostValue<PyNode<'py>>, Refu
     }
     // Containers are copied out before anything is converted: converting may run Python code
     // (`__index__`), which could change a container while it is read.
+    if let Ok(list) = obj.cast::<PyList>() {
+        return Ok(HostValue::List(list.iter().map(PyNode).collect()));
+    }
+    if let Ok(tuple) = obj.cast::<PyTuple>() {
+        return Ok(HostValue::List(tuple.iter().map(PyNode).collect()));
+    }
     let entries = if let Ok(dict) = obj.cast::<PyDict>() {
         Some(dict.items())
     } else if let Ok(mapping) = obj.cast::<PyMapping>() {
@@ -178,12 +184,6 @@ fn classify<'py>(obj: &Bound<'py, PyAny>) -> Result<HostValue<PyNode<'py>>, Refu
             out.push((utf8(key).map_err(Refusal::Invalid)?, PyNode(value)));
         }
         return Ok(HostValue::Map(out));
-    }
-    if let Ok(list) = obj.cast::<PyList>() {
-        return Ok(HostValue::List(list.iter().map(PyNode).collect()));
-    }
-    if let Ok(tuple) = obj.cast::<PyTuple>() {
-        return Ok(HostValue::List(tuple.iter().map(PyNode).collect()));
     }
     // os.PathLike: the path as a string.
     if let Some(path) = call_hook(obj, "__fspath__")? {

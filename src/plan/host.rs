@@ -64,7 +64,7 @@ struct Walk {
     path: Vec<Segment>,
     /// Identities of the containers from the root down to here.
     open: Vec<usize>,
-    /// Values converted so far.
+    /// Values (and mapping keys) converted so far.
     nodes: usize,
 }
 
@@ -73,13 +73,19 @@ impl Walk {
         BuildError::Plan(PlanError::invalid(&Location(self.path.clone()), message))
     }
 
-    fn value<N: HostNode>(&mut self, node: &N) -> Result<Value, BuildError<N::Error>> {
+    /// Counts one more value (a mapping key counts too, as in the YAML parser's budget).
+    fn count<E>(&mut self) -> Result<(), BuildError<E>> {
         self.nodes += 1;
         if self.nodes > MAX_NODES {
             return Err(self.refuse(format!(
-                "the plan holds more than {MAX_NODES} values (mappings, lists and scalars), the limit of a plan document"
+                "the plan holds more than {MAX_NODES} values (mappings, lists, keys and scalars), the limit of a plan document"
             )));
         }
+        Ok(())
+    }
+
+    fn value<N: HostNode>(&mut self, node: &N) -> Result<Value, BuildError<N::Error>> {
+        self.count()?;
         let value = match node.classify() {
             Ok(value) => value,
             Err(Refusal::Invalid(message)) => return Err(self.refuse(message)),
@@ -131,7 +137,7 @@ impl Walk {
         let mut out = Map::new();
         for (key, item) in entries {
             self.path.push(Segment::Key(key.clone()));
-            let value = self.value(&item);
+            let value = self.count().and_then(|()| self.value(&item));
             self.path.pop();
             out.insert(key, value?);
         }
@@ -169,7 +175,11 @@ mod tests {
         Int(i64),
         Bad,
         List(Vec<usize>),
-        Map(Vec<(&'static str, usize)>),
+        Map(Vec<(String, usize)>),
+    }
+
+    fn map(entries: &[(&str, usize)]) -> Node {
+        Node::Map(entries.iter().map(|&(k, i)| (k.to_owned(), i)).collect())
     }
 
     struct At<'g>(&'g [Node], usize);
@@ -185,9 +195,7 @@ mod tests {
                 Node::Int(i) => HostValue::Scalar(json!(i)),
                 Node::Bad => return Err(Refusal::Invalid("cannot use a widget in a plan".into())),
                 Node::List(items) => HostValue::List(items.iter().map(|&i| At(graph, i)).collect()),
-                Node::Map(entries) => {
-                    HostValue::Map(entries.iter().map(|&(k, i)| (k.to_owned(), At(graph, i))).collect())
-                }
+                Node::Map(entries) => HostValue::Map(entries.iter().map(|(k, i)| (k.clone(), At(graph, *i))).collect()),
             })
         }
     }
@@ -210,9 +218,9 @@ mod tests {
     #[test]
     fn converts_a_tree() {
         let graph = [
-            Node::Map(vec![("transforms", 1), ("n", 3)]),
+            map(&[("transforms", 1), ("n", 3)]),
             Node::List(vec![2, 3, 4]),
-            Node::Map(vec![]),
+            map(&[]),
             Node::Int(7),
             Node::List(vec![]),
         ];
@@ -235,14 +243,14 @@ mod tests {
     #[test]
     fn a_container_inside_itself_is_refused_with_its_location() {
         // transforms = [transforms]
-        let graph = [Node::Map(vec![("transforms", 1)]), Node::List(vec![1])];
+        let graph = [map(&[("transforms", 1)]), Node::List(vec![1])];
         let err = build(&graph).unwrap_err();
         assert_eq!(
             err,
             "transforms[0]: this list contains itself (a cycle), which no plan document can"
         );
         // d = {"a": {"b": d}}
-        let graph = [Node::Map(vec![("a", 1)]), Node::Map(vec![("b", 0)])];
+        let graph = [map(&[("a", 1)]), map(&[("b", 0)])];
         let err = build(&graph).unwrap_err();
         assert!(err.starts_with("a.b: this mapping contains itself"), "{err}");
     }
@@ -260,8 +268,37 @@ mod tests {
     }
 
     #[test]
+    fn the_value_budget_counts_like_the_yaml_parser() {
+        use crate::plan::document::parse_yaml;
+        // A list of n - 1 ints is n values; a mapping of k keys to ints is 1 + 2k.
+        let list = |n: usize| {
+            let mut graph = vec![Node::List(vec![1; n - 1])];
+            graph.push(Node::Int(0));
+            graph
+        };
+        assert!(build(&list(MAX_NODES)).is_ok());
+        assert!(build(&list(MAX_NODES + 1)).is_err());
+        let keys: Vec<String> = (0..MAX_NODES / 2).map(|i| format!("k{i}")).collect();
+        let map = |k: usize| {
+            vec![
+                Node::Map(keys[..k].iter().map(|key| (key.clone(), 1)).collect()),
+                Node::Int(0),
+            ]
+        };
+        let yaml_map = |k: usize| {
+            let entries: Vec<String> = keys[..k].iter().map(|key| format!("{key}: 0")).collect();
+            format!("{{{}}}", entries.join(","))
+        };
+        // The parser counts keys too: the same mapping is the most both take (each YAML parse
+        // takes ~2 s in a debug build, so only these two).
+        let most = (MAX_NODES - 1) / 2;
+        assert!(build(&map(most)).is_ok() && parse_yaml(&yaml_map(most), "t").is_ok());
+        assert!(build(&map(most + 1)).is_err() && parse_yaml(&yaml_map(most + 1), "t").is_err());
+    }
+
+    #[test]
     fn refusals_name_the_value() {
-        let graph = [Node::Map(vec![("output", 1)]), Node::Map(vec![("path", 2)]), Node::Bad];
+        let graph = [map(&[("output", 1)]), map(&[("path", 2)]), Node::Bad];
         assert_eq!(build(&graph).unwrap_err(), "output.path: cannot use a widget in a plan");
     }
 
