@@ -19,6 +19,10 @@ npy_header/: whole .npy files written here by hand the way np.save lays them out
 and 2.0 / 3.0 prefixes), covering every dtype read, a scalar, an empty shape, fortran order,
 the old `L` suffix, and refusals (big-endian, object, raw-bytes dtypes).
 
+plan_value/: graphs of host values in that target's encoding: a small plan-like mapping, lists and
+mappings inside themselves, a shared child, nesting at and past the depth limit, a list sharing
+its child 20 times over (2**20 values unfolded), a refused value and a NaN.
+
 Needs only the standard library, plus numpy and safetensors for the official-writer seed
 (skipped when absent).
 """
@@ -151,8 +155,54 @@ def npy_seeds() -> None:
     write("npy_header", "structured.npy", npy("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }", bytes(4)))
 
 
+def plan_value_seeds() -> None:
+    """Graphs of host values in the plan_value target's encoding (see its doc comment)."""
+    alphabet = "abcxyz019_.:- "
+
+    def u16(i: int) -> bytes:
+        return struct.pack("<H", i)
+
+    def null() -> bytes:
+        return b"\x00"
+
+    def integer(i: int) -> bytes:
+        return b"\x02" + struct.pack("<q", i)
+
+    def real(f: float) -> bytes:
+        return b"\x03" + struct.pack("<d", f)
+
+    def text(t: str) -> bytes:
+        return b"\x04" + bytes([len(t)] + [alphabet.index(c) for c in t])
+
+    def seq(*items: int) -> bytes:
+        return b"\x05" + bytes([len(items)]) + b"".join(map(u16, items))
+
+    def mapping(*entries: tuple[str, int]) -> bytes:
+        body = b"".join(bytes([len(k) - 1] + [alphabet.index(c) for c in k]) + u16(i) for k, i in entries)
+        return b"\x06" + bytes([len(entries)]) + body
+
+    def wrap(levels: int, child: int) -> bytes:
+        return b"\x07" + u16(levels - 1) + u16(child)
+
+    def seed(name: str, *nodes: bytes) -> None:
+        write("plan_value", name, b"".join(nodes))
+
+    seed("plan.bin", mapping(("a", 1), ("b", 2)), seq(3, 4, 5), null(), integer(7), real(0.5), text("x.y"))
+    seed("list-inside-itself.bin", seq(0))
+    seed("dict-inside-itself.bin", mapping(("a", 1)), mapping(("b", 0)))
+    seed("shared-child.bin", seq(1, 1), seq(2), integer(1))
+    seed("depth-64.bin", wrap(64, 1), integer(1))
+    seed("depth-65.bin", wrap(65, 1), integer(1))
+    seed("depth-10000.bin", mapping(("a", 1)), wrap(10000, 2), null())
+    # 2**20 values unfolded from 21 nodes.
+    seed("shared-20-times.bin", *[seq(i + 1, i + 1) for i in range(20)], integer(0))
+    seed("refused.bin", mapping(("a", 1)), b"\x08")
+    seed("nan.bin", seq(1), real(float("nan")))
+
+
 if __name__ == "__main__":
     pickle_seeds()
     safetensors_seeds()
     zip_seeds()
     npy_seeds()
+    plan_value_seeds()

@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import brainsurgery as bs
 from brainsurgery import _core
 from conftest import read, read_header, tensor_names
+from helpers import write_raw_st
 
 RNG = np.random.default_rng(21)
 TENSORS = {
@@ -140,6 +143,56 @@ def test_open_is_lazy_header_only(src, tmp_path):
     ck = bs.open(copy)
     assert list(ck) == list(TENSORS)
     assert ck["ids"].tobytes() == b"\xff" * 32
+
+
+def _one_tensor(tmp_path, shape):
+    """A float32 tensor `t` of this shape (its data zeros), header written by hand."""
+    nbytes = 4 * int(np.prod(shape, dtype=object)) if 0 not in shape else 0
+    header = {"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, nbytes]}}
+    return write_raw_st(tmp_path / "t.safetensors", json.dumps(header).encode(), bytes(nbytes))
+
+
+NUMPY_MAX_DIMS = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+
+
+@pytest.mark.parametrize(
+    ("shape", "part"),
+    [
+        ([0, 2**62], "more than NumPy can address"),
+        ([0, 2**61], "more than NumPy can address"),
+        ([0, 2**63], "more than NumPy can address"),
+        ([0, 2**64 - 1], "more than NumPy can address"),
+        ([0, 2**40, 2**40], "more than NumPy can address"),
+        ([1] * NUMPY_MAX_DIMS + [0], f"NumPy arrays have at most {NUMPY_MAX_DIMS}"),
+        ([0] * 200, f"NumPy arrays have at most {NUMPY_MAX_DIMS}"),
+    ],
+)
+def test_tensor_numpy_cannot_view_is_a_format_error(tmp_path, shape, part):
+    # Valid headers (a zero makes the tensor empty); NumPy refused them with a ValueError.
+    path = _one_tensor(tmp_path, shape)
+    ck = bs.open(path)
+    assert ck.info("t") == ("float32", shape)
+    with pytest.raises(bs.FormatError, match="no NumPy view of tensor 't'") as e:
+        ck["t"]
+    assert part in str(e.value)
+    assert e.value.tensor == "t" and e.value.path == str(path)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**60], [1] * NUMPY_MAX_DIMS, [0] * NUMPY_MAX_DIMS])
+def test_tensor_views_up_to_numpys_limits(tmp_path, shape):
+    array = bs.open(_one_tensor(tmp_path, shape))["t"]
+    assert array.shape == tuple(shape) and array.size == (0 if 0 in shape else 1)
+
+
+def test_a_name_that_is_not_unicode_names_no_tensor(src):
+    ck = bs.open(src)
+    assert "\ud800" not in ck
+    with pytest.raises(KeyError):
+        ck["\ud800"]
+    with pytest.raises(KeyError):
+        ck.info("\ud800")
+    with pytest.raises(bs.FormatError, match="lone surrogate"):
+        bs.open("\ud800.safetensors")
 
 
 # ---------------------------------------------------------------- exceptions
@@ -269,6 +322,191 @@ def test_numpy_scalars_are_accepted_in_plans(write, tmp_path: Path) -> None:
                                                     {"assert": {"count": {"of": "w", "is": np.int64(1)}}}],
             "output": str(out)})
     assert read(out)["w"].tobytes() == (np.arange(6, dtype=np.float32) * np.float32(0.5)).tobytes()
+
+
+# ---------------------------------------------------------------- run(): plan values from Python
+
+MAX_DEPTH = 64  # src/plan/mod.rs MAX_DEPTH: the YAML parser's nesting budget
+MAX_NODES = 250_000  # src/plan/mod.rs MAX_NODES
+
+# Each case runs in a child interpreter, so a regression (these once killed the interpreter with
+# SIGSEGV, or ran it out of memory) fails the test instead of the test run. The child prints what
+# the call raised.
+CHILD = """
+import json, resource, sys, time
+import brainsurgery as bs
+PLAN = {"inputs": [sys.argv[1]], "output": sys.argv[2]}
+start = time.monotonic()
+try:
+%s
+except BaseException as e:
+    print(json.dumps({"class": type(e).__name__, "message": str(e), "location": getattr(e, "location", None),
+                      "seconds": time.monotonic() - start,
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+else:
+    print(json.dumps({"class": None}))
+"""
+
+
+def _in_child(src, tmp_path, code: str) -> dict:
+    body = "\n".join("    " + line for line in code.strip().splitlines())
+    proc = subprocess.run([sys.executable, "-c", CHILD % body, str(src), str(tmp_path / "o.safetensors")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"child died with status {proc.returncode}: {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+HOSTILE = {
+    # name: (code, location, message part)
+    "list_inside_itself": (
+        "l = []; l.append(l); bs.run({**PLAN, 'transforms': l})",
+        "transforms[0]", "this list contains itself (a cycle)"),
+    "dict_inside_itself": (
+        "d = {}; d['a'] = d; bs.run({**PLAN, 'transforms': [{'fill_': d}]})",
+        "transforms[0].fill_.a", "this mapping contains itself (a cycle)"),
+    "cycle_through_a_tuple": (
+        "l = []; t = (l,); l.append(t); bs.check({**PLAN, 'transforms': [l]})",
+        "transforms[0][0][0]", "this list contains itself"),
+    "nested_10000_lists": (
+        "x = 1\nfor _ in range(10_000): x = [x]\nbs.run({**PLAN, 'transforms': x})",
+        "transforms" + "[0]" * (MAX_DEPTH - 1), f"nest deeper than {MAX_DEPTH} levels"),
+    "nested_10000_dicts": (
+        "x = 1\nfor _ in range(10_000): x = {'k': x}\nbs.check({**PLAN, 'output': x})",
+        "output" + ".k" * (MAX_DEPTH - 1), f"nest deeper than {MAX_DEPTH} levels"),
+    "index_returns_self": (
+        "class I:\n    def __index__(self): return self\n"
+        "bs.run({**PLAN, 'transforms': [{'scale_': {'target': 'w', 'by': I()}}]})",
+        "transforms[0].scale_.by", "I.__index__() gave a __main__.I, not an int"),
+    "float_returns_self": (
+        "class F:\n    def __float__(self): return self\n"
+        "bs.check({**PLAN, 'transforms': [{'scale_': {'target': 'w', 'by': F()}}]})",
+        "transforms[0].scale_.by", "F.__float__() gave a __main__.F, not a float"),
+    "index_returns_a_float": (
+        "class I:\n    def __index__(self): return 2.5\n"
+        "bs.check({**PLAN, 'transforms': [{'scale_': {'target': 'w', 'by': I()}}]})",
+        "transforms[0].scale_.by", "gave a float, not an int"),
+    "index_raises": (
+        "class I:\n    def __index__(self): raise ValueError('boom')\n"
+        "bs.check({**PLAN, 'transforms': [{'scale_': {'target': 'w', 'by': I()}}]})",
+        "transforms[0].scale_.by", "I.__index__() raised ValueError: boom"),
+    "overrides_cycle": (
+        "l = []; l.append(l); bs.run(PLAN, overrides={'transforms': l})",
+        "transforms[0]", "this list contains itself"),
+    "overrides_nested_10000": (
+        "x = 1\nfor _ in range(10_000): x = [x]\nbs.check(PLAN, overrides={'transforms': x})",
+        "transforms" + "[0]" * MAX_DEPTH, f"nest deeper than {MAX_DEPTH} levels"),
+    "overrides_path_of_200000_steps": (
+        "bs.check(PLAN, overrides=['output' + '.a' * 200_000 + '=1'])",
+        None, "more than 10000 keys and indices"),
+    # A list holding one list twice, 40 times over: 2^40 values when unfolded.
+    "shared_lists_unfold_past_the_value_budget": (
+        "x = [1]\nfor _ in range(40): x = [x, x]\nbs.check({**PLAN, 'transforms': x})",
+        None, f"more than {MAX_NODES} values"),
+    "dict_changed_by_index_while_read": (
+        "d = {}\nclass M:\n    def __index__(self):\n        d['later'] = 1\n        return 1\n"
+        "d.update(a=M(), b=2)\nbs.check({**PLAN, 'transforms': [{'scale_': d}]})",
+        None, "unknown key `a`"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_python_plan_values_are_plan_errors(src, tmp_path, case):
+    code, location, part = HOSTILE[case]
+    got = _in_child(src, tmp_path, code)
+    assert got["class"] == "PlanError", got
+    assert part in got["message"], got
+    if location is not None:
+        assert got["location"] == location, got
+        assert got["message"].startswith(location + ": "), got
+    # Stopped at the limit, not after walking (or building locations for) the whole value; the
+    # 10,000-deep cases once took 0.6-2.7 s and 0.9-2 GB before the crash.
+    assert got["seconds"] < 5 and got["rss_mb"] < 500, got
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def _nested(depth: int):
+    x: object = 1
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_python_values_nest_exactly_as_deep_as_yaml(src, tmp_path, as_text):
+    # `output` at depth 2 holds lists: up to MAX_DEPTH levels in all is read (and then refused as
+    # an output), one more is refused as too deep, in a dict and in YAML text alike.
+    def output_error(levels):
+        plan = {"inputs": [str(src)], "output": _nested(levels - 1)}
+        with pytest.raises(bs.PlanError) as e:
+            bs.check(json.dumps(plan) if as_text else plan)
+        return str(e.value)
+
+    assert "expected a path or a mapping, got a list" in output_error(MAX_DEPTH)
+    assert "depth" in output_error(MAX_DEPTH + 1) or "deeper" in output_error(MAX_DEPTH + 1)
+
+
+def test_a_list_used_twice_is_not_a_cycle(src, tmp_path):
+    step = {"scale_": {"target": "w", "by": 2.0}}
+    bs.run({"inputs": [str(src)], "transforms": [step, step], "output": str(tmp_path / "o.safetensors")})
+    assert _w(tmp_path / "o.safetensors").tobytes() == (TENSORS["w"] * np.float32(4)).tobytes()
+
+
+def test_any_mapping_is_a_plan(src, tmp_path):
+    from types import MappingProxyType
+
+    out = tmp_path / "o.safetensors"
+    bs.run(MappingProxyType(_plan(src, out)), overrides=MappingProxyType({"transforms[0].scale_.by": 3}))
+    assert _w(out).tobytes() == _expected_w(3).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("call", "location", "part"),
+    [
+        (lambda p: bs.check({**p, "inputs": ["\ud800"]}), "inputs[0]", "lone surrogate"),
+        (lambda p: bs.check({**p, "output": {"\udcff": 1}}), "output", "lone surrogate"),
+        (lambda p: bs.check(p, overrides={"output": "\ud800"}), "output", "lone surrogate"),
+        (lambda p: bs.check(p, overrides={1: 2}), None, "override keys are key paths"),
+        (lambda p: bs.check(p, overrides={"output=x": 2}), None, "holds `=`"),
+        (lambda p: bs.check({**p, "output": {"path": b"o.safetensors"}}), "output.path", "cannot use a bytes"),
+        (lambda p: bs.check({**p, "transforms": [{"scale_": {"target": "w", "by": 2**64}}]}),
+         "transforms[0].scale_.by", "out of range"),
+        (lambda p: bs.check({**p, "transforms": [{"scale_": {"target": "w", "by": float("nan")}}]}),
+         "transforms[0].scale_.by", "not a finite number"),
+    ],
+)
+def test_unusable_python_values_are_plan_errors(src, tmp_path, call, location, part):
+    with pytest.raises(bs.PlanError) as e:
+        call(_plan(src, tmp_path / "o.safetensors"))
+    assert part in str(e.value)
+    if location is not None:
+        assert e.value.location == location
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: bs.check("a: b\n\ud800"),
+        lambda: bs.check(["\ud800.yaml"]),
+        lambda: bs.check({}, overrides=["output=\ud800"]),
+    ],
+)
+def test_plan_text_that_is_not_unicode_is_a_plan_error(call):
+    # It was a UnicodeEncodeError.
+    with pytest.raises(bs.PlanError, match="lone surrogate"):
+        call()
+
+
+@pytest.mark.parametrize("call", [lambda: bs.check(3), lambda: bs.check({}, overrides=3),
+                                  lambda: bs.check({}, overrides=[3])])
+def test_plan_arguments_of_the_wrong_type_are_type_errors(call):
+    with pytest.raises(TypeError):
+        call()
+
+
+def test_cli_main_refuses_arguments_that_are_not_utf8(capfd):
+    # sys.argv keeps undecodable bytes as lone surrogates; it was a UnicodeEncodeError.
+    assert _core.cli_main(["x\udcff.safetensors"]) == 2
+    assert "not UTF-8" in capfd.readouterr().err
 
 
 # ---------------------------------------------------------------- reports
@@ -497,9 +735,19 @@ def test_output_metadata_keeps_input_and_adds_version_and_plan_hash(src, tmp_pat
     int(meta["brainsurgery.plan_sha256"], 16)
 
 
-def test_threads_argument_validation(src, tmp_path):
-    with pytest.raises((ValueError, OverflowError, TypeError, bs.BrainSurgeryError)):
-        bs.run(_plan(src, tmp_path / "o.safetensors"), threads=-1)
+@pytest.mark.parametrize("threads", [-1, 2**64, -(2**70)])
+def test_threads_out_of_range_is_a_plan_error(src, tmp_path, threads):
+    # It was an OverflowError from the argument conversion.
+    with pytest.raises(bs.PlanError, match=r"^threads: .* is not a thread count"):
+        bs.run(_plan(src, tmp_path / "o.safetensors"), threads=threads)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("threads", ["x", 1.5, None])
+def test_threads_of_the_wrong_type_is_a_type_error(src, tmp_path, threads):
+    with pytest.raises(TypeError, match="threads must be an int"):
+        bs.run(_plan(src, tmp_path / "o.safetensors"), threads=threads)
+
 
 
 def test_version():

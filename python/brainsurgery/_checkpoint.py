@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,29 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name).newbyteorder("<")
 
 
+def _max_dims(np_version: str) -> int:
+    """NumPy's limit on an array's dimensions (``NPY_MAXDIMS``): 64 since NumPy 2.0, 32 before."""
+    return 64 if int(np_version.split(".")[0]) >= 2 else 32
+
+
+def _no_view(shape: list[int], itemsize: int, np_version: str) -> str | None:
+    """Why NumPy can make no array of this shape, or None. NumPy refuses more dimensions than
+    ``NPY_MAXDIMS`` and a size whose bytes, counting every dimension but zeros (it multiplies them
+    before it looks for a zero), exceed ``sys.maxsize``; a valid header can have either."""
+    limit = _max_dims(np_version)
+    if len(shape) > limit:
+        return f"it has {len(shape)} dimensions and NumPy arrays have at most {limit}"
+    nbytes = itemsize
+    for dim in shape:
+        nbytes *= dim or 1
+    if nbytes > sys.maxsize:
+        return (
+            f"its shape {shape} times {itemsize}-byte elements is {nbytes} bytes (zero dimensions left out, "
+            f"as NumPy counts), more than NumPy can address ({sys.maxsize})"
+        )
+    return None
+
+
 class Checkpoint(Mapping[str, "np.ndarray"]):
     """A checkpoint opened lazily: a read-only mapping from tensor names to NumPy arrays.
 
@@ -49,13 +73,28 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         import numpy as np
 
         dtype, shape = self._core.info(name)
+        np_dtype = numpy_dtype(dtype)
+        why = _no_view(shape, np_dtype.itemsize, np.__version__)
+        if why is not None:
+            raise self._no_view_error(name, f"no NumPy view of tensor {name!r} ({dtype} {shape}): {why}")
         strides = self._core.strides(name)
-        if strides is not None:
-            # A non-contiguous PyTorch view: the same strided view over the mapped storage.
-            view = memoryview(self._core.buffer(name))
-            return np.ndarray(tuple(shape), dtype=numpy_dtype(dtype), buffer=view, strides=strides)
-        array = np.frombuffer(memoryview(self._core.buffer(name)), dtype=numpy_dtype(dtype))
-        return array.reshape(shape)
+        try:
+            if strides is not None:
+                # A non-contiguous PyTorch view: the same strided view over the mapped storage.
+                view = memoryview(self._core.buffer(name))
+                return np.ndarray(tuple(shape), dtype=np_dtype, buffer=view, strides=strides)
+            array = np.frombuffer(memoryview(self._core.buffer(name)), dtype=np_dtype)
+            return array.reshape(shape)
+        except (ValueError, OverflowError) as e:
+            # Anything else NumPy refuses about a header the engine accepted.
+            message = f"no NumPy view of tensor {name!r} ({dtype} {shape}): NumPy refused it: {e}"
+            raise self._no_view_error(name, message) from e
+
+    def _no_view_error(self, name: str, message: str) -> _core.FormatError:
+        error = _core.FormatError(message)
+        error.tensor = name
+        error.path = self.path
+        return error
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._core.keys())

@@ -146,6 +146,16 @@ pub fn plan_error(error: PlanError) -> PyErr {
     Python::attach(|py| to_py(py, Error::Plan(error)))
 }
 
+/// A `FormatError` about one tensor of an opened checkpoint: no buffer or view of it can be made.
+pub fn tensor_error(py: Python<'_>, message: String, path: &std::path::Path, tensor: &str) -> PyErr {
+    let cx = ErrorContext {
+        path: Some(path.to_owned()),
+        tensor: Some(tensor.to_owned()),
+        ..ErrorContext::default()
+    };
+    with_context(py, FormatError_::new_err(message), &cx)
+}
+
 /// Registers the exception classes on the module under their public names.
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = module.py();

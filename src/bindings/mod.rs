@@ -10,14 +10,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyKeyError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
 use serde_json::Value;
 
 use crate::error::Error;
 use crate::executor::{Prepared, Report, RunOptions};
 use crate::formats::{open_checkpoint, Checkpoint as EngineCheckpoint, SourceFile};
+use crate::plan::host::{self, BuildError, HostNode, HostValue, Refusal};
 use crate::plan::{Location, Plan, PlanError, PlanSource};
 
 /// Runs `work` on another thread with the GIL released, polling for Ctrl-C meanwhile. On an
@@ -65,118 +66,291 @@ fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + S
     }
 }
 
-/// Converts a Python plan value (dict/list/str/number/bool/None, paths as strings) to a document.
-fn to_value(obj: &Bound<'_, PyAny>, location: &Location) -> PyResult<Value> {
-    if obj.is_none() {
-        return Ok(Value::Null);
+/// A Python value on its way into a plan document: the walk, its limits (depth, size, cycles)
+/// and the locations are the plan layer's ([`host::to_document`]); this says what each Python
+/// value is. No Python code runs while a container is read (entries are copied out first), and a
+/// number-like object's `__index__` / `__float__` is called once and must give a real int / float.
+struct PyNode<'py>(Bound<'py, PyAny>);
+
+impl<'py> HostNode for PyNode<'py> {
+    type Error = PyErr;
+
+    fn identity(&self) -> usize {
+        self.0.as_ptr() as usize
     }
-    if let Ok(b) = obj.cast::<pyo3::types::PyBool>() {
-        return Ok(Value::Bool(b.is_true()));
+
+    fn classify(&self) -> Result<HostValue<Self>, Refusal<PyErr>> {
+        classify(&self.0)
     }
-    if let Ok(i) = obj.extract::<i64>() {
-        if obj.is_instance_of::<pyo3::types::PyInt>() {
-            return Ok(Value::from(i));
-        }
-    }
-    if obj.is_instance_of::<pyo3::types::PyInt>() {
-        let u: u64 = obj
-            .extract()
-            .map_err(|_| errors::plan_error(PlanError::invalid(location, "integer out of range")))?;
-        return Ok(Value::from(u));
-    }
-    if let Ok(f) = obj.cast::<pyo3::types::PyFloat>() {
-        let f = f.value();
-        return serde_json::Number::from_f64(f)
-            .map(Value::Number)
-            .ok_or_else(|| errors::plan_error(PlanError::invalid(location, format!("{f} is not a finite number"))));
-    }
-    if let Ok(s) = obj.cast::<PyString>() {
-        return Ok(Value::String(s.to_str()?.to_owned()));
-    }
-    if let Ok(dict) = obj.cast::<PyDict>() {
-        let mut map = serde_json::Map::new();
-        for (k, v) in dict.iter() {
-            let key: String = k.extract().map_err(|_| {
-                errors::plan_error(PlanError::invalid(
-                    location,
-                    format!("mapping keys must be strings, got {}", k.get_type()),
-                ))
-            })?;
-            let value = to_value(&v, &location.key(&key))?;
-            map.insert(key, value);
-        }
-        return Ok(Value::Object(map));
-    }
-    if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
-        let mut items = Vec::new();
-        for (i, item) in obj.try_iter()?.enumerate() {
-            items.push(to_value(&item?, &location.index(i))?);
-        }
-        return Ok(Value::Array(items));
-    }
-    // os.PathLike
-    if let Ok(fspath) = obj.call_method0("__fspath__") {
-        return Ok(Value::String(fspath.extract()?));
-    }
-    // NumPy and other numeric scalars: integers through __index__, reals through __float__.
-    if let Ok(index) = obj.call_method0("__index__") {
-        return to_value(&index, location);
-    }
-    if let Ok(real) = obj.call_method0("__float__") {
-        return to_value(&real, location);
-    }
-    Err(errors::plan_error(PlanError::invalid(
-        location,
-        format!("cannot use a {} in a plan", obj.get_type()),
-    )))
 }
 
-/// One plan argument: a dict, YAML/JSON text, or a path to a plan file.
+/// The type name of a Python value, for messages (`Decimal`, `numpy.float32`).
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    let ty = obj.get_type();
+    let name = ty
+        .qualname()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "object".to_owned());
+    match ty.module().map(|m| m.to_string()) {
+        Ok(module) if module != "builtins" => format!("{module}.{name}"),
+        _ => name,
+    }
+}
+
+/// A Python string as UTF-8, refused when it holds a lone surrogate (which UTF-8 cannot hold).
+fn utf8(s: &Bound<'_, PyString>) -> Result<String, String> {
+    s.to_str().map(str::to_owned).map_err(|_| {
+        let shown = s.repr().map(|r| r.to_string()).unwrap_or_default();
+        format!("the string {shown} holds a lone surrogate, which is not Unicode text")
+    })
+}
+
+fn int_value(i: &Bound<'_, PyInt>) -> Result<Value, String> {
+    if let Ok(i) = i.extract::<i64>() {
+        return Ok(Value::from(i));
+    }
+    i.extract::<u64>()
+        .map(Value::from)
+        .map_err(|_| format!("{i} is out of range (a plan integer fits in 64 bits)"))
+}
+
+fn float_value(f: f64) -> Result<Value, String> {
+    serde_json::Number::from_f64(f)
+        .map(Value::Number)
+        .ok_or_else(|| format!("{f} is not a finite number"))
+}
+
+/// Calls the special method `name` of `obj` if its type has one. A Python exception raised by it
+/// refuses the value (with the exception's text); an interrupt passes through.
+fn call_hook<'py>(obj: &Bound<'py, PyAny>, name: &str) -> Result<Option<Bound<'py, PyAny>>, Refusal<PyErr>> {
+    match obj.get_type().hasattr(name) {
+        Ok(true) => {}
+        Ok(false) | Err(_) => return Ok(None),
+    }
+    match obj.call_method0(name) {
+        Ok(result) => Ok(Some(result)),
+        // The exception prints as `ValueError: boom`.
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(obj.py()) => {
+            Err(Refusal::Invalid(format!("{}.{name}() raised {e}", type_name(obj))))
+        }
+        Err(e) => Err(Refusal::Host(e)),
+    }
+}
+
+fn classify<'py>(obj: &Bound<'py, PyAny>) -> Result<HostValue<PyNode<'py>>, Refusal<PyErr>> {
+    let scalar = |v: Result<Value, String>| v.map(HostValue::Scalar).map_err(Refusal::Invalid);
+    if obj.is_none() {
+        return Ok(HostValue::Scalar(Value::Null));
+    }
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Ok(HostValue::Scalar(Value::Bool(b.is_true())));
+    }
+    if let Ok(i) = obj.cast::<PyInt>() {
+        return scalar(int_value(i));
+    }
+    if let Ok(f) = obj.cast::<PyFloat>() {
+        return scalar(float_value(f.value()));
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        return scalar(utf8(s).map(Value::String));
+    }
+    // Containers are copied out before anything is converted: converting may run Python code
+    // (`__index__`), which could change a container while it is read.
+    if let Ok(list) = obj.cast::<PyList>() {
+        return Ok(HostValue::List(list.iter().map(PyNode).collect()));
+    }
+    if let Ok(tuple) = obj.cast::<PyTuple>() {
+        return Ok(HostValue::List(tuple.iter().map(PyNode).collect()));
+    }
+    let entries = if let Ok(dict) = obj.cast::<PyDict>() {
+        Some(dict.items())
+    } else if let Ok(mapping) = obj.cast::<PyMapping>() {
+        Some(mapping.items().map_err(|e| hook_failed(obj, "items", e))?)
+    } else {
+        None
+    };
+    if let Some(entries) = entries {
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries.iter() {
+            let (key, value): (Bound<'py, PyAny>, Bound<'py, PyAny>) =
+                entry.extract().map_err(|e| hook_failed(obj, "items", e))?;
+            let Ok(key) = key.cast::<PyString>() else {
+                return Err(Refusal::Invalid(format!(
+                    "mapping keys must be strings, got {} {}",
+                    type_name(&key),
+                    key.repr().map(|r| r.to_string()).unwrap_or_default()
+                )));
+            };
+            out.push((utf8(key).map_err(Refusal::Invalid)?, PyNode(value)));
+        }
+        return Ok(HostValue::Map(out));
+    }
+    // os.PathLike: the path as a string.
+    if let Some(path) = call_hook(obj, "__fspath__")? {
+        return match path.cast::<PyString>() {
+            Ok(path) => scalar(utf8(path).map(Value::String)),
+            Err(_) => Err(Refusal::Invalid(format!(
+                "{}.__fspath__() gave a {}; a path in a plan is a str",
+                type_name(obj),
+                type_name(&path)
+            ))),
+        };
+    }
+    // NumPy and other numeric scalars: integers through __index__, reals through __float__,
+    // followed once: the result must be an int (a float), not another number-like object.
+    if let Some(index) = call_hook(obj, "__index__")? {
+        return match index.cast::<PyInt>() {
+            Ok(i) if !index.is_instance_of::<PyBool>() => scalar(int_value(i)),
+            _ => Err(Refusal::Invalid(format!(
+                "{}.__index__() gave a {}, not an int",
+                type_name(obj),
+                type_name(&index)
+            ))),
+        };
+    }
+    if let Some(real) = call_hook(obj, "__float__")? {
+        return match real.cast::<PyFloat>() {
+            Ok(f) => scalar(float_value(f.value())),
+            Err(_) => Err(Refusal::Invalid(format!(
+                "{}.__float__() gave a {}, not a float",
+                type_name(obj),
+                type_name(&real)
+            ))),
+        };
+    }
+    Err(Refusal::Invalid(format!("cannot use a {} in a plan", type_name(obj))))
+}
+
+/// A failure of a mapping's own `items()`: the value is refused, an interrupt passes through.
+fn hook_failed(obj: &Bound<'_, PyAny>, name: &str, e: PyErr) -> Refusal<PyErr> {
+    if e.is_instance_of::<pyo3::exceptions::PyException>(obj.py()) {
+        Refusal::Invalid(format!("{}.{name}() failed: {e}", type_name(obj)))
+    } else {
+        Refusal::Host(e)
+    }
+}
+
+/// Converts a Python plan value (a mapping, list, str, number, bool or None; paths as strings)
+/// at `base` to a document, under the limits of a YAML plan; `PlanError` naming the place
+/// otherwise.
+fn to_value(obj: &Bound<'_, PyAny>, base: &Location) -> PyResult<Value> {
+    host::to_document(&PyNode(obj.clone()), base).map_err(|e| match e {
+        BuildError::Plan(e) => errors::plan_error(e),
+        BuildError::Host(e) => e,
+    })
+}
+
+/// A plan given as text that is not Unicode (a lone surrogate).
+fn text_error(origin: &str, message: String) -> PyErr {
+    errors::plan_error(PlanError::Syntax {
+        origin: origin.to_owned(),
+        message,
+    })
+}
+
+/// The items of a list or tuple argument, copied out (no Python code runs while reading).
+fn sequence_items<'py>(obj: &Bound<'py, PyAny>) -> Option<Vec<Bound<'py, PyAny>>> {
+    if let Ok(list) = obj.cast::<PyList>() {
+        Some(list.iter().collect())
+    } else if let Ok(tuple) = obj.cast::<PyTuple>() {
+        Some(tuple.iter().collect())
+    } else {
+        None
+    }
+}
+
+/// One plan argument: a mapping, YAML/JSON text, or a path to a plan file.
 fn to_source(obj: &Bound<'_, PyAny>) -> PyResult<PlanSource> {
-    if obj.is_instance_of::<PyDict>() {
+    if obj.is_instance_of::<PyDict>() || obj.is_instance_of::<PyMapping>() {
         return Ok(PlanSource::Value(to_value(obj, &Location::root())?));
     }
     if let Ok(text) = obj.cast::<PyString>() {
-        let text = text.to_str()?;
+        let text = utf8(text).map_err(|m| text_error("<string>", m))?;
         let looks_like_document = text.contains('\n') || text.contains(": ") || text.trim_start().starts_with('{');
         if !looks_like_document {
             return Ok(PlanSource::File(text.into()));
         }
-        return Ok(PlanSource::Text(text.to_owned()));
+        return Ok(PlanSource::Text(text));
     }
     if let Ok(fspath) = obj.call_method0("__fspath__") {
-        let path: String = fspath.extract()?;
-        return Ok(PlanSource::File(path.into()));
+        if let Ok(path) = fspath.cast::<PyString>() {
+            let path = utf8(path).map_err(|m| text_error("<path>", m))?;
+            return Ok(PlanSource::File(path.into()));
+        }
     }
     Err(PyTypeError::new_err(format!(
-        "a plan is a dict, YAML text or a path, not {}",
-        obj.get_type()
+        "a plan is a mapping, YAML text or a str path, not {}",
+        type_name(obj)
     )))
 }
 
 fn to_sources(plan: &Bound<'_, PyAny>) -> PyResult<Vec<PlanSource>> {
-    if plan.is_instance_of::<PyList>() || plan.is_instance_of::<PyTuple>() {
-        plan.try_iter()?.map(|item| to_source(&item?)).collect()
-    } else {
-        Ok(vec![to_source(plan)?])
+    match sequence_items(plan) {
+        Some(items) => items.iter().map(to_source).collect(),
+        None => Ok(vec![to_source(plan)?]),
     }
 }
 
+/// `overrides=`: a mapping from key paths to values (each converted like a plan value, at its
+/// key path), or a list of `key.path=value` strings.
 fn overrides_of(overrides: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
-    match overrides {
-        None => Ok(Vec::new()),
-        Some(o) if o.is_instance_of::<PyDict>() => {
-            let dict = o.cast::<PyDict>()?;
-            let mut out = Vec::new();
-            for (k, v) in dict.iter() {
-                let key: String = k.extract()?;
-                let value = to_value(&v, &Location::root().key(&key))?;
-                out.push(format!("{key}={value}"));
+    let Some(o) = overrides else {
+        return Ok(Vec::new());
+    };
+    let origin = "overrides";
+    if o.is_instance_of::<PyDict>() || o.is_instance_of::<PyMapping>() {
+        let mut out = Vec::new();
+        let map = to_value_map(o)?;
+        for (key, value) in map {
+            let key = key.cast::<PyString>().map_err(|_| {
+                text_error(
+                    origin,
+                    format!("override keys are key paths (str), got {}", type_name(&key)),
+                )
+            })?;
+            let key = utf8(key).map_err(|m| text_error(origin, m))?;
+            if key.contains('=') {
+                return Err(text_error(
+                    origin,
+                    format!("override key `{key}` holds `=`; keys are key paths such as `transforms[0].scale_.by`"),
+                ));
             }
-            Ok(out)
+            let value = to_value(&value, &Location::root().key(&key))?;
+            out.push(format!("{key}={value}"));
         }
-        Some(o) => o.extract::<Vec<String>>(),
+        return Ok(out);
     }
+    let Some(items) = sequence_items(o) else {
+        return Err(PyTypeError::new_err(format!(
+            "overrides is a mapping or a list of `key.path=value` strings, not {}",
+            type_name(o)
+        )));
+    };
+    items
+        .iter()
+        .map(|item| match item.cast::<PyString>() {
+            Ok(s) => utf8(s).map_err(|m| text_error(origin, m)),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "overrides is a list of `key.path=value` strings, not of {}",
+                type_name(item)
+            ))),
+        })
+        .collect()
+}
+
+/// The entries of a mapping argument, copied out.
+fn to_value_map<'py>(o: &Bound<'py, PyAny>) -> PyResult<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+    let items = match o.cast::<PyDict>() {
+        Ok(dict) => dict.items(),
+        Err(_) => o
+            .cast::<PyMapping>()?
+            .items()
+            .map_err(|e| match hook_failed(o, "items", e) {
+                Refusal::Invalid(message) => text_error("overrides", message),
+                Refusal::Host(e) => e,
+            })?,
+    };
+    items.iter().map(|entry| entry.extract()).collect()
 }
 
 /// A JSON value as the Python value a YAML plan would give (dict, list, str, int, float, bool,
@@ -249,6 +423,32 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     Ok(dict)
 }
 
+/// `threads=`: an int (else `TypeError`), 0 for one per core or a positive count (else
+/// `PlanError`, as `--threads` is refused on the command line).
+struct Threads(usize);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Threads {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let Ok(int) = obj.cast::<PyInt>() else {
+            return Err(PyTypeError::new_err(format!(
+                "threads must be an int, not {}",
+                type_name(&obj)
+            )));
+        };
+        int.extract::<usize>().map(Threads).map_err(|_| {
+            text_error(
+                "threads",
+                format!(
+                    "{} is not a thread count (0 for one per core, or a positive number)",
+                    &*int
+                ),
+            )
+        })
+    }
+}
+
 fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> Result<Prepared, Error> {
     let plan = Plan::load(&sources, &overrides)?;
     Prepared::new(plan, threads)
@@ -258,13 +458,14 @@ fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> 
 /// output. Returns a report: the alias written, its tensors, the files written, one note per
 /// transform.
 #[pyfunction]
-#[pyo3(signature = (plan, *, overrides = None, threads = 0))]
+#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0)), text_signature = "(plan, *, overrides=None, threads=0)")]
 fn run<'py>(
     py: Python<'py>,
     plan: &Bound<'py, PyAny>,
     overrides: Option<&Bound<'py, PyAny>>,
-    threads: usize,
+    threads: Threads,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let Threads(threads) = threads;
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
     let result = detached(py, move |cancel| {
@@ -297,7 +498,15 @@ fn check<'py>(
 
 /// The command line: parses `args` (without the program name), runs, returns the exit status.
 #[pyfunction]
-fn cli_main(py: Python<'_>, args: Vec<String>) -> PyResult<i32> {
+fn cli_main(py: Python<'_>, args: Vec<Bound<'_, PyString>>) -> PyResult<i32> {
+    // `sys.argv` keeps bytes that are not UTF-8 as lone surrogates; the command line takes text.
+    let args = match args.iter().map(utf8).collect::<Result<Vec<String>, String>>() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("error: command line: {message} (an argument that is not UTF-8)");
+            return Ok(2);
+        }
+    };
     // The command line reports an interruption itself (one message, exit status 130).
     let (status, _signal) = detached_with_signal(py, move |cancel| crate::cli::main(args, cancel))?;
     Ok(status)
@@ -348,11 +557,14 @@ struct PyCheckpoint {
 }
 
 impl PyCheckpoint {
-    fn entry(&self, name: &str) -> PyResult<&crate::formats::TensorEntry> {
-        self.index
-            .get(name)
+    /// The tensor `name` names; `KeyError` for any other name, also one that is not Unicode text
+    /// (a lone surrogate), which no tensor can have.
+    fn entry(&self, name: &Bound<'_, PyString>) -> PyResult<&crate::formats::TensorEntry> {
+        name.to_str()
+            .ok()
+            .and_then(|n| self.index.get(n))
             .map(|&i| &self.checkpoint.tensors[i])
-            .ok_or_else(|| PyKeyError::new_err(name.to_owned()))
+            .ok_or_else(|| PyKeyError::new_err(name.clone().unbind()))
     }
 
     fn map_of(&self, py: Python<'_>, file: usize) -> PyResult<Arc<memmap2::Mmap>> {
@@ -378,35 +590,60 @@ impl PyCheckpoint {
         self.checkpoint.tensors.len()
     }
 
-    fn __contains__(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+    fn __contains__(&self, name: &Bound<'_, PyString>) -> bool {
+        self.entry(name).is_ok()
     }
 
     /// `(dtype name, shape)` of a tensor, from the header.
-    fn info(&self, name: &str) -> PyResult<(String, Vec<usize>)> {
+    fn info(&self, name: &Bound<'_, PyString>) -> PyResult<(String, Vec<usize>)> {
         let t = self.entry(name)?;
         Ok((t.dtype.name().to_owned(), t.shape.clone()))
     }
 
     /// The tensor's bytes as a read-only buffer over the mapped file: from its first element to
     /// the end of its last one (with gaps and repeats when it is strided, see `strides`).
-    fn buffer(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorBuffer> {
+    fn buffer(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<PyTensorBuffer> {
         let t = self.entry(name)?;
         let map = self.map_of(py, t.file)?;
-        let offset = usize::try_from(t.offset).map_err(|_| PyValueError::new_err("offset out of range"))?;
-        let len = usize::try_from(t.extent()).map_err(|_| PyValueError::new_err("size out of range"))?;
+        let path = &self.checkpoint.files[t.file].path;
+        let error = |message: String| errors::tensor_error(py, message, path, &t.name);
+        let (offset, extent) = (t.offset, t.extent());
+        let (Ok(offset), Ok(len)) = (usize::try_from(offset), usize::try_from(extent)) else {
+            return Err(error(format!(
+                "tensor at byte {offset} spanning {extent} bytes lies beyond what this machine can map"
+            )));
+        };
+        // The reader checked this when the file was opened; the file may have shrunk since.
         if offset.checked_add(len).is_none_or(|end| end > map.len()) {
-            return Err(PyValueError::new_err("tensor lies outside its file"));
+            return Err(error(format!(
+                "tensor bytes {offset}..{} lie outside the file ({} bytes now)",
+                offset.saturating_add(len),
+                map.len()
+            )));
         }
         Ok(PyTensorBuffer { map, offset, len })
     }
 
     /// Byte strides of a non-contiguous tensor (a strided PyTorch view), `None` when its bytes
-    /// are row-major contiguous.
-    fn strides(&self, name: &str) -> PyResult<Option<Vec<usize>>> {
+    /// are row-major contiguous. `FormatError` when a stride in bytes exceeds what an array
+    /// can address (`isize::MAX`, which only an empty tensor's unchecked strides can).
+    fn strides(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<Option<Vec<usize>>> {
         let t = self.entry(name)?;
+        let Some(strides) = &t.strides else {
+            return Ok(None);
+        };
         let item = t.dtype.size().unwrap_or(1);
-        Ok(t.strides.as_ref().map(|s| s.iter().map(|&x| x * item).collect()))
+        let bytes: Option<Vec<usize>> = strides
+            .iter()
+            .map(|&x| x.checked_mul(item).filter(|&b| isize::try_from(b).is_ok()))
+            .collect();
+        bytes.map(Some).ok_or_else(|| {
+            let path = &self.checkpoint.files[t.file].path;
+            let message = format!(
+                "strides {strides:?} of {item}-byte elements exceed what an array can address, so no view can be made"
+            );
+            errors::tensor_error(py, message, path, &t.name)
+        })
     }
 
     /// `__metadata__` of the (first) file.
@@ -437,7 +674,22 @@ impl PyCheckpoint {
 
 /// Opens a checkpoint lazily (headers only).
 #[pyfunction]
-fn open(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyCheckpoint> {
+fn open(py: Python<'_>, path: &Bound<'_, PyString>) -> PyResult<PyCheckpoint> {
+    let path: std::path::PathBuf = match path.extract() {
+        Ok(path) => path,
+        // A lone surrogate that the file system encoding cannot carry: no file has this name.
+        Err(_) => {
+            let source = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the name holds a lone surrogate, which no file name can",
+            );
+            let path = path.to_string_lossy().into_owned().into();
+            return Err(errors::to_py(
+                py,
+                Error::Format(crate::formats::FormatError::Io { path, source }),
+            ));
+        }
+    };
     let checkpoint = detached(py, move |_| open_checkpoint(&path))?.map_err(|e| errors::to_py(py, Error::Format(e)))?;
     let index = checkpoint
         .tensors

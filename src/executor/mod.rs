@@ -272,7 +272,9 @@ impl Prepared {
         // output needs computed whole (products, permutations that cannot stream), which are
         // kept until the write ends.
         report.materialized_bytes = materialized as u64;
-        report.peak_memory_estimate = ((self.threads * 3 * CHUNK_BYTES) as u64).saturating_add(materialized as u64);
+        report.peak_memory_estimate = (self.threads as u64)
+            .saturating_mul(3 * CHUNK_BYTES as u64)
+            .saturating_add(materialized as u64);
         Ok(report)
     }
 
@@ -352,6 +354,18 @@ mod tests {
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect()
+    }
+
+    #[test]
+    fn a_huge_thread_count_does_not_overflow_the_memory_estimate() {
+        // threads × 3 chunks overflowed (a panic under overflow checks, a wrapped number
+        // without); the count is clamped to 4 per core first, and the product saturates.
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let yaml = format!("inputs: ['{}']\n", input.display());
+        let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
+        let report = Prepared::new(plan, usize::MAX).unwrap().check().unwrap();
+        assert!(report.peak_memory_estimate > 0 && report.peak_memory_estimate < u64::MAX);
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::error::{suggest, PlanError};
+use super::host::depth_exceeds;
 use super::location::{Location, Segment};
+use super::{MAX_DEPTH, MAX_NODES};
 
 /// One piece of a plan, as the user handed it over.
 #[derive(Debug, Clone)]
@@ -33,7 +35,13 @@ pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
 /// [`parse_yaml`]; without `snippet`, syntax errors give the line and column but quote no line
 /// of the text (a plan file may not be a plan, and its lines are not ours to print).
 fn parse_yaml_with(text: &str, origin: &str, snippet: bool) -> Result<Value, PlanError> {
-    let options = serde_saphyr::options! { with_snippet: snippet };
+    let options = serde_saphyr::options! {
+        with_snippet: snippet,
+        budget: serde_saphyr::budget! {
+            max_depth: MAX_DEPTH,
+            max_nodes: MAX_NODES,
+        },
+    };
     let value: Value = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         // The parser's message starts with its own "error: "; ours names the origin instead.
         let message = e.to_string();
@@ -46,18 +54,33 @@ fn parse_yaml_with(text: &str, origin: &str, snippet: bool) -> Result<Value, Pla
     Ok(value)
 }
 
+/// The error for a document nested deeper than [`MAX_DEPTH`].
+fn too_deep(origin: String) -> PlanError {
+    PlanError::Syntax {
+        origin,
+        message: format!("mappings and lists nest deeper than {MAX_DEPTH} levels, the limit of a plan document"),
+    }
+}
+
 fn load(source: &PlanSource) -> Result<Value, PlanError> {
     match source {
+        // Measured before it is copied: copying a value is recursive.
+        PlanSource::Value(v) if depth_exceeds(v, MAX_DEPTH) => Err(too_deep("<value>".to_owned())),
         PlanSource::Value(v) => Ok(v.clone()),
         PlanSource::Text(text) => parse_yaml(text, "<string>"),
         PlanSource::File(path) => {
             let text = read_plan_file(path)?;
             let origin = path.display().to_string();
             if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
-                serde_json::from_str(&text).map_err(|e| PlanError::Syntax {
-                    origin,
+                // serde_json stops at its own depth (128); the plan's limit is the YAML one.
+                let value: Value = serde_json::from_str(&text).map_err(|e| PlanError::Syntax {
+                    origin: origin.clone(),
                     message: e.to_string(),
-                })
+                })?;
+                if depth_exceeds(&value, MAX_DEPTH) {
+                    return Err(too_deep(origin));
+                }
+                Ok(value)
             } else {
                 parse_yaml_with(&text, &origin, false)
             }
@@ -207,11 +230,21 @@ pub fn apply_override(doc: &mut Value, assignment: &str) -> Result<(), PlanError
         .split_once('=')
         .ok_or_else(|| syntax("expected key.path=value".to_owned()))?;
     let steps = parse_override_path(path.trim()).map_err(syntax)?;
+    if steps.len() > MAX_DEPTH {
+        return Err(syntax(format!(
+            "the path has {} steps; a plan document nests at most {MAX_DEPTH} levels",
+            steps.len()
+        )));
+    }
     let value = if text.trim().is_empty() {
         Value::String(String::new())
     } else {
         parse_yaml(text, &origin)?
     };
+    // The path and the value are each within the limit; together they may not be.
+    if depth_exceeds(&value, MAX_DEPTH - steps.len()) {
+        return Err(too_deep(origin));
+    }
     // The location of step `i` is built only for an error: extending it at every step copied
     // the path so far, quadratic in the path's length (issue 9: 60,000 segments took > 20 s).
     let location_at = |i: usize| {
@@ -337,25 +370,27 @@ mod tests {
     /// Issue 9 item 11b: the walk was quadratic in the path's length (each step copied the
     /// location so far); deeper than [`MAX_OVERRIDE_STEPS`] is refused before walking.
     #[test]
-    fn long_override_paths_are_walked_once_and_capped() {
+    fn long_override_paths_are_capped_before_they_are_walked() {
+        // As deep as a plan document may nest: applied.
         let mut doc = json!({});
-        let path = vec!["a"; MAX_OVERRIDE_STEPS].join(".");
+        let path = vec!["a"; MAX_DEPTH].join(".");
         apply_override(&mut doc, &format!("{path}=1")).unwrap();
         let mut node = &doc;
-        for _ in 0..MAX_OVERRIDE_STEPS {
+        for _ in 0..MAX_DEPTH {
             node = &node["a"];
         }
         assert_eq!(node, &json!(1));
-        // The document nests 10,000 levels: dropped on a thread with room for it.
-        std::thread::Builder::new()
-            .stack_size(crate::value::ENGINE_STACK_BYTES)
-            .spawn(move || drop(doc))
-            .unwrap()
-            .join()
-            .unwrap();
+        // Deeper: refused by the document's limit; far longer: refused while parsing the path,
+        // which stops at MAX_OVERRIDE_STEPS (a 60,000-step path once took > 20 s).
         let err = apply_override(&mut json!({}), &format!("{path}.a=1")).unwrap_err();
-        assert!(err.to_string().contains("more than 10000 keys"), "{err}");
-        // The error's location is still built for a step deep in a long path.
+        assert!(
+            err.to_string().contains(&format!("nests at most {MAX_DEPTH} levels")),
+            "{err}"
+        );
+        let long = vec!["a"; 60_000].join(".");
+        let err = apply_override(&mut json!({}), &format!("{long}=1")).unwrap_err();
+        assert!(err.to_string().contains("more than 10000 keys"));
+        // The error's location is still built for a step deep in a path.
         let mut doc = json!({"a": {"b": 1}});
         let err = apply_override(&mut doc, "a.b.c=2").unwrap_err();
         assert!(err.to_string().starts_with("a.b.c: override walks into"), "{err}");
@@ -465,6 +500,68 @@ mod tests {
         // At the limit it is read.
         file.set_len(MAX_PLAN_BYTES).unwrap();
         assert_eq!(read_plan_file(&path).unwrap().len() as u64, MAX_PLAN_BYTES);
+    }
+
+    /// `depth` flow lists, one inside the other.
+    fn flow(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn every_source_nests_at_most_max_depth() {
+        use crate::plan::host::depth_exceeds;
+        // YAML: the parser's own budget, set from the one constant. The top-level mapping is a level.
+        let ok = parse_yaml(&format!("a: {}", flow(MAX_DEPTH - 1)), "t").unwrap();
+        assert!(!depth_exceeds(&ok, MAX_DEPTH) && depth_exceeds(&ok, MAX_DEPTH - 1));
+        let err = parse_yaml(&format!("a: {}", flow(MAX_DEPTH)), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("depth"), "{err}");
+        // Block style too.
+        let block: String = (0..=MAX_DEPTH).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
+        assert!(parse_yaml(&block, "t").is_err());
+        // A JSON file: serde_json would allow 128.
+        let dir = std::env::temp_dir().join(format!("bs-depth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ok, deep) = (dir.join("ok.json"), dir.join("deep.json"));
+        std::fs::write(&ok, format!("{{\"transforms\": {}}}", flow(MAX_DEPTH - 1))).unwrap();
+        std::fs::write(&deep, format!("{{\"transforms\": {}}}", flow(MAX_DEPTH))).unwrap();
+        assert!(assemble(&[PlanSource::File(ok)], &[]).is_ok());
+        let err = assemble(&[PlanSource::File(deep)], &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("deep.json") && err.contains(&format!("deeper than {MAX_DEPTH}")),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        // An already-built value, measured before it is copied.
+        let value: Value = serde_json::from_str(&format!("{{\"a\": {}}}", flow(MAX_DEPTH))).unwrap();
+        assert!(assemble(&[PlanSource::Value(value)], &[]).is_err());
+    }
+
+    #[test]
+    fn an_override_path_and_value_together_stay_within_the_limit() {
+        let path = |steps: usize| format!("a{}", ".a".repeat(steps - 1));
+        let mut doc = json!({});
+        apply_override(&mut doc, &format!("{}=1", path(MAX_DEPTH))).unwrap();
+        assert!(!crate::plan::host::depth_exceeds(&doc, MAX_DEPTH));
+        let err = apply_override(&mut json!({}), &format!("{}=[1]", path(MAX_DEPTH))).unwrap_err();
+        assert!(err.to_string().contains(&format!("deeper than {MAX_DEPTH}")), "{err}");
+        let err = apply_override(&mut json!({}), &format!("a={}", flow(MAX_DEPTH))).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with(&format!("deeper than {MAX_DEPTH} levels, the limit of a plan document")),
+            "{err}"
+        );
+        let err = apply_override(&mut json!({}), &format!("a={}", flow(MAX_DEPTH + 1))).unwrap_err();
+        assert!(err.to_string().contains("depth"), "{err}");
+        // A long path is refused before it is walked (it once built a location per step, each a
+        // copy of the last: quadratic).
+        let err = apply_override(&mut json!({}), &format!("{}=1", path(200_000))).unwrap_err();
+        assert!(
+            err.to_string().contains("more than 10000 keys"),
+            "{}",
+            &err.to_string()[err.to_string().len() - 100..]
+        );
     }
 
     #[test]

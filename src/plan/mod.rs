@@ -4,6 +4,7 @@
 
 pub mod document;
 pub mod error;
+pub mod host;
 pub mod location;
 pub mod oneline;
 pub mod payload;
@@ -21,6 +22,16 @@ use document::kind_of;
 
 use crate::formats::Format;
 use error::suggest;
+
+/// The deepest nesting of mappings and lists a plan document may have (a flat mapping is 1),
+/// however it is written: the YAML parser's budget is set from it (it was the parser's default),
+/// and JSON files, Python values, overrides and one-line transforms are held to it. Deep enough
+/// for any plan, shallow enough for every recursive walk over a document.
+pub const MAX_DEPTH: usize = 64;
+
+/// The most values (mappings, lists and scalars) one YAML text or Python plan value may hold: the
+/// YAML parser's budget (its default), and the bound on a Python value whose lists share children.
+pub const MAX_NODES: usize = 250_000;
 
 /// The alias a single bare input path gets.
 pub const DEFAULT_ALIAS: &str = "model";

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 
 use super::document::parse_yaml;
 use super::error::PlanError;
+use super::MAX_DEPTH;
 
 /// A syntax error at a 1-based character column.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +57,8 @@ enum Ctx {
 struct Parser {
     chars: Vec<char>,
     pos: usize,
+    /// Mappings and lists open around the current position.
+    depth: usize,
 }
 
 type Parsed<T> = Result<T, SyntaxError>;
@@ -81,6 +84,19 @@ impl Parser {
             column: at + 1,
             message: message.into(),
         }
+    }
+
+    /// Opens a mapping or list at `at`; refused past the nesting limit of every plan document,
+    /// which also bounds this parser's recursion.
+    fn open(&mut self, at: usize) -> Parsed<()> {
+        if self.depth >= MAX_DEPTH {
+            return Err(self.error(
+                at,
+                format!("mappings and lists nest deeper than {MAX_DEPTH} levels, the limit of a plan document"),
+            ));
+        }
+        self.depth += 1;
+        Ok(())
     }
 
     /// Skips blanks, and a comment (`#` at the start or after a blank) to the end of the line.
@@ -248,8 +264,10 @@ impl Parser {
     /// `outermost` is the line itself, which holds one transform.
     fn value_in_run(&mut self, ctx: Ctx, outermost: bool) -> Parsed<Value> {
         if self.key_ahead() {
+            self.open(self.pos)?;
             let mut map = Map::new();
             self.pairs(ctx, &mut map, outermost)?;
+            self.depth -= 1;
             Ok(Value::Object(map))
         } else {
             self.value(ctx)
@@ -260,9 +278,11 @@ impl Parser {
     fn item(&mut self) -> Parsed<Value> {
         if self.key_ahead() {
             self.skip_ws();
+            self.open(self.pos)?;
             let key = self.key()?;
             self.expect_separator()?;
             let value = self.item()?;
+            self.depth -= 1;
             let mut map = Map::new();
             map.insert(key, value);
             Ok(Value::Object(map))
@@ -355,6 +375,7 @@ impl Parser {
 
     fn list(&mut self) -> Parsed<Value> {
         let open = self.pos;
+        self.open(open)?;
         self.pos += 1;
         let mut items = Vec::new();
         loop {
@@ -362,6 +383,7 @@ impl Parser {
             match self.peek() {
                 Some(']') => {
                     self.pos += 1;
+                    self.depth -= 1;
                     return Ok(Value::Array(items));
                 }
                 None => return Err(self.error(open, "`[` is never closed")),
@@ -381,6 +403,7 @@ impl Parser {
 
     fn map(&mut self) -> Parsed<Value> {
         let open = self.pos;
+        self.open(open)?;
         self.pos += 1;
         let mut map = Map::new();
         self.pairs(Ctx::Map, &mut map, false)?;
@@ -389,6 +412,7 @@ impl Parser {
             return Err(self.error(open, "`{` is never closed"));
         }
         self.pos += 1;
+        self.depth -= 1;
         Ok(Value::Object(map))
     }
 }
@@ -420,6 +444,7 @@ pub fn parse_value(line: &str) -> Result<Value, SyntaxError> {
     let mut parser = Parser {
         chars: line.chars().collect(),
         pos: 0,
+        depth: 0,
     };
     let value = parser.value_in_run(Ctx::Top, true)?;
     parser.skip_ws();
@@ -468,6 +493,7 @@ fn is_bare_safe(text: &str, typed: bool) -> bool {
     let mut parser = Parser {
         chars: text.chars().collect(),
         pos: 0,
+        depth: 0,
     };
     let scanned = parser.bare();
     if !matches!(scanned, Ok(ref s) if s == text) || parser.pos != parser.chars.len() {
@@ -720,6 +746,27 @@ mod tests {
             let yaml = parse_yaml(&serde_json::to_string(&transform).unwrap(), "json").unwrap();
             assert_eq!(yaml, transform);
         }
+    }
+
+    #[test]
+    fn nesting_stops_at_the_plan_limit() {
+        use crate::plan::MAX_DEPTH;
+        // The line's own mapping is a level, as in YAML: `a: [[…]]`.
+        let ok = format!("a: {}1{}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
+        assert!(parse_value(&ok).is_ok());
+        for deep in [
+            format!("a: {}1{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH)),
+            format!("a: {}", "{b: ".repeat(MAX_DEPTH)),
+            format!("{}1", "a: ".repeat(MAX_DEPTH + 1)),
+            format!("a: [{}1]", "b: ".repeat(MAX_DEPTH)),
+            // Far deeper lines stop at the limit instead of overflowing the stack.
+            "[".repeat(1_000_000),
+            "a: ".repeat(1_000_000),
+        ] {
+            let e = err(&deep);
+            assert!(e.message.contains(&format!("deeper than {MAX_DEPTH}")), "{}", e.message);
+        }
+        assert_eq!(err(&"[".repeat(1_000_000)).column, MAX_DEPTH + 1);
     }
 
     #[test]
