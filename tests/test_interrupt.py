@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,25 +15,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from make_tiny_gpt2 import save_safetensors  # noqa: E402
 
 
-def test_sigint_cancels_cleanly(tmp_path: Path) -> None:
-    # 32 MiB tensor; 300 equal-assertions over it keep the engine busy for seconds, single-threaded.
-    save_safetensors(tmp_path / "in.safetensors", {"w": np.zeros(8 << 20, np.float32)})
-    checks = "".join("  - assert: {equal: {left: w, right: w}}\n" for _ in range(300))
+def _run_when_loaded(tmp_path: Path, plan_text: str, settle: float, **popen: Any) -> subprocess.Popen[str]:
+    """Starts `brainsurgery plan.yaml --threads 1` in `tmp_path` and returns once the extension is
+    loaded (Python's own SIGINT handler is installed by then: on a loaded machine interpreter
+    start-up alone can take over a second) and `settle` more seconds have passed."""
     plan = tmp_path / "plan.yaml"
-    plan.write_text(f"inputs: [in.safetensors]\ntransforms:\n{checks}output: out\n")
+    plan.write_text(plan_text)
     proc = subprocess.Popen(
         ["brainsurgery", str(plan), "--threads", "1"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
-    # Interrupt only once the extension is loaded (Python's own SIGINT handler is installed by
-    # then): on a loaded machine interpreter start-up alone can take over a second.
     deadline = time.monotonic() + 30
     while "_core" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(settle)
+    return proc
+
+
+def test_sigint_cancels_cleanly(tmp_path: Path) -> None:
+    # 32 MiB tensor; 300 equal-assertions over it keep the engine busy for seconds, single-threaded.
+    save_safetensors(tmp_path / "in.safetensors", {"w": np.zeros(8 << 20, np.float32)})
+    checks = "".join("  - assert: {equal: {left: w, right: w}}\n" for _ in range(300))
+    proc = _run_when_loaded(tmp_path, f"inputs: [in.safetensors]\ntransforms:\n{checks}output: out\n", 0.5)
     assert proc.poll() is None, "the plan finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
@@ -73,19 +81,8 @@ def test_every_ctrl_c_cancels_its_entry_in_a_session(tmp_path: Path) -> None:
 def _busy_write(tmp_path: Path) -> subprocess.Popen[str]:
     """A run whose write takes seconds: 400 MB of normal noise generated on one thread."""
     save_safetensors(tmp_path / "in.safetensors", {"w": np.zeros(4, np.float32)})
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("inputs: [in.safetensors]\ntransforms:\n  - rand: {target: r, shape: [100000000], distribution: normal}\noutput: out\n")
-    proc = subprocess.Popen(
-        ["brainsurgery", str(plan), "--threads", "1"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while "_core" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)
+    plan = "inputs: [in.safetensors]\ntransforms:\n  - rand: {target: r, shape: [100000000], distribution: normal}\noutput: out\n"
+    proc = _run_when_loaded(tmp_path, plan, 1.0)
     assert proc.poll() is None, "the plan finished before it could be stopped"
     return proc
 
@@ -114,19 +111,8 @@ def test_kill_9_during_a_write_leaves_nothing(tmp_path: Path) -> None:
 def test_a_run_started_with_sighup_ignored_keeps_ignoring_it(tmp_path: Path) -> None:
     """`nohup brainsurgery ...`: closing the terminal does not cancel the run."""
     save_safetensors(tmp_path / "in.safetensors", {"w": np.zeros(4, np.float32)})
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("inputs: [in.safetensors]\ntransforms:\n  - rand: {target: r, shape: [30000000], distribution: normal}\noutput: out\n")
-    proc = subprocess.Popen(
-        ["brainsurgery", str(plan), "--threads", "1"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
-    )
-    deadline = time.monotonic() + 30
-    while "_core" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    plan = "inputs: [in.safetensors]\ntransforms:\n  - rand: {target: r, shape: [30000000], distribution: normal}\noutput: out\n"
+    proc = _run_when_loaded(tmp_path, plan, 0.0, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     proc.send_signal(signal.SIGHUP)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
