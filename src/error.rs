@@ -244,6 +244,7 @@ impl ErrorContext {
     fn visit_transform(&mut self, error: &TransformError) {
         use TransformError as T;
         match error {
+            T::TooManySteps { .. } => {}
             T::Select(e) => self.visit(e),
             T::Value(e) => self.visit(e),
             // The boxed source is not reached by downcasting the `source()` chain, so it is

@@ -40,6 +40,9 @@ pub struct Session {
     scope: ParseScope,
     /// Index the next transform gets in messages (`transforms[i]`), after the plan's.
     next: usize,
+    /// Transforms run so far, nested ones included: the session's state carries all of them,
+    /// so the limit on one run holds across entries.
+    steps_run: usize,
 }
 
 impl Session {
@@ -52,6 +55,7 @@ impl Session {
         let state = prepared.execute(&mut ctx)?;
         let next = prepared.plan.transforms.len();
         let scope = ParseScope::of_plan(&prepared.plan.files);
+        let steps_run = ctx.steps_run;
         let applied = Applied {
             output: ctx.output,
             notes: ctx.notes,
@@ -65,6 +69,7 @@ impl Session {
                 cancel,
                 scope,
                 next,
+                steps_run,
             },
             applied,
         ))
@@ -99,6 +104,7 @@ impl Session {
             // `save` at the prompt writes with the run's threads. No plan hash: the typed
             // transforms are not part of the plan file that was hashed.
             ctx.threads = self.prepared.threads;
+            ctx.steps_run = self.steps_run;
             let flow = run_steps(&steps, &mut state, &mut ctx).map_err(|f| step_error(self.next, &steps, f))?;
             Ok((state, ctx, flow == Flow::Exit))
         };
@@ -109,6 +115,7 @@ impl Session {
             }
         })?;
         self.state = state;
+        self.steps_run = ctx.steps_run;
         self.next += raws.len();
         Ok(Applied {
             output: ctx.output,

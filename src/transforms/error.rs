@@ -194,6 +194,13 @@ pub enum TransformError {
         /// The sizes.
         sizes: Vec<usize>,
     },
+    /// A run (nested plans and a session's blocks included) executes more transforms than
+    /// the engine can stack on one tensor.
+    #[error("more than {limit} transforms in one run (nested plans and earlier session entries included): a tensor changed that many times could not be read back; split the work into runs that save in between")]
+    TooManySteps {
+        /// The limit.
+        limit: usize,
+    },
     /// A dimension index outside a tensor's dimensions.
     #[error("{op}: dimension {dim} is out of range for `{tensor}` {}", fmt_shape(shape))]
     DimOutOfRange {

@@ -84,7 +84,15 @@ pub struct Context {
     /// state left out); the command line prints them on stderr, Python returns them in
     /// `report["notices"]`.
     pub notices: Vec<String>,
+    /// Transforms run so far, nested plans' included (see [`MAX_STEPS_PER_RUN`]).
+    pub steps_run: usize,
 }
+
+/// Most transforms one run executes. Each may stack one lazy operation on a tensor, and reading
+/// a tensor recurses once per stacked operation (about 600 bytes of the engine's 64 MiB stack
+/// per level in a release build, several times that in a debug build): a longer chain would
+/// overflow the stack. Real plans run hundreds to a few thousand transforms.
+pub const MAX_STEPS_PER_RUN: usize = 50_000;
 
 impl Context {
     /// A context for a run (`evaluate`) or a check.
@@ -99,6 +107,7 @@ impl Context {
             plan_sha256: None,
             written: Vec::new(),
             notices: Vec::new(),
+            steps_run: 0,
         }
     }
 
@@ -274,8 +283,14 @@ pub struct StepFailure {
 /// was interrupted.
 pub fn run_steps(steps: &[Step], state: &mut State, ctx: &mut Context) -> Result<Flow, StepFailure> {
     for (index, step) in steps.iter().enumerate() {
+        ctx.steps_run += 1;
         let result = if ctx.cancelled() {
             Err(StepError::Cancelled)
+        } else if ctx.steps_run > MAX_STEPS_PER_RUN {
+            Err(TransformError::TooManySteps {
+                limit: MAX_STEPS_PER_RUN,
+            }
+            .into())
         } else {
             step.transform.apply(state, ctx)
         };

@@ -252,3 +252,15 @@ def test_issue9_execute_path_to_a_file_that_is_not_a_plan_quotes_nothing(write, 
     assert "not a plan" in str(info.value) and "hunter2" not in str(info.value)
     with pytest.raises(bs.PlanError, match="/dev/zero` is a character device"):
         bs.check({"inputs": [str(a)], "transforms": [{"execute": {"path": "/dev/zero"}}]})
+
+
+def test_a_run_of_more_than_50000_transforms_is_refused(write, tmp_path):
+    """180,000 `scale_` stacked on one tensor (30,000 in a file, executed six times) overflowed the
+    engine's stack when the tensor was read (SIGSEGV); the run is now refused at the 50,001st."""
+    path = write({"w": np.ones(4, np.float32)})
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("transforms:\n" + "  - scale_: {target: w, by: 1.0}\n" * 30_000)
+    plan = {"inputs": [str(path)], "transforms": [{"execute": {"path": str(inner)}}] * 6}
+    with pytest.raises(bs.TransformError, match="more than 50000 transforms in one run") as info:
+        bs.check(plan)
+    assert info.value.transform_index == 1
