@@ -106,8 +106,14 @@ fn accepted(bytes: &[u8], file_len: u64, h: &Header) {
         furthest = t.end;
     }
 
-    // A plain JSON reading of the same text agrees, entry by entry.
-    let json: serde_json::Value = serde_json::from_slice(&bytes[8..h.data_start as usize]).expect("accepted non-JSON");
+    // A plain JSON reading of the same text agrees, entry by entry. A number beyond f64 in a
+    // field the reader skips (as the official loader does) is JSON by the grammar that
+    // `serde_json::Value` cannot hold: nothing to compare then.
+    let json: serde_json::Value = match serde_json::from_slice(&bytes[8..h.data_start as usize]) {
+        Ok(json) => json,
+        Err(e) if e.to_string().starts_with("number out of range") => return,
+        Err(e) => panic!("accepted non-JSON: {e}"),
+    };
     let object = json.as_object().expect("accepted a non-object header");
     let has_metadata = object.contains_key("__metadata__");
     assert_eq!(object.len(), h.tensors.len() + usize::from(has_metadata));
