@@ -241,15 +241,19 @@ const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600)
 /// unmodified for [`STALE_TEMPORARY`]: the process-id check means nothing for a writer in another
 /// container or on another host sharing the folder, and such a writer keeps its file fresh.
 fn remove_dead_temporaries(targets: &[&Path]) {
+    // One listing per folder (a sharded output's files share one), not one per target.
+    let mut by_dir: BTreeMap<&Path, Vec<&str>> = BTreeMap::new();
     for target in targets {
-        let (Some(dir), Some(name)) = (target.parent(), target.file_name().and_then(|n| n.to_str())) else {
-            continue;
-        };
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
+        if let (Some(dir), Some(name)) = (target.parent(), target.file_name().and_then(|n| n.to_str())) {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            by_dir.entry(dir).or_default().push(name);
+        }
+    }
+    for (dir, names) in by_dir {
         let Ok(listing) = std::fs::read_dir(dir) else {
             continue;
         };
@@ -257,7 +261,7 @@ fn remove_dead_temporaries(targets: &[&Path]) {
             let Ok(file_name) = entry.file_name().into_string() else {
                 continue;
             };
-            let Some(pid) = temporary_pid(&file_name, name) else {
+            let Some(pid) = names.iter().find_map(|name| temporary_pid(&file_name, name)) else {
                 continue;
             };
             let stale = entry.metadata().is_ok_and(|m| {
