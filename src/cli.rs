@@ -247,6 +247,9 @@ fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -
             writeln!(out, "  [{i}] {note}")?;
         }
     }
+    for line in crate::transforms::lowrank::factorization_lines(&report.factorizations, notes) {
+        writeln!(out, "{line}")?;
+    }
     match &report.alias {
         Some(alias) => writeln!(
             out,
@@ -500,6 +503,9 @@ fn interactive(
     print_notices(&applied.notices);
     for text in &applied.output {
         let _ = writeln!(out, "{text}");
+    }
+    for line in crate::transforms::lowrank::factorization_lines(&applied.factorizations, false) {
+        let _ = writeln!(out, "{line}");
     }
     let _ = out.flush();
     crate::prompt::run(&mut session, out);

@@ -204,7 +204,8 @@ impl ErrorContext {
                 | FormatError::Unsupported { path, .. }
                 | FormatError::NoWeights { path }
                 | FormatError::BadIndex { path, .. }
-                | FormatError::InvalidOutput { path, .. } => self.path(path),
+                | FormatError::InvalidOutput { path, .. }
+                | FormatError::Adapter { path, .. } => self.path(path),
                 FormatError::IndexFileMissing { index, .. } => self.path(index),
                 FormatError::IndexTensorMissing { index, tensor, .. } => {
                     self.path(index);
@@ -262,7 +263,10 @@ impl ErrorContext {
             | T::ElementCount { tensor, .. }
             | T::NotPermutation { tensor, .. }
             | T::SplitSizes { tensor, .. }
-            | T::DimOutOfRange { tensor, .. } => self.tensor(tensor),
+            | T::DimOutOfRange { tensor, .. }
+            | T::NotMatrix { tensor, .. }
+            | T::RankOutOfRange { tensor, .. }
+            | T::Factorization { tensor, .. } => self.tensor(tensor),
             T::DestinationExists { destination, .. } | T::DestinationMissing { destination, .. } => {
                 self.tensor(destination)
             }
@@ -272,7 +276,11 @@ impl ErrorContext {
             | T::DTypeMismatch { destination, .. } => self.tensor(destination),
             T::OperandMissing { source_name, .. } | T::MissingOperand { source_name, .. } => self.tensor(source_name),
             T::LoadWhichTensor { path, .. } => self.path(path),
-            T::OperandDTypes { .. } | T::ConcatShapes { .. } | T::MatchCounts { .. } | T::MatmulShapes { .. } => {}
+            T::OperandDTypes { .. }
+            | T::ConcatShapes { .. }
+            | T::MatchCounts { .. }
+            | T::MatmulShapes { .. }
+            | T::Adapter { .. } => {}
         }
     }
 }

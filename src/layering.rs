@@ -7,6 +7,7 @@
 const LAYERS: &[&str] = &[
     "dtype",
     "kernels",
+    "linalg",
     "formats",
     "references",
     "plan",

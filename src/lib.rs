@@ -1,14 +1,15 @@
 //! brainsurgery: declarative, reproducible surgery on neural-network checkpoints.
 //!
-//! Modules in data-path order, each importing only those above it: element types and kernels,
-//! checkpoint formats, tensor references and the plan language, lazy values, the run state
-//! (aliases of tensors), writing checkpoints, transforms, the executor, and the front ends
-//! (command line, Python bindings).
+//! Modules in data-path order, each importing only those above it: element types, kernels and
+//! dense linear algebra, checkpoint formats, tensor references and the plan language, lazy
+//! values, the run state (aliases of tensors), writing checkpoints, transforms, the executor,
+//! and the front ends (command line, Python bindings).
 
 #![deny(missing_docs)]
 
 pub mod dtype;
 pub mod kernels;
+pub mod linalg;
 pub mod formats;
 pub mod references;
 pub mod plan;

@@ -331,6 +331,9 @@ fn print_applied(out: &mut dyn Write, applied: &Applied) {
     for note in &applied.notes {
         let _ = writeln!(out, "  {note}");
     }
+    for line in crate::transforms::lowrank::factorization_lines(&applied.factorizations, true) {
+        let _ = writeln!(out, "  {line}");
+    }
     let _ = out.flush();
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::dtype::{checked_numel, DType};
 use crate::formats::{FormatError, LazyMap, SourceFile, TensorEntry};
 use crate::kernels;
+use crate::linalg::Real;
 use crate::references::ResolvedSlice;
 
 /// Bytes per streaming chunk: about a core's L2 (SPEC §8: 1 MiB chunks were 1.3–5× faster than
@@ -622,6 +623,46 @@ impl Tensor {
     ) -> Result<(), E> {
         stream(&[self], cx, |chunks| f(chunks[0]).map(|()| true))
     }
+}
+
+/// Reads a whole tensor as `T` values (f32, or f64), converted as [`kernels::convert`] does:
+/// for operations that need every element at once (products, factorizations).
+pub fn read_real<T: Real>(t: &Tensor, op: &'static str, cx: &mut ReadContext) -> Result<Vec<T>, ValueError> {
+    let width = std::mem::size_of::<T>();
+    let mut values = Vec::new();
+    values
+        .try_reserve_exact(t.numel())
+        .map_err(|_| ValueError::OutOfMemory {
+            op,
+            bytes: t.numel().saturating_mul(width),
+        })?;
+    let size = element_size(t.dtype, op)?;
+    let mut converted = Vec::new();
+    t.stream(cx, |chunk| {
+        let n = chunk.len() / size;
+        converted.resize(n * width, 0);
+        kernels::convert(t.dtype, chunk, T::DTYPE, &mut converted);
+        values.extend(converted.chunks_exact(width).map(T::from_le));
+        Ok::<(), ValueError>(())
+    })?;
+    Ok(values)
+}
+
+/// The bytes of `values` in `dtype`, rounded to nearest even (a float dtype).
+pub fn real_bytes<T: Real>(values: &[T], dtype: DType, op: &'static str) -> Result<Vec<u8>, ValueError> {
+    let width = std::mem::size_of::<T>();
+    let size = element_size(dtype, op)?;
+    let mut out = try_filled(op, values.len().saturating_mul(size), 0u8)?;
+    let mut wide = vec![0u8; CHUNK_BYTES.min(std::mem::size_of_val(values))];
+    let per_chunk = (CHUNK_BYTES / width).max(1);
+    for (part, dst) in values.chunks(per_chunk).zip(out.chunks_mut(per_chunk * size)) {
+        let wide = &mut wide[..std::mem::size_of_val(part)];
+        for (x, w) in part.iter().zip(wide.chunks_exact_mut(width)) {
+            x.put_le(w);
+        }
+        kernels::convert(T::DTYPE, wide, dtype, dst);
+    }
+    Ok(out)
 }
 
 /// The byte size of `dtype`'s elements, or the error refusing `op` on a dtype without one.

@@ -194,11 +194,13 @@ def _many_tiny_tensors(path: Path, n: int) -> None:
 
 def _copy_peak_rss_kib(ws: Path, name: str) -> int:
     """Copies ``name`` through the command line in a child process; its peak RSS in KiB."""
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork and exec, so a child of a large
+    # pytest process (torch imported) reported the parent's peak and the slope read as zero.
     code = (
-        "import resource, sys\n"
+        "import re, sys\n"
         "from brainsurgery import _core\n"
         f"status = _core.cli_main([{name!r}, '-o', 'out-' + {name!r}, '--no-progress'])\n"
-        "print(status, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(status, re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ws, timeout=60)
     status, rss = proc.stdout.split()[-2:]

@@ -332,9 +332,13 @@ MAX_NODES = 250_000  # src/plan/mod.rs MAX_NODES
 # Each case runs in a child interpreter, so a regression (these once killed the interpreter with
 # SIGSEGV, or ran it out of memory) fails the test instead of the test run. The child prints what
 # the call raised.
+# Peak RSS from VmHWM (per address space, so it starts afresh at exec): ru_maxrss is kept across
+# fork and exec on Linux, so a child of a pytest that imported torch reported 800 MB.
 CHILD = """
-import json, resource, sys, time
+import json, re, sys, time
 import brainsurgery as bs
+def peak_mb():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
 PLAN = {"inputs": [sys.argv[1]], "output": sys.argv[2]}
 start = time.monotonic()
 try:
@@ -342,7 +346,7 @@ try:
 except BaseException as e:
     print(json.dumps({"class": type(e).__name__, "message": str(e), "location": getattr(e, "location", None),
                       "seconds": time.monotonic() - start,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_mb": peak_mb()}))
 else:
     print(json.dumps({"class": None}))
 """

@@ -49,6 +49,15 @@ class FormatInfo(TypedDict):
     index_name: str | None
     single_name: str | None
 
+class FactorizationReport(TypedDict):
+    op: str
+    tensor: str
+    shape: tuple[int, int]
+    method: Literal["exact", "randomized"]
+    rank: int
+    energy: float
+    relative_error: float
+
 class Report(TypedDict):
     alias: str | None
     tensors: list[TensorReport]
@@ -61,6 +70,7 @@ class Report(TypedDict):
     removed: int
     peak_memory_estimate: int
     materialized_bytes: int
+    factorizations: list[FactorizationReport]
 
 PlanLike = Mapping[str, Any] | str | os.PathLike[str]
 

@@ -420,6 +420,19 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     dict.set_item("removed", report.removed)?;
     dict.set_item("peak_memory_estimate", report.peak_memory_estimate)?;
     dict.set_item("materialized_bytes", report.materialized_bytes)?;
+    let factorizations = PyList::empty(py);
+    for f in &report.factorizations {
+        let entry = PyDict::new(py);
+        entry.set_item("op", f.op)?;
+        entry.set_item("tensor", &f.tensor)?;
+        entry.set_item("shape", PyTuple::new(py, [f.shape.0, f.shape.1])?)?;
+        entry.set_item("method", f.method)?;
+        entry.set_item("rank", f.quality.rank)?;
+        entry.set_item("energy", f.quality.energy)?;
+        entry.set_item("relative_error", f.quality.relative_error)?;
+        factorizations.append(entry)?;
+    }
+    dict.set_item("factorizations", factorizations)?;
     Ok(dict)
 }
 

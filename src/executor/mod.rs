@@ -75,6 +75,8 @@ pub struct Report {
     pub removed: usize,
     /// Output tensor names not present in the alias's input.
     pub added: usize,
+    /// Tensors factorized (`phlora`, `extract_lora`): rank, energy kept, relative error.
+    pub factorizations: Vec<crate::transforms::lowrank::Factorization>,
 }
 
 /// A parsed, loaded plan ready to check or run.
@@ -230,6 +232,7 @@ impl Prepared {
             output: ctx.output,
             written: ctx.written,
             notices: ctx.notices,
+            factorizations: ctx.factorizations,
             ..Report::default()
         };
         report.alias = self.output_alias(state)?;

@@ -27,6 +27,8 @@ pub struct Applied {
     pub notices: Vec<String>,
     /// Whether the block ran `exit`, which ends the session.
     pub exit: bool,
+    /// Tensors factorized, with what each kept.
+    pub factorizations: Vec<crate::transforms::lowrank::Factorization>,
 }
 
 /// A plan whose transforms have run, ready to take more.
@@ -43,6 +45,8 @@ pub struct Session {
     /// Transforms run so far, nested ones included: the session's state carries all of them,
     /// so the limit on one run holds across entries.
     steps_run: usize,
+    /// Every factorization of the session, for the final report.
+    factorizations: Vec<crate::transforms::lowrank::Factorization>,
 }
 
 impl Session {
@@ -61,6 +65,7 @@ impl Session {
             notes: ctx.notes,
             notices: ctx.notices,
             exit: false,
+            factorizations: ctx.factorizations,
         };
         Ok((
             Session {
@@ -70,6 +75,7 @@ impl Session {
                 scope,
                 next,
                 steps_run,
+                factorizations: applied.factorizations.clone(),
             },
             applied,
         ))
@@ -117,11 +123,13 @@ impl Session {
         self.state = state;
         self.steps_run = ctx.steps_run;
         self.next += raws.len();
+        self.factorizations.extend(ctx.factorizations.iter().cloned());
         Ok(Applied {
             output: ctx.output,
             notes: ctx.notes,
             notices: ctx.notices,
             exit,
+            factorizations: ctx.factorizations,
         })
     }
 
@@ -129,7 +137,8 @@ impl Session {
     /// returns the report, as a run would.
     pub fn finish(self, options: &RunOptions) -> Result<Report, Error> {
         let prepared = &self.prepared;
-        let ctx = Context::new(false, self.cancel.clone());
+        let mut ctx = Context::new(false, self.cancel.clone());
+        ctx.factorizations = self.factorizations.clone();
         let mut report = prepared.report(&self.state, ctx)?;
         if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
             write::validate_output(output, &self.state, &alias)?;

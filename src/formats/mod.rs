@@ -198,6 +198,14 @@ pub enum FormatError {
         /// Why it is refused.
         reason: String,
     },
+    /// A LoRA adapter directory is not one `merge_lora` can read (its config, its tensor names).
+    #[error("invalid LoRA adapter {}: {reason}", path.display())]
+    Adapter {
+        /// The adapter directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl FormatError {

@@ -176,6 +176,15 @@ impl Drop for Staged {
     }
 }
 
+/// Writes a small file (an adapter's `adapter_config.json`) through a temporary beside it and
+/// renames it into place, so a reader never sees it half written and a failure leaves nothing.
+pub fn write_small_file(target: &Path, bytes: &[u8]) -> Result<(), FormatError> {
+    use std::io::Write as _;
+    let (staged, mut file) = Staged::create(target)?;
+    file.write_all(bytes).map_err(|e| FormatError::io(target, e))?;
+    staged.commit()
+}
+
 /// An unnamed file in `target`'s directory (Linux `O_TMPFILE`), or `None` where unavailable.
 #[cfg(target_os = "linux")]
 fn unnamed_file(target: &Path) -> Option<File> {

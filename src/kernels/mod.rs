@@ -27,6 +27,7 @@
 
 #![deny(missing_docs)]
 
+pub mod random;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -325,6 +325,45 @@ pub enum TransformError {
         /// The first few of them.
         names: Vec<String>,
     },
+    // Low-rank factorization (issue 10).
+    /// A factorization selected a tensor that is not a matrix.
+    #[error("{op} factors 2-D tensors but `{tensor}` is {}", fmt_shape(shape))]
+    NotMatrix {
+        /// The operation.
+        op: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A rank outside 1..=min(m, n).
+    #[error("{op}: rank {rank} does not fit `{tensor}` {}: it must be between 1 and {}", fmt_shape(shape), shape.iter().min().copied().unwrap_or(0))]
+    RankOutOfRange {
+        /// The operation.
+        op: &'static str,
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The rank asked for.
+        rank: usize,
+    },
+    /// The SVD of a tensor failed (non-finite values, no convergence, no memory).
+    #[error("cannot factorize `{tensor}`")]
+    Factorization {
+        /// The tensor.
+        tensor: String,
+        /// Why.
+        source: crate::linalg::LinalgError,
+    },
+    /// A LoRA adapter cannot be applied or written.
+    #[error("{op}: {reason}")]
+    Adapter {
+        /// The operation (`merge_lora`, `extract_lora`).
+        op: &'static str,
+        /// What is wrong, naming the tensor or module.
+        reason: String,
+    },
 }
 
 /// Formats a shape as NumPy prints it: `(2, 3)`, `(4,)`, `()`.

@@ -21,6 +21,7 @@ use super::{
 };
 use crate::dtype::DType;
 use crate::kernels;
+use crate::kernels::random::{bits, normal, tensor_seed, unit};
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
@@ -349,36 +350,6 @@ pub const RAND: TransformSpec = TransformSpec {
     parse: |value, cx| parse_new("rand", value, &cx.location, RAND_NEW_FIELDS),
 };
 
-// ---- counter-based randomness ----
-
-const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// The SplitMix64 output function (a bijective 64-bit mixer).
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The seed of one tensor: the plan's seed mixed with the tensor's name (FNV-1a).
-pub fn tensor_seed(seed: u64, name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
-    }
-    mix(mix(seed) ^ h)
-}
-
-/// The `counter`-th output of the SplitMix64 stream started at `seed`, computed directly.
-fn bits(seed: u64, counter: u64) -> u64 {
-    mix(seed.wrapping_add(counter.wrapping_add(1).wrapping_mul(GAMMA)))
-}
-
-/// A 53-bit fraction in [0, 1).
-fn unit(b: u64) -> f64 {
-    (b >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
 /// How noise is drawn, with bounds already rounded to the dtype.
 #[derive(Debug, Clone, Copy)]
 enum Noise {
@@ -392,12 +363,7 @@ impl Noise {
     fn value(self, seed: u64, i: u64) -> f64 {
         match self {
             Noise::Uniform { low, span, cap } => (low + span * unit(bits(seed, i))).min(cap),
-            Noise::Normal { mean, std } => {
-                // Box–Muller on counters 2i and 2i+1; u1 in (0, 1] keeps ln finite.
-                let u1 = ((bits(seed, 2 * i) >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64);
-                let u2 = unit(bits(seed, 2 * i + 1));
-                mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-            }
+            Noise::Normal { mean, std } => mean + std * normal(seed, i),
         }
     }
 }

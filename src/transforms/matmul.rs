@@ -18,12 +18,12 @@ use super::view_of;
 use super::TransformSpec;
 use super::{count_noun, destinations, require_float, Context, Flow, StepError, Transform, TransformError, Writes};
 use crate::dtype::DType;
-use crate::kernels;
+use crate::linalg::Real;
 use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{try_filled, LazyOp, ReadContext, Tensor, ValueError, CHUNK_BYTES};
+use crate::value::{read_real, real_bytes, try_filled, LazyOp, ReadContext, Tensor, ValueError};
 
 const MATMUL_FIELDS: &[Field] = &[
     Field::required(
@@ -184,39 +184,6 @@ pub struct MatmulOp {
     result: Mutex<Option<Arc<Vec<u8>>>>,
 }
 
-/// Reads a whole tensor as f32 (or f64) values.
-fn read_values<T: Copy, const N: usize>(
-    t: &Tensor,
-    as_dtype: DType,
-    from_bytes: fn([u8; N]) -> T,
-    cx: &mut ReadContext,
-) -> Result<Vec<T>, ValueError> {
-    let mut values = Vec::new();
-    values
-        .try_reserve_exact(t.numel())
-        .map_err(|_| ValueError::OutOfMemory {
-            op: "matmul",
-            bytes: t.numel().saturating_mul(N),
-        })?;
-    let mut converted = Vec::new();
-    let size = t.dtype.size().ok_or(ValueError::NoByteSize {
-        op: "matmul",
-        dtype: t.dtype,
-    })?;
-    t.stream(cx, |chunk| {
-        let n = chunk.len() / size;
-        converted.resize(n * N, 0);
-        kernels::convert(t.dtype, chunk, as_dtype, &mut converted);
-        values.extend(
-            converted
-                .chunks_exact(N)
-                .map(|c| from_bytes(c.try_into().unwrap_or([0; N]))),
-        );
-        Ok::<(), ValueError>(())
-    })?;
-    Ok(values)
-}
-
 /// `c = a @ b` per batch, row-major.
 fn multiply<T: faer::traits::ComplexField + Copy + Default>(
     a: &[T],
@@ -251,34 +218,24 @@ impl MatmulOp {
             })?;
         let par = Par::rayon(threads);
         if dtype == DType::F64 {
-            let a = read_values(&self.a, DType::F64, f64::from_le_bytes, &mut cx)?;
-            let b = read_values(&self.b, DType::F64, f64::from_le_bytes, &mut cx)?;
-            let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f64, par))?;
-            drop((a, b));
-            let mut bytes = try_filled("matmul", c.len() * 8, 0u8)?;
-            for (src, dst) in c.iter().zip(bytes.chunks_exact_mut(8)) {
-                dst.copy_from_slice(&src.to_le_bytes());
-            }
-            Ok(bytes)
+            self.compute_in::<f64>(&pool, par, &mut cx)
         } else {
-            let a = read_values(&self.a, DType::F32, f32::from_le_bytes, &mut cx)?;
-            let b = read_values(&self.b, DType::F32, f32::from_le_bytes, &mut cx)?;
-            let c = pool.install(|| multiply(&a, &b, self.dims, 1.0f32, par))?;
-            drop((a, b));
-            let mut bytes = try_filled("matmul", c.len() * 4, 0u8)?;
-            for (src, dst) in c.iter().zip(bytes.chunks_exact_mut(4)) {
-                dst.copy_from_slice(&src.to_le_bytes());
-            }
-            if dtype == DType::F32 {
-                return Ok(bytes);
-            }
-            let size = dtype.size().ok_or(ValueError::NoByteSize { op: "matmul", dtype })?;
-            let mut out = try_filled("matmul", c.len() * size, 0u8)?;
-            for (src, dst) in bytes.chunks(CHUNK_BYTES).zip(out.chunks_mut(CHUNK_BYTES / 4 * size)) {
-                kernels::convert(DType::F32, src, dtype, dst);
-            }
-            Ok(out)
+            self.compute_in::<f32>(&pool, par, &mut cx)
         }
+    }
+
+    /// The product computed in `T`, in the operands' dtype.
+    fn compute_in<T: Real>(
+        &self,
+        pool: &rayon::ThreadPool,
+        par: Par,
+        cx: &mut ReadContext,
+    ) -> Result<Vec<u8>, ValueError> {
+        let a = read_real::<T>(&self.a, "matmul", cx)?;
+        let b = read_real::<T>(&self.b, "matmul", cx)?;
+        let c = pool.install(|| multiply(&a, &b, self.dims, T::of(1.0), par))?;
+        drop((a, b));
+        real_bytes(&c, self.a.dtype, "matmul")
     }
 
     /// The product, computed on the first call (other readers wait for it).

@@ -31,6 +31,9 @@ pub mod matmul;
 pub mod permute;
 pub mod reshape;
 pub mod split;
+// Low-rank factorization (issue 10).
+pub mod lora;
+pub mod lowrank;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +89,8 @@ pub struct Context {
     pub notices: Vec<String>,
     /// Transforms run so far, nested plans' included (see [`MAX_STEPS_PER_RUN`]).
     pub steps_run: usize,
+    /// Tensors factorized (`phlora`, `extract_lora`), in order, with what each kept.
+    pub factorizations: Vec<lowrank::Factorization>,
 }
 
 /// Most transforms one run executes. Each may stack one lazy operation on a tensor, and reading
@@ -108,6 +113,7 @@ impl Context {
             written: Vec::new(),
             notices: Vec::new(),
             steps_run: 0,
+            factorizations: Vec::new(),
         }
     }
 
@@ -455,6 +461,11 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &split::SPLIT,
     &concat::CONCAT,
     &matmul::MATMUL,
+    // Low-rank factorization.
+    &lowrank::PHLORA,
+    &lowrank::PHLORA_,
+    &lora::EXTRACT_LORA,
+    &lora::MERGE_LORA,
 ];
 
 /// Looks a transform up by name.
@@ -562,7 +573,10 @@ mod tests {
                 pairs.push(spec.name);
             }
         }
-        assert_eq!(pairs, ["cast", "scale", "clamp", "add", "subtract", "fill", "reshape"]);
+        assert_eq!(
+            pairs,
+            ["cast", "scale", "clamp", "add", "subtract", "fill", "reshape", "phlora"]
+        );
         let names = |s: &TransformSpec| s.keys().iter().map(|f| f.name).collect::<Vec<_>>();
         assert_eq!(names(&scale::SCALE), ["from", "to", "by"]);
         assert_eq!(names(&scale::SCALE_), ["target", "by"]);

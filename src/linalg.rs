@@ -1,0 +1,616 @@
+//! Dense linear algebra for low-rank factorization, on faer: the exact thin SVD, a seeded
+//! randomized SVD (Halko, Martinsson & Tropp 2011, Algorithm 4.4: a Gaussian range finder with
+//! oversampling and power iterations, each step re-orthonormalized by QR), rank selection
+//! (fixed, by share of energy, by singular-value threshold) and the error a truncation makes.
+//!
+//! Matrices are row-major slices, as tensors store them. Every buffer is allocated fallibly (a
+//! matrix that does not fit is an error, never an abort). faer's SVD splits its reductions into as
+//! many parts as the parallelism it is given says, so that is fixed ([`PARTS`]) whatever the
+//! thread count: the caller's pool only decides how many threads run those parts, and results
+//! are bit-identical for any `--threads` (tested). Callers run these functions inside their pool.
+
+use faer::diag::DiagMut;
+use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+use faer::linalg::matmul::matmul;
+use faer::linalg::{householder, qr, svd};
+use faer::{Accum, Conj, MatMut, MatRef, Par};
+
+use crate::dtype::DType;
+use crate::kernels::random;
+
+/// How many parts faer splits parallel work into. The result depends on this number (the SVD's
+/// reductions are summed per part), not on the threads that run the parts: 2.4 s for a
+/// 2048 × 2048 SVD on 2 cores with 1, 2, 4 or 8 parts alike, so 8 serves larger machines.
+pub const PARTS: usize = 8;
+
+fn par() -> Par {
+    Par::rayon(PARTS)
+}
+
+/// Why a factorization failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LinalgError {
+    /// A buffer could not be allocated.
+    #[error("not enough memory for {what} ({bytes} bytes)")]
+    OutOfMemory {
+        /// What the buffer was for.
+        what: &'static str,
+        /// Its size.
+        bytes: usize,
+    },
+    /// faer's SVD did not converge.
+    #[error("the SVD did not converge")]
+    NoConvergence,
+    /// The matrix holds NaN or an infinity.
+    #[error("the matrix holds a non-finite value (NaN or infinity) at row {row}, column {column}")]
+    NonFinite {
+        /// Its row.
+        row: usize,
+        /// Its column.
+        column: usize,
+    },
+}
+
+/// The real types dense work runs in: f32, and f64 for F64 tensors (SPEC §7: never half
+/// precision).
+pub trait Real: faer::traits::RealField + Copy + Default + Send + Sync + 'static {
+    /// The tensor dtype of this type.
+    const DTYPE: DType;
+    /// The nearest value of this type.
+    fn of(x: f64) -> Self;
+    /// The value as f64 (exact).
+    fn wide(self) -> f64;
+    /// The value of little-endian bytes (`size_of::<Self>()` of them).
+    fn from_le(bytes: &[u8]) -> Self;
+    /// Appends the little-endian bytes.
+    fn put_le(self, out: &mut [u8]);
+}
+
+impl Real for f32 {
+    const DTYPE: DType = DType::F32;
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn wide(self) -> f64 {
+        f64::from(self)
+    }
+    fn from_le(bytes: &[u8]) -> Self {
+        f32::from_le_bytes(bytes.try_into().unwrap_or([0; 4]))
+    }
+    fn put_le(self, out: &mut [u8]) {
+        out.copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl Real for f64 {
+    const DTYPE: DType = DType::F64;
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn wide(self) -> f64 {
+        self
+    }
+    fn from_le(bytes: &[u8]) -> Self {
+        f64::from_le_bytes(bytes.try_into().unwrap_or([0; 8]))
+    }
+    fn put_le(self, out: &mut [u8]) {
+        out.copy_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// A vector of `len` copies of `value`, or [`LinalgError::OutOfMemory`].
+pub fn try_vec<T: Clone>(what: &'static str, len: usize, value: T) -> Result<Vec<T>, LinalgError> {
+    let oom = || LinalgError::OutOfMemory {
+        what,
+        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+    };
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| oom())?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+fn scratch(what: &'static str, req: StackReq) -> Result<MemBuffer, LinalgError> {
+    MemBuffer::try_new(req).map_err(|_| LinalgError::OutOfMemory {
+        what,
+        bytes: req.size_bytes(),
+    })
+}
+
+/// A (possibly truncated) thin SVD `A ≈ U diag(s) Vᵀ` of an `m × n` matrix, `k` terms, singular
+/// values non-increasing.
+#[derive(Debug, Clone)]
+pub struct Svd<T> {
+    /// Rows of A.
+    pub m: usize,
+    /// Columns of A.
+    pub n: usize,
+    /// Left singular vectors, `m × k`, column-major.
+    pub u: Vec<T>,
+    /// Singular values, `k`.
+    pub s: Vec<T>,
+    /// Right singular vectors, `n × k`, column-major.
+    pub v: Vec<T>,
+}
+
+impl<T: Real> Svd<T> {
+    /// The number of terms kept.
+    pub fn k(&self) -> usize {
+        self.s.len()
+    }
+
+    /// U as a matrix.
+    pub fn u(&self) -> MatRef<'_, T> {
+        MatRef::from_column_major_slice(&self.u, self.m, self.k())
+    }
+
+    /// V as a matrix.
+    pub fn v(&self) -> MatRef<'_, T> {
+        MatRef::from_column_major_slice(&self.v, self.n, self.k())
+    }
+
+    /// The first `r` terms only.
+    pub fn truncate(&mut self, r: usize) {
+        let r = r.min(self.k());
+        self.s.truncate(r);
+        self.u.truncate(self.m * r);
+        self.v.truncate(self.n * r);
+    }
+}
+
+/// The squared Frobenius norm (summed in f64), or where the first non-finite value is.
+pub fn frobenius_sq<T: Real>(a: &[T], n: usize) -> Result<f64, LinalgError> {
+    let mut sum = 0.0f64;
+    for (i, &x) in a.iter().enumerate() {
+        let x = x.wide();
+        if !x.is_finite() {
+            return Err(LinalgError::NonFinite {
+                row: i / n.max(1),
+                column: i % n.max(1),
+            });
+        }
+        sum += x * x;
+    }
+    Ok(sum)
+}
+
+/// The exact thin SVD of the row-major `m × n` matrix `a`: `min(m, n)` terms.
+pub fn exact<T: Real>(a: &[T], m: usize, n: usize) -> Result<Svd<T>, LinalgError> {
+    // The row-major A is the column-major Aᵀ (n × m), the layout faer's SVD prefers; Aᵀ's SVD
+    // V' S U'ᵀ gives A's with the roles of the vectors swapped.
+    let at = MatRef::from_column_major_slice(a, n, m);
+    thin_svd_into(at, par()).map(|(u_t, s, v_t)| Svd {
+        m,
+        n,
+        u: v_t,
+        s,
+        v: u_t,
+    })
+}
+
+/// `(U, s, V)`, the matrices column-major.
+type Triple<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+/// The thin SVD of a column-major matrix.
+fn thin_svd_into<T: Real>(a: MatRef<'_, T>, par: Par) -> Result<Triple<T>, LinalgError> {
+    let (rows, cols) = a.shape();
+    let p = rows.min(cols);
+    let mut u = try_vec("singular vectors", rows * p, T::default())?;
+    let mut v = try_vec("singular vectors", cols * p, T::default())?;
+    let mut s = try_vec("singular values", p, T::default())?;
+    if p == 0 {
+        return Ok((u, s, v));
+    }
+    let compute = svd::ComputeSvdVectors::Thin;
+    let mut mem = scratch(
+        "SVD workspace",
+        svd::svd_scratch::<T>(rows, cols, compute, compute, par, Default::default()),
+    )?;
+    svd::svd(
+        a,
+        DiagMut::from_slice_mut(&mut s),
+        Some(MatMut::from_column_major_slice_mut(&mut u, rows, p)),
+        Some(MatMut::from_column_major_slice_mut(&mut v, cols, p)),
+        par,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|_| LinalgError::NoConvergence)?;
+    Ok((u, s, v))
+}
+
+/// Replaces the column-major `m × k` matrix `y` (m ≥ k) by an orthonormal basis of its range
+/// (the thin Q of its QR decomposition).
+fn orthonormalize<T: Real>(y: &mut [T], m: usize, k: usize, par: Par) -> Result<(), LinalgError> {
+    if k == 0 {
+        return Ok(());
+    }
+    let block = qr::no_pivoting::factor::recommended_block_size::<T>(m, k);
+    let mut coeff = try_vec("QR workspace", block * k, T::default())?;
+    let req = StackReq::any_of(&[
+        qr::no_pivoting::factor::qr_in_place_scratch::<T>(m, k, block, par, Default::default()),
+        householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<T>(m, block, k),
+    ]);
+    let mut mem = scratch("QR workspace", req)?;
+    qr::no_pivoting::factor::qr_in_place(
+        MatMut::from_column_major_slice_mut(y, m, k),
+        MatMut::from_column_major_slice_mut(&mut coeff, block, k),
+        par,
+        MemStack::new(&mut mem),
+        Default::default(),
+    );
+    // The Householder basis is the strictly lower part with a unit diagonal; Q = H₁…H_k I.
+    let mut basis = try_vec("QR workspace", m * k, T::default())?;
+    for j in 0..k {
+        basis[j * m + j] = T::of(1.0);
+        basis[j * m + j + 1..(j + 1) * m].copy_from_slice(&y[j * m + j + 1..(j + 1) * m]);
+    }
+    y.fill(T::default());
+    for j in 0..k {
+        y[j * m + j] = T::of(1.0);
+    }
+    householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
+        MatRef::from_column_major_slice(&basis, m, k),
+        MatRef::from_column_major_slice(&coeff, block, k),
+        Conj::No,
+        MatMut::from_column_major_slice_mut(y, m, k),
+        par,
+        MemStack::new(&mut mem),
+    );
+    Ok(())
+}
+
+/// Settings of the randomized SVD.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Randomized {
+    /// Extra columns of the test matrix beyond the rank (Halko et al. suggest 5–10).
+    pub oversample: usize,
+    /// Power iterations, each sharpening the spectrum's decay (needed when it is flat).
+    pub power_iterations: usize,
+    /// Seed of the Gaussian test matrix.
+    pub seed: u64,
+}
+
+impl Default for Randomized {
+    fn default() -> Self {
+        Randomized {
+            oversample: 10,
+            power_iterations: 2,
+            seed: 0,
+        }
+    }
+}
+
+/// `c = lhs @ rhs` (column-major `c`, overwritten).
+fn product<T: Real>(c: &mut [T], rows: usize, cols: usize, lhs: MatRef<'_, T>, rhs: MatRef<'_, T>, par: Par) {
+    matmul(
+        MatMut::from_column_major_slice_mut(c, rows, cols),
+        Accum::Replace,
+        lhs,
+        rhs,
+        T::of(1.0),
+        par,
+    );
+}
+
+/// The leading `rank` terms of the SVD of the row-major `m × n` matrix `a` by the randomized
+/// range finder. When the sketch would not be smaller than the matrix, the exact SVD is
+/// computed instead (and truncated).
+pub fn randomized<T: Real>(
+    a: &[T],
+    m: usize,
+    n: usize,
+    rank: usize,
+    settings: Randomized,
+) -> Result<Svd<T>, LinalgError> {
+    let par = par();
+    let p = m.min(n);
+    let k = rank.saturating_add(settings.oversample).min(p);
+    if k >= p {
+        let mut svd = exact(a, m, n)?;
+        svd.truncate(rank);
+        return Ok(svd);
+    }
+    let a_mat = MatRef::from_row_major_slice(a, m, n);
+    let mut omega = try_vec("random test matrix", n * k, T::default())?;
+    for (i, x) in omega.iter_mut().enumerate() {
+        *x = T::of(random::normal(settings.seed, i as u64));
+    }
+    // Q: an orthonormal basis of range(A Ω), sharpened by power iterations (Aᵀ, then A).
+    let mut q = try_vec("range basis", m * k, T::default())?;
+    product(&mut q, m, k, a_mat, MatRef::from_column_major_slice(&omega, n, k), par);
+    orthonormalize(&mut q, m, k, par)?;
+    let mut z = omega;
+    for _ in 0..settings.power_iterations {
+        product(
+            &mut z,
+            n,
+            k,
+            a_mat.transpose(),
+            MatRef::from_column_major_slice(&q, m, k),
+            par,
+        );
+        orthonormalize(&mut z, n, k, par)?;
+        product(&mut q, m, k, a_mat, MatRef::from_column_major_slice(&z, n, k), par);
+        orthonormalize(&mut q, m, k, par)?;
+    }
+    // Bᵀ = Aᵀ Q (n × k) = W S Xᵀ, so A ≈ Q B = (Q X) S Wᵀ.
+    product(
+        &mut z,
+        n,
+        k,
+        a_mat.transpose(),
+        MatRef::from_column_major_slice(&q, m, k),
+        par,
+    );
+    let (w, s, x) = thin_svd_into(MatRef::from_column_major_slice(&z, n, k), par)?;
+    drop(z);
+    let mut u = try_vec("singular vectors", m * k, T::default())?;
+    product(
+        &mut u,
+        m,
+        k,
+        MatRef::from_column_major_slice(&q, m, k),
+        MatRef::from_column_major_slice(&x, k, k),
+        par,
+    );
+    let mut svd = Svd { m, n, u, s, v: w };
+    svd.truncate(rank);
+    Ok(svd)
+}
+
+/// How many terms to keep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RankRule {
+    /// Exactly this many.
+    Fixed(usize),
+    /// The fewest whose share of Σσ² (the squared Frobenius norm) reaches this fraction.
+    Energy(f64),
+    /// Those whose singular value is at least this.
+    Threshold(f64),
+}
+
+/// The rank `rule` picks from the singular values `s` (non-increasing) of a matrix whose squared
+/// Frobenius norm is `total_sq`, at most `max_rank` and `s.len()`, and at least 1 when the matrix
+/// has a term.
+pub fn choose_rank<T: Real>(s: &[T], total_sq: f64, rule: RankRule, max_rank: Option<usize>) -> usize {
+    let cap = max_rank.unwrap_or(usize::MAX).min(s.len());
+    let r = match rule {
+        RankRule::Fixed(r) => r,
+        RankRule::Energy(share) => {
+            let goal = share * total_sq;
+            let mut kept = 0.0;
+            let mut r = s.len();
+            for (i, &x) in s.iter().enumerate() {
+                kept += x.wide() * x.wide();
+                if kept >= goal {
+                    r = i + 1;
+                    break;
+                }
+            }
+            r
+        }
+        RankRule::Threshold(t) => s.iter().take_while(|x| x.wide() >= t).count(),
+    };
+    // A factor of rank 0 is no factor (PEFT refuses r = 0): at least one term is kept.
+    r.min(cap).max(usize::from(cap > 0))
+}
+
+/// What a rank-`r` truncation keeps and loses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quality {
+    /// Terms kept.
+    pub rank: usize,
+    /// Share of the squared Frobenius norm kept, Σ_{i<r} σᵢ² / ‖A‖²_F (1 for a zero matrix).
+    pub energy: f64,
+    /// ‖A − A_r‖_F / ‖A‖_F (0 for a zero matrix).
+    pub relative_error: f64,
+    /// ‖A − A_r‖²_F, absolute (what a smaller rank adds to is known from it without cancelling).
+    pub error_sq: f64,
+    /// ‖A‖²_F.
+    pub total_sq: f64,
+}
+
+impl Quality {
+    /// The quality of keeping `rank` terms whose squares sum to `kept_sq`, leaving `error_sq`,
+    /// of a matrix with squared norm `total_sq`.
+    pub fn new(rank: usize, kept_sq: f64, error_sq: f64, total_sq: f64) -> Quality {
+        if total_sq <= 0.0 {
+            return Quality {
+                rank,
+                energy: 1.0,
+                relative_error: 0.0,
+                error_sq: 0.0,
+                total_sq: 0.0,
+            };
+        }
+        Quality {
+            rank,
+            energy: (kept_sq / total_sq).min(1.0),
+            relative_error: (error_sq.max(0.0) / total_sq).sqrt(),
+            error_sq,
+            total_sq,
+        }
+    }
+
+    /// The quality of keeping only the first `rank` (≤ this rank) of `s`, the singular values
+    /// this quality kept: the dropped terms add their squares to the error.
+    pub fn at_rank<T: Real>(&self, s: &[T], rank: usize) -> Quality {
+        let sq = |v: &[T]| v.iter().map(|x| x.wide() * x.wide()).sum::<f64>();
+        let rank = rank.min(self.rank).min(s.len());
+        let dropped = sq(&s[rank..self.rank.min(s.len())]);
+        Quality::new(rank, sq(&s[..rank]), self.error_sq + dropped, self.total_sq)
+    }
+}
+
+/// The quality of keeping the first `rank` terms of `svd`, an SVD of the row-major `m × n`
+/// matrix `a` with squared norm `total_sq`. When `svd` is complete (every singular value), the
+/// error is the sum of the dropped σᵢ², which does not cancel. Otherwise (randomized) it is
+/// ‖A‖² − Σ_{i<r} σᵢ² (exact for orthonormal factors, since those σ are QᵀA's), unless that is
+/// below 0.25% of ‖A‖² (a relative error under 5%), where the subtraction loses the digits that
+/// matter: then ‖A − U_r S_r V_rᵀ‖² is measured, in row blocks.
+pub fn quality<T: Real>(a: &[T], svd: &Svd<T>, rank: usize, total_sq: f64) -> Result<Quality, LinalgError> {
+    let sq = |v: &[T]| v.iter().map(|x| x.wide() * x.wide()).sum::<f64>();
+    let rank = rank.min(svd.k());
+    let kept = sq(&svd.s[..rank]);
+    let complete = svd.k() == svd.m.min(svd.n);
+    let error = if complete {
+        sq(&svd.s[rank..])
+    } else {
+        let estimate = (total_sq - kept).max(0.0);
+        if estimate < 0.0025 * total_sq {
+            residual_sq(a, svd, rank)?
+        } else {
+            estimate
+        }
+    };
+    Ok(Quality::new(rank, kept, error, total_sq))
+}
+
+/// ‖A − U_r S_r V_rᵀ‖²_F, computed 64 rows at a time (summed in f64).
+fn residual_sq<T: Real>(a: &[T], svd: &Svd<T>, rank: usize) -> Result<f64, LinalgError> {
+    let (m, n) = (svd.m, svd.n);
+    const ROWS: usize = 64;
+    let mut block = try_vec("residual block", ROWS.min(m) * n, T::default())?;
+    let mut us = try_vec("residual block", ROWS.min(m) * rank, T::default())?;
+    let v = MatRef::from_column_major_slice(&svd.v[..n * rank], n, rank);
+    let mut sum = 0.0f64;
+    for first in (0..m).step_by(ROWS) {
+        let rows = ROWS.min(m - first);
+        let block = &mut block[..rows * n];
+        block.copy_from_slice(&a[first * n..(first + rows) * n]);
+        let us = &mut us[..rows * rank];
+        for i in 0..rows {
+            for t in 0..rank {
+                us[i * rank + t] = svd.u[t * m + first + i] * svd.s[t];
+            }
+        }
+        matmul(
+            MatMut::from_row_major_slice_mut(block, rows, n),
+            Accum::Add,
+            MatRef::from_row_major_slice(us, rows, rank),
+            v.transpose(),
+            T::of(-1.0),
+            par(),
+        );
+        sum += block.iter().map(|x| x.wide() * x.wide()).sum::<f64>();
+    }
+    Ok(sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row-major `m × n` matrix with singular values `sigma` (non-increasing) and
+    /// pseudo-random orthonormal vectors, built from two QRs.
+    fn with_spectrum(m: usize, n: usize, sigma: &[f64], seed: u64) -> Vec<f64> {
+        let k = sigma.len();
+        let mut u: Vec<f64> = (0..m * k).map(|i| random::normal(seed, i as u64)).collect();
+        let mut v: Vec<f64> = (0..n * k).map(|i| random::normal(seed + 1, i as u64)).collect();
+        orthonormalize(&mut u, m, k, Par::Seq).unwrap();
+        orthonormalize(&mut v, n, k, Par::Seq).unwrap();
+        let mut a = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                a[i * n + j] = (0..k).map(|t| u[t * m + i] * sigma[t] * v[t * n + j]).sum();
+            }
+        }
+        a
+    }
+
+    fn reconstruct(svd: &Svd<f64>) -> Vec<f64> {
+        let (m, n, k) = (svd.m, svd.n, svd.k());
+        let mut a = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                a[i * n + j] = (0..k).map(|t| svd.u[t * m + i] * svd.s[t] * svd.v[t * n + j]).sum();
+            }
+        }
+        a
+    }
+
+    #[test]
+    fn exact_svd_reconstructs_wide_and_tall_matrices() {
+        for (m, n) in [(7, 5), (5, 7), (1, 4), (6, 6)] {
+            let a: Vec<f64> = (0..m * n).map(|i| random::normal(3, i as u64)).collect();
+            let svd = exact(&a, m, n).unwrap();
+            assert_eq!(svd.k(), m.min(n));
+            assert!(svd.s.windows(2).all(|w| w[0] >= w[1]));
+            let back = reconstruct(&svd);
+            let err = a.iter().zip(&back).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            assert!(err < 1e-12, "{m}x{n}: {err}");
+        }
+    }
+
+    #[test]
+    fn orthonormalize_gives_orthonormal_columns() {
+        let (m, k) = (50, 8);
+        let mut y: Vec<f64> = (0..m * k).map(|i| random::normal(9, i as u64)).collect();
+        orthonormalize(&mut y, m, k, Par::Seq).unwrap();
+        for a in 0..k {
+            for b in 0..k {
+                let dot: f64 = (0..m).map(|i| y[a * m + i] * y[b * m + i]).sum();
+                let want = if a == b { 1.0 } else { 0.0 };
+                assert!((dot - want).abs() < 1e-12, "{a},{b}: {dot}");
+            }
+        }
+    }
+
+    #[test]
+    fn randomized_recovers_a_low_rank_matrix_exactly() {
+        let sigma = [9.0, 5.0, 2.0, 1.0];
+        let a = with_spectrum(120, 80, &sigma, 5);
+        let svd = randomized(&a, 120, 80, 4, Randomized::default()).unwrap();
+        for (got, want) in svd.s.iter().zip(sigma) {
+            assert!((got - want).abs() < 1e-9, "{got} {want}");
+        }
+        let q = quality(&a, &svd, 4, frobenius_sq(&a, 80).unwrap()).unwrap();
+        assert!(q.relative_error < 1e-12 && (q.energy - 1.0).abs() < 1e-12, "{q:?}");
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (m, n) = (300, 260);
+        let a: Vec<f32> = (0..m * n).map(|i| random::normal(11, i as u64) as f32).collect();
+        let pool = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let same = |x: &Svd<f32>, y: &Svd<f32>| x.u == y.u && x.s == y.s && x.v == y.v;
+        let one = pool(1).install(|| exact(&a, m, n)).unwrap();
+        for threads in [2, 3, 8] {
+            assert!(
+                same(&one, &pool(threads).install(|| exact(&a, m, n)).unwrap()),
+                "{threads}"
+            );
+        }
+        let settings = Randomized::default();
+        let one = pool(1).install(|| randomized(&a, m, n, 20, settings)).unwrap();
+        for threads in [2, 3, 8] {
+            let other = pool(threads).install(|| randomized(&a, m, n, 20, settings)).unwrap();
+            assert!(same(&one, &other), "{threads}");
+        }
+    }
+
+    #[test]
+    fn rank_rules() {
+        let s = [4.0f64, 2.0, 1.0, 0.5];
+        let total: f64 = s.iter().map(|x| x * x).sum(); // 21.25
+        assert_eq!(choose_rank(&s, total, RankRule::Fixed(2), None), 2);
+        assert_eq!(choose_rank(&s, total, RankRule::Fixed(9), None), 4);
+        assert_eq!(choose_rank(&s, total, RankRule::Energy(0.75), None), 1); // 16/21.25
+        assert_eq!(choose_rank(&s, total, RankRule::Energy(0.94), None), 2); // 20/21.25
+        assert_eq!(choose_rank(&s, total, RankRule::Energy(0.95), None), 3); // 21/21.25
+        assert_eq!(choose_rank(&s, total, RankRule::Energy(0.95), Some(1)), 1);
+        assert_eq!(choose_rank(&s, total, RankRule::Threshold(1.0), None), 3);
+        assert_eq!(choose_rank(&s, total, RankRule::Threshold(10.0), None), 1);
+        let q = Quality::new(4, total, 0.0, total).at_rank(&s, 2);
+        assert!((q.energy - 20.0 / 21.25).abs() < 1e-15);
+        assert!((q.relative_error - (1.25f64 / 21.25).sqrt()).abs() < 1e-15);
+        assert_eq!(Quality::new(1, 0.0, 0.0, 0.0).relative_error, 0.0);
+    }
+
+    #[test]
+    fn non_finite_values_are_found() {
+        let a = [1.0f32, 2.0, f32::NAN, 4.0];
+        assert_eq!(frobenius_sq(&a, 2), Err(LinalgError::NonFinite { row: 1, column: 0 }));
+    }
+}

@@ -1,0 +1,1242 @@
+//! LoRA adapters in PEFT's format: `extract_lora` factors `finetuned − base` for every matched
+//! 2-D weight and writes an adapter directory `PeftModel.from_pretrained` loads as it is;
+//! `merge_lora` folds an adapter directory into an alias, tensor by tensor.
+//!
+//! PEFT's conventions, as its `LoraLayer` defines them: for a module `M` with weight `M.weight`
+//! (out × in), the adapter holds `base_model.model.M.lora_A.weight` (r × in) and
+//! `base_model.model.M.lora_B.weight` (out × r), and the merged weight is `W + s·B@A` with
+//! `s = alpha/r` (`alpha/√r` with `use_rslora`), r and alpha per module from `rank_pattern` /
+//! `alpha_pattern` (the first key `k` with `re.match(r"(.*\.)?(k)$", M)`). `fan_in_fan_out`
+//! (GPT-2's Conv1D, weights stored in × out) transposes the delta. `lora_bias` adds
+//! `s·lora_B.bias` to `M.bias`. DoRA (`use_dora`) rescales each output row of the merged weight
+//! to the magnitude `m_i`: `W' = m_i · (W + s·ΔW)_i / ‖(W + s·ΔW)_i‖`. Embedding adapters
+//! (`lora_embedding_A` r × vocab, `lora_embedding_B` dim × r) add `s·(B@A)ᵀ`.
+//!
+//! Merging streams: each merged weight is a lazy value computing `W + s·B@A` for the rows a
+//! write reads, from the small factors, in f32, rounded once to the weight's dtype. Extraction
+//! factors one matrix at a time when the step runs ([`super::lowrank::Factorizer`]); one SVD
+//! serves every rank of `rank: [8, 16, 64]`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use serde_json::{json, Value as Json};
+
+use super::lowrank::{
+    factor_pool, matrix_shape, split_factors, Factorization, Factorizer, ENERGY, MAX_RANK, METHOD, OVERSAMPLE,
+    POWER_ITERATIONS, SEED, THRESHOLD,
+};
+use super::{count_noun, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use crate::dtype::DType;
+use crate::formats::{open_checkpoint, Format, FormatError};
+use crate::linalg::Real;
+use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::{Location, OutputSpec, PlanError};
+use crate::references::Reference;
+use crate::state::State;
+use crate::value::{read_real, real_bytes, LazyOp, ReadContext, Tensor, ValueError};
+use crate::write;
+
+/// PEFT's prefix of adapter tensor names.
+const PREFIX: &str = "base_model.model.";
+/// The adapter's weight file and config, as PEFT names them.
+const WEIGHTS: &str = "adapter_model.safetensors";
+const CONFIG: &str = "adapter_config.json";
+
+/// A bad adapter file (exit status 2, like any unreadable input).
+fn bad_adapter(path: &Path, reason: impl Into<String>) -> StepError {
+    StepError::Format(FormatError::Adapter {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    })
+}
+
+/// An adapter that does not fit the tensors it is applied to, or an extraction that cannot be
+/// written (exit status 1).
+fn adapter_error(op: &'static str, reason: impl Into<String>) -> StepError {
+    TransformError::Adapter {
+        op,
+        reason: reason.into(),
+    }
+    .into()
+}
+
+/// A path key, resolved as `load` and `save` resolve theirs.
+fn path_key(p: &Payload, key: &str) -> Result<PathBuf, PlanError> {
+    match p.text(key)? {
+        Some(path) if !path.is_empty() => Ok(PathBuf::from(path)),
+        _ => Err(PlanError::invalid(&p.at(key), "expected a non-empty path")),
+    }
+}
+
+/// An alias-name key.
+fn alias_key(p: &Payload, key: &str) -> Result<String, PlanError> {
+    match p.text(key)? {
+        Some(alias) if !alias.is_empty() && !alias.contains("::") => Ok(alias.to_owned()),
+        _ => Err(PlanError::invalid(&p.at(key), "expected an alias name")),
+    }
+}
+
+/// `rank: 16` or `rank: [8, 16, 64]`: the ranks written, ascending, without repeats.
+fn ranks(p: &Payload) -> Result<Option<Vec<usize>>, PlanError> {
+    let bad = || PlanError::invalid(&p.at("rank"), "expected a whole number ≥ 1, or a list of them");
+    let one = |v: &Json| v.as_u64().filter(|&r| r >= 1).map(|r| r as usize).ok_or_else(bad);
+    let mut ranks = match p.get("rank") {
+        None => return Ok(None),
+        Some(Json::Array(items)) if !items.is_empty() => items.iter().map(one).collect::<Result<Vec<_>, _>>()?,
+        Some(v) => vec![one(v)?],
+    };
+    ranks.sort_unstable();
+    ranks.dedup();
+    Ok(Some(ranks))
+}
+
+// ---- extract_lora ----
+
+const EXTRACT_FIELDS: &[Field] = &[
+    Field::required("base", FieldKind::Text, "alias of the base model"),
+    Field::required("finetuned", FieldKind::Text, "alias of the fine-tuned model"),
+    Field::required(
+        "target",
+        FieldKind::Reference,
+        "2-D weights to factor (names in finetuned; each must exist in base with its shape)",
+    ),
+    Field::optional(
+        "rank",
+        FieldKind::Numbers,
+        None,
+        "rank r, or a list of ranks (one adapter each, from one SVD per matrix)",
+    ),
+    ENERGY,
+    THRESHOLD,
+    MAX_RANK,
+    Field::required(
+        "path",
+        FieldKind::Text,
+        "adapter directory to write (subdirectories r8, r16, … for a list of ranks)",
+    ),
+    Field::optional(
+        "alpha",
+        FieldKind::Number,
+        None,
+        "lora_alpha (default: each module's rank, so the scaling is 1)",
+    ),
+    Field::optional(
+        "use_rslora",
+        FieldKind::Bool,
+        Some("false"),
+        "scale by alpha/√r instead of alpha/r",
+    ),
+    Field::optional(
+        "bias",
+        FieldKind::Bool,
+        Some("false"),
+        "also store bias deltas as lora_B.bias (sets lora_bias: true)",
+    ),
+    Field::optional(
+        "fan_in_fan_out",
+        FieldKind::Bool,
+        None,
+        "weights stored in × out (GPT-2 Conv1D); default: true for GPT-2 module names",
+    ),
+    Field::optional(
+        "dtype",
+        FieldKind::DType,
+        None,
+        "dtype of the adapter tensors (default: the base's)",
+    ),
+    Field::optional(
+        "overwrite",
+        FieldKind::Bool,
+        Some("false"),
+        "replace an adapter this tool did not write",
+    ),
+    METHOD,
+    OVERSAMPLE,
+    POWER_ITERATIONS,
+    SEED,
+];
+
+/// `extract_lora`.
+pub const EXTRACT_LORA: TransformSpec = TransformSpec {
+    name: "extract_lora",
+    summary: "write a PEFT LoRA adapter factoring finetuned − base",
+    form: super::Form::Plain,
+    fields: EXTRACT_FIELDS,
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
+        let ranks = ranks(&p)?;
+        let factorizer = Factorizer::parse(&p, ranks.as_ref().and_then(|r| r.last().copied()))?;
+        let alpha = p.number("alpha")?;
+        if alpha.is_some_and(|a| !(a.is_finite() && a > 0.0)) {
+            return Err(PlanError::invalid(&p.at("alpha"), "must be a positive number"));
+        }
+        let target = p.reference("target")?;
+        if target.slice.is_some() {
+            return Err(PlanError::invalid(
+                &p.at("target"),
+                "extract_lora factors whole weights: remove the slice",
+            ));
+        }
+        Ok(Box::new(ExtractLora {
+            base: alias_key(&p, "base")?,
+            finetuned: alias_key(&p, "finetuned")?,
+            target,
+            ranks,
+            factorizer,
+            path: path_key(&p, "path")?,
+            alpha,
+            rslora: p.flag("use_rslora", false)?,
+            bias: p.flag("bias", false)?,
+            fan_in_fan_out: match p.get("fan_in_fan_out") {
+                None => None,
+                Some(_) => Some(p.flag("fan_in_fan_out", false)?),
+            },
+            dtype: p.dtype("dtype")?,
+            overwrite: p.flag("overwrite", false)?,
+            location: cx.location.clone(),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct ExtractLora {
+    base: String,
+    finetuned: String,
+    target: Reference,
+    /// The fixed ranks (ascending), or `None` for energy / threshold.
+    ranks: Option<Vec<usize>>,
+    factorizer: Factorizer,
+    path: PathBuf,
+    alpha: Option<f64>,
+    rslora: bool,
+    bias: bool,
+    fan_in_fan_out: Option<bool>,
+    dtype: Option<DType>,
+    overwrite: bool,
+    location: Location,
+}
+
+/// One module to extract.
+struct Module {
+    /// `M` (the weight's name without `.weight`).
+    name: String,
+    ft: Tensor,
+    base: Tensor,
+    /// `(out, in)` of the delta as PEFT sees it (transposed for fan_in_fan_out).
+    shape: (usize, usize),
+    /// `(finetuned, base)` biases, when both exist and `bias` is asked for.
+    bias: Option<(Tensor, Tensor)>,
+}
+
+/// The factors of one module at one rank, before scaling.
+struct Extracted {
+    module: String,
+    rank: usize,
+    /// `out × r`, row-major, in f32.
+    b: Vec<f32>,
+    /// `r × in`.
+    a: Vec<f32>,
+    /// The bias delta.
+    bias: Option<Vec<f32>>,
+}
+
+/// GPT-2's Conv1D modules, whose weights are stored in × out.
+fn is_conv1d(module: &str) -> bool {
+    matches!(module.rsplit('.').next(), Some("c_attn" | "c_proj" | "c_fc"))
+}
+
+/// The `base_model_name_or_path` of an alias: its `config.json`'s `_name_or_path`.
+fn model_name(state: &State, alias: &str) -> Option<String> {
+    let origin = state.alias(alias)?.origin.as_ref()?;
+    let config = origin
+        .sidecars
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "config.json"))?;
+    let text = std::fs::read_to_string(config).ok()?;
+    let value: Json = serde_json::from_str(&text).ok()?;
+    value
+        .get("_name_or_path")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// `ft − base` of one module as `T`, transposed to out × in when `transpose`.
+fn difference<T: Real>(
+    ft: &Tensor,
+    base: &Tensor,
+    transpose: bool,
+    cx: &mut ReadContext,
+) -> Result<Vec<T>, ValueError> {
+    let mut delta = read_real::<T>(ft, "extract_lora", cx)?;
+    let base = read_real::<T>(base, "extract_lora", cx)?;
+    for (d, b) in delta.iter_mut().zip(&base) {
+        *d -= *b;
+    }
+    drop(base);
+    if !transpose {
+        return Ok(delta);
+    }
+    let (rows, cols) = (ft.shape[0], ft.shape[1]);
+    let mut t = crate::value::try_filled("extract_lora", delta.len(), T::default())?;
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = delta[i * cols + j];
+        }
+    }
+    Ok(t)
+}
+
+impl ExtractLora {
+    /// The modules the target selects, checked against the base.
+    fn modules(&self, state: &State) -> Result<Vec<Module>, StepError> {
+        let op = "extract_lora";
+        for alias in [&self.base, &self.finetuned] {
+            if state.alias(alias).is_none() {
+                return Err(PlanError::UnknownAlias {
+                    location: self.location.clone(),
+                    alias: alias.clone(),
+                    known: state.alias_names(),
+                }
+                .into());
+            }
+        }
+        let mut reference = self.target.clone();
+        if reference.alias.is_none() {
+            reference.alias = Some(self.finetuned.clone());
+        }
+        let matches = state.select_some(&reference, &self.location)?;
+        let mut modules = Vec::with_capacity(matches.len());
+        for m in &matches {
+            require_float(m, op)?;
+            let (rows, cols) = matrix_shape(m, op)?;
+            let Some(module) = m.name.strip_suffix(".weight") else {
+                return Err(adapter_error(
+                    op,
+                    format!(
+                        "`{}` is not a module weight (PEFT adapts tensors named `<module>.weight`)",
+                        m.display()
+                    ),
+                ));
+            };
+            let Some(base) = state.get(&self.base, &m.name) else {
+                return Err(adapter_error(
+                    op,
+                    format!("`{}` has no counterpart `{}::{}`", m.display(), self.base, m.name),
+                ));
+            };
+            if base.shape != m.tensor.shape {
+                return Err(TransformError::ShapeMismatch {
+                    source_name: m.display(),
+                    source_shape: m.tensor.shape.clone(),
+                    destination: format!("{}::{}", self.base, m.name),
+                    destination_shape: base.shape.clone(),
+                }
+                .into());
+            }
+            let transpose = self.fan_in_fan_out.unwrap_or_else(|| is_conv1d(module));
+            let shape = if transpose { (cols, rows) } else { (rows, cols) };
+            if let Some(ranks) = &self.ranks {
+                let top = ranks.last().copied().unwrap_or(0);
+                if top > rows.min(cols) {
+                    return Err(TransformError::RankOutOfRange {
+                        op,
+                        tensor: m.display(),
+                        shape: m.tensor.shape.clone(),
+                        rank: top,
+                    }
+                    .into());
+                }
+            }
+            let bias_name = format!("{module}.bias");
+            let bias = match (
+                self.bias,
+                state.get(&self.finetuned, &bias_name),
+                state.get(&self.base, &bias_name),
+            ) {
+                (true, Some(ft), Some(base)) if ft.shape == base.shape && ft.shape == [shape.0] => {
+                    Some((ft.clone(), base.clone()))
+                }
+                _ => None,
+            };
+            modules.push(Module {
+                name: module.to_owned(),
+                ft: m.tensor.clone(),
+                base: base.clone(),
+                shape,
+                bias,
+            });
+        }
+        Ok(modules)
+    }
+
+    /// The adapter directories written: `path`, or `path/r{rank}` for each of several ranks.
+    fn directories(&self) -> Vec<(Option<usize>, PathBuf)> {
+        match &self.ranks {
+            Some(ranks) if ranks.len() > 1 => ranks
+                .iter()
+                .map(|&r| (Some(r), self.path.join(format!("r{r}"))))
+                .collect(),
+            Some(ranks) => vec![(ranks.first().copied(), self.path.clone())],
+            None => vec![(None, self.path.clone())],
+        }
+    }
+
+    /// The weight file's output spec in `dir`.
+    fn spec(&self, dir: &Path) -> OutputSpec {
+        OutputSpec {
+            path: dir.join(WEIGHTS),
+            format: Format::Safetensors,
+            npy: false,
+            single_file: true,
+            shard: None,
+            alias: None,
+            sidecars: false,
+            overwrite: self.overwrite,
+        }
+    }
+
+    /// Refuses a directory holding an adapter this tool did not write, unless `overwrite`.
+    fn check_target(&self, dir: &Path) -> Result<(), StepError> {
+        let weights = dir.join(WEIGHTS);
+        if self.overwrite || !weights.exists() {
+            return Ok(());
+        }
+        let ours = open_checkpoint(&weights)
+            .map(|c| c.metadata.contains_key(write::VERSION_KEY))
+            .unwrap_or(false);
+        if ours {
+            Ok(())
+        } else {
+            Err(adapter_error(
+                "extract_lora",
+                format!(
+                    "`{}` holds an adapter brainsurgery did not write; give `overwrite: true` to replace it",
+                    weights.display()
+                ),
+            ))
+        }
+    }
+
+    /// Factors one module (all ranks from one SVD).
+    fn extract_one<T: Real>(
+        &self,
+        module: &Module,
+        pool: &rayon::ThreadPool,
+        ctx: &mut Context,
+    ) -> Result<Vec<Extracted>, StepError> {
+        let display = format!("{}::{}.weight", self.finetuned, module.name);
+        let transpose = module.shape != (module.ft.shape[0], module.ft.shape[1]);
+        let delta = difference::<T>(&module.ft, &module.base, transpose, &mut ctx.reads)
+            .map_err(|e| TransformError::value_of(&display, e))?;
+        let (rows, cols) = module.shape;
+        let (svd, quality, method) =
+            self.factorizer
+                .factor(&delta, rows, cols, &module.name, pool)
+                .map_err(|source| TransformError::Factorization {
+                    tensor: display.clone(),
+                    source,
+                })?;
+        drop(delta);
+        let bias = match &module.bias {
+            Some((ft, base)) => {
+                let ft = read_real::<f32>(ft, "extract_lora", &mut ctx.reads)
+                    .map_err(|e| TransformError::value_of(&display, e))?;
+                let base = read_real::<f32>(base, "extract_lora", &mut ctx.reads)
+                    .map_err(|e| TransformError::value_of(&display, e))?;
+                Some(ft.iter().zip(&base).map(|(a, b)| a - b).collect::<Vec<f32>>())
+            }
+            None => None,
+        };
+        let ranks: Vec<usize> = match &self.ranks {
+            Some(ranks) => ranks.clone(),
+            None => vec![quality.rank],
+        };
+        let mut out = Vec::with_capacity(ranks.len());
+        for &rank in &ranks {
+            let mut truncated = svd.clone();
+            truncated.truncate(rank);
+            let q = if rank == quality.rank {
+                quality
+            } else {
+                quality.at_rank(&svd.s, rank)
+            };
+            ctx.factorizations.push(Factorization {
+                op: "extract_lora",
+                tensor: display.clone(),
+                shape: (rows, cols),
+                method,
+                quality: q,
+            });
+            let (b, a) = split_factors(&truncated);
+            out.push(Extracted {
+                module: module.name.clone(),
+                rank,
+                b: b.iter().map(|x| x.wide() as f32).collect(),
+                a: a.iter().map(|x| x.wide() as f32).collect(),
+                bias: bias.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes one adapter directory from the factors of every module at one rank.
+    fn write_adapter(
+        &self,
+        state: &State,
+        dir: &Path,
+        factors: &[&Extracted],
+        dtype: DType,
+        fan_in_fan_out: bool,
+        ctx: &mut Context,
+    ) -> Result<Vec<PathBuf>, StepError> {
+        let op = "extract_lora";
+        let rank_of: BTreeMap<&str, usize> = factors.iter().map(|f| (f.module.as_str(), f.rank)).collect();
+        let mut counts: HashMap<usize, usize> = HashMap::new();
+        for f in factors {
+            *counts.entry(f.rank).or_default() += 1;
+        }
+        // r is the most common rank; the others go to rank_pattern.
+        let r = counts
+            .iter()
+            .max_by_key(|(rank, n)| (**n, std::cmp::Reverse(**rank)))
+            .map_or(1, |(rank, _)| *rank);
+        let alpha_of = |rank: usize| self.alpha.unwrap_or(rank as f64);
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for f in factors {
+            let alpha = alpha_of(f.rank);
+            let scaling = if self.rslora {
+                alpha / (f.rank as f64).sqrt()
+            } else {
+                alpha / f.rank as f64
+            };
+            // B·A·s must equal the delta: each factor carries 1/√s.
+            let root = (1.0 / scaling).sqrt() as f32;
+            let (rows, cols) = (f.b.len() / f.rank.max(1), f.a.len() / f.rank.max(1));
+            let encode = |v: Vec<f32>, shape: Vec<usize>| -> Result<Tensor, StepError> {
+                let bytes = real_bytes(&v, dtype, op).map_err(|e| TransformError::value_of(&f.module, e))?;
+                Ok(Tensor::in_memory(dtype, shape, Arc::new(bytes)))
+            };
+            let a: Vec<f32> = f.a.iter().map(|x| x * root).collect();
+            let b: Vec<f32> = f.b.iter().map(|x| x * root).collect();
+            tensors.push((
+                format!("{PREFIX}{}.lora_A.weight", f.module),
+                encode(a, vec![f.rank, cols])?,
+            ));
+            tensors.push((
+                format!("{PREFIX}{}.lora_B.weight", f.module),
+                encode(b, vec![rows, f.rank])?,
+            ));
+            if let Some(bias) = &f.bias {
+                let scaled: Vec<f32> = bias.iter().map(|x| (f64::from(*x) / scaling) as f32).collect();
+                let n = scaled.len();
+                tensors.push((format!("{PREFIX}{}.lora_B.bias", f.module), encode(scaled, vec![n])?));
+            }
+        }
+        let rank_pattern: serde_json::Map<String, Json> = rank_of
+            .iter()
+            .filter(|(_, &rank)| rank != r)
+            .map(|(m, &rank)| ((*m).to_owned(), json!(rank)))
+            .collect();
+        let alpha_pattern: serde_json::Map<String, Json> = match self.alpha {
+            Some(_) => serde_json::Map::new(),
+            None => rank_pattern.iter().map(|(m, rank)| (m.clone(), rank.clone())).collect(),
+        };
+        let config = json!({
+            "peft_type": "LORA",
+            "task_type": null,
+            "base_model_name_or_path": model_name(state, &self.base),
+            "r": r,
+            "lora_alpha": alpha_of(r),
+            "target_modules": target_modules(state, &self.finetuned, rank_of.keys().copied()),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "use_rslora": self.rslora,
+            "use_dora": false,
+            "lora_bias": factors.iter().any(|f| f.bias.is_some()),
+            "bias": "none",
+            "fan_in_fan_out": fan_in_fan_out,
+            "lora_dropout": 0.0,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "inference_mode": true,
+        });
+        std::fs::create_dir_all(dir).map_err(|e| FormatError::io(dir, e))?;
+        let spec = self.spec(dir);
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut metadata = BTreeMap::new();
+        metadata.insert("format".to_owned(), "pt".to_owned());
+        metadata.insert(write::VERSION_KEY.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
+        if let Some(sha) = &ctx.plan_sha256 {
+            metadata.insert(write::PLAN_KEY.to_owned(), sha.clone());
+        }
+        let threads = match ctx.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let options = write::WriteOptions {
+            threads,
+            cancel: &ctx.cancel,
+            progress: None,
+        };
+        let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+        let mut files = write::write_tensors(&spec, &refs, &metadata, &[], options)?;
+        let config_path = dir.join(CONFIG);
+        crate::formats::output::write_small_file(&config_path, format!("{text}\n").as_bytes())?;
+        files.push(config_path);
+        Ok(files)
+    }
+}
+
+/// PEFT's `target_modules` for `modules` of `alias`: the distinct last name components when they
+/// select exactly these modules among the alias's 2-D weights, else the full module names.
+fn target_modules<'a>(state: &State, alias: &str, modules: impl Iterator<Item = &'a str>) -> Json {
+    let modules: HashSet<&str> = modules.collect();
+    let suffixes: std::collections::BTreeSet<&str> =
+        modules.iter().map(|m| m.rsplit('.').next().unwrap_or(m)).collect();
+    let selected_by_suffix = state.alias(alias).is_some_and(|a| {
+        a.iter().all(|(name, t)| {
+            let Some(module) = name.strip_suffix(".weight") else {
+                return true;
+            };
+            let last = module.rsplit('.').next().unwrap_or(module);
+            t.shape.len() != 2 || !suffixes.contains(last) || modules.contains(module)
+        })
+    });
+    if selected_by_suffix {
+        json!(suffixes)
+    } else {
+        let mut full: Vec<&str> = modules.into_iter().collect();
+        full.sort_unstable();
+        json!(full)
+    }
+}
+
+impl Transform for ExtractLora {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let modules = self.modules(state)?;
+        let directories = self.directories();
+        for (_, dir) in &directories {
+            let spec = self.spec(dir);
+            write::validate_target(&spec, state, &self.location.key("path"))?;
+            self.check_target(dir)?;
+        }
+        let fan_in_fan_out = modules.iter().any(|m| m.shape != (m.ft.shape[0], m.ft.shape[1]));
+        if fan_in_fan_out
+            && modules
+                .iter()
+                .any(|m| m.shape == (m.ft.shape[0], m.ft.shape[1]) && m.shape.0 != m.shape.1)
+        {
+            return Err(adapter_error(
+                "extract_lora",
+                "some matched weights are stored in × out (GPT-2 Conv1D) and others out × in; PEFT's fan_in_fan_out is one flag per adapter: extract them separately",
+            ));
+        }
+        let dtype = self
+            .dtype
+            .or_else(|| modules.first().map(|m| m.base.dtype))
+            .unwrap_or(DType::F32);
+        if !ctx.evaluate {
+            ctx.note(format!(
+                "extract_lora: {} → {} (written when the plan runs)",
+                count_noun(modules.len()),
+                self.path.display()
+            ));
+            return Ok(Flow::Continue);
+        }
+        let pool = factor_pool(ctx.threads)?;
+        let mut extracted: Vec<Extracted> = Vec::new();
+        for module in &modules {
+            if ctx.cancelled() {
+                return Err(StepError::Cancelled);
+            }
+            let parts = if module.ft.dtype == DType::F64 {
+                self.extract_one::<f64>(module, &pool, ctx)?
+            } else {
+                self.extract_one::<f32>(module, &pool, ctx)?
+            };
+            extracted.extend(parts);
+        }
+        let mut written = 0;
+        for (rank, dir) in &directories {
+            let factors: Vec<&Extracted> = extracted.iter().filter(|e| rank.is_none_or(|r| e.rank == r)).collect();
+            let files = self.write_adapter(state, dir, &factors, dtype, fan_in_fan_out, ctx)?;
+            written += files.len();
+            ctx.written.extend(files);
+        }
+        ctx.note(format!(
+            "extract_lora: {} → {} ({} adapter{}, {written} files)",
+            count_noun(modules.len()),
+            self.path.display(),
+            directories.len(),
+            if directories.len() == 1 { "" } else { "s" }
+        ));
+        Ok(Flow::Continue)
+    }
+}
+
+// ---- merge_lora ----
+
+const MERGE_FIELDS: &[Field] = &[
+    Field::optional(
+        "target",
+        FieldKind::Text,
+        None,
+        "alias to merge into (default: the default alias)",
+    ),
+    Field::optional("into", FieldKind::Text, None, "the same as target"),
+    Field::required(
+        "adapter",
+        FieldKind::Text,
+        "PEFT LoRA adapter directory (adapter_config.json and weights)",
+    ),
+    Field::optional("scale", FieldKind::Number, Some("1"), "extra factor on every delta"),
+];
+
+/// `merge_lora`.
+pub const MERGE_LORA: TransformSpec = TransformSpec {
+    name: "merge_lora",
+    summary: "fold a PEFT LoRA adapter into an alias (W += s·B@A per module)",
+    form: super::Form::Plain,
+    fields: MERGE_FIELDS,
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
+        let target = match (p.get("target"), p.get("into")) {
+            (Some(_), Some(_)) => return Err(PlanError::invalid(p.location(), "give target or into, not both")),
+            (Some(_), None) => Some(alias_key(&p, "target")?),
+            (None, Some(_)) => Some(alias_key(&p, "into")?),
+            (None, None) => None,
+        };
+        let scale = p.number("scale")?.unwrap_or(1.0);
+        if !scale.is_finite() {
+            return Err(PlanError::invalid(&p.at("scale"), "must be finite"));
+        }
+        Ok(Box::new(MergeLora {
+            target,
+            adapter: path_key(&p, "adapter")?,
+            scale,
+            location: cx.location.clone(),
+        }))
+    },
+};
+
+#[derive(Debug)]
+struct MergeLora {
+    target: Option<String>,
+    adapter: PathBuf,
+    scale: f64,
+    location: Location,
+}
+
+/// What `adapter_config.json` says, as merging needs it.
+#[derive(Debug)]
+struct AdapterConfig {
+    r: f64,
+    alpha: f64,
+    rslora: bool,
+    fan_in_fan_out: bool,
+    dora: bool,
+    /// `(regex, value)` in the file's order.
+    rank_pattern: Vec<(fancy_regex::Regex, f64)>,
+    alpha_pattern: Vec<(fancy_regex::Regex, f64)>,
+}
+
+impl AdapterConfig {
+    fn read(dir: &Path) -> Result<AdapterConfig, StepError> {
+        let path = dir.join(CONFIG);
+        let text = std::fs::read_to_string(&path).map_err(|e| FormatError::io(&path, e))?;
+        let value: Json = serde_json::from_str(&text).map_err(|e| bad_adapter(&path, format!("not JSON: {e}")))?;
+        let kind = value.get("peft_type").and_then(Json::as_str).unwrap_or("");
+        if !kind.eq_ignore_ascii_case("lora") {
+            return Err(bad_adapter(
+                &path,
+                format!(
+                    "peft_type is {}; merge_lora merges LORA adapters",
+                    if kind.is_empty() {
+                        "missing".to_owned()
+                    } else {
+                        format!("`{kind}`")
+                    }
+                ),
+            ));
+        }
+        let number = |key: &str, default: f64| value.get(key).and_then(Json::as_f64).unwrap_or(default);
+        let flag = |key: &str| value.get(key).and_then(Json::as_bool).unwrap_or(false);
+        let patterns = |key: &str| -> Result<Vec<(fancy_regex::Regex, f64)>, StepError> {
+            let Some(map) = value.get(key).and_then(Json::as_object) else {
+                return Ok(Vec::new());
+            };
+            map.iter()
+                .map(|(k, v)| {
+                    let re = fancy_regex::Regex::new(&format!(r"^(?:.*\.)?(?:{k})$"))
+                        .map_err(|e| bad_adapter(&path, format!("{key} key `{k}` is not a regular expression: {e}")))?;
+                    let v = v
+                        .as_f64()
+                        .filter(|v| v.is_finite() && *v > 0.0)
+                        .ok_or_else(|| bad_adapter(&path, format!("{key}[`{k}`] is not a positive number")))?;
+                    Ok((re, v))
+                })
+                .collect()
+        };
+        let r = number("r", 8.0);
+        let alpha = number("lora_alpha", 8.0);
+        if !(r.is_finite() && r > 0.0 && alpha.is_finite()) {
+            return Err(bad_adapter(
+                &path,
+                "r must be a positive number and lora_alpha a number",
+            ));
+        }
+        Ok(AdapterConfig {
+            r,
+            alpha,
+            rslora: flag("use_rslora"),
+            fan_in_fan_out: flag("fan_in_fan_out"),
+            dora: flag("use_dora"),
+            rank_pattern: patterns("rank_pattern")?,
+            alpha_pattern: patterns("alpha_pattern")?,
+        })
+    }
+
+    /// PEFT's `get_pattern_key`: the first pattern matching `module`.
+    fn lookup(patterns: &[(fancy_regex::Regex, f64)], module: &str, default: f64) -> f64 {
+        patterns
+            .iter()
+            .find(|(re, _)| re.is_match(module).unwrap_or(false))
+            .map_or(default, |(_, v)| *v)
+    }
+
+    /// `s` for `module`.
+    fn scaling(&self, module: &str) -> f64 {
+        let r = Self::lookup(&self.rank_pattern, module, self.r);
+        let alpha = Self::lookup(&self.alpha_pattern, module, self.alpha);
+        if self.rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+}
+
+/// The tensors of one adapted module.
+#[derive(Default)]
+struct AdapterModule {
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+    bias: Option<Tensor>,
+    magnitude: Option<Tensor>,
+    embedding: bool,
+}
+
+/// `W + s·(P@Q)` with row-major `P` (rows × r) and `Q` (r × cols) read from the adapter on first
+/// use, optionally each row rescaled to a DoRA magnitude; in f32, rounded once to `W`'s dtype.
+#[derive(Debug)]
+struct MergeOp {
+    base: Tensor,
+    /// `(lora_B, lora_A)` as stored, and whether the delta is `(B@A)ᵀ`.
+    b: Tensor,
+    a: Tensor,
+    transpose: bool,
+    scale: f32,
+    magnitude: Option<Tensor>,
+    /// `(P, Q, magnitude)`, once read.
+    factors: Mutex<Option<Arc<Factors>>>,
+}
+
+/// `P` (rows × r), `Q` (r × cols) and the DoRA magnitudes of a merge.
+type Factors = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
+impl MergeOp {
+    /// The factors, read on the first call (a failed read is retried by the next reader).
+    fn factors(&self, cx: &ReadContext) -> Result<Arc<Factors>, ValueError> {
+        let mut slot = self.factors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = &*slot {
+            return Ok(f.clone());
+        }
+        let mut cx = cx.fork();
+        let b = read_real::<f32>(&self.b, "merge_lora", &mut cx)?;
+        let a = read_real::<f32>(&self.a, "merge_lora", &mut cx)?;
+        let magnitude = match &self.magnitude {
+            Some(m) => Some(read_real::<f32>(m, "merge_lora", &mut cx)?),
+            None => None,
+        };
+        let factors = if self.transpose {
+            // (B@A)ᵀ = Aᵀ@Bᵀ.
+            let (out, r) = (self.b.shape[0], self.b.shape[1]);
+            let inner = self.a.shape[1];
+            let mut at = vec![0.0f32; a.len()];
+            for t in 0..r {
+                for j in 0..inner {
+                    at[j * r + t] = a[t * inner + j];
+                }
+            }
+            let mut bt = vec![0.0f32; b.len()];
+            for i in 0..out {
+                for t in 0..r {
+                    bt[t * out + i] = b[i * r + t];
+                }
+            }
+            (at, bt, magnitude)
+        } else {
+            (b, a, magnitude)
+        };
+        let factors = Arc::new(factors);
+        *slot = Some(factors.clone());
+        Ok(factors)
+    }
+}
+
+impl LazyOp for MergeOp {
+    fn name(&self) -> &'static str {
+        "merge_lora"
+    }
+
+    fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
+        let factors = (self.a.numel() + self.b.numel()) * 8;
+        factors.saturating_add(self.base.materialized(seen))
+    }
+
+    fn read(
+        &self,
+        dtype: DType,
+        shape: &[usize],
+        start: usize,
+        out: &mut [u8],
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        let size = dtype.size().ok_or(ValueError::NoByteSize {
+            op: "merge_lora",
+            dtype,
+        })?;
+        let count = out.len() / size;
+        let (rows, cols) = (shape[0], shape[1]);
+        if count == 0 || cols == 0 {
+            return Ok(());
+        }
+        let factors = self.factors(cx)?;
+        let (p, q, magnitude) = &*factors;
+        let r = q.len() / cols;
+        let (first, last) = (start / cols, (start + count).div_ceil(cols).min(rows));
+        let n = (last - first) * cols;
+        // The base's covering rows (whole rows: DoRA needs each row's norm).
+        let mut base_bytes = cx.take(n * size);
+        self.base.read(first * cols, &mut base_bytes, cx)?;
+        let mut block = vec![0.0f32; n];
+        let mut wide = vec![0u8; n * 4];
+        crate::kernels::convert(dtype, &base_bytes, DType::F32, &mut wide);
+        cx.give(base_bytes);
+        for (x, w) in block.iter_mut().zip(wide.chunks_exact(4)) {
+            *x = f32::from_le(w);
+        }
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut block, last - first, cols),
+            Accum::Add,
+            MatRef::from_row_major_slice(&p[first * r..last * r], last - first, r),
+            MatRef::from_row_major_slice(q, r, cols),
+            self.scale,
+            Par::Seq,
+        );
+        if let Some(m) = magnitude {
+            for (i, row) in block.chunks_exact_mut(cols).enumerate() {
+                let norm = row.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
+                let factor = (f64::from(m[first + i]) / norm) as f32;
+                row.iter_mut().for_each(|x| *x *= factor);
+            }
+        }
+        let from = start - first * cols;
+        let bytes = real_bytes(&block[from..from + count], dtype, "merge_lora")?;
+        out.copy_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+/// `W + s·b` for a bias, with the adapter's bias read on first use.
+#[derive(Debug)]
+struct BiasOp {
+    base: Tensor,
+    bias: Tensor,
+    scale: f32,
+}
+
+impl LazyOp for BiasOp {
+    fn name(&self) -> &'static str {
+        "merge_lora"
+    }
+
+    fn read(
+        &self,
+        dtype: DType,
+        _: &[usize],
+        start: usize,
+        out: &mut [u8],
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        let size = dtype.size().ok_or(ValueError::NoByteSize {
+            op: "merge_lora",
+            dtype,
+        })?;
+        let count = out.len() / size;
+        let mut base = vec![0u8; out.len()];
+        self.base.read(start, &mut base, cx)?;
+        let mut add = vec![0u8; out.len()];
+        self.bias.read(start, &mut add, cx)?;
+        let (mut x, mut y) = (vec![0u8; count * 4], vec![0u8; count * 4]);
+        crate::kernels::convert(dtype, &base, DType::F32, &mut x);
+        crate::kernels::convert(self.bias.dtype, &add, DType::F32, &mut y);
+        let sum: Vec<f32> = x
+            .chunks_exact(4)
+            .zip(y.chunks_exact(4))
+            .map(|(a, b)| f32::from_le(a) + self.scale * f32::from_le(b))
+            .collect();
+        out.copy_from_slice(&real_bytes(&sum, dtype, "merge_lora")?);
+        Ok(())
+    }
+}
+
+impl Transform for MergeLora {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let op = "merge_lora";
+        let alias = state.alias_for(self.target.as_deref(), "merge_lora", &self.location)?;
+        let config = AdapterConfig::read(&self.adapter)?;
+        let checkpoint = open_checkpoint(&self.adapter)?;
+        ctx.notices_of(&checkpoint);
+        let mut scratch = State::default();
+        scratch.add_checkpoint("adapter", &checkpoint);
+        let adapter = scratch.alias("adapter").expect("just added");
+        let mut modules: BTreeMap<String, AdapterModule> = BTreeMap::new();
+        let mut whole: Vec<(String, Tensor)> = Vec::new();
+        for (name, tensor) in adapter.iter() {
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                return Err(bad_adapter(
+                    &self.adapter,
+                    format!("tensor `{name}` does not start with `{PREFIX}`"),
+                ));
+            };
+            let part = [
+                (".lora_A.weight", 0),
+                (".lora_B.weight", 1),
+                (".lora_B.bias", 2),
+                (".lora_magnitude_vector.weight", 3),
+                (".lora_magnitude_vector", 3),
+                (".lora_embedding_A", 4),
+                (".lora_embedding_B", 5),
+            ]
+            .iter()
+            .find_map(|(suffix, kind)| rest.strip_suffix(suffix).map(|m| (m, *kind)));
+            let Some((module, kind)) = part else {
+                // A whole tensor (`modules_to_save`): replaces the base's.
+                whole.push((rest.to_owned(), tensor.clone()));
+                continue;
+            };
+            let entry = modules.entry(module.to_owned()).or_default();
+            let slot = match kind {
+                0 | 4 => &mut entry.a,
+                1 | 5 => &mut entry.b,
+                2 => &mut entry.bias,
+                _ => &mut entry.magnitude,
+            };
+            *slot = Some(tensor.clone());
+            entry.embedding |= kind >= 4;
+        }
+        let names_of_alias = |state: &State| -> Vec<String> {
+            state
+                .alias(&alias)
+                .map(|a| a.iter().map(|(n, _)| n.to_owned()).collect())
+                .unwrap_or_default()
+        };
+        let missing = |state: &State, name: &str, of: &str| -> StepError {
+            let names = names_of_alias(state);
+            let close = crate::references::closest_names(name, names.iter().map(String::as_str), 3);
+            let hint = if close.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; closest: {}",
+                    close.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                )
+            };
+            adapter_error(
+                op,
+                format!("adapter tensor `{of}` maps to `{alias}::{name}`, which does not exist{hint}"),
+            )
+        };
+        let mut replacements: Vec<(String, Tensor)> = Vec::new();
+        for (module, parts) in &modules {
+            let (Some(a), Some(b)) = (&parts.a, &parts.b) else {
+                return Err(adapter_error(
+                    op,
+                    format!("module `{module}` has only one of lora_A and lora_B"),
+                ));
+            };
+            let weight_name = format!("{module}.weight");
+            let Some(weight) = state.get(&alias, &weight_name) else {
+                return Err(missing(state, &weight_name, &format!("{PREFIX}{module}.lora_A")));
+            };
+            if !weight.dtype.is_float() || !weight.dtype.is_computable() {
+                return Err(TransformError::NotFloat {
+                    op,
+                    tensor: format!("{alias}::{weight_name}"),
+                    dtype: weight.dtype,
+                }
+                .into());
+            }
+            // Linear: B@A is out × in; embeddings and fan_in_fan_out store the transpose.
+            let transpose = parts.embedding || config.fan_in_fan_out;
+            let (ok, r) = match (&a.shape[..], &b.shape[..], &weight.shape[..]) {
+                ([ra, ai], [bo, rb], [w0, w1]) if ra == rb => {
+                    let (rows, cols) = if transpose { (*ai, *bo) } else { (*bo, *ai) };
+                    ((rows, cols) == (*w0, *w1), *ra)
+                }
+                _ => (false, 0),
+            };
+            if !ok {
+                return Err(adapter_error(
+                    op,
+                    format!(
+                        "module `{module}`: lora_A {} and lora_B {} do not fit `{alias}::{weight_name}` {}{}",
+                        super::fmt_shape(&a.shape),
+                        super::fmt_shape(&b.shape),
+                        super::fmt_shape(&weight.shape),
+                        if transpose {
+                            " (as the transpose: fan_in_fan_out or an embedding)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            let scaling = config.scaling(module);
+            let pattern_rank = AdapterConfig::lookup(&config.rank_pattern, module, config.r);
+            if pattern_rank as usize != r {
+                return Err(adapter_error(
+                    op,
+                    format!("module `{module}` has rank {r} but the config says {pattern_rank} (r / rank_pattern)"),
+                ));
+            }
+            let magnitude = match (&parts.magnitude, config.dora) {
+                (Some(m), true) => {
+                    if transpose {
+                        return Err(adapter_error(
+                            op,
+                            format!("module `{module}`: DoRA on transposed weights (fan_in_fan_out, embeddings) is not supported"),
+                        ));
+                    }
+                    if m.numel() != weight.shape[0] {
+                        return Err(adapter_error(
+                            op,
+                            format!(
+                                "module `{module}`: DoRA magnitude has {} values for {} rows",
+                                m.numel(),
+                                weight.shape[0]
+                            ),
+                        ));
+                    }
+                    Some(m.clone())
+                }
+                (None, true) => {
+                    return Err(adapter_error(
+                        op,
+                        format!("module `{module}`: use_dora is set but it has no lora_magnitude_vector"),
+                    ))
+                }
+                (Some(_), false) => {
+                    return Err(adapter_error(
+                        op,
+                        format!("module `{module}` has a lora_magnitude_vector but use_dora is not set"),
+                    ))
+                }
+                (None, false) => None,
+            };
+            let s = (scaling * self.scale) as f32;
+            let merged = Tensor::op(
+                weight.dtype,
+                weight.shape.clone(),
+                Arc::new(MergeOp {
+                    base: weight.clone(),
+                    b: b.clone(),
+                    a: a.clone(),
+                    transpose,
+                    scale: s,
+                    magnitude,
+                    factors: Mutex::new(None),
+                }),
+            )
+            .map_err(|e| TransformError::value_of(&weight_name, e))?;
+            replacements.push((weight_name, merged));
+            if let Some(bias) = &parts.bias {
+                let bias_name = format!("{module}.bias");
+                let Some(base_bias) = state.get(&alias, &bias_name) else {
+                    return Err(missing(state, &bias_name, &format!("{PREFIX}{module}.lora_B.bias")));
+                };
+                if base_bias.shape != bias.shape {
+                    return Err(adapter_error(
+                        op,
+                        format!("module `{module}`: lora_B.bias does not fit `{alias}::{bias_name}`"),
+                    ));
+                }
+                let merged = Tensor::op(
+                    base_bias.dtype,
+                    base_bias.shape.clone(),
+                    Arc::new(BiasOp {
+                        base: base_bias.clone(),
+                        bias: bias.clone(),
+                        scale: s,
+                    }),
+                )
+                .map_err(|e| TransformError::value_of(&bias_name, e))?;
+                replacements.push((bias_name, merged));
+            }
+        }
+        for (name, tensor) in &whole {
+            let Some(current) = state.get(&alias, name) else {
+                return Err(missing(state, name, &format!("{PREFIX}{name}")));
+            };
+            if current.shape != tensor.shape || current.dtype != tensor.dtype {
+                return Err(adapter_error(
+                    op,
+                    format!("adapter tensor `{PREFIX}{name}` (modules_to_save) does not match `{alias}::{name}` in shape or dtype"),
+                ));
+            }
+            replacements.push((name.clone(), tensor.clone()));
+        }
+        for (name, tensor) in replacements {
+            state.replace(&alias, &name, tensor);
+        }
+        ctx.note(format!(
+            "merge_lora: {} module{} of {} merged into `{alias}`{}",
+            modules.len(),
+            if modules.len() == 1 { "" } else { "s" },
+            self.adapter.display(),
+            if whole.is_empty() {
+                String::new()
+            } else {
+                format!(", {} replaced whole", count_noun(whole.len()))
+            }
+        ));
+        Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_lookup_follows_peft() {
+        let re = |k: &str| (fancy_regex::Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).unwrap(), 4.0);
+        let patterns = vec![re("q_proj"), re("model.layers.1.k_proj")];
+        assert_eq!(AdapterConfig::lookup(&patterns, "model.layers.0.q_proj", 8.0), 4.0);
+        assert_eq!(AdapterConfig::lookup(&patterns, "model.layers.1.k_proj", 8.0), 4.0);
+        assert_eq!(AdapterConfig::lookup(&patterns, "model.layers.0.k_proj", 8.0), 8.0);
+        assert_eq!(AdapterConfig::lookup(&patterns, "model.layers.0.xq_proj", 8.0), 8.0);
+    }
+
+    #[test]
+    fn conv1d_names() {
+        assert!(is_conv1d("h.0.attn.c_attn") && is_conv1d("h.3.mlp.c_fc"));
+        assert!(!is_conv1d("model.layers.0.self_attn.q_proj"));
+    }
+}

@@ -1,0 +1,760 @@
+//! `phlora` and `phlora_`: low-rank factors of 2-D tensors by SVD (SPEC §7), with the 0.2 tool's
+//! keys and semantics: `phlora` writes `A = sqrt(S_r)·V_rᵀ` (r × n) to `target_a` and
+//! `B = U_r·sqrt(S_r)` (m × r) to `target_b`, so `B @ A` is the best rank-r approximation, and
+//! deletes the original unless `delete_original: false`; `phlora_` replaces W by `B @ A`.
+//!
+//! The rank is `rank`, or chosen per tensor by `energy` (share of Σσ² kept) or `threshold`
+//! (smallest σ kept), at most `max_rank`. The SVD runs in f32 (f64 for F64 tensors) whatever the
+//! stored dtype, exact or randomized ([`crate::linalg`]); factors are rounded once to the source
+//! dtype, and `phlora_`'s product is computed in f32 chunk by chunk when written, from the factors
+//! (the matrix is never held twice). Factorizations run one tensor at a time when the step
+//! executes, so a step holds one matrix and its factors; each reports its rank, energy kept and
+//! relative Frobenius error in the run report. The [`Factorizer`] (rank rule, method) is shared
+//! with the LoRA transforms.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use super::{count_noun, destinations, require_float, Context, Flow, Form, StepError, Transform, TransformError};
+use super::{TransformSpec, Twin, Writes};
+use crate::dtype::DType;
+use crate::kernels::random::tensor_seed;
+use crate::linalg::{self, LinalgError, Quality, RankRule, Real, Svd};
+use crate::plan::payload::{Field, FieldKind, Payload};
+use crate::plan::{Location, PlanError};
+use crate::references::{Reference, Target};
+use crate::state::{Match, State};
+use crate::value::{read_real, real_bytes, LazyOp, ReadContext, Tensor, ValueError};
+
+/// One factorized tensor, as the run report lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Factorization {
+    /// The transform (`phlora`, `extract_lora`).
+    pub op: &'static str,
+    /// The factorized tensor (`alias::name`; for `extract_lora` the module).
+    pub tensor: String,
+    /// Its shape `(m, n)`.
+    pub shape: (usize, usize),
+    /// `exact` or `randomized`.
+    pub method: &'static str,
+    /// What the kept rank keeps and loses.
+    pub quality: Quality,
+}
+
+/// What the command line prints about `list`: one summary line (ranks, least energy kept,
+/// largest relative error and where), and with `full` a row per tensor.
+pub fn factorization_lines(list: &[Factorization], full: bool) -> Vec<String> {
+    use super::columns::{cell, pad_left, pad_right, width};
+    let Some(worst) = list
+        .iter()
+        .max_by(|a, b| a.quality.relative_error.total_cmp(&b.quality.relative_error))
+    else {
+        return Vec::new();
+    };
+    let ranks = list.iter().map(|f| f.quality.rank);
+    let (low, high) = (ranks.clone().min().unwrap_or(0), ranks.max().unwrap_or(0));
+    let least_energy = list.iter().map(|f| f.quality.energy).fold(1.0, f64::min);
+    let rank = if low == high {
+        format!("rank {low}")
+    } else {
+        format!("ranks {low}–{high}")
+    };
+    let mut lines = vec![format!(
+        "factorized {}: {rank}, energy kept ≥ {:.2}%, relative error ≤ {:.4} (`{}`)",
+        count_noun(list.len()),
+        least_energy * 100.0,
+        worst.quality.relative_error,
+        cell(&worst.tensor)
+    )];
+    if full {
+        let rows: Vec<[String; 5]> = list
+            .iter()
+            .map(|f| {
+                [
+                    cell(&f.tensor),
+                    format!("{}×{}", f.shape.0, f.shape.1),
+                    f.method.to_owned(),
+                    f.quality.rank.to_string(),
+                    format!("{:.2}%  {:.4}", f.quality.energy * 100.0, f.quality.relative_error),
+                ]
+            })
+            .collect();
+        let w: Vec<usize> = (0..4).map(|c| width(rows.iter().map(|r| r[c].as_str()))).collect();
+        for r in &rows {
+            lines.push(format!(
+                "  {}  {}  {}  rank {}  energy/error {}",
+                pad_right(&r[0], w[0]),
+                pad_left(&r[1], w[1]),
+                pad_right(&r[2], w[2]),
+                pad_left(&r[3], w[3]),
+                r[4]
+            ));
+        }
+    }
+    lines
+}
+
+// ---- the rank rule and method, shared with the LoRA transforms ----
+
+/// The `rank` key (a number here; `extract_lora` also takes a list).
+pub(crate) const RANK: Field = Field::optional(
+    "rank",
+    FieldKind::Number,
+    None,
+    "rank r of the factors (one of rank, energy, threshold)",
+);
+/// The `energy` key.
+pub(crate) const ENERGY: Field = Field::optional(
+    "energy",
+    FieldKind::Number,
+    None,
+    "keep the fewest terms whose share of Σσ² reaches this (0 < energy ≤ 1)",
+);
+/// The `threshold` key.
+pub(crate) const THRESHOLD: Field = Field::optional(
+    "threshold",
+    FieldKind::Number,
+    None,
+    "keep the terms whose singular value is at least this",
+);
+/// The `max_rank` key.
+pub(crate) const MAX_RANK: Field = Field::optional(
+    "max_rank",
+    FieldKind::Number,
+    None,
+    "most terms kept by energy or threshold",
+);
+/// The `method` key.
+pub(crate) const METHOD: Field = Field::optional(
+    "method",
+    FieldKind::Text,
+    Some("auto"),
+    "exact, randomized, or auto (randomized when the rank is small against the matrix)",
+);
+/// The `oversample` key.
+pub(crate) const OVERSAMPLE: Field = Field::optional(
+    "oversample",
+    FieldKind::Number,
+    Some("10"),
+    "randomized SVD: extra test vectors beyond the rank",
+);
+/// The `power_iterations` key.
+pub(crate) const POWER_ITERATIONS: Field = Field::optional(
+    "power_iterations",
+    FieldKind::Number,
+    Some("2"),
+    "randomized SVD: power iterations (more for flat spectra)",
+);
+/// The `seed` key.
+pub(crate) const SEED: Field = Field::optional(
+    "seed",
+    FieldKind::Number,
+    Some("0"),
+    "randomized SVD: seed, mixed with each tensor's name",
+);
+
+/// How the SVD is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Method {
+    /// Randomized when the rank (or `max_rank`) is small against the matrix, else exact.
+    Auto,
+    /// Always the exact thin SVD.
+    Exact,
+    /// Always the randomized range finder.
+    Randomized,
+}
+
+/// The smallest side from which `auto` considers the randomized SVD: below it, the exact SVD
+/// takes milliseconds.
+const RANDOMIZED_FROM: usize = 256;
+
+/// A rank rule and how the SVD is computed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Factorizer {
+    /// Which rank is kept.
+    pub rule: RankRule,
+    /// At most this many terms.
+    pub max_rank: Option<usize>,
+    /// Exact, randomized or auto.
+    pub method: Method,
+    /// The randomized SVD's settings (its seed is mixed with each tensor's name).
+    pub settings: linalg::Randomized,
+}
+
+/// A positive whole number at `key`, if given.
+fn positive(p: &Payload, key: &str) -> Result<Option<usize>, PlanError> {
+    match p.count(key)? {
+        Some(0) => Err(PlanError::invalid(&p.at(key), "must be at least 1")),
+        other => Ok(other),
+    }
+}
+
+impl Factorizer {
+    /// Reads the rule and method keys; `rank` is read by the caller when it takes other forms
+    /// (`fixed`: the rank, if the caller read it).
+    pub fn parse(p: &Payload, fixed: Option<usize>) -> Result<Factorizer, PlanError> {
+        let energy = p.number("energy")?;
+        let threshold = p.number("threshold")?;
+        let given: Vec<&str> = [
+            ("rank", fixed.is_some()),
+            ("energy", energy.is_some()),
+            ("threshold", threshold.is_some()),
+        ]
+        .iter()
+        .filter(|(_, present)| *present)
+        .map(|(k, _)| *k)
+        .collect();
+        let rule = match (fixed, energy, threshold) {
+            _ if given.len() > 1 => {
+                return Err(PlanError::invalid(
+                    p.location(),
+                    format!("give one of rank, energy and threshold, not {}", given.join(" and ")),
+                ))
+            }
+            (Some(r), _, _) => RankRule::Fixed(r),
+            (_, Some(e), _) if e > 0.0 && e <= 1.0 => RankRule::Energy(e),
+            (_, Some(_), _) => return Err(PlanError::invalid(&p.at("energy"), "must be above 0 and at most 1")),
+            (_, _, Some(t)) if t.is_finite() && t >= 0.0 => RankRule::Threshold(t),
+            (_, _, Some(_)) => return Err(PlanError::invalid(&p.at("threshold"), "must be a finite number ≥ 0")),
+            _ => {
+                return Err(PlanError::invalid(
+                    p.location(),
+                    "give one of rank, energy and threshold",
+                ))
+            }
+        };
+        let max_rank = positive(p, "max_rank")?;
+        if max_rank.is_some() && matches!(rule, RankRule::Fixed(_)) {
+            return Err(PlanError::invalid(
+                &p.at("max_rank"),
+                "max_rank bounds energy and threshold; with rank it has no effect",
+            ));
+        }
+        let method = match p.text("method")? {
+            None | Some("auto") => Method::Auto,
+            Some("exact") => Method::Exact,
+            Some("randomized") => Method::Randomized,
+            Some(other) => {
+                return Err(PlanError::invalid(
+                    &p.at("method"),
+                    format!("unknown method `{other}`; expected auto, exact or randomized"),
+                ))
+            }
+        };
+        if method == Method::Randomized && !matches!(rule, RankRule::Fixed(_)) && max_rank.is_none() {
+            return Err(PlanError::invalid(
+                &p.at("method"),
+                "the randomized SVD needs a rank to aim for: give rank, or max_rank with energy or threshold",
+            ));
+        }
+        let defaults = linalg::Randomized::default();
+        let settings = linalg::Randomized {
+            oversample: p.count("oversample")?.unwrap_or(defaults.oversample),
+            power_iterations: p.count("power_iterations")?.unwrap_or(defaults.power_iterations),
+            seed: p.count("seed")?.map_or(defaults.seed, |s| s as u64),
+        };
+        Ok(Factorizer {
+            rule,
+            max_rank,
+            method,
+            settings,
+        })
+    }
+
+    /// The rank aimed for (the fixed rank, or `max_rank`), if there is one.
+    fn target(&self) -> Option<usize> {
+        match self.rule {
+            RankRule::Fixed(r) => Some(r),
+            _ => self.max_rank,
+        }
+    }
+
+    /// The rank an `m × n` matrix gets when it is known before its values are (a fixed rank),
+    /// else the most it can get.
+    pub fn rank_bound(&self, m: usize, n: usize) -> usize {
+        self.target().unwrap_or(usize::MAX).min(m.min(n))
+    }
+
+    /// Whether the randomized SVD is used for an `m × n` matrix.
+    fn randomized_for(&self, m: usize, n: usize) -> bool {
+        let p = m.min(n);
+        match (self.method, self.target()) {
+            (Method::Exact, _) | (_, None) => false,
+            (Method::Randomized, Some(_)) => true,
+            (Method::Auto, Some(r)) => {
+                p >= RANDOMIZED_FROM && r.saturating_add(self.settings.oversample).saturating_mul(4) <= p
+            }
+        }
+    }
+
+    /// Factorizes the row-major `m × n` matrix `a` (named `name`, which seeds the randomized
+    /// SVD's test matrix) on `pool`, keeping the rank the rule picks.
+    pub fn factor<T: Real>(
+        &self,
+        a: &[T],
+        m: usize,
+        n: usize,
+        name: &str,
+        pool: &rayon::ThreadPool,
+    ) -> Result<(Svd<T>, Quality, &'static str), LinalgError> {
+        let total = linalg::frobenius_sq(a, n)?;
+        let randomized = self.randomized_for(m, n);
+        let mut svd = pool.install(|| match (randomized, self.target()) {
+            (true, Some(target)) => {
+                let settings = linalg::Randomized {
+                    seed: tensor_seed(self.settings.seed, name),
+                    ..self.settings
+                };
+                linalg::randomized(a, m, n, target.min(m.min(n)), settings)
+            }
+            _ => linalg::exact(a, m, n),
+        })?;
+        let rank = linalg::choose_rank(&svd.s, total, self.rule, self.max_rank);
+        let quality = pool.install(|| linalg::quality(a, &svd, rank, total))?;
+        svd.truncate(rank);
+        Ok((svd, quality, if randomized { "randomized" } else { "exact" }))
+    }
+}
+
+/// A thread pool for the factorizations of one step: `threads` (0: one per core).
+pub(crate) fn factor_pool(threads: usize) -> Result<rayon::ThreadPool, TransformError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| {
+            TransformError::Value(ValueError::Compute {
+                op: "factorization",
+                reason: format!("cannot start its threads: {e}"),
+            })
+        })
+}
+
+/// The matrix `(m, n)` of a match, or the error for a tensor that is not 2-D.
+pub(crate) fn matrix_shape(m: &Match, op: &'static str) -> Result<(usize, usize), TransformError> {
+    match m.tensor.shape[..] {
+        [rows, cols] => Ok((rows, cols)),
+        _ => Err(TransformError::NotMatrix {
+            op,
+            tensor: m.display(),
+            shape: m.tensor.shape.clone(),
+        }),
+    }
+}
+
+/// The factors `B = U·sqrt(S)` (m × r) and `A = sqrt(S)·Vᵀ` (r × n), row-major.
+pub(crate) fn split_factors<T: Real>(svd: &Svd<T>) -> (Vec<T>, Vec<T>) {
+    let (m, n, r) = (svd.m, svd.n, svd.k());
+    let roots: Vec<T> = svd.s.iter().map(|&s| T::of(s.wide().sqrt())).collect();
+    let mut b = Vec::with_capacity(m * r);
+    for i in 0..m {
+        b.extend((0..r).map(|t| svd.u[t * m + i] * roots[t]));
+    }
+    let mut a = Vec::with_capacity(r * n);
+    for (t, &root) in roots.iter().enumerate() {
+        a.extend(svd.v[t * n..(t + 1) * n].iter().map(|&x| x * root));
+    }
+    (b, a)
+}
+
+/// A tensor the plan check cannot compute (factors whose values need the SVD): its shape and
+/// dtype are right, reading it is an error. A check never reads values; a run never builds it.
+#[derive(Debug)]
+pub(crate) struct Deferred(pub &'static str);
+
+impl LazyOp for Deferred {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+
+    fn read(&self, _: DType, _: &[usize], _: usize, _: &mut [u8], _: &mut ReadContext) -> Result<(), ValueError> {
+        Err(ValueError::Compute {
+            op: self.0,
+            reason: "its values are computed only when the plan runs".into(),
+        })
+    }
+}
+
+/// `B @ A` from row-major factors kept in `T`, computed for the rows a read covers and rounded
+/// once to the tensor's dtype: the rank-r reconstruction streams like any other value.
+#[derive(Debug)]
+pub(crate) struct LowRankOp<T> {
+    /// `m × r`.
+    pub b: Vec<T>,
+    /// `r × n`.
+    pub a: Vec<T>,
+    /// `(m, r, n)`.
+    pub dims: (usize, usize, usize),
+}
+
+impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
+    fn name(&self) -> &'static str {
+        "low-rank product"
+    }
+
+    fn materialized(&self, _: &mut HashSet<usize>) -> usize {
+        (self.a.len() + self.b.len()) * std::mem::size_of::<T>()
+    }
+
+    fn read(
+        &self,
+        dtype: DType,
+        _: &[usize],
+        start: usize,
+        out: &mut [u8],
+        _: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        let (m, r, n) = self.dims;
+        let size = dtype.size().ok_or(ValueError::NoByteSize { op: self.name(), dtype })?;
+        let count = out.len() / size;
+        if count == 0 || n == 0 {
+            return Ok(());
+        }
+        let (first, last) = (start / n, (start + count).div_ceil(n).min(m));
+        let rows = last - first;
+        let mut block = vec![T::default(); rows * n];
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut block, rows, n),
+            Accum::Replace,
+            MatRef::from_row_major_slice(&self.b[first * r..last * r], rows, r),
+            MatRef::from_row_major_slice(&self.a, r, n),
+            T::of(1.0),
+            Par::Seq,
+        );
+        let from = start - first * n;
+        let bytes = real_bytes(&block[from..from + count], dtype, self.name())?;
+        out.copy_from_slice(&bytes);
+        Ok(())
+    }
+}
+
+// ---- phlora / phlora_ ----
+
+const TWIN: Twin = Twin {
+    new: ("phlora", "low-rank factors A and B of 2-D tensors by SVD (B @ A ≈ W)"),
+    in_place: ("phlora_", "replace 2-D tensors by their best rank-r approximation"),
+    fields: &[
+        Field::required(
+            "target",
+            FieldKind::Reference,
+            "2-D floating tensors to factorize (no slice)",
+        ),
+        Field::required(
+            "target_a",
+            FieldKind::Target,
+            "destination of A = sqrt(S_r)·V_rᵀ (r × n), rewritten from target",
+        )
+        .new_only(),
+        Field::required(
+            "target_b",
+            FieldKind::Target,
+            "destination of B = U_r·sqrt(S_r) (m × r), rewritten from target",
+        )
+        .new_only(),
+        RANK,
+        ENERGY,
+        THRESHOLD,
+        MAX_RANK,
+        METHOD,
+        OVERSAMPLE,
+        POWER_ITERATIONS,
+        SEED,
+        Field::optional(
+            "delete_original",
+            FieldKind::Bool,
+            Some("true"),
+            "delete the factorized tensor",
+        )
+        .new_only(),
+        Field::optional(
+            "require_missing_dest",
+            FieldKind::Bool,
+            Some("true"),
+            "refuse destinations that exist (false: overwrite them)",
+        )
+        .new_only(),
+    ],
+    parse: |value, cx| {
+        let p = cx.payload(value)?;
+        let target = p.reference("target")?;
+        if target.slice.is_some() {
+            return Err(PlanError::invalid(
+                &p.at("target"),
+                "phlora factors whole tensors: remove the slice",
+            ));
+        }
+        let factorizer = Factorizer::parse(&p, positive(&p, "rank")?)?;
+        let outputs = match cx.spec.form {
+            Form::InPlace => None,
+            _ => {
+                let (a, b) = (p.target("target_a")?, p.target("target_b")?);
+                for (key, t) in [("target_a", &a), ("target_b", &b)] {
+                    if t.slice.is_some() {
+                        return Err(PlanError::invalid(
+                            &p.at(key),
+                            "phlora writes whole tensors: remove the slice",
+                        ));
+                    }
+                }
+                Some(Outputs {
+                    a,
+                    b,
+                    delete_original: p.flag("delete_original", true)?,
+                    overwrite: !p.flag("require_missing_dest", true)?,
+                })
+            }
+        };
+        Ok(Box::new(Phlora {
+            target,
+            outputs,
+            factorizer,
+            location: cx.location.clone(),
+        }))
+    },
+};
+
+/// `phlora`.
+pub const PHLORA: TransformSpec = TWIN.spec(Form::New);
+/// `phlora_`.
+pub const PHLORA_: TransformSpec = TWIN.spec(Form::InPlace);
+
+#[derive(Debug)]
+struct Outputs {
+    a: Target,
+    b: Target,
+    delete_original: bool,
+    overwrite: bool,
+}
+
+#[derive(Debug)]
+struct Phlora {
+    target: Reference,
+    /// `None` for `phlora_`.
+    outputs: Option<Outputs>,
+    factorizer: Factorizer,
+    location: Location,
+}
+
+/// The factors of one matrix in its dtype, and for `phlora_` its reconstruction.
+struct Factored {
+    a: Tensor,
+    b: Tensor,
+    product: Tensor,
+}
+
+impl Phlora {
+    fn op(&self) -> &'static str {
+        if self.outputs.is_some() {
+            "phlora"
+        } else {
+            "phlora_"
+        }
+    }
+
+    /// Factorizes one matrix in `T`.
+    fn factored<T: Real + std::fmt::Debug>(
+        &self,
+        m: &Match,
+        (rows, cols): (usize, usize),
+        pool: &rayon::ThreadPool,
+        ctx: &mut Context,
+    ) -> Result<Factored, StepError> {
+        let display = m.display();
+        let values =
+            read_real::<T>(&m.tensor, self.op(), &mut ctx.reads).map_err(|e| TransformError::value_of(&display, e))?;
+        let (svd, quality, method) = self
+            .factorizer
+            .factor(&values, rows, cols, &m.name, pool)
+            .map_err(|source| TransformError::Factorization {
+                tensor: display.clone(),
+                source,
+            })?;
+        drop(values);
+        let rank = quality.rank;
+        let (b, a) = split_factors(&svd);
+        drop(svd);
+        let dtype = m.tensor.dtype;
+        let bytes = |v: &[T]| real_bytes(v, dtype, self.op()).map_err(|e| TransformError::value_of(&display, e));
+        let a_tensor = Tensor::in_memory(dtype, vec![rank, cols], Arc::new(bytes(&a)?));
+        let b_tensor = Tensor::in_memory(dtype, vec![rows, rank], Arc::new(bytes(&b)?));
+        let product = Tensor::op(
+            dtype,
+            vec![rows, cols],
+            Arc::new(LowRankOp {
+                b,
+                a,
+                dims: (rows, rank, cols),
+            }),
+        )
+        .map_err(|e| TransformError::value_of(&display, e))?;
+        ctx.factorizations.push(Factorization {
+            op: self.op(),
+            tensor: display,
+            shape: (rows, cols),
+            method,
+            quality,
+        });
+        Ok(Factored {
+            a: a_tensor,
+            b: b_tensor,
+            product,
+        })
+    }
+
+    /// Placeholders of the right shapes for the plan check, where no value is read.
+    fn deferred(&self, m: &Match, (rows, cols): (usize, usize)) -> Result<Factored, StepError> {
+        let rank = self.factorizer.rank_bound(rows, cols);
+        let dtype = m.tensor.dtype;
+        let tensor = |shape: Vec<usize>| {
+            Tensor::op(dtype, shape, Arc::new(Deferred(self.op())))
+                .map_err(|e| TransformError::value_of(&m.display(), e))
+        };
+        Ok(Factored {
+            a: tensor(vec![rank, cols])?,
+            b: tensor(vec![rows, rank])?,
+            product: tensor(vec![rows, cols])?,
+        })
+    }
+}
+
+impl Transform for Phlora {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let op = self.op();
+        let matches = state.select_some(&self.target, &self.location)?;
+        let mut shapes = Vec::with_capacity(matches.len());
+        for m in &matches {
+            require_float(m, op)?;
+            let (rows, cols) = matrix_shape(m, op)?;
+            if let RankRule::Fixed(r) = self.factorizer.rule {
+                if r > rows.min(cols) {
+                    // The 0.2 tool clamps the rank to min(m, n); plans written for it rely on it.
+                    ctx.notices.push(format!(
+                        "{op}: rank {r} is more than `{}` {rows}×{cols} has; using {}",
+                        m.display(),
+                        rows.min(cols)
+                    ));
+                }
+            }
+            shapes.push((rows, cols));
+        }
+        let writes = |overwrite: bool| if overwrite { Writes::Either } else { Writes::New };
+        let targets = match &self.outputs {
+            Some(o) => {
+                let a = destinations(state, &matches, &o.a, writes(o.overwrite), op, &self.location)?;
+                let b = destinations(state, &matches, &o.b, writes(o.overwrite), op, &self.location)?;
+                for (m, (a, b)) in matches.iter().zip(a.iter().zip(&b)) {
+                    if (&a.alias, &a.name) == (&b.alias, &b.name) {
+                        return Err(TransformError::Collision {
+                            destination: a.display.clone(),
+                            first: format!("{} (target_a)", m.display()),
+                            second: format!("{} (target_b)", m.display()),
+                        }
+                        .into());
+                    }
+                }
+                Some((a, b))
+            }
+            None => None,
+        };
+        let pool = if ctx.evaluate {
+            Some(factor_pool(ctx.threads)?)
+        } else {
+            None
+        };
+        for (i, (m, &shape)) in matches.iter().zip(&shapes).enumerate() {
+            if ctx.cancelled() {
+                return Err(StepError::Cancelled);
+            }
+            let factored = match &pool {
+                None => self.deferred(m, shape)?,
+                Some(pool) if m.tensor.dtype == DType::F64 => self.factored::<f64>(m, shape, pool, ctx)?,
+                Some(pool) => self.factored::<f32>(m, shape, pool, ctx)?,
+            };
+            match (&targets, &self.outputs) {
+                (Some((a, b)), Some(o)) => {
+                    if o.delete_original {
+                        state.remove(&m.alias, &m.name);
+                    }
+                    state.insert(&a[i].alias, &a[i].name, factored.a);
+                    state.insert(&b[i].alias, &b[i].name, factored.b);
+                }
+                _ => state.replace(&m.alias, &m.name, factored.product),
+            }
+        }
+        let how = match self.factorizer.rule {
+            RankRule::Fixed(r) => format!("rank {r}"),
+            RankRule::Energy(e) => format!("energy {e}"),
+            RankRule::Threshold(t) => format!("σ ≥ {t}"),
+        };
+        let pending = if ctx.evaluate {
+            ""
+        } else {
+            " (ranks by energy or threshold are known when the plan runs)"
+        };
+        let pending = if matches!(self.factorizer.rule, RankRule::Fixed(_)) {
+            ""
+        } else {
+            pending
+        };
+        ctx.note(format!(
+            "{op}: {} factorized, {how}{pending}",
+            count_noun(matches.len())
+        ));
+        Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::random;
+
+    #[test]
+    fn factors_multiply_back_to_the_truncation() {
+        let (m, n) = (9, 6);
+        let a: Vec<f64> = (0..m * n).map(|i| random::normal(1, i as u64)).collect();
+        let svd = linalg::exact(&a, m, n).unwrap();
+        let mut trunc = svd.clone();
+        trunc.truncate(3);
+        let (b, af) = split_factors(&trunc);
+        let op = LowRankOp {
+            b,
+            a: af,
+            dims: (m, 3, n),
+        };
+        let mut out = vec![0u8; m * n * 8];
+        // Reads that start and end inside rows.
+        let mut cx = ReadContext::default();
+        for (start, len) in [(0, m * n), (5, 13), (17, 1)] {
+            op.read(DType::F64, &[m, n], start, &mut out[..len * 8], &mut cx)
+                .unwrap();
+            for k in 0..len {
+                let (i, j) = ((start + k) / n, (start + k) % n);
+                let want: f64 = (0..3)
+                    .map(|t| trunc.u[t * m + i] * trunc.s[t] * trunc.v[t * n + j])
+                    .sum();
+                let got = f64::from_le_bytes(out[k * 8..k * 8 + 8].try_into().unwrap());
+                assert!((got - want).abs() < 1e-12, "{start}+{k}: {got} {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn auto_picks_randomized_only_for_small_ranks_of_large_matrices() {
+        let f = |rule, max_rank| Factorizer {
+            rule,
+            max_rank,
+            method: Method::Auto,
+            settings: linalg::Randomized::default(),
+        };
+        assert!(f(RankRule::Fixed(64), None).randomized_for(4096, 14336));
+        assert!(!f(RankRule::Fixed(64), None).randomized_for(256, 4096));
+        assert!(!f(RankRule::Fixed(8), None).randomized_for(100, 100));
+        assert!(!f(RankRule::Energy(0.9), None).randomized_for(4096, 4096));
+        assert!(f(RankRule::Energy(0.9), Some(32)).randomized_for(4096, 4096));
+        assert_eq!(f(RankRule::Fixed(64), None).rank_bound(10, 50), 10);
+        assert_eq!(f(RankRule::Energy(0.9), None).rank_bound(10, 50), 10);
+    }
+}
