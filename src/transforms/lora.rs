@@ -143,6 +143,12 @@ const EXTRACT_FIELDS: &[Field] = &[
         "weights stored in × out (GPT-2 Conv1D); default: true for GPT-2 module names",
     ),
     Field::optional(
+        "modules_to_save",
+        FieldKind::Reference,
+        None,
+        "fine-tuned tensors stored whole (norms, embeddings, heads), as PEFT's modules_to_save",
+    ),
+    Field::optional(
         "dtype",
         FieldKind::DType,
         None,
@@ -195,6 +201,10 @@ pub const EXTRACT_LORA: TransformSpec = TransformSpec {
                 None => None,
                 Some(_) => Some(p.flag("fan_in_fan_out", false)?),
             },
+            modules_to_save: match p.get("modules_to_save") {
+                None => None,
+                Some(_) => Some(p.reference("modules_to_save")?),
+            },
             dtype: p.dtype("dtype")?,
             overwrite: p.flag("overwrite", false)?,
             location: cx.location.clone(),
@@ -215,6 +225,8 @@ struct ExtractLora {
     rslora: bool,
     bias: bool,
     fan_in_fan_out: Option<bool>,
+    /// Tensors stored whole.
+    modules_to_save: Option<Reference>,
     dtype: Option<DType>,
     overwrite: bool,
     location: Location,
@@ -228,6 +240,8 @@ struct Module {
     base: Tensor,
     /// `(out, in)` of the delta as PEFT sees it (transposed for fan_in_fan_out).
     shape: (usize, usize),
+    /// Whether the weight is stored in × out (fan_in_fan_out).
+    transpose: bool,
     /// `(finetuned, base)` biases, when both exist and `bias` is asked for.
     bias: Option<(Tensor, Tensor)>,
 }
@@ -368,6 +382,7 @@ impl ExtractLora {
                 ft: m.tensor.clone(),
                 base: base.clone(),
                 shape,
+                transpose,
                 bias,
             });
         }
@@ -430,8 +445,7 @@ impl ExtractLora {
         ctx: &mut Context,
     ) -> Result<Vec<Extracted>, StepError> {
         let display = format!("{}::{}.weight", self.finetuned, module.name);
-        let transpose = module.shape != (module.ft.shape[0], module.ft.shape[1]);
-        let delta = difference::<T>(&module.ft, &module.base, transpose, &mut ctx.reads)
+        let delta = difference::<T>(&module.ft, &module.base, module.transpose, &mut ctx.reads)
             .map_err(|e| TransformError::value_of(&display, e))?;
         let (rows, cols) = module.shape;
         let (svd, quality, method) =
@@ -490,6 +504,7 @@ impl ExtractLora {
         state: &State,
         dir: &Path,
         factors: &[&Extracted],
+        whole: &[(String, Tensor)],
         dtype: DType,
         fan_in_fan_out: bool,
         ctx: &mut Context,
@@ -537,6 +552,14 @@ impl ExtractLora {
                 tensors.push((format!("{PREFIX}{}.lora_B.bias", f.module), encode(scaled, vec![n])?));
             }
         }
+        for (name, tensor) in whole {
+            tensors.push((format!("{PREFIX}{name}"), tensor.clone()));
+        }
+        // PEFT names modules_to_save by module: the tensor names without `.weight` / `.bias`.
+        let saved: std::collections::BTreeSet<&str> = whole
+            .iter()
+            .map(|(name, _)| name.rsplit_once('.').map_or(name.as_str(), |(module, _)| module))
+            .collect();
         let rank_pattern: serde_json::Map<String, Json> = rank_of
             .iter()
             .filter(|(_, &rank)| rank != r)
@@ -562,7 +585,7 @@ impl ExtractLora {
             "fan_in_fan_out": fan_in_fan_out,
             "lora_dropout": 0.0,
             "init_lora_weights": true,
-            "modules_to_save": null,
+            "modules_to_save": if saved.is_empty() { Json::Null } else { json!(saved) },
             "inference_mode": true,
         });
         std::fs::create_dir_all(dir).map_err(|e| FormatError::io(dir, e))?;
@@ -625,12 +648,8 @@ impl Transform for ExtractLora {
             write::validate_target(&spec, state, &self.location.key("path"))?;
             self.check_target(dir)?;
         }
-        let fan_in_fan_out = modules.iter().any(|m| m.shape != (m.ft.shape[0], m.ft.shape[1]));
-        if fan_in_fan_out
-            && modules
-                .iter()
-                .any(|m| m.shape == (m.ft.shape[0], m.ft.shape[1]) && m.shape.0 != m.shape.1)
-        {
+        let fan_in_fan_out = modules.iter().any(|m| m.transpose);
+        if fan_in_fan_out && modules.iter().any(|m| !m.transpose) {
             return Err(adapter_error(
                 "extract_lora",
                 "some matched weights are stored in × out (GPT-2 Conv1D) and others out × in; PEFT's fan_in_fan_out is one flag per adapter: extract them separately",
@@ -640,6 +659,27 @@ impl Transform for ExtractLora {
             .dtype
             .or_else(|| modules.first().map(|m| m.base.dtype))
             .unwrap_or(DType::F32);
+        let whole: Vec<(String, Tensor)> = match &self.modules_to_save {
+            None => Vec::new(),
+            Some(reference) => {
+                let mut reference = reference.clone();
+                if reference.alias.is_none() {
+                    reference.alias = Some(self.finetuned.clone());
+                }
+                let matches = state.select_some(&reference, &self.location)?;
+                let adapted: HashSet<String> = modules.iter().map(|m| format!("{}.weight", m.name)).collect();
+                if let Some(m) = matches.iter().find(|m| adapted.contains(&m.name)) {
+                    return Err(adapter_error(
+                        "extract_lora",
+                        format!(
+                            "`{}` is both factored (target) and stored whole (modules_to_save)",
+                            m.display()
+                        ),
+                    ));
+                }
+                matches.into_iter().map(|m| (m.name, m.tensor)).collect()
+            }
+        };
         if !ctx.evaluate {
             ctx.note(format!(
                 "extract_lora: {} → {} (written when the plan runs)",
@@ -664,7 +704,7 @@ impl Transform for ExtractLora {
         let mut written = 0;
         for (rank, dir) in &directories {
             let factors: Vec<&Extracted> = extracted.iter().filter(|e| rank.is_none_or(|r| e.rank == r)).collect();
-            let files = self.write_adapter(state, dir, &factors, dtype, fan_in_fan_out, ctx)?;
+            let files = self.write_adapter(state, dir, &factors, &whole, dtype, fan_in_fan_out, ctx)?;
             written += files.len();
             ctx.written.extend(files);
         }
