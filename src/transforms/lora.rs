@@ -258,6 +258,16 @@ struct Extracted {
     bias: Option<Vec<f32>>,
 }
 
+/// What every adapter of one extraction holds besides its factors.
+struct Shared {
+    /// Tensors stored whole (`modules_to_save`).
+    whole: Vec<(String, Tensor)>,
+    /// The adapter tensors' dtype.
+    dtype: DType,
+    /// Whether the weights are stored in × out.
+    fan_in_fan_out: bool,
+}
+
 /// GPT-2's Conv1D modules, whose weights are stored in × out.
 fn is_conv1d(module: &str) -> bool {
     matches!(module.rsplit('.').next(), Some("c_attn" | "c_proj" | "c_fc"))
@@ -504,12 +514,16 @@ impl ExtractLora {
         state: &State,
         dir: &Path,
         factors: &[&Extracted],
-        whole: &[(String, Tensor)],
-        dtype: DType,
-        fan_in_fan_out: bool,
+        shared: &Shared,
         ctx: &mut Context,
     ) -> Result<Vec<PathBuf>, StepError> {
         let op = "extract_lora";
+        let Shared {
+            whole,
+            dtype,
+            fan_in_fan_out,
+        } = shared;
+        let (dtype, fan_in_fan_out) = (*dtype, *fan_in_fan_out);
         let rank_of: BTreeMap<&str, usize> = factors.iter().map(|f| (f.module.as_str(), f.rank)).collect();
         let mut counts: HashMap<usize, usize> = HashMap::new();
         for f in factors {
@@ -701,10 +715,15 @@ impl Transform for ExtractLora {
             };
             extracted.extend(parts);
         }
+        let shared = Shared {
+            whole,
+            dtype,
+            fan_in_fan_out,
+        };
         let mut written = 0;
         for (rank, dir) in &directories {
             let factors: Vec<&Extracted> = extracted.iter().filter(|e| rank.is_none_or(|r| e.rank == r)).collect();
-            let files = self.write_adapter(state, dir, &factors, &whole, dtype, fan_in_fan_out, ctx)?;
+            let files = self.write_adapter(state, dir, &factors, &shared, ctx)?;
             written += files.len();
             ctx.written.extend(files);
         }
