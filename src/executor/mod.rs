@@ -227,6 +227,7 @@ impl Prepared {
     }
 
     fn report(&self, state: &State, ctx: Context) -> Result<Report, Error> {
+        let workspace = ctx.workspace;
         let mut report = Report {
             notes: ctx.notes,
             output: ctx.output,
@@ -277,7 +278,10 @@ impl Prepared {
         report.materialized_bytes = materialized as u64;
         report.peak_memory_estimate = (self.threads as u64)
             .saturating_mul(3 * CHUNK_BYTES as u64)
-            .saturating_add(materialized as u64);
+            .saturating_add(materialized as u64)
+            // Factorizations run before the write, one matrix at a time, while the factors
+            // already made (counted in `materialized`) are kept.
+            .max((workspace as u64).saturating_add(materialized as u64));
         Ok(report)
     }
 

@@ -278,6 +278,23 @@ impl Factorizer {
         self.target().unwrap_or(usize::MAX).min(m.min(n))
     }
 
+    /// An upper bound of the bytes factorizing one `m × n` matrix of `width`-byte reals holds at
+    /// once: the matrix (twice for the exact SVD, which works on a copy), the singular vectors
+    /// kept, and for the randomized SVD its sketches.
+    pub fn workspace(&self, m: usize, n: usize, width: usize) -> usize {
+        let p = m.min(n);
+        let matrix = m.saturating_mul(n);
+        let elements = if self.randomized_for(m, n) {
+            let k = self.rank_bound(m, n).saturating_add(self.settings.oversample).min(p);
+            matrix.saturating_add(m.saturating_add(n).saturating_mul(k).saturating_mul(3))
+        } else {
+            matrix
+                .saturating_mul(2)
+                .saturating_add(m.saturating_add(n).saturating_mul(p))
+        };
+        elements.saturating_mul(width)
+    }
+
     /// Whether the randomized SVD is used for an `m × n` matrix.
     fn randomized_for(&self, m: usize, n: usize) -> bool {
         let p = m.min(n);
@@ -361,12 +378,17 @@ pub(crate) fn split_factors<T: Real>(svd: &Svd<T>) -> (Vec<T>, Vec<T>) {
 
 /// A tensor the plan check cannot compute (factors whose values need the SVD): its shape and
 /// dtype are right, reading it is an error. A check never reads values; a run never builds it.
+/// It counts the bytes the run will keep for it in memory.
 #[derive(Debug)]
-pub(crate) struct Deferred(pub &'static str);
+pub(crate) struct Deferred(pub &'static str, pub usize);
 
 impl LazyOp for Deferred {
     fn name(&self) -> &'static str {
         self.0
+    }
+
+    fn materialized(&self, _: &mut HashSet<usize>) -> usize {
+        self.1
     }
 
     fn read(&self, _: DType, _: &[usize], _: usize, _: &mut [u8], _: &mut ReadContext) -> Result<(), ValueError> {
@@ -607,14 +629,17 @@ impl Phlora {
     fn deferred(&self, m: &Match, (rows, cols): (usize, usize)) -> Result<Factored, StepError> {
         let rank = self.factorizer.rank_bound(rows, cols);
         let dtype = m.tensor.dtype;
-        let tensor = |shape: Vec<usize>| {
-            Tensor::op(dtype, shape, Arc::new(Deferred(self.op())))
+        let size = dtype.size().unwrap_or(4);
+        let factors = rows.saturating_add(cols).saturating_mul(rank);
+        let tensor = |shape: Vec<usize>, bytes: usize| {
+            Tensor::op(dtype, shape, Arc::new(Deferred(self.op(), bytes)))
                 .map_err(|e| TransformError::value_of(&m.display(), e))
         };
         Ok(Factored {
-            a: tensor(vec![rank, cols])?,
-            b: tensor(vec![rows, rank])?,
-            product: tensor(vec![rows, cols])?,
+            a: tensor(vec![rank, cols], rank.saturating_mul(cols).saturating_mul(size))?,
+            b: tensor(vec![rows, rank], rows.saturating_mul(rank).saturating_mul(size))?,
+            // `phlora_` keeps the factors in f32 (f64) to compute the product when written.
+            product: tensor(vec![rows, cols], factors.saturating_mul(size.max(4)))?,
         })
     }
 }
@@ -638,6 +663,8 @@ impl Transform for Phlora {
                 }
             }
             shapes.push((rows, cols));
+            let width = if m.tensor.dtype == DType::F64 { 8 } else { 4 };
+            ctx.workspace = ctx.workspace.max(self.factorizer.workspace(rows, cols, width));
         }
         let writes = |overwrite: bool| if overwrite { Writes::Either } else { Writes::New };
         let targets = match &self.outputs {

@@ -91,6 +91,9 @@ pub struct Context {
     pub steps_run: usize,
     /// Tensors factorized (`phlora`, `extract_lora`), in order, with what each kept.
     pub factorizations: Vec<lowrank::Factorization>,
+    /// The most bytes one step needs at once for work done while it runs (a factorization's
+    /// matrix and workspace), for the check's peak memory estimate.
+    pub workspace: usize,
 }
 
 /// Most transforms one run executes. Each may stack one lazy operation on a tensor, and reading
@@ -114,6 +117,7 @@ impl Context {
             notices: Vec::new(),
             steps_run: 0,
             factorizations: Vec::new(),
+            workspace: 0,
         }
     }
 

@@ -192,3 +192,13 @@ def test_cli_prints_what_the_factorization_lost(write, tmp_path):
     result = cli([path, "-e", "phlora_: {target: w, rank: 4}", "-o", out], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "factorized 1 tensor: rank 4, energy kept" in result.stdout and "relative error" in result.stdout
+
+
+def test_check_estimates_the_factorization_workspace(write, tmp_path):
+    # The exact SVD of a 1000 × 800 f32 matrix holds the matrix, a working copy and the vectors.
+    path = write({"w": np.zeros((1000, 800), ml_dtypes.bfloat16)})
+    plan = {"inputs": [str(path)], "transforms": [{"phlora_": {"target": "w", "rank": 700}}], "output": str(tmp_path / "o.safetensors")}
+    report = bs.check(plan)
+    assert report["peak_memory_estimate"] >= 2 * 1000 * 800 * 4 + (1000 + 800) * 800 * 4
+    # The kept factors (f32, rank 700) count as computed in memory.
+    assert report["materialized_bytes"] == (1000 + 800) * 700 * 4
