@@ -1050,7 +1050,12 @@ impl LazyOp for BiasOp {
         let count = out.len() / size;
         let mut base = vec![0u8; out.len()];
         self.base.read(start, &mut base, cx)?;
-        let mut add = vec![0u8; out.len()];
+        // The adapter's bias may be stored in another dtype than the model's.
+        let bias_size = self.bias.dtype.size().ok_or(ValueError::NoByteSize {
+            op: "merge_lora",
+            dtype: self.bias.dtype,
+        })?;
+        let mut add = vec![0u8; count * bias_size];
         self.bias.read(start, &mut add, cx)?;
         let (mut x, mut y) = (vec![0u8; count * 4], vec![0u8; count * 4]);
         crate::kernels::convert(dtype, &base, DType::F32, &mut x);

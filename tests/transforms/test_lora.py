@@ -259,6 +259,26 @@ def test_merge_scale_and_bias(write, tmp_path):
         assert _rel(got[k], half[k]) < 1e-6 if np.linalg.norm(half[k]) else np.array_equal(got[k], base[k]), k
 
 
+def test_merge_into_bf16_with_an_f32_adapter(write, tmp_path):
+    import ml_dtypes
+
+    rng = np.random.default_rng(12)
+    base32, _, _, _ = _pair(write, rng, bias=True)
+    base = {k: v.astype(ml_dtypes.bfloat16) for k, v in base32.items()}
+    bp = write(base, name="base-bf16.safetensors")
+    as32 = {k: v.astype(np.float32) for k, v in base.items()}
+    adapter = _adapter(tmp_path, as32, {"r": 2, "lora_alpha": 4, "lora_bias": True}, {"model.layers.1.v_proj": 2}, rng, bias=True)
+    out = tmp_path / "merged.safetensors"
+    _merge(bp, adapter, out)
+    merged = bs.open(out)
+    want = _numpy_merge(as32, adapter)
+    for k in base:
+        got = np.asarray(merged[k])
+        assert got.dtype == ml_dtypes.bfloat16
+        # Computed in f32, rounded once to bfloat16.
+        np.testing.assert_array_equal(got, want[k].astype(np.float32).astype(ml_dtypes.bfloat16), err_msg=k)
+
+
 def test_bad_adapters_are_clear_errors(write, tmp_path):
     rng = np.random.default_rng(8)
     base, _, bp, _ = _pair(write, rng)
