@@ -628,6 +628,10 @@ impl Tensor {
 /// Reads a whole tensor as `T` values (f32, or f64), converted as [`kernels::convert`] does:
 /// for operations that need every element at once (products, factorizations).
 pub fn read_real<T: Real>(t: &Tensor, op: &'static str, cx: &mut ReadContext) -> Result<Vec<T>, ValueError> {
+    // Carry-only dtypes (sub-byte floats, complex, F8_E8M0) have no conversion to compute with.
+    if !t.dtype.is_computable() {
+        return Err(ValueError::NoByteSize { op, dtype: t.dtype });
+    }
     let width = std::mem::size_of::<T>();
     let mut values = Vec::new();
     values
@@ -650,6 +654,9 @@ pub fn read_real<T: Real>(t: &Tensor, op: &'static str, cx: &mut ReadContext) ->
 
 /// The bytes of `values` in `dtype`, rounded to nearest even (a float dtype).
 pub fn real_bytes<T: Real>(values: &[T], dtype: DType, op: &'static str) -> Result<Vec<u8>, ValueError> {
+    if !dtype.is_computable() {
+        return Err(ValueError::NoByteSize { op, dtype });
+    }
     let width = std::mem::size_of::<T>();
     let size = element_size(dtype, op)?;
     let mut out = try_filled(op, values.len().saturating_mul(size), 0u8)?;
@@ -996,6 +1003,20 @@ mod tests {
             other => panic!("{:?}", other.map(|v| v.len())),
         }
         assert_eq!(try_filled("test", 3, 7u8).unwrap(), [7, 7, 7]);
+    }
+
+    /// Issue 10 review: reading a carry-only dtype as reals asserted in the conversion kernel.
+    #[test]
+    fn carry_only_dtypes_are_not_read_as_reals() {
+        for dtype in [DType::C64, DType::F8E8M0, DType::F4] {
+            let t = Tensor::in_memory(dtype, vec![2], Arc::new(vec![0u8; 16]));
+            let got = read_real::<f32>(&t, "test", &mut ReadContext::default());
+            assert!(matches!(got, Err(ValueError::NoByteSize { .. })), "{dtype}");
+            assert!(matches!(
+                real_bytes(&[1.0f32], dtype, "test"),
+                Err(ValueError::NoByteSize { .. })
+            ));
+        }
     }
     use crate::references::SliceSpec;
 

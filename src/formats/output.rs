@@ -176,13 +176,25 @@ impl Drop for Staged {
     }
 }
 
-/// Writes a small file (an adapter's `adapter_config.json`) through a temporary beside it and
-/// renames it into place, so a reader never sees it half written and a failure leaves nothing.
-pub fn write_small_file(target: &Path, bytes: &[u8]) -> Result<(), FormatError> {
-    use std::io::Write as _;
-    let (staged, mut file) = Staged::create(target)?;
-    file.write_all(bytes).map_err(|e| FormatError::io(target, e))?;
-    staged.commit()
+/// A small file (an adapter's `adapter_config.json`) written to a temporary beside its target
+/// and put in place by [`StagedFile::commit`], so it can land right after the file it describes;
+/// dropped uncommitted, it leaves nothing.
+#[derive(Debug)]
+pub struct StagedFile(Staged);
+
+impl StagedFile {
+    /// Writes `bytes` to a temporary for `target`.
+    pub fn write(target: &Path, bytes: &[u8]) -> Result<StagedFile, FormatError> {
+        use std::io::Write as _;
+        let (staged, mut file) = Staged::create(target)?;
+        file.write_all(bytes).map_err(|e| FormatError::io(target, e))?;
+        Ok(StagedFile(staged))
+    }
+
+    /// Renames the temporary over the target.
+    pub fn commit(self) -> Result<(), FormatError> {
+        self.0.commit()
+    }
 }
 
 /// An unnamed file in `target`'s directory (Linux `O_TMPFILE`), or `None` where unavailable.

@@ -205,7 +205,15 @@ pub const EXTRACT_LORA: TransformSpec = TransformSpec {
                 None => None,
                 Some(_) => Some(p.reference("modules_to_save")?),
             },
-            dtype: p.dtype("dtype")?,
+            dtype: match p.dtype("dtype")? {
+                Some(d) if !(d.is_float() && d.is_computable()) => {
+                    return Err(PlanError::invalid(
+                        &p.at("dtype"),
+                        format!("adapter tensors need a floating dtype, not {d}"),
+                    ))
+                }
+                other => other,
+            },
             overwrite: p.flag("overwrite", false)?,
             location: cx.location.clone(),
         }))
@@ -240,8 +248,10 @@ struct Module {
     base: Tensor,
     /// `(out, in)` of the delta as PEFT sees it (transposed for fan_in_fan_out).
     shape: (usize, usize),
-    /// Whether the weight is stored in × out (fan_in_fan_out).
+    /// Whether the stored weight is the transpose of PEFT's delta (fan_in_fan_out, embeddings).
     transpose: bool,
+    /// Whether it is a token embedding (`lora_embedding_A/B`).
+    embedding: bool,
     /// `(finetuned, base)` biases, when both exist and `bias` is asked for.
     bias: Option<(Tensor, Tensor)>,
 }
@@ -249,13 +259,15 @@ struct Module {
 /// The factors of one module at one rank, before scaling.
 struct Extracted {
     module: String,
+    /// Whether the module is a token embedding (`lora_embedding_A/B`).
+    embedding: bool,
     rank: usize,
-    /// `out × r`, row-major, in f32.
-    b: Vec<f32>,
+    /// `out × r`, row-major, widened to f64 (exact for f32 work, and F64 keeps its precision).
+    b: Vec<f64>,
     /// `r × in`.
-    a: Vec<f32>,
+    a: Vec<f64>,
     /// The bias delta.
-    bias: Option<Vec<f32>>,
+    bias: Option<Vec<f64>>,
 }
 
 /// What every adapter of one extraction holds besides its factors.
@@ -268,13 +280,13 @@ struct Shared {
     fan_in_fan_out: bool,
 }
 
-/// GPT-2's Conv1D modules, whose weights are stored in × out.
+/// GPT-2's Conv1D module names, used when the model has no `config.json` to say its type.
 fn is_conv1d(module: &str) -> bool {
     matches!(module.rsplit('.').next(), Some("c_attn" | "c_proj" | "c_fc"))
 }
 
-/// The `base_model_name_or_path` of an alias: its `config.json`'s `_name_or_path`.
-fn model_name(state: &State, alias: &str) -> Option<String> {
+/// A key of an alias's `config.json` (the Hugging Face model config beside its weights).
+fn config_value(state: &State, alias: &str, key: &str) -> Option<Json> {
     let origin = state.alias(alias)?.origin.as_ref()?;
     let config = origin
         .sidecars
@@ -282,11 +294,27 @@ fn model_name(state: &State, alias: &str) -> Option<String> {
         .find(|p| p.file_name().is_some_and(|n| n == "config.json"))?;
     let text = std::fs::read_to_string(config).ok()?;
     let value: Json = serde_json::from_str(&text).ok()?;
-    value
-        .get("_name_or_path")?
+    value.get(key).cloned()
+}
+
+/// The `base_model_name_or_path` of an alias: its `config.json`'s `_name_or_path`.
+fn model_name(state: &State, alias: &str) -> Option<String> {
+    config_value(state, alias, "_name_or_path")?
         .as_str()
         .filter(|s| !s.is_empty())
         .map(str::to_owned)
+}
+
+/// Model types whose attention and MLP are transformers' `Conv1D` (weights stored in × out).
+const CONV1D_MODELS: &[&str] = &["gpt2", "openai-gpt", "decision_transformer", "imagegpt"];
+
+/// Last name components of token embeddings (`nn.Embedding`), whose LoRA PEFT stores as
+/// `lora_embedding_A` (r × vocab) and `lora_embedding_B` (dim × r).
+const EMBEDDINGS: &[&str] = &["embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings"];
+
+/// Whether `module` is a token embedding, by its name.
+fn is_embedding(module: &str) -> bool {
+    EMBEDDINGS.contains(&module.rsplit('.').next().unwrap_or(module))
 }
 
 /// `ft − base` of one module as `T`, transposed to out × in when `transpose`.
@@ -334,10 +362,20 @@ impl ExtractLora {
             reference.alias = Some(self.finetuned.clone());
         }
         let matches = state.select_some(&reference, &self.location)?;
+        // Conv1D layouts: from the model's config when it has one (GPTBigCode, Qwen-1 and CLIP
+        // name `nn.Linear` modules `c_attn` too), else from GPT-2's module names.
+        let conv1d_model = config_value(state, &self.finetuned, "model_type")
+            .and_then(|t| t.as_str().map(|t| CONV1D_MODELS.contains(&t)));
         let mut modules = Vec::with_capacity(matches.len());
         for m in &matches {
             require_float(m, op)?;
             let (rows, cols) = matrix_shape(m, op)?;
+            if rows == 0 || cols == 0 {
+                return Err(adapter_error(
+                    op,
+                    format!("`{}` is empty ({rows}×{cols}): there is nothing to factor", m.display()),
+                ));
+            }
             let Some(module) = m.name.strip_suffix(".weight") else {
                 return Err(adapter_error(
                     op,
@@ -353,6 +391,14 @@ impl ExtractLora {
                     format!("`{}` has no counterpart `{}::{}`", m.display(), self.base, m.name),
                 ));
             };
+            if !(base.dtype.is_float() && base.dtype.is_computable()) {
+                return Err(TransformError::NotFloat {
+                    op,
+                    tensor: format!("{}::{}", self.base, m.name),
+                    dtype: base.dtype,
+                }
+                .into());
+            }
             if base.shape != m.tensor.shape {
                 return Err(TransformError::ShapeMismatch {
                     source_name: m.display(),
@@ -362,7 +408,13 @@ impl ExtractLora {
                 }
                 .into());
             }
-            let transpose = self.fan_in_fan_out.unwrap_or_else(|| is_conv1d(module));
+            let embedding = is_embedding(module);
+            let conv1d = !embedding
+                && self
+                    .fan_in_fan_out
+                    .unwrap_or_else(|| conv1d_model.unwrap_or_else(|| is_conv1d(module)));
+            // PEFT's delta is B@A (out × in); an embedding's and a Conv1D's is its transpose.
+            let transpose = embedding || conv1d;
             let shape = if transpose { (cols, rows) } else { (rows, cols) };
             if let Some(ranks) = &self.ranks {
                 let top = ranks.last().copied().unwrap_or(0);
@@ -378,11 +430,25 @@ impl ExtractLora {
             }
             let bias_name = format!("{module}.bias");
             let bias = match (
-                self.bias,
+                self.bias && !embedding,
                 state.get(&self.finetuned, &bias_name),
                 state.get(&self.base, &bias_name),
             ) {
-                (true, Some(ft), Some(base)) if ft.shape == base.shape && ft.shape == [shape.0] => {
+                (true, Some(ft), Some(base)) => {
+                    let computable = |t: &Tensor| t.dtype.is_float() && t.dtype.is_computable();
+                    if ft.shape != base.shape || ft.shape != [shape.0] || !computable(ft) || !computable(base) {
+                        return Err(adapter_error(
+                            op,
+                            format!(
+                                "`{bias_name}` is not a floating ({},) bias in both models: {} {} and {} {}",
+                                shape.0,
+                                ft.dtype,
+                                super::fmt_shape(&ft.shape),
+                                base.dtype,
+                                super::fmt_shape(&base.shape)
+                            ),
+                        ));
+                    }
                     Some((ft.clone(), base.clone()))
                 }
                 _ => None,
@@ -393,8 +459,27 @@ impl ExtractLora {
                 base: base.clone(),
                 shape,
                 transpose,
+                embedding,
                 bias,
             });
+        }
+        // PEFT's lora_bias is one flag: every adapted layer gets a lora_B.bias, and merging one
+        // into a layer without a bias fails.
+        if self.bias {
+            let with = modules.iter().filter(|m| !m.embedding && m.bias.is_some()).count();
+            if let Some(without) = modules
+                .iter()
+                .find(|m| !m.embedding && m.bias.is_none())
+                .filter(|_| with > 0)
+            {
+                return Err(adapter_error(
+                    op,
+                    format!(
+                        "bias: true, but `{}` has no bias in both models while {with} other module(s) do; PEFT's lora_bias is one flag per adapter: extract them separately",
+                        without.name
+                    ),
+                ));
+            }
         }
         Ok(modules)
     }
@@ -425,25 +510,31 @@ impl ExtractLora {
         }
     }
 
-    /// Refuses a directory holding an adapter this tool did not write, unless `overwrite`.
+    /// Refuses a directory holding an adapter this tool did not write (its weights, in any
+    /// format, or its config alone), unless `overwrite`.
     fn check_target(&self, dir: &Path) -> Result<(), StepError> {
-        let weights = dir.join(WEIGHTS);
-        if self.overwrite || !weights.exists() {
+        if self.overwrite {
             return Ok(());
         }
-        let ours = open_checkpoint(&weights)
-            .map(|c| c.metadata.contains_key(write::VERSION_KEY))
-            .unwrap_or(false);
-        if ours {
-            Ok(())
-        } else {
-            Err(adapter_error(
+        let weights = dir.join(WEIGHTS);
+        let ours = weights.is_file()
+            && open_checkpoint(&weights)
+                .map(|c| c.metadata.contains_key(write::VERSION_KEY))
+                .unwrap_or(false);
+        let theirs = ["adapter_model.bin", CONFIG]
+            .iter()
+            .map(|name| dir.join(name))
+            .chain((weights.exists() && !ours).then(|| weights.clone()))
+            .find(|path| path.exists() && !(ours && path.ends_with(CONFIG)));
+        match theirs {
+            None => Ok(()),
+            Some(path) => Err(adapter_error(
                 "extract_lora",
                 format!(
-                    "`{}` holds an adapter brainsurgery did not write; give `overwrite: true` to replace it",
-                    weights.display()
+                    "`{}` belongs to an adapter brainsurgery did not write; give `overwrite: true` to replace it",
+                    path.display()
                 ),
-            ))
+            )),
         }
     }
 
@@ -468,11 +559,11 @@ impl ExtractLora {
         drop(delta);
         let bias = match &module.bias {
             Some((ft, base)) => {
-                let ft = read_real::<f32>(ft, "extract_lora", &mut ctx.reads)
+                let ft = read_real::<f64>(ft, "extract_lora", &mut ctx.reads)
                     .map_err(|e| TransformError::value_of(&display, e))?;
-                let base = read_real::<f32>(base, "extract_lora", &mut ctx.reads)
+                let base = read_real::<f64>(base, "extract_lora", &mut ctx.reads)
                     .map_err(|e| TransformError::value_of(&display, e))?;
-                Some(ft.iter().zip(&base).map(|(a, b)| a - b).collect::<Vec<f32>>())
+                Some(ft.iter().zip(&base).map(|(a, b)| a - b).collect::<Vec<f64>>())
             }
             None => None,
         };
@@ -499,9 +590,10 @@ impl ExtractLora {
             let (b, a) = split_factors(&truncated);
             out.push(Extracted {
                 module: module.name.clone(),
+                embedding: module.embedding,
                 rank,
-                b: b.iter().map(|x| x.wide() as f32).collect(),
-                a: a.iter().map(|x| x.wide() as f32).collect(),
+                b: b.iter().map(|x| x.wide()).collect(),
+                a: a.iter().map(|x| x.wide()).collect(),
                 bias: bias.clone(),
             });
         }
@@ -544,24 +636,23 @@ impl ExtractLora {
                 alpha / f.rank as f64
             };
             // B·A·s must equal the delta: each factor carries 1/√s.
-            let root = (1.0 / scaling).sqrt() as f32;
+            let root = (1.0 / scaling).sqrt();
             let (rows, cols) = (f.b.len() / f.rank.max(1), f.a.len() / f.rank.max(1));
-            let encode = |v: Vec<f32>, shape: Vec<usize>| -> Result<Tensor, StepError> {
+            let encode = |v: Vec<f64>, shape: Vec<usize>| -> Result<Tensor, StepError> {
                 let bytes = real_bytes(&v, dtype, op).map_err(|e| TransformError::value_of(&f.module, e))?;
                 Ok(Tensor::in_memory(dtype, shape, Arc::new(bytes)))
             };
-            let a: Vec<f32> = f.a.iter().map(|x| x * root).collect();
-            let b: Vec<f32> = f.b.iter().map(|x| x * root).collect();
-            tensors.push((
-                format!("{PREFIX}{}.lora_A.weight", f.module),
-                encode(a, vec![f.rank, cols])?,
-            ));
-            tensors.push((
-                format!("{PREFIX}{}.lora_B.weight", f.module),
-                encode(b, vec![rows, f.rank])?,
-            ));
+            let a: Vec<f64> = f.a.iter().map(|x| x * root).collect();
+            let b: Vec<f64> = f.b.iter().map(|x| x * root).collect();
+            let (a_name, b_name) = if f.embedding {
+                ("lora_embedding_A", "lora_embedding_B")
+            } else {
+                ("lora_A.weight", "lora_B.weight")
+            };
+            tensors.push((format!("{PREFIX}{}.{a_name}", f.module), encode(a, vec![f.rank, cols])?));
+            tensors.push((format!("{PREFIX}{}.{b_name}", f.module), encode(b, vec![rows, f.rank])?));
             if let Some(bias) = &f.bias {
-                let scaled: Vec<f32> = bias.iter().map(|x| (f64::from(*x) / scaling) as f32).collect();
+                let scaled: Vec<f64> = bias.iter().map(|x| x / scaling).collect();
                 let n = scaled.len();
                 tensors.push((format!("{PREFIX}{}.lora_B.bias", f.module), encode(scaled, vec![n])?));
             }
@@ -621,9 +712,12 @@ impl ExtractLora {
             progress: None,
         };
         let text = serde_json::to_string_pretty(&config).unwrap_or_default();
-        let mut files = write::write_tensors(&spec, &refs, &metadata, &[], options)?;
+        // The config is written first and renamed into place right after the weights land, so a
+        // failure while the weights are written leaves the directory as it was.
         let config_path = dir.join(CONFIG);
-        crate::formats::output::write_small_file(&config_path, format!("{text}\n").as_bytes())?;
+        let staged = crate::formats::output::StagedFile::write(&config_path, format!("{text}\n").as_bytes())?;
+        let mut files = write::write_tensors(&spec, &refs, &metadata, &[], options)?;
+        staged.commit()?;
         files.push(config_path);
         Ok(files)
     }
@@ -672,8 +766,8 @@ impl Transform for ExtractLora {
                     .saturating_add(delta),
             );
         }
-        let fan_in_fan_out = modules.iter().any(|m| m.transpose);
-        if fan_in_fan_out && modules.iter().any(|m| !m.transpose) {
+        let fan_in_fan_out = modules.iter().any(|m| m.transpose && !m.embedding);
+        if fan_in_fan_out && modules.iter().any(|m| !m.transpose && !m.embedding) {
             return Err(adapter_error(
                 "extract_lora",
                 "some matched weights are stored in × out (GPT-2 Conv1D) and others out × in; PEFT's fan_in_fan_out is one flag per adapter: extract them separately",
@@ -691,8 +785,9 @@ impl Transform for ExtractLora {
                     reference.alias = Some(self.finetuned.clone());
                 }
                 let matches = state.select_some(&reference, &self.location)?;
-                let adapted: HashSet<String> = modules.iter().map(|m| format!("{}.weight", m.name)).collect();
-                if let Some(m) = matches.iter().find(|m| adapted.contains(&m.name)) {
+                let adapted: HashSet<&str> = modules.iter().map(|m| m.name.as_str()).collect();
+                let module_of = |name: &str| name.rsplit_once('.').map_or(name.to_owned(), |(m, _)| m.to_owned());
+                if let Some(m) = matches.iter().find(|m| adapted.contains(module_of(&m.name).as_str())) {
                     return Err(adapter_error(
                         "extract_lora",
                         format!(
@@ -833,11 +928,37 @@ impl AdapterConfig {
                 ),
             ));
         }
-        let number = |key: &str, default: f64| value.get(key).and_then(Json::as_f64).unwrap_or(default);
-        let flag = |key: &str| value.get(key).and_then(Json::as_bool).unwrap_or(false);
-        let patterns = |key: &str| -> Result<Vec<(fancy_regex::Regex, f64)>, StepError> {
-            let Some(map) = value.get(key).and_then(Json::as_object) else {
-                return Ok(Vec::new());
+        // A key present with the wrong type is an error, never its default: `"fan_in_fan_out":
+        // "true"` read as false would merge square weights transposed without a word.
+        let number = |key: &str, default: f64| -> Result<f64, StepError> {
+            match value.get(key) {
+                None | Some(Json::Null) => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite())
+                    .ok_or_else(|| bad_adapter(&path, format!("{key} is `{v}`, not a number"))),
+            }
+        };
+        let flag = |key: &str| -> Result<bool, StepError> {
+            match value.get(key) {
+                None | Some(Json::Null) => Ok(false),
+                Some(Json::Bool(b)) => Ok(*b),
+                Some(v) => Err(bad_adapter(&path, format!("{key} is `{v}`, not true or false"))),
+            }
+        };
+        // Ranks are whole numbers ≥ 1.
+        let rank = |what: &str, v: f64| -> Result<f64, StepError> {
+            if v >= 1.0 && v.fract() == 0.0 {
+                Ok(v)
+            } else {
+                Err(bad_adapter(&path, format!("{what} is {v}, not a whole number ≥ 1")))
+            }
+        };
+        let patterns = |key: &str, ranks: bool| -> Result<Vec<(fancy_regex::Regex, f64)>, StepError> {
+            let map = match value.get(key) {
+                None | Some(Json::Null) => return Ok(Vec::new()),
+                Some(Json::Object(map)) => map,
+                Some(v) => return Err(bad_adapter(&path, format!("{key} is `{v}`, not a mapping"))),
             };
             map.iter()
                 .map(|(k, v)| {
@@ -845,28 +966,23 @@ impl AdapterConfig {
                         .map_err(|e| bad_adapter(&path, format!("{key} key `{k}` is not a regular expression: {e}")))?;
                     let v = v
                         .as_f64()
-                        .filter(|v| v.is_finite() && *v > 0.0)
-                        .ok_or_else(|| bad_adapter(&path, format!("{key}[`{k}`] is not a positive number")))?;
+                        .filter(|v| v.is_finite())
+                        .ok_or_else(|| bad_adapter(&path, format!("{key}[`{k}`] is `{v}`, not a number")))?;
+                    let v = if ranks { rank(&format!("{key}[`{k}`]"), v)? } else { v };
                     Ok((re, v))
                 })
                 .collect()
         };
-        let r = number("r", 8.0);
-        let alpha = number("lora_alpha", 8.0);
-        if !(r.is_finite() && r > 0.0 && alpha.is_finite()) {
-            return Err(bad_adapter(
-                &path,
-                "r must be a positive number and lora_alpha a number",
-            ));
-        }
+        let r = rank("r", number("r", 8.0)?)?;
+        let alpha = number("lora_alpha", 8.0)?;
         Ok(AdapterConfig {
             r,
             alpha,
-            rslora: flag("use_rslora"),
-            fan_in_fan_out: flag("fan_in_fan_out"),
-            dora: flag("use_dora"),
-            rank_pattern: patterns("rank_pattern")?,
-            alpha_pattern: patterns("alpha_pattern")?,
+            rslora: flag("use_rslora")?,
+            fan_in_fan_out: flag("fan_in_fan_out")?,
+            dora: flag("use_dora")?,
+            rank_pattern: patterns("rank_pattern", true)?,
+            alpha_pattern: patterns("alpha_pattern", false)?,
         })
     }
 
@@ -904,6 +1020,8 @@ struct AdapterModule {
 /// use, optionally each row rescaled to a DoRA magnitude; in f32, rounded once to `W`'s dtype.
 #[derive(Debug)]
 struct MergeOp {
+    /// The adapted module, for messages.
+    module: String,
     base: Tensor,
     /// `(lora_B, lora_A)` as stored, and whether the delta is `(B@A)ᵀ`.
     b: Tensor,
@@ -932,17 +1050,28 @@ impl MergeOp {
             Some(m) => Some(read_real::<f32>(m, "merge_lora", &mut cx)?),
             None => None,
         };
+        if let Some(x) = b
+            .iter()
+            .chain(&a)
+            .chain(magnitude.iter().flatten())
+            .find(|x| !x.is_finite())
+        {
+            return Err(ValueError::Compute {
+                op: "merge_lora",
+                reason: format!("the adapter's module `{}` holds {x}", self.module),
+            });
+        }
         let factors = if self.transpose {
             // (B@A)ᵀ = Aᵀ@Bᵀ.
             let (out, r) = (self.b.shape[0], self.b.shape[1]);
             let inner = self.a.shape[1];
-            let mut at = vec![0.0f32; a.len()];
+            let mut at = crate::value::try_filled("merge_lora", a.len(), 0.0f32)?;
             for t in 0..r {
                 for j in 0..inner {
                     at[j * r + t] = a[t * inner + j];
                 }
             }
-            let mut bt = vec![0.0f32; b.len()];
+            let mut bt = crate::value::try_filled("merge_lora", b.len(), 0.0f32)?;
             for i in 0..out {
                 for t in 0..r {
                     bt[t * out + i] = b[i * r + t];
@@ -993,8 +1122,9 @@ impl LazyOp for MergeOp {
         // The base's covering rows (whole rows: DoRA needs each row's norm).
         let mut base_bytes = cx.take(n * size);
         self.base.read(first * cols, &mut base_bytes, cx)?;
-        let mut block = vec![0.0f32; n];
-        let mut wide = vec![0u8; n * 4];
+        // Whole rows: a chunk's elements plus at most two partial rows.
+        let mut block = crate::value::try_filled("merge_lora", n, 0.0f32)?;
+        let mut wide = crate::value::try_filled("merge_lora", n * 4, 0u8)?;
         crate::kernels::convert(dtype, &base_bytes, DType::F32, &mut wide);
         cx.give(base_bytes);
         for (x, w) in block.iter_mut().zip(wide.chunks_exact(4)) {
@@ -1140,10 +1270,39 @@ impl Transform for MergeLora {
         let mut replacements: Vec<(String, Tensor)> = Vec::new();
         for (module, parts) in &modules {
             let (Some(a), Some(b)) = (&parts.a, &parts.b) else {
-                return Err(adapter_error(
-                    op,
-                    format!("module `{module}` has only one of lora_A and lora_B"),
-                ));
+                let has = if parts.a.is_some() {
+                    "lora_A but no lora_B"
+                } else {
+                    "no lora_A"
+                };
+                return Err(bad_adapter(&self.adapter, format!("module `{module}` has {has}")));
+            };
+            for (what, t) in [
+                ("lora_A", Some(a)),
+                ("lora_B", Some(b)),
+                ("lora_B.bias", parts.bias.as_ref()),
+                ("lora_magnitude_vector", parts.magnitude.as_ref()),
+            ] {
+                let Some(t) = t else { continue };
+                if !(t.dtype.is_float() && t.dtype.is_computable()) {
+                    return Err(bad_adapter(
+                        &self.adapter,
+                        format!("module `{module}`: {what} is {}, not a floating dtype", t.dtype),
+                    ));
+                }
+            }
+            let r = match (&a.shape[..], &b.shape[..]) {
+                ([ra, _], [_, rb]) if ra == rb => *ra,
+                _ => {
+                    return Err(bad_adapter(
+                        &self.adapter,
+                        format!(
+                            "module `{module}`: lora_A {} and lora_B {} are not r × in and out × r",
+                            super::fmt_shape(&a.shape),
+                            super::fmt_shape(&b.shape)
+                        ),
+                    ))
+                }
             };
             let weight_name = format!("{module}.weight");
             let Some(weight) = state.get(&alias, &weight_name) else {
@@ -1159,12 +1318,12 @@ impl Transform for MergeLora {
             }
             // Linear: B@A is out × in; embeddings and fan_in_fan_out store the transpose.
             let transpose = parts.embedding || config.fan_in_fan_out;
-            let (ok, r) = match (&a.shape[..], &b.shape[..], &weight.shape[..]) {
-                ([ra, ai], [bo, rb], [w0, w1]) if ra == rb => {
-                    let (rows, cols) = if transpose { (*ai, *bo) } else { (*bo, *ai) };
-                    ((rows, cols) == (*w0, *w1), *ra)
+            let ok = match (a.shape[1], b.shape[0], &weight.shape[..]) {
+                (ai, bo, [w0, w1]) => {
+                    let (rows, cols) = if transpose { (ai, bo) } else { (bo, ai) };
+                    (rows, cols) == (*w0, *w1)
                 }
-                _ => (false, 0),
+                _ => false,
             };
             if !ok {
                 return Err(adapter_error(
@@ -1185,8 +1344,8 @@ impl Transform for MergeLora {
             let scaling = config.scaling(module);
             let pattern_rank = AdapterConfig::lookup(&config.rank_pattern, module, config.r);
             if pattern_rank as usize != r {
-                return Err(adapter_error(
-                    op,
+                return Err(bad_adapter(
+                    &self.adapter,
                     format!("module `{module}` has rank {r} but the config says {pattern_rank} (r / rank_pattern)"),
                 ));
             }
@@ -1211,14 +1370,14 @@ impl Transform for MergeLora {
                     Some(m.clone())
                 }
                 (None, true) => {
-                    return Err(adapter_error(
-                        op,
+                    return Err(bad_adapter(
+                        &self.adapter,
                         format!("module `{module}`: use_dora is set but it has no lora_magnitude_vector"),
                     ))
                 }
                 (Some(_), false) => {
-                    return Err(adapter_error(
-                        op,
+                    return Err(bad_adapter(
+                        &self.adapter,
                         format!("module `{module}` has a lora_magnitude_vector but use_dora is not set"),
                     ))
                 }
@@ -1229,6 +1388,7 @@ impl Transform for MergeLora {
                 weight.dtype,
                 weight.shape.clone(),
                 Arc::new(MergeOp {
+                    module: module.clone(),
                     base: weight.clone(),
                     b: b.clone(),
                     a: a.clone(),

@@ -251,9 +251,18 @@ impl Factorizer {
             ));
         }
         let defaults = linalg::Randomized::default();
+        // Each power iteration is two passes over the matrix; past a few dozen nothing changes.
+        const MOST_ITERATIONS: usize = 64;
+        let power_iterations = p.count("power_iterations")?.unwrap_or(defaults.power_iterations);
+        if power_iterations > MOST_ITERATIONS {
+            return Err(PlanError::invalid(
+                &p.at("power_iterations"),
+                format!("at most {MOST_ITERATIONS}"),
+            ));
+        }
         let settings = linalg::Randomized {
             oversample: p.count("oversample")?.unwrap_or(defaults.oversample),
-            power_iterations: p.count("power_iterations")?.unwrap_or(defaults.power_iterations),
+            power_iterations,
             seed: p.count("seed")?.map_or(defaults.seed, |s| s as u64),
         };
         Ok(Factorizer {
@@ -436,7 +445,7 @@ impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
         }
         let (first, last) = (start / n, (start + count).div_ceil(n).min(m));
         let rows = last - first;
-        let mut block = vec![T::default(); rows * n];
+        let mut block = crate::value::try_filled(self.name(), rows * n, T::default())?;
         matmul(
             MatMut::from_row_major_slice_mut(&mut block, rows, n),
             Accum::Replace,
@@ -671,14 +680,19 @@ impl Transform for Phlora {
             Some(o) => {
                 let a = destinations(state, &matches, &o.a, writes(o.overwrite), op, &self.location)?;
                 let b = destinations(state, &matches, &o.b, writes(o.overwrite), op, &self.location)?;
+                // Every factor of the step has its own destination, across matches too.
+                let mut seen: std::collections::HashMap<(&str, &str), String> = std::collections::HashMap::new();
                 for (m, (a, b)) in matches.iter().zip(a.iter().zip(&b)) {
-                    if (&a.alias, &a.name) == (&b.alias, &b.name) {
-                        return Err(TransformError::Collision {
-                            destination: a.display.clone(),
-                            first: format!("{} (target_a)", m.display()),
-                            second: format!("{} (target_b)", m.display()),
+                    for (d, key) in [(a, "target_a"), (b, "target_b")] {
+                        let here = format!("{} ({key})", m.display());
+                        if let Some(first) = seen.insert((&d.alias, &d.name), here.clone()) {
+                            return Err(TransformError::Collision {
+                                destination: d.display.clone(),
+                                first,
+                                second: here,
+                            }
+                            .into());
                         }
-                        .into());
                     }
                 }
                 Some((a, b))
@@ -690,24 +704,35 @@ impl Transform for Phlora {
         } else {
             None
         };
-        for (i, (m, &shape)) in matches.iter().zip(&shapes).enumerate() {
+        let mut results = Vec::with_capacity(matches.len());
+        for (m, &shape) in matches.iter().zip(&shapes) {
             if ctx.cancelled() {
                 return Err(StepError::Cancelled);
             }
-            let factored = match &pool {
+            results.push(match &pool {
                 None => self.deferred(m, shape)?,
                 Some(pool) if m.tensor.dtype == DType::F64 => self.factored::<f64>(m, shape, pool, ctx)?,
                 Some(pool) => self.factored::<f32>(m, shape, pool, ctx)?,
-            };
-            match (&targets, &self.outputs) {
-                (Some((a, b)), Some(o)) => {
-                    if o.delete_original {
+            });
+        }
+        match (&targets, &self.outputs) {
+            (Some((a, b)), Some(o)) => {
+                // Originals go first, so one that is another match's destination (with
+                // require_missing_dest: false) never removes a factor written by this step.
+                if o.delete_original {
+                    for m in &matches {
                         state.remove(&m.alias, &m.name);
                     }
-                    state.insert(&a[i].alias, &a[i].name, factored.a);
-                    state.insert(&b[i].alias, &b[i].name, factored.b);
                 }
-                _ => state.replace(&m.alias, &m.name, factored.product),
+                for ((a, b), factored) in a.iter().zip(b).zip(results) {
+                    state.insert(&a.alias, &a.name, factored.a);
+                    state.insert(&b.alias, &b.name, factored.b);
+                }
+            }
+            _ => {
+                for (m, factored) in matches.iter().zip(results) {
+                    state.replace(&m.alias, &m.name, factored.product);
+                }
             }
         }
         let how = match self.factorizer.rule {

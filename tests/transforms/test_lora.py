@@ -295,8 +295,23 @@ def test_bad_adapters_are_clear_errors(write, tmp_path):
     with pytest.raises(bs.TransformError, match=r"model\.layers\.0\.k_proj.*does not exist; closest"):
         _merge(bp, stray, out)
     wrong = _adapter(tmp_path, base, {"r": 4, "lora_alpha": 2}, {"model.layers.0.q_proj": 2}, rng, name="wrong")
-    with pytest.raises(bs.TransformError, match="rank 2 but the config says 4"):
+    with pytest.raises(bs.FormatError, match="rank 2 but the config says 4"):
         _merge(bp, wrong, out)
+    typed = _adapter(tmp_path, base, {"r": 2, "lora_alpha": 2, "fan_in_fan_out": "true"}, {"model.layers.0.q_proj": 2}, rng, name="typed")
+    with pytest.raises(bs.FormatError, match="fan_in_fan_out is `\"true\"`, not true or false"):
+        _merge(bp, typed, out)
+    half = _adapter(tmp_path, base, {"r": 2, "lora_alpha": 2}, {"model.layers.0.q_proj": 2}, rng, name="half")
+    tensors = read(half / "adapter_model.safetensors")
+    del tensors[f"{P}model.layers.0.q_proj.lora_B.weight"]
+    save_safetensors(half / "adapter_model.safetensors", tensors)
+    with pytest.raises(bs.FormatError, match="has lora_A but no lora_B"):
+        _merge(bp, half, out)
+    nan = _adapter(tmp_path, base, {"r": 2, "lora_alpha": 2}, {"model.layers.0.q_proj": 2}, rng, name="nan")
+    tensors = read(nan / "adapter_model.safetensors")
+    tensors[f"{P}model.layers.0.q_proj.lora_A.weight"][1, 3] = np.nan
+    save_safetensors(nan / "adapter_model.safetensors", tensors)
+    with pytest.raises(bs.TransformError, match="module `model.layers.0.q_proj` holds NaN"):
+        _merge(bp, nan, out)
     assert not out.exists()
 
 
@@ -308,11 +323,29 @@ def test_extract_bad_input(write, tmp_path):
         _extract(bp, fp, adapter, rank=17)
     with pytest.raises(bs.TransformError, match="2-D"):
         _extract(bp, fp, adapter, target=r".*norm\.weight", rank=1)
+    with pytest.raises(bs.PlanError, match="floating dtype"):
+        _extract(bp, fp, adapter, rank=2, dtype="int8")
     ft["model.layers.0.q_proj.weight"] = np.zeros((24, 15), np.float32)
     fp = write(ft, name="ft2.safetensors")
     with pytest.raises(bs.TransformError, match="shape mismatch"):
         _extract(bp, fp, adapter, rank=2)
     assert not adapter.exists()
+    # lora_bias is one flag per adapter: biased and unbiased layers cannot share one.
+    base, ft, bp, fp = _pair(write, rng, bias=True)
+    for name in [base, ft]:
+        del name["model.layers.1.v_proj.bias"]
+    bp, fp = write(base, name="b3.safetensors"), write(ft, name="f3.safetensors")
+    with pytest.raises(bs.TransformError, match="`model.layers.1.v_proj` has no bias"):
+        _extract(bp, fp, adapter, rank=2, bias=True)
+    # A foreign adapter in the way is refused unless overwrite.
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(bs.TransformError, match="did not write"):
+        _extract(bp, fp, adapter, rank=2)
+    _extract(bp, fp, adapter, rank=2, overwrite=True)
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 2
+    _extract(bp, fp, adapter, rank=3)  # ours now: replaced without asking
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 3
 
 
 def test_minilm_extract_and_merge_preserves_embeddings(tmp_path):
@@ -391,10 +424,9 @@ def test_peft_loads_our_adapter_and_merges_to_the_fine_tune(tmp_path):
     _extract(bp, fp, adapter, rank=3, alpha=6, bias=True, use_rslora=True, modules_to_save=r".*(norm|embed_tokens)\.(weight|bias)")
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["modules_to_save"] == ["model.embed_tokens", "model.layers.0.norm", "model.layers.1.norm"]
-    try:
-        loaded = peft.PeftModel.from_pretrained(model, str(adapter))
-    except (TypeError, ValueError) as e:  # a PEFT without lora_bias
-        pytest.skip(f"this PEFT cannot load lora_bias adapters: {e}")
+    if "lora_bias" not in peft.LoraConfig.__dataclass_fields__:
+        pytest.skip("this PEFT has no lora_bias")
+    loaded = peft.PeftModel.from_pretrained(model, str(adapter))
     merged = _state(loaded.merge_and_unload())
     for k in ft:
         assert _rel(merged[k], ft[k].astype(np.float64)) < 1e-5, k
@@ -476,5 +508,26 @@ def test_our_merge_matches_peft_on_gpt2_conv1d(tmp_path):
     model = Gpt()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
     merged = _state(peft.PeftModel.from_pretrained(model, str(ours)).merge_and_unload())
+    for k in ft:
+        assert _rel(merged[k], ft[k].astype(np.float64)) < 1e-5, k
+
+
+def test_peft_loads_our_embedding_adapter(tmp_path):
+    torch, peft = _torch()
+    model = _tiny_model(torch)
+    base = _state(model)
+    rng = np.random.default_rng(13)
+    ft = dict(base)
+    for k in ["model.embed_tokens.weight", "model.layers.0.q_proj.weight"]:
+        ft[k] = base[k] + _low_rank(*base[k].shape, 2, rng)
+    bp, fp = tmp_path / "base.safetensors", tmp_path / "ft.safetensors"
+    save_safetensors(bp, base)
+    save_safetensors(fp, ft)
+    adapter = tmp_path / "adapter"
+    _extract(bp, fp, adapter, target=r".*(embed_tokens|layers\.0\.q_proj)\.weight", rank=2)
+    tensors = read(adapter / "adapter_model.safetensors")
+    assert tensors[f"{P}model.embed_tokens.lora_embedding_A"].shape == (2, 40)  # r × vocab
+    assert tensors[f"{P}model.embed_tokens.lora_embedding_B"].shape == (16, 2)  # dim × r
+    merged = _state(peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload())
     for k in ft:
         assert _rel(merged[k], ft[k].astype(np.float64)) < 1e-5, k
