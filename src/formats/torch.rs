@@ -51,7 +51,7 @@ pub(crate) fn tensors_of(root: &Object, path: &Path) -> Result<(NamedTensors, Ve
     if let (Object::Dict(pairs), Some(wrapper)) = (root, wrapper) {
         // The siblings of the wrapper (`epoch`, `optimizer`, ...) are not read either.
         skipped.extend(pairs.iter().filter_map(|(key, _)| match key {
-            Object::Str(s) if s != wrapper => Some(s.clone()),
+            Object::Str(s) if &**s != wrapper => Some(s.to_string()),
             _ => None,
         }));
     }
@@ -78,7 +78,7 @@ fn flatten(
     };
     for (key, value) in pairs {
         let key = match key {
-            Object::Str(s) => s.clone(),
+            Object::Str(s) => s.to_string(),
             Object::Int(i) => i.to_string(),
             _ => continue, // not a name a tensor can have
         };
@@ -90,10 +90,10 @@ fn flatten(
         match value {
             Object::Tensor(t) => {
                 if let Some(slot) = index.get(&name).and_then(|&i| out.get_mut(i)) {
-                    slot.1 = t.clone();
+                    slot.1 = TensorRef::clone(t);
                 } else {
                     index.insert(name.clone(), out.len());
-                    out.push((name, t.clone()));
+                    out.push((name, TensorRef::clone(t)));
                 }
             }
             Object::Dict(_) => flatten(&name, value, depth + 1, out, skipped, index, path)?,
@@ -111,7 +111,7 @@ fn state_dict(root: &Object) -> (&Object, Option<&'static str>) {
             let inner = pairs
                 .iter()
                 .rev()
-                .find(|(k, _)| matches!(k, Object::Str(s) if s == wrapper));
+                .find(|(k, _)| matches!(k, Object::Str(s) if &**s == wrapper));
             if let Some((_, inner @ Object::Dict(_))) = inner {
                 return (inner, Some(wrapper));
             }
