@@ -92,7 +92,8 @@ def safetensors_seeds() -> None:
         "f": {"dtype": "C64", "shape": [1], "data_offsets": [16, 24]},
     }, 32)
     header_seed("empty.bin", {}, 0)
-    # A field readers skip holding a number beyond f64 (found by the fuzzer): JSON by the grammar.
+    # A field readers skip holding a number beyond f64 (found by the fuzzer): JSON by the grammar,
+    # refused as the official loader refuses it.
     text = b'{"t":{"dtype":"F16","shape":[4],"extra":[1E400],"data_offsets":[0,8]}}'
     write("safetensors_header", "huge-exponent-in-a-skipped-field.bin", struct.pack("<QQ", 8, len(text)) + text)
     try:

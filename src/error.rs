@@ -98,6 +98,34 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Why a thread the engine runs on gave no result: the OS would not start it (`EAGAIN` when the
+/// process is out of threads), or the engine panicked, which is a bug and never the input's
+/// fault. The bindings raise it as `BrainSurgeryError` rather than Python's `RuntimeError`.
+#[derive(Debug)]
+pub enum ThreadFailure {
+    /// The thread could not be started.
+    Start(std::io::Error),
+    /// The thread panicked; the payload `panic!` left.
+    Panic(Box<dyn std::any::Any + Send>),
+}
+
+impl std::fmt::Display for ThreadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThreadFailure::Start(e) => write!(f, "the engine thread could not start: {e}"),
+            ThreadFailure::Panic(payload) => {
+                // `panic!("literal")` leaves a `&str`, `panic!("{x}")` a `String`.
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("the engine panicked");
+                write!(f, "internal error (a bug in brainsurgery, please report it): {message}")
+            }
+        }
+    }
+}
+
 /// The parts of a failure a program can act on, taken from the error and its causes: Python
 /// exceptions carry them as attributes (`transform_index`, `transform`, `reference`, `tensor`,
 /// `path`, `location`). The outermost error that knows a part wins.
@@ -307,6 +335,23 @@ mod tests {
             error_chain(&slice_failure()),
             "transforms[2] (scale_): slice on `model::w`: slice step is zero in dim 1"
         );
+    }
+
+    #[test]
+    fn thread_failures_say_what_happened() {
+        let start = ThreadFailure::Start(std::io::Error::from_raw_os_error(libc::EAGAIN));
+        let text = start.to_string();
+        assert!(text.starts_with("the engine thread could not start: "), "{text}");
+        assert!(text.contains(&format!("os error {}", libc::EAGAIN)), "{text}");
+        let bug = "internal error (a bug in brainsurgery, please report it): ";
+        // The payloads of real panics, with and without formatting, and of `panic_any`.
+        let payload = |f: fn()| std::thread::spawn(f).join().unwrap_err();
+        let literal = ThreadFailure::Panic(payload(|| panic!("literal")));
+        assert_eq!(literal.to_string(), format!("{bug}literal"));
+        let formatted = ThreadFailure::Panic(payload(|| panic!("index {} out of range", 7)));
+        assert_eq!(formatted.to_string(), format!("{bug}index 7 out of range"));
+        let other = ThreadFailure::Panic(payload(|| std::panic::panic_any(42u8)));
+        assert_eq!(other.to_string(), format!("{bug}the engine panicked"));
     }
 
     #[test]

@@ -507,6 +507,42 @@ def test_plan_arguments_of_the_wrong_type_are_type_errors(call):
         call()
 
 
+class _ItemsNotPairs(Mapping):
+    """A mapping whose ``items()`` gives triples."""
+
+    def __getitem__(self, key):
+        return 1
+
+    def __iter__(self):
+        return iter(["output"])
+
+    def __len__(self):
+        return 1
+
+    def items(self):
+        return [("output", 1, 2)]
+
+
+def test_override_mapping_items_that_are_not_pairs_are_a_plan_error(src, tmp_path):
+    # It was the ValueError of the tuple conversion.
+    with pytest.raises(bs.PlanError, match=r"_ItemsNotPairs\.items\(\) failed"):
+        bs.check(_plan(src, tmp_path / "o.safetensors"), overrides=_ItemsNotPairs())
+
+
+def test_engine_thread_that_cannot_start_is_a_brainsurgery_error(src, tmp_path):
+    # Too little address space left for the engine thread's 64 MiB stack: the OS refuses the
+    # thread (EAGAIN). It was a RuntimeError (issue 9); a panic takes the same path, with
+    # "internal error (a bug in brainsurgery, please report it): <message>" (src/error.rs tests).
+    got = _in_child(src, tmp_path, """
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
+bs.check(PLAN)
+""")
+    assert got["class"] == "BrainSurgeryError", got
+    assert got["message"].startswith("the engine thread could not start: "), got
+
+
 def test_cli_main_refuses_arguments_that_are_not_utf8(capfd):
     # sys.argv keeps undecodable bytes as lone surrogates; it was a UnicodeEncodeError.
     assert _core.cli_main(["x\udcff.safetensors"]) == 2

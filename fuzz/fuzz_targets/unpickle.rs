@@ -21,6 +21,7 @@ const SMALL: Limits = Limits {
     string_len: 32,
     objects: 256,
     bytes: 256,
+    copied: 256,
 };
 
 fuzz_target!(|data: &[u8]| {

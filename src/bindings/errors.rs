@@ -5,7 +5,7 @@ use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyPermissionErr
 use pyo3::prelude::*;
 
 use crate::error::error_chain;
-use crate::error::{Error, ErrorContext};
+use crate::error::{Error, ErrorContext, ThreadFailure};
 use crate::formats::FormatError;
 use crate::plan::PlanError;
 
@@ -139,6 +139,12 @@ fn to_py_class(py: Python<'_>, error: &Error) -> PyErr {
         Error::Assertion { .. } => AssertionFailed::new_err(message),
         Error::Cancelled => PyKeyboardInterrupt::new_err(message),
     }
+}
+
+/// The engine thread did not start or panicked: the base `BrainSurgeryError`, since it is
+/// neither the plan's nor an input's fault (SPEC §11: every error is a `BrainSurgeryError`).
+pub fn thread_failure(failure: ThreadFailure) -> PyErr {
+    BrainSurgeryError::new_err(failure.to_string())
 }
 
 /// A plan error raised before the engine runs (a bad argument type).

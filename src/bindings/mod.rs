@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
 use serde_json::Value;
 
-use crate::error::Error;
+use crate::error::{Error, ThreadFailure};
 use crate::executor::{Prepared, Report, RunOptions};
 use crate::formats::{open_checkpoint, Checkpoint as EngineCheckpoint, SourceFile};
 use crate::plan::host::{self, BuildError, HostNode, HostValue, Refusal};
@@ -23,7 +23,8 @@ use crate::plan::{Location, Plan, PlanError, PlanSource};
 
 /// Runs `work` on another thread with the GIL released, polling for Ctrl-C meanwhile. On an
 /// interrupt the engine's cancel flag is set and the work stops at its next chunk. Returns the
-/// work's result and the first signal's exception, if one arrived.
+/// work's result and the first signal's exception, if one arrived; `BrainSurgeryError` if the
+/// thread cannot start or panics.
 fn detached_with_signal<T: Send>(
     py: Python<'_>,
     work: impl FnOnce(Arc<AtomicBool>) -> T + Send,
@@ -35,11 +36,8 @@ fn detached_with_signal<T: Send>(
             let flag = cancel.clone();
             let handle = std::thread::Builder::new()
                 .stack_size(crate::value::ENGINE_STACK_BYTES)
-                .spawn_scoped(scope, move || work(flag));
-            let handle = match handle {
-                Ok(handle) => handle,
-                Err(e) => return Err(Box::new(e) as Box<dyn std::any::Any + Send>),
-            };
+                .spawn_scoped(scope, move || work(flag))
+                .map_err(ThreadFailure::Start)?;
             while !handle.is_finished() {
                 std::thread::sleep(Duration::from_millis(20));
                 // Every Ctrl-C cancels, not only the first: an `-i` session clears the flag after
@@ -49,12 +47,10 @@ fn detached_with_signal<T: Send>(
                     signal.get_or_insert(e);
                 }
             }
-            handle.join()
+            handle.join().map_err(ThreadFailure::Panic)
         })
     });
-    let result = result.map_err(|_| {
-        pyo3::exceptions::PyRuntimeError::new_err("internal error: the engine thread failed to start or panicked")
-    })?;
+    let result = result.map_err(errors::thread_failure)?;
     Ok((result, signal))
 }
 
@@ -350,7 +346,16 @@ fn to_value_map<'py>(o: &Bound<'py, PyAny>) -> PyResult<Vec<(Bound<'py, PyAny>, 
                 Refusal::Host(e) => e,
             })?,
     };
-    items.iter().map(|entry| entry.extract()).collect()
+    // A mapping's `items()` may give anything: what is not a pair refuses the overrides.
+    items
+        .iter()
+        .map(|entry| {
+            entry.extract().map_err(|e| match hook_failed(o, "items", e) {
+                Refusal::Invalid(message) => text_error("overrides", message),
+                Refusal::Host(e) => e,
+            })
+        })
+        .collect()
 }
 
 /// A JSON value as the Python value a YAML plan would give (dict, list, str, int, float, bool,

@@ -3,8 +3,12 @@
 //! allow-list of globals (the few names torch needs to rebuild a state dict) are accepted;
 //! anything else is refused with an error naming it. Nothing is imported or called: an allowed
 //! global is a tag, and `REDUCE` on it builds a plain description (a tensor, an empty dict).
-//! Memo size, stack depth, nesting, string length and total object count are bounded so a
-//! hostile pickle cannot exhaust memory or overflow the native stack.
+//! Copies (`DUP`, the memo) share their value instead of duplicating it; memo size, stack depth,
+//! nesting, string length, total object count (copies counted at full size) and the items copied
+//! on write are bounded so a hostile pickle cannot exhaust memory or time or overflow the native
+//! stack.
+
+use std::rc::Rc;
 
 use crate::dtype::DType;
 
@@ -24,6 +28,10 @@ pub struct Limits {
     /// Most bytes of str and bytes values built in total, copies by `DUP` and the memo included
     /// (without it, one long string copied many times asks for terabytes).
     pub bytes: usize,
+    /// Most items copied because a container changed after `DUP` or the memo shared it. Copies
+    /// are shared, so this is what such a change really allocates; torch's pickles fill a
+    /// container before sharing it and copy nothing.
+    pub copied: usize,
 }
 
 impl Default for Limits {
@@ -35,6 +43,7 @@ impl Default for Limits {
             string_len: 1 << 24,
             objects: 1 << 22,
             bytes: 1 << 26,
+            copied: 1 << 20,
         }
     }
 }
@@ -134,6 +143,11 @@ pub struct TensorRef {
 }
 
 /// A value built by the unpickler.
+///
+/// Everything that is not a plain number is shared (`Rc`), so the copies `DUP` and the memo make
+/// cost a pointer, not a deep copy (deep copies let a 211-byte pickle that appends a list to a
+/// copy of itself 20 times take 0.8 s and 570 MB). Containers are copied on their first change
+/// after being shared ([`Items`]), which keeps every copy a snapshot.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     /// `None`.
@@ -144,55 +158,205 @@ pub enum Object {
     Int(i64),
     /// A wider int, as its little-endian two's-complement bytes (the legacy format's magic
     /// number is 80 bits).
-    LongInt(Vec<u8>),
+    LongInt(Rc<[u8]>),
     /// A float.
     Float(f64),
     /// A str.
-    Str(String),
+    Str(Rc<str>),
     /// A bytes value.
-    Bytes(Vec<u8>),
+    Bytes(Rc<[u8]>),
     /// A tuple.
-    Tuple(Vec<Object>),
+    Tuple(Items<Object>),
     /// A list.
-    List(Vec<Object>),
+    List(Items<Object>),
     /// A dict or `OrderedDict`: pairs in the order set. A repeated key is kept as a later pair
     /// (readers let the last one win) so that filling a big dict stays linear.
-    Dict(Vec<(Object, Object)>),
+    Dict(Items<(Object, Object)>),
     /// An allowed global, not called.
     Global(Global),
     /// A storage reference.
-    Storage(StorageRef),
+    Storage(Rc<StorageRef>),
     /// A tensor.
-    Tensor(TensorRef),
+    Tensor(Rc<TensorRef>),
+}
+
+/// The size of a value as the limits count it: what a deep copy of it would build.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Size {
+    /// Objects, the value itself included; a tensor also counts its dimensions and strides.
+    weight: usize,
+    /// Bytes of text: str and bytes values, storage keys and locations.
+    bytes: usize,
+    /// Nesting depth: 0 for scalars, 1 + deepest child for containers.
+    depth: u32,
+}
+
+impl Size {
+    /// A value that is not a container.
+    fn scalar(weight: usize, bytes: usize) -> Size {
+        Size {
+            weight,
+            bytes,
+            depth: 0,
+        }
+    }
+
+    /// An empty container.
+    const EMPTY: Size = Size {
+        weight: 1,
+        bytes: 0,
+        depth: 1,
+    };
+
+    /// This container with `item` added.
+    fn with(self, item: Size) -> Size {
+        Size {
+            weight: self.weight.saturating_add(item.weight),
+            bytes: self.bytes.saturating_add(item.bytes),
+            depth: self.depth.max(item.depth.saturating_add(1)),
+        }
+    }
+}
+
+/// What a container holds: an object, or a dict's key and value.
+trait Item: Clone {
+    /// Objects one item is made of, for counting the copy of a shared container.
+    const OBJECTS: usize;
+    fn size(&self) -> Size;
+}
+
+impl Item for Object {
+    const OBJECTS: usize = 1;
+    fn size(&self) -> Size {
+        Object::size(self)
+    }
+}
+
+impl Item for (Object, Object) {
+    const OBJECTS: usize = 2;
+    fn size(&self) -> Size {
+        let (k, v) = (self.0.size(), self.1.size());
+        Size {
+            weight: k.weight.saturating_add(v.weight),
+            bytes: k.bytes.saturating_add(v.bytes),
+            depth: k.depth.max(v.depth),
+        }
+    }
+}
+
+/// The items of a tuple, list or dict. Copies share them; changing shared items copies them
+/// first (copy-on-write), so no copy sees a later change. The size of the whole is kept with
+/// the items, so a copy is counted in constant time.
+pub struct Items<T>(Rc<Node<T>>);
+
+struct Node<T> {
+    items: Vec<T>,
+    size: Size,
+}
+
+// The bounds sit on the methods: on the impl, the private trait would show in the public type.
+impl<T> Items<T> {
+    fn new(items: Vec<T>) -> Self
+    where
+        T: Item,
+    {
+        let size = items.iter().fold(Size::EMPTY, |size, item| size.with(item.size()));
+        Items(Rc::new(Node { items, size }))
+    }
+
+    /// Objects that changing these items would copy first: none unless they are shared.
+    fn copy_cost(&self) -> usize
+    where
+        T: Item,
+    {
+        if Rc::strong_count(&self.0) > 1 {
+            self.0.items.len().saturating_mul(T::OBJECTS)
+        } else {
+            0
+        }
+    }
+
+    /// Adds `items` at the end, copying the existing ones first if they are shared.
+    fn extend(&mut self, items: Vec<T>)
+    where
+        T: Item,
+    {
+        let size = items.iter().fold(self.0.size, |size, item| size.with(item.size()));
+        if let Some(node) = Rc::get_mut(&mut self.0) {
+            node.size = size;
+            node.items.extend(items);
+        } else {
+            // Shared: a copy sized for the result (`make_mut` then `extend` would copy twice
+            // and leave up to twice the room).
+            let mut copy = Vec::with_capacity(self.0.items.len().saturating_add(items.len()));
+            copy.extend_from_slice(&self.0.items);
+            copy.extend(items);
+            self.0 = Rc::new(Node { items: copy, size });
+        }
+    }
+}
+
+impl<T> Clone for Items<T> {
+    fn clone(&self) -> Self {
+        Items(Rc::clone(&self.0))
+    }
+}
+
+impl<T> std::ops::Deref for Items<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.0.items
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Items<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.items.iter()
+    }
+}
+
+impl<T: PartialEq> PartialEq for Items<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.items == other.0.items
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Items<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.items.fmt(f)
+    }
+}
+
+impl From<Vec<Object>> for Items<Object> {
+    fn from(items: Vec<Object>) -> Self {
+        Items::new(items)
+    }
+}
+
+impl From<Vec<(Object, Object)>> for Items<(Object, Object)> {
+    fn from(items: Vec<(Object, Object)>) -> Self {
+        Items::new(items)
+    }
 }
 
 impl Object {
-    /// Nesting depth: 0 for scalars, 1 + deepest child for containers.
-    fn depth(&self) -> u32 {
+    /// The size the limits count, in constant time.
+    fn size(&self) -> Size {
+        let text = |s: &StorageRef| s.key.len().saturating_add(s.location.len());
         match self {
-            Object::Tuple(v) | Object::List(v) => 1 + v.iter().map(Object::depth).max().unwrap_or(0),
-            Object::Dict(v) => 1 + v.iter().map(|(k, x)| k.depth().max(x.depth())).max().unwrap_or(0),
-            _ => 0,
-        }
-    }
-
-    /// Bytes of str and bytes values in this value.
-    fn bytes(&self) -> usize {
-        match self {
-            Object::Str(s) => s.len(),
-            Object::Bytes(b) => b.len(),
-            Object::Tuple(v) | Object::List(v) => v.iter().map(Object::bytes).sum(),
-            Object::Dict(v) => v.iter().map(|(k, x)| k.bytes() + x.bytes()).sum(),
-            _ => 0,
-        }
-    }
-
-    /// Number of objects in this value, itself included.
-    fn weight(&self) -> usize {
-        match self {
-            Object::Tuple(v) | Object::List(v) => 1 + v.iter().map(Object::weight).sum::<usize>(),
-            Object::Dict(v) => 1 + v.iter().map(|(k, x)| k.weight() + x.weight()).sum::<usize>(),
-            _ => 1,
+            Object::Str(s) => Size::scalar(1, s.len()),
+            Object::Bytes(b) => Size::scalar(1, b.len()),
+            Object::Tuple(v) | Object::List(v) => v.0.size,
+            Object::Dict(v) => v.0.size,
+            Object::Storage(s) => Size::scalar(1, text(s)),
+            // A consumer copies a tensor's dimensions, so they count as the tuples they came from.
+            Object::Tensor(t) => Size::scalar(
+                1usize.saturating_add(t.shape.len()).saturating_add(t.stride.len()),
+                text(&t.storage),
+            ),
+            _ => Size::scalar(1, 0),
         }
     }
 
@@ -256,6 +420,7 @@ struct Machine<'a> {
     memo: std::collections::HashMap<u32, Object>,
     objects: usize,
     bytes: usize,
+    copied: usize,
     limits: Limits,
 }
 
@@ -310,13 +475,15 @@ impl<'a> Machine<'a> {
         Ok(bytes)
     }
 
-    fn text(&mut self, len: u64) -> Result<String, PickleError> {
+    fn text(&mut self, len: u64) -> Result<Rc<str>, PickleError> {
         let bytes = self.payload(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| self.bad("string is not UTF-8"))
+        std::str::from_utf8(bytes)
+            .map(Rc::from)
+            .map_err(|_| self.bad("string is not UTF-8"))
     }
 
     /// A newline-terminated line (GLOBAL's operands).
-    fn line(&mut self) -> Result<String, PickleError> {
+    fn line(&mut self) -> Result<Rc<str>, PickleError> {
         let rest = self.data.get(self.pos..).unwrap_or_default();
         let len = rest
             .iter()
@@ -355,10 +522,12 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
-    /// Counts a copy of `value` (all but the copy's root, which `push` counts) before it is made.
-    fn count_copy(&mut self, weight: usize, bytes: usize) -> Result<(), PickleError> {
-        self.count(weight.saturating_sub(1))?;
-        self.count_bytes(bytes)
+    /// Counts a copy of a value of `size` (all but the copy's root, which `push` counts). The
+    /// copy itself is shared and costs nothing, but counting what a deep copy would build keeps
+    /// every value small enough for consumers to walk and copy.
+    fn count_copy(&mut self, size: Size) -> Result<(), PickleError> {
+        self.count(size.weight.saturating_sub(1))?;
+        self.count_bytes(size.bytes)
     }
 
     fn push(&mut self, obj: Object) -> Result<(), PickleError> {
@@ -368,7 +537,7 @@ impl<'a> Machine<'a> {
                 limit: self.limits.stack,
             });
         }
-        if obj.depth() > self.limits.nesting {
+        if obj.size().depth > self.limits.nesting {
             return Err(PickleError::Limit {
                 what: "nesting depth",
                 limit: self.limits.nesting as usize,
@@ -406,7 +575,7 @@ impl<'a> Machine<'a> {
     }
 
     fn put(&mut self, index: u32) -> Result<(), PickleError> {
-        let (weight, bytes) = self.top().map(|v| (v.weight(), v.bytes()))?;
+        let size = self.top()?.size();
         if self.memo.len() >= self.limits.memo && !self.memo.contains_key(&index) {
             return Err(PickleError::Limit {
                 what: "memo entries",
@@ -415,24 +584,24 @@ impl<'a> Machine<'a> {
         }
         // A memo entry is a snapshot: pickle memoizes containers before filling them, but torch
         // only fetches back immutable values (tensors, tuples, globals), so the copy is exact
-        // for the checkpoints we read, and it makes reference cycles impossible.
-        self.count(weight)?;
-        self.count_bytes(bytes)?;
+        // for the checkpoints we read, and it makes reference cycles impossible. The entry
+        // shares the value; filling the original later copies it (see `Items`).
+        self.count(size.weight)?;
+        self.count_bytes(size.bytes)?;
         let value = self.top()?.clone();
         self.memo.insert(index, value);
         Ok(())
     }
 
     fn get(&mut self, index: u32) -> Result<(), PickleError> {
-        let (weight, bytes) = self
+        let value = self
             .memo
             .get(&index)
-            .map(|v| (v.weight(), v.bytes()))
+            .cloned()
             .ok_or_else(|| self.bad(format!("memo entry {index} is not set")))?;
-        // The copy costs its full size; counting it (before making it) stops a small pickle
-        // from fetching a big value many times over.
-        self.count_copy(weight, bytes)?;
-        let value = self.memo.get(&index).cloned().unwrap_or(Object::None);
+        // The copy is counted at its full size: this stops a small pickle from fetching a big
+        // value many times over into something big to walk.
+        self.count_copy(value.size())?;
         self.push(value)
     }
 
@@ -440,34 +609,49 @@ impl<'a> Machine<'a> {
         if items.len() % 2 != 0 {
             return Err(self.bad("odd number of items for a dict"));
         }
-        let at = self.at;
-        let nesting = self.limits.nesting;
-        let Object::Dict(dict) = self.top()? else {
-            return Err(PickleError::Malformed {
-                at,
-                reason: "SETITEM(S) on a value that is not a dict".into(),
-            });
-        };
-        let deepest = items.iter().map(Object::depth).max().unwrap_or(0);
+        let mut pairs = Vec::with_capacity(items.len() / 2);
         let mut iter = items.into_iter();
         while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
-            dict.push((k, v));
+            pairs.push((k, v));
         }
-        check_nesting(deepest, nesting)
+        let cost = match self.top()? {
+            Object::Dict(dict) => dict.copy_cost(),
+            _ => return Err(self.bad("SETITEM(S) on a value that is not a dict")),
+        };
+        self.fill(cost, &pairs)?;
+        if let Object::Dict(dict) = self.top()? {
+            dict.extend(pairs);
+        }
+        Ok(())
     }
 
     fn append(&mut self, items: Vec<Object>) -> Result<(), PickleError> {
-        let at = self.at;
-        let nesting = self.limits.nesting;
-        let Object::List(list) = self.top()? else {
-            return Err(PickleError::Malformed {
-                at,
-                reason: "APPEND(S) on a value that is not a list".into(),
-            });
+        let cost = match self.top()? {
+            Object::List(list) => list.copy_cost(),
+            _ => return Err(self.bad("APPEND(S) on a value that is not a list")),
         };
-        let deepest = items.iter().map(Object::depth).max().unwrap_or(0);
-        list.extend(items);
-        check_nesting(deepest, nesting)
+        self.fill(cost, &items)?;
+        if let Object::List(list) = self.top()? {
+            list.extend(items);
+        }
+        Ok(())
+    }
+
+    /// Checks adding `items` to a container that copying-on-write costs `cost` objects.
+    fn fill<T: Item>(&mut self, cost: usize, items: &[T]) -> Result<(), PickleError> {
+        let deepest = items.iter().map(|item| item.size().depth).max().unwrap_or(0);
+        check_nesting(deepest, self.limits.nesting)?;
+        // Only a hostile pickle changes a container it shared (torch memoizes them empty). Such
+        // copies are the one place where sharing still allocates in proportion to a value's size:
+        // `DUP`, then append to the copy, repeated, copies ever longer lists.
+        self.copied = self.copied.saturating_add(cost);
+        if self.copied > self.limits.copied {
+            return Err(PickleError::Limit {
+                what: "copied items",
+                limit: self.limits.copied,
+            });
+        }
+        self.count(cost)
     }
 
     fn int_arg(&self, value: &Object, what: &str) -> Result<u64, PickleError> {
@@ -496,11 +680,13 @@ impl<'a> Machine<'a> {
             return Err(self.bad(format!("REDUCE arguments are a {}, not a tuple", args.kind())));
         };
         match callable {
-            Object::Global(Global::OrderedDict) if args.is_empty() => Ok(Object::Dict(Vec::new())),
+            Object::Global(Global::OrderedDict) if args.is_empty() => Ok(Object::Dict(Vec::new().into())),
             Object::Global(Global::RebuildTensorV2) if (6..=7).contains(&args.len()) => {
-                self.tensor(&args).map(Object::Tensor)
+                self.tensor(&args).map(|t| Object::Tensor(Rc::new(t)))
             }
-            Object::Global(Global::RebuildTensor) if args.len() == 4 => self.tensor(&args).map(Object::Tensor),
+            Object::Global(Global::RebuildTensor) if args.len() == 4 => {
+                self.tensor(&args).map(|t| Object::Tensor(Rc::new(t)))
+            }
             Object::Global(Global::RebuildTensorV3) if (7..=8).contains(&args.len()) => {
                 let Some(Object::Global(Global::Dtype(dtype))) = args.get(6) else {
                     return Err(self.bad("_rebuild_tensor_v3 expects a dtype seventh"));
@@ -513,17 +699,17 @@ impl<'a> Machine<'a> {
                     .numel
                     .checked_mul(size(tensor.storage.dtype))
                     .ok_or_else(|| self.bad("storage size overflows"))?;
-                Ok(Object::Tensor(TensorRef {
+                Ok(Object::Tensor(Rc::new(TensorRef {
                     storage: StorageRef {
                         dtype: *dtype,
                         numel: bytes / size(*dtype),
                         ..tensor.storage
                     },
                     ..tensor
-                }))
+                })))
             }
-            Object::Global(Global::RebuildParameter) if args.len() == 3 => match args.into_iter().next() {
-                Some(tensor @ Object::Tensor(_)) => Ok(tensor),
+            Object::Global(Global::RebuildParameter) if args.len() == 3 => match args.first() {
+                Some(tensor @ Object::Tensor(_)) => Ok(tensor.clone()),
                 _ => Err(self.bad("_rebuild_parameter expects a tensor first")),
             },
             Object::Global(g) => Err(self.bad(format!("{g:?} cannot be called with {} arguments", args.len()))),
@@ -543,7 +729,7 @@ impl<'a> Machine<'a> {
             return Err(self.bad("size and stride differ in length"));
         }
         Ok(TensorRef {
-            storage: storage.clone(),
+            storage: StorageRef::clone(storage),
             offset,
             shape,
             stride,
@@ -557,13 +743,13 @@ impl<'a> Machine<'a> {
         let Object::Tuple(items) = pid else {
             return Err(bad());
         };
-        let (head, view) = match items.as_slice() {
+        let (head, view) = match &items[..] {
             [head @ .., view] if items.len() == 6 => (head, Some(view)),
             head => (head, None),
         };
         let view = match view {
             None | Some(Object::None) => None,
-            Some(Object::Tuple(v)) => match v.as_slice() {
+            Some(Object::Tuple(v)) => match &v[..] {
                 [Object::Str(_), offset, numel] => Some((
                     self.int_arg(offset, "storage view offset")?,
                     self.int_arg(numel, "storage view size")?,
@@ -574,15 +760,15 @@ impl<'a> Machine<'a> {
         };
         match head {
             [Object::Str(tag), Object::Global(Global::Storage(dtype)), Object::Str(key), Object::Str(location), numel]
-                if tag == "storage" =>
+                if &**tag == "storage" =>
             {
-                Ok(Object::Storage(StorageRef {
+                Ok(Object::Storage(Rc::new(StorageRef {
                     dtype: *dtype,
-                    key: key.clone(),
-                    location: location.clone(),
+                    key: key.to_string(),
+                    location: location.to_string(),
                     numel: self.int_arg(numel, "storage size")?,
                     view,
-                }))
+                })))
             }
             _ => Err(bad()),
         }
@@ -623,9 +809,8 @@ impl<'a> Machine<'a> {
                     self.pop_mark()?;
                 }
                 b'2' => {
-                    let (weight, bytes) = self.top().map(|v| (v.weight(), v.bytes()))?;
-                    self.count_copy(weight, bytes)?;
                     let value = self.top()?.clone();
+                    self.count_copy(value.size())?;
                     self.push(value)?;
                 }
                 b'N' => self.push(Object::None)?,
@@ -648,8 +833,7 @@ impl<'a> Machine<'a> {
                     let n = self.u8()? as usize;
                     let bytes = self.take(n)?;
                     if n > 8 {
-                        let bytes = bytes.to_vec();
-                        self.push(Object::LongInt(bytes))?;
+                        self.push(Object::LongInt(bytes.into()))?;
                         continue;
                     }
                     let fill = if bytes.last().is_some_and(|b| b & 0x80 != 0) {
@@ -697,13 +881,13 @@ impl<'a> Machine<'a> {
                         b'C' => self.u8()?.into(),
                         _ => self.u64()?,
                     };
-                    let bytes = self.payload(len)?.to_vec();
-                    self.push(Object::Bytes(bytes))?;
+                    let bytes = self.payload(len)?;
+                    self.push(Object::Bytes(bytes.into()))?;
                 }
-                b')' => self.push(Object::Tuple(Vec::new()))?,
+                b')' => self.push(Object::Tuple(Vec::new().into()))?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Object::Tuple(items))?;
+                    self.push(Object::Tuple(items.into()))?;
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -712,9 +896,9 @@ impl<'a> Machine<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.push(Object::Tuple(items))?;
+                    self.push(Object::Tuple(items.into()))?;
                 }
-                b']' => self.push(Object::List(Vec::new()))?,
+                b']' => self.push(Object::List(Vec::new().into()))?,
                 b'a' => {
                     let item = self.pop()?;
                     self.append(vec![item])?;
@@ -723,7 +907,7 @@ impl<'a> Machine<'a> {
                     let items = self.pop_mark()?;
                     self.append(items)?;
                 }
-                b'}' => self.push(Object::Dict(Vec::new()))?,
+                b'}' => self.push(Object::Dict(Vec::new().into()))?,
                 b's' => {
                     let value = self.pop()?;
                     let key = self.pop()?;
@@ -813,6 +997,7 @@ pub fn unpickle_prefix(data: &[u8], limits: Limits) -> Result<(Object, usize), P
         memo: std::collections::HashMap::new(),
         objects: 0,
         bytes: 0,
+        copied: 0,
         limits,
     };
     let value = machine.run()?;
@@ -840,7 +1025,7 @@ mod tests {
     }
 
     fn expected_tensor() -> Object {
-        Object::Tensor(TensorRef {
+        Object::Tensor(Rc::new(TensorRef {
             storage: StorageRef {
                 dtype: DType::F32,
                 key: "0".into(),
@@ -851,7 +1036,7 @@ mod tests {
             offset: 1,
             shape: vec![2, 3],
             stride: vec![3, 1],
-        })
+        }))
     }
 
     #[test]
@@ -860,7 +1045,7 @@ mod tests {
         let t = expected_tensor();
         assert_eq!(
             value,
-            Object::Dict(vec![(Object::Str("a".into()), t.clone()), (Object::Str("b".into()), t)])
+            Object::Dict(vec![(Object::Str("a".into()), t.clone()), (Object::Str("b".into()), t)].into())
         );
     }
 
@@ -869,7 +1054,7 @@ mod tests {
         // `torch.save(OrderedDict(u=torch.zeros(6, dtype=torch.uint16)[1:]), f)`'s data.pkl: a
         // 12-byte untyped storage viewed as 5 uint16 from element 1.
         let p = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01X\x01\x00\x00\x00uq\x02ctorch._utils\n_rebuild_tensor_v3\nq\x03((X\x07\x00\x00\x00storageq\x04ctorch.storage\nUntypedStorage\nq\x05X\x01\x00\x00\x000q\x06X\x03\x00\x00\x00cpuq\x07K\x0ctq\x08QK\x01K\x05\x85q\tK\x01\x85q\n\x89h\x00)Rq\x0bctorch\nuint16\nq\x0ctq\rRq\x0es.";
-        let expected = Object::Tensor(TensorRef {
+        let expected = Object::Tensor(Rc::new(TensorRef {
             storage: StorageRef {
                 dtype: DType::U16,
                 key: "0".into(),
@@ -880,10 +1065,10 @@ mod tests {
             offset: 1,
             shape: vec![5],
             stride: vec![1],
-        });
+        }));
         assert_eq!(
             unpickle(p).unwrap(),
-            Object::Dict(vec![(Object::Str("u".into()), expected)])
+            Object::Dict(vec![(Object::Str("u".into()), expected)].into())
         );
         // A dtype is a tag, not a callable; v3 without a dtype is malformed.
         assert!(matches!(
@@ -985,6 +1170,7 @@ mod tests {
             string_len: 32,
             objects: 1000,
             bytes: 200,
+            copied: 100,
         }
     }
 
@@ -1071,7 +1257,7 @@ mod tests {
         assert_eq!(used, end);
         assert_eq!(
             magic,
-            Object::LongInt(vec![0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19])
+            Object::LongInt(vec![0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19].into())
         );
         let (version, used2) = unpickle_prefix(&p[used..], Limits::default()).unwrap();
         assert_eq!((version, &p[used + used2..]), (Object::Int(1001), &b"rest"[..]));
@@ -1083,7 +1269,7 @@ mod tests {
         let value = unpickle(p).unwrap();
         assert_eq!(
             value,
-            Object::Tuple(vec![Object::Str("ab".into()), Object::Str("\u{e9}!".into())])
+            Object::Tuple(vec![Object::Str("ab".into()), Object::Str("\u{e9}!".into())].into())
         );
         assert!(matches!(
             unpickle(b"\x80\x02U\x01\xff."),
@@ -1107,7 +1293,7 @@ mod tests {
     fn legacy_persistent_ids_cuda_classes_and_old_rebuild_are_read() {
         let extra = b"\x89ccollections\nOrderedDict\n)R";
         let tensor = |view| {
-            Object::Tensor(TensorRef {
+            Object::Tensor(Rc::new(TensorRef {
                 storage: StorageRef {
                     dtype: DType::F16,
                     key: "1".into(),
@@ -1118,7 +1304,7 @@ mod tests {
                 offset: 1,
                 shape: vec![3],
                 stride: vec![2],
-            })
+            }))
         };
         let p = legacy_tensor("_rebuild_tensor_v2", b"N", extra);
         assert_eq!(unpickle(&p).unwrap(), tensor(None));
@@ -1166,6 +1352,154 @@ mod tests {
         let mut p = s30.to_vec();
         p.extend(std::iter::repeat_n(0x94, 7));
         p.push(b'.');
+        assert_eq!(limit_of(&p), "string bytes");
+    }
+
+    /// `{` `(` `'a'` and a list of 60 small ints, left on the stack: the start of the hostile
+    /// pickles below.
+    fn list_of_60() -> Vec<u8> {
+        let mut p = b"\x80\x04}(\x8c\x01a](".to_vec();
+        for i in 0..60u8 {
+            p.extend_from_slice(&[b'K', i]);
+        }
+        p.push(b'e');
+        p
+    }
+
+    fn lists(value: &Object) -> Vec<&Items<Object>> {
+        let Object::Tuple(items) = value else {
+            panic!("{value:?}")
+        };
+        items
+            .iter()
+            .map(|v| match v {
+                Object::List(list) => list,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn copies_share_their_value() {
+        // DUP and a memo fetch of a 60-item list: three tuple items, one set of items.
+        let mut p = list_of_60();
+        p.extend_from_slice(b"\x942h\x00\x87.");
+        let value = unpickle(&p).unwrap();
+        let lists = lists(&value);
+        assert_eq!(lists[0].len(), 60);
+        assert!(Rc::ptr_eq(&lists[0].0, &lists[1].0) && Rc::ptr_eq(&lists[0].0, &lists[2].0));
+        // 401 bytes (issue 9): DUP and APPEND double the list 20 times, then DUP and POP until
+        // the end. Deep copies took 0.9 s and 565 MB to reach the object limit; shared, it is
+        // reached in microseconds with nothing allocated (measured by hand with /usr/bin/time).
+        let mut p = list_of_60();
+        p.extend_from_slice(&b"2a".repeat(20));
+        while p.len() < 400 {
+            p.extend_from_slice(b"20");
+        }
+        p.push(b'.');
+        assert_eq!(p.len(), 401);
+        assert!(matches!(
+            unpickle(&p),
+            Err(PickleError::Limit {
+                what: "object count",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn copies_are_snapshots() {
+        // The memo keeps the list as it was memoized, a DUP copy as it was duplicated.
+        let p = b"\x80\x02]q\x00(K\x01K\x02e2K\x03ah\x00\x87.";
+        let value = unpickle(p).unwrap();
+        let lengths: Vec<usize> = lists(&value).iter().map(|l| l.len()).collect();
+        assert_eq!(lengths, [2, 3, 0]);
+        let Object::Tuple(items) = &value else { unreachable!() };
+        assert_eq!(
+            items[1],
+            Object::List(vec![Object::Int(1), Object::Int(2), Object::Int(3)].into())
+        );
+        // Dicts alike; the sizes kept with the items follow the copy they belong to.
+        let p = b"\x80\x02}q\x00X\x01\x00\x00\x00kK\x01s2X\x02\x00\x00\x00kkK\x02sh\x00\x87.";
+        let value = unpickle(p).unwrap();
+        let Object::Tuple(items) = &value else {
+            panic!("{value:?}")
+        };
+        let sizes: Vec<(usize, usize, usize)> = items
+            .iter()
+            .map(|v| match v {
+                Object::Dict(d) => (d.len(), d.0.size.weight, d.0.size.bytes),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, [(1, 3, 1), (2, 5, 3), (0, 1, 0)]);
+    }
+
+    #[test]
+    fn copies_on_write_are_bounded() {
+        // DUP, then append to the copy, repeated: each round copies a longer list (quadratic).
+        // 12 KB reached the object limit with 600 MB in use; now 1M items copied stop it at
+        // 27 MB (measured by hand).
+        let mut p = list_of_60();
+        p.extend_from_slice(&b"2K\x01a".repeat(3000));
+        p.push(b'.');
+        assert!(matches!(
+            unpickle(&p),
+            Err(PickleError::Limit {
+                what: "copied items",
+                ..
+            })
+        ));
+        // Under small limits: a list of 10 copied 11 times, and a dict the same way.
+        let mut p = b"\x80\x02](".to_vec();
+        p.extend_from_slice(&b"N".repeat(10));
+        p.push(b'e');
+        p.extend_from_slice(&b"2Na0".repeat(11));
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "copied items");
+        p.truncate(p.len() - 5);
+        p.push(b'.');
+        assert!(unpickle_with(&p, limits()).is_ok());
+        let mut p = b"\x80\x02}(".to_vec();
+        p.extend_from_slice(&b"NN".repeat(5));
+        p.push(b'u');
+        p.extend_from_slice(&b"2NNs0".repeat(11));
+        p.push(b'.');
+        assert_eq!(limit_of(&p), "copied items");
+    }
+
+    /// A pickled tensor whose shape and strides have `dims` dimensions of 1.
+    fn tensor_of_dims(dims: usize, key: &[u8]) -> Vec<u8> {
+        let mut p =
+            b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX".to_vec();
+        p.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        p.extend_from_slice(key);
+        p.extend_from_slice(b"X\x03\x00\x00\x00cpuK\x07tQK\x00(");
+        p.extend_from_slice(&b"K\x01".repeat(dims));
+        p.extend_from_slice(b"t2\x89ccollections\nOrderedDict\n)RtR");
+        p
+    }
+
+    #[test]
+    fn tensors_count_their_dimensions_and_storage_names() {
+        // 120 KB: a tensor of 30,000 dimensions duplicated 60,000 times asked for 115 GB (killed
+        // at 23 GB). Readers copy a tensor's dimensions, so a copy counts them.
+        let mut p = tensor_of_dims(30_000, b"0");
+        p.extend_from_slice(&b"2".repeat(60_000));
+        p.push(b'.');
+        assert!(matches!(
+            unpickle(&p),
+            Err(PickleError::Limit {
+                what: "object count",
+                ..
+            })
+        ));
+        let mut p = tensor_of_dims(2, b"0");
+        p.push(b'.');
+        assert!(matches!(unpickle_with(&p, limits()), Ok(Object::Tensor(_))));
+        // A storage key counts as text when copied.
+        let mut p = tensor_of_dims(2, &[b'7'; 30]);
+        p.extend_from_slice(b"2222222.");
         assert_eq!(limit_of(&p), "string bytes");
     }
 }

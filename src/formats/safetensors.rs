@@ -4,10 +4,11 @@
 //! tensor data; [`read_header`] fetches that prefix from an open file. Building whole
 //! checkpoints from headers is left to the parent module, and writing to [`super::output`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::{FormatError, SourceFile};
@@ -66,7 +67,9 @@ pub enum HeaderError {
     /// The header is JSON but not an object.
     #[error("header is not a JSON object")]
     NotObject,
-    /// A tensor entry has missing or mistyped fields (`dtype`, `shape`, `data_offsets`).
+    /// A tensor entry has missing or mistyped fields (`dtype`, `shape`, `data_offsets`), or an
+    /// extra field the official loader refuses (a number beyond f64 such as `1E400`, a lone
+    /// UTF-16 surrogate).
     #[error("tensor {tensor:?} has an invalid entry")]
     InvalidEntry {
         /// Tensor name.
@@ -176,13 +179,165 @@ pub struct Header {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// A tensor entry's fields; unknown extra fields are ignored, as the official loader does.
-#[derive(Deserialize)]
+/// A tensor entry's fields; unknown extra fields are skipped, as the official loader does.
 struct RawTensor<'a> {
-    #[serde(borrow)]
-    dtype: std::borrow::Cow<'a, str>,
+    dtype: Cow<'a, str>,
     shape: Vec<usize>,
     data_offsets: (u64, u64),
+}
+
+/// Reads a [`RawTensor`] as a derived `Deserialize` would (an object, or an array of the three
+/// fields in order), except for unknown fields: the official loader reads the whole header into
+/// serde's buffered form before picking fields, which parses every skipped value in full and
+/// refuses numbers beyond f64 (`1E400`) and lone surrogates that `IgnoredAny` lets through. They
+/// are read as [`Skipped`] instead, and `skipped_failed` records that one was refused.
+struct TensorSeed<'f> {
+    skipped_failed: &'f std::cell::Cell<bool>,
+}
+
+const TENSOR_FIELDS: &[&str] = &["dtype", "shape", "data_offsets"];
+
+impl<'de> DeserializeSeed<'de> for TensorSeed<'_> {
+    type Value = RawTensor<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_struct("RawTensor", TENSOR_FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for TensorSeed<'_> {
+    type Value = RawTensor<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("struct RawTensor")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let dtype: Dtype = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+        let shape = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?;
+        let data_offsets = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(2, &self))?;
+        Ok(RawTensor {
+            dtype: dtype.0,
+            shape,
+            data_offsets,
+        })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut dtype, mut shape, mut data_offsets) = (None::<Dtype>, None, None);
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::Dtype if dtype.is_some() => return Err(de::Error::duplicate_field("dtype")),
+                Field::Dtype => dtype = Some(map.next_value()?),
+                Field::Shape if shape.is_some() => return Err(de::Error::duplicate_field("shape")),
+                Field::Shape => shape = Some(map.next_value()?),
+                Field::DataOffsets if data_offsets.is_some() => return Err(de::Error::duplicate_field("data_offsets")),
+                Field::DataOffsets => data_offsets = Some(map.next_value()?),
+                Field::Other => {
+                    if let Err(e) = map.next_value::<Skipped>() {
+                        self.skipped_failed.set(true);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(RawTensor {
+            dtype: dtype.ok_or_else(|| de::Error::missing_field("dtype"))?.0,
+            shape: shape.ok_or_else(|| de::Error::missing_field("shape"))?,
+            data_offsets: data_offsets.ok_or_else(|| de::Error::missing_field("data_offsets"))?,
+        })
+    }
+}
+
+/// A tensor entry's key.
+enum Field {
+    Dtype,
+    Shape,
+    DataOffsets,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+        impl Visitor<'_> for FieldVisitor {
+            type Value = Field;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("field identifier")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Field, E> {
+                Ok(match key {
+                    "dtype" => Field::Dtype,
+                    "shape" => Field::Shape,
+                    "data_offsets" => Field::DataOffsets,
+                    _ => Field::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(FieldVisitor)
+    }
+}
+
+/// The dtype string, borrowed from the header unless it has escapes.
+struct Dtype<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Dtype<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DtypeVisitor;
+        impl<'de> Visitor<'de> for DtypeVisitor {
+            type Value = Dtype<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Dtype(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Dtype(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(DtypeVisitor)
+    }
+}
+
+/// A value read in full and dropped: what the official loader's buffering checks, nothing kept.
+struct Skipped;
+
+impl<'de> Deserialize<'de> for Skipped {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SkippedVisitor)
+    }
+}
+
+struct SkippedVisitor;
+
+impl<'de> Visitor<'de> for SkippedVisitor {
+    type Value = Skipped;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_unit<E>(self) -> Result<Skipped, E> {
+        Ok(Skipped)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skipped, A::Error> {
+        while seq.next_element::<Skipped>()?.is_some() {}
+        Ok(Skipped)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skipped, A::Error> {
+        while map.next_entry::<Skipped, Skipped>()?.is_some() {}
+        Ok(Skipped)
+    }
 }
 
 /// One entry of the header object, typed as it is read. Entries used to be read as
@@ -196,6 +351,8 @@ enum Entry<'a> {
 /// Which entry's value failed to deserialize, so the error can name it.
 enum Failed {
     Tensor(String),
+    /// In a field of the tensor that readers skip.
+    Skipped(String),
     Metadata,
 }
 
@@ -214,18 +371,26 @@ impl<'de> Visitor<'de> for EntriesVisitor<'_> {
         let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
         while let Some(name) = map.next_key::<String>()? {
             if name == METADATA_KEY {
-                match map.next_value() {
-                    Ok(metadata) => entries.push(Entry::Metadata(metadata)),
+                // `null` is no metadata to the official loader (an `Option`).
+                match map.next_value::<Option<BTreeMap<String, String>>>() {
+                    Ok(metadata) => entries.push(Entry::Metadata(metadata.unwrap_or_default())),
                     Err(e) => {
                         *self.failed.borrow_mut() = Some(Failed::Metadata);
                         return Err(e);
                     }
                 }
             } else {
-                match map.next_value() {
+                let skipped_failed = std::cell::Cell::new(false);
+                match map.next_value_seed(TensorSeed {
+                    skipped_failed: &skipped_failed,
+                }) {
                     Ok(raw) => entries.push(Entry::Tensor(name, raw)),
                     Err(e) => {
-                        *self.failed.borrow_mut() = Some(Failed::Tensor(name));
+                        *self.failed.borrow_mut() = Some(if skipped_failed.get() {
+                            Failed::Skipped(name)
+                        } else {
+                            Failed::Tensor(name)
+                        });
                         return Err(e);
                     }
                 }
@@ -243,14 +408,18 @@ fn read_entries(text: &str) -> Result<Vec<Entry<'_>>, HeaderError> {
         .deserialize_map(EntriesVisitor { failed: &failed })
         .and_then(|entries| deserializer.end().map(|()| entries));
     entries.map_err(|e| {
-        // Only a refused value or a non-object top level are data errors; the rest is syntax.
-        if e.classify() != serde_json::error::Category::Data {
-            return HeaderError::NotJson(e);
-        }
-        match failed.into_inner() {
-            Some(Failed::Tensor(tensor)) => HeaderError::InvalidEntry { tensor, source: e },
-            Some(Failed::Metadata) => HeaderError::InvalidMetadata(e),
-            None => HeaderError::NotObject,
+        use serde_json::error::Category;
+        match (failed.into_inner(), e.classify()) {
+            // What the official loader refuses in a skipped field is a syntax error to serde_json
+            // (`number out of range`), but the field is ours to name.
+            (Some(Failed::Skipped(tensor)), Category::Syntax | Category::Data) => {
+                HeaderError::InvalidEntry { tensor, source: e }
+            }
+            // Only a refused value or a non-object top level are data errors; the rest is syntax.
+            (_, Category::Io | Category::Syntax | Category::Eof) => HeaderError::NotJson(e),
+            (Some(Failed::Tensor(tensor)), Category::Data) => HeaderError::InvalidEntry { tensor, source: e },
+            (Some(Failed::Metadata), Category::Data) => HeaderError::InvalidMetadata(e),
+            (None, Category::Data) => HeaderError::NotObject,
         }
     })
 }
@@ -608,6 +777,66 @@ mod tests {
                 "{entry}"
             );
         }
+    }
+
+    #[test]
+    fn skipped_fields_are_read_as_strictly_as_the_official_loader() {
+        // The official loader reads every skipped value in full: a number beyond f64 or a lone
+        // surrogate in a field it ignores refuses the whole file (issue 9). The entry is named.
+        let t = r#""dtype":"F32","shape":[1],"data_offsets":[0,4]"#;
+        let big = format!("1{}", "0".repeat(400));
+        let refused = [
+            "1E400",
+            "-1E400",
+            "[1E400]",
+            r#"{"y":1E400}"#,
+            &big,
+            r#""\ud800""#,
+            r#""\udc00x""#,
+        ];
+        let accepted = [
+            "1E300",
+            "1.0e-400",
+            "-0",
+            r#""\ud83d\ude00""#,
+            r#"{"y":[null,true,"s"]}"#,
+        ];
+        for (value, ok) in refused
+            .iter()
+            .map(|v| (v, false))
+            .chain(accepted.iter().map(|v| (v, true)))
+        {
+            for json in [
+                format!(r#"{{"t":{{{t},"x":{value}}}}}"#),
+                format!(r#"{{"t":{{"x":{value},{t}}}}}"#),
+            ] {
+                let bytes = image(&json, 4);
+                let official = ::safetensors::SafeTensors::read_metadata(&bytes);
+                assert_eq!(official.is_ok(), ok, "{json}");
+                match parse(&bytes) {
+                    Ok(_) => assert!(ok, "{json}"),
+                    Err(HeaderError::InvalidEntry { tensor, .. }) if !ok => assert_eq!(tensor, "t"),
+                    Err(e) => panic!("{json}: {e:?}"),
+                }
+            }
+        }
+        let bytes = image(&format!(r#"{{"t":{{{t},"x":1E400}}}}"#), 4);
+        let e = parse(&bytes).unwrap_err();
+        let source = std::error::Error::source(&e).unwrap().to_string();
+        assert!(source.starts_with("number out of range"), "{source}");
+        // A syntax error inside a skipped field names the entry too; the text ending there does not.
+        let bytes = image(&format!(r#"{{"t":{{{t},"x":[1,]}}}}"#), 4);
+        assert!(matches!(parse(&bytes), Err(HeaderError::InvalidEntry { .. })));
+        let bytes = image(&format!(r#"{{"t":{{{t},"x":[1,"#), 4);
+        assert!(matches!(parse(&bytes), Err(HeaderError::NotJson(_))));
+        // `null` metadata is no metadata, to both.
+        let bytes = image(&format!(r#"{{"__metadata__":null,"t":{{{t}}}}}"#), 4);
+        assert!(::safetensors::SafeTensors::read_metadata(&bytes).is_ok());
+        assert!(parse(&bytes).unwrap().metadata.is_empty());
+        // The array spelling of an entry, which both read.
+        let bytes = image(r#"{"t":["F32",[1],[0,4]]}"#, 4);
+        assert!(::safetensors::SafeTensors::read_metadata(&bytes).is_ok());
+        assert_eq!(parse(&bytes).unwrap().tensors[0].end, 4);
     }
 
     #[test]

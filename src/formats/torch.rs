@@ -43,64 +43,107 @@ fn read_zip(file: &SourceFile) -> Result<HashMap<String, zip::Entry>, FormatErro
 /// `(dotted name, tensor)` pairs in state-dict order.
 type NamedTensors = Vec<(String, TensorRef)>;
 
+/// Most bytes of dotted names built, as much as a safetensors header may hold: a name repeats
+/// its prefix, so a pickle whose 1 MiB key prefixes 1,000 entries built 1 GB of names (issue 9).
+const MAX_NAME_BYTES: usize = super::safetensors::MAX_HEADER_LEN as usize;
+
 /// The tensors of an unpickled checkpoint, and the names of the entries skipped because they are
 /// not tensors.
 pub(crate) fn tensors_of(root: &Object, path: &Path) -> Result<(NamedTensors, Vec<String>), FormatError> {
-    let (mut found, mut skipped) = (Vec::new(), Vec::new());
+    tensors_within(root, path, MAX_NAME_BYTES)
+}
+
+/// [`tensors_of`], with at most `max_name_bytes` of names.
+fn tensors_within(
+    root: &Object,
+    path: &Path,
+    max_name_bytes: usize,
+) -> Result<(NamedTensors, Vec<String>), FormatError> {
+    let mut flat = Flat {
+        found: Vec::new(),
+        skipped: Vec::new(),
+        index: HashMap::new(),
+        name_bytes: 0,
+        max_name_bytes,
+        path,
+    };
     let (weights, wrapper) = state_dict(root);
     if let (Object::Dict(pairs), Some(wrapper)) = (root, wrapper) {
         // The siblings of the wrapper (`epoch`, `optimizer`, ...) are not read either.
-        skipped.extend(pairs.iter().filter_map(|(key, _)| match key {
-            Object::Str(s) if s != wrapper => Some(s.clone()),
-            _ => None,
-        }));
-    }
-    flatten("", weights, 0, &mut found, &mut skipped, &mut HashMap::new(), path)?;
-    Ok((found, skipped))
-}
-
-/// Flattens the unpickled value into `(dotted name, tensor)` pairs; later duplicates win.
-/// Values that are neither tensors nor dicts are named in `skipped`.
-fn flatten(
-    prefix: &str,
-    value: &Object,
-    depth: usize,
-    out: &mut NamedTensors,
-    skipped: &mut Vec<String>,
-    index: &mut HashMap<String, usize>,
-    path: &Path,
-) -> Result<(), FormatError> {
-    if depth > MAX_DEPTH {
-        return Err(bad(path, "state dict is nested too deeply"));
-    }
-    let Object::Dict(pairs) = value else {
-        return Ok(());
-    };
-    for (key, value) in pairs {
-        let key = match key {
-            Object::Str(s) => s.clone(),
-            Object::Int(i) => i.to_string(),
-            _ => continue, // not a name a tensor can have
-        };
-        let name = if prefix.is_empty() {
-            key
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            Object::Tensor(t) => {
-                if let Some(slot) = index.get(&name).and_then(|&i| out.get_mut(i)) {
-                    slot.1 = t.clone();
-                } else {
-                    index.insert(name.clone(), out.len());
-                    out.push((name, t.clone()));
+        for (key, _) in pairs.iter() {
+            if let Object::Str(s) = key {
+                if &**s != wrapper {
+                    let name = flat.name("", s)?;
+                    flat.skipped.push(name);
                 }
             }
-            Object::Dict(_) => flatten(&name, value, depth + 1, out, skipped, index, path)?,
-            _ => skipped.push(name), // epochs, optimizer scalars, configs: not weights
         }
     }
-    Ok(())
+    flat.flatten("", weights, 0)?;
+    Ok((flat.found, flat.skipped))
+}
+
+/// What flattening has found so far.
+struct Flat<'p> {
+    found: NamedTensors,
+    /// Values that are neither tensors nor dicts.
+    skipped: Vec<String>,
+    /// Position of each name in `found`.
+    index: HashMap<String, usize>,
+    /// Bytes of the names built, against `max_name_bytes`.
+    name_bytes: usize,
+    max_name_bytes: usize,
+    path: &'p Path,
+}
+
+impl Flat<'_> {
+    /// `prefix.key`, or `key` at the top, counted before it is built.
+    fn name(&mut self, prefix: &str, key: &str) -> Result<String, FormatError> {
+        let len = prefix.len() + usize::from(!prefix.is_empty()) + key.len();
+        self.name_bytes = self.name_bytes.saturating_add(len);
+        if self.name_bytes > self.max_name_bytes {
+            return Err(bad(
+                self.path,
+                format!("the state dict's names take more than {} bytes", self.max_name_bytes),
+            ));
+        }
+        Ok(if prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{prefix}.{key}")
+        })
+    }
+
+    /// Flattens the unpickled value into `(dotted name, tensor)` pairs; later duplicates win.
+    /// Values that are neither tensors nor dicts are named in `skipped`.
+    fn flatten(&mut self, prefix: &str, value: &Object, depth: usize) -> Result<(), FormatError> {
+        if depth > MAX_DEPTH {
+            return Err(bad(self.path, "state dict is nested too deeply"));
+        }
+        let Object::Dict(pairs) = value else {
+            return Ok(());
+        };
+        for (key, value) in pairs.iter() {
+            let name = match key {
+                Object::Str(s) => self.name(prefix, s)?,
+                Object::Int(i) => self.name(prefix, &i.to_string())?,
+                _ => continue, // not a name a tensor can have
+            };
+            match value {
+                Object::Tensor(t) => {
+                    if let Some(slot) = self.index.get(&name).and_then(|&i| self.found.get_mut(i)) {
+                        slot.1 = TensorRef::clone(t);
+                    } else {
+                        self.index.insert(name.clone(), self.found.len());
+                        self.found.push((name, TensorRef::clone(t)));
+                    }
+                }
+                Object::Dict(_) => self.flatten(&name, value, depth + 1)?,
+                _ => self.skipped.push(name), // epochs, optimizer scalars, configs: not weights
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The state dict inside a checkpoint and the wrapper key it was under: a `{"state_dict": ...}`
@@ -111,7 +154,7 @@ fn state_dict(root: &Object) -> (&Object, Option<&'static str>) {
             let inner = pairs
                 .iter()
                 .rev()
-                .find(|(k, _)| matches!(k, Object::Str(s) if s == wrapper));
+                .find(|(k, _)| matches!(k, Object::Str(s) if &**s == wrapper));
             if let Some((_, inner @ Object::Dict(_))) = inner {
                 return (inner, Some(wrapper));
             }
@@ -388,6 +431,32 @@ pub(crate) mod tests {
             shape: shape.to_vec(),
             stride: stride.to_vec(),
         }
+    }
+
+    #[test]
+    fn names_are_bounded() {
+        // A long key prefixing many entries: each dotted name repeats it (issue 9: a 1 MB pickle
+        // built 1 GB of names).
+        let path = Path::new("m.pt");
+        let key = |k: &str| Object::Str(k.into());
+        let dict = |pairs: Vec<(Object, Object)>| Object::Dict(pairs.into());
+        let inner = |n: i64| dict((0..n).map(|i| (Object::Int(i), Object::None)).collect());
+        let long = "k".repeat(100);
+        let root = |n| dict(vec![(key("epoch"), Object::Int(3)), (key(&long), inner(n))]);
+        // "epoch", the long key and eight names of 102 bytes under it fit in 1000; a ninth does
+        // not.
+        let (_, skipped) = tensors_within(&root(8), path, 1000).unwrap();
+        assert_eq!((skipped.len(), skipped[8].len()), (9, 102));
+        match tensors_within(&root(9), path, 1000) {
+            Err(FormatError::Torch { reason, .. }) => assert!(reason.contains("more than 1000 bytes"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // A wrapper's siblings count too.
+        let wrapped = dict(vec![
+            (key("state_dict"), dict(vec![])),
+            (key(&"s".repeat(2000)), Object::None),
+        ]);
+        assert!(tensors_within(&wrapped, path, 1000).is_err());
     }
 
     #[test]

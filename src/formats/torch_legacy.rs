@@ -86,7 +86,7 @@ pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntr
     let data: &[u8] = &map;
     let mut pos = 0;
     match next_pickle(file, data, &mut pos, "magic number")? {
-        Object::LongInt(bytes) if bytes == MAGIC => {}
+        Object::LongInt(bytes) if *bytes == MAGIC => {}
         _ => return Err(bad(path, "wrong magic number: not a PyTorch checkpoint")),
     }
     match next_pickle(file, data, &mut pos, "protocol version")? {
@@ -101,7 +101,7 @@ pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntr
     // the machine's order.
     let big_endian = sys_info
         .iter()
-        .any(|(k, v)| matches!((k, v), (Object::Str(k), Object::Bool(false)) if k == "little_endian"));
+        .any(|(k, v)| matches!((k, v), (Object::Str(k), Object::Bool(false)) if &**k == "little_endian"));
     if big_endian {
         return Err(bad(path, "saved on a big-endian machine, which is not supported"));
     }
@@ -120,11 +120,11 @@ pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntr
     // Where each storage's elements start, and how many there are.
     let mut located: HashMap<String, (u64, u64)> = HashMap::with_capacity(keys.len());
     let mut at = pos as u64;
-    for key in keys {
+    for key in keys.iter() {
         let Object::Str(key) = key else {
             return Err(bad(path, "a storage key is not a string"));
         };
-        let Some(&(dtype, numel)) = declared.get(&key) else {
+        let Some(&(dtype, numel)) = declared.get(&**key) else {
             return Err(bad(
                 path,
                 format!("storage {key:?} is stored but no object refers to it"),
@@ -148,7 +148,7 @@ pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntr
             .and_then(|n| start.checked_add(n))
             .filter(|&end| end <= file.len)
             .ok_or_else(|| bad(path, format!("file ends inside storage {key:?}")))?;
-        if located.insert(key.clone(), (start, count)).is_some() {
+        if located.insert(key.to_string(), (start, count)).is_some() {
             return Err(bad(path, format!("storage {key:?} is stored twice")));
         }
         at = end;

@@ -380,7 +380,7 @@ mod tests {
         assert_eq!(pairs.len(), 4);
         for (key, (k, v)) in pairs.iter().enumerate() {
             let Object::Tensor(r) = v else { panic!("{v:?}") };
-            assert_eq!(k, &Object::Str(tensors[key].name.clone()));
+            assert_eq!(k, &Object::Str(tensors[key].name.as_str().into()));
             assert_eq!(r.storage.key, key.to_string());
             assert_eq!(r.storage.dtype, tensors[key].dtype);
             assert_eq!(r.shape, tensors[key].shape);
