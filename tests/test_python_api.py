@@ -534,6 +534,7 @@ def test_engine_thread_that_cannot_start_is_a_brainsurgery_error(src, tmp_path):
     # thread (EAGAIN). It was a RuntimeError (issue 9); a panic takes the same path, with
     # "internal error (a bug in brainsurgery, please report it): <message>" (src/error.rs tests).
     got = _in_child(src, tmp_path, """
+import resource
 with open("/proc/self/status") as f:
     vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))
