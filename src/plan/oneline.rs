@@ -36,13 +36,26 @@ pub struct SyntaxError {
 }
 
 impl SyntaxError {
-    /// `1:COL: message`, then the line and a caret under the column.
+    /// `1:COL: message`, then the line and a caret under the column. A long line is shown as
+    /// the [`CONTEXT`] characters around the column, cut ends marked `…` (issue 9: a 600 KB
+    /// one-liner was quoted whole in its error).
     pub fn display(&self, line: &str) -> String {
-        let shown: String = line.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-        let pad = " ".repeat(self.column.saturating_sub(1));
+        let chars: Vec<char> = line.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        let at = self.column.saturating_sub(1).min(chars.len());
+        let from = at.saturating_sub(CONTEXT);
+        let to = at.saturating_add(CONTEXT).min(chars.len());
+        let mut shown: String = if from > 0 { "…".to_owned() } else { String::new() };
+        shown.extend(&chars[from..to]);
+        if to < chars.len() {
+            shown.push('…');
+        }
+        let pad = " ".repeat(at - from + usize::from(from > 0));
         format!("1:{}: {}\n  {shown}\n  {pad}^", self.column, self.message)
     }
 }
+
+/// Characters shown on each side of a syntax error's column.
+const CONTEXT: usize = 60;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ctx {
@@ -578,6 +591,26 @@ mod tests {
             Err(e) => e,
             Ok(v) => panic!("{line} parsed to {v}"),
         }
+    }
+
+    /// Issue 9: a long line is shown around the error's column, with the caret still under it.
+    #[test]
+    fn long_lines_are_shown_around_the_column() {
+        let e = SyntaxError {
+            column: 5001,
+            message: "boom".into(),
+        };
+        let line: String = (0..10_000).map(|i| if i == 5000 { '!' } else { 'a' }).collect();
+        let text = e.display(&line);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "1:5001: boom");
+        assert!(lines[1].chars().count() < 2 * CONTEXT + 10, "{}", lines[1]);
+        assert!(lines[1].starts_with("  …") && lines[1].ends_with('…'));
+        let caret = lines[2].chars().count() - 1;
+        assert_eq!(lines[1].chars().nth(caret), Some('!'));
+        // Short lines are shown whole.
+        let short = SyntaxError { column: 3, message: "x".into() }.display("ab!cd");
+        assert_eq!(short, "1:3: x\n  ab!cd\n    ^");
     }
 
     /// (one-line, YAML equivalent) pairs; the YAML is a transform entry.

@@ -70,27 +70,34 @@ pub fn factorization_lines(list: &[Factorization], full: bool) -> Vec<String> {
         cell(&worst.tensor)
     )];
     if full {
-        let rows: Vec<[String; 5]> = list
-            .iter()
-            .map(|f| {
-                [
-                    cell(&f.tensor),
-                    format!("{}×{}", f.shape.0, f.shape.1),
-                    f.method.to_owned(),
-                    f.quality.rank.to_string(),
-                    format!("{:.2}%  {:.4}", f.quality.energy * 100.0, f.quality.relative_error),
-                ]
-            })
-            .collect();
-        let w: Vec<usize> = (0..4).map(|c| width(rows.iter().map(|r| r[c].as_str()))).collect();
+        let mut rows: Vec<[String; 6]> = vec![[
+            "tensor".to_owned(),
+            "shape".to_owned(),
+            "method".to_owned(),
+            "rank".to_owned(),
+            "energy".to_owned(),
+            "rel. error".to_owned(),
+        ]];
+        rows.extend(list.iter().map(|f| {
+            [
+                cell(&f.tensor),
+                format!("{}×{}", f.shape.0, f.shape.1),
+                f.method.to_owned(),
+                f.quality.rank.to_string(),
+                format!("{:.2}%", f.quality.energy * 100.0),
+                format!("{:.4}", f.quality.relative_error),
+            ]
+        }));
+        let w: Vec<usize> = (0..6).map(|c| width(rows.iter().map(|r| r[c].as_str()))).collect();
         for r in &rows {
             lines.push(format!(
-                "  {}  {}  {}  rank {}  energy/error {}",
+                "  {}  {}  {}  {}  {}  {}",
                 pad_right(&r[0], w[0]),
                 pad_left(&r[1], w[1]),
                 pad_right(&r[2], w[2]),
                 pad_left(&r[3], w[3]),
-                r[4]
+                pad_left(&r[4], w[4]),
+                pad_left(&r[5], w[5])
             ));
         }
     }
