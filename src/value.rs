@@ -155,6 +155,11 @@ pub trait ElementFn: Send + Sync + std::fmt::Debug {
     /// whole tensor without a region), in row-major order of the region, holding the base's
     /// values. `index` lets functions with a second operand read the matching elements of it.
     fn apply(&self, dtype: DType, index: usize, values: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError>;
+
+    /// Bytes its operands compute whole in memory (see [`LazyOp::materialized`]).
+    fn materialized(&self, _seen: &mut HashSet<usize>) -> usize {
+        0
+    }
 }
 
 /// Multiplication by a factor, computed in f32 (f64 for F64) and rounded back.
@@ -530,7 +535,9 @@ impl Tensor {
                 }
                 op.materialized(seen)
             }
-            Value::View { base, .. } | Value::Cast { base } | Value::Map { base, .. } => base.materialized(seen),
+            Value::View { base, .. } | Value::Cast { base } => base.materialized(seen),
+            // A second operand (`add_` of a product) is computed whole too.
+            Value::Map { base, f, .. } => base.materialized(seen).saturating_add(f.materialized(seen)),
             Value::Overwrite { base, with, .. } => base.materialized(seen).saturating_add(with.materialized(seen)),
         }
     }

@@ -206,6 +206,10 @@ struct CombineFn {
 }
 
 impl ElementFn for CombineFn {
+    fn materialized(&self, seen: &mut std::collections::HashSet<usize>) -> usize {
+        self.other.materialized(seen)
+    }
+
     fn apply(&self, dtype: DType, index: usize, values: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
         let mut b = cx.take(values.len());
         let result = self.other.read(index, &mut b, cx);

@@ -115,3 +115,11 @@ def test_a_product_too_large_for_memory_is_an_error_and_leaves_nothing(write, tm
         bs.run(plan)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_check_counts_a_product_added_into_another_tensor(write, tmp_path):
+    # Issue 9: the product read as add_'s operand was left out of the estimate.
+    path = write({"a": np.ones((512, 256), np.float32), "b": np.ones((256, 1024), np.float32), "w": np.ones((512, 1024), np.float32)})
+    transforms = [{"matmul": {"from_a": "a", "from_b": "b", "to": "c"}}, {"add_": {"from": "c", "to": "w"}}, {"delete": {"target": "c"}}]
+    report = bs.check({"inputs": [str(path)], "transforms": transforms, "output": str(tmp_path / "o.safetensors")})
+    assert report["materialized_bytes"] == (512 * 256 + 256 * 1024 + 512 * 1024) * 4 + 512 * 1024 * 4
