@@ -609,7 +609,11 @@ mod tests {
         let caret = lines[2].chars().count() - 1;
         assert_eq!(lines[1].chars().nth(caret), Some('!'));
         // Short lines are shown whole.
-        let short = SyntaxError { column: 3, message: "x".into() }.display("ab!cd");
+        let short = SyntaxError {
+            column: 3,
+            message: "x".into(),
+        }
+        .display("ab!cd");
         assert_eq!(short, "1:3: x\n  ab!cd\n    ^");
     }
 
