@@ -84,6 +84,31 @@ def test_open_arrays_are_read_only(src):
     assert bs.open(src)["w"].tobytes() == TENSORS["w"].tobytes()
 
 
+WRITE_THROUGH_TORCH = """
+import sys, torch, brainsurgery as bs
+ck = bs.open(sys.argv[1])
+view = torch.from_dlpack(ck["w"])          # torch ignores NumPy's read-only flag
+view.add_(1.0)                             # a write into the mapped page
+model = torch.nn.Linear(4, 3, bias=False)  # and what a training script does with it
+model.load_state_dict({"weight": torch.from_dlpack(ck["w"])}, assign=True)
+model.weight.grad = torch.ones_like(model.weight)
+torch.optim.SGD(model.parameters(), lr=0.1).step()
+print("survived", float(ck["w"][0, 0]))
+"""
+
+
+def test_torch_writes_through_a_view_land_in_private_pages(src):
+    # Issue 11: the views were read-only mappings, and a write through torch killed the process
+    # with SIGSEGV. They are copy-on-write private mappings now: no crash, the file unchanged.
+    pytest.importorskip("torch")
+    before = Path(src).read_bytes()
+    proc = subprocess.run([sys.executable, "-c", WRITE_THROUGH_TORCH, str(src)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "survived" in proc.stdout
+    assert Path(src).read_bytes() == before
+    assert bs.open(src)["w"].tobytes() == TENSORS["w"].tobytes()
+
+
 def test_open_is_zero_copy(src):
     ck = bs.open(src)
     a, b = ck["w"], ck["w"]

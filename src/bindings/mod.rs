@@ -534,7 +534,7 @@ fn cli_main(py: Python<'_>, args: Vec<Bound<'_, PyString>>) -> PyResult<i32> {
 /// so NumPy views them without a copy. Holds the mapping alive.
 #[pyclass(name = "TensorBuffer", module = "brainsurgery._core", frozen)]
 struct PyTensorBuffer {
-    map: Arc<memmap2::Mmap>,
+    map: Arc<memmap2::MmapMut>,
     offset: usize,
     len: usize,
 }
@@ -542,8 +542,10 @@ struct PyTensorBuffer {
 #[pymethods]
 impl PyTensorBuffer {
     /// # Safety
-    /// Called by CPython with a valid `view`. The buffer is read-only and its memory lives as long
-    /// as `self` (the view holds a reference to `self`, and `self` holds the mapping).
+    /// Called by CPython with a valid `view`. The buffer is exported read-only and its memory lives
+    /// as long as `self` (the view holds a reference to `self`, and `self` holds the mapping).
+    /// Consumers that ignore the flag (torch through DLPack) write into the private copy-on-write
+    /// pages of the mapping (`SourceFile::map_for_views`), which Rust never reads.
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         if flags & pyo3::ffi::PyBUF_WRITABLE != 0 {
             return Err(pyo3::exceptions::PyBufferError::new_err(
@@ -570,7 +572,7 @@ impl PyTensorBuffer {
 #[pyclass(name = "Checkpoint", module = "brainsurgery._core", frozen)]
 struct PyCheckpoint {
     checkpoint: EngineCheckpoint,
-    maps: Vec<std::sync::OnceLock<Arc<memmap2::Mmap>>>,
+    maps: Vec<std::sync::OnceLock<Arc<memmap2::MmapMut>>>,
     index: BTreeMap<String, usize>,
 }
 
@@ -585,7 +587,7 @@ impl PyCheckpoint {
             .ok_or_else(|| PyKeyError::new_err(name.clone().unbind()))
     }
 
-    fn map_of(&self, py: Python<'_>, file: usize) -> PyResult<Arc<memmap2::Mmap>> {
+    fn map_of(&self, py: Python<'_>, file: usize) -> PyResult<Arc<memmap2::MmapMut>> {
         if let Some(map) = self.maps[file].get() {
             return Ok(map.clone());
         }

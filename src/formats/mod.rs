@@ -288,12 +288,20 @@ impl SourceFile {
             .ok_or_else(|| FormatError::io(&self.path, io::Error::other("too many guarded memory maps at once")))
     }
 
-    /// Read-only memory map of the whole file for NumPy views handed to Python: not guarded,
-    /// as `numpy.memmap` is not; a view read after the file shrank faults (documented).
-    pub fn map_for_views(&self) -> Result<memmap2::Mmap, FormatError> {
+    /// Copy-on-write memory map of the whole file for the views handed to Python (issue 11):
+    /// private pages, so a write through a view (torch ignores NumPy's read-only flag: an
+    /// optimizer step on `torch.from_dlpack(ck[name])` after `load_state_dict(assign=True)`)
+    /// lands in this process's copy of the page, never in the file and never as SIGSEGV, as
+    /// `torch.load(mmap=True)` maps. Untouched pages stay shared with the page cache. Not
+    /// guarded, as `numpy.memmap` is not: a view read after the file shrank faults (documented).
+    pub fn map_for_views(&self) -> Result<memmap2::MmapMut, FormatError> {
         let len = usize::try_from(self.len)
             .map_err(|_| FormatError::io(&self.path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
-        self.map_unguarded(0, len, false)
+        let mut options = memmap2::MmapOptions::new();
+        options.len(len);
+        // SAFETY: a private mapping of a file opened read-only: writes through it never reach
+        // the file. A file that shrinks while mapped faults on access (documented for views).
+        unsafe { options.map_copy(&self.file) }.map_err(|e| FormatError::io(&self.path, e))
     }
 
     /// The one place this crate maps memory.
