@@ -38,8 +38,8 @@ mergekit  A 214 MB (decimal; 204 MiB) BF16 Llama pair, ``llama-214mb/{base,ft}/`
           faster at ≤ 1/4 of MergeKit's peak RSS. The adapters' reconstruction errors
           ‖Δ − s·B·A‖/‖Δ‖ (s = lora_alpha/r per module, Δ = ft − base in f32) are computed here in
           NumPy over the 56 projections, for both adapters (max and mean). MergeKit also stores
-          ``embed_tokens`` and ``lm_head`` at full rank (``modules_to_save``); ours extracts only
-          the projections. MergeKit gets absolute paths: with a relative ``--base-model`` it
+          ``embed_tokens``, ``lm_head`` and (as unsupported module types) the RMSNorm weights at full
+          rank (``modules_to_save``); ours extracts only the projections. MergeKit gets absolute paths: with a relative ``--base-model`` it
           looks the name up on the Hub when writing the model card.
 merge     ``merge_lora`` of the ``extract`` job's adapter into the ~1 GiB base (0.94 GiB written)
           against ``cp`` of the same file. Target: within 2× of ``cp``.
