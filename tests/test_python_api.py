@@ -109,6 +109,56 @@ def test_torch_writes_through_a_view_land_in_private_pages(src):
     assert bs.open(src)["w"].tobytes() == TENSORS["w"].tobytes()
 
 
+def test_open_shape_dtype_info_and_missing_names(src):
+    # Issue 11: header facts without arrays, a table of every tensor, close matches on a typo.
+    ck = bs.open(src)
+    assert ck.shape("w") == (3, 4) and ck.dtype("bf") == "bfloat16" and ck.shape("scalar") == ()
+    rows = ck.info()
+    table = rows.to_dict("records") if hasattr(rows, "to_dict") else rows
+    assert [r["name"] for r in table] == list(ck)
+    w = next(r for r in table if r["name"] == "w")
+    assert (w["dtype"], tuple(w["shape"]), w["nbytes"], w["file"]) == ("float32", (3, 4), 48, str(src))
+    with pytest.raises(KeyError, match=r'no such tensor; closest: "w"'):
+        ck["ww"]
+    with pytest.raises(KeyError):
+        ck.shape("nope-at-all-" * 3)
+    assert "ww" not in ck and ck.get("ww") is None
+
+
+def test_get_slice_reads_the_rows_asked_for(src):
+    ck = bs.open(src)
+    part = ck.get_slice("w")
+    assert part.get_shape() == [3, 4] and part.get_dtype() == "float32" and part.shape == (3, 4)
+    rows = part[1:3]
+    np.testing.assert_array_equal(rows, TENSORS["w"][1:3])
+    assert rows.flags.writeable and rows.flags.owndata  # an owned copy of only the rows
+    np.testing.assert_array_equal(ck.get_slice("bf")[:, ::2], TENSORS["bf"][:, ::2])
+    with pytest.raises(KeyError):
+        ck.get_slice("missing")
+
+
+def test_checkpoint_reprs_fold_layers(tmp_path):
+    from conftest import save_safetensors
+
+    path = tmp_path / "m.safetensors"
+    save_safetensors(path, {f"layers.{i}.w": np.zeros((2, 2), np.float32) for i in range(12)})
+    ck = bs.open(path)
+    text = ck._summary()
+    assert "layers.[0-11].w" in text and "12 tensors" in text
+    assert ck._repr_html_().startswith("<pre>") and "layers.[0-11].w" in ck._repr_html_()
+
+    class Printer:
+        def __init__(self):
+            self.out = ""
+
+        def text(self, t):
+            self.out += t
+
+    p = Printer()
+    ck._repr_pretty_(p, False)
+    assert p.out == text
+
+
 def test_open_is_zero_copy(src):
     ck = bs.open(src)
     a, b = ck["w"], ck["w"]

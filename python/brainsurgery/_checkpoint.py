@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+import html
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from brainsurgery import _core
 
@@ -105,9 +106,46 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._core
 
-    def info(self, name: str) -> tuple[str, list[int]]:
-        """``(dtype name, shape)`` of a tensor, from the header alone."""
-        return self._core.info(name)
+    def info(self, name: str | None = None) -> Any:
+        """From the headers alone: with a name, ``(dtype name, shape)`` of that tensor; without,
+        one row per tensor (``name``, ``dtype``, ``shape``, ``nbytes``, ``file``), as a pandas
+        DataFrame when pandas is installed, else a list of dicts."""
+        if name is not None:
+            return self._core.info(name)
+        rows = [
+            {"name": n, "dtype": d, "shape": tuple(shape), "nbytes": nbytes, "file": file}
+            for n, d, shape, nbytes, file in self._core.table()
+        ]
+        try:
+            import pandas
+        except ImportError:
+            return rows
+        return pandas.DataFrame(rows, columns=["name", "dtype", "shape", "nbytes", "file"])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the header."""
+        return tuple(self._core.info(name)[1])
+
+    def dtype(self, name: str) -> str:
+        """A tensor's dtype name (``bfloat16``, ``float32``, ...), from the header."""
+        return self._core.info(name)[0]
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """A handle that reads only the part of a tensor it is indexed with, as safetensors'
+        ``get_slice``: ``ck.get_slice("embed.weight")[1000:1010]`` touches those rows' pages of
+        the mapped file and returns them as an owned array."""
+        return TensorSlice(self, name)
+
+    def _summary(self) -> str:
+        # The engine's `dump compact` of the headers: layer runs folded (`h.[0-11].attn...`).
+        report = _core.check({"inputs": [f"checkpoint::{self.path}"], "transforms": [{"dump": {"format": "compact"}}]})
+        return "\n".join(report["output"])
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self) if cycle else self._summary())
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(self._summary())}</pre>"
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -132,6 +170,41 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
 
     def __repr__(self) -> str:
         return f"<brainsurgery.Checkpoint {self.path!r}: {len(self)} tensors>"
+
+
+class TensorSlice:
+    """One tensor of an open checkpoint, read only where indexed (see ``Checkpoint.get_slice``)."""
+
+    def __init__(self, checkpoint: Checkpoint, name: str) -> None:
+        self._checkpoint = checkpoint
+        self._name = name
+        # Fails now, with close matches, for a name the checkpoint lacks.
+        self._dtype, self._shape = checkpoint.info(name)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._shape)
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    def get_shape(self) -> list[int]:
+        """The shape, as safetensors' slice handle gives it."""
+        return list(self._shape)
+
+    def get_dtype(self) -> str:
+        """The dtype name."""
+        return self._dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        import numpy as np
+
+        # Indexing the mapped view selects without reading; the copy reads only what it selects.
+        return np.array(self._checkpoint[self._name][key], copy=True)
+
+    def __repr__(self) -> str:
+        return f"<brainsurgery.TensorSlice {self._name!r} {self._dtype} {tuple(self._shape)}>"
 
 
 def open(path: str | os.PathLike[str]) -> Checkpoint:  # noqa: A001 - mirrors the SPEC's bs.open

@@ -584,7 +584,22 @@ impl PyCheckpoint {
             .ok()
             .and_then(|n| self.index.get(n))
             .map(|&i| &self.checkpoint.tensors[i])
-            .ok_or_else(|| PyKeyError::new_err(name.clone().unbind()))
+            .ok_or_else(|| self.missing(name))
+    }
+
+    /// The `KeyError` for a name no tensor has: the name, and the closest names there are (issue
+    /// 11), by the distance the engine's own suggestions use.
+    fn missing(&self, name: &Bound<'_, PyString>) -> PyErr {
+        let Ok(text) = name.to_str() else {
+            return PyKeyError::new_err(name.clone().unbind());
+        };
+        let names = self.checkpoint.tensors.iter().map(|t| t.name.as_str());
+        let close = crate::references::closest_names(text, names, 3);
+        if close.is_empty() {
+            return PyKeyError::new_err(name.clone().unbind());
+        }
+        let list = close.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+        PyKeyError::new_err(format!("{text:?}: no such tensor; closest: {list}"))
     }
 
     fn map_of(&self, py: Python<'_>, file: usize) -> PyResult<Arc<memmap2::MmapMut>> {
@@ -611,7 +626,25 @@ impl PyCheckpoint {
     }
 
     fn __contains__(&self, name: &Bound<'_, PyString>) -> bool {
-        self.entry(name).is_ok()
+        name.to_str().is_ok_and(|n| self.index.contains_key(n))
+    }
+
+    /// `(name, dtype name, shape, bytes, file)` of every tensor, in file order.
+    fn table(&self) -> Vec<(String, String, Vec<usize>, u64, String)> {
+        self.checkpoint
+            .tensors
+            .iter()
+            .map(|t| {
+                let file = &self.checkpoint.files[t.file].path;
+                (
+                    t.name.clone(),
+                    t.dtype.name().to_owned(),
+                    t.shape.clone(),
+                    t.nbytes,
+                    file.display().to_string(),
+                )
+            })
+            .collect()
     }
 
     /// `(dtype name, shape)` of a tensor, from the header.
