@@ -26,8 +26,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 use serde_json::{json, Value as Json};
 
 use super::lowrank::{
-    factor_pool, matrix_shape, split_factors, Factorization, Factorizer, ENERGY, MAX_RANK, METHOD, OVERSAMPLE,
-    POWER_ITERATIONS, SEED, THRESHOLD,
+    encode_into, factor_pool, matrix_shape, split_factors, Blocks, Factorization, Factorizer, ENERGY, MAX_RANK, METHOD,
+    OVERSAMPLE, POWER_ITERATIONS, SEED, THRESHOLD,
 };
 use super::{count_noun, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
@@ -1031,6 +1031,8 @@ struct MergeOp {
     magnitude: Option<Tensor>,
     /// `(P, Q, magnitude)`, once read.
     factors: Mutex<Option<Arc<Factors>>>,
+    /// Row blocks reused across reads.
+    blocks: Blocks<f32>,
 }
 
 /// `P` (rows × r), `Q` (r × cols) and the DoRA magnitudes of a merge.
@@ -1119,14 +1121,14 @@ impl LazyOp for MergeOp {
         let r = q.len() / cols;
         let (first, last) = (start / cols, (start + count).div_ceil(cols).min(rows));
         let n = (last - first) * cols;
-        // The base's covering rows (whole rows: DoRA needs each row's norm).
+        // The base's covering rows (whole rows: DoRA needs each row's norm): a chunk's elements
+        // plus at most two partial rows, in buffers reused from read to read.
         let mut base_bytes = cx.take(n * size);
         self.base.read(first * cols, &mut base_bytes, cx)?;
-        // Whole rows: a chunk's elements plus at most two partial rows.
-        let mut block = crate::value::try_filled("merge_lora", n, 0.0f32)?;
-        let mut wide = crate::value::try_filled("merge_lora", n * 4, 0u8)?;
+        let mut wide = cx.take(n * 4);
         crate::kernels::convert(dtype, &base_bytes, DType::F32, &mut wide);
         cx.give(base_bytes);
+        let mut block = self.blocks.take("merge_lora", n)?;
         for (x, w) in block.iter_mut().zip(wide.chunks_exact(4)) {
             *x = f32::from_le(w);
         }
@@ -1146,8 +1148,9 @@ impl LazyOp for MergeOp {
             }
         }
         let from = start - first * cols;
-        let bytes = real_bytes(&block[from..from + count], dtype, "merge_lora")?;
-        out.copy_from_slice(&bytes);
+        encode_into(&block[from..from + count], dtype, &mut wide, out);
+        cx.give(wide);
+        self.blocks.give(block);
         Ok(())
     }
 }
@@ -1396,6 +1399,7 @@ impl Transform for MergeLora {
                     scale: s,
                     magnitude,
                     factors: Mutex::new(None),
+                    blocks: Blocks::default(),
                 }),
             )
             .map_err(|e| TransformError::value_of(&weight_name, e))?;

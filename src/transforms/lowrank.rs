@@ -415,6 +415,48 @@ impl LazyOp for Deferred {
     }
 }
 
+/// Reused blocks of reals for lazy operations that compute whole rows per read: a fresh
+/// multi-megabyte vector per 1 MiB chunk went back to the kernel on every free (glibc maps large
+/// blocks), and `merge_lora` spent six times its user time zeroing pages.
+#[derive(Debug, Default)]
+pub(crate) struct Blocks<T>(std::sync::Mutex<Vec<Vec<T>>>);
+
+impl<T: Copy + Default> Blocks<T> {
+    /// A block of `len` elements (values unspecified), allocated fallibly when none is free.
+    pub fn take(&self, op: &'static str, len: usize) -> Result<Vec<T>, ValueError> {
+        let free = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut block = free.unwrap_or_default();
+        if block.capacity() < len {
+            block
+                .try_reserve_exact(len - block.len())
+                .map_err(|_| ValueError::OutOfMemory {
+                    op,
+                    bytes: len.saturating_mul(std::mem::size_of::<T>()),
+                })?;
+        }
+        block.resize(len, T::default());
+        Ok(block)
+    }
+
+    /// Returns a block for reuse (at most one kept per thread that can hold one at once).
+    pub fn give(&self, block: Vec<T>) {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < 64 {
+            free.push(block);
+        }
+    }
+}
+
+/// Writes `values` into `out` in `dtype` (rounded once), through `scratch` bytes.
+pub(crate) fn encode_into<T: Real>(values: &[T], dtype: DType, scratch: &mut Vec<u8>, out: &mut [u8]) {
+    let width = std::mem::size_of::<T>();
+    scratch.resize(std::mem::size_of_val(values), 0);
+    for (x, w) in values.iter().zip(scratch.chunks_exact_mut(width)) {
+        x.put_le(w);
+    }
+    crate::kernels::convert(T::DTYPE, scratch, dtype, out);
+}
+
 /// `B @ A` from row-major factors kept in `T`, computed for the rows a read covers and rounded
 /// once to the tensor's dtype: the rank-r reconstruction streams like any other value.
 #[derive(Debug)]
@@ -425,6 +467,8 @@ pub(crate) struct LowRankOp<T> {
     pub a: Vec<T>,
     /// `(m, r, n)`.
     pub dims: (usize, usize, usize),
+    /// Row blocks reused across reads.
+    pub blocks: Blocks<T>,
 }
 
 impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
@@ -442,7 +486,7 @@ impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
         _: &[usize],
         start: usize,
         out: &mut [u8],
-        _: &mut ReadContext,
+        cx: &mut ReadContext,
     ) -> Result<(), ValueError> {
         let (m, r, n) = self.dims;
         let size = dtype.size().ok_or(ValueError::NoByteSize { op: self.name(), dtype })?;
@@ -450,9 +494,12 @@ impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
         if count == 0 || n == 0 {
             return Ok(());
         }
+        if !dtype.is_computable() {
+            return Err(ValueError::NoByteSize { op: self.name(), dtype });
+        }
         let (first, last) = (start / n, (start + count).div_ceil(n).min(m));
         let rows = last - first;
-        let mut block = crate::value::try_filled(self.name(), rows * n, T::default())?;
+        let mut block = self.blocks.take(self.name(), rows * n)?;
         matmul(
             MatMut::from_row_major_slice_mut(&mut block, rows, n),
             Accum::Replace,
@@ -462,8 +509,10 @@ impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
             Par::Seq,
         );
         let from = start - first * n;
-        let bytes = real_bytes(&block[from..from + count], dtype, self.name())?;
-        out.copy_from_slice(&bytes);
+        let mut scratch = cx.take(0);
+        encode_into(&block[from..from + count], dtype, &mut scratch, out);
+        cx.give(scratch);
+        self.blocks.give(block);
         Ok(())
     }
 }
@@ -624,6 +673,7 @@ impl Phlora {
                 b,
                 a,
                 dims: (rows, rank, cols),
+                blocks: Blocks::default(),
             }),
         )
         .map_err(|e| TransformError::value_of(&display, e))?;
@@ -782,6 +832,7 @@ mod tests {
             b,
             a: af,
             dims: (m, 3, n),
+            blocks: Blocks::default(),
         };
         let mut out = vec![0u8; m * n * 8];
         // Reads that start and end inside rows.
