@@ -26,7 +26,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use serde_json::{json, Value as Json};
 
 use super::lowrank::{
-    encode_into, factor_pool, matrix_shape, split_factors, Blocks, Factorization, Factorizer, ENERGY, MAX_RANK, METHOD,
+    encode_into, factor_pool, matrix_shape, split_factors, Factorization, Factorizer, Pooled, ENERGY, MAX_RANK, METHOD,
     OVERSAMPLE, POWER_ITERATIONS, SEED, THRESHOLD,
 };
 use super::{count_noun, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec};
@@ -1031,8 +1031,6 @@ struct MergeOp {
     magnitude: Option<Tensor>,
     /// `(P, Q, magnitude)`, once read.
     factors: Mutex<Option<Arc<Factors>>>,
-    /// Row blocks reused across reads.
-    blocks: Blocks<f32>,
 }
 
 /// `P` (rows × r), `Q` (r × cols) and the DoRA magnitudes of a merge.
@@ -1128,7 +1126,7 @@ impl LazyOp for MergeOp {
         let mut wide = cx.take(n * 4);
         crate::kernels::convert(dtype, &base_bytes, DType::F32, &mut wide);
         cx.give(base_bytes);
-        let mut block = self.blocks.take("merge_lora", n)?;
+        let mut block = <f32 as Pooled>::take("merge_lora", n)?;
         for (x, w) in block.iter_mut().zip(wide.chunks_exact(4)) {
             *x = f32::from_le(w);
         }
@@ -1150,7 +1148,7 @@ impl LazyOp for MergeOp {
         let from = start - first * cols;
         encode_into(&block[from..from + count], dtype, &mut wide, out);
         cx.give(wide);
-        self.blocks.give(block);
+        <f32 as Pooled>::give(block);
         Ok(())
     }
 }
@@ -1399,7 +1397,6 @@ impl Transform for MergeLora {
                     scale: s,
                     magnitude,
                     factors: Mutex::new(None),
-                    blocks: Blocks::default(),
                 }),
             )
             .map_err(|e| TransformError::value_of(&weight_name, e))?;

@@ -417,33 +417,52 @@ impl LazyOp for Deferred {
 
 /// Reused blocks of reals for lazy operations that compute whole rows per read: a fresh
 /// multi-megabyte vector per 1 MiB chunk went back to the kernel on every free (glibc maps large
-/// blocks), and `merge_lora` spent six times its user time zeroing pages.
-#[derive(Debug, Default)]
-pub(crate) struct Blocks<T>(std::sync::Mutex<Vec<Vec<T>>>);
+/// blocks), and `merge_lora` spent six times its user time zeroing pages. The spare block is kept
+/// per thread (one per element type), so what is kept is bounded by the writing threads, not by
+/// the number of tensors computed.
+pub(crate) trait Pooled: Copy + Default + 'static {
+    /// Runs `f` with this thread's spare block.
+    fn with_spare<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R;
 
-impl<T: Copy + Default> Blocks<T> {
-    /// A block of `len` elements (values unspecified), allocated fallibly when none is free.
-    pub fn take(&self, op: &'static str, len: usize) -> Result<Vec<T>, ValueError> {
-        let free = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut block = free.unwrap_or_default();
+    /// A block of `len` elements (values unspecified): this thread's spare one when there is,
+    /// else allocated fallibly.
+    fn take(op: &'static str, len: usize) -> Result<Vec<Self>, ValueError> {
+        let mut block = Self::with_spare(std::mem::take);
         if block.capacity() < len {
-            block
-                .try_reserve_exact(len - block.len())
-                .map_err(|_| ValueError::OutOfMemory {
-                    op,
-                    bytes: len.saturating_mul(std::mem::size_of::<T>()),
-                })?;
+            block.clear();
+            block.try_reserve_exact(len).map_err(|_| ValueError::OutOfMemory {
+                op,
+                bytes: len.saturating_mul(std::mem::size_of::<Self>()),
+            })?;
         }
-        block.resize(len, T::default());
+        block.resize(len, Self::default());
         Ok(block)
     }
 
-    /// Returns a block for reuse (at most one kept per thread that can hold one at once).
-    pub fn give(&self, block: Vec<T>) {
-        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < 64 {
-            free.push(block);
-        }
+    /// Keeps `block` as this thread's spare (the larger of it and the one kept).
+    fn give(block: Vec<Self>) {
+        Self::with_spare(|spare| {
+            if block.capacity() > spare.capacity() {
+                *spare = block;
+            }
+        });
+    }
+}
+
+thread_local! {
+    static SPARE_F32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_F64: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Pooled for f32 {
+    fn with_spare<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R {
+        SPARE_F32.with(|spare| f(&mut spare.borrow_mut()))
+    }
+}
+
+impl Pooled for f64 {
+    fn with_spare<R>(f: impl FnOnce(&mut Vec<Self>) -> R) -> R {
+        SPARE_F64.with(|spare| f(&mut spare.borrow_mut()))
     }
 }
 
@@ -467,11 +486,9 @@ pub(crate) struct LowRankOp<T> {
     pub a: Vec<T>,
     /// `(m, r, n)`.
     pub dims: (usize, usize, usize),
-    /// Row blocks reused across reads.
-    pub blocks: Blocks<T>,
 }
 
-impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
+impl<T: Real + Pooled + std::fmt::Debug> LazyOp for LowRankOp<T> {
     fn name(&self) -> &'static str {
         "low-rank product"
     }
@@ -499,7 +516,7 @@ impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
         }
         let (first, last) = (start / n, (start + count).div_ceil(n).min(m));
         let rows = last - first;
-        let mut block = self.blocks.take(self.name(), rows * n)?;
+        let mut block = T::take(self.name(), rows * n)?;
         matmul(
             MatMut::from_row_major_slice_mut(&mut block, rows, n),
             Accum::Replace,
@@ -512,7 +529,7 @@ impl<T: Real + std::fmt::Debug> LazyOp for LowRankOp<T> {
         let mut scratch = cx.take(0);
         encode_into(&block[from..from + count], dtype, &mut scratch, out);
         cx.give(scratch);
-        self.blocks.give(block);
+        T::give(block);
         Ok(())
     }
 }
@@ -641,7 +658,7 @@ impl Phlora {
     }
 
     /// Factorizes one matrix in `T`.
-    fn factored<T: Real + std::fmt::Debug>(
+    fn factored<T: Real + Pooled + std::fmt::Debug>(
         &self,
         m: &Match,
         (rows, cols): (usize, usize),
@@ -673,7 +690,6 @@ impl Phlora {
                 b,
                 a,
                 dims: (rows, rank, cols),
-                blocks: Blocks::default(),
             }),
         )
         .map_err(|e| TransformError::value_of(&display, e))?;
@@ -832,7 +848,6 @@ mod tests {
             b,
             a: af,
             dims: (m, 3, n),
-            blocks: Blocks::default(),
         };
         let mut out = vec![0u8; m * n * 8];
         // Reads that start and end inside rows.
