@@ -20,7 +20,8 @@ use crate::kernels::random;
 
 /// How many parts faer splits parallel work into. Its SVD and QR sum their reductions per part,
 /// so results depend on this number, not on the threads that run the parts (tested): fixing it
-/// keeps the bytes identical for any `--threads` and any machine. Two, because more parts than
+/// keeps the bytes identical for any `--threads` (not across CPU families: faer picks its SIMD
+/// kernels at run time). Two, because more parts than
 /// cores spin: the randomized rank-64 SVD of a 4096 × 14336 matrix on 2 cores took 1.12 s with
 /// 2 parts, 1.22 s with 4 and 1.32 s with 8 (one batch, fuzzers running beside it). Larger
 /// machines would gain from factoring several matrices at once, each in 2 parts (not done yet).

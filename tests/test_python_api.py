@@ -157,6 +157,17 @@ def test_checkpoint_reprs_fold_layers(tmp_path):
     p = Printer()
     ck._repr_pretty_(p, False)
     assert p.out == text
+    # A relative path after chdir still summarises; a deleted file gives the short repr.
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        rel = bs.open("m.safetensors")
+        os.chdir("/")
+        assert "layers.[0-11].w" in rel._summary()
+    finally:
+        os.chdir(cwd)
+    path.unlink()
+    assert ck._summary() == repr(ck)
 
 
 def test_open_is_zero_copy(src):

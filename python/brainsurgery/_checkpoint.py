@@ -67,8 +67,10 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
     tensor; the array keeps the mapping alive after the checkpoint object is gone.
     """
 
-    def __init__(self, core: _core.Checkpoint) -> None:
+    def __init__(self, core: _core.Checkpoint, source: str | None = None) -> None:
         self._core = core
+        # The absolute path opened, so a notebook repr after os.chdir still finds the file.
+        self._source = source if source is not None else core.path
 
     def __getitem__(self, name: str) -> np.ndarray:
         import numpy as np
@@ -106,6 +108,10 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._core
 
+    def get(self, name: str, default: Any = None) -> Any:
+        # Membership first: a miss through __getitem__ would compute close-match suggestions.
+        return self[name] if name in self else default
+
     def info(self, name: str | None = None) -> Any:
         """From the headers alone: with a name, ``(dtype name, shape)`` of that tensor; without,
         one row per tensor (``name``, ``dtype``, ``shape``, ``nbytes``, ``file``), as a pandas
@@ -136,10 +142,20 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         the mapped file and returns them as an owned array."""
         return TensorSlice(self, name)
 
+    _SUMMARY_LINES = 200
+
     def _summary(self) -> str:
         # The engine's `dump compact` of the headers: layer runs folded (`h.[0-11].attn...`).
-        report = _core.check({"inputs": [f"checkpoint::{self.path}"], "transforms": [{"dump": {"format": "compact"}}]})
-        return "\n".join(report["output"])
+        # A repr must not raise: a file moved or deleted since it was opened gives the short repr.
+        try:
+            plan = {"inputs": [f"checkpoint::{self._source}"], "transforms": [{"dump": {"format": "compact"}}]}
+            lines = "\n".join(_core.check(plan)["output"]).splitlines()
+        except _core.BrainSurgeryError:
+            return repr(self)
+        if len(lines) > self._SUMMARY_LINES:
+            more = len(lines) - self._SUMMARY_LINES
+            lines = [*lines[: self._SUMMARY_LINES], f"  … {more} more lines (ck.info() lists every tensor)"]
+        return "\n".join(lines)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(repr(self) if cycle else self._summary())
@@ -213,4 +229,4 @@ def open(path: str | os.PathLike[str]) -> Checkpoint:  # noqa: A001 - mirrors th
     ``path`` is a ``.safetensors``, ``.bin``/``.pt``/``.pth`` or ``.npy``/``.npz`` file, or a
     directory of them (docs/semantics.md says which files of a directory are read).
     """
-    return Checkpoint(_core.open(os.fspath(path)))
+    return Checkpoint(_core.open(os.fspath(path)), os.path.abspath(os.fspath(path)))

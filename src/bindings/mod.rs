@@ -534,7 +534,7 @@ fn cli_main(py: Python<'_>, args: Vec<Bound<'_, PyString>>) -> PyResult<i32> {
 /// so NumPy views them without a copy. Holds the mapping alive.
 #[pyclass(name = "TensorBuffer", module = "brainsurgery._core", frozen)]
 struct PyTensorBuffer {
-    map: Arc<memmap2::MmapMut>,
+    map: Arc<memmap2::MmapRaw>,
     offset: usize,
     len: usize,
 }
@@ -553,7 +553,14 @@ impl PyTensorBuffer {
             ));
         }
         let this = slf.get();
-        let ptr = this.map[this.offset..this.offset + this.len].as_ptr() as *mut std::ffi::c_void;
+        // A raw pointer, never a Rust reference: torch may write through it (into private pages).
+        if this.offset.checked_add(this.len).is_none_or(|end| end > this.map.len()) {
+            return Err(pyo3::exceptions::PyBufferError::new_err(
+                "tensor bytes lie outside the mapping",
+            ));
+        }
+        // SAFETY: `offset + len` lies within the mapping (checked above).
+        let ptr = unsafe { this.map.as_mut_ptr().add(this.offset) } as *mut std::ffi::c_void;
         // SAFETY: `view` comes from CPython; the pointer and length describe memory owned by the
         // mapping that `slf` keeps alive for as long as the view holds its reference.
         let status = unsafe { pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr, this.len as isize, 1, flags) };
@@ -572,7 +579,7 @@ impl PyTensorBuffer {
 #[pyclass(name = "Checkpoint", module = "brainsurgery._core", frozen)]
 struct PyCheckpoint {
     checkpoint: EngineCheckpoint,
-    maps: Vec<std::sync::OnceLock<Arc<memmap2::MmapMut>>>,
+    maps: Vec<std::sync::OnceLock<Arc<memmap2::MmapRaw>>>,
     index: BTreeMap<String, usize>,
 }
 
@@ -593,6 +600,13 @@ impl PyCheckpoint {
         let Ok(text) = name.to_str() else {
             return PyKeyError::new_err(name.clone().unbind());
         };
+        // Edit distances to every name cost O(names × length²) with the GIL held: past these
+        // sizes (a 100,000-tensor checkpoint took 0.4 s per miss) the error is the bare key.
+        const MOST_NAMES: usize = 20_000;
+        const LONGEST_KEY: usize = 1_000;
+        if self.checkpoint.tensors.len() > MOST_NAMES || text.len() > LONGEST_KEY {
+            return PyKeyError::new_err(name.clone().unbind());
+        }
         let names = self.checkpoint.tensors.iter().map(|t| t.name.as_str());
         let close = crate::references::closest_names(text, names, 3);
         if close.is_empty() {
@@ -602,7 +616,7 @@ impl PyCheckpoint {
         PyKeyError::new_err(format!("{text:?}: no such tensor; closest: {list}"))
     }
 
-    fn map_of(&self, py: Python<'_>, file: usize) -> PyResult<Arc<memmap2::MmapMut>> {
+    fn map_of(&self, py: Python<'_>, file: usize) -> PyResult<Arc<memmap2::MmapRaw>> {
         if let Some(map) = self.maps[file].get() {
             return Ok(map.clone());
         }

@@ -294,17 +294,24 @@ impl SourceFile {
     /// lands in this process's copy of the page, never in the file and never as SIGSEGV, as
     /// `torch.load(mmap=True)` maps. Untouched pages stay shared with the page cache. Not
     /// guarded, as `numpy.memmap` is not: a view read after the file shrank faults (documented).
-    pub fn map_for_views(&self) -> Result<memmap2::MmapMut, FormatError> {
+    ///
+    /// The private mapping reserves no swap (`MAP_NORESERVE`): otherwise Linux charges all of it
+    /// against the commit limit and refuses a file larger than RAM plus swap. Where it is refused
+    /// anyway, the view falls back to a shared read-only mapping (a write through it faults).
+    pub fn map_for_views(&self) -> Result<memmap2::MmapRaw, FormatError> {
         let len = usize::try_from(self.len)
             .map_err(|_| FormatError::io(&self.path, io::Error::from(io::ErrorKind::OutOfMemory)))?;
         let mut options = memmap2::MmapOptions::new();
-        options.len(len);
+        options.len(len).no_reserve_swap();
         // SAFETY: a private mapping of a file opened read-only: writes through it never reach
         // the file. A file that shrinks while mapped faults on access (documented for views).
-        unsafe { options.map_copy(&self.file) }.map_err(|e| FormatError::io(&self.path, e))
+        match unsafe { options.map_copy(&self.file) } {
+            Ok(map) => Ok(memmap2::MmapRaw::from(map)),
+            Err(_) => self.map_unguarded(0, len, false).map(memmap2::MmapRaw::from),
+        }
     }
 
-    /// The one place this crate maps memory.
+    /// The engine's read-only maps (views take [`SourceFile::map_for_views`]).
     fn map_unguarded(&self, offset: u64, len: usize, populate: bool) -> Result<memmap2::Mmap, FormatError> {
         let mut options = memmap2::MmapOptions::new();
         options.offset(offset).len(len);
