@@ -415,15 +415,7 @@ fn save_tensors(
         return Ok(None);
     }
     let metadata = write::alias_metadata(state, alias, plan_sha256);
-    let threads = match ctx.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let options = write::WriteOptions {
-        threads,
-        cancel: &ctx.cancel,
-        progress: None,
-    };
+    let options = ctx.write_options();
     let files = write::write_tensors(spec, tensors, &metadata, sidecars, options)?;
     ctx.written.extend(files.iter().cloned());
     Ok(Some(files))

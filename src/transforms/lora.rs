@@ -702,15 +702,7 @@ impl ExtractLora {
         if let Some(sha) = &ctx.plan_sha256 {
             metadata.insert(write::PLAN_KEY.to_owned(), sha.clone());
         }
-        let threads = match ctx.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
-        let options = write::WriteOptions {
-            threads,
-            cancel: &ctx.cancel,
-            progress: None,
-        };
+        let options = ctx.write_options();
         let text = serde_json::to_string_pretty(&config).unwrap_or_default();
         // The config is written first and renamed into place right after the weights land, so a
         // failure while the weights are written leaves the directory as it was.

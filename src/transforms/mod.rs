@@ -136,6 +136,20 @@ impl Context {
         self.output.push(text);
     }
 
+    /// How transforms that write files (`save`, `extract_lora`) write them: the run's threads
+    /// (0: one per core) and its cancel flag.
+    pub(crate) fn write_options(&self) -> crate::write::WriteOptions<'_> {
+        let threads = match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        crate::write::WriteOptions {
+            threads,
+            cancel: &self.cancel,
+            progress: None,
+        }
+    }
+
     /// Whether the run was interrupted.
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
