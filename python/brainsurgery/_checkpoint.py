@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import html
+import importlib
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +124,8 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
             for n, d, shape, nbytes, file in self._core.table()
         ]
         try:
-            import pandas
+            # By name: pandas is an optional extra, with or without its type stubs installed.
+            pandas = importlib.import_module("pandas")
         except ImportError:
             return rows
         return pandas.DataFrame(rows, columns=["name", "dtype", "shape", "nbytes", "file"])
