@@ -70,7 +70,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402
-from make_checkpoint import CHUNK_BYTES, numpy_dtype, write_checkpoint  # noqa: E402
+from make_checkpoint import CHUNK_BYTES, numpy_dtype, write_checkpoint, write_streamed  # noqa: E402
 
 MiB = bench.MiB
 RSVD = dict(m=4096, n=14336, rank=64, oversample=10, power=2)
@@ -138,36 +138,6 @@ def read_header(path: Path) -> tuple[dict, int]:
 def header_bytes(header: dict) -> bytes:
     text = json.dumps(header, separators=(",", ":")).encode()
     return text + b" " * (-len(text) % 8)
-
-
-def write_streamed(path: Path, tensors: list[tuple[str, tuple[int, ...], str]], dtype: str, seed: int, generator: str) -> None:
-    """make_checkpoint.py's writer for an arbitrary layout: ``kind`` "norm" (ones) or "weight"
-    (normals of std 0.02), generated and written 8 MiB at a time."""
-    st_dtype = {"bf16": "BF16", "f32": "F32"}[dtype]
-    np_dtype = numpy_dtype(dtype)
-    header: dict[str, object] = {"__metadata__": {"format": "pt", "generator": generator}}
-    offset = 0
-    for name, shape, _ in tensors:
-        nbytes = int(np.prod(shape)) * np_dtype.itemsize
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = header_bytes(header)
-    rng = np.random.default_rng(seed)
-    chunk = CHUNK_BYTES // np_dtype.itemsize
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for _, shape, kind in tensors:
-            left = int(np.prod(shape))
-            while left:
-                k = min(left, chunk)
-                block = np.ones(k, np_dtype) if kind == "norm" else \
-                    (rng.standard_normal(k, dtype=np.float32) * np.float32(0.02)).astype(np_dtype)
-                f.write(block.tobytes())
-                left -= k
-    os.replace(tmp, path)
 
 
 def write_finetune(base: Path, out: Path, pattern: str, rank: int, seed: int) -> None:

@@ -68,14 +68,15 @@ def default_layers(dtype: str, scale: int) -> int:
     return BASE_LAYERS * scale * 2 // itemsize
 
 
-def write_checkpoint(path: Path, dtype: str = "bf16", layers: int | None = None, scale: int = 1, seed: int = 0) -> int:
-    """Write the checkpoint to ``path`` (atomically via a temporary name); returns its size in bytes."""
+def write_streamed(
+    path: Path, tensors: list[tuple[str, tuple[int, ...], str]], dtype: str, seed: int = 0, generator: str = "benches/make_checkpoint.py"
+) -> int:
+    """Write ``tensors`` (``(name, shape, kind)``; kind "norm" gives ones, "weight" seeded normals of
+    std 0.02) to ``path`` in ``dtype``, 8 MiB at a time, atomically via a temporary name; returns
+    the file's size in bytes. ``benches/lora_bench.py`` writes its own layouts with it."""
     st_dtype, itemsize = _DTYPES[dtype]
     np_dtype = numpy_dtype(dtype)
-    layers = default_layers(dtype, scale) if layers is None else layers
-    tensors = layout(layers)
-
-    header: dict[str, object] = {"__metadata__": {"format": "pt", "generator": "benches/make_checkpoint.py"}}
+    header: dict[str, object] = {"__metadata__": {"format": "pt", "generator": generator}}
     offset = 0
     for name, shape, _ in tensors:
         nbytes = int(np.prod(shape)) * itemsize
@@ -103,6 +104,12 @@ def write_checkpoint(path: Path, dtype: str = "bf16", layers: int | None = None,
                 remaining -= n
     os.replace(tmp, path)
     return 8 + len(text) + offset
+
+
+def write_checkpoint(path: Path, dtype: str = "bf16", layers: int | None = None, scale: int = 1, seed: int = 0) -> int:
+    """Write the checkpoint to ``path`` (atomically via a temporary name); returns its size in bytes."""
+    layers = default_layers(dtype, scale) if layers is None else layers
+    return write_streamed(path, layout(layers), dtype, seed)
 
 
 def main() -> None:
