@@ -4,8 +4,10 @@
 >>> report = bs.run({"inputs": ["model.safetensors"], "transforms": [...], "output": "out/"})  # doctest: +SKIP
 
 The engine is Rust (``brainsurgery._core``); this package re-exports it and adds the NumPy view of
-opened checkpoints.
+opened checkpoints, ``save`` for arrays and ``to_torch``.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from brainsurgery._checkpoint import Checkpoint, open
 from brainsurgery._core import (
@@ -16,9 +18,25 @@ from brainsurgery._core import (
     TransformError,
     __version__,
 )
+from brainsurgery._interop import save, to_torch
 from brainsurgery._run import check, run
 
+if TYPE_CHECKING:
+    from brainsurgery._array import Array
+
+
+def __getattr__(name: str) -> Any:
+    # `Array` subclasses np.ndarray: importing it loads NumPy, which `import brainsurgery` does
+    # not (the command line never needs it).
+    if name == "Array":
+        from brainsurgery._array import Array
+
+        return Array
+    raise AttributeError(f"module 'brainsurgery' has no attribute {name!r}")
+
+
 __all__ = [
+    "Array",
     "AssertionFailed",
     "BrainSurgeryError",
     "Checkpoint",
@@ -29,4 +47,6 @@ __all__ = [
     "check",
     "open",
     "run",
+    "save",
+    "to_torch",
 ]

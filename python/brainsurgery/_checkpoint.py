@@ -63,9 +63,10 @@ def _no_view(shape: list[int], itemsize: int, np_version: str) -> str | None:
 class Checkpoint(Mapping[str, "np.ndarray"]):
     """A checkpoint opened lazily: a read-only mapping from tensor names to NumPy arrays.
 
-    Only headers are read when it is opened. Indexing returns a read-only array that views the
-    memory-mapped file directly (no copy), with the saved strides for a non-contiguous PyTorch
-    tensor; the array keeps the mapping alive after the checkpoint object is gone.
+    Only headers are read when it is opened. Indexing returns a read-only :class:`brainsurgery.Array`
+    (a NumPy array) that views the memory-mapped file directly (no copy), with the saved strides
+    for a non-contiguous PyTorch tensor; the array keeps the mapping alive after the checkpoint
+    object is gone, and ``torch.from_dlpack`` views it without a copy for every dtype.
     """
 
     def __init__(self, core: _core.Checkpoint, source: str | None = None) -> None:
@@ -81,14 +82,17 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         why = _no_view(shape, np_dtype.itemsize, np.__version__)
         if why is not None:
             raise self._no_view_error(name, f"no NumPy view of tensor {name!r} ({dtype} {shape}): {why}")
+        from brainsurgery._array import Array
+
         strides = self._core.strides(name)
         try:
             if strides is not None:
                 # A non-contiguous PyTorch view: the same strided view over the mapped storage.
                 view = memoryview(self._core.buffer(name))
-                return np.ndarray(tuple(shape), dtype=np_dtype, buffer=view, strides=strides)
+                return Array(tuple(shape), dtype=np_dtype, buffer=view, strides=strides)
             array = np.frombuffer(memoryview(self._core.buffer(name)), dtype=np_dtype)
-            return array.reshape(shape)
+            # `Array` adds DLPack export for every dtype (bf16 and float8 to torch, no copy).
+            return array.reshape(shape).view(Array)
         except (ValueError, OverflowError) as e:
             # Anything else NumPy refuses about a header the engine accepted.
             message = f"no NumPy view of tensor {name!r} ({dtype} {shape}): NumPy refused it: {e}"

@@ -2,6 +2,7 @@
 //! and the exceptions. Every long call goes through [`detached`], which releases the GIL, turns
 //! Ctrl-C into a cancellation of the engine and then `KeyboardInterrupt`, and converts errors.
 
+mod arrays;
 mod errors;
 
 use std::collections::BTreeMap;
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyKeyError, PyTypeError};
+use pyo3::exceptions::{PyKeyError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
 use serde_json::Value;
@@ -772,6 +773,119 @@ fn open(py: Python<'_>, path: &Bound<'_, PyString>) -> PyResult<PyCheckpoint> {
     })
 }
 
+/// A DLPack capsule over a NumPy array's memory, for every engine dtype (bfloat16 and float8
+/// included), holding the array until the consumer's deleter runs: what `brainsurgery.Array`'s
+/// `__dlpack__` returns. Arguments as the array API's `__dlpack__`.
+#[pyfunction]
+#[pyo3(signature = (array, *, stream = None, max_version = None, dl_device = None, copy = None))]
+fn dlpack<'py>(
+    array: &Bound<'py, PyAny>,
+    stream: Option<&Bound<'py, PyAny>>,
+    max_version: Option<(u32, u32)>,
+    dl_device: Option<(u32, i32)>,
+    copy: Option<bool>,
+) -> PyResult<Bound<'py, PyAny>> {
+    arrays::dlpack(array, stream, max_version, dl_device, copy)
+}
+
+/// How the engine takes an array in (what `save` and sessions do with it): a dict with
+/// ``dtype``, ``shape``, ``address`` (of the first byte the engine reads), ``nbytes``, ``copied``
+/// (True for non-contiguous or big-endian input) and ``via`` (``numpy``, ``dlpack`` or
+/// ``buffer``).
+#[pyfunction]
+fn borrow<'py>(py: Python<'py>, array: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    let (tensor, info) = arrays::borrow_array_info(array)?;
+    let d = PyDict::new(py);
+    d.set_item("dtype", tensor.dtype.name())?;
+    d.set_item("shape", PyTuple::new(py, &tensor.shape)?)?;
+    d.set_item("address", info.address)?;
+    d.set_item("nbytes", tensor.nbytes())?;
+    d.set_item("copied", info.copied)?;
+    d.set_item("via", info.via)?;
+    Ok(d)
+}
+
+/// The `(name, array)` pairs of a mapping (in its order) or of a list of pairs.
+fn named_arrays<'py>(tensors: &Bound<'py, PyAny>) -> PyResult<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+    let items = if let Ok(dict) = tensors.cast::<PyDict>() {
+        dict.items().iter().collect::<Vec<_>>()
+    } else if let Ok(mapping) = tensors.cast::<PyMapping>() {
+        mapping.items()?.iter().collect()
+    } else if let Some(items) = sequence_items(tensors) {
+        items
+    } else {
+        return Err(PyTypeError::new_err(format!(
+            "tensors are a mapping of names to arrays or a list of (name, array) pairs, not {}",
+            type_name(tensors)
+        )));
+    };
+    items
+        .iter()
+        .map(|item| {
+            item.extract::<(Bound<'py, PyAny>, Bound<'py, PyAny>)>()
+                .map_err(|_| PyTypeError::new_err(format!("tensors are (name, array) pairs, not {}", type_name(item))))
+        })
+        .collect()
+}
+
+/// Writes arrays (a mapping of names to arrays, or a list of pairs) as the output `output`
+/// describes — a plan's `output:` value, parsed exactly as one — streamed and atomic, with the
+/// GIL released; returns the report. Arrays are borrowed without a copy (see `borrow`) and kept
+/// alive until the write ends. `metadata` is added to the file's `__metadata__`.
+#[pyfunction]
+#[pyo3(signature = (tensors, output, *, metadata = None, threads = Threads(0)), text_signature = "(tensors, output, *, metadata=None, threads=0)")]
+fn save<'py>(
+    py: Python<'py>,
+    tensors: &Bound<'py, PyAny>,
+    output: &Bound<'py, PyAny>,
+    metadata: Option<BTreeMap<String, String>>,
+    threads: Threads,
+) -> PyResult<Bound<'py, PyDict>> {
+    let Threads(threads) = threads;
+    let output = to_value(output, &Location::root().key("output"))?;
+    let mut state = crate::state::State::default();
+    let alias = crate::plan::DEFAULT_ALIAS;
+    state.ensure_alias(alias);
+    for (name, array) in named_arrays(tensors)? {
+        let Ok(name_str) = name.cast::<PyString>() else {
+            return Err(PyTypeError::new_err(format!(
+                "tensor names are str, not {}",
+                type_name(&name)
+            )));
+        };
+        let name = utf8(name_str).map_err(PyValueError::new_err)?;
+        if state.get(alias, &name).is_some() {
+            return Err(PyValueError::new_err(format!("tensor `{name}` is given twice")));
+        }
+        let tensor = arrays::borrow_array(&array).map_err(|e| {
+            let message = format!("tensor `{name}`: {}", e.value(py));
+            if e.is_instance_of::<PyTypeError>(py) {
+                PyTypeError::new_err(message)
+            } else if e.is_instance_of::<PyValueError>(py) {
+                PyValueError::new_err(message)
+            } else {
+                e
+            }
+        })?;
+        state.insert(alias, &name, tensor);
+    }
+    let metadata = metadata.unwrap_or_default();
+    // The state (and the borrowed arrays it holds) stays on this thread: the engine thread only
+    // reads it, and it is dropped here, attached to the interpreter, after the write.
+    let state_ref = &state;
+    let result = detached(py, move |cancel| {
+        let options = RunOptions {
+            threads,
+            cancel,
+            progress: None,
+        };
+        crate::executor::save(&output, state_ref, alias, &metadata, None, &options)
+    })?;
+    let report = result.map_err(|e| errors::to_py(py, e))?;
+    drop(state);
+    report_to_dict(py, &report)
+}
+
 /// The `brainsurgery._core` extension module.
 /// Every dtype the engine knows, one dict each, from the engine's one dtype table: ``name``,
 /// ``safetensors``, ``aliases``, ``bits``, ``size`` (``None`` below one byte), ``kind``
@@ -836,6 +950,9 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(dtypes, module)?)?;
     module.add_function(wrap_pyfunction!(formats, module)?)?;
     module.add_function(wrap_pyfunction!(transform_specs, module)?)?;
+    module.add_function(wrap_pyfunction!(dlpack, module)?)?;
+    module.add_function(wrap_pyfunction!(borrow, module)?)?;
+    module.add_function(wrap_pyfunction!(save, module)?)?;
     module.add_class::<PyCheckpoint>()?;
     module.add_class::<PyTensorBuffer>()?;
     errors::register(module)?;

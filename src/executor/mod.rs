@@ -320,6 +320,86 @@ impl Prepared {
     }
 }
 
+/// Writes the whole of `alias` in `state` to the output that `output` describes — a value parsed
+/// exactly as a plan's `output:` (a path, or a mapping with `path`, `format`, `shard`,
+/// `overwrite`, `sidecars`; `alias` is ignored, the alias is given) — streamed and atomic through
+/// the plan output's own writer, and returns the usual report. `metadata` is added to the
+/// alias's `__metadata__` (its entries win, but `brainsurgery.version` is always the engine's, and
+/// `format: pt` is added when absent), so the same tensors with the same metadata give the same
+/// bytes as a plan run. Python's `brainsurgery.save` and sessions write through this.
+pub fn save(
+    output: &serde_json::Value,
+    state: &State,
+    alias: &str,
+    metadata: &std::collections::BTreeMap<String, String>,
+    plan_sha256: Option<&str>,
+    options: &RunOptions,
+) -> Result<Report, Error> {
+    let location = Location::root().key("output");
+    let spec = crate::plan::parse_output(Some(output), location.clone())?
+        .ok_or_else(|| PlanError::invalid(&location, "expected a path or a mapping, got nothing"))?;
+    let current = state.alias(alias).ok_or_else(|| PlanError::UnknownAlias {
+        location: location.key("alias"),
+        alias: alias.to_owned(),
+        known: state.alias_names(),
+    })?;
+    write::validate_output(&spec, state, alias)?;
+    let mut meta = write::alias_metadata(state, alias, plan_sha256);
+    meta.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+    meta.insert(write::VERSION_KEY.to_owned(), env!("CARGO_PKG_VERSION").to_owned());
+    let sidecars = write::alias_sidecars(state, alias, &spec);
+    let (threads, notice) = worker_threads(
+        options.threads,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    let tensors: Vec<(&str, &crate::value::Tensor)> = current.iter().collect();
+    let written = write::write_tensors(
+        &spec,
+        &tensors,
+        &meta,
+        &sidecars,
+        WriteOptions {
+            threads,
+            cancel: &options.cancel,
+            progress: options.progress.as_deref(),
+        },
+    )?;
+    let mut seen = std::collections::HashSet::new();
+    let materialized = tensors
+        .iter()
+        .fold(0usize, |sum, (_, t)| sum.saturating_add(t.materialized(&mut seen)));
+    let summaries: Vec<TensorSummary> = tensors
+        .iter()
+        .map(|(name, t)| TensorSummary {
+            name: (*name).to_owned(),
+            dtype: t.dtype.name().to_owned(),
+            shape: t.shape.clone(),
+            nbytes: t.nbytes() as u64,
+        })
+        .collect();
+    let total_bytes = summaries.iter().fold(0u64, |sum, t| sum.saturating_add(t.nbytes));
+    Ok(Report {
+        notes: vec![format!(
+            "save: {} tensor{} → {} ({} file{})",
+            summaries.len(),
+            if summaries.len() == 1 { "" } else { "s" },
+            spec.path.display(),
+            written.len(),
+            if written.len() == 1 { "" } else { "s" },
+        )],
+        notices: notice.into_iter().collect(),
+        alias: Some(alias.to_owned()),
+        tensors: summaries,
+        total_bytes,
+        written,
+        materialized_bytes: materialized as u64,
+        peak_memory_estimate: (threads as u64)
+            .saturating_mul(3 * CHUNK_BYTES as u64)
+            .saturating_add(materialized as u64),
+        ..Report::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
