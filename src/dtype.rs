@@ -235,7 +235,7 @@ impl DType {
     /// tensors are carried whole but cannot be sliced or computed on.
     pub fn size(self) -> Option<usize> {
         let bits = self.bits();
-        (bits % 8 == 0).then_some(bits / 8)
+        bits.is_multiple_of(8).then_some(bits / 8)
     }
 
     /// Bytes taken by `numel` elements (rounded up for sub-byte types), or `None` on overflow.

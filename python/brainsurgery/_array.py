@@ -3,7 +3,7 @@ every dtype (imported on first use: NumPy is not loaded by ``import brainsurgery
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class Array(np.ndarray):
     ) -> Any:
         return _core.dlpack(self, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
 
-    def __dlpack_device__(self) -> tuple[int, int]:
+    def __dlpack_device__(self) -> tuple[Literal[1], Literal[0]]:
         # kDLCPU, device 0: every NumPy array is in host memory.
         return (1, 0)
 

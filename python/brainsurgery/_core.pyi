@@ -13,6 +13,9 @@ __all__ = [
     "dtypes",
     "formats",
     "transform_specs",
+    "dlpack",
+    "borrow",
+    "save",
     "Checkpoint",
     "TensorBuffer",
     "BrainSurgeryError",
@@ -121,6 +124,42 @@ class TransformSpec(TypedDict):
 
 def transform_specs() -> list[TransformSpec]:
     """Every transform as data, from the key tables that validate plans and print help."""
+
+def dlpack(
+    array: Any,
+    *,
+    stream: Any = None,
+    max_version: tuple[int, int] | None = None,
+    dl_device: tuple[int, int] | None = None,
+    copy: bool | None = None,
+) -> Any:
+    """A DLPack capsule over a NumPy array's memory, for every engine dtype (bfloat16 and float8
+    included), holding the array until the consumer's deleter runs: what ``brainsurgery.Array``'s
+    ``__dlpack__`` returns. Versioned when ``max_version`` is 1.x or later (``READ_ONLY`` set for
+    an array that is not writeable); ``copy=True`` exports a fresh copy flagged ``IS_COPIED``."""
+
+class BorrowInfo(TypedDict):
+    dtype: str
+    shape: tuple[int, ...]
+    address: int
+    nbytes: int
+    copied: bool
+    via: Literal["numpy", "dlpack", "buffer"]
+
+def borrow(array: Any) -> BorrowInfo:
+    """How the engine takes an array in (what ``save`` does with it): its dtype and shape, the
+    address of the first byte the engine reads, and whether that is a copy (non-contiguous or
+    big-endian input)."""
+
+def save(
+    tensors: Mapping[str, Any] | Sequence[tuple[str, Any]],
+    output: Mapping[str, Any] | str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    threads: int = 0,
+) -> Report:
+    """Write arrays, borrowed without a copy, to the output a plan's ``output:`` value describes
+    (streamed, atomic, GIL released); returns the report."""
 
 def open(path: str) -> Checkpoint:
     """Open a checkpoint lazily (headers only)."""

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from brainsurgery import _core
-
-if TYPE_CHECKING:
-    import torch
 
 
 def save(
@@ -58,13 +56,14 @@ def save(
 
 def _torch() -> Any:
     try:
-        import torch
+        # By name: torch is optional, with or without type information installed.
+        torch = importlib.import_module("torch")
     except ImportError as e:
         raise ImportError("brainsurgery.to_torch needs PyTorch, which is not installed: pip install torch") from e
     return torch
 
 
-def _one_to_torch(torch: Any, value: Any) -> torch.Tensor:
+def _one_to_torch(torch: Any, value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value
     import numpy as np

@@ -652,6 +652,66 @@ mod tests {
     }
 
     #[test]
+    fn save_writes_tensors_held_in_memory_like_a_plan_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let ran = dir.path().join("ran.safetensors");
+        run_yaml(
+            &format!("inputs: ['{}']\noutput: '{}'\n", input.display(), ran.display()),
+            1,
+        )
+        .unwrap();
+        // The same tensors, in memory, with the run's metadata: the same bytes.
+        let bytes = std::fs::read(&ran).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let metadata: std::collections::BTreeMap<String, String> =
+            header.metadata().clone().unwrap().into_iter().collect();
+        let mut state = State::default();
+        for name in ["layers.0.w", "layers.0.b", "ids"] {
+            let view = st.tensor(name).unwrap();
+            let dtype = crate::dtype::DType::from_safetensors_name(&format!("{:?}", view.dtype())).unwrap();
+            let tensor = crate::value::Tensor::in_memory(dtype, view.shape().to_vec(), Arc::new(view.data().to_vec()));
+            state.insert("model", name, tensor);
+        }
+        let saved = dir.path().join("saved.safetensors");
+        let output = serde_json::json!({"path": saved.display().to_string()});
+        let report = save(&output, &state, "model", &metadata, None, &RunOptions::default()).unwrap();
+        assert_eq!(std::fs::read(&saved).unwrap(), bytes);
+        assert_eq!(report.written, vec![saved.clone()]);
+        assert_eq!(report.tensors.len(), 3);
+        assert_eq!(report.total_bytes, 48 + 12 + 32);
+        // A dtype the format cannot hold, or a bad output value: refused, nothing written.
+        let npz = dir.path().join("x.npz");
+        state.insert(
+            "model",
+            "bf",
+            crate::value::Tensor::in_memory(crate::dtype::DType::BF16, vec![1], Arc::new(vec![0u8; 2])),
+        );
+        let err = save(
+            &serde_json::json!(npz.display().to_string()),
+            &state,
+            "model",
+            &Default::default(),
+            None,
+            &RunOptions::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bfloat16"), "{err}");
+        assert!(!npz.exists());
+        let err = save(
+            &serde_json::json!({"format": "npz"}),
+            &state,
+            "model",
+            &Default::default(),
+            None,
+            &RunOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Plan(_)), "{err}");
+    }
+
+    #[test]
     fn output_alias_must_be_chosen_with_several_inputs() {
         let dir = tempfile::tempdir().unwrap();
         let input = write_input(dir.path());

@@ -51,7 +51,7 @@ impl OutputTensor {
         let name = name.into();
         let bytes = checked_numel(&shape)
             // Sub-byte elements must fill whole bytes.
-            .filter(|numel| numel % 8 * dtype.bits() % 8 == 0)
+            .filter(|numel| (numel % 8 * dtype.bits()).is_multiple_of(8))
             .and_then(|numel| dtype.nbytes(numel))
             .and_then(|bytes| u64::try_from(bytes).ok());
         match bytes {

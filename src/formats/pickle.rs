@@ -606,7 +606,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Object>) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.bad("odd number of items for a dict"));
         }
         let mut pairs = Vec::with_capacity(items.len() / 2);

@@ -46,7 +46,7 @@ fn count(dtype: DType, bytes: &[u8]) -> usize {
         .size()
         .unwrap_or_else(|| panic!("kernels: {dtype} has no byte size"));
     assert!(
-        bytes.len() % size == 0,
+        bytes.len().is_multiple_of(size),
         "kernels: {} bytes is not a whole number of {dtype} elements",
         bytes.len()
     );

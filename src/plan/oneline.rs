@@ -753,7 +753,7 @@ mod tests {
         fn value(&mut self, depth: u32) -> Value {
             match self.next() % if depth > 2 { 5 } else { 7 } {
                 0 => Value::Null,
-                1 => Value::Bool(self.next() % 2 == 0),
+                1 => Value::Bool(self.next().is_multiple_of(2)),
                 2 => json!((self.next() % 2000) as i64 - 1000),
                 3 => json!((self.next() % 1000) as f64 / 8.0 - 50.0),
                 4 => Value::String(self.string()),

@@ -111,7 +111,7 @@ pub(crate) fn resolve_shape(m: &Match, requested: &[Option<usize>]) -> Result<Ve
         return Err(error("too many elements".to_owned()));
     };
     let inferred = if requested.iter().any(Option::is_none) {
-        if known == 0 || numel % known != 0 {
+        if known == 0 || !numel.is_multiple_of(known) {
             return Err(error(format!("no whole size for -1 gives {numel} elements")));
         }
         Some(numel / known)
