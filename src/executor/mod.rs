@@ -668,7 +668,10 @@ mod tests {
         let metadata: std::collections::BTreeMap<String, String> =
             header.metadata().clone().unwrap().into_iter().collect();
         let mut state = State::default();
-        for name in ["layers.0.w", "layers.0.b", "ids"] {
+        // In the run output's order (by data offset).
+        let mut names = st.names();
+        names.sort_by_key(|n| st.tensor(n).unwrap().data().as_ptr() as usize);
+        for name in names {
             let view = st.tensor(name).unwrap();
             let dtype = crate::dtype::DType::from_safetensors_name(&format!("{:?}", view.dtype())).unwrap();
             let tensor = crate::value::Tensor::in_memory(dtype, view.shape().to_vec(), Arc::new(view.data().to_vec()));
