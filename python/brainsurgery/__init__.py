@@ -16,7 +16,8 @@ from brainsurgery._core import (
     TransformError,
     __version__,
 )
-from brainsurgery._run import check, run
+from brainsurgery._run import RunResult, check, run
+from brainsurgery._session import Session, Tensors
 
 __all__ = [
     "AssertionFailed",
@@ -24,6 +25,9 @@ __all__ = [
     "Checkpoint",
     "FormatError",
     "PlanError",
+    "RunResult",
+    "Session",
+    "Tensors",
     "TransformError",
     "__version__",
     "check",
