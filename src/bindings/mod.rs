@@ -44,12 +44,19 @@ fn detached_with_flag<T: Send>(
     let result = py.detach(|| {
         std::thread::scope(|scope| {
             let flag = cancel.clone();
+            // The worker says when it is done, so a short call returns at once rather than at
+            // the next poll (a 20 ms sleep made every `open` take 20 ms); the sender is dropped
+            // when the work ends, normally or by a panic.
+            let (done, finished) = std::sync::mpsc::channel::<()>();
             let handle = std::thread::Builder::new()
                 .stack_size(crate::value::ENGINE_STACK_BYTES)
-                .spawn_scoped(scope, move || work(flag))
+                .spawn_scoped(scope, move || {
+                    let _done = done;
+                    work(flag)
+                })
                 .map_err(ThreadFailure::Start)?;
-            while !handle.is_finished() {
-                std::thread::sleep(Duration::from_millis(20));
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(Duration::from_millis(20))
+            {
                 // Every Ctrl-C cancels, not only the first: an `-i` session clears the flag after
                 // a cancelled entry and goes on, and the next Ctrl-C must stop the next entry.
                 if let Err(e) = Python::attach(|py| py.check_signals()) {
