@@ -44,8 +44,11 @@ def execute(name: str, workdir: Path, kernel_dir: Path, monkeypatch: pytest.Monk
     # The inline backend renders figures to PNG outputs with Agg and needs no display; set
     # explicitly so an MPLBACKEND or matplotlibrc of the machine cannot pick a GUI backend.
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    # JUPYTER_PATH is searched before the user's and the environment's kernel directories.
+    # JUPYTER_PATH is searched before the user's and the environment's kernel directories. The
+    # connection files and IPython's profile (startup scripts, history) stay out of $HOME too.
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(kernel_dir / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(kernel_dir / "ipython"))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     client = NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(workdir)}})
     client.execute()
