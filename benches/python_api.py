@@ -161,7 +161,8 @@ def job_import(samples: int) -> list[tuple[str, str, str]]:
 
 def job_open(ckpt: Path, samples: int) -> list[tuple[str, str, str]]:
     rows = []
-    for preimport, label in ((True, "NumPy and ml_dtypes already imported"), (False, "cold: the view imports NumPy and ml_dtypes")):
+    cases = ((True, "NumPy and ml_dtypes already imported"), (False, "cold: the view imports NumPy and ml_dtypes"))
+    for preimport, label in cases:
         code = OPEN_CODE.format(preimport=preimport, path=str(ckpt), name=VIEWED)
         results = [fresh(code) for _ in range(samples)]
         total = statistics.median(r["open_s"] + r["view_s"] for r in results)
@@ -196,7 +197,9 @@ def cast_commands(ckpt: Path, out: Path) -> dict[str, list[str]]:
     py = sys.executable
     commands = {
         "CLI `brainsurgery run`": [bench.brainsurgery_exe(), "run", "--no-progress", str(CAST_PLAN), *overrides],
-        "`brainsurgery.run`": [py, "-c", f"import brainsurgery as bs; bs.run({str(CAST_PLAN)!r}, overrides={overrides!r}, quiet=True)"],
+        "`brainsurgery.run`": [
+            py, "-c", f"import brainsurgery as bs; bs.run({str(CAST_PLAN)!r}, overrides={overrides!r}, quiet=True)"
+        ],
     }
     code = session_cast_code(ckpt, out)
     if code is not None:

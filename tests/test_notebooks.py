@@ -57,9 +57,8 @@ def execute(name: str, workdir: Path, kernel_dir: Path, monkeypatch: pytest.Monk
 
 def stdout(nb: Any) -> str:
     """Everything the code cells printed."""
-    return "".join(
-        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if out.output_type == "stream"
-    )
+    cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+    return "".join(out.get("text", "") for cell in cells for out in cell.outputs if out.output_type == "stream")
 
 
 def outputs(nb: Any, cell_id: str) -> list[Any]:
@@ -128,7 +127,8 @@ def test_upcycle_moe(tmp_path: Path, kernel_dir: Path, monkeypatch: pytest.Monke
     assert number(text, "max |logits difference| dense vs MoE:") < 1e-5
     assert number(text, "max |logits difference| with a random router:") < 1e-5
     assert "same next-token predictions: True" in text
-    assert any("image/png" in o.get("data", {}) for o in outputs(nb, "upcycle-norms-plot")), "the norm plot was not drawn"
+    plots = [o for o in outputs(nb, "upcycle-norms-plot") if "image/png" in o.get("data", {})]
+    assert plots, "the norm plot was not drawn"
 
     dense = load_file(str(tmp_path / "dense.safetensors"))
     moe = load_file(str(tmp_path / "moe.safetensors"))
@@ -153,7 +153,8 @@ def test_lora_extract_and_merge(tmp_path: Path, kernel_dir: Path, monkeypatch: p
     assert number(text, "rank  4: relative error max") > 0.3
     assert number(text, "rank  8: relative error max") < 0.02
     assert number(text, "largest |measured - reported| error:") < 1e-4
-    assert any("image/png" in o.get("data", {}) for o in outputs(nb, "lora-spectrum-plot")), "the spectrum plot was not drawn"
+    plots = [o for o in outputs(nb, "lora-spectrum-plot") if "image/png" in o.get("data", {})]
+    assert plots, "the spectrum plot was not drawn"
 
     base = load_file(str(tmp_path / "base.safetensors"))
     finetuned = load_file(str(tmp_path / "finetuned.safetensors"))
