@@ -19,7 +19,8 @@ from brainsurgery._core import (
     __version__,
 )
 from brainsurgery._interop import save, to_torch
-from brainsurgery._run import check, run
+from brainsurgery._run import RunResult, check, run
+from brainsurgery._session import Session, Tensors
 
 if TYPE_CHECKING:
     from brainsurgery._array import Array
@@ -42,6 +43,9 @@ __all__ = [
     "Checkpoint",
     "FormatError",
     "PlanError",
+    "RunResult",
+    "Session",
+    "Tensors",
     "TransformError",
     "__version__",
     "check",

@@ -60,6 +60,39 @@ def _no_view(shape: list[int], itemsize: int, np_version: str) -> str | None:
     return None
 
 
+def _no_view_error(message: str, name: str, path: str | None) -> _core.FormatError:
+    error = _core.FormatError(message)
+    error.tensor = name
+    error.path = path
+    return error
+
+
+def make_array(
+    buffer: Any, dtype: str, shape: list[int], strides: list[int] | None, name: str, path: str | None = None
+) -> np.ndarray:
+    """A read-only :class:`brainsurgery.Array` (a NumPy array that exports DLPack for every dtype)
+    over a tensor's bytes (an engine buffer: a mapped file's or a computed tensor's), without a copy; ``FormatError`` naming the tensor when NumPy cannot
+    represent it."""
+    import numpy as np
+
+    np_dtype = numpy_dtype(dtype)
+    why = _no_view(shape, np_dtype.itemsize, np.__version__)
+    if why is not None:
+        raise _no_view_error(f"no NumPy view of tensor {name!r} ({dtype} {shape}): {why}", name, path)
+    from brainsurgery._array import Array
+
+    try:
+        if strides is not None:
+            # A non-contiguous PyTorch view: the same strided view over the mapped storage.
+            return Array(tuple(shape), dtype=np_dtype, buffer=memoryview(buffer), strides=strides)
+        # `Array` adds DLPack export for every dtype (bf16 and float8 to torch, no copy).
+        return np.frombuffer(memoryview(buffer), dtype=np_dtype).reshape(shape).view(Array)
+    except (ValueError, OverflowError) as e:
+        # Anything else NumPy refuses about a header the engine accepted.
+        message = f"no NumPy view of tensor {name!r} ({dtype} {shape}): NumPy refused it: {e}"
+        raise _no_view_error(message, name, path) from e
+
+
 class Checkpoint(Mapping[str, "np.ndarray"]):
     """A checkpoint opened lazily: a read-only mapping from tensor names to NumPy arrays.
 
@@ -75,34 +108,9 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         self._source = source if source is not None else core.path
 
     def __getitem__(self, name: str) -> np.ndarray:
-        import numpy as np
-
         dtype, shape = self._core.info(name)
-        np_dtype = numpy_dtype(dtype)
-        why = _no_view(shape, np_dtype.itemsize, np.__version__)
-        if why is not None:
-            raise self._no_view_error(name, f"no NumPy view of tensor {name!r} ({dtype} {shape}): {why}")
-        from brainsurgery._array import Array
-
         strides = self._core.strides(name)
-        try:
-            if strides is not None:
-                # A non-contiguous PyTorch view: the same strided view over the mapped storage.
-                view = memoryview(self._core.buffer(name))
-                return Array(tuple(shape), dtype=np_dtype, buffer=view, strides=strides)
-            array = np.frombuffer(memoryview(self._core.buffer(name)), dtype=np_dtype)
-            # `Array` adds DLPack export for every dtype (bf16 and float8 to torch, no copy).
-            return array.reshape(shape).view(Array)
-        except (ValueError, OverflowError) as e:
-            # Anything else NumPy refuses about a header the engine accepted.
-            message = f"no NumPy view of tensor {name!r} ({dtype} {shape}): NumPy refused it: {e}"
-            raise self._no_view_error(name, message) from e
-
-    def _no_view_error(self, name: str, message: str) -> _core.FormatError:
-        error = _core.FormatError(message)
-        error.tensor = name
-        error.path = self.path
-        return error
+        return make_array(self._core.buffer(name), dtype, shape, strides, name, self.path)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._core.keys())

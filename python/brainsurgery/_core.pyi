@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module ``brainsurgery._core``."""
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypedDict, final
 
 __all__ = [
@@ -18,6 +18,9 @@ __all__ = [
     "save",
     "Checkpoint",
     "TensorBuffer",
+    "ComputedBuffer",
+    "Session",
+    "Tensors",
     "BrainSurgeryError",
     "PlanError",
     "TransformError",
@@ -82,8 +85,10 @@ def run(
     *,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     threads: int = 0,
-) -> Report:
-    """Run a plan and write its output; returns a report."""
+    progress: Callable[[int, int], object] | None = None,
+) -> tuple[Report, Tensors | None]:
+    """Run a plan and write its output; returns the report and, for a plan without an output,
+    the resulting tensors."""
 
 def check(
     plan: PlanLike | Sequence[PlanLike],
@@ -206,3 +211,59 @@ class PlanError(BrainSurgeryError): ...
 class TransformError(BrainSurgeryError): ...
 class AssertionFailed(BrainSurgeryError): ...
 class FormatError(BrainSurgeryError): ...
+
+class Applied(TypedDict):
+    output: list[str]
+    notes: list[str]
+    notices: list[str]
+    written: list[str]
+    exit: bool
+    factorizations: list[FactorizationReport]
+
+ArrayParts = tuple[TensorBuffer | ComputedBuffer, str, list[int], list[int] | None]
+
+@final
+class ComputedBuffer:
+    """Read-only bytes of one computed tensor, owned (buffer protocol)."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+@final
+class Session:
+    """A live engine session: the state after the transforms applied so far."""
+
+    def __new__(
+        cls,
+        plan: PlanLike | Sequence[PlanLike],
+        *,
+        overrides: Mapping[str, Any] | Sequence[str] | None = None,
+        threads: int = 0,
+    ) -> Session: ...
+    def apply(self, block: Any) -> Applied: ...
+    def get(self, key: str) -> ArrayParts: ...
+    def info(self, key: str) -> tuple[str, list[int]]: ...
+    def set(self, key: str, array: Any) -> None: ...
+    def keys(self) -> list[str]: ...
+    def aliases(self) -> list[str]: ...
+    @property
+    def default_alias(self) -> str | None: ...
+    def check(self, alias: str | None = None) -> Report: ...
+    def plan(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, key: str, /) -> bool: ...
+
+@final
+class Tensors:
+    """The tensors a plan without an output leaves, read lazily."""
+
+    @property
+    def alias(self) -> str: ...
+    def keys(self) -> list[str]: ...
+    def info(self, name: str) -> tuple[str, list[int]]: ...
+    def get(self, name: str) -> ArrayParts: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, name: str, /) -> bool: ...

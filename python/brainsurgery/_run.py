@@ -1,13 +1,18 @@
-"""``run`` and ``check``: the engine's, plus printing what the plan's transforms print."""
+"""``run`` and ``check``: the engine's, plus printing what the plan's transforms print and the
+result object."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from brainsurgery import _core
+from brainsurgery._session import Tensors
 
 PlanLike = Mapping[str, Any] | str | os.PathLike[str]
 
@@ -21,23 +26,150 @@ def _show(report: _core.Report, quiet: bool) -> _core.Report:
     return report
 
 
+class RunResult(dict[str, Any]):
+    """What a run did: the report (a dict, keys as ``_core.Report``) with attributes for the
+    parts most often read, and ``tensors``, the resulting checkpoint of a plan without an
+    ``output`` (a lazy mapping: views where a tensor is unchanged, computed on access)."""
+
+    tensors: Tensors | None
+    seconds: float
+
+    def __init__(self, report: Mapping[str, Any], tensors: Tensors | None, seconds: float) -> None:
+        super().__init__(report)
+        self.tensors = tensors
+        self.seconds = seconds
+
+    @property
+    def written(self) -> list[str]:
+        """Files written, by ``save`` transforms and then the output."""
+        return list(self["written"])
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per transform executed, saying what it did."""
+        return list(self["notes"])
+
+    @property
+    def factorizations(self) -> list[_core.FactorizationReport]:
+        """Tensors factorized (``phlora``, ``extract_lora``): rank, energy kept, relative error."""
+        return list(self["factorizations"])
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of the files written (as they are on disk now)."""
+        return sum(os.path.getsize(p) for p in self["written"] if os.path.isfile(p))
+
+    def __repr__(self) -> str:
+        lines = [f"<brainsurgery.RunResult in {self.seconds:.2f} s: {len(self['notes'])} transforms"]
+        if self["written"]:
+            lines.append(f"  wrote {len(self['written'])} file(s), {_size(self.bytes_written)}:")
+            lines += [f"    {p}" for p in self["written"][:10]]
+            if len(self["written"]) > 10:
+                lines.append(f"    … {len(self['written']) - 10} more")
+        if self.tensors is not None:
+            lines.append(f"  result: {len(self.tensors)} tensors of `{self.tensors.alias}` (result.tensors)")
+        for f in self["factorizations"][:10]:
+            lines.append(
+                f"  {f['op']} {f['tensor']}: rank {f['rank']}, energy {f['energy']:.4f}, "
+                f"relative error {f['relative_error']:.3g}"
+            )
+        lines += [f"  {note}" for note in self["notes"][:20]]
+        return "\n".join(lines) + ">"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 def run(
     plan: PlanLike | Sequence[PlanLike],
     *,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     threads: int = 0,
     quiet: bool = False,
-) -> _core.Report:
+    progress: bool | Callable[[int, int], object] | None = None,
+) -> RunResult:
     """Run a plan (a dict, YAML text, a path, or a list of them merged in order) and write its output.
 
     What ``dump``, ``diff`` and ``help`` print is printed (unless ``quiet``) and is also in
-    ``report["output"]``; notices about how inputs were read go to stderr and
-    ``report["notices"]``. Raises ``PlanError``, ``TransformError``, ``AssertionFailed`` or
-    ``FormatError``; nothing is written when it raises.
+    ``result["output"]``; notices about how inputs were read go to stderr and
+    ``result["notices"]``. A plan without ``output`` writes nothing and returns the resulting
+    checkpoint as ``result.tensors``, read lazily, so a training script can use it without a
+    file (``model.load_state_dict(bs.to_torch(result.tensors))``). Raises ``PlanError``,
+    ``TransformError``, ``AssertionFailed`` or ``FormatError``; nothing is written when it raises.
+    Ctrl-C stops the run at its next chunk and raises ``KeyboardInterrupt``, leaving no partial
+    output.
 
-    >>> report = run({"inputs": ["model.safetensors"], "output": "out.safetensors"})  # doctest: +SKIP
+    ``progress``: a bar of the bytes written (tqdm's, a widget in notebooks) when ``True``, or by
+    default when tqdm is installed and the run is interactive (a terminal or a notebook) and not
+    ``quiet``; or a callable ``progress(done_bytes, total_bytes)`` called from the engine's
+    writing threads at most every 50 ms and once at the end.
+
+    >>> result = run({"inputs": ["model.safetensors"], "output": "out.safetensors"})  # doctest: +SKIP
     """
-    return _show(_core.run(plan, overrides=overrides, threads=threads), quiet)
+    start = time.perf_counter()
+    bar = _ProgressBar.make(progress, quiet) if not callable(progress) else None
+    callback = progress if callable(progress) else bar
+    try:
+        report, tensors = _core.run(plan, overrides=overrides, threads=threads, progress=callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = RunResult(report, Tensors(tensors) if tensors is not None else None, time.perf_counter() - start)
+    _show(report, quiet)
+    return result
+
+
+class _ProgressBar:
+    """tqdm's bar fed by the engine's ``(done, total)`` calls, which arrive from several threads
+    and not always in order (the largest ``done`` so far is shown)."""
+
+    def __init__(self, tqdm: Any) -> None:
+        self._tqdm = tqdm
+        self._bar: Any = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def make(progress: bool | None, quiet: bool) -> _ProgressBar | None:
+        if progress is False or (progress is None and (quiet or not _interactive())):
+            return None
+        try:
+            # By name: tqdm is an optional extra, with or without its type stubs installed.
+            tqdm = importlib.import_module("tqdm.auto").tqdm
+        except ImportError:
+            if progress:
+                raise ImportError("progress=True needs tqdm: pip install tqdm") from None
+            return None
+        return _ProgressBar(tqdm)
+
+    def __call__(self, done: int, total: int) -> None:
+        with self._lock:
+            if self._bar is None:
+                self._bar = self._tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing")
+            if done > self._bar.n:
+                self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+
+
+def _interactive() -> bool:
+    """A terminal on stderr, or a Jupyter kernel."""
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def check(

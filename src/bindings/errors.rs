@@ -147,6 +147,12 @@ pub fn thread_failure(failure: ThreadFailure) -> PyErr {
     BrainSurgeryError::new_err(failure.to_string())
 }
 
+/// The base `BrainSurgeryError` for misuse of an object that is neither the plan's nor an
+/// input's fault (a closed session, one session used by two threads at once).
+pub fn base_error(message: &str) -> PyErr {
+    BrainSurgeryError::new_err(message.to_owned())
+}
+
 /// A plan error raised before the engine runs (a bad argument type).
 pub fn plan_error(error: PlanError) -> PyErr {
     Python::attach(|py| to_py(py, Error::Plan(error)))

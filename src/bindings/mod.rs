@@ -4,6 +4,7 @@
 
 mod arrays;
 mod errors;
+mod session;
 
 use std::collections::BTreeMap;
 use std::ffi::c_int;
@@ -30,17 +31,32 @@ fn detached_with_signal<T: Send>(
     py: Python<'_>,
     work: impl FnOnce(Arc<AtomicBool>) -> T + Send,
 ) -> PyResult<(T, Option<PyErr>)> {
-    let cancel = Arc::new(AtomicBool::new(false));
+    detached_with_flag(py, Arc::new(AtomicBool::new(false)), work)
+}
+
+/// [`detached_with_signal`] with a given cancel flag (a session's, which its engine side checks).
+fn detached_with_flag<T: Send>(
+    py: Python<'_>,
+    cancel: Arc<AtomicBool>,
+    work: impl FnOnce(Arc<AtomicBool>) -> T + Send,
+) -> PyResult<(T, Option<PyErr>)> {
     let mut signal: Option<PyErr> = None;
     let result = py.detach(|| {
         std::thread::scope(|scope| {
             let flag = cancel.clone();
+            // The worker says when it is done, so a short call returns at once rather than at
+            // the next poll (a 20 ms sleep made every `open` take 20 ms); the sender is dropped
+            // when the work ends, normally or by a panic.
+            let (done, finished) = std::sync::mpsc::channel::<()>();
             let handle = std::thread::Builder::new()
                 .stack_size(crate::value::ENGINE_STACK_BYTES)
-                .spawn_scoped(scope, move || work(flag))
+                .spawn_scoped(scope, move || {
+                    let _done = done;
+                    work(flag)
+                })
                 .map_err(ThreadFailure::Start)?;
-            while !handle.is_finished() {
-                std::thread::sleep(Duration::from_millis(20));
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(Duration::from_millis(20))
+            {
                 // Every Ctrl-C cancels, not only the first: an `-i` session clears the flag after
                 // a cancelled entry and goes on, and the next Ctrl-C must stop the next entry.
                 if let Err(e) = Python::attach(|py| py.check_signals()) {
@@ -58,6 +74,18 @@ fn detached_with_signal<T: Send>(
 /// [`detached_with_signal`], raising the signal's exception (normally `KeyboardInterrupt`).
 fn detached<T: Send>(py: Python<'_>, work: impl FnOnce(Arc<AtomicBool>) -> T + Send) -> PyResult<T> {
     match detached_with_signal(py, work)? {
+        (_, Some(signal)) => Err(signal),
+        (result, None) => Ok(result),
+    }
+}
+
+/// [`detached`] with a given cancel flag. A session clears its flag after a cancelled entry.
+fn detached_on<T: Send>(
+    py: Python<'_>,
+    cancel: Arc<AtomicBool>,
+    work: impl FnOnce(Arc<AtomicBool>) -> T + Send,
+) -> PyResult<T> {
+    match detached_with_flag(py, cancel, work)? {
         (_, Some(signal)) => Err(signal),
         (result, None) => Ok(result),
     }
@@ -426,8 +454,19 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     dict.set_item("removed", report.removed)?;
     dict.set_item("peak_memory_estimate", report.peak_memory_estimate)?;
     dict.set_item("materialized_bytes", report.materialized_bytes)?;
-    let factorizations = PyList::empty(py);
-    for f in &report.factorizations {
+    let factorizations = factorizations_to_list(py, &report.factorizations)?;
+    dict.set_item("factorizations", factorizations)?;
+    Ok(dict)
+}
+
+/// Factorizations (`phlora`, `extract_lora`) as a list of dicts: `op`, `tensor`, `shape`,
+/// `method`, `rank`, `energy`, `relative_error`.
+fn factorizations_to_list<'py>(
+    py: Python<'py>,
+    factorizations: &[crate::transforms::lowrank::Factorization],
+) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for f in factorizations {
         let entry = PyDict::new(py);
         entry.set_item("op", f.op)?;
         entry.set_item("tensor", &f.tensor)?;
@@ -436,10 +475,9 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
         entry.set_item("rank", f.quality.rank)?;
         entry.set_item("energy", f.quality.energy)?;
         entry.set_item("relative_error", f.quality.relative_error)?;
-        factorizations.append(entry)?;
+        list.append(entry)?;
     }
-    dict.set_item("factorizations", factorizations)?;
-    Ok(dict)
+    Ok(list)
 }
 
 /// `threads=`: an int (else `TypeError`), 0 for one per core or a positive count (else
@@ -477,26 +515,61 @@ fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> 
 /// output. Returns a report: the alias written, its tensors, the files written, one note per
 /// transform.
 #[pyfunction]
-#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0)), text_signature = "(plan, *, overrides=None, threads=0)")]
+#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), progress = None), text_signature = "(plan, *, overrides=None, threads=0, progress=None)")]
 fn run<'py>(
     py: Python<'py>,
     plan: &Bound<'py, PyAny>,
     overrides: Option<&Bound<'py, PyAny>>,
     threads: Threads,
-) -> PyResult<Bound<'py, PyDict>> {
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(Bound<'py, PyDict>, Option<Py<session::PyTensors>>)> {
     let Threads(threads) = threads;
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
+    let progress = progress.map(progress_callback);
     let result = detached(py, move |cancel| {
         let prepared = prepare(sources, overrides, threads)?;
-        prepared.run(&RunOptions {
+        let (report, state) = prepared.run_keeping_state(&RunOptions {
             threads,
             cancel,
-            progress: None,
-        })
+            progress,
+        })?;
+        // Without an output the result is the tensors themselves, read lazily from Python.
+        let result = match prepared.plan().output {
+            Some(_) => None,
+            None => prepared.result_alias(&state).map(|alias| (state, alias)),
+        };
+        Ok::<_, Error>((report, result))
     })?;
-    let report = result.map_err(|e| errors::to_py(py, e))?;
-    report_to_dict(py, &report)
+    let (report, result) = result.map_err(|e| errors::to_py(py, e))?;
+    let tensors = match result {
+        Some((state, alias)) => Some(Py::new(py, session::PyTensors::new(state, alias))?),
+        None => None,
+    };
+    Ok((report_to_dict(py, &report)?, tensors))
+}
+
+/// The engine's progress function calling a Python `callback(done_bytes, total_bytes)` from the
+/// writing threads, at most every 50 ms and once at the end. An exception in the callback is
+/// reported as unraisable (a progress display must not fail a run).
+fn progress_callback(callback: Py<PyAny>) -> Arc<crate::executor::ProgressFn> {
+    let last = std::sync::Mutex::new(None::<std::time::Instant>);
+    Arc::new(move |done: u64, total: u64| {
+        {
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            let due = last.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(50));
+            if !due && done < total {
+                return;
+            }
+            *last = Some(now);
+        }
+        Python::attach(|py| {
+            if let Err(e) = callback.call1(py, (done, total)) {
+                e.write_unraisable(py, Some(callback.bind(py)));
+            }
+        });
+    })
 }
 
 /// Checks a plan against the checkpoint headers without reading tensor data (SPEC §8.1) and
@@ -955,6 +1028,9 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(save, module)?)?;
     module.add_class::<PyCheckpoint>()?;
     module.add_class::<PyTensorBuffer>()?;
+    module.add_class::<session::PyComputedBuffer>()?;
+    module.add_class::<session::PySession>()?;
+    module.add_class::<session::PyTensors>()?;
     errors::register(module)?;
     Ok(())
 }

@@ -227,6 +227,12 @@ impl Prepared {
     }
 
     fn report(&self, state: &State, ctx: Context) -> Result<Report, Error> {
+        let alias = self.output_alias(state)?;
+        self.report_alias(state, ctx, alias)
+    }
+
+    /// The report of a state whose output is `alias` (none: no tensors listed).
+    fn report_alias(&self, state: &State, ctx: Context, alias: Option<String>) -> Result<Report, Error> {
         let workspace = ctx.workspace;
         let mut report = Report {
             notes: ctx.notes,
@@ -236,10 +242,10 @@ impl Prepared {
             factorizations: ctx.factorizations,
             ..Report::default()
         };
-        report.alias = self.output_alias(state)?;
+        report.alias = alias;
         let mut materialized = 0usize;
-        if let Some(alias) = &report.alias {
-            let current = state.alias(alias).expect("output alias exists");
+        if let Some(current) = report.alias.as_deref().and_then(|a| state.alias(a)) {
+            let alias = report.alias.as_deref().unwrap_or_default();
             let mut seen = std::collections::HashSet::new();
             for (_, tensor) in current.iter() {
                 materialized = materialized.saturating_add(tensor.materialized(&mut seen));
@@ -256,7 +262,7 @@ impl Prepared {
             report.total_bytes = report.tensors.iter().fold(0u64, |sum, t| sum.saturating_add(t.nbytes));
             // A renamed single input (`prefixes rename`) is compared with what it was.
             let before = match self.plan.inputs.as_slice() {
-                [only] if state.default_alias.as_deref() == Some(alias.as_str()) => self.initial.alias(&only.alias),
+                [only] if state.default_alias.as_deref() == Some(alias) => self.initial.alias(&only.alias),
                 _ => self.initial.alias(alias),
             };
             if let Some(initial) = before {
@@ -304,6 +310,12 @@ impl Prepared {
 
     /// Checks, then runs the plan for real and writes the output.
     pub fn run(&self, options: &RunOptions) -> Result<Report, Error> {
+        self.run_keeping_state(options).map(|(report, _)| report)
+    }
+
+    /// [`Prepared::run`], also returning the state the transforms ended with: a plan without
+    /// an output hands its result to Python this way (lazy values, nothing written).
+    pub fn run_keeping_state(&self, options: &RunOptions) -> Result<(Report, State), Error> {
         // The check's report would be thrown away: one summary per tensor (issue 9).
         self.checked()?;
         let mut ctx = Context::new(true, options.cancel.clone());
@@ -316,7 +328,20 @@ impl Prepared {
         };
         let mut report = self.report(&state, ctx)?;
         report.written.extend(files);
-        Ok(report)
+        Ok((report, state))
+    }
+
+    /// The alias a plan without an output leaves as its result: the default alias (the only
+    /// input, or `output.alias`), else the only alias there is, else the only one written.
+    pub fn result_alias(&self, state: &State) -> Option<String> {
+        if let Some(alias) = state.default_alias.as_ref().filter(|a| state.alias(a).is_some()) {
+            return Some(alias.clone());
+        }
+        match (state.alias_names().as_slice(), &state.written) {
+            ([only], _) => Some(only.clone()),
+            (_, written) if written.len() == 1 => written.iter().next().cloned(),
+            _ => None,
+        }
     }
 }
 

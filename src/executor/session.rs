@@ -11,9 +11,10 @@ use serde_json::Value;
 
 use super::{step_error, Prepared, Report, RunOptions};
 use crate::error::Error;
-use crate::plan::{Location, RawTransform};
+use crate::plan::{plan_sha256, Location, PlanError, RawTransform};
 use crate::state::State;
-use crate::transforms::{run_steps, Context, Flow, ParseScope, Step};
+use crate::transforms::{run_steps, sha256_with_nested, Context, Flow, ParseScope, Step};
+use crate::value::Tensor;
 use crate::write;
 
 /// What one applied block printed and did.
@@ -25,6 +26,8 @@ pub struct Applied {
     pub notes: Vec<String>,
     /// Notices about how inputs were read (the plan's inputs, `load`).
     pub notices: Vec<String>,
+    /// Files the block wrote (`save`).
+    pub written: Vec<std::path::PathBuf>,
     /// Whether the block ran `exit`, which ends the session.
     pub exit: bool,
     /// Tensors factorized, with what each kept.
@@ -47,6 +50,14 @@ pub struct Session {
     steps_run: usize,
     /// Every factorization of the session, for the final report.
     factorizations: Vec<crate::transforms::lowrank::Factorization>,
+    /// The plan applied so far, as data: the inputs (absolute paths, so it replays from any
+    /// folder) and every transform, in order. What `Session.plan` exports in Python.
+    document: Value,
+    /// Hashes of the nested plans (`execute`) of the steps applied, in order: part of the plan
+    /// hash as [`crate::transforms::plan_sha256_with_nested`] makes it.
+    nested: Vec<String>,
+    /// Tensors handed in from the host (`set`), by `alias::name`: a plan cannot replay them.
+    handed_in: Vec<String>,
 }
 
 impl Session {
@@ -60,10 +71,17 @@ impl Session {
         let next = prepared.plan.transforms.len();
         let scope = ParseScope::of_plan(&prepared.plan.files);
         let steps_run = ctx.steps_run;
+        let document = document_of(&prepared);
+        let nested = prepared
+            .steps
+            .iter()
+            .filter_map(|s| s.transform.nested_sha256().map(str::to_owned))
+            .collect();
         let applied = Applied {
             output: ctx.output,
             notes: ctx.notes,
             notices: ctx.notices,
+            written: ctx.written,
             exit: false,
             factorizations: ctx.factorizations,
         };
@@ -76,6 +94,9 @@ impl Session {
                 next,
                 steps_run,
                 factorizations: applied.factorizations.clone(),
+                document,
+                nested,
+                handed_in: Vec::new(),
             },
             applied,
         ))
@@ -104,12 +125,26 @@ impl Session {
             .iter()
             .map(|raw| Step::parse(raw, &self.scope))
             .collect::<Result<Vec<_>, _>>()?;
+        // `save` records the hash of the plan that replays the session up to and including this
+        // block (the document `Session.plan` exports then), so replaying it writes the same bytes.
+        // Not with tensors handed in: no plan replays those.
+        let mut nested = self.nested.clone();
+        nested.extend(
+            steps
+                .iter()
+                .filter_map(|s| s.transform.nested_sha256().map(str::to_owned)),
+        );
+        let mut document = self.document.clone();
+        if let Some(Value::Array(transforms)) = document.get_mut("transforms") {
+            transforms.extend(items.iter().map(|item| (*item).clone()));
+        }
+        let plan_sha256 = self.handed_in.is_empty().then(|| document_sha256(&document, &nested));
         let run = |evaluate: bool| -> Result<(State, Context, bool), Error> {
             let mut state = self.state.clone();
             let mut ctx = Context::new(evaluate, self.cancel.clone());
-            // `save` at the prompt writes with the run's threads. No plan hash: the typed
-            // transforms are not part of the plan file that was hashed.
+            // `save` at the prompt writes with the run's threads.
             ctx.threads = self.prepared.threads;
+            ctx.plan_sha256 = plan_sha256.clone();
             ctx.steps_run = self.steps_run;
             let flow = run_steps(&steps, &mut state, &mut ctx).map_err(|f| step_error(self.next, &steps, f))?;
             Ok((state, ctx, flow == Flow::Exit))
@@ -123,14 +158,52 @@ impl Session {
         self.state = state;
         self.steps_run = ctx.steps_run;
         self.next += raws.len();
+        self.document = document;
+        self.nested = nested;
         self.factorizations.extend(ctx.factorizations.iter().cloned());
         Ok(Applied {
             output: ctx.output,
             notes: ctx.notes,
             notices: ctx.notices,
+            written: ctx.written,
             exit,
             factorizations: ctx.factorizations,
         })
+    }
+
+    /// The plan of everything applied so far (inputs and transforms), which `run` replays to the
+    /// same state. Refused once a tensor was handed in from the host: no plan holds its values.
+    pub fn document(&self) -> Result<&Value, Error> {
+        match self.handed_in.as_slice() {
+            [] => Ok(&self.document),
+            names => Err(PlanError::Syntax {
+                origin: "session".to_owned(),
+                message: format!(
+                    "the session's plan cannot replay tensors handed in from Python ({}); save them with \
+                     brainsurgery.save and `load` them in the plan instead",
+                    names.join(", ")
+                ),
+            }
+            .into()),
+        }
+    }
+
+    /// Puts a tensor handed in from the host under `alias::name` (the alias is created if
+    /// needed), replacing any tensor of that name in its place.
+    pub fn set(&mut self, alias: &str, name: &str, tensor: Tensor) {
+        self.state.replace(alias, name, tensor);
+        let key = format!("{alias}::{name}");
+        if !self.handed_in.contains(&key) {
+            self.handed_in.push(key);
+        }
+    }
+
+    /// The report a check of the session's current state gives for `alias` (its tensors, bytes
+    /// and the memory a write of it would take), without reading tensor data.
+    pub fn report_for(&self, alias: &str) -> Result<Report, Error> {
+        let mut ctx = Context::new(false, self.cancel.clone());
+        ctx.factorizations = self.factorizations.clone();
+        self.prepared.report_alias(&self.state, ctx, Some(alias.to_owned()))
     }
 
     /// Ends the session: writes the plan's output (if it has one) from the current state and
@@ -146,6 +219,39 @@ impl Session {
         }
         Ok(report)
     }
+}
+
+/// The document of a prepared plan without its output: its inputs with absolute paths and its
+/// transforms as written.
+fn document_of(prepared: &Prepared) -> Value {
+    let inputs = prepared
+        .plan
+        .inputs
+        .iter()
+        .map(|input| {
+            // Absolute, so the exported plan replays from any folder (a path that cannot be made
+            // absolute stays as it was given).
+            let path = std::path::absolute(&input.path).unwrap_or_else(|_| input.path.clone());
+            Value::String(format!("{}::{}", input.alias, path.display()))
+        })
+        .collect();
+    let transforms = prepared
+        .plan
+        .transforms
+        .iter()
+        .map(|raw| match &raw.payload {
+            Value::Null => Value::String(raw.name.clone()),
+            payload => serde_json::json!({ raw.name.clone(): payload }),
+        })
+        .collect();
+    serde_json::json!({ "inputs": Value::Array(inputs), "transforms": Value::Array(transforms) })
+}
+
+/// The plan hash of a session document, as [`super::Prepared::new`] computes it for the same
+/// plan run from a file.
+fn document_sha256(document: &Value, nested: &[String]) -> String {
+    let nested: Vec<&str> = nested.iter().map(String::as_str).collect();
+    sha256_with_nested(&plan_sha256(document), &nested)
 }
 
 #[cfg(test)]
@@ -199,6 +305,32 @@ mod tests {
         let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
         assert_eq!(names, vec!["w", "w0"]);
+    }
+
+    /// Issue 11: the session's document replays what was applied, and a save in the session
+    /// writes the bytes a run of that document writes (the plan hash included).
+    #[test]
+    fn the_document_replays_to_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = session(dir.path());
+        let first = dir.path().join("first.safetensors");
+        s.apply(&json!({"scale_": {"target": "w0", "by": 3}})).unwrap();
+        s.apply(&json!({"save": {"path": first.display().to_string(), "alias": "model"}}))
+            .unwrap();
+        let document = s.document().unwrap().clone();
+        assert_eq!(document["transforms"].as_array().unwrap().len(), 3, "{document}");
+        let kept = std::fs::read(&first).unwrap();
+        std::fs::remove_file(&first).unwrap();
+        let plan = Plan::load(&[PlanSource::Value(document)], &[]).unwrap();
+        Prepared::new(plan, 1).unwrap().run(&RunOptions::default()).unwrap();
+        assert_eq!(std::fs::read(&first).unwrap(), kept);
+        // A tensor handed in makes the session unreplayable, and says so.
+        let bytes: Vec<u8> = [5.0f32].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensor = Tensor::in_memory(crate::dtype::DType::F32, vec![1], Arc::new(bytes));
+        s.set("model", "extra", tensor);
+        assert!(s.state().get("model", "extra").is_some());
+        let err = s.document().unwrap_err();
+        assert!(err.to_string().contains("model::extra"), "{err}");
     }
 
     /// Issue 8: a relative `execute` path typed at the prompt resolves against the plan file's

@@ -265,6 +265,12 @@ pub trait Transform: Send + Sync + std::fmt::Debug {
 /// hashes in order, so editing a plan file that `execute: {path}` names changes it too.
 pub fn plan_sha256_with_nested(own: &str, steps: &[Step]) -> String {
     let nested: Vec<&str> = steps.iter().filter_map(|s| s.transform.nested_sha256()).collect();
+    sha256_with_nested(own, &nested)
+}
+
+/// A plan's own hash combined with its nested plans' hashes, in order (see
+/// [`plan_sha256_with_nested`]).
+pub fn sha256_with_nested(own: &str, nested: &[&str]) -> String {
     if nested.is_empty() {
         return own.to_owned();
     }

@@ -1,0 +1,298 @@
+"""``brainsurgery.Session`` and the lazy result of ``run`` (issue 11, items 4, 7 and 8).
+
+Values are checked against NumPy computed here; replays are compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import brainsurgery as bs
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "m.safetensors"
+    save_file(
+        {
+            "h.0.attn.weight": rng.standard_normal((8, 4)).astype(np.float32),
+            "h.0.norm.weight": np.ones(4, np.float32),
+            "h.1.norm.weight": np.full(4, 2.0, np.float32),
+            "lm_head.weight": rng.standard_normal((3, 4)).astype(np.float32),
+        },
+        str(path),
+    )
+    return path
+
+
+def sha(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_spec_example_runs_and_values_match_numpy(model: Path, tmp_path: Path) -> None:
+    original = load_file(str(model))
+    s = bs.Session(inputs={"m": str(model)})
+    assert sorted(s) == sorted(f"m::{n}" for n in original)
+    s.apply({"scale_": {"target": "m::.*norm.*", "by": 0.5}})
+    s.apply("delete: target: m::lm_head.weight")
+    assert "m::lm_head.weight" not in s
+    np.testing.assert_array_equal(s["m::h.1.norm.weight"], original["h.1.norm.weight"] * 0.5)
+    # A bare name means the only input's alias.
+    np.testing.assert_array_equal(s["h.0.attn.weight"], original["h.0.attn.weight"])
+    out = tmp_path / "out"
+    files = s.save(out)
+    assert files and all(Path(f).parent == out for f in files)
+    written = bs.open(out)
+    assert sorted(written) == ["h.0.attn.weight", "h.0.norm.weight", "h.1.norm.weight"]
+    np.testing.assert_array_equal(written["h.0.norm.weight"], original["h.0.norm.weight"] * 0.5)
+
+
+def test_untouched_tensors_are_views_of_the_file_and_computed_ones_are_not(model: Path) -> None:
+    s = bs.Session(inputs=str(model))
+    view = s["h.0.attn.weight"]
+    assert not view.flags.writeable
+    s.apply({"scale_": {"target": "h.0.attn.weight", "by": 2}})
+    computed = s["h.0.attn.weight"]
+    assert not computed.flags.writeable
+    np.testing.assert_array_equal(computed, view * 2)
+    # The earlier view still shows the file's values.
+    np.testing.assert_array_equal(view, load_file(str(model))["h.0.attn.weight"])
+
+
+def test_view_points_into_the_mapped_file(model: Path) -> None:
+    s = bs.Session(inputs=str(model))
+    a = s["h.0.attn.weight"]
+    b = s["h.0.attn.weight"]
+    # Two reads of an untouched tensor share the one mapping: same address.
+    assert a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    assert np.shares_memory(a, b)
+
+
+def test_a_failing_apply_leaves_the_session_as_it_was(model: Path) -> None:
+    s = bs.Session(inputs=str(model))
+    before = s["h.0.norm.weight"].copy()
+    with pytest.raises(bs.AssertionFailed):
+        s.apply([{"scale_": {"target": "h.0.norm.weight", "by": 3}}, {"assert": {"iszero": "h.0.norm.weight"}}])
+    np.testing.assert_array_equal(s["h.0.norm.weight"], before)
+    with pytest.raises(bs.PlanError, match="did you mean"):
+        s.apply({"scael_": {"target": "x", "by": 2}})
+    # Failed blocks are not part of the plan.
+    assert s.plan["transforms"] == []
+
+
+def test_apply_accepts_yaml_text_and_one_line_forms(model: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)}, quiet=True)
+    s.apply("scale_:\n  target: m::h.0.norm.weight\n  by: 4\n")
+    s.apply("copy: from: m::h.0.norm.weight, to: m::y")
+    np.testing.assert_array_equal(s["m::y"], np.full(4, 4.0, np.float32))
+    result = s.apply("dump: format: compact")
+    assert any("h.0" in line for line in result["output"])
+
+
+def test_plan_replays_byte_identically(model: Path, tmp_path: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)})
+    s.apply({"cast_": {"target": "m::.*", "dtype": "bfloat16"}})
+    s.apply({"scale_": {"target": "m::h\\.1\\..*", "by": -1}})
+    first = tmp_path / "first.safetensors"
+    s.save(first)
+    plan = s.plan
+    assert plan["inputs"] == [f"m::{model.resolve()}"]
+    assert [next(iter(t)) for t in plan["transforms"]] == ["cast_", "scale_", "save"]
+    kept = tmp_path / "kept.safetensors"
+    first.rename(kept)
+    # Replayed from another folder: the inputs are absolute.
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path.parent)
+        bs.run(plan, quiet=True)
+    finally:
+        os.chdir(cwd)
+    assert sha(first) == sha(kept)
+
+
+def test_setting_an_array_borrows_it(model: Path, tmp_path: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)})
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    s["m::extra"] = array
+    assert s.info("m::extra") == ("float32", [2, 3])
+    np.testing.assert_array_equal(s["m::extra"], array)
+    # The session holds a reference: the array outlives the caller's name for it.
+    del array
+    gc.collect()
+    s.apply({"scale_": {"target": "m::extra", "by": 2}})
+    np.testing.assert_array_equal(s["m::extra"], np.arange(6, dtype=np.float32).reshape(2, 3) * 2)
+    out = tmp_path / "o.safetensors"
+    s.save(out)
+    np.testing.assert_array_equal(load_file(str(out))["extra"], np.arange(6, dtype=np.float32).reshape(2, 3) * 2)
+    # A new alias is created for a key naming one that does not exist.
+    s["other::z"] = np.zeros(3, np.int64)
+    assert "other" in s.aliases
+    with pytest.raises(bs.PlanError, match="handed in"):
+        s.plan
+
+
+def test_delete_escapes_the_name(model: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)})
+    s["m::h.0.normXweight"] = np.zeros(1, np.float32)
+    del s["m::h.0.norm.weight"]
+    # The dot is literal: the look-alike name survives.
+    assert "m::h.0.normXweight" in s
+    assert "m::h.0.norm.weight" not in s
+    with pytest.raises(KeyError, match="closest"):
+        del s["m::h.0.norm.weigh"]
+
+
+def test_missing_key_lists_close_matches(model: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)})
+    with pytest.raises(KeyError, match='closest: "m::lm_head.weight"'):
+        s["m::lm_head.weigth"]
+
+
+def test_check_reports_the_alias_without_reading(model: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)})
+    s.apply({"cast_": {"target": "m::.*", "dtype": "float16"}})
+    report = s.check()
+    assert report["alias"] == "m"
+    assert {t["dtype"] for t in report["tensors"]} == {"float16"}
+    assert report["total_bytes"] == sum(int(np.prod(t["shape"])) * 2 for t in report["tensors"])
+    with pytest.raises(bs.PlanError, match="unknown alias"):
+        s.check("nope")
+
+
+def test_closed_session_and_arrays_that_outlive_it(model: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)})
+    view = s["m::h.0.attn.weight"]
+    s.apply({"scale_": {"target": "m::h.1.norm.weight", "by": 3}})
+    computed = s["m::h.1.norm.weight"]
+    s.close()
+    del s
+    gc.collect()
+    expected = load_file(str(model))
+    np.testing.assert_array_equal(view, expected["h.0.attn.weight"])
+    np.testing.assert_array_equal(computed, expected["h.1.norm.weight"] * 3)
+    s2 = bs.Session(inputs={"m": str(model)})
+    s2.close()
+    assert s2.closed
+    for use in (lambda: s2["m::h.0.norm.weight"], lambda: s2.apply("exit"), lambda: len(s2)):
+        with pytest.raises(bs.BrainSurgeryError, match="closed"):
+            use()
+    with bs.Session(inputs={"m": str(model)}) as s3:
+        assert len(s3) == 4
+    assert s3.closed
+
+
+def test_two_threads_on_one_session_never_corrupt_it(model: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)})
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        for _ in range(30):
+            try:
+                s.apply({"scale_": {"target": "m::h.0.norm.weight", "by": 1}})
+                s["m::h.0.norm.weight"]
+            except bs.BrainSurgeryError as e:
+                # The only error allowed: the session is busy in the other thread.
+                assert "another thread" in str(e)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    np.testing.assert_array_equal(s["m::h.0.norm.weight"], np.ones(4, np.float32))
+
+
+def test_bad_inputs_and_arguments(model: Path, tmp_path: Path) -> None:
+    with pytest.raises(bs.FormatError):
+        bs.Session(inputs={"m": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(TypeError):
+        bs.Session(inputs={"m": str(model)}, plan={"inputs": []})
+    s = bs.Session(inputs={"a": str(model), "b": str(model)})
+    with pytest.raises(bs.PlanError, match="names no alias"):
+        s["x"] = np.zeros(1, np.float32)
+    with pytest.raises(bs.PlanError, match="several aliases"):
+        s.save(tmp_path / "o.safetensors")
+
+
+def test_session_from_a_plan_applies_its_transforms(model: Path) -> None:
+    s = bs.Session(plan={"inputs": [str(model)], "transforms": [{"copy": {"from": "h.0.norm.weight", "to": "n0"}}]})
+    np.testing.assert_array_equal(s["n0"], np.ones(4, np.float32))
+
+
+def test_run_without_output_returns_lazy_tensors(model: Path) -> None:
+    original = load_file(str(model))
+    result = bs.run(
+        {"inputs": [str(model)], "transforms": [{"scale_": {"target": ".*norm.*", "by": 2}}]},
+        quiet=True,
+    )
+    assert result.written == []
+    tensors = result.tensors
+    assert tensors is not None and tensors.alias == "model"
+    assert set(tensors) == set(original)
+    np.testing.assert_array_equal(tensors["h.1.norm.weight"], original["h.1.norm.weight"] * 2)
+    # Untouched tensors are views of the file.
+    untouched = tensors["lm_head.weight"]
+    assert not untouched.flags.writeable
+    np.testing.assert_array_equal(untouched, original["lm_head.weight"])
+    assert tensors.info("h.0.attn.weight") == ("float32", [8, 4])
+    with pytest.raises(KeyError, match="closest"):
+        tensors["lm_head.weigh"]
+    # The report is still the dict it was, with attributes and a readable repr.
+    assert result.notes == result["notes"] and len(result.notes) == 1
+    assert "result.tensors" in repr(result) and result.seconds >= 0
+
+
+def test_run_with_output_has_no_tensors_and_reports_files(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.safetensors"
+    result = bs.run({"inputs": [str(model)], "output": str(out)}, quiet=True)
+    assert result.tensors is None
+    assert result.written == [str(out)]
+    assert result.bytes_written == out.stat().st_size
+    assert str(out) in repr(result)
+
+
+def test_progress_callback_sees_every_byte_written(model: Path, tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    out = tmp_path / "o.safetensors"
+    result = bs.run(
+        {"inputs": [str(model)], "output": str(out)},
+        quiet=True,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    total = sum(t["nbytes"] for t in result["tensors"])
+    assert calls, "the callback was never called"
+    assert all(t == total for _, t in calls)
+    assert max(d for d, _ in calls) == total
+
+
+def test_a_failing_progress_callback_does_not_fail_the_run(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(done: int, total: int) -> None:
+        raise RuntimeError("display broke")
+
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr("sys.unraisablehook", lambda u: reported.append(u.exc_value))
+    out = tmp_path / "o.safetensors"
+    bs.run({"inputs": [str(model)], "output": str(out)}, quiet=True, progress=broken)
+    assert out.exists()
+    assert reported and all(isinstance(e, RuntimeError) for e in reported)
+
+
+def test_tqdm_bar_when_asked(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    bs.run({"inputs": [str(model)], "output": str(tmp_path / "o.safetensors")}, progress=True)
+    assert "writing" in capsys.readouterr().err
