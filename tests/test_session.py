@@ -126,6 +126,8 @@ def test_setting_an_array_borrows_it(model: Path, tmp_path: Path) -> None:
     s["m::extra"] = array
     assert s.info("m::extra") == ("float32", [2, 3])
     np.testing.assert_array_equal(s["m::extra"], array)
+    # Zero copy both ways: the session reads the array's memory and hands the same memory back.
+    assert np.shares_memory(s["m::extra"], array)
     # The session holds a reference: the array outlives the caller's name for it.
     del array
     gc.collect()
@@ -296,3 +298,43 @@ def test_tqdm_bar_when_asked(model: Path, tmp_path: Path, capsys: pytest.Capture
     pytest.importorskip("tqdm")
     bs.run({"inputs": [str(model)], "output": str(tmp_path / "o.safetensors")}, progress=True)
     assert "writing" in capsys.readouterr().err
+
+
+def test_setting_bad_values_is_refused_and_leaves_the_session(model: Path) -> None:
+    s = bs.Session(inputs={"m": str(model)})
+    before = list(s)
+    with pytest.raises(TypeError):
+        s["m::x"] = [1.0, 2.0]
+    with pytest.raises(TypeError):
+        s["m::x"] = np.array([object(), object()])
+
+    class OnTheGpu:
+        def __dlpack_device__(self) -> tuple[int, int]:
+            return (2, 0)  # kDLCUDA
+
+        def __dlpack__(self, **kwargs: object) -> object:  # pragma: no cover - never asked
+            raise AssertionError("the data of a device tensor must not be asked for")
+
+    with pytest.raises(ValueError, match=r"\.cpu\(\)"):
+        s["m::x"] = OnTheGpu()
+    assert list(s) == before
+    # A non-contiguous array is copied once, in row-major order.
+    s["m::t"] = np.arange(6, dtype=np.float32).reshape(2, 3).T
+    np.testing.assert_array_equal(s["m::t"], np.arange(6, dtype=np.float32).reshape(2, 3).T)
+
+
+def test_torch_tensors_go_in_and_come_out_without_copies(model: Path, tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    s = bs.Session(inputs={"m": str(model)})
+    t = torch.arange(8, dtype=torch.float32).to(torch.bfloat16)
+    s["m::b"] = t
+    view = s["m::b"]
+    assert view.dtype.name == "bfloat16"
+    # The session reads the tensor's own memory.
+    assert view.__array_interface__["data"][0] == t.data_ptr()
+    back = torch.from_dlpack(s["m::h.0.attn.weight"])
+    assert back.data_ptr() == s["m::h.0.attn.weight"].__array_interface__["data"][0]
+    out = tmp_path / "o.safetensors"
+    s.save(out)
+    assert bs.open(out).dtype("b") == "bfloat16"
+    np.testing.assert_array_equal(np.asarray(bs.open(out)["b"], dtype=np.float32), np.arange(8, dtype=np.float32))

@@ -21,13 +21,13 @@ use crate::executor::session::{Applied, Session};
 use crate::formats::SourceFile;
 use crate::plan::{oneline, Location, PlanError};
 use crate::state::State;
-use crate::value::{ReadContext, Tensor, Value as TensorValue};
+use crate::value::{Bytes, ReadContext, Tensor, Value as TensorValue};
 
-/// The bytes of one computed tensor, owned, exported read-only through the buffer protocol (a
-/// NumPy array made over it keeps it alive).
+/// The bytes of one tensor held in memory (computed, or an array handed in), exported read-only
+/// through the buffer protocol (a NumPy array made over it keeps it alive).
 #[pyclass(name = "ComputedBuffer", module = "brainsurgery._core", frozen)]
 pub(super) struct PyComputedBuffer {
-    bytes: Vec<u8>,
+    bytes: Arc<dyn Bytes>,
 }
 
 #[pymethods]
@@ -41,7 +41,7 @@ impl PyComputedBuffer {
                 "computed tensors are read-only (copy the array to change it)",
             ));
         }
-        let bytes = &slf.get().bytes;
+        let bytes = slf.get().bytes.bytes();
         let ptr = bytes.as_ptr() as *mut std::ffi::c_void;
         // SAFETY: `view` comes from CPython; the pointer and length describe `bytes`, kept alive
         // by the reference to `slf` the view holds, and the buffer is marked read-only.
@@ -53,7 +53,7 @@ impl PyComputedBuffer {
     }
 
     fn __len__(&self) -> usize {
-        self.bytes.len()
+        self.bytes.bytes().len()
     }
 }
 
@@ -99,6 +99,13 @@ fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps, cancel: &Arc<Atomic
         }
         // The file shrank since it was opened: computing reads it and says so.
     }
+    if let TensorValue::Memory(bytes) = &*tensor.value {
+        // Already in memory (an array handed in, a computed product): shared, not copied.
+        if bytes.bytes().len() == tensor.nbytes() {
+            let buffer = PyComputedBuffer { bytes: bytes.clone() };
+            return Ok((Py::new(py, buffer)?.into_any(), dtype, shape, None));
+        }
+    }
     let tensor = tensor.clone();
     let cancel = cancel.clone();
     let bytes = detached_on(py, cancel.clone(), move |_| -> Result<Vec<u8>, Error> {
@@ -116,6 +123,7 @@ fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps, cancel: &Arc<Atomic
         Ok(bytes)
     })?
     .map_err(|e| errors::to_py(py, e))?;
+    let bytes: Arc<dyn Bytes> = Arc::new(bytes);
     Ok((Py::new(py, PyComputedBuffer { bytes })?.into_any(), dtype, shape, None))
 }
 
