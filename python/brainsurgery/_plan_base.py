@@ -590,6 +590,10 @@ def _bind(
             transform,
             index,
         )
+    # A Plan where a transform list goes (`execute(transforms=...)`) stands for its transforms.
+    for key in keys:
+        if key["type"] == "list of transforms" and isinstance(payload.get(key["name"]), PlanBase):
+            payload[key["name"]] = payload[key["name"]].transforms
     # Table order, whatever the order of the call, so equal plans print alike.
     order = [k["name"] for k in keys]
     return {k: plain(payload[k]) for k in order if k in payload}
