@@ -499,6 +499,17 @@ def test_from_yaml_reads_files_json_lists_and_overrides(tmp_path: Path) -> None:
         Plan.from_dict({"transforms": "exit"})
 
 
+def test_the_documented_example_runs_and_prints_what_the_doc_shows(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = ROOT / "docs" / "plan-builder.md"
+    code = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)[0]
+    shown = yaml_blocks(doc)[0]
+    save_safetensors(workdir / "model.safetensors", tiny_gpt2())
+    exec(compile(code, str(doc), "exec"), {})
+    assert capsys.readouterr().out == shown + "\n"
+    got = bs.open(workdir / "out" / "model-bf16.safetensors")
+    assert "layers.0.attn.c_proj.weight" in got and got["layers.0.attn.c_proj.weight"].dtype.name == "bfloat16"
+
+
 # -- stubs --------------------------------------------------------------------------------------
 
 
