@@ -24,24 +24,19 @@ from brainsurgery._session import Session, Tensors
 
 if TYPE_CHECKING:
     from brainsurgery._array import Array
+    from brainsurgery._plan import Assertion, Plan
 
-
-def __getattr__(name: str) -> Any:
-    # `Array` subclasses np.ndarray: importing it loads NumPy, which `import brainsurgery` does
-    # not (the command line never needs it).
-    if name == "Array":
-        from brainsurgery._array import Array
-
-        return Array
-    raise AttributeError(f"module 'brainsurgery' has no attribute {name!r}")
-
+# Names imported on first use, to keep `import brainsurgery` light (the command line needs none).
+_LAZY = ("Array", "Assertion", "Plan")
 
 __all__ = [
     "Array",
+    "Assertion",
     "AssertionFailed",
     "BrainSurgeryError",
     "Checkpoint",
     "FormatError",
+    "Plan",
     "PlanError",
     "RunResult",
     "Session",
@@ -54,3 +49,22 @@ __all__ = [
     "save",
     "to_torch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # `Array` subclasses np.ndarray: importing it loads NumPy. The plan builder's methods are
+    # generated from the engine's specs when it is first used (and it imports `inspect`).
+    if name == "Array":
+        from brainsurgery._array import Array
+
+        return Array
+    if name in ("Assertion", "Plan"):
+        from brainsurgery import _plan
+
+        return getattr(_plan, name)
+    raise AttributeError(f"module 'brainsurgery' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Completion (`bs.Pl<Tab>`) lists the lazily imported names too.
+    return sorted({*globals(), *_LAZY})

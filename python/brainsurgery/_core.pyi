@@ -16,6 +16,8 @@ __all__ = [
     "dlpack",
     "borrow",
     "save",
+    "to_yaml",
+    "plan_document",
     "Checkpoint",
     "TensorBuffer",
     "ComputedBuffer",
@@ -165,6 +167,19 @@ def save(
 ) -> Report:
     """Write arrays, borrowed without a copy, to the output a plan's ``output:`` value describes
     (streamed, atomic, GIL released); returns the report."""
+def to_yaml(obj: Mapping[str, Any] | Sequence[Any] | str | os.PathLike[str] | float | bool | None) -> str:
+    """A plan value (dicts, lists, str, numbers, bool, None, paths) as YAML text from the engine's
+    serializer: strings a YAML 1.1 or 1.2 reader would take for another type (``y``, ``no``,
+    ``1e3``, ``0x10``, ``""``) are quoted, so the engine and PyYAML read back the same value.
+    Raises ``PlanError`` for a value a plan cannot hold."""
+
+def plan_document(
+    plan: PlanLike | Sequence[PlanLike],
+    *,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The plan document ``run`` and ``check`` would see (sources merged in order, overrides
+    applied), before any transform is parsed."""
 
 def open(path: str) -> Checkpoint:
     """Open a checkpoint lazily (headers only)."""

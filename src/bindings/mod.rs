@@ -425,6 +425,33 @@ fn transform_specs(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     from_value(py, &crate::transforms::help::specs_data())
 }
 
+/// A Python plan value (what `run` accepts as a mapping: dicts, lists, str, numbers, bool, None,
+/// paths) as YAML text, written by the serializer of the engine's YAML library. Strings that a
+/// YAML 1.1 or 1.2 reader would take for another type (`y`, `no`, `1e3`, `0x10`, `null`, ``)
+/// are quoted, so the engine and PyYAML read back the same value. `PlanError` for a value a
+/// plan cannot hold.
+#[pyfunction]
+fn to_yaml(obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    let value = to_value(obj, &Location::root())?;
+    serde_saphyr::to_string(&value).map_err(|e| text_error("to_yaml", e.to_string()))
+}
+
+/// The plan document `run` and `check` would see for `plan` (a mapping, YAML/JSON text, a path,
+/// or a list of them merged in order) and `overrides`, before any transform is parsed: a dict.
+#[pyfunction]
+#[pyo3(signature = (plan, *, overrides = None))]
+fn plan_document<'py>(
+    py: Python<'py>,
+    plan: &Bound<'py, PyAny>,
+    overrides: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let sources = to_sources(plan)?;
+    let overrides = overrides_of(overrides)?;
+    // Files are read with the GIL released, as `run` reads them.
+    let doc = detached(py, move |_| crate::plan::assemble(&sources, &overrides))?.map_err(errors::plan_error)?;
+    from_value(py, &doc)
+}
+
 fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("alias", report.alias.clone())?;
@@ -1026,6 +1053,8 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(dlpack, module)?)?;
     module.add_function(wrap_pyfunction!(borrow, module)?)?;
     module.add_function(wrap_pyfunction!(save, module)?)?;
+    module.add_function(wrap_pyfunction!(to_yaml, module)?)?;
+    module.add_function(wrap_pyfunction!(plan_document, module)?)?;
     module.add_class::<PyCheckpoint>()?;
     module.add_class::<PyTensorBuffer>()?;
     module.add_class::<session::PyComputedBuffer>()?;
