@@ -338,3 +338,24 @@ def test_torch_tensors_go_in_and_come_out_without_copies(model: Path, tmp_path: 
     s.save(out)
     assert bs.open(out).dtype("b") == "bfloat16"
     np.testing.assert_array_equal(np.asarray(bs.open(out)["b"], dtype=np.float32), np.arange(8, dtype=np.float32))
+
+
+def test_run_reports_time_per_transform_and_for_the_write(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.safetensors"
+    plan = {
+        "inputs": [str(model)],
+        "transforms": [
+            {"scale_": {"target": ".*norm.*", "by": 2}},
+            {"execute": {"transforms": [{"copy": {"from": "h.0.norm.weight", "to": "c"}}]}},
+            {"assert": {"finite": ".*"}},
+        ],
+        "output": str(out),
+    }
+    result = bs.run(plan, quiet=True)
+    # One entry per top-level transform (the nested copy counts in its execute).
+    assert [(t["index"], t["transform"]) for t in result.timings] == [(0, "scale_"), (1, "execute"), (2, "assert")]
+    assert all(t["seconds"] >= 0 for t in result.timings)
+    assert result.write_seconds is not None and 0 <= result.write_seconds <= result.seconds
+    assert "output written in" in repr(result)
+    no_output = bs.run({"inputs": [str(model)]}, quiet=True)
+    assert no_output.write_seconds is None and no_output.timings == []

@@ -66,6 +66,11 @@ class FactorizationReport(TypedDict):
     energy: float
     relative_error: float
 
+class StepTimingReport(TypedDict):
+    index: int
+    transform: str
+    seconds: float
+
 class Report(TypedDict):
     alias: str | None
     tensors: list[TensorReport]
@@ -79,6 +84,8 @@ class Report(TypedDict):
     peak_memory_estimate: int
     materialized_bytes: int
     factorizations: list[FactorizationReport]
+    timings: list[StepTimingReport]
+    write_seconds: float | None
 
 PlanLike = Mapping[str, Any] | str | os.PathLike[str]
 

@@ -55,6 +55,17 @@ class RunResult(dict[str, Any]):
         return list(self["factorizations"])
 
     @property
+    def timings(self) -> list[_core.StepTimingReport]:
+        """Seconds each transform took, in order (``index``, ``transform``, ``seconds``); the
+        output's write is ``write_seconds``."""
+        return list(self["timings"])
+
+    @property
+    def write_seconds(self) -> float | None:
+        """Seconds writing the output took (None without an output)."""
+        return self["write_seconds"]
+
+    @property
     def bytes_written(self) -> int:
         """Bytes of the files written (as they are on disk now)."""
         return sum(os.path.getsize(p) for p in self["written"] if os.path.isfile(p))
@@ -68,6 +79,12 @@ class RunResult(dict[str, Any]):
                 lines.append(f"    … {len(self['written']) - 10} more")
         if self.tensors is not None:
             lines.append(f"  result: {len(self.tensors)} tensors of `{self.tensors.alias}` (result.tensors)")
+        if self["write_seconds"] is not None:
+            lines.append(f"  output written in {self['write_seconds']:.2f} s")
+        slowest = sorted(self["timings"], key=lambda t: -t["seconds"])[:3]
+        if slowest and slowest[0]["seconds"] >= 0.01:
+            steps = ", ".join(f"transforms[{t['index']}] {t['transform']} {t['seconds']:.2f} s" for t in slowest)
+            lines.append(f"  slowest: {steps}")
         for f in self["factorizations"][:10]:
             lines.append(
                 f"  {f['op']} {f['tensor']}: rank {f['rank']}, energy {f['energy']:.4f}, "

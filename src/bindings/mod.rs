@@ -482,6 +482,16 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     dict.set_item("peak_memory_estimate", report.peak_memory_estimate)?;
     dict.set_item("materialized_bytes", report.materialized_bytes)?;
     let factorizations = factorizations_to_list(py, &report.factorizations)?;
+    let timings = PyList::empty(py);
+    for t in &report.timings {
+        let entry = PyDict::new(py);
+        entry.set_item("index", t.index)?;
+        entry.set_item("transform", &t.name)?;
+        entry.set_item("seconds", t.seconds)?;
+        timings.append(entry)?;
+    }
+    dict.set_item("timings", timings)?;
+    dict.set_item("write_seconds", report.write_seconds)?;
     dict.set_item("factorizations", factorizations)?;
     Ok(dict)
 }

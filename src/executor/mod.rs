@@ -77,6 +77,10 @@ pub struct Report {
     pub added: usize,
     /// Tensors factorized (`phlora`, `extract_lora`): rank, energy kept, relative error.
     pub factorizations: Vec<crate::transforms::lowrank::Factorization>,
+    /// Seconds each transform took (in a run; a check's are of the symbolic pass).
+    pub timings: Vec<crate::transforms::StepTiming>,
+    /// Seconds writing the output took (none for a check or a plan without output).
+    pub write_seconds: Option<f64>,
 }
 
 /// A parsed, loaded plan ready to check or run.
@@ -240,6 +244,7 @@ impl Prepared {
             written: ctx.written,
             notices: ctx.notices,
             factorizations: ctx.factorizations,
+            timings: ctx.timings,
             ..Report::default()
         };
         report.alias = alias;
@@ -322,12 +327,15 @@ impl Prepared {
         let state = self.execute(&mut ctx)?;
         // Written before the report is built, so the writer's layout and the report's per-tensor
         // summaries are not held at once.
+        let started = std::time::Instant::now();
         let files = match self.output_alias(&state)? {
-            Some(alias) => self.write(&state, &alias, options)?,
-            None => Vec::new(),
+            Some(alias) => Some(self.write(&state, &alias, options)?),
+            None => None,
         };
+        let write_seconds = files.as_ref().map(|_| started.elapsed().as_secs_f64());
         let mut report = self.report(&state, ctx)?;
-        report.written.extend(files);
+        report.written.extend(files.unwrap_or_default());
+        report.write_seconds = write_seconds;
         Ok((report, state))
     }
 

@@ -94,6 +94,22 @@ pub struct Context {
     /// The most bytes one step needs at once for work done while it runs (a factorization's
     /// matrix and workspace), for the check's peak memory estimate.
     pub workspace: usize,
+    /// Seconds each top-level transform took, in order (nested plans' steps count in their
+    /// `execute`): what a run reports so a user sees where the time went.
+    pub timings: Vec<StepTiming>,
+    /// How deep [`run_steps`] calls are nested (`execute`), so only top-level steps are timed.
+    depth: usize,
+}
+
+/// How long one transform of a plan took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTiming {
+    /// Its index in the plan's transforms (within the run or session entry).
+    pub index: usize,
+    /// The transform's name.
+    pub name: String,
+    /// Wall-clock seconds.
+    pub seconds: f64,
 }
 
 /// Most transforms one run executes. Each may stack one lazy operation on a tensor, and reading
@@ -118,6 +134,8 @@ impl Context {
             steps_run: 0,
             factorizations: Vec::new(),
             workspace: 0,
+            timings: Vec::new(),
+            depth: 0,
         }
     }
 
@@ -312,7 +330,15 @@ pub struct StepFailure {
 /// `steps` in order, stopping at the first failure or `exit`, and before each step when the run
 /// was interrupted.
 pub fn run_steps(steps: &[Step], state: &mut State, ctx: &mut Context) -> Result<Flow, StepFailure> {
+    ctx.depth += 1;
+    let flow = run_steps_at_depth(steps, state, ctx);
+    ctx.depth -= 1;
+    flow
+}
+
+fn run_steps_at_depth(steps: &[Step], state: &mut State, ctx: &mut Context) -> Result<Flow, StepFailure> {
     for (index, step) in steps.iter().enumerate() {
+        let started = std::time::Instant::now();
         ctx.steps_run += 1;
         let result = if ctx.cancelled() {
             Err(StepError::Cancelled)
@@ -324,6 +350,13 @@ pub fn run_steps(steps: &[Step], state: &mut State, ctx: &mut Context) -> Result
         } else {
             step.transform.apply(state, ctx)
         };
+        if ctx.depth == 1 {
+            ctx.timings.push(StepTiming {
+                index,
+                name: step.name.clone(),
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
         match result {
             Ok(Flow::Continue) => {}
             Ok(Flow::Exit) => return Ok(Flow::Exit),
