@@ -115,6 +115,13 @@ pub fn try_filled<T: Clone>(op: &'static str, len: usize, fill: T) -> Result<Vec
 pub trait Bytes: Send + Sync + std::fmt::Debug {
     /// The bytes, little-endian, row-major.
     fn bytes(&self) -> &[u8];
+
+    /// Whether the memory is the host's own, lent to the engine (an array handed in from
+    /// Python): a view of it may be handed back. The engine's own bytes are copied out instead,
+    /// since a consumer that ignores read-only flags (torch through DLPack) could change them.
+    fn lent_by_host(&self) -> bool {
+        false
+    }
 }
 
 impl Bytes for Vec<u8> {

@@ -4,6 +4,7 @@ result object."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -159,7 +160,10 @@ class _ProgressBar:
             return None
         try:
             # By name: tqdm is an optional extra, with or without its type stubs installed.
-            tqdm = importlib.import_module("tqdm.auto").tqdm
+            # tqdm.auto is a widget in notebooks, but warns and falls back when ipywidgets is
+            # missing: then the text bar directly.
+            widgets = importlib.util.find_spec("ipywidgets") is not None
+            tqdm = importlib.import_module("tqdm.auto" if widgets else "tqdm.std").tqdm
         except ImportError:
             if progress:
                 raise ImportError("progress=True needs tqdm: pip install tqdm") from None

@@ -75,8 +75,10 @@ class Session(MutableMapping[str, "np.ndarray"]):
         return result
 
     def check(self, alias: str | None = None) -> _core.Report:
-        """What saving ``alias`` (default: the default alias) would write: tensors, bytes and
-        the memory it would take. Reads no tensor data."""
+        """What saving ``alias`` (default: the default alias, or the only one) would write:
+        tensors, bytes and the memory it would take. Reads no tensor data."""
+        if alias is None and self._core.default_alias is None and len(self.aliases) == 1:
+            alias = self.aliases[0]
         return self._core.check(alias)
 
     def save(
@@ -90,7 +92,9 @@ class Session(MutableMapping[str, "np.ndarray"]):
     ) -> list[str]:
         """Write an alias (default: the default alias) atomically, as a plan's ``save`` does;
         returns the files written. Recorded in :attr:`plan`."""
-        alias = alias if alias is not None else self._core.default_alias
+        if alias is None:
+            aliases = self.aliases
+            alias = self._core.default_alias or (aliases[0] if len(aliases) == 1 else None)
         if alias is None:
             raise _core.PlanError(f"the session has several aliases ({', '.join(self.aliases)}); say which to save")
         payload: dict[str, Any] = {"path": os.path.abspath(os.fspath(path)), "alias": alias}
@@ -105,7 +109,8 @@ class Session(MutableMapping[str, "np.ndarray"]):
     @property
     def plan(self) -> dict[str, Any]:
         """The plan of everything applied so far (inputs with absolute paths, transforms, saves),
-        as a dict: ``brainsurgery.run(s.plan)`` replays it and writes the same bytes. Refused
+        as a dict: ``brainsurgery.run(s.plan)`` replays it; the last save writes the same bytes
+        (an earlier one the same tensors, its recorded plan hash aside). Refused
         (``PlanError``) once an array was handed in, since no plan can hold its values: save
         those with ``brainsurgery.save`` and ``load`` them instead."""
         return self._core.plan()
@@ -117,10 +122,11 @@ class Session(MutableMapping[str, "np.ndarray"]):
         return make_array(buffer, dtype, shape, strides, key)
 
     def __setitem__(self, key: str, array: Any) -> None:
-        """Hand in an array as tensor ``key`` (``alias::name``; a new alias is created). The
+        """Hand in an array as tensor ``key`` (``alias::name``; a new alias is created). A NumPy
         array is borrowed, not copied: the session keeps a reference and reads it when a
         transform or a save needs it, so change it afterwards only if the session should see
-        the change."""
+        the change. A torch (DLPack) tensor is copied once: torch can free the memory it
+        exported while the session still holds it."""
         self._core.set(key, array)
 
     def __delitem__(self, key: str) -> None:

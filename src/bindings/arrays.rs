@@ -158,6 +158,10 @@ impl std::fmt::Debug for Borrowed {
 }
 
 impl Bytes for Borrowed {
+    fn lent_by_host(&self) -> bool {
+        true
+    }
+
     fn bytes(&self) -> &[u8] {
         if self.len == 0 {
             // An empty array's data pointer may be null or dangling.
@@ -311,6 +315,20 @@ fn cpu_only(device: DLDevice, obj: &Bound<'_, PyAny>) -> PyResult<()> {
 }
 
 fn borrow_dlpack(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, BorrowInfo)> {
+    // torch exports the memory of a tensor with a lazy conjugate or negative bit as it is stored,
+    // without the bit (`z.conj()` would be saved unconjugated): resolved first, a copy.
+    let lazy_bit = |name: &str| -> PyResult<bool> {
+        match obj.getattr(name) {
+            Ok(method) => method.call0()?.is_truthy(),
+            Err(_) => Ok(false),
+        }
+    };
+    if lazy_bit("is_conj")? || lazy_bit("is_neg")? {
+        let resolved = obj.call_method0("resolve_conj")?.call_method0("resolve_neg")?;
+        let (tensor, mut info) = borrow_dlpack(&resolved)?;
+        info.copied = true;
+        return Ok((tensor, info));
+    }
     let request = ImportRequest::new(obj.as_borrowed())?;
     check_cpu(&request, obj)?;
     let imported = request.import(None, None)?;
@@ -444,11 +462,13 @@ pub(crate) fn dlpack<'py>(
     let strides: Vec<i64> = source
         .strides()
         .iter()
-        .map(|&s| if s % size == 0 { Ok((s / size) as i64) } else { Err(()) })
+        .map(|&s| if s % size == 0 && s >= 0 { Ok((s / size) as i64) } else { Err(()) })
         .collect::<Result<_, _>>()
         .map_err(|()| {
+            // Negative strides (`a[::-1]`) are refused too: torch computes a storage size from
+            // them and fails ("Storage size calculation overflowed"), as NumPy's own export does.
             PyBufferError::new_err(
-                "DLPack needs strides that are whole elements; copy the array with numpy.ascontiguousarray first",
+                "DLPack export needs non-negative strides that are whole elements; copy the array with numpy.ascontiguousarray first",
             )
         })?;
     // SAFETY: `source` is a live NumPy array; its fields are read with the GIL held.
@@ -497,4 +517,25 @@ pub(crate) fn dlpack<'py>(
         let managed: Managed<DLManagedTensor> = unsafe { init.finish() };
         Ok(managed.into_pyobject(py)?)
     }
+}
+
+/// [`borrow_array_info`] for a tensor kept past the call (a session): DLPack imports are copied.
+/// torch can free the memory of a tensor it exported while the export lives (`resize_`, FSDP
+/// freeing a parameter's storage), which NumPy's reference checks prevent for its arrays; a
+/// session may read the tensor at any later time, so it keeps its own copy. `bs.save` reads them
+/// in place during the call.
+pub(crate) fn keep_array(obj: &Bound<'_, PyAny>) -> PyResult<Tensor> {
+    let (tensor, info) = borrow_array_info(obj)?;
+    if info.via != "dlpack" || info.copied {
+        return Ok(tensor);
+    }
+    let crate::value::Value::Memory(bytes) = &*tensor.value else {
+        return Ok(tensor);
+    };
+    let mut owned = Vec::new();
+    owned
+        .try_reserve_exact(bytes.bytes().len())
+        .map_err(|_| pyo3::exceptions::PyMemoryError::new_err("no memory to copy the tensor handed in"))?;
+    owned.extend_from_slice(bytes.bytes());
+    Ok(Tensor::in_memory(tensor.dtype, tensor.shape.clone(), Arc::new(owned)))
 }

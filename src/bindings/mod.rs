@@ -448,7 +448,24 @@ fn plan_document<'py>(
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
     // Files are read with the GIL released, as `run` reads them.
-    let doc = detached(py, move |_| crate::plan::assemble(&sources, &overrides))?.map_err(errors::plan_error)?;
+    // Relative `execute` paths resolve against the first plan file's folder when it runs from
+    // the file; made absolute, the document runs the same from data (`Plan.from_yaml(path)`).
+    let files: Vec<std::path::PathBuf> = sources
+        .iter()
+        .filter_map(|s| match s {
+            PlanSource::File(path) => Some(path.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut doc = detached(py, move |_| crate::plan::assemble(&sources, &overrides))?.map_err(errors::plan_error)?;
+    let base = crate::transforms::ParseScope::of_plan(&files)
+        .base_dir()
+        .map(|p| p.to_path_buf());
+    if let (Some(base), Some(Value::Array(items))) = (base, doc.get_mut("transforms")) {
+        for item in items {
+            crate::executor::session::absolute_paths(item, Some(&base), true);
+        }
+    }
     from_value(py, &doc)
 }
 

@@ -14,7 +14,7 @@ use pyo3::types::{PyDict, PyString};
 use serde_json::Value;
 
 use super::{
-    detached_on, errors, factorizations_to_list, prepare, to_sources, to_value, utf8, PyTensorBuffer, Threads,
+    detached, detached_on, errors, factorizations_to_list, prepare, to_sources, to_value, utf8, PyTensorBuffer, Threads,
 };
 use crate::error::Error;
 use crate::executor::session::{Applied, Session};
@@ -84,7 +84,7 @@ type ArrayParts = (Py<PyAny>, String, Vec<usize>, Option<Vec<usize>>);
 
 /// One tensor as [`ArrayParts`]: a view of the mapped input file when its value is still the
 /// stored bytes, else computed (with the GIL released, Ctrl-C stopping it) into an owned buffer.
-fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps, cancel: &Arc<AtomicBool>) -> PyResult<ArrayParts> {
+fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps) -> PyResult<ArrayParts> {
     let dtype = tensor.dtype.name().to_owned();
     let shape = tensor.shape.clone();
     if let TensorValue::Stored { file, offset } = &*tensor.value {
@@ -100,15 +100,16 @@ fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps, cancel: &Arc<Atomic
         // The file shrank since it was opened: computing reads it and says so.
     }
     if let TensorValue::Memory(bytes) = &*tensor.value {
-        // Already in memory (an array handed in, a computed product): shared, not copied.
-        if bytes.bytes().len() == tensor.nbytes() {
+        // An array handed in: its own memory is handed back. The engine's own bytes (a computed
+        // product) are copied below, so nothing outside can change the session's state.
+        if bytes.lent_by_host() && bytes.bytes().len() == tensor.nbytes() {
             let buffer = PyComputedBuffer { bytes: bytes.clone() };
             return Ok((Py::new(py, buffer)?.into_any(), dtype, shape, None));
         }
     }
     let tensor = tensor.clone();
-    let cancel = cancel.clone();
-    let bytes = detached_on(py, cancel.clone(), move |_| -> Result<Vec<u8>, Error> {
+    // A fresh flag per read: a Ctrl-C stops this read only, not later ones.
+    let bytes = detached(py, move |cancel| -> Result<Vec<u8>, Error> {
         let len = tensor.nbytes();
         let mut bytes = Vec::new();
         bytes.try_reserve_exact(len).map_err(|_| {
@@ -119,7 +120,13 @@ fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps, cancel: &Arc<Atomic
         })?;
         bytes.resize(len, 0);
         let mut cx = ReadContext::cancellable(cancel);
-        tensor.read_bytes(0, &mut bytes, &mut cx).map_err(Error::Value)?;
+        // In chunks, so Ctrl-C stops a large read within one chunk.
+        for (start, end) in crate::value::chunks(len) {
+            cx.check().map_err(Error::Value)?;
+            tensor
+                .read_bytes(start, &mut bytes[start..end], &mut cx)
+                .map_err(Error::Value)?;
+        }
         Ok(bytes)
     })?
     .map_err(|e| errors::to_py(py, e))?;
@@ -265,8 +272,13 @@ impl PySession {
         };
         let mut guard = self.lock()?;
         let session = guard.as_mut().expect("lock() checked the session is open");
-        let applied = detached_on(py, self.cancel.clone(), move |_| session.apply(&value))?;
+        let applied = detached_on(py, self.cancel.clone(), move |_| session.apply(&value));
+        // A Ctrl-C that came after the block's last check leaves the flag set: cleared, so it
+        // does not cancel the next call. (The block then is applied and KeyboardInterrupt is
+        // raised all the same.)
+        self.cancel.store(false, std::sync::atomic::Ordering::Relaxed);
         drop(guard);
+        let applied = applied?;
         let applied = applied.map_err(|e| errors::to_py(py, e))?;
         applied_to_dict(py, &applied)
     }
@@ -277,7 +289,7 @@ impl PySession {
         let mut guard = self.lock()?;
         let tensor = with_session(&mut guard, |s| lookup(s.state(), key).cloned())?;
         drop(guard);
-        array_parts(py, &tensor, &self.maps, &self.cancel)
+        array_parts(py, &tensor, &self.maps)
     }
 
     /// `(dtype, shape)` of a tensor, without reading it.
@@ -290,7 +302,7 @@ impl PySession {
 
     /// Puts an array handed in from Python (borrowed, not copied) under `key`.
     fn set(&self, key: &str, array: &Bound<'_, PyAny>) -> PyResult<()> {
-        let tensor = super::arrays::borrow_array(array)?;
+        let tensor = super::arrays::keep_array(array)?;
         let mut guard = self.lock()?;
         with_session(&mut guard, |s| {
             let (alias, name) = split_key(key, s.state().default_alias.as_deref()).ok_or_else(|| {
@@ -301,10 +313,12 @@ impl PySession {
                     ),
                 })
             })?;
-            if name.is_empty() || alias.is_empty() {
+            if name.is_empty() || !crate::plan::valid_alias(&alias) {
                 return Err(errors::plan_error(PlanError::Syntax {
                     origin: "session".to_owned(),
-                    message: format!("`{key}` is not `alias::name`"),
+                    message: format!(
+                        "`{key}` is not `alias::name` with a valid alias (a letter or `_`, then letters, digits, `_`, `-` or `.`, as in a plan)"
+                    ),
                 }));
             }
             s.set(&alias, &name, tensor);
@@ -419,7 +433,6 @@ pub(super) struct PyTensors {
     state: State,
     alias: String,
     maps: Maps,
-    cancel: Arc<AtomicBool>,
 }
 
 impl PyTensors {
@@ -428,7 +441,6 @@ impl PyTensors {
             state,
             alias,
             maps: Maps::default(),
-            cancel: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -485,6 +497,6 @@ impl PyTensors {
     /// unchanged, computed now otherwise.
     fn get(&self, py: Python<'_>, name: &str) -> PyResult<ArrayParts> {
         let tensor = self.tensor(name)?.clone();
-        array_parts(py, &tensor, &self.maps, &self.cancel)
+        array_parts(py, &tensor, &self.maps)
     }
 }

@@ -4,6 +4,7 @@
 //! replaces the state, so a failing block leaves the session exactly as it was before it.
 //! Reading lines, completion and printing are the prompt's business.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -136,7 +137,12 @@ impl Session {
         );
         let mut document = self.document.clone();
         if let Some(Value::Array(transforms)) = document.get_mut("transforms") {
-            transforms.extend(items.iter().map(|item| (*item).clone()));
+            let base = self.scope.base_dir().map(Path::to_path_buf);
+            transforms.extend(items.iter().map(|item| {
+                let mut item = (*item).clone();
+                absolute_paths(&mut item, base.as_deref(), false);
+                item
+            }));
         }
         let plan_sha256 = self.handed_in.is_empty().then(|| document_sha256(&document, &nested));
         let run = |evaluate: bool| -> Result<(State, Context, bool), Error> {
@@ -235,16 +241,64 @@ fn document_of(prepared: &Prepared) -> Value {
             Value::String(format!("{}::{}", input.alias, path.display()))
         })
         .collect();
+    let base = ParseScope::of_plan(&prepared.plan.files)
+        .base_dir()
+        .map(Path::to_path_buf);
     let transforms = prepared
         .plan
         .transforms
         .iter()
-        .map(|raw| match &raw.payload {
-            Value::Null => Value::String(raw.name.clone()),
-            payload => serde_json::json!({ raw.name.clone(): payload }),
+        .map(|raw| {
+            let mut item = match &raw.payload {
+                Value::Null => Value::String(raw.name.clone()),
+                payload => serde_json::json!({ raw.name.clone(): payload }),
+            };
+            absolute_paths(&mut item, base.as_deref(), false);
+            item
         })
         .collect();
     serde_json::json!({ "inputs": Value::Array(inputs), "transforms": Value::Array(transforms) })
+}
+
+/// Makes the relative paths of a transform absolute as they resolved when it ran, so the
+/// session's plan replays from any folder: `load` and `save` paths against the working
+/// directory, `execute` plan files against `execute_base` (the plan's folder, else the working
+/// directory); nested transforms (`execute: {transforms}` or `{plan}`) likewise. With
+/// `execute_only`, only `execute` paths: those resolve differently in a plan file (against its
+/// folder) and in a plan given as data (against the working directory).
+pub fn absolute_paths(item: &mut Value, execute_base: Option<&Path>, execute_only: bool) {
+    let Value::Object(map) = item else {
+        return;
+    };
+    for (name, payload) in map.iter_mut() {
+        let Value::Object(payload) = payload else {
+            continue;
+        };
+        if let Some(Value::String(path)) = payload.get_mut("path") {
+            let given = Path::new(path.as_str());
+            let resolved = match (name.as_str(), execute_base) {
+                _ if given.is_absolute() => None,
+                ("execute", Some(base)) => Some(base.join(given)),
+                ("execute", None) => std::path::absolute(given).ok(),
+                ("load" | "save", _) if !execute_only => std::path::absolute(given).ok(),
+                _ => None,
+            };
+            if let Some(resolved) = resolved {
+                *path = resolved.display().to_string();
+            }
+        }
+        if name == "execute" {
+            let nested = match payload.get_mut("plan") {
+                Some(Value::Object(plan)) => plan.get_mut("transforms"),
+                _ => payload.get_mut("transforms"),
+            };
+            if let Some(Value::Array(items)) = nested {
+                items
+                    .iter_mut()
+                    .for_each(|item| absolute_paths(item, execute_base, execute_only));
+            }
+        }
+    }
 }
 
 /// The plan hash of a session document, as [`super::Prepared::new`] computes it for the same
