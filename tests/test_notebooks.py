@@ -87,6 +87,12 @@ def raw_safetensors(path: Path) -> dict[str, np.ndarray]:
     }
 
 
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
 def test_every_notebook_is_tested() -> None:
     tested = {"01_inspect_and_edit", "02_upcycle_moe", "03_lora_extract_and_merge"}
     assert {p.stem for p in NOTEBOOKS.glob("*.ipynb")} == tested
@@ -109,9 +115,20 @@ def test_inspect_and_edit(tmp_path: Path, kernel_dir: Path, monkeypatch: pytest.
     (shown,) = [o for o in outputs(nb, "inspect-repr") if o.output_type == "execute_result"]
     assert "model.layers.[0-3].self_attn.q_proj.weight" in shown.data["text/html"]
     assert "KeyError:" in text and '"model.layers.0.self_attn.q_proj.weight"' in text
-    assert "AssertionFailed:" in text and not (tmp_path / "out" / "never-written.safetensors").exists()
+    # The session: the failed block named the head, the plan replayed to the same bytes, and the
+    # plan was refused once an array had been handed in.
+    assert "AssertionFailed:" in text and "`m::lm_head.weight`" in text
+    assert "replay is byte-identical: True" in text
+    assert "PlanError:" in text and "handed in" in text
+    assert "borrowed, not copied: True" in text
+    saved, replayed = tmp_path / "out" / "session.safetensors", tmp_path / "out" / "tiny-llama-bf16.safetensors"
+    assert saved.read_bytes() == replayed.read_bytes()
 
+    # The input, written by bs.save: float32 as given, safetensors' `format: pt` metadata.
     source = load_file(str(tmp_path / "tiny-llama.safetensors"))
+    assert len(source) == 39 and all(v.dtype == np.float32 for v in source.values())
+    np.testing.assert_array_equal(source["model.layers.3.input_layernorm.weight"], np.ones(32, np.float32))
+    assert safetensors_metadata(tmp_path / "tiny-llama.safetensors")["format"] == "pt"
     written = raw_safetensors(tmp_path / "out" / "tiny-llama-bf16.safetensors")
     expected = {re.sub(r"^model\.layers\.", "layers.", k): v for k, v in source.items() if k != "lm_head.weight"}
     assert sorted(written) == sorted(expected)
@@ -127,6 +144,8 @@ def test_upcycle_moe(tmp_path: Path, kernel_dir: Path, monkeypatch: pytest.Monke
     assert number(text, "max |logits difference| dense vs MoE:") < 1e-5
     assert number(text, "max |logits difference| with a random router:") < 1e-5
     assert "same next-token predictions: True" in text
+    # The experts of result.tensors are views of the dense file's bytes, not copies.
+    assert "the 4 experts' w1 share one memory: True" in text
     plots = [o for o in outputs(nb, "upcycle-norms-plot") if "image/png" in o.get("data", {})]
     assert plots, "the norm plot was not drawn"
 
@@ -153,6 +172,9 @@ def test_lora_extract_and_merge(tmp_path: Path, kernel_dir: Path, monkeypatch: p
     assert number(text, "rank  4: relative error max") > 0.3
     assert number(text, "rank  8: relative error max") < 0.02
     assert number(text, "largest |measured - reported| error:") < 1e-4
+    # The RunResult repr lists the factorizations the run reported.
+    (shown,) = [o for o in outputs(nb, "lora-05") if o.output_type == "execute_result"]
+    assert "extract_lora ft::model.layers.0.self_attn.q_proj.weight: rank 8" in shown.data["text/plain"]
     plots = [o for o in outputs(nb, "lora-spectrum-plot") if "image/png" in o.get("data", {})]
     assert plots, "the spectrum plot was not drawn"
 
