@@ -93,7 +93,23 @@ def make_array(
         raise _no_view_error(message, name, path) from e
 
 
-class Checkpoint(Mapping[str, "np.ndarray"]):
+class CoreKeys:
+    """Iteration, length and membership of a mapping whose keys the engine object ``_core``
+    holds (a checkpoint, a session, a run's tensors)."""
+
+    _core: Any
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._core.keys())
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._core
+
+
+class Checkpoint(CoreKeys, Mapping[str, "np.ndarray"]):
     """A checkpoint opened lazily: a read-only mapping from tensor names to NumPy arrays.
 
     Only headers are read when it is opened. Indexing returns a read-only :class:`brainsurgery.Array`
@@ -111,15 +127,6 @@ class Checkpoint(Mapping[str, "np.ndarray"]):
         dtype, shape = self._core.info(name)
         strides = self._core.strides(name)
         return make_array(self._core.buffer(name), dtype, shape, strides, name, self.path)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._core.keys())
-
-    def __len__(self) -> int:
-        return len(self._core)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._core
 
     def get(self, name: str, default: Any = None) -> Any:
         # Membership first: a miss through __getitem__ would compute close-match suggestions.

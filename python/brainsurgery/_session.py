@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from brainsurgery import _core
-from brainsurgery._checkpoint import make_array
+from brainsurgery._checkpoint import CoreKeys, make_array
 
 if TYPE_CHECKING:
     import numpy as np
@@ -25,7 +25,7 @@ def _show(result: Mapping[str, Any], quiet: bool) -> None:
             print(text)
 
 
-class Session(MutableMapping[str, "np.ndarray"]):
+class Session(CoreKeys, MutableMapping[str, "np.ndarray"]):
     """A checkpoint being edited interactively: transforms run through the same engine as a plan.
 
     >>> s = Session(inputs={"m": "model.safetensors"})  # doctest: +SKIP
@@ -137,15 +137,6 @@ class Session(MutableMapping[str, "np.ndarray"]):
         target = f"{alias}::{re.escape(name)}" if sep else re.escape(key)
         self.apply({"delete": {"target": target}})
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._core.keys())
-
-    def __len__(self) -> int:
-        return len(self._core)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in self._core
-
     def info(self, key: str) -> tuple[str, list[int]]:
         """``(dtype, shape)`` of a tensor, without reading it."""
         return self._core.info(key)
@@ -178,7 +169,7 @@ class Session(MutableMapping[str, "np.ndarray"]):
         return f"<brainsurgery.Session: {len(self)} tensors in {', '.join(self.aliases) or 'no aliases'}>"
 
 
-class Tensors(Mapping[str, "np.ndarray"]):
+class Tensors(CoreKeys, Mapping[str, "np.ndarray"]):
     """The tensors a plan without an output leaves (``run(plan).tensors``): read-only arrays,
     views of the input files where a tensor is unchanged, computed on access otherwise."""
 
@@ -193,15 +184,6 @@ class Tensors(Mapping[str, "np.ndarray"]):
     def __getitem__(self, name: str) -> np.ndarray:
         buffer, dtype, shape, strides = self._core.get(name)
         return make_array(buffer, dtype, shape, strides, name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._core.keys())
-
-    def __len__(self) -> int:
-        return len(self._core)
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._core
 
     def info(self, name: str) -> tuple[str, list[int]]:
         """``(dtype, shape)`` of a tensor, without computing it."""

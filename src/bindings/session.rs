@@ -142,15 +142,19 @@ fn split_key(key: &str, default: Option<&str>) -> Option<(String, String)> {
     }
 }
 
+/// `alias::name` of every tensor of a state, aliases in order, tensors in their order.
+fn qualified_names(state: &State) -> impl Iterator<Item = String> + '_ {
+    state
+        .alias_names()
+        .into_iter()
+        .filter_map(move |a| state.alias(&a).map(|t| (a, t)))
+        .flat_map(|(a, t)| t.iter().map(move |(n, _)| format!("{a}::{n}")))
+}
+
 /// The `KeyError` for a key the state lacks: with the closest keys there are.
 fn missing(state: &State, key: &str) -> PyErr {
-    let keys: Vec<String> = state
-        .alias_names()
-        .iter()
-        .filter_map(|a| state.alias(a).map(|s| (a, s)))
-        .flat_map(|(a, s)| s.iter().map(move |(n, _)| format!("{a}::{n}")))
-        .take(20_000)
-        .collect();
+    // Edit distances cost O(names × length²): past 20,000 names only the first are compared.
+    let keys: Vec<String> = qualified_names(state).take(20_000).collect();
     let close = crate::references::closest_names(key, keys.iter().map(String::as_str), 3);
     if close.is_empty() {
         return PyKeyError::new_err(key.to_owned());
@@ -329,15 +333,7 @@ impl PySession {
     /// `alias::name` of every tensor, aliases in order, tensors in their order.
     fn keys(&self) -> PyResult<Vec<String>> {
         let mut guard = self.lock()?;
-        Ok(with_session(&mut guard, |s| {
-            let state = s.state();
-            state
-                .alias_names()
-                .iter()
-                .filter_map(|a| state.alias(a).map(|t| (a, t)))
-                .flat_map(|(a, t)| t.iter().map(move |(n, _)| format!("{a}::{n}")))
-                .collect()
-        }))
+        Ok(with_session(&mut guard, |s| qualified_names(s.state()).collect()))
     }
 
     fn __len__(&self) -> PyResult<usize> {
