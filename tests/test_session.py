@@ -448,6 +448,9 @@ def test_ctrl_c_during_a_read_cancels_only_that_read(model: Path) -> None:
         s["m::big"]
         time.sleep(5)  # the read finished first: the interrupt lands here
     timer.join()
+    # The tensor reads whole afterwards (a cancelled read leaves nothing behind).
+    big = s["m::big"]
+    assert big.shape == (8192, 8192) and not big.any()
     # The next reads and applies are not cancelled by the earlier Ctrl-C.
     np.testing.assert_array_equal(s["m::h.1.norm.weight"], np.full(4, 2.0, np.float32))
     s.apply({"scale_": {"target": "m::h.1.norm.weight", "by": 3}})
@@ -501,3 +504,88 @@ def test_an_empty_session_filled_from_python_saves_its_only_alias(tmp_path: Path
     out = tmp_path / "o.safetensors"
     s.save(out)
     np.testing.assert_array_equal(load_file(str(out))["w"], np.arange(4, dtype=np.float32))
+
+
+def test_computed_tensors_larger_than_a_chunk_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "big.safetensors"
+    values = np.arange(3 * 2**18 + 5, dtype=np.float32)  # 3 MiB and a bit: four read chunks
+    bs.save({"w": values}, path)
+    s = bs.Session(inputs={"m": str(path)})
+    s.apply({"scale_": {"target": "m::w", "by": 2}})
+    np.testing.assert_array_equal(s["m::w"], values * 2)
+    result = bs.run({"inputs": [str(path)], "transforms": [{"scale_": {"target": "w", "by": 3}}]}, quiet=True)
+    assert result.tensors is not None
+    np.testing.assert_array_equal(result.tensors["w"], values * 3)
+
+
+def test_copies_the_engine_made_are_not_handed_back_as_the_callers(model: Path) -> None:
+    torch = pytest.importorskip("torch")
+    s = bs.Session(inputs={"m": str(model)})
+    transposed = np.arange(6, dtype=np.float32).reshape(2, 3).T  # copied in (non-contiguous)
+    big_endian = np.arange(3, dtype=">f4")  # copied in (byte order)
+    s["m::t"] = transposed
+    s["m::b"] = big_endian
+    for key, expected in (("m::t", transposed), ("m::b", np.arange(3, dtype=np.float32))):
+        torch.from_dlpack(s[key]).mul_(0)
+        np.testing.assert_array_equal(s[key], expected)
+
+
+def test_an_object_that_keeps_its_lazy_bit_cannot_loop(tmp_path: Path) -> None:
+    class Stubborn:
+        def __init__(self) -> None:
+            self.array = np.arange(3, dtype=np.float32)
+
+        def is_conj(self) -> bool:
+            return True
+
+        def resolve_conj(self) -> "Stubborn":
+            return self
+
+        def resolve_neg(self) -> "Stubborn":
+            return self
+
+        def __dlpack__(self, **kwargs: object) -> object:
+            return self.array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self) -> tuple[int, int]:
+            return (1, 0)
+
+    out = tmp_path / "o.safetensors"
+    bs.save({"x": Stubborn()}, out)
+    np.testing.assert_array_equal(bs.open(out)["x"], np.arange(3, dtype=np.float32))
+
+    class NotCallable:
+        is_conj = False
+
+        def __init__(self) -> None:
+            self.array = np.arange(2, dtype=np.float32)
+
+        def __dlpack__(self, **kwargs: object) -> object:
+            return self.array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self) -> tuple[int, int]:
+            return (1, 0)
+
+    bs.save({"y": NotCallable()}, out)
+    np.testing.assert_array_equal(bs.open(out)["y"], np.arange(2, dtype=np.float32))
+
+
+def test_nested_plans_and_adapters_replay_from_another_folder(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = bs.Session(inputs={"m": "m.safetensors"})
+    s.apply({"execute": {"plan": {"inputs": ["o::m.safetensors"], "transforms": [], "output": "nested.safetensors"}}})
+    s.save("top.safetensors")
+    plan = s.plan
+    nested = plan["transforms"][0]["execute"]["plan"]
+    assert nested["inputs"] == [f"o::{tmp_path / 'm.safetensors'}"]
+    assert nested["output"] == str(tmp_path / "nested.safetensors")
+    kept = (tmp_path / "top.safetensors").read_bytes()
+    (tmp_path / "top.safetensors").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    bs.run(plan, quiet=True)
+    assert (tmp_path / "top.safetensors").read_bytes() == kept
+    assert not list(elsewhere.iterdir())

@@ -133,6 +133,9 @@ enum Owner {
 struct Borrowed {
     ptr: *const u8,
     len: usize,
+    /// Whether the memory is the caller's own array (not a copy the engine made of it): only
+    /// then may a view of it be handed back.
+    lent: bool,
     /// `Some` until dropped.
     owner: Option<Owner>,
 }
@@ -159,7 +162,7 @@ impl std::fmt::Debug for Borrowed {
 
 impl Bytes for Borrowed {
     fn lent_by_host(&self) -> bool {
-        true
+        self.lent
     }
 
     fn bytes(&self) -> &[u8] {
@@ -275,6 +278,7 @@ fn borrow_numpy(array: &Bound<'_, PyUntypedArray>, copied: bool, via: &'static s
     let bytes = Borrowed {
         ptr: data,
         len,
+        lent: !copied,
         owner: Some(Owner::Python(array.clone().into_any().unbind())),
     };
     let info = BorrowInfo {
@@ -317,19 +321,25 @@ fn cpu_only(device: DLDevice, obj: &Bound<'_, PyAny>) -> PyResult<()> {
 fn borrow_dlpack(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, BorrowInfo)> {
     // torch exports the memory of a tensor with a lazy conjugate or negative bit as it is stored,
     // without the bit (`z.conj()` would be saved unconjugated): resolved first, a copy.
+    // Only callable `is_conj`/`is_neg` count (torch's methods); resolved once, then imported
+    // without looking again (an object whose resolution keeps the bit cannot loop).
     let lazy_bit = |name: &str| -> PyResult<bool> {
         match obj.getattr(name) {
-            Ok(method) => method.call0()?.is_truthy(),
-            Err(_) => Ok(false),
+            Ok(method) if method.is_callable() => method.call0()?.is_truthy(),
+            _ => Ok(false),
         }
     };
     if lazy_bit("is_conj")? || lazy_bit("is_neg")? {
         let resolved = obj.call_method0("resolve_conj")?.call_method0("resolve_neg")?;
-        let (tensor, mut info) = borrow_dlpack(&resolved)?;
-        info.copied = true;
-        return Ok((tensor, info));
+        return import_dlpack(obj, &resolved, true);
     }
-    let request = ImportRequest::new(obj.as_borrowed())?;
+    import_dlpack(obj, obj, false)
+}
+
+/// Imports `source` (`obj` itself, or its resolved copy when `resolved`: memory the engine then
+/// owns, never handed back as the caller's) through DLPack; `obj` names the object in messages.
+fn import_dlpack(obj: &Bound<'_, PyAny>, source: &Bound<'_, PyAny>, resolved: bool) -> PyResult<(Tensor, BorrowInfo)> {
+    let request = ImportRequest::new(source.as_borrowed())?;
     check_cpu(&request, obj)?;
     let imported = request.import(None, None)?;
     let invalid = |e: dlpark::tensor::Error| {
@@ -367,11 +377,12 @@ fn borrow_dlpack(obj: &Bound<'_, PyAny>) -> PyResult<(Tensor, BorrowInfo)> {
         let bytes = Borrowed {
             ptr: address as *const u8,
             len,
+            lent: !resolved,
             owner: Some(Owner::Dlpack(imported.into_deleter())),
         };
         let info = BorrowInfo {
             address,
-            copied: false,
+            copied: resolved,
             via: "dlpack",
         };
         return Ok((Tensor::in_memory(dtype, shape, Arc::new(bytes)), info));

@@ -121,10 +121,10 @@ fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps) -> PyResult<ArrayPa
         bytes.resize(len, 0);
         let mut cx = ReadContext::cancellable(cancel);
         // In chunks, so Ctrl-C stops a large read within one chunk.
-        for (start, end) in crate::value::chunks(len) {
+        for (start, n) in crate::value::chunks(len) {
             cx.check().map_err(Error::Value)?;
             tensor
-                .read_bytes(start, &mut bytes[start..end], &mut cx)
+                .read_bytes(start, &mut bytes[start..start + n], &mut cx)
                 .map_err(Error::Value)?;
         }
         Ok(bytes)

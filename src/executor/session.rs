@@ -261,11 +261,12 @@ fn document_of(prepared: &Prepared) -> Value {
 }
 
 /// Makes the relative paths of a transform absolute as they resolved when it ran, so the
-/// session's plan replays from any folder: `load` and `save` paths against the working
-/// directory, `execute` plan files against `execute_base` (the plan's folder, else the working
-/// directory); nested transforms (`execute: {transforms}` or `{plan}`) likewise. With
-/// `execute_only`, only `execute` paths: those resolve differently in a plan file (against its
-/// folder) and in a plan given as data (against the working directory).
+/// session's plan replays from any folder: the locations of [`crate::plan::LOCATION_KEYS`]
+/// (`load`, `save`, `extract_lora`, `merge_lora`) against the working directory, `execute` plan
+/// files against `execute_base` (the plan's folder, else the working directory); nested
+/// transforms (`execute: {transforms}`, or `{plan}` with its inputs and output) likewise. With
+/// `execute_only`, only `execute` plan files: those resolve differently in a plan file (against
+/// its folder) and in a plan given as data (against the working directory).
 pub fn absolute_paths(item: &mut Value, execute_base: Option<&Path>, execute_only: bool) {
     let Value::Object(map) = item else {
         return;
@@ -274,30 +275,81 @@ pub fn absolute_paths(item: &mut Value, execute_base: Option<&Path>, execute_onl
         let Value::Object(payload) = payload else {
             continue;
         };
-        if let Some(Value::String(path)) = payload.get_mut("path") {
-            let given = Path::new(path.as_str());
+        let key = crate::plan::location_key(name);
+        if let Some(Value::String(path)) = key.and_then(|k| payload.get_mut(k)) {
             let resolved = match (name.as_str(), execute_base) {
-                _ if given.is_absolute() => None,
-                ("execute", Some(base)) => Some(base.join(given)),
-                ("execute", None) => std::path::absolute(given).ok(),
-                ("load" | "save", _) if !execute_only => std::path::absolute(given).ok(),
+                _ if Path::new(path.as_str()).is_absolute() => None,
+                ("execute", Some(base)) => Some(base.join(path.as_str())),
+                ("execute", None) => std::path::absolute(path.as_str()).ok(),
+                _ if !execute_only => std::path::absolute(path.as_str()).ok(),
                 _ => None,
             };
             if let Some(resolved) = resolved {
                 *path = resolved.display().to_string();
             }
         }
-        if name == "execute" {
-            let nested = match payload.get_mut("plan") {
-                Some(Value::Object(plan)) => plan.get_mut("transforms"),
-                _ => payload.get_mut("transforms"),
-            };
-            if let Some(Value::Array(items)) = nested {
-                items
-                    .iter_mut()
-                    .for_each(|item| absolute_paths(item, execute_base, execute_only));
+        if name != "execute" {
+            continue;
+        }
+        let nested = match payload.get_mut("plan") {
+            Some(Value::Object(plan)) => {
+                if !execute_only {
+                    absolute_plan_locations(plan);
+                }
+                plan.get_mut("transforms")
+            }
+            _ => payload.get_mut("transforms"),
+        };
+        if let Some(Value::Array(items)) = nested {
+            items
+                .iter_mut()
+                .for_each(|item| absolute_paths(item, execute_base, execute_only));
+        }
+    }
+}
+
+/// The inputs and output of a nested plan (`execute: {plan}`) made absolute against the working
+/// directory, where they resolve.
+fn absolute_plan_locations(plan: &mut serde_json::Map<String, Value>) {
+    fn absolute(path: &mut String) {
+        if Path::new(path.as_str()).is_relative() {
+            if let Ok(resolved) = std::path::absolute(path.as_str()) {
+                *path = resolved.display().to_string();
             }
         }
+    }
+    fn input(text: &mut String) {
+        match text.split_once("::") {
+            Some((alias, path)) => {
+                let mut path = path.to_owned();
+                absolute(&mut path);
+                *text = format!("{alias}::{path}");
+            }
+            None => absolute(text),
+        }
+    }
+    match plan.get_mut("inputs") {
+        Some(Value::String(text)) => input(text),
+        Some(Value::Array(items)) => items.iter_mut().for_each(|item| {
+            if let Value::String(text) = item {
+                input(text);
+            }
+        }),
+        Some(Value::Object(map)) => map.values_mut().for_each(|v| {
+            if let Value::String(path) = v {
+                absolute(path);
+            }
+        }),
+        _ => {}
+    }
+    match plan.get_mut("output") {
+        Some(Value::String(path)) => absolute(path),
+        Some(Value::Object(output)) => {
+            if let Some(Value::String(path)) = output.get_mut("path") {
+                absolute(path);
+            }
+        }
+        _ => {}
     }
 }
 

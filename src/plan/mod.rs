@@ -389,9 +389,21 @@ fn canonical(value: &Value) -> Value {
 /// tells a single file from a directory and one format from another, but not where it is.
 pub const LOCATION_PLACEHOLDER: &str = "*";
 
-/// Transforms whose payload's string `path` is a file or directory location (not a structured
-/// reference's `path`, which is a list).
-const LOCATION_TRANSFORMS: &[&str] = &["save", "load", "execute"];
+/// The payload keys that name a file or directory location, by transform (not a structured
+/// reference's `path`, which is a list): taken out of the plan hash here, made absolute in a
+/// session's plan (`executor::session`).
+pub const LOCATION_KEYS: &[(&str, &str)] = &[
+    ("save", "path"),
+    ("load", "path"),
+    ("execute", "path"),
+    ("extract_lora", "path"),
+    ("merge_lora", "adapter"),
+];
+
+/// The key of a transform's payload that names a location, if it has one.
+pub fn location_key(transform: &str) -> Option<&'static str> {
+    LOCATION_KEYS.iter().find(|(t, _)| *t == transform).map(|(_, key)| *key)
+}
 
 fn placeholder(path: &str) -> Value {
     let path = std::path::Path::new(path);
@@ -469,11 +481,12 @@ fn locationless_transforms(transforms: &Value) -> Value {
         Value::Object(map) if map.len() == 1 => {
             let (name, payload) = map.iter().next().expect("map has one entry");
             let payload = match payload {
-                Value::Object(p) if LOCATION_TRANSFORMS.contains(&name.as_str()) => {
+                Value::Object(p) if location_key(name).is_some() => {
                     let mut p = p.clone();
-                    if let Some(Value::String(path)) = p.get("path") {
+                    let key = location_key(name).expect("checked by the guard");
+                    if let Some(Value::String(path)) = p.get(key) {
                         let replaced = placeholder(path);
-                        p.insert("path".to_owned(), replaced);
+                        p.insert(key.to_owned(), replaced);
                     }
                     if name == "execute" {
                         if let Some(plan) = p.get("plan") {
