@@ -264,6 +264,13 @@ fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -
     for path in &report.written {
         writeln!(out, "  wrote {}", path.display())?;
     }
+    if report.bytes_read > 0 {
+        writeln!(
+            out,
+            "  read {} of tensor data from the inputs",
+            HumanBytes(report.bytes_read)
+        )?;
+    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! assertion inspects it, chunk by chunk, through [`Tensor::read`] into caller-owned buffers.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::dtype::{checked_numel, DType};
@@ -353,12 +353,14 @@ fn read_strided(
 }
 
 /// What one reading thread carries through every read: reusable buffers for temporaries (so
-/// steady-state streaming allocates nothing) and the run's interruption flag, checked between
-/// chunks by [`stream`] and by operations that compute a whole tensor.
+/// steady-state streaming allocates nothing), the run's interruption flag, checked between
+/// chunks by [`stream`] and by operations that compute a whole tensor, and the run's count of
+/// bytes read from input files (shared by every context forked from one).
 #[derive(Debug, Default)]
 pub struct ReadContext {
     pool: Vec<Vec<u8>>,
     cancel: Option<Arc<AtomicBool>>,
+    bytes_read: Arc<AtomicU64>,
 }
 
 impl ReadContext {
@@ -367,6 +369,7 @@ impl ReadContext {
         ReadContext {
             pool: Vec::new(),
             cancel: Some(cancel),
+            bytes_read: Arc::default(),
         }
     }
 
@@ -375,7 +378,18 @@ impl ReadContext {
         ReadContext {
             pool: Vec::new(),
             cancel: self.cancel.clone(),
+            bytes_read: self.bytes_read.clone(),
         }
+    }
+
+    /// Counts `bytes` read from an input file (tensor data: a byte read twice counts twice).
+    pub fn count_read(&self, bytes: usize) {
+        self.bytes_read.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes of input files read through this context and every context forked from it.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
     }
 
     /// [`ValueError::Cancelled`] once the run was interrupted.
@@ -577,7 +591,10 @@ impl Tensor {
             return Ok(());
         }
         match &*self.value {
-            Value::Stored { file, offset } => Ok(file.read_at(offset + byte_start as u64, out)?),
+            Value::Stored { file, offset } => {
+                cx.count_read(out.len());
+                Ok(file.read_at(offset + byte_start as u64, out)?)
+            }
             Value::Memory(bytes) => copy_from(bytes.bytes(), byte_start, out),
             _ => {
                 let size = element_size(self.dtype, "reading")?;
@@ -594,8 +611,12 @@ impl Tensor {
             return Ok(());
         }
         match &*self.value {
-            Value::Stored { file, offset } => Ok(file.read_at(offset + (start * size) as u64, out)?),
+            Value::Stored { file, offset } => {
+                cx.count_read(out.len());
+                Ok(file.read_at(offset + (start * size) as u64, out)?)
+            }
             Value::Strided(source) => {
+                cx.count_read(out.len());
                 let result = read_strided(source, size, start, out, cx);
                 source.map.served(out.len(), self.nbytes());
                 result

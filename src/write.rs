@@ -8,8 +8,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
@@ -56,8 +55,9 @@ impl From<ValueError> for WriteError {
 pub struct WriteOptions<'a> {
     /// Worker threads (at least one is used).
     pub threads: usize,
-    /// Set by Ctrl-C; checked between chunks.
-    pub cancel: &'a Arc<AtomicBool>,
+    /// The run's read context: each writing thread forks it (its interruption flag, set by
+    /// Ctrl-C and checked between chunks, and its count of bytes read).
+    pub reads: &'a ReadContext,
     /// Progress callback.
     pub progress: Option<&'a ProgressFn>,
 }
@@ -260,7 +260,7 @@ pub fn write_tensors(
 ) -> Result<Vec<PathBuf>, WriteError> {
     let WriteOptions {
         threads,
-        cancel,
+        reads,
         progress,
     } = options;
     let specs = tensors
@@ -316,7 +316,7 @@ pub fn write_tensors(
         })?;
     let result: Result<(), WriteError> = pool.install(|| {
         items.par_iter().enumerate().try_for_each_init(
-            || (ReadContext::cancellable(cancel.clone()), Vec::<u8>::new()),
+            || (reads.fork(), Vec::<u8>::new()),
             |(cx, buf), (item, &(g, start, len))| {
                 cx.check()?;
                 let members = &groups[g];

@@ -378,6 +378,28 @@ def test_run_reports_time_per_transform_and_for_the_write(model: Path, tmp_path:
     assert no_output.write_seconds is None and no_output.timings == []
 
 
+def test_run_reports_the_bytes_it_read_from_its_inputs(model: Path, tmp_path: Path) -> None:
+    tensor_bytes = sum(a.nbytes for a in load_file(str(model)).values())
+    out = tmp_path / "o.safetensors"
+    # The write reads every tensor once.
+    copied = bs.run({"inputs": [str(model)], "output": str(out)}, quiet=True)
+    assert copied.bytes_read == tensor_bytes
+    assert "read " in repr(copied)
+    # An assertion over every tensor reads each once more.
+    asserted = bs.run(
+        {"inputs": [str(model)], "transforms": [{"assert": {"finite": ".*"}}], "output": {"path": str(out), "overwrite": True}},
+        quiet=True,
+    )
+    assert asserted.bytes_read == 2 * tensor_bytes
+    # Without output nothing is read; reading the lazy result later is not the run's.
+    lazy = bs.run({"inputs": [str(model)]}, quiet=True)
+    assert lazy.bytes_read == 0
+    assert bs.check({"inputs": [str(model)], "output": str(tmp_path / "x.safetensors")})["bytes_read"] == 0
+    s = bs.Session(inputs={"m": str(model)})
+    applied = s.apply({"save": {"path": str(tmp_path / "s.safetensors"), "alias": "m"}})
+    assert applied["bytes_read"] == tensor_bytes
+
+
 def test_saves_along_the_way_replay_with_the_same_tensors_and_the_last_byte_identical(
     model: Path, tmp_path: Path
 ) -> None:

@@ -86,6 +86,7 @@ class Report(TypedDict):
     factorizations: list[FactorizationReport]
     timings: list[StepTimingReport]
     write_seconds: float | None
+    bytes_read: int
 
 PlanLike = Mapping[str, Any] | str | os.PathLike[str]
 
@@ -240,6 +241,7 @@ class Applied(TypedDict):
     notices: list[str]
     written: list[str]
     exit: bool
+    bytes_read: int
     factorizations: list[FactorizationReport]
 
 ArrayParts = tuple[TensorBuffer | ComputedBuffer, str, list[int], list[int] | None]

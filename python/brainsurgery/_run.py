@@ -67,12 +67,19 @@ class RunResult(dict[str, Any]):
         return self["write_seconds"]
 
     @property
+    def bytes_read(self) -> int:
+        """Bytes of tensor data the run read from input files (a byte read twice counts twice;
+        reading ``tensors`` of a plan without output afterwards is not counted)."""
+        return int(self["bytes_read"])
+
+    @property
     def bytes_written(self) -> int:
         """Bytes of the files written (as they are on disk now)."""
         return sum(os.path.getsize(p) for p in self["written"] if os.path.isfile(p))
 
     def __repr__(self) -> str:
         lines = [f"<brainsurgery.RunResult in {self.seconds:.2f} s: {len(self['notes'])} transforms"]
+        lines.append(f"  read {_size(self.bytes_read)} of tensor data from input files")
         if self["written"]:
             lines.append(f"  wrote {len(self['written'])} file(s), {_size(self.bytes_written)}:")
             lines += [f"    {p}" for p in self["written"][:10]]

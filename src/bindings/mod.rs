@@ -509,6 +509,7 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     }
     dict.set_item("timings", timings)?;
     dict.set_item("write_seconds", report.write_seconds)?;
+    dict.set_item("bytes_read", report.bytes_read)?;
     dict.set_item("factorizations", factorizations)?;
     Ok(dict)
 }

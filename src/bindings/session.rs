@@ -178,6 +178,7 @@ fn applied_to_dict<'py>(py: Python<'py>, applied: &Applied) -> PyResult<Bound<'p
     let written: Vec<String> = applied.written.iter().map(|p| p.display().to_string()).collect();
     dict.set_item("written", written)?;
     dict.set_item("exit", applied.exit)?;
+    dict.set_item("bytes_read", applied.bytes_read)?;
     dict.set_item("factorizations", factorizations_to_list(py, &applied.factorizations)?)?;
     Ok(dict)
 }

@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::plan::{Location, OutputSpec, Plan, PlanError};
 use crate::state::State;
 use crate::transforms::{plan_sha256_with_nested, run_steps, Context, ParseScope, Step, StepError, StepFailure};
-use crate::value::CHUNK_BYTES;
+use crate::value::{ReadContext, CHUNK_BYTES};
 use crate::write::{self, WriteOptions};
 
 pub use crate::write::ProgressFn;
@@ -81,6 +81,9 @@ pub struct Report {
     pub timings: Vec<crate::transforms::StepTiming>,
     /// Seconds writing the output took (none for a check or a plan without output).
     pub write_seconds: Option<f64>,
+    /// Bytes of tensor data read from input files by the run, its transforms and its write (a
+    /// byte read twice counts twice; 0 for a check, which reads headers only).
+    pub bytes_read: u64,
 }
 
 /// A parsed, loaded plan ready to check or run.
@@ -212,13 +215,19 @@ impl Prepared {
     }
 
     /// Writes the output alias (validated by the check) and returns the files written.
-    fn write(&self, state: &State, alias: &str, options: &RunOptions) -> Result<Vec<PathBuf>, Error> {
+    fn write(
+        &self,
+        state: &State,
+        alias: &str,
+        reads: &ReadContext,
+        options: &RunOptions,
+    ) -> Result<Vec<PathBuf>, Error> {
         let Some(output) = &self.plan.output else {
             return Ok(Vec::new());
         };
         let options = WriteOptions {
             threads: self.threads,
-            cancel: &options.cancel,
+            reads,
             progress: options.progress.as_deref(),
         };
         Ok(write::write_alias(
@@ -245,6 +254,7 @@ impl Prepared {
             notices: ctx.notices,
             factorizations: ctx.factorizations,
             timings: ctx.timings,
+            bytes_read: ctx.reads.bytes_read(),
             ..Report::default()
         };
         report.alias = alias;
@@ -329,7 +339,7 @@ impl Prepared {
         // summaries are not held at once.
         let started = std::time::Instant::now();
         let files = match self.output_alias(&state)? {
-            Some(alias) => Some(self.write(&state, &alias, options)?),
+            Some(alias) => Some(self.write(&state, &alias, &ctx.reads, options)?),
             None => None,
         };
         let write_seconds = files.as_ref().map(|_| started.elapsed().as_secs_f64());
@@ -386,6 +396,7 @@ pub fn save(
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     let tensors: Vec<(&str, &crate::value::Tensor)> = current.iter().collect();
+    let reads = ReadContext::cancellable(options.cancel.clone());
     let written = write::write_tensors(
         &spec,
         &tensors,
@@ -393,7 +404,7 @@ pub fn save(
         &sidecars,
         WriteOptions {
             threads,
-            cancel: &options.cancel,
+            reads: &reads,
             progress: options.progress.as_deref(),
         },
     )?;
@@ -425,6 +436,7 @@ pub fn save(
         tensors: summaries,
         total_bytes,
         written,
+        bytes_read: reads.bytes_read(),
         materialized_bytes: materialized as u64,
         peak_memory_estimate: (threads as u64)
             .saturating_mul(3 * CHUNK_BYTES as u64)
@@ -486,6 +498,26 @@ mod tests {
         let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
         let report = Prepared::new(plan, usize::MAX).unwrap().check().unwrap();
         assert!(report.peak_memory_estimate > 0 && report.peak_memory_estimate < u64::MAX);
+    }
+
+    #[test]
+    fn the_report_counts_the_tensor_bytes_read_from_the_inputs() {
+        // Inputs hold 12 + 3 f32 and 4 i64: 92 bytes. The write reads each once; an assertion
+        // over every tensor once more; a check reads none.
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let out = dir.path().join("out.safetensors");
+        let plan = |transforms: &str| {
+            format!(
+                "inputs: ['{}']\ntransforms: [{transforms}]\noutput: {{path: '{}', overwrite: true}}\n",
+                input.display(),
+                out.display()
+            )
+        };
+        assert_eq!(run_yaml(&plan(""), 2).unwrap().bytes_read, 92);
+        assert_eq!(run_yaml(&plan("{assert: {finite: '.*'}}"), 2).unwrap().bytes_read, 184);
+        let checked = Plan::load(&[PlanSource::Text(plan("{assert: {finite: '.*'}}"))], &[]).unwrap();
+        assert_eq!(Prepared::new(checked, 1).unwrap().check().unwrap().bytes_read, 0);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Applied {
     pub exit: bool,
     /// Tensors factorized, with what each kept.
     pub factorizations: Vec<crate::transforms::lowrank::Factorization>,
+    /// Bytes of tensor data the block read from input files (`save`, value assertions).
+    pub bytes_read: u64,
 }
 
 /// A plan whose transforms have run, ready to take more.
@@ -51,6 +53,8 @@ pub struct Session {
     steps_run: usize,
     /// Every factorization of the session, for the final report.
     factorizations: Vec<crate::transforms::lowrank::Factorization>,
+    /// Bytes of tensor data read from input files by every block applied, for the final report.
+    bytes_read: u64,
     /// The plan applied so far, as data: the inputs (absolute paths, so it replays from any
     /// folder) and every transform, in order. What `Session.plan` exports in Python.
     document: Value,
@@ -84,6 +88,7 @@ impl Session {
             notices: ctx.notices,
             written: ctx.written,
             exit: false,
+            bytes_read: ctx.reads.bytes_read(),
             factorizations: ctx.factorizations,
         };
         Ok((
@@ -95,6 +100,7 @@ impl Session {
                 next,
                 steps_run,
                 factorizations: applied.factorizations.clone(),
+                bytes_read: applied.bytes_read,
                 document,
                 nested,
                 handed_in: Vec::new(),
@@ -167,12 +173,14 @@ impl Session {
         self.document = document;
         self.nested = nested;
         self.factorizations.extend(ctx.factorizations.iter().cloned());
+        self.bytes_read = self.bytes_read.saturating_add(ctx.reads.bytes_read());
         Ok(Applied {
             output: ctx.output,
             notes: ctx.notes,
             notices: ctx.notices,
             written: ctx.written,
             exit,
+            bytes_read: ctx.reads.bytes_read(),
             factorizations: ctx.factorizations,
         })
     }
@@ -221,8 +229,11 @@ impl Session {
         let mut report = prepared.report(&self.state, ctx)?;
         if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
             write::validate_output(output, &self.state, &alias)?;
-            report.written = prepared.write(&self.state, &alias, options)?;
+            let reads = crate::value::ReadContext::cancellable(options.cancel.clone());
+            report.written = prepared.write(&self.state, &alias, &reads, options)?;
+            report.bytes_read = reads.bytes_read();
         }
+        report.bytes_read = report.bytes_read.saturating_add(self.bytes_read);
         Ok(report)
     }
 }

@@ -163,7 +163,7 @@ impl Context {
         };
         crate::write::WriteOptions {
             threads,
-            cancel: &self.cancel,
+            reads: &self.reads,
             progress: None,
         }
     }

@@ -330,6 +330,7 @@ impl PermuteOp {
                 }
             }
             map.check()?;
+            cx.count_read(count * h * size);
             return Ok(());
         }
         let span = (count - 1) * stride + h;
