@@ -97,6 +97,14 @@ struct PlanArgs {
     /// output.overwrite).
     #[arg(long)]
     overwrite: bool,
+    /// Memory budget, e.g. 8GB (default: half of physical memory). Tensors computed whole go
+    /// to the scratch arena beyond it.
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<String>,
+    /// Directory of the scratch arena (default: the output's folder, else the system's
+    /// temporary folder).
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<std::path::PathBuf>,
     /// Print the transforms that ran.
     #[arg(long, overrides_with = "no_summarize")]
     summarize: bool,
@@ -229,6 +237,23 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
         };
     }
     Prepared::new(plan, args.threads)
+}
+
+/// The memory budget and arena directory the command line asks for.
+fn memory_options(args: &PlanArgs) -> Result<crate::memory::MemoryOptions, Error> {
+    let max_memory = match &args.max_memory {
+        Some(size) => Some(
+            crate::formats::parse_size(size).map_err(|e| crate::plan::PlanError::Syntax {
+                origin: "--max-memory".into(),
+                message: e.to_string(),
+            })?,
+        ),
+        None => None,
+    };
+    Ok(crate::memory::MemoryOptions {
+        max_memory,
+        scratch_dir: args.scratch_dir.clone(),
+    })
 }
 
 /// Prints notices on stderr, so stdout stays what the plan prints (`dump` JSON can be piped).
@@ -457,7 +482,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
                 .into());
             }
             let prepared = load_plan(&args)?;
-            let report = prepared.check()?;
+            let report = prepared.check_within(&memory_options(&args)?)?;
             print_notices(&report.notices);
             let _ = writeln!(
                 out,
@@ -467,9 +492,15 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
             let _ = print_report(&mut out, &report, true, "would write");
             let _ = writeln!(
                 out,
-                "estimated peak memory: {} ({} for tensors computed whole in memory)",
+                "estimated peak memory: {} of a {} budget ({} of tensors computed whole{})",
                 HumanBytes(report.peak_memory_estimate),
-                HumanBytes(report.materialized_bytes)
+                HumanBytes(report.memory_budget),
+                HumanBytes(report.materialized_bytes),
+                if report.arena_bytes > 0 {
+                    format!(", {} of them in the scratch arena", HumanBytes(report.arena_bytes))
+                } else {
+                    String::new()
+                }
             );
             Ok(0)
         }
@@ -482,6 +513,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
                 threads: args.threads,
                 cancel: cancel.clone(),
                 progress: bar.as_ref().map(|(_, f)| f.clone()),
+                memory: memory_options(&args)?,
             };
             let result = if args.interactive {
                 interactive(prepared, cancel, &options, &mut out)
@@ -506,7 +538,7 @@ fn interactive(
     options: &RunOptions,
     out: &mut dyn Write,
 ) -> Result<Report, Error> {
-    let (mut session, applied) = crate::executor::session::Session::start(prepared, cancel)?;
+    let (mut session, applied) = crate::executor::session::Session::start(prepared, cancel, &options.memory)?;
     print_notices(&applied.notices);
     for text in &applied.output {
         let _ = writeln!(out, "{text}");

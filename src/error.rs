@@ -48,6 +48,10 @@ pub enum Error {
     /// `TransformError`).
     #[error(transparent)]
     Value(crate::value::ValueError),
+    /// The plan does not fit the memory budget, or its arena cannot be made (exit status 2,
+    /// `PlanError`: found before any work).
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     /// The run was interrupted (Ctrl-C); nothing was written.
     #[error("interrupted; nothing was written")]
     Cancelled,
@@ -78,7 +82,7 @@ impl Error {
     /// transform or assertion, 130 for an interruption.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Plan(_) | Error::Format(_) | Error::FormatAt { .. } => 2,
+            Error::Plan(_) | Error::Format(_) | Error::FormatAt { .. } | Error::Memory(_) => 2,
             Error::Transform { .. } | Error::Assertion { .. } | Error::Value(_) => 1,
             Error::Cancelled => 130,
         }
@@ -160,7 +164,8 @@ impl ErrorContext {
             Error::Plan(e) => cx.visit(e),
             Error::Format(e) => cx.visit(e),
             Error::Value(e) => cx.visit(e),
-            Error::Cancelled => {}
+            Error::Memory(crate::memory::MemoryError::OverBudget { what, .. }) => cx.tensor(what),
+            Error::Memory(_) | Error::Cancelled => {}
         }
         let mut cause = std::error::Error::source(error);
         while let Some(e) = cause {

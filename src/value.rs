@@ -11,6 +11,7 @@ use crate::dtype::{checked_numel, DType};
 use crate::formats::{FormatError, LazyMap, SourceFile, TensorEntry};
 use crate::kernels;
 use crate::linalg::Real;
+use crate::memory::{Element, Memory, MemoryError, Scratch};
 use crate::references::ResolvedSlice;
 
 /// Bytes per streaming chunk: about a core's L2 (SPEC §8: 1 MiB chunks were 1.3–5× faster than
@@ -71,6 +72,9 @@ pub enum ValueError {
         /// The bytes asked for.
         bytes: usize,
     },
+    /// The memory budget and the scratch arena could not hold a tensor computed whole.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     /// A result would take more bytes than memory addresses reach (more than `isize::MAX`):
     /// no file or buffer can hold it.
     #[error("{op} would make a {dtype} tensor of shape {shape:?}, too large to address")]
@@ -122,11 +126,30 @@ pub trait Bytes: Send + Sync + std::fmt::Debug {
     fn lent_by_host(&self) -> bool {
         false
     }
+
+    /// Copies bytes `[start, start + out.len())` into `out` (an arena region reads its file,
+    /// so streaming a spilled tensor out does not map its pages).
+    fn read_into(&self, start: usize, out: &mut [u8]) -> Result<(), ValueError> {
+        copy_from(self.bytes(), start, out)
+    }
 }
 
 impl Bytes for Vec<u8> {
     fn bytes(&self) -> &[u8] {
         self
+    }
+}
+
+impl Bytes for Scratch {
+    fn bytes(&self) -> &[u8] {
+        Scratch::bytes(self)
+    }
+
+    fn read_into(&self, start: usize, out: &mut [u8]) -> Result<(), ValueError> {
+        Scratch::read_into(self, start, out).map_err(|e| ValueError::Compute {
+            op: "reading",
+            reason: format!("the scratch arena could not be read: {e}"),
+        })
     }
 }
 
@@ -354,13 +377,15 @@ fn read_strided(
 
 /// What one reading thread carries through every read: reusable buffers for temporaries (so
 /// steady-state streaming allocates nothing), the run's interruption flag, checked between
-/// chunks by [`stream`] and by operations that compute a whole tensor, and the run's count of
-/// bytes read from input files (shared by every context forked from one).
+/// chunks by [`stream`] and by operations that compute a whole tensor, the run's count of
+/// bytes read from input files, and the run's memory budget and arena, which tensors computed
+/// whole are allocated from (the last three shared by every context forked from one).
 #[derive(Debug, Default)]
 pub struct ReadContext {
     pool: Vec<Vec<u8>>,
     cancel: Option<Arc<AtomicBool>>,
     bytes_read: Arc<AtomicU64>,
+    memory: Arc<Memory>,
 }
 
 impl ReadContext {
@@ -370,7 +395,28 @@ impl ReadContext {
             pool: Vec::new(),
             cancel: Some(cancel),
             bytes_read: Arc::default(),
+            memory: Arc::default(),
         }
+    }
+
+    /// A context for a run: `cancel` as for [`ReadContext::cancellable`], whole tensors
+    /// allocated from `memory`.
+    pub fn for_run(cancel: Arc<AtomicBool>, memory: Arc<Memory>) -> ReadContext {
+        ReadContext {
+            memory,
+            ..ReadContext::cancellable(cancel)
+        }
+    }
+
+    /// The run's memory budget and arena.
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.memory
+    }
+
+    /// A zeroed buffer for a tensor `op` computes whole, within the run's budget or in its
+    /// arena.
+    pub fn alloc(&self, op: &'static str, len: usize) -> Result<Scratch, ValueError> {
+        Ok(self.memory.alloc(op, len)?)
     }
 
     /// A fresh context (no buffers) sharing this one's interruption flag, for another thread.
@@ -379,6 +425,7 @@ impl ReadContext {
             pool: Vec::new(),
             cancel: self.cancel.clone(),
             bytes_read: self.bytes_read.clone(),
+            memory: self.memory.clone(),
         }
     }
 
@@ -595,7 +642,7 @@ impl Tensor {
                 cx.count_read(out.len());
                 Ok(file.read_at(offset + byte_start as u64, out)?)
             }
-            Value::Memory(bytes) => copy_from(bytes.bytes(), byte_start, out),
+            Value::Memory(bytes) => bytes.read_into(byte_start, out),
             _ => {
                 let size = element_size(self.dtype, "reading")?;
                 self.read(byte_start / size, out, cx)
@@ -621,7 +668,7 @@ impl Tensor {
                 source.map.served(out.len(), self.nbytes());
                 result
             }
-            Value::Memory(bytes) => copy_from(bytes.bytes(), start * size, out),
+            Value::Memory(bytes) => bytes.read_into(start * size, out),
             Value::Cast { base } => {
                 let n = out.len() / size;
                 let base_size = element_size(base.dtype, "casting")?;
@@ -685,6 +732,69 @@ pub fn read_real<T: Real>(t: &Tensor, op: &'static str, cx: &mut ReadContext) ->
         Ok::<(), ValueError>(())
     })?;
     Ok(values)
+}
+
+/// [`read_real`] into a buffer from the run's budget (or its arena): the elements of `t` as
+/// `T`, for work that needs a whole tensor at once (a product's operands).
+pub fn read_real_scratch<T: Real + Element>(
+    t: &Tensor,
+    op: &'static str,
+    cx: &mut ReadContext,
+) -> Result<Scratch, ValueError> {
+    if !t.dtype.is_computable() {
+        return Err(ValueError::NoByteSize { op, dtype: t.dtype });
+    }
+    let width = std::mem::size_of::<T>();
+    let size = element_size(t.dtype, op)?;
+    let mut out = cx.alloc(op, t.numel().saturating_mul(width))?;
+    let mut converted = Vec::new();
+    let mut at = 0;
+    t.stream(cx, |chunk| {
+        let n = chunk.len() / size;
+        converted.resize(n * width, 0);
+        kernels::convert(t.dtype, chunk, T::DTYPE, &mut converted);
+        out.write_at(at, &converted).map_err(|e| scratch_error(op, e))?;
+        at += converted.len();
+        Ok::<(), ValueError>(())
+    })?;
+    Ok(out)
+}
+
+/// [`real_bytes`] into a buffer from the run's budget (or its arena).
+pub fn real_scratch<T: Real>(
+    values: &[T],
+    dtype: DType,
+    op: &'static str,
+    cx: &ReadContext,
+) -> Result<Scratch, ValueError> {
+    if !dtype.is_computable() {
+        return Err(ValueError::NoByteSize { op, dtype });
+    }
+    let width = std::mem::size_of::<T>();
+    let size = element_size(dtype, op)?;
+    let mut out = cx.alloc(op, values.len().saturating_mul(size))?;
+    let per_chunk = (CHUNK_BYTES / width).max(1);
+    let mut wide = vec![0u8; CHUNK_BYTES.min(std::mem::size_of_val(values))];
+    let mut narrow = vec![0u8; per_chunk.min(values.len()) * size];
+    for (i, part) in values.chunks(per_chunk).enumerate() {
+        let wide = &mut wide[..std::mem::size_of_val(part)];
+        for (x, w) in part.iter().zip(wide.chunks_exact_mut(width)) {
+            x.put_le(w);
+        }
+        let narrow = &mut narrow[..part.len() * size];
+        kernels::convert(T::DTYPE, wide, dtype, narrow);
+        out.write_at(i * per_chunk * size, narrow)
+            .map_err(|e| scratch_error(op, e))?;
+    }
+    Ok(out)
+}
+
+/// A failed write to (or read of) the scratch arena.
+fn scratch_error(op: &'static str, e: std::io::Error) -> ValueError {
+    ValueError::Compute {
+        op,
+        reason: format!("the scratch arena could not be written: {e}"),
+    }
 }
 
 /// The bytes of `values` in `dtype`, rounded to nearest even (a float dtype).

@@ -83,6 +83,8 @@ class Report(TypedDict):
     removed: int
     peak_memory_estimate: int
     materialized_bytes: int
+    memory_budget: int
+    arena_bytes: int
     factorizations: list[FactorizationReport]
     timings: list[StepTimingReport]
     write_seconds: float | None
@@ -96,6 +98,8 @@ def run(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     threads: int = 0,
     progress: Callable[[int, int], object] | None = None,
+    max_memory: int | str | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[Report, Tensors | None]:
     """Run a plan and write its output; returns the report and, for a plan without an output,
     the resulting tensors."""
@@ -104,6 +108,8 @@ def check(
     plan: PlanLike | Sequence[PlanLike],
     *,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    max_memory: int | str | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> Report:
     """Check a plan against the checkpoint headers without reading tensor data."""
 
@@ -263,6 +269,8 @@ class Session:
         *,
         overrides: Mapping[str, Any] | Sequence[str] | None = None,
         threads: int = 0,
+        max_memory: int | str | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
     ) -> Session: ...
     def apply(self, block: Any) -> Applied: ...
     def get(self, key: str) -> ArrayParts: ...

@@ -120,6 +120,8 @@ def run(
     threads: int = 0,
     quiet: bool = False,
     progress: bool | Callable[[int, int], object] | None = None,
+    max_memory: int | str | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> RunResult:
     """Run a plan (a dict, YAML text, a path, or a list of them merged in order) and write its output.
 
@@ -137,13 +139,25 @@ def run(
     ``quiet``; or a callable ``progress(done_bytes, total_bytes)`` called from the engine's
     writing threads at most every 50 ms and once at the end.
 
+    ``max_memory``: the memory budget, bytes or a size such as ``"8GB"`` (default: half of
+    physical memory); tensors computed whole (products, permutations that cannot stream) go to a
+    scratch arena in ``scratch_dir`` (default: the output's folder) beyond it. A plan whose work
+    cannot fit it even so is refused before anything is read.
+
     >>> result = run({"inputs": ["model.safetensors"], "output": "out.safetensors"})  # doctest: +SKIP
     """
     start = time.perf_counter()
     bar = _ProgressBar.make(progress, quiet) if not callable(progress) else None
     callback = progress if callable(progress) else bar
     try:
-        report, tensors = _core.run(plan, overrides=overrides, threads=threads, progress=callback)
+        report, tensors = _core.run(
+            plan,
+            overrides=overrides,
+            threads=threads,
+            progress=callback,
+            max_memory=max_memory,
+            scratch_dir=os.fspath(scratch_dir) if scratch_dir is not None else None,
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -205,9 +219,13 @@ def check(
     *,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     quiet: bool = False,
+    max_memory: int | str | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> _core.Report:
     """Check a plan against the checkpoint headers without reading tensor data (SPEC §8.1).
 
-    Returns the report of what a run would write.
+    Returns the report of what a run would write, with the peak memory it would take within
+    the budget ``max_memory`` (as for :func:`run`) and the bytes of the scratch arena beyond it.
     """
-    return _show(_core.check(plan, overrides=overrides), quiet)
+    scratch = os.fspath(scratch_dir) if scratch_dir is not None else None
+    return _show(_core.check(plan, overrides=overrides, max_memory=max_memory, scratch_dir=scratch), quiet)

@@ -48,9 +48,13 @@ class Session(CoreKeys, MutableMapping[str, "np.ndarray"]):
         plan: Any = None,
         threads: int = 0,
         quiet: bool = False,
+        max_memory: int | str | None = None,
+        scratch_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """Open ``inputs`` (``{"alias": path}``, ``["alias::path", ...]`` or one path), or start
-        from a ``plan`` (its transforms are applied, its output is not written)."""
+        from a ``plan`` (its transforms are applied, its output is not written). Tensors computed
+        whole stay within ``max_memory`` (bytes or ``"8GB"``; default: half of physical memory),
+        the rest in a scratch arena in ``scratch_dir`` (default: the system's temporary folder)."""
         if plan is not None and inputs is not None:
             raise TypeError("give inputs or a plan, not both")
         if plan is None:
@@ -59,7 +63,8 @@ class Session(CoreKeys, MutableMapping[str, "np.ndarray"]):
             elif isinstance(inputs, os.PathLike):
                 inputs = os.fspath(inputs)
             plan = {"inputs": inputs if inputs is not None else []}
-        self._core = _core.Session(plan, threads=threads)
+        scratch = os.fspath(scratch_dir) if scratch_dir is not None else None
+        self._core = _core.Session(plan, threads=threads, max_memory=max_memory, scratch_dir=scratch)
         self._quiet = quiet
 
     # -- transforms ---------------------------------------------------------------------------

@@ -131,7 +131,7 @@ pub fn to_py(py: Python<'_>, error: Error) -> PyErr {
 fn to_py_class(py: Python<'_>, error: &Error) -> PyErr {
     let message = error_chain(error);
     match error {
-        Error::Plan(_) => PlanError_::new_err(message),
+        Error::Plan(_) | Error::Memory(_) => PlanError_::new_err(message),
         Error::Format(format) | Error::FormatAt { source: format, .. } => {
             with_io_cause(py, FormatError_::new_err(message), format)
         }

@@ -498,6 +498,8 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     dict.set_item("removed", report.removed)?;
     dict.set_item("peak_memory_estimate", report.peak_memory_estimate)?;
     dict.set_item("materialized_bytes", report.materialized_bytes)?;
+    dict.set_item("memory_budget", report.memory_budget)?;
+    dict.set_item("arena_bytes", report.arena_bytes)?;
     let factorizations = factorizations_to_list(py, &report.factorizations)?;
     let timings = PyList::empty(py);
     for t in &report.timings {
@@ -561,6 +563,44 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Threads {
     }
 }
 
+/// `max_memory=`: bytes as an int or a size string (`"8GB"`), or None for the default share
+/// of physical memory (else `TypeError`, or `PlanError` for a bad size, as `--max-memory`).
+struct MaxMemory(Option<u64>);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for MaxMemory {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if obj.is_none() {
+            return Ok(MaxMemory(None));
+        }
+        if let Ok(int) = obj.cast::<PyInt>() {
+            return int
+                .extract::<u64>()
+                .map(|n| MaxMemory(Some(n)))
+                .map_err(|_| text_error("max_memory", format!("{} is not a number of bytes", &*int)));
+        }
+        if let Ok(text) = obj.cast::<PyString>() {
+            let text = utf8(&text).map_err(PyValueError::new_err)?;
+            return crate::formats::parse_size(&text)
+                .map(|n| MaxMemory(Some(n)))
+                .map_err(|e| text_error("max_memory", e.to_string()));
+        }
+        Err(PyTypeError::new_err(format!(
+            "max_memory must be an int or a size such as \"8GB\", not {}",
+            type_name(&obj)
+        )))
+    }
+}
+
+/// The memory options of `max_memory=` and `scratch_dir=`.
+fn memory_options(max_memory: MaxMemory, scratch_dir: Option<std::path::PathBuf>) -> crate::memory::MemoryOptions {
+    crate::memory::MemoryOptions {
+        max_memory: max_memory.0,
+        scratch_dir,
+    }
+}
+
 fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> Result<Prepared, Error> {
     let plan = Plan::load(&sources, &overrides)?;
     Prepared::new(plan, threads)
@@ -570,15 +610,19 @@ fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> 
 /// output. Returns a report: the alias written, its tensors, the files written, one note per
 /// transform.
 #[pyfunction]
-#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), progress = None), text_signature = "(plan, *, overrides=None, threads=0, progress=None)")]
+#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), progress = None, max_memory = MaxMemory(None), scratch_dir = None), text_signature = "(plan, *, overrides=None, threads=0, progress=None, max_memory=None, scratch_dir=None)")]
+#[allow(clippy::too_many_arguments)]
 fn run<'py>(
     py: Python<'py>,
     plan: &Bound<'py, PyAny>,
     overrides: Option<&Bound<'py, PyAny>>,
     threads: Threads,
     progress: Option<Py<PyAny>>,
+    max_memory: MaxMemory,
+    scratch_dir: Option<std::path::PathBuf>,
 ) -> PyResult<(Bound<'py, PyDict>, Option<Py<session::PyTensors>>)> {
     let Threads(threads) = threads;
+    let memory = memory_options(max_memory, scratch_dir);
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
     let progress = progress.map(progress_callback);
@@ -588,6 +632,7 @@ fn run<'py>(
             threads,
             cancel,
             progress,
+            memory,
         })?;
         // Without an output the result is the tensors themselves, read lazily from Python.
         let result = match prepared.plan().output {
@@ -630,15 +675,18 @@ fn progress_callback(callback: Py<PyAny>) -> Arc<crate::executor::ProgressFn> {
 /// Checks a plan against the checkpoint headers without reading tensor data (SPEC §8.1) and
 /// returns the report of what a run would write.
 #[pyfunction]
-#[pyo3(signature = (plan, *, overrides = None))]
+#[pyo3(signature = (plan, *, overrides = None, max_memory = MaxMemory(None), scratch_dir = None), text_signature = "(plan, *, overrides=None, max_memory=None, scratch_dir=None)")]
 fn check<'py>(
     py: Python<'py>,
     plan: &Bound<'py, PyAny>,
     overrides: Option<&Bound<'py, PyAny>>,
+    max_memory: MaxMemory,
+    scratch_dir: Option<std::path::PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
-    let result = detached(py, move |_| prepare(sources, overrides, 1)?.check())?;
+    let memory = memory_options(max_memory, scratch_dir);
+    let result = detached(py, move |_| prepare(sources, overrides, 1)?.check_within(&memory))?;
     let report = result.map_err(|e| errors::to_py(py, e))?;
     report_to_dict(py, &report)
 }
@@ -1006,6 +1054,7 @@ fn save<'py>(
             threads,
             cancel,
             progress: None,
+            ..RunOptions::default()
         };
         crate::executor::save(&output, state_ref, alias, &metadata, None, &options)
     })?;

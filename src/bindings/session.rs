@@ -14,7 +14,8 @@ use pyo3::types::{PyDict, PyString};
 use serde_json::Value;
 
 use super::{
-    detached, detached_on, errors, factorizations_to_list, prepare, to_sources, to_value, utf8, PyTensorBuffer, Threads,
+    detached, detached_on, errors, factorizations_to_list, prepare, to_sources, to_value, utf8, MaxMemory,
+    PyTensorBuffer, Threads,
 };
 use crate::error::Error;
 use crate::executor::session::{Applied, Session};
@@ -236,21 +237,24 @@ fn with_session<T>(guard: &mut MutexGuard<'_, Option<Session>>, work: impl FnOnc
 impl PySession {
     /// Starts a session from a plan (its transforms are applied; its output is not written).
     #[new]
-    #[pyo3(signature = (plan, *, overrides = None, threads = Threads(0)), text_signature = "(plan, *, overrides=None, threads=0)")]
+    #[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), max_memory = MaxMemory(None), scratch_dir = None), text_signature = "(plan, *, overrides=None, threads=0, max_memory=None, scratch_dir=None)")]
     fn new(
         py: Python<'_>,
         plan: &Bound<'_, PyAny>,
         overrides: Option<&Bound<'_, PyAny>>,
         threads: Threads,
+        max_memory: MaxMemory,
+        scratch_dir: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let Threads(threads) = threads;
+        let memory = super::memory_options(max_memory, scratch_dir);
         let sources = to_sources(plan)?;
         let overrides = super::overrides_of(overrides)?;
         let cancel = Arc::new(AtomicBool::new(false));
         let flag = cancel.clone();
         let started = detached_on(py, cancel.clone(), move |_| {
             let prepared = prepare(sources, overrides, threads)?;
-            Session::start(prepared, flag)
+            Session::start(prepared, flag, &memory)
         })?;
         let (session, _) = started.map_err(|e| errors::to_py(py, e))?;
         Ok(PySession {

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::error::Error;
+use crate::memory::{Memory, MemoryError, MemoryOptions};
 use crate::plan::{Location, OutputSpec, Plan, PlanError};
 use crate::state::State;
 use crate::transforms::{plan_sha256_with_nested, run_steps, Context, ParseScope, Step, StepError, StepFailure};
@@ -26,12 +27,15 @@ pub struct RunOptions {
     pub cancel: Arc<AtomicBool>,
     /// Progress callback.
     pub progress: Option<Arc<ProgressFn>>,
+    /// The memory budget and the arena's directory.
+    pub memory: MemoryOptions,
 }
 
 impl std::fmt::Debug for RunOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunOptions")
             .field("threads", &self.threads)
+            .field("memory", &self.memory)
             .finish_non_exhaustive()
     }
 }
@@ -67,10 +71,16 @@ pub struct Report {
     /// Files written: by transforms (`save`, nested plans) in order, then the output's (empty
     /// for a check).
     pub written: Vec<PathBuf>,
-    /// Estimated peak bytes of buffers the run allocates.
+    /// Estimated peak bytes of memory the run's buffers take, within the budget.
     pub peak_memory_estimate: u64,
-    /// The part of [`Report::peak_memory_estimate`] for tensors computed whole in memory.
+    /// Bytes of tensors computed whole (products, permutations that cannot stream, factors),
+    /// in memory or in the arena.
     pub materialized_bytes: u64,
+    /// The memory budget (`--max-memory`, `max_memory=`; a share of physical memory by default).
+    pub memory_budget: u64,
+    /// Scratch arena bytes: for a check, the estimate of what does not fit the budget; for a
+    /// run, the most the arena held at once.
+    pub arena_bytes: u64,
     /// Input tensor names no longer present in the output alias.
     pub removed: usize,
     /// Output tensor names not present in the alias's input.
@@ -293,32 +303,72 @@ impl Prepared {
         }
         // A typical figure: each writing thread holds a chunk buffer plus a temporary or two for
         // computed values (long chains of operations on one tensor take a temporary per level,
-        // and strided slices a covering span of up to 4 MiB per level), plus every tensor the
-        // output needs computed whole (products, permutations that cannot stream), which are
-        // kept until the write ends.
+        // and strided slices a covering span of up to 4 MiB per level); factorizations run
+        // before the write, one matrix at a time. Tensors computed whole (products, permutations
+        // that cannot stream, factors) are kept until the write ends: in memory as far as the
+        // budget allows, the rest in the arena.
+        let budget = ctx.reads.memory().limit();
+        let fixed = self.fixed_memory(workspace);
+        let in_memory = (materialized as u64).min(budget.saturating_sub(fixed));
         report.materialized_bytes = materialized as u64;
-        report.peak_memory_estimate = (self.threads as u64)
-            .saturating_mul(3 * CHUNK_BYTES as u64)
-            .saturating_add(materialized as u64)
-            // Factorizations run before the write, one matrix at a time, while the factors
-            // already made (counted in `materialized`) are kept.
-            .max((workspace as u64).saturating_add(materialized as u64));
+        report.memory_budget = budget;
+        report.arena_bytes = (materialized as u64).saturating_sub(in_memory);
+        report.peak_memory_estimate = fixed.saturating_add(in_memory);
         Ok(report)
     }
 
     /// The header-only plan check (SPEC §8.1): every transform runs symbolically, value
     /// assertions are deferred, and the output header is computed. No tensor byte is read.
     pub fn check(&self) -> Result<Report, Error> {
-        let (state, ctx) = self.checked()?;
+        self.check_within(&MemoryOptions::default())
+    }
+
+    /// [`Prepared::check`] against the memory budget of `memory`.
+    pub fn check_within(&self, memory: &MemoryOptions) -> Result<Report, Error> {
+        let (state, ctx) = self.checked(memory)?;
         self.report(&state, ctx)
     }
 
-    /// The check without its report: the state and context it ended with.
-    fn checked(&self) -> Result<(State, Context), Error> {
+    /// The run's memory: its budget and its arena (beside the output unless told otherwise).
+    fn memory(&self, options: &MemoryOptions) -> Arc<Memory> {
+        let output = self.plan.output.as_ref().map(|o| o.path.as_path());
+        Arc::new(Memory::for_run(options, output))
+    }
+
+    /// Bytes that must be in memory whatever the budget: the writing threads' buffers, or a
+    /// factorization's workspace (`workspace`), whichever is larger.
+    fn fixed_memory(&self, workspace: usize) -> u64 {
+        (self.threads as u64)
+            .saturating_mul(3 * CHUNK_BYTES as u64)
+            .max(workspace as u64)
+    }
+
+    /// The check without its report: the state and context it ended with. Refuses a plan whose
+    /// work cannot fit the budget even with every tensor computed whole in the arena.
+    fn checked(&self, memory: &MemoryOptions) -> Result<(State, Context), Error> {
         let mut ctx = Context::new(false, Arc::new(AtomicBool::new(false)));
+        ctx.reads = ReadContext::for_run(ctx.cancel.clone(), self.memory(memory));
         let state = self.execute(&mut ctx)?;
         if let (Some(output), Some(alias)) = (&self.plan.output, self.output_alias(&state)?) {
             write::validate_output(output, &state, &alias)?;
+        }
+        let budget = ctx.reads.memory().limit();
+        let fixed = self.fixed_memory(ctx.workspace);
+        if fixed > budget {
+            let (what, hint) = match &ctx.workspace_tensor {
+                Some(tensor) if ctx.workspace as u64 == fixed => (format!("factorizing `{tensor}`"), ""),
+                _ => (
+                    format!("writing with {} threads", self.threads),
+                    " or use fewer threads (--threads, threads=)",
+                ),
+            };
+            return Err(MemoryError::OverBudget {
+                what,
+                needed: fixed,
+                budget,
+                hint,
+            }
+            .into());
         }
         Ok((state, ctx))
     }
@@ -332,8 +382,9 @@ impl Prepared {
     /// an output hands its result to Python this way (lazy values, nothing written).
     pub fn run_keeping_state(&self, options: &RunOptions) -> Result<(Report, State), Error> {
         // The check's report would be thrown away: one summary per tensor (issue 9).
-        self.checked()?;
+        self.checked(&options.memory)?;
         let mut ctx = Context::new(true, options.cancel.clone());
+        ctx.reads = ReadContext::for_run(options.cancel.clone(), self.memory(&options.memory));
         let state = self.execute(&mut ctx)?;
         // Written before the report is built, so the writer's layout and the report's per-tensor
         // summaries are not held at once.
@@ -343,7 +394,9 @@ impl Prepared {
             None => None,
         };
         let write_seconds = files.as_ref().map(|_| started.elapsed().as_secs_f64());
+        let arena_peak = ctx.reads.memory().arena_peak();
         let mut report = self.report(&state, ctx)?;
+        report.arena_bytes = arena_peak;
         report.written.extend(files.unwrap_or_default());
         report.write_seconds = write_seconds;
         Ok((report, state))

@@ -12,10 +12,11 @@ use serde_json::Value;
 
 use super::{step_error, Prepared, Report, RunOptions};
 use crate::error::Error;
+use crate::memory::{Memory, MemoryOptions};
 use crate::plan::{plan_sha256, Location, PlanError, RawTransform};
 use crate::state::State;
 use crate::transforms::{run_steps, sha256_with_nested, Context, Flow, ParseScope, Step};
-use crate::value::Tensor;
+use crate::value::{ReadContext, Tensor};
 use crate::write;
 
 /// What one applied block printed and did.
@@ -55,6 +56,8 @@ pub struct Session {
     factorizations: Vec<crate::transforms::lowrank::Factorization>,
     /// Bytes of tensor data read from input files by every block applied, for the final report.
     bytes_read: u64,
+    /// The memory budget and arena every block reads within.
+    memory: Arc<Memory>,
     /// The plan applied so far, as data: the inputs (absolute paths, so it replays from any
     /// folder) and every transform, in order. What `Session.plan` exports in Python.
     document: Value,
@@ -68,10 +71,20 @@ pub struct Session {
 impl Session {
     /// Checks and runs the plan's transforms (without writing the output) and returns the
     /// session with what they printed.
-    pub fn start(prepared: Prepared, cancel: Arc<AtomicBool>) -> Result<(Session, Applied), Error> {
-        let mut check = Context::new(false, cancel.clone());
+    pub fn start(
+        prepared: Prepared,
+        cancel: Arc<AtomicBool>,
+        memory: &MemoryOptions,
+    ) -> Result<(Session, Applied), Error> {
+        let memory = prepared.memory(memory);
+        let context = |evaluate: bool| {
+            let mut ctx = Context::new(evaluate, cancel.clone());
+            ctx.reads = ReadContext::for_run(cancel.clone(), memory.clone());
+            ctx
+        };
+        let mut check = context(false);
         prepared.execute(&mut check)?;
-        let mut ctx = Context::new(true, cancel.clone());
+        let mut ctx = context(true);
         let state = prepared.execute(&mut ctx)?;
         let next = prepared.plan.transforms.len();
         let scope = ParseScope::of_plan(&prepared.plan.files);
@@ -101,12 +114,25 @@ impl Session {
                 steps_run,
                 factorizations: applied.factorizations.clone(),
                 bytes_read: applied.bytes_read,
+                memory,
                 document,
                 nested,
                 handed_in: Vec::new(),
             },
             applied,
         ))
+    }
+
+    /// A context reading within the session's memory budget.
+    fn context(&self, evaluate: bool) -> Context {
+        let mut ctx = Context::new(evaluate, self.cancel.clone());
+        ctx.reads = ReadContext::for_run(self.cancel.clone(), self.memory.clone());
+        ctx
+    }
+
+    /// The session's memory budget and arena.
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.memory
     }
 
     /// The current state (for completion: aliases and tensor names).
@@ -153,7 +179,7 @@ impl Session {
         let plan_sha256 = self.handed_in.is_empty().then(|| document_sha256(&document, &nested));
         let run = |evaluate: bool| -> Result<(State, Context, bool), Error> {
             let mut state = self.state.clone();
-            let mut ctx = Context::new(evaluate, self.cancel.clone());
+            let mut ctx = self.context(evaluate);
             // `save` at the prompt writes with the run's threads.
             ctx.threads = self.prepared.threads;
             ctx.plan_sha256 = plan_sha256.clone();
@@ -215,7 +241,7 @@ impl Session {
     /// The report a check of the session's current state gives for `alias` (its tensors, bytes
     /// and the memory a write of it would take), without reading tensor data.
     pub fn report_for(&self, alias: &str) -> Result<Report, Error> {
-        let mut ctx = Context::new(false, self.cancel.clone());
+        let mut ctx = self.context(false);
         ctx.factorizations = self.factorizations.clone();
         self.prepared.report_alias(&self.state, ctx, Some(alias.to_owned()))
     }
@@ -224,12 +250,12 @@ impl Session {
     /// returns the report, as a run would.
     pub fn finish(self, options: &RunOptions) -> Result<Report, Error> {
         let prepared = &self.prepared;
-        let mut ctx = Context::new(false, self.cancel.clone());
+        let mut ctx = self.context(false);
         ctx.factorizations = self.factorizations.clone();
         let mut report = prepared.report(&self.state, ctx)?;
         if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
             write::validate_output(output, &self.state, &alias)?;
-            let reads = crate::value::ReadContext::cancellable(options.cancel.clone());
+            let reads = ReadContext::for_run(options.cancel.clone(), self.memory.clone());
             report.written = prepared.write(&self.state, &alias, &reads, options)?;
             report.bytes_read = reads.bytes_read();
         }
@@ -391,7 +417,9 @@ mod tests {
         );
         let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
         let prepared = Prepared::new(plan, 1).unwrap();
-        Session::start(prepared, Arc::new(AtomicBool::new(false))).unwrap().0
+        Session::start(prepared, Arc::new(AtomicBool::new(false)), &MemoryOptions::default())
+            .unwrap()
+            .0
     }
 
     #[test]
@@ -466,7 +494,9 @@ mod tests {
         std::fs::write(&main, format!("inputs: ['{}']\n", input.display())).unwrap();
         let plan = Plan::load(&[PlanSource::File(main)], &[]).unwrap();
         let prepared = Prepared::new(plan, 1).unwrap();
-        let mut s = Session::start(prepared, Arc::new(AtomicBool::new(false))).unwrap().0;
+        let mut s = Session::start(prepared, Arc::new(AtomicBool::new(false)), &MemoryOptions::default())
+            .unwrap()
+            .0;
         s.apply(&json!({"execute": {"path": "inner.yaml"}})).unwrap();
         assert!(s.state().get("model", "w2").is_some());
     }

@@ -312,7 +312,7 @@ fn temporary_pid(file_name: &str, target_name: &str) -> Option<u32> {
 }
 
 /// Whether process `pid` exists (signal 0 checks without sending anything).
-fn process_alive(pid: u32) -> bool {
+pub fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return true;
     };

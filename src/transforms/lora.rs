@@ -752,11 +752,11 @@ impl Transform for ExtractLora {
             let width = if m.ft.dtype == DType::F64 { 8 } else { 4 };
             // The base's values beside the fine-tune's while the delta is formed.
             let delta = m.shape.0.saturating_mul(m.shape.1).saturating_mul(width);
-            ctx.workspace = ctx.workspace.max(
-                self.factorizer
-                    .workspace(m.shape.0, m.shape.1, width)
-                    .saturating_add(delta),
-            );
+            let bytes = self
+                .factorizer
+                .workspace(m.shape.0, m.shape.1, width)
+                .saturating_add(delta);
+            ctx.need_workspace(bytes, &m.name);
         }
         let fan_in_fan_out = modules.iter().any(|m| m.transpose && !m.embedding);
         if fan_in_fan_out && modules.iter().any(|m| !m.transpose && !m.embedding) {

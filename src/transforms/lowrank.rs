@@ -746,7 +746,7 @@ impl Transform for Phlora {
             }
             shapes.push((rows, cols));
             let width = if m.tensor.dtype == DType::F64 { 8 } else { 4 };
-            ctx.workspace = ctx.workspace.max(self.factorizer.workspace(rows, cols, width));
+            ctx.need_workspace(self.factorizer.workspace(rows, cols, width), &m.display());
         }
         let writes = |overwrite: bool| if overwrite { Writes::Either } else { Writes::New };
         let targets = match &self.outputs {

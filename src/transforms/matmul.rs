@@ -19,11 +19,12 @@ use super::TransformSpec;
 use super::{count_noun, destinations, require_float, Context, Flow, StepError, Transform, TransformError, Writes};
 use crate::dtype::DType;
 use crate::linalg::Real;
+use crate::memory::{Element, Scratch};
 use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{read_real, real_bytes, try_filled, LazyOp, ReadContext, Tensor, ValueError};
+use crate::value::{read_real_scratch, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
 
 const MATMUL_FIELDS: &[Field] = &[
     Field::required(
@@ -180,21 +181,22 @@ pub struct MatmulOp {
     dims: [usize; 4],
     /// Threads computing the product (the run's `--threads`; 0: one per core).
     threads: usize,
-    /// The product in the operands' dtype, once computed.
-    result: Mutex<Option<Arc<Vec<u8>>>>,
+    /// The product in the operands' dtype, once computed: within the run's memory budget, else
+    /// in its arena.
+    result: Mutex<Option<Arc<Scratch>>>,
 }
 
 /// `c = a @ b` per batch, row-major.
 fn multiply<T: faer::traits::ComplexField + Copy + Default>(
     a: &[T],
     b: &[T],
+    c: &mut [T],
     [batch, m, k, n]: [usize; 4],
     one: T,
     par: Par,
-) -> Result<Vec<T>, ValueError> {
-    let mut c = try_filled("matmul", batch * m * n, T::default())?;
+) {
     if m * n == 0 {
-        return Ok(c);
+        return;
     }
     for i in 0..batch {
         let lhs = MatRef::from_row_major_slice(&a[i * m * k..(i + 1) * m * k], m, k);
@@ -202,12 +204,11 @@ fn multiply<T: faer::traits::ComplexField + Copy + Default>(
         let dst = MatMut::from_row_major_slice_mut(&mut c[i * m * n..(i + 1) * m * n], m, n);
         matmul(dst, Accum::Replace, lhs, rhs, one, par);
     }
-    Ok(c)
 }
 
 impl MatmulOp {
     /// Computes the product in the operands' dtype.
-    fn compute(&self, threads: usize, mut cx: ReadContext) -> Result<Vec<u8>, ValueError> {
+    fn compute(&self, threads: usize, mut cx: ReadContext) -> Result<Scratch, ValueError> {
         let dtype = self.a.dtype;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -224,22 +225,40 @@ impl MatmulOp {
         }
     }
 
-    /// The product computed in `T`, in the operands' dtype.
-    fn compute_in<T: Real>(
+    /// The product computed in `T`, in the operands' dtype. Operands and product are buffers of
+    /// the run's budget, spilling to its arena when it cannot hold them.
+    fn compute_in<T: Real + Element>(
         &self,
         pool: &rayon::ThreadPool,
         par: Par,
         cx: &mut ReadContext,
-    ) -> Result<Vec<u8>, ValueError> {
-        let a = read_real::<T>(&self.a, "matmul", cx)?;
-        let b = read_real::<T>(&self.b, "matmul", cx)?;
-        let c = pool.install(|| multiply(&a, &b, self.dims, T::of(1.0), par))?;
+    ) -> Result<Scratch, ValueError> {
+        let a = read_real_scratch::<T>(&self.a, "matmul", cx)?;
+        let b = read_real_scratch::<T>(&self.b, "matmul", cx)?;
+        let [batch, m, _, n] = self.dims;
+        let mut c = cx.alloc("matmul", batch * m * n * std::mem::size_of::<T>())?;
+        pool.install(|| {
+            multiply(
+                a.typed::<T>(),
+                b.typed::<T>(),
+                c.typed_mut::<T>(),
+                self.dims,
+                T::of(1.0),
+                par,
+            )
+        });
         drop((a, b));
-        real_bytes(&c, self.a.dtype, "matmul")
+        let result = if self.a.dtype == T::DTYPE {
+            c
+        } else {
+            real_scratch(c.typed::<T>(), self.a.dtype, "matmul", cx)?
+        };
+        result.settle();
+        Ok(result)
     }
 
     /// The product, computed on the first call (other readers wait for it).
-    fn result(&self, cx: &ReadContext) -> Result<Arc<Vec<u8>>, ValueError> {
+    fn result(&self, cx: &ReadContext) -> Result<Arc<Scratch>, ValueError> {
         let mut slot = self.result.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(result) = &*slot {
             return Ok(result.clone());
@@ -306,17 +325,10 @@ impl LazyOp for MatmulOp {
         }
         let size = dtype.size().ok_or(ValueError::NoByteSize { op: "matmul", dtype })?;
         let result = self.result(cx)?;
-        let from = start * size;
-        match result.get(from..from + out.len()) {
-            Some(bytes) => {
-                out.copy_from_slice(bytes);
-                Ok(())
-            }
-            None => Err(ValueError::Compute {
-                op: "matmul",
-                reason: "read past the end of the product".into(),
-            }),
-        }
+        result.read_into(start * size, out).map_err(|e| ValueError::Compute {
+            op: "matmul",
+            reason: format!("the product could not be read: {e}"),
+        })
     }
 }
 
@@ -389,11 +401,11 @@ mod tests {
         let (m, k, n) = (300, 257, 190);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 997) as f32 / 91.0 - 5.0).collect();
-        let seq = multiply(&a, &b, [1, m, k, n], 1.0f32, Par::Seq).unwrap();
+        let mut seq = vec![0f32; m * n];
+        multiply(&a, &b, &mut seq, [1, m, k, n], 1.0f32, Par::Seq);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let par = pool
-            .install(|| multiply(&a, &b, [1, m, k, n], 1.0f32, Par::rayon(2)))
-            .unwrap();
+        let mut par = vec![0f32; m * n];
+        pool.install(|| multiply(&a, &b, &mut par, [1, m, k, n], 1.0f32, Par::rayon(2)));
         assert!(seq.iter().zip(&par).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }

@@ -94,6 +94,9 @@ pub struct Context {
     /// The most bytes one step needs at once for work done while it runs (a factorization's
     /// matrix and workspace), for the check's peak memory estimate.
     pub workspace: usize,
+    /// The tensor whose step needs [`Context::workspace`], for the message when it does not
+    /// fit the memory budget.
+    pub workspace_tensor: Option<String>,
     /// Seconds each top-level transform took, in order (nested plans' steps count in their
     /// `execute`): what a run reports so a user sees where the time went.
     pub timings: Vec<StepTiming>,
@@ -134,8 +137,18 @@ impl Context {
             steps_run: 0,
             factorizations: Vec::new(),
             workspace: 0,
+            workspace_tensor: None,
             timings: Vec::new(),
             depth: 0,
+        }
+    }
+
+    /// Records that a step needs `bytes` in memory at once while it runs, for `tensor` (the
+    /// largest need counts).
+    pub fn need_workspace(&mut self, bytes: usize, tensor: &str) {
+        if bytes > self.workspace {
+            self.workspace = bytes;
+            self.workspace_tensor = Some(tensor.to_owned());
         }
     }
 
@@ -223,6 +236,7 @@ impl TransformError {
             ValueError::NoByteSize { .. }
             | ValueError::Compute { .. }
             | ValueError::TooLarge { .. }
+            | ValueError::Memory(_)
             | ValueError::OutOfMemory { .. } => StepError::Transform(TransformError::ValueOf {
                 tensor: tensor.to_owned(),
                 source: e,

@@ -21,12 +21,13 @@ use serde_json::Value as Json;
 use super::{count_noun, destinations, Context, Flow, StepError, Transform, TransformError, TransformSpec, Writes};
 use crate::dtype::DType;
 use crate::formats::LazyMap;
+use crate::memory::Scratch;
 use crate::plan::document::kind_of;
 use crate::plan::payload::{compact, Field, FieldKind};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{strides, try_filled, LazyOp, ReadContext, Tensor, Value, ValueError, CHUNK_BYTES};
+use crate::value::{strides, LazyOp, ReadContext, Tensor, Value, ValueError, CHUNK_BYTES};
 
 /// Elements of the source read per tile before they are scattered: 64 KiB of BF16, well within
 /// L2 together with the output band it is written into.
@@ -178,6 +179,7 @@ pub fn permuted(source: &Tensor, order: &[usize]) -> Result<Tensor, ValueError> 
             strides: dim_strides,
             mode,
             whole: Mutex::new(None),
+            gathered: std::sync::atomic::AtomicUsize::new(0),
             mapped: match &*source.value {
                 Value::Stored { file, offset } => Some(LazyMap::new(file.clone(), *offset, source.nbytes(), true)),
                 _ => None,
@@ -200,8 +202,11 @@ pub struct PermuteOp {
     dims: Vec<usize>,
     strides: Vec<usize>,
     mode: Mode,
-    /// The whole source, read once, for orders that cannot stream.
-    whole: Mutex<Option<Arc<Vec<u8>>>>,
+    /// The whole source, read once, for orders that cannot stream: within the run's memory
+    /// budget, else in its arena.
+    whole: Mutex<Option<Arc<Scratch>>>,
+    /// Bytes gathered from an arena copy since its pages were last given back.
+    gathered: std::sync::atomic::AtomicUsize,
     /// A stored source's bytes mapped, for tiles: a run of a few elements per source row is a
     /// copy from the page cache instead of a system call (8192 `pread`s of 128 bytes per chunk of
     /// an 8192×2048 BF16 transpose ran at 0.27 GB/s). Unmapped once every element has been served,
@@ -359,21 +364,52 @@ impl PermuteOp {
             match &*slot {
                 Some(whole) => whole.clone(),
                 None => {
-                    let mut bytes = try_filled("permute", self.source.numel() * size, 0u8)?;
-                    let per = (CHUNK_BYTES / size).max(1);
                     let total = self.source.numel();
+                    let mut whole = cx.alloc("permute", total * size)?;
+                    // In chunks through a reused buffer: written into the arena with `pwrite`,
+                    // so a spilled copy does not pass through the resident set.
+                    let per = (CHUNK_BYTES / size).max(1);
+                    let mut chunk = cx.take(per.min(total) * size);
                     let mut at = 0;
-                    while at < total {
+                    let mut result = Ok(());
+                    while at < total && result.is_ok() {
                         let n = per.min(total - at);
-                        self.source.read(at, &mut bytes[at * size..(at + n) * size], cx)?;
+                        result = self.source.read(at, &mut chunk[..n * size], cx).and_then(|()| {
+                            whole
+                                .write_at(at * size, &chunk[..n * size])
+                                .map_err(|e| ValueError::Compute {
+                                    op: "permute",
+                                    reason: format!("the scratch arena could not be written: {e}"),
+                                })
+                        });
                         at += n;
                     }
-                    let whole = Arc::new(bytes);
+                    cx.give(chunk);
+                    result?;
+                    let whole = Arc::new(whole);
                     *slot = Some(whole.clone());
                     whole
                 }
             }
         };
+        self.gather(&whole, size, start, out);
+        // The gather touches pages all over an arena copy; they are given back each time about
+        // a sixteenth of the budget has been gathered, so the resident set stays near the budget
+        // (an estimate: a scattered gather touches more pages than it copies bytes).
+        if whole.in_arena() {
+            let budget = cx.memory().limit() as usize;
+            let gathered = self.gathered.fetch_add(out.len(), std::sync::atomic::Ordering::Relaxed) + out.len();
+            if gathered >= (budget / 16).max(CHUNK_BYTES) {
+                self.gathered.store(0, std::sync::atomic::Ordering::Relaxed);
+                whole.settle();
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies elements `[start, ..)` of the permutation of `whole` (the source) into `out`.
+    fn gather(&self, whole: &Scratch, size: usize, start: usize, out: &mut [u8]) {
+        let whole = whole.bytes();
         let r = self.dims.len();
         let n = out.len() / size;
         let mut index = vec![0usize; r];
@@ -396,7 +432,6 @@ impl PermuteOp {
                 index[d] = 0;
             }
         }
-        Ok(())
     }
 }
 

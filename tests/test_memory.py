@@ -1,0 +1,148 @@
+"""The memory contract (issue 12): a budget for tensors computed whole, the scratch arena beyond
+it, and what `check` says before a byte is read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import brainsurgery as bs
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def operands(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((512, 1024), dtype=np.float32)  # 2 MiB
+    b = rng.standard_normal((1024, 2048), dtype=np.float32)  # 8 MiB; the product 4 MiB
+    cube = rng.standard_normal((32, 64, 512), dtype=np.float32)  # 4 MiB
+    path = tmp_path / "m.safetensors"
+    save_file({"a": a, "b": b, "cube": cube}, str(path))
+    return path, a, b, cube
+
+
+def plan(model: Path, out: Path) -> dict:
+    return {
+        "inputs": [str(model)],
+        "transforms": [
+            {"matmul": {"from_a": "a", "from_b": "b", "to": "ab"}},
+            # Reversing three dimensions cannot stream: the whole source is copied first.
+            {"permute": {"from": "cube", "to": "cube_t", "order": [2, 1, 0]}},
+        ],
+        "output": str(out),
+    }
+
+
+def test_work_above_the_budget_goes_to_the_arena_and_equals_numpy(operands, tmp_path: Path) -> None:
+    model, a, b, cube = operands
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out.safetensors"
+    # One writing thread holds 3 MiB; a 4 MiB budget leaves no room for the 8 MiB operand, the
+    # 4 MiB product or the 4 MiB copy of the cube.
+    checked = bs.check(plan(model, out), max_memory="4MB", scratch_dir=scratch)
+    assert checked["memory_budget"] == 4 * MiB
+    assert checked["arena_bytes"] > 0
+    assert checked["peak_memory_estimate"] <= 4 * MiB
+    result = bs.run(plan(model, out), threads=1, max_memory=4 * MiB, scratch_dir=scratch, quiet=True)
+    assert result["arena_bytes"] >= 4 * MiB
+    got = load_file(str(out))
+    np.testing.assert_allclose(got["ab"], a @ b, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(got["cube_t"], cube.transpose(2, 1, 0))
+    # The arena's file never had a name in the scratch directory.
+    assert list(scratch.iterdir()) == []
+    # The same with an ample budget: nothing in the arena, the same bytes.
+    ample = tmp_path / "ample.safetensors"
+    roomy = bs.run(plan(model, ample), threads=1, max_memory="1GB", scratch_dir=scratch, quiet=True)
+    assert roomy["arena_bytes"] == 0
+    assert ample.read_bytes() == out.read_bytes()
+
+
+def test_a_budget_below_the_writing_buffers_is_refused_before_any_work(operands, tmp_path: Path) -> None:
+    model, *_ = operands
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(bs.PlanError, match=r"writing with 2 threads needs \d+ bytes of memory at once, more than the budget of 1048576 bytes"):
+        bs.run(plan(model, out), threads=2, max_memory="1MB", quiet=True)
+    assert not out.exists()
+    cli = subprocess.run(
+        [sys.executable, "-m", "brainsurgery", "check", "--max-memory", "1MB", "--threads", "2", str(model)],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2, cli.stderr
+    assert "more than the budget" in cli.stderr
+
+
+def test_a_factorization_whose_workspace_exceeds_the_budget_names_the_tensor(tmp_path: Path) -> None:
+    w = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
+    model = tmp_path / "w.safetensors"
+    save_file({"w": w}, str(model))
+    p = {"inputs": [str(model)], "transforms": [{"phlora_": {"target": "w", "rank": 8}}], "output": str(tmp_path / "o.safetensors")}
+    with pytest.raises(bs.PlanError, match=r"factorizing `.*w` needs \d+ bytes"):
+        bs.check(p, max_memory="3MB")
+
+
+@pytest.mark.parametrize("bad", ["lots", -1, 1.5])
+def test_max_memory_must_be_a_size(operands, tmp_path: Path, bad: object) -> None:
+    model, *_ = operands
+    with pytest.raises((bs.PlanError, TypeError)):
+        bs.check({"inputs": [str(model)]}, max_memory=bad)  # type: ignore[arg-type]
+
+
+def test_a_missing_scratch_directory_is_a_clear_error_and_nothing_is_written(operands, tmp_path: Path) -> None:
+    model, *_ = operands
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(bs.TransformError, match="scratch arena in .*nowhere"):
+        bs.run(plan(model, out), threads=1, max_memory="4MB", scratch_dir=tmp_path / "nowhere", quiet=True)
+    assert not out.exists()
+
+
+def test_sessions_compute_within_their_budget(operands, tmp_path: Path) -> None:
+    model, a, b, _ = operands
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    s = bs.Session({"m": model}, max_memory="4MB", scratch_dir=scratch, threads=1)
+    s.apply({"matmul": {"from_a": "m::a", "from_b": "m::b", "to": "m::ab"}})
+    np.testing.assert_allclose(np.asarray(s["m::ab"]), a @ b, rtol=1e-4, atol=1e-3)
+    assert list(scratch.iterdir()) == []
+
+
+def test_sigint_during_a_spilled_run_leaves_no_output_and_no_scratch(tmp_path: Path) -> None:
+    # Large enough that the run is still computing when the signal arrives.
+    model = tmp_path / "big.safetensors"
+    save_file({"x": np.ones((64, 256, 1024), dtype=np.float32)}, str(model))  # 64 MiB
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out.safetensors"
+    script = textwrap.dedent(
+        f"""
+        import brainsurgery as bs
+        print("ready", flush=True)
+        bs.run({{"inputs": [{str(model)!r}],
+                 "transforms": [{{"permute": {{"from": "x", "to": "y", "order": [2, 1, 0]}}}}]
+                 + [{{"assert": {{"finite": "y"}}}}] * 50,
+                 "output": {str(out)!r}}},
+               threads=1, max_memory="8MB", scratch_dir={str(scratch)!r}, quiet=True)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode != 0, err
+    assert "KeyboardInterrupt" in err or "interrupted" in err
+    assert not out.exists()
+    assert list(scratch.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
