@@ -1,9 +1,9 @@
 //! brainsurgery: declarative, reproducible surgery on neural-network checkpoints.
 //!
 //! Modules in data-path order, each importing only those above it: element types, kernels and
-//! dense linear algebra, checkpoint formats, tensor references and the plan language, lazy
-//! values, the run state (aliases of tensors), writing checkpoints, transforms, the executor,
-//! and the front ends (command line, Python bindings).
+//! dense linear algebra, checkpoint formats, free space on filesystems, tensor references and the
+//! plan language, lazy values, the run state (aliases of tensors), writing checkpoints,
+//! transforms, the executor, and the front ends (command line, Python bindings).
 
 #![deny(missing_docs)]
 
@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod kernels;
 pub mod linalg;
 pub mod formats;
+pub mod space;
 pub mod references;
 pub mod plan;
 pub mod value;

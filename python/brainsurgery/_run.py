@@ -120,6 +120,7 @@ def run(
     threads: int = 0,
     quiet: bool = False,
     progress: bool | Callable[[int, int], object] | None = None,
+    space_check: bool = True,
 ) -> RunResult:
     """Run a plan (a dict, YAML text, a path, or a list of them merged in order) and write its output.
 
@@ -137,13 +138,19 @@ def run(
     ``quiet``; or a callable ``progress(done_bytes, total_bytes)`` called from the engine's
     writing threads at most every 50 ms and once at the end.
 
+    ``space_check``: before anything is read, the run refuses to start (``FormatError``) when
+    the output's filesystem has less free space than the output's files take (``check`` reports
+    the figures); ``False`` starts anyway, and a disk that fills fails the run leaving nothing.
+
     >>> result = run({"inputs": ["model.safetensors"], "output": "out.safetensors"})  # doctest: +SKIP
     """
     start = time.perf_counter()
     bar = _ProgressBar.make(progress, quiet) if not callable(progress) else None
     callback = progress if callable(progress) else bar
     try:
-        report, tensors = _core.run(plan, overrides=overrides, threads=threads, progress=callback)
+        report, tensors = _core.run(
+            plan, overrides=overrides, threads=threads, progress=callback, space_check=space_check
+        )
     finally:
         if bar is not None:
             bar.close()

@@ -510,6 +510,24 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     dict.set_item("timings", timings)?;
     dict.set_item("write_seconds", report.write_seconds)?;
     dict.set_item("bytes_read", report.bytes_read)?;
+    dict.set_item("bytes_to_read", report.bytes_to_read)?;
+    dict.set_item("bytes_to_write", report.bytes_to_write)?;
+    let files = PyList::empty(py);
+    for (path, len) in &report.output_files {
+        files.append((path.display().to_string(), *len))?;
+    }
+    dict.set_item("output_files", files)?;
+    let filesystems = PyList::empty(py);
+    for fs in &report.filesystems {
+        let entry = PyDict::new(py);
+        entry.set_item("roles", &fs.roles)?;
+        entry.set_item("path", fs.path.display().to_string())?;
+        entry.set_item("needed", fs.needed)?;
+        entry.set_item("available", fs.available)?;
+        entry.set_item("enough", !fs.is_short())?;
+        filesystems.append(entry)?;
+    }
+    dict.set_item("filesystems", filesystems)?;
     dict.set_item("factorizations", factorizations)?;
     Ok(dict)
 }
@@ -570,13 +588,14 @@ fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> 
 /// output. Returns a report: the alias written, its tensors, the files written, one note per
 /// transform.
 #[pyfunction]
-#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), progress = None), text_signature = "(plan, *, overrides=None, threads=0, progress=None)")]
+#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), progress = None, space_check = true), text_signature = "(plan, *, overrides=None, threads=0, progress=None, space_check=True)")]
 fn run<'py>(
     py: Python<'py>,
     plan: &Bound<'py, PyAny>,
     overrides: Option<&Bound<'py, PyAny>>,
     threads: Threads,
     progress: Option<Py<PyAny>>,
+    space_check: bool,
 ) -> PyResult<(Bound<'py, PyDict>, Option<Py<session::PyTensors>>)> {
     let Threads(threads) = threads;
     let sources = to_sources(plan)?;
@@ -588,6 +607,7 @@ fn run<'py>(
             threads,
             cancel,
             progress,
+            skip_space_check: !space_check,
         })?;
         // Without an output the result is the tensors themselves, read lazily from Python.
         let result = match prepared.plan().output {
@@ -1005,7 +1025,7 @@ fn save<'py>(
         let options = RunOptions {
             threads,
             cancel,
-            progress: None,
+            ..RunOptions::default()
         };
         crate::executor::save(&output, state_ref, alias, &metadata, None, &options)
     })?;
