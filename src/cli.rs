@@ -117,6 +117,10 @@ struct PlanArgs {
     /// Never show a progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Start the run even when the output's filesystem has less free space than the output
+    /// needs (it may then fail when the disk fills, leaving nothing).
+    #[arg(long)]
+    no_space_check: bool,
 }
 
 const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "diff", "help"];
@@ -295,6 +299,68 @@ fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -
             "  read {} of tensor data from the inputs",
             HumanBytes(report.bytes_read)
         )?;
+    }
+    Ok(())
+}
+
+/// Output files listed before the rest are folded into "… N more".
+const FILES_SHOWN: usize = 5;
+
+/// The check's I/O figures: bytes to read and write, the output files, and the free space on
+/// each filesystem written to.
+fn print_io(out: &mut dyn Write, report: &Report) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "bytes to read: {} (estimated, from the inputs)",
+        HumanBytes(report.bytes_to_read)
+    )?;
+    if report.output_files.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "bytes to write: {} in {} file{}",
+        HumanBytes(report.bytes_to_write),
+        report.output_files.len(),
+        if report.output_files.len() == 1 { "" } else { "s" }
+    )?;
+    // Shards first and last (the index, sidecars) tell the layout; the middle is folded.
+    let files = &report.output_files;
+    let shown: Vec<usize> = if files.len() <= FILES_SHOWN + 1 {
+        (0..files.len()).collect()
+    } else {
+        (0..FILES_SHOWN).collect()
+    };
+    for &i in &shown {
+        let (path, len) = &files[i];
+        writeln!(out, "  {} ({})", path.display(), HumanBytes(*len))?;
+    }
+    if shown.len() < files.len() {
+        let rest = &files[shown.len()..];
+        let bytes = rest.iter().fold(0u64, |sum, (_, len)| sum.saturating_add(*len));
+        writeln!(out, "  … {} more ({})", rest.len(), HumanBytes(bytes))?;
+    }
+    for fs in &report.filesystems {
+        let roles = fs.roles.join(" and ");
+        match fs.available {
+            Some(free) => writeln!(
+                out,
+                "{roles} filesystem: {} free, {} needed{}",
+                HumanBytes(free),
+                HumanBytes(fs.needed),
+                if fs.is_short() {
+                    " — NOT ENOUGH: a run refuses to start (--no-space-check to try anyway)"
+                } else {
+                    ""
+                }
+            )?,
+            None => writeln!(
+                out,
+                "{roles} filesystem: free space unknown ({} cannot be asked), {} needed",
+                fs.path.display(),
+                HumanBytes(fs.needed)
+            )?,
+        }
     }
     Ok(())
 }
@@ -502,6 +568,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
                     String::new()
                 }
             );
+            let _ = print_io(&mut out, &report);
             Ok(0)
         }
         Command::Run(args) => {
@@ -514,6 +581,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
                 cancel: cancel.clone(),
                 progress: bar.as_ref().map(|(_, f)| f.clone()),
                 memory: memory_options(&args)?,
+                skip_space_check: args.no_space_check,
             };
             let result = if args.interactive {
                 interactive(prepared, cancel, &options, &mut out)

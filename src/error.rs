@@ -238,7 +238,8 @@ impl ErrorContext {
                 | FormatError::NoWeights { path }
                 | FormatError::BadIndex { path, .. }
                 | FormatError::InvalidOutput { path, .. }
-                | FormatError::Adapter { path, .. } => self.path(path),
+                | FormatError::Adapter { path, .. }
+                | FormatError::NoSpace { path, .. } => self.path(path),
                 FormatError::IndexFileMissing { index, .. } => self.path(index),
                 FormatError::IndexTensorMissing { index, tensor, .. } => {
                     self.path(index);

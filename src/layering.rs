@@ -9,6 +9,7 @@ const LAYERS: &[&str] = &[
     "kernels",
     "linalg",
     "formats",
+    "space",
     "memory",
     "references",
     "plan",

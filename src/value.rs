@@ -177,6 +177,14 @@ pub trait LazyOp: Send + Sync + std::fmt::Debug {
     fn materialized(&self, _seen: &mut HashSet<usize>) -> usize {
         0
     }
+
+    /// Bytes of input files reading the whole result once reads (see
+    /// [`Tensor::bytes_to_read`]): its operands' for a streaming operation; an operation that
+    /// computes its result once and keeps it counts its operands only when it first enters
+    /// `seen` (by address). 0 for operations that read no input (fills, noise).
+    fn bytes_to_read(&self, _seen: &mut HashSet<usize>) -> u64 {
+        0
+    }
 }
 
 /// An element-wise function applied in place (see [`Value::Map`]).
@@ -188,6 +196,11 @@ pub trait ElementFn: Send + Sync + std::fmt::Debug {
 
     /// Bytes its operands compute whole in memory (see [`LazyOp::materialized`]).
     fn materialized(&self, _seen: &mut HashSet<usize>) -> usize {
+        0
+    }
+
+    /// Bytes of input files its operands read (see [`LazyOp::bytes_to_read`]); 0 without any.
+    fn bytes_to_read(&self, _seen: &mut HashSet<usize>) -> u64 {
         0
     }
 }
@@ -607,6 +620,32 @@ impl Tensor {
             // A second operand (`add_` of a product) is computed whole too.
             Value::Map { base, f, .. } => base.materialized(seen).saturating_add(f.materialized(seen)),
             Value::Overwrite { base, with, .. } => base.materialized(seen).saturating_add(with.materialized(seen)),
+        }
+    }
+
+    /// Bytes of input files reading the whole tensor once reads, from its lazy value alone
+    /// (nothing is read): stored elements at their stored size, a view the share of its base
+    /// it selects (exact for a contiguous selection of a stored tensor; a stepped one reads
+    /// covering spans, which this does not count), a cast its base's, element-wise edits and
+    /// writes through a slice their base and operands, operations what they say
+    /// ([`LazyOp::bytes_to_read`]). `seen` lists operations already counted that keep their
+    /// result (see there).
+    pub fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        match &*self.value {
+            Value::Stored { .. } | Value::Strided(_) => self.nbytes() as u64,
+            Value::Memory(_) => 0,
+            Value::Cast { base } => base.bytes_to_read(seen),
+            Value::View { base, .. } => {
+                // The viewed share of the base's bytes; u128, so the product cannot overflow.
+                let (part, whole) = (self.numel() as u128, base.numel() as u128);
+                let of_base = base.bytes_to_read(seen) as u128;
+                (of_base * part)
+                    .checked_div(whole)
+                    .map_or(0, |bytes| u64::try_from(bytes).unwrap_or(u64::MAX))
+            }
+            Value::Map { base, f, .. } => base.bytes_to_read(seen).saturating_add(f.bytes_to_read(seen)),
+            Value::Overwrite { base, with, .. } => base.bytes_to_read(seen).saturating_add(with.bytes_to_read(seen)),
+            Value::Op(op) => op.bytes_to_read(seen),
         }
     }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::formats::output::{OutputLayout, OutputTensor, Writer};
+use crate::formats::output::{OutputLayout, OutputPlan, OutputTensor, Writer};
 use crate::formats::{zip, Format, FormatError};
 use crate::plan::{Location, OutputSpec, PlanError};
 use crate::state::State;
@@ -248,6 +248,48 @@ pub fn alias_sidecars(state: &State, alias: &str, output: &OutputSpec) -> Vec<Pa
     }
 }
 
+/// How `tensors` (in this order) are laid out as `output`'s files: the one layout behind both
+/// [`write_tensors`] and [`planned_files`].
+fn output_plan(
+    output: &OutputSpec,
+    tensors: &[(&str, &Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<OutputPlan, FormatError> {
+    let specs = tensors
+        .iter()
+        .map(|(name, t)| OutputTensor::new(*name, t.dtype, t.shape.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let layout = match (output.single_file, output.npy) {
+        (true, true) => OutputLayout::Npy(output.path.clone()),
+        (true, false) => OutputLayout::File(output.path.clone()),
+        (false, _) => OutputLayout::Directory {
+            dir: output.path.clone(),
+            shard_budget: output.shard,
+        },
+    };
+    OutputPlan::new(output.format, &layout, &specs, metadata)
+}
+
+/// The files a write of `alias` (validated with [`validate_output`]) to `output` would produce,
+/// each with its final size: weight files, the index, then copied sidecars, as
+/// [`write_alias`] writes them. Nothing is created.
+pub fn planned_files(
+    output: &OutputSpec,
+    state: &State,
+    alias: &str,
+    plan_sha256: Option<&str>,
+) -> Result<Vec<(PathBuf, u64)>, WriteError> {
+    let Some(current) = state.alias(alias) else {
+        return Ok(Vec::new());
+    };
+    let tensors: Vec<(&str, &Tensor)> = current.iter().collect();
+    let metadata = alias_metadata(state, alias, plan_sha256);
+    let plan = output_plan(output, &tensors, &metadata)?;
+    let mut files = plan.files();
+    files.extend(plan.sidecar_files(&alias_sidecars(state, alias, output))?);
+    Ok(files)
+}
+
 /// Streams `tensors` (in this order) to `output` atomically and returns the files written:
 /// the one code path behind the plan output, `save` and nested plans' outputs. The caller has
 /// validated the target.
@@ -263,19 +305,7 @@ pub fn write_tensors(
         reads,
         progress,
     } = options;
-    let specs = tensors
-        .iter()
-        .map(|(name, t)| OutputTensor::new(*name, t.dtype, t.shape.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let layout = match (output.single_file, output.npy) {
-        (true, true) => OutputLayout::Npy(output.path.clone()),
-        (true, false) => OutputLayout::File(output.path.clone()),
-        (false, _) => OutputLayout::Directory {
-            dir: output.path.clone(),
-            shard_budget: output.shard,
-        },
-    };
-    let writer = Writer::create(output.format, layout, &specs, metadata)?;
+    let writer = Writer::from_plan(output_plan(output, tensors, metadata)?)?;
     // Output tensors that are the same lazy value (copies, e.g. one MLP weight fanned out to
     // four experts) are produced once per chunk and written to every destination.
     let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -333,10 +363,7 @@ pub fn write_tensors(
                 for &i in members {
                     let (file, offset) = writer.placement(i);
                     file.write_all_at(buf, offset + start as u64)
-                        .map_err(|source| FormatError::Io {
-                            path: output.path.clone(),
-                            source,
-                        })?;
+                        .map_err(|source| FormatError::io(&output.path, source))?;
                 }
                 let len = len * members.len();
                 let now = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;

@@ -71,6 +71,13 @@ class StepTimingReport(TypedDict):
     transform: str
     seconds: float
 
+class FilesystemReport(TypedDict):
+    roles: list[str]
+    path: str
+    needed: int
+    available: int | None
+    enough: bool
+
 class Report(TypedDict):
     alias: str | None
     tensors: list[TensorReport]
@@ -89,6 +96,10 @@ class Report(TypedDict):
     timings: list[StepTimingReport]
     write_seconds: float | None
     bytes_read: int
+    bytes_to_read: int
+    bytes_to_write: int
+    output_files: list[tuple[str, int]]
+    filesystems: list[FilesystemReport]
 
 PlanLike = Mapping[str, Any] | str | os.PathLike[str]
 
@@ -98,6 +109,7 @@ def run(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     threads: int = 0,
     progress: Callable[[int, int], object] | None = None,
+    space_check: bool = True,
     max_memory: int | str | None = None,
     scratch_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[Report, Tensors | None]:

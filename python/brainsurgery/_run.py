@@ -122,6 +122,7 @@ def run(
     progress: bool | Callable[[int, int], object] | None = None,
     max_memory: int | str | None = None,
     scratch_dir: str | os.PathLike[str] | None = None,
+    space_check: bool = True,
 ) -> RunResult:
     """Run a plan (a dict, YAML text, a path, or a list of them merged in order) and write its output.
 
@@ -143,6 +144,9 @@ def run(
     physical memory); tensors computed whole (products, permutations that cannot stream) go to a
     scratch arena in ``scratch_dir`` (default: the output's folder) beyond it. A plan whose work
     cannot fit it even so is refused before anything is read.
+    ``space_check``: before anything is read, the run refuses to start (``FormatError``) when
+    the output's filesystem has less free space than the output's files take (``check`` reports
+    the figures); ``False`` starts anyway, and a disk that fills fails the run leaving nothing.
 
     >>> result = run({"inputs": ["model.safetensors"], "output": "out.safetensors"})  # doctest: +SKIP
     """
@@ -155,6 +159,7 @@ def run(
             overrides=overrides,
             threads=threads,
             progress=callback,
+            space_check=space_check,
             max_memory=max_memory,
             scratch_dir=os.fspath(scratch_dir) if scratch_dir is not None else None,
         )

@@ -512,6 +512,24 @@ fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, 
     dict.set_item("timings", timings)?;
     dict.set_item("write_seconds", report.write_seconds)?;
     dict.set_item("bytes_read", report.bytes_read)?;
+    dict.set_item("bytes_to_read", report.bytes_to_read)?;
+    dict.set_item("bytes_to_write", report.bytes_to_write)?;
+    let files = PyList::empty(py);
+    for (path, len) in &report.output_files {
+        files.append((path.display().to_string(), *len))?;
+    }
+    dict.set_item("output_files", files)?;
+    let filesystems = PyList::empty(py);
+    for fs in &report.filesystems {
+        let entry = PyDict::new(py);
+        entry.set_item("roles", &fs.roles)?;
+        entry.set_item("path", fs.path.display().to_string())?;
+        entry.set_item("needed", fs.needed)?;
+        entry.set_item("available", fs.available)?;
+        entry.set_item("enough", !fs.is_short())?;
+        filesystems.append(entry)?;
+    }
+    dict.set_item("filesystems", filesystems)?;
     dict.set_item("factorizations", factorizations)?;
     Ok(dict)
 }
@@ -610,7 +628,7 @@ fn prepare(sources: Vec<PlanSource>, overrides: Vec<String>, threads: usize) -> 
 /// output. Returns a report: the alias written, its tensors, the files written, one note per
 /// transform.
 #[pyfunction]
-#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), progress = None, max_memory = MaxMemory(None), scratch_dir = None), text_signature = "(plan, *, overrides=None, threads=0, progress=None, max_memory=None, scratch_dir=None)")]
+#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), progress = None, space_check = true, max_memory = MaxMemory(None), scratch_dir = None), text_signature = "(plan, *, overrides=None, threads=0, progress=None, space_check=True, max_memory=None, scratch_dir=None)")]
 #[allow(clippy::too_many_arguments)]
 fn run<'py>(
     py: Python<'py>,
@@ -618,6 +636,7 @@ fn run<'py>(
     overrides: Option<&Bound<'py, PyAny>>,
     threads: Threads,
     progress: Option<Py<PyAny>>,
+    space_check: bool,
     max_memory: MaxMemory,
     scratch_dir: Option<std::path::PathBuf>,
 ) -> PyResult<(Bound<'py, PyDict>, Option<Py<session::PyTensors>>)> {
@@ -633,6 +652,7 @@ fn run<'py>(
             cancel,
             progress,
             memory,
+            skip_space_check: !space_check,
         })?;
         // Without an output the result is the tensors themselves, read lazily from Python.
         let result = match prepared.plan().output {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::error::Error;
 use crate::memory::{Memory, MemoryError, MemoryOptions};
 use crate::plan::{Location, OutputSpec, Plan, PlanError};
+use crate::space::{FilesystemSpace, SpaceNeed};
 use crate::state::State;
 use crate::transforms::{plan_sha256_with_nested, run_steps, Context, ParseScope, Step, StepError, StepFailure};
 use crate::value::{ReadContext, CHUNK_BYTES};
@@ -29,6 +30,9 @@ pub struct RunOptions {
     pub progress: Option<Arc<ProgressFn>>,
     /// The memory budget and the arena's directory.
     pub memory: MemoryOptions,
+    /// Start even when a filesystem written to has less free space than the run needs
+    /// (`--no-space-check`); the run may then fail when the disk fills, leaving nothing.
+    pub skip_space_check: bool,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -36,6 +40,7 @@ impl std::fmt::Debug for RunOptions {
         f.debug_struct("RunOptions")
             .field("threads", &self.threads)
             .field("memory", &self.memory)
+            .field("skip_space_check", &self.skip_space_check)
             .finish_non_exhaustive()
     }
 }
@@ -94,6 +99,53 @@ pub struct Report {
     /// Bytes of tensor data read from input files by the run, its transforms and its write (a
     /// byte read twice counts twice; 0 for a check, which reads headers only).
     pub bytes_read: u64,
+    /// Estimated bytes of tensor data the run reads from input files: what writing the output
+    /// reads ([`crate::value::Tensor::bytes_to_read`]) plus what value assertions, `dump` with
+    /// statistics and `diff` read. Factorizations (`phlora`, `extract_lora`) and `dump` of
+    /// values are not counted.
+    pub bytes_to_read: u64,
+    /// The files the plan's output consists of (weight files, index, copied sidecars), each
+    /// with its exact size, laid out by the writer's own code; files `save` and nested plans
+    /// write are not listed.
+    pub output_files: Vec<(PathBuf, u64)>,
+    /// Bytes of [`Report::output_files`].
+    pub bytes_to_write: u64,
+    /// Free space on each filesystem the output is written to, against what it needs.
+    pub filesystems: Vec<FilesystemSpace>,
+}
+
+/// What a check finds out about the run's I/O from the headers alone: bytes to read, the
+/// output's files and the free space for them.
+#[derive(Debug, Default)]
+struct IoPreview {
+    bytes_to_read: u64,
+    output_files: Vec<(PathBuf, u64)>,
+    bytes_to_write: u64,
+    filesystems: Vec<FilesystemSpace>,
+}
+
+impl IoPreview {
+    fn fill(self, report: &mut Report) {
+        report.bytes_to_read = self.bytes_to_read;
+        report.output_files = self.output_files;
+        report.bytes_to_write = self.bytes_to_write;
+        report.filesystems = self.filesystems;
+    }
+}
+
+/// What the memory estimate of a check starts from.
+struct MemoryNeeds {
+    budget: u64,
+    /// The largest workspace a step needs in memory (a factorization's).
+    workspace: usize,
+}
+
+/// Where a run's memory goes, estimated (see [`Prepared::memory_estimate`]).
+struct MemoryEstimate {
+    budget: u64,
+    materialized: u64,
+    arena: u64,
+    peak: u64,
 }
 
 /// A parsed, loaded plan ready to check or run.
@@ -256,7 +308,10 @@ impl Prepared {
 
     /// The report of a state whose output is `alias` (none: no tensors listed).
     fn report_alias(&self, state: &State, ctx: Context, alias: Option<String>) -> Result<Report, Error> {
-        let workspace = ctx.workspace;
+        let ctx_memory = MemoryNeeds {
+            budget: ctx.reads.memory().limit(),
+            workspace: ctx.workspace,
+        };
         let mut report = Report {
             notes: ctx.notes,
             output: ctx.output,
@@ -268,13 +323,10 @@ impl Prepared {
             ..Report::default()
         };
         report.alias = alias;
-        let mut materialized = 0usize;
-        if let Some(current) = report.alias.as_deref().and_then(|a| state.alias(a)) {
+        let current = report.alias.as_deref().and_then(|a| state.alias(a));
+        let estimate = self.memory_estimate(current, &ctx_memory);
+        if let Some(current) = current {
             let alias = report.alias.as_deref().unwrap_or_default();
-            let mut seen = std::collections::HashSet::new();
-            for (_, tensor) in current.iter() {
-                materialized = materialized.saturating_add(tensor.materialized(&mut seen));
-            }
             for (name, tensor) in current.iter() {
                 report.tensors.push(TensorSummary {
                     name: name.to_owned(),
@@ -301,24 +353,16 @@ impl Prepared {
                 report.added = current.len();
             }
         }
-        // A typical figure: each writing thread holds a chunk buffer plus a temporary or two for
-        // computed values (long chains of operations on one tensor take a temporary per level,
-        // and strided slices a covering span of up to 4 MiB per level); factorizations run
-        // before the write, one matrix at a time. Tensors computed whole (products, permutations
-        // that cannot stream, factors) are kept until the write ends: in memory as far as the
-        // budget allows, the rest in the arena.
-        let budget = ctx.reads.memory().limit();
-        let fixed = self.fixed_memory(workspace);
-        let in_memory = (materialized as u64).min(budget.saturating_sub(fixed));
-        report.materialized_bytes = materialized as u64;
-        report.memory_budget = budget;
-        report.arena_bytes = (materialized as u64).saturating_sub(in_memory);
-        report.peak_memory_estimate = fixed.saturating_add(in_memory);
+        report.materialized_bytes = estimate.materialized;
+        report.memory_budget = estimate.budget;
+        report.arena_bytes = estimate.arena;
+        report.peak_memory_estimate = estimate.peak;
         Ok(report)
     }
 
     /// The header-only plan check (SPEC §8.1): every transform runs symbolically, value
-    /// assertions are deferred, and the output header is computed. No tensor byte is read.
+    /// assertions are deferred, and the output header is computed, with the bytes the run will
+    /// read and write and the free space for them. No tensor byte is read.
     pub fn check(&self) -> Result<Report, Error> {
         self.check_within(&MemoryOptions::default())
     }
@@ -326,13 +370,90 @@ impl Prepared {
     /// [`Prepared::check`] against the memory budget of `memory`.
     pub fn check_within(&self, memory: &MemoryOptions) -> Result<Report, Error> {
         let (state, ctx) = self.checked(memory)?;
-        self.report(&state, ctx)
+        let preview = self.preview(&state, &ctx)?;
+        let mut report = self.report(&state, ctx)?;
+        preview.fill(&mut report);
+        Ok(report)
+    }
+
+    /// The I/O of a run whose check ended with `state` and `ctx` (its deferred value reads, its
+    /// memory budget and arena directory).
+    fn preview(&self, state: &State, ctx: &Context) -> Result<IoPreview, Error> {
+        let mut preview = IoPreview {
+            bytes_to_read: ctx.deferred_reads,
+            ..IoPreview::default()
+        };
+        let (Some(output), Some(alias)) = (&self.plan.output, self.output_alias(state)?) else {
+            return Ok(preview);
+        };
+        let mut arena = 0;
+        if let Some(current) = state.alias(&alias) {
+            // Tensors that are one lazy value of one dtype and shape (copies) are read once by
+            // the writer, which groups them so.
+            let mut written = std::collections::HashSet::new();
+            let mut seen = std::collections::HashSet::new();
+            for (_, tensor) in current.iter() {
+                let key = (Arc::as_ptr(&tensor.value) as usize, tensor.dtype, tensor.shape.clone());
+                if written.insert(key) {
+                    preview.bytes_to_read = preview.bytes_to_read.saturating_add(tensor.bytes_to_read(&mut seen));
+                }
+            }
+            let needs = MemoryNeeds {
+                budget: ctx.reads.memory().limit(),
+                workspace: ctx.workspace,
+            };
+            arena = self.memory_estimate(Some(current), &needs).arena;
+        }
+        preview.output_files = write::planned_files(output, state, &alias, Some(&self.plan.sha256))?;
+        preview.bytes_to_write = preview
+            .output_files
+            .iter()
+            .fold(0u64, |sum, (_, len)| sum.saturating_add(*len));
+        let mut needs = vec![SpaceNeed {
+            role: "output",
+            path: output.path.clone(),
+            bytes: preview.bytes_to_write,
+        }];
+        if arena > 0 {
+            needs.push(SpaceNeed {
+                role: "scratch",
+                path: ctx.reads.memory().scratch_dir().to_path_buf(),
+                bytes: arena,
+            });
+        }
+        preview.filesystems = crate::space::survey(&needs);
+        Ok(preview)
     }
 
     /// The run's memory: its budget and its arena (beside the output unless told otherwise).
     fn memory(&self, options: &MemoryOptions) -> Arc<Memory> {
         let output = self.plan.output.as_ref().map(|o| o.path.as_path());
         Arc::new(Memory::for_run(options, output))
+    }
+
+    /// Where the memory of writing `current` goes: a typical figure. Each writing thread holds a
+    /// chunk buffer plus a temporary or two for computed values (long chains of operations on
+    /// one tensor take a temporary per level, and strided slices a covering span of up to 4 MiB
+    /// per level); factorizations run before the write, one matrix at a time. Tensors computed
+    /// whole (products, permutations that cannot stream, factors) are kept until the write ends:
+    /// in memory as far as the budget allows, the rest in the arena.
+    fn memory_estimate(&self, current: Option<&crate::state::AliasState>, needs: &MemoryNeeds) -> MemoryEstimate {
+        let mut materialized = 0usize;
+        if let Some(current) = current {
+            let mut seen = std::collections::HashSet::new();
+            for (_, tensor) in current.iter() {
+                materialized = materialized.saturating_add(tensor.materialized(&mut seen));
+            }
+        }
+        let materialized = materialized as u64;
+        let fixed = self.fixed_memory(needs.workspace);
+        let in_memory = materialized.min(needs.budget.saturating_sub(fixed));
+        MemoryEstimate {
+            budget: needs.budget,
+            materialized,
+            arena: materialized - in_memory,
+            peak: fixed.saturating_add(in_memory),
+        }
     }
 
     /// Bytes that must be in memory whatever the budget: the writing threads' buffers, or a
@@ -382,7 +503,13 @@ impl Prepared {
     /// an output hands its result to Python this way (lazy values, nothing written).
     pub fn run_keeping_state(&self, options: &RunOptions) -> Result<(Report, State), Error> {
         // The check's report would be thrown away: one summary per tensor (issue 9).
-        self.checked(&options.memory)?;
+        let preview = {
+            let (state, ctx) = self.checked(&options.memory)?;
+            self.preview(&state, &ctx)?
+        };
+        if !options.skip_space_check {
+            crate::space::require(&preview.filesystems)?;
+        }
         let mut ctx = Context::new(true, options.cancel.clone());
         ctx.reads = ReadContext::for_run(options.cancel.clone(), self.memory(&options.memory));
         let state = self.execute(&mut ctx)?;
@@ -399,6 +526,7 @@ impl Prepared {
         report.arena_bytes = arena_peak;
         report.written.extend(files.unwrap_or_default());
         report.write_seconds = write_seconds;
+        preview.fill(&mut report);
         Ok((report, state))
     }
 
@@ -501,6 +629,7 @@ pub fn save(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::FormatError;
     use crate::plan::PlanSource;
     use safetensors::tensor::TensorView;
     use safetensors::{Dtype, SafeTensors};
@@ -571,6 +700,216 @@ mod tests {
         assert_eq!(run_yaml(&plan("{assert: {finite: '.*'}}"), 2).unwrap().bytes_read, 184);
         let checked = Plan::load(&[PlanSource::Text(plan("{assert: {finite: '.*'}}"))], &[]).unwrap();
         assert_eq!(Prepared::new(checked, 1).unwrap().check().unwrap().bytes_read, 0);
+    }
+
+    fn check_yaml(yaml: &str) -> Report {
+        let plan = Plan::load(&[PlanSource::Text(yaml.to_owned())], &[]).unwrap();
+        Prepared::new(plan, 2).unwrap().check().unwrap()
+    }
+
+    /// Each file a report lists, with its size on disk now.
+    fn sizes_on_disk(files: &[PathBuf]) -> Vec<(PathBuf, u64)> {
+        files
+            .iter()
+            .map(|p| (p.clone(), std::fs::metadata(p).unwrap().len()))
+            .collect()
+    }
+
+    #[test]
+    fn the_check_estimates_the_bytes_a_run_reads() {
+        // Plans that read each input byte at most once: the check's estimate is the run's count.
+        let dir = tempfile::tempdir().unwrap();
+        let input = write_input(dir.path());
+        let out = dir.path().join("out.safetensors");
+        let plans = [
+            ("copy through", ""),
+            ("copy", "{copy: {from: 'layers.0.w', to: 'copy.w'}}"),
+            ("rename", "{move: {from: 'layers\\.0\\.(.*)', to: 'l0.\\1'}}"),
+            ("cast", "{cast_: {target: '.*', dtype: float16, only: float}}"),
+            ("row slice", "{copy: {from: 'layers.0.w::[1:3]', to: rows}}"),
+            ("column slice", "{copy: {from: 'layers.0.w::[:, 1:3]', to: cols}}"),
+            (
+                "concat",
+                "{concat: {from: ['layers.0.w', 'layers.0.w::[:1]'], to: cat, dim: 0}}",
+            ),
+            ("permute", "{permute: {from: 'layers.0.w', to: wt, order: [1, 0]}}"),
+            ("scale_", "{scale_: {target: 'layers.0.b', by: 2}}"),
+            (
+                "scale_ of a slice",
+                "{scale_: {target: 'layers.0.w::[1:, ::2]', by: 2}}",
+            ),
+            (
+                "cast then slice",
+                "{cast: {from: 'layers.0.w', to: h, dtype: float16}}, {copy: {from: 'h::[2]', to: h2}}",
+            ),
+            ("assertion", "{assert: {finite: 'layers.*'}}"),
+            ("equal", "{assert: {equal: {left: 'layers.0.b', right: 'layers.0.b'}}}"),
+            ("dump stat", "{dump: {target: 'ids', verbosity: stat}}"),
+        ];
+        for (what, transforms) in plans {
+            let yaml = format!(
+                "inputs: ['{}']\ntransforms: [{transforms}]\noutput: {{path: '{}', overwrite: true}}\n",
+                input.display(),
+                out.display()
+            );
+            let checked = check_yaml(&yaml);
+            let ran = run_yaml(&yaml, 2).unwrap();
+            assert!(ran.bytes_read > 0, "{what}");
+            assert_eq!(checked.bytes_to_read, ran.bytes_read, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_check_lists_the_files_a_run_writes_with_their_exact_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("ck");
+        std::fs::create_dir(&ck).unwrap();
+        write_input(&ck);
+        std::fs::write(ck.join("config.json"), b"{\"model_type\": \"tiny\"}").unwrap();
+        let outputs = [
+            "{path: out.safetensors}",
+            "{path: out.pt}",
+            "{path: out.npz}",
+            "{path: sharded, shard: 40}",
+            "{path: pt_dir, format: torch, shard: 40}",
+            "{path: single_dir}",
+            "{path: no_sidecars, sidecars: false}",
+        ];
+        for output in outputs {
+            // Relative output paths resolve against the working directory: made absolute.
+            let output = output.replace("{path: ", &format!("{{path: {}/", dir.path().display()));
+            let yaml = format!("inputs: ['{}']\noutput: {output}\n", ck.display());
+            let checked = check_yaml(&yaml);
+            assert!(checked.written.is_empty(), "{output}");
+            let ran = run_yaml(&yaml, 2).unwrap();
+            let on_disk = sizes_on_disk(&ran.written);
+            assert_eq!(checked.output_files, on_disk, "{output}");
+            assert_eq!(ran.output_files, on_disk, "{output}");
+            let total: u64 = on_disk.iter().map(|(_, len)| len).sum();
+            assert_eq!(checked.bytes_to_write, total, "{output}");
+            let fs = &checked.filesystems;
+            assert_eq!(fs.len(), 1, "{output}: {fs:?}");
+            assert_eq!((fs[0].roles.as_slice(), fs[0].needed), (&["output"][..], total));
+            assert!(fs[0].available.is_some_and(|free| free >= total), "{fs:?}");
+        }
+        // Sharded with the config copied: the listing says so.
+        let sharded = dir.path().join("sharded");
+        let names: Vec<String> = std::fs::read_dir(&sharded)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names.contains(&"config.json".to_owned()) && names.len() > 3,
+            "{names:?}"
+        );
+        // A bare .npy of one tensor.
+        let yaml = format!(
+            "inputs: ['{}']\ntransforms: [{{delete: {{target: 'layers.*'}}}}]\noutput: {}\n",
+            ck.display(),
+            dir.path().join("ids.npy").display()
+        );
+        let checked = check_yaml(&yaml);
+        let ran = run_yaml(&yaml, 1).unwrap();
+        assert_eq!(checked.output_files, sizes_on_disk(&ran.written));
+        // Without an output: nothing to write, still bytes to read for the assertion.
+        let yaml = format!(
+            "inputs: ['{}']\ntransforms: [{{assert: {{finite: ids}}}}]\n",
+            ck.display()
+        );
+        let checked = check_yaml(&yaml);
+        assert_eq!((checked.bytes_to_write, checked.bytes_to_read), (0, 32));
+        assert!(checked.output_files.is_empty() && checked.filesystems.is_empty());
+    }
+
+    /// A small tmpfs mounted on a fresh directory, unmounted when dropped.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        /// `None` where it cannot be mounted (not root, no tmpfs, no `mount`).
+        fn mount(size: &str) -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().ok()?;
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            mounted.then_some(Tmpfs(dir))
+        }
+
+        fn path(&self) -> &std::path::Path {
+            self.0.path()
+        }
+
+        fn listing(&self) -> Vec<std::ffi::OsString> {
+            std::fs::read_dir(self.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect()
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+
+    #[test]
+    fn a_full_filesystem_refuses_the_run_before_it_starts_or_fails_it_leaving_nothing() {
+        let Some(tmpfs) = Tmpfs::mount("1m") else {
+            eprintln!("skipped: a tmpfs cannot be mounted here");
+            return;
+        };
+        // 2 MiB of f32 in, on another filesystem.
+        let dir = tempfile::tempdir().unwrap();
+        let big = f32_bytes(&vec![1.5; 512 * 1024]);
+        let input = dir.path().join("big.safetensors");
+        safetensors::serialize_to_file(
+            vec![("w", TensorView::new(Dtype::F32, vec![512, 1024], &big).unwrap())],
+            None,
+            &input,
+        )
+        .unwrap();
+        let before = std::fs::read(&input).unwrap();
+        for output in ["out.safetensors", "out.pt", "nested/model"] {
+            let target = tmpfs.path().join(output);
+            let yaml = format!(
+                "inputs: ['{}']\noutput: {{path: '{}', shard: 1MB}}\n",
+                input.display(),
+                target.display()
+            );
+            let plan = Plan::load(&[PlanSource::Text(yaml)], &[]).unwrap();
+            let prepared = Prepared::new(plan, 2).unwrap();
+            let checked = prepared.check().unwrap();
+            assert!(checked.filesystems[0].is_short(), "{:?}", checked.filesystems);
+
+            let err = prepared.run(&RunOptions::default()).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let text = crate::error::error_chain(&err);
+            assert!(
+                matches!(&err, Error::Format(FormatError::NoSpace { needed, .. }) if *needed == checked.bytes_to_write),
+                "{text}"
+            );
+            assert!(
+                text.contains(&target.display().to_string()) && text.contains("free"),
+                "{text}"
+            );
+            assert!(tmpfs.listing().is_empty(), "{output}: {:?}", tmpfs.listing());
+
+            let options = RunOptions {
+                skip_space_check: true,
+                ..RunOptions::default()
+            };
+            let err = prepared.run(&options).unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+            let text = crate::error::error_chain(&err);
+            assert!(text.contains("the disk is full"), "{text}");
+            assert!(text.contains(&tmpfs.path().display().to_string()), "{text}");
+            assert!(tmpfs.listing().is_empty(), "{output}: {:?}", tmpfs.listing());
+        }
+        // The input is untouched.
+        assert!(std::fs::read(&input).unwrap() == before);
     }
 
     #[test]

@@ -35,8 +35,9 @@ pub const INDEX_NAME: &str = "model.safetensors.index.json";
 /// Errors of the formats layer: reading checkpoints and writing outputs.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    /// An operating-system call on `path` failed (open, read, write, rename, ...).
-    #[error("i/o error on {}", path.display())]
+    /// An operating-system call on `path` failed (open, read, write, rename, ...). A full
+    /// filesystem says so in words: "No space left on device" alone reads like a bug.
+    #[error("{}", io_message(path, source))]
     Io {
         /// The file or directory involved.
         path: PathBuf,
@@ -190,6 +191,22 @@ pub enum FormatError {
         /// Its shape.
         shape: Vec<usize>,
     },
+    /// The filesystem a run writes to has less free space than the run needs: refused before
+    /// anything is read or written.
+    #[error(
+        "not enough free space on the filesystem of {}: the run needs {needed} bytes ({}) and {available} bytes ({}) are free; free some space, write elsewhere, or skip this check with --no-space-check (space_check=False in Python)",
+        path.display(),
+        indicatif::HumanBytes(*needed),
+        indicatif::HumanBytes(*available)
+    )]
+    NoSpace {
+        /// A path on that filesystem (the output, or the scratch directory).
+        path: PathBuf,
+        /// Bytes the run writes there.
+        needed: u64,
+        /// Bytes free there for this user.
+        available: u64,
+    },
     /// The output path cannot be used as asked.
     #[error("invalid output path {}: {reason}", path.display())]
     InvalidOutput {
@@ -206,6 +223,17 @@ pub enum FormatError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// The message of [`FormatError::Io`].
+fn io_message(path: &Path, source: &io::Error) -> String {
+    match source.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!(
+            "the disk is full: no space left on the filesystem of {}",
+            path.display()
+        ),
+        _ => format!("i/o error on {}", path.display()),
+    }
 }
 
 impl FormatError {

@@ -630,11 +630,14 @@ fn npy_header(descr: &str, shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// One file laid out: its body, its length, where each tensor's data starts, and the bytes
+/// One file laid out: its body, its length at creation and once committed (a zip archive's
+/// central directory is appended at commit), where each tensor's data starts, and the bytes
 /// written at creation besides the body's own prefix.
+#[derive(Debug)]
 struct FilePlan {
     body: Body,
     len: u64,
+    final_len: u64,
     starts: Vec<u64>,
     prefix: Vec<(u64, Vec<u8>)>,
 }
@@ -657,9 +660,11 @@ fn plan_file(
         Format::Safetensors => {
             let prefix = header_bytes(entries.iter().copied(), metadata);
             let at = prefix.len() as u64;
+            let len = at + entries.last().map_or(0, |e| e.2);
             FilePlan {
                 body: Body::Safetensors,
-                len: at + entries.last().map_or(0, |e| e.2),
+                len,
+                final_len: len,
                 starts: entries.iter().map(|e| at + e.1).collect(),
                 prefix: vec![(0, prefix)],
             }
@@ -669,6 +674,7 @@ fn plan_file(
             let archive = Archive::plan(&tensors, path)?;
             FilePlan {
                 len: archive.data_end(),
+                final_len: archive.finished_len(),
                 starts: (0..entries.len()).map(|i| archive.tensor_offset(i)).collect(),
                 body: Body::Torch(archive),
                 prefix: Vec::new(),
@@ -677,9 +683,11 @@ fn plan_file(
         Format::NumPy if bare_npy => {
             let header = entries.first().map(|e| npy_of(e.0)).unwrap_or_default();
             let at = header.len() as u64;
+            let len = at + entries.first().map_or(0, |e| e.0.nbytes);
             FilePlan {
                 body: Body::Npy,
-                len: at + entries.first().map_or(0, |e| e.0.nbytes),
+                len,
+                final_len: len,
                 starts: vec![at; entries.len()],
                 prefix: vec![(0, header)],
             }
@@ -700,6 +708,7 @@ fn plan_file(
             }
             FilePlan {
                 len: layout.data_end(),
+                final_len: layout.finished_len(),
                 body: Body::Npz(layout, crcs),
                 starts,
                 prefix,
@@ -722,18 +731,33 @@ fn temp_path_for(target: &Path) -> PathBuf {
     target.with_file_name(tmp)
 }
 
-impl Writer {
-    /// Lays out `tensors` in the given order as `format` files, creates temporary files beside
-    /// the final names, writes each header and sets each file's length (sparse), so callers can
-    /// `pwrite` the data concurrently through [`Writer::placement`]. What the format cannot hold
-    /// is refused first ([`Format::check_writable`]).
-    ///
-    /// Missing directories (the output directory, or a file's parents) are created and removed
-    /// again if the writer is dropped uncommitted. Every safetensors shard carries `metadata`;
-    /// the other formats have no place for it.
-    pub fn create(
+/// An output laid out without writing anything: every file it consists of, where each tensor's
+/// data goes and each file's final length. [`Writer::create`] creates exactly these files, and
+/// the plan check reports their sizes from the same plan, so the two never disagree.
+#[derive(Debug)]
+pub struct OutputPlan {
+    format: Format,
+    /// The directory the files go in (created when missing).
+    dir: PathBuf,
+    /// Whether the output is a directory (sidecars are copied, stale shards cleared).
+    is_directory: bool,
+    /// Final path and layout of each weight file, in order.
+    files: Vec<(PathBuf, FilePlan)>,
+    /// Per tensor, the index of its file.
+    shard_of: Vec<usize>,
+    /// Final path and bytes of the index, when sharded.
+    index: Option<(PathBuf, Vec<u8>)>,
+    total: u64,
+}
+
+impl OutputPlan {
+    /// Lays out `tensors` in the given order as `format` files. What the format cannot hold is
+    /// refused first ([`Format::check_writable`]), then targets that cannot be written (a file
+    /// path that is a directory, a directory path that is a file, a PyTorch directory output
+    /// beside safetensors weights); nothing is created.
+    pub fn new(
         format: Format,
-        layout: OutputLayout,
+        layout: &OutputLayout,
         tensors: &[OutputTensor],
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self, FormatError> {
@@ -758,7 +782,7 @@ impl Writer {
             .try_fold(0u64, |acc, &s| acc.checked_add(s))
             .ok_or_else(|| invalid(layout.path(), "total size overflows"))?;
 
-        let (dir, final_paths, shard_of, index) = match &layout {
+        let (dir, final_paths, shard_of, index) = match layout {
             OutputLayout::File(path) | OutputLayout::Npy(path) => {
                 let parent = match (path.file_name(), path.parent()) {
                     (Some(_), Some(p)) if p.as_os_str().is_empty() => PathBuf::from("."),
@@ -792,22 +816,6 @@ impl Writer {
             }
         };
 
-        // From here on, failures drop `writer`, which removes what it created.
-        let mut writer = Writer {
-            format,
-            dir: matches!(layout, OutputLayout::Directory { .. }).then(|| dir.clone()),
-            shards: Vec::with_capacity(final_paths.len()),
-            slots: Vec::with_capacity(tensors.len()),
-            index: index.clone(),
-            staged: Vec::new(),
-            created_dirs: CreatedDirs::default(),
-            total,
-            sync: false,
-        };
-        writer.created_dirs.create(&dir)?;
-        let targets: Vec<&Path> = final_paths.iter().chain(&index).map(PathBuf::as_path).collect();
-        remove_dead_temporaries(&targets);
-
         // Offsets within each shard's data, consecutive in the given order (no holes, so the
         // official loader accepts the file).
         let mut cursor = vec![0u64; final_paths.len()];
@@ -819,12 +827,158 @@ impl Writer {
             cursor[shard] = end;
             layout_entries[shard].push((t, begin, end));
         }
+        let mut files = Vec::with_capacity(final_paths.len());
+        for (final_path, entries) in final_paths.into_iter().zip(&layout_entries) {
+            let plan = plan_file(format, bare_npy, entries, metadata, &final_path)?;
+            files.push((final_path, plan));
+        }
+        let index = index.map(|index_path| {
+            let n = files.len();
+            let mut weight_map = Map::new();
+            for (t, &shard) in tensors.iter().zip(&shard_of) {
+                weight_map.insert(t.name.clone(), shard_name(format, shard, n).into());
+            }
+            let mut meta = Map::new();
+            meta.insert("total_size".into(), total.into());
+            meta.insert(VERSION_KEY.into(), env!("CARGO_PKG_VERSION").into());
+            let mut doc = Map::new();
+            doc.insert("metadata".into(), Value::Object(meta));
+            doc.insert("weight_map".into(), Value::Object(weight_map));
+            let mut text = serde_json::to_vec_pretty(&Value::Object(doc))
+                .expect("a JSON value with string keys always serializes");
+            text.push(b'\n');
+            (index_path, text)
+        });
+        Ok(OutputPlan {
+            format,
+            dir,
+            is_directory: matches!(layout, OutputLayout::Directory { .. }),
+            files,
+            shard_of,
+            index,
+            total,
+        })
+    }
+
+    /// Every file the output consists of, weight files then the index, with its final length
+    /// (headers, data and a zip archive's central directory).
+    pub fn files(&self) -> Vec<(PathBuf, u64)> {
+        let mut files: Vec<(PathBuf, u64)> = self
+            .files
+            .iter()
+            .map(|(path, plan)| (path.clone(), plan.final_len))
+            .collect();
+        files.extend(self.index.iter().map(|(path, text)| (path.clone(), text.len() as u64)));
+        files
+    }
+
+    /// The copies of `sidecars` a directory output makes (none for a single file), each with
+    /// its target and the source's current size.
+    pub fn sidecar_files(&self, sidecars: &[PathBuf]) -> Result<Vec<(PathBuf, u64)>, FormatError> {
+        if !self.is_directory {
+            return Ok(Vec::new());
+        }
+        let outputs: HashSet<PathBuf> = self.files().into_iter().map(|(path, _)| path).collect();
+        sidecar_copies(&self.dir, sidecars, &outputs)?
+            .into_iter()
+            .map(|(source, target)| {
+                let len = std::fs::metadata(&source)
+                    .map_err(|e| FormatError::io(&source, e))?
+                    .len();
+                Ok((target, len))
+            })
+            .collect()
+    }
+
+    /// Sum of the tensors' byte sizes (the index's `total_size`), not counting headers.
+    pub fn total_bytes(&self) -> u64 {
+        self.total
+    }
+}
+
+/// The sidecar copies a directory output in `dir` makes: (source, target) for each of
+/// `sidecars` except one that already is the file in `dir`; a sidecar without a file name, or
+/// named like one of `outputs`, is refused.
+fn sidecar_copies(
+    dir: &Path,
+    sidecars: &[PathBuf],
+    outputs: &HashSet<PathBuf>,
+) -> Result<Vec<(PathBuf, PathBuf)>, FormatError> {
+    let mut copies = Vec::with_capacity(sidecars.len());
+    for source in sidecars {
+        let Some(name) = source.file_name() else {
+            return Err(FormatError::InvalidOutput {
+                path: source.clone(),
+                reason: "sidecar has no file name".to_string(),
+            });
+        };
+        let target = dir.join(name);
+        if outputs.contains(&target) {
+            return Err(FormatError::InvalidOutput {
+                path: source.clone(),
+                reason: "sidecar has the name of an output weight file".to_string(),
+            });
+        }
+        if same_file(source, &target) {
+            continue;
+        }
+        copies.push((source.clone(), target));
+    }
+    Ok(copies)
+}
+
+impl Writer {
+    /// Lays out `tensors` in the given order as `format` files ([`OutputPlan::new`]), creates
+    /// temporary files beside the final names, writes each header and sets each file's length
+    /// (sparse), so callers can `pwrite` the data concurrently through [`Writer::placement`].
+    ///
+    /// Missing directories (the output directory, or a file's parents) are created and removed
+    /// again if the writer is dropped uncommitted. Every safetensors shard carries `metadata`;
+    /// the other formats have no place for it.
+    pub fn create(
+        format: Format,
+        layout: OutputLayout,
+        tensors: &[OutputTensor],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self, FormatError> {
+        Self::from_plan(OutputPlan::new(format, &layout, tensors, metadata)?)
+    }
+
+    /// Creates the files `plan` lays out (see [`Writer::create`]).
+    pub fn from_plan(plan: OutputPlan) -> Result<Self, FormatError> {
+        let OutputPlan {
+            format,
+            dir,
+            is_directory,
+            files,
+            shard_of,
+            index,
+            total,
+        } = plan;
+        // From here on, failures drop `writer`, which removes what it created.
+        let mut writer = Writer {
+            format,
+            dir: is_directory.then(|| dir.clone()),
+            shards: Vec::with_capacity(files.len()),
+            slots: Vec::with_capacity(shard_of.len()),
+            index: index.as_ref().map(|(path, _)| path.clone()),
+            staged: Vec::new(),
+            created_dirs: CreatedDirs::default(),
+            total,
+            sync: false,
+        };
+        writer.created_dirs.create(&dir)?;
+        let targets: Vec<&Path> = files
+            .iter()
+            .map(|(path, _)| path.as_path())
+            .chain(index.iter().map(|(path, _)| path.as_path()))
+            .collect();
+        remove_dead_temporaries(&targets);
 
         // Per shard, where each of its tensors' data starts in the file, in order.
-        let mut data_starts: Vec<Vec<u64>> = Vec::with_capacity(final_paths.len());
-        for (final_path, entries) in final_paths.iter().zip(&layout_entries) {
-            let plan = plan_file(format, bare_npy, entries, metadata, final_path)?;
-            let (staged, file) = Staged::create(final_path)?;
+        let mut data_starts: Vec<Vec<u64>> = Vec::with_capacity(files.len());
+        for (final_path, plan) in files {
+            let (staged, file) = Staged::create(&final_path)?;
             let temp = staged.temp.clone();
             writer.staged.push(staged);
             let io = |e| FormatError::io(&temp, e);
@@ -840,13 +994,13 @@ impl Writer {
             }
             data_starts.push(plan.starts);
             writer.shards.push(Shard {
-                final_path: final_path.clone(),
+                final_path,
                 temp_path: temp,
                 file,
                 body: plan.body,
             });
         }
-        let mut next_in_shard = vec![0usize; final_paths.len()];
+        let mut next_in_shard = vec![0usize; data_starts.len()];
         writer.slots = shard_of
             .iter()
             .map(|&shard| {
@@ -856,24 +1010,11 @@ impl Writer {
             })
             .collect();
 
-        if let Some(index_path) = &index {
-            let mut weight_map = Map::new();
-            for (t, &shard) in tensors.iter().zip(&shard_of) {
-                weight_map.insert(t.name.clone(), shard_name(format, shard, final_paths.len()).into());
-            }
-            let mut meta = Map::new();
-            meta.insert("total_size".into(), total.into());
-            meta.insert(VERSION_KEY.into(), env!("CARGO_PKG_VERSION").into());
-            let mut doc = Map::new();
-            doc.insert("metadata".into(), Value::Object(meta));
-            doc.insert("weight_map".into(), Value::Object(weight_map));
-            let mut text = serde_json::to_vec_pretty(&Value::Object(doc))
-                .expect("a JSON value with string keys always serializes");
-            text.push(b'\n');
+        if let Some((index_path, text)) = &index {
             let (staged, file) = Staged::create(index_path)?;
             let temp = staged.temp.clone();
             writer.staged.push(staged);
-            file.write_all_at(&text, 0).map_err(|e| FormatError::io(&temp, e))?;
+            file.write_all_at(text, 0).map_err(|e| FormatError::io(&temp, e))?;
         }
         Ok(writer)
     }
@@ -961,27 +1102,11 @@ impl Writer {
         if let Some(dir) = self.dir.clone() {
             let outputs: HashSet<PathBuf> = self.final_paths().into_iter().collect();
             let mut sidecar_staged = Vec::new();
-            for source in sidecars {
-                let Some(name) = source.file_name() else {
-                    return Err(FormatError::InvalidOutput {
-                        path: source.clone(),
-                        reason: "sidecar has no file name".to_string(),
-                    });
-                };
-                let target = dir.join(name);
-                if outputs.contains(&target) {
-                    return Err(FormatError::InvalidOutput {
-                        path: source.clone(),
-                        reason: "sidecar has the name of an output weight file".to_string(),
-                    });
-                }
-                if same_file(source, &target) {
-                    continue;
-                }
+            for (source, target) in sidecar_copies(&dir, sidecars, &outputs)? {
                 let staged = Staged::beside(&target);
                 let temp = staged.temp.clone();
                 sidecar_staged.push(staged);
-                std::fs::copy(source, &temp).map_err(|e| FormatError::io(source, e))?;
+                std::fs::copy(&source, &temp).map_err(|e| FormatError::io(&source, e))?;
                 written_sidecars.push(target);
             }
             // Sidecars before weights: the weights landing is the visible commit point.

@@ -311,6 +311,11 @@ impl Archive {
         self.layout.data_end()
     }
 
+    /// Length of the file once finished (its central directory included).
+    pub(crate) fn finished_len(&self) -> u64 {
+        self.layout.finished_len()
+    }
+
     /// Writes the local headers and the small entries; the storages are written afterwards.
     pub(crate) fn write_prefix(&self, file: &File) -> io::Result<()> {
         self.layout.write_local_headers(file)?;

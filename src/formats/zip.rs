@@ -539,9 +539,24 @@ impl Layout {
         if crcs.len() != self.entries.len() {
             return Err(io::Error::other("one CRC per zip entry is needed"));
         }
-        let mut central = Vec::new();
         for (entry, &crc) in self.entries.iter().zip(crcs) {
             file.write_all_at(&entry.local_header(crc), entry.local)?;
+        }
+        let central = self.central_directory(crcs);
+        file.write_all_at(&central, self.end)?;
+        Ok(self.end + central.len() as u64)
+    }
+
+    /// The archive's length once finished: its records' sizes do not depend on the CRCs, so the
+    /// central directory built with zeros has the length of the real one.
+    pub fn finished_len(&self) -> u64 {
+        self.end + self.central_directory(&vec![0; self.entries.len()]).len() as u64
+    }
+
+    /// The central directory and end records for `crcs` (one per entry, in order).
+    fn central_directory(&self, crcs: &[u32]) -> Vec<u8> {
+        let mut central = Vec::new();
+        for (entry, &crc) in self.entries.iter().zip(crcs) {
             central.extend_from_slice(&entry.central_header(crc));
         }
         let (count, size, offset) = (self.entries.len() as u64, central.len() as u64, self.end);
@@ -572,8 +587,7 @@ impl Layout {
         }
         central.extend_from_slice(&(ARCHIVE_COMMENT.len() as u16).to_le_bytes());
         central.extend_from_slice(ARCHIVE_COMMENT);
-        file.write_all_at(&central, offset)?;
-        Ok(offset + central.len() as u64)
+        central
     }
 }
 

@@ -178,6 +178,10 @@ impl LazyOp for BinaryOp {
         self.a.materialized(seen).saturating_add(self.b.materialized(seen))
     }
 
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        self.a.bytes_to_read(seen).saturating_add(self.b.bytes_to_read(seen))
+    }
+
     fn read(
         &self,
         dtype: DType,
@@ -208,6 +212,10 @@ struct CombineFn {
 impl ElementFn for CombineFn {
     fn materialized(&self, seen: &mut std::collections::HashSet<usize>) -> usize {
         self.other.materialized(seen)
+    }
+
+    fn bytes_to_read(&self, seen: &mut std::collections::HashSet<usize>) -> u64 {
+        self.other.bytes_to_read(seen)
     }
 
     fn apply(&self, dtype: DType, index: usize, values: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {

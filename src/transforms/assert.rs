@@ -474,6 +474,7 @@ fn evaluate_values(
         require_values(m, assertion)?;
     }
     if !ctx.evaluate {
+        ctx.defer_reads(matches.iter().map(|m| &m.tensor));
         return Ok(Outcome::Deferred);
     }
     for m in &matches {
@@ -545,6 +546,7 @@ fn evaluate_equal(
         pairs.push((m, tensor, display));
     }
     if !ctx.evaluate {
+        ctx.defer_reads(pairs.iter().flat_map(|(m, right, _)| [&m.tensor, right]));
         return Ok(Outcome::Deferred);
     }
     for (m, right, display) in pairs {

@@ -113,6 +113,10 @@ impl LazyOp for ClampOp {
         self.base.materialized(seen)
     }
 
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        self.base.bytes_to_read(seen)
+    }
+
     fn read(
         &self,
         dtype: DType,

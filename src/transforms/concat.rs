@@ -213,6 +213,12 @@ impl LazyOp for ConcatOp {
             .fold(0, |sum, p| sum.saturating_add(p.materialized(seen)))
     }
 
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        self.parts
+            .iter()
+            .fold(0, |sum, p| sum.saturating_add(p.bytes_to_read(seen)))
+    }
+
     fn read(
         &self,
         dtype: DType,

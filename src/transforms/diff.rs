@@ -335,6 +335,7 @@ fn compare_pairs(pairs: &[Pair], ctx: &mut Context, report: &mut DiffReport) -> 
         if comparable || raw {
             if !ctx.evaluate {
                 report.deferred += 1;
+                ctx.defer_reads([a, b]);
             } else if comparable {
                 let diff = max_abs_difference(a, b, ctx)?;
                 // NaN against a number is an infinite difference, so `>` is enough.

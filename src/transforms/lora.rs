@@ -1089,6 +1089,19 @@ impl LazyOp for MergeOp {
         factors.saturating_add(self.base.materialized(seen))
     }
 
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        // The factors are read once and kept; the base streams (a chunk's partial rows are
+        // read whole, which this does not count).
+        let base = self.base.bytes_to_read(seen);
+        if !seen.insert(self as *const Self as usize) {
+            return base;
+        }
+        [Some(&self.a), Some(&self.b), self.magnitude.as_ref()]
+            .into_iter()
+            .flatten()
+            .fold(base, |sum, t| sum.saturating_add(t.bytes_to_read(seen)))
+    }
+
     fn read(
         &self,
         dtype: DType,
@@ -1156,6 +1169,12 @@ struct BiasOp {
 impl LazyOp for BiasOp {
     fn name(&self) -> &'static str {
         "merge_lora"
+    }
+
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        self.base
+            .bytes_to_read(seen)
+            .saturating_add(self.bias.bytes_to_read(seen))
     }
 
     fn read(

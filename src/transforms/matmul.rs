@@ -312,6 +312,14 @@ impl LazyOp for MatmulOp {
             .saturating_add(self.b.materialized(seen))
     }
 
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        // The product is computed once and kept: its operands are read once.
+        if !seen.insert(self as *const Self as usize) {
+            return 0;
+        }
+        self.a.bytes_to_read(seen).saturating_add(self.b.bytes_to_read(seen))
+    }
+
     fn read(
         &self,
         dtype: DType,

@@ -100,6 +100,9 @@ pub struct Context {
     /// Seconds each top-level transform took, in order (nested plans' steps count in their
     /// `execute`): what a run reports so a user sees where the time went.
     pub timings: Vec<StepTiming>,
+    /// Bytes of input files the value reads a check deferred (value assertions, `dump` with
+    /// statistics, `diff`) will read when the plan runs ([`Tensor::bytes_to_read`]).
+    pub deferred_reads: u64,
     /// How deep [`run_steps`] calls are nested (`execute`), so only top-level steps are timed.
     depth: usize,
 }
@@ -139,6 +142,7 @@ impl Context {
             workspace: 0,
             workspace_tensor: None,
             timings: Vec::new(),
+            deferred_reads: 0,
             depth: 0,
         }
     }
@@ -149,6 +153,14 @@ impl Context {
         if bytes > self.workspace {
             self.workspace = bytes;
             self.workspace_tensor = Some(tensor.to_owned());
+        }
+    }
+
+    /// Counts what reading each of `tensors` whole reads, for a value read a check defers.
+    pub fn defer_reads<'a>(&mut self, tensors: impl IntoIterator<Item = &'a Tensor>) {
+        let mut seen = std::collections::HashSet::new();
+        for tensor in tensors {
+            self.deferred_reads = self.deferred_reads.saturating_add(tensor.bytes_to_read(&mut seen));
         }
     }
 

@@ -472,6 +472,14 @@ impl LazyOp for PermuteOp {
         own.saturating_add(self.source.materialized(seen))
     }
 
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        // Every mode reads the source once; the whole-tensor mode keeps it for later readers.
+        if self.mode == Mode::Whole && !seen.insert(self as *const Self as usize) {
+            return 0;
+        }
+        self.source.bytes_to_read(seen)
+    }
+
     fn read(
         &self,
         dtype: DType,

@@ -140,6 +140,10 @@ impl LazyOp for Reshaped {
         self.inner.materialized(seen)
     }
 
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        self.inner.bytes_to_read(seen)
+    }
+
     fn read(
         &self,
         _dtype: DType,
