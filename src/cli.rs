@@ -300,6 +300,13 @@ fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -
             HumanBytes(report.bytes_read)
         )?;
     }
+    if verb == "wrote" && report.arena_bytes > 0 {
+        writeln!(
+            out,
+            "  held up to {} in the scratch arena",
+            HumanBytes(report.arena_bytes)
+        )?;
+    }
     Ok(())
 }
 

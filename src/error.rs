@@ -48,8 +48,9 @@ pub enum Error {
     /// `TransformError`).
     #[error(transparent)]
     Value(crate::value::ValueError),
-    /// The plan does not fit the memory budget, or its arena cannot be made (exit status 2,
-    /// `PlanError`: found before any work).
+    /// The plan's work does not fit the memory budget, found by the check before any work
+    /// (exit status 2, `PlanError`). An arena that cannot be made or filled during the run is a
+    /// [`crate::value::ValueError`] of the tensor computed (exit status 1, `TransformError`).
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
     /// The run was interrupted (Ctrl-C); nothing was written.
@@ -164,7 +165,9 @@ impl ErrorContext {
             Error::Plan(e) => cx.visit(e),
             Error::Format(e) => cx.visit(e),
             Error::Value(e) => cx.visit(e),
-            Error::Memory(crate::memory::MemoryError::OverBudget { what, .. }) => cx.tensor(what),
+            Error::Memory(crate::memory::MemoryError::OverBudget {
+                tensor: Some(tensor), ..
+            }) => cx.tensor(tensor),
             Error::Memory(_) | Error::Cancelled => {}
         }
         let mut cause = std::error::Error::source(error);

@@ -45,6 +45,8 @@ pub enum MemoryError {
     OverBudget {
         /// What needs the memory.
         what: String,
+        /// The tensor it is for, when one is (a factorization's).
+        tensor: Option<String>,
         /// Bytes needed.
         needed: u64,
         /// The budget.
@@ -235,7 +237,8 @@ impl Drop for Reservation {
 }
 
 /// A buffer holding one tensor computed whole: in memory within the budget, or a region of the
-/// arena. Zeroed when made.
+/// arena. Zeroed when made (fresh and punched arena blocks read as zeros; reused ones that could
+/// not be punched are written zeros).
 #[derive(Debug)]
 pub struct Scratch {
     place: Place,
@@ -278,6 +281,9 @@ impl Scratch {
     pub fn typed_mut<T: Element>(&mut self) -> &mut [T] {
         let bytes = self.bytes_mut();
         let n = bytes.len() / std::mem::size_of::<T>();
+        if n == 0 {
+            return &mut [];
+        }
         debug_assert_eq!(bytes.as_ptr() as usize % std::mem::align_of::<T>(), 0);
         // SAFETY: heap buffers are u64-aligned and arena regions page-aligned, so the pointer
         // suits T; every bit pattern is a valid T (`Element` is implemented for plain numbers).
@@ -288,6 +294,9 @@ impl Scratch {
     pub fn typed<T: Element>(&self) -> &[T] {
         let bytes = self.bytes();
         let n = bytes.len() / std::mem::size_of::<T>();
+        if n == 0 {
+            return &[];
+        }
         // SAFETY: as in `typed_mut`.
         unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), n) }
     }
@@ -357,6 +366,9 @@ struct ArenaState {
     free: BTreeMap<u64, u64>,
     /// Bytes of live regions.
     in_use: u64,
+    /// Whether every freed range was given back to the filesystem (reads as zeros); cleared by
+    /// the first failure, after which reused ranges are zeroed.
+    holes_punched: bool,
 }
 
 impl Arena {
@@ -390,7 +402,10 @@ impl Arena {
         Ok(Arena {
             dir: dir.to_path_buf(),
             file,
-            state: Mutex::new(ArenaState::default()),
+            state: Mutex::new(ArenaState {
+                holes_punched: true,
+                ..ArenaState::default()
+            }),
         })
     }
 
@@ -417,8 +432,13 @@ impl Arena {
 
     /// A zeroed region of `len` bytes, mapped.
     pub fn alloc(self: &Arc<Self>, op: &'static str, len: usize) -> Result<Region, MemoryError> {
-        let size = (len as u64).max(1).div_ceil(REGION_ALIGN) * REGION_ALIGN;
-        let offset = {
+        let too_large = || MemoryError::OutOfMemory { op, bytes: len };
+        let size = (len as u64)
+            .max(1)
+            .div_ceil(REGION_ALIGN)
+            .checked_mul(REGION_ALIGN)
+            .ok_or_else(too_large)?;
+        let (offset, reused) = {
             let mut state = self.lock();
             let fit = state.free.iter().find(|(_, &l)| l >= size).map(|(&o, &l)| (o, l));
             let offset = match fit {
@@ -430,25 +450,24 @@ impl Arena {
                     o
                 }
                 None => {
-                    // Grow: a free range ending the file is extended rather than left behind.
+                    // Grow: a free range ending the file is extended rather than left behind
+                    // (taken off the free list only once the file has grown).
                     let tail = state.free.iter().next_back().map(|(&o, &l)| (o, l));
                     let start = match tail {
-                        Some((o, l)) if o + l == state.len => {
-                            state.free.remove(&o);
-                            o
-                        }
+                        Some((o, l)) if o + l == state.len => o,
                         _ => state.len,
                     };
-                    let end = start
-                        .checked_add(size)
-                        .ok_or(MemoryError::OutOfMemory { op, bytes: len })?;
+                    let end = start.checked_add(size).ok_or_else(too_large)?;
                     self.file.set_len(end).map_err(|e| self.error(e))?;
+                    if start < state.len {
+                        state.free.remove(&start);
+                    }
                     state.len = end;
                     start
                 }
             };
             state.in_use += size;
-            offset
+            (offset, fit.is_some() && !state.holes_punched)
         };
         let region = Region {
             arena: self.clone(),
@@ -458,8 +477,10 @@ impl Arena {
             map: None,
         };
         // Reserve the blocks now, so a full disk is an error here rather than SIGBUS later when
-        // a page of the mapping is first written.
-        allocate(&self.file, offset, size).map_err(|e| self.error(e))?;
+        // a page of the mapping is first written. A reused range whose blocks could not be given
+        // back still holds an earlier tensor's bytes: zeroed.
+        let zero = reused;
+        allocate(&self.file, offset, size, zero).map_err(|e| self.error(e))?;
         let mut region = region;
         if len > 0 {
             let mut options = memmap2::MmapOptions::new();
@@ -475,8 +496,9 @@ impl Arena {
     /// Returns `[offset, offset + size)` to the free ranges, coalesced with its neighbours, and
     /// its blocks to the filesystem.
     fn free(&self, offset: u64, size: u64) {
-        punch_hole(&self.file, offset, size);
+        let punched = punch_hole(&self.file, offset, size);
         let mut state = self.lock();
+        state.holes_punched &= punched;
         state.in_use -= size;
         let (mut start, mut len) = (offset, size);
         if let Some((&o, &l)) = state.free.range(..offset).next_back() {
@@ -585,21 +607,12 @@ fn unnamed_file(_dir: &Path) -> Option<File> {
     None
 }
 
-/// Allocates the file's blocks for `[offset, offset + len)`: ENOSPC now, not SIGBUS on a write
-/// through the mapping. Filesystems without `fallocate` are written zeros instead.
-fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    };
-    // SAFETY: fallocate on this process's open file descriptor.
-    let status = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, n) };
-    if status == 0 {
+/// Allocates the file's blocks for `[offset, offset + len)`, zeroed when `zero`: ENOSPC now,
+/// not SIGBUS on a write through the mapping. Where `fallocate` is unavailable, zeros are
+/// written instead.
+fn allocate(file: &File, offset: u64, len: u64, zero: bool) -> io::Result<()> {
+    if !zero && reserve_blocks(file, offset, len)? {
         return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
-        return Err(error);
     }
     let zeros = vec![0u8; 1 << 20];
     let mut at = offset;
@@ -611,22 +624,52 @@ fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Gives the blocks of a freed range back to the filesystem (reads of it give zeros), where
-/// the filesystem can; the free list reuses the range either way.
-fn punch_hole(file: &File, offset: u64, len: u64) {
+/// `fallocate` of the range; `Ok(false)` where the filesystem or system has none.
+#[cfg(target_os = "linux")]
+fn reserve_blocks(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
-    if let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
-        // SAFETY: fallocate on this process's open file descriptor; failure only leaves the
-        // blocks allocated.
-        let _ = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                n,
-            )
-        };
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: fallocate on this process's open file descriptor.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, off, n) } == 0 {
+        return Ok(true);
     }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(error),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reserve_blocks(_file: &File, _offset: u64, _len: u64) -> io::Result<bool> {
+    Ok(false)
+}
+
+/// Gives the blocks of a freed range back to the filesystem (reads of it give zeros); whether
+/// it could. The free list reuses the range either way.
+#[cfg(target_os = "linux")]
+fn punch_hole(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return false;
+    };
+    // SAFETY: fallocate on this process's open file descriptor.
+    let status = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    status == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn punch_hole(_file: &File, _offset: u64, _len: u64) -> bool {
+    false
 }
 
 #[cfg(test)]

@@ -50,12 +50,13 @@ def test_work_above_the_budget_goes_to_the_arena_and_equals_numpy(operands, tmp_
     out = tmp_path / "out.safetensors"
     # One writing thread holds 3 MiB; a 4 MiB budget leaves no room for the 8 MiB operand, the
     # 4 MiB product or the 4 MiB copy of the cube.
-    checked = bs.check(plan(model, out), max_memory="4MB", scratch_dir=scratch)
+    checked = bs.check(plan(model, out), threads=1, max_memory="4MB", scratch_dir=scratch)
     assert checked["memory_budget"] == 4 * MiB
     assert checked["arena_bytes"] > 0
     assert checked["peak_memory_estimate"] <= 4 * MiB
     result = bs.run(plan(model, out), threads=1, max_memory=4 * MiB, scratch_dir=scratch, quiet=True)
-    assert result["arena_bytes"] >= 4 * MiB
+    assert result.arena_bytes >= 4 * MiB and result.memory_budget == 4 * MiB
+    assert "in the scratch arena" in repr(result)
     got = load_file(str(out))
     np.testing.assert_allclose(got["ab"], a @ b, rtol=1e-4, atol=1e-3)
     np.testing.assert_array_equal(got["cube_t"], cube.transpose(2, 1, 0))
@@ -89,7 +90,7 @@ def test_a_factorization_whose_workspace_exceeds_the_budget_names_the_tensor(tmp
     save_file({"w": w}, str(model))
     p = {"inputs": [str(model)], "transforms": [{"phlora_": {"target": "w", "rank": 8}}], "output": str(tmp_path / "o.safetensors")}
     with pytest.raises(bs.PlanError, match=r"factorizing `.*w` needs \d+ bytes"):
-        bs.check(p, max_memory="3MB")
+        bs.check(p, threads=1, max_memory="3MB")
 
 
 @pytest.mark.parametrize("bad", ["lots", -1, 1.5])
@@ -107,7 +108,7 @@ def test_a_missing_scratch_directory_is_a_clear_error_and_nothing_is_written(ope
     assert not out.exists()
 
 
-def test_sessions_compute_within_their_budget(operands, tmp_path: Path) -> None:
+def test_sessions_and_lazy_results_compute_within_their_budget(operands, tmp_path: Path) -> None:
     model, a, b, _ = operands
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -115,6 +116,33 @@ def test_sessions_compute_within_their_budget(operands, tmp_path: Path) -> None:
     s.apply({"matmul": {"from_a": "m::a", "from_b": "m::b", "to": "m::ab"}})
     np.testing.assert_allclose(np.asarray(s["m::ab"]), a @ b, rtol=1e-4, atol=1e-3)
     assert list(scratch.iterdir()) == []
+    # The session's scratch directory is the one used: the 8 MiB operand spills there, and a
+    # directory that does not exist is the error.
+    missing = bs.Session({"m": model}, max_memory="4MB", scratch_dir=tmp_path / "nowhere", threads=1)
+    missing.apply({"matmul": {"from_a": "m::a", "from_b": "m::b", "to": "m::ab"}})
+    with pytest.raises(bs.TransformError, match="scratch arena in .*nowhere"):
+        missing["m::ab"]
+    # Likewise the lazy result of a run without output.
+    lazy = bs.run(
+        {"inputs": [str(model)], "transforms": [{"matmul": {"from_a": "a", "from_b": "b", "to": "ab"}}]},
+        threads=1,
+        max_memory="4MB",
+        scratch_dir=tmp_path / "nowhere",
+        quiet=True,
+    )
+    assert lazy.tensors is not None
+    with pytest.raises(bs.TransformError, match="scratch arena in .*nowhere"):
+        lazy.tensors["ab"]
+
+
+def test_check_judges_the_threads_a_run_would_use(operands, tmp_path: Path) -> None:
+    model, *_ = operands
+    p = {"inputs": [str(model)], "output": str(tmp_path / "o.safetensors")}
+    assert bs.check(p, threads=1, max_memory="4MB")["peak_memory_estimate"] <= 4 * MiB
+    with pytest.raises(bs.PlanError, match="writing with 2 threads"):
+        bs.check(p, threads=2, max_memory="4MB")
+    with pytest.raises(bs.PlanError, match="writing with 2 threads"):
+        bs.Session({"m": model}, threads=2, max_memory="4MB")
 
 
 def test_sigint_during_a_spilled_run_leaves_no_output_and_no_scratch(tmp_path: Path) -> None:

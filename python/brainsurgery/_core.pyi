@@ -120,6 +120,7 @@ def check(
     plan: PlanLike | Sequence[PlanLike],
     *,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    threads: int = 0,
     max_memory: int | str | None = None,
     scratch_dir: str | os.PathLike[str] | None = None,
 ) -> Report:

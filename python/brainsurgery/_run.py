@@ -67,6 +67,16 @@ class RunResult(dict[str, Any]):
         return self["write_seconds"]
 
     @property
+    def memory_budget(self) -> int:
+        """The run's memory budget in bytes (``max_memory``, or half of physical memory)."""
+        return int(self["memory_budget"])
+
+    @property
+    def arena_bytes(self) -> int:
+        """The most bytes the scratch arena held at once (0 when everything fit the budget)."""
+        return int(self["arena_bytes"])
+
+    @property
     def bytes_read(self) -> int:
         """Bytes of tensor data the run read from input files (a byte read twice counts twice;
         reading ``tensors`` of a plan without output afterwards is not counted)."""
@@ -80,6 +90,8 @@ class RunResult(dict[str, Any]):
     def __repr__(self) -> str:
         lines = [f"<brainsurgery.RunResult in {self.seconds:.2f} s: {len(self['notes'])} transforms"]
         lines.append(f"  read {_size(self.bytes_read)} of tensor data from input files")
+        if self.arena_bytes:
+            lines.append(f"  held up to {_size(self.arena_bytes)} in the scratch arena")
         if self["written"]:
             lines.append(f"  wrote {len(self['written'])} file(s), {_size(self.bytes_written)}:")
             lines += [f"    {p}" for p in self["written"][:10]]
@@ -224,6 +236,7 @@ def check(
     *,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     quiet: bool = False,
+    threads: int = 0,
     max_memory: int | str | None = None,
     scratch_dir: str | os.PathLike[str] | None = None,
 ) -> _core.Report:
@@ -233,4 +246,5 @@ def check(
     the budget ``max_memory`` (as for :func:`run`) and the bytes of the scratch arena beyond it.
     """
     scratch = os.fspath(scratch_dir) if scratch_dir is not None else None
-    return _show(_core.check(plan, overrides=overrides, max_memory=max_memory, scratch_dir=scratch), quiet)
+    report = _core.check(plan, overrides=overrides, threads=threads, max_memory=max_memory, scratch_dir=scratch)
+    return _show(report, quiet)

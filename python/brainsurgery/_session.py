@@ -54,7 +54,8 @@ class Session(CoreKeys, MutableMapping[str, "np.ndarray"]):
         """Open ``inputs`` (``{"alias": path}``, ``["alias::path", ...]`` or one path), or start
         from a ``plan`` (its transforms are applied, its output is not written). Tensors computed
         whole stay within ``max_memory`` (bytes or ``"8GB"``; default: half of physical memory),
-        the rest in a scratch arena in ``scratch_dir`` (default: the system's temporary folder)."""
+        the rest in a scratch arena in ``scratch_dir`` (default: the folder of the plan's output,
+        else the system's temporary folder)."""
         if plan is not None and inputs is not None:
             raise TypeError("give inputs or a plan, not both")
         if plan is None:

@@ -647,7 +647,7 @@ fn run<'py>(
     let progress = progress.map(progress_callback);
     let result = detached(py, move |cancel| {
         let prepared = prepare(sources, overrides, threads)?;
-        let (report, state) = prepared.run_keeping_state(&RunOptions {
+        let (report, state, memory) = prepared.run_keeping_state(&RunOptions {
             threads,
             cancel,
             progress,
@@ -657,13 +657,13 @@ fn run<'py>(
         // Without an output the result is the tensors themselves, read lazily from Python.
         let result = match prepared.plan().output {
             Some(_) => None,
-            None => prepared.result_alias(&state).map(|alias| (state, alias)),
+            None => prepared.result_alias(&state).map(|alias| (state, alias, memory)),
         };
         Ok::<_, Error>((report, result))
     })?;
     let (report, result) = result.map_err(|e| errors::to_py(py, e))?;
     let tensors = match result {
-        Some((state, alias)) => Some(Py::new(py, session::PyTensors::new(state, alias))?),
+        Some((state, alias, memory)) => Some(Py::new(py, session::PyTensors::new(state, alias, memory))?),
         None => None,
     };
     Ok((report_to_dict(py, &report)?, tensors))
@@ -695,18 +695,21 @@ fn progress_callback(callback: Py<PyAny>) -> Arc<crate::executor::ProgressFn> {
 /// Checks a plan against the checkpoint headers without reading tensor data (SPEC §8.1) and
 /// returns the report of what a run would write.
 #[pyfunction]
-#[pyo3(signature = (plan, *, overrides = None, max_memory = MaxMemory(None), scratch_dir = None), text_signature = "(plan, *, overrides=None, max_memory=None, scratch_dir=None)")]
+#[pyo3(signature = (plan, *, overrides = None, threads = Threads(0), max_memory = MaxMemory(None), scratch_dir = None), text_signature = "(plan, *, overrides=None, threads=0, max_memory=None, scratch_dir=None)")]
 fn check<'py>(
     py: Python<'py>,
     plan: &Bound<'py, PyAny>,
     overrides: Option<&Bound<'py, PyAny>>,
+    threads: Threads,
     max_memory: MaxMemory,
     scratch_dir: Option<std::path::PathBuf>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    // The thread count a run would use: the check judges the writing buffers against the budget.
+    let Threads(threads) = threads;
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
     let memory = memory_options(max_memory, scratch_dir);
-    let result = detached(py, move |_| prepare(sources, overrides, 1)?.check_within(&memory))?;
+    let result = detached(py, move |_| prepare(sources, overrides, threads)?.check_within(&memory))?;
     let report = result.map_err(|e| errors::to_py(py, e))?;
     report_to_dict(py, &report)
 }

@@ -20,6 +20,7 @@ use super::{
 use crate::error::Error;
 use crate::executor::session::{Applied, Session};
 use crate::formats::SourceFile;
+use crate::memory::Memory;
 use crate::plan::{oneline, Location, PlanError};
 use crate::state::State;
 use crate::value::{Bytes, ReadContext, Tensor, Value as TensorValue};
@@ -85,7 +86,7 @@ type ArrayParts = (Py<PyAny>, String, Vec<usize>, Option<Vec<usize>>);
 
 /// One tensor as [`ArrayParts`]: a view of the mapped input file when its value is still the
 /// stored bytes, else computed (with the GIL released, Ctrl-C stopping it) into an owned buffer.
-fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps) -> PyResult<ArrayParts> {
+fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps, memory: Arc<Memory>) -> PyResult<ArrayParts> {
     let dtype = tensor.dtype.name().to_owned();
     let shape = tensor.shape.clone();
     if let TensorValue::Stored { file, offset } = &*tensor.value {
@@ -120,7 +121,8 @@ fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps) -> PyResult<ArrayPa
             })
         })?;
         bytes.resize(len, 0);
-        let mut cx = ReadContext::cancellable(cancel);
+        // Within the run's or session's budget: a product computed on this read is kept there.
+        let mut cx = ReadContext::for_run(cancel, memory);
         // In chunks, so Ctrl-C stops a large read within one chunk.
         for (start, n) in crate::value::chunks(len) {
             cx.check().map_err(Error::Value)?;
@@ -296,9 +298,11 @@ impl PySession {
     /// the default alias).
     fn get(&self, py: Python<'_>, key: &str) -> PyResult<ArrayParts> {
         let mut guard = self.lock()?;
-        let tensor = with_session(&mut guard, |s| lookup(s.state(), key).cloned())?;
+        let (tensor, memory) = with_session(&mut guard, |s| {
+            PyResult::Ok((lookup(s.state(), key)?.clone(), s.memory().clone()))
+        })?;
         drop(guard);
-        array_parts(py, &tensor, &self.maps)
+        array_parts(py, &tensor, &self.maps, memory)
     }
 
     /// `(dtype, shape)` of a tensor, without reading it.
@@ -434,14 +438,17 @@ pub(super) struct PyTensors {
     state: State,
     alias: String,
     maps: Maps,
+    /// The run's memory budget and arena, which values computed on access use.
+    memory: Arc<Memory>,
 }
 
 impl PyTensors {
-    pub(super) fn new(state: State, alias: String) -> PyTensors {
+    pub(super) fn new(state: State, alias: String, memory: Arc<Memory>) -> PyTensors {
         PyTensors {
             state,
             alias,
             maps: Maps::default(),
+            memory,
         }
     }
 
@@ -498,6 +505,6 @@ impl PyTensors {
     /// unchanged, computed now otherwise.
     fn get(&self, py: Python<'_>, name: &str) -> PyResult<ArrayParts> {
         let tensor = self.tensor(name)?.clone();
-        array_parts(py, &tensor, &self.maps)
+        array_parts(py, &tensor, &self.maps, self.memory.clone())
     }
 }

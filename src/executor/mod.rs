@@ -473,45 +473,60 @@ impl Prepared {
         if let (Some(output), Some(alias)) = (&self.plan.output, self.output_alias(&state)?) {
             write::validate_output(output, &state, &alias)?;
         }
+        self.fits_budget(&ctx)?;
+        Ok((state, ctx))
+    }
+
+    /// Refuses work that cannot fit the budget of `ctx` even with every tensor computed whole
+    /// in the arena: the writing threads' buffers, or a factorization's workspace.
+    fn fits_budget(&self, ctx: &Context) -> Result<(), MemoryError> {
         let budget = ctx.reads.memory().limit();
         let fixed = self.fixed_memory(ctx.workspace);
-        if fixed > budget {
-            let (what, hint) = match &ctx.workspace_tensor {
-                Some(tensor) if ctx.workspace as u64 == fixed => (format!("factorizing `{tensor}`"), ""),
-                _ => (
-                    format!("writing with {} threads", self.threads),
-                    " or use fewer threads (--threads, threads=)",
-                ),
-            };
-            return Err(MemoryError::OverBudget {
-                what,
-                needed: fixed,
-                budget,
-                hint,
-            }
-            .into());
+        if fixed <= budget {
+            return Ok(());
         }
-        Ok((state, ctx))
+        let (what, tensor, hint) = match &ctx.workspace_tensor {
+            Some(tensor) if ctx.workspace as u64 == fixed => {
+                (format!("factorizing `{tensor}`"), Some(tensor.clone()), "")
+            }
+            _ => (
+                format!("writing with {} threads", self.threads),
+                None,
+                " or use fewer threads (--threads, threads=)",
+            ),
+        };
+        Err(MemoryError::OverBudget {
+            what,
+            tensor,
+            needed: fixed,
+            budget,
+            hint,
+        })
     }
 
     /// Checks, then runs the plan for real and writes the output.
     pub fn run(&self, options: &RunOptions) -> Result<Report, Error> {
-        self.run_keeping_state(options).map(|(report, _)| report)
+        self.run_keeping_state(options).map(|(report, ..)| report)
     }
 
     /// [`Prepared::run`], also returning the state the transforms ended with: a plan without
     /// an output hands its result to Python this way (lazy values, nothing written).
-    pub fn run_keeping_state(&self, options: &RunOptions) -> Result<(Report, State), Error> {
+    pub fn run_keeping_state(&self, options: &RunOptions) -> Result<(Report, State, Arc<Memory>), Error> {
         // The check's report would be thrown away: one summary per tensor (issue 9).
-        let preview = {
+        let (preview, fixed) = {
             let (state, ctx) = self.checked(&options.memory)?;
-            self.preview(&state, &ctx)?
+            (self.preview(&state, &ctx)?, self.fixed_memory(ctx.workspace))
         };
         if !options.skip_space_check {
             crate::space::require(&preview.filesystems)?;
         }
+        let memory = self.memory(&options.memory);
+        // The writing threads' buffers and factorization workspaces are not allocated from the
+        // budget; their share is held for the run, so tensors computed whole get only the rest
+        // (the check refused a plan whose share exceeds the budget).
+        let _fixed = memory.reserve(usize::try_from(fixed).unwrap_or(usize::MAX));
         let mut ctx = Context::new(true, options.cancel.clone());
-        ctx.reads = ReadContext::for_run(options.cancel.clone(), self.memory(&options.memory));
+        ctx.reads = ReadContext::for_run(options.cancel.clone(), memory.clone());
         let state = self.execute(&mut ctx)?;
         // Written before the report is built, so the writer's layout and the report's per-tensor
         // summaries are not held at once.
@@ -527,7 +542,7 @@ impl Prepared {
         report.written.extend(files.unwrap_or_default());
         report.write_seconds = write_seconds;
         preview.fill(&mut report);
-        Ok((report, state))
+        Ok((report, state, memory))
     }
 
     /// The alias a plan without an output leaves as its result: the default alias (the only

@@ -84,6 +84,7 @@ impl Session {
         };
         let mut check = context(false);
         prepared.execute(&mut check)?;
+        prepared.fits_budget(&check)?;
         let mut ctx = context(true);
         let state = prepared.execute(&mut ctx)?;
         let next = prepared.plan.transforms.len();
@@ -258,6 +259,7 @@ impl Session {
             let reads = ReadContext::for_run(options.cancel.clone(), self.memory.clone());
             report.written = prepared.write(&self.state, &alias, &reads, options)?;
             report.bytes_read = reads.bytes_read();
+            report.arena_bytes = self.memory.arena_peak();
         }
         report.bytes_read = report.bytes_read.saturating_add(self.bytes_read);
         Ok(report)

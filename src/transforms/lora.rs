@@ -37,7 +37,7 @@ use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, OutputSpec, PlanError};
 use crate::references::Reference;
 use crate::state::State;
-use crate::value::{read_real, real_bytes, LazyOp, ReadContext, Tensor, ValueError};
+use crate::value::{read_real, real_bytes, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
 use crate::write;
 
 /// PEFT's prefix of adapter tensor names.
@@ -639,7 +639,9 @@ impl ExtractLora {
             let root = (1.0 / scaling).sqrt();
             let (rows, cols) = (f.b.len() / f.rank.max(1), f.a.len() / f.rank.max(1));
             let encode = |v: Vec<f64>, shape: Vec<usize>| -> Result<Tensor, StepError> {
-                let bytes = real_bytes(&v, dtype, op).map_err(|e| TransformError::value_of(&f.module, e))?;
+                // Within the run's memory budget, else in its arena.
+                let bytes =
+                    real_scratch(&v, dtype, op, &ctx.reads).map_err(|e| TransformError::value_of(&f.module, e))?;
                 Ok(Tensor::in_memory(dtype, shape, Arc::new(bytes)))
             };
             let a: Vec<f64> = f.a.iter().map(|x| x * root).collect();

@@ -27,7 +27,7 @@ use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{read_real, real_bytes, LazyOp, ReadContext, Tensor, ValueError};
+use crate::value::{read_real, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
 
 /// One factorized tensor, as the run report lists it.
 #[derive(Debug, Clone, PartialEq)]
@@ -680,7 +680,9 @@ impl Phlora {
         let (b, a) = split_factors(&svd);
         drop(svd);
         let dtype = m.tensor.dtype;
-        let bytes = |v: &[T]| real_bytes(v, dtype, self.op()).map_err(|e| TransformError::value_of(&display, e));
+        // Within the run's memory budget, else in its arena.
+        let bytes =
+            |v: &[T]| real_scratch(v, dtype, self.op(), &ctx.reads).map_err(|e| TransformError::value_of(&display, e));
         let a_tensor = Tensor::in_memory(dtype, vec![rank, cols], Arc::new(bytes(&a)?));
         let b_tensor = Tensor::in_memory(dtype, vec![rows, rank], Arc::new(bytes(&b)?));
         let product = Tensor::op(

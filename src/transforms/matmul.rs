@@ -236,7 +236,15 @@ impl MatmulOp {
         let a = read_real_scratch::<T>(&self.a, "matmul", cx)?;
         let b = read_real_scratch::<T>(&self.b, "matmul", cx)?;
         let [batch, m, _, n] = self.dims;
-        let mut c = cx.alloc("matmul", batch * m * n * std::mem::size_of::<T>())?;
+        // Checked: the product's size is known to fit in its dtype, not in the wider T.
+        let wide = [batch, m, n, std::mem::size_of::<T>()]
+            .iter()
+            .try_fold(1usize, |p, &d| p.checked_mul(d))
+            .ok_or(ValueError::OutOfMemory {
+                op: "matmul",
+                bytes: usize::MAX,
+            })?;
+        let mut c = cx.alloc("matmul", wide)?;
         pool.install(|| {
             multiply(
                 a.typed::<T>(),
