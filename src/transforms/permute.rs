@@ -180,6 +180,7 @@ pub fn permuted(source: &Tensor, order: &[usize]) -> Result<Tensor, ValueError> 
             mode,
             whole: Mutex::new(None),
             gathered: std::sync::atomic::AtomicUsize::new(0),
+            bands: Mutex::new(Vec::new()),
             mapped: match &*source.value {
                 Value::Stored { file, offset } => Some(LazyMap::new(file.clone(), *offset, source.nbytes(), true)),
                 _ => None,
@@ -213,7 +214,24 @@ pub struct PermuteOp {
     /// so mapped pages do not pile up in the resident set across a plan.
     /// `None` for a source that is not stored.
     mapped: Option<LazyMap>,
+    /// For a stored source too large for a mapping within the memory budget: the bands of source
+    /// rows read last (see [`PermuteOp::read_banded`]), newest last.
+    bands: Mutex<Vec<Arc<Band>>>,
 }
+
+/// Output rows `[q0, q0 + width)` of one plane of a tiled permutation, read from the source:
+/// source run `u` (`width` elements) at `u * width`.
+#[derive(Debug)]
+struct Band {
+    plane: usize,
+    q0: usize,
+    width: usize,
+    bytes: Vec<u8>,
+}
+
+/// Bands kept at once: one per writing thread of a typical run, so threads working on
+/// neighbouring chunks share them.
+const BANDS_KEPT: usize = 2;
 
 impl PermuteOp {
     /// The mapped bytes of a stored source (mapped on first use), or `None` to read instead.
@@ -226,6 +244,78 @@ impl PermuteOp {
         if let Some(map) = &self.mapped {
             map.served(bytes, self.source.nbytes());
         }
+    }
+
+    /// Whether tiles come from bands read with `pread` rather than from a mapping: for a stored
+    /// source larger than a quarter of the memory budget. A transpose touches every source row
+    /// for each chunk, and the kernel maps the cached neighbours of each touched page too, so a
+    /// mapping makes the whole source resident within one chunk whatever the budget.
+    fn banded(&self, cx: &ReadContext) -> bool {
+        self.mapped.is_some() && self.source.nbytes() as u64 > cx.memory().limit() / 4
+    }
+
+    /// Elements `[start, ..)` of a tiled permutation through bands: each band holds a run of
+    /// `width` consecutive source elements (output rows) from every source row of a plane, read
+    /// with one `pread` per row, sized so the bands kept take an eighth of the budget each.
+    fn read_banded(&self, size: usize, start: usize, out: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
+        let r = self.dims.len();
+        let (rows, cols) = (self.dims[r - 2], self.dims[r - 1]);
+        let plane = rows * cols;
+        let budget = usize::try_from(cx.memory().limit()).unwrap_or(usize::MAX);
+        let width = (budget / 8 / (cols * size).max(1)).clamp(1, rows);
+        let n = out.len() / size;
+        let mut done = 0;
+        while done < n {
+            cx.check()?;
+            let pos = start + done;
+            let (p, within) = (pos / plane, pos % plane);
+            let (q, u) = (within / cols, within % cols);
+            let q0 = q - q % width;
+            let band = self.band(p, q0, width.min(rows - q0), size, cx)?;
+            let count = (cols - u).min(n - done);
+            let dst = &mut out[done * size..(done + count) * size];
+            scatter_row(size, &band.bytes, band.width, q - q0, u, dst);
+            done += count;
+        }
+        Ok(())
+    }
+
+    /// The band of output rows `[q0, q0 + width)` of plane `plane`: kept, or read now (under
+    /// the lock: threads on neighbouring chunks need the same band, and one read serves them).
+    fn band(
+        &self,
+        plane: usize,
+        q0: usize,
+        width: usize,
+        size: usize,
+        cx: &mut ReadContext,
+    ) -> Result<Arc<Band>, ValueError> {
+        let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(band) = bands.iter().find(|b| b.plane == plane && b.q0 == q0) {
+            return Ok(band.clone());
+        }
+        let r = self.dims.len();
+        let cols = self.dims[r - 1];
+        let col_stride = self.strides[r - 1];
+        let first = self.offset_of(plane, r - 2) + q0;
+        let mut bytes = crate::value::try_filled("permute", cols * width * size, 0u8)?;
+        for (u, run) in bytes.chunks_exact_mut(width * size).enumerate() {
+            if u % 1024 == 0 {
+                cx.check()?;
+            }
+            self.source.read(first + u * col_stride, run, cx)?;
+        }
+        let band = Arc::new(Band {
+            plane,
+            q0,
+            width,
+            bytes,
+        });
+        if bands.len() >= BANDS_KEPT {
+            bands.remove(0);
+        }
+        bands.push(band.clone());
+        Ok(band)
     }
 
     /// The source offset of the first element of output row `row` over `dims[..k]`.
@@ -496,6 +586,7 @@ impl LazyOp for PermuteOp {
         }
         match self.mode {
             Mode::Rows => self.read_rows(size, start, out, cx),
+            Mode::Tiles if self.banded(cx) => self.read_banded(size, start, out, cx),
             Mode::Tiles => {
                 self.read_tiles(size, start, out, cx)?;
                 self.served(out.len());
