@@ -220,13 +220,20 @@ pub struct PermuteOp {
 }
 
 /// Output rows `[q0, q0 + width)` of one plane of a tiled permutation, read from the source:
-/// source run `u` (`width` elements) at `u * width`.
+/// source run `u` (`width` elements) at `u * width`; set once read (`None` if reading failed).
 #[derive(Debug)]
 struct Band {
     plane: usize,
     q0: usize,
     width: usize,
-    bytes: Vec<u8>,
+    bytes: std::sync::OnceLock<Option<Vec<u8>>>,
+}
+
+impl Band {
+    /// The bytes read (empty until then, which [`PermuteOp::band`] never hands out).
+    fn bytes(&self) -> &[u8] {
+        self.bytes.get().and_then(Option::as_deref).unwrap_or_default()
+    }
 }
 
 /// Bands kept at once: one per writing thread of a typical run, so threads working on
@@ -272,16 +279,31 @@ impl PermuteOp {
             let (q, u) = (within / cols, within % cols);
             let q0 = q - q % width;
             let band = self.band(p, q0, width.min(rows - q0), size, cx)?;
+            // Whole output rows of this band in the chunk: copied run by run (a run of the band
+            // is contiguous, the rows take one write stream each), which keeps the reads in
+            // cache; a row begun or ended mid-chunk goes element by element.
+            let whole_rows = if u == 0 {
+                ((n - done) / cols).min(band.q0 + band.width - q)
+            } else {
+                0
+            };
+            if whole_rows > 0 {
+                let dst = &mut out[done * size..(done + whole_rows * cols) * size];
+                transpose_runs(size, band.bytes(), band.width, q - q0, whole_rows, cols, dst);
+                done += whole_rows * cols;
+                continue;
+            }
             let count = (cols - u).min(n - done);
             let dst = &mut out[done * size..(done + count) * size];
-            scatter_row(size, &band.bytes, band.width, q - q0, u, dst);
+            scatter_row(size, band.bytes(), band.width, q - q0, u, dst);
             done += count;
         }
         Ok(())
     }
 
-    /// The band of output rows `[q0, q0 + width)` of plane `plane`: kept, or read now (under
-    /// the lock: threads on neighbouring chunks need the same band, and one read serves them).
+    /// The band of output rows `[q0, q0 + width)` of plane `plane`: kept, or read now. The lock
+    /// is held only to find or enter the band: a thread needing the same band waits for its one
+    /// read, a thread needing another band reads it meanwhile.
     fn band(
         &self,
         plane: usize,
@@ -290,10 +312,60 @@ impl PermuteOp {
         size: usize,
         cx: &mut ReadContext,
     ) -> Result<Arc<Band>, ValueError> {
-        let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(band) = bands.iter().find(|b| b.plane == plane && b.q0 == q0) {
-            return Ok(band.clone());
+        let band = {
+            let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
+            match bands.iter().find(|b| b.plane == plane && b.q0 == q0) {
+                Some(band) => band.clone(),
+                None => {
+                    let band = Arc::new(Band {
+                        plane,
+                        q0,
+                        width,
+                        bytes: std::sync::OnceLock::new(),
+                    });
+                    if bands.len() >= BANDS_KEPT {
+                        bands.remove(0);
+                    }
+                    bands.push(band.clone());
+                    band
+                }
+            }
+        };
+        let mut failure = None;
+        let read = band
+            .bytes
+            .get_or_init(|| match self.read_band(plane, q0, width, size, cx) {
+                Ok(bytes) => Some(bytes),
+                Err(e) => {
+                    failure = Some(e);
+                    None
+                }
+            });
+        if let Some(e) = failure {
+            // Forgotten, so a later reader tries again rather than seeing the failure.
+            let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
+            bands.retain(|b| !Arc::ptr_eq(b, &band));
+            return Err(e);
         }
+        match read {
+            Some(_) => Ok(band),
+            None => Err(ValueError::Compute {
+                op: "permute",
+                reason: "a band of the source could not be read by another thread".into(),
+            }),
+        }
+    }
+
+    /// Reads the band of output rows `[q0, q0 + width)` of plane `plane`: one `pread` per
+    /// source row.
+    fn read_band(
+        &self,
+        plane: usize,
+        q0: usize,
+        width: usize,
+        size: usize,
+        cx: &mut ReadContext,
+    ) -> Result<Vec<u8>, ValueError> {
         let r = self.dims.len();
         let cols = self.dims[r - 1];
         let col_stride = self.strides[r - 1];
@@ -305,17 +377,7 @@ impl PermuteOp {
             }
             self.source.read(first + u * col_stride, run, cx)?;
         }
-        let band = Arc::new(Band {
-            plane,
-            q0,
-            width,
-            bytes,
-        });
-        if bands.len() >= BANDS_KEPT {
-            bands.remove(0);
-        }
-        bands.push(band.clone());
-        Ok(band)
+        Ok(bytes)
     }
 
     /// The source offset of the first element of output row `row` over `dims[..k]`.
@@ -520,6 +582,35 @@ impl PermuteOp {
                 }
                 src -= self.strides[d] * self.dims[d];
                 index[d] = 0;
+            }
+        }
+    }
+}
+
+/// Copies rows `[t, t + h)` of a column-major band (runs of `width` elements) into `dst`, rows of
+/// `cols` elements: run `u` gives element `u` of every row.
+fn transpose_runs(size: usize, band: &[u8], width: usize, t: usize, h: usize, cols: usize, dst: &mut [u8]) {
+    fn typed<const N: usize>(band: &[u8], width: usize, t: usize, h: usize, cols: usize, dst: &mut [u8]) {
+        for u in 0..cols {
+            let run = &band[(u * width + t) * N..(u * width + t + h) * N];
+            for (i, v) in run.chunks_exact(N).enumerate() {
+                let at = (i * cols + u) * N;
+                dst[at..at + N].copy_from_slice(v);
+            }
+        }
+    }
+    match size {
+        1 => typed::<1>(band, width, t, h, cols, dst),
+        2 => typed::<2>(band, width, t, h, cols, dst),
+        4 => typed::<4>(band, width, t, h, cols, dst),
+        8 => typed::<8>(band, width, t, h, cols, dst),
+        _ => {
+            for u in 0..cols {
+                for i in 0..h {
+                    let from = (u * width + t + i) * size;
+                    let at = (i * cols + u) * size;
+                    dst[at..at + size].copy_from_slice(&band[from..from + size]);
+                }
             }
         }
     }
