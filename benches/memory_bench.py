@@ -90,7 +90,7 @@ def main() -> None:
     for name, inp, transforms, budget in jobs:
         rows = []
         for limit in (budget, "64GB"):
-            cmd = [exe, str(inp), *transforms, "-o", str(out), "--max-memory", limit, "--no-progress"]
+            cmd = [exe, str(inp), *transforms, "-o", str(out), "--max-memory", limit, "--threads", "2", "--no-progress"]
             rows.append(bench.measure(cmd, inp, out, args.repeat))
         small, ample = rows
         print(

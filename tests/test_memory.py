@@ -233,3 +233,20 @@ def test_banded_transposes_equal_numpy_across_planes_and_partial_bands(tmp_path:
         quiet=True,
     )
     np.testing.assert_array_equal(load_file(str(out))["y"], x.transpose(order))
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_banded_transposes_read_each_source_byte_once_whatever_the_threads(tmp_path: Path, threads: int) -> None:
+    # One band per reading thread: threads on distant chunks do not evict each other's bands.
+    x = np.arange(1024 * 1536, dtype=np.int32).reshape(1024, 1536)
+    model = tmp_path / "x.safetensors"
+    save_file({"x": x}, str(model))
+    out = tmp_path / "o.safetensors"
+    result = bs.run(
+        {"inputs": [str(model)], "transforms": [{"permute": {"from": "x", "to": "y", "order": [1, 0]}}, {"delete": {"target": "x"}}], "output": str(out)},
+        threads=threads,
+        max_memory="16MB",
+        quiet=True,
+    )
+    assert result.bytes_read == x.nbytes
+    np.testing.assert_array_equal(load_file(str(out))["y"], x.T)

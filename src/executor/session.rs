@@ -256,6 +256,10 @@ impl Session {
         let mut report = prepared.report(&self.state, ctx)?;
         if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
             write::validate_output(output, &self.state, &alias)?;
+            // The writing threads' share of the budget, held while they write (as for a run).
+            let _writers = self
+                .memory
+                .reserve(usize::try_from(prepared.fixed_memory(0)).unwrap_or(usize::MAX));
             let reads = ReadContext::for_run(options.cancel.clone(), self.memory.clone());
             report.written = prepared.write(&self.state, &alias, &reads, options)?;
             report.bytes_read = reads.bytes_read();

@@ -181,6 +181,7 @@ pub fn permuted(source: &Tensor, order: &[usize]) -> Result<Tensor, ValueError> 
             whole: Mutex::new(None),
             gathered: std::sync::atomic::AtomicUsize::new(0),
             bands: Mutex::new(Vec::new()),
+            band_served: std::sync::atomic::AtomicUsize::new(0),
             mapped: match &*source.value {
                 Value::Stored { file, offset } => Some(LazyMap::new(file.clone(), *offset, source.nbytes(), true)),
                 _ => None,
@@ -217,6 +218,9 @@ pub struct PermuteOp {
     /// For a stored source too large for a mapping within the memory budget: the bands of source
     /// rows read last (see [`PermuteOp::read_banded`]), newest last.
     bands: Mutex<Vec<Arc<Band>>>,
+    /// Bytes served through bands since the last complete pass; the bands are dropped when a
+    /// pass completes (the tensor has been written), so they do not stay for the run.
+    band_served: std::sync::atomic::AtomicUsize,
 }
 
 /// Output rows `[q0, q0 + width)` of one plane of a tiled permutation, read from the source:
@@ -227,6 +231,9 @@ struct Band {
     q0: usize,
     width: usize,
     bytes: std::sync::OnceLock<Option<Vec<u8>>>,
+    /// The band's bytes counted against the run's budget while it is kept (`None` when the
+    /// budget is spent: the bands of all readers stay near a quarter of it by their width).
+    _budget: Option<crate::memory::Reservation>,
 }
 
 impl Band {
@@ -236,9 +243,16 @@ impl Band {
     }
 }
 
-/// Bands kept at once: one per writing thread of a typical run, so threads working on
-/// neighbouring chunks share them.
-const BANDS_KEPT: usize = 2;
+/// The last (output) dimension of simplified dimensions `dims`.
+fn cols_of(dims: &[usize]) -> usize {
+    dims.last().copied().unwrap_or(1)
+}
+
+/// Readers sharing the bands: the threads of the pool reading (each works on its own range of
+/// chunks, so each needs its own band), at least two.
+fn band_readers() -> usize {
+    rayon::current_num_threads().max(2)
+}
 
 impl PermuteOp {
     /// The mapped bytes of a stored source (mapped on first use), or `None` to read instead.
@@ -269,7 +283,8 @@ impl PermuteOp {
         let (rows, cols) = (self.dims[r - 2], self.dims[r - 1]);
         let plane = rows * cols;
         let budget = usize::try_from(cx.memory().limit()).unwrap_or(usize::MAX);
-        let width = (budget / 8 / (cols * size).max(1)).clamp(1, rows);
+        // The bands of every reader together take about a quarter of the budget.
+        let width = (budget / 4 / band_readers() / (cols * size).max(1)).clamp(1, rows);
         let n = out.len() / size;
         let mut done = 0;
         while done < n {
@@ -298,6 +313,15 @@ impl PermuteOp {
             scatter_row(size, band.bytes(), band.width, q - q0, u, dst);
             done += count;
         }
+        let total = self.source.nbytes();
+        let served = self
+            .band_served
+            .fetch_add(out.len(), std::sync::atomic::Ordering::Relaxed)
+            + out.len();
+        if served >= total {
+            self.band_served.fetch_sub(total, std::sync::atomic::Ordering::Relaxed);
+            self.bands.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         Ok(())
     }
 
@@ -312,47 +336,53 @@ impl PermuteOp {
         size: usize,
         cx: &mut ReadContext,
     ) -> Result<Arc<Band>, ValueError> {
-        let band = {
-            let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
-            match bands.iter().find(|b| b.plane == plane && b.q0 == q0) {
-                Some(band) => band.clone(),
-                None => {
-                    let band = Arc::new(Band {
-                        plane,
-                        q0,
-                        width,
-                        bytes: std::sync::OnceLock::new(),
-                    });
-                    if bands.len() >= BANDS_KEPT {
-                        bands.remove(0);
+        loop {
+            cx.check()?;
+            let band = {
+                let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
+                match bands
+                    .iter()
+                    .find(|b| b.plane == plane && b.q0 == q0 && b.width == width)
+                {
+                    Some(band) => band.clone(),
+                    None => {
+                        let band = Arc::new(Band {
+                            plane,
+                            q0,
+                            width,
+                            bytes: std::sync::OnceLock::new(),
+                            _budget: cx.memory().reserve(cols_of(&self.dims) * width * size),
+                        });
+                        if bands.len() > band_readers() {
+                            bands.remove(0);
+                        }
+                        bands.push(band.clone());
+                        band
                     }
-                    bands.push(band.clone());
-                    band
                 }
+            };
+            let mut failure = None;
+            let read = band
+                .bytes
+                .get_or_init(|| match self.read_band(plane, q0, width, size, cx) {
+                    Ok(bytes) => Some(bytes),
+                    Err(e) => {
+                        failure = Some(e);
+                        None
+                    }
+                });
+            if read.is_some() {
+                return Ok(band);
             }
-        };
-        let mut failure = None;
-        let read = band
-            .bytes
-            .get_or_init(|| match self.read_band(plane, q0, width, size, cx) {
-                Ok(bytes) => Some(bytes),
-                Err(e) => {
-                    failure = Some(e);
-                    None
-                }
-            });
-        if let Some(e) = failure {
-            // Forgotten, so a later reader tries again rather than seeing the failure.
-            let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
-            bands.retain(|b| !Arc::ptr_eq(b, &band));
-            return Err(e);
-        }
-        match read {
-            Some(_) => Ok(band),
-            None => Err(ValueError::Compute {
-                op: "permute",
-                reason: "a band of the source could not be read by another thread".into(),
-            }),
+            // A failed read is forgotten; the thread whose read failed reports its error, and a
+            // thread that waited for it reads the band itself (and meets its own error).
+            self.bands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|b| !Arc::ptr_eq(b, &band));
+            if let Some(e) = failure {
+                return Err(e);
+            }
         }
     }
 
