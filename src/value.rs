@@ -171,6 +171,11 @@ pub trait LazyOp: Send + Sync + std::fmt::Debug {
         cx: &mut ReadContext,
     ) -> Result<(), ValueError>;
 
+    /// Drops what the operation keeps for later readers (a product, a permutation's source
+    /// copy): called once nothing will read it again in this run. A later read computes it
+    /// again.
+    fn release(&self) {}
+
     /// Bytes this operation holds in memory at once when read (a product computed whole, a
     /// permutation that cannot stream), its operands' included; 0 for streaming operations.
     /// Tensors whose bytes are reused are counted once per distinct operation.
@@ -646,6 +651,29 @@ impl Tensor {
             Value::Map { base, f, .. } => base.bytes_to_read(seen).saturating_add(f.bytes_to_read(seen)),
             Value::Overwrite { base, with, .. } => base.bytes_to_read(seen).saturating_add(with.bytes_to_read(seen)),
             Value::Op(op) => op.bytes_to_read(seen),
+        }
+    }
+
+    /// Releases what operations computed whole for this tensor keep ([`LazyOp::release`]), down
+    /// through the values only this tensor holds: called once it has been written, so the
+    /// memory or arena space goes to the tensors computed next. A value another tensor also
+    /// holds (a view of the product kept elsewhere) is left alone.
+    pub fn release_unshared(&self) {
+        if Arc::strong_count(&self.value) > 1 {
+            return;
+        }
+        match &*self.value {
+            Value::Op(op) => {
+                if Arc::strong_count(op) == 1 {
+                    op.release();
+                }
+            }
+            Value::View { base, .. } | Value::Cast { base } | Value::Map { base, .. } => base.release_unshared(),
+            Value::Overwrite { base, with, .. } => {
+                base.release_unshared();
+                with.release_unshared();
+            }
+            Value::Stored { .. } | Value::Strided(_) | Value::Memory(_) => {}
         }
     }
 

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -336,6 +336,12 @@ pub fn write_tensors(
         .collect();
     let total = writer.total_bytes();
     let done = AtomicU64::new(0);
+    // Chunks of each group still to write: when a group's last chunk is written, what it
+    // computed whole and nothing else reads is released (its memory or arena space reused).
+    let remaining: Vec<AtomicUsize> = groups
+        .iter()
+        .map(|members| AtomicUsize::new(chunks(tensors[members[0]].1.nbytes()).count()))
+        .collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .stack_size(crate::value::ENGINE_STACK_BYTES)
@@ -364,6 +370,9 @@ pub fn write_tensors(
                     let (file, offset) = writer.placement(i);
                     file.write_all_at(buf, offset + start as u64)
                         .map_err(|source| FormatError::io(&output.path, source))?;
+                }
+                if remaining[g].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    tensors[members[0]].1.release_unshared();
                 }
                 let len = len * members.len();
                 let now = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;

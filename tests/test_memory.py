@@ -250,3 +250,26 @@ def test_banded_transposes_read_each_source_byte_once_whatever_the_threads(tmp_p
     )
     assert result.bytes_read == x.nbytes
     np.testing.assert_array_equal(load_file(str(out))["y"], x.T)
+
+
+def test_a_written_product_is_released_so_the_next_fits_the_budget(tmp_path: Path) -> None:
+    # Two 4 MiB products from 1 MiB operands: with one thread, the first is written before the
+    # second is computed; released after its write, its memory holds the second. A view of a
+    # product kept by another tensor keeps it (and the answer stays right either way).
+    rng = np.random.default_rng(3)
+    a, b, a2 = (rng.standard_normal(s, dtype=np.float32) for s in [(1024, 256), (256, 1024), (1024, 256)])
+    model = tmp_path / "ops.safetensors"
+    save_file({"a": a, "b": b, "a2": a2}, str(model))
+    out = tmp_path / "o.safetensors"
+    transforms = [
+        {"matmul": {"from_a": "a", "from_b": "b", "to": "c1"}},
+        {"matmul": {"from_a": "a2", "from_b": "b", "to": "c2"}},
+        {"delete": {"target": "a|b|a2"}},
+    ]
+    result = bs.run(
+        {"inputs": [str(model)], "transforms": transforms, "output": str(out)}, threads=1, max_memory="10MB", quiet=True
+    )
+    assert result.arena_bytes == 0
+    got = load_file(str(out))
+    np.testing.assert_allclose(got["c1"], a @ b, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got["c2"], a2 @ b, rtol=1e-4, atol=1e-3)

@@ -304,6 +304,10 @@ impl LazyOp for MatmulOp {
         "matmul"
     }
 
+    fn release(&self) {
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         // An upper bound of the peak: both operands and the product as f32 (f64), and the
         // product's bytes in the result dtype, which are kept for every reader.
