@@ -60,6 +60,9 @@ pub struct WriteOptions<'a> {
     pub reads: &'a ReadContext,
     /// Progress callback.
     pub progress: Option<&'a ProgressFn>,
+    /// Whether this is the last read of the tensors (a run's output): what each computed whole
+    /// is released once it is written ([`crate::value::Tensor::release_unshared`]).
+    pub release: bool,
 }
 
 /// Metadata key recording the engine version (also how a later run recognises our outputs).
@@ -304,6 +307,7 @@ pub fn write_tensors(
         threads,
         reads,
         progress,
+        release,
     } = options;
     let writer = Writer::from_plan(output_plan(output, tensors, metadata)?)?;
     // Output tensors that are the same lazy value (copies, e.g. one MLP weight fanned out to
@@ -371,7 +375,7 @@ pub fn write_tensors(
                     file.write_all_at(buf, offset + start as u64)
                         .map_err(|source| FormatError::io(&output.path, source))?;
                 }
-                if remaining[g].fetch_sub(1, Ordering::AcqRel) == 1 {
+                if release && remaining[g].fetch_sub(1, Ordering::AcqRel) == 1 {
                     tensors[members[0]].1.release_unshared();
                 }
                 let len = len * members.len();

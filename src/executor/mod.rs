@@ -291,6 +291,8 @@ impl Prepared {
             threads: self.threads,
             reads,
             progress: options.progress.as_deref(),
+            // The run's last write: nothing reads its tensors afterwards.
+            release: true,
         };
         Ok(write::write_alias(
             output,
@@ -602,6 +604,7 @@ pub fn save(
             threads,
             reads: &reads,
             progress: options.progress.as_deref(),
+            release: false,
         },
     )?;
     let mut seen = std::collections::HashSet::new();

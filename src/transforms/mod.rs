@@ -190,6 +190,8 @@ impl Context {
             threads,
             reads: &self.reads,
             progress: None,
+            // Later transforms may read what this write computed.
+            release: false,
         }
     }
 

@@ -181,7 +181,6 @@ pub fn permuted(source: &Tensor, order: &[usize]) -> Result<Tensor, ValueError> 
             whole: Mutex::new(None),
             gathered: std::sync::atomic::AtomicUsize::new(0),
             bands: Mutex::new(Vec::new()),
-            band_served: std::sync::atomic::AtomicUsize::new(0),
             mapped: match &*source.value {
                 Value::Stored { file, offset } => Some(LazyMap::new(file.clone(), *offset, source.nbytes(), true)),
                 _ => None,
@@ -218,9 +217,6 @@ pub struct PermuteOp {
     /// For a stored source too large for a mapping within the memory budget: the bands of source
     /// rows read last (see [`PermuteOp::read_banded`]), newest last.
     bands: Mutex<Vec<Arc<Band>>>,
-    /// Bytes served through bands since the last complete pass; the bands are dropped when a
-    /// pass completes (the tensor has been written), so they do not stay for the run.
-    band_served: std::sync::atomic::AtomicUsize,
 }
 
 /// Output rows `[q0, q0 + width)` of one plane of a tiled permutation, read from the source:
@@ -231,6 +227,9 @@ struct Band {
     q0: usize,
     width: usize,
     bytes: std::sync::OnceLock<Option<Vec<u8>>>,
+    /// Element size, and output bytes served from the band so far (dropped once all served).
+    size: usize,
+    served: std::sync::atomic::AtomicUsize,
     /// The band's bytes counted against the run's budget while it is kept (`None` when the
     /// budget is spent: the bands of all readers stay near a quarter of it by their width).
     _budget: Option<crate::memory::Reservation>,
@@ -249,9 +248,13 @@ fn cols_of(dims: &[usize]) -> usize {
 }
 
 /// Readers sharing the bands: the threads of the pool reading (each works on its own range of
-/// chunks, so each needs its own band), at least two.
+/// chunks, so each needs its own band), at least two; two outside a pool (an assertion, a
+/// product's operand, a read from Python), where one thread reads.
 fn band_readers() -> usize {
-    rayon::current_num_threads().max(2)
+    match rayon::current_thread_index() {
+        Some(_) => rayon::current_num_threads().max(2),
+        None => 2,
+    }
 }
 
 impl PermuteOp {
@@ -305,24 +308,30 @@ impl PermuteOp {
             if whole_rows > 0 {
                 let dst = &mut out[done * size..(done + whole_rows * cols) * size];
                 transpose_runs(size, band.bytes(), band.width, q - q0, whole_rows, cols, dst);
+                self.band_served(&band, whole_rows * cols * size);
                 done += whole_rows * cols;
                 continue;
             }
             let count = (cols - u).min(n - done);
             let dst = &mut out[done * size..(done + count) * size];
             scatter_row(size, band.bytes(), band.width, q - q0, u, dst);
+            self.band_served(&band, count * size);
             done += count;
         }
-        let total = self.source.nbytes();
-        let served = self
-            .band_served
-            .fetch_add(out.len(), std::sync::atomic::Ordering::Relaxed)
-            + out.len();
-        if served >= total {
-            self.band_served.fetch_sub(total, std::sync::atomic::Ordering::Relaxed);
-            self.bands.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        }
         Ok(())
+    }
+
+    /// Counts `bytes` of output served from `band`; a band that has served all its rows is
+    /// dropped (a pass over the tensor reads each band once; eviction bounds the rest).
+    fn band_served(&self, band: &Arc<Band>, bytes: usize) {
+        let total = band.width * cols_of(&self.dims) * (band.size);
+        let served = band.served.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        if served >= total {
+            self.bands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|b| !Arc::ptr_eq(b, band));
+        }
     }
 
     /// The band of output rows `[q0, q0 + width)` of plane `plane`: kept, or read now. The lock
@@ -351,6 +360,8 @@ impl PermuteOp {
                             q0,
                             width,
                             bytes: std::sync::OnceLock::new(),
+                            size,
+                            served: std::sync::atomic::AtomicUsize::new(0),
                             _budget: cx.memory().reserve(cols_of(&self.dims) * width * size),
                         });
                         if bands.len() > band_readers() {
