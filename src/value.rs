@@ -171,6 +171,12 @@ pub trait LazyOp: Send + Sync + std::fmt::Debug {
         cx: &mut ReadContext,
     ) -> Result<(), ValueError>;
 
+    /// The tensors the operation reads (for releasing what they keep once it has been written);
+    /// empty where not listed, which stops the release there.
+    fn inputs(&self) -> Vec<&Tensor> {
+        Vec::new()
+    }
+
     /// Drops what the operation keeps for later readers (a product, a permutation's source
     /// copy): called once nothing will read it again in this run. A later read computes it
     /// again.
@@ -666,6 +672,10 @@ impl Tensor {
             Value::Op(op) => {
                 if Arc::strong_count(op) == 1 {
                     op.release();
+                    // Inputs only this operation holds (the product under `permute(a @ b)`).
+                    for input in op.inputs() {
+                        input.release_unshared();
+                    }
                 }
             }
             Value::View { base, .. } | Value::Cast { base } | Value::Map { base, .. } => base.release_unshared(),

@@ -273,3 +273,25 @@ def test_a_written_product_is_released_so_the_next_fits_the_budget(tmp_path: Pat
     got = load_file(str(out))
     np.testing.assert_allclose(got["c1"], a @ b, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(got["c2"], a2 @ b, rtol=1e-4, atol=1e-3)
+
+
+def test_a_product_read_only_through_a_written_permutation_is_released_with_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    a, b, a2 = (rng.standard_normal(s, dtype=np.float32) for s in [(1024, 256), (256, 1024), (1024, 256)])
+    model = tmp_path / "ops.safetensors"
+    save_file({"a": a, "b": b, "a2": a2}, str(model))
+    out = tmp_path / "o.safetensors"
+    transforms = [
+        {"matmul": {"from_a": "a", "from_b": "b", "to": "c1"}},
+        {"matmul": {"from_a": "a2", "from_b": "b", "to": "c2"}},
+        {"permute": {"from": "c1", "to": "t1", "order": [1, 0]}},
+        {"permute": {"from": "c2", "to": "t2", "order": [1, 0]}},
+        {"delete": {"target": "a|b|a2|c1|c2"}},
+    ]
+    result = bs.run(
+        {"inputs": [str(model)], "transforms": transforms, "output": str(out)}, threads=1, max_memory="10MB", quiet=True
+    )
+    assert result.arena_bytes == 0
+    got = load_file(str(out))
+    np.testing.assert_allclose(got["t1"], (a @ b).T, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got["t2"], (a2 @ b).T, rtol=1e-4, atol=1e-3)

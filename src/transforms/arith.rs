@@ -170,6 +170,10 @@ fn f64_at(c: &[u8]) -> f64 {
 }
 
 impl LazyOp for BinaryOp {
+    fn inputs(&self) -> Vec<&Tensor> {
+        vec![&self.a, &self.b]
+    }
+
     fn name(&self) -> &'static str {
         "arithmetic"
     }

@@ -105,6 +105,10 @@ fn clip<T: PartialOrd + Copy>(x: T, lo: Option<T>, hi: Option<T>) -> T {
 }
 
 impl LazyOp for ClampOp {
+    fn inputs(&self) -> Vec<&Tensor> {
+        vec![&self.base]
+    }
+
     fn name(&self) -> &'static str {
         "clamp"
     }

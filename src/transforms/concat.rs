@@ -203,6 +203,10 @@ pub struct ConcatOp {
 }
 
 impl LazyOp for ConcatOp {
+    fn inputs(&self) -> Vec<&Tensor> {
+        self.parts.iter().collect()
+    }
+
     fn name(&self) -> &'static str {
         "concat"
     }

@@ -300,6 +300,10 @@ impl MatmulOp {
 }
 
 impl LazyOp for MatmulOp {
+    fn inputs(&self) -> Vec<&Tensor> {
+        vec![&self.a, &self.b]
+    }
+
     fn name(&self) -> &'static str {
         "matmul"
     }

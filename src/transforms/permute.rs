@@ -680,6 +680,10 @@ fn scatter_row(size: usize, tile: &[u8], h: usize, t: usize, c: usize, dst: &mut
 }
 
 impl LazyOp for PermuteOp {
+    fn inputs(&self) -> Vec<&Tensor> {
+        vec![&self.source]
+    }
+
     fn release(&self) {
         *self.whole.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.bands.lock().unwrap_or_else(|e| e.into_inner()).clear();

@@ -132,6 +132,10 @@ struct Reshaped {
 }
 
 impl LazyOp for Reshaped {
+    fn inputs(&self) -> Vec<&Tensor> {
+        vec![&self.inner]
+    }
+
     fn name(&self) -> &'static str {
         "reshape"
     }
