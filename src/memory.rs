@@ -138,6 +138,11 @@ impl Memory {
         &self.scratch_dir
     }
 
+    /// Bytes of the budget not held now.
+    pub fn available(&self) -> u64 {
+        self.limit.saturating_sub(self.used.load(Ordering::Relaxed))
+    }
+
     /// The most bytes held against the budget at once so far.
     pub fn peak(&self) -> u64 {
         self.peak.load(Ordering::Relaxed)
@@ -337,6 +342,14 @@ impl Scratch {
     pub fn settle(&self) {
         if let Place::Arena(region) = &self.place {
             region.settle();
+        }
+    }
+
+    /// [`Scratch::settle`] for the pages holding bytes `[start, start + len)` only: work that
+    /// goes through a spilled tensor panel by panel keeps one panel resident, not the tensor.
+    pub fn settle_range(&self, start: usize, len: usize) {
+        if let Place::Arena(region) = &self.place {
+            region.settle_range(start, len);
         }
     }
 }
@@ -549,6 +562,29 @@ impl Region {
             let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
         }
     }
+}
+
+impl Region {
+    fn settle_range(&self, start: usize, len: usize) {
+        let Some(map) = &self.map else { return };
+        // Whole pages around the range: dropping a neighbour's page is harmless (it is read back
+        // from the file on its next access), and madvise wants a page-aligned start.
+        let page = page_size();
+        let first = start / page * page;
+        let end = start.saturating_add(len).min(map.len());
+        if end <= first {
+            return;
+        }
+        // SAFETY: as in `settle`.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first) };
+    }
+}
+
+/// The system's memory page size.
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
 }
 
 impl Drop for Region {

@@ -186,7 +186,8 @@ pub struct MatmulOp {
     result: Mutex<Option<Arc<Scratch>>>,
 }
 
-/// `c = a @ b` per batch, row-major.
+/// `c = a @ b` per batch, row-major: what each panel of [`multiply_in_panels`] computes.
+#[cfg(test)]
 fn multiply<T: faer::traits::ComplexField + Copy + Default>(
     a: &[T],
     b: &[T],
@@ -204,6 +205,107 @@ fn multiply<T: faer::traits::ComplexField + Copy + Default>(
         let dst = MatMut::from_row_major_slice_mut(&mut c[i * m * n..(i + 1) * m * n], m, n);
         matmul(dst, Accum::Replace, lhs, rhs, one, par);
     }
+}
+
+/// Bytes of one operand's share of a panel (see [`panel_sizes`]).
+const PANEL_BYTES: usize = 8 << 20;
+
+/// Rows of `a` and columns of `b` per panel: `a`'s rows and `c`'s whole rows (a panel's pages
+/// span every column of `c`) within [`PANEL_BYTES`], and `b` whole when it is within twice that,
+/// else packed `PANEL_BYTES` of its columns at a time; multiples of 64, at least 64. A function of
+/// the shape alone: faer's bits depend on the shapes it is given, and the product must not
+/// depend on the budget or where the operands are.
+fn panel_sizes([_, m, k, n]: [usize; 4], width: usize) -> [usize; 2] {
+    let fit = |per: usize, all: usize| (PANEL_BYTES / per.max(1) / 64 * 64).max(64).min(all.max(1));
+    let columns = if k.saturating_mul(n).saturating_mul(width) <= 2 * PANEL_BYTES {
+        n.max(1)
+    } else {
+        fit(k.saturating_mul(width), n)
+    };
+    let rows = fit(k.saturating_add(n).saturating_mul(width), m);
+    [rows, columns]
+}
+
+/// `c = a @ b` per batch, row-major, panel by panel (`rows` of `a`, `columns` of `b` at a time),
+/// the pages of each spilled panel handed back once used: a product of operands in the arena
+/// keeps one panel resident, not the operands. When `columns` is less than `n`, `b`'s columns
+/// are packed into a buffer of the budget with `pread`s.
+fn multiply_in_panels<T: Real + Element>(
+    a: &Scratch,
+    b: &Scratch,
+    c: &mut Scratch,
+    [batch, m, k, n]: [usize; 4],
+    [rows, columns]: [usize; 2],
+    par: Par,
+    cx: &ReadContext,
+) -> Result<(), ValueError> {
+    if m * n == 0 {
+        return Ok(());
+    }
+    let width = std::mem::size_of::<T>();
+    let (rows, columns) = (rows.clamp(1, m), columns.clamp(1, n));
+    let packing = columns < n;
+    let mut packed = if packing {
+        Some(cx.alloc("matmul", k * columns * width)?)
+    } else {
+        None
+    };
+    // Whole rows of `b` read per `pread` while packing (~1 MiB).
+    let rows_per_read = (crate::value::CHUNK_BYTES / (n * width).max(1)).clamp(1, k.max(1));
+    let mut row_bytes = Vec::new();
+    let scratch_error = |e: std::io::Error| ValueError::Compute {
+        op: "matmul",
+        reason: format!("the arena could not be read: {e}"),
+    };
+    for z in 0..batch {
+        let (ao, bo, co) = (z * m * k, z * k * n, z * m * n);
+        for j0 in (0..n).step_by(columns) {
+            let j1 = (j0 + columns).min(n);
+            let q = j1 - j0;
+            let rhs = match packed.as_mut() {
+                Some(packed) => {
+                    let dst = packed.typed_mut::<T>();
+                    for t0 in (0..k).step_by(rows_per_read) {
+                        cx.check()?;
+                        let t1 = (t0 + rows_per_read).min(k);
+                        row_bytes.resize((t1 - t0) * n * width, 0);
+                        b.read_into((bo + t0 * n) * width, &mut row_bytes)
+                            .map_err(scratch_error)?;
+                        for t in t0..t1 {
+                            let from = ((t - t0) * n + j0) * width;
+                            let src = &row_bytes[from..from + q * width];
+                            for (x, bytes) in dst[t * q..(t + 1) * q].iter_mut().zip(src.chunks_exact(width)) {
+                                *x = T::from_le(bytes);
+                            }
+                        }
+                    }
+                    MatRef::from_row_major_slice(&packed.typed::<T>()[..k * q], k, q)
+                }
+                None => MatRef::from_row_major_slice(&b.typed::<T>()[bo..bo + k * n], k, n),
+            };
+            for i0 in (0..m).step_by(rows) {
+                cx.check()?;
+                let i1 = (i0 + rows).min(m);
+                let lhs = MatRef::from_row_major_slice(&a.typed::<T>()[ao + i0 * k..ao + i1 * k], i1 - i0, k);
+                let out = &mut c.typed_mut::<T>()[co + i0 * n + j0..co + (i1 - 1) * n + j1];
+                let dst = row_major_mut(out, i1 - i0, q, n);
+                matmul(dst, Accum::Replace, lhs, rhs, T::of(1.0), par);
+                a.settle_range((ao + i0 * k) * width, (i1 - i0) * k * width);
+                c.settle_range((co + i0 * n) * width, (i1 - i0) * n * width);
+            }
+        }
+        if !packing {
+            b.settle_range(bo * width, k * n * width);
+        }
+    }
+    Ok(())
+}
+
+/// A row-major `rows × columns` view of `slice` whose rows start `stride` elements apart. Not
+/// faer's `from_row_major_slice_with_stride_mut`: in faer 0.24.4 it swaps the strides (views the
+/// transpose), so products through it wrote outside the panel.
+fn row_major_mut<T>(slice: &mut [T], rows: usize, columns: usize, stride: usize) -> MatMut<'_, T> {
+    MatMut::from_column_major_slice_with_stride_mut(slice, columns, rows, stride).transpose_mut()
 }
 
 impl MatmulOp {
@@ -245,16 +347,8 @@ impl MatmulOp {
                 bytes: usize::MAX,
             })?;
         let mut c = cx.alloc("matmul", wide)?;
-        pool.install(|| {
-            multiply(
-                a.typed::<T>(),
-                b.typed::<T>(),
-                c.typed_mut::<T>(),
-                self.dims,
-                T::of(1.0),
-                par,
-            )
-        });
+        let panels = panel_sizes(self.dims, std::mem::size_of::<T>());
+        pool.install(|| multiply_in_panels::<T>(&a, &b, &mut c, self.dims, panels, par, cx))?;
         drop((a, b));
         let result = if self.a.dtype == T::DTYPE {
             c
@@ -359,6 +453,7 @@ impl LazyOp for MatmulOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
 
     fn f32_tensor(shape: &[usize], f: impl Fn(usize) -> f32) -> Tensor {
         let n: usize = shape.iter().product();
@@ -420,16 +515,97 @@ mod tests {
         assert_eq!(err.to_string(), "`m::b` (rewritten from `m::a`) does not exist");
     }
 
+    /// Operands copied into buffers of `memory` (its arena when the budget is 0).
+    fn scratch_of(values: &[f32], memory: &Arc<crate::memory::Memory>) -> Scratch {
+        let mut s = memory.alloc("matmul", values.len() * 4).unwrap();
+        s.typed_mut::<f32>().copy_from_slice(values);
+        s
+    }
+
+    #[test]
+    fn panels_are_computed_in_place_in_memory_and_in_the_arena() {
+        // Tails of one row and one column included; in memory and in the arena, packed and not.
+        let dir = std::env::temp_dir();
+        for limit in [0, u64::MAX] {
+            let memory = Arc::new(crate::memory::Memory::new(limit, dir.clone()));
+            let cx = ReadContext::for_run(Arc::new(AtomicBool::new(false)), memory.clone());
+            for (batch, m, k, n) in [(1, 97, 300, 61), (2, 33, 1031, 129), (1, 257, 64, 5)] {
+                let a: Vec<f32> = (0..batch * m * k)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+                    .collect();
+                let b: Vec<f32> = (0..batch * k * n)
+                    .map(|i| ((i * 104_729) % 997) as f32 / 91.0 - 5.0)
+                    .collect();
+                let (sa, sb) = (scratch_of(&a, &memory), scratch_of(&b, &memory));
+                assert_eq!(sa.in_arena(), limit == 0);
+                for panels in [[1, 1], [16, 7], [m - 1, n], [m, n - 1], [m, n]] {
+                    // The panels' products, each by itself: what the panels must give.
+                    let mut expected = vec![0f32; batch * m * n];
+                    for z in 0..batch {
+                        for i0 in (0..m).step_by(panels[0]) {
+                            for j0 in (0..n).step_by(panels[1]) {
+                                let (i1, j1) = ((i0 + panels[0]).min(m), (j0 + panels[1]).min(n));
+                                let lhs: Vec<f32> = a[(z * m + i0) * k..(z * m + i1) * k].to_vec();
+                                let rhs: Vec<f32> = (0..k)
+                                    .flat_map(|t| b[(z * k + t) * n + j0..(z * k + t) * n + j1].to_vec())
+                                    .collect();
+                                let mut out = vec![0f32; (i1 - i0) * (j1 - j0)];
+                                multiply(&lhs, &rhs, &mut out, [1, i1 - i0, k, j1 - j0], 1.0f32, Par::Seq);
+                                for i in i0..i1 {
+                                    let row = &out[(i - i0) * (j1 - j0)..(i - i0 + 1) * (j1 - j0)];
+                                    expected[(z * m + i) * n + j0..(z * m + i) * n + j1].copy_from_slice(row);
+                                }
+                            }
+                        }
+                    }
+                    let mut sc = memory.alloc("matmul", batch * m * n * 4).unwrap();
+                    multiply_in_panels::<f32>(&sa, &sb, &mut sc, [batch, m, k, n], panels, Par::Seq, &cx).unwrap();
+                    assert!(
+                        sa.typed::<f32>() == &a[..] && sb.typed::<f32>() == &b[..],
+                        "operands unchanged"
+                    );
+                    let same = expected
+                        .iter()
+                        .zip(sc.typed::<f32>())
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{batch}x{m}x{k}x{n} in panels {panels:?}, limit {limit}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panels_are_a_few_megabytes_whatever_the_shape() {
+        let [rows, columns] = panel_sizes([1, 4096, 4096, 4096], 4);
+        assert_eq!([rows, columns], [256, 512]);
+        assert_eq!(panel_sizes([1, 10, 10, 10], 4), [10, 10]);
+        assert_eq!(panel_sizes([1, 0, 0, 0], 4), [1, 1]);
+        // A long inner dimension: at least 64 rows and columns.
+        assert_eq!(panel_sizes([1, 1000, 1 << 20, 1000], 4), [64, 64]);
+    }
+
     #[test]
     fn thread_count_does_not_change_the_product() {
         let (m, k, n) = (300, 257, 190);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 104_729) % 997) as f32 / 91.0 - 5.0).collect();
-        let mut seq = vec![0f32; m * n];
-        multiply(&a, &b, &mut seq, [1, m, k, n], 1.0f32, Par::Seq);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let mut par = vec![0f32; m * n];
-        pool.install(|| multiply(&a, &b, &mut par, [1, m, k, n], 1.0f32, Par::rayon(2)));
-        assert!(seq.iter().zip(&par).all(|(x, y)| x.to_bits() == y.to_bits()));
+        let memory = Arc::new(crate::memory::Memory::new(u64::MAX, std::env::temp_dir()));
+        let cx = ReadContext::for_run(Arc::new(AtomicBool::new(false)), memory.clone());
+        let (sa, sb) = (scratch_of(&a, &memory), scratch_of(&b, &memory));
+        let product = |panels: [usize; 2], threads: usize| {
+            let mut c = memory.alloc("matmul", m * n * 4).unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let par = if threads == 1 { Par::Seq } else { Par::rayon(threads) };
+            pool.install(|| multiply_in_panels::<f32>(&sa, &sb, &mut c, [1, m, k, n], panels, par, &cx))
+                .unwrap();
+            c.typed::<f32>().to_vec()
+        };
+        for panels in [[m, n], [64, 64]] {
+            let (seq, par) = (product(panels, 1), product(panels, 2));
+            assert!(
+                seq.iter().zip(&par).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{panels:?}"
+            );
+        }
     }
 }
