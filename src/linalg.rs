@@ -31,6 +31,79 @@ fn par() -> Par {
     Par::rayon(PARTS)
 }
 
+/// Bytes of rows per panel of a pass over a matrix ([`Rows`]).
+pub const PANEL_BYTES: usize = 16 << 20;
+
+/// A row-major `m × n` matrix that passes (norm, products with it, the residual) go through a
+/// panel of rows at a time, telling `release` which elements each finished with: a matrix in the
+/// scratch arena hands back those pages, so a pass keeps one panel resident, not the matrix.
+/// Panels are a function of the shape alone, so results do not depend on where the matrix is.
+#[derive(Clone, Copy)]
+pub struct Rows<'a, T> {
+    data: &'a [T],
+    m: usize,
+    n: usize,
+    /// Rows per panel.
+    per: usize,
+    release: Option<&'a (dyn Fn(usize, usize) + Sync)>,
+}
+
+impl<'a, T> Rows<'a, T> {
+    /// The matrix `data` (`m × n`, row-major; `data` holds at least `m · n` elements).
+    pub fn new(data: &'a [T], m: usize, n: usize) -> Rows<'a, T> {
+        debug_assert!(data.len() >= m * n);
+        Rows {
+            data,
+            m,
+            n,
+            per: (PANEL_BYTES / (n * std::mem::size_of::<T>()).max(1) / 64 * 64).max(64),
+            release: None,
+        }
+    }
+
+    /// Panels of `per` rows (tests: several panels of a small matrix).
+    #[cfg(test)]
+    fn with_panel_rows(self, per: usize) -> Rows<'a, T> {
+        Rows { per, ..self }
+    }
+
+    /// Calls `release(start, end)` for the elements of each panel a pass finished with.
+    pub fn releasing(self, release: &'a (dyn Fn(usize, usize) + Sync)) -> Rows<'a, T> {
+        Rows {
+            release: Some(release),
+            ..self
+        }
+    }
+
+    /// `(m, n)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.m, self.n)
+    }
+
+    /// The whole matrix (passes that need it at once: the exact SVD).
+    pub fn all(&self) -> &'a [T] {
+        &self.data[..self.m * self.n]
+    }
+
+    /// `(first row, rows)` of each panel, in order: [`PANEL_BYTES`] of rows, a multiple of 64.
+    fn panels(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (per, m) = (self.per.max(1), self.m);
+        (0..m).step_by(per).map(move |first| (first, per.min(m - first)))
+    }
+
+    /// Rows `[first, first + rows)`.
+    fn panel(&self, first: usize, rows: usize) -> &'a [T] {
+        &self.data[first * self.n..(first + rows) * self.n]
+    }
+
+    /// Tells `release` a pass is done with rows `[first, first + rows)`.
+    fn done(&self, first: usize, rows: usize) {
+        if let Some(release) = self.release {
+            release(first * self.n, (first + rows) * self.n);
+        }
+    }
+}
+
 /// Why a factorization failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LinalgError {
@@ -163,17 +236,20 @@ impl<T: Real> Svd<T> {
 }
 
 /// The squared Frobenius norm (summed in f64), or where the first non-finite value is.
-pub fn frobenius_sq<T: Real>(a: &[T], n: usize) -> Result<f64, LinalgError> {
+pub fn frobenius_sq<T: Real>(a: Rows<'_, T>) -> Result<f64, LinalgError> {
     let mut sum = 0.0f64;
-    for (i, &x) in a.iter().enumerate() {
-        let x = x.wide();
-        if !x.is_finite() {
-            return Err(LinalgError::NonFinite {
-                row: i / n.max(1),
-                column: i % n.max(1),
-            });
+    for (first, rows) in a.panels() {
+        for (i, &x) in a.panel(first, rows).iter().enumerate() {
+            let x = x.wide();
+            if !x.is_finite() {
+                return Err(LinalgError::NonFinite {
+                    row: first + i / a.n.max(1),
+                    column: i % a.n.max(1),
+                });
+            }
+            sum += x * x;
         }
-        sum += x * x;
+        a.done(first, rows);
     }
     Ok(sum)
 }
@@ -297,56 +373,69 @@ fn product<T: Real>(c: &mut [T], rows: usize, cols: usize, lhs: MatRef<'_, T>, r
     );
 }
 
+/// `c = A x` (column-major `m × k` `c`, overwritten), panel by panel.
+fn a_times<T: Real>(c: &mut [T], a: Rows<'_, T>, x: MatRef<'_, T>, par: Par) {
+    let k = x.ncols();
+    let mut c = MatMut::from_column_major_slice_mut(c, a.m, k);
+    for (first, rows) in a.panels() {
+        let lhs = MatRef::from_row_major_slice(a.panel(first, rows), rows, a.n);
+        matmul(
+            c.as_mut().subrows_mut(first, rows),
+            Accum::Replace,
+            lhs,
+            x,
+            T::of(1.0),
+            par,
+        );
+        a.done(first, rows);
+    }
+}
+
+/// `c = Aᵀ x` (column-major `n × k` `c`, overwritten), summed panel by panel.
+fn a_transposed_times<T: Real>(c: &mut [T], a: Rows<'_, T>, x: MatRef<'_, T>, par: Par) {
+    let k = x.ncols();
+    let mut c = MatMut::from_column_major_slice_mut(c, a.n, k);
+    if a.m == 0 {
+        c.fill(T::default());
+    }
+    for (i, (first, rows)) in a.panels().enumerate() {
+        let lhs = MatRef::from_row_major_slice(a.panel(first, rows), rows, a.n).transpose();
+        let accum = if i == 0 { Accum::Replace } else { Accum::Add };
+        matmul(c.as_mut(), accum, lhs, x.subrows(first, rows), T::of(1.0), par);
+        a.done(first, rows);
+    }
+}
+
 /// The leading `rank` terms of the SVD of the row-major `m × n` matrix `a` by the randomized
 /// range finder. When the sketch would not be smaller than the matrix, the exact SVD is
 /// computed instead (and truncated).
-pub fn randomized<T: Real>(
-    a: &[T],
-    m: usize,
-    n: usize,
-    rank: usize,
-    settings: Randomized,
-) -> Result<Svd<T>, LinalgError> {
+pub fn randomized<T: Real>(a: Rows<'_, T>, rank: usize, settings: Randomized) -> Result<Svd<T>, LinalgError> {
+    let (m, n) = (a.m, a.n);
     let par = par();
     let p = m.min(n);
     let k = rank.saturating_add(settings.oversample).min(p);
     if k >= p {
-        let mut svd = exact(a, m, n)?;
+        let mut svd = exact(a.all(), m, n)?;
         svd.truncate(rank);
         return Ok(svd);
     }
-    let a_mat = MatRef::from_row_major_slice(a, m, n);
     let mut omega = try_vec("random test matrix", n * k, T::default())?;
     for (i, x) in omega.iter_mut().enumerate() {
         *x = T::of(random::normal(settings.seed, i as u64));
     }
     // Q: an orthonormal basis of range(A Ω), sharpened by power iterations (Aᵀ, then A).
     let mut q = try_vec("range basis", m * k, T::default())?;
-    product(&mut q, m, k, a_mat, MatRef::from_column_major_slice(&omega, n, k), par);
+    a_times(&mut q, a, MatRef::from_column_major_slice(&omega, n, k), par);
     orthonormalize(&mut q, m, k, par)?;
     let mut z = omega;
     for _ in 0..settings.power_iterations {
-        product(
-            &mut z,
-            n,
-            k,
-            a_mat.transpose(),
-            MatRef::from_column_major_slice(&q, m, k),
-            par,
-        );
+        a_transposed_times(&mut z, a, MatRef::from_column_major_slice(&q, m, k), par);
         orthonormalize(&mut z, n, k, par)?;
-        product(&mut q, m, k, a_mat, MatRef::from_column_major_slice(&z, n, k), par);
+        a_times(&mut q, a, MatRef::from_column_major_slice(&z, n, k), par);
         orthonormalize(&mut q, m, k, par)?;
     }
     // Bᵀ = Aᵀ Q (n × k) = W S Xᵀ, so A ≈ Q B = (Q X) S Wᵀ.
-    product(
-        &mut z,
-        n,
-        k,
-        a_mat.transpose(),
-        MatRef::from_column_major_slice(&q, m, k),
-        par,
-    );
+    a_transposed_times(&mut z, a, MatRef::from_column_major_slice(&q, m, k), par);
     let (w, s, x) = thin_svd_into(MatRef::from_column_major_slice(&z, n, k), par)?;
     drop(z);
     let mut u = try_vec("singular vectors", m * k, T::default())?;
@@ -453,7 +542,7 @@ impl Quality {
 /// ‖A‖² − Σ_{i<r} σᵢ² (exact for orthonormal factors, since those σ are QᵀA's), unless that is
 /// below 0.25% of ‖A‖² (a relative error under 5%), where the subtraction loses the digits that
 /// matter: then ‖A − U_r S_r V_rᵀ‖² is measured, in row blocks.
-pub fn quality<T: Real>(a: &[T], svd: &Svd<T>, rank: usize, total_sq: f64) -> Result<Quality, LinalgError> {
+pub fn quality<T: Real>(a: Rows<'_, T>, svd: &Svd<T>, rank: usize, total_sq: f64) -> Result<Quality, LinalgError> {
     let sq = |v: &[T]| v.iter().map(|x| x.wide() * x.wide()).sum::<f64>();
     let rank = rank.min(svd.k());
     let kept = sq(&svd.s[..rank]);
@@ -472,32 +561,37 @@ pub fn quality<T: Real>(a: &[T], svd: &Svd<T>, rank: usize, total_sq: f64) -> Re
 }
 
 /// ‖A − U_r S_r V_rᵀ‖²_F, computed 64 rows at a time (summed in f64).
-fn residual_sq<T: Real>(a: &[T], svd: &Svd<T>, rank: usize) -> Result<f64, LinalgError> {
+fn residual_sq<T: Real>(a: Rows<'_, T>, svd: &Svd<T>, rank: usize) -> Result<f64, LinalgError> {
     let (m, n) = (svd.m, svd.n);
     const ROWS: usize = 64;
     let mut block = try_vec("residual block", ROWS.min(m) * n, T::default())?;
     let mut us = try_vec("residual block", ROWS.min(m) * rank, T::default())?;
     let v = MatRef::from_column_major_slice(&svd.v[..n * rank], n, rank);
     let mut sum = 0.0f64;
-    for first in (0..m).step_by(ROWS) {
-        let rows = ROWS.min(m - first);
-        let block = &mut block[..rows * n];
-        block.copy_from_slice(&a[first * n..(first + rows) * n]);
-        let us = &mut us[..rows * rank];
-        for i in 0..rows {
-            for t in 0..rank {
-                us[i * rank + t] = svd.u[t * m + first + i] * svd.s[t];
+    for (panel_first, panel_rows) in a.panels() {
+        let panel = a.panel(panel_first, panel_rows);
+        for offset in (0..panel_rows).step_by(ROWS) {
+            let first = panel_first + offset;
+            let rows = ROWS.min(panel_rows - offset);
+            let block = &mut block[..rows * n];
+            block.copy_from_slice(&panel[offset * n..(offset + rows) * n]);
+            let us = &mut us[..rows * rank];
+            for i in 0..rows {
+                for t in 0..rank {
+                    us[i * rank + t] = svd.u[t * m + first + i] * svd.s[t];
+                }
             }
+            matmul(
+                MatMut::from_row_major_slice_mut(block, rows, n),
+                Accum::Add,
+                MatRef::from_row_major_slice(us, rows, rank),
+                v.transpose(),
+                T::of(-1.0),
+                par(),
+            );
+            sum += block.iter().map(|x| x.wide() * x.wide()).sum::<f64>();
         }
-        matmul(
-            MatMut::from_row_major_slice_mut(block, rows, n),
-            Accum::Add,
-            MatRef::from_row_major_slice(us, rows, rank),
-            v.transpose(),
-            T::of(-1.0),
-            par(),
-        );
-        sum += block.iter().map(|x| x.wide() * x.wide()).sum::<f64>();
+        a.done(panel_first, panel_rows);
     }
     Ok(sum)
 }
@@ -565,11 +659,12 @@ mod tests {
     fn randomized_recovers_a_low_rank_matrix_exactly() {
         let sigma = [9.0, 5.0, 2.0, 1.0];
         let a = with_spectrum(120, 80, &sigma, 5);
-        let svd = randomized(&a, 120, 80, 4, Randomized::default()).unwrap();
+        let svd = randomized(Rows::new(&a, 120, 80), 4, Randomized::default()).unwrap();
         for (got, want) in svd.s.iter().zip(sigma) {
             assert!((got - want).abs() < 1e-9, "{got} {want}");
         }
-        let q = quality(&a, &svd, 4, frobenius_sq(&a, 80).unwrap()).unwrap();
+        let a = Rows::new(&a, 120, 80);
+        let q = quality(a, &svd, 4, frobenius_sq(a).unwrap()).unwrap();
         assert!(q.relative_error < 1e-12 && (q.energy - 1.0).abs() < 1e-12, "{q:?}");
     }
 
@@ -590,11 +685,51 @@ mod tests {
         let (m, n) = (1500, 1100);
         let a: Vec<f32> = (0..m * n).map(|i| random::normal(12, i as u64) as f32).collect();
         let settings = Randomized::default();
-        let one = pool(1).install(|| randomized(&a, m, n, 40, settings)).unwrap();
+        let one = pool(1)
+            .install(|| randomized(Rows::new(&a, m, n), 40, settings))
+            .unwrap();
         for threads in [2, 3, 8] {
-            let other = pool(threads).install(|| randomized(&a, m, n, 40, settings)).unwrap();
+            let other = pool(threads)
+                .install(|| randomized(Rows::new(&a, m, n), 40, settings))
+                .unwrap();
             assert!(same(&one, &other), "{threads}");
         }
+    }
+
+    #[test]
+    fn passes_go_panel_by_panel_and_release_each() {
+        let (m, n) = (300, 260);
+        let a: Vec<f64> = (0..m * n).map(|i| random::normal(13, i as u64)).collect();
+        let released = std::sync::Mutex::new(Vec::new());
+        let release = |start: usize, end: usize| released.lock().unwrap().push((start, end));
+        let whole = randomized(Rows::new(&a, m, n), 20, Randomized::default()).unwrap();
+        let rows = Rows::new(&a, m, n).with_panel_rows(64).releasing(&release);
+        let panels = randomized(rows, 20, Randomized::default()).unwrap();
+        for (x, y) in whole.s.iter().zip(&panels.s) {
+            assert!((x - y).abs() < 1e-9 * whole.s[0], "{x} {y}");
+        }
+        // Six passes (A Ω, two power iterations of Aᵀ and A, Aᵀ Q), five panels each.
+        let passes = released.lock().unwrap().clone();
+        assert_eq!(passes.len(), 6 * 5);
+        assert_eq!(
+            &passes[..5],
+            &[
+                (0, 64 * n),
+                (64 * n, 128 * n),
+                (128 * n, 192 * n),
+                (192 * n, 256 * n),
+                (256 * n, 300 * n)
+            ]
+        );
+        let total = frobenius_sq(rows).unwrap();
+        let expected: f64 = a.iter().map(|x| x * x).sum();
+        assert!((total - expected).abs() < 1e-9 * expected);
+        let q = quality(rows, &panels, 20, total).unwrap();
+        let q_whole = quality(Rows::new(&a, m, n), &whole, 20, total).unwrap();
+        assert!(
+            (q.relative_error - q_whole.relative_error).abs() < 1e-9,
+            "{q:?} {q_whole:?}"
+        );
     }
 
     #[test]
@@ -618,6 +753,9 @@ mod tests {
     #[test]
     fn non_finite_values_are_found() {
         let a = [1.0f32, 2.0, f32::NAN, 4.0];
-        assert_eq!(frobenius_sq(&a, 2), Err(LinalgError::NonFinite { row: 1, column: 0 }));
+        assert_eq!(
+            frobenius_sq(Rows::new(&a, 2, 2)),
+            Err(LinalgError::NonFinite { row: 1, column: 0 })
+        );
     }
 }

@@ -257,6 +257,16 @@ enum Place {
 }
 
 impl Scratch {
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Whether the bytes are in the arena.
     pub fn in_arena(&self) -> bool {
         matches!(self.place, Place::Arena(_))

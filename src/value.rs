@@ -866,6 +866,34 @@ pub fn real_scratch<T: Real>(
     Ok(out)
 }
 
+/// [`real_scratch`] of values of `T` held in a buffer: read a chunk at a time (`pread` from the
+/// arena), so narrowing a spilled result does not map it into the resident set.
+pub fn narrow_scratch<T: Real>(
+    wide: &Scratch,
+    dtype: DType,
+    op: &'static str,
+    cx: &ReadContext,
+) -> Result<Scratch, ValueError> {
+    if !dtype.is_computable() {
+        return Err(ValueError::NoByteSize { op, dtype });
+    }
+    let width = std::mem::size_of::<T>();
+    let size = element_size(dtype, op)?;
+    let count = wide.len() / width;
+    let mut out = cx.alloc(op, count.saturating_mul(size))?;
+    let per_chunk = (CHUNK_BYTES / width).max(1);
+    let mut chunk = vec![0u8; per_chunk.min(count) * width];
+    let mut narrow = vec![0u8; per_chunk.min(count) * size];
+    for start in (0..count).step_by(per_chunk) {
+        let n = per_chunk.min(count - start);
+        let (chunk, narrow) = (&mut chunk[..n * width], &mut narrow[..n * size]);
+        wide.read_into(start * width, chunk).map_err(|e| scratch_error(op, e))?;
+        kernels::convert(T::DTYPE, chunk, dtype, narrow);
+        out.write_at(start * size, narrow).map_err(|e| scratch_error(op, e))?;
+    }
+    Ok(out)
+}
+
 /// A failed write to (or read of) the scratch arena.
 fn scratch_error(op: &'static str, e: std::io::Error) -> ValueError {
     ValueError::Compute {

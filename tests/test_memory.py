@@ -176,6 +176,79 @@ def test_sigint_during_a_spilled_run_leaves_no_output_and_no_scratch(tmp_path: P
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def peak_rss_of_run(model: Path, transforms: list, budget: str, out: Path) -> tuple[int, float]:
+    """Peak RSS (bytes) and seconds of `bs.run` of `transforms` over `model` with one thread and
+    `budget`, in a fresh interpreter."""
+    script = textwrap.dedent(
+        f"""
+        import time
+        import brainsurgery as bs
+        start = time.perf_counter()
+        bs.run({{"inputs": [{str(model)!r}], "transforms": {transforms!r},
+                 "output": {{"path": {str(out)!r}, "overwrite": True}}}},
+               threads=1, max_memory={budget!r}, quiet=True)
+        seconds = time.perf_counter() - start
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                print(int(line.split()[1]) * 1024, seconds)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    peak, seconds = done.stdout.split()
+    return int(peak), float(seconds)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc")
+def test_a_product_of_operands_larger_than_the_budget_keeps_the_resident_set_near_it(tmp_path: Path) -> None:
+    # 16 and 32 MiB operands and a 8 MiB product under a 16 MiB budget: all three in the arena,
+    # computed panel by panel with each panel's pages handed back, so the resident set grows by
+    # about the budget, not by the 56 MiB of operands and product.
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((1024, 4096), dtype=np.float32)
+    b = rng.standard_normal((4096, 2048), dtype=np.float32)
+    model = tmp_path / "ab.safetensors"
+    save_file({"a": a, "b": b, "small": np.ones(4, np.float32)}, str(model))
+    out = tmp_path / "o.safetensors"
+    baseline, _ = peak_rss_of_run(model, [{"delete": {"target": "[ab]"}}], "16MB", out)
+    product = [{"matmul": {"from_a": "a", "from_b": "b", "to": "c"}}, {"delete": {"target": "[ab]"}}]
+    bounded, _ = peak_rss_of_run(model, product, "16MB", out)
+    # The budget plus the fixed share of the panels (a packed panel of b, a panel of a, and
+    # faer's packing buffers).
+    assert bounded - baseline <= 16 * MiB + 16 * MiB, (baseline >> 20, bounded >> 20)
+    got = load_file(str(out))["c"]
+    np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-3)
+    # The same bytes as with an ample budget (panels are a function of the shape alone).
+    peak_rss_of_run(model, product, "1GB", tmp_path / "ample.safetensors")
+    assert (tmp_path / "ample.safetensors").read_bytes() == out.read_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc")
+def test_a_factorization_of_a_matrix_larger_than_the_budget_keeps_the_resident_set_near_it(tmp_path: Path) -> None:
+    # A 64 MiB matrix of rank 8 plus noise, factored at rank 8 under a 32 MiB budget: the matrix
+    # waits in the arena and each pass of the randomized SVD goes through it a 16 MiB panel at a
+    # time.
+    rng = np.random.default_rng(3)
+    m = n = 4096
+    u = np.linalg.qr(rng.standard_normal((m, 8)))[0]
+    v = np.linalg.qr(rng.standard_normal((n, 8)))[0]
+    sigma = np.array([400, 300, 200, 150, 100, 80, 60, 50], dtype=np.float64)
+    low = (u * sigma) @ v.T
+    w = (low + 1e-3 * rng.standard_normal((m, n))).astype(np.float32)
+    model = tmp_path / "w.safetensors"
+    save_file({"w": w, "small": np.ones(4, np.float32)}, str(model))
+    out = tmp_path / "o.safetensors"
+    baseline, _ = peak_rss_of_run(model, [{"delete": {"target": "w"}}], "32MB", out)
+    factor = [{"phlora": {"target": "w", "target_a": "a", "target_b": "b", "rank": 8, "method": "randomized"}}]
+    bounded, _ = peak_rss_of_run(model, factor, "32MB", out)
+    assert bounded - baseline <= 40 * MiB, (baseline >> 20, bounded >> 20)
+    got = load_file(str(out))
+    b, a = got["b"].astype(np.float64), got["a"].astype(np.float64)
+    assert np.abs(b @ a - low).max() < 1e-2
+    # The singular values of B·A, from the small triangular factors of B and Aᵀ.
+    kept = np.linalg.svd(np.linalg.qr(b)[1] @ np.linalg.qr(a.T)[1].T, compute_uv=False)
+    np.testing.assert_allclose(kept, sigma, rtol=1e-4)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc")
 def test_a_transpose_larger_than_the_budget_keeps_the_resident_set_near_it(tmp_path: Path) -> None:
     # A 128 MiB matrix transposed under a 32 MiB budget: read in bands of source rows by `pread`
@@ -188,23 +261,7 @@ def test_a_transpose_larger_than_the_budget_keeps_the_resident_set_near_it(tmp_p
     )
 
     def run(transforms: list, budget: str) -> tuple[int, float]:
-        script = textwrap.dedent(
-            f"""
-            import time
-            import brainsurgery as bs
-            start = time.perf_counter()
-            bs.run({{"inputs": [{str(model)!r}], "transforms": {transforms!r},
-                     "output": {{"path": {str(tmp_path / "o.safetensors")!r}, "overwrite": True}}}},
-                   threads=1, max_memory={budget!r}, quiet=True)
-            seconds = time.perf_counter() - start
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM:"):
-                    print(int(line.split()[1]) * 1024, seconds)
-            """
-        )
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-        peak, seconds = done.stdout.split()
-        return int(peak), float(seconds)
+        return peak_rss_of_run(model, transforms, budget, tmp_path / "o.safetensors")
 
     transpose = [{"permute": {"from": "w", "to": "t", "order": [1, 0]}}, {"delete": {"target": "w"}}]
     baseline, _ = run([{"delete": {"target": "w"}}], "32MB")

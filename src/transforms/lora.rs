@@ -32,7 +32,7 @@ use super::lowrank::{
 use super::{count_noun, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
 use crate::formats::{open_checkpoint, Format, FormatError};
-use crate::linalg::Real;
+use crate::linalg::{Real, Rows};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, OutputSpec, PlanError};
 use crate::references::Reference;
@@ -549,13 +549,13 @@ impl ExtractLora {
         let delta = difference::<T>(&module.ft, &module.base, module.transpose, &mut ctx.reads)
             .map_err(|e| TransformError::value_of(&display, e))?;
         let (rows, cols) = module.shape;
-        let (svd, quality, method) =
-            self.factorizer
-                .factor(&delta, rows, cols, &module.name, pool)
-                .map_err(|source| TransformError::Factorization {
-                    tensor: display.clone(),
-                    source,
-                })?;
+        let (svd, quality, method) = self
+            .factorizer
+            .factor(Rows::new(&delta, rows, cols), &module.name, pool)
+            .map_err(|source| TransformError::Factorization {
+                tensor: display.clone(),
+                source,
+            })?;
         drop(delta);
         let bias = match &module.bias {
             Some((ft, base)) => {

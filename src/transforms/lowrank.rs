@@ -22,12 +22,13 @@ use super::{count_noun, destinations, require_float, Context, Flow, Form, StepEr
 use super::{TransformSpec, Twin, Writes};
 use crate::dtype::DType;
 use crate::kernels::random::tensor_seed;
-use crate::linalg::{self, LinalgError, Quality, RankRule, Real, Svd};
+use crate::linalg::{self, LinalgError, Quality, RankRule, Real, Rows, Svd, PANEL_BYTES};
+use crate::memory::Element;
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{read_real, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
+use crate::value::{read_real_scratch, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
 
 /// One factorized tensor, as the run report lists it.
 #[derive(Debug, Clone, PartialEq)]
@@ -294,15 +295,22 @@ impl Factorizer {
         self.target().unwrap_or(usize::MAX).min(m.min(n))
     }
 
-    /// An upper bound of the bytes factorizing one `m × n` matrix of `width`-byte reals holds at
-    /// once: the matrix (twice for the exact SVD, which works on a copy), the singular vectors
-    /// kept, and for the randomized SVD its sketches.
+    /// An upper bound of the bytes factorizing one `m × n` matrix of `width`-byte reals holds in
+    /// memory at once. The exact SVD: the matrix twice (it works on a copy) and the singular
+    /// vectors. The randomized SVD: its sketches, residual blocks, and the panel of the matrix a
+    /// pass is at (the matrix itself is a buffer of the budget, or in the arena when the budget
+    /// cannot hold it).
     pub fn workspace(&self, m: usize, n: usize, width: usize) -> usize {
         let p = m.min(n);
         let matrix = m.saturating_mul(n);
         let elements = if self.randomized_for(m, n) {
             let k = self.rank_bound(m, n).saturating_add(self.settings.oversample).min(p);
-            matrix.saturating_add(m.saturating_add(n).saturating_mul(k).saturating_mul(3))
+            let panel = matrix.min(n.saturating_mul((PANEL_BYTES / width / n.max(1)).max(64)));
+            m.saturating_add(n)
+                .saturating_mul(k)
+                .saturating_mul(3)
+                .saturating_add(n.saturating_mul(128))
+                .saturating_add(panel)
         } else {
             matrix
                 .saturating_mul(2)
@@ -327,13 +335,12 @@ impl Factorizer {
     /// SVD's test matrix) on `pool`, keeping the rank the rule picks.
     pub fn factor<T: Real>(
         &self,
-        a: &[T],
-        m: usize,
-        n: usize,
+        a: Rows<'_, T>,
         name: &str,
         pool: &rayon::ThreadPool,
     ) -> Result<(Svd<T>, Quality, &'static str), LinalgError> {
-        let total = linalg::frobenius_sq(a, n)?;
+        let (m, n) = a.shape();
+        let total = linalg::frobenius_sq(a)?;
         let randomized = self.randomized_for(m, n);
         let mut svd = pool.install(|| match (randomized, self.target()) {
             (true, Some(target)) => {
@@ -341,9 +348,9 @@ impl Factorizer {
                     seed: tensor_seed(self.settings.seed, name),
                     ..self.settings
                 };
-                linalg::randomized(a, m, n, target.min(m.min(n)), settings)
+                linalg::randomized(a, target.min(m.min(n)), settings)
             }
-            _ => linalg::exact(a, m, n),
+            _ => linalg::exact(a.all(), m, n),
         })?;
         let rank = linalg::choose_rank(&svd.s, total, self.rule, self.max_rank);
         let quality = pool.install(|| linalg::quality(a, &svd, rank, total))?;
@@ -658,7 +665,7 @@ impl Phlora {
     }
 
     /// Factorizes one matrix in `T`.
-    fn factored<T: Real + Pooled + std::fmt::Debug>(
+    fn factored<T: Real + Pooled + Element + std::fmt::Debug>(
         &self,
         m: &Match,
         (rows, cols): (usize, usize),
@@ -666,15 +673,20 @@ impl Phlora {
         ctx: &mut Context,
     ) -> Result<Factored, StepError> {
         let display = m.display();
-        let values =
-            read_real::<T>(&m.tensor, self.op(), &mut ctx.reads).map_err(|e| TransformError::value_of(&display, e))?;
-        let (svd, quality, method) = self
-            .factorizer
-            .factor(&values, rows, cols, &m.name, pool)
-            .map_err(|source| TransformError::Factorization {
-                tensor: display.clone(),
-                source,
-            })?;
+        // Within the run's memory budget, else in its arena, whose pages each pass of the
+        // randomized SVD hands back panel by panel.
+        let values = read_real_scratch::<T>(&m.tensor, self.op(), &mut ctx.reads)
+            .map_err(|e| TransformError::value_of(&display, e))?;
+        let width = std::mem::size_of::<T>();
+        let release = |start: usize, end: usize| values.settle_range(start * width, (end - start) * width);
+        let matrix = Rows::new(values.typed::<T>(), rows, cols).releasing(&release);
+        let (svd, quality, method) =
+            self.factorizer
+                .factor(matrix, &m.name, pool)
+                .map_err(|source| TransformError::Factorization {
+                    tensor: display.clone(),
+                    source,
+                })?;
         drop(values);
         let rank = quality.rank;
         let (b, a) = split_factors(&svd);

@@ -24,7 +24,7 @@ use crate::plan::payload::{Field, FieldKind};
 use crate::plan::Location;
 use crate::references::{Reference, Target};
 use crate::state::{Match, State};
-use crate::value::{read_real_scratch, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
+use crate::value::{narrow_scratch, read_real_scratch, LazyOp, ReadContext, Tensor, ValueError};
 
 const MATMUL_FIELDS: &[Field] = &[
     Field::required(
@@ -353,7 +353,7 @@ impl MatmulOp {
         let result = if self.a.dtype == T::DTYPE {
             c
         } else {
-            real_scratch(c.typed::<T>(), self.a.dtype, "matmul", cx)?
+            narrow_scratch::<T>(&c, self.a.dtype, "matmul", cx)?
         };
         result.settle();
         Ok(result)
