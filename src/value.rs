@@ -196,6 +196,14 @@ pub trait LazyOp: Send + Sync + std::fmt::Debug {
     fn bytes_to_read(&self, _seen: &mut HashSet<usize>) -> u64 {
         0
     }
+
+    /// Bytes resident while the result is read under a budget of `limit` bytes beyond what
+    /// [`LazyOp::materialized`] counts: a transpose's bands, or the pages of a mapped source it
+    /// touches all of (page cache, not allocations, but in the resident set). Its inputs' (as
+    /// listed by [`LazyOp::inputs`]) by default.
+    fn resident(&self, limit: u64, seen: &mut HashSet<usize>) -> u64 {
+        self.inputs().iter().map(|t| t.resident(limit, seen)).sum()
+    }
 }
 
 /// An element-wise function applied in place (see [`Value::Map`]).
@@ -631,6 +639,39 @@ impl Tensor {
             // A second operand (`add_` of a product) is computed whole too.
             Value::Map { base, f, .. } => base.materialized(seen).saturating_add(f.materialized(seen)),
             Value::Overwrite { base, with, .. } => base.materialized(seen).saturating_add(with.materialized(seen)),
+        }
+    }
+
+    /// Levels of computation between this tensor's bytes and its inputs' (0 for stored bytes,
+    /// one per cast, element-wise edit or operation stacked on them): a writing thread holds a
+    /// chunk-sized temporary per level, at most two of them.
+    pub fn levels(&self) -> usize {
+        match &*self.value {
+            Value::Stored { .. } | Value::Memory(_) => 0,
+            Value::Strided(_) => 1,
+            Value::View { base, .. } => base.levels(),
+            Value::Cast { base } | Value::Map { base, .. } => 1 + base.levels().min(2),
+            Value::Overwrite { base, with, .. } => 1 + base.levels().max(with.levels()).min(2),
+            Value::Op(op) => 1 + op.inputs().iter().map(|t| t.levels()).max().unwrap_or(0).min(2),
+        }
+    }
+
+    /// Bytes resident while this tensor is read beyond what it materializes (see
+    /// [`LazyOp::resident`]), each operation counted once.
+    pub fn resident(&self, limit: u64, seen: &mut HashSet<usize>) -> u64 {
+        match &*self.value {
+            Value::Stored { .. } | Value::Strided(_) | Value::Memory(_) => 0,
+            Value::Op(op) => {
+                let key = Arc::as_ptr(op) as *const () as usize;
+                if !seen.insert(key) {
+                    return 0;
+                }
+                op.resident(limit, seen)
+            }
+            Value::View { base, .. } | Value::Cast { base } | Value::Map { base, .. } => base.resident(limit, seen),
+            Value::Overwrite { base, with, .. } => {
+                base.resident(limit, seen).saturating_add(with.resident(limit, seen))
+            }
         }
     }
 

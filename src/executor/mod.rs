@@ -138,6 +138,8 @@ struct MemoryNeeds {
     budget: u64,
     /// The largest workspace a step needs in memory (a factorization's).
     workspace: usize,
+    /// The largest matrix a step holds beside its workspace, in the budget or the arena.
+    held: usize,
 }
 
 /// Where a run's memory goes, estimated (see [`Prepared::memory_estimate`]).
@@ -313,6 +315,7 @@ impl Prepared {
         let ctx_memory = MemoryNeeds {
             budget: ctx.reads.memory().limit(),
             workspace: ctx.workspace,
+            held: ctx.held,
         };
         let mut report = Report {
             notes: ctx.notes,
@@ -403,6 +406,7 @@ impl Prepared {
             let needs = MemoryNeeds {
                 budget: ctx.reads.memory().limit(),
                 workspace: ctx.workspace,
+                held: ctx.held,
             };
             arena = self.memory_estimate(Some(current), &needs).arena;
         }
@@ -440,21 +444,32 @@ impl Prepared {
     /// whole (products, permutations that cannot stream, factors) are kept until the write ends:
     /// in memory as far as the budget allows, the rest in the arena.
     fn memory_estimate(&self, current: Option<&crate::state::AliasState>, needs: &MemoryNeeds) -> MemoryEstimate {
-        let mut materialized = 0usize;
+        let (mut materialized, mut resident, mut levels) = (0usize, 0u64, 0usize);
         if let Some(current) = current {
-            let mut seen = std::collections::HashSet::new();
+            let (mut seen, mut seen_resident) = (std::collections::HashSet::new(), std::collections::HashSet::new());
             for (_, tensor) in current.iter() {
                 materialized = materialized.saturating_add(tensor.materialized(&mut seen));
+                resident = resident.saturating_add(tensor.resident(needs.budget, &mut seen_resident));
+                levels = levels.max(tensor.levels());
             }
         }
         let materialized = materialized as u64;
+        // The share held for the run (at most 3 chunks per writing thread, or a workspace), and
+        // what the writing threads hold: a chunk each, and a temporary per level of computation.
         let fixed = self.fixed_memory(needs.workspace);
-        let in_memory = materialized.min(needs.budget.saturating_sub(fixed));
+        let buffers = (self.threads as u64).saturating_mul((1 + levels.min(2)) as u64 * CHUNK_BYTES as u64);
+        let room = needs.budget.saturating_sub(fixed);
+        let in_memory = materialized.min(room);
+        // A step holding a matrix beside its workspace (the randomized SVD's) holds what the
+        // budget leaves of it; the writing holds the buffers, the tensors computed whole that
+        // fit, and the pages of transposed sources.
+        let step = (needs.workspace as u64).saturating_add((needs.held as u64).min(room));
+        let writing = buffers.saturating_add(in_memory).saturating_add(resident);
         MemoryEstimate {
             budget: needs.budget,
             materialized,
             arena: materialized - in_memory,
-            peak: fixed.saturating_add(in_memory),
+            peak: writing.max(step),
         }
     }
 

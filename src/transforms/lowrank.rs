@@ -319,6 +319,16 @@ impl Factorizer {
         elements.saturating_mul(width)
     }
 
+    /// Bytes of the `m × n` matrix the randomized SVD holds beside its workspace (in the
+    /// budget, or the arena beyond it); 0 for the exact SVD, whose workspace counts it.
+    pub fn held(&self, m: usize, n: usize, width: usize) -> usize {
+        if self.randomized_for(m, n) {
+            m.saturating_mul(n).saturating_mul(width)
+        } else {
+            0
+        }
+    }
+
     /// Whether the randomized SVD is used for an `m × n` matrix.
     fn randomized_for(&self, m: usize, n: usize) -> bool {
         let p = m.min(n);
@@ -761,6 +771,7 @@ impl Transform for Phlora {
             shapes.push((rows, cols));
             let width = if m.tensor.dtype == DType::F64 { 8 } else { 4 };
             ctx.need_workspace(self.factorizer.workspace(rows, cols, width), &m.display());
+            ctx.held = ctx.held.max(self.factorizer.held(rows, cols, width));
         }
         let writes = |overwrite: bool| if overwrite { Writes::Either } else { Writes::New };
         let targets = match &self.outputs {

@@ -422,6 +422,15 @@ impl LazyOp for MatmulOp {
             .saturating_add(self.b.materialized(seen))
     }
 
+    fn resident(&self, limit: u64, seen: &mut HashSet<usize>) -> u64 {
+        // Operands and product beyond the budget are in the arena, and a panel of them is
+        // mapped in at a time.
+        let spilled = self.materialized(&mut HashSet::new()) as u64 > limit;
+        let own = if spilled { PANEL_BYTES as u64 } else { 0 };
+        own.saturating_add(self.a.resident(limit, seen))
+            .saturating_add(self.b.resident(limit, seen))
+    }
+
     fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
         // The product is computed once and kept: its operands are read once.
         if !seen.insert(self as *const Self as usize) {

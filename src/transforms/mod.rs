@@ -94,6 +94,9 @@ pub struct Context {
     /// The most bytes one step needs at once for work done while it runs (a factorization's
     /// matrix and workspace), for the check's peak memory estimate.
     pub workspace: usize,
+    /// The largest matrix a step holds beside its workspace, in the budget or (beyond it) the
+    /// arena: the randomized SVD's input.
+    pub held: usize,
     /// The tensor whose step needs [`Context::workspace`], for the message when it does not
     /// fit the memory budget.
     pub workspace_tensor: Option<String>,
@@ -140,6 +143,7 @@ impl Context {
             steps_run: 0,
             factorizations: Vec::new(),
             workspace: 0,
+            held: 0,
             workspace_tensor: None,
             timings: Vec::new(),
             deferred_reads: 0,

@@ -703,6 +703,16 @@ impl LazyOp for PermuteOp {
         own.saturating_add(self.source.materialized(seen))
     }
 
+    fn resident(&self, limit: u64, seen: &mut HashSet<usize>) -> u64 {
+        // A transpose of a stored source reads it through bands taking a quarter of the budget,
+        // or (within a quarter of it) touches every page of its mapping.
+        let own = match (&self.mode, &self.mapped) {
+            (Mode::Tiles, Some(_)) => (self.source.nbytes() as u64).min(limit / 4),
+            _ => 0,
+        };
+        own.saturating_add(self.source.resident(limit, seen))
+    }
+
     fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
         // Every mode reads the source once; the whole-tensor mode keeps it for later readers.
         if self.mode == Mode::Whole && !seen.insert(self as *const Self as usize) {
