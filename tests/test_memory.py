@@ -136,6 +136,43 @@ def test_sessions_and_lazy_results_compute_within_their_budget(operands, tmp_pat
         lazy.tensors["ab"]
 
 
+def arena_mappings(scratch: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from (unnamed) files in `scratch`."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith(str(scratch)):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="mappings read from /proc")
+def test_tensors_read_from_a_session_count_against_its_budget(operands, tmp_path: Path) -> None:
+    # An 8 MiB tensor read back under a 4 MiB budget: the array Python gets is a copy in the
+    # session's arena (a view of its mapping), not memory outside the budget; one within the
+    # budget is in memory.
+    model, _, b, _ = operands
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    s = bs.Session({"m": model}, max_memory="4MB", scratch_dir=scratch, threads=1)
+    s.apply({"scale": {"from": "m::b", "to": "m::b2", "by": 2.0}})
+    doubled = np.asarray(s["m::b2"])
+    np.testing.assert_array_equal(doubled, b * 2)
+    address = doubled.__array_interface__["data"][0]
+    assert any(start <= address < end for start, end in arena_mappings(scratch))
+    assert not doubled.flags.writeable
+    roomy = bs.Session({"m": model}, max_memory="1GB", scratch_dir=scratch, threads=1)
+    roomy.apply({"scale": {"from": "m::b", "to": "m::b2", "by": 2.0}})
+    in_memory = np.asarray(roomy["m::b2"])
+    np.testing.assert_array_equal(in_memory, b * 2)
+    address = in_memory.__array_interface__["data"][0]
+    assert not any(start <= address < end for start, end in arena_mappings(scratch))
+    # Nothing is left in the directory once the arrays are gone.
+    del doubled, in_memory, s, roomy
+    assert list(scratch.iterdir()) == []
+
+
 def test_check_judges_the_threads_a_run_would_use(operands, tmp_path: Path) -> None:
     model, *_ = operands
     p = {"inputs": [str(model)], "output": str(tmp_path / "o.safetensors")}

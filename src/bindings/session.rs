@@ -20,7 +20,7 @@ use super::{
 use crate::error::Error;
 use crate::executor::session::{Applied, Session};
 use crate::formats::SourceFile;
-use crate::memory::Memory;
+use crate::memory::{Memory, Scratch};
 use crate::plan::{oneline, Location, PlanError};
 use crate::state::State;
 use crate::value::{Bytes, ReadContext, Tensor, Value as TensorValue};
@@ -111,25 +111,31 @@ fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps, memory: Arc<Memory>
     }
     let tensor = tensor.clone();
     // A fresh flag per read: a Ctrl-C stops this read only, not later ones.
-    let bytes = detached(py, move |cancel| -> Result<Vec<u8>, Error> {
+    let bytes = detached(py, move |cancel| -> Result<Scratch, Error> {
         let len = tensor.nbytes();
-        let mut bytes = Vec::new();
-        bytes.try_reserve_exact(len).map_err(|_| {
-            Error::Value(crate::value::ValueError::OutOfMemory {
-                op: "reading a tensor into Python",
-                bytes: len,
-            })
-        })?;
-        bytes.resize(len, 0);
+        // A copy within the run's or session's budget, else in its arena (the array is then a
+        // view of the arena's mapping): what Python holds counts against the budget while it
+        // lives. A copy, not the kept result itself: consumers that ignore read-only flags
+        // (torch through DLPack) could otherwise change what later steps read.
+        let mut bytes = memory
+            .alloc("reading a tensor into Python", len)
+            .map_err(|e| Error::Value(e.into()))?;
         // Within the run's or session's budget: a product computed on this read is kept there.
         let mut cx = ReadContext::for_run(cancel, memory);
+        let mut chunk = Vec::new();
         // In chunks, so Ctrl-C stops a large read within one chunk.
         for (start, n) in crate::value::chunks(len) {
             cx.check().map_err(Error::Value)?;
-            tensor
-                .read_bytes(start, &mut bytes[start..start + n], &mut cx)
-                .map_err(Error::Value)?;
+            chunk.resize(n, 0);
+            tensor.read_bytes(start, &mut chunk, &mut cx).map_err(Error::Value)?;
+            bytes.write_at(start, &chunk).map_err(|e| {
+                Error::Value(crate::value::ValueError::Compute {
+                    op: "reading a tensor into Python",
+                    reason: format!("the scratch arena could not be written: {e}"),
+                })
+            })?;
         }
+        bytes.settle();
         Ok(bytes)
     })?
     .map_err(|e| errors::to_py(py, e))?;
