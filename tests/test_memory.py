@@ -173,6 +173,27 @@ def test_tensors_read_from_a_session_count_against_its_budget(operands, tmp_path
     assert list(scratch.iterdir()) == []
 
 
+def test_results_outside_the_output_are_released_before_the_write(operands, tmp_path: Path) -> None:
+    # A product in another alias, read by an assertion, is not kept through the write: the
+    # product the output needs (its 14 MiB of operands and result) then fits the 15 MiB the
+    # budget leaves beside the writing buffers (with the first kept, 4 MiB of it spilled).
+    model, a, b, _ = operands
+    p = {
+        "inputs": [f"m::{model}"],
+        "transforms": [
+            {"matmul": {"from_a": "m::a", "from_b": "m::b", "to": "tmp::ab"}},
+            {"assert": {"finite": {"of": "tmp::ab"}}},
+            {"matmul": {"from_a": "m::a", "from_b": "m::b", "to": "m::ab"}},
+            {"delete": {"target": "m::a"}},
+            {"delete": {"target": "m::b"}},
+        ],
+        "output": {"path": str(tmp_path / "out.safetensors"), "alias": "m"},
+    }
+    result = bs.run(p, threads=1, max_memory="18MB", quiet=True)
+    assert result.arena_bytes == 0
+    np.testing.assert_allclose(load_file(str(tmp_path / "out.safetensors"))["ab"], a @ b, rtol=1e-4, atol=1e-3)
+
+
 def test_check_judges_the_threads_a_run_would_use(operands, tmp_path: Path) -> None:
     model, *_ = operands
     p = {"inputs": [str(model)], "output": str(tmp_path / "o.safetensors")}

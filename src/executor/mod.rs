@@ -142,6 +142,23 @@ struct MemoryNeeds {
     held: usize,
 }
 
+/// Releases what tensors outside the output alias keep computed whole (a product an assertion
+/// read): the steps are done, and only the write reads on. A value the output also holds is
+/// left alone ([`crate::value::Tensor::release_unshared`]); one read again later (a lazy result
+/// handed to Python) is computed again.
+fn release_outside(state: &State, output: &str) {
+    for alias in state.alias_names() {
+        if alias == output {
+            continue;
+        }
+        if let Some(tensors) = state.alias(&alias) {
+            for (_, tensor) in tensors.iter() {
+                tensor.release_unshared();
+            }
+        }
+    }
+}
+
 /// Where a run's memory goes, estimated (see [`Prepared::memory_estimate`]).
 struct MemoryEstimate {
     budget: u64,
@@ -549,7 +566,10 @@ impl Prepared {
         // summaries are not held at once.
         let started = std::time::Instant::now();
         let files = match self.output_alias(&state)? {
-            Some(alias) => Some(self.write(&state, &alias, &ctx.reads, options)?),
+            Some(alias) => {
+                release_outside(&state, &alias);
+                Some(self.write(&state, &alias, &ctx.reads, options)?)
+            }
             None => None,
         };
         let write_seconds = files.as_ref().map(|_| started.elapsed().as_secs_f64());
