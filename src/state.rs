@@ -192,6 +192,48 @@ impl State {
         self.aliases.insert(alias.to_owned(), Arc::new(state));
     }
 
+    /// Adds an alias holding `tensors` (names and values, in order) that a file at `path` will
+    /// hold once an earlier step has written it: what [`State::add_checkpoint`] gives a `load`
+    /// of that file, in a check that has not written it (issue 15 item 2).
+    pub fn add_planned(&mut self, alias: &str, path: &std::path::Path, tensors: &[(String, Tensor)]) {
+        self.opened.push(OpenedCheckpoint {
+            path: path.to_path_buf(),
+            files: vec![path.to_path_buf()],
+        });
+        let mut state = AliasState {
+            origin: Some(Origin {
+                path: path.to_path_buf(),
+                metadata: Default::default(),
+                sidecars: Vec::new(),
+                files: vec![path.to_path_buf()],
+            }),
+            ..AliasState::default()
+        };
+        for (name, tensor) in tensors {
+            let order = self.next_order;
+            self.next_order += 1;
+            state.order.insert(order, name.clone());
+            state.tensors.insert(
+                name.clone(),
+                Entry {
+                    tensor: tensor.clone(),
+                    order,
+                },
+            );
+        }
+        self.declared.push(alias.to_owned());
+        self.aliases.insert(alias.to_owned(), Arc::new(state));
+    }
+
+    /// Records that a file at `path`, written by an earlier step, is read (a `load` of one of
+    /// its tensors in a check: see [`State::add_planned`]).
+    pub fn record_planned(&mut self, path: &std::path::Path) {
+        self.opened.push(OpenedCheckpoint {
+            path: path.to_path_buf(),
+            files: vec![path.to_path_buf()],
+        });
+    }
+
     /// Opens the headers of a plan's inputs (`location` is the plan's) and adds each as an
     /// alias, returning their notices: the one place inputs are opened, for the top-level plan
     /// and nested ones. An alias that already exists is kept when it holds the same checkpoint

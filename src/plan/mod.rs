@@ -317,7 +317,12 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
             ))
         }
     };
-    let (format, npy) = format;
+    // `numpy` (or `npz`) to a `.npy` path writes that one tensor's `.npy`, never a zip under a
+    // `.npy` name (issue 15 item 5).
+    let (format, npy) = match (format, by_extension) {
+        ((Format::NumPy, _), Some((_, true))) => (Format::NumPy, true),
+        (format, _) => format,
+    };
     let single_file = by_extension.is_some();
     let shard = match map.get("shard") {
         None | Some(Value::Null) => Some(DEFAULT_SHARD.to_owned()),

@@ -103,6 +103,10 @@ pub struct Context {
     /// Bytes of input files the value reads a check deferred (value assertions, `dump` with
     /// statistics, `diff`) will read when the plan runs ([`Tensor::bytes_to_read`]).
     pub deferred_reads: u64,
+    /// Files a `save` earlier in a check will write when the plan runs, with the tensors each
+    /// will hold: a later `load` of one gets them instead of opening the path, which does not
+    /// exist yet or holds an earlier run's bytes (issue 15 item 2).
+    pub(crate) planned_files: Vec<load::PlannedFile>,
     /// How deep [`run_steps`] calls are nested (`execute`), so only top-level steps are timed.
     depth: usize,
 }
@@ -143,6 +147,7 @@ impl Context {
             workspace_tensor: None,
             timings: Vec::new(),
             deferred_reads: 0,
+            planned_files: Vec::new(),
             depth: 0,
         }
     }
