@@ -74,7 +74,11 @@ fn merge_booleans(strict: Value, loose: &Value) -> Value {
     match (strict, loose) {
         (Value::String(s), Value::Bool(b)) if PYYAML_ONLY_BOOLEANS.contains(&s.as_str()) => Value::Bool(*b),
         (Value::Array(items), Value::Array(others)) if items.len() == others.len() => Value::Array(
-            items.into_iter().zip(others).map(|(a, b)| merge_booleans(a, b)).collect(),
+            items
+                .into_iter()
+                .zip(others)
+                .map(|(a, b)| merge_booleans(a, b))
+                .collect(),
         ),
         (Value::Object(map), Value::Object(others)) => Value::Object(
             map.into_iter()
@@ -442,7 +446,10 @@ mod tests {
         .unwrap();
         assert_eq!(doc["t"], json!(vec![true; 9]));
         assert_eq!(doc["f"], json!(vec![false; 9]));
-        assert_eq!(doc["s"], json!(["y", "Y", "n", "N", "x", "yEs", "oN", "yes", "on", "tRUE"]));
+        assert_eq!(
+            doc["s"],
+            json!(["y", "Y", "n", "N", "x", "yEs", "oN", "yes", "on", "tRUE"])
+        );
         let plain = parse_yaml("n: [1, -2, 0.5, 1e-6, 0x1F, 1_000, null, ~]", "<test>").unwrap();
         assert_eq!(doc["n"], plain["n"]);
         assert_eq!(doc["n"][0], json!(1));

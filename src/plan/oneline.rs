@@ -720,7 +720,10 @@ mod tests {
             "assert: equal: {left: x, right: y, eps: 1e-6}"
         );
         // Issue 15 item 6: PyYAML's booleans only; `y` and `n` are names.
-        assert_eq!(render(&json!({"x": {"a": "yes", "b": "n", "c": "Off"}})), "x: a: 'yes', b: n, c: 'Off'");
+        assert_eq!(
+            render(&json!({"x": {"a": "yes", "b": "n", "c": "Off"}})),
+            "x: a: 'yes', b: n, c: 'Off'"
+        );
         assert_eq!(
             parse("copy: from: y, to: y_copy"),
             json!({"copy": {"from": "y", "to": "y_copy"}})

@@ -443,21 +443,29 @@ mod tests {
     /// Issue 15 item 1: `mode` as the 0.2 tool writes it, checked against the keys.
     #[test]
     fn mode_must_agree_with_the_keys() {
-        let parse = |v: serde_json::Value| {
-            parse_diff(&v, &crate::transforms::test_support::context(&DIFF, &loc())).map(|_| ())
-        };
+        let parse =
+            |v: serde_json::Value| parse_diff(&v, &crate::transforms::test_support::context(&DIFF, &loc())).map(|_| ());
         parse(json!({"mode": "aliases", "left_alias": "a", "right_alias": "b"})).unwrap();
         parse(json!({"mode": "refs", "left": "a::x", "right": "b::x"})).unwrap();
         parse(json!({"left_alias": "a", "right_alias": "b"})).unwrap();
         let err = |v| parse(v).unwrap_err().to_string();
         let e = err(json!({"mode": "aliases", "left": "a::x", "right": "b::x"}));
-        assert!(e.contains("transforms[1].diff.left") && e.contains("mode `aliases`"), "{e}");
+        assert!(
+            e.contains("transforms[1].diff.left") && e.contains("mode `aliases`"),
+            "{e}"
+        );
         let e = err(json!({"mode": "refs", "left_alias": "a", "right_alias": "b"}));
-        assert!(e.contains("transforms[1].diff.left_alias") && e.contains("mode `refs`"), "{e}");
+        assert!(
+            e.contains("transforms[1].diff.left_alias") && e.contains("mode `refs`"),
+            "{e}"
+        );
         let e = err(json!({"mode": "aliases", "left_alias": "a"}));
         assert!(e.contains("right_alias"), "{e}");
         let e = err(json!({"mode": "both", "left_alias": "a", "right_alias": "b"}));
-        assert!(e.contains("transforms[1].diff.mode") && e.contains("refs or aliases"), "{e}");
+        assert!(
+            e.contains("transforms[1].diff.mode") && e.contains("refs or aliases"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -176,10 +176,7 @@ pub const SAVE: TransformSpec = TransformSpec {
         // NumPy holds one tensor as a `.npy`: `format: numpy` with `target` writes one unless
         // the path asks for an `.npz` (issue 15 item 5).
         if matches!(what, SaveWhat::Tensor(_)) && spec.format == Format::NumPy && spec.single_file {
-            let npz = spec
-                .path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("npz"));
+            let npz = spec.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"));
             spec.npy = !npz;
         }
         Ok(Box::new(Save {
@@ -550,6 +547,10 @@ fn save_tensors(
         });
         return Ok(None);
     }
+    if state.flags.dry_run.is_some() {
+        // `set: {dry-run: true}`: nothing is written (issue 15 item 7).
+        return Ok(Some(Vec::new()));
+    }
     let metadata = write::alias_metadata(state, alias, plan_sha256);
     let options = ctx.write_options();
     let files = write::write_tensors(spec, tensors, &metadata, sidecars, options)?;
@@ -677,11 +678,32 @@ mod tests {
             }
             let mut state = state.clone();
             let mut ctx = Context::new(false, Arc::new(AtomicBool::new(false)));
-            run(&mut state, &mut ctx, "save", serde_json::json!({"path": out, "target": "b"})).unwrap();
-            run(&mut state, &mut ctx, "load", serde_json::json!({"path": out, "to": "b_loaded"})).unwrap();
-            run(&mut state, &mut ctx, "load", serde_json::json!({"path": out, "alias": "back"})).unwrap();
+            run(
+                &mut state,
+                &mut ctx,
+                "save",
+                serde_json::json!({"path": out, "target": "b"}),
+            )
+            .unwrap();
+            run(
+                &mut state,
+                &mut ctx,
+                "load",
+                serde_json::json!({"path": out, "to": "b_loaded"}),
+            )
+            .unwrap();
+            run(
+                &mut state,
+                &mut ctx,
+                "load",
+                serde_json::json!({"path": out, "alias": "back"}),
+            )
+            .unwrap();
             assert_eq!(state.get("m", "b_loaded").unwrap().shape, vec![2]);
-            assert_eq!(state.alias("back").unwrap().iter().map(|(n, _)| n).collect::<Vec<_>>(), ["b"]);
+            assert_eq!(
+                state.alias("back").unwrap().iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                ["b"]
+            );
             let err = run(
                 &mut state,
                 &mut ctx,
@@ -702,8 +724,17 @@ mod tests {
             serde_json::json!({"path": npy, "target": "a", "format": "numpy"}),
         )
         .unwrap();
-        run(&mut state, &mut ctx, "load", serde_json::json!({"path": npy, "alias": "n"})).unwrap();
-        assert_eq!(state.alias("n").unwrap().iter().map(|(n, _)| n).collect::<Vec<_>>(), ["emb"]);
+        run(
+            &mut state,
+            &mut ctx,
+            "load",
+            serde_json::json!({"path": npy, "alias": "n"}),
+        )
+        .unwrap();
+        assert_eq!(
+            state.alias("n").unwrap().iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            ["emb"]
+        );
     }
 
     #[test]

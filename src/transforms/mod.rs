@@ -25,6 +25,8 @@ pub mod help;
 pub mod execute;
 pub mod load;
 pub mod prefixes;
+// The run's flags (issue 15 item 7).
+pub mod set;
 // Shape family (issue 3).
 pub mod concat;
 pub mod matmul;
@@ -381,7 +383,7 @@ fn run_steps_at_depth(steps: &[Step], state: &mut State, ctx: &mut Context) -> R
             }
             .into())
         } else {
-            step.transform.apply(state, ctx)
+            apply_step(step, state, ctx)
         };
         if ctx.depth == 1 {
             ctx.timings.push(StepTiming {
@@ -397,6 +399,41 @@ fn run_steps_at_depth(steps: &[Step], state: &mut State, ctx: &mut Context) -> R
         }
     }
     Ok(Flow::Continue)
+}
+
+/// Applies one step, printing what it is about to do (`set: {preview: true}`: its header-only
+/// check on a copy of the state) and what it did (`verbose`) when the run asks. Only a run
+/// prints: the check before it would print everything twice.
+fn apply_step(step: &Step, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+    let dry = if state.flags.dry_run.is_some() { "dry-run " } else { "" };
+    if ctx.evaluate && state.flags.preview {
+        let mut probe_state = state.clone();
+        let mut probe = Context::new(false, ctx.cancel.clone());
+        probe.planned_files = ctx.planned_files.clone();
+        match step.transform.apply(&mut probe_state, &mut probe) {
+            Ok(_) if probe.notes.is_empty() => ctx.emit(format!("{dry}preview: {}", step.name)),
+            Ok(_) => {
+                for note in probe.notes {
+                    ctx.emit(format!("{dry}preview: {note}"));
+                }
+            }
+            Err(e) => ctx.emit(format!("{dry}preview: {}: would fail: {e}", step.name)),
+        }
+    }
+    let before = ctx.notes.len();
+    let flow = step.transform.apply(state, ctx)?;
+    // `set` itself may have turned verbose on or off: its own line follows the new setting.
+    if ctx.evaluate && state.flags.verbose {
+        let dry = if state.flags.dry_run.is_some() { "dry-run " } else { "" };
+        let lines: Vec<String> = ctx.notes[before..].iter().map(|n| format!("{dry}{n}")).collect();
+        if lines.is_empty() {
+            ctx.emit(format!("{dry}{}", step.name));
+        }
+        for line in lines {
+            ctx.emit(line);
+        }
+    }
+    Ok(flow)
 }
 
 /// Builds a transform from its payload.
@@ -544,6 +581,7 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &load::SAVE,
     &prefixes::PREFIXES,
     &execute::EXECUTE,
+    &set::SET,
     // Shape family: reshape, permute, split, concat, matmul.
     &reshape::RESHAPE,
     &reshape::RESHAPE_,
