@@ -20,13 +20,6 @@ use crate::value::{stream, Tensor};
 
 const DIFF_FIELDS: &[Field] = &[
     Field::optional(
-        "mode",
-        FieldKind::Text,
-        Some("refs"),
-        "`refs` (compare `left` with `right`) or `aliases` (compare `left_alias` with `right_alias`); \
-         when absent, the keys given decide",
-    ),
-    Field::optional(
         "left",
         FieldKind::Reference,
         None,
@@ -49,6 +42,13 @@ const DIFF_FIELDS: &[Field] = &[
         FieldKind::Text,
         None,
         "the alias compared with `left_alias`",
+    ),
+    Field::optional(
+        "mode",
+        FieldKind::Text,
+        None,
+        "`refs` (compare `left` with `right`) or `aliases` (compare `left_alias` with `right_alias`); \
+         when absent, the keys given decide (`refs` for `left`/`right`, as in the 0.2 tool)",
     ),
     Field::optional(
         "eps",

@@ -173,11 +173,13 @@ pub const SAVE: TransformSpec = TransformSpec {
             // since `load` and `prefixes` may change which aliases exist.
             (None, None) => SaveWhat::Default,
         };
-        // NumPy holds one tensor as a `.npy`: `format: numpy` with `target` writes one unless
-        // the path asks for an `.npz` (issue 15 item 5).
-        if matches!(what, SaveWhat::Tensor(_)) && spec.format == Format::NumPy && spec.single_file {
+        // NumPy holds one tensor as a `.npy`: `format: numpy` with `target` writes one to the
+        // path as given (one tensor is one file, whatever its extension) unless the path asks
+        // for an `.npz` (issue 15 item 5).
+        if matches!(what, SaveWhat::Tensor(_)) && spec.format == Format::NumPy {
             let npz = spec.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"));
             spec.npy = !npz;
+            spec.single_file = true;
         }
         Ok(Box::new(Save {
             spec,
@@ -540,11 +542,14 @@ fn save_tensors(
                 (name, (*t).clone())
             })
             .collect();
-        ctx.planned_files.push(PlannedFile {
-            path: absolute(&spec.path),
-            format: spec.format,
-            tensors: planned,
-        });
+        // Under `set: {dry-run: true}` the run writes nothing there.
+        if state.flags.dry_run.is_none() {
+            ctx.planned_files.push(PlannedFile {
+                path: absolute(&spec.path),
+                format: spec.format,
+                tensors: planned,
+            });
+        }
         return Ok(None);
     }
     if state.flags.dry_run.is_some() {
