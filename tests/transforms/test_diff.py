@@ -188,6 +188,9 @@ def test_issue15_mode_as_the_original_writes_it(pair, tmp_path):
     assert whole["missing_left"] == ["edited::extra"] and whole["missing_right"] == ["base::gone"]
     assert set(whole["differs"]) == {"base::h.1.w", "base::h.0.b", "base::emb"}
     report = bs.run(plan.read_text())
+    built = bs.Plan(inputs=[f"base::{a}", f"edited::{b}"]).diff(mode="aliases", left_alias="base", right_alias="edited")
+    assert built.to_dict()["transforms"] == [{"diff": {"left_alias": "base", "right_alias": "edited", "mode": "aliases"}}]
+    assert built.run()["output"] == report["output"][:1]
     assert report["output"][1] == report["output"][2]
     assert parse(report["output"][1])["differs"].keys() == {"base::h.1.w"}
     bad = tmp_path / "bad.yaml"
