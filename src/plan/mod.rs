@@ -630,6 +630,21 @@ mod tests {
         assert_eq!(plan.output.unwrap().shard, None);
     }
 
+    /// Issue 15 item 5: `numpy` (or `npz`) to a `.npy` path is a bare `.npy`, never a zip
+    /// under that name; to an `.npz` path an `.npz`.
+    #[test]
+    fn numpy_to_an_npy_path_is_an_npy() {
+        for format in ["numpy", "npz", "npy", "NumPy"] {
+            let plan = Plan::from_document(&json!({"output": {"path": "o/x.npy", "format": format}})).unwrap();
+            let out = plan.output.unwrap();
+            assert!(out.npy && out.single_file && out.format == Format::NumPy, "{format}");
+        }
+        let plan = Plan::from_document(&json!({"output": {"path": "o/x.npz", "format": "numpy"}})).unwrap();
+        assert!(!plan.output.unwrap().npy);
+        let plan = Plan::from_document(&json!({"output": "o/x.npy"})).unwrap();
+        assert!(plan.output.unwrap().npy);
+    }
+
     #[test]
     fn sha_ignores_key_order() {
         let a = Plan::from_document(&json!({"inputs": ["x"], "output": {"path": "o", "shard": "1GB"}})).unwrap();

@@ -742,6 +742,32 @@ mod tests {
         );
     }
 
+    /// Issue 15 item 3: without `alias` and `target`, the default alias is written whole;
+    /// without a default alias it is a plan error listing the aliases.
+    #[test]
+    fn save_without_alias_or_target_writes_the_default_alias() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut state) = setup(dir.path());
+        let out = dir.path().join("whole.safetensors");
+        apply(&mut state, "save", serde_json::json!({"path": out}), true).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.names().len(), 2);
+        state.ensure_alias("other");
+        state.default_alias = None;
+        let err = apply(
+            &mut state,
+            "save",
+            serde_json::json!({"path": dir.path().join("x.safetensors")}),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, StepError::Plan(_)) && err.to_string().contains("m, other"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn save_needs_exactly_one_tensor_and_writes_only_when_evaluating() {
         let dir = tempfile::tempdir().unwrap();
