@@ -403,10 +403,12 @@ fn run_steps_at_depth(steps: &[Step], state: &mut State, ctx: &mut Context) -> R
 
 /// Applies one step, printing what it is about to do (`set: {preview: true}`: its header-only
 /// check on a copy of the state) and what it did (`verbose`) when the run asks. Only a run
-/// prints: the check before it would print everything twice.
+/// prints (the check before it would print everything twice), and only for top-level steps: an
+/// `execute` step's lines include its nested steps'.
 fn apply_step(step: &Step, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+    let printing = ctx.evaluate && ctx.depth == 1;
     let dry = if state.flags.dry_run.is_some() { "dry-run " } else { "" };
-    if ctx.evaluate && state.flags.preview {
+    if printing && state.flags.preview {
         let mut probe_state = state.clone();
         let mut probe = Context::new(false, ctx.cancel.clone());
         probe.planned_files = ctx.planned_files.clone();
@@ -423,7 +425,7 @@ fn apply_step(step: &Step, state: &mut State, ctx: &mut Context) -> Result<Flow,
     let before = ctx.notes.len();
     let flow = step.transform.apply(state, ctx)?;
     // `set` itself may have turned verbose on or off: its own line follows the new setting.
-    if ctx.evaluate && state.flags.verbose {
+    if printing && state.flags.verbose {
         let dry = if state.flags.dry_run.is_some() { "dry-run " } else { "" };
         let lines: Vec<String> = ctx.notes[before..].iter().map(|n| format!("{dry}{n}")).collect();
         if lines.is_empty() {

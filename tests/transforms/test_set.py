@@ -81,3 +81,17 @@ def test_python_builder_and_bad_values(model, tmp_path):
     assert_one_error(cli([bad], cwd=tmp_path), 2, "transforms[0].set.verbose", "maybe")
     with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.set.*unknown key `dry_run`.*dry-run"):
         bs.check({"inputs": [str(model)], "transforms": [{"set": {"dry_run": True}}]})
+
+
+def test_verbose_reports_a_nested_plan_once(model):
+    report = bs.run(
+        {
+            "inputs": [str(model)],
+            "transforms": [
+                {"set": {"verbose": True}},
+                {"execute": {"transforms": [{"copy": {"from": "ln_f.weight", "to": "a"}}, {"copy": {"from": "a", "to": "b"}}]}},
+            ],
+        }
+    )
+    copies = [line for line in report["output"] if line.startswith("copy:")]
+    assert copies == ["copy: 1 tensor", "copy: 1 tensor"], report["output"]
