@@ -350,7 +350,7 @@ class Plan(PlanBase):
 
         Keys:
             path: string, required. a `.safetensors`, `.bin/.pt/.pth` or `.npz` file, or a directory (sharded like the output)
-            alias: string, default: the default alias. the alias to write whole (without `alias` and `target`: the only alias, or `output.alias`)
+            alias: string, default: the default alias. the alias to write whole (without `alias` and `target`: the default alias, the only input or `output.alias`)
             target: reference, optional. one tensor to write (a slice is allowed)
             format: string, default: by extension, else safetensors. file format: safetensors, torch (PyTorch) or numpy (`.npy` for one tensor or a `.npy` path, else `.npz`)
             shard: string, default: 5GB. shard budget of a directory (`none`: one file)

@@ -110,7 +110,7 @@ const SAVE_FIELDS: &[Field] = &[
         "alias",
         FieldKind::Text,
         Some("the default alias"),
-        "the alias to write whole (without `alias` and `target`: the only alias, or `output.alias`)",
+        "the alias to write whole (without `alias` and `target`: the default alias, the only input or `output.alias`)",
     ),
     Field::optional(
         "target",
@@ -422,7 +422,7 @@ impl Transform for Load {
 enum SaveWhat {
     Alias(String),
     Tensor(Reference),
-    /// Neither `alias` nor `target`: the default alias (the only one, or `output.alias`).
+    /// Neither `alias` nor `target`: the default alias (the only input, or `output.alias`).
     Default,
 }
 
