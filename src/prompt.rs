@@ -136,10 +136,13 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
                 .iter()
                 .rev()
                 .find_map(|k| OPERATORS.iter().find(|(o, _)| o == k));
-            if let Some((_, fields)) = op {
-                out.extend(fields.iter().map(|f| f.name.to_owned()));
+            match op {
+                // An operator with keys takes them (or a bare reference), not another operator
+                // (`iszero: w` completes `wte`, not `writes`).
+                Some((_, fields)) if !fields.is_empty() => out.extend(fields.iter().map(|f| f.name.to_owned())),
+                // At the top and after `not`, an operator follows.
+                _ => out.extend(OPERATORS.iter().map(|(o, _)| (*o).to_owned())),
             }
-            out.extend(OPERATORS.iter().map(|(o, _)| (*o).to_owned()));
         } else if let Some(spec) = spec(name) {
             out.extend(
                 spec.keys()

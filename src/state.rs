@@ -5,12 +5,83 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::formats::{open_checkpoint, Checkpoint, FormatError};
 use crate::plan::{InputSpec, Location, PlanError};
 use crate::references::{closest_names, Captures, Reference, ReferenceError, ResolvedSlice};
 use crate::value::{Tensor, ValueError};
+
+/// How many times the plan's steps read and wrote one tensor so far, for the `reads` and
+/// `writes` assertions of the 0.2 tool (issue 15 item 8). A step that selects a tensor as a
+/// source or an in-place target reads it once; a step that gives it a value writes it once.
+/// A tensor an input or `load` brought in has been written once, as is a new tensor just made;
+/// a renamed (`move`) tensor starts again at one write. Counting names and headers only (`exists`,
+/// `count`, `reads`, `writes`) is no read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// Steps that read the tensor.
+    pub reads: u64,
+    /// Steps that wrote it, its arrival included.
+    pub writes: u64,
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access { reads: 0, writes: 1 }
+    }
+}
+
+/// [`Access`] counts of the tensors some step touched, per alias; absent tensors have the
+/// default counts. Selecting takes `&State`, so reads are counted behind a lock; each alias's
+/// table is shared between clones of a state until one of them counts (a check and its run each
+/// start from a copy).
+#[derive(Debug, Default)]
+struct AccessCounts(Mutex<BTreeMap<String, Arc<BTreeMap<String, Access>>>>);
+
+impl AccessCounts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<BTreeMap<String, Access>>>> {
+        // A panic while holding the lock leaves counts only; they stay usable.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, alias: &str, name: &str) -> Access {
+        self.lock()
+            .get(alias)
+            .and_then(|t| t.get(name).copied())
+            .unwrap_or_default()
+    }
+
+    fn update<'a>(&self, alias: &str, names: impl IntoIterator<Item = &'a str>, change: impl Fn(&mut Access)) {
+        let mut all = self.lock();
+        let table = Arc::make_mut(all.entry(alias.to_owned()).or_default());
+        for name in names {
+            match table.get_mut(name) {
+                Some(access) => change(access),
+                None => {
+                    let mut access = Access::default();
+                    change(&mut access);
+                    table.insert(name.to_owned(), access);
+                }
+            }
+        }
+    }
+
+    fn forget(&self, alias: &str, name: &str) {
+        let mut all = self.lock();
+        if let Some(table) = all.get_mut(alias) {
+            if table.contains_key(name) {
+                Arc::make_mut(table).remove(name);
+            }
+        }
+    }
+}
+
+impl Clone for AccessCounts {
+    fn clone(&self) -> Self {
+        AccessCounts(Mutex::new(self.lock().clone()))
+    }
+}
 
 /// Where an alias's tensors came from, for output metadata and sidecars.
 #[derive(Debug, Clone)]
@@ -124,6 +195,24 @@ pub struct State {
     /// The path and weight files of every checkpoint opened so far, kept after their aliases are
     /// removed or renamed: no write target may replace a file the run has read from.
     opened: Vec<OpenedCheckpoint>,
+    /// How often steps read and wrote each tensor.
+    access: AccessCounts,
+    /// The run's flags (`set`), kept with the state so a prompt session keeps them between
+    /// entries.
+    pub flags: RunFlags,
+}
+
+/// The flags `set` changes (the 0.2 tool's runtime flags, issue 15 item 7).
+#[derive(Debug, Clone, Default)]
+pub struct RunFlags {
+    /// While `dry-run` is on: the state when it was turned on, restored when it is turned off,
+    /// so what ran in between leaves no trace (tensors, aliases, access counts). `save` and the
+    /// output write nothing while it is on.
+    pub dry_run: Option<Box<State>>,
+    /// Print what each step is about to do before it runs.
+    pub preview: bool,
+    /// Print what each step did after it ran.
+    pub verbose: bool,
 }
 
 /// Where one opened checkpoint lives, for [`State::opened`].
@@ -172,6 +261,7 @@ impl State {
     /// Adds an alias holding a checkpoint's tensors, in its input order.
     pub fn add_checkpoint(&mut self, alias: &str, checkpoint: &Checkpoint) {
         self.record_source(alias, checkpoint);
+        self.access.lock().remove(alias);
         let mut state = AliasState {
             origin: Some(Origin {
                 path: checkpoint.path.clone(),
@@ -190,6 +280,49 @@ impl State {
         }
         self.declared.push(alias.to_owned());
         self.aliases.insert(alias.to_owned(), Arc::new(state));
+    }
+
+    /// Adds an alias holding `tensors` (names and values, in order) that a file at `path` will
+    /// hold once an earlier step has written it: what [`State::add_checkpoint`] gives a `load`
+    /// of that file, in a check that has not written it (issue 15 item 2).
+    pub fn add_planned(&mut self, alias: &str, path: &std::path::Path, tensors: &[(String, Tensor)]) {
+        self.access.lock().remove(alias);
+        self.opened.push(OpenedCheckpoint {
+            path: path.to_path_buf(),
+            files: vec![path.to_path_buf()],
+        });
+        let mut state = AliasState {
+            origin: Some(Origin {
+                path: path.to_path_buf(),
+                metadata: Default::default(),
+                sidecars: Vec::new(),
+                files: vec![path.to_path_buf()],
+            }),
+            ..AliasState::default()
+        };
+        for (name, tensor) in tensors {
+            let order = self.next_order;
+            self.next_order += 1;
+            state.order.insert(order, name.clone());
+            state.tensors.insert(
+                name.clone(),
+                Entry {
+                    tensor: tensor.clone(),
+                    order,
+                },
+            );
+        }
+        self.declared.push(alias.to_owned());
+        self.aliases.insert(alias.to_owned(), Arc::new(state));
+    }
+
+    /// Records that a file at `path`, written by an earlier step, is read (a `load` of one of
+    /// its tensors in a check: see [`State::add_planned`]).
+    pub fn record_planned(&mut self, path: &std::path::Path) {
+        self.opened.push(OpenedCheckpoint {
+            path: path.to_path_buf(),
+            files: vec![path.to_path_buf()],
+        });
     }
 
     /// Opens the headers of a plan's inputs (`location` is the plan's) and adds each as an
@@ -237,6 +370,7 @@ impl State {
     /// Removes an alias and its tensors (`prefixes remove`); `None` when it does not exist.
     pub fn remove_alias(&mut self, alias: &str) -> Option<AliasState> {
         let removed = self.aliases.remove(alias)?;
+        self.access.lock().remove(alias);
         self.declared.retain(|a| a != alias);
         self.written.remove(alias);
         Some(Arc::unwrap_or_clone(removed))
@@ -254,6 +388,12 @@ impl State {
             return false;
         };
         self.aliases.insert(to.to_owned(), state);
+        {
+            let mut access = self.access.lock();
+            if let Some(table) = access.remove(from) {
+                access.insert(to.to_owned(), table);
+            }
+        }
         for name in &mut self.declared {
             if name == from {
                 *name = to.to_owned();
@@ -303,8 +443,29 @@ impl State {
         Ok(alias)
     }
 
-    /// Every tensor `reference` selects, in order; zero matches are an empty list.
+    /// How often steps read and wrote a tensor so far.
+    pub fn access(&self, alias: &str, name: &str) -> Access {
+        self.access.get(alias, name)
+    }
+
+    /// Counts one read of each of `names` of `alias` (a step reading them other than through
+    /// [`State::select`]).
+    pub fn count_reads<'a>(&self, alias: &str, names: impl IntoIterator<Item = &'a str>) {
+        self.access.update(alias, names, |a| a.reads += 1);
+    }
+
+    /// Every tensor `reference` selects, in order; zero matches are an empty list. Each match
+    /// counts as read once ([`State::access`]).
     pub fn select(&self, reference: &Reference, location: &Location) -> Result<Vec<Match>, SelectError> {
+        let matches = self.select_quiet(reference, location)?;
+        if let Some(first) = matches.first() {
+            self.count_reads(&first.alias, matches.iter().map(|m| m.name.as_str()));
+        }
+        Ok(matches)
+    }
+
+    /// [`State::select`] without counting reads: for steps that look at names only.
+    pub fn select_quiet(&self, reference: &Reference, location: &Location) -> Result<Vec<Match>, SelectError> {
         let alias = self.alias_for(reference.alias.as_deref(), &reference.text, location)?;
         let state = &self.aliases[&alias];
         let mut matches = Vec::new();
@@ -438,6 +599,10 @@ impl State {
         let state = Arc::make_mut(self.aliases.get_mut(alias).expect("alias ensured"));
         if let Some(old) = state.tensors.insert(name.to_owned(), Entry { tensor, order }) {
             state.order.remove(&old.order);
+            self.access.update(alias, [name], |a| a.writes += 1);
+        } else {
+            // A new tensor: written once, now.
+            self.access.forget(alias, name);
         }
         state.order.insert(order, name.to_owned());
     }
@@ -463,6 +628,7 @@ impl State {
         let state = Arc::make_mut(self.aliases.get_mut(alias)?);
         let entry = state.tensors.remove(name)?;
         state.order.remove(&entry.order);
+        self.access.forget(alias, name);
         self.written.insert(alias.to_owned());
         Some((entry.tensor, entry.order))
     }

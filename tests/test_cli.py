@@ -410,3 +410,138 @@ def test_demo_check_does_not_write(tmp_path: Path) -> None:
     assert "plan is valid" in proc.stdout
     assert not (tmp_path / "o").exists()
     shutil.rmtree(tmp_path / "g")
+
+
+# The 0.2 tool's examples/validation.yaml, as its authors wrote it (comments shortened), on the
+# tiny GPT-2 laid out where it expects it; the single-tensor round trip goes to the work folder
+# instead of /tmp. It needs `set`, `diff` with `mode`, and a `load` of what an earlier `save`
+# writes (issue 15 items 1, 2, 7).
+VALIDATION_PLAN = """\
+inputs:  # Define input checkpoints to load before transforms execute.
+  - models/test/gpt2  # Use local GPT-2 test checkpoint as the primary model alias.
+output: { path: models/test/validation, shard: 100MB }  # Save final model output.
+transforms:  # Ordered transform pipeline; each item runs sequentially.
+  - set: {}  # Print current runtime flags.
+  - set: { dry-run: false, preview: false, verbose: false }  # Force deterministic runtime flags.
+  - help: diff  # Smoke-test help lookup for the diff transform.
+  - dump: { target: ["*all"], format: compact }  # Smoke-test compact dump formatting.
+
+  - prefixes: { mode: list }  # Confirm prefix registry can be listed.
+  - prefixes: { mode: add, alias: scratch }  # Add a scratch alias.
+  - zeroes: { target: scratch::z, shape: [4] }  # Create a zero-initialized tensor in scratch alias.
+  - ones: { target: scratch::o, shape: [4] }  # Create a one-initialized tensor in scratch alias.
+  - rand: { target: scratch::r, shape: [4], distribution: uniform, low: 0.1, high: 0.2, seed: 7 }
+  - assert: { shape: { of: scratch::z, is: [4] } }  # Verify zero tensor has expected shape.
+  - assert: { shape: { of: scratch::o, is: [4] } }  # Verify ones tensor has expected shape.
+  - assert: { shape: { of: scratch::r, is: [4] } }  # Verify random tensor has expected shape.
+  - assert: { iszero: scratch::z }  # Verify zero tensor values are all zeros.
+  - assert: { not: { iszero: scratch::o } }  # Verify ones tensor is not all zeros.
+  - assert: { not: { iszero: scratch::r } }  # Verify random tensor is not all zeros.
+  - prefixes: { mode: rename, from: scratch, to: scratch2 }  # Validate alias rename semantics.
+  - assert: { exists: scratch2::z }  # Confirm tensor remains accessible under renamed alias.
+  - prefixes: { mode: remove, alias: scratch2 }  # Validate alias removal semantics.
+  - prefixes: { mode: add, alias: scratch2 }  # Recreate alias so subsequent tests can use it.
+  - zeroes: { target: scratch2::z2, shape: [1] }  # Recreate a simple tensor in recreated alias.
+  - assert: { iszero: scratch2::z2 }  # Confirm recreated alias writes are valid.
+
+  - copy: { from: "ln_f.weight::[:8]", to: demo.x }  # Seed demo.x with a stable source slice.
+  - copy: { from: "ln_f.weight::[:8]", to: demo.y }  # Seed demo.y from same source.
+  - scale_: { target: demo.y, by: 2.0 }  # Convert demo.y into 2*x.
+  - copy: { from: demo.x, to: demo.sum }  # Pre-create add destination.
+  - copy: { from: demo.x, to: demo.diff }  # Pre-create subtract destination.
+  - copy: { from: demo.x, to: demo.prod }  # Pre-create multiply destination.
+  - add: { from_a: demo.x, from_b: demo.x, to: demo.sum }  # Compute sum = x + x.
+  - assert: { equal: { left: demo.sum, right: demo.y } }  # Verify sum matches expected doubled tensor.
+  - subtract: { from_a: demo.sum, from_b: demo.x, to: demo.diff }  # Compute diff = sum - x.
+  - assert: { equal: { left: demo.diff, right: demo.x } }  # Verify subtraction restores original x.
+  - multiply: { from_a: demo.x, from_b: demo.x, to: demo.prod }  # Compute elementwise product.
+  - add_: { from: demo.x, to: demo.diff }  # In-place add x into diff.
+  - assert: { equal: { left: demo.diff, right: demo.y } }  # Verify in-place add produced doubled tensor.
+  - subtract_: { from: demo.x, to: demo.diff }  # In-place subtract x from diff.
+  - assert: { equal: { left: demo.diff, right: demo.x } }  # Verify in-place subtract returns to x.
+  - scale: { from: demo.x, to: demo.scaled, by: 2.0 }  # Create scaled copy using out-of-place scale.
+  - assert: { equal: { left: demo.scaled, right: demo.y } }  # Verify out-of-place scale output.
+  - scale_: { target: demo.scaled, by: 0.5 }  # In-place rescale by reciprocal factor.
+  - assert: { equal: { left: demo.scaled, right: demo.x } }  # Verify in-place scale roundtrip.
+
+  - fill: { from: demo.x, to: demo.fill_const, mode: constant, value: 1.0 }  # Constant fill.
+  - assert: { not: { iszero: demo.fill_const } }  # Verify constant fill is not all zeros.
+  - fill: { from: demo.x, to: demo.fill_rand, mode: rand, distribution: normal, mean: 0.0, std: 0.1, seed: 11 }
+  - assert: { shape: { of: demo.fill_rand, is: [8] } }  # Verify random fill preserves source shape.
+  - fill_: { target: demo.fill_const, mode: tensor, values: [0, 1, 2, 3, 4, 5, 6, 7] }  # Explicit content.
+  - clamp: { from: demo.fill_const, to: demo.clamped, min: 2.0, max: 5.0 }  # Out-of-place clamp.
+  - clamp_: { target: demo.clamped, min: 3.0, max: 4.0 }  # In-place tighten clamped range.
+  - cast: { from: demo.clamped, to: demo.cast16, dtype: float16 }  # Out-of-place cast to float16.
+  - assert: { dtype: { of: demo.cast16, is: float16 } }  # Verify cast dtype is float16.
+  - cast_: { target: demo.cast16, to: float32 }  # In-place cast back to float32.
+  - assert: { dtype: { of: demo.cast16, is: float32 } }  # Verify in-place cast dtype is float32.
+
+  - split: { from: demo.fill_const, to: [demo.left, demo.right], sizes: [4, 4] }  # Split into two parts.
+  - concat: { from: [demo.left, demo.right], to: demo.rebuilt, dim: 0 }  # Re-concatenate split outputs.
+  - assert: { equal: { left: demo.rebuilt, right: demo.fill_const } }  # Verify split+concat roundtrip.
+  - reshape: { from: demo.fill_const, to: demo.two_by_four, shape: [2, 4] }  # Out-of-place reshape.
+  - reshape_: { target: demo.two_by_four, shape: [4, 2] }  # In-place reshape.
+  - permute: { from: demo.two_by_four, to: demo.permuted, order: [1, 0] }  # Permute dimensions.
+  - matmul: { from_a: demo.two_by_four, from_b: demo.permuted, to: demo.matmul }  # Matrix multiply.
+  - assert: { shape: { of: demo.matmul, is: [4, 4] } }  # Verify matmul result shape.
+
+  - copy: { from: "ln_f.weight::[:8]", to: demo.move_src }  # Create source tensor for move test.
+  - move: { from: demo.move_src, to: demo.move_dst }  # Move tensor to new name.
+  - assert: { exists: demo.move_dst }  # Verify destination exists after move.
+  - assert: { not: { exists: demo.move_src } }  # Verify source removed after move.
+  - copy: { from: demo.x, to: demo.assign_src }  # Create source tensor for assign test.
+  - copy: { from: demo.y, to: demo.assign_dst }  # Create destination tensor for assign overwrite.
+  - assign: { from: demo.assign_src, to: demo.assign_dst }  # Overwrite destination values from source.
+  - assert: { equal: { left: demo.assign_src, right: demo.assign_dst } }  # Verify assign.
+
+  - copy: { from: "h.0.attn.c_proj.weight::[:4,:4]", to: demo.matrix.weight }  # Seed 2D matrix for PHLoRA.
+  - phlora_: { target: demo.matrix.weight, rank: 2 }  # In-place low-rank reconstruction on matrix.
+  - copy: { from: demo.matrix.weight, to: demo.matrix.source.weight }  # Duplicate reconstructed matrix.
+  - phlora: { target: demo.matrix.source.weight, target_a: demo.matrix.a.weight, target_b: demo.matrix.b.weight, rank: 2 }
+  - assert: { shape: { of: demo.matrix.weight, is: [4, 4] } }  # Verify reconstructed matrix shape.
+  - assert: { shape: { of: demo.matrix.a.weight, is: [2, 4] } }  # Verify A factor shape.
+  - assert: { shape: { of: demo.matrix.b.weight, is: [4, 2] } }  # Verify B factor shape.
+  - assert: { not: { iszero: demo.matrix.a.weight } }  # Verify A factor carries non-zero signal.
+  - assert: { not: { iszero: demo.matrix.b.weight } }  # Verify B factor carries non-zero signal.
+
+  - save: { path: brainsurgery_validation_x.safetensors, target: demo.x }  # Save single tensor.
+  - load: { path: brainsurgery_validation_x.safetensors, to: demo.x_loaded, format: safetensors }  # Reload it.
+  - assert: { equal: { left: demo.x_loaded, right: demo.x } }  # Verify save/load roundtrip identity.
+  - load: { path: models/test/gpt2, alias: orig }  # Load pristine checkpoint under separate alias.
+  - diff: { mode: aliases, left_alias: model, right_alias: orig }  # Diff full alias namespaces.
+  - assert: { equal: { left: "orig::(.+)", right: "\\\\1" } }  # Every orig tensor equals the model's.
+
+  - execute:  # Validate nested execution path using inline transform list.
+      transforms:  # Nested transforms to execute atomically inside execute command.
+        - copy: { from: "model::ln_f.weight::[:8]", to: model::demo.exec.base }  # Seed base tensor.
+        - scale: { from: model::demo.exec.base, to: model::demo.exec.double, by: 2.0 }  # Doubled tensor.
+        - copy: { from: model::demo.exec.base, to: model::demo.exec.sum }  # Pre-create add destination.
+        - add: { from_a: model::demo.exec.base, from_b: model::demo.exec.base, to: model::demo.exec.sum }
+        - assert: { equal: { left: model::demo.exec.double, right: model::demo.exec.sum } }  # Verify.
+
+  - copy: { from: demo.x, to: demo.to_delete }  # Create tensor explicitly for delete validation.
+  - delete: { target: demo.to_delete }  # Delete one known tensor.
+  - assert: { not: { exists: demo.to_delete } }  # Verify deleted tensor is absent.
+  - delete: { target: "demo\\\\..+" }  # Delete all remaining demo namespace artifacts.
+  - delete: { target: "orig::(.+)" }  # Delete all tensors from orig alias.
+  - delete: { target: "scratch2::(.+)" }  # Delete all tensors from scratch2 alias.
+
+  - exit: {}  # End execution loop explicitly; keep as the final transform.
+"""
+
+
+def test_issue15_the_original_validation_plan_runs(tmp_path: Path, gpt2_tensors: dict[str, np.ndarray]) -> None:
+    from conftest import save_safetensors
+
+    save_safetensors(tmp_path / "models" / "test" / "gpt2" / "model.safetensors", gpt2_tensors, {"format": "pt"})
+    (tmp_path / "validation.yaml").write_text(VALIDATION_PLAN)
+    proc = cli(["validation.yaml", "--no-progress"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("set flags: dry-run=false, preview=false, verbose=false\n")
+    assert "diff model vs orig (eps 0): 29 pairs compared, 0 differ" in proc.stdout
+    x = load_file(str(tmp_path / "brainsurgery_validation_x.safetensors"))
+    np.testing.assert_array_equal(x["demo.x"], gpt2_tensors["ln_f.weight"][:8])
+    out = load_file(str(tmp_path / "models" / "test" / "validation" / "model.safetensors"))
+    assert set(out) == set(gpt2_tensors)
+    for name, want in gpt2_tensors.items():
+        np.testing.assert_array_equal(out[name], want)

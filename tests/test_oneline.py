@@ -197,3 +197,38 @@ def test_session_without_output_writes_nothing(ws: Path) -> None:
     ok(proc)
     assert "no output" in proc.stdout
     assert sorted(p.name for p in ws.iterdir()) == ["m.safetensors"]
+
+
+LETTERS = {name: np.full(2, i, np.float32) for i, name in enumerate(["y", "n", "Y", "N", "x"])}
+
+
+@pytest.mark.parametrize("name", list(LETTERS))
+def test_issue15_one_letter_names_are_strings(tmp_path: Path, name: str) -> None:
+    """Issue 15 item 6: plans are read as PyYAML reads them, where only true/false/yes/no/on/off
+    are booleans: `copy: {from: y, to: y_copy}` names the tensor `y`, in a plan file and in the
+    one-line form alike."""
+    write_st(tmp_path / "m.safetensors", LETTERS)
+    (tmp_path / "p.yaml").write_text(
+        "inputs:\n  - m.safetensors\n"
+        f"output: {{ path: yaml.safetensors, sidecars: yes }}\n"
+        f"transforms:\n  - copy: {{ from: {name}, to: {name}_copy }}\n"
+    )
+    ok(pymod(["p.yaml"], cwd=tmp_path))
+    ok(pymod(["-e", f"copy: from: {name}, to: {name}_copy", "-o", "line.safetensors", "m.safetensors"], cwd=tmp_path))
+    for out in ["yaml.safetensors", "line.safetensors"]:
+        got = load_file(str(tmp_path / out))
+        assert set(got) == {*LETTERS, f"{name}_copy"}
+        np.testing.assert_array_equal(got[f"{name}_copy"], LETTERS[name])
+
+
+def test_issue15_pyyaml_booleans_still_booleans(ws: Path) -> None:
+    """`yes`/`off` (PyYAML booleans) still read as booleans; a boolean where a tensor name is
+    expected is still refused, naming the key."""
+    (ws / "p.yaml").write_text(
+        "inputs: [m.safetensors]\noutput: { path: o.safetensors, sidecars: off }\n"
+        "transforms:\n  - delete: { target: ids, missing_ok: yes }\n  - delete: { target: nothing, missing_ok: On }\n"
+    )
+    ok(pymod(["p.yaml"], cwd=ws))
+    assert set(load_file(str(ws / "o.safetensors"))) == {"h.0.w", "h.1.w"}
+    proc = pymod(["-e", "copy: from: yes, to: z", "m.safetensors"], cwd=ws)
+    assert_one_error(proc, 2, "transforms[0].copy.from")

@@ -32,7 +32,9 @@ OPERATORS = BY_NAME["assert"]["operators"]
 
 
 def py(name: str) -> str:
-    """The naming rule, restated: a Python keyword gets a trailing underscore."""
+    """The naming rule, restated: a character a name cannot hold becomes an underscore (`set`'s
+    `dry-run` is `dry_run`), and a Python keyword gets a trailing underscore."""
+    name = re.sub(r"\W", "_", name)
     return name + "_" if keyword.iskeyword(name) else name
 
 

@@ -153,7 +153,7 @@ class Plan(PlanBase):
         """
 
     def add(self, from_a: Reference, from_b: Template, to: Template, *, dtype: str | None = None) -> Self:
-        """add: element-wise a + b written to `to`
+        """add: element-wise a + b written to `to` (overwritten if it exists, else created)
 
         Writes new tensors; ``add_`` works in place.
 
@@ -167,7 +167,7 @@ class Plan(PlanBase):
         """
 
     def subtract(self, from_a: Reference, from_b: Template, to: Template, *, dtype: str | None = None) -> Self:
-        """subtract: element-wise a - b written to `to`
+        """subtract: element-wise a - b written to `to` (overwritten if it exists, else created)
 
         Writes new tensors; ``subtract_`` works in place.
 
@@ -181,7 +181,7 @@ class Plan(PlanBase):
         """
 
     def multiply(self, from_a: Reference, from_b: Template, to: Template, *, dtype: str | None = None) -> Self:
-        """multiply: element-wise a * b written to `to`
+        """multiply: element-wise a * b written to `to` (overwritten if it exists, else created)
 
         Appends ``multiply`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
 
@@ -307,7 +307,7 @@ class Plan(PlanBase):
             verbosity: string, default: shape. shape (name, dtype, shape; headers only), stat (plus min, max, mean, std, NaN and Inf counts, reading every element) or full (plus the values instead, NumPy-like, cut with `...` beyond 1000 elements; reads only the printed elements)
         """
 
-    def diff(self, left: Reference | None = None, *, right: Template | None = None, left_alias: str | None = None, right_alias: str | None = None, eps: float | None = 0) -> Self:
+    def diff(self, left: Reference | None = None, *, right: Template | None = None, left_alias: str | None = None, right_alias: str | None = None, mode: str | None = None, eps: float | None = 0) -> Self:
         """diff: report tensors missing on either side and tensors that differ (shape, dtype, max |a-b|)
 
         Appends ``diff`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
@@ -317,6 +317,7 @@ class Plan(PlanBase):
             right: template, optional. the tensor each left match is compared with (a rewrite such as `b::\\g<0>`; aliases may differ)
             left_alias: string, optional. compare this whole alias with `right_alias`, tensors paired by name
             right_alias: string, optional. the alias compared with `left_alias`
+            mode: string, optional. `refs` (compare `left` with `right`) or `aliases` (compare `left_alias` with `right_alias`); when absent, the keys given decide (`refs` for `left`/`right`, as in the 0.2 tool)
             eps: number, default: 0. largest |a - b| still counted as equal
         """
 
@@ -349,20 +350,20 @@ class Plan(PlanBase):
 
         Keys:
             path: string, required. a `.safetensors`, `.bin/.pt/.pth` or `.npz` file, or a directory (sharded like the output)
-            alias: string, optional. the alias to write whole
+            alias: string, default: the default alias. the alias to write whole (without `alias` and `target`: the default alias, the only input or `output.alias`)
             target: reference, optional. one tensor to write (a slice is allowed)
-            format: string, default: by extension, else safetensors. file format: safetensors, torch (PyTorch) or npz
+            format: string, default: by extension, else safetensors. file format: safetensors, torch (PyTorch) or numpy (`.npy` for one tensor or a `.npy` path, else `.npz`)
             shard: string, default: 5GB. shard budget of a directory (`none`: one file)
             overwrite: bool, default: false. replace weight files in the directory that brainsurgery did not write
         """
 
-    def prefixes(self, mode: str, *, alias: str | None = None, from_: str | None = None, to: str | None = None) -> Self:
+    def prefixes(self, mode: str | None = 'list', *, alias: str | None = None, from_: str | None = None, to: str | None = None) -> Self:
         """prefixes: list, add, remove or rename aliases
 
         Appends ``prefixes`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
 
         Keys:
-            mode: string, required. list, add, remove or rename
+            mode: string, default: list. list, add, remove or rename
             alias: string, optional. the alias to add or remove
             from_ (key ``from``): string, optional. the alias to rename
             to: string, optional. its new name
@@ -377,6 +378,17 @@ class Plan(PlanBase):
             transforms: list of transforms, optional. a list of transforms, run in place
             plan: plan, optional. a plan mapping (inputs, transforms, output)
             path: string, optional. a plan file (relative to the including plan file's directory)
+        """
+
+    def set(self, dry_run: bool | None = False, *, preview: bool | None = False, verbose: bool | None = False) -> Self:
+        """set: set the run's flags (dry-run, preview, verbose); without keys, print them
+
+        Appends ``set`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
+
+        Keys:
+            dry_run (key ``dry-run``): bool, default: false. run the steps that follow, then forget them when turned off; nothing is written meanwhile
+            preview: bool, default: false. print what each step is about to do before it runs
+            verbose: bool, default: false. print what each step did
         """
 
     def reshape(self, from_: Reference, to: Template, shape: Sequence[int]) -> Self:
@@ -530,8 +542,8 @@ class Plan(PlanBase):
             scale: number, default: 1. extra factor on every delta
         """
 
-    def assert_(self, assertion: Assertion | Mapping[str, Any] | None = None, /, *, exists: Mapping[str, Any] | Reference | None = None, count: Mapping[str, Any] | Reference | None = None, shape: Mapping[str, Any] | Reference | None = None, dimensions: Mapping[str, Any] | Reference | None = None, dtype: Mapping[str, Any] | Reference | None = None, equal: Mapping[str, Any] | Reference | None = None, iszero: Mapping[str, Any] | Reference | None = None, finite: Mapping[str, Any] | Reference | None = None, all: Sequence[Assertion | Mapping[str, Any]] | None = None, any: Sequence[Assertion | Mapping[str, Any]] | None = None, not_: Assertion | Mapping[str, Any] | None = None) -> Self:
-        """assert: fail the run when an expression is false (exists, count, shape, dimensions, dtype, equal, iszero, finite, all, any, not)
+    def assert_(self, assertion: Assertion | Mapping[str, Any] | None = None, /, *, exists: Mapping[str, Any] | Reference | None = None, count: Mapping[str, Any] | Reference | None = None, shape: Mapping[str, Any] | Reference | None = None, dimensions: Mapping[str, Any] | Reference | None = None, dtype: Mapping[str, Any] | Reference | None = None, equal: Mapping[str, Any] | Reference | None = None, iszero: Mapping[str, Any] | Reference | None = None, finite: Mapping[str, Any] | Reference | None = None, reads: Mapping[str, Any] | Reference | None = None, writes: Mapping[str, Any] | Reference | None = None, all: Sequence[Assertion | Mapping[str, Any]] | None = None, any: Sequence[Assertion | Mapping[str, Any]] | None = None, not_: Assertion | Mapping[str, Any] | None = None) -> Self:
+        """assert: fail the run when an expression is false (exists, count, shape, dimensions, dtype, equal, iszero, finite, reads, writes, all, any, not)
 
         Appends one ``assert``: either an ``Assertion`` (``Assertion.count('h\\\\..*', 0) & ~Assertion.exists('x')``) or plan data (``{'count': {'of': 'x', 'is': 0}}``) positionally, or one operator as a keyword whose value is the operator's payload as a plan writes it (``count={'of': 'x', 'is': 0}``, ``exists='x'``). Operator and key names are checked now.
 
@@ -544,6 +556,8 @@ class Plan(PlanBase):
             equal: left, right, [eps]
             iszero: of, [eps]
             finite: of
+            reads: of, [is], [ge], [gt], [le], [lt], [at_least], [at_most]
+            writes: of, [is], [ge], [gt], [le], [lt], [at_least], [at_most]
             all: a list of assertions; holds when every one holds (an empty list holds)
             any: a list of assertions; holds when at least one holds
             not_: one assertion; holds when it is false (an invalid pattern or unknown alias is still an error)
@@ -628,6 +642,36 @@ class Assertion(AssertionBase):
 
         Keys:
             of: reference, required. tensors that must hold no NaN or Inf (or give the reference directly)
+        """
+
+    @staticmethod
+    def reads(of: Reference, *, is_: float | None = None, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None, at_least: float | None = None, at_most: float | None = None) -> Assertion:
+        """The ``reads`` assertion.
+
+        Keys:
+            of: reference, required. tensors to check
+            is_ (key ``is``): number, optional. exactly this many times
+            ge: number, optional. at least
+            gt: number, optional. more than
+            le: number, optional. at most
+            lt: number, optional. fewer than
+            at_least: number, optional. at least (as `ge`)
+            at_most: number, optional. at most (as `le`)
+        """
+
+    @staticmethod
+    def writes(of: Reference, *, is_: float | None = None, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None, at_least: float | None = None, at_most: float | None = None) -> Assertion:
+        """The ``writes`` assertion.
+
+        Keys:
+            of: reference, required. tensors to check
+            is_ (key ``is``): number, optional. exactly this many times
+            ge: number, optional. at least
+            gt: number, optional. more than
+            le: number, optional. at most
+            lt: number, optional. fewer than
+            at_least: number, optional. at least (as `ge`)
+            at_most: number, optional. at most (as `le`)
         """
 
     @staticmethod

@@ -566,6 +566,13 @@ impl Prepared {
         // summaries are not held at once.
         let started = std::time::Instant::now();
         let files = match self.output_alias(&state)? {
+            // `set: {dry-run: true}` still on at the end: the output is not written, as in the
+            // 0.2 tool (issue 15 item 7).
+            Some(_) if state.flags.dry_run.is_some() => {
+                ctx.notices
+                    .push("dry-run is on at the end of the plan: the output was not written".to_owned());
+                None
+            }
             Some(alias) => {
                 release_outside(&state, &alias);
                 Some(self.write(&state, &alias, &ctx.reads, options)?)

@@ -254,7 +254,12 @@ impl Session {
         let mut ctx = self.context(false);
         ctx.factorizations = self.factorizations.clone();
         let mut report = prepared.report(&self.state, ctx)?;
-        if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
+        if self.state.flags.dry_run.is_some() && prepared.plan.output.is_some() {
+            // As a run: `set: {dry-run: true}` still on at the end writes no output.
+            report
+                .notices
+                .push("dry-run is on at the end of the session: the output was not written".to_owned());
+        } else if let (Some(output), Some(alias)) = (&prepared.plan.output, report.alias.clone()) {
             write::validate_output(output, &self.state, &alias)?;
             // The writing threads' share of the budget, held while they write (as for a run).
             let _writers = self

@@ -32,11 +32,74 @@ pub fn parse_yaml(text: &str, origin: &str) -> Result<Value, PlanError> {
     parse_yaml_with(text, origin, true)
 }
 
+/// The plain scalars PyYAML reads as booleans besides `true`/`false` (and their `True`/`TRUE`
+/// spellings, which YAML 1.2 shares): plans written for the 0.2 tool were read by PyYAML, where
+/// `y`, `n` (and `Y`, `N`, `yEs`, ...) are strings, so `copy: {from: y, to: y_copy}` names a
+/// tensor `y` (issue 15 item 6).
+const PYYAML_ONLY_BOOLEANS: [&str; 12] = [
+    "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF",
+];
+
 /// [`parse_yaml`]; without `snippet`, syntax errors give the line and column but quote no line
 /// of the text (a plan file may not be a plan, and its lines are not ours to print).
+///
+/// Booleans are resolved as PyYAML does. The parser offers YAML 1.2 booleans (`true`/`false`
+/// only) or YAML 1.1 ones (also `y`/`n`, in any case); PyYAML sits between the two. The text is
+/// read with 1.2 booleans; when a string there is one of [`PYYAML_ONLY_BOOLEANS`] it is read
+/// again with 1.1 booleans, and a node that is a boolean there (so was written plain, not
+/// quoted) becomes that boolean.
 fn parse_yaml_with(text: &str, origin: &str, snippet: bool) -> Result<Value, PlanError> {
+    let strict = parse_yaml_booleans(text, origin, snippet, true)?;
+    if !has_pyyaml_only_boolean(&strict) {
+        return Ok(strict);
+    }
+    let loose = parse_yaml_booleans(text, origin, snippet, false)?;
+    Ok(merge_booleans(strict, &loose))
+}
+
+/// Whether `value` holds a string PyYAML might read as a boolean.
+fn has_pyyaml_only_boolean(value: &Value) -> bool {
+    match value {
+        Value::String(s) => PYYAML_ONLY_BOOLEANS.contains(&s.as_str()),
+        Value::Array(items) => items.iter().any(has_pyyaml_only_boolean),
+        Value::Object(map) => map.values().any(has_pyyaml_only_boolean),
+        _ => false,
+    }
+}
+
+/// `strict` (read with YAML 1.2 booleans) with each string of [`PYYAML_ONLY_BOOLEANS`] that
+/// `loose` (the same text read with YAML 1.1 booleans) holds as a boolean replaced by it. Both
+/// trees have one shape: booleans never change a document's structure.
+fn merge_booleans(strict: Value, loose: &Value) -> Value {
+    match (strict, loose) {
+        (Value::String(s), Value::Bool(b)) if PYYAML_ONLY_BOOLEANS.contains(&s.as_str()) => Value::Bool(*b),
+        (Value::Array(items), Value::Array(others)) if items.len() == others.len() => Value::Array(
+            items
+                .into_iter()
+                .zip(others)
+                .map(|(a, b)| merge_booleans(a, b))
+                .collect(),
+        ),
+        (Value::Object(map), Value::Object(others)) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    let v = match others.get(&k) {
+                        Some(other) => merge_booleans(v, other),
+                        None => v,
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ),
+        (other, _) => other,
+    }
+}
+
+/// One reading of YAML text, with YAML 1.2 booleans (`strict`) or YAML 1.1 ones.
+fn parse_yaml_booleans(text: &str, origin: &str, snippet: bool, strict: bool) -> Result<Value, PlanError> {
     let options = serde_saphyr::options! {
         with_snippet: snippet,
+        strict_booleans: strict,
         budget: serde_saphyr::budget! {
             max_depth: MAX_DEPTH,
             max_nodes: MAX_NODES,
@@ -365,6 +428,38 @@ mod tests {
         assert_eq!(doc["transforms"][0]["scale_"]["by"], json!(0.5));
         assert_eq!(doc["output"]["shape"], json!([2, 4]));
         assert_eq!(doc["output"]["name"], json!("007"));
+    }
+
+    /// Issue 15 item 6: booleans are PyYAML's (`true/false/yes/no/on/off` in the spellings it
+    /// takes); one-letter names and other case variants are strings; quoted scalars stay
+    /// strings; numbers and null read as before.
+    #[test]
+    fn booleans_are_read_as_pyyaml_reads_them() {
+        let doc = parse_yaml(
+            "t: [true, True, TRUE, yes, Yes, YES, on, On, ON]\n\
+             f: [false, False, FALSE, no, No, NO, off, Off, OFF]\n\
+             s: [y, Y, n, N, x, yEs, oN, 'yes', \"on\", tRUE]\n\
+             n: [1, -2, 0.5, 1e-6, 0x1F, 1_000, null, ~]\n\
+             copy: {from: y, to: y_copy}\n",
+            "<test>",
+        )
+        .unwrap();
+        assert_eq!(doc["t"], json!(vec![true; 9]));
+        assert_eq!(doc["f"], json!(vec![false; 9]));
+        assert_eq!(
+            doc["s"],
+            json!(["y", "Y", "n", "N", "x", "yEs", "oN", "yes", "on", "tRUE"])
+        );
+        let plain = parse_yaml("n: [1, -2, 0.5, 1e-6, 0x1F, 1_000, null, ~]", "<test>").unwrap();
+        assert_eq!(doc["n"], plain["n"]);
+        assert_eq!(doc["n"][0], json!(1));
+        assert_eq!(doc["n"][6], Value::Null);
+        assert_eq!(doc["copy"], json!({"from": "y", "to": "y_copy"}));
+        // Overrides read values the same way.
+        let mut doc = json!({});
+        apply_override(&mut doc, "a=y").unwrap();
+        apply_override(&mut doc, "b=on").unwrap();
+        assert_eq!(doc, json!({"a": "y", "b": true}));
     }
 
     /// Issue 9 item 11b: the walk was quadratic in the path's length (each step copied the

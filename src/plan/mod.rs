@@ -317,7 +317,12 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
             ))
         }
     };
-    let (format, npy) = format;
+    // `numpy` (or `npz`) to a `.npy` path writes that one tensor's `.npy`, never a zip under a
+    // `.npy` name (issue 15 item 5).
+    let (format, npy) = match (format, by_extension) {
+        ((Format::NumPy, _), Some((_, true))) => (Format::NumPy, true),
+        (format, _) => format,
+    };
     let single_file = by_extension.is_some();
     let shard = match map.get("shard") {
         None | Some(Value::Null) => Some(DEFAULT_SHARD.to_owned()),
@@ -623,6 +628,21 @@ mod tests {
         assert!(!out.single_file);
         let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "none"}})).unwrap();
         assert_eq!(plan.output.unwrap().shard, None);
+    }
+
+    /// Issue 15 item 5: `numpy` (or `npz`) to a `.npy` path is a bare `.npy`, never a zip
+    /// under that name; to an `.npz` path an `.npz`.
+    #[test]
+    fn numpy_to_an_npy_path_is_an_npy() {
+        for format in ["numpy", "npz", "npy", "NumPy"] {
+            let plan = Plan::from_document(&json!({"output": {"path": "o/x.npy", "format": format}})).unwrap();
+            let out = plan.output.unwrap();
+            assert!(out.npy && out.single_file && out.format == Format::NumPy, "{format}");
+        }
+        let plan = Plan::from_document(&json!({"output": {"path": "o/x.npz", "format": "numpy"}})).unwrap();
+        assert!(!plan.output.unwrap().npy);
+        let plan = Plan::from_document(&json!({"output": "o/x.npy"})).unwrap();
+        assert!(plan.output.unwrap().npy);
     }
 
     #[test]

@@ -717,7 +717,20 @@ mod tests {
         );
         assert_eq!(
             render(&json!({"assert": {"equal": {"left": "x", "right": "y", "eps": 1e-6}}})),
-            "assert: equal: {left: x, right: 'y', eps: 1e-6}"
+            "assert: equal: {left: x, right: y, eps: 1e-6}"
+        );
+        // Issue 15 item 6: PyYAML's booleans only; `y` and `n` are names.
+        assert_eq!(
+            render(&json!({"x": {"a": "yes", "b": "n", "c": "Off"}})),
+            "x: a: 'yes', b: n, c: 'Off'"
+        );
+        assert_eq!(
+            parse("copy: from: y, to: y_copy"),
+            json!({"copy": {"from": "y", "to": "y_copy"}})
+        );
+        assert_eq!(
+            parse("x: a: Y, b: N, c: on, d: NO, e: x, f: n"),
+            json!({"x": {"a": "Y", "b": "N", "c": true, "d": false, "e": "x", "f": "n"}})
         );
         assert_eq!(render(&json!("exit")), "exit");
         assert_eq!(

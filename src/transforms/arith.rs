@@ -115,14 +115,20 @@ fn parse(value: &serde_json::Value, cx: &ParseContext) -> Result<Box<dyn Transfo
 }
 
 const ADD_TWIN: Twin = Twin {
-    new: ("add", "element-wise a + b written to `to`"),
+    new: (
+        "add",
+        "element-wise a + b written to `to` (overwritten if it exists, else created)",
+    ),
     in_place: ("add_", "add tensors into existing ones in place (to += from)"),
     fields: FIELDS,
     parse,
 };
 
 const SUBTRACT_TWIN: Twin = Twin {
-    new: ("subtract", "element-wise a - b written to `to`"),
+    new: (
+        "subtract",
+        "element-wise a - b written to `to` (overwritten if it exists, else created)",
+    ),
     in_place: ("subtract_", "subtract tensors from existing ones in place (to -= from)"),
     fields: FIELDS,
     parse,
@@ -139,7 +145,7 @@ pub const SUBTRACT_: TransformSpec = SUBTRACT_TWIN.spec(Form::InPlace);
 /// `multiply` (no in-place form).
 pub const MULTIPLY: TransformSpec = TransformSpec {
     name: "multiply",
-    summary: "element-wise a * b written to `to`",
+    summary: "element-wise a * b written to `to` (overwritten if it exists, else created)",
     form: Form::New,
     fields: FIELDS,
     parse,

@@ -1,7 +1,8 @@
 //! `assert`: built-in assertions (SPEC §5). Header assertions (`exists`, `count`, `shape`,
 //! `dimensions`, `dtype`) are decided during the plan check; value assertions (`equal`, `iszero`,
 //! `finite`) stream the tensors they need at their point in the plan, and are reported as
-//! deferred by the check. Zero matches are a value (`count … is: 0` passes); an invalid pattern
+//! deferred by the check. `reads` and `writes` count the steps that read or wrote each match so
+//! far ([`crate::state::Access`]), from the plan alone, so a check decides them. Zero matches are a value (`count … is: 0` passes); an invalid pattern
 //! or unknown alias is an error even under `not`.
 
 use serde_json::Value;
@@ -21,7 +22,7 @@ use crate::value::{stream, Tensor};
 /// `assert`.
 pub const ASSERT: TransformSpec = TransformSpec {
     name: "assert",
-    summary: "fail the run when an expression is false (exists, count, shape, dimensions, dtype, equal, iszero, finite, all, any, not)",
+    summary: "fail the run when an expression is false (exists, count, shape, dimensions, dtype, equal, iszero, finite, reads, writes, all, any, not)",
     form: super::Form::Plain,
     fields: &[],
     parse: |value, cx| {
@@ -105,9 +106,24 @@ pub const OPERATORS: &[(&str, &[Field])] = &[
             "tensors that must hold no NaN or Inf (or give the reference directly)",
         )],
     ),
+    ("reads", ACCESS_FIELDS),
+    ("writes", ACCESS_FIELDS),
     ("all", &[]),
     ("any", &[]),
     ("not", &[]),
+];
+
+/// The keys of `reads` and `writes` (the 0.2 tool's; `at_least` / `at_most` are its other names
+/// for `ge` / `le`).
+const ACCESS_FIELDS: &[Field] = &[
+    Field::required("of", FieldKind::Reference, "tensors to check"),
+    Field::optional("is", FieldKind::Number, None, "exactly this many times"),
+    Field::optional("ge", FieldKind::Number, None, "at least"),
+    Field::optional("gt", FieldKind::Number, None, "more than"),
+    Field::optional("le", FieldKind::Number, None, "at most"),
+    Field::optional("lt", FieldKind::Number, None, "fewer than"),
+    Field::optional("at_least", FieldKind::Number, None, "at least (as `ge`)"),
+    Field::optional("at_most", FieldKind::Number, None, "at most (as `le`)"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -150,6 +166,13 @@ enum Expr {
     },
     Finite {
         of: Reference,
+    },
+    /// `reads` / `writes`: how often steps so far read or wrote each match.
+    Access {
+        of: Reference,
+        writes: bool,
+        comparison: Comparison,
+        n: usize,
     },
     All(Vec<Expr>),
     Any(Vec<Expr>),
@@ -209,6 +232,48 @@ fn eps_of(p: &Payload) -> Result<f64, PlanError> {
         return Err(PlanError::invalid(&p.at("eps"), "eps must be ≥ 0"));
     }
     Ok(eps)
+}
+
+/// The one bound of `dimensions`, `reads` or `writes` (`is`, `ge`, `gt`, `le`, `lt`; the
+/// 0.2 tool's `at_least` / `at_most` where the table has them).
+fn comparison_of(p: &Payload, op: &str, at: &Location) -> Result<(Comparison, usize), PlanError> {
+    let mut given = Vec::new();
+    for (key, comparison) in [
+        ("is", Comparison::Is),
+        ("ge", Comparison::Ge),
+        ("gt", Comparison::Gt),
+        ("le", Comparison::Le),
+        ("lt", Comparison::Lt),
+        ("at_least", Comparison::Ge),
+        ("at_most", Comparison::Le),
+    ] {
+        if p.get(key).is_some() {
+            given.push((key, comparison, p.count(key)?.expect("present")));
+        }
+    }
+    match given[..] {
+        [(_, comparison, n)] => Ok((comparison, n)),
+        _ => Err(PlanError::invalid(
+            at,
+            format!(
+                "{op} takes exactly one of is, ge, gt, le, lt{}",
+                if op == "dimensions" { "" } else { ", at_least, at_most" }
+            ),
+        )),
+    }
+}
+
+impl Comparison {
+    /// Whether `value` satisfies the bound `n`, and the words for the bound.
+    fn holds(self, value: usize, n: usize) -> (bool, &'static str) {
+        match self {
+            Comparison::Is => (value == n, "exactly"),
+            Comparison::Ge => (value >= n, "at least"),
+            Comparison::Gt => (value > n, "more than"),
+            Comparison::Le => (value <= n, "at most"),
+            Comparison::Lt => (value < n, "fewer than"),
+        }
+    }
 }
 
 impl Expr {
@@ -285,26 +350,19 @@ impl Expr {
             }
             "dimensions" => {
                 let p = Payload::new(payload, fields, at.clone())?;
-                let mut given = Vec::new();
-                for (key, comparison) in [
-                    ("is", Comparison::Is),
-                    ("ge", Comparison::Ge),
-                    ("gt", Comparison::Gt),
-                    ("le", Comparison::Le),
-                    ("lt", Comparison::Lt),
-                ] {
-                    if let Some(n) = p.count(key)? {
-                        given.push((comparison, n));
-                    }
-                }
-                let [(comparison, n)] = given[..] else {
-                    return Err(PlanError::invalid(
-                        &at,
-                        "dimensions takes exactly one of is, ge, gt, le, lt",
-                    ));
-                };
+                let (comparison, n) = comparison_of(&p, op, &at)?;
                 Expr::Dimensions {
                     of: p.reference("of")?,
+                    comparison,
+                    n,
+                }
+            }
+            "reads" | "writes" => {
+                let p = Payload::new(payload, fields, at.clone())?;
+                let (comparison, n) = comparison_of(&p, op, &at)?;
+                Expr::Access {
+                    of: p.reference("of")?,
+                    writes: op == "writes",
                     comparison,
                     n,
                 }
@@ -335,7 +393,7 @@ impl Expr {
     fn evaluate(&self, state: &State, ctx: &mut Context, location: &Location) -> Result<Outcome, StepError> {
         match self {
             Expr::Exists(of) => {
-                let matches = state.select(of, location)?;
+                let matches = state.select_quiet(of, location)?;
                 Ok(if matches.is_empty() {
                     fail("exists", None, format!("nothing matches `{}`", of.text))
                 } else {
@@ -343,7 +401,7 @@ impl Expr {
                 })
             }
             Expr::Count { of, is } => {
-                let n = state.select(of, location)?.len();
+                let n = state.select_quiet(of, location)?.len();
                 Ok(if n == *is {
                     Outcome::Pass
                 } else {
@@ -360,15 +418,40 @@ impl Expr {
             }),
             Expr::Dimensions { of, comparison, n } => each_match(state, of, location, "dimensions", |m| {
                 let d = m.tensor.shape.len();
-                let (ok, word) = match comparison {
-                    Comparison::Is => (d == *n, "exactly"),
-                    Comparison::Ge => (d >= *n, "at least"),
-                    Comparison::Gt => (d > *n, "more than"),
-                    Comparison::Le => (d <= *n, "at most"),
-                    Comparison::Lt => (d < *n, "fewer than"),
-                };
+                let (ok, word) = comparison.holds(d, *n);
                 (!ok).then(|| format!("has {d} dimensions, expected {word} {n}"))
             }),
+            Expr::Access {
+                of,
+                writes,
+                comparison,
+                n,
+            } => {
+                // Counted from the plan's steps alone, so a check decides it too.
+                let (assertion, what) = if *writes {
+                    ("writes", "written")
+                } else {
+                    ("reads", "read")
+                };
+                let matches = state.select_quiet(of, location)?;
+                if matches.is_empty() {
+                    return Ok(fail(assertion, None, format!("nothing matches `{}`", of.text)));
+                }
+                for m in &matches {
+                    let access = state.access(&m.alias, &m.name);
+                    let count = if *writes { access.writes } else { access.reads };
+                    let count = usize::try_from(count).unwrap_or(usize::MAX);
+                    let (ok, word) = comparison.holds(count, *n);
+                    if !ok {
+                        return Ok(fail(
+                            assertion,
+                            Some(m.display()),
+                            format!("{what} {count} times, expected {word} {n}"),
+                        ));
+                    }
+                }
+                Ok(Outcome::Pass)
+            }
             Expr::DType { of, is } => each_match(state, of, location, "dtype", |m| {
                 (m.tensor.dtype != *is).then(|| format!("dtype is {}, expected {is}", m.tensor.dtype))
             }),
@@ -506,6 +589,9 @@ fn evaluate_equal(
         })?;
         let alias = state.alias_for(right.alias.as_deref().or(Some(&m.alias)), &right.text, location)?;
         let display = format!("{alias}::{name}");
+        if state.get(&alias, &name).is_some() {
+            state.count_reads(&alias, [name.as_str()]);
+        }
         let Some(tensor) = state.get(&alias, &name) else {
             return Ok(fail(
                 "equal",
@@ -587,5 +673,75 @@ impl Transform for Assert {
             Outcome::Fail(failure) => return Err(failure.into()),
         }
         Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::RawTransform;
+    use serde_json::json;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn f32s() -> Tensor {
+        Tensor::in_memory(
+            DType::F32,
+            vec![2],
+            Arc::new([1f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
+        )
+    }
+
+    fn step(state: &mut State, ctx: &mut Context, name: &str, payload: Value) -> Result<Flow, StepError> {
+        let raw = RawTransform {
+            name: name.into(),
+            payload,
+            location: Location::root().key("transforms").index(2),
+        };
+        crate::transforms::parse(&raw, &Default::default())?.apply(state, ctx)
+    }
+
+    /// Issue 15 item 8: `reads` / `writes` count the steps that read or wrote a tensor; an
+    /// arrival is one write, a name-only assertion no read; a check decides them.
+    #[test]
+    fn reads_and_writes_count_steps() {
+        for evaluate in [false, true] {
+            let mut state = State::default();
+            state.insert("m", "x", f32s());
+            state.default_alias = Some("m".into());
+            let mut ctx = Context::new(evaluate, Arc::new(AtomicBool::new(false)));
+            let mut ok = |state: &mut State, name: &str, payload: Value| {
+                step(state, &mut ctx, name, payload).unwrap();
+            };
+            ok(&mut state, "assert", json!({"exists": "x"}));
+            ok(&mut state, "assert", json!({"reads": {"of": "x", "is": 0}}));
+            ok(&mut state, "assert", json!({"writes": {"of": "x", "is": 1}}));
+            ok(&mut state, "copy", json!({"from": "x", "to": "y"}));
+            ok(&mut state, "scale_", json!({"target": "y", "by": 2}));
+            ok(&mut state, "assert", json!({"reads": {"of": "x", "is": 1}}));
+            ok(&mut state, "assert", json!({"writes": {"of": "y", "is": 2}}));
+            ok(&mut state, "assert", json!({"reads": {"of": "y", "at_least": 1, }}));
+            ok(&mut state, "assert", json!({"writes": {"of": "x|y", "lt": 3}}));
+            ok(&mut state, "move", json!({"from": "y", "to": "z"}));
+            ok(&mut state, "assert", json!({"writes": {"of": "z", "is": 1}}));
+            ok(&mut state, "assert", json!({"reads": {"of": "z", "at_most": 0}}));
+        }
+        let mut state = State::default();
+        state.insert("m", "x", f32s());
+        state.default_alias = Some("m".into());
+        let mut ctx = Context::new(false, Arc::new(AtomicBool::new(false)));
+        let err = step(&mut state, &mut ctx, "assert", json!({"writes": {"of": "x", "gt": 1}})).unwrap_err();
+        assert!(
+            matches!(&err, StepError::Assertion(f) if f.to_string().contains("m::x") && f.to_string().contains("written 1 times, expected more than 1")),
+            "{err}"
+        );
+        let err = step(
+            &mut state,
+            &mut ctx,
+            "assert",
+            json!({"reads": {"of": "x", "ge": 1, "le": 2}}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("exactly one of"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! `diff`: compare tensors and print what differs, without failing the run (`assert equal` is
 //! the failing form). Two modes: references (`left`, and `right` a rewrite of each left match, as
-//! in `assert equal`) or whole aliases (`left_alias`, `right_alias`, tensors paired by name). It
+//! in `assert equal`) or whole aliases (`left_alias`, `right_alias`, tensors paired by name);
+//! `mode: refs|aliases`, as the 0.2 tool writes it, names the mode and must agree. It
 //! reports tensors missing on either side and pairs that differ in shape, dtype or values (max
 //! |a-b| > eps). Header differences are found in a plan check; values are streamed chunk by chunk
 //! only when the plan runs. The `brainsurgery diff A B` command uses [`compare_aliases`].
@@ -43,6 +44,13 @@ const DIFF_FIELDS: &[Field] = &[
         "the alias compared with `left_alias`",
     ),
     Field::optional(
+        "mode",
+        FieldKind::Text,
+        None,
+        "`refs` (compare `left` with `right`) or `aliases` (compare `left_alias` with `right_alias`); \
+         when absent, the keys given decide (`refs` for `left`/`right`, as in the 0.2 tool)",
+    ),
+    Field::optional(
         "eps",
         FieldKind::Number,
         Some("0"),
@@ -81,6 +89,39 @@ fn parse_diff(value: &Json, cx: &super::ParseContext) -> Result<Box<dyn Transfor
         return Err(PlanError::invalid(&p.at("eps"), "eps must be ≥ 0"));
     }
     let has = |k: &str| p.get(k).is_some();
+    // The 0.2 tool's form names the mode (`mode: aliases` is its own help example); it must
+    // agree with the keys given (issue 15 item 1).
+    match p.text("mode")? {
+        None => {}
+        Some(mode @ ("refs" | "aliases")) => {
+            let (wanted, other): (&[&str], &[&str]) = if mode == "refs" {
+                (&["left", "right"], &["left_alias", "right_alias"])
+            } else {
+                (&["left_alias", "right_alias"], &["left", "right"])
+            };
+            if let Some(key) = other.iter().find(|k| has(k)) {
+                return Err(PlanError::invalid(
+                    &p.at(key),
+                    format!(
+                        "`{key}` does not apply to mode `{mode}`, which compares `{}` with `{}`",
+                        wanted[0], wanted[1]
+                    ),
+                ));
+            }
+            if let Some(key) = wanted.iter().find(|k| !has(k)) {
+                return Err(PlanError::MissingKey {
+                    location: location.clone(),
+                    key: (*key).to_owned(),
+                });
+            }
+        }
+        Some(other) => {
+            return Err(PlanError::invalid(
+                &p.at("mode"),
+                format!("unknown mode `{other}`; expected refs or aliases"),
+            ))
+        }
+    }
     let sides = match (has("left"), has("right"), has("left_alias"), has("right_alias")) {
         (true, true, false, false) => Sides::References {
             left: Box::new(p.reference("left")?),
@@ -397,6 +438,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("transforms[1].diff.eps"), "{err}");
+    }
+
+    /// Issue 15 item 1: `mode` as the 0.2 tool writes it, checked against the keys.
+    #[test]
+    fn mode_must_agree_with_the_keys() {
+        let parse =
+            |v: serde_json::Value| parse_diff(&v, &crate::transforms::test_support::context(&DIFF, &loc())).map(|_| ());
+        parse(json!({"mode": "aliases", "left_alias": "a", "right_alias": "b"})).unwrap();
+        parse(json!({"mode": "refs", "left": "a::x", "right": "b::x"})).unwrap();
+        parse(json!({"left_alias": "a", "right_alias": "b"})).unwrap();
+        let err = |v| parse(v).unwrap_err().to_string();
+        let e = err(json!({"mode": "aliases", "left": "a::x", "right": "b::x"}));
+        assert!(
+            e.contains("transforms[1].diff.left") && e.contains("mode `aliases`"),
+            "{e}"
+        );
+        let e = err(json!({"mode": "refs", "left_alias": "a", "right_alias": "b"}));
+        assert!(
+            e.contains("transforms[1].diff.left_alias") && e.contains("mode `refs`"),
+            "{e}"
+        );
+        let e = err(json!({"mode": "aliases", "left_alias": "a"}));
+        assert!(e.contains("right_alias"), "{e}");
+        let e = err(json!({"mode": "both", "left_alias": "a", "right_alias": "b"}));
+        assert!(
+            e.contains("transforms[1].diff.mode") && e.contains("refs or aliases"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -106,7 +106,12 @@ const SAVE_FIELDS: &[Field] = &[
         FieldKind::Text,
         "a `.safetensors`, `.bin/.pt/.pth` or `.npz` file, or a directory (sharded like the output)",
     ),
-    Field::optional("alias", FieldKind::Text, None, "the alias to write whole"),
+    Field::optional(
+        "alias",
+        FieldKind::Text,
+        Some("the default alias"),
+        "the alias to write whole (without `alias` and `target`: the default alias, the only input or `output.alias`)",
+    ),
     Field::optional(
         "target",
         FieldKind::Reference,
@@ -117,7 +122,7 @@ const SAVE_FIELDS: &[Field] = &[
         "format",
         FieldKind::Text,
         Some("by extension, else safetensors"),
-        "file format: safetensors, torch (PyTorch) or npz",
+        "file format: safetensors, torch (PyTorch) or numpy (`.npy` for one tensor or a `.npy` path, else `.npz`)",
     ),
     Field::optional(
         "shard",
@@ -150,10 +155,11 @@ pub const SAVE: TransformSpec = TransformSpec {
                 out.insert(key.to_owned(), v.clone());
             }
         }
-        let spec = parse_output(Some(&Value::Object(out)), location.clone())?.ok_or_else(|| PlanError::MissingKey {
-            location: location.clone(),
-            key: "path".into(),
-        })?;
+        let mut spec =
+            parse_output(Some(&Value::Object(out)), location.clone())?.ok_or_else(|| PlanError::MissingKey {
+                location: location.clone(),
+                key: "path".into(),
+            })?;
         let what = match (p.text("alias")?, p.get("target")) {
             (Some(alias), None) => SaveWhat::Alias(alias.to_owned()),
             (None, Some(_)) => SaveWhat::Tensor(p.reference("target")?),
@@ -163,13 +169,18 @@ pub const SAVE: TransformSpec = TransformSpec {
                     "save takes `alias` (a whole alias) or `target` (one tensor), not both",
                 ))
             }
-            (None, None) => {
-                return Err(PlanError::invalid(
-                    location,
-                    "save needs `alias` (a whole alias) or `target` (one tensor)",
-                ))
-            }
+            // The default alias, as in the 0.2 tool (issue 15 item 3): resolved when it runs,
+            // since `load` and `prefixes` may change which aliases exist.
+            (None, None) => SaveWhat::Default,
         };
+        // NumPy holds one tensor as a `.npy`: `format: numpy` with `target` writes one to the
+        // path as given (one tensor is one file, whatever its extension) unless the path asks
+        // for an `.npz` (issue 15 item 5).
+        if matches!(what, SaveWhat::Tensor(_)) && spec.format == Format::NumPy {
+            let npz = spec.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"));
+            spec.npy = !npz;
+            spec.single_file = true;
+        }
         Ok(Box::new(Save {
             spec,
             what,
@@ -225,7 +236,61 @@ struct Load {
     location: Location,
 }
 
+/// A file a `save` of the plan being checked will write, with what it will hold (see
+/// [`Context::planned_files`]).
+#[derive(Debug, Clone)]
+pub(crate) struct PlannedFile {
+    /// The path as the plan gives it, made absolute.
+    path: PathBuf,
+    /// Its format.
+    format: Format,
+    /// The tensors a reader will find in it, in order, under the names it will give them.
+    tensors: Vec<(String, Tensor)>,
+}
+
+/// `path` made absolute (lexically: it may not exist yet), so a `load` finds the file a `save`
+/// of another spelling of the same path will write.
+fn absolute(path: &std::path::Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut normal = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    normal
+}
+
 impl Load {
+    /// The file an earlier `save` of the plan being checked will write at `path`, if any: a check
+    /// takes its tensors from there and does not open the path (issue 15 item 2).
+    fn planned<'c>(&self, ctx: &'c Context) -> Result<Option<&'c PlannedFile>, StepError> {
+        if ctx.evaluate {
+            return Ok(None);
+        }
+        let path = absolute(&self.path);
+        let Some(planned) = ctx.planned_files.iter().rev().find(|f| f.path == path) else {
+            return Ok(None);
+        };
+        match self.format {
+            Some(want) if want != planned.format => Err(PlanError::invalid(
+                &self.location.key("format"),
+                format!(
+                    "`{}` will hold {} weights (an earlier `save` writes it), not {}",
+                    self.path.display(),
+                    planned.format.name(),
+                    want.name()
+                ),
+            )
+            .into()),
+            _ => Ok(Some(planned)),
+        }
+    }
+
     /// Opens `path` (headers only), refusing a checkpoint of another format than `format`.
     fn open(&self) -> Result<Checkpoint, StepError> {
         let checkpoint = open_checkpoint(&self.path)?;
@@ -256,13 +321,19 @@ impl Transform for Load {
                     )
                     .into());
                 }
-                let checkpoint = self.open()?;
-                state.add_checkpoint(alias, &checkpoint);
-                ctx.notices_of(&checkpoint);
+                let count = if let Some(planned) = self.planned(ctx)? {
+                    state.add_planned(alias, &self.path, &planned.tensors);
+                    planned.tensors.len()
+                } else {
+                    let checkpoint = self.open()?;
+                    state.add_checkpoint(alias, &checkpoint);
+                    ctx.notices_of(&checkpoint);
+                    checkpoint.tensors.len()
+                };
                 ctx.note(format!(
                     "load: `{alias}` ← {} ({})",
                     self.path.display(),
-                    count_noun(checkpoint.tensors.len())
+                    count_noun(count)
                 ));
             }
             LoadWhat::Tensor { alias, name } => {
@@ -277,6 +348,38 @@ impl Transform for Load {
                         .into())
                     }
                 };
+                if let Some(planned) = self.planned(ctx)? {
+                    let found = match planned.tensors.as_slice() {
+                        [only] => Some(only),
+                        all => all.iter().find(|(n, _)| n == name),
+                    };
+                    let Some((source, tensor)) = found else {
+                        let all = &planned.tensors;
+                        let names = closest_names(name, all.iter().map(|(n, _)| n.as_str()), 5)
+                            .into_iter()
+                            .map(str::to_owned)
+                            .collect();
+                        return Err(TransformError::LoadWhichTensor {
+                            path: self.path.clone(),
+                            name: name.clone(),
+                            count: all.len(),
+                            names,
+                        }
+                        .into());
+                    };
+                    if state.get(&alias, name).is_some() {
+                        return Err(TransformError::DestinationExists {
+                            destination: format!("{alias}::{name}"),
+                            source_name: format!("{}::{source}", self.path.display()),
+                        }
+                        .into());
+                    }
+                    let tensor = tensor.clone();
+                    state.record_planned(&self.path);
+                    state.insert(&alias, name, tensor);
+                    ctx.note(format!("load: `{alias}::{name}` ← {}", self.path.display()));
+                    return Ok(Flow::Continue);
+                }
                 let checkpoint = self.open()?;
                 ctx.notices_of(&checkpoint);
                 state.record_source(&alias, &checkpoint);
@@ -319,6 +422,8 @@ impl Transform for Load {
 enum SaveWhat {
     Alias(String),
     Tensor(Reference),
+    /// Neither `alias` nor `target`: the default alias (the only input, or `output.alias`).
+    Default,
 }
 
 #[derive(Debug)]
@@ -331,17 +436,30 @@ struct Save {
 impl Transform for Save {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         let (alias, tensors): (String, Vec<(String, Tensor)>) = match &self.what {
-            SaveWhat::Alias(alias) => {
-                let Some(current) = state.alias(alias) else {
+            SaveWhat::Alias(_) | SaveWhat::Default => {
+                let alias = match &self.what {
+                    SaveWhat::Alias(alias) => alias.clone(),
+                    _ => state.default_alias.clone().ok_or_else(|| {
+                        PlanError::invalid(
+                            &self.location,
+                            format!(
+                                "save without `alias` or `target` writes the default alias, and there is none \
+                                 (aliases: {}); give `alias`",
+                                state.alias_names().join(", ")
+                            ),
+                        )
+                    })?,
+                };
+                let Some(current) = state.alias(&alias) else {
                     return Err(PlanError::UnknownAlias {
                         location: self.location.key("alias"),
-                        alias: alias.clone(),
+                        alias,
                         known: state.alias_names(),
                     }
                     .into());
                 };
                 let tensors = current.iter().map(|(n, t)| (n.to_owned(), t.clone())).collect();
-                (alias.clone(), tensors)
+                (alias, tensors)
             }
             SaveWhat::Tensor(reference) => {
                 let mut matches = state.select_some(reference, &self.location)?;
@@ -358,11 +476,11 @@ impl Transform for Save {
             }
         };
         let what = match &self.what {
-            SaveWhat::Alias(_) => format!("alias `{alias}`"),
+            SaveWhat::Alias(_) | SaveWhat::Default => format!("alias `{alias}`"),
             SaveWhat::Tensor(_) => format!("`{alias}::{}`", tensors.first().map_or("", |(n, _)| n.as_str())),
         };
         let sidecars = match self.what {
-            SaveWhat::Alias(_) => write::alias_sidecars(state, &alias, &self.spec),
+            SaveWhat::Alias(_) | SaveWhat::Default => write::alias_sidecars(state, &alias, &self.spec),
             SaveWhat::Tensor(_) => Vec::new(),
         };
         let sha = ctx.plan_sha256.clone();
@@ -412,7 +530,31 @@ fn save_tensors(
     if !ctx.evaluate {
         write::validate_target(spec, state, location)?;
         write::validate_dtypes(spec, tensors.iter().map(|(name, t)| (*name, t.dtype)))?;
+        // What a reader will find there: a `.npy` names its one tensor by the file stem.
+        let stem = || spec.path.file_stem().map(|s| s.to_string_lossy().into_owned());
+        let planned = tensors
+            .iter()
+            .map(|(name, t)| {
+                let name = match (spec.npy, stem()) {
+                    (true, Some(stem)) => stem,
+                    _ => (*name).to_owned(),
+                };
+                (name, (*t).clone())
+            })
+            .collect();
+        // Under `set: {dry-run: true}` the run writes nothing there.
+        if state.flags.dry_run.is_none() {
+            ctx.planned_files.push(PlannedFile {
+                path: absolute(&spec.path),
+                format: spec.format,
+                tensors: planned,
+            });
+        }
         return Ok(None);
+    }
+    if state.flags.dry_run.is_some() {
+        // `set: {dry-run: true}`: nothing is written (issue 15 item 7).
+        return Ok(Some(Vec::new()));
     }
     let metadata = write::alias_metadata(state, alias, plan_sha256);
     let options = ctx.write_options();
@@ -515,6 +657,115 @@ mod tests {
         )
         .unwrap();
         assert_eq!(state.alias("whole").unwrap().len(), 2);
+    }
+
+    /// Issue 15 item 2: a check gives a `load` of a file an earlier `save` writes the tensors
+    /// that save will write, without opening the path (absent, or a stale earlier run's file).
+    #[test]
+    fn a_check_loads_what_an_earlier_save_will_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, state) = setup(dir.path());
+        let out = dir.path().join("saved.safetensors");
+        let run = |state: &mut State, ctx: &mut Context, name: &str, payload: serde_json::Value| {
+            let raw = RawTransform {
+                name: name.into(),
+                payload,
+                location: Location::root().key("transforms").index(0),
+            };
+            crate::transforms::parse(&raw, &Default::default())
+                .unwrap()
+                .apply(state, ctx)
+        };
+        for stale in [false, true] {
+            if stale {
+                // A file of another shape from an earlier run: the check must not read it.
+                write_official(&out, &[("zz", Dtype::F32, vec![3], pattern(12, 7))], None);
+            }
+            let mut state = state.clone();
+            let mut ctx = Context::new(false, Arc::new(AtomicBool::new(false)));
+            run(
+                &mut state,
+                &mut ctx,
+                "save",
+                serde_json::json!({"path": out, "target": "b"}),
+            )
+            .unwrap();
+            run(
+                &mut state,
+                &mut ctx,
+                "load",
+                serde_json::json!({"path": out, "to": "b_loaded"}),
+            )
+            .unwrap();
+            run(
+                &mut state,
+                &mut ctx,
+                "load",
+                serde_json::json!({"path": out, "alias": "back"}),
+            )
+            .unwrap();
+            assert_eq!(state.get("m", "b_loaded").unwrap().shape, vec![2]);
+            assert_eq!(
+                state.alias("back").unwrap().iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                ["b"]
+            );
+            let err = run(
+                &mut state,
+                &mut ctx,
+                "load",
+                serde_json::json!({"path": out, "alias": "other", "format": "numpy"}),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("earlier `save`"), "{err}");
+        }
+        // A `.npy` names its tensor by the file stem.
+        let npy = dir.path().join("emb.npy");
+        let mut state = state.clone();
+        let mut ctx = Context::new(false, Arc::new(AtomicBool::new(false)));
+        run(
+            &mut state,
+            &mut ctx,
+            "save",
+            serde_json::json!({"path": npy, "target": "a", "format": "numpy"}),
+        )
+        .unwrap();
+        run(
+            &mut state,
+            &mut ctx,
+            "load",
+            serde_json::json!({"path": npy, "alias": "n"}),
+        )
+        .unwrap();
+        assert_eq!(
+            state.alias("n").unwrap().iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            ["emb"]
+        );
+    }
+
+    /// Issue 15 item 3: without `alias` and `target`, the default alias is written whole;
+    /// without a default alias it is a plan error listing the aliases.
+    #[test]
+    fn save_without_alias_or_target_writes_the_default_alias() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut state) = setup(dir.path());
+        let out = dir.path().join("whole.safetensors");
+        apply(&mut state, "save", serde_json::json!({"path": out}), true).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let st = ::safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.names().len(), 2);
+        state.ensure_alias("other");
+        state.default_alias = None;
+        let err = apply(
+            &mut state,
+            "save",
+            serde_json::json!({"path": dir.path().join("x.safetensors")}),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, StepError::Plan(_)) && err.to_string().contains("m, other"),
+            "{err}"
+        );
     }
 
     #[test]

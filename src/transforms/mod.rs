@@ -25,6 +25,8 @@ pub mod help;
 pub mod execute;
 pub mod load;
 pub mod prefixes;
+// The run's flags (issue 15 item 7).
+pub mod set;
 // Shape family (issue 3).
 pub mod concat;
 pub mod matmul;
@@ -106,6 +108,10 @@ pub struct Context {
     /// Bytes of input files the value reads a check deferred (value assertions, `dump` with
     /// statistics, `diff`) will read when the plan runs ([`Tensor::bytes_to_read`]).
     pub deferred_reads: u64,
+    /// Files a `save` earlier in a check will write when the plan runs, with the tensors each
+    /// will hold: a later `load` of one gets them instead of opening the path, which does not
+    /// exist yet or holds an earlier run's bytes (issue 15 item 2).
+    pub(crate) planned_files: Vec<load::PlannedFile>,
     /// How deep [`run_steps`] calls are nested (`execute`), so only top-level steps are timed.
     depth: usize,
 }
@@ -147,6 +153,7 @@ impl Context {
             workspace_tensor: None,
             timings: Vec::new(),
             deferred_reads: 0,
+            planned_files: Vec::new(),
             depth: 0,
         }
     }
@@ -380,7 +387,7 @@ fn run_steps_at_depth(steps: &[Step], state: &mut State, ctx: &mut Context) -> R
             }
             .into())
         } else {
-            step.transform.apply(state, ctx)
+            apply_step(step, state, ctx)
         };
         if ctx.depth == 1 {
             ctx.timings.push(StepTiming {
@@ -396,6 +403,43 @@ fn run_steps_at_depth(steps: &[Step], state: &mut State, ctx: &mut Context) -> R
         }
     }
     Ok(Flow::Continue)
+}
+
+/// Applies one step, printing what it is about to do (`set: {preview: true}`: its header-only
+/// check on a copy of the state) and what it did (`verbose`) when the run asks. Only a run
+/// prints (the check before it would print everything twice), and only for top-level steps: an
+/// `execute` step's lines include its nested steps'.
+fn apply_step(step: &Step, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+    let printing = ctx.evaluate && ctx.depth == 1;
+    let dry = if state.flags.dry_run.is_some() { "dry-run " } else { "" };
+    if printing && state.flags.preview {
+        let mut probe_state = state.clone();
+        let mut probe = Context::new(false, ctx.cancel.clone());
+        probe.planned_files = ctx.planned_files.clone();
+        match step.transform.apply(&mut probe_state, &mut probe) {
+            Ok(_) if probe.notes.is_empty() => ctx.emit(format!("{dry}preview: {}", step.name)),
+            Ok(_) => {
+                for note in probe.notes {
+                    ctx.emit(format!("{dry}preview: {note}"));
+                }
+            }
+            Err(e) => ctx.emit(format!("{dry}preview: {}: would fail: {e}", step.name)),
+        }
+    }
+    let before = ctx.notes.len();
+    let flow = step.transform.apply(state, ctx)?;
+    // `set` itself may have turned verbose on or off: its own line follows the new setting.
+    if printing && state.flags.verbose {
+        let dry = if state.flags.dry_run.is_some() { "dry-run " } else { "" };
+        let lines: Vec<String> = ctx.notes[before..].iter().map(|n| format!("{dry}{n}")).collect();
+        if lines.is_empty() {
+            ctx.emit(format!("{dry}{}", step.name));
+        }
+        for line in lines {
+            ctx.emit(line);
+        }
+    }
+    Ok(flow)
 }
 
 /// Builds a transform from its payload.
@@ -543,6 +587,7 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &load::SAVE,
     &prefixes::PREFIXES,
     &execute::EXECUTE,
+    &set::SET,
     // Shape family: reshape, permute, split, concat, matmul.
     &reshape::RESHAPE,
     &reshape::RESHAPE_,

@@ -12,7 +12,7 @@ use crate::plan::{valid_alias, Location, PlanError};
 use crate::state::State;
 
 const FIELDS: &[Field] = &[
-    Field::required("mode", FieldKind::Text, "list, add, remove or rename"),
+    Field::optional("mode", FieldKind::Text, Some("list"), "list, add, remove or rename"),
     Field::optional("alias", FieldKind::Text, None, "the alias to add or remove"),
     Field::optional("from", FieldKind::Text, None, "the alias to rename"),
     Field::optional("to", FieldKind::Text, None, "its new name"),
@@ -25,17 +25,21 @@ pub const PREFIXES: TransformSpec = TransformSpec {
     form: super::Form::Plain,
     fields: FIELDS,
     parse: |value, cx| {
-        // `prefixes: list` is shorthand for `prefixes: {mode: list}`.
-        if let Value::String(mode) = value {
-            if mode == "list" {
-                return Ok(Box::new(Prefixes {
-                    op: Op::List,
-                    location: cx.location.clone(),
-                }));
-            }
+        // `prefixes: list` is shorthand for `prefixes: {mode: list}`; a bare `prefixes` and
+        // `prefixes: {}` list, as in the 0.2 tool (issue 15 item 4).
+        let listing = match value {
+            Value::String(mode) => mode == "list",
+            Value::Null => true,
+            _ => false,
+        };
+        if listing {
+            return Ok(Box::new(Prefixes {
+                op: Op::List,
+                location: cx.location.clone(),
+            }));
         }
         let p = cx.payload(value)?;
-        let mode = p.text("mode")?.unwrap_or_default();
+        let mode = p.text("mode")?.unwrap_or("list");
         let allowed: &[&str] = match mode {
             "list" => &[],
             "add" | "remove" => &["alias"],

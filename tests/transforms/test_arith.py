@@ -203,3 +203,33 @@ def test_operand_missing(write, tmp_path):
 def test_inplace_into_an_unknown_alias_is_a_plan_error(write, tmp_path):
     """Issue 8: `add_` writes into existing tensors like `assign`, so an unknown alias is named."""
     _fails(write, tmp_path, {"a": A}, "add_", {"from": "a", "to": "x::a"}, bs.PlanError, ("unknown alias `x`",))
+
+
+def test_issue15_to_is_created_or_overwritten_as_help_says(write, tmp_path):
+    """Issue 15: SPEC §4, docs/semantics.md and `help` agree that `to` of add / subtract /
+    multiply is overwritten when it exists and created when it does not (a superset of the 0.2
+    tool, whose plans pre-create it with `copy`). Values against NumPy."""
+    from helpers import cli
+
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal(8).astype(np.float32)
+    src = write({"x": x})
+    plan = tmp_path / "arith.yaml"
+    plan.write_text(
+        f"inputs:\n  - {src}\noutput: {{ path: out.safetensors }}\ntransforms:\n"
+        "  - copy: { from: x, to: demo.sum }  # pre-create the destination, as the 0.2 tool needs\n"
+        "  - add: { from_a: x, from_b: x, to: demo.sum }\n"
+        "  - subtract: { from_a: demo.sum, from_b: x, to: demo.diff }  # created here\n"
+        "  - multiply: { from_a: x, from_b: x, to: demo.prod }\n"
+    )
+    proc = cli([plan], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = read(tmp_path / "out.safetensors")
+    total = reference("add", x, x)
+    np.testing.assert_array_equal(out["demo.sum"], total)
+    np.testing.assert_array_equal(out["demo.diff"], reference("subtract", total, x))
+    np.testing.assert_array_equal(out["demo.prod"], reference("multiply", x, x))
+    for name in ["add", "subtract", "multiply"]:
+        text = cli(["help", name], cwd=tmp_path)
+        assert text.returncode == 0, text.stderr
+        assert "overwritten if it exists, else created" in text.stdout and "a missing one is created" in text.stdout

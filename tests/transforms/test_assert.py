@@ -235,3 +235,43 @@ def test_check_defers_value_assertions_but_evaluates_header_ones(src, tmp_path):
         bs.run(plan)
     with pytest.raises(bs.AssertionFailed):
         bs.check({"inputs": [str(src)], "transforms": [{"assert": {"count": {"of": "emb", "is": 2}}}], "output": str(tmp_path / "o.safetensors")})
+
+
+def test_issue15_reads_and_writes_count_the_steps(src, tmp_path):
+    """Issue 15 item 8: `reads` / `writes` as in the 0.2 tool — how many steps so far read or
+    wrote each matched tensor (an input's arrival is one write; `exists` / `count` read nothing);
+    `at_least` / `at_most` are its names for `ge` / `le`. Decided by the check too."""
+    from helpers import assert_one_error, cli
+
+    plan = tmp_path / "access.yaml"
+    plan.write_text(
+        f"inputs:\n  - {src}\n"
+        "transforms:\n"
+        "  - assert: { exists: emb }\n"
+        "  - assert: { reads: { of: 'model::.*', is: 0 } }\n"
+        "  - assert: { writes: { of: 'model::.*', is: 1 } }\n"
+        "  - copy: { from: h.0.attn.w, to: h.0.attn.w_copy }\n"
+        "  - scale_: { target: h.0.attn.w_copy, by: 0.5 }\n"
+        "  - assert: { equal: { left: h.1.attn.w, right: h.1.attn.w } }\n"
+        "  - assert: { reads: { of: 'h\\.0\\.attn\\.w', ge: 1 } }\n"
+        "  - assert: { reads: { of: 'h\\.1\\.attn\\.w', is: 2 } }  # left and right\n"
+        "  - assert: { writes: { of: h.0.attn.w_copy, is: 2 } }\n"
+        "  - assert: { writes: { of: 'h\\.0\\.attn\\.w.*', lt: 3 } }\n"
+        "  - assert: { reads: { of: h.0.attn.w_copy, at_most: 1 } }\n"
+        "  - assert: { writes: { of: ids, at_least: 1 } }\n"
+        "  - assert: { not: { reads: { of: emb, gt: 0 } } }\n",
+    )
+    assert bs.check(plan)["output"] == []
+    proc = cli([plan], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(
+        f"inputs:\n  - {src}\ntransforms:\n  - copy: {{ from: emb, to: e2 }}\n  - assert: {{ writes: {{ of: ln_f.weight, lt: 2 }} }}\n"
+    )
+    assert_one_error(cli([failing], cwd=tmp_path), 1, "transforms[1]", "writes", "ln_f.weight")
+    failing.write_text(f"inputs:\n  - {src}\ntransforms:\n  - copy: {{ from: emb, to: e2 }}\n  - assert: {{ reads: {{ of: emb, lt: 1 }} }}\n")
+    assert_one_error(cli([failing], cwd=tmp_path), 1, "transforms[1]", "model::emb", "read 1 times, expected fewer than 1")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.assert\.reads.*exactly one of"):
+        bs.check({"inputs": [str(src)], "transforms": [{"assert": {"reads": {"of": "emb", "ge": 1, "at_most": 2}}}]})
+    built = bs.Plan(inputs=[str(src)]).assert_(bs.Assertion.writes("emb", is_=1))
+    built.run()

@@ -162,3 +162,39 @@ def test_cli_diff_exit_codes(pair, write, tmp_path):
     assert proc.returncode == 0, proc.stdout
     proc = pymod(["diff", a, tmp_path / "missing.safetensors"], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+def test_issue15_mode_as_the_original_writes_it(pair, tmp_path):
+    """Issue 15 item 1: `mode: refs|aliases` (the 0.2 tool's own help example) is accepted and
+    reports what the same diff without `mode` reports; a mode that disagrees with the keys is a
+    plan error naming the key."""
+    from helpers import assert_one_error, cli
+
+    a, b = pair
+    plan = tmp_path / "diff.yaml"
+    plan.write_text(
+        f"inputs:\n  - base::{a}\n  - edited::{b}\n"
+        "transforms:\n"
+        "  - diff: { mode: aliases, left_alias: base, right_alias: edited }  # whole aliases\n"
+        "  - diff: { mode: refs, left: 'base::h\\.1\\..*', right: 'edited::\\g<0>' }  # selected tensors\n"
+        "  - diff: { left: 'base::h\\.1\\..*', right: 'edited::\\g<0>' }  # refs is the default\n"
+    )
+    proc = cli([plan], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("diff ")]
+    assert len(starts) == 3, proc.stdout
+    whole = parse("\n".join(lines[starts[0] : starts[1]]))
+    assert whole["missing_left"] == ["edited::extra"] and whole["missing_right"] == ["base::gone"]
+    assert set(whole["differs"]) == {"base::h.1.w", "base::h.0.b", "base::emb"}
+    report = bs.run(plan.read_text())
+    built = bs.Plan(inputs=[f"base::{a}", f"edited::{b}"]).diff(mode="aliases", left_alias="base", right_alias="edited")
+    assert built.to_dict()["transforms"] == [{"diff": {"left_alias": "base", "right_alias": "edited", "mode": "aliases"}}]
+    assert built.run()["output"] == report["output"][:1]
+    assert report["output"][1] == report["output"][2]
+    assert parse(report["output"][1])["differs"].keys() == {"base::h.1.w"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"inputs:\n  - base::{a}\n  - edited::{b}\ntransforms:\n  - diff: {{ mode: aliases, left: base::x, right: edited::x }}\n")
+    assert_one_error(cli([bad], cwd=tmp_path), 2, "transforms[0].diff.left", "mode `aliases`")
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.diff\.mode.*expected refs or aliases"):
+        bs.check({"inputs": [f"a::{a}", f"b::{b}"], "transforms": [{"diff": {"mode": "names", "left_alias": "a", "right_alias": "b"}}]})

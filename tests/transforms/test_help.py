@@ -12,7 +12,7 @@ from helpers import pymod
 
 # Every transform this version registers (SPEC §4 grows this list; help must follow).
 KNOWN = {"copy", "move", "delete", "assign", "cast", "cast_", "scale", "scale_", "assert", "exit", "dump", "diff", "help"}
-OPERATORS = ["exists", "count", "shape", "dimensions", "dtype", "equal", "iszero", "finite", "all", "any", "not"]
+OPERATORS = ["exists", "count", "shape", "dimensions", "dtype", "equal", "iszero", "finite", "reads", "writes", "all", "any", "not"]
 
 
 @pytest.fixture

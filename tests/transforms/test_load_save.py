@@ -309,3 +309,105 @@ def test_files_save_writes_are_in_the_report_before_the_output(write, tmp_path):
     )
     assert [str(p) for p in report["written"]] == [str(saved), str(out)]
     np.testing.assert_array_equal(load_file(str(saved))["h.0.w"], _tensors()["h.0.w"])
+
+
+def _plan(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_issue15_load_of_a_file_an_earlier_save_writes(write, tmp_path):
+    """Issue 15 item 2 (the 0.2 tool's examples/gpt2.yaml): save a tensor, load it back, assert
+    equality. The check gives the load what the save will write; a stale file of another shape
+    at that path from an earlier run is not read by the check."""
+    from helpers import cli
+
+    t = _tensors()
+    a = write(t, "a.safetensors")
+    np.save(tmp_path / "unrelated.npy", np.zeros(2, np.float32))
+    write({"stale": np.zeros((7, 7), np.float16)}, "demo_x.safetensors")  # an earlier run's file
+    plan = _plan(
+        tmp_path / "roundtrip.yaml",
+        f"inputs:\n  - {a}\n"
+        "output: { path: out.safetensors }\n"
+        "transforms:\n"
+        "  - copy: { from: \"h.0.w::[:2]\", to: demo.x }\n"
+        "  - save: { path: demo_x.safetensors, target: demo.x }\n"
+        "  - load: { path: demo_x.safetensors, to: demo.x_loaded, format: safetensors }\n"
+        "  - assert: { equal: { left: demo.x_loaded, right: demo.x } }\n"
+        "  - save: { path: backup.safetensors }  # the default alias, whole\n"
+        "  - load: { path: backup.safetensors, alias: orig }\n"
+        "  - assert: { equal: { left: 'orig::(.+)', right: '\\1' } }\n"
+        "  - delete: { target: demo.x }\n"
+        "  - delete: { target: demo.x_loaded }\n",
+    )
+    assert bs.check(plan)["output"] == []
+    proc = cli([plan], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(read(tmp_path / "demo_x.safetensors")["demo.x"], t["h.0.w"][:2])
+    back = read(tmp_path / "backup.safetensors")
+    assert set(back) == {*t, "demo.x", "demo.x_loaded"}
+    np.testing.assert_array_equal(back["demo.x_loaded"], t["h.0.w"][:2])
+    out = read(tmp_path / "out.safetensors")
+    assert set(out) == set(t) and all(np.array_equal(out[k], t[k]) for k in t)
+    # A load of a file nothing in the plan writes is still opened in the check.
+    with pytest.raises(bs.FormatError):
+        bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(tmp_path / "none.safetensors"), "alias": "n"}}]})
+
+
+def test_issue15_save_without_alias_or_target_saves_the_default_alias(write, tmp_path):
+    """Issue 15 item 3: the only input, or `output.alias`; ambiguous is a plan error."""
+    from helpers import assert_one_error, cli
+
+    t = _tensors()
+    a = write(t, "a.safetensors")
+    b = write(_tensors(1), "b.safetensors")
+    plan = _plan(tmp_path / "one.yaml", f"inputs:\n  - {a}\ntransforms:\n  - save: {{ path: only.safetensors }}\n")
+    assert cli([plan], cwd=tmp_path).returncode == 0
+    assert tensor_names(tmp_path / "only.safetensors") == list(t)
+    plan = _plan(
+        tmp_path / "two.yaml",
+        f"inputs:\n  - base::{a}\n  - other::{b}\noutput: {{ path: out.safetensors, alias: other }}\n"
+        "transforms:\n  - save: { path: copy_of_other.safetensors }\n",
+    )
+    assert cli([plan], cwd=tmp_path).returncode == 0
+    got = read(tmp_path / "copy_of_other.safetensors")
+    assert all(np.array_equal(got[k], v) for k, v in _tensors(1).items())
+    plan = _plan(
+        tmp_path / "ambiguous.yaml",
+        f"inputs:\n  - base::{a}\n  - other::{b}\ntransforms:\n  - save: {{ path: which.safetensors }}\n",
+    )
+    assert_one_error(cli([plan], cwd=tmp_path), 2, "transforms[0].save", "default alias", "base, other", "give `alias`")
+    assert not (tmp_path / "which.safetensors").exists()
+
+
+def test_issue15_numpy_writes_npy_for_one_tensor_or_an_npy_path(write, tmp_path):
+    """Issue 15 item 5: `format: numpy` is `.npy` for one tensor or a `.npy` path (never a zip
+    under a `.npy` name), `.npz` otherwise."""
+    from helpers import cli
+
+    t = _tensors()
+    a = write(t, "a.safetensors")
+    plan = _plan(
+        tmp_path / "numpy.yaml",
+        f"inputs:\n  - {a}\n"
+        "transforms:\n"
+        "  - save: { path: emb.npy, target: model::h.0.w, format: numpy }\n"
+        "  - save: { path: bias.arr, target: h.0.b, format: numpy }\n"
+        "  - save: { path: all.npz, format: numpy }\n"
+        "  - copy: { from: h.0.b, to: extra.b }\n"
+        "  - load: { path: emb.npy, to: emb_back }\n"
+        "  - assert: { equal: { left: emb_back, right: h.0.w } }\n",
+    )
+    proc = cli([plan], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name, want in [("emb.npy", t["h.0.w"]), ("bias.arr", t["h.0.b"])]:
+        assert (tmp_path / name).read_bytes()[:6] == b"\x93NUMPY", name
+        np.testing.assert_array_equal(np.load(tmp_path / name), want)
+    with np.load(tmp_path / "all.npz") as z:
+        assert sorted(z.files) == sorted(t)
+    # The output: a `.npy` path with `format: numpy` holds its one tensor as a `.npy`.
+    one = write({"w": t["h.0.w"]}, "one.safetensors")
+    bs.run({"inputs": [str(one)], "output": {"path": str(tmp_path / "out.npy"), "format": "numpy"}})
+    assert (tmp_path / "out.npy").read_bytes()[:6] == b"\x93NUMPY"
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), t["h.0.w"])

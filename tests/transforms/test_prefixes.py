@@ -193,3 +193,20 @@ def test_bad_mode_and_keys(write):
         bs.check({"inputs": [str(a)], "transforms": [{"prefixes": {"mode": "add", "alais": "a"}}]})
     with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.prefixes\.alias.*not a valid alias"):
         bs.check({"inputs": [str(a)], "transforms": [{"prefixes": {"mode": "add", "alias": "a b"}}]})
+
+
+def test_issue15_prefixes_without_mode_lists(write, tmp_path):
+    """Issue 15 item 4: `prefixes: {}` and a bare `prefixes` list, as in the 0.2 tool."""
+    from helpers import cli
+
+    a = write(_tensors(), "a.safetensors")
+    plan = tmp_path / "list.yaml"
+    plan.write_text(
+        f"inputs:\n  - {a}\ntransforms:\n  - prefixes: {{}}\n  - prefixes\n  - prefixes: {{ mode: add, alias: scratch }}\n  - prefixes: {{}}\n"
+    )
+    proc = cli([plan], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = bs.run(plan.read_text())
+    assert report["output"][:2] == ["model  2 tensors (default)"] * 2
+    assert [line.split()[0] for line in report["output"][2].splitlines()] == ["model", "scratch"]
+    assert "model  2 tensors (default)" in proc.stdout and "scratch  0 tensors" in proc.stdout
