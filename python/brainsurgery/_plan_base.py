@@ -68,6 +68,8 @@ KEY_TYPES: dict[str, str] = {
     "nested list": "float | Sequence[Any]",
     "list of transforms": "Transforms",
     "plan": "PlanValue",
+    "models": "Mapping[str, Any] | Sequence[str]",
+    "parameter": "float | Sequence[Any]",
 }
 
 # A default the engine gives as a literal value (shown in the signature) rather than in words
