@@ -621,13 +621,15 @@ impl Merge {
         let needs_weight = matches!(self.method, Method::Linear | Method::TaskArithmetic { .. });
         let weight = match self.param(model, "weight", name, t) {
             Some(w) => w,
-            None if needs_weight => return Err(PlanError::invalid(
-                &self.location.key("models").key(&model.alias),
-                format!(
+            None if needs_weight => {
+                return Err(PlanError::invalid(
+                    &self.location.key("models").key(&model.alias),
+                    format!(
                     "{} needs a weight for model `{}` (tensor `{name}`): give `weight` per model or at the top level",
                     self.method_name, model.alias
                 ),
-            )),
+                ))
+            }
             None => 1.0,
         };
         let density = self.param(model, "density", name, t).unwrap_or(1.0);
@@ -1126,8 +1128,8 @@ fn sparsify_delta<T: Work>(
             // Keys sorted ascending with ties by index: the kept entries are positions
             // [lo, hi) of that order. TIES keeps the k largest |δ| (the first k of a stable
             // descending sort: keys −|δ|); breadcrumbs drops the n_bot smallest and n_top largest.
-            let mut keys = cx.alloc("merge", n * std::mem::size_of::<T>())?;
-            let mut work = cx.alloc("merge", n * std::mem::size_of::<T>())?;
+            let mut keys = cx.alloc("merge", std::mem::size_of_val(delta))?;
+            let mut work = cx.alloc("merge", std::mem::size_of_val(delta))?;
             let (negate, lo, hi) = if method == Sparsify::Magnitude {
                 (true, 0, (p.density * n as f64).floor() as usize)
             } else {

@@ -1,0 +1,535 @@
+"""merge (src/transforms/merge.rs) against NumPy implementations of each method, written here from
+the papers and MergeKit's formulas (merge_methods/*.py, sparsify.py):
+
+* linear: ``Σ wᵢ·mᵢ`` (over ``Σ wᵢ`` with ``normalize``);
+* task arithmetic family: ``base + λ·Σ wᵢ·sparsify(mᵢ − base)``, with TIES' sign election
+  (majority sign of ``Σ wᵢ·δᵢ``, ``≥ 0`` counting as +) and the normalization by the weights of
+  the entries agreeing in sign;
+* slerp between the base (t = 0) and the other model; model_stock.
+
+The random masks (DARE, DELLA) are drawn here with the generator docs/semantics.md documents
+(FNV-1a of ``"{seed}\\0{alias}\\0{name}"``, SplitMix64 per element index), so masked results are
+compared exactly in where they keep entries.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import brainsurgery as bs
+from conftest import read
+from helpers import assert_one_error, cli, dump_plan, sha256, write_st
+
+F32 = np.float32
+LAYERS = 3
+MASK64 = (1 << 64) - 1
+
+
+# --- the documented mask generator -------------------------------------------------------------
+
+
+def mask_seed(seed: int, alias: str, name: str) -> int:
+    h = 0xCBF29CE484222325
+    for b in f"{seed}\0{alias}\0{name}".encode():
+        h = ((h ^ b) * 0x100000001B3) & MASK64
+    return h
+
+
+def uniform(key: int, n: int) -> np.ndarray:
+    """Element i's draw: SplitMix64 of ``key + (i + 1)·0x9E3779B97F4A7C15``, top 53 bits / 2⁵³."""
+    i = np.arange(1, n + 1, dtype=np.uint64)
+    z = np.full(n, key, dtype=np.uint64) + i * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def names() -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (8, 6)}
+    for i in range(LAYERS):
+        shapes[f"model.layers.{i}.self_attn.q_proj.weight"] = (6, 6)
+        shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (10, 6)
+    shapes["model.norm.weight"] = (6,)
+    return shapes
+
+
+def checkpoints(tmp_path, dtype=F32, seed=0):
+    """base, ft1, ft2: the fine-tunes are the base plus noise; an int tensor rides along."""
+    rng = np.random.default_rng(seed)
+    models = {"base": {}, "ft1": {}, "ft2": {}}
+    for name, shape in names().items():
+        base = rng.standard_normal(shape)
+        models["base"][name] = base.astype(dtype)
+        for ft in ("ft1", "ft2"):
+            models[ft][name] = (base + 0.1 * rng.standard_normal(shape)).astype(dtype)
+    for m in models.values():
+        m["position_ids"] = np.arange(8, dtype=np.int64)
+    paths = {}
+    for alias, tensors in models.items():
+        path = (tmp_path / f"{alias}.safetensors").resolve()
+        write_st(path, tensors)
+        paths[alias] = path
+    return models, paths
+
+
+def inputs(paths):
+    return [f"{alias}::{path}" for alias, path in paths.items()]
+
+
+def run(paths, merge, tmp_path, threads=0, out_name="out.safetensors"):
+    out = tmp_path / out_name
+    bs.run({"inputs": inputs(paths), "transforms": [{"merge": merge}], "output": str(out)}, threads=threads)
+    return read(out)
+
+
+def layer_t(name: str) -> float:
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:]):
+        if a in ("layers", "layer", "h", "blocks") and b.isdigit():
+            return int(b) / (LAYERS - 1)
+    return 0.0
+
+
+def grad(values, t):
+    values = [values] if np.isscalar(values) else values
+    span = len(values) - 1
+    if span == 0:
+        return values[0]
+    scaled = t * span
+    i0 = min(int(np.floor(scaled)), span)
+    i1 = min(i0 + 1, span)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+# --- NumPy references ---------------------------------------------------------------------------
+
+
+def ref_linear(ms, ws, normalize=True):
+    acc = sum(w * m.astype(np.float64) for m, w in zip(ms, ws))
+    return acc / sum(ws) if normalize else acc
+
+
+def sparsify(method, delta, density, *, gamma=0.01, epsilon=0.15, rescale=False, key=0):
+    """MergeKit's sparsify.py on one f32 delta (ties broken by index, as a stable sort)."""
+    d = delta.astype(np.float64).ravel().copy()
+    n = d.size
+    if density >= 1:
+        return d.reshape(delta.shape)
+    if method == "magnitude":
+        k = int(np.floor(density * n))
+        keep = np.zeros(n, bool)
+        keep[np.argsort(-np.abs(delta.ravel()), kind="stable")[:k]] = True
+        out = np.where(keep, d, 0.0)
+        return rescale_l1(d, out, rescale).reshape(delta.shape)
+    if method == "outliers":
+        target = int(np.floor(density * n))
+        top = int(np.floor(gamma * n))
+        bottom = n - target - top
+        if bottom < 0:
+            top += bottom
+            bottom = 0
+        keep = np.zeros(n, bool)
+        keep[np.argsort(np.abs(delta.ravel()), kind="stable")[bottom : n - top]] = True
+        out = np.where(keep, d, 0.0)
+        return rescale_l1(d, out, rescale).reshape(delta.shape)
+    if method == "random":
+        keep = uniform(key, n) < density
+        return np.where(keep, d / density if rescale else d, 0.0).reshape(delta.shape)
+    if method == "ranked":
+        if density <= 0:
+            return np.zeros(delta.shape)
+        rows = delta.shape[0] if delta.ndim >= 2 else 1
+        cols = n // rows
+        u = uniform(key, n).reshape(rows, cols)
+        dd = d.reshape(rows, cols)
+        out = np.zeros_like(dd)
+        for r in range(rows):
+            order = np.argsort(np.abs(delta.reshape(rows, cols)[r]), kind="stable")
+            norm = np.empty(cols)
+            norm[order] = np.arange(cols) / (cols - 1) if cols > 1 else 0.0
+            prob = (density - epsilon) + norm * 2.0 * epsilon
+            keep = u[r] < prob
+            out[r] = np.where(keep, dd[r] / prob if rescale else dd[r], 0.0)
+        return out.reshape(delta.shape)
+    raise AssertionError(method)
+
+
+def rescale_l1(before, after, rescale):
+    if not rescale:
+        return after
+    b, a = np.abs(before).sum(), np.abs(after).sum()
+    if b < 1e-7 or a < 1e-7:
+        return after
+    return after * (b / a)
+
+
+def ref_gta(base, ms, ws, *, sparse=None, consensus=False, normalize=False, lam=1.0, densities=None, keys=None, **kw):
+    deltas = []
+    for i, m in enumerate(ms):
+        delta = (m.astype(F32) - base.astype(F32)).astype(F32)
+        if sparse:
+            delta = sparsify(sparse, delta, densities[i], key=keys[i], **kw)
+        deltas.append(delta.astype(np.float64))
+    weighted = np.stack([w * d for w, d in zip(ws, deltas)])
+    wcol = np.array(ws, dtype=np.float64).reshape((-1,) + (1,) * base.ndim)
+    if consensus:
+        majority = np.where(weighted.sum(axis=0) >= 0, 1.0, -1.0)
+        mask = np.sign(weighted) == majority
+        mixed = (weighted * mask).sum(axis=0)
+        divisor = (wcol * mask).sum(axis=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(axis=0)
+        divisor = sum(ws) if abs(sum(ws)) >= 1e-8 else 1.0
+    if normalize:
+        mixed = mixed / divisor
+    return base.astype(np.float64) + lam * mixed
+
+
+def ref_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
+    a, b = v0.astype(np.float64), v1.astype(np.float64)
+
+    def unit(v):
+        n = np.linalg.norm(v)
+        return v / n if n > eps else v
+
+    dot = np.sum(unit(a) * unit(b))
+    if abs(dot) > dot_threshold:
+        return (1 - t) * a + t * b
+    theta = np.arccos(dot)
+    return np.sin((1 - t) * theta) / np.sin(theta) * a + np.sin(t * theta) / np.sin(theta) * b
+
+
+def ref_model_stock(base, ms):
+    w0 = base.astype(np.float64).ravel()
+    ws = [m.astype(np.float64).ravel() for m in ms]
+    offsets = [w - w0 for w in ws]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norm = np.linalg.norm(offsets[i]) * np.linalg.norm(offsets[j])
+            cos.append(np.clip(np.dot(offsets[i], offsets[j]) / max(norm, 1e-6), -1, 1))
+    c = np.mean(cos)
+    n = len(ws)
+    t = n * c / (1 + (n - 1) * c)
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(base.shape)
+
+
+def assert_close(got, expected, name, dtype=F32):
+    assert got.dtype == np.dtype(dtype), name
+    assert got.shape == expected.shape, name
+    if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
+        # The same rounding: f64 reference to bf16; the engine rounds from f32, so at most one
+        # bf16 step apart.
+        want = expected.astype(ml_dtypes.bfloat16).astype(np.float64)
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=2**-7, atol=1e-6, err_msg=name)
+    else:
+        np.testing.assert_allclose(got.astype(np.float64), expected, rtol=2e-6, atol=2e-6, err_msg=name)
+
+
+def check_all(got, models, reference, dtype=F32):
+    assert set(got) == set(models["base"])
+    np.testing.assert_array_equal(got["position_ids"], models["base"]["position_ids"])
+    for name in names():
+        assert_close(got[name], reference(name), name, dtype)
+
+
+# --- methods ------------------------------------------------------------------------------------
+
+
+def test_linear_normalized_with_gradient_weights(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    got = run(
+        paths,
+        {"method": "linear", "models": {"ft1": {"weight": [0.2, 0.8]}, "ft2": {"weight": 0.5}, "base": {"weight": 1}}, "to": "merged"},
+        tmp_path,
+    )
+
+    def ref(name):
+        t = layer_t(name)
+        ws = [grad([0.2, 0.8], t), 0.5, 1.0]
+        return ref_linear([models[a][name] for a in ("ft1", "ft2", "base")], ws)
+
+    check_all(got, models, ref)
+
+
+def test_linear_unnormalized_weights_summing_to_one_bfloat16(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    got = run(
+        paths,
+        {"method": "linear", "models": ["ft1", "ft2"], "weight": 0.5, "normalize": False, "to": "merged", "dtype": "bfloat16"},
+        tmp_path,
+    )
+    check_all(
+        got,
+        models,
+        lambda n: ref_linear([models["ft1"][n], models["ft2"][n]], [0.5, 0.5], normalize=False),
+        dtype=ml_dtypes.bfloat16,
+    )
+
+
+def test_task_arithmetic_with_lambda(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    got = run(
+        paths,
+        {"method": "task_arithmetic", "base": "base", "models": {"ft1": {"weight": 0.7}, "ft2": {"weight": -0.3}}, "lambda": 1.5, "to": "merged"},
+        tmp_path,
+    )
+    check_all(got, models, lambda n: ref_gta(models["base"][n], [models["ft1"][n], models["ft2"][n]], [0.7, -0.3], lam=1.5))
+
+
+def test_ties_trims_elects_and_averages_disjointly(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    merge = {
+        "method": "ties",
+        "base": "base",
+        # The base listed among the models is the base (MergeKit configs list it so).
+        "models": {"base": None, "ft1": {"weight": 0.5, "density": 0.5}, "ft2": {"weight": 0.8, "density": [0.3, 0.9]}},
+        "to": "merged",
+        "dtype": "bfloat16",
+    }
+    got = run(paths, merge, tmp_path)
+
+    def ref(n):
+        d = [0.5, grad([0.3, 0.9], layer_t(n))]
+        return ref_gta(
+            models["base"][n], [models["ft1"][n], models["ft2"][n]], [0.5, 0.8],
+            sparse="magnitude", consensus=True, normalize=True, densities=d, keys=[0, 0],
+        )
+
+    check_all(got, models, ref, dtype=ml_dtypes.bfloat16)
+
+
+def test_ties_rescaled_unnormalized_float32(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    merge = {"method": "ties", "base": "base", "models": ["ft1", "ft2"], "weight": 0.6, "density": 0.4,
+             "normalize": False, "rescale": True, "to": "merged"}
+    got = run(paths, merge, tmp_path)
+    check_all(got, models, lambda n: ref_gta(
+        models["base"][n], [models["ft1"][n], models["ft2"][n]], [0.6, 0.6], sparse="magnitude",
+        consensus=True, normalize=False, densities=[0.4, 0.4], keys=[0, 0], rescale=True))
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_masks_match_the_documented_generator(tmp_path, method):
+    models, paths = checkpoints(tmp_path)
+    merge = {"method": method, "base": "base", "models": {"ft1": {"weight": 0.6, "density": 0.3}, "ft2": {"weight": 0.4, "density": 0.7}},
+             "seed": 7, "to": "merged"}
+    got = run(paths, merge, tmp_path)
+    consensus = method == "dare_ties"
+
+    def ref(n):
+        keys = [mask_seed(7, a, n) for a in ("ft1", "ft2")]
+        return ref_gta(models["base"][n], [models["ft1"][n], models["ft2"][n]], [0.6, 0.4], sparse="random",
+                       consensus=consensus, densities=[0.3, 0.7], keys=keys, rescale=True)
+
+    check_all(got, models, ref)
+
+
+def test_dare_mask_positions_exactly(tmp_path):
+    """One model: the entries that moved off the base are exactly the documented mask's."""
+    models, paths = checkpoints(tmp_path)
+    del paths["ft2"]
+    merge = {"method": "dare_linear", "base": "base", "models": {"ft1": {"weight": 1.0, "density": 0.5}}, "to": "merged"}
+    got = run(paths, merge, tmp_path)
+    for name in names():
+        keep = uniform(mask_seed(0, "ft1", name), models["base"][name].size).reshape(models["base"][name].shape) < 0.5
+        moved = got[name] != models["base"][name]
+        delta_nonzero = models["ft1"][name] != models["base"][name]
+        np.testing.assert_array_equal(moved, keep & delta_nonzero, err_msg=name)
+        assert 0.3 < keep.mean() < 0.7
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_drop_outliers_and_small_entries(tmp_path, method):
+    models, paths = checkpoints(tmp_path)
+    merge = {"method": method, "base": "base", "models": {"ft1": {"weight": 0.5}, "ft2": {"weight": 0.5, "gamma": 0.1}},
+             "density": 0.6, "to": "merged"}
+    got = run(paths, merge, tmp_path)
+
+    def ref(n):
+        ms = [models["ft1"][n], models["ft2"][n]]
+        base = models["base"][n]
+        deltas = [sparsify("outliers", (m.astype(F32) - base).astype(F32), 0.6, gamma=g) for m, g in zip(ms, [0.01, 0.1])]
+        # Different gamma per model: build the reference from the sparsified deltas directly.
+        weighted = np.stack([0.5 * d for d in deltas])
+        if method == "breadcrumbs_ties":
+            majority = np.where(weighted.sum(axis=0) >= 0, 1.0, -1.0)
+            weighted = weighted * (np.sign(weighted) == majority)
+        return base.astype(np.float64) + weighted.sum(axis=0)
+
+    check_all(got, models, ref)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_ranked_keep_probabilities(tmp_path, method):
+    models, paths = checkpoints(tmp_path)
+    merge = {"method": method, "base": "base", "models": {"ft1": {"weight": 0.5, "epsilon": 0.1}, "ft2": {"weight": 0.5}},
+             "density": 0.5, "lambda": 0.9, "seed": 3, "to": "merged"}
+    got = run(paths, merge, tmp_path)
+
+    def ref(n):
+        base = models["base"][n]
+        keys = {a: mask_seed(3, a, n) for a in ("ft1", "ft2")}
+        deltas = [sparsify("ranked", (models[a][n].astype(F32) - base).astype(F32), 0.5, epsilon=e, rescale=True, key=keys[a])
+                  for a, e in (("ft1", 0.1), ("ft2", 0.15))]
+        weighted = np.stack([0.5 * d for d in deltas])
+        wcol = np.full(weighted.shape, 0.5)
+        if method == "della":
+            majority = np.where(weighted.sum(axis=0) >= 0, 1.0, -1.0)
+            mask = np.sign(weighted) == majority
+            mixed = (weighted * mask).sum(axis=0)
+            divisor = (wcol * mask).sum(axis=0)
+            divisor[divisor == 0] = 1
+            mixed = mixed / divisor
+        else:
+            mixed = weighted.sum(axis=0)
+        return base.astype(np.float64) + 0.9 * mixed
+
+    check_all(got, models, ref)
+
+
+def test_slerp_with_filtered_gradient_t(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    del paths["ft2"]
+    t = [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"filter": "mlp", "value": [1.0, 0.0]}, {"value": 0.5}]
+    got = run(paths, {"method": "slerp", "base": "base", "models": ["ft1"], "t": t, "to": "merged"}, tmp_path)
+
+    def ref(n):
+        lt = layer_t(n)
+        tv = grad([0.0, 0.5, 1.0], lt) if "self_attn" in n else grad([1.0, 0.0], lt) if "mlp" in n else 0.5
+        return ref_slerp(tv, models["base"][n], models["ft1"][n])
+
+    check_all(got, models, ref)
+
+
+def test_slerp_falls_back_to_lerp_when_collinear(tmp_path, write):
+    a = np.linspace(1, 2, 12, dtype=F32).reshape(3, 4)
+    paths = {"base": write({"w": a}, "a.safetensors"), "ft1": write({"w": (a * 3).astype(F32)}, "b.safetensors")}
+    got = run(paths, {"method": "slerp", "base": "base", "models": ["ft1"], "t": 0.25, "to": "merged"}, tmp_path)
+    np.testing.assert_allclose(got["w"], 0.75 * a + 0.25 * 3 * a, rtol=1e-6)
+
+
+def test_model_stock(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    got = run(paths, {"method": "model_stock", "base": "base", "models": ["ft1", "ft2"], "to": "merged"}, tmp_path)
+    check_all(got, models, lambda n: ref_model_stock(models["base"][n], [models["ft1"][n], models["ft2"][n]]))
+
+
+def test_float64_inputs_stay_float64(tmp_path):
+    models, paths = checkpoints(tmp_path, dtype=np.float64)
+    got = run(paths, {"method": "task_arithmetic", "base": "base", "models": ["ft1", "ft2"], "weight": 0.5, "to": "merged"}, tmp_path)
+    for name in names():
+        want = models["base"][name] + 0.5 * ((models["ft1"][name] - models["base"][name]) + (models["ft2"][name] - models["base"][name]))
+        assert got[name].dtype == np.float64
+        np.testing.assert_allclose(got[name], want, rtol=1e-12, atol=1e-12)
+
+
+def test_target_limits_what_is_merged(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    got = run(paths, {"method": "linear", "models": ["ft1", "ft2"], "weight": 1, "target": ".*mlp.*", "to": "merged"}, tmp_path)
+    for name in names():
+        if "mlp" in name:
+            assert_close(got[name], ref_linear([models["ft1"][name], models["ft2"][name]], [1, 1]), name)
+        else:
+            np.testing.assert_array_equal(got[name], models["ft1"][name])
+
+
+# --- CLI, determinism, header-only check -------------------------------------------------------
+
+
+def plan_file(tmp_path, paths, merge, out="cli.safetensors"):
+    return dump_plan(tmp_path / "plan.yaml", {"inputs": inputs(paths), "transforms": [{"merge": merge}], "output": str(tmp_path / out)})
+
+
+DARE = {"method": "dare_ties", "base": "base", "models": {"ft1": {"weight": 0.5, "density": 0.4}, "ft2": {"weight": 0.5, "density": 0.6}},
+        "to": "merged", "dtype": "bfloat16"}
+
+
+def test_cli_equals_python_and_any_thread_count(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    outs = []
+    for threads in (1, 2):
+        out = f"cli{threads}.safetensors"
+        plan = plan_file(tmp_path, paths, DARE, out)
+        proc = cli(["run", plan, "--threads", str(threads)], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(tmp_path / out)
+    assert sha256(outs[0]) == sha256(outs[1])
+    got = run(paths, DARE, tmp_path, threads=2, out_name="py.safetensors")
+    cli_got = read(outs[0])
+    for name in got:
+        np.testing.assert_array_equal(got[name].view(np.uint8), cli_got[name].view(np.uint8))
+
+
+def test_check_is_header_only(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    plan = plan_file(tmp_path, paths, DARE)
+    # Corrupt every data byte after the header: a check must not notice.
+    for path in paths.values():
+        raw = bytearray(path.read_bytes())
+        n = int.from_bytes(raw[:8], "little")
+        raw[8 + n :] = b"\xff" * (len(raw) - 8 - n)
+        path.write_bytes(bytes(raw))
+    proc = cli(["check", plan], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "cli.safetensors").exists()
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_shapes_differ(tmp_path, write):
+    paths = {"base": write({"w": np.zeros((2, 3), F32)}, "a.safetensors"), "ft1": write({"w": np.zeros((3, 2), F32)}, "b.safetensors")}
+    proc = cli(["check", plan_file(tmp_path, paths, {"method": "task_arithmetic", "base": "base", "models": ["ft1"], "weight": 1, "to": "m"})], tmp_path)
+    assert_one_error(proc, 1, "ft1::w", "(3, 2)", "(2, 3)")
+
+
+def test_missing_tensor_in_a_model(tmp_path, write):
+    paths = {"base": write({"w": np.zeros(3, F32), "v": np.zeros(3, F32)}, "a.safetensors"), "ft1": write({"w": np.zeros(3, F32)}, "b.safetensors")}
+    proc = cli(["check", plan_file(tmp_path, paths, {"method": "task_arithmetic", "base": "base", "models": ["ft1"], "weight": 1, "to": "m"})], tmp_path)
+    assert_one_error(proc, 1, "ft1::v", "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("merge", "needles"),
+    [
+        ({"method": "ties", "models": ["ft1", "ft2"], "weight": 1}, ["base"]),
+        ({"method": "model_stock", "base": "base", "models": ["ft1"]}, ["at least 2 models"]),
+        ({"method": "slerp", "base": "base", "models": ["ft1", "ft2"], "t": 0.5}, ["exactly 1 model"]),
+        ({"method": "slerp", "base": "base", "models": ["ft1"]}, ["`t`"]),
+        ({"method": "linear", "models": ["ft1", "ft2"], "weight": 0.7, "normalize": False}, ["sum to 1.4", "not 1"]),
+        ({"method": "linear", "models": {"ft1": {"weight": 1}, "ft2": {"weight": -1}}}, ["sum to 0"]),
+        ({"method": "linear", "models": ["ft1", "ft2"]}, ["needs a weight", "ft1"]),
+        ({"method": "ties_dare", "base": "base", "models": ["ft1"]}, ["unknown merge method `ties_dare`", "dare_ties"]),
+        ({"method": "karcher", "models": ["ft1", "ft2"]}, ["`karcher` is not implemented yet"]),
+        ({"method": "passthrough", "models": ["ft1"]}, ["`passthrough` is not implemented yet"]),
+        ({"method": "linear", "models": ["ft1", "nope"], "weight": 1}, ["nope"]),
+        ({"method": "della", "base": "base", "models": ["ft1"], "weight": 1, "density": 0.9, "epsilon": 0.2}, ["density ± epsilon"]),
+        ({"method": "ties", "base": "base", "models": ["ft1"], "weight": 1, "density": 1.5}, ["density must be in [0, 1]"]),
+        ({"method": "ties", "base": "base", "models": {"ft1": {"wieght": 1}}}, ["wieght", "weight"]),
+        ({"method": "linear", "models": ["ft1"], "weight": 1, "dtype": "int8"}, ["float dtype"]),
+        ({"method": "linear", "models": ["ft1"], "weight": 1, "to": "base"}, ["`base` already exists"]),
+    ],
+)
+def test_plan_errors(tmp_path, merge, needles):
+    _, paths = checkpoints(tmp_path)
+    merge = {"to": "merged", **merge}
+    proc = cli(["check", plan_file(tmp_path, paths, merge)], tmp_path)
+    assert_one_error(proc, 2, *needles)
+    with pytest.raises(bs.PlanError):
+        run(paths, merge, tmp_path)
+
+
+def test_help_lists_the_keys(tmp_path):
+    proc = cli(["help", "merge"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for key in ("method", "models", "base", "density", "epsilon", "seed"):
+        assert key in proc.stdout
