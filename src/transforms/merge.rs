@@ -1,8 +1,8 @@
 //! `merge`: a new alias whose tensors merge the same-named tensors of several aliases, with the
 //! methods of MergeKit 0.1.5 (`linear`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
-//! `breadcrumbs`, `breadcrumbs_ties`, `della`, `della_linear`, `slerp`, `model_stock`); the
-//! other MergeKit methods (`nuslerp`, `multislerp`, `karcher`, `sce`, `arcee_fusion`,
-//! `passthrough`) are known names refused with a plan error until implemented.
+//! `breadcrumbs`, `breadcrumbs_ties`, `della`, `della_linear`, `slerp`, `nuslerp`, `multislerp`,
+//! `model_stock`, `karcher`, `sce`, `arcee_fusion`); `passthrough` is a known name refused with a
+//! plan error until implemented.
 //!
 //! Parameters are resolved per tensor when the step applies (so `check` validates them from the
 //! headers alone): a number, a gradient (a list interpolated across the layer index found in the
@@ -35,7 +35,7 @@ const FIELDS: &[Field] = &[
     Field::required(
         "method",
         FieldKind::Text,
-        "linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp or model_stock",
+        "linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, model_stock, karcher, sce or arcee_fusion",
     ),
     Field::required(
         "models",
@@ -46,7 +46,7 @@ const FIELDS: &[Field] = &[
         "base",
         FieldKind::Text,
         None,
-        "the base alias (required by task_arithmetic, the TIES/DARE/breadcrumbs/DELLA family and model_stock; the t = 0 end of slerp)",
+        "the base alias: required by task_arithmetic, the TIES/DARE/breadcrumbs/DELLA family, model_stock, sce and arcee_fusion, the t = 0 end of slerp; optional for nuslerp and multislerp (they then merge deltas); not taken by linear and karcher",
     ),
     Field::required(
         "to",
@@ -69,7 +69,7 @@ const FIELDS: &[Field] = &[
         "weight",
         FieldKind::Parameter,
         None,
-        "each model's weight (linear, task arithmetic family), for models not giving their own",
+        "each model's weight (linear, task arithmetic family, nuslerp, multislerp), for models not giving their own",
     ),
     Field::optional(
         "density",
@@ -98,7 +98,7 @@ const FIELDS: &[Field] = &[
     Field::optional(
         "normalize",
         FieldKind::Bool,
-        Some("true for linear, ties and della; false otherwise"),
+        Some("true for linear, ties, della and multislerp; false otherwise"),
         "divide by the sum of the weights (per element, of the models agreeing in sign, with a sign election)",
     ),
     Field::optional(
@@ -119,6 +119,26 @@ const FIELDS: &[Field] = &[
         Some("0"),
         "seed of the random masks (DARE, DELLA), combined with each model's alias and tensor name",
     ),
+    Field::optional(
+        "nuslerp_flatten",
+        FieldKind::Bool,
+        Some("true"),
+        "nuslerp: interpolate the flattened tensors (false: each row, or column with nuslerp_row_wise)",
+    ),
+    Field::optional(
+        "nuslerp_row_wise",
+        FieldKind::Bool,
+        Some("false"),
+        "nuslerp without flattening: interpolate along the first dimension instead of the last",
+    ),
+    Field::optional(
+        "select_topk",
+        FieldKind::Number,
+        Some("1"),
+        "sce: share of entries kept, those whose deltas vary most across the models",
+    ),
+    Field::optional("max_iter", FieldKind::Number, Some("10"), "karcher: most iterations"),
+    Field::optional("tol", FieldKind::Number, Some("1e-5"), "karcher: convergence tolerance"),
 ];
 
 /// `merge`.
@@ -163,6 +183,26 @@ enum Method {
     Slerp,
     /// Model Stock: the models' average pulled towards the base by their deltas' angles.
     ModelStock,
+    /// Spherical interpolation of two models (or their deltas from a base) with `t` from their
+    /// weights, of the flattened tensors or of each row / column.
+    NuSlerp,
+    /// Barycentric interpolation of any number of models (or deltas) on the hypersphere.
+    MultiSlerp,
+    /// The weighted Karcher mean on the unit hypersphere, scaled by the mean norm.
+    Karcher,
+    /// SCE: select entries of high variance, weight models by their deltas' energy, erase
+    /// minority signs.
+    Sce,
+    /// Arcee Fusion: take the model's entries whose importance passes a dynamic threshold.
+    ArceeFusion,
+}
+
+/// Whether a method takes a base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BaseUse {
+    Required,
+    Optional,
+    Refused,
 }
 
 /// Every method MergeKit 0.1.5 has, in the order `help` lists them.
@@ -208,26 +248,45 @@ impl Method {
             "della_linear" => gta(Some(Sparsify::RankedRandom), false, false, true),
             "slerp" => Method::Slerp,
             "model_stock" => Method::ModelStock,
+            "nuslerp" => Method::NuSlerp,
+            "multislerp" => Method::MultiSlerp,
+            "karcher" => Method::Karcher,
+            "sce" => Method::Sce,
+            "arcee_fusion" => Method::ArceeFusion,
             _ => return None,
         })
     }
 
-    fn needs_base(self) -> bool {
-        !matches!(self, Method::Linear)
+    fn base_use(self) -> BaseUse {
+        match self {
+            Method::Linear | Method::Karcher => BaseUse::Refused,
+            Method::NuSlerp | Method::MultiSlerp => BaseUse::Optional,
+            _ => BaseUse::Required,
+        }
+    }
+
+    fn needs_weight(self) -> bool {
+        matches!(
+            self,
+            Method::Linear | Method::TaskArithmetic { .. } | Method::NuSlerp | Method::MultiSlerp
+        )
     }
 
     /// The fewest models (besides the base) it merges, and the most.
     fn model_counts(self) -> (usize, usize) {
         match self {
-            Method::Linear | Method::TaskArithmetic { .. } => (1, usize::MAX),
-            Method::Slerp => (1, 1),
+            Method::Linear | Method::TaskArithmetic { .. } | Method::MultiSlerp | Method::Karcher | Method::Sce => {
+                (1, usize::MAX)
+            }
+            Method::Slerp | Method::ArceeFusion => (1, 1),
             Method::ModelStock => (2, usize::MAX),
+            Method::NuSlerp => (2, 2),
         }
     }
 
     fn default_normalize(self) -> bool {
         match self {
-            Method::Linear => true,
+            Method::Linear | Method::MultiSlerp => true,
             Method::TaskArithmetic { normalize, .. } => normalize,
             _ => false,
         }
@@ -386,6 +445,13 @@ struct Merge {
     rescale: bool,
     lambda: f64,
     seed: u64,
+    /// Whether the base is merged with the models (required, or optional and given).
+    uses_base: bool,
+    flatten: bool,
+    row_wise: bool,
+    select_topk: f64,
+    max_iter: usize,
+    tol: f64,
     location: Location,
 }
 
@@ -430,13 +496,13 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
             format!("expected a new alias name, got `{to}`"),
         ));
     }
-    if method.needs_base() && base.is_none() {
+    if method.base_use() == BaseUse::Required && base.is_none() {
         return Err(PlanError::MissingKey {
             location: cx.location.clone(),
             key: "base".into(),
         });
     }
-    if !method.needs_base() {
+    if method.base_use() == BaseUse::Refused {
         if let Some(b) = &base {
             if !models.iter().any(|m| &m.alias == b) {
                 return Err(PlanError::invalid(
@@ -448,9 +514,14 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
             }
         }
     }
+    let uses_base = match method.base_use() {
+        BaseUse::Required => true,
+        BaseUse::Optional => base.is_some(),
+        BaseUse::Refused => false,
+    };
     let merged = models
         .iter()
-        .filter(|m| !method.needs_base() || Some(&m.alias) != base.as_ref())
+        .filter(|m| !uses_base || Some(&m.alias) != base.as_ref())
         .count();
     let (fewest, most) = method.model_counts();
     if merged < fewest || merged > most {
@@ -496,6 +567,17 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
     if !lambda.is_finite() {
         return Err(PlanError::invalid(&p.at("lambda"), "expected a finite number"));
     }
+    let select_topk = p.number("select_topk")?.unwrap_or(1.0);
+    let tol = p.number("tol")?.unwrap_or(1e-5);
+    for (key, v) in [("select_topk", select_topk), ("tol", tol)] {
+        if !v.is_finite() || v < 0.0 {
+            return Err(PlanError::invalid(
+                &p.at(key),
+                format!("expected a finite number ≥ 0, got {v}"),
+            ));
+        }
+    }
+    let max_iter = p.count("max_iter")?.unwrap_or(10);
     let target = match p.get("target") {
         None => None,
         Some(_) => Some(p.reference("target")?),
@@ -513,6 +595,12 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
         rescale: p.flag("rescale", default_rescale)?,
         lambda,
         seed,
+        uses_base,
+        flatten: p.flag("nuslerp_flatten", true)?,
+        row_wise: p.flag("nuslerp_row_wise", false)?,
+        select_topk,
+        max_iter,
+        tol,
         location: cx.location.clone(),
     }))
 }
@@ -618,7 +706,7 @@ impl Merge {
     }
 
     fn resolve(&self, model: &ModelSpec, name: &str, t: f64) -> Result<Resolved, PlanError> {
-        let needs_weight = matches!(self.method, Method::Linear | Method::TaskArithmetic { .. });
+        let needs_weight = self.method.needs_weight();
         let weight = match self.param(model, "weight", name, t) {
             Some(w) => w,
             None if needs_weight => {
@@ -695,7 +783,7 @@ impl Transform for Merge {
                 .into());
             }
         }
-        let uses_base = self.method.needs_base();
+        let uses_base = self.uses_base;
         let first = if uses_base {
             self.base.clone().unwrap_or_default()
         } else {
@@ -819,6 +907,11 @@ impl Transform for Merge {
                 rescale: self.rescale,
                 lambda: self.lambda,
                 t: slerp_t,
+                flatten: self.flatten,
+                row_wise: self.row_wise,
+                select_topk: self.select_topk,
+                max_iter: self.max_iter,
+                tol: self.tol,
                 result: Mutex::new(None),
             };
             let tensor = Tensor::op(dtype, first_tensor.shape.clone(), Arc::new(op))
@@ -879,6 +972,11 @@ pub struct MergeOp {
     lambda: f64,
     /// Slerp's factor for this tensor.
     t: f64,
+    flatten: bool,
+    row_wise: bool,
+    select_topk: f64,
+    max_iter: usize,
+    tol: f64,
     result: Mutex<Option<Arc<Scratch>>>,
 }
 
@@ -926,6 +1024,11 @@ impl MergeOp {
             } => self.task_arithmetic::<T>(sparsify, consensus, cx)?,
             Method::Slerp => self.slerp::<T>(cx)?,
             Method::ModelStock => self.model_stock::<T>(cx)?,
+            Method::NuSlerp => self.nuslerp::<T>(cx)?,
+            Method::MultiSlerp => self.multislerp::<T>(cx)?,
+            Method::Karcher => self.karcher::<T>(cx)?,
+            Method::Sce => self.sce::<T>(cx)?,
+            Method::ArceeFusion => self.arcee_fusion::<T>(cx)?,
         };
         real_scratch(values.typed::<T>(), dtype, "merge", cx)
     }
@@ -1069,6 +1172,393 @@ impl MergeOp {
         for (j, x) in base.typed_mut::<T>().iter_mut().enumerate() {
             let avg = views.iter().map(|m| m[j].wide()).sum::<f64>() / nf;
             *x = T::of(t * avg + (1.0 - t) * x.wide());
+        }
+        Ok(base)
+    }
+}
+
+impl MergeOp {
+    /// The models' tensors (minus the base when there is one) whole in `T`, and the base.
+    fn models_and_base<T: Work>(&self, cx: &mut ReadContext) -> Result<(Vec<Scratch>, Option<Scratch>), ValueError> {
+        let base = if self.uses_base {
+            Some(self.read_input::<T>(0, cx)?)
+        } else {
+            None
+        };
+        let offset = usize::from(self.uses_base);
+        let mut models = Vec::with_capacity(self.params.len());
+        for i in 0..self.params.len() {
+            let mut m = self.read_input::<T>(i + offset, cx)?;
+            if let Some(b) = &base {
+                for (x, y) in m.typed_mut::<T>().iter_mut().zip(b.typed::<T>()) {
+                    *x = T::of(x.wide() - y.wide());
+                }
+            }
+            models.push(m);
+        }
+        Ok((models, base))
+    }
+
+    /// Adds the base back (when there is one) to a result held in `out`.
+    fn plus_base<T: Work>(out: &mut Scratch, base: Option<&Scratch>) {
+        if let Some(b) = base {
+            for (x, y) in out.typed_mut::<T>().iter_mut().zip(b.typed::<T>()) {
+                *x = T::of(x.wide() + y.wide());
+            }
+        }
+    }
+
+    /// NuSLERP (MergeKit merge_methods/nuslerp.py): `t = w₁ / (w₀ + w₁)` (0.5 when the sum is
+    /// below 1e-6 in magnitude); each vector pair (the flattened tensors, else each row along the
+    /// last dimension, or along the first with `row_wise`) is interpolated as
+    /// `(sin((1−t)θ)·v₀ + sin(tθ)·v₁) / sin θ`, `cos θ` the dot product of the vectors over
+    /// their norms (each clamped to ≥ 1e-7), and linearly where `|sin θ| < 1e-8`. With a base,
+    /// the deltas are interpolated and added to it.
+    fn nuslerp<T: Work>(&self, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
+        let (mut models, base) = self.models_and_base::<T>(cx)?;
+        let (w0, w1) = (self.params[0].weight, self.params[1].weight);
+        let t = if (w0 + w1).abs() < 1e-6 { 0.5 } else { w1 / (w0 + w1) };
+        let v1 = models.pop().expect("nuslerp merges two models");
+        let mut v0 = models.pop().expect("nuslerp merges two models");
+        let shape = &self.inputs[0].shape;
+        let n = self.inputs[0].numel();
+        // Vectors: `count` of them, `len` long, element i of vector v at `at(v, i)`.
+        let (len, count, row_wise) = if self.flatten || shape.is_empty() {
+            (n, 1, false)
+        } else if self.row_wise {
+            (shape[0], n / shape[0].max(1), true)
+        } else {
+            let len = shape[shape.len() - 1];
+            (len, n / len.max(1), false)
+        };
+        let at = |v: usize, i: usize| if row_wise { v + i * count } else { v * len + i };
+        let a = v0.typed_mut::<T>();
+        let b = v1.typed::<T>();
+        for v in 0..count {
+            if v % 1024 == 0 {
+                cx.check()?;
+            }
+            let (mut n0, mut n1, mut dot) = (0.0f64, 0.0f64, 0.0f64);
+            for i in 0..len {
+                let (x, y) = (a[at(v, i)].wide(), b[at(v, i)].wide());
+                n0 += x * x;
+                n1 += y * y;
+                dot += x * y;
+            }
+            let cos = dot / (n0.sqrt().max(1e-7) * n1.sqrt().max(1e-7));
+            let theta = cos.clamp(-1.0, 1.0).acos();
+            let sin = theta.sin();
+            let (s0, s1, div) = if sin.abs() < 1e-8 {
+                (1.0 - t, t, 1.0)
+            } else {
+                (((1.0 - t) * theta).sin(), (t * theta).sin(), sin)
+            };
+            for i in 0..len {
+                let j = at(v, i);
+                a[j] = T::of((s0 * a[j].wide() + s1 * b[j].wide()) / div);
+            }
+        }
+        Self::plus_base::<T>(&mut v0, base.as_ref());
+        Ok(v0)
+    }
+
+    /// Multi-SLERP (MergeKit merge_methods/multislerp.py): the models (or deltas) flattened,
+    /// `uᵢ = xᵢ / (‖xᵢ‖ + 1e-8)`, weights normalised to sum 1 with `normalize`; `m = Σ wᵢ·uᵢ`
+    /// projected to the sphere (`m̂`), the tangent `τ = Σ wᵢ·(uᵢ − (uᵢ·m̂)·m̂)`, the result
+    /// `(cos‖τ‖·m̂ + sin‖τ‖/‖τ‖·τ)·Σ wᵢ‖xᵢ‖` (‖τ‖ + 1e-8 for the norm). One model is returned
+    /// as it is; `‖m‖ < 1e-8` falls back to `w₀x₀ + w₁x₁` for two models and fails for more.
+    fn multislerp<T: Work>(&self, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
+        let eps = 1e-8;
+        if self.params.len() == 1 {
+            let offset = usize::from(self.uses_base);
+            return self.read_input::<T>(offset, cx);
+        }
+        let (models, base) = self.models_and_base::<T>(cx)?;
+        let mut weights: Vec<f64> = self.params.iter().map(|p| p.weight).collect();
+        if self.normalize {
+            let sum: f64 = weights.iter().sum();
+            weights.iter_mut().for_each(|w| *w /= sum);
+        }
+        let views: Vec<&[T]> = models.iter().map(|m| m.typed::<T>()).collect();
+        let norms: Vec<f64> = views
+            .iter()
+            .map(|v| v.iter().map(|x| x.wide() * x.wide()).sum::<f64>().sqrt())
+            .collect();
+        let n = self.inputs[0].numel();
+        let mut out = cx.alloc("merge", n * std::mem::size_of::<T>())?;
+        let o = out.typed_mut::<T>();
+        // The weighted mean of the unit vectors, then its norm.
+        for (j, slot) in o.iter_mut().enumerate() {
+            let m: f64 = views
+                .iter()
+                .zip(&weights)
+                .zip(&norms)
+                .map(|((v, w), nm)| w * v[j].wide() / (nm + eps))
+                .sum();
+            *slot = T::of(m);
+        }
+        let mean_norm = o.iter().map(|x| x.wide() * x.wide()).sum::<f64>().sqrt();
+        if mean_norm < eps {
+            if views.len() == 2 {
+                for (j, slot) in o.iter_mut().enumerate() {
+                    *slot = T::of(views[0][j].wide() * weights[0] + views[1][j].wide() * weights[1]);
+                }
+                Self::plus_base::<T>(&mut out, base.as_ref());
+                return Ok(out);
+            }
+            return Err(ValueError::Compute {
+                op: "merge",
+                reason: "multislerp: the weighted sum of the models' unit vectors is zero (antipodal models with balancing weights); use other weights".into(),
+            });
+        }
+        // uᵢ·m̂ for each model; Σ wᵢ·(uᵢ·m̂) gives the tangent as m − D·m̂.
+        let dots: Vec<f64> = views
+            .iter()
+            .zip(&norms)
+            .map(|(v, nm)| {
+                v.iter()
+                    .zip(o.iter())
+                    .map(|(x, m)| x.wide() / (nm + eps) * (m.wide() / mean_norm))
+                    .sum::<f64>()
+            })
+            .collect();
+        let d: f64 = dots.iter().zip(&weights).map(|(x, w)| x * w).sum();
+        let tangent_sq: f64 = o
+            .iter()
+            .map(|m| {
+                let m = m.wide();
+                let tau = m - d * m / mean_norm;
+                tau * tau
+            })
+            .sum();
+        let tn = tangent_sq.sqrt() + eps;
+        let scale: f64 = norms.iter().zip(&weights).map(|(nm, w)| nm * w).sum();
+        for slot in o.iter_mut() {
+            let m = slot.wide();
+            let unit = m / mean_norm;
+            let tau = m - d * unit;
+            *slot = T::of((unit * tn.cos() + tau * (tn.sin() / tn)) * scale);
+        }
+        Self::plus_base::<T>(&mut out, base.as_ref());
+        Ok(out)
+    }
+
+    /// The Karcher mean (MergeKit merge_methods/karcher.py) with equal weights `1/N`: unit
+    /// vectors `uᵢ = xᵢ/‖xᵢ‖` of the models with `‖xᵢ‖ > tol` (their weights renormalised), the
+    /// mean started at their normalised average and moved along `τ = Σ aᵢ·θᵢ/sin θᵢ·(uᵢ − cos θᵢ·μ)`
+    /// (terms with `θᵢ < tol` left out) by `μ ← cos‖τ‖·μ + sin‖τ‖·τ/‖τ‖` until `‖τ‖ < tol` or
+    /// `max_iter` steps; the result `μ·Σ ‖xᵢ‖/N`.
+    fn karcher<T: Work>(&self, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
+        let tol = self.tol;
+        let count = self.params.len();
+        let n = self.inputs[0].numel();
+        if count == 1 {
+            return self.read_input::<T>(0, cx);
+        }
+        let alphas = vec![1.0 / count as f64; count];
+        let (mut units, _) = self.models_and_base::<T>(cx)?;
+        let mut norms = Vec::with_capacity(count);
+        for u in &mut units {
+            let norm = u.typed::<T>().iter().map(|x| x.wide() * x.wide()).sum::<f64>().sqrt();
+            norms.push(norm);
+            for x in u.typed_mut::<T>() {
+                *x = T::of(if norm == 0.0 { 0.0 } else { x.wide() / norm });
+            }
+        }
+        let valid: Vec<usize> = (0..count).filter(|&i| norms[i] > tol).collect();
+        let mut mean = cx.alloc("merge", n * std::mem::size_of::<T>())?;
+        if valid.is_empty() {
+            return Ok(mean);
+        }
+        let alpha_sum: f64 = valid.iter().map(|&i| alphas[i]).sum();
+        let a: Vec<f64> = valid.iter().map(|&i| alphas[i] / alpha_sum).collect();
+        let views: Vec<&[T]> = valid.iter().map(|&i| units[i].typed::<T>()).collect();
+        let norm_of = |v: &[T]| v.iter().map(|x| x.wide() * x.wide()).sum::<f64>().sqrt();
+        {
+            let m = mean.typed_mut::<T>();
+            for (j, slot) in m.iter_mut().enumerate() {
+                *slot = T::of(views.iter().zip(&a).map(|(u, w)| w * u[j].wide()).sum::<f64>());
+            }
+            let mean_norm = norm_of(m);
+            for (j, slot) in m.iter_mut().enumerate() {
+                *slot = T::of(if mean_norm < tol {
+                    views[0][j].wide()
+                } else {
+                    slot.wide() / mean_norm
+                });
+            }
+        }
+        let mut tangent = cx.alloc("merge", n * std::mem::size_of::<T>())?;
+        for _ in 0..self.max_iter {
+            cx.check()?;
+            let m = mean.typed_mut::<T>();
+            let tg = tangent.typed_mut::<T>();
+            tg.iter_mut().for_each(|x| *x = T::of(0.0));
+            for (u, w) in views.iter().zip(&a) {
+                let dot = u
+                    .iter()
+                    .zip(m.iter())
+                    .map(|(x, y)| x.wide() * y.wide())
+                    .sum::<f64>()
+                    .clamp(-1.0, 1.0);
+                let theta = dot.acos();
+                if theta < tol {
+                    continue;
+                }
+                let f = w * theta / theta.sin();
+                for ((t, x), y) in tg.iter_mut().zip(u.iter()).zip(m.iter()) {
+                    *t = T::of(t.wide() + f * (x.wide() - dot * y.wide()));
+                }
+            }
+            let tn = norm_of(tg);
+            if tn < tol {
+                break;
+            }
+            for (y, t) in m.iter_mut().zip(tg.iter()) {
+                *y = T::of(tn.cos() * y.wide() + tn.sin() * (t.wide() / tn));
+            }
+            let unit_norm = norm_of(m);
+            if unit_norm > tol {
+                m.iter_mut().for_each(|y| *y = T::of(y.wide() / unit_norm));
+            }
+        }
+        let scale: f64 = alphas.iter().zip(&norms).map(|(a, nm)| a * nm).sum();
+        for y in mean.typed_mut::<T>() {
+            *y = T::of(scale * y.wide());
+        }
+        Ok(mean)
+    }
+
+    /// SCE (MergeKit merge_methods/sce.py): deltas from the base; with `select_topk < 1` only
+    /// the `⌊select_topk·nnz⌋` entries of largest variance across the models (population
+    /// variance, `nnz` its non-zero count; ties by index) are kept in every delta; model weights
+    /// `Σ δᵢ² / n` normalised to sum 1 (equal when all are 0); entries whose sign differs from
+    /// that of `Σᵢ δᵢ` (≥ 0 counts as +) are erased; the result is `base + Σ wᵢ·δᵢ / Σ wᵢ` over
+    /// the entries kept (the divisor 1 where none is).
+    fn sce<T: Work>(&self, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
+        let (mut deltas, base) = self.models_and_base::<T>(cx)?;
+        let mut base = base.expect("sce takes a base");
+        let n = self.inputs[0].numel();
+        let k = deltas.len() as f64;
+        if self.select_topk < 1.0 && n > 0 {
+            let mut variance = cx.alloc("merge", n * std::mem::size_of::<T>())?;
+            {
+                let views: Vec<&[T]> = deltas.iter().map(|d| d.typed::<T>()).collect();
+                for (j, v) in variance.typed_mut::<T>().iter_mut().enumerate() {
+                    let mean = views.iter().map(|d| d[j].wide()).sum::<f64>() / k;
+                    let var = views.iter().map(|d| (d[j].wide() - mean).powi(2)).sum::<f64>() / k;
+                    // Negated: the largest variances first in an ascending, index-stable order.
+                    *v = T::of(-var);
+                }
+            }
+            let keys = variance.typed::<T>();
+            let nnz = keys.iter().filter(|v| v.wide() != 0.0).count();
+            let keep = (self.select_topk * nnz as f64).floor() as usize;
+            let upper = if keep < n {
+                let mut work = cx.alloc("merge", n * std::mem::size_of::<T>())?;
+                Some(kth_key(keys, work.typed_mut::<T>(), keep))
+            } else {
+                None
+            };
+            for d in &mut deltas {
+                for (i, (x, key)) in d.typed_mut::<T>().iter_mut().zip(keys).enumerate() {
+                    if upper.is_some_and(|u| !key_before(key.wide(), i, u)) {
+                        *x = T::of(0.0);
+                    }
+                }
+            }
+        }
+        cx.check()?;
+        let views: Vec<&[T]> = deltas.iter().map(|d| d.typed::<T>()).collect();
+        let energy: Vec<f64> = views
+            .iter()
+            .map(|d| d.iter().map(|x| x.wide() * x.wide()).sum::<f64>() / n.max(1) as f64)
+            .collect();
+        let total: f64 = energy.iter().sum();
+        let weights: Vec<f64> = if total == 0.0 {
+            vec![1.0 / k; views.len()]
+        } else {
+            energy.iter().map(|e| e / total).collect()
+        };
+        for (j, b) in base.typed_mut::<T>().iter_mut().enumerate() {
+            let majority = if views.iter().map(|d| d[j].wide()).sum::<f64>() >= 0.0 {
+                1.0
+            } else {
+                -1.0
+            };
+            let (mut mixed, mut divisor) = (0.0, 0.0);
+            for (d, w) in views.iter().zip(&weights) {
+                let x = d[j].wide();
+                if sign(x) == majority {
+                    mixed += x * w;
+                    divisor += w;
+                }
+            }
+            if divisor == 0.0 {
+                divisor = 1.0;
+            }
+            *b = T::of(b.wide() + mixed / divisor);
+        }
+        Ok(base)
+    }
+
+    /// Arcee Fusion (MergeKit merge_methods/arcee_fusion.py): importance
+    /// `|m − b| · KL(softmax(m) ‖ softmax(b))` per row of the last dimension (softmaxes plus
+    /// 1e-8), the threshold `median + 1.5·(q₃ − q₁)` of the importances (quantile q the sorted
+    /// value at `⌊q·(n − 1)⌋`, over every entry: MergeKit samples a million entries of larger
+    /// tensors at random), and the model's entries where the importance reaches it, the base's
+    /// elsewhere.
+    fn arcee_fusion<T: Work>(&self, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
+        let mut base = self.read_input::<T>(0, cx)?;
+        let model = self.read_input::<T>(1, cx)?;
+        let n = self.inputs[0].numel();
+        if n == 0 {
+            return Ok(base);
+        }
+        let shape = &self.inputs[0].shape;
+        let len = shape.last().copied().unwrap_or(1).max(1);
+        let mut importance = cx.alloc("merge", n * std::mem::size_of::<T>())?;
+        {
+            let (b, m) = (base.typed::<T>(), model.typed::<T>());
+            let imp = importance.typed_mut::<T>();
+            for r in 0..n / len {
+                let span = r * len..(r + 1) * len;
+                let softmax = |v: &[T]| {
+                    let max = v.iter().map(|x| x.wide()).fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = v.iter().map(|x| (x.wide() - max).exp()).sum();
+                    move |x: f64| (x - max).exp() / sum + 1e-8
+                };
+                let (p, q) = (softmax(&m[span.clone()]), softmax(&b[span.clone()]));
+                let kl = T::of(
+                    m[span.clone()]
+                        .iter()
+                        .zip(&b[span.clone()])
+                        .map(|(x, y)| {
+                            let (px, qy) = (p(x.wide()), q(y.wide()));
+                            px * (px / qy).ln()
+                        })
+                        .sum::<f64>(),
+                )
+                .wide();
+                for j in span {
+                    let diff = T::of((m[j].wide() - b[j].wide()).abs()).wide();
+                    imp[j] = T::of(diff * kl);
+                }
+            }
+        }
+        let keys = importance.typed::<T>();
+        let mut work = cx.alloc("merge", n * std::mem::size_of::<T>())?;
+        let quantile = |q: f64, work: &mut [T]| kth_key(keys, work, (q * (n - 1) as f64).floor() as usize).0;
+        let w = work.typed_mut::<T>();
+        let (q1, median, q3) = (quantile(0.25, w), quantile(0.5, w), quantile(0.75, w));
+        // In the work type, as MergeKit computes it in the tensors' dtype.
+        let spread = T::of(1.5 * T::of(q3 - q1).wide()).wide();
+        let threshold = T::of(median + spread).wide();
+        let m = model.typed::<T>();
+        for (j, b) in base.typed_mut::<T>().iter_mut().enumerate() {
+            if keys[j].wide() >= threshold {
+                *b = m[j];
+            }
         }
         Ok(base)
     }
@@ -1373,8 +1863,14 @@ mod tests {
             e.contains("unknown merge method `tie`") && e.contains("did you mean `ties`"),
             "{e}"
         );
-        let e = error(serde_json::json!({"method": "karcher", "models": ["x", "y"], "to": "m"}));
+        let e = error(serde_json::json!({"method": "passthrough", "models": ["x", "y"], "to": "m"}));
         assert!(e.contains("not implemented yet"), "{e}");
+        let e = error(serde_json::json!({"method": "nuslerp", "models": ["x", "y", "z"], "weight": 1, "to": "m"}));
+        assert!(e.contains("exactly 2"), "{e}");
+        let e = error(serde_json::json!({"method": "karcher", "base": "b", "models": ["x", "y"], "to": "m"}));
+        assert!(e.contains("takes no base"), "{e}");
+        let e = error(serde_json::json!({"method": "sce", "base": "b", "models": ["x"], "select_topk": -1, "to": "m"}));
+        assert!(e.contains("select_topk"), "{e}");
         let e = error(serde_json::json!({"method": "ties", "models": ["x"], "to": "m"}));
         assert!(e.contains("base"), "{e}");
         let e = error(serde_json::json!({"method": "slerp", "base": "b", "models": ["x", "y"], "to": "m", "t": 0.5}));

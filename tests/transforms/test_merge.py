@@ -442,6 +442,176 @@ def test_target_limits_what_is_merged(tmp_path):
             np.testing.assert_array_equal(got[name], models["ft1"][name])
 
 
+def ref_nuslerp(t, v0, v1, flatten, row_wise):
+    a, b = v0.astype(np.float64), v1.astype(np.float64)
+    shape = a.shape
+    if flatten or a.ndim == 0:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    elif row_wise:
+        a, b = np.moveaxis(a, 0, -1), np.moveaxis(b, 0, -1)
+    lead = a.shape
+    a, b = a.reshape(-1, lead[-1]), b.reshape(-1, lead[-1])
+    na = np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-7)
+    nb = np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-7)
+    theta = np.arccos(np.clip(np.sum(a / na * (b / nb), axis=-1, keepdims=True), -1, 1))
+    s = np.sin(theta)
+    res = (np.sin((1 - t) * theta) * a + np.sin(t * theta) * b) / np.where(np.abs(s) < 1e-8, 1, s)
+    lin = (1 - t) * a + t * b
+    res = np.where(np.abs(s) < 1e-8, lin, res).reshape(lead)
+    if row_wise and not flatten and v0.ndim > 0:
+        res = np.moveaxis(res, -1, 0)
+    return res.reshape(shape)
+
+
+@pytest.mark.parametrize(("flatten", "row_wise"), [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp(tmp_path, flatten, row_wise, with_base):
+    models, paths = checkpoints(tmp_path)
+    merge = {"method": "nuslerp", "models": {"ft1": {"weight": 0.3}, "ft2": {"weight": 0.5}},
+             "nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise, "to": "merged"}
+    if with_base:
+        merge["base"] = "base"
+    got = run(paths, merge, tmp_path)
+    t = 0.5 / 0.8
+
+    def ref(n):
+        b = models["base"][n].astype(F32)
+        if with_base:
+            d0, d1 = models["ft1"][n].astype(F32) - b, models["ft2"][n].astype(F32) - b
+            return b.astype(np.float64) + ref_nuslerp(t, d0, d1, flatten, row_wise)
+        return ref_nuslerp(t, models["ft1"][n], models["ft2"][n], flatten, row_wise)
+
+    check_all(got, models, ref)
+
+
+def ref_multislerp(xs, ws, base=None, normalize=True, eps=1e-8):
+    xs = [x.astype(np.float64).ravel() for x in xs]
+    if base is not None:
+        xs = [x - base.astype(np.float64).ravel() for x in xs]
+    w = np.array(ws, dtype=np.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = np.array([np.linalg.norm(x) for x in xs])
+    units = [x / (nm + eps) for x, nm in zip(xs, norms)]
+    mean = sum(wi * u for wi, u in zip(w, units))
+    mean = mean / np.linalg.norm(mean)
+    tangents = [u - np.dot(u, mean) * mean for u in units]
+    tau = sum(wi * tg for wi, tg in zip(w, tangents))
+    tn = np.linalg.norm(tau) + eps
+    res = (mean * np.cos(tn) + tau * (np.sin(tn) / tn)) * np.dot(norms, w)
+    if base is not None:
+        res = res + base.astype(np.float64).ravel()
+    return res
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp(tmp_path, with_base):
+    models, paths = checkpoints(tmp_path)
+    merge = {"method": "multislerp", "models": {"ft1": {"weight": 0.2}, "ft2": {"weight": 0.5}}, "to": "merged"}
+    if with_base:
+        merge["base"] = "base"
+    else:
+        merge["models"]["base"] = {"weight": 0.3}
+    got = run(paths, merge, tmp_path)
+
+    def ref(n):
+        if with_base:
+            b = models["base"][n].astype(F32)
+            ds = [models[a][n].astype(F32) - b for a in ("ft1", "ft2")]
+            return ref_multislerp(ds, [0.2, 0.5]).reshape(b.shape) + b.astype(np.float64)
+        ms = [models[a][n] for a in ("ft1", "ft2", "base")]
+        return ref_multislerp(ms, [0.2, 0.5, 0.3]).reshape(ms[0].shape)
+
+    check_all(got, models, ref)
+
+
+def ref_karcher(xs, max_iter=10, tol=1e-5):
+    xs = [x.astype(np.float64).ravel() for x in xs]
+    alphas = [1.0 / len(xs)] * len(xs)
+    norms = [np.linalg.norm(x) for x in xs]
+    units = [x / nm if nm else np.zeros_like(x) for x, nm in zip(xs, norms)]
+    valid = [i for i, nm in enumerate(norms) if nm > tol]
+    a = np.array([alphas[i] for i in valid])
+    a = a / a.sum()
+    us = [units[i] for i in valid]
+    mean = sum(ai * u for ai, u in zip(a, us))
+    mean = us[0].copy() if np.linalg.norm(mean) < tol else mean / np.linalg.norm(mean)
+    for _ in range(max_iter):
+        tangent = np.zeros_like(mean)
+        for ai, u in zip(a, us):
+            dot = np.clip(np.dot(mean, u), -1, 1)
+            theta = np.arccos(dot)
+            if theta < tol:
+                continue
+            tangent += ai * (theta / np.sin(theta)) * (u - dot * mean)
+        tn = np.linalg.norm(tangent)
+        if tn < tol:
+            break
+        mean = np.cos(tn) * mean + np.sin(tn) * (tangent / tn)
+        un = np.linalg.norm(mean)
+        if un > tol:
+            mean = mean / un
+    return sum(al * nm for al, nm in zip(alphas, norms)) * mean
+
+
+def test_karcher(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    got = run(paths, {"method": "karcher", "models": ["base", "ft1", "ft2"], "max_iter": 20, "to": "merged"}, tmp_path)
+    check_all(got, models, lambda n: ref_karcher([models[a][n] for a in ("base", "ft1", "ft2")], max_iter=20).reshape(models["base"][n].shape))
+
+
+@pytest.mark.parametrize("topk", [1.0, 0.5])
+def test_sce(tmp_path, topk):
+    models, paths = checkpoints(tmp_path)
+    got = run(paths, {"method": "sce", "base": "base", "models": ["ft1", "ft2"], "select_topk": topk, "to": "merged"}, tmp_path)
+
+    def ref(n):
+        b = models["base"][n].astype(F32)
+        deltas = np.stack([(models[a][n].astype(F32) - b).astype(np.float64) for a in ("ft1", "ft2")])
+        if topk < 1:
+            var = deltas.var(axis=0).ravel()
+            k = int(np.floor(topk * np.count_nonzero(var)))
+            mask = np.zeros(var.size, bool)
+            mask[np.argsort(-var.astype(F32), kind="stable")[:k]] = True
+            deltas = deltas * mask.reshape(b.shape)
+        energy = np.array([np.sum(d**2) / d.size for d in deltas])
+        w = energy / energy.sum()
+        majority = np.where(deltas.sum(axis=0) >= 0, 1.0, -1.0)
+        keep = np.sign(deltas) == majority
+        wcol = w.reshape((-1,) + (1,) * b.ndim)
+        mixed = (deltas * wcol * keep).sum(axis=0)
+        divisor = (wcol * keep).sum(axis=0)
+        divisor[divisor == 0] = 1
+        return b.astype(np.float64) + mixed / divisor
+
+    check_all(got, models, ref)
+
+
+def test_arcee_fusion(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    got = run(paths, {"method": "arcee_fusion", "base": "base", "models": ["ft1"], "to": "merged"}, tmp_path)
+
+    def ref(n):
+        b, m = models["base"][n].astype(F32), models["ft1"][n].astype(F32)
+
+        def softmax(x):
+            x = x.astype(np.float64)
+            e = np.exp(x - x.max(axis=-1, keepdims=True))
+            return e / e.sum(axis=-1, keepdims=True) + 1e-8
+
+        p, q = softmax(m), softmax(b)
+        kl = np.sum(p * np.log(p / q), axis=-1, keepdims=True).astype(F32)
+        importance = (np.abs(m - b) * kl).astype(F32).ravel()
+        s = np.sort(importance)
+        q1, med, q3 = (s[int(np.floor(f * (s.size - 1)))] for f in (0.25, 0.5, 0.75))
+        threshold = med + F32(1.5) * (q3 - q1)
+        mask = (importance >= threshold).reshape(b.shape)
+        assert 0 < mask.sum() < mask.size or mask.size < 10
+        return np.where(mask, m, b).astype(np.float64)
+
+    check_all(got, models, ref)
+
+
 # --- CLI, determinism, header-only check -------------------------------------------------------
 
 
@@ -509,7 +679,9 @@ def test_missing_tensor_in_a_model(tmp_path, write):
         ({"method": "linear", "models": {"ft1": {"weight": 1}, "ft2": {"weight": -1}}}, ["sum to 0"]),
         ({"method": "linear", "models": ["ft1", "ft2"]}, ["needs a weight", "ft1"]),
         ({"method": "ties_dare", "base": "base", "models": ["ft1"]}, ["unknown merge method `ties_dare`", "dare_ties"]),
-        ({"method": "karcher", "models": ["ft1", "ft2"]}, ["`karcher` is not implemented yet"]),
+        ({"method": "karcher", "base": "base", "models": ["ft1", "ft2"]}, ["takes no base"]),
+        ({"method": "nuslerp", "models": ["ft1", "ft2", "base"], "weight": 1}, ["exactly 2 models"]),
+        ({"method": "arcee_fusion", "base": "base", "models": ["ft1", "ft2"]}, ["exactly 1 model"]),
         ({"method": "passthrough", "models": ["ft1"]}, ["`passthrough` is not implemented yet"]),
         ({"method": "linear", "models": ["ft1", "nope"], "weight": 1}, ["nope"]),
         ({"method": "della", "base": "base", "models": ["ft1"], "weight": 1, "density": 0.9, "epsilon": 0.2}, ["density ± epsilon"]),
