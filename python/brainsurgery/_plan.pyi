@@ -530,15 +530,16 @@ class Plan(PlanBase):
             scale: number, default: 1. extra factor on every delta
         """
 
-    def merge(self, method: str, models: Mapping[str, Any] | Sequence[str], to: str, *, base: str | None = None, target: Reference | None = None, dtype: str | None = None, weight: float | Sequence[Any] | None = None, density: float | Sequence[Any] | None = None, gamma: float | Sequence[Any] | None = None, epsilon: float | Sequence[Any] | None = None, t: float | Sequence[Any] | None = None, normalize: bool | None = None, rescale: bool | None = None, lambda_: float | None = 1, seed: float | None = 0, nuslerp_flatten: bool | None = True, nuslerp_row_wise: bool | None = False, select_topk: float | None = 1, max_iter: float | None = 10, tol: float | None = 1e-05) -> Self:
+    def merge(self, method: str, to: str, *, models: Mapping[str, Any] | Sequence[str] | None = None, slices: Sequence[Mapping[str, Any]] | None = None, base: str | None = None, target: Reference | None = None, dtype: str | None = None, weight: float | Sequence[Any] | None = None, density: float | Sequence[Any] | None = None, gamma: float | Sequence[Any] | None = None, epsilon: float | Sequence[Any] | None = None, t: float | Sequence[Any] | None = None, normalize: bool | None = None, rescale: bool | None = None, lambda_: float | None = 1, seed: float | None = 0, nuslerp_flatten: bool | None = True, nuslerp_row_wise: bool | None = False, select_topk: float | None = 1, max_iter: float | None = 10, tol: float | None = 1e-05) -> Self:
         """merge: merge the same-named tensors of several aliases into a new alias (MergeKit's methods)
 
         Appends ``merge`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
 
         Keys:
-            method: string, required. linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, model_stock, karcher, sce or arcee_fusion
-            models: models, required. the aliases merged: a mapping alias → its parameters (weight, density, gamma, epsilon), or a list of aliases sharing the top-level ones
+            method: string, required. linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, model_stock, karcher, sce, arcee_fusion or passthrough
             to: string, required. the new alias receiving every tensor of the base (or of the first model), merged
+            models: models, default: required, except for passthrough. the aliases merged: a mapping alias → its parameters (weight, density, gamma, epsilon), or a list of aliases sharing the top-level ones
+            slices: slices, default: required by passthrough. passthrough: layer ranges stacked in order, [{alias: a, layers: [0, 8]}, {alias: b, layers: [4, 12]}] (start included, end excluded)
             base: string, optional. the base alias: required by task_arithmetic, the TIES/DARE/breadcrumbs/DELLA family, model_stock, sce and arcee_fusion, the t = 0 end of slerp; optional for nuslerp and multislerp (they then merge deltas); not taken by linear and karcher
             target: reference, default: every tensor. the tensors merged, a pattern over the base's names; the others are copied from the base (or first model)
             dtype: dtype, default: the base's (first model's) dtype. result dtype (a float)

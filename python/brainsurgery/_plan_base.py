@@ -70,6 +70,7 @@ KEY_TYPES: dict[str, str] = {
     "plan": "PlanValue",
     "models": "Mapping[str, Any] | Sequence[str]",
     "parameter": "float | Sequence[Any]",
+    "slices": "Sequence[Mapping[str, Any]]",
 }
 
 # A default the engine gives as a literal value (shown in the signature) rather than in words

@@ -47,6 +47,8 @@ pub enum FieldKind {
     /// A merge parameter: a number, a gradient (a list of numbers) or a list of
     /// `{filter, value}` entries.
     Parameter,
+    /// Layer ranges of aliases: a list of `{alias, layers: [start, end]}` (`merge.slices`).
+    Slices,
 }
 
 impl FieldKind {
@@ -69,6 +71,7 @@ impl FieldKind {
             FieldKind::Plan => "plan",
             FieldKind::Models => "models",
             FieldKind::Parameter => "parameter",
+            FieldKind::Slices => "slices",
         }
     }
 }

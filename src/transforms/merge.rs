@@ -1,8 +1,8 @@
 //! `merge`: a new alias whose tensors merge the same-named tensors of several aliases, with the
 //! methods of MergeKit 0.1.5 (`linear`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
 //! `breadcrumbs`, `breadcrumbs_ties`, `della`, `della_linear`, `slerp`, `nuslerp`, `multislerp`,
-//! `model_stock`, `karcher`, `sce`, `arcee_fusion`); `passthrough` is a known name refused with a
-//! plan error until implemented.
+//! `model_stock`, `karcher`, `sce`, `arcee_fusion`) and `passthrough` (layer ranges of several
+//! aliases stacked into one model, renumbered: a "frankenmerge", see [`Passthrough`]).
 //!
 //! Parameters are resolved per tensor when the step applies (so `check` validates them from the
 //! headers alone): a number, a gradient (a list interpolated across the layer index found in the
@@ -35,12 +35,19 @@ const FIELDS: &[Field] = &[
     Field::required(
         "method",
         FieldKind::Text,
-        "linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, model_stock, karcher, sce or arcee_fusion",
+        "linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, model_stock, karcher, sce, arcee_fusion or passthrough",
     ),
-    Field::required(
+    Field::optional(
         "models",
         FieldKind::Models,
+        Some("required, except for passthrough"),
         "the aliases merged: a mapping alias → its parameters (weight, density, gamma, epsilon), or a list of aliases sharing the top-level ones",
+    ),
+    Field::optional(
+        "slices",
+        FieldKind::Slices,
+        Some("required by passthrough"),
+        "passthrough: layer ranges stacked in order, [{alias: a, layers: [0, 8]}, {alias: b, layers: [4, 12]}] (start included, end excluded)",
     ),
     Field::optional(
         "base",
@@ -195,6 +202,8 @@ enum Method {
     Sce,
     /// Arcee Fusion: take the model's entries whose importance passes a dynamic threshold.
     ArceeFusion,
+    /// Layer ranges stacked ([`Passthrough`]).
+    Passthrough,
 }
 
 /// Whether a method takes a base.
@@ -253,13 +262,14 @@ impl Method {
             "karcher" => Method::Karcher,
             "sce" => Method::Sce,
             "arcee_fusion" => Method::ArceeFusion,
+            "passthrough" => Method::Passthrough,
             _ => return None,
         })
     }
 
     fn base_use(self) -> BaseUse {
         match self {
-            Method::Linear | Method::Karcher => BaseUse::Refused,
+            Method::Linear | Method::Karcher | Method::Passthrough => BaseUse::Refused,
             Method::NuSlerp | Method::MultiSlerp => BaseUse::Optional,
             _ => BaseUse::Required,
         }
@@ -275,9 +285,12 @@ impl Method {
     /// The fewest models (besides the base) it merges, and the most.
     fn model_counts(self) -> (usize, usize) {
         match self {
-            Method::Linear | Method::TaskArithmetic { .. } | Method::MultiSlerp | Method::Karcher | Method::Sce => {
-                (1, usize::MAX)
-            }
+            Method::Linear
+            | Method::TaskArithmetic { .. }
+            | Method::MultiSlerp
+            | Method::Karcher
+            | Method::Sce
+            | Method::Passthrough => (1, usize::MAX),
             Method::Slerp | Method::ArceeFusion => (1, 1),
             Method::ModelStock => (2, usize::MAX),
             Method::NuSlerp => (2, 2),
@@ -460,20 +473,6 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
     let method_name = p.text("method")?.unwrap_or_default().to_owned();
     let method = match Method::of(&method_name) {
         Some(m) => m,
-        None if KNOWN.contains(&method_name.as_str()) => {
-            return Err(PlanError::invalid(
-                &p.at("method"),
-                format!(
-                    "merge method `{method_name}` is not implemented yet; implemented: {}",
-                    KNOWN
-                        .iter()
-                        .filter(|m| Method::of(m).is_some())
-                        .copied()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ))
-        }
         None => {
             let hint = suggest(&method_name, KNOWN.iter().copied())
                 .map(|s| format!("; did you mean `{s}`?"))
@@ -487,8 +486,6 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
             ));
         }
     };
-    let models = parse_models(p.get("models").unwrap_or(&Json::Null), &p.at("models"))?;
-    let base = p.text("base")?.map(str::to_owned);
     let to = p.text("to")?.unwrap_or_default().to_owned();
     if to.is_empty() || to.contains("::") {
         return Err(PlanError::invalid(
@@ -496,6 +493,23 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
             format!("expected a new alias name, got `{to}`"),
         ));
     }
+    if method == Method::Passthrough {
+        return parse_passthrough(&p, to, cx);
+    }
+    if p.get("slices").is_some() {
+        return Err(PlanError::invalid(
+            &p.at("slices"),
+            format!("{method_name} takes `models`; `slices` is for passthrough"),
+        ));
+    }
+    if p.get("models").is_none() {
+        return Err(PlanError::MissingKey {
+            location: cx.location.clone(),
+            key: "models".into(),
+        });
+    }
+    let models = parse_models(p.get("models").unwrap_or(&Json::Null), &p.at("models"))?;
+    let base = p.text("base")?.map(str::to_owned);
     if method.base_use() == BaseUse::Required && base.is_none() {
         return Err(PlanError::MissingKey {
             location: cx.location.clone(),
@@ -603,6 +617,247 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
         tol,
         location: cx.location.clone(),
     }))
+}
+
+/// One layer range of `passthrough`: layers `start..end` of `alias`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LayerSlice {
+    alias: String,
+    start: usize,
+    end: usize,
+}
+
+/// `passthrough` (MergeKit's frankenmerge): the layers of each slice, in order, renumbered
+/// consecutively from 0 in the output (the number after `layers`, `layer`, `h` or `blocks`);
+/// the tensors without a layer number come from the first slice's alias, those before its first
+/// layer tensor first, the others after the stacked layers. Tensors are carried as they are
+/// (cast lazily to `dtype` when given, floating ones only).
+#[derive(Debug)]
+struct Passthrough {
+    slices: Vec<LayerSlice>,
+    to: String,
+    dtype: Option<DType>,
+    location: Location,
+}
+
+/// Keys `passthrough` does not take.
+const NOT_PASSTHROUGH: &[&str] = &[
+    "models",
+    "base",
+    "target",
+    "weight",
+    "density",
+    "gamma",
+    "epsilon",
+    "t",
+    "normalize",
+    "rescale",
+    "lambda",
+    "seed",
+    "nuslerp_flatten",
+    "nuslerp_row_wise",
+    "select_topk",
+    "max_iter",
+    "tol",
+];
+
+fn parse_passthrough(
+    p: &crate::plan::payload::Payload,
+    to: String,
+    cx: &ParseContext,
+) -> Result<Box<dyn Transform>, PlanError> {
+    for key in NOT_PASSTHROUGH {
+        if p.get(key).is_some() {
+            return Err(PlanError::invalid(
+                &p.at(key),
+                format!("passthrough takes `slices`, `to` and `dtype`, not `{key}`"),
+            ));
+        }
+    }
+    let Some(value) = p.get("slices") else {
+        return Err(PlanError::MissingKey {
+            location: cx.location.clone(),
+            key: "slices".into(),
+        });
+    };
+    let at = p.at("slices");
+    let items = match value {
+        Json::Array(items) if !items.is_empty() => items,
+        other => {
+            return Err(PlanError::invalid(
+                &at,
+                format!(
+                    "expected a non-empty list of {{alias, layers: [start, end]}}, got `{}`",
+                    compact(other)
+                ),
+            ))
+        }
+    };
+    let mut slices = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = at.index(i);
+        let Json::Object(map) = item else {
+            return Err(PlanError::invalid(
+                &at,
+                format!("expected {{alias, layers: [start, end]}}, got `{}`", compact(item)),
+            ));
+        };
+        for key in map.keys() {
+            if key != "alias" && key != "layers" {
+                return Err(PlanError::UnknownKey {
+                    location: at.clone(),
+                    key: key.clone(),
+                    suggestion: suggest(key, ["alias", "layers"]),
+                    expected: vec!["alias".into(), "layers".into()],
+                });
+            }
+        }
+        let alias = match map.get("alias") {
+            Some(Json::String(a)) => a.clone(),
+            None | Some(Json::Null) => {
+                return Err(PlanError::MissingKey {
+                    location: at,
+                    key: "alias".into(),
+                })
+            }
+            Some(other) => {
+                return Err(PlanError::invalid(
+                    &at.key("alias"),
+                    format!("expected an alias name, got `{}`", compact(other)),
+                ))
+            }
+        };
+        let range = match map.get("layers") {
+            Some(Json::Array(r)) if r.len() == 2 => r.iter().map(Json::as_u64).collect::<Option<Vec<u64>>>(),
+            None | Some(Json::Null) => {
+                return Err(PlanError::MissingKey {
+                    location: at,
+                    key: "layers".into(),
+                })
+            }
+            _ => None,
+        };
+        let (start, end) = match range.as_deref() {
+            Some(&[s, e]) if s < e => (s as usize, e as usize),
+            _ => {
+                return Err(PlanError::invalid(
+                    &at.key("layers"),
+                    format!(
+                        "expected [start, end] with whole numbers start < end (end excluded), got `{}`",
+                        compact(map.get("layers").unwrap_or(&Json::Null))
+                    ),
+                ))
+            }
+        };
+        slices.push(LayerSlice { alias, start, end });
+    }
+    Ok(Box::new(Passthrough {
+        slices,
+        to,
+        dtype: p.dtype("dtype")?,
+        location: cx.location.clone(),
+    }))
+}
+
+/// `name` with its layer number (see [`layer_index`]) replaced by `layer`.
+pub(crate) fn renumbered(name: &str, layer: usize) -> String {
+    let mut segments: Vec<String> = name.split('.').map(str::to_owned).collect();
+    if let Some(i) = (0..segments.len().saturating_sub(1)).find(|&i| {
+        matches!(segments[i].as_str(), "layers" | "layer" | "h" | "blocks") && segments[i + 1].parse::<usize>().is_ok()
+    }) {
+        segments[i + 1] = layer.to_string();
+    }
+    segments.join(".")
+}
+
+impl Transform for Passthrough {
+    fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
+        let location = &self.location;
+        for (i, slice) in self.slices.iter().enumerate() {
+            let at = location.key("slices").index(i);
+            state.alias_for(Some(&slice.alias), &slice.alias, &at.key("alias"))?;
+            let layers = state
+                .alias(&slice.alias)
+                .and_then(|a| a.iter().filter_map(|(n, _)| layer_index(n)).max())
+                .map_or(0, |m| m + 1);
+            if slice.end > layers {
+                return Err(PlanError::invalid(
+                    &at.key("layers"),
+                    format!(
+                        "layers [{}, {}) lie outside alias `{}`, which has {layers} layers",
+                        slice.start, slice.end, slice.alias
+                    ),
+                )
+                .into());
+            }
+        }
+        if state.alias(&self.to).is_some() {
+            return Err(PlanError::invalid(
+                &location.key("to"),
+                format!("alias `{}` already exists; merge writes a new alias", self.to),
+            )
+            .into());
+        }
+        if let Some(dtype) = self.dtype {
+            if !dtype.is_float() || !dtype.is_computable() {
+                return Err(PlanError::invalid(
+                    &location.key("dtype"),
+                    format!("`dtype` must be a float dtype, got {dtype}"),
+                )
+                .into());
+            }
+        }
+        let cast = |name: &str, alias: &str, t: &Tensor| -> Result<Tensor, StepError> {
+            match self.dtype {
+                Some(d) if t.dtype != d && t.dtype.is_float() && t.dtype.is_computable() => t
+                    .cast(d)
+                    .map_err(|e| TransformError::value_of(&format!("{alias}::{name}"), e)),
+                _ => Ok(t.clone()),
+            }
+        };
+        let first = &self.slices[0].alias;
+        let (mut pre, mut post) = (Vec::new(), Vec::new());
+        let mut seen_layer = false;
+        for (name, t) in state
+            .alias(first)
+            .map(|a| a.iter().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            if layer_index(name).is_some() {
+                seen_layer = true;
+            } else if seen_layer {
+                post.push((name.to_owned(), cast(name, first, t)?));
+            } else {
+                pre.push((name.to_owned(), cast(name, first, t)?));
+            }
+        }
+        let mut stacked = Vec::new();
+        let mut next = 0;
+        for slice in &self.slices {
+            let tensors: Vec<(&str, &Tensor)> = state
+                .alias(&slice.alias)
+                .map(|a| a.iter().collect())
+                .unwrap_or_default();
+            for layer in slice.start..slice.end {
+                for (name, t) in tensors.iter().filter(|(n, _)| layer_index(n) == Some(layer)) {
+                    stacked.push((renumbered(name, next), cast(name, &slice.alias, t)?));
+                }
+                next += 1;
+            }
+        }
+        let count = pre.len() + stacked.len() + post.len();
+        state.ensure_alias(&self.to);
+        for (name, tensor) in pre.into_iter().chain(stacked).chain(post) {
+            state.insert(&self.to, &name, tensor);
+        }
+        ctx.note(format!(
+            "merge (passthrough): {next} layers from {} slices stacked into `{}`, {}",
+            self.slices.len(),
+            self.to,
+            count_noun(count)
+        ));
+        Ok(Flow::Continue)
+    }
 }
 
 /// Parses `models`: a mapping alias → parameters (or null), or a list of aliases.
@@ -1029,6 +1284,12 @@ impl MergeOp {
             Method::Karcher => self.karcher::<T>(cx)?,
             Method::Sce => self.sce::<T>(cx)?,
             Method::ArceeFusion => self.arcee_fusion::<T>(cx)?,
+            Method::Passthrough => {
+                return Err(ValueError::Compute {
+                    op: "merge",
+                    reason: "passthrough copies tensors and computes none".into(),
+                })
+            }
         };
         real_scratch(values.typed::<T>(), dtype, "merge", cx)
     }
@@ -1816,6 +2077,19 @@ mod tests {
     }
 
     #[test]
+    fn layers_are_renumbered_in_their_segment() {
+        assert_eq!(
+            renumbered("model.layers.12.mlp.up_proj.weight", 3),
+            "model.layers.3.mlp.up_proj.weight"
+        );
+        assert_eq!(
+            renumbered("transformer.h.0.attn.weight", 10),
+            "transformer.h.10.attn.weight"
+        );
+        assert_eq!(renumbered("model.norm.weight", 1), "model.norm.weight");
+    }
+
+    #[test]
     fn layer_indices_come_from_layer_segments() {
         assert_eq!(layer_index("model.layers.12.mlp.up_proj.weight"), Some(12));
         assert_eq!(layer_index("transformer.h.3.attn.c_attn.weight"), Some(3));
@@ -1864,7 +2138,27 @@ mod tests {
             "{e}"
         );
         let e = error(serde_json::json!({"method": "passthrough", "models": ["x", "y"], "to": "m"}));
-        assert!(e.contains("not implemented yet"), "{e}");
+        assert!(e.contains("not `models`"), "{e}");
+        let e = error(serde_json::json!({"method": "passthrough", "to": "m"}));
+        assert!(e.contains("slices"), "{e}");
+        for bad in [
+            serde_json::json!([]),
+            serde_json::json!([{"alias": "a", "layers": [3, 3]}]),
+            serde_json::json!([{"alias": "a", "layers": [0]}]),
+            serde_json::json!([{"alias": "a", "layers": [-1, 2]}]),
+            serde_json::json!([{"alias": "a"}]),
+            serde_json::json!([{"alias": "a", "layers": [0, 2], "model": "b"}]),
+            serde_json::json!(["a"]),
+        ] {
+            let e = error(serde_json::json!({"method": "passthrough", "slices": bad, "to": "m"}));
+            assert!(e.contains("slices"), "{bad}: {e}");
+        }
+        assert!(parse_payload(serde_json::json!({
+            "method": "passthrough", "slices": [{"alias": "a", "layers": [0, 2]}, {"alias": "b", "layers": [1, 3]}], "to": "m"
+        }))
+        .is_ok());
+        let e = error(serde_json::json!({"method": "ties", "base": "b", "slices": [], "models": ["x"], "to": "m"}));
+        assert!(e.contains("`slices` is for passthrough"), "{e}");
         let e = error(serde_json::json!({"method": "nuslerp", "models": ["x", "y", "z"], "weight": 1, "to": "m"}));
         assert!(e.contains("exactly 2"), "{e}");
         let e = error(serde_json::json!({"method": "karcher", "base": "b", "models": ["x", "y"], "to": "m"}));

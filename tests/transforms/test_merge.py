@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import brainsurgery as bs
-from conftest import read
+from conftest import read, tensor_names
 from helpers import assert_one_error, cli, dump_plan, sha256, write_st
 
 F32 = np.float32
@@ -612,6 +612,35 @@ def test_arcee_fusion(tmp_path):
     check_all(got, models, ref)
 
 
+def test_passthrough_stacks_layer_ranges(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    slices = [{"alias": "base", "layers": [0, 2]}, {"alias": "ft1", "layers": [1, 3]}]
+    out = tmp_path / "out.safetensors"
+    bs.run({"inputs": inputs(paths), "transforms": [{"merge": {"method": "passthrough", "slices": slices, "to": "merged", "dtype": "bfloat16"}}],
+            "output": str(out)})
+    got = read(out)
+    sources = [("base", 0), ("base", 1), ("ft1", 1), ("ft1", 2)]
+    expected = {"model.embed_tokens.weight": models["base"]["model.embed_tokens.weight"]}
+    for k, (alias, layer) in enumerate(sources):
+        for kind in ("self_attn.q_proj", "mlp.up_proj"):
+            expected[f"model.layers.{k}.{kind}.weight"] = models[alias][f"model.layers.{layer}.{kind}.weight"]
+    expected["model.norm.weight"] = models["base"]["model.norm.weight"]
+    expected["position_ids"] = models["base"]["position_ids"]
+    assert tensor_names(out) == list(expected)
+    for name, want in expected.items():
+        if want.dtype == np.int64:
+            np.testing.assert_array_equal(got[name], want)
+        else:
+            np.testing.assert_array_equal(got[name], want.astype(ml_dtypes.bfloat16), err_msg=name)
+
+
+def test_passthrough_range_outside_the_model(tmp_path):
+    _, paths = checkpoints(tmp_path)
+    merge = {"method": "passthrough", "slices": [{"alias": "ft1", "layers": [2, 5]}], "to": "merged"}
+    proc = cli(["check", plan_file(tmp_path, paths, merge)], tmp_path)
+    assert_one_error(proc, 2, "layers [2, 5)", "`ft1`", "3 layers")
+
+
 # --- CLI, determinism, header-only check -------------------------------------------------------
 
 
@@ -682,7 +711,8 @@ def test_missing_tensor_in_a_model(tmp_path, write):
         ({"method": "karcher", "base": "base", "models": ["ft1", "ft2"]}, ["takes no base"]),
         ({"method": "nuslerp", "models": ["ft1", "ft2", "base"], "weight": 1}, ["exactly 2 models"]),
         ({"method": "arcee_fusion", "base": "base", "models": ["ft1", "ft2"]}, ["exactly 1 model"]),
-        ({"method": "passthrough", "models": ["ft1"]}, ["`passthrough` is not implemented yet"]),
+        ({"method": "passthrough", "models": ["ft1"]}, ["passthrough takes `slices`", "not `models`"]),
+        ({"method": "passthrough", "slices": [{"alias": "nope", "layers": [0, 1]}]}, ["nope"]),
         ({"method": "linear", "models": ["ft1", "nope"], "weight": 1}, ["nope"]),
         ({"method": "della", "base": "base", "models": ["ft1"], "weight": 1, "density": 0.9, "epsilon": 0.2}, ["density ± epsilon"]),
         ({"method": "ties", "base": "base", "models": ["ft1"], "weight": 1, "density": 1.5}, ["density must be in [0, 1]"]),
