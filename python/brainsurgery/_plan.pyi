@@ -556,7 +556,7 @@ class Plan(PlanBase):
             nuslerp_row_wise: bool, default: false. nuslerp without flattening: interpolate along the first dimension instead of the last
             select_topk: number, default: 1. sce: share of entries kept, those whose deltas vary most across the models
             max_iter: number, default: 10. karcher: most iterations
-            tol: number, default: 1e-5. karcher: convergence tolerance
+            tol: number, default: 0.00001. karcher: convergence tolerance
         """
 
     def assert_(self, assertion: Assertion | Mapping[str, Any] | None = None, /, *, exists: Mapping[str, Any] | Reference | None = None, count: Mapping[str, Any] | Reference | None = None, shape: Mapping[str, Any] | Reference | None = None, dimensions: Mapping[str, Any] | Reference | None = None, dtype: Mapping[str, Any] | Reference | None = None, equal: Mapping[str, Any] | Reference | None = None, iszero: Mapping[str, Any] | Reference | None = None, finite: Mapping[str, Any] | Reference | None = None, all: Sequence[Assertion | Mapping[str, Any]] | None = None, any: Sequence[Assertion | Mapping[str, Any]] | None = None, not_: Assertion | Mapping[str, Any] | None = None) -> Self:

@@ -145,7 +145,7 @@ const FIELDS: &[Field] = &[
         "sce: share of entries kept, those whose deltas vary most across the models",
     ),
     Field::optional("max_iter", FieldKind::Number, Some("10"), "karcher: most iterations"),
-    Field::optional("tol", FieldKind::Number, Some("1e-5"), "karcher: convergence tolerance"),
+    Field::optional("tol", FieldKind::Number, Some("0.00001"), "karcher: convergence tolerance"),
 ];
 
 /// `merge`.
