@@ -1534,6 +1534,9 @@ impl MergeOp {
             let offset = usize::from(self.uses_base);
             return self.read_input::<T>(offset, cx);
         }
+        if self.inputs[0].numel() == 0 {
+            return cx.alloc("merge", 0);
+        }
         let (models, base) = self.models_and_base::<T>(cx)?;
         let mut weights: Vec<f64> = self.params.iter().map(|p| p.weight).collect();
         if self.normalize {

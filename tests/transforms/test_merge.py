@@ -14,6 +14,11 @@ compared exactly in where they keep entries.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -432,6 +437,47 @@ def test_float64_inputs_stay_float64(tmp_path):
         np.testing.assert_allclose(got[name], want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "merge",
+    [
+        {"method": m, "base": "base", "models": ["ft1", "ft2"], "weight": 0.5, "density": 0.5}
+        for m in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "nuslerp", "multislerp")
+    ]
+    + [
+        {"method": "linear", "models": ["ft1", "ft2"], "weight": 0.5},
+        {"method": "karcher", "models": ["ft1", "ft2"]},
+        {"method": "slerp", "base": "base", "models": ["ft1"], "t": 0.5},
+        {"method": "arcee_fusion", "base": "base", "models": ["ft1"]},
+    ],
+    ids=lambda m: m["method"],
+)
+def test_empty_and_scalar_tensors(tmp_path, write, merge):
+    """Degenerate shapes merge without failing: an empty tensor stays empty, a scalar merges
+    (model_stock's two scalar deltas point in opposite directions or the same one, cos = ±1, so
+    its t is MergeKit's formula at a pole: only the shape is checked there)."""
+    rng = np.random.default_rng(1)
+    paths = {}
+    for alias in ("base", "ft1", "ft2"):
+        paths[alias] = write({"empty": np.zeros((0, 3), F32), "scalar": np.array(rng.standard_normal(), F32)}, f"{alias}.safetensors")
+    merge = {k: v for k, v in merge.items() if k not in ("density",) or "ties" in merge["method"] or "dare" in merge["method"] or "della" in merge["method"] or "breadcrumbs" in merge["method"]}
+    got = run(paths, {**merge, "to": "merged"}, tmp_path)
+    assert got["empty"].shape == (0, 3)
+    assert got["scalar"].shape == ()
+    assert merge["method"] == "model_stock" or np.isfinite(got["scalar"])
+
+
+def test_plan_builder(tmp_path):
+    models, paths = checkpoints(tmp_path)
+    out = tmp_path / "builder.safetensors"
+    plan = bs.Plan(inputs=inputs(paths), output=str(out))
+    plan.merge(method="task_arithmetic", models=["ft1", "ft2"], to="merged", base="base", weight=0.5, lambda_=2.0)
+    bs.run(plan.to_dict())
+    got = read(out)
+    for name in names():
+        b = models["base"][name]
+        assert_close(got[name], ref_gta(b, [models["ft1"][name], models["ft2"][name]], [0.5, 0.5], lam=2.0), name)
+
+
 def test_target_limits_what_is_merged(tmp_path):
     models, paths = checkpoints(tmp_path)
     got = run(paths, {"method": "linear", "models": ["ft1", "ft2"], "weight": 1, "target": ".*mlp.*", "to": "merged"}, tmp_path)
@@ -735,3 +781,100 @@ def test_help_lists_the_keys(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for key in ("method", "models", "base", "density", "epsilon", "seed"):
         assert key in proc.stdout
+
+
+# --- against MergeKit itself (optional) -----------------------------------------------------------
+
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+
+LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 32,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+
+
+def tiny_llama(rng, base=None):
+    h, i, v = 16, 32, 32
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        for proj in ("q", "k", "v", "o"):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (h, h)
+        shapes[p + "mlp.gate_proj.weight"] = (i, h)
+        shapes[p + "mlp.up_proj.weight"] = (i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    if base is None:
+        return {n: rng.standard_normal(s).astype(F32) for n, s in shapes.items()}
+    return {n: (base[n] + 0.2 * rng.standard_normal(s)).astype(F32) for n, s in shapes.items()}
+
+
+MERGEKIT_CASES = {
+    "linear": (
+        {"merge_method": "linear", "models": [{"model": "ft1", "parameters": {"weight": 0.3}}, {"model": "ft2", "parameters": {"weight": 0.7}}]},
+        {"method": "linear", "models": {"ft1": {"weight": 0.3}, "ft2": {"weight": 0.7}}},
+    ),
+    "task_arithmetic": (
+        {"merge_method": "task_arithmetic", "base_model": "base",
+         "models": [{"model": "ft1", "parameters": {"weight": 0.6}}, {"model": "ft2", "parameters": {"weight": 0.5}}]},
+        {"method": "task_arithmetic", "base": "base", "models": {"ft1": {"weight": 0.6}, "ft2": {"weight": 0.5}}},
+    ),
+    "ties": (
+        {"merge_method": "ties", "base_model": "base",
+         "models": [{"model": "ft1", "parameters": {"weight": 0.6, "density": 0.5}}, {"model": "ft2", "parameters": {"weight": 0.5, "density": 0.3}}]},
+        {"method": "ties", "base": "base", "models": {"ft1": {"weight": 0.6, "density": 0.5}, "ft2": {"weight": 0.5, "density": 0.3}}},
+    ),
+    "slerp": (
+        {"merge_method": "slerp", "base_model": "base", "models": [{"model": "base"}, {"model": "ft1"}], "parameters": {"t": 0.3}},
+        {"method": "slerp", "base": "base", "models": ["ft1"], "t": 0.3},
+    ),
+}
+
+
+@pytest.mark.skipif(MERGEKIT is None, reason="mergekit-yaml not installed (set MERGEKIT_YAML or put it on PATH)")
+@pytest.mark.parametrize("method", list(MERGEKIT_CASES))
+def test_equals_mergekit(tmp_path, method):
+    """Our merge of a tiny Llama equals MergeKit 0.1.5's (both computing in f32, written as
+    bfloat16) within one bfloat16 step."""
+    rng = np.random.default_rng(5)
+    base = tiny_llama(rng)
+    dirs = {}
+    for alias, tensors in (("base", base), ("ft1", tiny_llama(rng, base)), ("ft2", tiny_llama(rng, base))):
+        d = tmp_path / alias
+        write_st(d / "model.safetensors", tensors)
+        (d / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+        dirs[alias] = d
+    theirs, ours = MERGEKIT_CASES[method]
+
+    def path_of(value):
+        return str(dirs[value]) if isinstance(value, str) and value in dirs else value
+
+    config = dict(theirs, dtype="float32", out_dtype="bfloat16")
+    if "base_model" in config:
+        config["base_model"] = path_of(config["base_model"])
+    config["models"] = [dict(m, model=path_of(m["model"])) for m in config["models"]]
+    (tmp_path / "mk.yml").write_text(json.dumps(config))
+    proc = subprocess.run([MERGEKIT, str(tmp_path / "mk.yml"), str(tmp_path / "mk-out")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mk_files = sorted((tmp_path / "mk-out").glob("*.safetensors"))
+    mk: dict[str, np.ndarray] = {}
+    for f in mk_files:
+        mk.update(read(f))
+    got = run({a: d / "model.safetensors" for a, d in dirs.items()}, dict(ours, to="merged", dtype="bfloat16"), tmp_path)
+    assert set(got) == set(mk)
+    for name in got:
+        a, b = got[name].astype(np.float64), mk[name].astype(np.float64)
+        np.testing.assert_allclose(a, b, rtol=2**-7, atol=1e-6, err_msg=name)
