@@ -16,6 +16,7 @@
 //! order or thread in which tensors are computed.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
@@ -1061,6 +1062,7 @@ impl Transform for Merge {
             .map_or(0, |m| m + 1);
         let mut results = Vec::with_capacity(names.len());
         let mut merged_count = 0;
+        let workspace = Arc::new(AtomicUsize::new(0));
         for (name, first_tensor) in &names {
             let selected = match &self.target {
                 None => true,
@@ -1152,6 +1154,16 @@ impl Transform for Merge {
                 }
             }
             let dtype = self.dtype.unwrap_or(first_tensor.dtype);
+            let n = first_tensor.numel();
+            let wide = if inputs.iter().all(|t| t.dtype == DType::F64) {
+                8
+            } else {
+                4
+            };
+            // Computing it holds every input whole in the work type and at most two buffers
+            // more (sort keys and their copy; karcher's mean and tangent), then the result.
+            let transient = n.saturating_mul(wide).saturating_mul(inputs.len() + 2);
+            workspace.fetch_max(transient, Ordering::Relaxed);
             let op = MergeOp {
                 method: self.method,
                 inputs,
@@ -1167,6 +1179,8 @@ impl Transform for Merge {
                 select_topk: self.select_topk,
                 max_iter: self.max_iter,
                 tol: self.tol,
+                out_bytes: dtype.nbytes(n).unwrap_or(usize::MAX),
+                workspace: workspace.clone(),
                 result: Mutex::new(None),
             };
             let tensor = Tensor::op(dtype, first_tensor.shape.clone(), Arc::new(op))
@@ -1232,8 +1246,15 @@ pub struct MergeOp {
     select_topk: f64,
     max_iter: usize,
     tol: f64,
+    /// The result's bytes in its dtype, kept from its computation until it is written.
+    out_bytes: usize,
+    /// The most bytes computing one tensor of this step takes (shared by the step's tensors).
+    workspace: Arc<AtomicUsize>,
     result: Mutex<Option<Arc<Scratch>>>,
 }
+
+/// Marks the merge workspace as counted in a [`LazyOp::materialized`] sum.
+static MERGE_WORKSPACE: u8 = 0;
 
 /// The work type's buffers: whole tensors as `T`.
 trait Work: Real + Element {}
@@ -1991,12 +2012,14 @@ impl LazyOp for MergeOp {
     }
 
     fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
-        // Every input whole in the work type, two more for a magnitude selection (keys and
-        // their copy), and the result in its dtype.
-        let n = self.inputs.first().map_or(0, Tensor::numel);
-        let buffers = self.inputs.len() + 2 + usize::from(!self.uses_base);
-        let mut total = n.saturating_mul(self.wide()).saturating_mul(buffers);
-        total = total.saturating_add(n.saturating_mul(8));
+        // The result, kept until written; and, once per estimate, the largest workspace of
+        // computing one tensor (tensors are computed one at a time per writing thread and their
+        // inputs dropped once computed, so summing every tensor's would count a whole model
+        // several times over).
+        let mut total = self.out_bytes;
+        if seen.insert(&MERGE_WORKSPACE as *const u8 as usize) {
+            total = total.saturating_add(self.workspace.load(Ordering::Relaxed));
+        }
         for input in &self.inputs {
             total = total.saturating_add(input.materialized(seen));
         }
