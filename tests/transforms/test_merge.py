@@ -728,6 +728,18 @@ def test_check_is_header_only(tmp_path):
     assert not (tmp_path / "cli.safetensors").exists()
 
 
+def test_memory_estimate_counts_one_workspace(tmp_path):
+    """The check counts each merged result plus one tensor's inputs and work buffers, not every
+    tensor's: a merge holds one tensor per input at a time."""
+    models, paths = checkpoints(tmp_path)
+    out = tmp_path / "est.safetensors"
+    report = bs.check({"inputs": inputs(paths), "transforms": [{"merge": DARE}], "output": str(out)})
+    sizes = {n: int(np.prod(s)) for n, s in names().items()}
+    results = sum(2 * n for n in sizes.values())  # bfloat16 results
+    workspace = max(sizes.values()) * 4 * 5  # base + 2 models + 2 work buffers, f32
+    assert report["materialized_bytes"] == results + workspace
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 
