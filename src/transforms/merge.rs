@@ -1383,10 +1383,10 @@ impl MergeOp {
                         let wd = w * x.wide();
                         // sign(wd) equals the elected sign (≥ 0 counts as +; zero has none).
                         let agree = if *e >= 0.0 { wd > 0.0 } else { wd < 0.0 };
-                        if agree {
-                            *m += wd;
-                            *v += w;
-                        }
+                        // Selects rather than branches (the sign is a coin toss per element);
+                        // adding +0.0 leaves a sum that starts at +0.0 unchanged.
+                        *m += if agree { wd } else { 0.0 };
+                        *v += if agree { *w } else { 0.0 };
                     }
                 }
                 for v in dv.iter_mut() {
@@ -1965,15 +1965,11 @@ fn sparsify_delta<T: Work>(
             }
         }
         Sparsify::Random => {
+            let divisor = if rescale { p.density } else { 1.0 };
             for (i, d) in delta.iter_mut().enumerate() {
                 let keep = uniform(seed, i as u64) < p.density;
-                *d = T::of(if !keep {
-                    0.0
-                } else if rescale {
-                    d.wide() / p.density
-                } else {
-                    d.wide()
-                });
+                let kept = d.wide() / divisor;
+                *d = T::of(if keep { kept } else { 0.0 });
             }
         }
         Sparsify::RankedRandom => {
