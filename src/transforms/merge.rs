@@ -1901,6 +1901,12 @@ fn kth_key<T: Work>(keys: &[T], work: &mut [T], pos: usize) -> (f64, usize) {
     (value, index)
 }
 
+/// `x`'s bits as an integer ordered as [`f64::total_cmp`] orders floats.
+fn order_bits(x: f64) -> i64 {
+    let bits = x.to_bits() as i64;
+    bits ^ ((((bits >> 63) as u64) >> 1) as i64)
+}
+
 /// Whether `(value, index)` sorts before `(kv, ki)`.
 fn key_before(value: f64, index: usize, (kv, ki): (f64, usize)) -> bool {
     value.total_cmp(&kv).then(index.cmp(&ki)).is_lt()
@@ -1952,13 +1958,18 @@ fn sparsify_delta<T: Work>(
             let work = work.typed_mut::<T>();
             let lower = (lo > 0 && lo < n).then(|| kth_key(keys, work, lo));
             let upper = (hi < n).then(|| kth_key(keys, work, hi));
+            // Bounds as (key, index) pairs, every element compared to both without branching
+            // (which entries survive is a coin toss per element).
+            let (lv, li) = lower.map_or((i64::MIN, 0), |(v, i)| (order_bits(v), i));
+            let (uv, ui) = upper.map_or((i64::MAX, usize::MAX), |(v, i)| (order_bits(v), i));
+            let none = lo >= hi;
+            let zero = T::of(0.0);
             for (i, (d, k)) in delta.iter_mut().zip(keys).enumerate() {
-                let k = k.wide();
-                let kept =
-                    lo < hi && lower.is_none_or(|l| !key_before(k, i, l)) && upper.is_none_or(|u| key_before(k, i, u));
-                if !kept {
-                    *d = T::of(0.0);
-                }
+                let k = order_bits(k.wide());
+                let above_lower = (k > lv) | ((k == lv) & (i >= li));
+                let below_upper = (k < uv) | ((k == uv) & (i < ui));
+                let kept = above_lower & below_upper & !none;
+                *d = if kept { *d } else { zero };
             }
             if rescale {
                 rescale_l1(delta, before);
