@@ -542,6 +542,35 @@ class Plan(PlanBase):
             scale: number, default: 1. extra factor on every delta
         """
 
+    def merge(self, method: str, to: str, *, models: Mapping[str, Any] | Sequence[str] | None = None, slices: Sequence[Mapping[str, Any]] | None = None, base: str | None = None, target: Reference | None = None, dtype: str | None = None, weight: float | Sequence[Any] | None = None, density: float | Sequence[Any] | None = None, gamma: float | Sequence[Any] | None = None, epsilon: float | Sequence[Any] | None = None, t: float | Sequence[Any] | None = None, normalize: bool | None = None, rescale: bool | None = None, lambda_: float | None = 1, seed: float | None = 0, nuslerp_flatten: bool | None = True, nuslerp_row_wise: bool | None = False, select_topk: float | None = 1, max_iter: float | None = 10, tol: float | None = 1e-05) -> Self:
+        """merge: merge the same-named tensors of several aliases into a new alias (MergeKit's methods)
+
+        Appends ``merge`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
+
+        Keys:
+            method: string, required. linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp, model_stock, karcher, sce, arcee_fusion or passthrough
+            to: string, required. the new alias receiving every tensor of the base (or of the first model), merged
+            models: models, default: required, except for passthrough. the aliases merged: a mapping alias → its parameters (weight, density, gamma, epsilon), or a list of aliases sharing the top-level ones
+            slices: slices, default: required by passthrough. passthrough: layer ranges stacked in order, [{alias: a, layers: [0, 8]}, {alias: b, layers: [4, 12]}] (start included, end excluded)
+            base: string, optional. the base alias: required by task_arithmetic, the TIES/DARE/breadcrumbs/DELLA family, model_stock, sce and arcee_fusion, the t = 0 end of slerp; optional for nuslerp and multislerp (they then merge deltas); not taken by linear and karcher
+            target: reference, default: every tensor. the tensors merged, a pattern over the base's names; the others are copied from the base (or first model)
+            dtype: dtype, default: the base's (first model's) dtype. result dtype (a float)
+            weight: parameter, optional. each model's weight (linear, task arithmetic family, nuslerp, multislerp), for models not giving their own
+            density: parameter, default: 1. share of each delta kept (TIES, DARE, breadcrumbs, DELLA)
+            gamma: parameter, default: 0.01. share of the largest delta entries dropped (breadcrumbs)
+            epsilon: parameter, default: 0.15. half-width of DELLA's keep probabilities around density
+            t: parameter, optional. slerp's interpolation factor (0: the base, 1: the other model)
+            normalize: bool, default: true for linear, ties, della and multislerp; false otherwise. divide by the sum of the weights (per element, of the models agreeing in sign, with a sign election)
+            rescale: bool, default: true for DARE and DELLA; false otherwise. rescale kept entries: by 1/density (DARE), 1/keep probability (DELLA), to the delta's L1 norm (TIES, breadcrumbs)
+            lambda_ (key ``lambda``): number, default: 1. factor of the merged delta (task arithmetic family)
+            seed: number, default: 0. seed of the random masks (DARE, DELLA), combined with each model's alias and tensor name
+            nuslerp_flatten: bool, default: true. nuslerp: interpolate the flattened tensors (false: each row, or column with nuslerp_row_wise)
+            nuslerp_row_wise: bool, default: false. nuslerp without flattening: interpolate along the first dimension instead of the last
+            select_topk: number, default: 1. sce: share of entries kept, those whose deltas vary most across the models
+            max_iter: number, default: 10. karcher: most iterations
+            tol: number, default: 0.00001. karcher: convergence tolerance
+        """
+
     def assert_(self, assertion: Assertion | Mapping[str, Any] | None = None, /, *, exists: Mapping[str, Any] | Reference | None = None, count: Mapping[str, Any] | Reference | None = None, shape: Mapping[str, Any] | Reference | None = None, dimensions: Mapping[str, Any] | Reference | None = None, dtype: Mapping[str, Any] | Reference | None = None, equal: Mapping[str, Any] | Reference | None = None, iszero: Mapping[str, Any] | Reference | None = None, finite: Mapping[str, Any] | Reference | None = None, reads: Mapping[str, Any] | Reference | None = None, writes: Mapping[str, Any] | Reference | None = None, all: Sequence[Assertion | Mapping[str, Any]] | None = None, any: Sequence[Assertion | Mapping[str, Any]] | None = None, not_: Assertion | Mapping[str, Any] | None = None) -> Self:
         """assert: fail the run when an expression is false (exists, count, shape, dimensions, dtype, equal, iszero, finite, reads, writes, all, any, not)
 

@@ -68,6 +68,9 @@ KEY_TYPES: dict[str, str] = {
     "nested list": "float | Sequence[Any]",
     "list of transforms": "Transforms",
     "plan": "PlanValue",
+    "models": "Mapping[str, Any] | Sequence[str]",
+    "parameter": "float | Sequence[Any]",
+    "slices": "Sequence[Mapping[str, Any]]",
 }
 
 # A default the engine gives as a literal value (shown in the signature) rather than in words

@@ -41,6 +41,14 @@ pub enum FieldKind {
     Transforms,
     /// A whole plan mapping (`execute.plan`).
     Plan,
+    /// Aliases with their parameters: a mapping alias → parameters, or a list of aliases
+    /// (`merge.models`).
+    Models,
+    /// A merge parameter: a number, a gradient (a list of numbers) or a list of
+    /// `{filter, value}` entries.
+    Parameter,
+    /// Layer ranges of aliases: a list of `{alias, layers: [start, end]}` (`merge.slices`).
+    Slices,
 }
 
 impl FieldKind {
@@ -61,6 +69,9 @@ impl FieldKind {
             FieldKind::References => "list of references",
             FieldKind::Transforms => "list of transforms",
             FieldKind::Plan => "plan",
+            FieldKind::Models => "models",
+            FieldKind::Parameter => "parameter",
+            FieldKind::Slices => "slices",
         }
     }
 }

@@ -36,6 +36,8 @@ pub mod split;
 // Low-rank factorization (issue 10).
 pub mod lora;
 pub mod lowrank;
+// Model merging (issue 13).
+pub mod merge;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -600,6 +602,8 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &lowrank::PHLORA_,
     &lora::EXTRACT_LORA,
     &lora::MERGE_LORA,
+    // Model merging.
+    &merge::MERGE,
 ];
 
 /// Looks a transform up by name.
