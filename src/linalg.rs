@@ -56,7 +56,15 @@ impl<'a, T> Rows<'a, T> {
             data,
             m,
             n,
-            per: (PANEL_BYTES / (n * std::mem::size_of::<T>()).max(1) / 64 * 64).max(64),
+            per: {
+                // Multiples of 64 rows where 64 fit, else as many as fit (at least one).
+                let count = PANEL_BYTES / (n * std::mem::size_of::<T>()).max(1);
+                if count >= 64 {
+                    count / 64 * 64
+                } else {
+                    count.max(1)
+                }
+            },
             release: None,
         }
     }
@@ -85,7 +93,7 @@ impl<'a, T> Rows<'a, T> {
         &self.data[..self.m * self.n]
     }
 
-    /// `(first row, rows)` of each panel, in order: [`PANEL_BYTES`] of rows, a multiple of 64.
+    /// `(first row, rows)` of each panel, in order: [`PANEL_BYTES`] of rows.
     fn panels(&self) -> impl Iterator<Item = (usize, usize)> {
         let (per, m) = (self.per.max(1), self.m);
         (0..m).step_by(per).map(move |first| (first, per.min(m - first)))

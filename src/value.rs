@@ -646,13 +646,23 @@ impl Tensor {
     /// one per cast, element-wise edit or operation stacked on them): a writing thread holds a
     /// chunk-sized temporary per level, at most two of them.
     pub fn levels(&self) -> usize {
+        self.levels_within(2)
+    }
+
+    /// [`Tensor::levels`], looking `depth` levels down at most (values shared in a chain of
+    /// edits are not walked once per path).
+    fn levels_within(&self, depth: usize) -> usize {
+        if depth == 0 {
+            return 0;
+        }
+        let below = |t: &Tensor| t.levels_within(depth - 1);
         match &*self.value {
             Value::Stored { .. } | Value::Memory(_) => 0,
             Value::Strided(_) => 1,
-            Value::View { base, .. } => base.levels(),
-            Value::Cast { base } | Value::Map { base, .. } => 1 + base.levels().min(2),
-            Value::Overwrite { base, with, .. } => 1 + base.levels().max(with.levels()).min(2),
-            Value::Op(op) => 1 + op.inputs().iter().map(|t| t.levels()).max().unwrap_or(0).min(2),
+            Value::View { base, .. } => base.levels_within(depth),
+            Value::Cast { base } | Value::Map { base, .. } => 1 + below(base),
+            Value::Overwrite { base, with, .. } => 1 + below(base).max(below(with)),
+            Value::Op(op) => 1 + op.inputs().iter().map(|t| below(t)).max().unwrap_or(0),
         }
     }
 

@@ -778,12 +778,18 @@ fn safetensors_entries(
 /// Opens a checkpoint: a file (`.safetensors`, `.bin`/`.pt`/`.pth`, `.npy`/`.npz`; any other
 /// name is read as safetensors) or a directory (see [`open_directory`]). Only headers are read.
 pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
+    open_checkpoint_as(path, None)
+}
+
+/// [`open_checkpoint`] of a file read as `format` when given, whatever its name says (a
+/// directory is still recognised by its contents).
+pub fn open_checkpoint_as(path: &Path, format: Option<Format>) -> Result<Checkpoint, FormatError> {
     let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
     if meta.is_dir() {
         return open_directory(path);
     }
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let format = Format::of_name(&name).unwrap_or(Format::Safetensors);
+    let format = format.or_else(|| Format::of_name(&name)).unwrap_or(Format::Safetensors);
     assemble(path, format, vec![SourceFile::open(path)?], None)
 }
 

@@ -377,6 +377,7 @@ impl Transform for Binary {
                 }
                 .into());
             };
+            state.count_reads(&b_alias, [b_name.as_str()]);
             let b = match &self.from_b.slice {
                 None => b_base.clone(),
                 Some(spec) => {
@@ -470,6 +471,8 @@ impl Transform for InPlace {
         let mut writes = Vec::with_capacity(matches.len());
         for m in &matches {
             let dest = destinations.of(state, m)?;
+            // The destination's value is read (`to ∘= from`).
+            state.count_reads(&dest.alias, [dest.name.as_str()]);
             let target = dest.view()?.expect("an existing destination has a tensor");
             let current = dest.current.as_ref().expect("an existing destination has a tensor");
             if target.dtype != m.tensor.dtype {

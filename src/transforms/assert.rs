@@ -468,26 +468,39 @@ impl Expr {
                 (stats.nan_count + stats.inf_count > 0)
                     .then(|| format!("holds {} NaN and {} infinite values", stats.nan_count, stats.inf_count))
             }),
+            // Every item is evaluated, decided or not: the check (which defers values) and the
+            // run then select, and count as read, the same tensors (`reads`).
             Expr::All(items) => {
                 let mut deferred = false;
+                let mut failed = None;
                 for item in items {
                     match item.evaluate(state, ctx, location)? {
                         Outcome::Pass => {}
                         Outcome::Deferred => deferred = true,
-                        failed @ Outcome::Fail(_) => return Ok(failed),
+                        outcome @ Outcome::Fail(_) => {
+                            failed.get_or_insert(outcome);
+                        }
                     }
                 }
-                Ok(if deferred { Outcome::Deferred } else { Outcome::Pass })
+                Ok(match failed {
+                    Some(failed) => failed,
+                    None if deferred => Outcome::Deferred,
+                    None => Outcome::Pass,
+                })
             }
             Expr::Any(items) => {
                 let mut deferred = false;
+                let mut passed = false;
                 let mut failures = Vec::new();
                 for item in items {
                     match item.evaluate(state, ctx, location)? {
-                        Outcome::Pass => return Ok(Outcome::Pass),
+                        Outcome::Pass => passed = true,
                         Outcome::Deferred => deferred = true,
                         Outcome::Fail(f) => failures.push(f.to_string()),
                     }
+                }
+                if passed {
+                    return Ok(Outcome::Pass);
                 }
                 Ok(if deferred {
                     Outcome::Deferred

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
-use crate::formats::{open_checkpoint, Checkpoint, Format};
+use crate::formats::{open_checkpoint_as, Checkpoint, Format};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{parse_output, valid_alias, Location, OutputSpec, PlanError};
 use crate::references::{closest_names, Reference};
@@ -276,14 +276,25 @@ impl Load {
         let Some(planned) = ctx.planned_files.iter().rev().find(|f| f.path == path) else {
             return Ok(None);
         };
-        match self.format {
+        // Without `format`, the run reads the file as its name says (safetensors for a name
+        // without a known extension), whatever the save wrote.
+        let name = self.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let read_as = self
+            .format
+            .or_else(|| Format::of_name(&name).or(Some(Format::Safetensors)));
+        match read_as {
             Some(want) if want != planned.format => Err(PlanError::invalid(
                 &self.location.key("format"),
                 format!(
-                    "`{}` will hold {} weights (an earlier `save` writes it), not {}",
+                    "`{}` will hold {} weights (an earlier `save` writes it), not {}{}",
                     self.path.display(),
                     planned.format.name(),
-                    want.name()
+                    want.name(),
+                    if self.format.is_none() {
+                        " as its name says; give `format`"
+                    } else {
+                        ""
+                    }
                 ),
             )
             .into()),
@@ -293,7 +304,14 @@ impl Load {
 
     /// Opens `path` (headers only), refusing a checkpoint of another format than `format`.
     fn open(&self) -> Result<Checkpoint, StepError> {
-        let checkpoint = open_checkpoint(&self.path)?;
+        // A name without a known extension is read as `format` says (a NumPy save to `out`).
+        let name = self.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let read_as = if Format::of_name(&name).is_some() {
+            None
+        } else {
+            self.format
+        };
+        let checkpoint = open_checkpoint_as(&self.path, read_as)?;
         match self.format {
             Some(want) if want != checkpoint.format => Err(PlanError::invalid(
                 &self.location.key("format"),
@@ -528,6 +546,17 @@ fn save_tensors(
     plan_sha256: Option<&str>,
 ) -> Result<Option<Vec<PathBuf>>, StepError> {
     if !ctx.evaluate {
+        // The writer refuses it too, but only when the steps before it have run.
+        if spec.single_file && spec.path.is_dir() {
+            return Err(PlanError::invalid(
+                &location.key("path"),
+                format!(
+                    "`{}` is a directory; a single-file save needs a file path",
+                    spec.path.display()
+                ),
+            )
+            .into());
+        }
         write::validate_target(spec, state, location)?;
         write::validate_dtypes(spec, tensors.iter().map(|(name, t)| (*name, t.dtype)))?;
         // What a reader will find there: a `.npy` names its one tensor by the file stem.
@@ -611,7 +640,7 @@ mod tests {
             None,
         );
         let mut state = State::default();
-        state.add_checkpoint("m", &open_checkpoint(&path).unwrap());
+        state.add_checkpoint("m", &crate::formats::open_checkpoint(&path).unwrap());
         state.default_alias = Some("m".into());
         (path, state)
     }

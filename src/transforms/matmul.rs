@@ -79,6 +79,7 @@ fn operand_b(state: &State, a: &Match, from_b: &Target) -> Result<(String, Tenso
             source_name: a.display(),
         });
     };
+    state.count_reads(&alias, [name.as_str()]);
     match &from_b.slice {
         None => Ok((display, tensor.clone())),
         Some(spec) => {
@@ -212,11 +213,15 @@ const PANEL_BYTES: usize = 8 << 20;
 
 /// Rows of `a` and columns of `b` per panel: `a`'s rows and `c`'s whole rows (a panel's pages
 /// span every column of `c`) within [`PANEL_BYTES`], and `b` whole when it is within twice that,
-/// else packed `PANEL_BYTES` of its columns at a time; multiples of 64, at least 64. A function of
+/// else packed `PANEL_BYTES` of its columns at a time; multiples of 64 where 64 fit. A function of
 /// the shape alone: faer's bits depend on the shapes it is given, and the product must not
 /// depend on the budget or where the operands are.
 fn panel_sizes([_, m, k, n]: [usize; 4], width: usize) -> [usize; 2] {
-    let fit = |per: usize, all: usize| (PANEL_BYTES / per.max(1) / 64 * 64).max(64).min(all.max(1));
+    // Below 64 only when 64 would not fit (a very long inner dimension).
+    let fit = |per: usize, all: usize| {
+        let count = PANEL_BYTES / per.max(1);
+        (if count >= 64 { count / 64 * 64 } else { count.max(1) }).min(all.max(1))
+    };
     let columns = if k.saturating_mul(n).saturating_mul(width) <= 2 * PANEL_BYTES {
         n.max(1)
     } else {
@@ -426,7 +431,20 @@ impl LazyOp for MatmulOp {
         // Operands and product beyond the budget are in the arena, and a panel of them is
         // mapped in at a time.
         let spilled = self.materialized(&mut HashSet::new()) as u64 > limit;
-        let own = if spilled { PANEL_BYTES as u64 } else { 0 };
+        let [_, _, k, n] = self.dims;
+        let wide = if self.a.dtype == DType::F64 { 8 } else { 4 };
+        let [_, columns] = panel_sizes(self.dims, wide);
+        // A panel of `a` and of the product; `b` whole when it is not packed.
+        let b_whole = if columns < n {
+            0
+        } else {
+            k.saturating_mul(n).saturating_mul(wide)
+        };
+        let own = if spilled {
+            PANEL_BYTES.saturating_add(b_whole) as u64
+        } else {
+            0
+        };
         own.saturating_add(self.a.resident(limit, seen))
             .saturating_add(self.b.resident(limit, seen))
     }
@@ -589,8 +607,9 @@ mod tests {
         assert_eq!([rows, columns], [256, 512]);
         assert_eq!(panel_sizes([1, 10, 10, 10], 4), [10, 10]);
         assert_eq!(panel_sizes([1, 0, 0, 0], 4), [1, 1]);
-        // A long inner dimension: at least 64 rows and columns.
-        assert_eq!(panel_sizes([1, 1000, 1 << 20, 1000], 4), [64, 64]);
+        // A long inner dimension: panels within the bytes, down to one row or column.
+        assert_eq!(panel_sizes([1, 1000, 1 << 20, 1000], 4), [1, 2]);
+        assert_eq!(panel_sizes([1, 1000, 1 << 16, 1000], 4), [31, 32]);
     }
 
     #[test]

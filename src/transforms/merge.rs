@@ -402,7 +402,8 @@ impl Param {
             Param::Gradient(values) => Some(gradient(values, t)),
             Param::Filtered(entries) => entries
                 .iter()
-                .find(|(filter, _)| filter.as_deref().is_none_or(|f| name.contains(f)))
+                // MergeKit's `*` matches every name.
+                .find(|(filter, _)| filter.as_deref().is_none_or(|f| f == "*" || name.contains(f)))
                 .and_then(|(_, value)| value.at(name, t)),
         }
     }
@@ -591,6 +592,10 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
                 format!("expected a finite number ≥ 0, got {v}"),
             ));
         }
+    }
+    // θ = 0 would divide 0 by 0 in the Karcher step.
+    if tol == 0.0 {
+        return Err(PlanError::invalid(&p.at("tol"), "expected a number > 0"));
     }
     let max_iter = p.count("max_iter")?.unwrap_or(10);
     let target = match p.get("target") {
@@ -1063,6 +1068,7 @@ impl Transform for Merge {
         let mut results = Vec::with_capacity(names.len());
         let mut merged_count = 0;
         let workspace = Arc::new(AtomicUsize::new(0));
+        let largest = Arc::new(AtomicUsize::new(0));
         for (name, first_tensor) in &names {
             let selected = match &self.target {
                 None => true,
@@ -1076,8 +1082,10 @@ impl Transform for Merge {
                 results.push((name.clone(), first_tensor.clone()));
                 continue;
             }
+            // MergeKit's position of a layer: 1 for the only layer of a one-layer model.
             let t = match (layer_index(name), layers) {
                 (Some(i), n) if n > 1 => i as f64 / (n - 1) as f64,
+                (Some(_), 1) => 1.0,
                 _ => 0.0,
             };
             let display = format!("{first}::{name}");
@@ -1134,7 +1142,7 @@ impl Transform for Merge {
             } else {
                 0.0
             };
-            if self.method == Method::Linear {
+            if matches!(self.method, Method::Linear | Method::MultiSlerp) {
                 let sum: f64 = params.iter().map(|p| p.weight).sum();
                 if self.normalize && sum.abs() < 1e-8 {
                     return Err(PlanError::invalid(
@@ -1143,7 +1151,7 @@ impl Transform for Merge {
                     )
                     .into());
                 }
-                if !self.normalize && (sum - 1.0).abs() > 1e-6 {
+                if self.method == Method::Linear && !self.normalize && (sum - 1.0).abs() > 1e-6 {
                     return Err(PlanError::invalid(
                         &location.key("models"),
                         format!(
@@ -1164,6 +1172,7 @@ impl Transform for Merge {
             // more (sort keys and their copy; karcher's mean and tangent), then the result.
             let transient = n.saturating_mul(wide).saturating_mul(inputs.len() + 2);
             workspace.fetch_max(transient, Ordering::Relaxed);
+            largest.fetch_max(dtype.nbytes(n).unwrap_or(usize::MAX), Ordering::Relaxed);
             let op = MergeOp {
                 method: self.method,
                 inputs,
@@ -1179,7 +1188,8 @@ impl Transform for Merge {
                 select_topk: self.select_topk,
                 max_iter: self.max_iter,
                 tol: self.tol,
-                out_bytes: dtype.nbytes(n).unwrap_or(usize::MAX),
+                tensor: format!("{}::{name}", self.to),
+                largest: largest.clone(),
                 workspace: workspace.clone(),
                 result: Mutex::new(None),
             };
@@ -1246,15 +1256,14 @@ pub struct MergeOp {
     select_topk: f64,
     max_iter: usize,
     tol: f64,
-    /// The result's bytes in its dtype, kept from its computation until it is written.
-    out_bytes: usize,
+    /// `alias::name` of the merged tensor, for messages.
+    tensor: String,
+    /// The largest result of the step (shared by the step's tensors).
+    largest: Arc<AtomicUsize>,
     /// The most bytes computing one tensor of this step takes (shared by the step's tensors).
     workspace: Arc<AtomicUsize>,
     result: Mutex<Option<Arc<Scratch>>>,
 }
-
-/// Marks the merge workspace as counted in a [`LazyOp::materialized`] sum.
-static MERGE_WORKSPACE: u8 = 0;
 
 /// The work type's buffers: whole tensors as `T`.
 trait Work: Real + Element {}
@@ -1474,7 +1483,17 @@ impl MergeOp {
         }
         let cos = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
         let nf = n as f64;
-        let t = nf * cos / (1.0 + (nf - 1.0) * cos);
+        let denominator = 1.0 + (nf - 1.0) * cos;
+        if denominator.abs() < 1e-12 {
+            return Err(ValueError::Compute {
+                op: "merge",
+                reason: format!(
+                    "model_stock of `{}`: the deltas point in opposite directions (mean cosine {cos}), so 1 + (N−1)·cos is 0",
+                    self.tensor
+                ),
+            });
+        }
+        let t = nf * cos / denominator;
         for (j, x) in base.typed_mut::<T>().iter_mut().enumerate() {
             let avg = views.iter().map(|m| m[j].wide()).sum::<f64>() / nf;
             *x = T::of(t * avg + (1.0 - t) * x.wide());
@@ -1607,6 +1626,13 @@ impl MergeOp {
             *slot = T::of(m);
         }
         let mean_norm = o.iter().map(|x| x.wide() * x.wide()).sum::<f64>().sqrt();
+        if norms.iter().all(|&nm| nm < eps) {
+            // Every model (or delta) is zero here (a bias no fine-tune changed): so is their
+            // interpolation.
+            o.iter_mut().for_each(|x| *x = T::of(0.0));
+            Self::plus_base::<T>(&mut out, base.as_ref());
+            return Ok(out);
+        }
         if mean_norm < eps {
             if views.len() == 2 {
                 for (j, slot) in o.iter_mut().enumerate() {
@@ -1617,7 +1643,10 @@ impl MergeOp {
             }
             return Err(ValueError::Compute {
                 op: "merge",
-                reason: "multislerp: the weighted sum of the models' unit vectors is zero (antipodal models with balancing weights); use other weights".into(),
+                reason: format!(
+                    "multislerp of `{}`: the weighted sum of the models' unit vectors is zero (antipodal models with balancing weights); use other weights",
+                    self.tensor
+                ),
             });
         }
         // uᵢ·m̂ for each model; Σ wᵢ·(uᵢ·m̂) gives the tangent as m − D·m̂.
@@ -1784,10 +1813,12 @@ impl MergeOp {
             .map(|d| d.iter().map(|x| x.wide() * x.wide()).sum::<f64>() / n.max(1) as f64)
             .collect();
         let total: f64 = energy.iter().sum();
-        let weights: Vec<f64> = if total == 0.0 {
+        // MergeKit's sce_weight: equal weights when the energies sum below 1e-6, else each
+        // over the sum clamped to at least 1e-6.
+        let weights: Vec<f64> = if total.abs() < 1e-6 {
             vec![1.0 / k; views.len()]
         } else {
-            energy.iter().map(|e| e / total).collect()
+            energy.iter().map(|e| e / total.max(1e-6)).collect()
         };
         for (j, b) in base.typed_mut::<T>().iter_mut().enumerate() {
             let majority = if views.iter().map(|d| d[j].wide()).sum::<f64>() >= 0.0 {
@@ -1803,9 +1834,8 @@ impl MergeOp {
                     divisor += w;
                 }
             }
-            if divisor == 0.0 {
-                divisor = 1.0;
-            }
+            // MergeKit clamps the divisor to at least 1e-6.
+            divisor = divisor.max(1e-6);
             *b = T::of(b.wide() + mixed / divisor);
         }
         Ok(base)
@@ -1976,11 +2006,14 @@ fn sparsify_delta<T: Work>(
             }
         }
         Sparsify::Random => {
-            let divisor = if rescale { p.density } else { 1.0 };
             for (i, d) in delta.iter_mut().enumerate() {
                 let keep = uniform(seed, i as u64) < p.density;
-                let kept = d.wide() / divisor;
-                *d = T::of(if keep { kept } else { 0.0 });
+                *d = if keep { *d } else { T::of(0.0) };
+            }
+            // MergeKit (rescaled_masked_tensor with RescaleNorm.l1): the kept entries scaled
+            // back to the delta's L1 norm, not divided by the density as in the DARE paper.
+            if rescale {
+                rescale_l1(delta, before);
             }
         }
         Sparsify::RankedRandom => {
@@ -2004,15 +2037,14 @@ fn sparsify_delta<T: Work>(
                     let norm = if cols > 1 { rank as f64 / (cols - 1) as f64 } else { 0.0 };
                     let prob = (p.density - p.epsilon) + norm * 2.0 * p.epsilon;
                     let keep = uniform(seed, (r * cols + c) as u64) < prob;
-                    let v = row[c].wide();
-                    row[c] = T::of(if !keep {
-                        0.0
-                    } else if rescale {
-                        v / prob
-                    } else {
-                        v
-                    });
+                    if !keep {
+                        row[c] = T::of(0.0);
+                    }
                 }
+            }
+            // As DARE: back to the delta's L1 norm (MergeKit), not divided by each probability.
+            if rescale {
+                rescale_l1(delta, before);
             }
         }
     }
@@ -2046,13 +2078,16 @@ impl LazyOp for MergeOp {
     }
 
     fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
-        // The result, kept until written; and, once per estimate, the largest workspace of
-        // computing one tensor (tensors are computed one at a time per writing thread and their
-        // inputs dropped once computed, so summing every tensor's would count a whole model
-        // several times over).
-        let mut total = self.out_bytes;
-        if seen.insert(&MERGE_WORKSPACE as *const u8 as usize) {
-            total = total.saturating_add(self.workspace.load(Ordering::Relaxed));
+        // Once per step: its largest result and workspace. A tensor is computed on its first
+        // read, when the writer reaches it, and released once written, so the step holds about
+        // one result and one computation per writing thread at a time, not the merged model.
+        // (Results an assertion reads before the write are kept until then: not counted.)
+        let mut total = 0usize;
+        if seen.insert(Arc::as_ptr(&self.largest) as usize) {
+            total = self
+                .largest
+                .load(Ordering::Relaxed)
+                .saturating_add(self.workspace.load(Ordering::Relaxed));
         }
         for input in &self.inputs {
             total = total.saturating_add(input.materialized(seen));

@@ -237,6 +237,27 @@ def test_check_defers_value_assertions_but_evaluates_header_ones(src, tmp_path):
         bs.check({"inputs": [str(src)], "transforms": [{"assert": {"count": {"of": "emb", "is": 2}}}], "output": str(tmp_path / "o.safetensors")})
 
 
+def test_reads_count_the_same_in_the_check_and_the_run(src, tmp_path):
+    """Operands and in-place targets are reads; `any`/`all` read all their items in the run as in
+    the check (which cannot decide value assertions early)."""
+    from helpers import cli
+
+    plan = tmp_path / "reads.yaml"
+    plan.write_text(
+        f"inputs:\n  - {src}\n"
+        "transforms:\n"
+        "  - copy: { from: h.0.attn.w, to: w2 }\n"
+        "  - add: { from_a: h.0.attn.w, from_b: w2, to: q }\n"
+        "  - subtract_: { from: h.0.attn.w, to: w2 }\n"
+        "  - assert: { any: [ { finite: q }, { iszero: q } ] }\n"
+        "  - assert: { reads: { of: w2, is: 2 } }\n"
+        "  - assert: { reads: { of: q, is: 2 } }  # once per item of any\n",
+    )
+    assert bs.check(plan)["output"] == []
+    proc = cli([plan], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_issue15_reads_and_writes_count_the_steps(src, tmp_path):
     """Issue 15 item 8: `reads` / `writes` as in the 0.2 tool — how many steps so far read or
     wrote each matched tensor (an input's arrival is one write; `exists` / `count` read nothing);

@@ -355,6 +355,25 @@ def test_issue15_load_of_a_file_an_earlier_save_writes(write, tmp_path):
         bs.check({"inputs": [str(a)], "transforms": [{"load": {"path": str(tmp_path / "none.safetensors"), "alias": "n"}}]})
 
 
+def test_a_load_the_run_could_not_read_as_its_save_wrote_is_refused_by_the_check(write, tmp_path):
+    """A NumPy save to a path without an extension, loaded without `format`: the run would read
+    it as safetensors (as its name says), so the check refuses it and names the way out; a
+    single-file save to an existing directory is refused by the check, not after the steps."""
+    a = write(_tensors(), "a.safetensors")
+    steps = [
+        {"save": {"path": str(tmp_path / "one"), "target": "h.0.w", "format": "numpy"}},
+        {"load": {"path": str(tmp_path / "one"), "alias": "back"}},
+    ]
+    with pytest.raises(bs.PlanError, match=r"transforms\[1\]\.load\.format.*NumPy weights.*not safetensors.*give `format`"):
+        bs.check({"inputs": [str(a)], "transforms": steps})
+    steps[1]["load"]["format"] = "numpy"
+    bs.run({"inputs": [str(a)], "transforms": steps}, quiet=True)
+    (tmp_path / "adir").mkdir()
+    save_dir = [{"save": {"path": str(tmp_path / "adir"), "target": "h.0.w", "format": "numpy"}}]
+    with pytest.raises(bs.PlanError, match=r"transforms\[0\]\.save\.path.*is a directory"):
+        bs.check({"inputs": [str(a)], "transforms": save_dir})
+
+
 def test_issue15_save_without_alias_or_target_saves_the_default_alias(write, tmp_path):
     """Issue 15 item 3: the only input, or `output.alias`; ambiguous is a plan error."""
     from helpers import assert_one_error, cli

@@ -26,6 +26,7 @@ import pytest
 import brainsurgery as bs
 from conftest import read, tensor_names
 from helpers import assert_one_error, cli, dump_plan, sha256, write_st
+from safetensors.numpy import load_file, save_file
 
 F32 = np.float32
 LAYERS = 3
@@ -145,8 +146,9 @@ def sparsify(method, delta, density, *, gamma=0.01, epsilon=0.15, rescale=False,
         out = np.where(keep, d, 0.0)
         return rescale_l1(d, out, rescale).reshape(delta.shape)
     if method == "random":
+        # MergeKit rescales the kept entries to the delta's L1 norm (not by 1/density).
         keep = uniform(key, n) < density
-        return np.where(keep, d / density if rescale else d, 0.0).reshape(delta.shape)
+        return rescale_l1(d, np.where(keep, d, 0.0), rescale).reshape(delta.shape)
     if method == "ranked":
         if density <= 0:
             return np.zeros(delta.shape)
@@ -161,8 +163,8 @@ def sparsify(method, delta, density, *, gamma=0.01, epsilon=0.15, rescale=False,
             norm[order] = np.arange(cols) / (cols - 1) if cols > 1 else 0.0
             prob = (density - epsilon) + norm * 2.0 * epsilon
             keep = u[r] < prob
-            out[r] = np.where(keep, dd[r] / prob if rescale else dd[r], 0.0)
-        return out.reshape(delta.shape)
+            out[r] = np.where(keep, dd[r], 0.0)
+        return rescale_l1(d, out.ravel(), rescale).reshape(delta.shape)
     raise AssertionError(method)
 
 
@@ -453,17 +455,22 @@ def test_float64_inputs_stay_float64(tmp_path):
 )
 def test_empty_and_scalar_tensors(tmp_path, write, merge):
     """Degenerate shapes merge without failing: an empty tensor stays empty, a scalar merges
-    (model_stock's two scalar deltas point in opposite directions or the same one, cos = ±1, so
-    its t is MergeKit's formula at a pole: only the shape is checked there)."""
+    (model_stock's two scalar deltas point in opposite directions or the same one, cos = ±1;
+    opposite ones are refused, since MergeKit's formula divides by zero there)."""
     rng = np.random.default_rng(1)
     paths = {}
     for alias in ("base", "ft1", "ft2"):
         paths[alias] = write({"empty": np.zeros((0, 3), F32), "scalar": np.array(rng.standard_normal(), F32)}, f"{alias}.safetensors")
     merge = {k: v for k, v in merge.items() if k not in ("density",) or "ties" in merge["method"] or "dare" in merge["method"] or "della" in merge["method"] or "breadcrumbs" in merge["method"]}
-    got = run(paths, {**merge, "to": "merged"}, tmp_path)
+    try:
+        got = run(paths, {**merge, "to": "merged"}, tmp_path)
+    except bs.TransformError as e:
+        # Opposite scalar deltas: 1 + (N−1)·cos is 0, refused rather than written as NaN.
+        assert merge["method"] == "model_stock" and "opposite" in str(e), e
+        return
     assert got["empty"].shape == (0, 3)
     assert got["scalar"].shape == ()
-    assert merge["method"] == "model_stock" or np.isfinite(got["scalar"])
+    assert np.isfinite(got["scalar"])
 
 
 def test_plan_builder(tmp_path):
@@ -620,17 +627,35 @@ def test_sce(tmp_path, topk):
             mask = np.zeros(var.size, bool)
             mask[np.argsort(-var.astype(F32), kind="stable")[:k]] = True
             deltas = deltas * mask.reshape(b.shape)
+        # MergeKit's sce_weight: equal weights below an energy sum of 1e-6.
         energy = np.array([np.sum(d**2) / d.size for d in deltas])
-        w = energy / energy.sum()
+        w = np.full(len(deltas), 1 / len(deltas)) if abs(energy.sum()) < 1e-6 else energy / max(energy.sum(), 1e-6)
         majority = np.where(deltas.sum(axis=0) >= 0, 1.0, -1.0)
         keep = np.sign(deltas) == majority
         wcol = w.reshape((-1,) + (1,) * b.ndim)
         mixed = (deltas * wcol * keep).sum(axis=0)
         divisor = (wcol * keep).sum(axis=0)
-        divisor[divisor == 0] = 1
+        divisor = np.maximum(divisor, 1e-6)
         return b.astype(np.float64) + mixed / divisor
 
     check_all(got, models, ref)
+
+
+def test_sce_of_small_deltas_weighs_them_equally(tmp_path):
+    # Fine-tune deltas of ~1e-3: their energies sum below 1e-6, where MergeKit weighs equally.
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((64, 32)).astype(F32)
+    d1, d2 = 3e-4 * rng.standard_normal(base.shape), 9e-4 * rng.standard_normal(base.shape)
+    paths = {}
+    for alias, w in {"base": base, "ft1": base + d1, "ft2": base + d2}.items():
+        paths[alias] = tmp_path / f"{alias}.safetensors"
+        save_file({"w": w.astype(F32)}, str(paths[alias]))
+    got = run(paths, {"method": "sce", "base": "base", "models": ["ft1", "ft2"], "to": "merged"}, tmp_path)
+    deltas = np.stack([(load_file(str(paths[a]))["w"] - base).astype(np.float64) for a in ("ft1", "ft2")])
+    majority = np.where(deltas.sum(axis=0) >= 0, 1.0, -1.0)
+    keep = np.sign(deltas) == majority
+    expected = base + (deltas * keep * 0.5).sum(axis=0) / np.maximum((keep * 0.5).sum(axis=0), 1e-6)
+    np.testing.assert_allclose(got["w"], expected, rtol=0, atol=1e-6)
 
 
 def test_arcee_fusion(tmp_path):
@@ -729,13 +754,14 @@ def test_check_is_header_only(tmp_path):
 
 
 def test_memory_estimate_counts_one_workspace(tmp_path):
-    """The check counts each merged result plus one tensor's inputs and work buffers, not every
-    tensor's: a merge holds one tensor per input at a time."""
+    """The check counts the largest merged result plus one tensor's inputs and work buffers, not
+    every tensor's: a merge holds one tensor per input at a time, and results are released once
+    written."""
     models, paths = checkpoints(tmp_path)
     out = tmp_path / "est.safetensors"
     report = bs.check({"inputs": inputs(paths), "transforms": [{"merge": DARE}], "output": str(out)})
     sizes = {n: int(np.prod(s)) for n, s in names().items()}
-    results = sum(2 * n for n in sizes.values())  # bfloat16 results
+    results = 2 * max(sizes.values())  # the largest bfloat16 result
     workspace = max(sizes.values()) * 4 * 5  # base + 2 models + 2 work buffers, f32
     assert report["materialized_bytes"] == results + workspace
 
@@ -890,3 +916,27 @@ def test_equals_mergekit(tmp_path, method):
     for name in got:
         a, b = got[name].astype(np.float64), mk[name].astype(np.float64)
         np.testing.assert_allclose(a, b, rtol=2**-7, atol=1e-6, err_msg=name)
+
+
+def test_review_fixes_filter_star_zero_tensors_and_degenerate_cases(tmp_path):
+    # MergeKit's `filter: "*"` matches every name; a tensor every model leaves at zero merges to
+    # zero under multislerp; model_stock of opposite deltas and karcher with tol 0 are refused
+    # rather than written as NaN; multislerp weights summing to zero cannot be normalized.
+    base = np.ones((4, 3), F32)
+    d = np.arange(12, dtype=F32).reshape(4, 3) / 10
+    paths = {}
+    for alias, w in {"base": base, "ft1": base + d, "ft2": base - d}.items():
+        paths[alias] = tmp_path / f"{alias}.safetensors"
+        save_file({"w": w, "zero": np.zeros(3, F32)}, str(paths[alias]))
+    got = run(paths, {"method": "linear", "models": {"ft1": {"weight": [{"filter": "*", "value": 0.5}]}, "ft2": {"weight": 0.5}}, "to": "merged"}, tmp_path)
+    np.testing.assert_allclose(got["w"], base, atol=1e-6)
+    got = run(paths, {"method": "multislerp", "models": ["ft1", "ft2"], "weight": 0.5, "to": "merged"}, tmp_path)
+    np.testing.assert_array_equal(got["zero"], np.zeros(3, F32))
+    inputs = [f"{a}::{p}" for a, p in paths.items()]
+    with pytest.raises(bs.TransformError, match=r"model_stock of `merged::w`.*opposite"):
+        bs.run({"inputs": inputs, "transforms": [{"merge": {"method": "model_stock", "base": "base", "models": ["ft1", "ft2"], "to": "merged"}}],
+                "output": {"path": str(tmp_path / "ms.safetensors"), "alias": "merged"}}, quiet=True)
+    with pytest.raises(bs.PlanError, match=r"tol.*> 0"):
+        bs.check({"inputs": inputs, "transforms": [{"merge": {"method": "karcher", "models": ["ft1", "ft2"], "tol": 0, "to": "merged"}}]})
+    with pytest.raises(bs.PlanError, match=r"sum to 0"):
+        bs.check({"inputs": inputs, "transforms": [{"merge": {"method": "multislerp", "models": {"ft1": {"weight": 1}, "ft2": {"weight": -1}}, "to": "merged"}}]})
