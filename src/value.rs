@@ -895,26 +895,16 @@ pub fn real_scratch<T: Real>(
     op: &'static str,
     cx: &ReadContext,
 ) -> Result<Scratch, ValueError> {
-    if !dtype.is_computable() {
-        return Err(ValueError::NoByteSize { op, dtype });
-    }
-    let width = std::mem::size_of::<T>();
-    let size = element_size(dtype, op)?;
-    let mut out = cx.alloc(op, values.len().saturating_mul(size))?;
-    let per_chunk = (CHUNK_BYTES / width).max(1);
-    let mut wide = vec![0u8; CHUNK_BYTES.min(std::mem::size_of_val(values))];
-    let mut narrow = vec![0u8; per_chunk.min(values.len()) * size];
-    for (i, part) in values.chunks(per_chunk).enumerate() {
-        let wide = &mut wide[..std::mem::size_of_val(part)];
-        for (x, w) in part.iter().zip(wide.chunks_exact_mut(width)) {
+    narrowed::<T>(values.len(), dtype, op, cx, |start, chunk| {
+        let n = chunk.len() / std::mem::size_of::<T>();
+        for (x, w) in values[start..start + n]
+            .iter()
+            .zip(chunk.chunks_exact_mut(std::mem::size_of::<T>()))
+        {
             x.put_le(w);
         }
-        let narrow = &mut narrow[..part.len() * size];
-        kernels::convert(T::DTYPE, wide, dtype, narrow);
-        out.write_at(i * per_chunk * size, narrow)
-            .map_err(|e| scratch_error(op, e))?;
-    }
-    Ok(out)
+        Ok(())
+    })
 }
 
 /// [`real_scratch`] of values of `T` held in a buffer: read a chunk at a time (`pread` from the
@@ -925,12 +915,27 @@ pub fn narrow_scratch<T: Real>(
     op: &'static str,
     cx: &ReadContext,
 ) -> Result<Scratch, ValueError> {
+    let width = std::mem::size_of::<T>();
+    narrowed::<T>(wide.len() / width, dtype, op, cx, |start, chunk| {
+        wide.read_into(start * width, chunk).map_err(|e| scratch_error(op, e))
+    })
+}
+
+/// `count` values of `T` rounded to `dtype` into a buffer from the run's budget (or its arena),
+/// a chunk at a time: `fill(start, bytes)` puts the little-endian bytes of values
+/// `[start, start + bytes.len() / size_of::<T>())` into `bytes`.
+fn narrowed<T: Real>(
+    count: usize,
+    dtype: DType,
+    op: &'static str,
+    cx: &ReadContext,
+    mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), ValueError>,
+) -> Result<Scratch, ValueError> {
     if !dtype.is_computable() {
         return Err(ValueError::NoByteSize { op, dtype });
     }
     let width = std::mem::size_of::<T>();
     let size = element_size(dtype, op)?;
-    let count = wide.len() / width;
     let mut out = cx.alloc(op, count.saturating_mul(size))?;
     let per_chunk = (CHUNK_BYTES / width).max(1);
     let mut chunk = vec![0u8; per_chunk.min(count) * width];
@@ -938,7 +943,7 @@ pub fn narrow_scratch<T: Real>(
     for start in (0..count).step_by(per_chunk) {
         let n = per_chunk.min(count - start);
         let (chunk, narrow) = (&mut chunk[..n * width], &mut narrow[..n * size]);
-        wide.read_into(start * width, chunk).map_err(|e| scratch_error(op, e))?;
+        fill(start, chunk)?;
         kernels::convert(T::DTYPE, chunk, dtype, narrow);
         out.write_at(start * size, narrow).map_err(|e| scratch_error(op, e))?;
     }

@@ -797,22 +797,7 @@ impl Transform for Passthrough {
                 .into());
             }
         }
-        if state.alias(&self.to).is_some() {
-            return Err(PlanError::invalid(
-                &location.key("to"),
-                format!("alias `{}` already exists; merge writes a new alias", self.to),
-            )
-            .into());
-        }
-        if let Some(dtype) = self.dtype {
-            if !dtype.is_float() || !dtype.is_computable() {
-                return Err(PlanError::invalid(
-                    &location.key("dtype"),
-                    format!("`dtype` must be a float dtype, got {dtype}"),
-                )
-                .into());
-            }
-        }
+        check_destination(state, &self.to, self.dtype, location)?;
         let cast = |name: &str, alias: &str, t: &Tensor| -> Result<Tensor, StepError> {
             match self.dtype {
                 Some(d) if t.dtype != d && t.dtype.is_float() && t.dtype.is_computable() => t
@@ -1028,22 +1013,7 @@ impl Transform for Merge {
         if let Some(b) = &self.base {
             state.alias_for(Some(b), b, &location.key("base"))?;
         }
-        if state.alias(&self.to).is_some() {
-            return Err(PlanError::invalid(
-                &location.key("to"),
-                format!("alias `{}` already exists; merge writes a new alias", self.to),
-            )
-            .into());
-        }
-        if let Some(dtype) = self.dtype {
-            if !dtype.is_float() || !dtype.is_computable() {
-                return Err(PlanError::invalid(
-                    &location.key("dtype"),
-                    format!("merge computes in floating point; `dtype` must be a float dtype, got {dtype}"),
-                )
-                .into());
-            }
-        }
+        check_destination(state, &self.to, self.dtype, location)?;
         let uses_base = self.uses_base;
         let first = if uses_base {
             self.base.clone().unwrap_or_default()
@@ -1210,6 +1180,25 @@ impl Transform for Merge {
             names.len() - merged_count
         ));
         Ok(Flow::Continue)
+    }
+}
+
+/// The new alias `to` a merge writes (it must not exist yet) and its float `dtype`, if given.
+fn check_destination(state: &State, to: &str, dtype: Option<DType>, location: &Location) -> Result<(), StepError> {
+    if state.alias(to).is_some() {
+        return Err(PlanError::invalid(
+            &location.key("to"),
+            format!("alias `{to}` already exists; merge writes a new alias"),
+        )
+        .into());
+    }
+    match dtype {
+        Some(dtype) if !dtype.is_float() || !dtype.is_computable() => Err(PlanError::invalid(
+            &location.key("dtype"),
+            format!("merge computes in floating point; `dtype` must be a float dtype, got {dtype}"),
+        )
+        .into()),
+        _ => Ok(()),
     }
 }
 
