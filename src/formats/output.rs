@@ -657,6 +657,8 @@ fn plan_file(
     // Descrs exist: `check_writable` refused the dtypes NumPy lacks.
     let npy_of = |t: &OutputTensor| npy_header(&t.dtype.info().npy_descr().unwrap_or_default(), &t.shape);
     Ok(match format {
+        // No `format:` key names it, so no output asks for it.
+        Format::Dcp => return Err(invalid("distributed checkpoints cannot be written".to_owned())),
         Format::Safetensors => {
             let prefix = header_bytes(entries.iter().copied(), metadata);
             let at = prefix.len() as u64;

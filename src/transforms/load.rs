@@ -405,11 +405,10 @@ impl Transform for Load {
                     }
                     .into());
                 }
-                let file = checkpoint
-                    .files
-                    .get(entry.file)
-                    .ok_or_else(|| PlanError::invalid(&self.location.key("path"), "tensor entry names no file"))?;
-                let tensor = Tensor::from_entry(entry, file.clone());
+                if checkpoint.files.get(entry.file).is_none() {
+                    return Err(PlanError::invalid(&self.location.key("path"), "tensor entry names no file").into());
+                }
+                let tensor = Tensor::from_entry(entry, &checkpoint.files);
                 state.insert(&alias, name, tensor);
                 ctx.note(format!("load: `{alias}::{name}` ← {}", self.path.display()));
             }
