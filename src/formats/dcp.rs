@@ -565,4 +565,85 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn written_directories_read_back() {
+        use crate::dtype::DType;
+        use crate::formats::output::{OutputLayout, Writer};
+        use crate::formats::test_util::{pattern, t};
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("ckpt");
+        let tensors = vec![
+            t("layers.0.w", DType::BF16, &[3, 4]),
+            t("b", DType::F32, &[5]),
+            t("s", DType::I64, &[]),
+            t("empty", DType::F16, &[0, 3]),
+        ];
+        let layout = OutputLayout::Directory {
+            dir: out.clone(),
+            shard_budget: None,
+        };
+        let w = Writer::create(Format::Dcp, layout, &tensors, &Default::default()).unwrap();
+        let mut crcs = Vec::new();
+        let mut written = Vec::new();
+        for (i, tensor) in tensors.iter().enumerate() {
+            let bytes = pattern(tensor.nbytes as usize, i as u8);
+            let (file, offset) = w.placement(i);
+            file.write_all_at(&bytes, offset).unwrap();
+            crcs.push(crate::formats::zip::crc32(&bytes));
+            written.push(bytes);
+        }
+        let paths = w.commit(&[], &crcs).unwrap();
+        let mut names: Vec<String> = paths
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ".metadata",
+                "__0_0.distcp",
+                "__0_1.distcp",
+                "__0_2.distcp",
+                "__0_3.distcp"
+            ]
+        );
+        let ck = open_checkpoint(&out).unwrap();
+        assert_eq!(ck.format, Format::Dcp);
+        assert_eq!(ck.tensors.len(), tensors.len());
+        for ((entry, want), bytes) in ck.tensors.iter().zip(&tensors).zip(&written) {
+            assert_eq!(
+                (&entry.name, entry.dtype, &entry.shape),
+                (&want.name, want.dtype, &want.shape)
+            );
+            assert!(entry.pieces.is_none());
+            assert_eq!(
+                &self::tests::bytes(&Tensor::from_entry(entry, &ck.files)),
+                bytes,
+                "{}",
+                entry.name
+            );
+        }
+        // Written again over itself: the earlier output is ours, replaced without a leftover.
+        let fewer = &tensors[..1];
+        let layout = OutputLayout::Directory {
+            dir: out.clone(),
+            shard_budget: None,
+        };
+        assert!(crate::formats::output::foreign_outputs(Format::Dcp, &out).is_empty());
+        let w = Writer::create(Format::Dcp, layout, fewer, &Default::default()).unwrap();
+        let (file, offset) = w.placement(0);
+        file.write_all_at(&written[0], offset).unwrap();
+        w.commit(&[], &[crate::formats::zip::crc32(&written[0])]).unwrap();
+        assert_eq!(open_checkpoint(&out).unwrap().tensors.len(), 1);
+        assert!(!out.join("__0_1.distcp").exists());
+        // A file path is refused.
+        let file_layout = OutputLayout::File(dir.path().join("x.distcp"));
+        assert!(matches!(
+            Writer::create(Format::Dcp, file_layout, fewer, &Default::default()),
+            Err(FormatError::InvalidOutput { .. })
+        ));
+    }
 }

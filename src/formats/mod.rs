@@ -499,7 +499,7 @@ pub enum Format {
     PyTorch,
     /// NumPy `.npy`/`.npz` files.
     NumPy,
-    /// PyTorch Distributed Checkpoint directories (`.metadata` and `*.distcp`), read only.
+    /// PyTorch Distributed Checkpoint directories (`.metadata` and `*.distcp`).
     Dcp,
 }
 
@@ -552,12 +552,11 @@ impl Format {
             single_name: None,
             shard_parts: None,
         },
-        // A directory told apart by its `.metadata` file, not by file names: no extension, and
-        // no `format:` key while it cannot be written.
+        // A directory told apart by its `.metadata` file, not by file names: no extension.
         FormatInfo {
             format: Format::Dcp,
             name: "DCP",
-            keys: &[],
+            keys: &["dcp"],
             extensions: &[],
             index_name: None,
             single_name: None,
@@ -614,7 +613,7 @@ impl Format {
                 Format::Safetensors if name == "__metadata__" => {
                     return Err(FormatError::ReservedTensorName { name: name.to_owned() })
                 }
-                Format::PyTorch if info.torch.is_none() => {
+                Format::PyTorch | Format::Dcp if info.torch.is_none() => {
                     return Err(FormatError::TorchDtype {
                         name: name.to_owned(),
                         dtype,

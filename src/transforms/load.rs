@@ -122,7 +122,7 @@ const SAVE_FIELDS: &[Field] = &[
         "format",
         FieldKind::Text,
         Some("by extension, else safetensors"),
-        "file format: safetensors, torch (PyTorch) or numpy (`.npy` for one tensor or a `.npy` path, else `.npz`)",
+        "file format: safetensors, torch (PyTorch), numpy (`.npy` for one tensor or a `.npy` path, else `.npz`) or dcp (a PyTorch Distributed Checkpoint directory)",
     ),
     Field::optional(
         "shard",
@@ -205,7 +205,7 @@ fn input_format(p: &Payload) -> Result<Option<Format>, PlanError> {
         Some(format) => Ok(Some(format)),
         None => Err(PlanError::invalid(
             &p.at("format"),
-            format!("unknown format `{text}`; expected safetensors, pytorch or numpy"),
+            format!("unknown format `{text}`; expected safetensors, pytorch, numpy or dcp"),
         )),
     }
 }

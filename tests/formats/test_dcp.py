@@ -122,3 +122,47 @@ def test_missing_data_file_is_named(tmp_path: Path) -> None:
     (ckpt / "__1_0.distcp").unlink()
     with pytest.raises(bs.FormatError, match=r"__1_0\.distcp"):
         bs.open(ckpt)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_written_dcp_reads_back(tmp_path: Path, name: str) -> None:
+    out = tmp_path / "ckpt"
+    bs.run({"inputs": [str(FIXTURES / name)], "transforms": [], "output": {"path": str(out), "format": "dcp"}})
+    assert (out / ".metadata").is_file()
+    ck = bs.open(out)
+    assert ck.format == "DCP"
+    check({n: np.array(ck[n]) for n in ck}, expected(name))
+
+
+def test_dcp_output_to_a_file_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(bs.FormatError, match="directory"):
+        bs.run(
+            {
+                "inputs": [str(FIXTURES / "plain")],
+                "transforms": [],
+                "output": {"path": str(tmp_path / "o.safetensors"), "format": "dcp"},
+            }
+        )
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_loads_what_we_write(tmp_path: Path, name: str) -> None:
+    torch = pytest.importorskip("torch")
+    import torch.distributed.checkpoint as dcp
+
+    out = tmp_path / "ckpt"
+    bs.run({"inputs": [str(FIXTURES / name)], "transforms": [], "output": {"path": str(out), "format": "dcp"}})
+    want = expected(name)
+    state = {}
+    for key, value in want.items():
+        dtype = torch.bfloat16 if key.endswith("::bf16") else getattr(torch, str(value.dtype))
+        state[key.removesuffix("::bf16")] = torch.zeros(value.shape, dtype=dtype)
+    dcp.load(state, checkpoint_id=str(out), no_dist=True)
+    for key, value in want.items():
+        t = state[key.removesuffix("::bf16")]
+        if key.endswith("::bf16"):
+            np.testing.assert_array_equal(t.view(torch.int16).numpy().view(np.uint16), value)
+        else:
+            np.testing.assert_array_equal(t.numpy(), value)
