@@ -11,6 +11,9 @@
 //! else ([`pickle::unpickle_dcp`]). A tensor saved in one chunk is an ordinary entry (zero copy);
 //! one saved in several lists its chunks in [`TensorEntry::pieces`], checked to tile it exactly.
 //! Non-tensor entries are skipped and named, as the PyTorch reader skips non-tensor values.
+//!
+//! Writing (`format: dcp`) is [`super::output::Writer`]'s: one `__0_<i>.distcp` per tensor, the
+//! archive [`super::torch_output`] makes for it, and the `.metadata` pickle it emits.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path};
