@@ -931,6 +931,6 @@ def test_dtype_and_format_tables_come_from_the_engine():
     assert "long" in dtypes["int64"]["aliases"]
     formats = {f["name"]: f for f in _core.formats()}
     assert set(formats) == {"safetensors", "PyTorch", "NumPy", "DCP"}
-    assert formats["DCP"]["keys"] == [] and formats["DCP"]["extensions"] == []  # read only, a directory
+    assert formats["DCP"]["keys"] == ["dcp"] and formats["DCP"]["extensions"] == []  # a directory
     assert ".pth" in formats["PyTorch"]["extensions"]
     assert formats["safetensors"]["index_name"] == "model.safetensors.index.json"

@@ -88,6 +88,16 @@ def test_command_line_positional_input(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "rows" in proc.stdout and "cols" in proc.stdout
+    # A run whose only input is the directory given on the command line.
+    out = tmp_path / "o.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "brainsurgery", "run", str(tmp_path / "ckpt"), f"output.path={out}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    check_safetensors(out, expected("sharded"))
 
 
 def test_session_reads_assembled_values() -> None:
