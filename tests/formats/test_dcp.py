@@ -176,3 +176,20 @@ def test_torch_loads_what_we_write(tmp_path: Path, name: str) -> None:
             np.testing.assert_array_equal(t.view(torch.int16).numpy().view(np.uint16), value)
         else:
             np.testing.assert_array_equal(t.numpy(), value)
+
+
+def test_save_and_load_transforms_take_dcp(tmp_path: Path) -> None:
+    # `save` of the alias as a DCP directory mid-plan, then `load` of it back as another alias.
+    out = tmp_path / "saved"
+    bs.run(
+        {
+            "inputs": [f"m::{FIXTURES / 'sharded'}"],
+            "transforms": [
+                {"save": {"path": str(out), "format": "dcp", "alias": "m"}},
+                {"load": {"path": str(out), "alias": "back", "format": "dcp"}},
+            ],
+            "output": {"path": str(tmp_path / "o.safetensors"), "alias": "back"},
+        }
+    )
+    assert bs.open(out).format == "DCP"
+    check_safetensors(tmp_path / "o.safetensors", expected("sharded"))
