@@ -237,6 +237,7 @@ impl ErrorContext {
                 | FormatError::Pickle { path, .. }
                 | FormatError::Torch { path, .. }
                 | FormatError::TorchArchive { path, .. }
+                | FormatError::Dcp { path, .. }
                 | FormatError::Unsupported { path, .. }
                 | FormatError::NoWeights { path }
                 | FormatError::BadIndex { path, .. }

@@ -272,7 +272,7 @@ impl State {
             ..AliasState::default()
         };
         for entry in &checkpoint.tensors {
-            let tensor = Tensor::from_entry(entry, checkpoint.files[entry.file].clone());
+            let tensor = Tensor::from_entry(entry, &checkpoint.files);
             let order = self.next_order;
             self.next_order += 1;
             state.order.insert(order, entry.name.clone());

@@ -407,6 +407,127 @@ fn read_strided(
     Ok(())
 }
 
+/// A tensor stored in chunks (a distributed checkpoint's tensor saved by several ranks), read
+/// by streaming each run of elements from the chunk holding it: no buffer of the whole tensor.
+#[derive(Debug)]
+struct Assembled {
+    /// Each chunk's offset in the whole tensor and its elements, sorted by offset. The reader
+    /// checked that they tile the tensor exactly.
+    chunks: Vec<(Vec<usize>, Tensor)>,
+    /// The chunk the last run came from: the next run is most often in it or the next one.
+    hint: std::sync::atomic::AtomicUsize,
+}
+
+impl Assembled {
+    /// The chunk holding the element at `index`.
+    fn find(&self, index: &[usize]) -> Option<usize> {
+        let holds = |c: usize| {
+            self.chunks.get(c).is_some_and(|(offsets, t)| {
+                index
+                    .iter()
+                    .zip(offsets.iter().zip(&t.shape))
+                    .all(|(&i, (&o, &s))| o <= i && i < o + s)
+            })
+        };
+        let hint = self.hint.load(Ordering::Relaxed);
+        let found = [hint, hint + 1]
+            .into_iter()
+            .find(|&c| holds(c))
+            .or_else(|| (0..self.chunks.len()).find(|&c| holds(c)))?;
+        self.hint.store(found, Ordering::Relaxed);
+        Some(found)
+    }
+}
+
+impl LazyOp for Assembled {
+    fn name(&self) -> &'static str {
+        "assembling a tensor from its chunks"
+    }
+
+    fn read(
+        &self,
+        dtype: DType,
+        shape: &[usize],
+        start: usize,
+        out: &mut [u8],
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        let size = element_size(dtype, self.name())?;
+        let numel = checked_numel(shape).unwrap_or(usize::MAX);
+        let k = shape.len();
+        let mut index = vec![0usize; k];
+        let (mut pos, mut written) = (start, 0usize);
+        let mut remaining = out.len() / size;
+        if start.checked_add(remaining).is_none_or(|end| end > numel) {
+            return Err(ValueError::Compute {
+                op: self.name(),
+                reason: format!("elements {start}.. lie past the end of the tensor's {numel}"),
+            });
+        }
+        while remaining > 0 {
+            let mut rest = pos;
+            for d in (0..k).rev() {
+                index[d] = rest % shape[d];
+                rest /= shape[d];
+            }
+            let c = self.find(&index).ok_or_else(|| ValueError::Compute {
+                op: self.name(),
+                reason: format!("no chunk holds element {index:?}"),
+            })?;
+            let (offsets, chunk) = &self.chunks[c];
+            // Trailing dimensions the chunk spans whole run on together: elements stay
+            // consecutive in the chunk and in the tensor until the next one out along `d - 1`.
+            let mut d = k;
+            let mut inner = 1usize;
+            while d > 0 && chunk.shape[d - 1] == shape[d - 1] {
+                d -= 1;
+                inner *= shape[d];
+            }
+            let run = if d == 0 {
+                numel - pos
+            } else {
+                let m = d - 1;
+                (offsets[m] + chunk.shape[m] - index[m]) * inner - pos % inner
+            };
+            let count = run.min(remaining);
+            let mut local = 0usize;
+            for d in 0..k {
+                local = local * chunk.shape[d] + (index[d] - offsets[d]);
+            }
+            chunk.read(local, &mut out[written * size..(written + count) * size], cx)?;
+            pos += count;
+            written += count;
+            remaining -= count;
+        }
+        Ok(())
+    }
+
+    fn inputs(&self) -> Vec<&Tensor> {
+        self.chunks.iter().map(|(_, t)| t).collect()
+    }
+
+    fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
+        self.chunks.iter().map(|(_, t)| t.bytes_to_read(seen)).sum()
+    }
+}
+
+/// The value of an entry naming a file its checkpoint does not have: every read fails.
+#[derive(Debug)]
+struct Missing(String);
+
+impl LazyOp for Missing {
+    fn name(&self) -> &'static str {
+        "reading"
+    }
+
+    fn read(&self, _: DType, _: &[usize], _: usize, _: &mut [u8], _: &mut ReadContext) -> Result<(), ValueError> {
+        Err(ValueError::Compute {
+            op: "reading",
+            reason: format!("tensor {:?} names a file its checkpoint does not have", self.0),
+        })
+    }
+}
+
 /// What one reading thread carries through every read: reusable buffers for temporaries (so
 /// steady-state streaming allocates nothing), the run's interruption flag, checked between
 /// chunks by [`stream`] and by operations that compute a whole tensor, the run's count of
@@ -511,8 +632,37 @@ impl Tensor {
         }
     }
 
-    /// The tensor an input entry describes, contiguous or strided, read from `file`.
-    pub fn from_entry(entry: &TensorEntry, file: Arc<SourceFile>) -> Tensor {
+    /// The tensor an input entry describes, contiguous, strided or in chunks, read from the
+    /// checkpoint's `files` (an entry's file index is into them). An index outside `files` (a
+    /// reader's bug) gives a tensor whose reads fail.
+    pub fn from_entry(entry: &TensorEntry, files: &[Arc<SourceFile>]) -> Tensor {
+        if let Some(pieces) = &entry.pieces {
+            let chunks = pieces
+                .iter()
+                .map(|p| (p.offsets.clone(), Tensor::from_entry(&p.entry, files)))
+                .collect();
+            return Tensor {
+                dtype: entry.dtype,
+                shape: entry.shape.clone(),
+                value: Arc::new(Value::Op(Arc::new(Assembled {
+                    chunks,
+                    hint: std::sync::atomic::AtomicUsize::new(0),
+                }))),
+            };
+        }
+        let Some(file) = files.get(entry.file).cloned() else {
+            let missing: Arc<dyn LazyOp> = Arc::new(Missing(entry.name.clone()));
+            return Tensor {
+                dtype: entry.dtype,
+                shape: entry.shape.clone(),
+                value: Arc::new(Value::Op(missing)),
+            };
+        };
+        Tensor::from_file_entry(entry, file)
+    }
+
+    /// [`Tensor::from_entry`] of an entry stored in one piece, in `file`.
+    fn from_file_entry(entry: &TensorEntry, file: Arc<SourceFile>) -> Tensor {
         let value = match &entry.strides {
             None => Value::Stored {
                 file,
@@ -1567,6 +1717,7 @@ mod tests {
             offset: 3 + 2 * offset as u64,
             nbytes: 2 * numel as u64,
             strides: Some(strides.to_vec()),
+            pieces: None,
         };
         let file = Arc::new(SourceFile::open(&path).unwrap());
         // The naive gather: each row-major index turned into a storage index.
@@ -1580,7 +1731,7 @@ mod tests {
                 at as u16
             })
             .collect();
-        (Tensor::from_entry(&entry, file), expected)
+        (Tensor::from_entry(&entry, &[file]), expected)
     }
 
     #[test]

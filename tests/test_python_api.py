@@ -930,6 +930,7 @@ def test_dtype_and_format_tables_come_from_the_engine():
     assert dtypes["float4_e2m1fn"]["size"] is None and dtypes["float4_e2m1fn"]["torch"] is None
     assert "long" in dtypes["int64"]["aliases"]
     formats = {f["name"]: f for f in _core.formats()}
-    assert set(formats) == {"safetensors", "PyTorch", "NumPy"}
+    assert set(formats) == {"safetensors", "PyTorch", "NumPy", "DCP"}
+    assert formats["DCP"]["keys"] == ["dcp"] and formats["DCP"]["extensions"] == []  # a directory
     assert ".pth" in formats["PyTorch"]["extensions"]
     assert formats["safetensors"]["index_name"] == "model.safetensors.index.json"

@@ -196,7 +196,7 @@ class Checkpoint(CoreKeys, Mapping[str, "np.ndarray"]):
 
     @property
     def format(self) -> str:
-        """The format of the weight files read: ``safetensors``, ``PyTorch`` or ``NumPy``."""
+        """The format of the weight files read: ``safetensors``, ``PyTorch``, ``NumPy`` or ``DCP``."""
         return self._core.format
 
     @property

@@ -352,7 +352,7 @@ class Plan(PlanBase):
             path: string, required. a `.safetensors`, `.bin/.pt/.pth` or `.npz` file, or a directory (sharded like the output)
             alias: string, default: the default alias. the alias to write whole (without `alias` and `target`: the default alias, the only input or `output.alias`)
             target: reference, optional. one tensor to write (a slice is allowed)
-            format: string, default: by extension, else safetensors. file format: safetensors, torch (PyTorch) or numpy (`.npy` for one tensor or a `.npy` path, else `.npz`)
+            format: string, default: by extension, else safetensors. file format: safetensors, torch (PyTorch), numpy (`.npy` for one tensor or a `.npy` path, else `.npz`) or dcp (a PyTorch Distributed Checkpoint directory)
             shard: string, default: 5GB. shard budget of a directory (`none`: one file)
             overwrite: bool, default: false. replace weight files in the directory that brainsurgery did not write
         """

@@ -869,8 +869,12 @@ impl PyCheckpoint {
 
     /// The tensor's bytes as a read-only buffer over the mapped file: from its first element to
     /// the end of its last one (with gaps and repeats when it is strided, see `strides`).
-    fn buffer(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<PyTensorBuffer> {
+    fn buffer(&self, py: Python<'_>, name: &Bound<'_, PyString>) -> PyResult<Py<PyAny>> {
         let t = self.entry(name)?;
+        if t.pieces.is_some() {
+            let tensor = crate::value::Tensor::from_entry(t, &self.checkpoint.files);
+            return session::assembled_buffer(py, &tensor);
+        }
         let map = self.map_of(py, t.file)?;
         let path = &self.checkpoint.files[t.file].path;
         let error = |message: String| errors::tensor_error(py, message, path, &t.name);
@@ -888,7 +892,7 @@ impl PyCheckpoint {
                 map.len()
             )));
         }
-        Ok(PyTensorBuffer { map, offset, len })
+        Ok(Py::new(py, PyTensorBuffer { map, offset, len })?.into_any())
     }
 
     /// Byte strides of a non-contiguous tensor (a strided PyTorch view), `None` when its bytes
@@ -925,7 +929,7 @@ impl PyCheckpoint {
         self.checkpoint.path.display().to_string()
     }
 
-    /// The format of the weight files read: `safetensors`, `PyTorch` or `NumPy`.
+    /// The format of the weight files read: `safetensors`, `PyTorch`, `NumPy` or `DCP`.
     #[getter]
     fn format(&self) -> &'static str {
         self.checkpoint.format.name()

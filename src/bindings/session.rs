@@ -143,6 +143,15 @@ fn array_parts(py: Python<'_>, tensor: &Tensor, maps: &Maps, memory: Arc<Memory>
     Ok((Py::new(py, PyComputedBuffer { bytes })?.into_any(), dtype, shape, None))
 }
 
+/// The bytes of a tensor an opened checkpoint stores in chunks (a distributed checkpoint's),
+/// assembled into a buffer of the default memory budget (or its arena): no single range of a
+/// file holds them, so no view can be made.
+pub(super) fn assembled_buffer(py: Python<'_>, tensor: &Tensor) -> PyResult<Py<PyAny>> {
+    let maps = Maps(Mutex::new(HashMap::new()));
+    let (buffer, ..) = array_parts(py, tensor, &maps, Arc::new(Memory::default()))?;
+    Ok(buffer)
+}
+
 /// `alias::name` split; a bare name is in `default`.
 fn split_key(key: &str, default: Option<&str>) -> Option<(String, String)> {
     match key.split_once("::") {

@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod dcp;
 pub mod mapped;
 pub mod numpy;
 pub mod output;
@@ -100,6 +101,14 @@ pub enum FormatError {
         /// The checkpoint file.
         path: PathBuf,
         /// What is wrong with it, naming the entry or tensor.
+        reason: String,
+    },
+    /// A PyTorch Distributed Checkpoint directory is malformed or uses something not supported.
+    #[error("invalid PyTorch Distributed Checkpoint {}: {reason}", path.display())]
+    Dcp {
+        /// The file concerned (`.metadata`, a `.distcp` file).
+        path: PathBuf,
+        /// What is wrong, naming the tensor or chunk.
         reason: String,
     },
     /// The zip archive of a PyTorch checkpoint is malformed or unreadable.
@@ -445,6 +454,20 @@ pub struct TensorEntry {
     /// Element strides of a non-contiguous tensor (a PyTorch view saved as is); `None` for
     /// row-major contiguous bytes. Every element lies inside the file (checked by the reader).
     pub strides: Option<Vec<usize>>,
+    /// A tensor stored in several chunks (a PyTorch Distributed Checkpoint saved by several
+    /// ranks): the chunks, which tile the tensor exactly (checked by the reader). `file`,
+    /// `offset` and `strides` then describe the first chunk only, for listings; readers of the
+    /// bytes must assemble the chunks. `None` for a tensor stored in one piece.
+    pub pieces: Option<Arc<[Piece]>>,
+}
+
+/// One chunk of a tensor stored in several ([`TensorEntry::pieces`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// Index of the chunk's first element in the whole tensor, per dimension.
+    pub offsets: Vec<usize>,
+    /// The chunk's elements in its file (its shape is the chunk's; never pieces itself).
+    pub entry: TensorEntry,
 }
 
 impl TensorEntry {
@@ -476,6 +499,8 @@ pub enum Format {
     PyTorch,
     /// NumPy `.npy`/`.npz` files.
     NumPy,
+    /// PyTorch Distributed Checkpoint directories (`.metadata` and `*.distcp`).
+    Dcp,
 }
 
 /// Every fact about one format, in one row of [`Format::TABLE`].
@@ -499,7 +524,7 @@ pub struct FormatInfo {
 
 impl Format {
     /// Every format, one row each, in the order a directory holding several is read by.
-    pub const TABLE: [FormatInfo; 3] = [
+    pub const TABLE: [FormatInfo; 4] = [
         FormatInfo {
             format: Format::Safetensors,
             name: "safetensors",
@@ -523,6 +548,16 @@ impl Format {
             name: "NumPy",
             keys: &["npz", "numpy", "npy"],
             extensions: &[".npy", ".npz"],
+            index_name: None,
+            single_name: None,
+            shard_parts: None,
+        },
+        // A directory told apart by its `.metadata` file, not by file names: no extension.
+        FormatInfo {
+            format: Format::Dcp,
+            name: "DCP",
+            keys: &["dcp"],
+            extensions: &[],
             index_name: None,
             single_name: None,
             shard_parts: None,
@@ -578,7 +613,7 @@ impl Format {
                 Format::Safetensors if name == "__metadata__" => {
                     return Err(FormatError::ReservedTensorName { name: name.to_owned() })
                 }
-                Format::PyTorch if info.torch.is_none() => {
+                Format::PyTorch | Format::Dcp if info.torch.is_none() => {
                     return Err(FormatError::TorchDtype {
                         name: name.to_owned(),
                         dtype,
@@ -624,6 +659,7 @@ impl Format {
                 metadata: BTreeMap::new(),
                 skipped: Vec::new(),
             },
+            Format::Dcp => return Err(dcp_part(&file.path)),
         })
     }
 }
@@ -771,6 +807,7 @@ fn safetensors_entries(
             shape: t.shape,
             file: file_index,
             strides: None,
+            pieces: None,
         })
         .collect()
 }
@@ -789,8 +826,55 @@ pub fn open_checkpoint_as(path: &Path, format: Option<Format>) -> Result<Checkpo
         return open_directory(path);
     }
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    if name == dcp::METADATA_NAME || name.ends_with(dcp::DATA_EXTENSION) {
+        return Err(dcp_part(path));
+    }
     let format = format.or_else(|| Format::of_name(&name)).unwrap_or(Format::Safetensors);
     assemble(path, format, vec![SourceFile::open(path)?], None)
+}
+
+/// The error for a file of a DCP directory opened alone.
+fn dcp_part(path: &Path) -> FormatError {
+    FormatError::Dcp {
+        path: path.to_path_buf(),
+        reason: "this file is one part of a distributed checkpoint; open the directory holding it".to_owned(),
+    }
+}
+
+/// Opens the DCP directory `path` whose non-hidden files are `names`.
+fn open_dcp_directory(path: &Path, names: &[String]) -> Result<Checkpoint, FormatError> {
+    let contents = dcp::read_directory(path)?;
+    let mut notices = Vec::new();
+    if !contents.skipped.is_empty() {
+        let names: Vec<&String> = contents.skipped.iter().collect();
+        notices.push(format!(
+            "{}: {} skipped ({})",
+            path.display(),
+            if names.len() == 1 {
+                "1 entry that is not a tensor".to_string()
+            } else {
+                format!("{} entries that are not tensors", names.len())
+            },
+            name_list(&names)
+        ));
+    }
+    // Everything beside the data files is copied to a directory output, as for other formats.
+    let sidecars = names
+        .iter()
+        .filter(|n| !n.ends_with(dcp::DATA_EXTENSION) && classify(n) == FileKind::Sidecar)
+        .map(|n| path.join(n))
+        .filter(|p| sidecar_link_allowed(path, p))
+        .collect();
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        format: Format::Dcp,
+        files: contents.files.into_iter().map(Arc::new).collect(),
+        tensors: contents.tensors,
+        metadata: BTreeMap::new(),
+        sidecars,
+        is_directory: true,
+        notices,
+    })
 }
 
 /// Names shown in a notice: all of them up to four, else the first three and a count.
@@ -849,6 +933,9 @@ fn open_directory(path: &Path) -> Result<Checkpoint, FormatError> {
         }
     }
     names.sort();
+    if dcp::is_dcp_directory(path, &names) {
+        return open_dcp_directory(path, &names);
+    }
     let of_kind = |kind: FileKind| -> Vec<&String> { names.iter().filter(|n| classify(n) == kind).collect() };
     let (sidecars, outside): (Vec<PathBuf>, Vec<PathBuf>) = of_kind(FileKind::Sidecar)
         .into_iter()

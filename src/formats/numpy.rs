@@ -107,6 +107,7 @@ pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<T
                 offset,
                 nbytes,
                 strides: None,
+                pieces: None,
             });
         }
         entries.sort_by_key(|e| e.offset);
@@ -130,6 +131,7 @@ pub(crate) fn read_tensors(file: &SourceFile, file_index: usize) -> Result<Vec<T
             offset,
             nbytes,
             strides: None,
+            pieces: None,
         }])
     }
 }

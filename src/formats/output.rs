@@ -422,6 +422,11 @@ fn plan_shards(sizes: &[u64], budget: Option<u64>) -> Vec<usize> {
 
 /// The names of a directory output of `format`: single file, index, shard stem and extension.
 fn directory_names(format: Format) -> (&'static str, &'static str, (&'static str, &'static str)) {
+    if format == Format::Dcp {
+        // `.metadata` beside `__0_<i>.distcp`, as one rank of `torch.distributed.checkpoint.save`
+        // names its files.
+        return ("", super::dcp::METADATA_NAME, ("__0", "distcp"));
+    }
     let info = format.info();
     match (info.single_name, info.index_name, info.shard_parts) {
         (Some(single), Some(index), Some(parts)) => (single, index, parts),
@@ -430,9 +435,12 @@ fn directory_names(format: Format) -> (&'static str, &'static str, (&'static str
     }
 }
 
-/// Name of shard `i` (0-based) of `n`, as Hugging Face names them.
+/// Name of shard `i` (0-based) of `n`, as Hugging Face names them (DCP data files as torch does).
 fn shard_name(format: Format, i: usize, n: usize) -> String {
     let (_, _, (stem, extension)) = directory_names(format);
+    if format == Format::Dcp {
+        return format!("{stem}_{i}.{extension}");
+    }
     format!("{stem}-{:05}-of-{:05}.{extension}", i + 1, n)
 }
 
@@ -441,6 +449,15 @@ fn is_weight_output_name(format: Format, name: &str) -> bool {
     let (single, index, (stem, extension)) = directory_names(format);
     if name == single || name == index {
         return true;
+    }
+    if format == Format::Dcp {
+        // __<rank>_<n>.distcp
+        let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        return name
+            .strip_prefix("__")
+            .and_then(|rest| rest.strip_suffix(".distcp"))
+            .and_then(|rest| rest.split_once('_'))
+            .is_some_and(|(a, b)| number(a) && number(b));
     }
     // model-NNNNN-of-NNNNN.safetensors
     let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
@@ -475,6 +492,15 @@ pub fn foreign_outputs(format: Format, dir: &Path) -> Vec<PathBuf> {
     {
         ours.insert(index.to_owned());
         ours.extend(shards);
+    }
+    if format == Format::Dcp
+        && names
+            .iter()
+            .filter(|n| n.as_str() != index)
+            .all(|n| marked_as_ours(&dir.join(n)))
+    {
+        // A `.metadata` beside data files all of ours is ours too.
+        ours.insert(index.to_owned());
     }
     names
         .into_iter()
@@ -657,6 +683,22 @@ fn plan_file(
     // Descrs exist: `check_writable` refused the dtypes NumPy lacks.
     let npy_of = |t: &OutputTensor| npy_header(&t.dtype.info().npy_descr().unwrap_or_default(), &t.shape);
     Ok(match format {
+        // One tensor per file, pickled bare (`torch.save(tensor)`).
+        Format::Dcp => {
+            let [(t, _, _)] = entries else {
+                return Err(invalid(
+                    "a distributed checkpoint data file holds one tensor".to_owned(),
+                ));
+            };
+            let archive = Archive::plan_chunk(t, path)?;
+            FilePlan {
+                len: archive.data_end(),
+                final_len: archive.finished_len(),
+                starts: vec![archive.tensor_offset(0)],
+                body: Body::Torch(archive),
+                prefix: Vec::new(),
+            }
+        }
         Format::Safetensors => {
             let prefix = header_bytes(entries.iter().copied(), metadata);
             let at = prefix.len() as u64;
@@ -783,6 +825,12 @@ impl OutputPlan {
             .ok_or_else(|| invalid(layout.path(), "total size overflows"))?;
 
         let (dir, final_paths, shard_of, index) = match layout {
+            OutputLayout::File(path) | OutputLayout::Npy(path) if format == Format::Dcp => {
+                return Err(invalid(
+                    path,
+                    "a distributed checkpoint is a directory; give a path without an extension",
+                ));
+            }
             OutputLayout::File(path) | OutputLayout::Npy(path) => {
                 let parent = match (path.file_name(), path.parent()) {
                     (Some(_), Some(p)) if p.as_os_str().is_empty() => PathBuf::from("."),
@@ -805,13 +853,20 @@ impl OutputPlan {
                     refuse_shadowing_safetensors(dir)?;
                 }
                 let (single, index, _) = directory_names(format);
-                let shard_of = plan_shards(&sizes, *shard_budget);
-                let n = shard_of.last().map_or(1, |&s| s + 1);
-                if n == 1 {
-                    (dir.clone(), vec![dir.join(single)], shard_of, None)
-                } else {
+                if format == Format::Dcp {
+                    // One data file per tensor, whatever the shard budget.
+                    let n = tensors.len();
                     let paths = (0..n).map(|i| dir.join(shard_name(format, i, n))).collect();
-                    (dir.clone(), paths, shard_of, Some(dir.join(index)))
+                    (dir.clone(), paths, (0..n).collect(), Some(dir.join(index)))
+                } else {
+                    let shard_of = plan_shards(&sizes, *shard_budget);
+                    let n = shard_of.last().map_or(1, |&s| s + 1);
+                    if n == 1 {
+                        (dir.clone(), vec![dir.join(single)], shard_of, None)
+                    } else {
+                        let paths = (0..n).map(|i| dir.join(shard_name(format, i, n))).collect();
+                        (dir.clone(), paths, shard_of, Some(dir.join(index)))
+                    }
                 }
             }
         };
@@ -833,6 +888,20 @@ impl OutputPlan {
             files.push((final_path, plan));
         }
         let index = index.map(|index_path| {
+            if format == Format::Dcp {
+                let refs: Vec<&OutputTensor> = tensors.iter().collect();
+                let data: Vec<(String, u64)> = files
+                    .iter()
+                    .map(|(path, plan)| {
+                        let name = path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
+                        (name, plan.final_len)
+                    })
+                    .collect();
+                return (index_path, super::torch_output::dcp_metadata_pickle(&refs, &data));
+            }
             let n = files.len();
             let mut weight_map = Map::new();
             for (t, &shard) in tensors.iter().zip(&shard_of) {

@@ -110,6 +110,58 @@ pub enum Global {
     Storage(DType),
     /// A dtype such as `torch.uint16`, the last argument of `_rebuild_tensor_v3`.
     Dtype(DType),
+    /// A name of a PyTorch Distributed Checkpoint's `.metadata` pickle, allowed only when
+    /// reading one ([`unpickle_dcp`]).
+    Dcp(DcpClass),
+}
+
+/// The names a DCP `.metadata` pickle uses: its dataclasses (built by `NEWOBJ` and `BUILD`) and
+/// the helpers `REDUCE` calls for their fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DcpClass {
+    /// `torch.distributed.checkpoint.metadata.Metadata`.
+    Metadata,
+    /// `...metadata.TensorStorageMetadata`: properties, size, chunks.
+    TensorStorageMetadata,
+    /// `...metadata.BytesStorageMetadata`: a non-tensor entry.
+    BytesStorageMetadata,
+    /// `...metadata.ChunkStorageMetadata`: offsets and sizes of one chunk.
+    ChunkStorageMetadata,
+    /// `...metadata.TensorProperties`, whose state is a tuple starting with the dtype.
+    TensorProperties,
+    /// `...metadata.MetadataIndex`: fqn and chunk offset, the key of `storage_data`.
+    MetadataIndex,
+    /// `...metadata.StorageMeta`.
+    StorageMeta,
+    /// `...metadata._MEM_FORMAT_ENCODING(n)`: becomes the int.
+    MemFormat,
+    /// `...filesystem._StorageInfo`: relative path, offset, length of a chunk's bytes.
+    StorageInfo,
+    /// `torch.Size(tuple)`: becomes the tuple.
+    Size,
+    /// `torch.serialization._get_layout(name)`: becomes the name.
+    Layout,
+    /// `pathlib.PosixPath(*parts)` (the checkpoint id): becomes the parts joined by `/`.
+    Path,
+}
+
+impl DcpClass {
+    /// Whether `NEWOBJ` may build an instance of it.
+    fn is_dataclass(self) -> bool {
+        !matches!(
+            self,
+            DcpClass::MemFormat | DcpClass::Size | DcpClass::Layout | DcpClass::Path
+        )
+    }
+}
+
+/// An instance of a DCP dataclass: its class and the state `BUILD` gave it (`None` before).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// The class.
+    pub class: DcpClass,
+    /// A dict of fields, or a tuple (`TensorProperties`); `None` until built.
+    pub state: Object,
 }
 
 /// A storage named by a persistent id: `('storage', type, key, location, numel)` in the zip
@@ -178,6 +230,8 @@ pub enum Object {
     Storage(Rc<StorageRef>),
     /// A tensor.
     Tensor(Rc<TensorRef>),
+    /// An instance of a DCP metadata class (only in a `.metadata` pickle).
+    Instance(Rc<Instance>),
 }
 
 /// The size of a value as the limits count it: what a deep copy of it would build.
@@ -350,6 +404,7 @@ impl Object {
             Object::Bytes(b) => Size::scalar(1, b.len()),
             Object::Tuple(v) | Object::List(v) => v.0.size,
             Object::Dict(v) => v.0.size,
+            Object::Instance(i) => Size::EMPTY.with(i.state.size()),
             Object::Storage(s) => Size::scalar(1, text(s)),
             // A consumer copies a tensor's dimensions, so they count as the tuples they came from.
             Object::Tensor(t) => Size::scalar(
@@ -374,6 +429,7 @@ impl Object {
             Object::Global(_) => "global",
             Object::Storage(_) => "storage",
             Object::Tensor(_) => "tensor",
+            Object::Instance(_) => "object",
         }
     }
 }
@@ -390,8 +446,28 @@ fn check_nesting(child_depth: u32, nesting: u32) -> Result<(), PickleError> {
     Ok(())
 }
 
-/// The allowed global `module.name`, or a refusal naming it.
-fn resolve_global(module: &str, name: &str) -> Result<Global, PickleError> {
+/// The allowed global `module.name`, or a refusal naming it; `dcp` allows the names of a DCP
+/// `.metadata` pickle too.
+fn resolve_global(module: &str, name: &str, dcp: bool) -> Result<Global, PickleError> {
+    const MD: &str = "torch.distributed.checkpoint.metadata";
+    let dcp_class = match (module, name) {
+        (MD, "Metadata") => Some(DcpClass::Metadata),
+        (MD, "TensorStorageMetadata") => Some(DcpClass::TensorStorageMetadata),
+        (MD, "BytesStorageMetadata") => Some(DcpClass::BytesStorageMetadata),
+        (MD, "ChunkStorageMetadata") => Some(DcpClass::ChunkStorageMetadata),
+        (MD, "TensorProperties") => Some(DcpClass::TensorProperties),
+        (MD, "MetadataIndex") => Some(DcpClass::MetadataIndex),
+        (MD, "StorageMeta") => Some(DcpClass::StorageMeta),
+        (MD, "_MEM_FORMAT_ENCODING") => Some(DcpClass::MemFormat),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo") => Some(DcpClass::StorageInfo),
+        ("torch", "Size") => Some(DcpClass::Size),
+        ("torch.serialization", "_get_layout") => Some(DcpClass::Layout),
+        ("pathlib", "PosixPath" | "PurePosixPath" | "Path") => Some(DcpClass::Path),
+        _ => None,
+    };
+    if let (true, Some(class)) = (dcp, dcp_class) {
+        return Ok(Global::Dcp(class));
+    }
     let global = match (module, name) {
         ("collections", "OrderedDict") => Some(Global::OrderedDict),
         ("torch._utils", "_rebuild_tensor_v2") => Some(Global::RebuildTensorV2),
@@ -422,6 +498,8 @@ struct Machine<'a> {
     bytes: usize,
     copied: usize,
     limits: Limits,
+    /// Whether the names of a DCP `.metadata` pickle are allowed.
+    dcp: bool,
 }
 
 impl<'a> Machine<'a> {
@@ -712,8 +790,38 @@ impl<'a> Machine<'a> {
                 Some(tensor @ Object::Tensor(_)) => Ok(tensor.clone()),
                 _ => Err(self.bad("_rebuild_parameter expects a tensor first")),
             },
+            Object::Global(Global::Dcp(class)) => self.dcp_reduce(class, &args),
             Object::Global(g) => Err(self.bad(format!("{g:?} cannot be called with {} arguments", args.len()))),
             other => Err(self.bad(format!("REDUCE on a {}, which is not callable", other.kind()))),
+        }
+    }
+
+    /// `REDUCE` of a DCP helper: `torch.Size`, a layout, a memory format, a path.
+    fn dcp_reduce(&self, class: DcpClass, args: &[Object]) -> Result<Object, PickleError> {
+        match (class, args) {
+            (DcpClass::Size, [dims @ Object::Tuple(_)]) => {
+                self.dims(dims, "torch.Size")?;
+                Ok(dims.clone())
+            }
+            (DcpClass::Layout, [name @ Object::Str(_)]) => Ok(name.clone()),
+            (DcpClass::MemFormat, [n @ Object::Int(_)]) => Ok(n.clone()),
+            (DcpClass::Path, parts) => {
+                let mut joined = String::new();
+                for part in parts {
+                    let Object::Str(part) = part else {
+                        return Err(self.bad("a path part is not a str"));
+                    };
+                    if !joined.is_empty() && !joined.ends_with('/') {
+                        joined.push('/');
+                    }
+                    joined.push_str(part);
+                }
+                Ok(Object::Str(joined.into()))
+            }
+            _ => Err(self.bad(format!(
+                "{class:?} cannot be called with these {} arguments",
+                args.len()
+            ))),
         }
     }
 
@@ -920,7 +1028,7 @@ impl<'a> Machine<'a> {
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    let global = resolve_global(&module, &name)?;
+                    let global = resolve_global(&module, &name, self.dcp)?;
                     self.push(Object::Global(global))?;
                 }
                 0x93 => {
@@ -929,7 +1037,7 @@ impl<'a> Machine<'a> {
                     let (Object::Str(module), Object::Str(name)) = (module, name) else {
                         return Err(self.bad("STACK_GLOBAL operands are not strings"));
                     };
-                    let global = resolve_global(&module, &name)?;
+                    let global = resolve_global(&module, &name, self.dcp)?;
                     self.push(Object::Global(global))?;
                 }
                 b'R' => {
@@ -938,14 +1046,47 @@ impl<'a> Machine<'a> {
                     let value = self.reduce(callable, args)?;
                     self.push(value)?;
                 }
+                0x81 if self.dcp => {
+                    // NEWOBJ: an empty instance of an allowed DCP dataclass, filled by BUILD.
+                    let args = self.pop()?;
+                    let class = self.pop()?;
+                    match (class, args) {
+                        (Object::Global(Global::Dcp(class)), Object::Tuple(args))
+                            if class.is_dataclass() && args.is_empty() =>
+                        {
+                            self.push(Object::Instance(Rc::new(Instance {
+                                class,
+                                state: Object::None,
+                            })))?;
+                        }
+                        (class, _) => return Err(self.bad(format!("NEWOBJ of a {}", class.kind()))),
+                    }
+                }
                 b'b' => {
-                    // BUILD sets state on the object below: torch passes an OrderedDict its
-                    // `_metadata`, which carries no weights, so the state is dropped.
-                    let _state = self.pop()?;
+                    // BUILD sets state on the object below. Of a DCP dataclass, the state is its
+                    // fields. Otherwise torch passes an OrderedDict its `_metadata`, which carries
+                    // no weights, so the state is dropped.
+                    let state = self.pop()?;
+                    let nesting = self.limits.nesting;
+                    let at = self.at;
                     let target = self.top()?;
-                    if !matches!(target, Object::Dict(_) | Object::Tensor(_)) {
-                        let kind = target.kind();
-                        return Err(self.bad(format!("BUILD on a {kind}")));
+                    match target {
+                        Object::Instance(instance) => {
+                            if instance.state != Object::None {
+                                return Err(self.bad("BUILD of an object built already"));
+                            }
+                            check_nesting(state.size().depth.saturating_add(1), nesting)?;
+                            let class = instance.class;
+                            *instance = Rc::new(Instance { class, state });
+                        }
+                        Object::Dict(_) | Object::Tensor(_) => {}
+                        other => {
+                            let kind = other.kind();
+                            return Err(PickleError::Malformed {
+                                at,
+                                reason: format!("BUILD on a {kind}"),
+                            });
+                        }
                     }
                 }
                 b'Q' => {
@@ -984,10 +1125,21 @@ pub fn unpickle_with(data: &[u8], limits: Limits) -> Result<Object, PickleError>
     unpickle_prefix(data, limits).map(|(value, _)| value)
 }
 
+/// Interprets the `.metadata` pickle of a PyTorch Distributed Checkpoint under `limits`: the
+/// torch names and, besides them, the DCP metadata dataclasses ([`DcpClass`]), which `NEWOBJ`
+/// builds as [`Object::Instance`]; anything else is refused as for [`unpickle`].
+pub fn unpickle_dcp(data: &[u8], limits: Limits) -> Result<Object, PickleError> {
+    run_machine(data, limits, true).map(|(value, _)| value)
+}
+
 /// Interprets the pickle at the start of `data` under `limits`, returning the value `STOP` leaves
 /// and the offset just after `STOP`, where whatever follows the pickle starts (the legacy PyTorch
 /// format is a sequence of pickles followed by raw storage bytes).
 pub fn unpickle_prefix(data: &[u8], limits: Limits) -> Result<(Object, usize), PickleError> {
+    run_machine(data, limits, false)
+}
+
+fn run_machine(data: &[u8], limits: Limits, dcp: bool) -> Result<(Object, usize), PickleError> {
     let mut machine = Machine {
         data,
         pos: 0,
@@ -999,6 +1151,7 @@ pub fn unpickle_prefix(data: &[u8], limits: Limits) -> Result<(Object, usize), P
         bytes: 0,
         copied: 0,
         limits,
+        dcp,
     };
     let value = machine.run()?;
     Ok((value, machine.pos))

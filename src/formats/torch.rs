@@ -34,12 +34,6 @@ fn bad_zip(path: &Path) -> impl Fn(zip::ZipError) -> FormatError + '_ {
     }
 }
 
-/// The archive's entries by name.
-fn read_zip(file: &SourceFile) -> Result<HashMap<String, zip::Entry>, FormatError> {
-    let entries = zip::read_entries(file).map_err(bad_zip(&file.path))?;
-    Ok(entries.into_iter().map(|e| (e.name.clone(), e)).collect())
-}
-
 /// `(dotted name, tensor)` pairs in state-dict order.
 type NamedTensors = Vec<(String, TensorRef)>;
 
@@ -205,6 +199,7 @@ pub(crate) fn entry_for(
             offset: base,
             nbytes: 0,
             strides: None,
+            pieces: None,
         });
     }
     // Index of the last element: offset + Σ (size - 1) · stride; it must lie inside the storage.
@@ -240,6 +235,7 @@ pub(crate) fn entry_for(
         offset: base + t.offset * item, // cannot overflow: the element is inside the storage
         nbytes,
         strides,
+        pieces: None,
     })
 }
 
@@ -272,56 +268,120 @@ pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntr
 
 /// Reads the tensors of a zip-format PyTorch checkpoint.
 fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntry>, Vec<String>), FormatError> {
-    let path = &file.path;
-    let entries = read_zip(file)?;
-    let pkl_name = entries
-        .keys()
-        .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
-        .min()
-        .ok_or_else(|| bad(path, "no <archive>/data.pkl entry (not a torch.save checkpoint)"))?
-        .clone();
-    let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-    let stored = |name: &str| -> Result<&zip::Entry, FormatError> {
-        let entry = entries
+    let archive = Archive::open(file, 0, file.len)?;
+    let (found, skipped) = tensors_of(&archive.root, &file.path)?;
+    let mut tensors = Vec::with_capacity(found.len());
+    for (name, t) in found {
+        tensors.push(archive.entry(file, name, t, file_index)?);
+    }
+    // State-dict order, as `torch.load` returns it (storage keys of legacy files are memory
+    // addresses, so file order would be arbitrary).
+    Ok((tensors, skipped))
+}
+
+/// The tensor `torch.save(tensor)` wrote as the zip archive in `len` bytes of `file` from `base`
+/// (a chunk of a PyTorch Distributed Checkpoint's `.distcp` file), named `name`.
+pub(crate) fn read_archived_tensor(
+    file: &SourceFile,
+    base: u64,
+    len: u64,
+    file_index: usize,
+    name: &str,
+) -> Result<TensorEntry, FormatError> {
+    let archive = Archive::open(file, base, len)?;
+    let Object::Tensor(t) = &archive.root else {
+        return Err(bad(
+            &file.path,
+            format!(
+                "the chunk of {name:?} at byte {base} holds a {}, not a tensor",
+                match &archive.root {
+                    Object::Dict(_) => "dict",
+                    _ => "value",
+                }
+            ),
+        ));
+    };
+    archive.entry(file, name.to_owned(), TensorRef::clone(t), file_index)
+}
+
+/// A zip-format archive opened: its entries, the prefix of its entries and its unpickled
+/// `data.pkl`.
+struct Archive {
+    entries: HashMap<String, zip::Entry>,
+    prefix: String,
+    root: Object,
+}
+
+impl Archive {
+    /// Opens the archive in `len` bytes of `file` from `base`.
+    fn open(file: &SourceFile, base: u64, len: u64) -> Result<Archive, FormatError> {
+        let path = &file.path;
+        let entries = zip::read_entries_in(file, base, len).map_err(bad_zip(path))?;
+        let entries: HashMap<String, zip::Entry> = entries.into_iter().map(|e| (e.name.clone(), e)).collect();
+        let pkl_name = entries
+            .keys()
+            .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
+            .min()
+            .ok_or_else(|| bad(path, "no <archive>/data.pkl entry (not a torch.save checkpoint)"))?
+            .clone();
+        let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
+        let archive = Archive {
+            entries,
+            prefix,
+            root: Object::None,
+        };
+        // Storages are in the saving machine's byte order (torch byteswaps them on load); files
+        // without the entry predate it and are little-endian.
+        if let Some(order) = archive.entries.get(&format!("{}byteorder", archive.prefix)) {
+            order.require_stored("").map_err(bad_zip(path))?;
+            let mut text = vec![0u8; order.size.min(16) as usize];
+            file.read_at(order.data_offset, &mut text)?;
+            let text = String::from_utf8_lossy(&text);
+            if text.trim() != "little" {
+                return Err(bad(
+                    path,
+                    format!(
+                        "saved with byte order {:?}; only little-endian checkpoints are read (load and save it \
+                         again with torch on a little-endian machine)",
+                        text.trim()
+                    ),
+                ));
+            }
+        }
+        let pkl = archive.stored(path, &pkl_name)?;
+        if pkl.size > MAX_PICKLE {
+            return Err(bad(path, "data.pkl is too large"));
+        }
+        let mut data = vec![0u8; pkl.size as usize];
+        file.read_at(pkl.data_offset, &mut data)?;
+        let root = pickle::unpickle(&data).map_err(|reason| FormatError::Pickle {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(Archive { root, ..archive })
+    }
+
+    /// The entry `name`, which must be stored uncompressed.
+    fn stored(&self, path: &Path, name: &str) -> Result<&zip::Entry, FormatError> {
+        let entry = self
+            .entries
             .get(name)
             .ok_or_else(|| bad(path, format!("zip entry {name:?} is missing")))?;
         entry.require_stored("").map_err(bad_zip(path))?;
         Ok(entry)
-    };
-    // Storages are in the saving machine's byte order (torch byteswaps them on load); files
-    // without the entry predate it and are little-endian.
-    if let Some(order) = entries.get(&format!("{prefix}byteorder")) {
-        order.require_stored("").map_err(bad_zip(path))?;
-        let mut text = vec![0u8; order.size.min(16) as usize];
-        file.read_at(order.data_offset, &mut text)?;
-        let text = String::from_utf8_lossy(&text);
-        if text.trim() != "little" {
-            return Err(bad(
-                path,
-                format!(
-                    "saved with byte order {:?}; only little-endian checkpoints are read (load and save it \
-                     again with torch on a little-endian machine)",
-                    text.trim()
-                ),
-            ));
-        }
     }
-    let pkl = stored(&pkl_name)?;
-    if pkl.size > MAX_PICKLE {
-        return Err(bad(path, "data.pkl is too large"));
-    }
-    let mut data = vec![0u8; pkl.size as usize];
-    file.read_at(pkl.data_offset, &mut data)?;
-    let root = pickle::unpickle(&data).map_err(|reason| FormatError::Pickle {
-        path: path.to_path_buf(),
-        reason,
-    })?;
-    let (found, skipped) = tensors_of(&root, path)?;
 
-    let mut tensors = Vec::with_capacity(found.len());
-    for (name, t) in found {
+    /// The entry of tensor `name`, `t`, over one of the archive's storages.
+    fn entry(
+        &self,
+        file: &SourceFile,
+        name: String,
+        t: TensorRef,
+        file_index: usize,
+    ) -> Result<TensorEntry, FormatError> {
+        let path = &file.path;
         let item = t.storage.dtype.size().unwrap_or(1) as u64;
-        let entry = stored(&format!("{prefix}data/{}", t.storage.key))?;
+        let entry = self.stored(path, &format!("{}data/{}", self.prefix, t.storage.key))?;
         if t.storage.numel.checked_mul(item).is_none_or(|b| b > entry.size) {
             return Err(bad(
                 path,
@@ -332,11 +392,8 @@ fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorE
             ));
         }
         let numel = t.storage.numel;
-        tensors.push(entry_for(name, t, entry.data_offset, numel, file_index, path)?);
+        entry_for(name, t, entry.data_offset, numel, file_index, path)
     }
-    // State-dict order, as `torch.load` returns it (storage keys of legacy files are memory
-    // addresses, so file order would be arbitrary).
-    Ok((tensors, skipped))
 }
 
 #[cfg(test)]
@@ -393,8 +450,8 @@ pub(crate) mod tests {
                 .iter()
                 .find(|e| e.name.trim_end_matches("::bf16") == entry.name)
                 .unwrap_or_else(|| panic!("{name}: {} not expected", entry.name));
-            let got = Tensor::from_entry(entry, ck.files[entry.file].clone());
-            let exp = Tensor::from_entry(expected, want.files[0].clone());
+            let got = Tensor::from_entry(entry, &ck.files);
+            let exp = Tensor::from_entry(expected, &want.files);
             assert_eq!(got.shape, exp.shape, "{name}: {}", entry.name);
             assert_eq!(bytes(&got), bytes(&exp), "{name}: {}", entry.name);
         }

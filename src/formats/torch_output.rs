@@ -242,6 +242,154 @@ fn state_dict_pickle(tensors: &[(&OutputTensor, TorchStorage)]) -> Vec<u8> {
     p.out
 }
 
+/// The `data.pkl` of a chunk of a distributed checkpoint: the tensor itself, storage `data/0`
+/// (what `torch.save(tensor)` writes).
+fn tensor_pickle(t: &OutputTensor, torch: TorchStorage) -> Vec<u8> {
+    let mut p = Pickler::new();
+    p.tensor(t, 0, torch);
+    p.out.push(b'.');
+    p.out
+}
+
+/// Module of the DCP metadata dataclasses.
+const DCP_METADATA: &str = "torch.distributed.checkpoint.metadata";
+
+impl Pickler {
+    /// `cls.__new__(cls)` of a DCP dataclass (`NEWOBJ`), memoized; its fields follow by `BUILD`.
+    fn new_object(&mut self, module: &str, class: &str) {
+        self.global(module, class);
+        self.out.push(b')');
+        self.out.push(0x81);
+        self.put();
+    }
+
+    /// `torch.Size(dims)`.
+    fn size(&mut self, dims: &[u64]) {
+        self.global("torch", "Size");
+        self.int_tuple(dims);
+        self.out.push(0x85); // TUPLE1: the arguments
+        self.put();
+        self.out.push(b'R');
+        self.put();
+    }
+
+    /// An empty dict (memoized) and the `MARK` its `SETITEMS` closes.
+    fn open_dict(&mut self) {
+        self.out.push(b'}');
+        self.put();
+        self.out.push(b'(');
+    }
+
+    /// A `TensorStorageMetadata` of one chunk holding the whole of `t`.
+    fn tensor_storage_metadata(&mut self, t: &OutputTensor) {
+        let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+        let zeros = vec![0u64; shape.len()];
+        self.new_object(DCP_METADATA, "TensorStorageMetadata");
+        self.open_dict();
+        self.str("properties");
+        self.new_object(DCP_METADATA, "TensorProperties");
+        // State: (dtype, layout, requires_grad, memory format encoding, pin_memory).
+        self.out.push(b'(');
+        self.global("torch", t.dtype.name());
+        self.global("torch.serialization", "_get_layout");
+        self.str("torch.strided");
+        self.out.push(0x85);
+        self.put();
+        self.out.push(b'R');
+        self.put();
+        self.out.push(0x89); // requires_grad = False
+        self.global(DCP_METADATA, "_MEM_FORMAT_ENCODING");
+        self.int(0); // TORCH_CONTIGUOUS_FORMAT
+        self.out.push(0x85);
+        self.put();
+        self.out.push(b'R');
+        self.put();
+        self.out.push(0x89); // pin_memory = False
+        self.out.push(b't');
+        self.put();
+        self.out.push(b'b');
+        self.str("size");
+        self.size(&shape);
+        self.str("chunks");
+        self.out.push(b']');
+        self.put();
+        self.new_object(DCP_METADATA, "ChunkStorageMetadata");
+        self.open_dict();
+        self.str("offsets");
+        self.size(&zeros);
+        self.str("sizes");
+        self.size(&shape);
+        self.out.push(b'u');
+        self.out.push(b'b');
+        self.out.push(b'a'); // APPEND to the chunks
+        self.out.push(b'u');
+        self.out.push(b'b');
+    }
+}
+
+/// The `.metadata` of a distributed checkpoint whose tensor `i` is saved whole, alone, as the
+/// `torch.save` archive that is all of data file `files[i]` (its name and byte length): what
+/// `torch.distributed.checkpoint.save` pickles (dataclasses built by `NEWOBJ` and `BUILD`, in
+/// protocol 2), with no storage metadata.
+pub(crate) fn dcp_metadata_pickle(tensors: &[&OutputTensor], files: &[(String, u64)]) -> Vec<u8> {
+    let mut p = Pickler::new();
+    p.new_object(DCP_METADATA, "Metadata");
+    p.open_dict();
+    p.str("state_dict_metadata");
+    p.open_dict();
+    for t in tensors {
+        p.str(&t.name);
+        p.tensor_storage_metadata(t);
+    }
+    p.out.push(b'u');
+    // How each name nests in a state dict, as torch flattens it: `a.b` was `{"a": {"b": ...}}`.
+    p.str("planner_data");
+    p.open_dict();
+    for t in tensors {
+        p.str(&t.name);
+        p.out.push(b'(');
+        for part in t.name.split('.') {
+            p.str(part);
+        }
+        p.out.push(b't');
+        p.put();
+    }
+    p.out.push(b'u');
+    p.str("storage_data");
+    p.open_dict();
+    for (t, (file, len)) in tensors.iter().zip(files) {
+        p.new_object(DCP_METADATA, "MetadataIndex");
+        p.open_dict();
+        p.str("fqn");
+        p.str(&t.name);
+        p.str("offset");
+        p.size(&vec![0u64; t.shape.len()]);
+        p.str("index");
+        p.int(0);
+        p.out.push(b'u');
+        p.out.push(b'b');
+        p.new_object("torch.distributed.checkpoint.filesystem", "_StorageInfo");
+        p.open_dict();
+        p.str("relative_path");
+        p.str(file);
+        p.str("offset");
+        p.int(0);
+        p.str("length");
+        p.int(*len);
+        p.out.push(b'u');
+        p.out.push(b'b');
+    }
+    p.out.push(b'u');
+    p.str("storage_meta");
+    p.out.push(b'N');
+    p.str("version");
+    p.str("1.0.0");
+    p.out.push(b'u');
+    p.out.push(b'b');
+    p.out.push(b'.');
+    p.out
+}
+
 /// One PyTorch archive laid out for writing: the entries' places, and the small entries
 /// (pickle, byte order, version) ready to write.
 #[derive(Debug)]
@@ -259,8 +407,24 @@ impl Archive {
         Self::plan_in(Layout::new(), tensors, path)
     }
 
+    /// Lays out the archive `torch.save(t)` writes (a chunk of a distributed checkpoint): its
+    /// pickle is the tensor itself, not a state dict.
+    pub(crate) fn plan_chunk(t: &OutputTensor, path: &std::path::Path) -> Result<Self, FormatError> {
+        Self::plan_with(Layout::new(), &[t], path, true)
+    }
+
     /// [`Archive::plan`] in `layout`, an empty archive (tests pass one that always uses ZIP64).
-    fn plan_in(mut layout: Layout, tensors: &[&OutputTensor], path: &std::path::Path) -> Result<Self, FormatError> {
+    fn plan_in(layout: Layout, tensors: &[&OutputTensor], path: &std::path::Path) -> Result<Self, FormatError> {
+        Self::plan_with(layout, tensors, path, false)
+    }
+
+    /// [`Archive::plan_in`]; `bare` pickles the one tensor itself rather than a state dict.
+    fn plan_with(
+        mut layout: Layout,
+        tensors: &[&OutputTensor],
+        path: &std::path::Path,
+        bare: bool,
+    ) -> Result<Self, FormatError> {
         let mut typed = Vec::with_capacity(tensors.len());
         for &t in tensors {
             // `Format::check_writable` refused the dtypes torch lacks; this only keeps the
@@ -271,7 +435,10 @@ impl Archive {
             })?;
             typed.push((t, torch));
         }
-        let pickle = state_dict_pickle(&typed);
+        let pickle = match (bare, typed.as_slice()) {
+            (true, [(t, torch)]) => tensor_pickle(t, *torch),
+            _ => state_dict_pickle(&typed),
+        };
         let invalid = |reason| FormatError::InvalidOutput {
             path: path.to_path_buf(),
             reason,

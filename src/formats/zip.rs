@@ -178,23 +178,48 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
-/// Reads `len` bytes at `offset`, refusing ranges past the end of the file.
-fn read(file: &SourceFile, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, ZipError> {
-    if offset.checked_add(len).is_none_or(|end| end > file.len) {
+/// The bytes of a file an archive occupies: `len` bytes from `base` (the whole file, or one
+/// chunk of a DCP `.distcp` file, where each chunk is a `torch.save` archive of its own).
+#[derive(Debug, Clone, Copy)]
+struct Span<'f> {
+    file: &'f SourceFile,
+    base: u64,
+    len: u64,
+}
+
+/// Reads `len` bytes at `offset` of the archive, refusing ranges past its end.
+fn read(span: Span<'_>, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, ZipError> {
+    if offset.checked_add(len).is_none_or(|end| end > span.len) {
         return Err(ZipError::OutsideFile { what: what.to_owned() });
     }
     let len = usize::try_from(len).map_err(|_| ZipError::TooLarge { what: what.to_owned() })?;
     let mut buf = vec![0u8; len];
-    file.file().read_exact_at(&mut buf, offset).map_err(ZipError::Io)?;
+    span.file
+        .file()
+        .read_exact_at(&mut buf, span.base + offset)
+        .map_err(ZipError::Io)?;
     Ok(buf)
 }
 
 /// The entries of the zip archive `file`, in central-directory order.
 pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
+    read_entries_in(file, 0, file.len)
+}
+
+/// The entries of the zip archive occupying `len` bytes of `file` from `base` (its offsets count
+/// from `base`), in central-directory order; data offsets are absolute in `file`. The range must
+/// lie inside the file.
+pub fn read_entries_in(file: &SourceFile, base: u64, len: u64) -> Result<Vec<Entry>, ZipError> {
+    if base.checked_add(len).is_none_or(|end| end > file.len) {
+        return Err(ZipError::OutsideFile {
+            what: "archive".to_owned(),
+        });
+    }
+    let span = Span { file, base, len };
     let not_zip = || ZipError::NotZip;
     // The end record is 22 bytes plus a comment of at most 64 KiB, at the very end.
-    let tail_len = file.len.min(22 + 0xFFFF);
-    let tail = read(file, file.len - tail_len, tail_len, "end of archive")?;
+    let tail_len = span.len.min(22 + 0xFFFF);
+    let tail = read(span, span.len - tail_len, tail_len, "end of archive")?;
     // The last end-record signature whose comment fits in the file (a comment cut short means a
     // truncated archive; bytes after the comment are tolerated, as Python's zipfile does).
     let eocd = (0..tail.len().saturating_sub(21))
@@ -204,7 +229,7 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
                 && u16_at(&tail, i + 20).is_some_and(|c| i + 22 + usize::from(c) <= tail.len())
         })
         .ok_or_else(not_zip)?;
-    let eocd_abs = file.len - tail_len + eocd as u64;
+    let eocd_abs = span.len - tail_len + eocd as u64;
     let field = |at: usize, wide: bool| -> Option<u64> {
         if wide {
             u32_at(&tail, eocd + at).map(u64::from)
@@ -219,12 +244,12 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
     // only when a value does not fit, and Python's zipfile writes exactly 65535 entries without
     // one, so the locator's presence decides, not a saturated count.
     let locator = match eocd_abs.checked_sub(20) {
-        Some(at) => read(file, at, 20, "ZIP64 locator")?,
+        Some(at) => read(span, at, 20, "ZIP64 locator")?,
         None => Vec::new(),
     };
     if u32_at(&locator, 0) == Some(EOCD64_LOCATOR_SIG) {
         let record_at = u64_at(&locator, 8).ok_or(ZipError::Zip64LocatorMissing)?;
-        let record = read(file, record_at, 56, "ZIP64 end record")?;
+        let record = read(span, record_at, 56, "ZIP64 end record")?;
         if u32_at(&record, 0) != Some(EOCD64_SIG) {
             return Err(ZipError::Zip64RecordMissing);
         }
@@ -238,7 +263,7 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
     if cd_size > MAX_CENTRAL_DIRECTORY {
         return Err(ZipError::CentralDirectoryTooLarge { size: cd_size });
     }
-    let cd = read(file, cd_offset, cd_size, "central directory")?;
+    let cd = read(span, cd_offset, cd_size, "central directory")?;
     file.record_header(&cd);
     let short = || ZipError::CentralDirectoryTruncated;
     let mut entries = Vec::new();
@@ -283,21 +308,21 @@ pub fn read_entries(file: &SourceFile) -> Result<Vec<Entry>, ZipError> {
         if method == 0 && compressed != uncompressed {
             return Err(ZipError::InconsistentSizes { entry: name });
         }
-        let header = read(file, local, 30, &format!("entry {name:?}"))?;
+        let header = read(span, local, 30, &format!("entry {name:?}"))?;
         if u32_at(&header, 0) != Some(LOCAL_SIG) {
             return Err(ZipError::NoLocalHeader { entry: name });
         }
         let local_name = u16_at(&header, 26).map_or(0, u64::from);
         let local_extra = u16_at(&header, 28).map_or(0, u64::from);
         let data_offset = local + 30 + local_name + local_extra;
-        if data_offset.checked_add(compressed).is_none_or(|end| end > file.len) {
+        if data_offset.checked_add(compressed).is_none_or(|end| end > span.len) {
             return Err(ZipError::EntryTruncated { entry: name });
         }
         entries.push(Entry {
             name,
             method,
             encrypted: flags & 1 != 0,
-            data_offset,
+            data_offset: base + data_offset,
             size: compressed,
         });
         spans.push((local, data_offset + compressed, entries.len() - 1));

@@ -306,7 +306,7 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
             None => {
                 return Err(PlanError::invalid(
                     &location.key("format"),
-                    format!("unknown format `{f}`; expected safetensors, torch, npz or npy"),
+                    format!("unknown format `{f}`; expected safetensors, torch, npz, npy or dcp"),
                 ))
             }
         },

@@ -122,7 +122,7 @@ const SAVE_FIELDS: &[Field] = &[
         "format",
         FieldKind::Text,
         Some("by extension, else safetensors"),
-        "file format: safetensors, torch (PyTorch) or numpy (`.npy` for one tensor or a `.npy` path, else `.npz`)",
+        "file format: safetensors, torch (PyTorch), numpy (`.npy` for one tensor or a `.npy` path, else `.npz`) or dcp (a PyTorch Distributed Checkpoint directory)",
     ),
     Field::optional(
         "shard",
@@ -205,7 +205,7 @@ fn input_format(p: &Payload) -> Result<Option<Format>, PlanError> {
         Some(format) => Ok(Some(format)),
         None => Err(PlanError::invalid(
             &p.at("format"),
-            format!("unknown format `{text}`; expected safetensors, pytorch or numpy"),
+            format!("unknown format `{text}`; expected safetensors, pytorch, numpy or dcp"),
         )),
     }
 }
@@ -423,11 +423,10 @@ impl Transform for Load {
                     }
                     .into());
                 }
-                let file = checkpoint
-                    .files
-                    .get(entry.file)
-                    .ok_or_else(|| PlanError::invalid(&self.location.key("path"), "tensor entry names no file"))?;
-                let tensor = Tensor::from_entry(entry, file.clone());
+                if checkpoint.files.get(entry.file).is_none() {
+                    return Err(PlanError::invalid(&self.location.key("path"), "tensor entry names no file").into());
+                }
+                let tensor = Tensor::from_entry(entry, &checkpoint.files);
                 state.insert(&alias, name, tensor);
                 ctx.note(format!("load: `{alias}::{name}` ← {}", self.path.display()));
             }
