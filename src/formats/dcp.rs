@@ -276,8 +276,20 @@ fn tensor(
     let Some(Object::List(chunks)) = field(md, "chunks") else {
         return Err(bad(path, format!("the chunks of {fqn:?} are not a list")));
     };
+    // The overlap check compares chunks sharing rows pairwise: bounded, so a crafted file with
+    // a column split into millions of chunks cannot make opening it take hours.
+    if chunks.len() > MAX_CHUNKS {
+        return Err(bad(
+            path,
+            format!(
+                "tensor {fqn:?} has {} chunks, more than the {MAX_CHUNKS} read",
+                chunks.len()
+            ),
+        ));
+    }
     let mut pieces = Vec::with_capacity(chunks.len());
     let mut volume = 0u64;
+    let mut ranges = std::collections::HashSet::new();
     for (i, chunk) in chunks.iter().enumerate() {
         let what = format!("chunk {i} of {fqn:?}");
         let chunk = instance(chunk, DcpClass::ChunkStorageMetadata, path, &what)?;
@@ -301,6 +313,13 @@ fn tensor(
             )
         })?;
         let index = file_index[relative];
+        // torch stores each chunk once; chunks sharing bytes would only make each cost a parse.
+        if !ranges.insert((index, *offset)) {
+            return Err(bad(
+                path,
+                format!("{what} is stored at the same place in {relative:?} as another chunk"),
+            ));
+        }
         let file = &files[index];
         let entry = super::torch::read_archived_tensor(file, *offset, *length, index, fqn)?;
         if entry.dtype != dtype || entry.shape != sizes {
@@ -321,9 +340,9 @@ fn tensor(
         ));
     }
     check_disjoint(fqn, &mut pieces, path)?;
-    match pieces.len() {
-        0 => Ok(TensorEntry {
-            // An empty tensor saved without a chunk: nothing to read.
+    match (pieces.len(), numel) {
+        // An empty tensor, saved with or without chunks: nothing to read, the metadata's shape.
+        (0, _) | (_, 0) => Ok(TensorEntry {
             name: fqn.to_owned(),
             dtype,
             shape,
@@ -333,7 +352,7 @@ fn tensor(
             strides: None,
             pieces: None,
         }),
-        1 => {
+        (1, _) => {
             // One chunk holding the whole tensor (its volume is the tensor's): the tensor itself.
             let mut entry = pieces.remove(0).entry;
             entry.name = fqn.to_owned();
@@ -354,6 +373,9 @@ fn tensor(
         }
     }
 }
+
+/// Most chunks one tensor may have (a tensor split over 16,384 ranks).
+const MAX_CHUNKS: usize = 1 << 14;
 
 /// Refuses chunks that overlap (with their volumes summing to the tensor's, disjoint chunks
 /// tile it exactly); sorts them by offsets. A sweep along dimension 0 compares only chunks whose

@@ -1194,6 +1194,20 @@ impl Writer {
             None => Vec::new(),
         };
 
+        // A distributed checkpoint's old `.metadata` goes before its data files are replaced:
+        // a crash in between must not leave it describing the new files (read as the old
+        // tensors). The new one is staged last, so it lands last.
+        if let Some(dir) = &self.dir {
+            let metadata = dir.join(super::dcp::METADATA_NAME);
+            if self.staged.iter().any(|s| s.target == metadata) {
+                match std::fs::remove_file(&metadata) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(FormatError::io(&metadata, e)),
+                }
+            }
+        }
+
         for staged in std::mem::take(&mut self.staged) {
             staged.commit()?;
         }

@@ -16,6 +16,9 @@ use super::{zip, FormatError, SourceFile, TensorEntry};
 
 /// Largest `data.pkl` we read into memory; a state dict's pickle is kilobytes to a few MB.
 const MAX_PICKLE: u64 = 1 << 30;
+
+/// Largest `data.pkl` of one chunk of a distributed checkpoint (one tensor's pickle).
+const MAX_CHUNK_PICKLE: u64 = 1 << 20;
 /// Deepest wrapper nesting flattened into dotted names.
 const MAX_DEPTH: usize = 64;
 
@@ -268,7 +271,7 @@ pub fn read_file(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntr
 
 /// Reads the tensors of a zip-format PyTorch checkpoint.
 fn read_zip_tensors(file: &SourceFile, file_index: usize) -> Result<(Vec<TensorEntry>, Vec<String>), FormatError> {
-    let archive = Archive::open(file, 0, file.len)?;
+    let archive = Archive::open(file, 0, file.len, MAX_PICKLE)?;
     let (found, skipped) = tensors_of(&archive.root, &file.path)?;
     let mut tensors = Vec::with_capacity(found.len());
     for (name, t) in found {
@@ -288,7 +291,9 @@ pub(crate) fn read_archived_tensor(
     file_index: usize,
     name: &str,
 ) -> Result<TensorEntry, FormatError> {
-    let archive = Archive::open(file, base, len)?;
+    // A chunk's pickle describes one tensor (a few hundred bytes): a large one is refused before
+    // it is read, so a crafted checkpoint cannot make each of its chunks cost a large parse.
+    let archive = Archive::open(file, base, len, MAX_CHUNK_PICKLE)?;
     let Object::Tensor(t) = &archive.root else {
         return Err(bad(
             &file.path,
@@ -314,7 +319,7 @@ struct Archive {
 
 impl Archive {
     /// Opens the archive in `len` bytes of `file` from `base`.
-    fn open(file: &SourceFile, base: u64, len: u64) -> Result<Archive, FormatError> {
+    fn open(file: &SourceFile, base: u64, len: u64, max_pickle: u64) -> Result<Archive, FormatError> {
         let path = &file.path;
         let entries = zip::read_entries_in(file, base, len).map_err(bad_zip(path))?;
         let entries: HashMap<String, zip::Entry> = entries.into_iter().map(|e| (e.name.clone(), e)).collect();
@@ -349,7 +354,7 @@ impl Archive {
             }
         }
         let pkl = archive.stored(path, &pkl_name)?;
-        if pkl.size > MAX_PICKLE {
+        if pkl.size > max_pickle {
             return Err(bad(path, "data.pkl is too large"));
         }
         let mut data = vec![0u8; pkl.size as usize];

@@ -342,15 +342,14 @@ pub(crate) fn dcp_metadata_pickle(tensors: &[&OutputTensor], files: &[(String, u
         p.tensor_storage_metadata(t);
     }
     p.out.push(b'u');
-    // How each name nests in a state dict, as torch flattens it: `a.b` was `{"a": {"b": ...}}`.
+    // Where each name sits in the state dict: at the top, as torch's own save of a flat state
+    // dict records it (`("a.b",)`; splitting on dots would nest `a.b` as `{"a": {"b": ...}}`).
     p.str("planner_data");
     p.open_dict();
     for t in tensors {
         p.str(&t.name);
         p.out.push(b'(');
-        for part in t.name.split('.') {
-            p.str(part);
-        }
+        p.str(&t.name);
         p.out.push(b't');
         p.put();
     }

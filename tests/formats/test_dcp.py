@@ -16,6 +16,7 @@ import pytest
 from conftest import raw_bytes
 
 import brainsurgery as bs
+from safetensors.numpy import save_file
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dcp"
 NAMES = ["plain", "sharded"]
@@ -176,6 +177,47 @@ def test_torch_loads_what_we_write(tmp_path: Path, name: str) -> None:
             np.testing.assert_array_equal(t.view(torch.int16).numpy().view(np.uint16), value)
         else:
             np.testing.assert_array_equal(t.numpy(), value)
+
+
+def test_torch_converts_what_we_write_to_a_flat_state_dict(tmp_path: Path) -> None:
+    # torch's dcp_to_torch_save rebuilds the state dict from planner_data: dotted names stay
+    # flat keys (as torch's own save of a flat dict records them), `a` beside `a.b` included.
+    torch = pytest.importorskip("torch")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    src = tmp_path / "src.safetensors"
+    tensors = {"a": np.ones(2, np.float32), "a.b": np.arange(3, dtype=np.float32), "layers.0.w": np.eye(2, dtype=np.float32)}
+    save_file(tensors, str(src))
+    out = tmp_path / "ckpt"
+    bs.run({"inputs": [str(src)], "output": {"path": str(out), "format": "dcp"}})
+    dcp_to_torch_save(str(out), str(tmp_path / "back.pt"))
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert sorted(back) == sorted(tensors)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(back[k].numpy(), v)
+
+
+def test_chunks_stored_at_the_same_place_are_refused(tmp_path: Path) -> None:
+    # torch stores each chunk once; a crafted `.metadata` pointing many chunks at one archive
+    # would make each cost a parse of it.
+    pytest.importorskip("torch")
+    import copy
+    import pickle
+
+    d = tmp_path / "s"
+    shutil.copytree(FIXTURES / "sharded", d)
+    with open(d / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    by_tensor: dict[str, list] = {}
+    for index in md.storage_data:
+        by_tensor.setdefault(index.fqn, []).append(index)
+    chunks = next(v for v in by_tensor.values() if len(v) > 1)
+    for index in chunks[1:]:
+        md.storage_data[index] = copy.copy(md.storage_data[chunks[0]])
+    with open(d / ".metadata", "wb") as f:
+        pickle.dump(md, f, protocol=2)
+    with pytest.raises(bs.FormatError, match="same place"):
+        bs.open(d)
 
 
 def test_save_and_load_transforms_take_dcp(tmp_path: Path) -> None:
