@@ -312,8 +312,8 @@ def test_shard_size_option_produces_shards(ws: Path, output: Any) -> None:
     tensors = {f"t{i}": np.full(100, i, np.float32) for i in range(5)}  # 400 B each
     write_st(ws / "big.safetensors", tensors)
     dump_plan(ws / "p.yaml", {"inputs": ["big.safetensors"], "output": output})
-    ok(cli(["p.yaml", "--shard-size", "1KB"], cwd=ws))
-    groups = _expected_shards([400] * 5, 1024)  # 1KB = 1024 bytes → [[0,1],[2,3],[4]]
+    ok(cli(["p.yaml", "--shard-size", "1KiB"], cwd=ws))
+    groups = _expected_shards([400] * 5, 1024)  # 1KiB = 1024 bytes → [[0,1],[2,3],[4]]
     n = len(groups)
     names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     assert listing(ws / "sharded") == sorted(names + ["model.safetensors.index.json"])

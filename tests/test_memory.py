@@ -50,7 +50,7 @@ def test_work_above_the_budget_goes_to_the_arena_and_equals_numpy(operands, tmp_
     out = tmp_path / "out.safetensors"
     # One writing thread holds 3 MiB; a 4 MiB budget leaves no room for the 8 MiB operand, the
     # 4 MiB product or the 4 MiB copy of the cube.
-    checked = bs.check(plan(model, out), threads=1, max_memory="4MB", scratch_dir=scratch)
+    checked = bs.check(plan(model, out), threads=1, max_memory="4MiB", scratch_dir=scratch)
     assert checked["memory_budget"] == 4 * MiB
     assert checked["arena_bytes"] > 0
     # The budget, plus what the spilled product maps in at a time: a panel of `a` and of the
@@ -66,7 +66,7 @@ def test_work_above_the_budget_goes_to_the_arena_and_equals_numpy(operands, tmp_
     assert list(scratch.iterdir()) == []
     # The same with an ample budget: nothing in the arena, the same bytes.
     ample = tmp_path / "ample.safetensors"
-    roomy = bs.run(plan(model, ample), threads=1, max_memory="1GB", scratch_dir=scratch, quiet=True)
+    roomy = bs.run(plan(model, ample), threads=1, max_memory="1GiB", scratch_dir=scratch, quiet=True)
     assert roomy["arena_bytes"] == 0
     assert ample.read_bytes() == out.read_bytes()
 
@@ -75,10 +75,10 @@ def test_a_budget_below_the_writing_buffers_is_refused_before_any_work(operands,
     model, *_ = operands
     out = tmp_path / "out.safetensors"
     with pytest.raises(bs.PlanError, match=r"writing with 2 threads needs \d+ bytes of memory at once, more than the budget of 1048576 bytes"):
-        bs.run(plan(model, out), threads=2, max_memory="1MB", quiet=True)
+        bs.run(plan(model, out), threads=2, max_memory="1MiB", quiet=True)
     assert not out.exists()
     cli = subprocess.run(
-        [sys.executable, "-m", "brainsurgery", "check", "--max-memory", "1MB", "--threads", "2", str(model)],
+        [sys.executable, "-m", "brainsurgery", "check", "--max-memory", "1MiB", "--threads", "2", str(model)],
         capture_output=True,
         text=True,
     )
@@ -92,7 +92,7 @@ def test_a_factorization_whose_workspace_exceeds_the_budget_names_the_tensor(tmp
     save_file({"w": w}, str(model))
     p = {"inputs": [str(model)], "transforms": [{"phlora_": {"target": "w", "rank": 8}}], "output": str(tmp_path / "o.safetensors")}
     with pytest.raises(bs.PlanError, match=r"factorizing `.*w` needs \d+ bytes"):
-        bs.check(p, threads=1, max_memory="3MB")
+        bs.check(p, threads=1, max_memory="3MiB")
 
 
 @pytest.mark.parametrize("bad", ["lots", -1, 1.5])
@@ -106,7 +106,7 @@ def test_a_missing_scratch_directory_is_a_clear_error_and_nothing_is_written(ope
     model, *_ = operands
     out = tmp_path / "out.safetensors"
     with pytest.raises(bs.TransformError, match="scratch arena in .*nowhere"):
-        bs.run(plan(model, out), threads=1, max_memory="4MB", scratch_dir=tmp_path / "nowhere", quiet=True)
+        bs.run(plan(model, out), threads=1, max_memory="4MiB", scratch_dir=tmp_path / "nowhere", quiet=True)
     assert not out.exists()
 
 
@@ -114,13 +114,13 @@ def test_sessions_and_lazy_results_compute_within_their_budget(operands, tmp_pat
     model, a, b, _ = operands
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    s = bs.Session({"m": model}, max_memory="4MB", scratch_dir=scratch, threads=1)
+    s = bs.Session({"m": model}, max_memory="4MiB", scratch_dir=scratch, threads=1)
     s.apply({"matmul": {"from_a": "m::a", "from_b": "m::b", "to": "m::ab"}})
     np.testing.assert_allclose(np.asarray(s["m::ab"]), a @ b, rtol=1e-4, atol=1e-3)
     assert list(scratch.iterdir()) == []
     # The session's scratch directory is the one used: the 8 MiB operand spills there, and a
     # directory that does not exist is the error.
-    missing = bs.Session({"m": model}, max_memory="4MB", scratch_dir=tmp_path / "nowhere", threads=1)
+    missing = bs.Session({"m": model}, max_memory="4MiB", scratch_dir=tmp_path / "nowhere", threads=1)
     missing.apply({"matmul": {"from_a": "m::a", "from_b": "m::b", "to": "m::ab"}})
     with pytest.raises(bs.TransformError, match="scratch arena in .*nowhere"):
         missing["m::ab"]
@@ -128,7 +128,7 @@ def test_sessions_and_lazy_results_compute_within_their_budget(operands, tmp_pat
     lazy = bs.run(
         {"inputs": [str(model)], "transforms": [{"matmul": {"from_a": "a", "from_b": "b", "to": "ab"}}]},
         threads=1,
-        max_memory="4MB",
+        max_memory="4MiB",
         scratch_dir=tmp_path / "nowhere",
         quiet=True,
     )
@@ -156,14 +156,14 @@ def test_tensors_read_from_a_session_count_against_its_budget(operands, tmp_path
     model, _, b, _ = operands
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    s = bs.Session({"m": model}, max_memory="4MB", scratch_dir=scratch, threads=1)
+    s = bs.Session({"m": model}, max_memory="4MiB", scratch_dir=scratch, threads=1)
     s.apply({"scale": {"from": "m::b", "to": "m::b2", "by": 2.0}})
     doubled = np.asarray(s["m::b2"])
     np.testing.assert_array_equal(doubled, b * 2)
     address = doubled.__array_interface__["data"][0]
     assert any(start <= address < end for start, end in arena_mappings(scratch))
     assert not doubled.flags.writeable
-    roomy = bs.Session({"m": model}, max_memory="1GB", scratch_dir=scratch, threads=1)
+    roomy = bs.Session({"m": model}, max_memory="1GiB", scratch_dir=scratch, threads=1)
     roomy.apply({"scale": {"from": "m::b", "to": "m::b2", "by": 2.0}})
     in_memory = np.asarray(roomy["m::b2"])
     np.testing.assert_array_equal(in_memory, b * 2)
@@ -190,7 +190,7 @@ def test_results_outside_the_output_are_released_before_the_write(operands, tmp_
         ],
         "output": {"path": str(tmp_path / "out.safetensors"), "alias": "m"},
     }
-    result = bs.run(p, threads=1, max_memory="18MB", quiet=True)
+    result = bs.run(p, threads=1, max_memory="18MiB", quiet=True)
     assert result.arena_bytes == 0
     np.testing.assert_allclose(load_file(str(tmp_path / "out.safetensors"))["ab"], a @ b, rtol=1e-4, atol=1e-3)
 
@@ -198,11 +198,11 @@ def test_results_outside_the_output_are_released_before_the_write(operands, tmp_
 def test_check_judges_the_threads_a_run_would_use(operands, tmp_path: Path) -> None:
     model, *_ = operands
     p = {"inputs": [str(model)], "output": str(tmp_path / "o.safetensors")}
-    assert bs.check(p, threads=1, max_memory="4MB")["peak_memory_estimate"] <= 4 * MiB
+    assert bs.check(p, threads=1, max_memory="4MiB")["peak_memory_estimate"] <= 4 * MiB
     with pytest.raises(bs.PlanError, match="writing with 2 threads"):
-        bs.check(p, threads=2, max_memory="4MB")
+        bs.check(p, threads=2, max_memory="4MiB")
     with pytest.raises(bs.PlanError, match="writing with 2 threads"):
-        bs.Session({"m": model}, threads=2, max_memory="4MB")
+        bs.Session({"m": model}, threads=2, max_memory="4MiB")
 
 
 def test_sigint_during_a_spilled_run_leaves_no_output_and_no_scratch(tmp_path: Path) -> None:
@@ -220,7 +220,7 @@ def test_sigint_during_a_spilled_run_leaves_no_output_and_no_scratch(tmp_path: P
                  "transforms": [{{"permute": {{"from": "x", "to": "y", "order": [2, 1, 0]}}}}]
                  + [{{"assert": {{"finite": "y"}}}}] * 50,
                  "output": {str(out)!r}}},
-               threads=1, max_memory="8MB", scratch_dir={str(scratch)!r}, quiet=True)
+               threads=1, max_memory="8MiB", scratch_dir={str(scratch)!r}, quiet=True)
         """
     )
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -269,16 +269,16 @@ def test_a_product_of_operands_larger_than_the_budget_keeps_the_resident_set_nea
     model = tmp_path / "ab.safetensors"
     save_file({"a": a, "b": b, "small": np.ones(4, np.float32)}, str(model))
     out = tmp_path / "o.safetensors"
-    baseline, _ = peak_rss_of_run(model, [{"delete": {"target": "[ab]"}}], "16MB", out)
+    baseline, _ = peak_rss_of_run(model, [{"delete": {"target": "[ab]"}}], "16MiB", out)
     product = [{"matmul": {"from_a": "a", "from_b": "b", "to": "c"}}, {"delete": {"target": "[ab]"}}]
-    bounded, _ = peak_rss_of_run(model, product, "16MB", out)
+    bounded, _ = peak_rss_of_run(model, product, "16MiB", out)
     # The budget plus the fixed share of the panels (a packed panel of b, a panel of a, and
     # faer's packing buffers).
     assert bounded - baseline <= 16 * MiB + 16 * MiB, (baseline >> 20, bounded >> 20)
     got = load_file(str(out))["c"]
     np.testing.assert_allclose(got, a @ b, rtol=1e-4, atol=1e-3)
     # The same bytes as with an ample budget (panels are a function of the shape alone).
-    peak_rss_of_run(model, product, "1GB", tmp_path / "ample.safetensors")
+    peak_rss_of_run(model, product, "1GiB", tmp_path / "ample.safetensors")
     assert (tmp_path / "ample.safetensors").read_bytes() == out.read_bytes()
 
 
@@ -297,9 +297,9 @@ def test_a_factorization_of_a_matrix_larger_than_the_budget_keeps_the_resident_s
     model = tmp_path / "w.safetensors"
     save_file({"w": w, "small": np.ones(4, np.float32)}, str(model))
     out = tmp_path / "o.safetensors"
-    baseline, _ = peak_rss_of_run(model, [{"delete": {"target": "w"}}], "32MB", out)
+    baseline, _ = peak_rss_of_run(model, [{"delete": {"target": "w"}}], "32MiB", out)
     factor = [{"phlora": {"target": "w", "target_a": "a", "target_b": "b", "rank": 8, "method": "randomized"}}]
-    bounded, _ = peak_rss_of_run(model, factor, "32MB", out)
+    bounded, _ = peak_rss_of_run(model, factor, "32MiB", out)
     assert bounded - baseline <= 40 * MiB, (baseline >> 20, bounded >> 20)
     got = load_file(str(out))
     b, a = got["b"].astype(np.float64), got["a"].astype(np.float64)
@@ -324,8 +324,8 @@ def test_a_transpose_larger_than_the_budget_keeps_the_resident_set_near_it(tmp_p
         return peak_rss_of_run(model, transforms, budget, tmp_path / "o.safetensors")
 
     transpose = [{"permute": {"from": "w", "to": "t", "order": [1, 0]}}, {"delete": {"target": "w"}}]
-    baseline, _ = run([{"delete": {"target": "w"}}], "32MB")
-    bounded, _ = run(transpose, "32MB")
+    baseline, _ = run([{"delete": {"target": "w"}}], "32MiB")
+    bounded, _ = run(transpose, "32MiB")
     assert bounded - baseline <= 32 * MiB, (baseline >> 20, bounded >> 20)
     t = bs.open(tmp_path / "o.safetensors")["t"]
     assert t.shape == (8192, 4096)
@@ -346,7 +346,7 @@ def test_banded_transposes_equal_numpy_across_planes_and_partial_bands(tmp_path:
     bs.run(
         {"inputs": [str(model)], "transforms": [{"permute": {"from": "x", "to": "y", "order": order}}], "output": str(out)},
         threads=2,
-        max_memory="8MB",
+        max_memory="8MiB",
         quiet=True,
     )
     np.testing.assert_array_equal(load_file(str(out))["y"], x.transpose(order))
@@ -362,7 +362,7 @@ def test_banded_transposes_read_each_source_byte_once_whatever_the_threads(tmp_p
     result = bs.run(
         {"inputs": [str(model)], "transforms": [{"permute": {"from": "x", "to": "y", "order": [1, 0]}}, {"delete": {"target": "x"}}], "output": str(out)},
         threads=threads,
-        max_memory="16MB",
+        max_memory="16MiB",
         quiet=True,
     )
     assert result.bytes_read == x.nbytes
@@ -387,7 +387,7 @@ def test_a_written_product_is_released_so_the_next_fits_the_budget(tmp_path: Pat
         transforms += [{"permute": {"from": f"c{i}", "to": f"t{i}", "order": [1, 0]}} for i in (1, 2)]
     transforms.append({"delete": {"target": "a|b|a2|c1|c2" if through_permute else "a|b|a2"}})
     result = bs.run(
-        {"inputs": [str(model)], "transforms": transforms, "output": str(out)}, threads=1, max_memory="10MB", quiet=True
+        {"inputs": [str(model)], "transforms": transforms, "output": str(out)}, threads=1, max_memory="10MiB", quiet=True
     )
     assert result.arena_bytes == 0
     got = load_file(str(out))

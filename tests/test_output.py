@@ -94,7 +94,7 @@ def test_sharded_directory_output(ws: Path) -> None:
     tensors = {f"t{i}": np.full((50, 2), i, np.float32) for i in range(7)}  # 400 B each
     tensors["small"] = np.arange(10, dtype=np.int16)  # 20 B
     write_st(ws / "s.safetensors", tensors, META)
-    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KB"}})
+    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KiB"}})
     names = list(tensors)
     groups = expected_shards([a.nbytes for a in tensors.values()], 1024)
     n = len(groups)
@@ -120,7 +120,7 @@ def test_tensor_above_budget_gets_its_own_shard(ws: Path) -> None:
         "c": np.ones(100, np.float32),
     }
     write_st(ws / "s.safetensors", tensors)
-    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KB"}})
+    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KiB"}})
     index = json.loads((ws / "out" / "model.safetensors.index.json").read_text())
     wm = index["weight_map"]
     assert [k for k, v in wm.items() if v == wm["huge"]] == ["huge"]
@@ -131,12 +131,25 @@ def test_tensor_above_budget_gets_its_own_shard(ws: Path) -> None:
 
 
 def test_binary_units(ws: Path) -> None:
-    # 1KB = 1024 bytes: two 512-byte tensors fit in one shard exactly, a third does not.
+    # 1KiB = 1024 bytes: two 512-byte tensors fit in one shard exactly, a third does not.
+    tensors = {f"t{i}": np.zeros(128, np.float32) for i in range(3)}
+    write_st(ws / "s.safetensors", tensors)
+    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KiB"}})
+    wm = json.loads((ws / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert wm["t0"] == wm["t1"] != wm["t2"]
+
+
+def test_decimal_units_as_transformers_reads_them(ws: Path) -> None:
+    # Issue 14 item 4: KB/MB/GB are powers of ten (transformers' "5GB" is 5·10⁹): 1KB = 1000
+    # bytes holds one 512-byte tensor, not two; KiB stays 1024. The same for --max-memory.
     tensors = {f"t{i}": np.zeros(128, np.float32) for i in range(3)}
     write_st(ws / "s.safetensors", tensors)
     bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KB"}})
     wm = json.loads((ws / "out" / "model.safetensors.index.json").read_text())["weight_map"]
-    assert wm["t0"] == wm["t1"] != wm["t2"]
+    assert len(set(wm.values())) == 3
+    assert bs.check({"inputs": ["s.safetensors"]}, max_memory="40MB")["memory_budget"] == 40_000_000
+    assert bs.check({"inputs": ["s.safetensors"]}, max_memory="40MiB")["memory_budget"] == 40 << 20
+    assert bs.check({"inputs": ["s.safetensors"]}, max_memory="2GB")["memory_budget"] == 2 * 10**9
 
 
 def test_shard_none_gives_one_file(ws: Path) -> None:
@@ -250,7 +263,7 @@ def test_byte_identical_across_runs_and_threads(ws: Path) -> None:
 def test_sharded_output_identical_across_threads(ws: Path) -> None:
     tensors = {f"t{i}": np.arange(300, dtype=np.float32) * i for i in range(6)}
     write_st(ws / "s.safetensors", tensors)
-    plan = {"inputs": ["../s.safetensors"], "output": {"path": "out", "shard": "2KB"}}
+    plan = {"inputs": ["../s.safetensors"], "output": {"path": "out", "shard": "2KiB"}}
     for threads in (1, 2):
         run_in(ws / f"r{threads}", plan, threads)
     a, b = ws / "r1" / "out", ws / "r2" / "out"
@@ -273,14 +286,14 @@ def test_default_alias_with_a_new_output_alias(ws: Path) -> None:
 def test_rerun_leaves_no_stale_shards(ws: Path) -> None:
     tensors = {f"t{i}": np.full(200, i, np.float32) for i in range(3)}  # 800 B each
     write_st(ws / "s.safetensors", tensors)
-    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KB"}})
+    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KiB"}})
     assert len([p for p in listing(ws / "out") if p.endswith(".safetensors")]) == 3
     (ws / "out" / "notes.txt").write_text("mine")  # a user's file is not ours to delete
-    bs.run({"inputs": ["s.safetensors"], "transforms": [{"delete": {"target": "t[12]"}}], "output": {"path": "out", "shard": "1KB"}})
+    bs.run({"inputs": ["s.safetensors"], "transforms": [{"delete": {"target": "t[12]"}}], "output": {"path": "out", "shard": "1KiB"}})
     assert listing(ws / "out") == ["model.safetensors", "notes.txt"]
     assert_same(load_file(str(ws / "out" / "model.safetensors")), {"t0": tensors["t0"]})
     # and back: one file → shards leaves no stale model.safetensors
-    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KB"}})
+    bs.run({"inputs": ["s.safetensors"], "output": {"path": "out", "shard": "1KiB"}})
     files = listing(ws / "out")
     assert "model.safetensors" not in files and "model.safetensors.index.json" in files
     assert_same(load_dir(ws / "out"), tensors)

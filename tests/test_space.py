@@ -90,7 +90,7 @@ def test_a_full_filesystem_refuses_the_run_or_fails_it_leaving_nothing(tmp_path:
     before = big.read_bytes()
     with small_tmpfs(tmp_path, "1m") as mnt:
         out = mnt / "out"
-        plan = {"inputs": [str(big)], "output": {"path": str(out), "shard": "1MB"}}
+        plan = {"inputs": [str(big)], "output": {"path": str(out), "shard": "1MiB"}}
         (fs,) = bs.check(plan)["filesystems"]
         assert not fs["enough"] and fs["needed"] > fs["available"]
         with pytest.raises(bs.FormatError, match="not enough free space") as refused:

@@ -1142,9 +1142,9 @@ fn assemble(
     })
 }
 
-/// Parses a size budget in binary units: `"5GB"` = 5·2^30, `"100MB"` = 100·2^20, `"512KB"`,
-/// `"1TB"`, plain bytes `"4096"` or `"4096B"`. Case-insensitive; `KiB`/`MiB`/`GiB`/`TiB` and the
-/// bare `K`/`M`/`G`/`T` mean the same; spaces around and between are allowed.
+/// Parses a size as transformers reads one (issue 14): decimal `KB`/`MB`/`GB`/`TB` (`"5GB"` =
+/// 5·10⁹, the bare `K`/`M`/`G`/`T` alike), binary `KiB`/`MiB`/`GiB`/`TiB` (`"5GiB"` = 5·2³⁰),
+/// plain bytes `"4096"` or `"4096B"`. Case-insensitive; spaces around and between are allowed.
 pub fn parse_size(text: &str) -> Result<u64, FormatError> {
     let invalid = || FormatError::InvalidSize { text: text.to_string() };
     let trimmed = text.trim();
@@ -1154,15 +1154,19 @@ pub fn parse_size(text: &str) -> Result<u64, FormatError> {
         return Err(invalid());
     }
     let number: u64 = digits.parse().map_err(|_| invalid())?;
-    let shift = match unit.trim_start().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
+    let scale: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
         _ => return Err(invalid()),
     };
-    number.checked_mul(1u64 << shift).ok_or_else(invalid)
+    number.checked_mul(scale).ok_or_else(invalid)
 }
 
 #[cfg(test)]
@@ -1821,15 +1825,15 @@ mod tests {
             ("4096", 4096),
             ("0", 0),
             ("10B", 10),
-            ("512KB", 512 << 10),
+            ("512KB", 512_000),
             ("512kib", 512 << 10),
-            ("100MB", 100 << 20),
+            ("100MB", 100_000_000),
             ("100 MiB", 100 << 20),
-            ("5GB", 5 << 30),
-            ("5gb", 5 << 30),
+            ("5GB", 5_000_000_000),
+            ("5gb", 5_000_000_000),
             ("5GiB", 5 << 30),
-            ("5G", 5 << 30),
-            (" 1TB ", 1 << 40),
+            ("5G", 5_000_000_000),
+            (" 1TB ", 1_000_000_000_000),
             ("2tib", 2 << 40),
         ];
         for (text, want) in ok {

@@ -624,7 +624,7 @@ mod tests {
         assert_eq!(out.format, Format::Safetensors);
         let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "100MB", "alias": "base"}})).unwrap();
         let out = plan.output.unwrap();
-        assert_eq!(out.shard, Some(100 << 20));
+        assert_eq!(out.shard, Some(100_000_000));
         assert!(!out.single_file);
         let plan = Plan::from_document(&json!({"output": {"path": "out", "shard": "none"}})).unwrap();
         assert_eq!(plan.output.unwrap().shard, None);

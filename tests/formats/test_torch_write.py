@@ -344,7 +344,7 @@ def test_directory_output_follows_hugging_face_names(tmp_path: Path) -> None:
     assert list(bs.open(single / "pytorch_model.bin")) == list(tensors)
 
     sharded = tmp_path / "sharded"
-    report = convert(src_dir, sharded, format="torch", shard="40KB")
+    report = convert(src_dir, sharded, format="torch", shard="40KiB")
     shards = SHARDS
     assert listing(sharded) == sorted(["config.json", *shards, "pytorch_model.bin.index.json"])
     assert len(report["written"]) == 5
@@ -370,7 +370,7 @@ def test_directory_output_follows_hugging_face_names(tmp_path: Path) -> None:
 def test_torch_loads_every_shard(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     sharded = tmp_path / "sharded"
-    convert(source_dir(tmp_path), sharded, format="torch", shard="40KB")
+    convert(source_dir(tmp_path), sharded, format="torch", shard="40KiB")
     for i, shard in enumerate(SHARDS):
         check_with_torch(torch, sharded / shard, dict(list(DIR_TENSORS.items())[2 * i : 2 * i + 2]))
 
