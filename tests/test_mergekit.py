@@ -452,8 +452,11 @@ def mergekit_cases(dirs):
         "ties": {"merge_method": "ties", "base_model": base,
                  "models": [{"model": ft1, "parameters": {"weight": 0.6, "density": 0.5}}, {"model": ft2, "parameters": {"weight": 0.5, "density": 0.3}}]},
         "slerp": dict(slerp_config(dirs), dtype=None),
+        # MergeKit takes the tensors after the layers (norm, lm_head) from the last slice's model,
+        # `merge` from the first one's (docs/mergekit.md): the same model here.
         "passthrough": {"merge_method": "passthrough", "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}]},
-                                                                  {"sources": [{"model": ft1, "layer_range": [1, 3]}]}]},
+                                                                  {"sources": [{"model": ft1, "layer_range": [1, 2]}]},
+                                                                  {"sources": [{"model": base, "layer_range": [2, 3]}]}]},
     }
 
 
