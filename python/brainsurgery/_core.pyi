@@ -18,6 +18,7 @@ __all__ = [
     "save",
     "to_yaml",
     "plan_document",
+    "from_mergekit",
     "Checkpoint",
     "TensorBuffer",
     "ComputedBuffer",
