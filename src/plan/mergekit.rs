@@ -344,20 +344,17 @@ impl Translator<'_> {
                 ));
             }
             let absolute = std::path::absolute(local).unwrap_or_else(|_| local.to_path_buf());
-            let stem = local
+            // A weights file (`ft1/model.safetensors`) is named by its folder.
+            let named = if local.is_file() {
+                absolute.parent().unwrap_or(&absolute)
+            } else {
+                absolute.as_path()
+            };
+            let stem = named
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .filter(|n| n != "." && n != "..")
-                .or_else(|| absolute.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| "model".to_owned());
-            let stem = match Path::new(&stem).extension() {
-                // A weights file: its folder names the model better than `model`.
-                Some(_) if local.is_file() => Path::new(&stem)
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or(stem),
-                _ => stem,
-            };
             return Ok(self.inputs.alias_for(absolute.display().to_string(), &stem));
         }
         let name = path.rsplit('/').next().unwrap_or(&path).to_owned();
@@ -658,7 +655,7 @@ impl Translator<'_> {
         }
         self.parameters("passthrough", map.get("parameters"), &root.key("parameters"), false)?;
         let at = root.key("slices");
-        let slices = self.list(&map["slices"], &at)?;
+        let slices = self.list(map.get("slices").unwrap_or(&Value::Null), &at)?;
         if slices.is_empty() {
             return Err(self.error(&at, "expected at least one slice"));
         }
@@ -771,7 +768,7 @@ impl Translator<'_> {
             }
         } else {
             let at = root.key("slices");
-            let slices = self.list(&map["slices"], &at)?;
+            let slices = self.list(map.get("slices").unwrap_or(&Value::Null), &at)?;
             if slices.len() != 1 {
                 return Err(self.error(
                     &at,
@@ -1249,6 +1246,33 @@ mod tests {
                 "output": {"path": "out", "alias": "dense"},
             })
         );
+    }
+
+    #[test]
+    fn local_models_are_named_by_their_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let ft = dir.path().join("ft 1");
+        std::fs::create_dir(&ft).unwrap();
+        std::fs::write(ft.join("model.safetensors"), b"").unwrap();
+        let file = ft.join("model.safetensors").display().to_string();
+        let plan = tr(json!({
+            "merge_method": "linear",
+            "models": [{"model": file}, {"model": ft.display().to_string()}, {"model": {"model": {"path": "o/n", "revision": "r1"}}}],
+            "parameters": {"weight": 1},
+        }))
+        .unwrap();
+        assert_eq!(
+            plan["inputs"],
+            json!([
+                format!("ft_1::{file}"),
+                format!("ft_1_2::{}", ft.display()),
+                "n::hf://o/n@r1"
+            ])
+        );
+        let message = err(json!({"merge_method": "linear", "models": [{"model": format!("{}@main", ft.display())}]}));
+        assert!(message.contains("a revision (`@main`)"), "{message}");
+        let message = err(json!({"merge_method": "linear", "models": [{"model": {"model": "o/n", "lora": "o/l"}}]}));
+        assert!(message.contains("LoRA"), "{message}");
     }
 
     #[test]
