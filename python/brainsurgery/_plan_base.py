@@ -71,6 +71,8 @@ KEY_TYPES: dict[str, str] = {
     "models": "Mapping[str, Any] | Sequence[str]",
     "parameter": "float | Sequence[Any]",
     "slices": "Sequence[Mapping[str, Any]]",
+    "settings": "Mapping[str, Any] | Sequence[str]",
+    "list of paths": "str | Sequence[str]",
 }
 
 # A default the engine gives as a literal value (shown in the signature) rather than in words

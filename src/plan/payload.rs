@@ -49,6 +49,11 @@ pub enum FieldKind {
     Parameter,
     /// Layer ranges of aliases: a list of `{alias, layers: [start, end]}` (`merge.slices`).
     Slices,
+    /// Dotted paths and their values: a mapping `{path: value}` or a list of `path=value`
+    /// texts typed like overrides (`config.set`).
+    Settings,
+    /// Dotted paths (`config.delete`): one, or a list.
+    Paths,
 }
 
 impl FieldKind {
@@ -72,6 +77,8 @@ impl FieldKind {
             FieldKind::Models => "models",
             FieldKind::Parameter => "parameter",
             FieldKind::Slices => "slices",
+            FieldKind::Settings => "settings",
+            FieldKind::Paths => "list of paths",
         }
     }
 }
