@@ -654,6 +654,12 @@ impl Translator<'_> {
             ));
         }
         self.parameters("passthrough", map.get("parameters"), &root.key("parameters"), false)?;
+        // MergeKit writes the base model's config and tokenizer (`merge` defaults to the first
+        // slice's).
+        let base = match map.get("base_model") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(self.model(v, &root.key("base_model"))?),
+        };
         let at = root.key("slices");
         let slices = self.list(map.get("slices").unwrap_or(&Value::Null), &at)?;
         if slices.is_empty() {
@@ -690,8 +696,12 @@ impl Translator<'_> {
         }
         let mut step = Map::new();
         step.insert("method".into(), json!("passthrough"));
+        let first = out.first().and_then(|s| s.get("alias")).cloned();
         step.insert("slices".into(), Value::Array(out));
         step.insert("to".into(), json!(MERGED));
+        if let Some(b) = base.filter(|b| first.as_ref().and_then(Value::as_str) != Some(b.as_str())) {
+            step.insert("sidecars".into(), json!(b));
+        }
         if let Some(d) = dtype {
             step.insert("dtype".into(), json!(d));
         }
@@ -818,6 +828,7 @@ impl Translator<'_> {
                 return Err(self.error(&sources_at, "expected at least one source"));
             }
         }
+        let base_model = base.clone();
         // MergeKit adds a base not listed among the models to the inputs; `linear` and
         // `karcher` merge it as one more model.
         if base_is_a_model(method) {
@@ -856,6 +867,13 @@ impl Translator<'_> {
         };
         step.insert("models".into(), models_value);
         step.insert("to".into(), json!(MERGED));
+        // MergeKit writes the base model's config and tokenizer (`merge` defaults to the base,
+        // and without one to the first model).
+        if let (None, Some(b)) = (&base, base_model) {
+            if models.first().is_none_or(|(a, _)| *a != b) {
+                step.insert("sidecars".into(), json!(b));
+            }
+        }
         if let Some(d) = dtype {
             step.insert("dtype".into(), json!(d));
         }
@@ -1114,6 +1132,8 @@ mod tests {
             json!(["merged_3", "merged_4", "merged_2"])
         );
         assert!(plan["transforms"][0]["merge"].get("base").is_none());
+        // The merged model's config and tokenizer are the base's, as MergeKit writes them.
+        assert_eq!(plan["transforms"][0]["merge"]["sidecars"], json!("merged_2"));
     }
 
     #[test]
@@ -1156,6 +1176,18 @@ mod tests {
             json!({"method": "passthrough", "slices": [{"alias": "a", "layers": [0, 2]}, {"alias": "b", "layers": [1, 3]}],
                    "to": "merged", "dtype": "float16"})
         );
+        let with_base = |base: &str| {
+            tr(json!({
+                "merge_method": "passthrough",
+                "base_model": base,
+                "slices": [{"sources": [{"model": "o/a", "layer_range": [0, 2]}]}],
+            }))
+            .unwrap()["transforms"][0]["merge"]
+                .get("sidecars")
+                .cloned()
+        };
+        assert_eq!(with_base("o/a"), None);
+        assert_eq!(with_base("o/b"), Some(json!("b")));
     }
 
     #[test]
