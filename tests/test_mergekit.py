@@ -252,6 +252,41 @@ def test_passthrough_frankenmerge(tmp_path, models):
         np.testing.assert_array_equal(got[name], want.astype(ml_dtypes.bfloat16), err_msg=name)
 
 
+def test_directory_output_carries_the_base_models_config_and_tokenizer(tmp_path, models):
+    """MergeKit writes the base model's config and tokenizer beside the merged weights; so does
+    the translated plan (for linear, whose `merge` default would be the first model, through
+    `sidecars:`), with the result's dtype and, for passthrough, layer count."""
+    tensors, dirs = models
+    for alias in dirs:
+        (dirs[alias] / "config.json").write_text(json.dumps(dict(LLAMA_CONFIG, marker=alias)))
+        (dirs[alias] / "tokenizer.json").write_text(json.dumps({"marker": alias}))
+    linear = {"merge_method": "linear", "base_model": str(dirs["base"]), "tokenizer_source": "base", "dtype": "bfloat16",
+              "parameters": {"weight": 1.0},
+              "models": [{"model": str(dirs["ft1"]), "parameters": {"weight": 0.5}}, {"model": str(dirs["ft2"]), "parameters": {"weight": 0.5}}]}
+    passthrough = {"merge_method": "passthrough", "base_model": str(dirs["ft2"]),
+                   "slices": [{"sources": [{"model": str(dirs["base"]), "layer_range": [0, 2]}]},
+                              {"sources": [{"model": str(dirs["ft1"]), "layer_range": [0, 3]}]}]}
+    for config, marker, layers, dtype in ((linear, "base", LAYERS, "bfloat16"), (passthrough, "ft2", 5, "float32")):
+        out = tmp_path / f"out-{config['merge_method']}"
+        proc = cli(["mergekit", write_config(tmp_path, config), "-o", out], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        written = json.loads((out / "config.json").read_text())
+        assert written["marker"] == marker
+        assert written["num_hidden_layers"] == layers
+        assert written["torch_dtype"] == dtype
+        assert json.loads((out / "tokenizer.json").read_text()) == {"marker": marker}
+    got = {}
+    for f in sorted((tmp_path / "out-linear").glob("*.safetensors")):
+        got.update(read(f))
+    # MergeKit merges a base not listed among linear's models as one more model, weighted by the
+    # top-level weight.
+    for name in shapes():
+        want = (tensors["base"][name].astype(np.float64) + 0.5 * tensors["ft1"][name] + 0.5 * tensors["ft2"][name]) / 2
+        assert got[name].dtype == ml_dtypes.bfloat16, name
+        np.testing.assert_allclose(got[name].astype(np.float64), want.astype(ml_dtypes.bfloat16).astype(np.float64),
+                                   rtol=2**-7, atol=1e-6, err_msg=name)
+
+
 def test_model_stock(tmp_path, models):
     tensors, dirs = models
     config = {"merge_method": "model_stock", "base_model": str(dirs["base"]),
@@ -473,10 +508,15 @@ def test_same_config_as_mergekit(tmp_path, models, method):
     mk: dict[str, np.ndarray] = {}
     for f in sorted((tmp_path / "mk-out").glob("*.safetensors")):
         mk.update(read(f))
-    ours = cli(["mergekit", cfg, "-o", tmp_path / "ours.safetensors"], tmp_path)
+    ours = cli(["mergekit", cfg, "-o", tmp_path / "ours"], tmp_path)
     assert ours.returncode == 0, ours.stderr
-    got = read(tmp_path / "ours.safetensors")
+    got: dict[str, np.ndarray] = {}
+    for f in sorted((tmp_path / "ours").glob("*.safetensors")):
+        got.update(read(f))
     assert set(got) == set(mk)
+    mk_config = json.loads((tmp_path / "mk-out" / "config.json").read_text())
+    our_config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert our_config["num_hidden_layers"] == mk_config["num_hidden_layers"]
     for name in got:
         assert got[name].dtype == mk[name].dtype == ml_dtypes.bfloat16, name
         np.testing.assert_allclose(got[name].astype(np.float64), mk[name].astype(np.float64), rtol=2**-7, atol=1e-6, err_msg=name)
