@@ -390,6 +390,16 @@ def test_print_plan_reads_no_model(tmp_path):
     }}]
 
 
+def test_overrides_and_one_line_transforms_apply_to_the_translated_plan(tmp_path):
+    config = {"merge_method": "linear", "models": [{"model": "o/a", "parameters": {"weight": 1}}, {"model": "o/b", "parameters": {"weight": 1}}]}
+    proc = cli(["mergekit", write_config(tmp_path, config), "--print-plan", "transforms[0].merge.dtype=float16",
+                "-e", "dump: {target: 'merged::.*'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    plan = yaml.safe_load(proc.stdout)
+    assert plan["transforms"][0]["merge"]["dtype"] == "float16"
+    assert plan["transforms"][1] == {"dump": {"target": "merged::.*"}}
+
+
 def test_moe_config_translates_to_upcycle_moe(tmp_path):
     """mergekit-moe configs become one `upcycle_moe` step (checked as a plan structure: the
     transform itself is another branch's work)."""
