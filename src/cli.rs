@@ -57,6 +57,9 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         eps: f64,
     },
+    /// Run a MergeKit config (mergekit-yaml, or mergekit-moe) translated into a plan
+    /// (docs/mergekit.md), or print that plan with --print-plan; the other options are run's.
+    Mergekit(MergekitArgs),
     /// Describe a transform (`help scale_`), an assertion operator (`help assert equal`), every
     /// transform (`help`), or a subcommand (`help check`).
     Help {
@@ -123,7 +126,19 @@ struct PlanArgs {
     no_space_check: bool,
 }
 
-const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "diff", "help"];
+#[derive(Args, Debug)]
+struct MergekitArgs {
+    /// The MergeKit config (YAML or JSON).
+    #[arg(value_name = "CONFIG.yml")]
+    config: PathBuf,
+    /// Print the equivalent plan as YAML and exit without reading any tensor.
+    #[arg(long)]
+    print_plan: bool,
+    #[command(flatten)]
+    run: PlanArgs,
+}
+
+const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "diff", "help", "mergekit"];
 
 /// Whether a positional argument names a checkpoint rather than a plan file.
 fn looks_like_checkpoint(item: &str) -> bool {
@@ -191,6 +206,16 @@ fn apply_options(doc: &mut serde_json::Value, inputs: &[String], args: &PlanArgs
 }
 
 fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
+    let (doc, sources) = plan_document(args, None)?;
+    prepare(args, &doc, &sources)
+}
+
+/// The plan document of the command line: `base` (a translated MergeKit config) or an empty
+/// plan, then the plan files, inputs, output, one-line transforms and overrides.
+fn plan_document(
+    args: &PlanArgs,
+    base: Option<serde_json::Value>,
+) -> Result<(serde_json::Value, Vec<PlanSource>), Error> {
     let mut sources = Vec::new();
     let mut overrides = Vec::new();
     let mut inputs = Vec::new();
@@ -204,7 +229,7 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
         }
     }
     inputs.extend(args.input.iter().cloned());
-    if sources.is_empty() && inputs.is_empty() && args.execute.is_empty() && !args.interactive {
+    if base.is_none() && sources.is_empty() && inputs.is_empty() && args.execute.is_empty() && !args.interactive {
         return Err(crate::plan::PlanError::Syntax {
             origin: "command line".into(),
             message: "nothing to run: give a plan file, -e ONE-LINE, -i, or checkpoint inputs".into(),
@@ -213,11 +238,19 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
     }
     // Overrides apply last (SPEC §2), after the command-line inputs, output and transforms.
     let mut doc = crate::plan::assemble(&sources, &[])?;
+    if let Some(mut base) = base {
+        crate::plan::document::merge(&mut base, doc);
+        doc = base;
+    }
     apply_options(&mut doc, &inputs, args)?;
     for assignment in &overrides {
         crate::plan::document::apply_override(&mut doc, assignment)?;
     }
-    let mut plan = Plan::from_document(&doc)?;
+    Ok((doc, sources))
+}
+
+fn prepare(args: &PlanArgs, doc: &serde_json::Value, sources: &[PlanSource]) -> Result<Prepared, Error> {
+    let mut plan = Plan::from_document(doc)?;
     // Nested `execute: {path}` resolves against the plan files' directory.
     plan.files = sources
         .iter()
@@ -578,32 +611,47 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
             let _ = print_io(&mut out, &report);
             Ok(0)
         }
-        Command::Run(args) => {
-            let prepared = load_plan(&args)?;
-            let show_progress =
-                !args.interactive && !args.no_progress && (args.progress || std::io::stderr().is_terminal());
-            let bar = progress_bar(show_progress);
-            let options = RunOptions {
-                threads: args.threads,
-                cancel: cancel.clone(),
-                progress: bar.as_ref().map(|(_, f)| f.clone()),
-                memory: memory_options(&args)?,
-                skip_space_check: args.no_space_check,
-            };
-            let result = if args.interactive {
-                interactive(prepared, cancel, &options, &mut out)
-            } else {
-                prepared.run(&options)
-            };
-            if let Some((bar, _)) = bar {
-                bar.finish_and_clear();
+        Command::Run(args) => run(&args, load_plan(&args)?, cancel, &mut out),
+        Command::Mergekit(mk) => {
+            let source = PlanSource::File(mk.config.clone());
+            let translated = crate::plan::mergekit::translate_source(&source, mk.run.output.as_deref())?;
+            let (doc, sources) = plan_document(&mk.run, Some(translated))?;
+            if mk.print_plan {
+                let _ = write!(
+                    out,
+                    "{}",
+                    crate::plan::mergekit::to_yaml(&doc, &mk.config.display().to_string())?
+                );
+                return Ok(0);
             }
-            let report = result?;
-            print_notices(&report.notices);
-            let _ = print_report(&mut out, &report, args.summarize && !args.no_summarize, "wrote");
-            Ok(0)
+            run(&mk.run, prepare(&mk.run, &doc, &sources)?, cancel, &mut out)
         }
     }
+}
+
+/// `run`: the prepared plan streamed to its output (or the `-i` session first).
+fn run(args: &PlanArgs, prepared: Prepared, cancel: Arc<AtomicBool>, out: &mut dyn Write) -> Result<i32, Error> {
+    let show_progress = !args.interactive && !args.no_progress && (args.progress || std::io::stderr().is_terminal());
+    let bar = progress_bar(show_progress);
+    let options = RunOptions {
+        threads: args.threads,
+        cancel: cancel.clone(),
+        progress: bar.as_ref().map(|(_, f)| f.clone()),
+        memory: memory_options(args)?,
+        skip_space_check: args.no_space_check,
+    };
+    let result = if args.interactive {
+        interactive(prepared, cancel, &options, out)
+    } else {
+        prepared.run(&options)
+    };
+    if let Some((bar, _)) = bar {
+        bar.finish_and_clear();
+    }
+    let report = result?;
+    print_notices(&report.notices);
+    let _ = print_report(out, &report, args.summarize && !args.no_summarize, "wrote");
+    Ok(0)
 }
 
 /// `-i`: run the plan's transforms, then the prompt; the output is written when it ends.

@@ -17,6 +17,7 @@ from brainsurgery._core import (
     PlanError,
     TransformError,
     __version__,
+    from_mergekit,
 )
 from brainsurgery._interop import save, to_torch
 from brainsurgery._run import RunResult, check, run
@@ -44,6 +45,7 @@ __all__ = [
     "TransformError",
     "__version__",
     "check",
+    "from_mergekit",
     "open",
     "run",
     "save",

@@ -18,6 +18,7 @@ __all__ = [
     "save",
     "to_yaml",
     "plan_document",
+    "from_mergekit",
     "Checkpoint",
     "TensorBuffer",
     "ComputedBuffer",
@@ -207,6 +208,20 @@ def plan_document(
 ) -> dict[str, Any]:
     """The plan document ``run`` and ``check`` would see (sources merged in order, overrides
     applied), before any transform is parsed."""
+
+def from_mergekit(
+    config: Mapping[str, Any] | str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """The plan equivalent to a MergeKit config (a dict, YAML text or a path to a ``mergekit-yaml``
+    config, or a ``mergekit-moe`` one with ``experts``): the models as inputs, one ``merge`` step
+    into alias ``merged`` (``upcycle_moe`` of the base for MoE configs) and, with ``output``, the
+    output writing it. Raises ``PlanError`` naming the key for what cannot be translated.
+
+    >>> plan = bs.from_mergekit({"merge_method": "linear", "models": [...]}, output="out/")  # doctest: +SKIP
+    >>> bs.run(plan)  # doctest: +SKIP
+    """
 
 def open(path: str) -> Checkpoint:
     """Open a checkpoint lazily (headers only)."""

@@ -469,6 +469,27 @@ fn plan_document<'py>(
     from_value(py, &doc)
 }
 
+/// The plan equivalent to a MergeKit config (docs/mergekit.md): `config` is a dict, YAML text or
+/// a path to a `mergekit-yaml` config (or a `mergekit-moe` one, with `experts`). The plan reads
+/// the models as inputs, merges them into alias `merged` (`upcycle_moe` of the base for MoE
+/// configs) and, with `output`, writes it there. `PlanError` naming the key for what cannot be
+/// translated.
+#[pyfunction]
+#[pyo3(signature = (config, *, output = None))]
+fn from_mergekit<'py>(
+    py: Python<'py>,
+    config: &Bound<'py, PyAny>,
+    output: Option<std::path::PathBuf>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let source = to_source(config)?;
+    let output = output.map(|p| p.display().to_string());
+    let plan = detached(py, move |_| {
+        crate::plan::mergekit::translate_source(&source, output.as_deref())
+    })?
+    .map_err(errors::plan_error)?;
+    from_value(py, &plan)
+}
+
 fn report_to_dict<'py>(py: Python<'py>, report: &Report) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("alias", report.alias.clone())?;
@@ -1159,6 +1180,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(save, module)?)?;
     module.add_function(wrap_pyfunction!(to_yaml, module)?)?;
     module.add_function(wrap_pyfunction!(plan_document, module)?)?;
+    module.add_function(wrap_pyfunction!(from_mergekit, module)?)?;
     module.add_class::<PyCheckpoint>()?;
     module.add_class::<PyTensorBuffer>()?;
     module.add_class::<session::PyComputedBuffer>()?;

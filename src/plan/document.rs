@@ -125,7 +125,7 @@ fn too_deep(origin: String) -> PlanError {
     }
 }
 
-fn load(source: &PlanSource) -> Result<Value, PlanError> {
+pub(crate) fn load(source: &PlanSource) -> Result<Value, PlanError> {
     match source {
         // Measured before it is copied: copying a value is recursive.
         PlanSource::Value(v) if depth_exceeds(v, MAX_DEPTH) => Err(too_deep("<value>".to_owned())),

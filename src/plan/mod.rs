@@ -6,6 +6,7 @@ pub mod document;
 pub mod error;
 pub mod host;
 pub mod location;
+pub mod mergekit;
 pub mod oneline;
 pub mod payload;
 
