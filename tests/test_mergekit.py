@@ -242,7 +242,9 @@ def test_passthrough_frankenmerge(tmp_path, models):
     }
     got = run_config(tmp_path, config)
     sources = [("base", 0), ("base", 1), ("ft1", 1), ("ft1", 2)]
-    expected = {n: v for n, v in tensors["base"].items() if ".layers." not in n}
+    # MergeKit's pre weights (embeddings) from the first slice's model, post weights (final norm,
+    # lm_head) from the last's.
+    expected = {n: (tensors["base"] if "embed" in n else tensors["ft1"])[n] for n in tensors["base"] if ".layers." not in n}
     for k, (alias, layer) in enumerate(sources):
         for name, v in tensors[alias].items():
             if f".layers.{layer}." in name:
@@ -497,11 +499,11 @@ def mergekit_cases(dirs):
         "ties": {"merge_method": "ties", "base_model": base,
                  "models": [{"model": ft1, "parameters": {"weight": 0.6, "density": 0.5}}, {"model": ft2, "parameters": {"weight": 0.5, "density": 0.3}}]},
         "slerp": dict(slerp_config(dirs), dtype=None),
-        # MergeKit takes the tensors after the layers (norm, lm_head) from the last slice's model,
-        # `merge` from the first one's (docs/mergekit.md): the same model here.
+        # Ends on another model than it starts with: the final norm and lm_head come from the last
+        # slice's model, the embeddings from the first's, in both tools.
         "passthrough": {"merge_method": "passthrough", "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}]},
-                                                                  {"sources": [{"model": ft1, "layer_range": [1, 2]}]},
-                                                                  {"sources": [{"model": base, "layer_range": [2, 3]}]}]},
+                                                                  {"sources": [{"model": base, "layer_range": [1, 2]}]},
+                                                                  {"sources": [{"model": ft1, "layer_range": [2, 3]}]}]},
     }
 
 

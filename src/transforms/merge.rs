@@ -634,9 +634,12 @@ struct LayerSlice {
 
 /// `passthrough` (MergeKit's frankenmerge): the layers of each slice, in order, renumbered
 /// consecutively from 0 in the output (the number after `layers`, `layer`, `h` or `blocks`);
-/// the tensors without a layer number come from the first slice's alias, those before its first
-/// layer tensor first, the others after the stacked layers. Tensors are carried as they are
-/// (cast lazily to `dtype` when given, floating ones only).
+/// the tensors without a layer number are listed in the first slice's alias's order (those before
+/// its first layer tensor first, the others after the stacked layers) and taken, as MergeKit
+/// takes an architecture's pre and post weights, from the first slice's alias for the input
+/// embeddings ([`is_input_embedding`]) and from the last slice's for the rest (final norm,
+/// `lm_head`), which were trained with the last layers. Tensors are carried as they are (cast
+/// lazily to `dtype` when given, floating ones only).
 #[derive(Debug)]
 struct Passthrough {
     slices: Vec<LayerSlice>,
@@ -766,6 +769,15 @@ fn parse_passthrough(
     }))
 }
 
+/// Whether a tensor outside the layers belongs to the input side of a model (token and position
+/// embeddings: `embed_tokens`, `word_embeddings`, `embed_in`, GPT-2's `wte`/`wpe`), which a
+/// passthrough merge takes from its first slice; the other ones (final norm, `lm_head`) come
+/// from the last.
+fn is_input_embedding(name: &str) -> bool {
+    name.split('.')
+        .any(|segment| segment.contains("embed") || segment == "wte" || segment == "wpe")
+}
+
 /// `name` with its layer number (see [`layer_index`]) replaced by `layer`.
 pub(crate) fn renumbered(name: &str, layer: usize) -> String {
     let mut segments: Vec<String> = name.split('.').map(str::to_owned).collect();
@@ -808,6 +820,7 @@ impl Transform for Passthrough {
             }
         };
         let first = &self.slices[0].alias;
+        let last = &self.slices[self.slices.len() - 1].alias;
         let (mut pre, mut post) = (Vec::new(), Vec::new());
         let mut seen_layer = false;
         for (name, t) in state
@@ -817,10 +830,17 @@ impl Transform for Passthrough {
         {
             if layer_index(name).is_some() {
                 seen_layer = true;
-            } else if seen_layer {
-                post.push((name.to_owned(), cast(name, first, t)?));
+                continue;
+            }
+            let (alias, t) = match state.get(last, name) {
+                Some(t) if !is_input_embedding(name) => (last, t),
+                _ => (first, t),
+            };
+            let carried = (name.to_owned(), cast(name, alias, t)?);
+            if seen_layer {
+                post.push(carried);
             } else {
-                pre.push((name.to_owned(), cast(name, first, t)?));
+                pre.push(carried);
             }
         }
         let mut stacked = Vec::new();

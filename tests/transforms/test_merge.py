@@ -695,8 +695,10 @@ def test_passthrough_stacks_layer_ranges(tmp_path):
     for k, (alias, layer) in enumerate(sources):
         for kind in ("self_attn.q_proj", "mlp.up_proj"):
             expected[f"model.layers.{k}.{kind}.weight"] = models[alias][f"model.layers.{layer}.{kind}.weight"]
-    expected["model.norm.weight"] = models["base"]["model.norm.weight"]
-    expected["position_ids"] = models["base"]["position_ids"]
+    # As MergeKit's post weights: the final norm (and every non-embedding outside the layers)
+    # from the last slice's model; the embeddings from the first's.
+    expected["model.norm.weight"] = models["ft1"]["model.norm.weight"]
+    expected["position_ids"] = models["ft1"]["position_ids"]
     assert tensor_names(out) == list(expected)
     for name, want in expected.items():
         if want.dtype == np.int64:
