@@ -132,7 +132,7 @@ fn looks_like_checkpoint(item: &str) -> bool {
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| crate::formats::Format::of_name(&format!(".{e}")).is_some());
-    by_extension || path.is_dir() || (item.contains("::") && !path.exists())
+    by_extension || path.is_dir() || crate::plan::paths::is_remote(item) || (item.contains("::") && !path.exists())
 }
 
 /// Adds command-line inputs, output and one-line transforms to the merged document.
@@ -218,7 +218,7 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
         crate::plan::document::apply_override(&mut doc, assignment)?;
     }
     let mut plan = Plan::from_document(&doc)?;
-    // Nested `execute: {path}` resolves against the plan files' directory.
+    // For `execute` cycles through the plan files (their paths were rebased on their folders).
     plan.files = sources
         .iter()
         .filter_map(|s| match s {

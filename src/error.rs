@@ -245,6 +245,7 @@ impl ErrorContext {
                 | FormatError::Adapter { path, .. }
                 | FormatError::NoSpace { path, .. } => self.path(path),
                 FormatError::IndexFileMissing { index, .. } => self.path(index),
+                FormatError::Hub { id, .. } => self.path(std::path::Path::new(id)),
                 FormatError::IndexTensorMissing { index, tensor, .. } => {
                     self.path(index);
                     self.tensor(tensor);
