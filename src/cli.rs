@@ -87,6 +87,10 @@ struct PlanArgs {
     /// session ends (exit, save or Ctrl-D).
     #[arg(short = 'i', long)]
     interactive: bool,
+    /// With -i reading a script (stdin not a terminal): report a failing entry and go on, then
+    /// write the output. Without it the first failing entry ends the run, nothing written.
+    #[arg(long, requires = "interactive")]
+    keep_going: bool,
     /// Worker threads for writing (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -591,7 +595,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
                 skip_space_check: args.no_space_check,
             };
             let result = if args.interactive {
-                interactive(prepared, cancel, &options, &mut out)
+                interactive(prepared, cancel, &options, args.keep_going, &mut out)
             } else {
                 prepared.run(&options)
             };
@@ -611,6 +615,7 @@ fn interactive(
     prepared: Prepared,
     cancel: Arc<AtomicBool>,
     options: &RunOptions,
+    keep_going: bool,
     out: &mut dyn Write,
 ) -> Result<Report, Error> {
     let (mut session, applied) = crate::executor::session::Session::start(prepared, cancel, &options.memory)?;
@@ -622,7 +627,7 @@ fn interactive(
         let _ = writeln!(out, "{line}");
     }
     let _ = out.flush();
-    crate::prompt::run(&mut session, out);
+    crate::prompt::run(&mut session, out, keep_going)?;
     session.finish(options)
 }
 

@@ -1154,5 +1154,22 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<session::PySession>()?;
     module.add_class::<session::PyTensors>()?;
     errors::register(module)?;
+    crate::formats::hub::set_fetcher(Box::new(hub_download));
     Ok(())
+}
+
+/// The engine's fetcher for `hf://` models not in the cache: `brainsurgery._hub.download`
+/// (`huggingface_hub.snapshot_download` of the weight and config files when it is installed).
+fn hub_download(repo: &str, revision: &str) -> Result<Option<std::path::PathBuf>, String> {
+    Python::attach(|py| -> PyResult<Option<std::path::PathBuf>> {
+        let patterns = crate::formats::hub::DOWNLOAD_PATTERNS.to_vec();
+        let folder = py
+            .import("brainsurgery._hub")?
+            .call_method1("download", (repo, revision, patterns))?;
+        if folder.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(std::path::PathBuf::from(folder.extract::<String>()?)))
+    })
+    .map_err(|e| e.to_string())
 }

@@ -228,6 +228,32 @@ impl Session {
         }
     }
 
+    /// The folder of the plan's first file, if it came from files: what is typed at the `-i`
+    /// prompt continues that plan, so its relative paths resolve there (issue 8).
+    pub fn plan_folder(&self) -> Option<std::path::PathBuf> {
+        self.prepared.plan.files.first().and_then(|f| paths::plan_folder(f))
+    }
+
+    /// The plan that replays the session to the same output (issue 14 item 7, `save-plan`): its
+    /// [`Self::document`] with the plan's output (absolute path) added.
+    pub fn replay_plan(&self) -> Result<Value, Error> {
+        let mut doc = self.document()?.clone();
+        if let (Some(output), Value::Object(map)) = (&self.prepared.plan.output, &mut doc) {
+            map.insert("output".to_owned(), output_document(output));
+        }
+        Ok(doc)
+    }
+
+    /// The plan hash an output written now records: the hash of [`Self::replay_plan`] once
+    /// entries were applied (so replaying the saved plan writes the same bytes), else the plan's.
+    fn output_sha256(&self) -> String {
+        let extended = self.next > self.prepared.plan.transforms.len();
+        match self.replay_plan() {
+            Ok(doc) if extended => document_sha256(&doc, &self.nested),
+            _ => self.prepared.plan.sha256.clone(),
+        }
+    }
+
     /// Puts a tensor handed in from the host under `alias::name` (the alias is created if
     /// needed), replacing any tensor of that name in its place.
     pub fn set(&mut self, alias: &str, name: &str, tensor: Tensor) {
@@ -248,7 +274,8 @@ impl Session {
 
     /// Ends the session: writes the plan's output (if it has one) from the current state and
     /// returns the report, as a run would.
-    pub fn finish(self, options: &RunOptions) -> Result<Report, Error> {
+    pub fn finish(mut self, options: &RunOptions) -> Result<Report, Error> {
+        self.prepared.plan.sha256 = self.output_sha256();
         let prepared = &self.prepared;
         let mut ctx = self.context(false);
         ctx.factorizations = self.factorizations.clone();
@@ -302,6 +329,35 @@ fn document_of(prepared: &Prepared) -> Value {
         })
         .collect();
     serde_json::json!({ "inputs": Value::Array(inputs), "transforms": Value::Array(transforms) })
+}
+
+/// An output section as a plan writes it, every key explicit and the path absolute.
+fn output_document(output: &crate::plan::OutputSpec) -> Value {
+    let path = paths::resolve(
+        &output.path.display().to_string(),
+        paths::working_directory().as_deref(),
+    );
+    let mut map = serde_json::Map::new();
+    map.insert("path".to_owned(), Value::String(path));
+    let format = if output.npy {
+        "npy".to_owned()
+    } else {
+        output.format.name().to_ascii_lowercase()
+    };
+    map.insert("format".to_owned(), Value::String(format));
+    map.insert(
+        "shard".to_owned(),
+        match output.shard {
+            Some(bytes) => Value::String(bytes.to_string()),
+            None => Value::String("none".to_owned()),
+        },
+    );
+    if let Some(alias) = &output.alias {
+        map.insert("alias".to_owned(), Value::String(alias.clone()));
+    }
+    map.insert("sidecars".to_owned(), Value::Bool(output.sidecars));
+    map.insert("overwrite".to_owned(), Value::Bool(output.overwrite));
+    Value::Object(map)
 }
 
 /// The plan hash of a session document, as [`super::Prepared::new`] computes it for the same
@@ -413,7 +469,10 @@ mod tests {
         let mut s = Session::start(prepared, Arc::new(AtomicBool::new(false)), &MemoryOptions::default())
             .unwrap()
             .0;
-        let err = s.apply(&json!({"execute": {"path": "inner.yaml"}})).unwrap_err().to_string();
+        let err = s
+            .apply(&json!({"execute": {"path": "inner.yaml"}}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("plan file `inner.yaml` does not exist"), "{err}");
         let inner = plans.join("inner.yaml").display().to_string();
         s.apply(&json!({"execute": {"path": inner}})).unwrap();

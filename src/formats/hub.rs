@@ -81,7 +81,9 @@ fn valid_part(part: &str) -> bool {
     !part.is_empty()
         && part != "."
         && part != ".."
-        && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Parses `hf://org/name[@revision]`.
@@ -104,9 +106,7 @@ pub fn parse(id: &str) -> Result<HubId, FormatError> {
         ));
     }
     // A revision names a file under `refs/` (branches may hold `/`), never a way out of it.
-    let revision_ok = !revision.is_empty()
-        && !revision.starts_with('/')
-        && revision.split('/').all(valid_part);
+    let revision_ok = !revision.is_empty() && !revision.starts_with('/') && revision.split('/').all(valid_part);
     if !revision_ok {
         return Err(invalid("the revision after @ is empty or not a branch, tag or commit"));
     }
@@ -207,7 +207,14 @@ mod tests {
         );
         assert_eq!(parse("hf://gpt2@v1.0").unwrap().revision, "v1.0");
         assert_eq!(parse("hf://o/n@refs/pr/1").unwrap().revision, "refs/pr/1");
-        for bad in ["hf://", "hf://a/b/c", "hf://a/../b", "hf://a/b@", "hf://a/b@../x", "hf://a b/c"] {
+        for bad in [
+            "hf://",
+            "hf://a/b/c",
+            "hf://a/../b",
+            "hf://a/b@",
+            "hf://a/b@../x",
+            "hf://a b/c",
+        ] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.starts_with(&format!("cannot open {bad}: ")), "{err}");
         }
