@@ -84,7 +84,8 @@ struct PlanArgs {
     #[arg(short = 'o', long = "output", value_name = "PATH")]
     output: Option<String>,
     /// After the plan's transforms, read more at a `bs> ` prompt; the output is written when the
-    /// session ends (exit, save or Ctrl-D).
+    /// session ends (exit, save or Ctrl-D). From a pipe, a failing entry ends the run, nothing
+    /// written (see --keep-going); `save-plan PATH` writes the session as a plan file.
     #[arg(short = 'i', long)]
     interactive: bool,
     /// With -i reading a script (stdin not a terminal): report a failing entry and go on, then

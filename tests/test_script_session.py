@@ -41,7 +41,8 @@ def session(ws: Path, script: str, *args: str) -> subprocess.CompletedProcess[st
 @pytest.mark.parametrize(
     ("entry", "status", "needle"),
     [
-        ("copy: from: nothere, to: q", 2, "nothere"),  # a plan error: exit 2
+        ("copy: from: nothere, to: q", 1, "nothere"),  # a transform failed: exit 1
+        ("copy: from: a.w, too: q", 2, "`too`"),  # a plan error: exit 2
         ("assert: iszero: a.w", 1, "iszero"),  # a failed assertion: exit 1
         ("copy: from: a.w, to: x, oops", 2, "expected ':' after key"),  # a syntax error
     ],
@@ -149,10 +150,14 @@ def test_key_completion_inserts_colon_space(ws: Path) -> None:
         os.write(fd, b"a.w, t\t")
         shown = _read_until(fd, b"to: ", timeout=10)
         assert b"to: " in shown, shown
-        os.write(fd, b"z\rexit\r")
-        rest = _read_until(fd, b"no output", timeout=30)
-        assert b"copy: 1 tensor" in rest or b"no output" in rest, rest
+        os.write(fd, b"z\r")
+        applied = _read_until(fd, b"bs> ", timeout=30)
+        assert b"copy: 1 tensor" in applied, applied
+        os.write(fd, b"exit\r")
+        # Until the process ends (EOF on the terminal), so closing it sends no SIGHUP.
+        rest = _read_until(fd, b"\0never\0", timeout=30)
+        assert b"no output" in rest, rest
+        _, status = os.waitpid(pid, 0)
     finally:
         os.close(fd)
-        _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
