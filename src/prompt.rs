@@ -14,7 +14,8 @@
 //!
 //! Piped input is a script (issue 14 item 7): a failing entry ends the session with its error,
 //! and the caller writes nothing, as a plan would; with `keep_going` (`--keep-going`) it is
-//! reported and the session goes on, as at a terminal.
+//! reported and the session goes on, as at a terminal. An entry cancelled by Ctrl-C is not a
+//! failure: the session goes on.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -485,7 +486,8 @@ pub fn run(session: &mut Session, out: &mut dyn Write, keep_going: bool) -> Resu
                 }
             }
             Ok(None) => {}
-            Err(e) if strict => {
+            // Ctrl-C cancels the entry it interrupts, and the session goes on (a script too).
+            Err(e) if strict && !matches!(e, Error::Cancelled) => {
                 let _ = out.flush();
                 return Err(e);
             }
