@@ -378,8 +378,13 @@ def test_readme_demo(tmp_path: Path) -> None:
     shutil.copy(ROOT / "examples" / "demo.yaml", examples / "demo.yaml")
     source = examples / "tiny-gpt2" / "model.safetensors"
     before = sha256(source)
+    # `cd examples && brainsurgery demo.yaml` writes the same files (issue 14 item 3).
+    ok(cli(["demo.yaml"], cwd=examples))
+    from_examples = {p: sha256(tmp_path / "out" / "tiny-gpt2-bf16" / p) for p in listing(tmp_path / "out" / "tiny-gpt2-bf16")}
+    shutil.rmtree(tmp_path / "out")
     proc = ok(cli(["examples/demo.yaml"], cwd=tmp_path))
     assert "wrote" in proc.stdout and "out/tiny-gpt2-bf16" in proc.stdout
+    assert {p: sha256(tmp_path / "out" / "tiny-gpt2-bf16" / p) for p in listing(tmp_path / "out" / "tiny-gpt2-bf16")} == from_examples
     assert sha256(source) == before
 
     # Every assertion of the plan passed (exit 0). Check the result independently.
