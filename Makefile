@@ -20,6 +20,14 @@ lint: ## cargo fmt --check and clippy with warnings as errors (scripts/lint.sh)
 test: ## The README's test command: install, cargo test, pytest
 	bash scripts/test.sh
 
+.PHONY: wheel
+wheel: ## A stripped manylinux2014 abi3 wheel in dist/ (zig as the linker: pip install ziglang)
+	maturin build --release --zig --compatibility manylinux2014 --strip --out dist
+
+.PHONY: wheel-test
+wheel-test: wheel ## Install the wheel into a fresh venv of each Python found and run the CLI
+	BRAINSURGERY_WHEEL_TEST=1 python3 -m pytest -q tests/test_wheel.py
+
 .PHONY: bench
 bench: ## The ~1 GiB benchmark (several minutes; see benches/README.md)
 	python3 benches/run.py

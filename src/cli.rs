@@ -87,9 +87,14 @@ struct PlanArgs {
     #[arg(short = 'o', long = "output", value_name = "PATH")]
     output: Option<String>,
     /// After the plan's transforms, read more at a `bs> ` prompt; the output is written when the
-    /// session ends (exit, save or Ctrl-D).
+    /// session ends (exit, save or Ctrl-D). From a pipe, a failing entry ends the run, nothing
+    /// written (see --keep-going); `save-plan PATH` writes the session as a plan file.
     #[arg(short = 'i', long)]
     interactive: bool,
+    /// With -i reading a script (stdin not a terminal): report a failing entry and go on, then
+    /// write the output. Without it the first failing entry ends the run, nothing written.
+    #[arg(long, requires = "interactive")]
+    keep_going: bool,
     /// Worker threads for writing (default: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -147,7 +152,7 @@ fn looks_like_checkpoint(item: &str) -> bool {
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| crate::formats::Format::of_name(&format!(".{e}")).is_some());
-    by_extension || path.is_dir() || (item.contains("::") && !path.exists())
+    by_extension || path.is_dir() || crate::plan::paths::is_remote(item) || (item.contains("::") && !path.exists())
 }
 
 /// Adds command-line inputs, output and one-line transforms to the merged document.
@@ -251,7 +256,7 @@ fn plan_document(
 
 fn prepare(args: &PlanArgs, doc: &serde_json::Value, sources: &[PlanSource]) -> Result<Prepared, Error> {
     let mut plan = Plan::from_document(doc)?;
-    // Nested `execute: {path}` resolves against the plan files' directory.
+    // For `execute` cycles through the plan files (their paths were rebased on their folders).
     plan.files = sources
         .iter()
         .filter_map(|s| match s {
@@ -641,7 +646,7 @@ fn run(args: &PlanArgs, prepared: Prepared, cancel: Arc<AtomicBool>, out: &mut d
         skip_space_check: args.no_space_check,
     };
     let result = if args.interactive {
-        interactive(prepared, cancel, &options, out)
+        interactive(prepared, cancel, &options, args.keep_going, out)
     } else {
         prepared.run(&options)
     };
@@ -659,6 +664,7 @@ fn interactive(
     prepared: Prepared,
     cancel: Arc<AtomicBool>,
     options: &RunOptions,
+    keep_going: bool,
     out: &mut dyn Write,
 ) -> Result<Report, Error> {
     let (mut session, applied) = crate::executor::session::Session::start(prepared, cancel, &options.memory)?;
@@ -670,7 +676,7 @@ fn interactive(
         let _ = writeln!(out, "{line}");
     }
     let _ = out.flush();
-    crate::prompt::run(&mut session, out);
+    crate::prompt::run(&mut session, out, keep_going)?;
     session.finish(options)
 }
 

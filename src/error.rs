@@ -246,6 +246,7 @@ impl ErrorContext {
                 | FormatError::Sidecar { path, .. }
                 | FormatError::NoSpace { path, .. } => self.path(path),
                 FormatError::IndexFileMissing { index, .. } => self.path(index),
+                FormatError::Hub { id, .. } => self.path(std::path::Path::new(id)),
                 FormatError::IndexTensorMissing { index, tensor, .. } => {
                     self.path(index);
                     self.tensor(tensor);

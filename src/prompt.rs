@@ -6,9 +6,16 @@
 //!
 //! Input rules: a line that is only `name:`, starts with `-`, or is indented opens a YAML block
 //! that ends at an empty line; any other line is one transform in one-line form. `exit`, `save`
-//! or end of input (Ctrl-D) end the session; the caller then writes the plan's output. Relative
-//! `execute` paths typed here resolve as in the plan (the session's `ParseScope`): against the
-//! first plan file's directory, or the working directory without one.
+//! or end of input (Ctrl-D) end the session; the caller then writes the plan's output.
+//! `save-plan PATH` writes the session so far as a plan file that replays it to the same output.
+//! What is typed here continues the plan: its relative paths resolve against the first plan
+//! file's folder, as inside the plan, or the working directory without a plan file; the path of
+//! `save-plan` is the working directory's.
+//!
+//! Piped input is a script (issue 14 item 7): a failing entry ends the session with its error,
+//! and the caller writes nothing, as a plan would; with `keep_going` (`--keep-going`) it is
+//! reported and the session goes on, as at a terminal. An entry cancelled by Ctrl-C is not a
+//! failure: the session goes on.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -100,12 +107,14 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
     let before = prefix[..start].trim_end();
     let mut out: Vec<String> = Vec::new();
     if before.is_empty() {
-        out.extend(
-            REGISTRY
-                .iter()
-                .map(|s| s.name.to_owned())
-                .filter(|n| n.starts_with(word)),
-        );
+        // A transform that takes keys is a key of the one-line form (`scale_: …`); `exit` is not.
+        out.extend(REGISTRY.iter().filter(|s| s.name.starts_with(word)).map(|s| {
+            if s.keys().is_empty() {
+                s.name.to_owned()
+            } else {
+                key(s.name)
+            }
+        }));
         return (start, finish(out));
     }
     let name = first_separator(prefix).map_or("", |i| prefix[..i].trim());
@@ -139,9 +148,9 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
             match op {
                 // An operator with keys takes them (or a bare reference), not another operator
                 // (`iszero: w` completes `wte`, not `writes`).
-                Some((_, fields)) if !fields.is_empty() => out.extend(fields.iter().map(|f| f.name.to_owned())),
+                Some((_, fields)) if !fields.is_empty() => out.extend(fields.iter().map(|f| key(f.name))),
                 // At the top and after `not`, an operator follows.
-                _ => out.extend(OPERATORS.iter().map(|(o, _)| (*o).to_owned())),
+                _ => out.extend(OPERATORS.iter().map(|(o, _)| key(o))),
             }
         } else if let Some(spec) = spec(name) {
             out.extend(
@@ -149,7 +158,7 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
                     .iter()
                     .map(|f| f.name)
                     .filter(|f| !written.contains(f))
-                    .map(str::to_owned),
+                    .map(key),
             );
         }
     }
@@ -160,6 +169,11 @@ pub fn complete(line: &str, pos: usize, names: &Names) -> (usize, Vec<String>) {
     }
     out.retain(|c| c.starts_with(word));
     (start, finish(out))
+}
+
+/// A key as completion inserts it: followed by `: `, ready for its value (issue 14 item 7).
+fn key(name: &str) -> String {
+    format!("{name}: ")
 }
 
 fn tensor_candidates(word: &str, names: &Names) -> Vec<String> {
@@ -340,14 +354,64 @@ fn print_applied(out: &mut dyn Write, applied: &Applied) {
     let _ = out.flush();
 }
 
-/// Runs the prompt until `exit`, `save` or end of input. Returns the number of blocks that
-/// failed (each was reported on stderr and left the state unchanged).
-pub fn run(session: &mut Session, out: &mut dyn Write) -> usize {
+/// An entry with its relative paths rebased on the plan's folder (`None`: left to the working
+/// directory).
+fn in_folder(mut entry: Value, folder: Option<&std::path::Path>) -> Value {
+    if let Some(folder) = folder {
+        match &mut entry {
+            Value::Array(items) => items
+                .iter_mut()
+                .for_each(|item| crate::plan::paths::rebase_transform(item, Some(folder))),
+            item => crate::plan::paths::rebase_transform(item, Some(folder)),
+        }
+    }
+    entry
+}
+
+/// What `save-plan PATH` does: writes the session's [`Session::replay_plan`] to `PATH` (the
+/// working directory's, `~` expanded) as YAML, or as JSON for a `.json` name or when YAML would
+/// not read back the same document. Returns the path written.
+pub fn save_plan(session: &Session, text: &str) -> Result<PathBuf, Error> {
+    let syntax = |message: String| -> Error {
+        PlanError::Syntax {
+            origin: ORIGIN.to_owned(),
+            message,
+        }
+        .into()
+    };
+    let path = text.trim();
+    if path.is_empty() {
+        return Err(syntax("save-plan needs a file name: save-plan PATH".to_owned()));
+    }
+    let path = crate::plan::paths::expand_home(path);
+    let doc = session.replay_plan()?;
+    let json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let yaml = (!json)
+        .then(|| serde_saphyr::to_string(&doc).ok())
+        .flatten()
+        .filter(|text| parse_yaml(text, ORIGIN).is_ok_and(|back| back == doc));
+    let text = match yaml {
+        Some(text) => format!(
+            "# brainsurgery -i session; run it with: brainsurgery {}\n{text}",
+            path.display()
+        ),
+        None => serde_json::to_string_pretty(&doc).map_err(|e| syntax(e.to_string()))? + "\n",
+    };
+    std::fs::write(&path, text).map_err(|e| crate::formats::FormatError::io(&path, e))?;
+    Ok(path)
+}
+
+/// Runs the prompt until `exit`, `save` or end of input. Returns the number of entries that
+/// failed (each was reported on stderr and left the state unchanged). From piped input without
+/// `keep_going`, the first failing entry ends the session instead, with its error.
+pub fn run(session: &mut Session, out: &mut dyn Write, keep_going: bool) -> Result<usize, Error> {
     let names = Names::of(session.state());
     let mut lines: Box<dyn Lines> = match std::io::stdin().is_terminal().then(|| terminal(names)).flatten() {
         Some(t) => Box::new(t),
         None => Box::new(Piped(std::io::stdin().lock())),
     };
+    // Only a script read from a pipe or a file stops: at a terminal a mistake is retyped.
+    let strict = !keep_going && !std::io::stdin().is_terminal();
     let mut failures = 0;
     loop {
         let first = match lines.read(PROMPT) {
@@ -365,6 +429,24 @@ pub fn run(session: &mut Session, out: &mut dyn Write) -> usize {
         lines.remember(&first);
         if command == "exit" || command == "save" {
             break;
+        }
+        if let Some(rest) = command
+            .strip_prefix("save-plan")
+            .filter(|r| r.is_empty() || r.starts_with([' ', '\t']))
+        {
+            match save_plan(session, rest) {
+                Ok(path) => {
+                    let _ = writeln!(out, "wrote plan {}", path.display());
+                    let _ = out.flush();
+                }
+                Err(e) if strict => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    let _ = out.flush();
+                    eprintln!("error: {}", error_chain(&e));
+                }
+            }
+            continue;
         }
         let block = opens_block(&first);
         let mut text = first.clone();
@@ -389,9 +471,12 @@ pub fn run(session: &mut Session, out: &mut dyn Write) -> usize {
                 }
             }
         }
-        let result = parse_entry(&text, block)
-            .map_err(Error::from)
-            .and_then(|entry| entry.map(|value| session.apply(&value)).transpose());
+        let folder = session.plan_folder();
+        let result = parse_entry(&text, block).map_err(Error::from).and_then(|entry| {
+            entry
+                .map(|value| session.apply(&in_folder(value, folder.as_deref())))
+                .transpose()
+        });
         match result {
             Ok(Some(applied)) => {
                 print_applied(out, &applied);
@@ -401,6 +486,11 @@ pub fn run(session: &mut Session, out: &mut dyn Write) -> usize {
                 }
             }
             Ok(None) => {}
+            // Ctrl-C cancels the entry it interrupts, and the session goes on (a script too).
+            Err(e) if strict && !matches!(e, Error::Cancelled) => {
+                let _ = out.flush();
+                return Err(e);
+            }
             Err(e) => {
                 failures += 1;
                 let _ = out.flush();
@@ -412,7 +502,7 @@ pub fn run(session: &mut Session, out: &mut dyn Write) -> usize {
             break;
         }
     }
-    failures
+    Ok(failures)
 }
 
 #[cfg(test)]
@@ -438,24 +528,26 @@ mod tests {
 
     #[test]
     fn completes_transform_names() {
-        assert_eq!(at_end("sca"), (0, vec!["scale".to_owned(), "scale_".to_owned()]));
+        assert_eq!(at_end("sca"), (0, vec!["scale: ".to_owned(), "scale_: ".to_owned()]));
+        // `exit` takes no keys: no `: ` after it.
         assert_eq!(at_end("  exi").1, vec!["exit".to_owned()]);
-        assert!(at_end("").1.contains(&"copy".to_owned()));
+        assert!(at_end("").1.contains(&"copy: ".to_owned()));
     }
 
     #[test]
     fn completes_payload_keys() {
-        assert_eq!(at_end("copy: "), (6, vec!["from".to_owned(), "to".to_owned()]));
-        assert_eq!(at_end("copy: from: a, t"), (15, vec!["to".to_owned()]));
-        assert_eq!(at_end("scale_: {target: x, "), (20, vec!["by".to_owned()]));
+        // Issue 14 item 7: a key completes with `: ` after it.
+        assert_eq!(at_end("copy: "), (6, vec!["from: ".to_owned(), "to: ".to_owned()]));
+        assert_eq!(at_end("copy: from: a, t"), (15, vec!["to: ".to_owned()]));
+        assert_eq!(at_end("scale_: {target: x, "), (20, vec!["by: ".to_owned()]));
         let (_, ops) = at_end("assert: ");
         assert!(
-            ops.contains(&"equal".to_owned()) && ops.contains(&"iszero".to_owned()),
+            ops.contains(&"equal: ".to_owned()) && ops.contains(&"iszero: ".to_owned()),
             "{ops:?}"
         );
         assert!(!ops.contains(&"wte".to_owned()), "{ops:?}");
         let (_, keys) = at_end("assert: equal: {l");
-        assert_eq!(keys, vec!["left".to_owned()]);
+        assert_eq!(keys, vec!["left: ".to_owned()]);
     }
 
     #[test]

@@ -364,25 +364,32 @@ def _bf16_tensor(path: Path, name: str) -> np.ndarray:
 
 
 def test_readme_demo(tmp_path: Path) -> None:
+    """The README's command, `brainsurgery examples/demo.yaml` from the repository's root, in a
+    copy of its layout: the plan's paths are relative to examples/ (issue 14 item 3)."""
+    examples = tmp_path / "examples"
     made = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "make_tiny_gpt2.py"), str(tmp_path / "tiny-gpt2")],
+        [sys.executable, str(ROOT / "examples" / "make_tiny_gpt2.py"), str(examples / "tiny-gpt2")],
         capture_output=True,
         text=True,
     )
     assert made.returncode == 0, made.stderr
     demo = (ROOT / "examples" / "demo.yaml").read_text()
-    assert "examples/tiny-gpt2" in demo and "out/tiny-gpt2-bf16" in demo
-    plan = demo.replace("examples/tiny-gpt2", str(tmp_path / "tiny-gpt2")).replace("out/tiny-gpt2-bf16", str(tmp_path / "out"))
-    (tmp_path / "demo.yaml").write_text(plan)
-    source = tmp_path / "tiny-gpt2" / "model.safetensors"
+    assert "gpt2::tiny-gpt2" in demo and "path: ../out/tiny-gpt2-bf16" in demo
+    shutil.copy(ROOT / "examples" / "demo.yaml", examples / "demo.yaml")
+    source = examples / "tiny-gpt2" / "model.safetensors"
     before = sha256(source)
-    proc = ok(cli(["demo.yaml"], cwd=tmp_path))
-    assert "wrote" in proc.stdout
+    # `cd examples && brainsurgery demo.yaml` writes the same files (issue 14 item 3).
+    ok(cli(["demo.yaml"], cwd=examples))
+    from_examples = {p: sha256(tmp_path / "out" / "tiny-gpt2-bf16" / p) for p in listing(tmp_path / "out" / "tiny-gpt2-bf16")}
+    shutil.rmtree(tmp_path / "out")
+    proc = ok(cli(["examples/demo.yaml"], cwd=tmp_path))
+    assert "wrote" in proc.stdout and "out/tiny-gpt2-bf16" in proc.stdout
+    assert {p: sha256(tmp_path / "out" / "tiny-gpt2-bf16" / p) for p in listing(tmp_path / "out" / "tiny-gpt2-bf16")} == from_examples
     assert sha256(source) == before
 
     # Every assertion of the plan passed (exit 0). Check the result independently.
     original = load_file(str(source))
-    out_dir = tmp_path / "out"
+    out_dir = tmp_path / "out" / "tiny-gpt2-bf16"
     assert "config.json" in listing(out_dir)  # sidecar copied
     (out_file,) = [out_dir / p for p in listing(out_dir) if p.endswith(".safetensors")]
     header = header_dict(out_file)
@@ -404,7 +411,7 @@ def test_readme_demo(tmp_path: Path) -> None:
 
 def test_demo_check_does_not_write(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_gpt2.py"), str(tmp_path / "g")], check=True, capture_output=True)
-    plan = (ROOT / "examples" / "demo.yaml").read_text().replace("examples/tiny-gpt2", "g").replace("out/tiny-gpt2-bf16", "o")
+    plan = (ROOT / "examples" / "demo.yaml").read_text().replace("gpt2::tiny-gpt2", "gpt2::g").replace("../out/tiny-gpt2-bf16", "o")
     (tmp_path / "demo.yaml").write_text(plan)
     proc = ok(cli(["check", "demo.yaml"], cwd=tmp_path))
     assert "plan is valid" in proc.stdout

@@ -162,7 +162,8 @@ def test_session_keeps_state_before_failing_block(ws: Path) -> None:
             "scale_: target: c, by: 100",  # after save: never read
         ]
     )
-    proc = session(ws, script + "\n", "-o", "o.safetensors", "m.safetensors")
+    # `--keep-going`: piped input otherwise ends at the first failing entry (issue 14 item 7).
+    proc = session(ws, script + "\n", "--keep-going", "-o", "o.safetensors", "m.safetensors")
     ok(proc)
     err = proc.stderr
     assert err.count("error: ") == 3, err
@@ -184,7 +185,7 @@ def test_session_after_plan_and_end_of_input(ws: Path) -> None:
         {"inputs": ["m.safetensors"], "transforms": [{"delete": {"target": "ids"}}], "output": "o.safetensors"},
     )
     # The plan's transform ran before the prompt: `ids` is gone, so this entry fails.
-    proc = session(ws, "copy: from: ids, to: x\ncopy: from: h.1.w, to: x\n", "p.yaml")
+    proc = session(ws, "copy: from: ids, to: x\ncopy: from: h.1.w, to: x\n", "--keep-going", "p.yaml")
     ok(proc)
     assert proc.stderr.count("error: ") == 1 and "transforms[1]" in proc.stderr, proc.stderr
     got = load_file(str(ws / "o.safetensors"))

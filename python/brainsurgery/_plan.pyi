@@ -377,7 +377,7 @@ class Plan(PlanBase):
         Keys:
             transforms: list of transforms, optional. a list of transforms, run in place
             plan: plan, optional. a plan mapping (inputs, transforms, output)
-            path: string, optional. a plan file (relative to the including plan file's directory)
+            path: string, optional. a plan file (relative to the including plan file's folder)
         """
 
     def set(self, dry_run: bool | None = False, *, preview: bool | None = False, verbose: bool | None = False) -> Self:

@@ -447,24 +447,13 @@ fn plan_document<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let sources = to_sources(plan)?;
     let overrides = overrides_of(overrides)?;
-    // Files are read with the GIL released, as `run` reads them.
-    // Relative `execute` paths resolve against the first plan file's folder when it runs from
-    // the file; made absolute, the document runs the same from data (`Plan.from_yaml(path)`).
-    let files: Vec<std::path::PathBuf> = sources
-        .iter()
-        .filter_map(|s| match s {
-            PlanSource::File(path) => Some(path.clone()),
-            _ => None,
-        })
-        .collect();
+    // Files are read with the GIL released, as `run` reads them. A plan file's paths are rebased
+    // on its folder; made absolute, the document runs the same from data (`Plan.from_yaml(path)`)
+    // from any folder.
+    let from_file = sources.iter().any(|s| matches!(s, PlanSource::File(_)));
     let mut doc = detached(py, move |_| crate::plan::assemble(&sources, &overrides))?.map_err(errors::plan_error)?;
-    let base = crate::transforms::ParseScope::of_plan(&files)
-        .base_dir()
-        .map(|p| p.to_path_buf());
-    if let (Some(base), Some(Value::Array(items))) = (base, doc.get_mut("transforms")) {
-        for item in items {
-            crate::executor::session::absolute_paths(item, Some(&base), true);
-        }
+    if from_file {
+        crate::plan::paths::rebase_document(&mut doc, crate::plan::paths::working_directory().as_deref());
     }
     from_value(py, &doc)
 }
@@ -1187,5 +1176,22 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<session::PySession>()?;
     module.add_class::<session::PyTensors>()?;
     errors::register(module)?;
+    crate::formats::hub::set_fetcher(Box::new(hub_download));
     Ok(())
+}
+
+/// The engine's fetcher for `hf://` models not in the cache: `brainsurgery._hub.download`
+/// (`huggingface_hub.snapshot_download` of the weight and config files when it is installed).
+fn hub_download(repo: &str, revision: &str) -> Result<Option<std::path::PathBuf>, String> {
+    Python::attach(|py| -> PyResult<Option<std::path::PathBuf>> {
+        let patterns = crate::formats::hub::DOWNLOAD_PATTERNS.to_vec();
+        let folder = py
+            .import("brainsurgery._hub")?
+            .call_method1("download", (repo, revision, patterns))?;
+        if folder.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(std::path::PathBuf::from(folder.extract::<String>()?)))
+    })
+    .map_err(|e| e.to_string())
 }

@@ -4,7 +4,6 @@
 //! replaces the state, so a failing block leaves the session exactly as it was before it.
 //! Reading lines, completion and printing are the prompt's business.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,7 +12,7 @@ use serde_json::Value;
 use super::{step_error, Prepared, Report, RunOptions};
 use crate::error::Error;
 use crate::memory::{Memory, MemoryOptions};
-use crate::plan::{plan_sha256, Location, PlanError, RawTransform};
+use crate::plan::{paths, plan_sha256, Location, PlanError, RawTransform};
 use crate::state::State;
 use crate::transforms::{run_steps, sha256_with_nested, Context, Flow, ParseScope, Step};
 use crate::value::{ReadContext, Tensor};
@@ -44,8 +43,7 @@ pub struct Session {
     prepared: Prepared,
     state: State,
     cancel: Arc<AtomicBool>,
-    /// Where relative paths typed at the prompt resolve: the plan's directory, or the working
-    /// directory without a plan file.
+    /// The plan's files, for finding `execute` cycles in what is typed at the prompt.
     scope: ParseScope,
     /// Index the next transform gets in messages (`transforms[i]`), after the plan's.
     next: usize,
@@ -170,10 +168,11 @@ impl Session {
         );
         let mut document = self.document.clone();
         if let Some(Value::Array(transforms)) = document.get_mut("transforms") {
-            let base = self.scope.base_dir().map(Path::to_path_buf);
+            // Typed at the prompt or handed in from Python: relative to the working directory.
+            let base = paths::working_directory();
             transforms.extend(items.iter().map(|item| {
                 let mut item = (*item).clone();
-                absolute_paths(&mut item, base.as_deref(), false);
+                paths::rebase_transform(&mut item, base.as_deref());
                 item
             }));
         }
@@ -229,6 +228,32 @@ impl Session {
         }
     }
 
+    /// The folder of the plan's first file, if it came from files: what is typed at the `-i`
+    /// prompt continues that plan, so its relative paths resolve there (issue 8).
+    pub fn plan_folder(&self) -> Option<std::path::PathBuf> {
+        self.prepared.plan.files.first().and_then(|f| paths::plan_folder(f))
+    }
+
+    /// The plan that replays the session to the same output (issue 14 item 7, `save-plan`): its
+    /// [`Self::document`] with the plan's output (absolute path) added.
+    pub fn replay_plan(&self) -> Result<Value, Error> {
+        let mut doc = self.document()?.clone();
+        if let (Some(output), Value::Object(map)) = (&self.prepared.plan.output, &mut doc) {
+            map.insert("output".to_owned(), output_document(output));
+        }
+        Ok(doc)
+    }
+
+    /// The plan hash an output written now records: the hash of [`Self::replay_plan`] once
+    /// entries were applied (so replaying the saved plan writes the same bytes), else the plan's.
+    fn output_sha256(&self) -> String {
+        let extended = self.next > self.prepared.plan.transforms.len();
+        match self.replay_plan() {
+            Ok(doc) if extended => document_sha256(&doc, &self.nested),
+            _ => self.prepared.plan.sha256.clone(),
+        }
+    }
+
     /// Puts a tensor handed in from the host under `alias::name` (the alias is created if
     /// needed), replacing any tensor of that name in its place.
     pub fn set(&mut self, alias: &str, name: &str, tensor: Tensor) {
@@ -249,7 +274,8 @@ impl Session {
 
     /// Ends the session: writes the plan's output (if it has one) from the current state and
     /// returns the report, as a run would.
-    pub fn finish(self, options: &RunOptions) -> Result<Report, Error> {
+    pub fn finish(mut self, options: &RunOptions) -> Result<Report, Error> {
+        self.prepared.plan.sha256 = self.output_sha256();
         let prepared = &self.prepared;
         let mut ctx = self.context(false);
         ctx.factorizations = self.factorizations.clone();
@@ -275,23 +301,20 @@ impl Session {
     }
 }
 
-/// The document of a prepared plan without its output: its inputs with absolute paths and its
-/// transforms as written.
+/// The document of a prepared plan without its output: its inputs and transforms as written,
+/// with their paths made absolute (`plan::paths`; a plan file's were rebased on its folder when it
+/// was read), so the exported plan replays from any folder.
 fn document_of(prepared: &Prepared) -> Value {
+    let base = paths::working_directory();
     let inputs = prepared
         .plan
         .inputs
         .iter()
         .map(|input| {
-            // Absolute, so the exported plan replays from any folder (a path that cannot be made
-            // absolute stays as it was given).
-            let path = std::path::absolute(&input.path).unwrap_or_else(|_| input.path.clone());
-            Value::String(format!("{}::{}", input.alias, path.display()))
+            let path = paths::resolve(&input.path.display().to_string(), base.as_deref());
+            Value::String(format!("{}::{path}", input.alias))
         })
         .collect();
-    let base = ParseScope::of_plan(&prepared.plan.files)
-        .base_dir()
-        .map(Path::to_path_buf);
     let transforms = prepared
         .plan
         .transforms
@@ -301,104 +324,40 @@ fn document_of(prepared: &Prepared) -> Value {
                 Value::Null => Value::String(raw.name.clone()),
                 payload => serde_json::json!({ raw.name.clone(): payload }),
             };
-            absolute_paths(&mut item, base.as_deref(), false);
+            paths::rebase_transform(&mut item, base.as_deref());
             item
         })
         .collect();
     serde_json::json!({ "inputs": Value::Array(inputs), "transforms": Value::Array(transforms) })
 }
 
-/// Makes the relative paths of a transform absolute as they resolved when it ran, so the
-/// session's plan replays from any folder: the locations of [`crate::plan::LOCATION_KEYS`]
-/// (`load`, `save`, `extract_lora`, `merge_lora`) against the working directory, `execute` plan
-/// files against `execute_base` (the plan's folder, else the working directory); nested
-/// transforms (`execute: {transforms}`, or `{plan}` with its inputs and output) likewise. With
-/// `execute_only`, only `execute` plan files: those resolve differently in a plan file (against
-/// its folder) and in a plan given as data (against the working directory).
-pub fn absolute_paths(item: &mut Value, execute_base: Option<&Path>, execute_only: bool) {
-    let Value::Object(map) = item else {
-        return;
+/// An output section as a plan writes it, every key explicit and the path absolute.
+fn output_document(output: &crate::plan::OutputSpec) -> Value {
+    let path = paths::resolve(
+        &output.path.display().to_string(),
+        paths::working_directory().as_deref(),
+    );
+    let mut map = serde_json::Map::new();
+    map.insert("path".to_owned(), Value::String(path));
+    let format = if output.npy {
+        "npy".to_owned()
+    } else {
+        output.format.name().to_ascii_lowercase()
     };
-    for (name, payload) in map.iter_mut() {
-        let Value::Object(payload) = payload else {
-            continue;
-        };
-        let key = crate::plan::location_key(name);
-        if let Some(Value::String(path)) = key.and_then(|k| payload.get_mut(k)) {
-            let resolved = match (name.as_str(), execute_base) {
-                _ if Path::new(path.as_str()).is_absolute() => None,
-                ("execute", Some(base)) => Some(base.join(path.as_str())),
-                ("execute", None) => std::path::absolute(path.as_str()).ok(),
-                _ if !execute_only => std::path::absolute(path.as_str()).ok(),
-                _ => None,
-            };
-            if let Some(resolved) = resolved {
-                *path = resolved.display().to_string();
-            }
-        }
-        if name != "execute" {
-            continue;
-        }
-        let nested = match payload.get_mut("plan") {
-            Some(Value::Object(plan)) => {
-                if !execute_only {
-                    absolute_plan_locations(plan);
-                }
-                plan.get_mut("transforms")
-            }
-            _ => payload.get_mut("transforms"),
-        };
-        if let Some(Value::Array(items)) = nested {
-            items
-                .iter_mut()
-                .for_each(|item| absolute_paths(item, execute_base, execute_only));
-        }
+    map.insert("format".to_owned(), Value::String(format));
+    map.insert(
+        "shard".to_owned(),
+        match output.shard {
+            Some(bytes) => Value::String(bytes.to_string()),
+            None => Value::String("none".to_owned()),
+        },
+    );
+    if let Some(alias) = &output.alias {
+        map.insert("alias".to_owned(), Value::String(alias.clone()));
     }
-}
-
-/// The inputs and output of a nested plan (`execute: {plan}`) made absolute against the working
-/// directory, where they resolve.
-fn absolute_plan_locations(plan: &mut serde_json::Map<String, Value>) {
-    fn absolute(path: &mut String) {
-        if Path::new(path.as_str()).is_relative() {
-            if let Ok(resolved) = std::path::absolute(path.as_str()) {
-                *path = resolved.display().to_string();
-            }
-        }
-    }
-    fn input(text: &mut String) {
-        match text.split_once("::") {
-            Some((alias, path)) => {
-                let mut path = path.to_owned();
-                absolute(&mut path);
-                *text = format!("{alias}::{path}");
-            }
-            None => absolute(text),
-        }
-    }
-    match plan.get_mut("inputs") {
-        Some(Value::String(text)) => input(text),
-        Some(Value::Array(items)) => items.iter_mut().for_each(|item| {
-            if let Value::String(text) = item {
-                input(text);
-            }
-        }),
-        Some(Value::Object(map)) => map.values_mut().for_each(|v| {
-            if let Value::String(path) = v {
-                absolute(path);
-            }
-        }),
-        _ => {}
-    }
-    match plan.get_mut("output") {
-        Some(Value::String(path)) => absolute(path),
-        Some(Value::Object(output)) => {
-            if let Some(Value::String(path)) = output.get_mut("path") {
-                absolute(path);
-            }
-        }
-        _ => {}
-    }
+    map.insert("sidecars".to_owned(), Value::Bool(output.sidecars));
+    map.insert("overwrite".to_owned(), Value::Bool(output.overwrite));
+    Value::Object(map)
 }
 
 /// The plan hash of a session document, as [`super::Prepared::new`] computes it for the same
@@ -492,7 +451,9 @@ mod tests {
     /// Issue 8: a relative `execute` path typed at the prompt resolves against the plan file's
     /// directory, not the working directory.
     #[test]
-    fn relative_execute_paths_resolve_against_the_plan_directory() {
+    /// Issue 14 item 3: what is typed at the prompt resolves against the working directory, as
+    /// the command line does (a plan file's paths resolve against its folder).
+    fn prompt_paths_resolve_against_the_working_directory() {
         let dir = tempfile::tempdir().unwrap();
         let values: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let input = dir.path().join("in.safetensors");
@@ -508,7 +469,13 @@ mod tests {
         let mut s = Session::start(prepared, Arc::new(AtomicBool::new(false)), &MemoryOptions::default())
             .unwrap()
             .0;
-        s.apply(&json!({"execute": {"path": "inner.yaml"}})).unwrap();
+        let err = s
+            .apply(&json!({"execute": {"path": "inner.yaml"}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plan file `inner.yaml` does not exist"), "{err}");
+        let inner = plans.join("inner.yaml").display().to_string();
+        s.apply(&json!({"execute": {"path": inner}})).unwrap();
         assert!(s.state().get("model", "w2").is_some());
     }
 }

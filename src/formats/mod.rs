@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod dcp;
+pub mod hub;
 pub mod mapped;
 pub mod numpy;
 pub mod output;
@@ -101,6 +102,15 @@ pub enum FormatError {
         /// The checkpoint file.
         path: PathBuf,
         /// What is wrong with it, naming the entry or tensor.
+        reason: String,
+    },
+    /// An `hf://org/name[@revision]` input is malformed, not in the local Hugging Face cache and
+    /// could not be downloaded; `reason` says what to run.
+    #[error("cannot open {id}: {reason}")]
+    Hub {
+        /// The id as written (`hf://org/name@revision`).
+        id: String,
+        /// Why, and what to run.
         reason: String,
     },
     /// A PyTorch Distributed Checkpoint directory is malformed or uses something not supported.
@@ -829,6 +839,9 @@ pub fn open_checkpoint(path: &Path) -> Result<Checkpoint, FormatError> {
 /// [`open_checkpoint`] of a file read as `format` when given, whatever its name says (a
 /// directory is still recognised by its contents).
 pub fn open_checkpoint_as(path: &Path, format: Option<Format>) -> Result<Checkpoint, FormatError> {
+    if let Some(id) = path.to_str().filter(|t| hub::is_remote(t)) {
+        return open_checkpoint_as(&hub::resolve(id)?, format);
+    }
     let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
     if meta.is_dir() {
         return open_directory(path);

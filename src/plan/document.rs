@@ -361,7 +361,8 @@ pub fn apply_override(doc: &mut Value, assignment: &str) -> Result<(), PlanError
     Ok(())
 }
 
-/// Loads, merges and overrides a plan. An empty list of sources gives an empty plan.
+/// Loads, merges and overrides a plan. An empty list of sources gives an empty plan. The
+/// relative paths of a plan file are rebased on its folder ([`super::paths`]).
 pub fn assemble(sources: &[PlanSource], overrides: &[String]) -> Result<Value, PlanError> {
     let mut doc = Value::Object(Map::new());
     for source in sources {
@@ -370,7 +371,7 @@ pub fn assemble(sources: &[PlanSource], overrides: &[String]) -> Result<Value, P
             PlanSource::File(p) => p.display().to_string(),
             _ => "<string>".to_owned(),
         };
-        let value = match value {
+        let mut value = match value {
             Value::Null => Value::Object(Map::new()),
             Value::Object(map) if matches!(source, PlanSource::File(_)) && !looks_like_plan(&map) => {
                 return Err(PlanError::NotAPlan {
@@ -386,6 +387,11 @@ pub fn assemble(sources: &[PlanSource], overrides: &[String]) -> Result<Value, P
                 });
             }
         };
+        // A plan file's paths resolve against its folder (issue 14 item 3); what is merged on top
+        // (other sources, the command line, overrides) keeps its own.
+        if let PlanSource::File(path) = source {
+            super::paths::rebase_document(&mut value, super::paths::plan_folder(path).as_deref());
+        }
         merge(&mut doc, value);
     }
     for assignment in overrides {

@@ -8,6 +8,7 @@ pub mod host;
 pub mod location;
 pub mod mergekit;
 pub mod oneline;
+pub mod paths;
 pub mod payload;
 
 use std::path::PathBuf;
@@ -122,6 +123,11 @@ pub(crate) fn valid_alias(alias: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
 }
 
+/// An input's path as it is opened: `~` expanded, an `hf://` id kept as written.
+fn input_path(text: &str) -> PathBuf {
+    PathBuf::from(paths::resolve(text, None))
+}
+
 fn parse_input(text: &str, location: &Location, single: bool) -> Result<InputSpec, PlanError> {
     match text.split_once("::") {
         Some((alias, path)) => {
@@ -136,12 +142,12 @@ fn parse_input(text: &str, location: &Location, single: bool) -> Result<InputSpe
             }
             Ok(InputSpec {
                 alias: alias.to_owned(),
-                path: PathBuf::from(path),
+                path: input_path(path),
             })
         }
         None if single => Ok(InputSpec {
             alias: DEFAULT_ALIAS.to_owned(),
-            path: PathBuf::from(text),
+            path: input_path(text),
         }),
         None => Err(PlanError::invalid(
             location,
@@ -183,7 +189,7 @@ fn parse_inputs(value: Option<&Value>, location: Location) -> Result<Vec<InputSp
                 }
                 Ok(InputSpec {
                     alias: alias.clone(),
-                    path: PathBuf::from(path),
+                    path: input_path(path),
                 })
             })
             .collect::<Result<_, _>>()?,
@@ -226,8 +232,11 @@ fn parse_transforms(value: Option<&Value>, location: Location) -> Result<Vec<Raw
 impl RawTransform {
     /// One entry of a transform list: a bare name (`exit`) or a one-key mapping. `at` is where
     /// it sits (`transforms[i]`); the prompt and `-e` number their transforms after the plan's.
+    /// `~` in its locations is the home directory ([`paths`]).
     pub fn from_value(item: &Value, at: Location) -> Result<RawTransform, PlanError> {
-        match item {
+        let mut item = item.clone();
+        paths::rebase_transform(&mut item, None);
+        match &item {
             Value::String(name) => Ok(RawTransform {
                 name: name.clone(),
                 payload: Value::Null,
@@ -298,7 +307,7 @@ pub(crate) fn parse_output(value: Option<&Value>, location: Location) -> Result<
     if path.is_empty() {
         return Err(PlanError::invalid(&location.key("path"), "empty output path"));
     }
-    let path = PathBuf::from(path);
+    let path = PathBuf::from(paths::resolve(&path, None));
     let by_extension = format_of(&path);
     let format = match map.get("format") {
         None | Some(Value::Null) => by_extension.unwrap_or((Format::Safetensors, false)),

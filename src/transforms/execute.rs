@@ -4,10 +4,11 @@
 //! their errors (and `execute` cycles between files) appear before any data is read; their
 //! locations name the place in the including plan (`transforms[3].execute.transforms[1]`).
 //!
-//! A relative `path` resolves against the directory of the plan file that contains it (for the
-//! top-level plan and the `-i` prompt, the first plan file given), else the working directory.
-//! Which files are being parsed is the [`ParseScope`] every parser is handed: the executor makes
-//! it from the plan's files and a nested file's transforms parse in a scope that adds it.
+//! A relative `path` resolves against the directory of the plan file that contains it, else (the
+//! command line, Python, the `-i` prompt) the working directory: `plan::paths` rebases a plan
+//! file's paths when it is read. Which files are being parsed is the [`ParseScope`] every parser
+//! is handed, for finding cycles: the executor makes it from the plan's files and a nested
+//! file's transforms parse in a scope that adds it.
 
 use std::path::{Path, PathBuf};
 
@@ -36,7 +37,7 @@ const FIELDS: &[Field] = &[
         "path",
         FieldKind::Text,
         None,
-        "a plan file (relative to the including plan file's directory)",
+        "a plan file (relative to the including plan file's folder)",
     ),
 ];
 
@@ -108,8 +109,6 @@ struct PlanFile {
     canonical: PathBuf,
     /// The path as resolved (for reading and messages).
     resolved: PathBuf,
-    /// Its directory, for resolving relative `execute` paths inside it.
-    dir: PathBuf,
     /// The path as the plan wrote it, for the cycle message.
     shown: String,
 }
@@ -117,50 +116,38 @@ struct PlanFile {
 impl PlanFile {
     fn new(path: &Path) -> PlanFile {
         let canonical = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-        let dir = canonical.parent().map(Path::to_path_buf).unwrap_or_default();
         PlanFile {
             canonical,
             resolved: path.to_path_buf(),
-            dir,
             shown: path.display().to_string(),
         }
     }
 }
 
-/// The plan files whose transforms are being parsed, outermost first: relative `execute` paths
-/// resolve against the innermost one's directory, and a file reached again is a cycle. A plan
-/// without files (a Python dict, `-e`, `-i` alone) resolves against the working directory.
+/// The plan files whose transforms are being parsed, outermost first: a file reached again is a
+/// cycle.
 #[derive(Debug, Clone, Default)]
 pub struct ParseScope {
     files: Vec<PlanFile>,
 }
 
 impl ParseScope {
-    /// No plan file: relative paths resolve against the working directory.
+    /// No plan file.
     pub const NONE: ParseScope = ParseScope { files: Vec::new() };
 
-    /// The scope of a plan assembled from `files`: relative paths resolve against the first
-    /// one's directory, and a cycle through any of them is found.
+    /// The scope of a plan assembled from `files`: a cycle through any of them is found.
     pub fn of_plan(files: &[PathBuf]) -> ParseScope {
-        // The first file ends innermost, so its directory is the base.
         ParseScope {
             files: files.iter().rev().map(|p| PlanFile::new(p)).collect(),
         }
     }
 
-    /// The directory relative `execute` paths resolve against; `None` is the working directory.
-    pub fn base_dir(&self) -> Option<&Path> {
-        self.files.last().map(|f| f.dir.as_path())
-    }
-
-    /// The scope for parsing the plan file `text` names (resolved against [`Self::base_dir`]),
-    /// refusing a missing file and a cycle.
+    /// The scope for parsing the plan file `text` names, refusing a missing file and a cycle.
     fn enter(&self, text: &str, location: &Location) -> Result<ParseScope, PlanError> {
-        let given = Path::new(text);
-        let resolved = match self.base_dir() {
-            Some(dir) if given.is_relative() => dir.join(given),
-            _ => given.to_path_buf(),
-        };
+        // A plan file's paths were rebased on its folder when it was read (`plan::paths`); a
+        // relative path here came from the command line, Python or the prompt: the working
+        // directory's.
+        let resolved = PathBuf::from(crate::plan::paths::resolve(text, None));
         match std::fs::metadata(&resolved) {
             Err(_) => {
                 return Err(PlanError::invalid(
@@ -321,26 +308,28 @@ mod tests {
         std::fs::write(&a, "transforms:\n  - execute: {path: b.yaml}\n").unwrap();
         std::fs::write(dir.path().join("b.yaml"), "transforms:\n  - execute: {path: a.yaml}\n").unwrap();
         let scope = ParseScope::of_plan(std::slice::from_ref(&a));
-        let err = parse_in(serde_json::json!({"path": "b.yaml"}), &scope).unwrap_err();
+        let b = dir.path().join("b.yaml").display().to_string();
+        let err = parse_in(serde_json::json!({ "path": b }), &scope).unwrap_err();
         let text = err.to_string();
-        assert!(
-            text.contains("execute cycle: ") && text.ends_with("a.yaml → b.yaml → a.yaml"),
-            "{text}"
-        );
+        // `a.yaml` inside b.yaml was rebased on b.yaml's folder.
+        let a = a.display();
+        assert!(text.ends_with(&format!("execute cycle: {a} → {b} → {a}")), "{text}");
     }
 
+    /// Issue 14 item 3: a plan file's `execute` path resolves against its folder (rebased when
+    /// the file is read), one given as data against the working directory.
     #[test]
-    fn relative_paths_resolve_against_the_scope_base_dir() {
+    fn relative_paths_resolve_against_the_plan_files_folder() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         let plan = dir.path().join("sub").join("plan.yaml");
-        std::fs::write(&plan, "transforms: []\n").unwrap();
+        std::fs::write(&plan, "transforms:\n  - execute: {path: b.yaml}\n").unwrap();
         std::fs::write(dir.path().join("sub").join("b.yaml"), "transforms:\n  - exit\n").unwrap();
-        let scope = ParseScope::of_plan(std::slice::from_ref(&plan));
-        assert_eq!(scope.base_dir(), Some(plan.canonicalize().unwrap().parent().unwrap()));
-        parse_in(serde_json::json!({"path": "b.yaml"}), &scope).unwrap();
-        // Without a plan file the working directory is the base, where `b.yaml` is not.
-        assert_eq!(ParseScope::default().base_dir(), None);
+        let loaded = Plan::load(&[PlanSource::File(plan.clone())], &[]).unwrap();
+        let scope = ParseScope::of_plan(&loaded.files);
+        let raw = &loaded.transforms[0];
+        super::super::parse(raw, &scope).unwrap();
+        // Given as data, the working directory is the base, where `b.yaml` is not.
         let err = parse(serde_json::json!({"path": "b.yaml"})).unwrap_err();
         assert!(err.to_string().contains("plan file `b.yaml` does not exist"), "{err}");
     }

@@ -455,8 +455,7 @@ pub struct ParseContext<'a> {
     pub location: Location,
     /// The transform being parsed: its name, form and key table.
     pub spec: &'static TransformSpec,
-    /// The plan files being parsed; relative `execute` paths resolve against
-    /// [`ParseScope::base_dir`].
+    /// The plan files being parsed (for `execute` cycles).
     pub scope: &'a ParseScope,
 }
 
