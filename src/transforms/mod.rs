@@ -38,6 +38,8 @@ pub mod lora;
 pub mod lowrank;
 // Model merging (issue 13).
 pub mod merge;
+// MoE upcycling (issue 13).
+pub mod upcycle;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -604,6 +606,8 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &lora::MERGE_LORA,
     // Model merging.
     &merge::MERGE,
+    // MoE upcycling.
+    &upcycle::UPCYCLE_MOE,
 ];
 
 /// Looks a transform up by name.
