@@ -234,7 +234,10 @@ pub fn upcycled_config(
     }
     if let Some(Json::String(t)) = dense.get("model_type") {
         if MOE_TYPES.contains(&t.as_str()) {
-            return Err(config_error("model_type", format!("`{t}` is already a mixture of experts")));
+            return Err(config_error(
+                "model_type",
+                format!("`{t}` is already a mixture of experts"),
+            ));
         }
     }
     if dense.get("mlp_bias") == Some(&Json::Bool(true)) {
@@ -251,7 +254,12 @@ pub fn upcycled_config(
                 format!("expected a whole number, got `{}`", compact(other)),
             ))
         }
-        None => return Err(config_error("intermediate_size", "missing: the experts' size comes from it")),
+        None => {
+            return Err(config_error(
+                "intermediate_size",
+                "missing: the experts' size comes from it",
+            ))
+        }
     };
     let mut out = dense.clone();
     out.insert("architectures".into(), json!([layout.architecture()]));
@@ -352,7 +360,12 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
         }
     };
     let experts = match (whole(&p, "experts")?, &experts_from) {
-        (Some(0), _) => return Err(PlanError::invalid(&p.at("experts"), "at least one expert is needed, got 0")),
+        (Some(0), _) => {
+            return Err(PlanError::invalid(
+                &p.at("experts"),
+                "at least one expert is needed, got 0",
+            ))
+        }
         (Some(n), Some(from)) if n != from.len() => {
             return Err(PlanError::invalid(
                 &p.at("experts"),
@@ -361,10 +374,12 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
         }
         (Some(n), _) => n,
         (None, Some(from)) => from.len(),
-        (None, None) => return Err(PlanError::MissingKey {
-            location: p.location().clone(),
-            key: "experts".into(),
-        }),
+        (None, None) => {
+            return Err(PlanError::MissingKey {
+                location: p.location().clone(),
+                key: "experts".into(),
+            })
+        }
     };
     let experts_per_token = whole(&p, "experts_per_token")?.unwrap_or(experts.min(2));
     if experts_per_token == 0 || experts_per_token > experts {
@@ -388,16 +403,29 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
     let router_std = match p.number("router_std")? {
         None => 0.02,
         Some(s) if s.is_finite() && s >= 0.0 => s,
-        Some(s) => return Err(PlanError::invalid(&p.at("router_std"), format!("expected a number ≥ 0, got {s}"))),
+        Some(s) => {
+            return Err(PlanError::invalid(
+                &p.at("router_std"),
+                format!("expected a number ≥ 0, got {s}"),
+            ))
+        }
     };
     let router = parse_router(p.get("router"), experts, router_std, &p.at("router"))?;
     if p.get("router_std").is_some() && router != Router::Random(router_std) {
-        return Err(PlanError::invalid(&p.at("router_std"), "only a random router takes router_std"));
+        return Err(PlanError::invalid(
+            &p.at("router_std"),
+            "only a random router takes router_std",
+        ));
     }
     let noise = match p.number("noise")? {
         None => 0.0,
         Some(n) if n.is_finite() && n >= 0.0 => n,
-        Some(n) => return Err(PlanError::invalid(&p.at("noise"), format!("expected a number ≥ 0, got {n}"))),
+        Some(n) => {
+            return Err(PlanError::invalid(
+                &p.at("noise"),
+                format!("expected a number ≥ 0, got {n}"),
+            ))
+        }
     };
     let seed = match p.get("seed") {
         None => 0,
@@ -495,7 +523,10 @@ fn parse_router(value: Option<&Json>, experts: usize, std: f64, at: &Location) -
         }
         "alias" => match v {
             Json::String(a) => Ok(Router::Alias(a.clone())),
-            other => Err(PlanError::invalid(&at, format!("expected an alias, got `{}`", compact(other)))),
+            other => Err(PlanError::invalid(
+                &at,
+                format!("expected an alias, got `{}`", compact(other)),
+            )),
         },
         _ => Err(PlanError::invalid(&at, format!("unknown router `{key}`; {expected}"))),
     }
@@ -505,7 +536,10 @@ fn parse_mlp(value: &Json, at: &Location) -> Result<MlpPatterns, PlanError> {
     let Json::Object(map) = value else {
         return Err(PlanError::invalid(
             at,
-            format!("expected {{gate: REGEX, up: REGEX, down: REGEX}}, got `{}`", compact(value)),
+            format!(
+                "expected {{gate: REGEX, up: REGEX, down: REGEX}}, got `{}`",
+                compact(value)
+            ),
         ));
     };
     for key in map.keys() {
@@ -529,7 +563,11 @@ fn parse_mlp(value: &Json, at: &Location) -> Result<MlpPatterns, PlanError> {
             location: at.key(key),
             source,
         })?;
-        if crate::references::Selector::Regex(selector.clone()).capture_info().groups == 0 {
+        if crate::references::Selector::Regex(selector.clone())
+            .capture_info()
+            .groups
+            == 0
+        {
             return Err(PlanError::invalid(
                 &at.key(key),
                 format!("`{text}` must capture the layer index (a group `(?P<layer>\\d+)` or group 1)"),
@@ -606,7 +644,11 @@ fn captured_layer(selector: &RegexSelector, name: &str) -> Option<(usize, String
     Some((layer, name[..end].to_owned()))
 }
 
-fn explicit_mlps(patterns: &MlpPatterns, names: &[&str], at: &Location) -> Result<BTreeMap<(String, usize), DenseMlp>, PlanError> {
+fn explicit_mlps(
+    patterns: &MlpPatterns,
+    names: &[&str],
+    at: &Location,
+) -> Result<BTreeMap<(String, usize), DenseMlp>, PlanError> {
     let mut by_layer: BTreeMap<usize, [Option<String>; 3]> = BTreeMap::new();
     let mut prefixes: BTreeMap<usize, String> = BTreeMap::new();
     for name in names {
@@ -705,18 +747,22 @@ fn layout_from_names(names: &[&str]) -> Layout {
 
 /// The layout a dense config names, from `model_type` (else the first architecture).
 fn layout_from_config(config: &Json) -> Result<Option<Layout>, String> {
-    let model_type = config.get("model_type").and_then(Json::as_str).map(str::to_owned).or_else(|| {
-        let arch = config.get("architectures")?.as_array()?.first()?.as_str()?;
-        let known = [
-            ("LlamaForCausalLM", "llama"),
-            ("MistralForCausalLM", "mistral"),
-            ("Qwen2ForCausalLM", "qwen2"),
-            ("Qwen3ForCausalLM", "qwen3"),
-            ("OlmoForCausalLM", "olmo"),
-            ("Olmo2ForCausalLM", "olmo2"),
-        ];
-        known.iter().find(|(a, _)| *a == arch).map(|(_, t)| (*t).to_owned())
-    });
+    let model_type = config
+        .get("model_type")
+        .and_then(Json::as_str)
+        .map(str::to_owned)
+        .or_else(|| {
+            let arch = config.get("architectures")?.as_array()?.first()?.as_str()?;
+            let known = [
+                ("LlamaForCausalLM", "llama"),
+                ("MistralForCausalLM", "mistral"),
+                ("Qwen2ForCausalLM", "qwen2"),
+                ("Qwen3ForCausalLM", "qwen3"),
+                ("OlmoForCausalLM", "olmo"),
+                ("Olmo2ForCausalLM", "olmo2"),
+            ];
+            known.iter().find(|(a, _)| *a == arch).map(|(_, t)| (*t).to_owned())
+        });
     match model_type {
         None => Ok(None),
         Some(t) => Layout::of_dense(&t).map(Some).ok_or_else(|| {
@@ -788,7 +834,14 @@ impl LazyOp for RandomRouter {
         "random router"
     }
 
-    fn read(&self, dtype: DType, _shape: &[usize], start: usize, out: &mut [u8], _cx: &mut ReadContext) -> Result<(), ValueError> {
+    fn read(
+        &self,
+        dtype: DType,
+        _shape: &[usize],
+        start: usize,
+        out: &mut [u8],
+        _cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         let size = dtype.size().expect("routers are byte-sized floats");
         let mut wide = [0u8; BLOCK * 8];
         for (b, block) in out.chunks_mut(BLOCK * size).enumerate() {
@@ -842,7 +895,14 @@ impl LazyOp for EmbedRouter {
         "embedding router"
     }
 
-    fn read(&self, dtype: DType, _shape: &[usize], start: usize, out: &mut [u8], cx: &mut ReadContext) -> Result<(), ValueError> {
+    fn read(
+        &self,
+        dtype: DType,
+        _shape: &[usize],
+        start: usize,
+        out: &mut [u8],
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
         let size = dtype.size().expect("routers are byte-sized floats");
         let values = self.rows(cx)?;
         let n = out.len() / size;
@@ -870,7 +930,11 @@ fn embedding(state: &State, alias: &str, names: &[&str], at: &Location) -> Resul
     let candidates: Vec<&str> = if names.contains(&"model.embed_tokens.weight") {
         vec!["model.embed_tokens.weight"]
     } else {
-        names.iter().copied().filter(|n| n.ends_with("embed_tokens.weight")).collect()
+        names
+            .iter()
+            .copied()
+            .filter(|n| n.ends_with("embed_tokens.weight"))
+            .collect()
     };
     match candidates.as_slice() {
         [one] => {
@@ -883,7 +947,10 @@ fn embedding(state: &State, alias: &str, names: &[&str], at: &Location) -> Resul
         )),
         many => Err(PlanError::invalid(
             at,
-            format!("an embed router needs one input-embedding matrix; `{alias}` has {}", many.join(", ")),
+            format!(
+                "an embed router needs one input-embedding matrix; `{alias}` has {}",
+                many.join(", ")
+            ),
         )),
     }
 }
@@ -1121,7 +1188,10 @@ impl Transform for UpcycleMoe {
                     ("mlp.shared_expert.up_proj.weight", vec![0, hidden]),
                     ("mlp.shared_expert.down_proj.weight", vec![hidden, 0]),
                 ] {
-                    writes.push((format!("{p}{suffix}"), Tensor::in_memory(dtype, shape, Arc::new(Vec::new()))));
+                    writes.push((
+                        format!("{p}{suffix}"),
+                        Tensor::in_memory(dtype, shape, Arc::new(Vec::new())),
+                    ));
                 }
                 writes.push((
                     format!("{p}mlp.shared_expert_gate.weight"),
@@ -1220,7 +1290,10 @@ mod tests {
         assert_eq!(out["model_type"], "qwen3_moe");
         assert_eq!(out["moe_intermediate_size"], 16);
         assert!(out.get("shared_expert_intermediate_size").is_none());
-        for (layout, arch) in [(Layout::Olmoe, "OlmoeForCausalLM"), (Layout::FlexOlmo, "FlexOlmoForCausalLM")] {
+        for (layout, arch) in [
+            (Layout::Olmoe, "OlmoeForCausalLM"),
+            (Layout::FlexOlmo, "FlexOlmoForCausalLM"),
+        ] {
             let out = upcycled_config(&llama(), layout, 2, 2).unwrap();
             assert_eq!(out["architectures"], json!([arch]));
             assert_eq!(out["model_type"], layout.name());
@@ -1232,7 +1305,10 @@ mod tests {
     #[test]
     fn impossible_configs_are_refused_naming_the_key() {
         let err = |c: &Json, l, e, k| upcycled_config(c, l, e, k).unwrap_err().to_string();
-        assert_eq!(upcycled_config(&json!([1]), Layout::Mixtral, 2, 1), Err(ConfigError::NotObject));
+        assert_eq!(
+            upcycled_config(&json!([1]), Layout::Mixtral, 2, 1),
+            Err(ConfigError::NotObject)
+        );
         assert!(err(&llama(), Layout::Mixtral, 0, 1).contains("num_experts"));
         assert!(err(&llama(), Layout::Mixtral, 2, 3).contains("num_experts_per_tok"));
         assert!(err(&llama(), Layout::Mixtral, 2, 0).contains("num_experts_per_tok"));
@@ -1253,15 +1329,26 @@ mod tests {
     #[test]
     fn layouts_from_config_and_names() {
         assert_eq!(layout_from_config(&llama()), Ok(Some(Layout::Mixtral)));
-        assert_eq!(layout_from_config(&json!({"model_type": "mistral"})), Ok(Some(Layout::Mixtral)));
-        assert_eq!(layout_from_config(&json!({"model_type": "olmo2"})), Ok(Some(Layout::FlexOlmo)));
+        assert_eq!(
+            layout_from_config(&json!({"model_type": "mistral"})),
+            Ok(Some(Layout::Mixtral))
+        );
+        assert_eq!(
+            layout_from_config(&json!({"model_type": "olmo2"})),
+            Ok(Some(Layout::FlexOlmo))
+        );
         assert_eq!(
             layout_from_config(&json!({"architectures": ["Qwen3ForCausalLM"]})),
             Ok(Some(Layout::Qwen3Moe))
         );
         assert_eq!(layout_from_config(&json!({})), Ok(None));
-        assert!(layout_from_config(&json!({"model_type": "gpt2"})).unwrap_err().contains("gpt2"));
-        let base = ["model.layers.0.input_layernorm.weight", "model.layers.0.mlp.gate_proj.weight"];
+        assert!(layout_from_config(&json!({"model_type": "gpt2"}))
+            .unwrap_err()
+            .contains("gpt2"));
+        let base = [
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.0.mlp.gate_proj.weight",
+        ];
         assert_eq!(layout_from_names(&base), Layout::Mixtral);
         assert_eq!(
             layout_from_names(&[base[0], "model.layers.0.self_attn.q_proj.bias"]),
@@ -1272,7 +1359,10 @@ mod tests {
             Layout::Qwen3Moe
         );
         assert_eq!(
-            layout_from_names(&["model.layers.0.post_feedforward_layernorm.weight", "model.layers.0.self_attn.q_norm.weight"]),
+            layout_from_names(&[
+                "model.layers.0.post_feedforward_layernorm.weight",
+                "model.layers.0.self_attn.q_norm.weight"
+            ]),
             Layout::FlexOlmo
         );
         assert_eq!(layout_from_names(&["model.layers.0.mlp.up_proj.weight"]), Layout::Olmoe);
@@ -1305,14 +1395,20 @@ mod tests {
         .unwrap();
         let names = ["h.0.ffn.w1", "h.0.ffn.w3", "h.0.ffn.w2", "h.1.ffn.w1"];
         let err = explicit_mlps(&p, &names, &Location::root()).unwrap_err().to_string();
-        assert!(err.contains("layer 1 has only 1 of gate, up and down: h.1.ffn.w1"), "{err}");
+        assert!(
+            err.contains("layer 1 has only 1 of gate, up and down: h.1.ffn.w1"),
+            "{err}"
+        );
         let found = explicit_mlps(&p, &names[..3], &Location::root()).unwrap();
         let mlp = found.values().next().unwrap();
         assert_eq!(mlp.prefix, "h.0.");
         assert_eq!(mlp.names, ["h.0.ffn.w1", "h.0.ffn.w3", "h.0.ffn.w2"].map(String::from));
         let no_group = parse_mlp(&json!({"gate": "a", "up": "b", "down": "c"}), &Location::root());
         assert!(no_group.unwrap_err().to_string().contains("layer index"));
-        let unknown = parse_mlp(&json!({"gate": "(a)", "up": "(b)", "down": "(c)", "w4": "d"}), &Location::root());
+        let unknown = parse_mlp(
+            &json!({"gate": "(a)", "up": "(b)", "down": "(c)", "w4": "d"}),
+            &Location::root(),
+        );
         assert!(unknown.unwrap_err().to_string().contains("w4"));
     }
 
@@ -1320,9 +1416,7 @@ mod tests {
     fn noise_and_random_routers_do_not_depend_on_chunking() {
         let bytes: Vec<u8> = (0..1000).flat_map(|i| (i as f32 * 0.01 + 1.0).to_le_bytes()).collect();
         let t = Tensor::in_memory(DType::F32, vec![10, 100], Arc::new(bytes));
-        let noisy = t
-            .map(None, Arc::new(RelativeNoise { seed: 7, scale: 0.1 }))
-            .unwrap();
+        let noisy = t.map(None, Arc::new(RelativeNoise { seed: 7, scale: 0.1 })).unwrap();
         let read = |t: &Tensor, chunk: usize| {
             let mut cx = ReadContext::default();
             let mut out = vec![0u8; t.nbytes()];
