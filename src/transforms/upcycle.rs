@@ -604,7 +604,12 @@ fn standard_mlps(names: &[&str]) -> BTreeMap<(String, usize), DenseMlp> {
         let up = format!("{prefix}mlp.up_proj.weight");
         let down = format!("{prefix}mlp.down_proj.weight");
         if set.contains(up.as_str()) && set.contains(down.as_str()) {
-            let before = prefix[..prefix.len() - 1 - layer.to_string().len()].to_owned();
+            // The prefix without its layer index (`model.layers`), so layers sort numerically.
+            let before = prefix
+                .strip_suffix('.')
+                .and_then(|p| p.rsplit_once('.'))
+                .map_or("", |(b, _)| b)
+                .to_owned();
             found.insert(
                 (before, layer),
                 DenseMlp {
@@ -1098,6 +1103,9 @@ impl Transform for UpcycleMoe {
         };
         let mut writes: Vec<(String, Tensor)> = Vec::new();
         let mut removed: Vec<String> = Vec::new();
+        // An embedding router is the same for every layer of one dtype and size: one value,
+        // computed once when written.
+        let mut shared_router: Option<(DType, usize, Tensor)> = None;
         for mlp in mlps.values() {
             let dense: Vec<Tensor> = mlp
                 .names
@@ -1128,7 +1136,7 @@ impl Transform for UpcycleMoe {
             let hidden = gate.shape[1];
             let dtype = gate.dtype;
             let router_name = format!("{}{}", mlp.prefix, layout.router());
-            if !dtype.is_float() || dtype.size().is_none() {
+            if !dtype.is_float() || !dtype.is_computable() || dtype.size().is_none() {
                 return Err(super::TransformError::NotFloat {
                     op: "upcycle_moe",
                     tensor: format!("{alias}::{}", mlp.names[0]),
@@ -1136,10 +1144,17 @@ impl Transform for UpcycleMoe {
                 }
                 .into());
             }
-            writes.push((
-                router_name.clone(),
-                self.router_tensor(state, &alias, &names, &router_name, dtype, hidden)?,
-            ));
+            let router = match &shared_router {
+                Some((d, h, t)) if *d == dtype && *h == hidden => t.clone(),
+                _ => {
+                    let t = self.router_tensor(state, &alias, &names, &router_name, dtype, hidden)?;
+                    if matches!(self.router, Router::Embed(_)) {
+                        shared_router = Some((dtype, hidden, t.clone()));
+                    }
+                    t
+                }
+            };
+            writes.push((router_name.clone(), router));
             for (e, source) in sources.iter().enumerate() {
                 let expert_names = layout.expert(e);
                 for k in 0..3 {
