@@ -494,3 +494,28 @@ def test_transformers_loads_the_upcycled_model_with_the_dense_logits(tmp_path: P
         want = dense(ids).logits
         got = moe(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_noise_and_routers_in_half_precision(tmp_path: Path, dtype: str) -> None:
+    import ml_dtypes
+
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float16)
+    root = tmp_path / "dense"
+    root.mkdir()
+    dense = {k: v.astype(np_dtype) for k, v in dense_tensors("llama", np.random.default_rng(0)).items()}
+    save_file(dense, str(root / "model.safetensors"))
+    got = out_tensors(upcycle(tmp_path, [f"m::{root}"], {"alias": "m", "experts": 2, "noise": 0.1, "seed": 1, "router": {"embed": [[1, 2], [3]]}}))
+    ulp = 2.0**-7 if dtype == "bfloat16" else 2.0**-10
+    for e in range(2):
+        name = expert_names("mixtral", 0, e)[0]
+        w = dense["model.layers.0.mlp.gate_proj.weight"].astype(np.float64)
+        expected = w * (1 + 0.1 * normal(tensor_seed(1, name), w.size).reshape(w.shape))
+        assert got[name].dtype == np_dtype
+        np.testing.assert_allclose(got[name].astype(np.float64), expected, rtol=ulp, atol=0)
+    embed = dense["model.embed_tokens.weight"].astype(np.float64)
+    rows = [embed[[1, 2]].mean(0), embed[[3]].mean(0)]
+    expected = np.stack([r / np.linalg.norm(r) for r in rows])
+    router = got[router_name("mixtral", 1)]
+    assert router.dtype == np_dtype
+    np.testing.assert_allclose(router.astype(np.float64), expected, rtol=ulp, atol=1e-6)
