@@ -243,6 +243,7 @@ impl ErrorContext {
                 | FormatError::BadIndex { path, .. }
                 | FormatError::InvalidOutput { path, .. }
                 | FormatError::Adapter { path, .. }
+                | FormatError::Sidecar { path, .. }
                 | FormatError::NoSpace { path, .. } => self.path(path),
                 FormatError::IndexFileMissing { index, .. } => self.path(index),
                 FormatError::IndexTensorMissing { index, tensor, .. } => {

@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use serde_json::Value as Json;
+
+use crate::formats::output::Sidecar;
 use crate::formats::{open_checkpoint, Checkpoint, FormatError};
 use crate::plan::{InputSpec, Location, PlanError};
 use crate::references::{closest_names, Captures, Reference, ReferenceError, ResolvedSlice};
@@ -90,8 +93,6 @@ pub struct Origin {
     pub path: PathBuf,
     /// `__metadata__` of its (first) file.
     pub metadata: BTreeMap<String, String>,
-    /// Non-weight files beside a directory input.
-    pub sidecars: Vec<PathBuf>,
     /// The weight files read, for refusing to overwrite them.
     pub files: Vec<PathBuf>,
 }
@@ -119,6 +120,135 @@ pub struct AliasState {
     order: BTreeMap<u64, String>,
     /// The checkpoint it was loaded from, if any.
     pub origin: Option<Origin>,
+    /// The non-weight files a directory output of it carries.
+    pub sidecars: Sidecars,
+}
+
+/// The non-weight files of an alias (SPEC §6.2): those beside its checkpoint, copied as they
+/// are, and JSON documents the plan edited (`config`, `upcycle_moe`), written in place of the
+/// file of the same name. Edits live here, not on disk: inputs are never modified, and a
+/// check sees the same documents the run writes.
+#[derive(Debug, Clone, Default)]
+pub struct Sidecars {
+    /// Files copied under their own names.
+    pub files: Vec<PathBuf>,
+    /// File name → the document written under it.
+    pub edited: BTreeMap<String, Json>,
+}
+
+/// The layer index in a tensor name: the number after a `layers`, `layer`, `h` or `blocks`
+/// segment (`model.layers.3.mlp.up_proj.weight` → 3).
+pub fn layer_index(name: &str) -> Option<usize> {
+    let segments: Vec<&str> = name.split('.').collect();
+    segments.windows(2).find_map(|w| match w[0] {
+        "layers" | "layer" | "h" | "blocks" => w[1].parse().ok(),
+        _ => None,
+    })
+}
+
+/// The expert index in a tensor name: the number after an `experts` segment.
+pub fn expert_index(name: &str) -> Option<usize> {
+    let segments: Vec<&str> = name.split('.').collect();
+    segments
+        .windows(2)
+        .find_map(|w| (w[0] == "experts").then(|| w[1].parse().ok()).flatten())
+}
+
+/// Whether a model config agrees with the tensors written beside it: its layer count, hidden
+/// size and number of experts, where it gives them and the names show them. A config that
+/// disagrees makes a checkpoint `from_pretrained` refuses or, worse, loads wrongly (layers
+/// silently left at their random initialisation); the message says what to set.
+pub fn check_config<'a>(
+    config: &Json,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+) -> Result<(), String> {
+    fn number(config: &Json, keys: &[&'static str]) -> Option<(&'static str, u64)> {
+        keys.iter()
+            .find_map(|k| config.get(*k).and_then(Json::as_u64).map(|v| (*k, v)))
+    }
+    let (mut layers, mut experts, mut hidden) = (None::<usize>, None::<usize>, None::<(String, usize)>);
+    for (name, shape) in tensors {
+        if let Some(i) = layer_index(name) {
+            layers = Some(layers.map_or(i + 1, |n| n.max(i + 1)));
+        }
+        if let Some(i) = expert_index(name) {
+            experts = Some(experts.map_or(i + 1, |n| n.max(i + 1)));
+        }
+        let embedding = ["embed_tokens.weight", "wte.weight", "word_embeddings.weight"]
+            .iter()
+            .any(|suffix| name == *suffix || name.ends_with(&format!(".{suffix}")));
+        if embedding && shape.len() == 2 && hidden.is_none() {
+            hidden = Some((name.to_owned(), shape[1]));
+        }
+    }
+    if let (Some((key, want)), Some(have)) = (number(config, &["num_hidden_layers", "n_layer", "num_layers"]), layers) {
+        if want != have as u64 {
+            return Err(format!(
+                "config.json says {key}: {want} but the tensors have {have} layers (0–{}); set it with `config: {{set: {{{key}: {have}}}}}`",
+                have - 1
+            ));
+        }
+    }
+    if let (Some((key, want)), Some((name, have))) = (number(config, &["hidden_size", "n_embd", "d_model"]), hidden) {
+        if want != have as u64 {
+            return Err(format!(
+                "config.json says {key}: {want} but `{name}` has {have} columns; set it with `config: {{set: {{{key}: {have}}}}}`"
+            ));
+        }
+    }
+    if let (Some((key, want)), Some(have)) = (
+        number(config, &["num_local_experts", "num_experts", "n_routed_experts"]),
+        experts,
+    ) {
+        if want != have as u64 {
+            return Err(format!(
+                "config.json says {key}: {want} but the tensors have {have} experts; set it with `config: {{set: {{{key}: {have}}}}}`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Sidecars {
+    /// The JSON document `name` (`config.json`): the edited one, else the file's, parsed;
+    /// `None` when there is neither.
+    pub fn json(&self, name: &str) -> Result<Option<Json>, FormatError> {
+        if let Some(doc) = self.edited.get(name) {
+            return Ok(Some(doc.clone()));
+        }
+        let Some(path) = self.files.iter().find(|p| p.file_name().is_some_and(|n| n == name)) else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| FormatError::io(path, e))?;
+        serde_json::from_str(&text).map(Some).map_err(|e| FormatError::Sidecar {
+            path: path.clone(),
+            reason: format!("not valid JSON: {e}"),
+        })
+    }
+
+    /// What a directory output writes: each file not replaced by an edited document, then the
+    /// edited documents (indented as transformers' `save_pretrained` writes them).
+    pub fn to_output(&self) -> Vec<Sidecar> {
+        let mut out: Vec<Sidecar> = self
+            .files
+            .iter()
+            .filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| self.edited.contains_key(n))
+            })
+            .map(|p| Sidecar::File(p.clone()))
+            .collect();
+        for (name, doc) in &self.edited {
+            let mut bytes = serde_json::to_vec_pretty(doc).unwrap_or_default();
+            bytes.push(b'\n');
+            out.push(Sidecar::Contents {
+                name: name.clone(),
+                bytes,
+            });
+        }
+        out
+    }
 }
 
 impl AliasState {
@@ -266,9 +396,12 @@ impl State {
             origin: Some(Origin {
                 path: checkpoint.path.clone(),
                 metadata: checkpoint.metadata.clone(),
-                sidecars: checkpoint.sidecars.clone(),
                 files: checkpoint.files.iter().map(|f| f.path.clone()).collect(),
             }),
+            sidecars: Sidecars {
+                files: checkpoint.sidecars.clone(),
+                edited: BTreeMap::new(),
+            },
             ..AliasState::default()
         };
         for entry in &checkpoint.tensors {
@@ -295,7 +428,6 @@ impl State {
             origin: Some(Origin {
                 path: path.to_path_buf(),
                 metadata: Default::default(),
-                sidecars: Vec::new(),
                 files: vec![path.to_path_buf()],
             }),
             ..AliasState::default()
@@ -365,6 +497,38 @@ impl State {
             self.declared.push(alias.to_owned());
             self.aliases.insert(alias.to_owned(), Arc::default());
         }
+    }
+
+    /// The JSON sidecar `name` of `alias` ([`Sidecars::json`]); `None` when the alias or the
+    /// document does not exist.
+    pub fn sidecar_json(&self, alias: &str, name: &str) -> Result<Option<Json>, FormatError> {
+        match self.alias(alias) {
+            Some(state) => state.sidecars.json(name),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces (or adds) the JSON sidecar `name` of `alias` (created if missing): what a
+    /// directory output of the alias writes under that name.
+    pub fn set_sidecar_json(&mut self, alias: &str, name: &str, doc: Json) {
+        self.ensure_alias(alias);
+        let state = Arc::make_mut(self.aliases.get_mut(alias).expect("alias ensured"));
+        state.sidecars.edited.insert(name.to_owned(), doc);
+    }
+
+    /// The sidecars of `alias`, to change in place.
+    pub fn sidecars_mut(&mut self, alias: &str) -> Option<&mut Sidecars> {
+        self.aliases.get_mut(alias).map(|a| &mut Arc::make_mut(a).sidecars)
+    }
+
+    /// Gives `to` (created if missing) the sidecars of `from`: a merged or upcycled alias takes
+    /// its config and tokenizer files from its base. Nothing happens when `from` does not exist.
+    pub fn copy_sidecars(&mut self, from: &str, to: &str) {
+        let Some(sidecars) = self.alias(from).map(|a| a.sidecars.clone()) else {
+            return;
+        };
+        self.ensure_alias(to);
+        Arc::make_mut(self.aliases.get_mut(to).expect("alias ensured")).sidecars = sidecars;
     }
 
     /// Removes an alias and its tensors (`prefixes remove`); `None` when it does not exist.

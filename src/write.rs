@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use rayon::prelude::*;
 
 use crate::dtype::DType;
-use crate::formats::output::{OutputLayout, OutputPlan, OutputTensor, Writer};
+use crate::formats::output::{OutputLayout, OutputPlan, OutputTensor, Sidecar, Writer};
 use crate::formats::{zip, Format, FormatError};
 use crate::plan::{Location, OutputSpec, PlanError};
 use crate::state::State;
@@ -116,11 +116,36 @@ fn canonical(path: &Path) -> Option<PathBuf> {
 /// Refuses outputs that cannot be written: formats not available, targets that would overwrite
 /// an input, and tensors of `alias` whose dtype the format cannot hold.
 pub fn validate_output(output: &OutputSpec, state: &State, alias: &str) -> Result<(), WriteError> {
-    validate_target(output, state, &Location::root().key("output"))?;
+    let location = Location::root().key("output");
+    validate_target(output, state, &location)?;
     if let Some(current) = state.alias(alias) {
         validate_dtypes(output, current.iter().map(|(name, t)| (name, t.dtype)))?;
+        let tensors: Vec<(&str, &Tensor)> = current.iter().collect();
+        check_written_config(&alias_sidecars(state, alias, output), &tensors, &location)?;
     }
     Ok(())
+}
+
+/// Refuses a write whose `config.json` (among `sidecars`) disagrees with the tensors written
+/// ([`crate::state::check_config`]), naming what to set; found from headers, before any work.
+pub fn check_written_config(
+    sidecars: &[Sidecar],
+    tensors: &[(&str, &Tensor)],
+    location: &Location,
+) -> Result<(), WriteError> {
+    let Some(config) = sidecars.iter().find(|s| s.name().is_some_and(|n| n == "config.json")) else {
+        return Ok(());
+    };
+    let (path, text) = match config {
+        Sidecar::File(path) => (path.clone(), std::fs::read(path).map_err(|e| FormatError::io(path, e))?),
+        Sidecar::Contents { name, bytes } => (PathBuf::from(name), bytes.clone()),
+    };
+    // A config that is not JSON is the user's file, copied as it is; transformers will say so.
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    crate::state::check_config(&doc, tensors.iter().map(|(n, t)| (*n, t.shape.as_slice())))
+        .map_err(|why| PlanError::invalid(location, format!("{}: {why}", path.display())).into())
 }
 
 /// Refuses the first tensor `output`'s format cannot hold, naming it
@@ -240,13 +265,10 @@ pub fn alias_metadata(state: &State, alias: &str, plan_sha256: Option<&str>) -> 
     metadata
 }
 
-/// The non-weight files a directory write of `alias` copies (none for a single file).
-pub fn alias_sidecars(state: &State, alias: &str, output: &OutputSpec) -> Vec<PathBuf> {
-    match (
-        state.alias(alias).and_then(|a| a.origin.as_ref()),
-        output.sidecars && !output.single_file,
-    ) {
-        (Some(origin), true) => origin.sidecars.clone(),
+/// The non-weight files a directory write of `alias` carries (none for a single file).
+pub fn alias_sidecars(state: &State, alias: &str, output: &OutputSpec) -> Vec<Sidecar> {
+    match (state.alias(alias), output.sidecars && !output.single_file) {
+        (Some(current), true) => current.sidecars.to_output(),
         _ => Vec::new(),
     }
 }
@@ -300,7 +322,7 @@ pub fn write_tensors(
     output: &OutputSpec,
     tensors: &[(&str, &Tensor)],
     metadata: &BTreeMap<String, String>,
-    sidecars: &[PathBuf],
+    sidecars: &[Sidecar],
     options: WriteOptions<'_>,
 ) -> Result<Vec<PathBuf>, WriteError> {
     let WriteOptions {

@@ -391,6 +391,19 @@ class Plan(PlanBase):
             verbose: bool, default: false. print what each step did
         """
 
+    def config(self, alias: str | None = None, *, file: str | None = 'config.json', from_: str | None = None, set: Mapping[str, Any] | Sequence[str] | None = None, delete: str | Sequence[str] | None = None) -> Self:
+        """config: edit an alias's JSON sidecars (config.json) by dotted path; without edits, print it
+
+        Appends ``config`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
+
+        Keys:
+            alias: string, default: the default alias. the alias whose sidecar to edit
+            file: string, default: config.json. the JSON sidecar to edit
+            from_ (key ``from``): string, optional. first take this alias's sidecars (config, tokenizer, …), replacing the alias's own
+            set: settings, optional. dotted paths and values: {path: value} or `path=value` texts (typed like overrides)
+            delete: list of paths, optional. dotted paths to remove (each must exist)
+        """
+
     def reshape(self, from_: Reference, to: Template, shape: Sequence[int]) -> Self:
         """reshape: new tensors with another shape (same elements, row-major)
 
@@ -542,7 +555,7 @@ class Plan(PlanBase):
             scale: number, default: 1. extra factor on every delta
         """
 
-    def merge(self, method: str, to: str, *, models: Mapping[str, Any] | Sequence[str] | None = None, slices: Sequence[Mapping[str, Any]] | None = None, base: str | None = None, target: Reference | None = None, dtype: str | None = None, weight: float | Sequence[Any] | None = None, density: float | Sequence[Any] | None = None, gamma: float | Sequence[Any] | None = None, epsilon: float | Sequence[Any] | None = None, t: float | Sequence[Any] | None = None, normalize: bool | None = None, rescale: bool | None = None, lambda_: float | None = 1, seed: float | None = 0, nuslerp_flatten: bool | None = True, nuslerp_row_wise: bool | None = False, select_topk: float | None = 1, max_iter: float | None = 10, tol: float | None = 1e-05) -> Self:
+    def merge(self, method: str, to: str, *, models: Mapping[str, Any] | Sequence[str] | None = None, slices: Sequence[Mapping[str, Any]] | None = None, base: str | None = None, sidecars: str | None = None, target: Reference | None = None, dtype: str | None = None, weight: float | Sequence[Any] | None = None, density: float | Sequence[Any] | None = None, gamma: float | Sequence[Any] | None = None, epsilon: float | Sequence[Any] | None = None, t: float | Sequence[Any] | None = None, normalize: bool | None = None, rescale: bool | None = None, lambda_: float | None = 1, seed: float | None = 0, nuslerp_flatten: bool | None = True, nuslerp_row_wise: bool | None = False, select_topk: float | None = 1, max_iter: float | None = 10, tol: float | None = 1e-05) -> Self:
         """merge: merge the same-named tensors of several aliases into a new alias (MergeKit's methods)
 
         Appends ``merge`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
@@ -553,6 +566,7 @@ class Plan(PlanBase):
             models: models, default: required, except for passthrough. the aliases merged: a mapping alias → its parameters (weight, density, gamma, epsilon), or a list of aliases sharing the top-level ones
             slices: slices, default: required by passthrough. passthrough: layer ranges stacked in order, [{alias: a, layers: [0, 8]}, {alias: b, layers: [4, 12]}] (start included, end excluded)
             base: string, optional. the base alias: required by task_arithmetic, the TIES/DARE/breadcrumbs/DELLA family, model_stock, sce and arcee_fusion, the t = 0 end of slerp; optional for nuslerp and multislerp (they then merge deltas); not taken by linear and karcher
+            sidecars: string, default: the base, else the first model (passthrough: the first slice's alias). the alias whose config, tokenizer and other sidecar files the result carries (its config then says the result's dtype and layer count)
             target: reference, default: every tensor. the tensors merged, a pattern over the base's names; the others are copied from the base (or first model)
             dtype: dtype, default: the base's (first model's) dtype. result dtype (a float)
             weight: parameter, optional. each model's weight (linear, task arithmetic family, nuslerp, multislerp), for models not giving their own

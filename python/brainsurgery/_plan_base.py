@@ -74,6 +74,8 @@ KEY_TYPES: dict[str, str] = {
     "router": "str | Mapping[str, Any]",
     "list of aliases": "Sequence[str]",
     "patterns": "Mapping[str, str]",
+    "settings": "Mapping[str, Any] | Sequence[str]",
+    "list of paths": "str | Sequence[str]",
 }
 
 # A default the engine gives as a literal value (shown in the signature) rather than in words

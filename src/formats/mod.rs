@@ -224,6 +224,14 @@ pub enum FormatError {
         /// Why it is refused.
         reason: String,
     },
+    /// A JSON sidecar (`config.json`, …) cannot be read or parsed.
+    #[error("invalid sidecar {}: {reason}", path.display())]
+    Sidecar {
+        /// The sidecar file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A LoRA adapter directory is not one `merge_lora` can read (its config, its tensor names).
     #[error("invalid LoRA adapter {}: {reason}", path.display())]
     Adapter {

@@ -943,17 +943,18 @@ impl OutputPlan {
 
     /// The copies of `sidecars` a directory output makes (none for a single file), each with
     /// its target and the source's current size.
-    pub fn sidecar_files(&self, sidecars: &[PathBuf]) -> Result<Vec<(PathBuf, u64)>, FormatError> {
+    pub fn sidecar_files(&self, sidecars: &[Sidecar]) -> Result<Vec<(PathBuf, u64)>, FormatError> {
         if !self.is_directory {
             return Ok(Vec::new());
         }
         let outputs: HashSet<PathBuf> = self.files().into_iter().map(|(path, _)| path).collect();
         sidecar_copies(&self.dir, sidecars, &outputs)?
             .into_iter()
-            .map(|(source, target)| {
-                let len = std::fs::metadata(&source)
-                    .map_err(|e| FormatError::io(&source, e))?
-                    .len();
+            .map(|(sidecar, target)| {
+                let len = match sidecar {
+                    Sidecar::File(source) => std::fs::metadata(source).map_err(|e| FormatError::io(source, e))?.len(),
+                    Sidecar::Contents { bytes, .. } => bytes.len() as u64,
+                };
                 Ok((target, len))
             })
             .collect()
@@ -965,33 +966,72 @@ impl OutputPlan {
     }
 }
 
+/// A non-weight file a directory output carries beside its weights: a file copied as it is
+/// (`config.json`, tokenizer files), or contents the plan produced in its place (a config
+/// edited by the `config` transform or rewritten by `upcycle_moe`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sidecar {
+    /// A file copied under its own name.
+    File(PathBuf),
+    /// Bytes the plan produced.
+    Contents {
+        /// The file name (no directory).
+        name: String,
+        /// The file's contents.
+        bytes: Vec<u8>,
+    },
+}
+
+impl Sidecar {
+    /// The file name it takes in the output directory.
+    pub fn name(&self) -> Option<&std::ffi::OsStr> {
+        match self {
+            Sidecar::File(path) => path.file_name(),
+            Sidecar::Contents { name, .. } => Some(std::ffi::OsStr::new(name.as_str())),
+        }
+    }
+
+    /// Where it comes from, for messages.
+    fn describe(&self) -> PathBuf {
+        match self {
+            Sidecar::File(path) => path.clone(),
+            Sidecar::Contents { name, .. } => PathBuf::from(name),
+        }
+    }
+}
+
 /// The sidecar copies a directory output in `dir` makes: (source, target) for each of
 /// `sidecars` except one that already is the file in `dir`; a sidecar without a file name, or
 /// named like one of `outputs`, is refused.
-fn sidecar_copies(
+fn sidecar_copies<'a>(
     dir: &Path,
-    sidecars: &[PathBuf],
+    sidecars: &'a [Sidecar],
     outputs: &HashSet<PathBuf>,
-) -> Result<Vec<(PathBuf, PathBuf)>, FormatError> {
+) -> Result<Vec<(&'a Sidecar, PathBuf)>, FormatError> {
     let mut copies = Vec::with_capacity(sidecars.len());
-    for source in sidecars {
-        let Some(name) = source.file_name() else {
-            return Err(FormatError::InvalidOutput {
-                path: source.clone(),
-                reason: "sidecar has no file name".to_string(),
-            });
+    for sidecar in sidecars {
+        let name = match sidecar.name() {
+            Some(name) if Path::new(name).components().count() == 1 && name != ".." => name,
+            _ => {
+                return Err(FormatError::InvalidOutput {
+                    path: sidecar.describe(),
+                    reason: "sidecar has no plain file name".to_string(),
+                })
+            }
         };
         let target = dir.join(name);
         if outputs.contains(&target) {
             return Err(FormatError::InvalidOutput {
-                path: source.clone(),
+                path: sidecar.describe(),
                 reason: "sidecar has the name of an output weight file".to_string(),
             });
         }
-        if same_file(source, &target) {
-            continue;
+        if let Sidecar::File(source) = sidecar {
+            if same_file(source, &target) {
+                continue;
+            }
         }
-        copies.push((source.clone(), target));
+        copies.push((sidecar, target));
     }
     Ok(copies)
 }
@@ -1139,7 +1179,7 @@ impl Writer {
     ///
     /// A failure before the first rename leaves no trace; one during the renames (which only
     /// fail on a broken filesystem) leaves the files already renamed in place.
-    pub fn commit(mut self, sidecars: &[PathBuf], data_crcs: &[u32]) -> Result<Vec<PathBuf>, FormatError> {
+    pub fn commit(mut self, sidecars: &[Sidecar], data_crcs: &[u32]) -> Result<Vec<PathBuf>, FormatError> {
         if self.needs_crc() {
             if data_crcs.len() != self.slots.len() {
                 return Err(FormatError::InvalidOutput {
@@ -1171,11 +1211,18 @@ impl Writer {
         if let Some(dir) = self.dir.clone() {
             let outputs: HashSet<PathBuf> = self.final_paths().into_iter().collect();
             let mut sidecar_staged = Vec::new();
-            for (source, target) in sidecar_copies(&dir, sidecars, &outputs)? {
+            for (sidecar, target) in sidecar_copies(&dir, sidecars, &outputs)? {
                 let staged = Staged::beside(&target);
                 let temp = staged.temp.clone();
                 sidecar_staged.push(staged);
-                std::fs::copy(&source, &temp).map_err(|e| FormatError::io(&source, e))?;
+                match sidecar {
+                    Sidecar::File(source) => {
+                        std::fs::copy(source, &temp).map_err(|e| FormatError::io(source, e))?;
+                    }
+                    Sidecar::Contents { bytes, .. } => {
+                        std::fs::write(&temp, bytes).map_err(|e| FormatError::io(&temp, e))?
+                    }
+                }
                 written_sidecars.push(target);
             }
             // Sidecars before weights: the weights landing is the visible commit point.
@@ -1429,7 +1476,9 @@ mod tests {
         let w = Writer::create(Format::Safetensors, OutputLayout::File(path.clone()), &tensors, &meta()).unwrap();
         assert_eq!(w.total_bytes(), 24 + 5 + 16 + 9 + 8 + 3); // "empty" takes 0
         let data = fill(&w, &tensors);
-        let written = w.commit(&[dir.path().join("ignored.json")], &[]).unwrap();
+        let written = w
+            .commit(&[Sidecar::File(dir.path().join("ignored.json"))], &[])
+            .unwrap();
         assert_eq!(written, vec![path.clone()]);
 
         let bytes = std::fs::read(&path).unwrap();
@@ -1527,7 +1576,7 @@ mod tests {
         let data = fill(&w, &tensors);
         let side = root.path().join("config.json");
         std::fs::write(&side, b"{\"x\": 1}").unwrap();
-        let written = w.commit(std::slice::from_ref(&side), &[]).unwrap();
+        let written = w.commit(&[Sidecar::File(side.clone())], &[]).unwrap();
         let shard_names: Vec<String> = (1..=4).map(|i| format!("model-0000{i}-of-00004.safetensors")).collect();
         let mut expected: Vec<PathBuf> = shard_names.iter().map(|n| dir.join(n)).collect();
         expected.push(dir.join(INDEX_NAME));
@@ -1688,7 +1737,7 @@ mod tests {
         let w = Writer::create(Format::Safetensors, layout, &tensors, &BTreeMap::new()).unwrap();
         fill(&w, &tensors);
         let missing = root.path().join("missing.json");
-        match w.commit(std::slice::from_ref(&missing), &[]) {
+        match w.commit(&[Sidecar::File(missing.clone())], &[]) {
             Err(FormatError::Io { path, source }) => {
                 assert_eq!(path, missing);
                 assert_eq!(source.kind(), io::ErrorKind::NotFound);

@@ -242,12 +242,16 @@ pub const MAX_OVERRIDE_STEPS: usize = 10_000;
 
 /// One step of an override path.
 #[derive(Debug, Clone, PartialEq)]
-enum PathStep {
+pub(crate) enum PathStep {
+    /// A mapping key.
     Key(String),
+    /// A list index.
     Index(usize),
 }
 
-fn parse_override_path(path: &str) -> Result<Vec<PathStep>, String> {
+/// The steps of a dotted path with list indices (`a.b[2].c`), as overrides and the `config`
+/// transform read them.
+pub(crate) fn parse_override_path(path: &str) -> Result<Vec<PathStep>, String> {
     let mut steps = Vec::new();
     for part in path.split('.') {
         let (key, mut rest) = match part.find('[') {

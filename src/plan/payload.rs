@@ -56,6 +56,11 @@ pub enum FieldKind {
     Aliases,
     /// A mapping of names to regex patterns (`upcycle_moe.mlp`).
     Patterns,
+    /// Dotted paths and their values: a mapping `{path: value}` or a list of `path=value`
+    /// texts typed like overrides (`config.set`).
+    Settings,
+    /// Dotted paths (`config.delete`): one, or a list.
+    Paths,
 }
 
 impl FieldKind {
@@ -82,6 +87,8 @@ impl FieldKind {
             FieldKind::Router => "router",
             FieldKind::Aliases => "list of aliases",
             FieldKind::Patterns => "patterns",
+            FieldKind::Settings => "settings",
+            FieldKind::Paths => "list of paths",
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 use super::{count_noun, Context, Flow, StepError, Transform, TransformError, TransformSpec};
+use crate::formats::output::Sidecar;
 use crate::formats::{open_checkpoint_as, Checkpoint, Format};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{parse_output, valid_alias, Location, OutputSpec, PlanError};
@@ -538,7 +539,7 @@ fn save_tensors(
     state: &State,
     alias: &str,
     tensors: &[(&str, &Tensor)],
-    sidecars: &[PathBuf],
+    sidecars: &[Sidecar],
     spec: &OutputSpec,
     location: &Location,
     ctx: &mut Context,
@@ -558,6 +559,7 @@ fn save_tensors(
         }
         write::validate_target(spec, state, location)?;
         write::validate_dtypes(spec, tensors.iter().map(|(name, t)| (*name, t.dtype)))?;
+        write::check_written_config(sidecars, tensors, location)?;
         // What a reader will find there: a `.npy` names its one tensor by the file stem.
         let stem = || spec.path.file_stem().map(|s| s.to_string_lossy().into_owned());
         let planned = tensors

@@ -287,13 +287,7 @@ fn is_conv1d(module: &str) -> bool {
 
 /// A key of an alias's `config.json` (the Hugging Face model config beside its weights).
 fn config_value(state: &State, alias: &str, key: &str) -> Option<Json> {
-    let origin = state.alias(alias)?.origin.as_ref()?;
-    let config = origin
-        .sidecars
-        .iter()
-        .find(|p| p.file_name().is_some_and(|n| n == "config.json"))?;
-    let text = std::fs::read_to_string(config).ok()?;
-    let value: Json = serde_json::from_str(&text).ok()?;
+    let value = state.sidecar_json(alias, "config.json").ok()??;
     value.get(key).cloned()
 }
 

@@ -29,6 +29,7 @@ use crate::plan::error::suggest;
 use crate::plan::payload::{compact, Field, FieldKind, Form};
 use crate::plan::{Location, PlanError};
 use crate::references::Reference;
+pub(crate) use crate::state::layer_index;
 use crate::state::State;
 use crate::value::{read_real_scratch, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
 
@@ -60,6 +61,12 @@ const FIELDS: &[Field] = &[
         "to",
         FieldKind::Text,
         "the new alias receiving every tensor of the base (or of the first model), merged",
+    ),
+    Field::optional(
+        "sidecars",
+        FieldKind::Text,
+        Some("the base, else the first model (passthrough: the first slice's alias)"),
+        "the alias whose config, tokenizer and other sidecar files the result carries (its config then says the result's dtype and layer count)",
     ),
     Field::optional(
         "target",
@@ -422,16 +429,6 @@ fn gradient(values: &[f64], t: f64) -> f64 {
     (1.0 - frac) * values[i0] + frac * values[i1]
 }
 
-/// The layer index in a tensor name: the number after a `layers`, `layer`, `h` or `blocks`
-/// segment (`model.layers.3.mlp.up_proj.weight` → 3).
-pub(crate) fn layer_index(name: &str) -> Option<usize> {
-    let segments: Vec<&str> = name.split('.').collect();
-    segments.windows(2).find_map(|w| match w[0] {
-        "layers" | "layer" | "h" | "blocks" => w[1].parse().ok(),
-        _ => None,
-    })
-}
-
 /// A model and its own parameters.
 #[derive(Debug, Clone)]
 struct ModelSpec {
@@ -453,6 +450,7 @@ struct Merge {
     models: Vec<ModelSpec>,
     base: Option<String>,
     to: String,
+    sidecars: Option<String>,
     target: Option<Reference>,
     dtype: Option<DType>,
     shared: Vec<(&'static str, Param)>,
@@ -608,6 +606,7 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
         models,
         base,
         to,
+        sidecars: p.text("sidecars")?.map(str::to_owned),
         target,
         dtype: p.dtype("dtype")?,
         shared,
@@ -642,6 +641,7 @@ struct LayerSlice {
 struct Passthrough {
     slices: Vec<LayerSlice>,
     to: String,
+    sidecars: Option<String>,
     dtype: Option<DType>,
     location: Location,
 }
@@ -676,7 +676,7 @@ fn parse_passthrough(
         if p.get(key).is_some() {
             return Err(PlanError::invalid(
                 &p.at(key),
-                format!("passthrough takes `slices`, `to` and `dtype`, not `{key}`"),
+                format!("passthrough takes `slices`, `to`, `dtype` and `sidecars`, not `{key}`"),
             ));
         }
     }
@@ -760,6 +760,7 @@ fn parse_passthrough(
     Ok(Box::new(Passthrough {
         slices,
         to,
+        sidecars: p.text("sidecars")?.map(str::to_owned),
         dtype: p.dtype("dtype")?,
         location: cx.location.clone(),
     }))
@@ -837,7 +838,8 @@ impl Transform for Passthrough {
             }
         }
         let count = pre.len() + stacked.len() + post.len();
-        state.ensure_alias(&self.to);
+        let source = self.sidecars.as_deref().unwrap_or(first);
+        carry_sidecars(state, source, &self.to, self.dtype, Some(next), location)?;
         for (name, tensor) in pre.into_iter().chain(stacked).chain(post) {
             state.insert(&self.to, &name, tensor);
         }
@@ -1168,7 +1170,14 @@ impl Transform for Merge {
             results.push((name.clone(), tensor));
             merged_count += 1;
         }
-        state.ensure_alias(&self.to);
+        carry_sidecars(
+            state,
+            self.sidecars.as_deref().unwrap_or(&first),
+            &self.to,
+            self.dtype,
+            None,
+            location,
+        )?;
         for (name, tensor) in results {
             state.insert(&self.to, &name, tensor);
         }
@@ -1181,6 +1190,47 @@ impl Transform for Merge {
         ));
         Ok(Flow::Continue)
     }
+}
+
+/// Creates the alias `to` with the sidecars (config, tokenizer, …) of `source`: a merged model
+/// loads with `from_pretrained` only with its base's config beside it (issue 13 item 4). The
+/// config then says the result's dtype (`torch_dtype`, and `dtype` as transformers 5 names it,
+/// where present) and, for passthrough, its layer count.
+fn carry_sidecars(
+    state: &mut State,
+    source: &str,
+    to: &str,
+    dtype: Option<DType>,
+    layers: Option<usize>,
+    location: &Location,
+) -> Result<(), StepError> {
+    state.alias_for(Some(source), source, &location.key("sidecars"))?;
+    state.copy_sidecars(source, to);
+    let Some(mut config) = state.sidecar_json(to, "config.json")? else {
+        return Ok(());
+    };
+    let mut changed = false;
+    if let (Some(dtype), Json::Object(map)) = (dtype, &mut config) {
+        for key in ["torch_dtype", "dtype"] {
+            if map.contains_key(key) {
+                map.insert(key.to_owned(), Json::String(dtype.name().to_owned()));
+                changed = true;
+            }
+        }
+    }
+    if let (Some(layers), Json::Object(map)) = (layers, &mut config) {
+        // Llama-style configs say num_hidden_layers; GPT-2 n_layer; a few num_layers.
+        for key in ["num_hidden_layers", "n_layer", "num_layers"] {
+            if map.get(key).is_some_and(Json::is_u64) {
+                map.insert(key.to_owned(), Json::from(layers));
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        state.set_sidecar_json(to, "config.json", config);
+    }
+    Ok(())
 }
 
 /// The new alias `to` a merge writes (it must not exist yet) and its float `dtype`, if given.

@@ -26,6 +26,7 @@ pub mod execute;
 pub mod load;
 pub mod prefixes;
 // The run's flags (issue 15 item 7).
+pub mod config;
 pub mod set;
 // Shape family (issue 3).
 pub mod concat;
@@ -592,6 +593,7 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &prefixes::PREFIXES,
     &execute::EXECUTE,
     &set::SET,
+    &config::CONFIG,
     // Shape family: reshape, permute, split, concat, matmul.
     &reshape::RESHAPE,
     &reshape::RESHAPE_,

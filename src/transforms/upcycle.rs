@@ -13,7 +13,6 @@
 //! Where the layouts' forward passes differ is documented in docs/semantics.md.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{json, Value as Json};
@@ -778,25 +777,6 @@ fn layout_from_config(config: &Json) -> Result<Option<Layout>, String> {
     }
 }
 
-/// The alias's `config.json`, when it was loaded from a directory that has one.
-fn dense_config(state: &State, alias: &str, at: &Location) -> Result<Option<(PathBuf, Json)>, PlanError> {
-    let Some(origin) = state.alias(alias).and_then(|a| a.origin.as_ref()) else {
-        return Ok(None);
-    };
-    let Some(path) = origin
-        .sidecars
-        .iter()
-        .find(|p| p.file_name().is_some_and(|n| n == "config.json"))
-    else {
-        return Ok(None);
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| PlanError::invalid(at, format!("cannot read {}: {e}", path.display())))?;
-    let json: Json = serde_json::from_str(&text)
-        .map_err(|e| PlanError::invalid(at, format!("{} is not valid JSON: {e}", path.display())))?;
-    Ok(Some((path.clone(), json)))
-}
-
 /// Relative noise: `w·(1 + scale·z)`, `z` the standard normal value of the element's index in
 /// the tensor's stream.
 #[derive(Debug)]
@@ -1077,8 +1057,9 @@ impl Transform for UpcycleMoe {
             .map(|a| a.iter().map(|(n, _)| n.to_owned()).collect())
             .unwrap_or_default();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let config = dense_config(state, &alias, &self.location)?;
-        let layout = self.layout(config.as_ref().map(|(_, c)| c), &names)?;
+        // The config as the plan has it so far (a `config` step may have edited it).
+        let config = state.sidecar_json(&alias, "config.json")?;
+        let layout = self.layout(config.as_ref(), &names)?;
         let mlps = match &self.mlp {
             Some(patterns) => explicit_mlps(patterns, &names, &self.location.key("mlp"))?,
             None => standard_mlps(&names),
@@ -1230,9 +1211,9 @@ impl Transform for UpcycleMoe {
             }
         }
         let new_config = match &config {
-            Some((path, dense)) => Some(
+            Some(dense) => Some(
                 upcycled_config(dense, layout, self.experts, self.experts_per_token)
-                    .map_err(|e| PlanError::invalid(&self.location, format!("{}: {e}", path.display())))?,
+                    .map_err(|e| PlanError::invalid(&self.location, e.to_string()))?,
             ),
             None => None,
         };
@@ -1242,8 +1223,9 @@ impl Transform for UpcycleMoe {
         for (name, tensor) in writes {
             state.insert(&alias, &name, tensor);
         }
-        // Hooked to the alias's sidecars once the state can replace them (see the module docs).
-        let _ = new_config;
+        if let Some(config) = new_config {
+            state.set_sidecar_json(&alias, "config.json", config);
+        }
         ctx.note(format!(
             "upcycle_moe: {} layers of {alias} → {} experts ({}, top-{}), {} removed",
             mlps.len(),
