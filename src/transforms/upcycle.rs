@@ -327,10 +327,6 @@ struct UpcycleMoe {
     location: Location,
 }
 
-fn whole(p: &crate::plan::payload::Payload, key: &str) -> Result<Option<usize>, PlanError> {
-    p.count(key)
-}
-
 fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanError> {
     let p = cx.payload(value)?;
     let alias = p.text("alias")?.map(str::to_owned);
@@ -358,7 +354,7 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
             ))
         }
     };
-    let experts = match (whole(&p, "experts")?, &experts_from) {
+    let experts = match (p.count("experts")?, &experts_from) {
         (Some(0), _) => {
             return Err(PlanError::invalid(
                 &p.at("experts"),
@@ -380,7 +376,7 @@ fn parse(value: &Json, cx: &ParseContext) -> Result<Box<dyn Transform>, PlanErro
             })
         }
     };
-    let experts_per_token = whole(&p, "experts_per_token")?.unwrap_or(experts.min(2));
+    let experts_per_token = p.count("experts_per_token")?.unwrap_or(experts.min(2));
     if experts_per_token == 0 || experts_per_token > experts {
         return Err(PlanError::invalid(
             &p.at("experts_per_token"),
