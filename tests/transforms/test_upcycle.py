@@ -10,6 +10,8 @@ loaded with ``AutoModelForCausalLM`` against the dense model's logits.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +319,8 @@ def test_noise_is_identical_for_any_thread_count_and_differs_by_seed(tmp_path: P
             "transforms": [{"upcycle_moe": {"alias": "m", "experts": 4, "noise": 0.01, "seed": seed, "router": "random"}}],
             "output": str(tmp_path / out),
         })
-        proc = cli(["run", plan, "--threads", str(threads)], tmp_path)
+        env = os.environ | {"RAYON_NUM_THREADS": str(threads)}
+        proc = subprocess.run(["brainsurgery", "run", str(plan), "--threads", str(threads)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return (tmp_path / out / "model.safetensors").read_bytes()
 
