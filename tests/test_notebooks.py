@@ -143,6 +143,10 @@ def test_upcycle_moe(tmp_path: Path, kernel_dir: Path, monkeypatch: pytest.Monke
     text = stdout(nb)
     assert number(text, "max |logits difference| dense vs MoE:") < 1e-5
     assert number(text, "max |logits difference| with a random router:") < 1e-5
+    # upcycle_moe to 8 experts keeps the logits; 1% noise moves them, by a little.
+    assert number(text, "max |logits difference| with 8 experts:") < 1e-5
+    assert "noisy experts differ: True" in text
+    assert 1e-5 < number(text, "max |logits difference| with 1% noise:") < 1.0
     assert "same next-token predictions: True" in text
     # The experts of result.tensors are views of the dense file's bytes, not copies.
     assert "the 4 experts' w1 share one memory: True" in text

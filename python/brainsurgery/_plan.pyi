@@ -585,6 +585,24 @@ class Plan(PlanBase):
             tol: number, default: 0.00001. karcher: convergence tolerance
         """
 
+    def upcycle_moe(self, alias: str | None = None, *, experts: float | None = None, experts_per_token: float | None = None, layout: str | None = None, router: str | Mapping[str, Any] | None = None, router_std: float | None = 0.02, noise: float | None = 0, seed: float | None = 0, experts_from: Sequence[str] | None = None, mlp: Mapping[str, str] | None = None) -> Self:
+        """upcycle_moe: turn a dense model's MLPs into a mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo layouts)
+
+        Appends ``upcycle_moe`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
+
+        Keys:
+            alias: string, default: the default alias. the dense model, upcycled in place (attention, norms and embeddings are kept)
+            experts: number, default: the number of experts_from aliases. number of experts (≥ 1)
+            experts_per_token: number, default: 2 (1 with one expert). experts each token is routed to (top-k, 1 ≤ k ≤ experts)
+            layout: string, default: from config.json, else the tensor names. the MoE layout written: mixtral, qwen2_moe, qwen3_moe, olmoe or flex_olmo
+            router: router, default: zeros. router init: zeros, random, {embed: [[token ids], ...]} (one list per expert), {values: [[...], ...]} (experts × hidden) or {alias: a} (a's tensors of the router names)
+            router_std: number, default: 0.02. standard deviation of a random router
+            noise: number, default: 0. relative noise on the experts: each weight w becomes w·(1 + noise·z), z standard normal, seeded per expert tensor
+            seed: number, default: 0. seed of the noise and of a random router, mixed with each tensor's name
+            experts_from: list of aliases, optional. aliases the experts are taken from, one per expert: each must hold the dense MLP under the same names and shapes
+            mlp: patterns, default: *.N.mlp.{gate,up,down}_proj.weight. the dense MLP's names when not the usual ones: {gate: REGEX, up: REGEX, down: REGEX}, each capturing the layer index (group `layer`, else group 1)
+        """
+
     def assert_(self, assertion: Assertion | Mapping[str, Any] | None = None, /, *, exists: Mapping[str, Any] | Reference | None = None, count: Mapping[str, Any] | Reference | None = None, shape: Mapping[str, Any] | Reference | None = None, dimensions: Mapping[str, Any] | Reference | None = None, dtype: Mapping[str, Any] | Reference | None = None, equal: Mapping[str, Any] | Reference | None = None, iszero: Mapping[str, Any] | Reference | None = None, finite: Mapping[str, Any] | Reference | None = None, reads: Mapping[str, Any] | Reference | None = None, writes: Mapping[str, Any] | Reference | None = None, all: Sequence[Assertion | Mapping[str, Any]] | None = None, any: Sequence[Assertion | Mapping[str, Any]] | None = None, not_: Assertion | Mapping[str, Any] | None = None) -> Self:
         """assert: fail the run when an expression is false (exists, count, shape, dimensions, dtype, equal, iszero, finite, reads, writes, all, any, not)
 

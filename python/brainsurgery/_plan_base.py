@@ -71,6 +71,9 @@ KEY_TYPES: dict[str, str] = {
     "models": "Mapping[str, Any] | Sequence[str]",
     "parameter": "float | Sequence[Any]",
     "slices": "Sequence[Mapping[str, Any]]",
+    "router": "str | Mapping[str, Any]",
+    "list of aliases": "Sequence[str]",
+    "patterns": "Mapping[str, str]",
     "settings": "Mapping[str, Any] | Sequence[str]",
     "list of paths": "str | Sequence[str]",
 }

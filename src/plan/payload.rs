@@ -49,6 +49,13 @@ pub enum FieldKind {
     Parameter,
     /// Layer ranges of aliases: a list of `{alias, layers: [start, end]}` (`merge.slices`).
     Slices,
+    /// A router initialization: a name (`zeros`, `random`) or a one-key mapping
+    /// (`upcycle_moe.router`).
+    Router,
+    /// A list of aliases (`upcycle_moe.experts_from`).
+    Aliases,
+    /// A mapping of names to regex patterns (`upcycle_moe.mlp`).
+    Patterns,
     /// Dotted paths and their values: a mapping `{path: value}` or a list of `path=value`
     /// texts typed like overrides (`config.set`).
     Settings,
@@ -77,6 +84,9 @@ impl FieldKind {
             FieldKind::Models => "models",
             FieldKind::Parameter => "parameter",
             FieldKind::Slices => "slices",
+            FieldKind::Router => "router",
+            FieldKind::Aliases => "list of aliases",
+            FieldKind::Patterns => "patterns",
             FieldKind::Settings => "settings",
             FieldKind::Paths => "list of paths",
         }

@@ -167,7 +167,7 @@ fn reject_unused(p: &Payload, used: &[&str], what: &str) -> Result<(), PlanError
 }
 
 /// A number or a rectangular nested list of numbers (booleans count as 0/1): shape and values.
-fn nested(value: &Json, location: &Location) -> Result<(Vec<usize>, Vec<f64>), PlanError> {
+pub(crate) fn nested(value: &Json, location: &Location) -> Result<(Vec<usize>, Vec<f64>), PlanError> {
     match value {
         Json::Number(n) => Ok((Vec::new(), vec![n.as_f64().unwrap_or(f64::NAN)])),
         Json::Bool(b) => Ok((Vec::new(), vec![f64::from(u8::from(*b))])),

@@ -39,6 +39,8 @@ pub mod lora;
 pub mod lowrank;
 // Model merging (issue 13).
 pub mod merge;
+// MoE upcycling (issue 13).
+pub mod upcycle;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -605,6 +607,8 @@ pub const REGISTRY: &[&TransformSpec] = &[
     &lora::MERGE_LORA,
     // Model merging.
     &merge::MERGE,
+    // MoE upcycling.
+    &upcycle::UPCYCLE_MOE,
 ];
 
 /// Looks a transform up by name.
