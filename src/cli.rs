@@ -213,9 +213,10 @@ fn mistyped_command(item: &str) -> Option<Error> {
 /// The error for a command line whose only positional arguments are checkpoints, with nothing to
 /// do to them (no plan, `-e`, `-i`, `-o` or override): the user wanted to look inside.
 fn checkpoint_as_plan(item: &str) -> Error {
+    let path = item.split_once("::").map_or(item, |(_, path)| path);
     crate::plan::PlanError::Syntax {
         origin: "command line".into(),
-        message: format!("{item} looks like a checkpoint, not a plan; to look inside it: brainsurgery inspect {item}"),
+        message: format!("{item} looks like a checkpoint, not a plan; to look inside it: brainsurgery inspect {path}"),
     }
     .into()
 }
@@ -506,7 +507,7 @@ fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::exe
 
 /// Compares names as people count: runs of digits by their value (`layers.2` before
 /// `layers.10`), the rest byte by byte; equal keys fall back to the plain order.
-fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     use std::cmp::Ordering;
     fn runs(s: &str) -> impl Iterator<Item = (bool, &str)> {
         let mut rest = s;
@@ -539,25 +540,46 @@ fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 /// The selector of `inspect PATTERN`: a structured pattern when written in brackets, else a
-/// regex matched against the whole name; an alias or slice is refused (one checkpoint, headers).
+/// regex matched against the whole name.
 fn inspect_selector(text: &str) -> Result<crate::references::Selector, Error> {
-    use crate::references::Reference;
-    let invalid = |message: String| crate::plan::PlanError::Syntax {
-        origin: "inspect PATTERN".into(),
-        message,
-    };
-    let reference = if text.trim_start().starts_with('[') {
-        let value = crate::plan::oneline::parse_value(text).map_err(|e| invalid(e.display(text)))?;
-        Reference::parse(&value)
+    let value = if text.trim_start().starts_with('[') {
+        crate::plan::oneline::parse_value(text).map_err(|e| crate::plan::PlanError::Syntax {
+            origin: "inspect PATTERN".into(),
+            message: e.display(text),
+        })?
     } else {
-        Reference::parse_str(text)
+        serde_json::Value::String(text.to_owned())
+    };
+    Ok(name_selector(&value, "inspect PATTERN")?)
+}
+
+/// A name pattern as `inspect` and `Checkpoint.info(pattern=…)` take it: a regex string matched
+/// against the whole name, or a structured pattern's token list; an alias or slice is refused
+/// (one checkpoint, headers only). `origin` names the argument in errors.
+pub(crate) fn name_selector(
+    value: &serde_json::Value,
+    origin: &str,
+) -> Result<crate::references::Selector, crate::plan::PlanError> {
+    let shown = match value {
+        serde_json::Value::String(text) => text.clone(),
+        other => crate::plan::oneline::render_value(other),
+    };
+    let invalid = |message: String| crate::plan::PlanError::Syntax {
+        origin: origin.to_owned(),
+        message: format!("`{shown}`: {message}"),
+    };
+    let reference = match value {
+        serde_json::Value::String(text) => crate::references::Reference::parse_str(text),
+        serde_json::Value::Array(_) => crate::references::Reference::parse(value),
+        _ => {
+            return Err(invalid(
+                "expected a regex string or a structured pattern (a list of tokens)".into(),
+            ))
+        }
     }
-    .map_err(|e| invalid(format!("`{text}`: {e}")))?;
+    .map_err(|e| invalid(e.to_string()))?;
     if reference.alias.is_some() || reference.slice.is_some() {
-        return Err(invalid(format!(
-            "`{text}`: inspect takes a name pattern, without `alias::` or a slice"
-        ))
-        .into());
+        return Err(invalid("a name pattern takes no `alias::` or slice".into()));
     }
     Ok(reference.selector)
 }
@@ -907,7 +929,8 @@ pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
         Some(a) => !SUBCOMMANDS.contains(&a) && !matches!(a, "-h" | "--help" | "-V" | "--version"),
     };
     if let Some(flag @ ("-h" | "--help")) = first {
-        println!("{}", main_help(flag == "--help"));
+        // Not `println!`: a closed stdout (`brainsurgery --help | head -1`) must not panic.
+        let _ = writeln!(std::io::stdout(), "{}", main_help(flag == "--help"));
         return 0;
     }
     if implicit_run {
@@ -928,5 +951,69 @@ pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
             eprintln!("error: {}", error_chain(&e));
             e.exit_code()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order_counts_digit_runs_by_value() {
+        let mut names = vec![
+            "layers.10.w",
+            "layers.2.w",
+            "layers.02.w",
+            "layers.1.w",
+            "embed",
+            "layers.2.b",
+            "x9",
+            "x10",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "embed",
+                "layers.1.w",
+                "layers.02.w",
+                "layers.2.b",
+                "layers.2.w",
+                "layers.10.w",
+                "x9",
+                "x10"
+            ]
+        );
+        // Longer than any integer type: compared by length, then digits.
+        let big = format!("a{}", "9".repeat(40));
+        assert_eq!(
+            natural_cmp(&big, &format!("a1{}", "0".repeat(40))),
+            std::cmp::Ordering::Less
+        );
+    }
+
+    #[test]
+    fn name_patterns_refuse_alias_and_slice() {
+        assert!(inspect_selector(r"layers\.\d+\..*").unwrap().is_match("layers.3.w"));
+        assert!(inspect_selector("[layers, $i, \"*rest\"]")
+            .unwrap()
+            .is_match("layers.3.mlp.w"));
+        let err = inspect_selector("m::x").unwrap_err().to_string();
+        assert!(err.contains("inspect PATTERN") && err.contains("alias"), "{err}");
+        let err = inspect_selector("[layers, $i").unwrap_err().to_string();
+        assert!(err.contains("inspect PATTERN"), "{err}");
+    }
+
+    #[test]
+    fn mistyped_commands_and_checkpoints() {
+        let err = mistyped_command("inspekt").map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("did you mean `inspect`?"), "{err}");
+        assert!(mistyped_command("plan.yaml").is_none() && mistyped_command("zzzzzz").is_none());
+        let err = checkpoint_as_plan("m.safetensors").to_string();
+        assert!(err.contains("brainsurgery inspect m.safetensors"), "{err}");
+        let help = main_help(false);
+        assert!(help.contains("Usage: brainsurgery PLAN.yaml [-e STEP]..."), "{help}");
+        let (execute, commands) = (help.find("--execute"), help.find("Commands:"));
+        assert!(execute.is_some() && commands.is_some() && execute < commands, "{help}");
     }
 }

@@ -155,8 +155,10 @@ struct Pair {
     right: Tensor,
 }
 
-/// A number as NumPy's `format_float_scientific(x, precision=2)` prints it (`2.38e-04`), zero as
-/// `0`, and `nan`, `inf`, `-inf`.
+/// A number as NumPy's `format_float_scientific(x, precision=2)` prints it (`2.38e-04`, `2.5e-01`,
+/// `1.e+00`), zero as `0`, and `nan`, `inf`, `-inf`. NumPy prints the shortest digits that read
+/// back as `x` when there are at most three; otherwise the value correctly rounded to three
+/// digits, where digits a round-up carried into (`0.99999994` → `1.e+00`) are dropped.
 pub fn fmt_sci(x: f64) -> String {
     if x == 0.0 {
         return "0".to_owned();
@@ -167,11 +169,29 @@ pub fn fmt_sci(x: f64) -> String {
     if x.is_infinite() {
         return if x > 0.0 { "inf" } else { "-inf" }.to_owned();
     }
-    let text = format!("{x:.2e}");
-    let (mantissa, exponent) = text.split_once('e').unwrap_or((&text, "0"));
-    let exponent: i32 = exponent.parse().unwrap_or(0);
+    // `d.ddde-4` → ("dddd", -4).
+    let split = |text: &str| -> (String, i32) {
+        let (mantissa, exponent) = text.split_once('e').unwrap_or((text, "0"));
+        (mantissa.replace('.', ""), exponent.parse().unwrap_or(0))
+    };
+    let (shortest, exponent) = split(&format!("{:e}", x.abs()));
+    let (digits, exponent) = if shortest.len() <= 3 {
+        (shortest, exponent)
+    } else {
+        let (rounded, rounded_exponent) = split(&format!("{:.2e}", x.abs()));
+        let up = rounded_exponent != exponent || rounded.as_str() > &shortest[..3];
+        if up {
+            (rounded.trim_end_matches('0').to_owned(), rounded_exponent)
+        } else {
+            (rounded, rounded_exponent)
+        }
+    };
+    let digits = if digits.is_empty() { "1".to_owned() } else { digits };
     format!(
-        "{mantissa}e{}{:02}",
+        "{}{}.{}e{}{:02}",
+        if x < 0.0 { "-" } else { "" },
+        &digits[..1],
+        &digits[1..],
         if exponent < 0 { '-' } else { '+' },
         exponent.unsigned_abs()
     )
@@ -243,12 +263,18 @@ pub struct PairDiff {
     pub values: Option<ValueDiff>,
     /// A carry-only dtype (compared byte for byte) whose bytes differ.
     pub bytes_differ: bool,
+    /// Dtypes that differ and cannot be compared as values (a carry-only dtype on one side).
+    pub incomparable: bool,
 }
 
 impl PairDiff {
     /// Whether only the dtype changed (the values, when compared, are within eps).
     pub fn only_dtype(&self) -> bool {
-        self.dtypes.is_some() && self.shapes.is_none() && !self.bytes_differ && !self.values.is_some_and(|v| v.over_eps)
+        self.dtypes.is_some()
+            && self.shapes.is_none()
+            && !self.bytes_differ
+            && !self.incomparable
+            && !self.values.is_some_and(|v| v.over_eps)
     }
 
     fn reason(&self, eps: f64) -> String {
@@ -261,6 +287,9 @@ impl PairDiff {
         }
         if self.bytes_differ {
             reasons.push("bytes differ (values of this dtype are compared byte for byte)".to_owned());
+        }
+        if self.incomparable {
+            reasons.push("values not compared (a carry-only dtype)".to_owned());
         }
         if let Some(values) = &self.values {
             reasons.push(values.text(eps));
@@ -281,6 +310,9 @@ impl PairDiff {
         }
         if self.bytes_differ {
             entry.insert("bytes_differ".into(), Json::from(true));
+        }
+        if self.incomparable {
+            entry.insert("incomparable".into(), Json::from(true));
         }
         if let Some(v) = &self.values {
             entry.insert("max_abs".into(), super::dump::json_number(v.max_abs));
@@ -539,6 +571,7 @@ fn compare_pairs(pairs: &[Pair], ctx: &mut Context, report: &mut DiffReport) -> 
         }
         let comparable = a.dtype.is_computable() && b.dtype.is_computable();
         let raw = !comparable && a.dtype == b.dtype;
+        found.incomparable = !comparable && !raw;
         if comparable || raw {
             if !ctx.evaluate {
                 report.deferred += 1;
@@ -552,7 +585,7 @@ fn compare_pairs(pairs: &[Pair], ctx: &mut Context, report: &mut DiffReport) -> 
                 found.bytes_differ = !bytes_equal(a, b, ctx)?;
             }
         }
-        if found.dtypes.is_some() || found.bytes_differ || found.values.is_some() {
+        if found.dtypes.is_some() || found.bytes_differ || found.values.is_some() || found.incomparable {
             report.differing.push(found);
         }
     }
@@ -671,17 +704,27 @@ mod tests {
             report.render(),
             "diff a vs b (eps 0): 3 pairs compared, 1 differ, 1 missing on the left, 0 missing on the right, 1 pair \
              with only a dtype change\n  missing on the left: b::x\n  differs: a::w vs b::w: shape (2,) vs (3,)\n  \
-             dtype: a::h vs b::h: bfloat16 → float16 (max |a-b| = 0, rel = 0, cos = 1.00e+00)"
+             dtype: a::h vs b::h: bfloat16 → float16 (max |a-b| = 0, rel = 0, cos = 1.e+00)"
         );
     }
 
     #[test]
     fn numbers_as_numpy_prints_them() {
+        // Expected strings from `np.format_float_scientific(x, precision=2)` (NumPy 2.4).
         assert_eq!(fmt_sci(0.0), "0");
         assert_eq!(fmt_sci(2.380_907_535_552_978_5e-4), "2.38e-04");
-        assert_eq!(fmt_sci(1.0), "1.00e+00");
-        assert_eq!(fmt_sci(-12345.0), "-1.23e+04");
-        assert_eq!(fmt_sci(1e100), "1.00e+100");
+        assert_eq!(fmt_sci(1.0), "1.e+00");
+        assert_eq!(fmt_sci(1.000_000_1), "1.00e+00");
+        assert_eq!(fmt_sci(0.999_999_94), "1.e+00");
+        assert_eq!(fmt_sci(9.9951), "1.e+01");
+        assert_eq!(fmt_sci(1.096), "1.1e+00");
+        assert_eq!(fmt_sci(1.005), "1.00e+00");
+        assert_eq!(fmt_sci(1.125), "1.12e+00");
+        assert_eq!(fmt_sci(0.25), "2.5e-01");
+        assert_eq!(fmt_sci(-3.0), "-3.e+00");
+        assert_eq!(fmt_sci(123_456.0), "1.23e+05");
+        assert_eq!(fmt_sci(5e-324), "5.e-324");
+        assert_eq!(fmt_sci(1e100), "1.e+100");
         assert_eq!(fmt_sci(f64::INFINITY), "inf");
         assert_eq!(fmt_sci(f64::NAN), "nan");
     }

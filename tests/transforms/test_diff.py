@@ -50,7 +50,7 @@ def parse(text):
 
 
 def max_diff(reason):
-    return float(re.search(r"max \|a-b\| = (\S+)", reason).group(1))
+    return float(re.search(r"max \|a-b\| = ([^\s,]+)", reason).group(1))
 
 
 @pytest.fixture
