@@ -170,8 +170,10 @@ fn main_help(long: bool) -> String {
         .get_subcommands()
         .map(|sub| {
             let about = sub.get_about().map(ToString::to_string).unwrap_or_default();
-            let first = about
-                .split(". ")
+            // The first sentence, without its parenthesis: one line per command.
+            let first = about.split(". ").next().unwrap_or_default();
+            let first = first
+                .split(" (")
                 .next()
                 .unwrap_or_default()
                 .trim_end_matches('.')
@@ -210,8 +212,25 @@ fn mistyped_command(item: &str) -> Option<Error> {
     )
 }
 
-/// The error for a command line whose only positional arguments are checkpoints, with nothing to
-/// do to them (no plan, `-e`, `-i`, `-o` or override): the user wanted to look inside.
+/// A run whose only positional arguments are checkpoints, with nothing to do to them (no plan,
+/// `-e`, `-i`, `-o` or override), is refused: the user wanted to look inside. (`check CHECKPOINT`
+/// stays: it validates the checkpoint's headers and index.)
+fn refuse_checkpoint_as_plan(args: &PlanArgs) -> Result<(), Error> {
+    let nothing_to_do = args.execute.is_empty() && !args.interactive && args.output.is_none();
+    let mut checkpoints = Vec::new();
+    for item in &args.items {
+        if looks_like_override(item) || !looks_like_checkpoint(item) {
+            return Ok(());
+        }
+        checkpoints.push(item);
+    }
+    match checkpoints.first() {
+        Some(first) if nothing_to_do => Err(checkpoint_as_plan(first)),
+        _ => Ok(()),
+    }
+}
+
+/// The error of [`refuse_checkpoint_as_plan`].
 fn checkpoint_as_plan(item: &str) -> Error {
     let path = item.split_once("::").map_or(item, |(_, path)| path);
     crate::plan::PlanError::Syntax {
@@ -305,16 +324,6 @@ fn load_plan(args: &PlanArgs) -> Result<Prepared, Error> {
                 return Err(error);
             }
         }
-    }
-    if let (true, Some(first)) = (
-        sources.is_empty()
-            && args.execute.is_empty()
-            && !args.interactive
-            && args.output.is_none()
-            && overrides.is_empty(),
-        inputs.first(),
-    ) {
-        return Err(checkpoint_as_plan(first));
     }
     inputs.extend(args.input.iter().cloned());
     if sources.is_empty() && inputs.is_empty() && args.execute.is_empty() && !args.interactive {
@@ -871,6 +880,7 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
             Ok(0)
         }
         Command::Run(args) => {
+            refuse_checkpoint_as_plan(&args)?;
             let prepared = load_plan(&args)?;
             let show_progress =
                 !args.interactive && !args.no_progress && (args.progress || std::io::stderr().is_terminal());
@@ -928,6 +938,11 @@ pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
         None => false,
         Some(a) => !SUBCOMMANDS.contains(&a) && !matches!(a, "-h" | "--help" | "-V" | "--version"),
     };
+    if first.is_none() {
+        // Nothing to do: the main form and the commands, as an error.
+        eprintln!("{}", main_help(false));
+        return 2;
+    }
     if let Some(flag @ ("-h" | "--help")) = first {
         // Not `println!`: a closed stdout (`brainsurgery --help | head -1`) must not panic.
         let _ = writeln!(std::io::stdout(), "{}", main_help(flag == "--help"));

@@ -75,8 +75,10 @@ def test_item2_a_checkpoint_given_as_the_plan_points_to_inspect(ws: Path) -> Non
     for item in ["m.safetensors", "."]:
         message = assert_one_error(cli([item], cwd=ws), 2, "looks like a checkpoint, not a plan")
         assert f"to look inside it: brainsurgery inspect {item}" in message
-    assert_one_error(cli(["check", "m.safetensors"], cwd=ws), 2, "brainsurgery inspect m.safetensors")
-    # With something to do, a checkpoint is an input as before: a conversion, a one-liner.
+    assert_one_error(cli(["run", "m::m.safetensors"], cwd=ws), 2, "brainsurgery inspect m.safetensors")
+    # `check CHECKPOINT` still validates its headers; with something to do, a checkpoint is an
+    # input as before: a conversion, a one-liner.
+    assert "plan is valid" in ok(cli(["check", "m.safetensors"], cwd=ws)).stdout
     ok(cli(["m.safetensors", "-o", "copy.safetensors"], cwd=ws))
     assert (ws / "copy.safetensors").exists()
     ok(cli(["check", "m.safetensors", "-e", "scale_: target: head.weight, by: 2"], cwd=ws))

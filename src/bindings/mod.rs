@@ -732,6 +732,9 @@ fn cli_main(py: Python<'_>, args: Vec<Bound<'_, PyString>>) -> PyResult<i32> {
 
 /// Read-only bytes of one tensor in a memory-mapped file, exposed through the buffer protocol
 /// so NumPy views them without a copy. Holds the mapping alive.
+/// A row of `Checkpoint.table`: name, dtype name, shape, bytes, file.
+type TableRow = (String, String, Vec<usize>, u64, String);
+
 #[pyclass(name = "TensorBuffer", module = "brainsurgery._core", frozen)]
 struct PyTensorBuffer {
     map: Arc<memmap2::MmapRaw>,
@@ -847,7 +850,7 @@ impl PyCheckpoint {
     /// (a regex string or a structured pattern's token list, as `brainsurgery inspect` takes),
     /// only the tensors it matches.
     #[pyo3(signature = (pattern=None))]
-    fn table(&self, pattern: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<(String, String, Vec<usize>, u64, String)>> {
+    fn table(&self, pattern: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<TableRow>> {
         let selector = match pattern {
             None => None,
             Some(p) => {

@@ -719,7 +719,8 @@ pub fn diff_sums(a_dtype: DType, a: &[u8], b_dtype: DType, b: &[u8], sums: &mut 
     let n = count(a_dtype, a);
     assert_eq!(n, count(b_dtype, b), "kernels: diff_sums length mismatch");
     let integers = a_dtype.is_integer() && b_dtype.is_integer();
-    let as_f32 = !integers && !(a_dtype == DType::F64 && b_dtype == DType::F64);
+    let both_f64 = a_dtype == DType::F64 && b_dtype == DType::F64;
+    let as_f32 = !(integers || both_f64);
     let (sa, sb) = (size(a_dtype), size(b_dtype));
     let (mut ia, mut ib) = ([0i128; BLOCK], [0i128; BLOCK]);
     let (mut fa, mut fb) = ([0f64; BLOCK], [0f64; BLOCK]);
