@@ -548,16 +548,13 @@ pub(crate) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     }
 }
 
-/// The selector of `inspect PATTERN`: a structured pattern when written in brackets, else a
-/// regex matched against the whole name.
+/// The selector of `inspect PATTERN`: a structured pattern when written as a bracketed list
+/// (`[layers, $i, "*rest"]`), else a regex matched against the whole name (also a regex that
+/// starts with a character class, `[qk]_proj.*`, which does not read as a list).
 fn inspect_selector(text: &str) -> Result<crate::references::Selector, Error> {
-    let value = if text.trim_start().starts_with('[') {
-        crate::plan::oneline::parse_value(text).map_err(|e| crate::plan::PlanError::Syntax {
-            origin: "inspect PATTERN".into(),
-            message: e.display(text),
-        })?
-    } else {
-        serde_json::Value::String(text.to_owned())
+    let value = match crate::plan::oneline::parse_value(text) {
+        Ok(list @ serde_json::Value::Array(_)) if text.trim_start().starts_with('[') => list,
+        _ => serde_json::Value::String(text.to_owned()),
     };
     Ok(name_selector(&value, "inspect PATTERN")?)
 }
@@ -1017,6 +1014,8 @@ mod tests {
         assert!(err.contains("inspect PATTERN") && err.contains("alias"), "{err}");
         let err = inspect_selector("[layers, $i").unwrap_err().to_string();
         assert!(err.contains("inspect PATTERN"), "{err}");
+        // A regex that opens with a character class is not a list.
+        assert!(inspect_selector("[qk]_proj.*").unwrap().is_match("q_proj.weight"));
     }
 
     #[test]

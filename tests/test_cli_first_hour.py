@@ -120,6 +120,9 @@ def test_item5_inspect_pattern_regex_and_structured(ws: Path) -> None:
     assert f"total: 3 of {len(t)} tensors, {sum(t[n].size for n in want)} parameters" in out
     out = ok(cli(["inspect", "m.safetensors", '[layers, $i, "~norm|mlp", "*rest"]'], cwd=ws)).stdout
     assert table_names(out) == sorted((n for n in t if n.startswith("layers.")), key=natural_key)
+    # A regex that opens with a character class is still a regex.
+    out = ok(cli(["inspect", "m.safetensors", r"[eh][a-z]+\.weight"], cwd=ws)).stdout
+    assert table_names(out) == ["embed.weight", "head.weight"]
     message = assert_one_error(cli(["inspect", "m.safetensors", r"layer\.0\..*"], cwd=ws), 2, "matches no tensor")
     assert "closest names" in message and "layers.0." in message
     assert_one_error(cli(["inspect", "m.safetensors", "[layers, $i"], cwd=ws), 2, "inspect PATTERN")
