@@ -988,8 +988,8 @@ mod tests {
             [
                 "embed",
                 "layers.1.w",
-                "layers.02.w",
                 "layers.2.b",
+                "layers.02.w",
                 "layers.2.w",
                 "layers.10.w",
                 "x9",
