@@ -603,6 +603,16 @@ fn bytes_by_dtype(tensors: &[&crate::formats::TensorEntry]) -> Vec<(&'static str
     rows
 }
 
+/// ` (503.4M)`, ` (7.24B)`: a parameter count as model cards write it (powers of ten), from a
+/// million on; empty below.
+fn parameter_scale(n: u64) -> String {
+    match n {
+        0..=999_999 => String::new(),
+        1_000_000..=999_999_999 => format!(" ({:.1}M)", n as f64 / 1e6),
+        _ => format!(" ({:.2}B)", n as f64 / 1e9),
+    }
+}
+
 fn numel(t: &crate::formats::TensorEntry) -> u64 {
     t.shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64))
 }
@@ -733,7 +743,8 @@ fn inspect(
         .collect();
     let _ = writeln!(
         out,
-        "total: {count}, {parameters} parameters, {} ({}) in {} {} file(s)",
+        "total: {count}, {parameters} parameters{}, {} ({}) in {} {} file(s)",
+        parameter_scale(parameters),
         HumanBytes(total),
         dtypes.join(", "),
         checkpoint.files.len(),
@@ -1002,6 +1013,13 @@ mod tests {
             natural_cmp(&big, &format!("a1{}", "0".repeat(40))),
             std::cmp::Ordering::Less
         );
+    }
+
+    #[test]
+    fn parameter_counts_as_model_cards_write_them() {
+        assert_eq!(parameter_scale(752), "");
+        assert_eq!(parameter_scale(503_414_784), " (503.4M)");
+        assert_eq!(parameter_scale(7_241_732_096), " (7.24B)");
     }
 
     #[test]
