@@ -24,7 +24,8 @@ use indicatif::HumanBytes;
     version,
     about = "Declarative, reproducible surgery on neural-network checkpoints",
     // `help NAME` describes transforms (below); `help SUBCOMMAND` still shows clap's help.
-    disable_help_subcommand = true
+    disable_help_subcommand = true,
+    override_usage = MAIN_USAGE
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,25 +38,38 @@ enum Command {
     Run(PlanArgs),
     /// Check plans against the checkpoint headers without reading tensor data.
     Check(PlanArgs),
-    /// Print a header-level table of a checkpoint's tensors (names longer than 100 characters
-    /// are shortened in the middle; `--json` prints them whole).
+    /// Print a header-level table of a checkpoint's tensors in natural order (`layers.2` before
+    /// `layers.10`), with sizes and a total by dtype (names longer than 100 characters are
+    /// shortened in the middle; `--json` prints them whole).
     Inspect {
         /// A checkpoint file or directory.
         path: PathBuf,
+        /// Only the tensors matching this pattern: a regex matched against the whole name
+        /// (`'.*\.attn\..*'`) or a structured pattern in brackets (`'[layers, $i, "*rest"]'`).
+        #[arg(value_name = "PATTERN")]
+        pattern: Option<String>,
         /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
+        /// Fold runs of layers with equal dtype and shape, as `dump compact` does
+        /// (`layers.[0-23].mlp.w`).
+        #[arg(long)]
+        compact: bool,
     },
-    /// Compare two checkpoints: tensors missing on either side, and differing shapes, dtypes or
-    /// values. Exit status 0 when they are equal, 1 when they differ.
+    /// Compare two checkpoints: tensors missing on either side, differing shapes, dtype changes,
+    /// and per differing tensor max |a-b|, relative error ‖a-b‖/‖a‖ and cosine similarity of the
+    /// values cast to float32. Exit status 0 when they are equal, 1 when they differ.
     Diff {
         /// The left checkpoint (file or directory).
         path_a: PathBuf,
         /// The right checkpoint.
         path_b: PathBuf,
-        /// Largest |a - b| still counted as equal.
+        /// Largest |a - b| still counted as equal, after casting both sides to float32.
         #[arg(long, default_value_t = 0.0)]
         eps: f64,
+        /// Print one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a MergeKit config (mergekit-yaml, or mergekit-moe) translated into a plan
     /// (docs/mergekit.md), or print that plan with --print-plan; the other options are run's.
@@ -145,6 +159,107 @@ struct MergekitArgs {
 
 const SUBCOMMANDS: &[&str] = &["run", "check", "inspect", "diff", "help", "mergekit"];
 
+/// The usage lines `brainsurgery --help` opens with: the main form (a run), then the commands.
+const MAIN_USAGE: &str = "brainsurgery PLAN.yaml [-e STEP]... [-i] [-o OUT] [--summarize] [OPTIONS] \
+                          [key=value|CHECKPOINT]...\n       brainsurgery <COMMAND> [ARGS]...";
+
+/// `brainsurgery --help` (and `help` without a name): the main form with its options first, then
+/// the commands (issue 14 item 2). `long` is `--help`'s fuller text, else `-h`'s.
+fn main_help(long: bool) -> String {
+    use clap::CommandFactory;
+    let mut command = Cli::command();
+    command.build();
+    let about = command.get_about().map(ToString::to_string).unwrap_or_default();
+    let Some(run) = command.find_subcommand("run") else {
+        return command.render_help().to_string();
+    };
+    let mut run = run
+        .clone()
+        .override_usage(MAIN_USAGE)
+        .about(format!(
+            "{about}\n\nRuns plans (the main form; `brainsurgery run` is the same)."
+        ))
+        .long_about(None);
+    let mut text = if long {
+        run.render_long_help()
+    } else {
+        run.render_help()
+    }
+    .to_string();
+    let subcommands: Vec<(String, String)> = command
+        .get_subcommands()
+        .map(|sub| {
+            let about = sub.get_about().map(ToString::to_string).unwrap_or_default();
+            // The first sentence, without its parenthesis: one line per command.
+            let first = about.split(". ").next().unwrap_or_default();
+            let first = first
+                .split(" (")
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches('.')
+                .to_owned();
+            (sub.get_name().to_owned(), first)
+        })
+        .collect();
+    let width = subcommands.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    text.push_str("\nCommands:\n");
+    for (name, about) in &subcommands {
+        text.push_str(&format!("  {name:width$}  {about}\n"));
+    }
+    text.push_str(
+        "\n`brainsurgery help COMMAND` shows a command's options; `brainsurgery help TRANSFORM` describes a \
+         transform, `brainsurgery help` lists them all.",
+    );
+    text
+}
+
+/// The error for a plan argument that is no file: "did you mean `inspect`?" when it is close to
+/// a command (`brainsurgery inspekt x.safetensors`).
+fn mistyped_command(item: &str) -> Option<Error> {
+    let path = std::path::Path::new(item);
+    if path.exists() || item.contains(['/', '\\', '.']) {
+        return None;
+    }
+    let command = crate::plan::error::suggest(item, SUBCOMMANDS.iter().copied())?;
+    Some(
+        crate::plan::PlanError::Syntax {
+            origin: "command line".into(),
+            message: format!(
+                "cannot read plan {item}: no such file; did you mean `{command}`? (brainsurgery {command} …)"
+            ),
+        }
+        .into(),
+    )
+}
+
+/// A run whose only positional arguments are checkpoints, with nothing to do to them (no plan,
+/// `-e`, `-i`, `-o` or override), is refused: the user wanted to look inside. (`check CHECKPOINT`
+/// stays: it validates the checkpoint's headers and index.)
+fn refuse_checkpoint_as_plan(args: &PlanArgs) -> Result<(), Error> {
+    let nothing_to_do = args.execute.is_empty() && !args.interactive && args.output.is_none();
+    let mut checkpoints = Vec::new();
+    for item in &args.items {
+        if looks_like_override(item) || !looks_like_checkpoint(item) {
+            return Ok(());
+        }
+        checkpoints.push(item);
+    }
+    match checkpoints.first() {
+        Some(first) if nothing_to_do => Err(checkpoint_as_plan(first)),
+        _ => Ok(()),
+    }
+}
+
+/// The error of [`refuse_checkpoint_as_plan`].
+fn checkpoint_as_plan(item: &str) -> Error {
+    let path = item.split_once("::").map_or(item, |(_, path)| path);
+    crate::plan::PlanError::Syntax {
+        origin: "command line".into(),
+        message: format!("{item} looks like a checkpoint, not a plan; to look inside it: brainsurgery inspect {path}"),
+    }
+    .into()
+}
+
 /// Whether a positional argument names a checkpoint rather than a plan file.
 fn looks_like_checkpoint(item: &str) -> bool {
     let path = std::path::Path::new(item);
@@ -231,6 +346,13 @@ fn plan_document(
             inputs.push(item.clone());
         } else {
             sources.push(PlanSource::File(PathBuf::from(item)));
+        }
+    }
+    for source in &sources {
+        if let PlanSource::File(path) = source {
+            if let Some(error) = mistyped_command(&path.to_string_lossy()) {
+                return Err(error);
+            }
         }
     }
     inputs.extend(args.input.iter().cloned());
@@ -326,7 +448,8 @@ fn print_report(out: &mut dyn Write, report: &Report, notes: bool, verb: &str) -
             report.added,
             report.removed
         )?,
-        None => writeln!(out, "no output")?,
+        None if verb == "wrote" => writeln!(out, "no output: nothing written")?,
+        None => writeln!(out, "no output: nothing would be written")?,
     }
     for path in &report.written {
         writeln!(out, "  wrote {}", path.display())?;
@@ -429,57 +552,215 @@ fn progress_bar(enabled: bool) -> Option<(indicatif::ProgressBar, Arc<crate::exe
     Some((bar, callback))
 }
 
-fn inspect(path: &std::path::Path, json: bool, out: &mut dyn Write) -> Result<(), Error> {
+/// Compares names as people count: runs of digits by their value (`layers.2` before
+/// `layers.10`), the rest byte by byte; equal keys fall back to the plain order.
+pub(crate) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    fn runs(s: &str) -> impl Iterator<Item = (bool, &str)> {
+        let mut rest = s;
+        std::iter::from_fn(move || {
+            let first = rest.chars().next()?;
+            let digit = first.is_ascii_digit();
+            let end = rest.find(|c: char| c.is_ascii_digit() != digit).unwrap_or(rest.len());
+            let (run, tail) = rest.split_at(end);
+            rest = tail;
+            Some((digit, run))
+        })
+    }
+    let (mut x, mut y) = (runs(a), runs(b));
+    loop {
+        let order = match (x.next(), y.next()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => Ordering::Less,
+            (Some(_), None) => Ordering::Greater,
+            (Some((true, p)), Some((true, q))) => {
+                // By value without parsing (any length): fewer significant digits is smaller.
+                let (p, q) = (p.trim_start_matches('0'), q.trim_start_matches('0'));
+                p.len().cmp(&q.len()).then_with(|| p.cmp(q))
+            }
+            (Some((_, p)), Some((_, q))) => p.cmp(q),
+        };
+        if order != Ordering::Equal {
+            return order;
+        }
+    }
+}
+
+/// The selector of `inspect PATTERN`: a structured pattern when written as a bracketed list
+/// (`[layers, $i, "*rest"]`), else a regex matched against the whole name (also a regex that
+/// starts with a character class, `[qk]_proj.*`, which does not read as a list).
+fn inspect_selector(text: &str) -> Result<crate::references::Selector, Error> {
+    let value = match crate::plan::oneline::parse_value(text) {
+        Ok(list @ serde_json::Value::Array(_)) if text.trim_start().starts_with('[') => list,
+        _ => serde_json::Value::String(text.to_owned()),
+    };
+    Ok(name_selector(&value, "inspect PATTERN")?)
+}
+
+/// A name pattern as `inspect` and `Checkpoint.info(pattern=…)` take it: a regex string matched
+/// against the whole name, or a structured pattern's token list; an alias or slice is refused
+/// (one checkpoint, headers only). `origin` names the argument in errors.
+pub(crate) fn name_selector(
+    value: &serde_json::Value,
+    origin: &str,
+) -> Result<crate::references::Selector, crate::plan::PlanError> {
+    let shown = match value {
+        serde_json::Value::String(text) => text.clone(),
+        other => crate::plan::oneline::render_value(other),
+    };
+    let invalid = |message: String| crate::plan::PlanError::Syntax {
+        origin: origin.to_owned(),
+        message: format!("`{shown}`: {message}"),
+    };
+    let reference = match value {
+        serde_json::Value::String(text) => crate::references::Reference::parse_str(text),
+        serde_json::Value::Array(_) => crate::references::Reference::parse(value),
+        _ => {
+            return Err(invalid(
+                "expected a regex string or a structured pattern (a list of tokens)".into(),
+            ))
+        }
+    }
+    .map_err(|e| invalid(e.to_string()))?;
+    if reference.alias.is_some() || reference.slice.is_some() {
+        return Err(invalid("a name pattern takes no `alias::` or slice".into()));
+    }
+    Ok(reference.selector)
+}
+
+/// Bytes and parameters by dtype, largest first: `float32 1.50 KiB, int64 40 B`.
+fn bytes_by_dtype(tensors: &[&crate::formats::TensorEntry]) -> Vec<(&'static str, u64, u64)> {
+    let mut by: std::collections::BTreeMap<&'static str, (u64, u64)> = std::collections::BTreeMap::new();
+    for t in tensors {
+        let entry = by.entry(t.dtype.name()).or_default();
+        entry.0 = entry.0.saturating_add(t.nbytes);
+        entry.1 = entry.1.saturating_add(numel(t));
+    }
+    let mut rows: Vec<(&'static str, u64, u64)> = by.into_iter().map(|(d, (b, n))| (d, b, n)).collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    rows
+}
+
+/// ` (503.4M)`, ` (7.24B)`: a parameter count as model cards write it (powers of ten), from a
+/// million on; empty below.
+fn parameter_scale(n: u64) -> String {
+    match n {
+        0..=999_999 => String::new(),
+        1_000_000..=999_999_999 => format!(" ({:.1}M)", n as f64 / 1e6),
+        _ => format!(" ({:.2}B)", n as f64 / 1e9),
+    }
+}
+
+fn numel(t: &crate::formats::TensorEntry) -> u64 {
+    t.shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64))
+}
+
+/// `brainsurgery inspect PATH [PATTERN] [--json] [--compact]`: the header table in natural
+/// order, human-readable sizes and a total line (parameters, bytes by dtype).
+fn inspect(
+    path: &std::path::Path,
+    pattern: Option<&str>,
+    json: bool,
+    compact: bool,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
     use crate::transforms::columns::{cell, pad_left, pad_right, width};
     let checkpoint = open_checkpoint(path)?;
     print_notices(&checkpoint.notices);
+    let mut tensors: Vec<&crate::formats::TensorEntry> = checkpoint.tensors.iter().collect();
+    if let Some(text) = pattern {
+        let selector = inspect_selector(text)?;
+        tensors.retain(|t| selector.is_match(&t.name));
+        if tensors.is_empty() {
+            let closest = crate::references::closest_names(text, checkpoint.tensors.iter().map(|t| t.name.as_str()), 5);
+            let hint = if closest.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; closest names: {}",
+                    closest.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                )
+            };
+            return Err(crate::plan::PlanError::Syntax {
+                origin: "inspect PATTERN".into(),
+                message: format!("`{text}` matches no tensor in {}{hint}", path.display()),
+            }
+            .into());
+        }
+    }
+    tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     // Saturating: a figure to show (each tensor fits, their sum may not).
-    let total = checkpoint
-        .tensors
-        .iter()
-        .fold(0u64, |sum, t| sum.saturating_add(t.nbytes));
-    if json {
-        let tensors: Vec<serde_json::Value> = checkpoint
-            .tensors
+    let total = tensors.iter().fold(0u64, |sum, t| sum.saturating_add(t.nbytes));
+    let parameters = tensors.iter().fold(0u64, |sum, t| sum.saturating_add(numel(t)));
+    let by_dtype = bytes_by_dtype(&tensors);
+    // Rows: a name (folded under --compact), dtype, shape, how many tensors and their bytes.
+    let rows: Vec<(String, &crate::formats::TensorEntry, u64)> = if compact {
+        let items: Vec<(&str, (String, String, String))> = tensors
             .iter()
             .map(|t| {
-                serde_json::json!({
-                    "name": t.name,
+                (
+                    t.name.as_str(),
+                    (t.dtype.name().to_owned(), fmt_shape(&t.shape), String::new()),
+                )
+            })
+            .collect();
+        crate::transforms::dump::fold_names(&items)
+            .into_iter()
+            .map(|(name, first, count)| (name, tensors[first], count))
+            .collect()
+    } else {
+        tensors.iter().map(|t| (t.name.clone(), *t, 1)).collect()
+    };
+    if json {
+        let tensors: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(name, t, count)| {
+                let mut row = serde_json::json!({
+                    "name": name,
                     "dtype": t.dtype.name(),
                     "shape": t.shape,
-                    "nbytes": t.nbytes,
-                })
+                    "nbytes": t.nbytes.saturating_mul(*count),
+                });
+                if compact {
+                    row["count"] = serde_json::Value::from(*count);
+                }
+                row
             })
+            .collect();
+        let dtypes: serde_json::Map<String, serde_json::Value> = by_dtype
+            .iter()
+            .map(|(d, b, n)| ((*d).to_owned(), serde_json::json!({"nbytes": b, "parameters": n})))
             .collect();
         let doc = serde_json::json!({
             "path": checkpoint.path.display().to_string(),
             "format": checkpoint.format.name(),
             "files": checkpoint.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>(),
             "nbytes": total,
+            "parameters": parameters,
+            "dtypes": dtypes,
             "tensors": tensors,
             "metadata": checkpoint.metadata,
         });
         let _ = writeln!(out, "{doc}");
         return Ok(());
     }
-    let rows: Vec<[String; 4]> = checkpoint
-        .tensors
+    let table: Vec<[String; 4]> = rows
         .iter()
-        .map(|t| {
-            [
-                cell(&t.name),
-                t.dtype.name().to_owned(),
-                cell(&fmt_shape(&t.shape)),
-                t.nbytes.to_string(),
-            ]
+        .map(|(name, t, count)| {
+            let size = if *count > 1 {
+                format!("{count} × {}", HumanBytes(t.nbytes))
+            } else {
+                HumanBytes(t.nbytes).to_string()
+            };
+            [cell(name), t.dtype.name().to_owned(), cell(&fmt_shape(&t.shape)), size]
         })
         .collect();
-    let header = ["name", "dtype", "shape", "bytes"].map(str::to_owned);
-    let minimum = [4, 13, 20, 12];
+    let header = ["name", "dtype", "shape", "size"].map(str::to_owned);
+    let minimum = [4, 13, 20, 10];
     let widths: [usize; 4] = std::array::from_fn(|i| {
-        width(std::iter::once(header[i].as_str()).chain(rows.iter().map(|r| r[i].as_str()))).max(minimum[i])
+        width(std::iter::once(header[i].as_str()).chain(table.iter().map(|r| r[i].as_str()))).max(minimum[i])
     });
-    for row in std::iter::once(&header).chain(&rows) {
+    for row in std::iter::once(&header).chain(&table) {
         let _ = writeln!(
             out,
             "{}  {}  {}  {}",
@@ -489,11 +770,21 @@ fn inspect(path: &std::path::Path, json: bool, out: &mut dyn Write) -> Result<()
             pad_left(&row[3], widths[3])
         );
     }
+    let count = if tensors.len() == checkpoint.tensors.len() {
+        format!("{} tensors", tensors.len())
+    } else {
+        format!("{} of {} tensors", tensors.len(), checkpoint.tensors.len())
+    };
+    let dtypes: Vec<String> = by_dtype
+        .iter()
+        .map(|(d, b, _)| format!("{d} {}", HumanBytes(*b)))
+        .collect();
     let _ = writeln!(
         out,
-        "{} tensors, {} in {} {} file(s)",
-        checkpoint.tensors.len(),
+        "total: {count}, {parameters} parameters{}, {} ({}) in {} {} file(s)",
+        parameter_scale(parameters),
         HumanBytes(total),
+        dtypes.join(", "),
         checkpoint.files.len(),
         checkpoint.format.name()
     );
@@ -509,6 +800,7 @@ fn diff(
     path_a: &std::path::Path,
     path_b: &std::path::Path,
     eps: f64,
+    json: bool,
     cancel: Arc<AtomicBool>,
     out: &mut dyn Write,
 ) -> Result<i32, Error> {
@@ -540,8 +832,15 @@ fn diff(
             crate::transforms::StepError::Assertion(failure) => Error::Assertion { index: 0, failure },
         },
     )?;
-    let _ = writeln!(out, "left = {}\nright = {}", path_a.display(), path_b.display());
-    let _ = writeln!(out, "{}", report.render());
+    if json {
+        let mut doc = report.to_json();
+        doc["left_path"] = serde_json::Value::from(path_a.display().to_string());
+        doc["right_path"] = serde_json::Value::from(path_b.display().to_string());
+        let _ = writeln!(out, "{doc}");
+    } else {
+        let _ = writeln!(out, "left = {}\nright = {}", path_a.display(), path_b.display());
+        let _ = writeln!(out, "{}", report.render());
+    }
     Ok(if report.is_equal() { 0 } else { 1 })
 }
 
@@ -568,7 +867,7 @@ fn help(names: &[String], out: &mut dyn Write) -> Result<i32, String> {
     let words: Vec<&str> = names.iter().map(String::as_str).collect();
     let text = crate::transforms::help::help_text(&words)?;
     if names.is_empty() {
-        let _ = writeln!(out, "{}", command.render_help());
+        let _ = writeln!(out, "{}\n", main_help(false));
     }
     let _ = writeln!(out, "{text}");
     Ok(0)
@@ -578,8 +877,18 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match command {
-        Command::Inspect { path, json } => inspect(&path, json, &mut out).map(|()| 0),
-        Command::Diff { path_a, path_b, eps } => diff(&path_a, &path_b, eps, cancel, &mut out),
+        Command::Inspect {
+            path,
+            pattern,
+            json,
+            compact,
+        } => inspect(&path, pattern.as_deref(), json, compact, &mut out).map(|()| 0),
+        Command::Diff {
+            path_a,
+            path_b,
+            eps,
+            json,
+        } => diff(&path_a, &path_b, eps, json, cancel, &mut out),
         Command::Help { names } => help(&names, &mut out).or_else(|message| {
             eprintln!("error: {message}");
             Ok(2)
@@ -616,7 +925,10 @@ fn execute(command: Command, cancel: Arc<AtomicBool>) -> Result<i32, Error> {
             let _ = print_io(&mut out, &report);
             Ok(0)
         }
-        Command::Run(args) => run(&args, load_plan(&args)?, cancel, &mut out),
+        Command::Run(args) => {
+            refuse_checkpoint_as_plan(&args)?;
+            run(&args, load_plan(&args)?, cancel, &mut out)
+        }
         Command::Mergekit(mk) => {
             let source = PlanSource::File(mk.config.clone());
             let translated = crate::plan::mergekit::translate_source(&source, mk.run.output.as_deref())?;
@@ -690,6 +1002,16 @@ pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
         None => false,
         Some(a) => !SUBCOMMANDS.contains(&a) && !matches!(a, "-h" | "--help" | "-V" | "--version"),
     };
+    if first.is_none() {
+        // Nothing to do: the main form and the commands, as an error.
+        eprintln!("{}", main_help(false));
+        return 2;
+    }
+    if let Some(flag @ ("-h" | "--help")) = first {
+        // Not `println!`: a closed stdout (`brainsurgery --help | head -1`) must not panic.
+        let _ = writeln!(std::io::stdout(), "{}", main_help(flag == "--help"));
+        return 0;
+    }
     if implicit_run {
         argv.push("run".to_owned());
     }
@@ -708,5 +1030,78 @@ pub fn main(args: Vec<String>, cancel: Arc<AtomicBool>) -> i32 {
             eprintln!("error: {}", error_chain(&e));
             e.exit_code()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order_counts_digit_runs_by_value() {
+        let mut names = vec![
+            "layers.10.w",
+            "layers.2.w",
+            "layers.02.w",
+            "layers.1.w",
+            "embed",
+            "layers.2.b",
+            "x9",
+            "x10",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "embed",
+                "layers.1.w",
+                "layers.2.b",
+                "layers.02.w",
+                "layers.2.w",
+                "layers.10.w",
+                "x9",
+                "x10"
+            ]
+        );
+        // Longer than any integer type: compared by length, then digits.
+        let big = format!("a{}", "9".repeat(40));
+        assert_eq!(
+            natural_cmp(&big, &format!("a1{}", "0".repeat(40))),
+            std::cmp::Ordering::Less
+        );
+    }
+
+    #[test]
+    fn parameter_counts_as_model_cards_write_them() {
+        assert_eq!(parameter_scale(752), "");
+        assert_eq!(parameter_scale(503_414_784), " (503.4M)");
+        assert_eq!(parameter_scale(7_241_732_096), " (7.24B)");
+    }
+
+    #[test]
+    fn name_patterns_refuse_alias_and_slice() {
+        assert!(inspect_selector(r"layers\.\d+\..*").unwrap().is_match("layers.3.w"));
+        assert!(inspect_selector("[layers, $i, \"*rest\"]")
+            .unwrap()
+            .is_match("layers.3.mlp.w"));
+        let err = inspect_selector("m::x").unwrap_err().to_string();
+        assert!(err.contains("inspect PATTERN") && err.contains("alias"), "{err}");
+        let err = inspect_selector("[layers, $i").unwrap_err().to_string();
+        assert!(err.contains("inspect PATTERN"), "{err}");
+        // A regex that opens with a character class is not a list.
+        assert!(inspect_selector("[qk]_proj.*").unwrap().is_match("q_proj.weight"));
+    }
+
+    #[test]
+    fn mistyped_commands_and_checkpoints() {
+        let err = mistyped_command("inspekt").map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("did you mean `inspect`?"), "{err}");
+        assert!(mistyped_command("plan.yaml").is_none() && mistyped_command("zzzzzz").is_none());
+        let err = checkpoint_as_plan("m.safetensors").to_string();
+        assert!(err.contains("brainsurgery inspect m.safetensors"), "{err}");
+        let help = main_help(false);
+        assert!(help.contains("Usage: brainsurgery PLAN.yaml [-e STEP]..."), "{help}");
+        let (execute, commands) = (help.find("--execute"), help.find("Commands:"));
+        assert!(execute.is_some() && commands.is_some() && execute < commands, "{help}");
     }
 }

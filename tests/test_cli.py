@@ -110,9 +110,9 @@ def test_inspect_lists_header(ws: Path) -> None:
         fields = row[0]
         assert array.dtype.name in fields, fields
         dims = [int(d) for d in re.findall(r"\d+", fields.split(array.dtype.name, 1)[1])]
-        # shape digits then the byte count
+        # shape digits then the size (under 1 KiB: bytes, `48 B`)
         assert dims[:-1] == list(array.shape), fields
-        assert dims[-1] == array.nbytes, fields
+        assert fields.endswith(f" {array.nbytes} B"), fields
         total += array.nbytes
     assert any(re.search(rf"\b{len(TENSORS)} tensors\b", line) for line in lines), proc.stdout
     assert any(re.search(rf"\b{total} B\b", line) for line in lines), proc.stdout  # 136 B

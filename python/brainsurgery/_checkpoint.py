@@ -132,15 +132,20 @@ class Checkpoint(CoreKeys, Mapping[str, "np.ndarray"]):
         # Membership first: a miss through __getitem__ would compute close-match suggestions.
         return self[name] if name in self else default
 
-    def info(self, name: str | None = None) -> Any:
-        """From the headers alone: with a name, ``(dtype name, shape)`` of that tensor; without,
-        one row per tensor (``name``, ``dtype``, ``shape``, ``nbytes``, ``file``), as a pandas
-        DataFrame when pandas is installed, else a list of dicts."""
+    def info(self, name: str | None = None, *, pattern: str | list[str] | None = None) -> Any:
+        r"""From the headers alone: with a name, ``(dtype name, shape)`` of that tensor; without,
+        one row per tensor (``name``, ``dtype``, ``shape``, ``nbytes``, ``file``) in file order,
+        as a pandas DataFrame when pandas is installed, else a list of dicts. ``pattern`` keeps
+        the tensors it matches, as ``brainsurgery inspect PATH PATTERN``: a regex matched against
+        the whole name (``r"model\.layers\.\d+\.mlp\..*"``) or a structured pattern's tokens
+        (``["model", "layers", "$i", "*rest"]``)."""
         if name is not None:
+            if pattern is not None:
+                raise TypeError("info() takes a name or a pattern, not both")
             return self._core.info(name)
         rows = [
             {"name": n, "dtype": d, "shape": tuple(shape), "nbytes": nbytes, "file": file}
-            for n, d, shape, nbytes, file in self._core.table()
+            for n, d, shape, nbytes, file in self._core.table(pattern)
         ]
         try:
             # By name: pandas is an optional extra, with or without its type stubs installed.

@@ -308,7 +308,7 @@ class Plan(PlanBase):
         """
 
     def diff(self, left: Reference | None = None, *, right: Template | None = None, left_alias: str | None = None, right_alias: str | None = None, mode: str | None = None, eps: float | None = 0) -> Self:
-        """diff: report tensors missing on either side and tensors that differ (shape, dtype, max |a-b|)
+        """diff: report tensors missing on either side and tensors that differ (shape, dtype; max |a-b|, relative error and cosine of the values cast to float32)
 
         Appends ``diff`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
 
@@ -318,7 +318,7 @@ class Plan(PlanBase):
             left_alias: string, optional. compare this whole alias with `right_alias`, tensors paired by name
             right_alias: string, optional. the alias compared with `left_alias`
             mode: string, optional. `refs` (compare `left` with `right`) or `aliases` (compare `left_alias` with `right_alias`); when absent, the keys given decide (`refs` for `left`/`right`, as in the 0.2 tool)
-            eps: number, default: 0. largest |a - b| still counted as equal
+            eps: number, default: 0. largest |a - b| still counted as equal (values cast to float32 first)
         """
 
     def help(self, transform: str | None = None, *, assert_: str | None = None) -> Self:
@@ -358,7 +358,7 @@ class Plan(PlanBase):
         """
 
     def prefixes(self, mode: str | None = 'list', *, alias: str | None = None, from_: str | None = None, to: str | None = None) -> Self:
-        """prefixes: list, add, remove or rename aliases
+        """prefixes: list, add, remove or rename aliases (`alias::`), not name prefixes: re-prefix names with `move`
 
         Appends ``prefixes`` to the plan's transforms and returns the plan. Key names are checked now, values when the plan runs; a key left out or None takes the engine's default.
 

@@ -742,6 +742,9 @@ fn cli_main(py: Python<'_>, args: Vec<Bound<'_, PyString>>) -> PyResult<i32> {
 
 /// Read-only bytes of one tensor in a memory-mapped file, exposed through the buffer protocol
 /// so NumPy views them without a copy. Holds the mapping alive.
+/// A row of `Checkpoint.table`: name, dtype name, shape, bytes, file.
+type TableRow = (String, String, Vec<usize>, u64, String);
+
 #[pyclass(name = "TensorBuffer", module = "brainsurgery._core", frozen)]
 struct PyTensorBuffer {
     map: Arc<memmap2::MmapRaw>,
@@ -853,11 +856,32 @@ impl PyCheckpoint {
         name.to_str().is_ok_and(|n| self.index.contains_key(n))
     }
 
-    /// `(name, dtype name, shape, bytes, file)` of every tensor, in file order.
-    fn table(&self) -> Vec<(String, String, Vec<usize>, u64, String)> {
-        self.checkpoint
+    /// `(name, dtype name, shape, bytes, file)` of every tensor, in file order; with `pattern`
+    /// (a regex string or a structured pattern's token list, as `brainsurgery inspect` takes),
+    /// only the tensors it matches.
+    #[pyo3(signature = (pattern=None))]
+    fn table(&self, pattern: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<TableRow>> {
+        let selector = match pattern {
+            None => None,
+            Some(p) => {
+                let value = if let Ok(text) = p.extract::<String>() {
+                    serde_json::Value::String(text)
+                } else if let Ok(tokens) = p.extract::<Vec<String>>() {
+                    serde_json::Value::from(tokens)
+                } else {
+                    return Err(errors::plan_error(PlanError::Syntax {
+                        origin: "pattern".into(),
+                        message: "expected a regex string or a structured pattern (a list of strings)".into(),
+                    }));
+                };
+                Some(crate::cli::name_selector(&value, "pattern").map_err(errors::plan_error)?)
+            }
+        };
+        Ok(self
+            .checkpoint
             .tensors
             .iter()
+            .filter(|t| selector.as_ref().is_none_or(|s| s.is_match(&t.name)))
             .map(|t| {
                 let file = &self.checkpoint.files[t.file].path;
                 (
@@ -868,7 +892,7 @@ impl PyCheckpoint {
                     file.display().to_string(),
                 )
             })
-            .collect()
+            .collect())
     }
 
     /// `(dtype name, shape)` of a tensor, from the header.

@@ -687,6 +687,74 @@ pub fn max_abs_diff(a_dtype: DType, a: &[u8], b_dtype: DType, b: &[u8]) -> f64 {
     worst
 }
 
+/// Running sums that compare two tensors element by element: what `diff` reports (max |a-b|,
+/// relative error ‖a-b‖/‖a‖, cosine similarity).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DiffSums {
+    /// Largest |a - b| (NaN against NaN and equal infinities count as equal, NaN against a
+    /// number as infinite), as [`max_abs_diff`].
+    pub max_abs: f64,
+    /// Σ (a - b)².
+    pub diff_sq: f64,
+    /// Σ a².
+    pub a_sq: f64,
+    /// Σ b².
+    pub b_sq: f64,
+    /// Σ a·b.
+    pub dot: f64,
+}
+
+/// Adds paired elements to `sums`, both sides cast to float32 first (an F16 tensor compared with
+/// its BF16 cast differs only where the float32 values do); two float64 tensors are compared as
+/// float64 and two integer tensors exactly (the sums then in f64). Sums run in element order,
+/// so they do not depend on threads.
+///
+/// # Panics
+/// If either dtype is not computable, or the buffers hold different numbers of elements.
+pub fn diff_sums(a_dtype: DType, a: &[u8], b_dtype: DType, b: &[u8], sums: &mut DiffSums) {
+    assert!(
+        a_dtype.is_computable() && b_dtype.is_computable(),
+        "kernels: cannot compare {a_dtype} with {b_dtype}"
+    );
+    let n = count(a_dtype, a);
+    assert_eq!(n, count(b_dtype, b), "kernels: diff_sums length mismatch");
+    let integers = a_dtype.is_integer() && b_dtype.is_integer();
+    let both_f64 = a_dtype == DType::F64 && b_dtype == DType::F64;
+    let as_f32 = !(integers || both_f64);
+    let (sa, sb) = (size(a_dtype), size(b_dtype));
+    let (mut ia, mut ib) = ([0i128; BLOCK], [0i128; BLOCK]);
+    let (mut fa, mut fb) = ([0f64; BLOCK], [0f64; BLOCK]);
+    for (ca, cb) in a.chunks(BLOCK * sa).zip(b.chunks(BLOCK * sb)) {
+        let m = ca.len() / sa;
+        decode_any(a_dtype, ca, &mut fa[..m], &mut ia[..m]);
+        decode_any(b_dtype, cb, &mut fb[..m], &mut ib[..m]);
+        for j in 0..m {
+            let (x, y) = if as_f32 {
+                (f64::from(fa[j] as f32), f64::from(fb[j] as f32))
+            } else {
+                (fa[j], fb[j])
+            };
+            let d = if integers {
+                ia[j].abs_diff(ib[j]) as f64
+            } else if x == y || (x.is_nan() && y.is_nan()) {
+                0.0
+            } else if x.is_nan() || y.is_nan() {
+                f64::INFINITY
+            } else {
+                (x - y).abs()
+            };
+            if d > sums.max_abs {
+                sums.max_abs = d;
+            }
+            let e = if x == y { 0.0 } else { x - y };
+            sums.diff_sq += e * e;
+            sums.a_sq += x * x;
+            sums.b_sq += y * y;
+            sums.dot += x * y;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -585,7 +585,7 @@ fn section_header(section: &Section, deferred: bool) -> String {
 }
 
 /// What a line prints after the name: dtype, shape, statistics.
-type Detail = (String, String, String);
+pub(crate) type Detail = (String, String, String);
 
 /// A printed line: name, detail, and the values block beneath it.
 type Line = (String, Detail, Option<String>);
@@ -703,6 +703,38 @@ fn fold(mut rows: Vec<Row>) -> Vec<Row> {
     }
     rows.sort_by_key(|r| r.first);
     rows
+}
+
+/// Folds names as the compact layout does (see [`fold`]), for `brainsurgery inspect
+/// --compact`: each item is a name and the detail that must be equal to fold; returns the folded
+/// name, the index of its first item and how many items it stands for.
+pub(crate) fn fold_names(items: &[(&str, Detail)]) -> Vec<(String, usize, u64)> {
+    let rows = items
+        .iter()
+        .enumerate()
+        .map(|(i, (name, detail))| Row {
+            segs: segments(name),
+            detail: detail.clone(),
+            values: None,
+            first: i,
+        })
+        .collect();
+    fold(rows)
+        .into_iter()
+        .map(|r| {
+            // A folded row is the full product of its number sets (rows fold only when
+            // everything else is equal).
+            let count = r
+                .segs
+                .iter()
+                .map(|s| match s {
+                    Seg::Nums(set) => set.len() as u64,
+                    Seg::Text(_) => 1,
+                })
+                .product();
+            (fmt_segments(&r.segs), r.first, count)
+        })
+        .collect()
 }
 
 fn indent(text: &str, by: usize) -> String {
@@ -857,7 +889,7 @@ fn render_tree(sections: &[Section], verbosity: Verbosity, deferred: bool) -> St
 }
 
 /// A number for JSON; non-finite values (which JSON cannot hold) become "nan", "inf", "-inf".
-fn json_number(x: f64) -> Json {
+pub(crate) fn json_number(x: f64) -> Json {
     if x.is_finite() {
         json!(x)
     } else {

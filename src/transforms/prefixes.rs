@@ -1,4 +1,5 @@
-//! `prefixes`: managing aliases (the `alias::` prefixes of references). `list` prints them,
+//! `prefixes`: managing aliases (the `alias::` prefixes of references), not name prefixes: `move`
+//! re-prefixes tensor names. `list` prints the aliases,
 //! `add` creates an empty one, `remove` drops one with its tensors, `rename` renames one keeping
 //! its tensors, their order and its origin (input metadata and sidecars). Alias bookkeeping
 //! errors (unknown, already existing, removing the default alias) are plan errors: the plan
@@ -21,7 +22,7 @@ const FIELDS: &[Field] = &[
 /// `prefixes`.
 pub const PREFIXES: TransformSpec = TransformSpec {
     name: "prefixes",
-    summary: "list, add, remove or rename aliases",
+    summary: "list, add, remove or rename aliases (`alias::`), not name prefixes: re-prefix names with `move`",
     form: super::Form::Plain,
     fields: FIELDS,
     parse: |value, cx| {
@@ -112,6 +113,17 @@ impl Prefixes {
     }
 }
 
+/// An alias ending with `.` (`model.`) is most likely meant as a name prefix, which `prefixes`
+/// does not manage: the notice says so and points to `move` (issue 14 item 8).
+fn warn_name_prefix(ctx: &mut Context, alias: &str) {
+    if alias.ends_with('.') {
+        ctx.notices.push(format!(
+            "alias `{alias}` ends with `.`: `prefixes` manages aliases (`{alias}::name`), not name prefixes; \
+             to prefix tensor names use `move`, e.g. `move: {{from: \"(.*)\", to: \"{alias}\\1\"}}`"
+        ));
+    }
+}
+
 impl Transform for Prefixes {
     fn apply(&self, state: &mut State, ctx: &mut Context) -> Result<Flow, StepError> {
         match &self.op {
@@ -147,6 +159,7 @@ impl Transform for Prefixes {
                     )
                     .into());
                 }
+                warn_name_prefix(ctx, alias);
                 state.ensure_alias(alias);
                 ctx.note(format!("prefixes add: `{alias}`"));
             }
@@ -178,6 +191,7 @@ impl Transform for Prefixes {
                         PlanError::invalid(&self.location.key("to"), format!("alias `{to}` already exists")).into(),
                     );
                 }
+                warn_name_prefix(ctx, to);
                 state.rename_alias(from, to);
                 ctx.note(format!("prefixes rename: `{from}` → `{to}`"));
             }

@@ -89,11 +89,11 @@ def trainer_checkpoint(directory: Path) -> Path:
 
 
 def inspect_rows(stdout: str) -> dict[str, list[str]]:
-    """Rows of the `inspect` table by tensor name: [dtype, shape..., bytes]."""
+    """Rows of the `inspect` table by tensor name: [dtype, shape..., size, unit]."""
     rows = {}
     for line in stdout.splitlines()[1:]:
         fields = line.split()
-        if len(fields) >= 3 and not re.match(r"^\d+ tensors", line) and not line.startswith("metadata "):
+        if len(fields) >= 3 and not line.startswith(("total: ", "metadata ")):
             rows[fields[0]] = fields[1:]
     return rows
 
@@ -338,7 +338,7 @@ def test_numpy_directory(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = inspect_rows(proc.stdout)
     assert sorted(rows) == sorted(NP)
-    assert rows["emb"][0] == "float16" and rows["emb"][-1] == str(NP["emb"].nbytes)
+    assert rows["emb"][0] == "float16" and rows["emb"][-2:] == [str(NP["emb"].nbytes), "B"]
     assert "in 3 NumPy file(s)" in proc.stdout
 
 
@@ -389,8 +389,10 @@ def test_open_and_inspect_pytorch_file(tmp_path: Path, suffix: str) -> None:
     for name in PLAIN:
         value = want.get(name, want.get(name + "::bf16"))
         row = rows[name]
-        assert [int(d) for d in re.findall(r"\d+", " ".join(row[1:-1]))] == list(value.shape), row
-        assert row[-1] == str(value.nbytes), row
+        assert [int(d) for d in re.findall(r"\d+", " ".join(row[1:-2]))] == list(value.shape), row
+        # Sizes in binary units (issue 14 item 5): bytes below 1 KiB.
+        want_size = f"{value.nbytes} B" if value.nbytes < 1024 else f"{value.nbytes / 1024:.2f} KiB"
+        assert " ".join(row[-2:]) == want_size, row
     assert rows["f32"][0] == "float32" and rows["i64"][0] == "int64" and rows["flag"][0] == "bool"
     assert rows["bf16"][0] == "bfloat16"
     assert "in 1 PyTorch file(s)" in proc.stdout

@@ -139,9 +139,9 @@ def test_inspect_lists_legacy_and_strided_tensors() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[1:-1]}
-    assert rows["transposed"] == ["float32", "(4,", "3)", "48"]
-    assert rows["expanded_i8"] == ["int8", "(5,", "3)", "15"]
-    assert proc.stdout.splitlines()[-1].startswith("6 tensors")
+    assert rows["transposed"] == ["float32", "(4,", "3)", "48", "B"]
+    assert rows["expanded_i8"] == ["int8", "(5,", "3)", "15", "B"]
+    assert proc.stdout.splitlines()[-1].startswith("total: 6 tensors")
 
 
 def hostile_checkpoint(path: Path, marker: Path) -> None:

@@ -34,7 +34,7 @@ def changed():
 
 def parse(text):
     lines = text.splitlines()
-    out = {"head": lines[0], "missing_left": [], "missing_right": [], "differs": {}}
+    out = {"head": lines[0], "missing_left": [], "missing_right": [], "differs": {}, "dtype": {}}
     for line in lines[1:]:
         if m := re.fullmatch(r"  missing on the left: (\S+)", line):
             out["missing_left"].append(m.group(1))
@@ -42,13 +42,15 @@ def parse(text):
             out["missing_right"].append(m.group(1))
         elif m := re.fullmatch(r"  differs: (\S+) vs (\S+): (.*)", line):
             out["differs"][m.group(1)] = (m.group(2), m.group(3))
+        elif m := re.fullmatch(r"  dtype: (\S+) vs (\S+): (.*)", line):
+            out["dtype"][m.group(1)] = (m.group(2), m.group(3))
         else:
             raise AssertionError(f"unexpected line {line!r}")
     return out
 
 
 def max_diff(reason):
-    return float(re.search(r"max \|a-b\| = (\S+)", reason).group(1))
+    return float(re.search(r"max \|a-b\| = ([^\s,]+)", reason).group(1))
 
 
 @pytest.fixture
@@ -66,19 +68,23 @@ def test_aliases_report_exactly_the_injected_differences(pair):
     r = run_diff(*pair, {"left_alias": "a", "right_alias": "b"})
     assert r["missing_left"] == ["b::extra"]
     assert r["missing_right"] == ["a::gone"]
-    assert set(r["differs"]) == {"a::h.1.w", "a::h.0.b", "a::emb"}
+    assert set(r["differs"]) == {"a::h.1.w", "a::h.0.b"}
     assert r["differs"]["a::h.0.b"] == ("b::h.0.b", "shape (6,) vs (2, 3)")
     right, reason = r["differs"]["a::h.1.w"]
     want = np.abs(BASE["h.1.w"].astype(np.float64) - changed()["h.1.w"].astype(np.float64)).max()
-    assert right == "b::h.1.w" and max_diff(reason) == pytest.approx(want, rel=1e-12) and "> eps 0" in reason
-    assert r["differs"]["a::emb"][1].startswith("dtype float16 vs float32")
-    assert max_diff(r["differs"]["a::emb"][1]) == 0.0
-    assert r["head"].startswith("diff a vs b (eps 0): 5 pairs compared, 3 differ, 1 missing on the left, 1 missing on the right")
+    assert right == "b::h.1.w" and f"max |a-b| = {np.format_float_scientific(want, precision=2)} > eps 0" in reason
+    # A dtype change with equal values is reported as a dtype change (issue 14 item 6).
+    assert r["dtype"]["a::emb"][1].startswith("float16 → float32 (max |a-b| = 0, rel = 0")
+    assert max_diff(r["dtype"]["a::emb"][1]) == 0.0
+    assert r["head"] == (
+        "diff a vs b (eps 0): 5 pairs compared, 2 differ, 1 missing on the left, 1 missing on the right, "
+        "1 pair with only a dtype change"
+    )
 
 
 def test_eps_hides_small_value_differences(pair):
     r = run_diff(*pair, {"left_alias": "a", "right_alias": "b", "eps": 0.3})
-    assert set(r["differs"]) == {"a::h.0.b", "a::emb"}
+    assert set(r["differs"]) == {"a::h.0.b"} and set(r["dtype"]) == {"a::emb"}
 
 
 def test_references_with_rewrite(pair):
@@ -110,8 +116,8 @@ def test_nan_against_number_differs(write):
 
 def test_check_reports_header_differences_and_defers_values(pair):
     r = run_diff(*pair, {"left_alias": "a", "right_alias": "b"}, check=True)
-    assert set(r["differs"]) == {"a::h.0.b", "a::emb"}
-    assert r["differs"]["a::emb"][1] == "dtype float16 vs float32"
+    assert set(r["differs"]) == {"a::h.0.b"}
+    assert r["dtype"]["a::emb"][1] == "float16 → float32"
     assert r["missing_left"] == ["b::extra"] and r["missing_right"] == ["a::gone"]
     assert "(values of 4 pairs compared when the plan runs)" in r["head"]
 
@@ -153,7 +159,7 @@ def test_cli_diff_exit_codes(pair, write, tmp_path):
     body = "\n".join(proc.stdout.splitlines()[2:])
     r = parse(body)
     assert r["missing_left"] == ["right::extra"] and r["missing_right"] == ["left::gone"]
-    assert set(r["differs"]) == {"left::h.1.w", "left::h.0.b", "left::emb"}
+    assert set(r["differs"]) == {"left::h.1.w", "left::h.0.b"} and set(r["dtype"]) == {"left::emb"}
     proc = pymod(["diff", a, a], cwd=tmp_path)
     assert proc.returncode == 0 and "no differences" in proc.stdout, proc.stdout + proc.stderr
     close = write({k: (v + np.asarray(1e-3, v.dtype) if v.dtype.kind == "f" else v) for k, v in BASE.items()}, name="c.safetensors")
@@ -186,7 +192,7 @@ def test_issue15_mode_as_the_original_writes_it(pair, tmp_path):
     assert len(starts) == 3, proc.stdout
     whole = parse("\n".join(lines[starts[0] : starts[1]]))
     assert whole["missing_left"] == ["edited::extra"] and whole["missing_right"] == ["base::gone"]
-    assert set(whole["differs"]) == {"base::h.1.w", "base::h.0.b", "base::emb"}
+    assert set(whole["differs"]) == {"base::h.1.w", "base::h.0.b"} and set(whole["dtype"]) == {"base::emb"}
     report = bs.run(plan.read_text())
     built = bs.Plan(inputs=[f"base::{a}", f"edited::{b}"]).diff(mode="aliases", left_alias="base", right_alias="edited")
     assert built.to_dict()["transforms"] == [{"diff": {"left_alias": "base", "right_alias": "edited", "mode": "aliases"}}]
