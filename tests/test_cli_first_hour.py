@@ -56,7 +56,7 @@ def test_item2_help_shows_the_main_form_first_then_the_commands(ws: Path, flag: 
     commands = out.index("Commands:")
     assert usage < min(options) and max(options) < commands, out
     listed = re.findall(r"^  (\w+)  ", out[commands:], re.M)
-    assert listed == ["run", "check", "inspect", "diff", "help"], out[commands:]
+    assert listed == ["run", "check", "inspect", "diff", "mergekit", "help"], out[commands:]
     # `help` without a name opens the same way, then lists the transforms.
     text = ok(cli(["help"], cwd=ws)).stdout
     assert text.index("Usage: brainsurgery PLAN.yaml") < text.index("Commands:") < text.index("merge_lora"), text[:2000]
