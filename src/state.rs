@@ -154,10 +154,35 @@ pub fn expert_index(name: &str) -> Option<usize> {
         .find_map(|w| (w[0] == "experts").then(|| w[1].parse().ok()).flatten())
 }
 
-/// Whether a model config agrees with the tensors written beside it: its layer count, hidden
-/// size and number of experts, where it gives them and the names show them. A config that
-/// disagrees makes a checkpoint `from_pretrained` refuses or, worse, loads wrongly (layers
-/// silently left at their random initialisation); the message says what to set.
+/// The decoder layer number of a tensor of a causal LM as transformers names them: the number
+/// after the top-level `layers` / `h` of the language model (`model.layers.N.`,
+/// `model.language_model.layers.N.`, `language_model.model.layers.N.`, `transformer.h.N.`,
+/// `gpt_neox.layers.N.`, `model.decoder.layers.N.`). Towers and blocks elsewhere (a vision tower's
+/// `visual.blocks.N`, T5's `encoder.block.N.layer.M`) are not counted: their sizes are not
+/// `num_hidden_layers`.
+pub fn decoder_layer_index(name: &str) -> Option<usize> {
+    const ROOTS: &[&str] = &[
+        "model.layers.",
+        "model.language_model.layers.",
+        "language_model.model.layers.",
+        "model.decoder.layers.",
+        "transformer.h.",
+        "gpt_neox.layers.",
+        "layers.",
+        "h.",
+    ];
+    let rest = ROOTS.iter().find_map(|root| name.strip_prefix(root))?;
+    let (number, tail) = rest.split_once('.')?;
+    (!tail.is_empty()).then(|| number.parse().ok()).flatten()
+}
+
+/// Whether a model config agrees with the tensors written beside it: its decoder layer count
+/// ([`decoder_layer_index`]; `num_nextn_predict_layers` multi-token-prediction layers stored
+/// after them allowed), hidden size (unless the embeddings have their own width,
+/// `embedding_size` / `word_embed_proj_dim`) and number of experts, where it gives them and the
+/// names show them. A config that disagrees makes a checkpoint `from_pretrained` refuses or,
+/// worse, loads wrongly (layers silently left at their random initialisation); the message says
+/// what to set.
 pub fn check_config<'a>(
     config: &Json,
     tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
@@ -168,29 +193,50 @@ pub fn check_config<'a>(
     }
     let (mut layers, mut experts, mut hidden) = (None::<usize>, None::<usize>, None::<(String, usize)>);
     for (name, shape) in tensors {
-        if let Some(i) = layer_index(name) {
+        if let Some(i) = decoder_layer_index(name) {
             layers = Some(layers.map_or(i + 1, |n| n.max(i + 1)));
         }
         if let Some(i) = expert_index(name) {
             experts = Some(experts.map_or(i + 1, |n| n.max(i + 1)));
         }
-        let embedding = ["embed_tokens.weight", "wte.weight", "word_embeddings.weight"]
-            .iter()
-            .any(|suffix| name == *suffix || name.ends_with(&format!(".{suffix}")));
+        let embedding = [
+            "model.embed_tokens.weight",
+            "model.language_model.embed_tokens.weight",
+            "language_model.model.embed_tokens.weight",
+            "transformer.wte.weight",
+            "wte.weight",
+            "embed_tokens.weight",
+        ]
+        .contains(&name);
         if embedding && shape.len() == 2 && hidden.is_none() {
             hidden = Some((name.to_owned(), shape[1]));
         }
     }
+    let predict = config
+        .get("num_nextn_predict_layers")
+        .and_then(Json::as_u64)
+        .unwrap_or(0);
     if let (Some((key, want)), Some(have)) = (number(config, &["num_hidden_layers", "n_layer", "num_layers"]), layers) {
-        if want != have as u64 {
+        if want != have as u64 && want + predict != have as u64 {
             return Err(format!(
                 "config.json says {key}: {want} but the tensors have {have} layers (0–{}); set it with `config: {{set: {{{key}: {have}}}}}`",
                 have - 1
             ));
         }
     }
+    if let (Some(Json::Array(types)), Some(have)) = (config.get("layer_types"), layers) {
+        if types.len() != have && types.len() as u64 != have as u64 + predict {
+            return Err(format!(
+                "config.json lists {} layer_types but the tensors have {have} layers; give one per layer with `config: {{set: {{layer_types: [...]}}}}`",
+                types.len()
+            ));
+        }
+    }
+    let own_width = ["embedding_size", "word_embed_proj_dim"]
+        .iter()
+        .any(|k| config.get(*k).is_some());
     if let (Some((key, want)), Some((name, have))) = (number(config, &["hidden_size", "n_embd", "d_model"]), hidden) {
-        if want != have as u64 {
+        if want != have as u64 && !own_width {
             return Err(format!(
                 "config.json says {key}: {want} but `{name}` has {have} columns; set it with `config: {{set: {{{key}: {have}}}}}`"
             ));

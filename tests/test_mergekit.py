@@ -428,6 +428,7 @@ def test_moe_config_translates_to_upcycle_moe(tmp_path):
             {"upcycle_moe": {"alias": base, "experts": 4, "experts_per_token": 2, "router": "random",
                              "experts_from": [base, "MetaMath-Mistral-7B", base, "CodeNinja-1.0-OpenChat-7B"]}},
             {"cast_": {"target": f"{base}::.*", "dtype": "bfloat16", "only": "float"}},
+            {"config": {"alias": base, "set": {"torch_dtype": "bfloat16"}}},
         ],
         "output": {"path": "out/moe", "alias": base},
     }

@@ -209,3 +209,20 @@ def test_hf_ids_in_python(tmp_path: Path, weights: dict[str, np.ndarray], monkey
     monkeypatch.chdir(tmp_path)
     bs.run({"inputs": ["hf://org/tiny@v1"], "output": "o.safetensors"}, quiet=True)
     np.testing.assert_array_equal(load_file(str(tmp_path / "o.safetensors"))["b"], weights["b"] * np.float32(2))
+
+
+def test_downloads_choose_top_level_safetensors_over_bin() -> None:
+    """A repo with both safetensors and .bin weights (and a folder of original checkpoints) is
+    fetched once: the top-level safetensors, configs and tokenizer files."""
+    from brainsurgery._hub import _choose
+
+    files = [
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "pytorch_model.bin", "original/consolidated.00.pth",
+        "tokenizer.model", "training_args.bin", "README.md",
+    ]
+    assert _choose(files) == sorted([
+        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json", "tokenizer.model",
+    ])
+    assert _choose(["config.json", "pytorch_model.bin", "training_args.bin"]) == ["config.json", "pytorch_model.bin"]

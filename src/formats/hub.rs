@@ -56,17 +56,7 @@ pub fn set_fetcher(fetcher: Box<Fetcher>) {
 }
 
 /// The files a download fetches: weights, their indexes and configs, tokenizer files.
-pub const DOWNLOAD_PATTERNS: &[&str] = &[
-    "*.safetensors",
-    "*.json",
-    "*.bin",
-    "*.pt",
-    "*.pth",
-    "*.npz",
-    "*.model",
-    "*.txt",
-    "*.tiktoken",
-];
+pub const DOWNLOAD_PATTERNS: &[&str] = &["*.safetensors", "*.json", "*.bin", "*.model", "*.txt", "*.tiktoken"];
 
 /// A parsed `hf://` id.
 #[derive(Debug, Clone, PartialEq, Eq)]

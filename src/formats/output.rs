@@ -1011,7 +1011,14 @@ fn sidecar_copies<'a>(
     let mut copies = Vec::with_capacity(sidecars.len());
     for sidecar in sidecars {
         let name = match sidecar.name() {
-            Some(name) if Path::new(name).components().count() == 1 && name != ".." => name,
+            Some(name)
+                if matches!(
+                    Path::new(name).components().collect::<Vec<_>>().as_slice(),
+                    [std::path::Component::Normal(_)]
+                ) =>
+            {
+                name
+            }
             _ => {
                 return Err(FormatError::InvalidOutput {
                     path: sidecar.describe(),

@@ -8,8 +8,6 @@
 //! file and asking whether a model reference names a local path (as MergeKit does). What cannot
 //! be translated exactly is a [`PlanError`] naming the key.
 
-use std::path::Path;
-
 use serde_json::{json, Map, Value};
 
 use super::document::{kind_of, load, PlanSource};
@@ -335,7 +333,8 @@ impl Translator<'_> {
             (Some(_), None) => return Err(self.error(at, format!("invalid model reference `{text}`"))),
             (None, revision) => (text, revision),
         };
-        let local = Path::new(&path);
+        let expanded = crate::plan::paths::expand_home(&path);
+        let local = expanded.as_path();
         if revision.is_none() && local.exists() || !looks_like_repo_id(&path) {
             if let Some(rev) = revision {
                 return Err(self.error(
@@ -1013,6 +1012,8 @@ impl Translator<'_> {
         if let Some(v) = map.get("dtype").filter(|v| !v.is_null()) {
             let dtype = self.dtype(v, &root.key("dtype"))?;
             transforms.push(json!({ "cast_": { "target": format!("{base}::.*"), "dtype": dtype, "only": "float" } }));
+            // As MergeKit writes it: the config says the dtype the weights were cast to.
+            transforms.push(json!({ "config": { "alias": base, "set": { "torch_dtype": dtype } } }));
         }
         let mut plan = Map::new();
         plan.insert("inputs".into(), self.inputs_value());
@@ -1274,6 +1275,7 @@ mod tests {
                     {"upcycle_moe": {"alias": "dense", "experts": 3, "experts_per_token": 2, "layout": "mixtral",
                                      "router": "random", "experts_from": ["dense", "code", "dense"]}},
                     {"cast_": {"target": "dense::.*", "dtype": "bfloat16", "only": "float"}},
+                    {"config": {"alias": "dense", "set": {"torch_dtype": "bfloat16"}}},
                 ],
                 "output": {"path": "out", "alias": "dense"},
             })

@@ -770,12 +770,17 @@ fn parse_passthrough(
 }
 
 /// Whether a tensor outside the layers belongs to the input side of a model (token and position
-/// embeddings: `embed_tokens`, `word_embeddings`, `embed_in`, GPT-2's `wte`/`wpe`), which a
-/// passthrough merge takes from its first slice; the other ones (final norm, `lm_head`) come
-/// from the last.
+/// embeddings: `embed_tokens`, `embeddings`, `word_embeddings`, `embed_in`, `embed_positions`,
+/// GPT-2's `wte`/`wpe`), which a passthrough merge takes from its first slice; the other ones
+/// (final norm, `lm_head`, GPT-NeoX's `embed_out`) come from the last, as MergeKit's
+/// architecture tables list them.
 fn is_input_embedding(name: &str) -> bool {
-    name.split('.')
-        .any(|segment| segment.contains("embed") || segment == "wte" || segment == "wpe")
+    name.split('.').any(|segment| {
+        matches!(
+            segment,
+            "embed_tokens" | "embed_in" | "embed_positions" | "embeddings" | "word_embeddings" | "wte" | "wpe"
+        )
+    })
 }
 
 /// `name` with its layer number (see [`layer_index`]) replaced by `layer`.
@@ -859,7 +864,8 @@ impl Transform for Passthrough {
         }
         let count = pre.len() + stacked.len() + post.len();
         let source = self.sidecars.as_deref().unwrap_or(first);
-        carry_sidecars(state, source, &self.to, self.dtype, Some(next), location)?;
+        let sources: Vec<usize> = self.slices.iter().flat_map(|s| s.start..s.end).collect();
+        carry_sidecars(state, source, &self.to, self.dtype, Some(&sources), location)?;
         for (name, tensor) in pre.into_iter().chain(stacked).chain(post) {
             state.insert(&self.to, &name, tensor);
         }
@@ -1215,18 +1221,20 @@ impl Transform for Merge {
 /// Creates the alias `to` with the sidecars (config, tokenizer, …) of `source`: a merged model
 /// loads with `from_pretrained` only with its base's config beside it (issue 13 item 4). The
 /// config then says the result's dtype (`torch_dtype`, and `dtype` as transformers 5 names it,
-/// where present) and, for passthrough, its layer count.
+/// where present) and, for passthrough (`layers`: the source layer of each layer written), its
+/// layer count and per-layer `layer_types` (which transformers checks against the count). A
+/// config that is not JSON is carried as it is.
 fn carry_sidecars(
     state: &mut State,
     source: &str,
     to: &str,
     dtype: Option<DType>,
-    layers: Option<usize>,
+    layers: Option<&[usize]>,
     location: &Location,
 ) -> Result<(), StepError> {
     state.alias_for(Some(source), source, &location.key("sidecars"))?;
     state.copy_sidecars(source, to);
-    let Some(mut config) = state.sidecar_json(to, "config.json")? else {
+    let Ok(Some(mut config)) = state.sidecar_json(to, "config.json") else {
         return Ok(());
     };
     let mut changed = false;
@@ -1242,7 +1250,15 @@ fn carry_sidecars(
         // Llama-style configs say num_hidden_layers; GPT-2 n_layer; a few num_layers.
         for key in ["num_hidden_layers", "n_layer", "num_layers"] {
             if map.get(key).is_some_and(Json::is_u64) {
-                map.insert(key.to_owned(), Json::from(layers));
+                map.insert(key.to_owned(), Json::from(layers.len()));
+                changed = true;
+            }
+        }
+        // Per-layer attention kinds (Qwen2/3, Gemma): each written layer keeps its source's.
+        if let Some(Json::Array(types)) = map.get("layer_types") {
+            if layers.iter().all(|&l| l < types.len()) {
+                let rebuilt: Vec<Json> = layers.iter().map(|&l| types[l].clone()).collect();
+                map.insert("layer_types".to_owned(), Json::Array(rebuilt));
                 changed = true;
             }
         }

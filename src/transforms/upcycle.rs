@@ -245,6 +245,13 @@ pub fn upcycled_config(
     if layout == Layout::Mixtral && dense.get("attention_bias") == Some(&Json::Bool(true)) {
         return Err(config_error("attention_bias", "Mixtral's attention has no biases"));
     }
+    // Qwen2's q/k/v biases are implicit (no config key); Mixtral would drop them silently.
+    if layout == Layout::Mixtral && dense.get("model_type").and_then(Json::as_str) == Some("qwen2") {
+        return Err(config_error(
+            "model_type",
+            "Qwen2's attention has q/k/v biases Mixtral has no place for; use layout: qwen2_moe",
+        ));
+    }
     let intermediate = match dense.get("intermediate_size") {
         Some(Json::Number(n)) if n.as_u64().is_some() => n.clone(),
         Some(other) => {
@@ -1311,6 +1318,10 @@ mod tests {
         assert!(upcycled_config(&biased, Layout::Olmoe, 2, 1).is_ok());
         biased["mlp_bias"] = json!(true);
         assert!(err(&biased, Layout::Olmoe, 2, 1).contains("mlp_bias"));
+        // Qwen2's implicit q/k/v biases: refused for Mixtral, kept by Qwen2-MoE.
+        let mut qwen2 = llama();
+        qwen2["model_type"] = json!("qwen2");
+        assert!(err(&qwen2, Layout::Mixtral, 2, 1).contains("qwen2_moe"));
         let mut moe = llama();
         moe["model_type"] = json!("mixtral");
         assert!(err(&moe, Layout::Mixtral, 2, 1).contains("already a mixture of experts"));

@@ -190,3 +190,56 @@ def test_passthrough_frankenmerge_loads_with_transformers(tmp_path: Path) -> Non
     dense = model.state_dict()
     got = loaded.state_dict()
     assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], dense["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_towers_and_prediction_layers_do_not_count_as_decoder_layers(tmp_path: Path) -> None:
+    """A plain copy of a checkpoint whose config is right is never refused: a vision tower's
+    `blocks`, T5's `block.N.layer.M` and DeepSeek's multi-token-prediction layer after the decoder
+    are not decoder layers, and an embedding of its own width is not `hidden_size`."""
+    cases = {
+        "vl": ({"model.layers.0.mlp.w": (2, 2), "model.layers.1.mlp.w": (2, 2), "visual.blocks.5.attn.w": (2, 2)},
+               {"num_hidden_layers": 2}),
+        "t5": ({"encoder.block.0.layer.2.w": (2, 2), "decoder.block.0.layer.2.w": (2, 2)}, {"num_layers": 1}),
+        "mtp": ({"model.layers.0.w": (2, 2), "model.layers.1.w": (2, 2), "model.layers.2.w": (2, 2)},
+                {"num_hidden_layers": 2, "num_nextn_predict_layers": 1}),
+        "albert": ({"model.embed_tokens.weight": (16, 4), "model.layers.0.w": (2, 2)},
+                   {"hidden_size": 8, "embedding_size": 4, "num_hidden_layers": 1}),
+    }
+    for name, (shapes, config) in cases.items():
+        src = tmp_path / name
+        src.mkdir()
+        write_st(src / "model.safetensors", {n: np.zeros(s, np.float32) for n, s in shapes.items()}, {"format": "pt"})
+        (src / "config.json").write_text(json.dumps(config))
+        proc = cli([str(src), "-o", str(tmp_path / f"{name}-out")], tmp_path)
+        assert proc.returncode == 0, (name, proc.stderr)
+
+
+def test_passthrough_rebuilds_layer_types_and_takes_embed_out_from_the_last_slice(tmp_path: Path) -> None:
+    a, b = llama_dir(tmp_path / "a", 0, extra={"layer_types": ["full", "sliding", "full"]}), llama_dir(tmp_path / "b", 1)
+    for d, v in ((a, 1.0), (b, 2.0)):
+        tensors = {n: np.full(2, v, np.float32) for n in ("embed_out.weight", "final_layer_norm.weight")}
+        write_st(d / "extra.safetensors", tensors)
+    out = tmp_path / "f"
+    bs.run({
+        "inputs": [f"a::{a}", f"b::{b}"],
+        "transforms": [{"merge": {"method": "passthrough", "slices": [{"alias": "a", "layers": [1, 3]}, {"alias": "b", "layers": [0, 2]}], "to": "f"}}],
+        "output": {"path": str(out), "alias": "f"},
+    })
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["layer_types"] == ["sliding", "full", "full", "sliding"]
+    got = load_file(str(out / "model.safetensors"))
+    # GPT-NeoX's output head is a post weight (MergeKit's gpt-neox table): from the last slice.
+    assert got["embed_out.weight"].tolist() == [2.0, 2.0] and got["final_layer_norm.weight"].tolist() == [2.0, 2.0]
+    assert np.array_equal(got["model.embed_tokens.weight"], load_file(str(a / "model.safetensors"))["model.embed_tokens.weight"])
+
+
+def test_a_merge_carries_a_config_that_is_not_strict_json(tmp_path: Path) -> None:
+    a, b = llama_dir(tmp_path / "a", 0), llama_dir(tmp_path / "b", 1)
+    (a / "config.json").write_text('{"num_hidden_layers": 3, "initializer_range": NaN}')
+    out = tmp_path / "m"
+    bs.run({
+        "inputs": [f"a::{a}", f"b::{b}"],
+        "transforms": [{"merge": {"method": "linear", "models": ["a", "b"], "weight": 0.5, "to": "m", "dtype": "bfloat16"}}],
+        "output": {"path": str(out), "alias": "m"},
+    })
+    assert "NaN" in (out / "config.json").read_text()
