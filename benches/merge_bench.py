@@ -2,8 +2,8 @@
 MergeKit 0.1.5's `mergekit-yaml` in the same batch, against `cp` of the output's bytes.
 
 Three Llama-style BF16 directories (`config.json` LlamaForCausalLM + `model.safetensors`,
-independent seeded weights; `--layers` sets the size: 22 layers of hidden 2048 / intermediate
-5632 with a 32k vocabulary ≈ 1 GiB each) are written once into `$BENCH_DIR/merge-llama-L{layers}/`.
+independent seeded weights; `--layers` sets the size: hidden 2048 / intermediate 5632 with a
+32k vocabulary, 2.4 GiB each at 22 layers, 1.0 GiB at 7) are written once into `$BENCH_DIR/merge-llama-L{layers}/`.
 The config is MergeKit's TIES example (`base_model` + two models, weight 0.5 and density 0.5
 each, `dtype: bfloat16`). Best wall time of `--repeat` runs and peak RSS, as benches/run.py
 measures them. Targets: within 3× `cp`, peak RSS ≤ 512 MiB; ≥ 5× faster than MergeKit at ≤ ¼ of
