@@ -52,8 +52,8 @@ const EXPERT_KEYS: &[&str] = &[
     "residual_scale",
 ];
 
-/// Every merge method `merge` runs (MergeKit 0.1.5's names).
-const METHODS: &[&str] = &[
+/// Every merge method `merge` runs (MergeKit 0.1.5's names), in the order `help` lists them.
+pub(crate) const METHODS: &[&str] = &[
     "linear",
     "task_arithmetic",
     "ties",

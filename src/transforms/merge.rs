@@ -222,26 +222,9 @@ enum BaseUse {
     Refused,
 }
 
-/// Every method MergeKit 0.1.5 has, in the order `help` lists them.
-const KNOWN: &[&str] = &[
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-    "slerp",
-    "nuslerp",
-    "multislerp",
-    "model_stock",
-    "karcher",
-    "sce",
-    "arcee_fusion",
-    "passthrough",
-];
+/// Every method MergeKit 0.1.5 has, in the order `help` lists them (one list, shared with the
+/// MergeKit config translation).
+use crate::plan::mergekit::METHODS as KNOWN;
 
 impl Method {
     /// The method named `name`, or `None` when it is not (yet) implemented.
