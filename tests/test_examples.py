@@ -43,7 +43,7 @@ def load(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"demo", "upcycle_moe", "prefix_rewrite", "bulk_scale", "tour"}
+    tested = {"demo", "upcycle_moe", "prefix_rewrite", "bulk_scale", "tour", "ties_merge"}
     assert {p.stem for p in (ROOT / "examples").glob("*.yaml")} <= tested
 
 
@@ -110,3 +110,30 @@ def test_tour(workdir: Path) -> None:
     assert "split:" in stdout and "sizes" in stdout  # help
     assert "h.0.attn.c_attn.weight" in stdout  # dump
     assert "no differences" in stdout  # diff
+
+
+def test_ties_merge(workdir: Path) -> None:
+    """TIES from MergeKit's formula, in NumPy: where only one fine-tune changed a tensor, the
+    result is the base plus that delta's largest half (|δ| ranked with ties by index); the
+    others are the base's."""
+    run_example(workdir, "ties_merge")
+    out = load(workdir / "out" / "tiny-gpt2-ties")
+    base = tiny_gpt2()
+    changed = {}
+    for name, b in base.items():
+        if ".attn.c_attn.weight" in name:
+            changed[name] = (b.astype(np.float32) * np.float32(1.1)).astype(np.float32)
+        elif ".mlp.c_fc.weight" in name:
+            changed[name] = (b.astype(np.float32) * np.float32(0.9)).astype(np.float32)
+    assert changed
+    for name, b in base.items():
+        if name not in changed:
+            np.testing.assert_array_equal(out[name], b, err_msg=name)
+            continue
+        delta = (changed[name] - b).astype(np.float32).ravel()
+        keep = np.zeros(delta.size, bool)
+        # A stable sort of -|δ|: the largest first, equal ones in index order.
+        keep[np.argsort(-np.abs(delta.astype(np.float64)), kind="stable")[: delta.size // 2]] = True
+        expected = (b.ravel().astype(np.float64) + np.where(keep, delta, 0)).astype(np.float32).reshape(b.shape)
+        np.testing.assert_allclose(out[name], expected, rtol=1e-6, atol=1e-7, err_msg=name)
+        assert not np.array_equal(out[name], b)
