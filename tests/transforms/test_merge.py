@@ -758,14 +758,30 @@ def test_check_is_header_only(tmp_path):
 def test_memory_estimate_counts_one_workspace(tmp_path):
     """The check counts the largest merged result plus one tensor's inputs and work buffers, not
     every tensor's: a merge holds one tensor per input at a time, and results are released once
-    written."""
+    written. Merges computed chunk by chunk (linear, the TIES/DARE/breadcrumbs family) hold no
+    tensor whole: their figure does not grow with the model."""
     models, paths = checkpoints(tmp_path)
     out = tmp_path / "est.safetensors"
-    report = bs.check({"inputs": inputs(paths), "transforms": [{"merge": DARE}], "output": str(out)})
+    della = {**DARE, "method": "della"}
+    report = bs.check({"inputs": inputs(paths), "transforms": [{"merge": della}], "output": str(out)})
     sizes = {n: int(np.prod(s)) for n, s in names().items()}
     results = 2 * max(sizes.values())  # the largest bfloat16 result
     workspace = max(sizes.values()) * 4 * 5  # base + 2 models + 2 work buffers, f32
     assert report["materialized_bytes"] == results + workspace
+    for method in ("dare_ties", "ties", "linear"):
+        merge = {**DARE, "method": method}
+        if method == "linear":
+            del merge["base"]
+        small = bs.check({"inputs": inputs(paths), "transforms": [{"merge": merge}], "output": str(out)})
+        big_paths = {alias: tmp_path / f"big-{alias}.safetensors" for alias in paths}
+        for alias, path in big_paths.items():
+            save_file({"model.embed_tokens.weight": np.zeros((4096, 1024), F32)}, str(path))
+        big = bs.check({"inputs": inputs(big_paths), "transforms": [{"merge": merge}], "output": str(out)})
+        if method == "ties":
+            # A sample of keys and the keys a bracket may gather grow with the tensor, to a cap.
+            assert small["materialized_bytes"] < big["materialized_bytes"] < 64 * 2**20, method
+        else:
+            assert small["materialized_bytes"] == big["materialized_bytes"] < 4 * 2**20, method
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -8,9 +8,13 @@
 //! headers alone): a number, a gradient (a list interpolated across the layer index found in the
 //! tensor name, as MergeKit's gradients) or a list of `{filter, value}` entries (the first entry
 //! whose `filter` is a substring of the name, an entry without `filter` matching every name).
-//! Each merged tensor is a [`MergeOp`]: computed once, on its first read, from its inputs read
-//! whole in f32 (f64 when every input is F64) into buffers of the run's memory budget (one per
-//! input, plus the result), then kept for the chunks the writer reads and released once written.
+//! Each merged tensor is a [`MergeOp`], computed in f32 (f64 when every input is F64). `linear`
+//! and the TIES/DARE/breadcrumbs family are computed chunk by chunk as the writer reads them,
+//! after passes over the inputs for the figures of the whole tensor they need ([`streamed`]):
+//! no tensor is held whole. The other methods (DELLA, the slerps, model_stock, karcher, sce,
+//! arcee_fusion) need whole tensors at once: computed on the first read from the inputs read
+//! whole into buffers of the run's memory budget (one per input, plus the result), then kept
+//! for the chunks the writer reads and released once written.
 //! Random masks (DARE, DELLA) come from [`uniform`], a counter-based generator keyed by the
 //! `seed`, the model's alias and the tensor's name, so a tensor's masks do not depend on the
 //! order or thread in which tensors are computed.
@@ -32,6 +36,9 @@ use crate::references::Reference;
 pub(crate) use crate::state::layer_index;
 use crate::state::State;
 use crate::value::{read_real_scratch, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
+
+mod streamed;
+use streamed::Figures;
 
 const FIELDS: &[Field] = &[
     Field::required(
@@ -1149,11 +1156,19 @@ impl Transform for Merge {
             } else {
                 4
             };
-            // Computing it holds every input whole in the work type and at most two buffers
-            // more (sort keys and their copy; karcher's mean and tangent), then the result.
-            let transient = n.saturating_mul(wide).saturating_mul(inputs.len() + 2);
-            workspace.fetch_max(transient, Ordering::Relaxed);
-            largest.fetch_max(dtype.nbytes(n).unwrap_or(usize::MAX), Ordering::Relaxed);
+            if streamed::streams(self.method) {
+                let pruned = params.iter().filter(|p| p.density < 1.0).count();
+                workspace.fetch_max(
+                    streamed::workspace(self.method, inputs.len(), pruned, n),
+                    Ordering::Relaxed,
+                );
+            } else {
+                // Computing it holds every input whole in the work type and at most two buffers
+                // more (sort keys and their copy; karcher's mean and tangent), then the result.
+                let transient = n.saturating_mul(wide).saturating_mul(inputs.len() + 2);
+                workspace.fetch_max(transient, Ordering::Relaxed);
+                largest.fetch_max(dtype.nbytes(n).unwrap_or(usize::MAX), Ordering::Relaxed);
+            }
             let op = MergeOp {
                 method: self.method,
                 inputs,
@@ -1173,6 +1188,7 @@ impl Transform for Merge {
                 largest: largest.clone(),
                 workspace: workspace.clone(),
                 result: Mutex::new(None),
+                figures: Mutex::new(None),
             };
             let tensor = Tensor::op(dtype, first_tensor.shape.clone(), Arc::new(op))
                 .map_err(|e| TransformError::value_of(&display, e))?;
@@ -1320,13 +1336,60 @@ pub struct MergeOp {
     largest: Arc<AtomicUsize>,
     /// The most bytes computing one tensor of this step takes (shared by the step's tensors).
     workspace: Arc<AtomicUsize>,
+    /// Computed whole: the result, once computed.
     result: Mutex<Option<Arc<Scratch>>>,
+    /// Computed chunk by chunk ([`streamed`]): the tensor's figures, once found.
+    figures: Mutex<Option<Arc<Figures>>>,
 }
 
-/// The work type's buffers: whole tensors as `T`.
-trait Work: Real + Element {}
-impl Work for f32 {}
-impl Work for f64 {}
+/// The work type of merging: f32, or f64 when every input is F64.
+trait Work: Real + Element {
+    /// Bits in [`Work::abs_bits`].
+    const WIDTH: u32;
+    /// The bits of |x|, which order as the magnitudes.
+    fn abs_bits(self) -> u64;
+    /// `self − other`, rounded once (as in f64 and rounded: the double rounding is innocuous
+    /// for f32, whose precision is less than half of f64's).
+    fn minus(self, other: Self) -> Self;
+    /// The value where `keep`, else +0 (without branching).
+    fn kept(self, keep: bool) -> Self;
+    /// The values' bytes (little-endian on the targets we build for, as the arena's views).
+    fn bytes(values: &[Self]) -> &[u8] {
+        // SAFETY: plain numbers (`Element`) viewed as bytes; u8 has no alignment.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+    }
+    /// The values' bytes, to fill.
+    fn bytes_mut(values: &mut [Self]) -> &mut [u8] {
+        // SAFETY: as in `bytes`; every bit pattern is a valid value.
+        unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+    }
+}
+
+impl Work for f32 {
+    const WIDTH: u32 = 32;
+    fn abs_bits(self) -> u64 {
+        u64::from(self.abs().to_bits())
+    }
+    fn minus(self, other: Self) -> Self {
+        self - other
+    }
+    fn kept(self, keep: bool) -> Self {
+        f32::from_bits(self.to_bits() & 0u32.wrapping_sub(u32::from(keep)))
+    }
+}
+
+impl Work for f64 {
+    const WIDTH: u32 = 64;
+    fn abs_bits(self) -> u64 {
+        self.abs().to_bits()
+    }
+    fn minus(self, other: Self) -> Self {
+        self - other
+    }
+    fn kept(self, keep: bool) -> Self {
+        f64::from_bits(self.to_bits() & 0u64.wrapping_sub(u64::from(keep)))
+    }
+}
 
 impl MergeOp {
     fn wide(&self) -> usize {
@@ -1353,6 +1416,21 @@ impl MergeOp {
         Ok(result)
     }
 
+    /// The figures a streamed merge needs, found on the first read.
+    fn figures_once(&self, cx: &mut ReadContext) -> Result<Arc<Figures>, ValueError> {
+        let mut slot = self.figures.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(figures) = &*slot {
+            return Ok(figures.clone());
+        }
+        let figures = Arc::new(if self.wide() == 8 {
+            self.figures::<f64>(cx)?
+        } else {
+            self.figures::<f32>(cx)?
+        });
+        *slot = Some(figures.clone());
+        Ok(figures)
+    }
+
     fn read_input<T: Work>(&self, i: usize, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
         cx.check()?;
         read_real_scratch::<T>(&self.inputs[i], "merge", cx)
@@ -1361,10 +1439,10 @@ impl MergeOp {
     /// The merged values in `T`, converted to `dtype`.
     fn compute<T: Work>(&self, dtype: DType, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
         let values = match self.method {
-            Method::Linear => self.linear::<T>(cx)?,
             Method::TaskArithmetic {
-                sparsify, consensus, ..
-            } => self.task_arithmetic::<T>(sparsify, consensus, cx)?,
+                sparsify: Some(Sparsify::RankedRandom),
+                ..
+            } => self.della::<T>(cx)?,
             Method::Slerp => self.slerp::<T>(cx)?,
             Method::ModelStock => self.model_stock::<T>(cx)?,
             Method::NuSlerp => self.nuslerp::<T>(cx)?,
@@ -1378,105 +1456,36 @@ impl MergeOp {
                     reason: "passthrough copies tensors and computes none".into(),
                 })
             }
+            Method::Linear | Method::TaskArithmetic { .. } => {
+                return Err(ValueError::Compute {
+                    op: "merge",
+                    reason: "this method is computed chunk by chunk".into(),
+                })
+            }
         };
         real_scratch(values.typed::<T>(), dtype, "merge", cx)
     }
 
-    /// `Σ wᵢ·mᵢ`, over `Σ wᵢ` with `normalize` (MergeKit merge_methods/linear.py).
-    fn linear<T: Work>(&self, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
-        let n = self.inputs[0].numel();
-        let mut acc = cx.alloc("merge", n * std::mem::size_of::<T>())?;
-        let sum: f64 = self.params.iter().map(|p| p.weight).sum();
-        for (i, p) in self.params.iter().enumerate() {
-            let m = self.read_input::<T>(i, cx)?;
-            let w = if self.normalize { p.weight / sum } else { p.weight };
-            for (a, x) in acc.typed_mut::<T>().iter_mut().zip(m.typed::<T>()) {
-                *a = T::of(a.wide() + w * x.wide());
-            }
-        }
-        Ok(acc)
-    }
-
-    /// MergeKit's generalized task arithmetic (merge_methods/generalized_task_arithmetic.py):
-    /// deltas `δᵢ = mᵢ − base` are sparsified, weighted (`wᵢ·δᵢ`), and, with a sign election
-    /// (`consensus`), only entries whose sign equals `sign(Σᵢ wᵢ·δᵢ)` (≥ 0 counts as +) are
-    /// kept; the sum is divided by `Σ wᵢ` of the kept entries with `normalize` (1 where that is
-    /// 0, or below 1e-8 without election), multiplied by `lambda` and added to the base.
-    fn task_arithmetic<T: Work>(
-        &self,
-        sparsify: Option<Sparsify>,
-        consensus: bool,
-        cx: &mut ReadContext,
-    ) -> Result<Scratch, ValueError> {
+    /// DELLA (MergeKit's generalized task arithmetic with `della_magprune`): each delta pruned
+    /// whole, since a row's keep probabilities follow the ranks of |δ| within it, then merged as
+    /// the streamed methods are ([`streamed::combine_whole`]).
+    fn della<T: Work>(&self, cx: &mut ReadContext) -> Result<Scratch, ValueError> {
         let mut base = self.read_input::<T>(0, cx)?;
         let shape = self.inputs[0].shape.clone();
         let mut deltas = Vec::with_capacity(self.params.len());
         for (i, p) in self.params.iter().enumerate() {
             let mut m = self.read_input::<T>(i + 1, cx)?;
-            for (d, b) in m.typed_mut::<T>().iter_mut().zip(base.typed::<T>()) {
-                *d = T::of(d.wide() - b.wide());
+            for (d, &b) in m.typed_mut::<T>().iter_mut().zip(base.typed::<T>()) {
+                *d = d.minus(b);
             }
-            if let Some(method) = sparsify {
-                if p.density < 1.0 {
-                    sparsify_delta::<T>(method, m.typed_mut::<T>(), &shape, p, self.seeds[i], self.rescale, cx)?;
-                }
+            if p.density < 1.0 {
+                ranked_random::<T>(m.typed_mut::<T>(), &shape, p, self.seeds[i], self.rescale, cx)?;
             }
             deltas.push(m);
         }
         cx.check()?;
-        let weights: Vec<f64> = self.params.iter().map(|p| p.weight).collect();
-        let total: f64 = weights.iter().sum();
         let views: Vec<&[T]> = deltas.iter().map(|d| d.typed::<T>()).collect();
-        // Blocks of elements, models outer and elements inner (the sums in model order, as
-        // element by element): a tenth of the time of walking every model per element.
-        const BLOCK: usize = 4096;
-        let (mut elected, mut mixed, mut divisor) = (vec![0.0f64; BLOCK], vec![0.0f64; BLOCK], vec![0.0f64; BLOCK]);
-        let out = base.typed_mut::<T>();
-        for start in (0..out.len()).step_by(BLOCK) {
-            let end = (start + BLOCK).min(out.len());
-            let len = end - start;
-            let (el, mx, dv) = (&mut elected[..len], &mut mixed[..len], &mut divisor[..len]);
-            mx.fill(0.0);
-            if consensus {
-                el.fill(0.0);
-                dv.fill(0.0);
-                for (d, w) in views.iter().zip(&weights) {
-                    for (e, x) in el.iter_mut().zip(&d[start..end]) {
-                        *e += w * x.wide();
-                    }
-                }
-                for (d, w) in views.iter().zip(&weights) {
-                    for (((m, v), e), x) in mx.iter_mut().zip(dv.iter_mut()).zip(el.iter()).zip(&d[start..end]) {
-                        let wd = w * x.wide();
-                        // sign(wd) equals the elected sign (≥ 0 counts as +; zero has none).
-                        let agree = if *e >= 0.0 { wd > 0.0 } else { wd < 0.0 };
-                        // Selects rather than branches (the sign is a coin toss per element);
-                        // adding +0.0 leaves a sum that starts at +0.0 unchanged.
-                        *m += if agree { wd } else { 0.0 };
-                        *v += if agree { *w } else { 0.0 };
-                    }
-                }
-                for v in dv.iter_mut() {
-                    if *v == 0.0 {
-                        *v = 1.0;
-                    }
-                }
-            } else {
-                for (d, w) in views.iter().zip(&weights) {
-                    for (m, x) in mx.iter_mut().zip(&d[start..end]) {
-                        *m += w * x.wide();
-                    }
-                }
-                dv.fill(if total.abs() < 1e-8 { 1.0 } else { total });
-            }
-            for ((b, m), v) in out[start..end].iter_mut().zip(mx.iter()).zip(dv.iter()) {
-                let m = if self.normalize { m / v } else { *m };
-                *b = T::of(b.wide() + self.lambda * m);
-            }
-            if start % (BLOCK * 256) == 0 {
-                cx.check()?;
-            }
-        }
+        streamed::combine_whole(self, &views, base.typed_mut::<T>(), cx)?;
         Ok(base)
     }
 
@@ -1989,65 +1998,13 @@ fn kth_key<T: Work>(keys: &[T], work: &mut [T], pos: usize) -> (f64, usize) {
     (value, index)
 }
 
-/// The element at position `pos` of `items` sorted ascending by `(key, index)` (a stable sort
-/// by key; keys below 2^`width`, a multiple of 16): its key, and how many items of that key
-/// come before it in index order. A radix select on the keys'
-/// bits, 16 at a time from the top: each
-/// round counts the keys sharing the prefix found so far into 65,536 buckets and keeps the one
-/// holding `pos`; once a few thousand keys remain they are gathered and selected directly. Two
-/// or three passes over the items instead of a quickselect over a copy (a tenth of the time on
-/// deltas, and no buffer the size of the tensor).
-fn radix_kth<T>(items: &[T], key: impl Fn(&T) -> u64, width: u32, pos: usize) -> (u64, usize) {
-    const BITS: u32 = 16;
-    const GATHER: usize = 4096;
-    let mut counts = vec![0usize; 1 << BITS];
-    // Keys (below 2^width) whose bits above `shift` equal `prefix` (every key while shift is
-    // `width`) hold positions below..below + remaining.
-    let (mut prefix, mut shift, mut below, mut remaining) = (0u64, width, 0usize, items.len());
-    let in_range = |k: u64, prefix: u64, shift: u32| shift >= 64 || k >> shift == prefix;
-    let value = loop {
-        if shift == 0 {
-            break prefix;
-        }
-        if remaining <= GATHER {
-            let mut gathered: Vec<u64> = items.iter().map(&key).filter(|&k| in_range(k, prefix, shift)).collect();
-            let (_, v, _) = gathered.select_nth_unstable(pos - below);
-            let v = *v;
-            below += gathered.iter().filter(|&&k| k < v).count();
-            break v;
-        }
-        let next = shift - BITS;
-        counts.fill(0);
-        for k in items.iter().map(&key) {
-            if in_range(k, prefix, shift) {
-                counts[((k >> next) & ((1 << BITS) - 1)) as usize] += 1;
-            }
-        }
-        let mut bucket = 0;
-        for (b, &c) in counts.iter().enumerate() {
-            if below + c > pos {
-                bucket = b;
-                break;
-            }
-            below += c;
-        }
-        remaining = counts[bucket];
-        prefix = (prefix << BITS) | bucket as u64;
-        shift = next;
-    };
-    // `below` keys are smaller than `value`: the one at `pos` is its (pos − below)-th copy in
-    // index order.
-    (value, pos - below)
-}
-
 /// Whether `(value, index)` sorts before `(kv, ki)`.
 fn key_before(value: f64, index: usize, (kv, ki): (f64, usize)) -> bool {
     value.total_cmp(&kv).then(index.cmp(&ki)).is_lt()
 }
 
-/// Drops entries of one delta as `method` says (MergeKit sparsify.py), in place.
-fn sparsify_delta<T: Work>(
-    method: Sparsify,
+/// DELLA's pruning of one delta (MergeKit sparsify.py `della_magprune`), in place.
+fn ranked_random<T: Work>(
     delta: &mut [T],
     shape: &[usize],
     p: &Resolved,
@@ -2064,108 +2021,40 @@ fn sparsify_delta<T: Work>(
     } else {
         0.0
     };
-    match method {
-        Sparsify::Magnitude | Sparsify::Outliers => {
-            // Keys sorted ascending with ties by index: the kept entries are positions
-            // [lo, hi) of that order. TIES keeps the k largest |δ| (the first k of a stable
-            // descending sort: keys −|δ|); breadcrumbs drops the n_bot smallest and n_top largest.
-            let (negate, lo, hi) = if method == Sparsify::Magnitude {
-                (true, 0, (p.density * n as f64).floor() as usize)
-            } else {
-                let target = (p.density * n as f64).floor() as i64;
-                let mut top = (p.gamma * n as f64).floor() as i64;
-                let mut bottom = n as i64 - target - top;
-                if bottom < 0 {
-                    top += bottom;
-                    bottom = 0;
-                }
-                (false, bottom.max(0) as usize, (n as i64 - top.max(0)) as usize)
-            };
-            // Keys as integers ordered as the floats: the bits of |δ| in the work type
-            // (non-negative, so they order as the values), complemented for a descending order.
-            let width: u32 = if std::mem::size_of::<T>() == 4 { 32 } else { 64 };
-            let flip = if negate { u64::MAX >> (64 - width) } else { 0 };
-            let key = |x: &T| {
-                let bits = if width == 32 {
-                    u64::from((x.wide() as f32).abs().to_bits())
-                } else {
-                    x.wide().abs().to_bits()
-                };
-                bits ^ flip
-            };
-            let lower = (lo > 0 && lo < n).then(|| radix_kth(delta, key, width, lo));
-            let upper = (hi < n).then(|| radix_kth(delta, key, width, hi));
-            // Bounds as (key, index) pairs, every element compared to both without branching
-            // (which entries survive is a coin toss per element).
-            // An entry is kept when its (key, index) lies in [lower, upper); a bound's index is
-            // that of the rank-th copy of its key. The pairs are packed in one integer, compared
-            // without branching (which entries survive is a coin toss per element).
-            let index_of = |(value, rank): (u64, usize)| {
-                let index = delta.iter().map(key).enumerate().filter(|&(_, k)| k == value).nth(rank);
-                (value, index.map_or(0, |(i, _)| i))
-            };
-            let pack = |(k, i): (u64, usize)| (u128::from(k) << 64) | i as u128;
-            let low = lower.map_or(0, |b| pack(index_of(b)));
-            let high = upper.map_or(u128::MAX, |b| pack(index_of(b)));
-            let none = lo >= hi;
-            let zero = T::of(0.0);
-            for (i, d) in delta.iter_mut().enumerate() {
-                let at = pack((key(d), i));
-                let kept = (at >= low) & (at < high) & !none;
-                *d = if kept { *d } else { zero };
-            }
-            if rescale {
-                rescale_l1(delta, before);
+    if p.density <= 0.0 {
+        delta.iter_mut().for_each(|d| *d = T::of(0.0));
+        return Ok(());
+    }
+    // Rows: the first dimension (a 1-D or scalar tensor is one row); ranks 1..cols of
+    // |δ| within a row (ties by index), normalised to [0, 1], give keep probabilities
+    // `density − ε + 2ε·rank_norm`.
+    let rows = if shape.len() >= 2 { shape[0].max(1) } else { 1 };
+    let cols = n / rows;
+    let mut order: Vec<usize> = Vec::new();
+    for r in 0..rows {
+        cx.check()?;
+        let row = &mut delta[r * cols..(r + 1) * cols];
+        order.clear();
+        order.extend(0..cols);
+        order.sort_by(|&a, &b| row[a].wide().abs().total_cmp(&row[b].wide().abs()).then(a.cmp(&b)));
+        for (rank, &c) in order.iter().enumerate() {
+            let norm = if cols > 1 { rank as f64 / (cols - 1) as f64 } else { 0.0 };
+            let prob = (p.density - p.epsilon) + norm * 2.0 * p.epsilon;
+            let keep = uniform(seed, (r * cols + c) as u64) < prob;
+            if !keep {
+                row[c] = T::of(0.0);
             }
         }
-        Sparsify::Random => {
-            for (i, d) in delta.iter_mut().enumerate() {
-                let keep = uniform(seed, i as u64) < p.density;
-                *d = if keep { *d } else { T::of(0.0) };
-            }
-            // MergeKit (rescaled_masked_tensor with RescaleNorm.l1): the kept entries scaled
-            // back to the delta's L1 norm, not divided by the density as in the DARE paper.
-            if rescale {
-                rescale_l1(delta, before);
-            }
-        }
-        Sparsify::RankedRandom => {
-            if p.density <= 0.0 {
-                delta.iter_mut().for_each(|d| *d = T::of(0.0));
-                return Ok(());
-            }
-            // Rows: the first dimension (a 1-D or scalar tensor is one row); ranks 1..cols of
-            // |δ| within a row (ties by index), normalised to [0, 1], give keep probabilities
-            // `density − ε + 2ε·rank_norm`.
-            let rows = if shape.len() >= 2 { shape[0].max(1) } else { 1 };
-            let cols = n / rows;
-            let mut order: Vec<usize> = Vec::new();
-            for r in 0..rows {
-                cx.check()?;
-                let row = &mut delta[r * cols..(r + 1) * cols];
-                order.clear();
-                order.extend(0..cols);
-                order.sort_by(|&a, &b| row[a].wide().abs().total_cmp(&row[b].wide().abs()).then(a.cmp(&b)));
-                for (rank, &c) in order.iter().enumerate() {
-                    let norm = if cols > 1 { rank as f64 / (cols - 1) as f64 } else { 0.0 };
-                    let prob = (p.density - p.epsilon) + norm * 2.0 * p.epsilon;
-                    let keep = uniform(seed, (r * cols + c) as u64) < prob;
-                    if !keep {
-                        row[c] = T::of(0.0);
-                    }
-                }
-            }
-            // As DARE: back to the delta's L1 norm (MergeKit), not divided by each probability.
-            if rescale {
-                rescale_l1(delta, before);
-            }
-        }
+    }
+    // As DARE: back to the delta's L1 norm (MergeKit), not divided by each probability.
+    if rescale {
+        rescale_l1(delta, before);
     }
     Ok(())
 }
 
-/// Scales the kept entries back to the delta's L1 norm before masking (MergeKit's rescaling
-/// of magnitude pruning; left alone when either norm is below 1e-7).
+/// Scales the kept entries back to the delta's L1 norm before pruning (MergeKit's rescaling;
+/// left alone when either norm is below 1e-7).
 fn rescale_l1<T: Work>(delta: &mut [T], before: f64) {
     let after: f64 = delta.iter().map(|x| x.wide().abs()).sum();
     if before < 1e-7 || after < 1e-7 {
@@ -2188,6 +2077,7 @@ impl LazyOp for MergeOp {
 
     fn release(&self) {
         *self.result.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.figures.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
@@ -2228,6 +2118,14 @@ impl LazyOp for MergeOp {
     ) -> Result<(), ValueError> {
         if out.is_empty() {
             return Ok(());
+        }
+        if streamed::streams(self.method) {
+            let figures = self.figures_once(cx)?;
+            return if self.wide() == 8 {
+                self.read_streamed::<f64>(&figures, dtype, start, out, cx)
+            } else {
+                self.read_streamed::<f32>(&figures, dtype, start, out, cx)
+            };
         }
         let size = dtype.size().ok_or(ValueError::NoByteSize { op: "merge", dtype })?;
         let result = self.result(dtype, cx)?;
@@ -2326,48 +2224,6 @@ mod tests {
         // Order-independent: drawing backwards gives the same values.
         let backwards: Vec<f64> = (0..1000).rev().map(|i| uniform(a, i)).collect();
         assert!(draws.iter().eq(backwards.iter().rev()));
-    }
-
-    #[test]
-    fn radix_kth_matches_a_stable_sort() {
-        let mut state = 0x1234_5678_u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        // Few distinct keys (ties everywhere), keys spread over every bit, and enough of them
-        // for the histogram rounds before the gather.
-        // The rank among equal keys, as a stable sort orders them.
-        let ranked = |keys: &[u64]| -> Vec<(u64, usize)> {
-            let mut sorted: Vec<(u64, usize)> = keys.iter().copied().zip(0..).collect();
-            sorted.sort();
-            let mut out: Vec<(u64, usize)> = Vec::with_capacity(sorted.len());
-            for (j, &(k, _)) in sorted.iter().enumerate() {
-                let rank = match out.last() {
-                    Some(&(pk, r)) if pk == k => r + 1,
-                    _ => 0,
-                };
-                let _ = j;
-                out.push((k, rank));
-            }
-            out
-        };
-        for (n, spread) in [(10_000usize, 7u64), (20_000, u64::MAX), (50_000, 1 << 40), (1, 3)] {
-            let keys: Vec<u64> = (0..n).map(|_| next() % spread.max(1)).collect();
-            let sorted = ranked(&keys);
-            for pos in [0, n / 3, n / 2, n - 1] {
-                assert_eq!(radix_kth(&keys, |k| *k, 64, pos), sorted[pos], "n {n} pos {pos}");
-                let low: Vec<u64> = keys.iter().map(|k| k & 0xffff_ffff).collect();
-                let sorted = ranked(&low);
-                assert_eq!(
-                    radix_kth(&low, |k| *k, 32, pos),
-                    sorted[pos],
-                    "n {n} pos {pos} (32 bits)"
-                );
-            }
-        }
     }
 
     #[test]

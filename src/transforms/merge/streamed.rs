@@ -1,0 +1,1281 @@
+//! Merges computed chunk by chunk, never holding a tensor whole (issue 13 item 5): `linear` and
+//! the task-arithmetic family except DELLA. Each merged element depends on the same element of
+//! every input and on a few figures of the whole tensor — which entries magnitude pruning keeps
+//! (TIES, breadcrumbs) and the L1 norms that rescaling restores (DARE) — so those figures are
+//! found first, by passes over the inputs' chunks ([`Figures`]), and each chunk the writer asks
+//! for is then computed from the same chunk of every input, in parallel with the others.
+//!
+//! The arithmetic is that of merging whole tensors element for element (the deltas in the work
+//! type, the sums in f64 in model order, sums over a tensor in element order), so the result
+//! does not depend on chunking or threads.
+//!
+//! Magnitude pruning keeps positions `[lo, hi)` of the entries ordered by the bits of |δ|
+//! (complemented for TIES, which keeps the largest), ties by index. Each bound is found by a
+//! radix select over keys streamed from the inputs ([`Bound`]): a histogram of the keys' top 16
+//! bits, then of the next 16 bits of those in the bucket holding the bound, until few enough
+//! remain to gather; where that leaves a key with many copies (deltas of bf16 weights repeat
+//! values), a last pass finds the copy at the bound's rank, stopping there.
+
+use super::{uniform, MergeOp, Method, Resolved, Sparsify, Work};
+use crate::dtype::DType;
+use crate::kernels;
+use crate::value::{stream, ReadContext, ValueError, CHUNK_BYTES};
+
+/// Elements per block: a block of every input and of the work buffers stays in cache.
+const BLOCK: usize = 16 * 1024;
+
+/// Gathered keys beyond which a bound takes another histogram round (16 bytes each).
+pub(super) const GATHER: usize = 1 << 16;
+
+/// Sample keys a bracket is chosen from, at most, and the length of each run of them.
+const SAMPLE: usize = 1 << 18;
+const SAMPLE_RUN: usize = 512;
+
+/// Keys a bracket may gather (16 bytes each) before the radix select takes over.
+const GATHER_CAP: usize = 1 << 20;
+
+/// Bits of the key a histogram round looks at.
+const RADIX: u32 = 16;
+
+/// Whether merges of `method` are computed chunk by chunk.
+pub(super) fn streams(method: Method) -> bool {
+    match method {
+        Method::Linear => true,
+        Method::TaskArithmetic { sparsify, .. } => sparsify != Some(Sparsify::RankedRandom),
+        _ => false,
+    }
+}
+
+/// The most memory a streamed merge of `inputs` tensors of `n` elements takes besides the
+/// writer's chunk, `pruned` of them by magnitude or at random: a chunk of every input and a
+/// block of work buffers, and per pruned model a sample of keys, a histogram, the keys a
+/// bracket may gather and the blocks it counts (at most: sparse masks need none of it).
+pub(super) fn workspace(method: Method, inputs: usize, pruned: usize, n: usize) -> usize {
+    let chunks = inputs * (CHUNK_BYTES + BLOCK * 8) + 3 * BLOCK * 8;
+    // TIES keeps the largest entries (one bound), breadcrumbs those between two.
+    let bounds = match method {
+        Method::TaskArithmetic {
+            sparsify: Some(Sparsify::Magnitude),
+            ..
+        } => 1,
+        Method::TaskArithmetic {
+            sparsify: Some(Sparsify::Outliers),
+            ..
+        } => 2,
+        _ => return chunks,
+    };
+    let per_bound = n.min(SAMPLE) * 8 + (1 << RADIX) * 8 + n.min(GATHER_CAP) * 16 + n / BLOCK * 32;
+    chunks + pruned * bounds * per_bound
+}
+
+/// How one model's delta is pruned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mask {
+    /// Every entry kept.
+    All,
+    /// Entries whose `(key, index)` lies in `[low, high)` kept (none when `empty`).
+    Magnitude {
+        flip: u64,
+        low: (u64, usize),
+        high: (u64, usize),
+        empty: bool,
+    },
+    /// Entries with `uniform(seed, index) < density` kept (DARE).
+    Random { seed: u64, density: f64 },
+}
+
+/// The figures of a whole tensor a streamed merge needs: per merged model, its mask and the
+/// factor rescaling its kept entries to the delta's L1 norm (`None`: left as they are).
+#[derive(Debug)]
+pub(super) struct Figures {
+    masks: Vec<Mask>,
+    factors: Vec<Option<f64>>,
+}
+
+/// The ordering key of a delta entry: the bits of |δ|, complemented by `flip` for a descending
+/// order.
+#[inline(always)]
+fn key<T: Work>(x: T, flip: u64) -> u64 {
+    x.abs_bits() ^ flip
+}
+
+/// The keys of `delta`'s entries.
+fn keys_of<T: Work>(delta: &[T], flip: u64, keys: &mut [u64]) {
+    #[inline(always)]
+    fn portable<T: Work>(delta: &[T], flip: u64, keys: &mut [u64]) {
+        for (k, &x) in keys.iter_mut().zip(delta) {
+            *k = key(x, flip);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn keys_avx2<T: Work>(delta: &[T], flip: u64, keys: &mut [u64]) {
+        portable(delta, flip, keys)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { keys_avx2(delta, flip, keys) };
+    }
+    portable(delta, flip, keys)
+}
+
+impl Mask {
+    /// Whether entry `index` of value `x` is kept.
+    #[inline(always)]
+    fn keeps<T: Work>(&self, x: T, index: usize) -> bool {
+        match *self {
+            Mask::All => true,
+            Mask::Magnitude { flip, low, high, empty } => between(key(x, flip), index, low, high) & !empty,
+            Mask::Random { seed, density } => uniform(seed, index as u64) < density,
+        }
+    }
+}
+
+/// Whether `(k, index)` lies in `[low, high)`, without branching (which entries survive is a
+/// coin toss per element).
+#[inline(always)]
+fn between(k: u64, index: usize, low: (u64, usize), high: (u64, usize)) -> bool {
+    let above = (k > low.0) | ((k == low.0) & (index >= low.1));
+    let below = (k < high.0) | ((k == high.0) & (index < high.1));
+    above & below
+}
+
+/// One bound of a magnitude mask being found: the entry at position `pos` of model `model`'s
+/// delta entries ordered by `(key, index)`.
+#[derive(Debug)]
+pub(super) struct Bound {
+    model: usize,
+    pos: usize,
+    flip: u64,
+    /// Bits of the keys.
+    width: u32,
+    /// Keys whose bits above `shift` equal `prefix` hold positions `below..below + remaining`.
+    prefix: u64,
+    shift: u32,
+    below: usize,
+    remaining: usize,
+    /// The bound's key and how many entries of that key precede it in index order, once known.
+    key: Option<(u64, usize)>,
+    /// Its index, once found.
+    index: Option<usize>,
+    counts: Vec<usize>,
+    gathered: Vec<(u64, usize)>,
+    /// Entries of the bound's key seen so far in the last pass.
+    seen: usize,
+    /// The keys around the bound in a sample, tried first ([`Bracket`]).
+    bracket: Option<Bracket>,
+}
+
+/// A first guess from a sample of the keys: `lo ≤ key ≤ hi` holds the bound. One pass counts
+/// the keys below `lo`, equal to `lo` and to `hi` (per block, to find a copy's index later by
+/// reading one block) and gathers those in between; where the bound lies outside, or too many
+/// lie in between, the radix select starts over.
+#[derive(Debug)]
+struct Bracket {
+    lo: u64,
+    hi: u64,
+    under: usize,
+    /// Per block of the pass: its first index, length, and copies of `lo` and of `hi` in it.
+    blocks: Vec<(usize, usize, usize, usize)>,
+    inside: Vec<(u64, usize)>,
+    overflow: bool,
+    done: bool,
+}
+
+/// The block holding the `rank`-th copy of `key`, from per-block copy counts.
+fn copy_in_blocks(
+    blocks: &[(usize, usize, usize, usize)],
+    key: u64,
+    mut rank: usize,
+    copies: impl Fn(&(usize, usize, usize, usize)) -> usize,
+) -> Found {
+    for block in blocks {
+        let c = copies(block);
+        if rank < c {
+            return Found::Copy {
+                key,
+                rank,
+                start: block.0,
+                len: block.1,
+            };
+        }
+        rank -= c;
+    }
+    Found::Missed
+}
+
+/// Where a bracket pass found the bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Found {
+    /// The `rank`-th copy of `key` (in index order), in the block `start..start + len`.
+    Copy {
+        key: u64,
+        rank: usize,
+        start: usize,
+        len: usize,
+    },
+    /// Nowhere the pass can tell: the radix select starts over.
+    Missed,
+    /// Key and index known.
+    Known,
+}
+
+/// What a pass does for one bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Bracket,
+    Histogram,
+    Gather,
+    Index,
+    Done,
+}
+
+impl Bound {
+    pub(super) fn new(model: usize, pos: usize, flip: u64, width: u32, n: usize) -> Bound {
+        Bound {
+            model,
+            pos,
+            flip,
+            width,
+            prefix: 0,
+            shift: width,
+            below: 0,
+            remaining: n,
+            key: None,
+            index: None,
+            counts: Vec::new(),
+            gathered: Vec::new(),
+            seen: 0,
+            bracket: None,
+        }
+    }
+
+    fn phase(&self, gather: usize) -> Phase {
+        if self.bracket.as_ref().is_some_and(|b| !b.done) {
+            return Phase::Bracket;
+        }
+        match (self.key, self.index) {
+            (_, Some(_)) => Phase::Done,
+            (Some(_), None) => Phase::Index,
+            (None, None) if self.remaining <= gather => Phase::Gather,
+            (None, None) => Phase::Histogram,
+        }
+    }
+
+    fn in_range(&self, k: u64) -> bool {
+        self.shift >= 64 || k >> self.shift == self.prefix
+    }
+
+    /// Takes one block of keys (entries `start..`) into the current phase; `false` once the
+    /// bound needs no more of this pass.
+    fn take(&mut self, phase: Phase, start: usize, keys: &[u64]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.take_avx2(phase, start, keys) };
+        }
+        self.take_portable(phase, start, keys)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn take_avx2(&mut self, phase: Phase, start: usize, keys: &[u64]) -> bool {
+        self.take_portable(phase, start, keys)
+    }
+
+    #[inline(always)]
+    fn take_portable(&mut self, phase: Phase, start: usize, keys: &[u64]) -> bool {
+        match phase {
+            Phase::Bracket => {
+                let Some(b) = self.bracket.as_mut() else {
+                    return false;
+                };
+                let (lo, hi) = (b.lo, b.hi);
+                let (mut under, mut at_lo, mut at_hi) = (0usize, 0usize, 0usize);
+                for &k in keys {
+                    under += usize::from(k < lo);
+                    at_lo += usize::from(k == lo);
+                    at_hi += usize::from(k == hi);
+                }
+                b.under += under;
+                b.blocks.push((start, keys.len(), at_lo, at_hi));
+                if !b.overflow && hi > lo.saturating_add(1) {
+                    for (i, &k) in keys.iter().enumerate() {
+                        if k > lo && k < hi {
+                            b.inside.push((k, start + i));
+                        }
+                    }
+                    if b.inside.len() > GATHER_CAP {
+                        b.overflow = true;
+                        b.inside = Vec::new();
+                    }
+                }
+                true
+            }
+            Phase::Histogram => {
+                let next = self.shift - RADIX;
+                let mask = (1u64 << RADIX) - 1;
+                if self.shift == self.width {
+                    // The first round: every key is in range.
+                    for &k in keys {
+                        self.counts[((k >> next) & mask) as usize] += 1;
+                    }
+                } else {
+                    for &k in keys {
+                        if k >> self.shift == self.prefix {
+                            self.counts[((k >> next) & mask) as usize] += 1;
+                        }
+                    }
+                }
+                true
+            }
+            Phase::Gather => {
+                for (i, &k) in keys.iter().enumerate() {
+                    if self.in_range(k) {
+                        self.gathered.push((k, start + i));
+                    }
+                }
+                true
+            }
+            Phase::Index => {
+                let (value, rank) = self.key.unwrap_or_default();
+                for (i, &k) in keys.iter().enumerate() {
+                    if k == value {
+                        if self.seen == rank {
+                            self.index = Some(start + i);
+                            return false;
+                        }
+                        self.seen += 1;
+                    }
+                }
+                true
+            }
+            Phase::Done => false,
+        }
+    }
+
+    /// Prepares the bound for a pass in `phase`.
+    fn begin(&mut self, phase: Phase) {
+        match phase {
+            Phase::Bracket => {}
+            Phase::Histogram => {
+                self.counts.clear();
+                self.counts.resize(1 << RADIX, 0);
+            }
+            Phase::Gather => self.gathered.clear(),
+            Phase::Index => self.seen = 0,
+            Phase::Done => {}
+        }
+    }
+
+    /// Narrows the bound after a pass in `phase`.
+    fn finish(&mut self, phase: Phase) -> Found {
+        match phase {
+            Phase::Bracket => return self.finish_bracket(),
+            Phase::Histogram => {
+                let next = self.shift - RADIX;
+                let mut bucket = 0;
+                for (b, &c) in self.counts.iter().enumerate() {
+                    if self.below + c > self.pos {
+                        bucket = b;
+                        break;
+                    }
+                    self.below += c;
+                }
+                self.remaining = self.counts[bucket];
+                self.prefix = (self.prefix << RADIX) | bucket as u64;
+                self.shift = next;
+                if self.shift == 0 {
+                    self.key = Some((self.prefix, self.pos - self.below));
+                }
+                self.counts = Vec::new();
+            }
+            Phase::Gather => {
+                // Gathered in index order: a stable sort by key orders them by (key, index).
+                let mut gathered = std::mem::take(&mut self.gathered);
+                gathered.sort_by_key(|&(k, _)| k);
+                let (k, i) = gathered[self.pos - self.below];
+                self.key = Some((k, 0));
+                self.index = Some(i);
+            }
+            Phase::Index | Phase::Done => {}
+        }
+        Found::Known
+    }
+
+    /// Where the bracket pass put the bound.
+    fn finish_bracket(&mut self) -> Found {
+        let Some(mut b) = self.bracket.take() else {
+            return Found::Missed;
+        };
+        b.done = true;
+        let (lo_copies, hi_copies) = b.blocks.iter().fold((0, 0), |(l, h), &(_, _, cl, ch)| (l + cl, h + ch));
+        // Entries in key order: under `lo`, copies of `lo`, strictly between, copies of `hi`.
+        let hi_copies = if b.hi == b.lo { 0 } else { hi_copies };
+        let pos = self.pos;
+        let lo_end = b.under + lo_copies;
+        let inside_end = lo_end + b.inside.len();
+        let found = if pos < b.under {
+            Found::Missed
+        } else if pos < lo_end {
+            copy_in_blocks(&b.blocks, b.lo, pos - b.under, |&(_, _, cl, _)| cl)
+        } else if b.overflow {
+            // How many lie in between is unknown.
+            Found::Missed
+        } else if pos < inside_end {
+            // Gathered in index order: a stable sort by key orders them by (key, index).
+            b.inside.sort_by_key(|&(k, _)| k);
+            let (k, i) = b.inside[pos - lo_end];
+            self.key = Some((k, 0));
+            self.index = Some(i);
+            Found::Known
+        } else if pos < inside_end + hi_copies {
+            copy_in_blocks(&b.blocks, b.hi, pos - inside_end, |&(_, _, _, ch)| ch)
+        } else {
+            Found::Missed
+        };
+        if found == Found::Missed {
+            // Back to a radix select over every key.
+            self.bracket = None;
+        } else {
+            self.bracket = Some(Bracket {
+                blocks: Vec::new(),
+                inside: Vec::new(),
+                ..b
+            });
+        }
+        found
+    }
+
+    /// The bound as `(key, index)`.
+    fn found(&self) -> (u64, usize) {
+        (self.key.map_or(0, |(k, _)| k), self.index.unwrap_or(0))
+    }
+}
+
+/// Work buffers of one block: the base and each model's delta in the work type, and the sums
+/// of a task-arithmetic merge.
+struct Block<T> {
+    base: Vec<T>,
+    deltas: Vec<Vec<T>>,
+    elected: Vec<T>,
+    mixed: Vec<T>,
+    kept_weight: Vec<T>,
+}
+
+impl<T: Work> Block<T> {
+    fn new(models: usize) -> Block<T> {
+        Block {
+            base: Vec::new(),
+            deltas: vec![Vec::new(); models],
+            elected: Vec::new(),
+            mixed: Vec::new(),
+            kept_weight: Vec::new(),
+        }
+    }
+
+    /// Converts `n` elements of `dtype` in `raw` into `out`.
+    fn convert(dtype: DType, raw: &[u8], out: &mut Vec<T>, n: usize) {
+        fit(out, n);
+        kernels::convert(dtype, raw, T::DTYPE, T::bytes_mut(out));
+    }
+}
+
+impl MergeOp {
+    /// The tensor-wide figures, found once by passes over the inputs.
+    pub(super) fn figures<T: Work>(&self, cx: &mut ReadContext) -> Result<Figures, ValueError> {
+        self.figures_with::<T>(GATHER, cx)
+    }
+
+    /// [`MergeOp::figures`] with `gather` as the gathering threshold (tests force every phase).
+    pub(super) fn figures_with<T: Work>(&self, gather: usize, cx: &mut ReadContext) -> Result<Figures, ValueError> {
+        let models = self.params.len();
+        let mut figures = Figures {
+            masks: vec![Mask::All; models],
+            factors: vec![None; models],
+        };
+        let Method::TaskArithmetic {
+            sparsify: Some(method), ..
+        } = self.method
+        else {
+            return Ok(figures);
+        };
+        let n = self.inputs[0].numel();
+        if n == 0 {
+            return Ok(figures);
+        }
+        let mut bounds = Vec::new();
+        let mut magnitude = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            if p.density >= 1.0 {
+                continue;
+            }
+            match method {
+                Sparsify::Magnitude | Sparsify::Outliers => {
+                    let (flip, lo, hi) = kept_positions::<T>(method, p, n);
+                    let lower = (lo > 0 && lo < n).then(|| {
+                        bounds.push(Bound::new(i, lo, flip, T::WIDTH, n));
+                        bounds.len() - 1
+                    });
+                    let upper = (hi < n).then(|| {
+                        bounds.push(Bound::new(i, hi, flip, T::WIDTH, n));
+                        bounds.len() - 1
+                    });
+                    magnitude.push((i, flip, lower, upper, lo >= hi));
+                }
+                Sparsify::Random => {
+                    figures.masks[i] = Mask::Random {
+                        seed: self.seeds[i],
+                        density: p.density,
+                    }
+                }
+                Sparsify::RankedRandom => {}
+            }
+        }
+        self.select::<T>(&mut bounds, gather, cx)?;
+        for (i, flip, lower, upper, empty) in magnitude {
+            figures.masks[i] = Mask::Magnitude {
+                flip,
+                low: lower.map_or((0, 0), |b| bounds[b].found()),
+                high: upper.map_or((u64::MAX, usize::MAX), |b| bounds[b].found()),
+                empty,
+            };
+        }
+        if self.rescale {
+            self.rescale_factors::<T>(&mut figures, cx)?;
+        }
+        Ok(figures)
+    }
+
+    /// Streams the base and the models in `models` block by block, handing `f` each block's
+    /// first index and the models' deltas in the work type; stops when `f` returns `false`.
+    fn deltas<T: Work>(
+        &self,
+        models: &[usize],
+        cx: &mut ReadContext,
+        mut f: impl FnMut(usize, &[Vec<T>]) -> Result<bool, ValueError>,
+    ) -> Result<(), ValueError> {
+        let mut tensors = vec![&self.inputs[0]];
+        tensors.extend(models.iter().map(|&m| &self.inputs[m + 1]));
+        let sizes: Vec<usize> = tensors.iter().map(|t| t.dtype.size().unwrap_or(1)).collect();
+        let mut block = Block::<T>::new(models.len());
+        let mut start = 0;
+        stream(&tensors, cx, |chunks| {
+            let n = chunks[0].len() / sizes[0];
+            for at in (0..n).step_by(BLOCK) {
+                let len = BLOCK.min(n - at);
+                let raw = |t: usize| &chunks[t][at * sizes[t]..(at + len) * sizes[t]];
+                Block::convert(tensors[0].dtype, raw(0), &mut block.base, len);
+                for (j, delta) in block.deltas.iter_mut().enumerate() {
+                    Block::convert(tensors[j + 1].dtype, raw(j + 1), delta, len);
+                    minus_base(delta, &block.base);
+                }
+                if !f(start + at, &block.deltas)? {
+                    return Ok(false);
+                }
+            }
+            start += n;
+            Ok(true)
+        })
+    }
+
+    /// Finds every bound, all of them in the same passes over the inputs: first a bracket
+    /// from a sample of each model's keys, then (where that misses) the radix select.
+    fn select<T: Work>(&self, bounds: &mut [Bound], gather: usize, cx: &mut ReadContext) -> Result<(), ValueError> {
+        if gather >= GATHER {
+            self.bracket::<T>(bounds, cx)?;
+        }
+        let mut keys = vec![0u64; BLOCK];
+        loop {
+            let phases: Vec<Phase> = bounds.iter().map(|b| b.phase(gather)).collect();
+            if phases.iter().all(|&p| p == Phase::Done) {
+                return Ok(());
+            }
+            for (b, &p) in bounds.iter_mut().zip(&phases) {
+                b.begin(p);
+            }
+            let mut active: Vec<bool> = phases.iter().map(|&p| p != Phase::Done).collect();
+            let mut models: Vec<usize> = bounds
+                .iter()
+                .zip(&active)
+                .filter(|(_, &a)| a)
+                .map(|(b, _)| b.model)
+                .collect();
+            models.dedup();
+            self.deltas::<T>(&models, cx, |start, deltas| {
+                for (slot, &m) in models.iter().enumerate() {
+                    let mut keyed = false;
+                    for (j, b) in bounds.iter_mut().enumerate() {
+                        if b.model != m || !active[j] {
+                            continue;
+                        }
+                        let delta = &deltas[slot];
+                        if !keyed {
+                            keys_of(delta, b.flip, &mut keys[..delta.len()]);
+                            keyed = true;
+                        }
+                        active[j] = b.take(phases[j], start, &keys[..delta.len()]);
+                    }
+                }
+                Ok(active.iter().any(|&a| a))
+            })?;
+            for (b, &p) in bounds.iter_mut().zip(&phases) {
+                if let Found::Copy { key, rank, start, len } = b.finish(p) {
+                    let index = self.copy_index::<T>(b.model, b.flip, key, rank, start, len, cx)?;
+                    b.key = Some((key, rank));
+                    b.index = Some(index);
+                }
+            }
+            cx.check()?;
+        }
+    }
+
+    /// Sets each bound's bracket from a sample of its model's keys: evenly spaced runs of
+    /// [`SAMPLE_RUN`] entries, at most [`SAMPLE`] of them in all (a whole tensor that small).
+    fn bracket<T: Work>(&self, bounds: &mut [Bound], cx: &mut ReadContext) -> Result<(), ValueError> {
+        let n = self.inputs[0].numel();
+        let size = (n / 32).clamp(SAMPLE / 16, SAMPLE).min(n);
+        let runs = size.div_ceil(SAMPLE_RUN);
+        let mut models: Vec<usize> = bounds.iter().map(|b| b.model).collect();
+        models.dedup();
+        for m in models {
+            let flip = bounds.iter().find(|b| b.model == m).map_or(0, |b| b.flip);
+            let mut sample = Vec::with_capacity(size);
+            let mut keys = vec![0u64; SAMPLE_RUN];
+            for r in 0..runs {
+                let start = (r as u128 * (n - SAMPLE_RUN.min(n)) as u128 / runs.max(1) as u128) as usize;
+                let len = SAMPLE_RUN.min(n - start);
+                self.keys_at::<T>(m, flip, start, &mut keys[..len], cx)?;
+                sample.extend_from_slice(&keys[..len]);
+            }
+            sample.sort_unstable();
+            let s = sample.len();
+            for b in bounds.iter_mut().filter(|b| b.model == m) {
+                // The bound's place in the sample, give or take five standard deviations of a
+                // sample quantile (and two entries).
+                let q = b.pos as f64 / n as f64;
+                let at = (q * s as f64) as usize;
+                let margin = (5.0 * (s as f64 * q * (1.0 - q)).sqrt()).ceil() as usize + 2;
+                let lo = if at <= margin { 0 } else { sample[at - margin] };
+                let hi = if at + margin >= s {
+                    u64::MAX
+                } else {
+                    sample[at + margin]
+                };
+                b.bracket = Some(Bracket {
+                    lo,
+                    hi,
+                    under: 0,
+                    blocks: Vec::new(),
+                    inside: Vec::new(),
+                    overflow: false,
+                    done: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys of model `m`'s delta entries `start..start + keys.len()`.
+    fn keys_at<T: Work>(
+        &self,
+        m: usize,
+        flip: u64,
+        start: usize,
+        keys: &mut [u64],
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        let len = keys.len();
+        let mut values = [Vec::<T>::new(), Vec::<T>::new()];
+        for (slot, input) in [&self.inputs[0], &self.inputs[m + 1]].into_iter().enumerate() {
+            let width = input.dtype.size().ok_or(ValueError::NoByteSize {
+                op: "merge",
+                dtype: input.dtype,
+            })?;
+            let mut raw = cx.take(len * width);
+            let read = input.read(start, &mut raw, cx);
+            if read.is_ok() {
+                Block::convert(input.dtype, &raw, &mut values[slot], len);
+            }
+            cx.give(raw);
+            read?;
+        }
+        let [base, mut delta] = values;
+        for (d, &b) in delta.iter_mut().zip(&base) {
+            *d = d.minus(b);
+        }
+        keys_of(&delta, flip, keys);
+        Ok(())
+    }
+
+    /// The index of the `rank`-th entry of key `key` in model `m`'s entries `start..start + len`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_index<T: Work>(
+        &self,
+        m: usize,
+        flip: u64,
+        key: u64,
+        rank: usize,
+        start: usize,
+        len: usize,
+        cx: &mut ReadContext,
+    ) -> Result<usize, ValueError> {
+        let mut keys = vec![0u64; len];
+        self.keys_at::<T>(m, flip, start, &mut keys, cx)?;
+        keys.iter()
+            .enumerate()
+            .filter(|(_, &k)| k == key)
+            .nth(rank)
+            .map(|(i, _)| start + i)
+            .ok_or_else(|| ValueError::Compute {
+                op: "merge",
+                reason: format!("`{}`: the inputs changed while they were read", self.tensor),
+            })
+    }
+
+    /// The factors rescaling each pruned model's kept entries to its delta's L1 norm (MergeKit
+    /// leaves the entries alone when either norm is below 1e-7).
+    fn rescale_factors<T: Work>(&self, figures: &mut Figures, cx: &mut ReadContext) -> Result<(), ValueError> {
+        let models: Vec<usize> = (0..figures.masks.len())
+            .filter(|&i| figures.masks[i] != Mask::All)
+            .collect();
+        if models.is_empty() {
+            return Ok(());
+        }
+        let mut before = vec![0.0f64; models.len()];
+        let mut after = vec![0.0f64; models.len()];
+        self.deltas::<T>(&models, cx, |start, deltas| {
+            for (slot, &m) in models.iter().enumerate() {
+                let mask = figures.masks[m];
+                for (i, &x) in deltas[slot].iter().enumerate() {
+                    let a = x.wide().abs();
+                    before[slot] += a;
+                    after[slot] += if mask.keeps(x, start + i) { a } else { 0.0 };
+                }
+            }
+            Ok(true)
+        })?;
+        for (slot, &m) in models.iter().enumerate() {
+            if before[slot] >= 1e-7 && after[slot] >= 1e-7 {
+                figures.factors[m] = Some(before[slot] / after[slot]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Elements `[start, start + out.len() / size)` of the merged tensor, in `dtype`.
+    pub(super) fn read_streamed<T: Work>(
+        &self,
+        figures: &Figures,
+        dtype: DType,
+        start: usize,
+        out: &mut [u8],
+        cx: &mut ReadContext,
+    ) -> Result<(), ValueError> {
+        let size = dtype.size().ok_or(ValueError::NoByteSize { op: "merge", dtype })?;
+        let n = out.len() / size;
+        // The inputs' elements of the whole range, one read each, then converted and merged a
+        // block at a time.
+        let mut raw = Vec::with_capacity(self.inputs.len());
+        for input in &self.inputs {
+            let width = input.dtype.size().ok_or(ValueError::NoByteSize {
+                op: "merge",
+                dtype: input.dtype,
+            })?;
+            let mut buf = cx.take(n * width);
+            if let Err(e) = input.read(start, &mut buf, cx) {
+                cx.give(buf);
+                raw.into_iter().for_each(|(b, _)| cx.give(b));
+                return Err(e);
+            }
+            raw.push((buf, width));
+        }
+        let combine = Combine::<T>::new(self);
+        let mut block = Block::<T>::new(self.inputs.len() - 1);
+        let mut merged: Vec<T> = Vec::new();
+        for at in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - at);
+            for (i, (buf, width)) in raw.iter().enumerate() {
+                let target = if i == 0 {
+                    &mut block.base
+                } else {
+                    &mut block.deltas[i - 1]
+                };
+                Block::convert(self.inputs[i].dtype, &buf[at * width..(at + len) * width], target, len);
+            }
+            fit(&mut merged, len);
+            combine.run(Some((figures, start + at)), &mut block, &mut merged);
+            kernels::convert(
+                T::DTYPE,
+                T::bytes(&merged),
+                dtype,
+                &mut out[at * size..(at + len) * size],
+            );
+        }
+        raw.into_iter().for_each(|(b, _)| cx.give(b));
+        Ok(())
+    }
+}
+
+/// One tensor's merge of a block, in the work type: for linear `Σ wᵢ·mᵢ` (over `Σ wᵢ` with
+/// `normalize`); for task arithmetic (MergeKit generalized_task_arithmetic.py) the deltas
+/// pruned and rescaled as the [`Figures`] say, weighted, with a sign election (`consensus`: only
+/// entries whose sign equals that of `Σ wᵢ·δᵢ`, ≥ 0 counting as +, are summed, and `normalize`
+/// divides by the weights of those kept, 1 where none is), times `lambda`, plus the base.
+struct Combine<T> {
+    weights: Vec<T>,
+    /// Linear, or task arithmetic with or without an election.
+    linear: bool,
+    consensus: bool,
+    normalize: bool,
+    /// `1 / Σ wᵢ` (linear with `normalize`), else the divisor without election.
+    divisor: T,
+    lambda: T,
+}
+
+impl<T: Work> Combine<T> {
+    fn new(op: &MergeOp) -> Combine<T> {
+        let total: f64 = op.params.iter().map(|p| p.weight).sum();
+        let (linear, consensus) = match op.method {
+            Method::TaskArithmetic { consensus, .. } => (false, consensus),
+            _ => (true, false),
+        };
+        let weights = op
+            .params
+            .iter()
+            .map(|p| {
+                T::of(if linear && op.normalize {
+                    p.weight / total
+                } else {
+                    p.weight
+                })
+            })
+            .collect();
+        Combine {
+            weights,
+            linear,
+            consensus,
+            normalize: op.normalize,
+            divisor: T::of(if total.abs() < 1e-8 { 1.0 } else { total }),
+            lambda: T::of(op.lambda),
+        }
+    }
+
+    /// Merges a block into `merged`. With `prune` (the figures, and the block's first index)
+    /// the block holds the models, turned into pruned deltas first; without, their deltas.
+    fn run(&self, prune: Option<(&Figures, usize)>, block: &mut Block<T>, merged: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.run_avx2(prune, block, merged) };
+        }
+        self.block(prune, block, merged)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, prune: Option<(&Figures, usize)>, block: &mut Block<T>, merged: &mut [T]) {
+        self.block(prune, block, merged)
+    }
+
+    #[inline(always)]
+    fn block(&self, prune: Option<(&Figures, usize)>, block: &mut Block<T>, merged: &mut [T]) {
+        let zero = T::of(0.0);
+        if self.linear {
+            merged.fill(zero);
+            let models = std::iter::once(&block.base).chain(block.deltas.iter());
+            for (&w, m) in self.weights.iter().zip(models) {
+                for (a, &x) in merged.iter_mut().zip(m) {
+                    *a += w * x;
+                }
+            }
+            return;
+        }
+        let len = merged.len();
+        if let Some((figures, first)) = prune {
+            for (i, delta) in block.deltas.iter_mut().enumerate() {
+                prune_delta(figures.masks[i], figures.factors[i], first, &block.base, delta);
+            }
+        }
+        fit(&mut block.elected, len);
+        fit(&mut block.mixed, len);
+        fit(&mut block.kept_weight, len);
+        let (el, mx, kw) = (&mut block.elected, &mut block.mixed, &mut block.kept_weight);
+        mx.fill(zero);
+        if self.consensus {
+            el.fill(zero);
+            kw.fill(zero);
+            for (d, &w) in block.deltas.iter().zip(&self.weights) {
+                for (e, &x) in el.iter_mut().zip(d) {
+                    *e += w * x;
+                }
+            }
+            for (d, &w) in block.deltas.iter().zip(&self.weights) {
+                for (((m, v), &e), &x) in mx.iter_mut().zip(kw.iter_mut()).zip(el.iter()).zip(d) {
+                    let wd = w * x;
+                    // sign(wd) equals the elected sign (≥ 0 counts as +; zero has none).
+                    let agree = if e >= zero { wd > zero } else { wd < zero };
+                    // Selects rather than branches (the sign is a coin toss per element).
+                    *m += if agree { wd } else { zero };
+                    *v += if agree { w } else { zero };
+                }
+            }
+            let one = T::of(1.0);
+            for (((r, &b), &m), &v) in merged.iter_mut().zip(&block.base).zip(mx.iter()).zip(kw.iter()) {
+                let v = if v == zero { one } else { v };
+                let m = if self.normalize { m / v } else { m };
+                *r = b + self.lambda * m;
+            }
+        } else {
+            for (d, &w) in block.deltas.iter().zip(&self.weights) {
+                for (m, &x) in mx.iter_mut().zip(d) {
+                    *m += w * x;
+                }
+            }
+            for ((r, &b), &m) in merged.iter_mut().zip(&block.base).zip(mx.iter()) {
+                let m = if self.normalize { m / self.divisor } else { m };
+                *r = b + self.lambda * m;
+            }
+        }
+    }
+}
+
+/// Turns one model's values into its pruned delta in place: `m − base`, entries the mask drops
+/// set to +0, the kept ones times the rescaling factor.
+#[inline(always)]
+fn prune_delta<T: Work>(mask: Mask, factor: Option<f64>, first: usize, base: &[T], delta: &mut [T]) {
+    match mask {
+        Mask::All => {
+            for (d, &b) in delta.iter_mut().zip(base) {
+                *d = d.minus(b);
+            }
+        }
+        Mask::Magnitude { flip, low, high, empty } => {
+            if empty {
+                delta.fill(T::of(0.0));
+                return;
+            }
+            for (j, (d, &b)) in delta.iter_mut().zip(base).enumerate() {
+                let x = d.minus(b);
+                *d = x.kept(between(key(x, flip), first + j, low, high));
+            }
+        }
+        Mask::Random { seed, density } => {
+            for (j, (d, &b)) in delta.iter_mut().zip(base).enumerate() {
+                let x = d.minus(b);
+                *d = x.kept(uniform(seed, (first + j) as u64) < density);
+            }
+        }
+    }
+    if let Some(f) = factor {
+        let f = T::of(f);
+        for d in delta.iter_mut() {
+            *d *= f;
+        }
+    }
+}
+
+/// Merges the pruned `deltas` of whole tensors into `base` (DELLA, which prunes whole rows).
+pub(super) fn combine_whole<T: Work>(
+    op: &MergeOp,
+    deltas: &[&[T]],
+    base: &mut [T],
+    cx: &mut ReadContext,
+) -> Result<(), ValueError> {
+    let combine = Combine::<T>::new(op);
+    let mut block = Block::<T>::new(deltas.len());
+    let mut merged = Vec::new();
+    for start in (0..base.len()).step_by(BLOCK) {
+        cx.check()?;
+        let end = (start + BLOCK).min(base.len());
+        block.base.clear();
+        block.base.extend_from_slice(&base[start..end]);
+        for (d, whole) in block.deltas.iter_mut().zip(deltas) {
+            d.clear();
+            d.extend_from_slice(&whole[start..end]);
+        }
+        fit(&mut merged, end - start);
+        combine.run(None, &mut block, &mut merged);
+        base[start..end].copy_from_slice(&merged);
+    }
+    Ok(())
+}
+
+/// Whether the CPU has AVX2. The hot loops have a copy compiled for it (`…_avx2`): the same
+/// operations in wider registers and no fused multiply-add, so the results are those of the
+/// portable code, bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// `delta −= base`, element by element.
+fn minus_base<T: Work>(delta: &mut [T], base: &[T]) {
+    #[inline(always)]
+    fn portable<T: Work>(delta: &mut [T], base: &[T]) {
+        for (d, &b) in delta.iter_mut().zip(base) {
+            *d = d.minus(b);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn minus_avx2<T: Work>(delta: &mut [T], base: &[T]) {
+        portable(delta, base)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { minus_avx2(delta, base) };
+    }
+    portable(delta, base)
+}
+
+/// Sizes `values` to `len` elements (contents unspecified; filled only when growing).
+fn fit<T: Work>(values: &mut Vec<T>, len: usize) {
+    if values.len() != len {
+        values.resize(len, T::of(0.0));
+    }
+}
+
+/// Magnitude pruning's kept positions of the `(key, index)` order of `n` entries, and the key
+/// flip giving that order: TIES keeps the `density` share of largest |δ| (a descending order,
+/// the first positions); breadcrumbs drops the `gamma` share of largest and the smallest
+/// (MergeKit sparsify.py).
+fn kept_positions<T: Work>(method: Sparsify, p: &Resolved, n: usize) -> (u64, usize, usize) {
+    if method == Sparsify::Magnitude {
+        let flip = u64::MAX >> (64 - T::WIDTH);
+        return (flip, 0, (p.density * n as f64).floor() as usize);
+    }
+    let target = (p.density * n as f64).floor() as i64;
+    let mut top = (p.gamma * n as f64).floor() as i64;
+    let mut bottom = n as i64 - target - top;
+    if bottom < 0 {
+        top += bottom;
+        bottom = 0;
+    }
+    (0, bottom.max(0) as usize, (n as i64 - top.max(0)) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::value::Tensor;
+
+    fn tensor<T: Work>(values: &[T]) -> Tensor {
+        Tensor::in_memory(T::DTYPE, vec![values.len()], Arc::new(T::bytes(values).to_vec()))
+    }
+
+    fn op<T: Work>(method: &str, base: &[T], models: &[Vec<T>], density: f64, rescale: bool) -> MergeOp {
+        let mut inputs = vec![tensor(base)];
+        inputs.extend(models.iter().map(|m| tensor(m)));
+        let params = (0..models.len())
+            .map(|i| Resolved {
+                weight: 0.3 + 0.4 * i as f64,
+                density,
+                gamma: 0.1,
+                epsilon: 0.1,
+            })
+            .collect();
+        MergeOp {
+            method: Method::of(method).unwrap(),
+            inputs,
+            uses_base: true,
+            params,
+            seeds: (0..models.len() as u64).map(|i| 17 + i).collect(),
+            normalize: true,
+            rescale,
+            lambda: 1.0,
+            t: 0.0,
+            flatten: true,
+            row_wise: false,
+            select_topk: 1.0,
+            max_iter: 10,
+            tol: 1e-5,
+            tensor: "m::w".into(),
+            largest: Arc::new(AtomicUsize::new(0)),
+            workspace: Arc::new(AtomicUsize::new(0)),
+            result: Mutex::new(None),
+            figures: Mutex::new(None),
+        }
+    }
+
+    /// Values from a few levels, so |δ| repeats (as deltas of bf16 weights do).
+    fn tied(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((crate::kernels::random::bits(seed, i as u64) % 7) as f32 - 3.0) * 0.5)
+            .collect()
+    }
+
+    /// Indices kept at positions `[lo, hi)` of the entries sorted by (key, index).
+    fn reference_kept(delta: &[f32], flip: u64, lo: usize, hi: usize) -> Vec<bool> {
+        let mut order: Vec<usize> = (0..delta.len()).collect();
+        order.sort_by_key(|&i| (key(delta[i], flip), i));
+        let mut kept = vec![false; delta.len()];
+        for &i in &order[lo.min(hi)..hi] {
+            kept[i] = true;
+        }
+        kept
+    }
+
+    /// Values of many levels: few repeated keys.
+    fn spread(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| crate::kernels::random::normal(seed, i as u64) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn bounds_match_a_stable_sort_in_every_phase() {
+        let n = 3 * BLOCK + 123;
+        for (base, models) in [
+            (tied(n, 1), vec![tied(n, 2), tied(n, 3)]),
+            (spread(n, 1), vec![spread(n, 2), tied(n, 3)]),
+        ] {
+            check_bounds(n, &base, &models);
+        }
+    }
+
+    fn check_bounds(n: usize, base: &[f32], models: &[Vec<f32>]) {
+        for method in ["ties", "breadcrumbs"] {
+            for density in [0.0, 0.1, 0.5, 0.9] {
+                let merge = op(method, base, models, density, false);
+                for gather in [0, 64, GATHER] {
+                    let figures = merge.figures_with::<f32>(gather, &mut ReadContext::default()).unwrap();
+                    for (m, model) in models.iter().enumerate() {
+                        let delta: Vec<f32> = model.iter().zip(base).map(|(x, b)| x - b).collect();
+                        let sparsify = if method == "ties" {
+                            Sparsify::Magnitude
+                        } else {
+                            Sparsify::Outliers
+                        };
+                        let (flip, lo, hi) = kept_positions::<f32>(sparsify, &merge.params[m], n);
+                        let want = reference_kept(&delta, flip, lo, hi);
+                        let got: Vec<bool> = (0..n).map(|i| figures.masks[m].keeps(delta[i], i)).collect();
+                        assert!(got == want, "{method} density {density} gather {gather} model {m}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one bracket pass over `keys` (in blocks of 4) for the bound at `pos`.
+    fn bracket_pass(keys: &[u64], pos: usize, lo: u64, hi: u64) -> (Found, Bound) {
+        let mut b = Bound::new(0, pos, 0, 32, keys.len());
+        b.bracket = Some(Bracket {
+            lo,
+            hi,
+            under: 0,
+            blocks: Vec::new(),
+            inside: Vec::new(),
+            overflow: false,
+            done: false,
+        });
+        assert_eq!(b.phase(GATHER), Phase::Bracket);
+        for (i, block) in keys.chunks(4).enumerate() {
+            b.take(Phase::Bracket, 4 * i, block);
+        }
+        (b.finish(Phase::Bracket), b)
+    }
+
+    #[test]
+    fn a_bracket_finds_the_bound_or_hands_over() {
+        // Sorted by (key, index): 1@1 1@6 | 3@0 3@4 3@8 | 5@2 | 7@3 7@7 | 9@5
+        let keys = [3, 1, 5, 7, 3, 9, 1, 7, 3];
+        // Strictly between lo and hi: gathered, key and index known.
+        let (found, b) = bracket_pass(&keys, 5, 3, 7);
+        assert_eq!((found, b.key, b.index), (Found::Known, Some((5, 0)), Some(2)));
+        // On copies of lo: the block holding the copy, to read, and its rank there.
+        let (found, _) = bracket_pass(&keys, 4, 3, 7);
+        assert_eq!(
+            found,
+            Found::Copy {
+                key: 3,
+                rank: 0,
+                start: 8,
+                len: 1
+            }
+        );
+        // On copies of hi.
+        let (found, _) = bracket_pass(&keys, 7, 3, 7);
+        assert_eq!(
+            found,
+            Found::Copy {
+                key: 7,
+                rank: 0,
+                start: 4,
+                len: 4
+            }
+        );
+        // lo = hi.
+        let (found, _) = bracket_pass(&keys, 3, 3, 3);
+        assert_eq!(
+            found,
+            Found::Copy {
+                key: 3,
+                rank: 0,
+                start: 4,
+                len: 4
+            }
+        );
+        // Below lo or above hi: the radix select starts over, from every key.
+        for (pos, lo, hi) in [(1, 3, 7), (8, 3, 7), (0, 5, 5)] {
+            let (found, b) = bracket_pass(&keys, pos, lo, hi);
+            assert_eq!(found, Found::Missed);
+            assert!(b.bracket.is_none());
+            assert_eq!(b.phase(GATHER), Phase::Gather);
+            assert_eq!(b.phase(0), Phase::Histogram);
+        }
+    }
+
+    #[test]
+    fn chunks_agree_with_the_whole_tensor() {
+        let n = 2 * BLOCK + 77;
+        let base: Vec<f32> = tied(n, 4).iter().map(|x| x * 0.01).collect();
+        let models: Vec<Vec<f32>> = (5..8).map(|s| tied(n, s)).collect();
+        for method in [
+            "ties",
+            "dare_ties",
+            "breadcrumbs_ties",
+            "task_arithmetic",
+            "dare_linear",
+        ] {
+            let merge = op(method, &base, &models, 0.4, true);
+            let figures = merge.figures::<f32>(&mut ReadContext::default()).unwrap();
+            let read = |start: usize, len: usize| {
+                let mut out = vec![0u8; len * 2];
+                merge
+                    .read_streamed::<f32>(&figures, DType::BF16, start, &mut out, &mut ReadContext::default())
+                    .unwrap();
+                out
+            };
+            let whole = read(0, n);
+            let mut pieces = Vec::new();
+            for (start, len) in [(0, 5), (5, BLOCK), (5 + BLOCK, n - 5 - BLOCK)] {
+                pieces.extend(read(start, len));
+            }
+            assert!(whole == pieces, "{method}");
+            // Every element from its own inputs: the kept entries of each delta, weighted, signs
+            // elected as MergeKit does (checked against NumPy in tests/transforms/test_merge.py).
+            assert!(whole.chunks_exact(2).any(|b| b != [0, 0]), "{method}");
+        }
+    }
+
+    #[test]
+    fn f64_inputs_select_on_64_bit_keys() {
+        let n = BLOCK + 5;
+        let base: Vec<f64> = tied(n, 8).iter().map(|&x| f64::from(x)).collect();
+        let models = vec![tied(n, 9).iter().map(|&x| f64::from(x) + 1e-12).collect::<Vec<f64>>()];
+        let merge = op("ties", &base, &models, 0.3, false);
+        for gather in [0, GATHER] {
+            let figures = merge.figures_with::<f64>(gather, &mut ReadContext::default()).unwrap();
+            let delta: Vec<f64> = models[0].iter().zip(&base).map(|(x, b)| x - b).collect();
+            let kept = (0..n).filter(|&i| figures.masks[0].keeps(delta[i], i)).count();
+            assert_eq!(kept, (0.3 * n as f64).floor() as usize, "gather {gather}");
+        }
+    }
+}
