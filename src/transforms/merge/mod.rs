@@ -1353,6 +1353,9 @@ trait Work: Real + Element {
     fn minus(self, other: Self) -> Self;
     /// The value where `keep`, else +0 (without branching).
     fn kept(self, keep: bool) -> Self;
+    /// Whether `(abs_bits ^ flip, at)` lies in `[low, high)`, on keys of this type's width
+    /// (the bounds' keys are of that width) and positions in a block, without branching.
+    fn between(self, flip: u64, low: (u64, u32), high: (u64, u32), at: u32) -> bool;
     /// The values' bytes (little-endian on the targets we build for, as the arena's views).
     fn bytes(values: &[Self]) -> &[u8] {
         // SAFETY: plain numbers (`Element`) viewed as bytes; u8 has no alignment.
@@ -1376,6 +1379,12 @@ impl Work for f32 {
     fn kept(self, keep: bool) -> Self {
         f32::from_bits(self.to_bits() & 0u32.wrapping_sub(u32::from(keep)))
     }
+    #[inline(always)]
+    fn between(self, flip: u64, low: (u64, u32), high: (u64, u32), at: u32) -> bool {
+        let k = self.abs().to_bits() ^ flip as u32;
+        let (lk, hk) = (low.0 as u32, high.0 as u32);
+        ((k > lk) | ((k == lk) & (at >= low.1))) & ((k < hk) | ((k == hk) & (at < high.1)))
+    }
 }
 
 impl Work for f64 {
@@ -1388,6 +1397,11 @@ impl Work for f64 {
     }
     fn kept(self, keep: bool) -> Self {
         f64::from_bits(self.to_bits() & 0u64.wrapping_sub(u64::from(keep)))
+    }
+    #[inline(always)]
+    fn between(self, flip: u64, low: (u64, u32), high: (u64, u32), at: u32) -> bool {
+        let k = self.abs().to_bits() ^ flip;
+        ((k > low.0) | ((k == low.0) & (at >= low.1))) & ((k < high.0) | ((k == high.0) & (at < high.1)))
     }
 }
 

@@ -301,9 +301,17 @@ impl Bound {
                 b.under += under;
                 b.blocks.push((start, keys.len(), at_lo, at_hi));
                 if !b.overflow && hi > lo.saturating_add(1) {
-                    for (i, &k) in keys.iter().enumerate() {
-                        if k > lo && k < hi {
-                            b.inside.push((k, start + i));
+                    // lo < k < hi as one unsigned comparison, tested for runs of keys at once
+                    // (few lie in between) before looking at each.
+                    let (first, span) = (lo + 1, hi - lo - 1);
+                    let between = |k: u64| k.wrapping_sub(first) < span;
+                    for (r, run) in keys.chunks(16).enumerate() {
+                        if run.iter().fold(false, |any, &k| any | between(k)) {
+                            for (i, &k) in run.iter().enumerate() {
+                                if between(k) {
+                                    b.inside.push((k, start + 16 * r + i));
+                                }
+                            }
                         }
                     }
                     if b.inside.len() > GATHER_CAP {
@@ -424,9 +432,7 @@ impl Bound {
             // How many lie in between is unknown.
             Found::Missed
         } else if pos < inside_end {
-            // Gathered in index order: a stable sort by key orders them by (key, index).
-            b.inside.sort_by_key(|&(k, _)| k);
-            let (k, i) = b.inside[pos - lo_end];
+            let (k, i) = *b.inside.select_nth_unstable(pos - lo_end).1;
             self.key = Some((k, 0));
             self.index = Some(i);
             Found::Known
@@ -649,7 +655,6 @@ impl MergeOp {
                 self.keys_at::<T>(m, flip, start, &mut keys[..len], cx)?;
                 sample.extend_from_slice(&keys[..len]);
             }
-            sample.sort_unstable();
             let s = sample.len();
             for b in bounds.iter_mut().filter(|b| b.model == m) {
                 // The bound's place in the sample, give or take five standard deviations of a
@@ -657,11 +662,15 @@ impl MergeOp {
                 let q = b.pos as f64 / n as f64;
                 let at = (q * s as f64) as usize;
                 let margin = (5.0 * (s as f64 * q * (1.0 - q)).sqrt()).ceil() as usize + 2;
-                let lo = if at <= margin { 0 } else { sample[at - margin] };
+                let lo = if at <= margin {
+                    0
+                } else {
+                    *sample.select_nth_unstable(at - margin).1
+                };
                 let hi = if at + margin >= s {
                     u64::MAX
                 } else {
-                    sample[at + margin]
+                    *sample.select_nth_unstable(at + margin).1
                 };
                 b.bracket = Some(Bracket {
                     lo,
@@ -956,9 +965,13 @@ fn prune_delta<T: Work>(mask: Mask, factor: Option<f64>, first: usize, base: &[T
                 delta.fill(T::of(0.0));
                 return;
             }
-            for (j, (d, &b)) in delta.iter_mut().zip(base).enumerate() {
+            // The bounds' indices relative to the block (saturated), so the loop compares
+            // narrow lanes: the key and the position in the block.
+            let relative = |index: usize| u32::try_from(index.saturating_sub(first)).unwrap_or(u32::MAX);
+            let (low_at, high_at) = (relative(low.1), relative(high.1));
+            for ((d, &b), j) in delta.iter_mut().zip(base).zip(0u32..) {
                 let x = d.minus(b);
-                *d = x.kept(between(key(x, flip), first + j, low, high));
+                *d = x.kept(x.between(flip, (low.0, low_at), (high.0, high_at), j));
             }
         }
         Mask::Random { seed, density } => {
@@ -1259,9 +1272,45 @@ mod tests {
                 pieces.extend(read(start, len));
             }
             assert!(whole == pieces, "{method}");
-            // Every element from its own inputs: the kept entries of each delta, weighted, signs
-            // elected as MergeKit does (checked against NumPy in tests/transforms/test_merge.py).
-            assert!(whole.chunks_exact(2).any(|b| b != [0, 0]), "{method}");
+            // Element by element, from the masks as `Mask::keeps` reads them (the block loops
+            // compare narrower lanes) and the merge's formula (against NumPy in
+            // tests/transforms/test_merge.py).
+            let Method::TaskArithmetic { consensus, .. } = merge.method else {
+                unreachable!()
+            };
+            let mut want = vec![0f32; n];
+            for (j, w) in want.iter_mut().enumerate() {
+                let deltas: Vec<f32> = (0..models.len())
+                    .map(|i| {
+                        let x = models[i][j] - base[j];
+                        let kept = if figures.masks[i].keeps(x, j) { x } else { 0.0 };
+                        figures.factors[i].map_or(kept, |f| kept * f as f32)
+                    })
+                    .collect();
+                let weights: Vec<f32> = merge.params.iter().map(|p| p.weight as f32).collect();
+                let elected: f32 = deltas.iter().zip(&weights).fold(0.0, |e, (d, w)| e + w * d);
+                let (mut mixed, mut kept_weight) = (0f32, 0f32);
+                for (d, &wt) in deltas.iter().zip(&weights) {
+                    let wd = wt * d;
+                    let agree = !consensus || if elected >= 0.0 { wd > 0.0 } else { wd < 0.0 };
+                    mixed += if agree { wd } else { 0.0 };
+                    kept_weight += if agree { wt } else { 0.0 };
+                }
+                let total: f32 = weights.iter().sum();
+                let divisor = if consensus {
+                    if kept_weight == 0.0 {
+                        1.0
+                    } else {
+                        kept_weight
+                    }
+                } else {
+                    total
+                };
+                *w = base[j] + mixed / divisor;
+            }
+            let mut want_bytes = vec![0u8; 2 * n];
+            kernels::convert(DType::F32, f32::bytes(&want), DType::BF16, &mut want_bytes);
+            assert!(whole == want_bytes, "{method}");
         }
     }
 
