@@ -1158,8 +1158,10 @@ impl Transform for Merge {
             };
             if streamed::streams(self.method) {
                 let pruned = params.iter().filter(|p| p.density < 1.0).count();
+                let widest = inputs.iter().filter_map(|t| t.dtype.size()).max().unwrap_or(1);
+                let widen = widest.div_ceil(dtype.size().unwrap_or(1).max(1));
                 workspace.fetch_max(
-                    streamed::workspace(self.method, inputs.len(), pruned, n),
+                    streamed::workspace(self.method, inputs.len(), pruned, n, widen),
                     Ordering::Relaxed,
                 );
             } else {
@@ -2113,13 +2115,51 @@ impl LazyOp for MergeOp {
     }
 
     fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {
-        // Computed once and kept: the inputs are read once.
-        if !seen.insert(self as *const Self as usize) {
-            return 0;
+        let first = seen.insert(self as *const Self as usize);
+        if !streamed::streams(self.method) {
+            // Computed once and kept: the inputs are read once.
+            if !first {
+                return 0;
+            }
+            return self
+                .inputs
+                .iter()
+                .fold(0u64, |acc, t| acc.saturating_add(t.bytes_to_read(seen)));
         }
-        self.inputs
+        // Each reader reads every input's chunks; the figures' passes (found once) read the
+        // base and the pruned models again.
+        let chunks = self
+            .inputs
             .iter()
-            .fold(0u64, |acc, t| acc.saturating_add(t.bytes_to_read(seen)))
+            .fold(0u64, |acc, t| acc.saturating_add(t.bytes_to_read(seen)));
+        if !first {
+            return chunks;
+        }
+        // The task-arithmetic family: the base first, then the models.
+        let Method::TaskArithmetic { sparsify: Some(s), .. } = self.method else {
+            return chunks;
+        };
+        let pruned: Vec<usize> = (0..self.params.len())
+            .filter(|&i| self.params[i].density < 1.0)
+            .collect();
+        if pruned.is_empty() {
+            return chunks;
+        }
+        let again = |i: usize| self.inputs[i].bytes_to_read(&mut HashSet::new());
+        let pass = pruned.iter().fold(again(0), |acc, &i| acc.saturating_add(again(i + 1)));
+        let n = self.inputs[0].numel().max(1);
+        let mut figures = if self.rescale { pass } else { 0 };
+        if matches!(s, Sparsify::Magnitude | Sparsify::Outliers) {
+            // The sample, then (unless it was the whole tensor) the bracket's pass; a bracket
+            // that misses adds passes no estimate foresees.
+            let (runs, run) = streamed::sample_runs(n);
+            let sampled = (u128::from(pass) * (runs * run) as u128 / n as u128) as u64;
+            figures = figures.saturating_add(sampled);
+            if runs * run < n || runs > 1 {
+                figures = figures.saturating_add(pass);
+            }
+        }
+        chunks.saturating_add(figures)
     }
 
     fn read(

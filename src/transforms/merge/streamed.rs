@@ -5,9 +5,9 @@
 //! found first, by passes over the inputs' chunks ([`Figures`]), and each chunk the writer asks
 //! for is then computed from the same chunk of every input, in parallel with the others.
 //!
-//! The arithmetic is that of merging whole tensors element for element (the deltas in the work
-//! type, the sums in f64 in model order, sums over a tensor in element order), so the result
-//! does not depend on chunking or threads.
+//! Each element is computed in the work type (f32, or f64 when every input is F64), the sums in
+//! model order, and the L1 norms of rescaling in f64 in element order, so the result does not
+//! depend on chunking or threads.
 //!
 //! Magnitude pruning keeps positions `[lo, hi)` of the entries ordered by the bits of |δ|
 //! (complemented for TIES, which keeps the largest), ties by index. Each bound is found by a
@@ -28,11 +28,29 @@ const BLOCK: usize = 16 * 1024;
 pub(super) const GATHER: usize = 1 << 16;
 
 /// Sample keys a bracket is chosen from, at most, and the length of each run of them.
-const SAMPLE: usize = 1 << 18;
+const SAMPLE: usize = 1 << 20;
 const SAMPLE_RUN: usize = 512;
 
-/// Keys a bracket may gather (16 bytes each) before the radix select takes over.
-const GATHER_CAP: usize = 1 << 20;
+/// Entries of a tensor small enough to be its own sample.
+const WHOLE: usize = 1 << 16;
+
+/// The runs of entries a tensor of `n` entries is sampled in, and their length: the whole
+/// tensor up to [`WHOLE`] entries, else evenly spaced runs of [`SAMPLE_RUN`], about one entry
+/// in 32 and at most [`SAMPLE`] (a quantile of 2²⁰ keys is known to about 0.05%).
+pub(super) fn sample_runs(n: usize) -> (usize, usize) {
+    if n <= WHOLE {
+        return (1, n);
+    }
+    ((n / 32).clamp(WHOLE / 4, SAMPLE).div_ceil(SAMPLE_RUN), SAMPLE_RUN)
+}
+
+/// Keys a bracket of a tensor of `n` entries may gather (16 bytes each) before the radix select
+/// takes over. A bracket spans ten standard deviations of a quantile of its sample of `s` keys,
+/// about 5/√s of them (1.4% of a tensor of 2²² entries, 0.5% from 2²⁵ entries on, where the
+/// sample reaches [`SAMPLE`]): 1 in 128 keys, at least 2²⁰ and at most 2²³ (128 MiB).
+fn gather_cap(n: usize) -> usize {
+    (n / 128).clamp(1 << 20, 1 << 23)
+}
 
 /// Bits of the key a histogram round looks at.
 const RADIX: u32 = 16;
@@ -50,8 +68,10 @@ pub(super) fn streams(method: Method) -> bool {
 /// writer's chunk, `pruned` of them by magnitude or at random: a chunk of every input and a
 /// block of work buffers, and per pruned model a sample of keys, a histogram, the keys a
 /// bracket may gather and the blocks it counts (at most: sparse masks need none of it).
-pub(super) fn workspace(method: Method, inputs: usize, pruned: usize, n: usize) -> usize {
-    let chunks = inputs * (CHUNK_BYTES + BLOCK * 8) + 3 * BLOCK * 8;
+/// `widen` is how many times wider the widest input's elements are than the result's (at least
+/// 1): a chunk of the result reads that many bytes of each input.
+pub(super) fn workspace(method: Method, inputs: usize, pruned: usize, n: usize, widen: usize) -> usize {
+    let chunks = inputs * (CHUNK_BYTES * widen.max(1) + BLOCK * 8) + 3 * BLOCK * 8;
     // TIES keeps the largest entries (one bound), breadcrumbs those between two.
     let bounds = match method {
         Method::TaskArithmetic {
@@ -64,7 +84,8 @@ pub(super) fn workspace(method: Method, inputs: usize, pruned: usize, n: usize) 
         } => 2,
         _ => return chunks,
     };
-    let per_bound = n.min(SAMPLE) * 8 + (1 << RADIX) * 8 + n.min(GATHER_CAP) * 16 + n / BLOCK * 32;
+    let (runs, run) = sample_runs(n);
+    let per_bound = runs * run * 8 + (1 << RADIX) * 8 + n.min(gather_cap(n)) * 16 + n / BLOCK * 32;
     chunks + pruned * bounds * per_bound
 }
 
@@ -179,6 +200,8 @@ struct Bracket {
     /// Per block of the pass: its first index, length, and copies of `lo` and of `hi` in it.
     blocks: Vec<(usize, usize, usize, usize)>,
     inside: Vec<(u64, usize)>,
+    /// The most keys `inside` may hold ([`gather_cap`]).
+    cap: usize,
     overflow: bool,
     done: bool,
 }
@@ -219,6 +242,8 @@ enum Found {
     Missed,
     /// Key and index known.
     Known,
+    /// The passes disagree: the inputs changed while they were read.
+    Changed,
 }
 
 /// What a pass does for one bound.
@@ -305,18 +330,19 @@ impl Bound {
                     // (few lie in between) before looking at each.
                     let (first, span) = (lo + 1, hi - lo - 1);
                     let between = |k: u64| k.wrapping_sub(first) < span;
-                    for (r, run) in keys.chunks(16).enumerate() {
+                    'runs: for (r, run) in keys.chunks(16).enumerate() {
                         if run.iter().fold(false, |any, &k| any | between(k)) {
                             for (i, &k) in run.iter().enumerate() {
                                 if between(k) {
+                                    if b.inside.len() == b.cap {
+                                        b.overflow = true;
+                                        b.inside = Vec::new();
+                                        break 'runs;
+                                    }
                                     b.inside.push((k, start + 16 * r + i));
                                 }
                             }
                         }
-                    }
-                    if b.inside.len() > GATHER_CAP {
-                        b.overflow = true;
-                        b.inside = Vec::new();
                     }
                 }
                 true
@@ -403,10 +429,13 @@ impl Bound {
                 // Gathered in index order: a stable sort by key orders them by (key, index).
                 let mut gathered = std::mem::take(&mut self.gathered);
                 gathered.sort_by_key(|&(k, _)| k);
-                let (k, i) = gathered[self.pos - self.below];
+                let Some(&(k, i)) = self.pos.checked_sub(self.below).and_then(|at| gathered.get(at)) else {
+                    return Found::Changed;
+                };
                 self.key = Some((k, 0));
                 self.index = Some(i);
             }
+            Phase::Index if self.index.is_none() => return Found::Changed,
             Phase::Index | Phase::Done => {}
         }
         Found::Known
@@ -520,6 +549,11 @@ impl MergeOp {
             match method {
                 Sparsify::Magnitude | Sparsify::Outliers => {
                     let (flip, lo, hi) = kept_positions::<T>(method, p, n);
+                    if lo >= hi {
+                        // Nothing kept: no bound to find.
+                        magnitude.push((i, flip, None, None, true));
+                        continue;
+                    }
                     let lower = (lo > 0 && lo < n).then(|| {
                         bounds.push(Bound::new(i, lo, flip, T::WIDTH, n));
                         bounds.len() - 1
@@ -589,6 +623,9 @@ impl MergeOp {
     /// Finds every bound, all of them in the same passes over the inputs: first a bracket
     /// from a sample of each model's keys, then (where that misses) the radix select.
     fn select<T: Work>(&self, bounds: &mut [Bound], gather: usize, cx: &mut ReadContext) -> Result<(), ValueError> {
+        if bounds.is_empty() {
+            return Ok(());
+        }
         if gather >= GATHER {
             self.bracket::<T>(bounds, cx)?;
         }
@@ -627,33 +664,46 @@ impl MergeOp {
                 Ok(active.iter().any(|&a| a))
             })?;
             for (b, &p) in bounds.iter_mut().zip(&phases) {
-                if let Found::Copy { key, rank, start, len } = b.finish(p) {
-                    let index = self.copy_index::<T>(b.model, b.flip, key, rank, start, len, cx)?;
-                    b.key = Some((key, rank));
-                    b.index = Some(index);
+                match b.finish(p) {
+                    Found::Copy { key, rank, start, len } => {
+                        let index = self.copy_index::<T>(b.model, b.flip, key, rank, start, len, cx)?;
+                        b.key = Some((key, rank));
+                        b.index = Some(index);
+                    }
+                    Found::Changed => return Err(self.changed()),
+                    Found::Known | Found::Missed => {}
                 }
             }
             cx.check()?;
         }
     }
 
-    /// Sets each bound's bracket from a sample of its model's keys: evenly spaced runs of
-    /// [`SAMPLE_RUN`] entries, at most [`SAMPLE`] of them in all (a whole tensor that small).
+    /// Sets each bound's bracket from a sample of its model's keys ([`sample_runs`]); a tensor
+    /// of at most [`WHOLE`] entries is its own sample, and its bounds are selected from it.
     fn bracket<T: Work>(&self, bounds: &mut [Bound], cx: &mut ReadContext) -> Result<(), ValueError> {
         let n = self.inputs[0].numel();
-        let size = (n / 32).clamp(SAMPLE / 16, SAMPLE).min(n);
-        let runs = size.div_ceil(SAMPLE_RUN);
+        let (runs, run) = sample_runs(n);
         let mut models: Vec<usize> = bounds.iter().map(|b| b.model).collect();
         models.dedup();
-        for m in models {
-            let flip = bounds.iter().find(|b| b.model == m).map_or(0, |b| b.flip);
-            let mut sample = Vec::with_capacity(size);
-            let mut keys = vec![0u64; SAMPLE_RUN];
-            for r in 0..runs {
-                let start = (r as u128 * (n - SAMPLE_RUN.min(n)) as u128 / runs.max(1) as u128) as usize;
-                let len = SAMPLE_RUN.min(n - start);
-                self.keys_at::<T>(m, flip, start, &mut keys[..len], cx)?;
-                sample.extend_from_slice(&keys[..len]);
+        let flips: Vec<u64> = models
+            .iter()
+            .map(|&m| bounds.iter().find(|b| b.model == m).map_or(0, |b| b.flip))
+            .collect();
+        let mut samples: Vec<Vec<u64>> = vec![Vec::with_capacity(runs * run); models.len()];
+        for r in 0..runs {
+            let start = (r as u128 * (n - run) as u128 / runs as u128) as usize;
+            self.keys_at::<T>(&models, &flips, start, run, &mut samples, cx)?;
+        }
+        for (m, mut sample) in models.into_iter().zip(samples) {
+            if runs * run == n && runs == 1 {
+                // The whole tensor, in index order: select each bound by (key, index).
+                let mut keyed: Vec<(u64, usize)> = sample.into_iter().zip(0..).collect();
+                for b in bounds.iter_mut().filter(|b| b.model == m) {
+                    let (k, i) = *keyed.select_nth_unstable(b.pos).1;
+                    b.key = Some((k, 0));
+                    b.index = Some(i);
+                }
+                continue;
             }
             let s = sample.len();
             for b in bounds.iter_mut().filter(|b| b.model == m) {
@@ -678,6 +728,7 @@ impl MergeOp {
                     under: 0,
                     blocks: Vec::new(),
                     inside: Vec::new(),
+                    cap: gather_cap(n),
                     overflow: false,
                     done: false,
                 });
@@ -686,18 +737,22 @@ impl MergeOp {
         Ok(())
     }
 
-    /// The keys of model `m`'s delta entries `start..start + keys.len()`.
+    /// Appends to `keys[j]` the keys of model `models[j]`'s delta entries `start..start + len`
+    /// (`flips[j]` its key flip), reading the base once.
     fn keys_at<T: Work>(
         &self,
-        m: usize,
-        flip: u64,
+        models: &[usize],
+        flips: &[u64],
         start: usize,
-        keys: &mut [u64],
+        len: usize,
+        keys: &mut [Vec<u64>],
         cx: &mut ReadContext,
     ) -> Result<(), ValueError> {
-        let len = keys.len();
-        let mut values = [Vec::<T>::new(), Vec::<T>::new()];
-        for (slot, input) in [&self.inputs[0], &self.inputs[m + 1]].into_iter().enumerate() {
+        let mut base = Vec::<T>::new();
+        let mut delta = Vec::<T>::new();
+        let inputs = std::iter::once(0).chain(models.iter().map(|&m| m + 1));
+        for (slot, i) in inputs.enumerate() {
+            let input = &self.inputs[i];
             let width = input.dtype.size().ok_or(ValueError::NoByteSize {
                 op: "merge",
                 dtype: input.dtype,
@@ -705,16 +760,18 @@ impl MergeOp {
             let mut raw = cx.take(len * width);
             let read = input.read(start, &mut raw, cx);
             if read.is_ok() {
-                Block::convert(input.dtype, &raw, &mut values[slot], len);
+                Block::convert(input.dtype, &raw, if slot == 0 { &mut base } else { &mut delta }, len);
             }
             cx.give(raw);
             read?;
+            if slot > 0 {
+                minus_base(&mut delta, &base);
+                let out = &mut keys[slot - 1];
+                let at = out.len();
+                out.resize(at + len, 0);
+                keys_of(&delta, flips[slot - 1], &mut out[at..]);
+            }
         }
-        let [base, mut delta] = values;
-        for (d, &b) in delta.iter_mut().zip(&base) {
-            *d = d.minus(b);
-        }
-        keys_of(&delta, flip, keys);
         Ok(())
     }
 
@@ -730,17 +787,23 @@ impl MergeOp {
         len: usize,
         cx: &mut ReadContext,
     ) -> Result<usize, ValueError> {
-        let mut keys = vec![0u64; len];
-        self.keys_at::<T>(m, flip, start, &mut keys, cx)?;
-        keys.iter()
+        let mut keys = vec![Vec::new()];
+        self.keys_at::<T>(&[m], &[flip], start, len, &mut keys, cx)?;
+        keys[0]
+            .iter()
             .enumerate()
             .filter(|(_, &k)| k == key)
             .nth(rank)
             .map(|(i, _)| start + i)
-            .ok_or_else(|| ValueError::Compute {
-                op: "merge",
-                reason: format!("`{}`: the inputs changed while they were read", self.tensor),
-            })
+            .ok_or_else(|| self.changed())
+    }
+
+    /// The error of passes over the inputs that disagree.
+    fn changed(&self) -> ValueError {
+        ValueError::Compute {
+            op: "merge",
+            reason: format!("`{}`: the inputs changed while they were read", self.tensor),
+        }
     }
 
     /// The factors rescaling each pruned model's kept entries to its delta's L1 norm (MergeKit
@@ -1144,20 +1207,22 @@ mod tests {
 
     #[test]
     fn bounds_match_a_stable_sort_in_every_phase() {
-        let n = 3 * BLOCK + 123;
-        for (base, models) in [
-            (tied(n, 1), vec![tied(n, 2), tied(n, 3)]),
-            (spread(n, 1), vec![spread(n, 2), tied(n, 3)]),
-        ] {
-            check_bounds(n, &base, &models);
+        // Its own sample, and sampled (a bracket pass, and the radix select where it misses).
+        for (n, gathers) in [(3 * BLOCK + 123, &[0, 64, GATHER][..]), (WHOLE + 4321, &[GATHER][..])] {
+            for (base, models) in [
+                (tied(n, 1), vec![tied(n, 2), tied(n, 3)]),
+                (spread(n, 1), vec![spread(n, 2), tied(n, 3)]),
+            ] {
+                check_bounds(n, &base, &models, gathers);
+            }
         }
     }
 
-    fn check_bounds(n: usize, base: &[f32], models: &[Vec<f32>]) {
+    fn check_bounds(n: usize, base: &[f32], models: &[Vec<f32>], gathers: &[usize]) {
         for method in ["ties", "breadcrumbs"] {
             for density in [0.0, 0.1, 0.5, 0.9] {
                 let merge = op(method, base, models, density, false);
-                for gather in [0, 64, GATHER] {
+                for &gather in gathers {
                     let figures = merge.figures_with::<f32>(gather, &mut ReadContext::default()).unwrap();
                     for (m, model) in models.iter().enumerate() {
                         let delta: Vec<f32> = model.iter().zip(base).map(|(x, b)| x - b).collect();
@@ -1185,6 +1250,7 @@ mod tests {
             under: 0,
             blocks: Vec::new(),
             inside: Vec::new(),
+            cap: 1 << 20,
             overflow: false,
             done: false,
         });
