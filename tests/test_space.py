@@ -107,3 +107,23 @@ def test_a_full_filesystem_refuses_the_run_or_fails_it_leaving_nothing(tmp_path:
         assert_one_error(cli([*args, "--no-space-check"], cwd=tmp_path), 2, "the disk is full")
         assert listing(mnt) == []
     assert big.read_bytes() == before
+
+
+def test_saves_during_the_run_count_in_the_space_check(tmp_path: Path) -> None:
+    """A `save` step writes during the run: its filesystem is checked with the output's (issue 12
+    item 4), also in a plan without output, and a short one refuses the run before any write."""
+    big = write_st(tmp_path / "big.safetensors", {"w": np.ones((512, 1024), dtype=np.float32)})
+    saved = tmp_path / "mid.safetensors"
+    plan = {"inputs": [str(big)], "transforms": [{"save": {"path": str(saved)}}]}
+    (fs,) = bs.check(plan)["filesystems"]
+    assert fs["roles"] == ["save"] and fs["needed"] == 512 * 1024 * 4 and fs["enough"]
+    with_output = {**plan, "output": str(tmp_path / "out.safetensors")}
+    (fs,) = bs.check(with_output)["filesystems"]
+    assert fs["roles"] == ["output", "save"] and fs["needed"] > 2 * 512 * 1024 * 4
+    with small_tmpfs(tmp_path, "1m") as mnt:
+        short = {**with_output, "transforms": [{"save": {"path": str(mnt / "mid.safetensors")}}]}
+        by_role = {tuple(f["roles"]): f for f in bs.check(short)["filesystems"]}
+        assert not by_role[("save",)]["enough"] and by_role[("output",)]["enough"]
+        with pytest.raises(bs.FormatError, match="not enough free space"):
+            bs.run(short, quiet=True)
+        assert listing(mnt) == [] and not (tmp_path / "out.safetensors").exists()

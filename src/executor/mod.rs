@@ -405,7 +405,10 @@ impl Prepared {
             bytes_to_read: ctx.deferred_reads,
             ..IoPreview::default()
         };
+        // Files `save` steps write during the run.
+        let saves: Vec<SpaceNeed> = ctx.planned_files.iter().map(|f| f.space_need()).collect();
         let (Some(output), Some(alias)) = (&self.plan.output, self.output_alias(state)?) else {
+            preview.filesystems = crate::space::survey(&saves);
             return Ok(preview);
         };
         let mut arena = 0;
@@ -444,6 +447,7 @@ impl Prepared {
                 bytes: arena,
             });
         }
+        needs.extend(saves);
         preview.filesystems = crate::space::survey(&needs);
         Ok(preview)
     }

@@ -249,6 +249,21 @@ pub(crate) struct PlannedFile {
     tensors: Vec<(String, Tensor)>,
 }
 
+impl PlannedFile {
+    /// The space its write needs: the bytes of its tensors (headers, a few KiB, left out; a
+    /// file saved twice is counted twice, as replacing it holds both for a moment).
+    pub(crate) fn space_need(&self) -> crate::space::SpaceNeed {
+        crate::space::SpaceNeed {
+            role: "save",
+            path: self.path.clone(),
+            bytes: self
+                .tensors
+                .iter()
+                .fold(0u64, |sum, (_, t)| sum.saturating_add(t.nbytes() as u64)),
+        }
+    }
+}
+
 /// `path` made absolute (lexically: it may not exist yet), so a `load` finds the file a `save`
 /// of another spelling of the same path will write.
 fn absolute(path: &std::path::Path) -> PathBuf {
