@@ -396,3 +396,23 @@ def test_a_written_product_is_released_so_the_next_fits_the_budget(tmp_path: Pat
             np.testing.assert_allclose(got["t" + name], product.T, rtol=1e-4, atol=1e-3)
         else:
             np.testing.assert_allclose(got["c" + name], product, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["phlora_", "phlora"])
+def test_factors_kept_for_the_write_come_from_the_budget(tmp_path: Path, op: str) -> None:
+    """`phlora_`'s f32 factors (kept to compute the product when written) and `phlora`'s factors
+    are allocated from the budget, spilling to the arena past it, as the check estimates."""
+    w = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
+    model = tmp_path / "w.safetensors"
+    save_file({"w": w}, str(model))
+    spec: dict[str, object] = {"target": "w", "rank": 512, "method": "exact"}
+    if op == "phlora":
+        spec.update(target_a="a", target_b="b")
+    p = {"inputs": [str(model)], "transforms": [{op: spec}], "output": str(tmp_path / "o.safetensors")}
+    checked = bs.check(p, threads=1, max_memory="16MiB")
+    result = bs.run(p, threads=1, max_memory="16MiB", quiet=True)
+    assert checked["arena_bytes"] == result["arena_bytes"] == 4 * MiB
+    got = load_file(str(tmp_path / "o.safetensors"))
+    product = got["w"] if op == "phlora_" else got["b"].astype(np.float64) @ got["a"].astype(np.float64)
+    u, s, vt = np.linalg.svd(w.astype(np.float64))
+    np.testing.assert_allclose(product, (u[:, :512] * s[:512]) @ vt[:512], atol=1e-3)

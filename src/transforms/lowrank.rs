@@ -23,7 +23,7 @@ use super::{TransformSpec, Twin, Writes};
 use crate::dtype::DType;
 use crate::kernels::random::tensor_seed;
 use crate::linalg::{self, LinalgError, Quality, RankRule, Real, Rows, Svd, PANEL_BYTES};
-use crate::memory::Element;
+use crate::memory::{Element, Scratch};
 use crate::plan::payload::{Field, FieldKind, Payload};
 use crate::plan::{Location, PlanError};
 use crate::references::{Reference, Target};
@@ -497,21 +497,40 @@ pub(crate) fn encode_into<T: Real>(values: &[T], dtype: DType, scratch: &mut Vec
 /// once to the tensor's dtype: the rank-r reconstruction streams like any other value.
 #[derive(Debug)]
 pub(crate) struct LowRankOp<T> {
-    /// `m × r`.
-    pub b: Vec<T>,
-    /// `r × n`.
-    pub a: Vec<T>,
+    /// `m × r`, in `T`, from the run's memory budget (or its arena).
+    b: Scratch,
+    /// `r × n`, likewise.
+    a: Scratch,
     /// `(m, r, n)`.
-    pub dims: (usize, usize, usize),
+    dims: (usize, usize, usize),
+    work: std::marker::PhantomData<T>,
 }
 
-impl<T: Real + Pooled + std::fmt::Debug> LazyOp for LowRankOp<T> {
+impl<T: Real + Element> LowRankOp<T> {
+    /// The product of `b` (`m × r`) and `a` (`r × n`), copied into buffers of the run's budget.
+    pub(crate) fn new(b: &[T], a: &[T], dims: (usize, usize, usize), cx: &ReadContext) -> Result<Self, ValueError> {
+        let copy = |values: &[T]| -> Result<Scratch, ValueError> {
+            let mut buf = cx.alloc("low-rank product", std::mem::size_of_val(values))?;
+            buf.typed_mut::<T>().copy_from_slice(values);
+            buf.settle();
+            Ok(buf)
+        };
+        Ok(LowRankOp {
+            b: copy(b)?,
+            a: copy(a)?,
+            dims,
+            work: std::marker::PhantomData,
+        })
+    }
+}
+
+impl<T: Real + Pooled + Element + std::fmt::Debug> LazyOp for LowRankOp<T> {
     fn name(&self) -> &'static str {
         "low-rank product"
     }
 
     fn materialized(&self, _: &mut HashSet<usize>) -> usize {
-        (self.a.len() + self.b.len()) * std::mem::size_of::<T>()
+        self.a.len() + self.b.len()
     }
 
     fn read(
@@ -537,8 +556,8 @@ impl<T: Real + Pooled + std::fmt::Debug> LazyOp for LowRankOp<T> {
         matmul(
             MatMut::from_row_major_slice_mut(&mut block, rows, n),
             Accum::Replace,
-            MatRef::from_row_major_slice(&self.b[first * r..last * r], rows, r),
-            MatRef::from_row_major_slice(&self.a, r, n),
+            MatRef::from_row_major_slice(&self.b.typed::<T>()[first * r..last * r], rows, r),
+            MatRef::from_row_major_slice(self.a.typed::<T>(), r, n),
             T::of(1.0),
             Par::Seq,
         );
@@ -658,11 +677,11 @@ struct Phlora {
     location: Location,
 }
 
-/// The factors of one matrix in its dtype, and for `phlora_` its reconstruction.
-struct Factored {
-    a: Tensor,
-    b: Tensor,
-    product: Tensor,
+/// What factoring one matrix gives: for `phlora` the factors in its dtype, for `phlora_` its
+/// reconstruction (computed from f32 (f64) factors when written).
+enum Factored {
+    Factors { a: Tensor, b: Tensor },
+    Product(Tensor),
 }
 
 impl Phlora {
@@ -703,20 +722,21 @@ impl Phlora {
         drop(svd);
         let dtype = m.tensor.dtype;
         // Within the run's memory budget, else in its arena.
-        let bytes =
-            |v: &[T]| real_scratch(v, dtype, self.op(), &ctx.reads).map_err(|e| TransformError::value_of(&display, e));
-        let a_tensor = Tensor::in_memory(dtype, vec![rank, cols], Arc::new(bytes(&a)?));
-        let b_tensor = Tensor::in_memory(dtype, vec![rows, rank], Arc::new(bytes(&b)?));
-        let product = Tensor::op(
-            dtype,
-            vec![rows, cols],
-            Arc::new(LowRankOp {
-                b,
-                a,
-                dims: (rows, rank, cols),
-            }),
-        )
-        .map_err(|e| TransformError::value_of(&display, e))?;
+        let factored = if self.outputs.is_some() {
+            let bytes = |v: &[T]| {
+                real_scratch(v, dtype, self.op(), &ctx.reads).map_err(|e| TransformError::value_of(&display, e))
+            };
+            Factored::Factors {
+                a: Tensor::in_memory(dtype, vec![rank, cols], Arc::new(bytes(&a)?)),
+                b: Tensor::in_memory(dtype, vec![rows, rank], Arc::new(bytes(&b)?)),
+            }
+        } else {
+            let op = LowRankOp::new(&b, &a, (rows, rank, cols), &ctx.reads)
+                .map_err(|e| TransformError::value_of(&display, e))?;
+            Factored::Product(
+                Tensor::op(dtype, vec![rows, cols], Arc::new(op)).map_err(|e| TransformError::value_of(&display, e))?,
+            )
+        };
         ctx.factorizations.push(Factorization {
             op: self.op(),
             tensor: display,
@@ -724,11 +744,7 @@ impl Phlora {
             method,
             quality,
         });
-        Ok(Factored {
-            a: a_tensor,
-            b: b_tensor,
-            product,
-        })
+        Ok(factored)
     }
 
     /// Placeholders of the right shapes for the plan check, where no value is read.
@@ -741,11 +757,14 @@ impl Phlora {
             Tensor::op(dtype, shape, Arc::new(Deferred(self.op(), bytes)))
                 .map_err(|e| TransformError::value_of(&m.display(), e))
         };
-        Ok(Factored {
-            a: tensor(vec![rank, cols], rank.saturating_mul(cols).saturating_mul(size))?,
-            b: tensor(vec![rows, rank], rows.saturating_mul(rank).saturating_mul(size))?,
+        Ok(if self.outputs.is_some() {
+            Factored::Factors {
+                a: tensor(vec![rank, cols], rank.saturating_mul(cols).saturating_mul(size))?,
+                b: tensor(vec![rows, rank], rows.saturating_mul(rank).saturating_mul(size))?,
+            }
+        } else {
             // `phlora_` keeps the factors in f32 (f64) to compute the product when written.
-            product: tensor(vec![rows, cols], factors.saturating_mul(size.max(4)))?,
+            Factored::Product(tensor(vec![rows, cols], factors.saturating_mul(size.max(4)))?)
         })
     }
 }
@@ -823,13 +842,17 @@ impl Transform for Phlora {
                     }
                 }
                 for ((a, b), factored) in a.iter().zip(b).zip(results) {
-                    state.insert(&a.alias, &a.name, factored.a);
-                    state.insert(&b.alias, &b.name, factored.b);
+                    if let Factored::Factors { a: fa, b: fb } = factored {
+                        state.insert(&a.alias, &a.name, fa);
+                        state.insert(&b.alias, &b.name, fb);
+                    }
                 }
             }
             _ => {
                 for (m, factored) in matches.iter().zip(results) {
-                    state.replace(&m.alias, &m.name, factored.product);
+                    if let Factored::Product(product) = factored {
+                        state.replace(&m.alias, &m.name, product);
+                    }
                 }
             }
         }
@@ -869,11 +892,7 @@ mod tests {
         let mut trunc = svd.clone();
         trunc.truncate(3);
         let (b, af) = split_factors(&trunc);
-        let op = LowRankOp {
-            b,
-            a: af,
-            dims: (m, 3, n),
-        };
+        let op = LowRankOp::new(&b, &af, (m, 3, n), &ReadContext::default()).unwrap();
         let mut out = vec![0u8; m * n * 8];
         // Reads that start and end inside rows.
         let mut cx = ReadContext::default();
