@@ -575,7 +575,7 @@ class Plan(PlanBase):
             epsilon: parameter, default: 0.15. half-width of DELLA's keep probabilities around density
             t: parameter, optional. slerp's interpolation factor (0: the base, 1: the other model)
             normalize: bool, default: true for linear, ties, della and multislerp; false otherwise. divide by the sum of the weights (per element, of the models agreeing in sign, with a sign election)
-            rescale: bool, default: true for DARE and DELLA; false otherwise. rescale kept entries: by 1/density (DARE), 1/keep probability (DELLA), to the delta's L1 norm (TIES, breadcrumbs)
+            rescale: bool, default: true for DARE and DELLA; false otherwise. scale the kept entries of each pruned delta back to the delta's L1 norm (as MergeKit 0.1.x does), for every method that prunes
             lambda_ (key ``lambda``): number, default: 1. factor of the merged delta (task arithmetic family)
             seed: number, default: 0. seed of the random masks (DARE, DELLA), combined with each model's alias and tensor name
             nuslerp_flatten: bool, default: true. nuslerp: interpolate the flattened tensors (false: each row, or column with nuslerp_row_wise)

@@ -787,7 +787,8 @@ def test_memory_estimate_counts_one_workspace(tmp_path):
 
 @pytest.mark.parametrize(
     ("method", "passes"),
-    [("linear", 1), ("task_arithmetic", 1), ("ties", 2), ("dare_ties", 2), ("breadcrumbs", 2), ("della", 1), ("slerp", 1)],
+    [("linear", 1), ("task_arithmetic", 1), ("ties", 2), ("dare_ties", 2), ("breadcrumbs", 2), ("della", 1), ("slerp", 1),
+     ("ties_keeping_nothing", 1)],
 )
 def test_check_counts_the_bytes_a_merge_reads(tmp_path, method, passes):
     """Streamed merges read their inputs once per pass (TIES: a pass for the magnitude bounds,
@@ -800,6 +801,9 @@ def test_check_counts_the_bytes_a_merge_reads(tmp_path, method, passes):
         merge = {"method": "slerp", "base": "base", "models": ["ft1"], "t": 0.3, "to": "merged"}
     if method == "breadcrumbs":
         merge["models"] = {"ft1": {"weight": 0.5, "density": 0.5}, "ft2": {"weight": 0.5, "density": 0.5}}
+    if method == "ties_keeping_nothing":
+        # No bound to find: only the chunks are read.
+        merge = {**merge, "method": "ties", "models": {"ft1": {"weight": 0.5, "density": 0.0}, "ft2": {"weight": 0.5, "density": 0.0}}}
     plan = {"inputs": inputs(paths), "transforms": [{"merge": merge}], "output": str(tmp_path / "o.safetensors")}
     checked = bs.check(plan)
     result = bs.run(plan, quiet=True)

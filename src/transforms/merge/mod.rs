@@ -127,7 +127,7 @@ const FIELDS: &[Field] = &[
         "rescale",
         FieldKind::Bool,
         Some("true for DARE and DELLA; false otherwise"),
-        "rescale kept entries: by 1/density (DARE), 1/keep probability (DELLA), to the delta's L1 norm (TIES, breadcrumbs)",
+        "scale the kept entries of each pruned delta back to the delta's L1 norm (as MergeKit 0.1.x does), for every method that prunes",
     ),
     Field::optional(
         "lambda",
@@ -2150,13 +2150,25 @@ impl LazyOp for MergeOp {
         let n = self.inputs[0].numel().max(1);
         let mut figures = if self.rescale { pass } else { 0 };
         if matches!(s, Sparsify::Magnitude | Sparsify::Outliers) {
-            // The sample, then (unless it was the whole tensor) the bracket's pass; a bracket
-            // that misses adds passes no estimate foresees.
-            let (runs, run) = streamed::sample_runs(n);
-            let sampled = (u128::from(pass) * (runs * run) as u128 / n as u128) as u64;
-            figures = figures.saturating_add(sampled);
-            if runs * run < n || runs > 1 {
-                figures = figures.saturating_add(pass);
+            // Models with a bound to find (a mask keeping nothing or everything has none): the
+            // sample, then (unless it was the whole tensor) the bracket's pass. A bracket that
+            // misses, or a bound on copies of a bracket end (a block read), adds reads no
+            // estimate foresees.
+            let bounded: Vec<usize> = pruned
+                .iter()
+                .copied()
+                .filter(|&i| streamed::has_bound(s, &self.params[i], n))
+                .collect();
+            if !bounded.is_empty() {
+                let pass = bounded
+                    .iter()
+                    .fold(again(0), |acc, &i| acc.saturating_add(again(i + 1)));
+                let (runs, run) = streamed::sample_runs(n);
+                let sampled = (u128::from(pass) * (runs * run) as u128 / n as u128) as u64;
+                figures = figures.saturating_add(sampled);
+                if runs > 1 || run < n {
+                    figures = figures.saturating_add(pass);
+                }
             }
         }
         chunks.saturating_add(figures)

@@ -35,8 +35,9 @@ const SAMPLE_RUN: usize = 512;
 const WHOLE: usize = 1 << 16;
 
 /// The runs of entries a tensor of `n` entries is sampled in, and their length: the whole
-/// tensor up to [`WHOLE`] entries, else evenly spaced runs of [`SAMPLE_RUN`], about one entry
-/// in 32 and at most [`SAMPLE`] (a quantile of 2²⁰ keys is known to about 0.05%).
+/// tensor up to [`WHOLE`] entries, else evenly spaced runs of [`SAMPLE_RUN`]: at least 16,384
+/// entries, one in 32 from 2¹⁹ entries on, at most [`SAMPLE`] (a quantile of 2²⁰ keys is known
+/// to about 0.05%).
 pub(super) fn sample_runs(n: usize) -> (usize, usize) {
     if n <= WHOLE {
         return (1, n);
@@ -47,7 +48,8 @@ pub(super) fn sample_runs(n: usize) -> (usize, usize) {
 /// Keys a bracket of a tensor of `n` entries may gather (16 bytes each) before the radix select
 /// takes over. A bracket spans ten standard deviations of a quantile of its sample of `s` keys,
 /// about 5/√s of them (1.4% of a tensor of 2²² entries, 0.5% from 2²⁵ entries on, where the
-/// sample reaches [`SAMPLE`]): 1 in 128 keys, at least 2²⁰ and at most 2²³ (128 MiB).
+/// sample reaches [`SAMPLE`]): 1 in 128 keys, at least 2²⁰ and at most 2²³ (128 MiB; a tensor
+/// of more than about 1.7·10⁹ entries then falls back to the radix select).
 fn gather_cap(n: usize) -> usize {
     (n / 128).clamp(1 << 20, 1 << 23)
 }
@@ -1113,6 +1115,15 @@ fn fit<T: Work>(values: &mut Vec<T>, len: usize) {
     if values.len() != len {
         values.resize(len, T::of(0.0));
     }
+}
+
+/// Whether magnitude pruning of `n` entries with `p` has a bound to find (it keeps some, not all).
+pub(super) fn has_bound(method: Sparsify, p: &Resolved, n: usize) -> bool {
+    if p.density >= 1.0 || n == 0 {
+        return false;
+    }
+    let (_, lo, hi) = kept_positions::<f32>(method, p, n);
+    lo < hi && ((lo > 0 && lo < n) || hi < n)
 }
 
 /// Magnitude pruning's kept positions of the `(key, index)` order of `n` entries, and the key
