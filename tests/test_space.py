@@ -127,3 +127,19 @@ def test_saves_during_the_run_count_in_the_space_check(tmp_path: Path) -> None:
         with pytest.raises(bs.FormatError, match="not enough free space"):
             bs.run(short, quiet=True)
         assert listing(mnt) == [] and not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_saved_alias_counts_its_sidecars_and_a_dry_run_output_needs_no_space(tmp_path: Path, ckpt: Path) -> None:
+    big = "x" * 100_000
+    (ckpt / "tokenizer.json").write_text(big)
+    saved = tmp_path / "mid"
+    plan = {"inputs": [str(ckpt)], "transforms": [{"save": {"path": str(saved)}}]}
+    (fs,) = bs.check(plan)["filesystems"]
+    tensors = sum(a.nbytes for a in TENSORS.values())
+    assert fs["needed"] >= tensors + len(big)
+    # Dry-run on at the end: nothing is written, so neither files nor space are asked for.
+    dry = {"inputs": [str(ckpt)], "transforms": [{"set": {"dry-run": True}}], "output": str(tmp_path / "o.safetensors")}
+    checked = bs.check(dry)
+    assert checked["output_files"] == [] and checked["filesystems"] == [] and checked["bytes_to_write"] == 0
+    bs.run(dry, quiet=True)
+    assert not (tmp_path / "o.safetensors").exists()

@@ -407,7 +407,9 @@ impl Prepared {
         };
         // Files `save` steps write during the run.
         let saves: Vec<SpaceNeed> = ctx.planned_files.iter().map(|f| f.space_need()).collect();
-        let (Some(output), Some(alias)) = (&self.plan.output, self.output_alias(state)?) else {
+        // Dry-run still on at the end of the plan: the output is not written (nor read).
+        let output = self.plan.output.as_ref().filter(|_| state.flags.dry_run.is_none());
+        let (Some(output), Some(alias)) = (output, self.output_alias(state)?) else {
             preview.filesystems = crate::space::survey(&saves);
             return Ok(preview);
         };

@@ -247,11 +247,13 @@ pub(crate) struct PlannedFile {
     format: Format,
     /// The tensors a reader will find in it, in order, under the names it will give them.
     tensors: Vec<(String, Tensor)>,
+    /// Bytes of the sidecars written beside it (config, tokenizer, …).
+    sidecar_bytes: u64,
 }
 
 impl PlannedFile {
-    /// The space its write needs: the bytes of its tensors (headers, a few KiB, left out; a
-    /// file saved twice is counted twice, as replacing it holds both for a moment).
+    /// The space its write needs: the bytes of its tensors and sidecars (headers, a few KiB,
+    /// left out; a file saved twice is counted twice, as replacing it holds both for a moment).
     pub(crate) fn space_need(&self) -> crate::space::SpaceNeed {
         crate::space::SpaceNeed {
             role: "save",
@@ -259,7 +261,7 @@ impl PlannedFile {
             bytes: self
                 .tensors
                 .iter()
-                .fold(0u64, |sum, (_, t)| sum.saturating_add(t.nbytes() as u64)),
+                .fold(self.sidecar_bytes, |sum, (_, t)| sum.saturating_add(t.nbytes() as u64)),
         }
     }
 }
@@ -589,10 +591,18 @@ fn save_tensors(
             .collect();
         // Under `set: {dry-run: true}` the run writes nothing there.
         if state.flags.dry_run.is_none() {
+            let sidecar_bytes = sidecars.iter().fold(0u64, |sum, sidecar| {
+                let len = match sidecar {
+                    Sidecar::File(path) => std::fs::metadata(path).map_or(0, |m| m.len()),
+                    Sidecar::Contents { bytes, .. } => bytes.len() as u64,
+                };
+                sum.saturating_add(len)
+            });
             ctx.planned_files.push(PlannedFile {
                 path: absolute(&spec.path),
                 format: spec.format,
                 tensors: planned,
+                sidecar_bytes,
             });
         }
         return Ok(None);
