@@ -1348,8 +1348,13 @@ pub struct MergeOp {
 trait Work: Real + Element {
     /// Bits in [`Work::abs_bits`].
     const WIDTH: u32;
+    /// An unsigned integer of [`Work::WIDTH`] bits: keys at their own width, so the hot loops
+    /// compare eight f32 keys per AVX2 register rather than four widened ones.
+    type Key: streamed::KeyWord;
     /// The bits of |x|, which order as the magnitudes.
     fn abs_bits(self) -> u64;
+    /// `abs_bits ^ flip` at the key's width.
+    fn key(self, flip: u64) -> Self::Key;
     /// `self − other`, rounded once (as in f64 and rounded: the double rounding is innocuous
     /// for f32, whose precision is less than half of f64's).
     fn minus(self, other: Self) -> Self;
@@ -1372,8 +1377,13 @@ trait Work: Real + Element {
 
 impl Work for f32 {
     const WIDTH: u32 = 32;
+    type Key = u32;
     fn abs_bits(self) -> u64 {
         u64::from(self.abs().to_bits())
+    }
+    #[inline(always)]
+    fn key(self, flip: u64) -> u32 {
+        self.abs().to_bits() ^ flip as u32
     }
     fn minus(self, other: Self) -> Self {
         self - other
@@ -1391,8 +1401,13 @@ impl Work for f32 {
 
 impl Work for f64 {
     const WIDTH: u32 = 64;
+    type Key = u64;
     fn abs_bits(self) -> u64 {
         self.abs().to_bits()
+    }
+    #[inline(always)]
+    fn key(self, flip: u64) -> u64 {
+        self.abs().to_bits() ^ flip
     }
     fn minus(self, other: Self) -> Self {
         self - other

@@ -22,7 +22,7 @@ use crate::kernels;
 use crate::value::{stream, ReadContext, ValueError, CHUNK_BYTES};
 
 /// Elements per block: a block of every input and of the work buffers stays in cache.
-const BLOCK: usize = 16 * 1024;
+const BLOCK: usize = 2 * 1024;
 
 /// Gathered keys beyond which a bound takes another histogram round (16 bytes each).
 pub(super) const GATHER: usize = 1 << 16;
@@ -120,6 +120,57 @@ pub(super) struct Figures {
 #[inline(always)]
 fn key<T: Work>(x: T, flip: u64) -> u64 {
     x.abs_bits() ^ flip
+}
+
+/// The unsigned integers keys are compared as, at their own width ([`Work::Key`]).
+pub(super) trait KeyWord: Copy + Ord + std::fmt::Debug {
+    /// The largest key.
+    const MAX: u64;
+    /// `k`, which is at most [`KeyWord::MAX`].
+    fn narrow(k: u64) -> Self;
+    fn wide(self) -> u64;
+    fn wrapping_add(self, other: Self) -> Self;
+    fn wrapping_sub(self, other: Self) -> Self;
+}
+
+impl KeyWord for u32 {
+    const MAX: u64 = u32::MAX as u64;
+    #[inline(always)]
+    fn narrow(k: u64) -> u32 {
+        k as u32
+    }
+    #[inline(always)]
+    fn wide(self) -> u64 {
+        u64::from(self)
+    }
+    #[inline(always)]
+    fn wrapping_add(self, other: u32) -> u32 {
+        u32::wrapping_add(self, other)
+    }
+    #[inline(always)]
+    fn wrapping_sub(self, other: u32) -> u32 {
+        u32::wrapping_sub(self, other)
+    }
+}
+
+impl KeyWord for u64 {
+    const MAX: u64 = u64::MAX;
+    #[inline(always)]
+    fn narrow(k: u64) -> u64 {
+        k
+    }
+    #[inline(always)]
+    fn wide(self) -> u64 {
+        self
+    }
+    #[inline(always)]
+    fn wrapping_add(self, other: u64) -> u64 {
+        u64::wrapping_add(self, other)
+    }
+    #[inline(always)]
+    fn wrapping_sub(self, other: u64) -> u64 {
+        u64::wrapping_sub(self, other)
+    }
 }
 
 /// The keys of `delta`'s entries.
@@ -314,41 +365,8 @@ impl Bound {
     #[inline(always)]
     fn take_portable(&mut self, phase: Phase, start: usize, keys: &[u64]) -> bool {
         match phase {
-            Phase::Bracket => {
-                let Some(b) = self.bracket.as_mut() else {
-                    return false;
-                };
-                let (lo, hi) = (b.lo, b.hi);
-                let (mut under, mut at_lo, mut at_hi) = (0usize, 0usize, 0usize);
-                for &k in keys {
-                    under += usize::from(k < lo);
-                    at_lo += usize::from(k == lo);
-                    at_hi += usize::from(k == hi);
-                }
-                b.under += under;
-                b.blocks.push((start, keys.len(), at_lo, at_hi));
-                if !b.overflow && hi > lo.saturating_add(1) {
-                    // lo < k < hi as one unsigned comparison, tested for runs of keys at once
-                    // (few lie in between) before looking at each.
-                    let (first, span) = (lo + 1, hi - lo - 1);
-                    let between = |k: u64| k.wrapping_sub(first) < span;
-                    'runs: for (r, run) in keys.chunks(16).enumerate() {
-                        if run.iter().fold(false, |any, &k| any | between(k)) {
-                            for (i, &k) in run.iter().enumerate() {
-                                if between(k) {
-                                    if b.inside.len() == b.cap {
-                                        b.overflow = true;
-                                        b.inside = Vec::new();
-                                        break 'runs;
-                                    }
-                                    b.inside.push((k, start + 16 * r + i));
-                                }
-                            }
-                        }
-                    }
-                }
-                true
-            }
+            // Bracket passes take the models' values ([`Bound::take_bracket`]).
+            Phase::Bracket => false,
             Phase::Histogram => {
                 let next = self.shift - RADIX;
                 let mask = (1u64 << RADIX) - 1;
@@ -389,6 +407,103 @@ impl Bound {
             }
             Phase::Done => false,
         }
+    }
+
+    /// Takes one block of a bracket pass: the keys of `model − base` (entries `start..`),
+    /// computed here rather than stored (the pass every TIES and breadcrumbs merge makes:
+    /// one loop over the values, eight f32 keys per AVX2 register).
+    fn take_bracket<T: Work>(&mut self, start: usize, base: &[T], model: &[T]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.take_bracket_avx2(start, base, model) };
+        }
+        self.take_bracket_portable(start, base, model)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn take_bracket_avx2<T: Work>(&mut self, start: usize, base: &[T], model: &[T]) {
+        self.take_bracket_portable(start, base, model)
+    }
+
+    #[inline(always)]
+    fn take_bracket_portable<T: Work>(&mut self, start: usize, base: &[T], model: &[T]) {
+        /// Keys per run: counted lane by lane, and looked at one by one only where one of the
+        /// run lies strictly between (few do).
+        const RUN: usize = 16;
+        let flip = self.flip;
+        let Some(b) = self.bracket.as_mut() else {
+            return;
+        };
+        // `lo` is a key (or 0); `hi` may lie above every key (no upper end): then it equals
+        // none, and every key above `lo` lies in between.
+        let open = b.hi > T::Key::MAX;
+        let lo = T::Key::narrow(b.lo);
+        let hi = T::Key::narrow(b.hi.min(T::Key::MAX));
+        let hi_counts = u32::from(!open);
+        let track = !b.overflow && b.hi > b.lo.saturating_add(1);
+        // lo < k < hi as one unsigned comparison: k − (lo + 1) < span.
+        let first = lo.wrapping_add(T::Key::narrow(1));
+        let span = if open {
+            T::Key::narrow(T::Key::MAX).wrapping_sub(lo)
+        } else {
+            hi.wrapping_sub(lo).wrapping_sub(T::Key::narrow(1))
+        };
+        let mut under = [0u32; RUN];
+        let mut at_lo = [0u32; RUN];
+        let mut at_hi = [0u32; RUN];
+        let n = base.len().min(model.len());
+        let whole = n - n % RUN;
+        // Gathers the keys of a run that lie in between (bit i of `inside`: entry `at + i`).
+        let gather = |b: &mut Bracket, at: usize, keys: &[T::Key], mut inside: u32| {
+            while inside != 0 {
+                let i = inside.trailing_zeros() as usize;
+                inside &= inside - 1;
+                if b.inside.len() == b.cap {
+                    b.overflow = true;
+                    b.inside = Vec::new();
+                    return false;
+                }
+                b.inside.push((keys[i].wide(), start + at + i));
+            }
+            true
+        };
+        let mut keys = [lo; RUN];
+        let mut tracking = track;
+        for (r, (bs, ms)) in base[..whole]
+            .chunks_exact(RUN)
+            .zip(model[..whole].chunks_exact(RUN))
+            .enumerate()
+        {
+            let mut inside = 0u32;
+            for i in 0..RUN {
+                let k = ms[i].minus(bs[i]).key(flip);
+                keys[i] = k;
+                under[i] += u32::from(k < lo);
+                at_lo[i] += u32::from(k == lo);
+                at_hi[i] += u32::from(k == hi) & hi_counts;
+                inside |= u32::from(k.wrapping_sub(first) < span) << i;
+            }
+            if tracking && inside != 0 {
+                tracking = gather(b, r * RUN, &keys, inside);
+            }
+        }
+        let (mut u, mut l, mut h) = (0usize, 0usize, 0usize);
+        for i in whole..n {
+            let k = model[i].minus(base[i]).key(flip);
+            u += usize::from(k < lo);
+            l += usize::from(k == lo);
+            h += usize::from(k == hi) & hi_counts as usize;
+            if tracking {
+                tracking = gather(b, i, std::slice::from_ref(&k), u32::from(k.wrapping_sub(first) < span));
+            }
+        }
+        u += under.iter().map(|&c| c as usize).sum::<usize>();
+        l += at_lo.iter().map(|&c| c as usize).sum::<usize>();
+        h += at_hi.iter().map(|&c| c as usize).sum::<usize>();
+        b.under += u;
+        b.blocks.push((start, n, l, h));
     }
 
     /// Prepares the bound for a pass in `phase`.
@@ -591,12 +706,13 @@ impl MergeOp {
     }
 
     /// Streams the base and the models in `models` block by block, handing `f` each block's
-    /// first index and the models' deltas in the work type; stops when `f` returns `false`.
-    fn deltas<T: Work>(
+    /// first index, the base and the models' values in the work type; stops when `f` returns
+    /// `false`.
+    fn values<T: Work>(
         &self,
         models: &[usize],
         cx: &mut ReadContext,
-        mut f: impl FnMut(usize, &[Vec<T>]) -> Result<bool, ValueError>,
+        mut f: impl FnMut(usize, &[T], &[Vec<T>]) -> Result<bool, ValueError>,
     ) -> Result<(), ValueError> {
         let mut tensors = vec![&self.inputs[0]];
         tensors.extend(models.iter().map(|&m| &self.inputs[m + 1]));
@@ -609,11 +725,10 @@ impl MergeOp {
                 let len = BLOCK.min(n - at);
                 let raw = |t: usize| &chunks[t][at * sizes[t]..(at + len) * sizes[t]];
                 Block::convert(tensors[0].dtype, raw(0), &mut block.base, len);
-                for (j, delta) in block.deltas.iter_mut().enumerate() {
-                    Block::convert(tensors[j + 1].dtype, raw(j + 1), delta, len);
-                    minus_base(delta, &block.base);
+                for (j, values) in block.deltas.iter_mut().enumerate() {
+                    Block::convert(tensors[j + 1].dtype, raw(j + 1), values, len);
                 }
-                if !f(start + at, &block.deltas)? {
+                if !f(start + at, &block.base, &block.deltas)? {
                     return Ok(false);
                 }
             }
@@ -632,6 +747,7 @@ impl MergeOp {
             self.bracket::<T>(bounds, cx)?;
         }
         let mut keys = vec![0u64; BLOCK];
+        let mut delta = Vec::<T>::new();
         loop {
             let phases: Vec<Phase> = bounds.iter().map(|b| b.phase(gather)).collect();
             if phases.iter().all(|&p| p == Phase::Done) {
@@ -648,19 +764,26 @@ impl MergeOp {
                 .map(|(b, _)| b.model)
                 .collect();
             models.dedup();
-            self.deltas::<T>(&models, cx, |start, deltas| {
+            self.values::<T>(&models, cx, |start, base, values| {
                 for (slot, &m) in models.iter().enumerate() {
                     let mut keyed = false;
                     for (j, b) in bounds.iter_mut().enumerate() {
                         if b.model != m || !active[j] {
                             continue;
                         }
-                        let delta = &deltas[slot];
+                        let len = base.len();
+                        if phases[j] == Phase::Bracket {
+                            b.take_bracket(start, base, &values[slot]);
+                            continue;
+                        }
                         if !keyed {
-                            keys_of(delta, b.flip, &mut keys[..delta.len()]);
+                            delta.clear();
+                            delta.extend_from_slice(&values[slot]);
+                            minus_base(&mut delta, base);
+                            keys_of(&delta, b.flip, &mut keys[..len]);
                             keyed = true;
                         }
-                        active[j] = b.take(phases[j], start, &keys[..delta.len()]);
+                        active[j] = b.take(phases[j], start, &keys[..len]);
                     }
                 }
                 Ok(active.iter().any(|&a| a))
@@ -819,10 +942,11 @@ impl MergeOp {
         }
         let mut before = vec![0.0f64; models.len()];
         let mut after = vec![0.0f64; models.len()];
-        self.deltas::<T>(&models, cx, |start, deltas| {
+        self.values::<T>(&models, cx, |start, base, values| {
             for (slot, &m) in models.iter().enumerate() {
                 let mask = figures.masks[m];
-                for (i, &x) in deltas[slot].iter().enumerate() {
+                for (i, (&v, &b)) in values[slot].iter().zip(base).enumerate() {
+                    let x = v.minus(b);
                     let a = x.wide().abs();
                     before[slot] += a;
                     after[slot] += if mask.keeps(x, start + i) { a } else { 0.0 };
@@ -972,6 +1096,17 @@ impl<T: Work> Combine<T> {
                 prune_delta(figures.masks[i], figures.factors[i], first, &block.base, delta);
             }
         }
+        // Two to four models (most merges): one loop over the elements, the models unrolled.
+        let fused = match block.deltas.len() {
+            1 => self.fused::<1>(&block.base, &block.deltas, merged),
+            2 => self.fused::<2>(&block.base, &block.deltas, merged),
+            3 => self.fused::<3>(&block.base, &block.deltas, merged),
+            4 => self.fused::<4>(&block.base, &block.deltas, merged),
+            _ => false,
+        };
+        if fused {
+            return;
+        }
         fit(&mut block.elected, len);
         fit(&mut block.mixed, len);
         fit(&mut block.kept_weight, len);
@@ -1015,6 +1150,55 @@ impl<T: Work> Combine<T> {
     }
 }
 
+impl<T: Work> Combine<T> {
+    /// [`Combine::block`]'s task arithmetic after pruning, for `M` models, in one loop: the
+    /// same operations in the same order, so the same bits. `false` (nothing done) when the
+    /// block does not hold `M` models.
+    #[inline(always)]
+    fn fused<const M: usize>(&self, base: &[T], deltas: &[Vec<T>], merged: &mut [T]) -> bool {
+        let len = merged.len();
+        if deltas.len() != M || self.weights.len() != M || base.len() < len || deltas.iter().any(|d| d.len() < len) {
+            return false;
+        }
+        let zero = T::of(0.0);
+        let one = T::of(1.0);
+        let w: [T; M] = std::array::from_fn(|i| self.weights[i]);
+        let d: [&[T]; M] = std::array::from_fn(|i| &deltas[i][..len]);
+        let base = &base[..len];
+        let (lambda, divisor) = (self.lambda, self.divisor);
+        if self.consensus {
+            for j in 0..len {
+                let mut e = zero;
+                for i in 0..M {
+                    e += w[i] * d[i][j];
+                }
+                // sign(w·δ) equals the elected sign (≥ 0 counts as +; zero has none).
+                let positive = e >= zero;
+                let (mut m, mut v) = (zero, zero);
+                for i in 0..M {
+                    let wd = w[i] * d[i][j];
+                    let agree = (positive & (wd > zero)) | (!positive & (wd < zero));
+                    m += if agree { wd } else { zero };
+                    v += if agree { w[i] } else { zero };
+                }
+                let v = if v == zero { one } else { v };
+                let m = if self.normalize { m / v } else { m };
+                merged[j] = base[j] + lambda * m;
+            }
+        } else {
+            for j in 0..len {
+                let mut m = zero;
+                for i in 0..M {
+                    m += w[i] * d[i][j];
+                }
+                let m = if self.normalize { m / divisor } else { m };
+                merged[j] = base[j] + lambda * m;
+            }
+        }
+        true
+    }
+}
+
 /// Turns one model's values into its pruned delta in place: `m − base`, entries the mask drops
 /// set to +0, the kept ones times the rescaling factor.
 #[inline(always)]
@@ -1028,6 +1212,35 @@ fn prune_delta<T: Work>(mask: Mask, factor: Option<f64>, first: usize, base: &[T
         Mask::Magnitude { flip, low, high, empty } => {
             if empty {
                 delta.fill(T::of(0.0));
+                return;
+            }
+            let last = first + delta.len();
+            if !(first..last).contains(&low.1) && !(first..last).contains(&high.1) {
+                // Neither bound's index falls in the block: each end is `≥`/`>` (`<`/`≤`) for
+                // the whole block, and the mask is one range of keys, `a ≤ key < b`.
+                let a = u128::from(low.0) + u128::from(low.1 > first);
+                let b = u128::from(high.0) + u128::from(high.1 >= last);
+                let b = b.min(u128::from(T::Key::MAX) + 1);
+                if a >= b {
+                    delta.fill(T::of(0.0));
+                } else if a == 0 && b > u128::from(T::Key::MAX) {
+                    for (d, &b) in delta.iter_mut().zip(base) {
+                        *d = d.minus(b);
+                    }
+                } else {
+                    // 0 ≤ a ≤ Key::MAX and 0 < b − a ≤ Key::MAX here.
+                    let (a, span) = (T::Key::narrow(a as u64), T::Key::narrow((b - a as u128) as u64));
+                    for (d, &b) in delta.iter_mut().zip(base) {
+                        let x = d.minus(b);
+                        *d = x.kept(x.key(flip).wrapping_sub(a) < span);
+                    }
+                }
+                if let Some(f) = factor {
+                    let f = T::of(f);
+                    for d in delta.iter_mut() {
+                        *d *= f;
+                    }
+                }
                 return;
             }
             // The bounds' indices relative to the block (saturated), so the loop compares
@@ -1266,8 +1479,11 @@ mod tests {
             done: false,
         });
         assert_eq!(b.phase(GATHER), Phase::Bracket);
-        for (i, block) in keys.chunks(4).enumerate() {
-            b.take(Phase::Bracket, 4 * i, block);
+        // Deltas whose keys (f32 bits, no flip) are `keys`: the values over a zero base.
+        let values: Vec<f32> = keys.iter().map(|&k| f32::from_bits(k as u32)).collect();
+        let base = vec![0.0f32; keys.len()];
+        for (i, (block, zero)) in values.chunks(4).zip(base.chunks(4)).enumerate() {
+            b.take_bracket(4 * i, zero, block);
         }
         (b.finish(Phase::Bracket), b)
     }
