@@ -37,6 +37,8 @@ pub(crate) use crate::state::layer_index;
 use crate::state::State;
 use crate::value::{read_real_scratch, real_scratch, LazyOp, ReadContext, Tensor, ValueError};
 
+#[cfg(target_arch = "x86_64")]
+mod simd;
 mod streamed;
 use streamed::Figures;
 

@@ -16,6 +16,8 @@
 //! remain to gather; where that leaves a key with many copies (deltas of bf16 weights repeat
 //! values), a last pass finds the copy at the bound's rank, stopping there.
 
+#[cfg(target_arch = "x86_64")]
+use super::simd;
 use super::{uniform, MergeOp, Method, Resolved, Sparsify, Work};
 use crate::dtype::DType;
 use crate::kernels;
@@ -239,6 +241,9 @@ pub(super) struct Bound {
     seen: usize,
     /// The keys around the bound in a sample, tried first ([`Bracket`]).
     bracket: Option<Bracket>,
+    /// The AVX2 bracket pass's record of vectors with keys in between.
+    #[cfg(target_arch = "x86_64")]
+    hits: simd::Hits,
 }
 
 /// A first guess from a sample of the keys: `lo ≤ key ≤ hi` holds the bound. One pass counts
@@ -326,6 +331,8 @@ impl Bound {
             gathered: Vec::new(),
             seen: 0,
             bracket: None,
+            #[cfg(target_arch = "x86_64")]
+            hits: simd::Hits::default(),
         }
     }
 
@@ -413,95 +420,61 @@ impl Bound {
     /// computed here rather than stored (the pass every TIES and breadcrumbs merge makes:
     /// one loop over the values, eight f32 keys per AVX2 register).
     fn take_bracket<T: Work>(&mut self, start: usize, base: &[T], model: &[T]) {
-        #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { self.take_bracket_avx2(start, base, model) };
-        }
-        self.take_bracket_portable(start, base, model)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn take_bracket_avx2<T: Work>(&mut self, start: usize, base: &[T], model: &[T]) {
-        self.take_bracket_portable(start, base, model)
-    }
-
-    #[inline(always)]
-    fn take_bracket_portable<T: Work>(&mut self, start: usize, base: &[T], model: &[T]) {
-        /// Keys per run: counted lane by lane, and looked at one by one only where one of the
-        /// run lies strictly between (few do).
-        const RUN: usize = 16;
         let flip = self.flip;
+        #[cfg(target_arch = "x86_64")]
+        let hits = &mut self.hits;
         let Some(b) = self.bracket.as_mut() else {
             return;
         };
-        // `lo` is a key (or 0); `hi` may lie above every key (no upper end): then it equals
-        // none, and every key above `lo` lies in between.
-        let open = b.hi > T::Key::MAX;
-        let lo = T::Key::narrow(b.lo);
-        let hi = T::Key::narrow(b.hi.min(T::Key::MAX));
-        let hi_counts = u32::from(!open);
-        let track = !b.overflow && b.hi > b.lo.saturating_add(1);
-        // lo < k < hi as one unsigned comparison: k − (lo + 1) < span.
-        let first = lo.wrapping_add(T::Key::narrow(1));
-        let span = if open {
-            T::Key::narrow(T::Key::MAX).wrapping_sub(lo)
-        } else {
-            hi.wrapping_sub(lo).wrapping_sub(T::Key::narrow(1))
-        };
-        let mut under = [0u32; RUN];
-        let mut at_lo = [0u32; RUN];
-        let mut at_hi = [0u32; RUN];
+        let keys = BracketKeys::<T::Key>::of(b);
         let n = base.len().min(model.len());
-        let whole = n - n % RUN;
-        // Gathers the keys of a run that lie in between (bit i of `inside`: entry `at + i`).
-        let gather = |b: &mut Bracket, at: usize, keys: &[T::Key], mut inside: u32| {
-            while inside != 0 {
-                let i = inside.trailing_zeros() as usize;
-                inside &= inside - 1;
-                if b.inside.len() == b.cap {
-                    b.overflow = true;
-                    b.inside = Vec::new();
-                    return false;
+        let mut counts = (0, 0, 0, 0);
+        let mut tracking = keys.track;
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            counts = if T::DTYPE == DType::F32 {
+                // SAFETY: `T` is f32 (its dtype says so: the only `Work` type of that dtype),
+                // so the slices are f32 slices; the CPU has AVX2.
+                let (base, model) = unsafe {
+                    (
+                        std::slice::from_raw_parts(base.as_ptr().cast::<f32>(), n),
+                        std::slice::from_raw_parts(model.as_ptr().cast::<f32>(), n),
+                    )
+                };
+                let wide = |k: T::Key| k.wide() as u32;
+                let simd_keys = simd::BracketKeys {
+                    flip: flip as u32,
+                    lo: wide(keys.lo),
+                    hi: wide(keys.hi),
+                    count_hi: keys.count_hi,
+                    first: wide(keys.first),
+                    span: wide(keys.span),
+                };
+                unsafe {
+                    simd::bracket_f32(base, model, simd_keys, hits, |at, mask, lanes| {
+                        tracking = keys.track && gather(b, start + at, mask, |i| u64::from(lanes[i]));
+                        tracking
+                    })
                 }
-                b.inside.push((keys[i].wide(), start + at + i));
-            }
-            true
-        };
-        let mut keys = [lo; RUN];
-        let mut tracking = track;
-        for (r, (bs, ms)) in base[..whole]
-            .chunks_exact(RUN)
-            .zip(model[..whole].chunks_exact(RUN))
-            .enumerate()
+            } else {
+                // SAFETY: the CPU has AVX2.
+                unsafe { bracket_runs_avx2(b, &keys, flip, start, base, model, &mut tracking) }
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
         {
-            let mut inside = 0u32;
-            for i in 0..RUN {
-                let k = ms[i].minus(bs[i]).key(flip);
-                keys[i] = k;
-                under[i] += u32::from(k < lo);
-                at_lo[i] += u32::from(k == lo);
-                at_hi[i] += u32::from(k == hi) & hi_counts;
-                inside |= u32::from(k.wrapping_sub(first) < span) << i;
-            }
-            if tracking && inside != 0 {
-                tracking = gather(b, r * RUN, &keys, inside);
-            }
+            counts = bracket_runs(b, &keys, flip, start, base, model, &mut tracking);
         }
-        let (mut u, mut l, mut h) = (0usize, 0usize, 0usize);
-        for i in whole..n {
+        let (done, mut u, mut l, mut h) = counts;
+        for i in done..n {
             let k = model[i].minus(base[i]).key(flip);
-            u += usize::from(k < lo);
-            l += usize::from(k == lo);
-            h += usize::from(k == hi) & hi_counts as usize;
-            if tracking {
-                tracking = gather(b, i, std::slice::from_ref(&k), u32::from(k.wrapping_sub(first) < span));
+            u += usize::from(k < keys.lo);
+            l += usize::from(k == keys.lo);
+            h += usize::from(k == keys.hi && keys.count_hi);
+            if tracking && keys.inside(k) {
+                tracking = gather(b, start + i, 1, |_| k.wide());
             }
         }
-        u += under.iter().map(|&c| c as usize).sum::<usize>();
-        l += at_lo.iter().map(|&c| c as usize).sum::<usize>();
-        h += at_hi.iter().map(|&c| c as usize).sum::<usize>();
         b.under += u;
         b.blocks.push((start, n, l, h));
     }
@@ -604,6 +577,121 @@ impl Bound {
     fn found(&self) -> (u64, usize) {
         (self.key.map_or(0, |(k, _)| k), self.index.unwrap_or(0))
     }
+}
+
+/// A bracket's ends as keys of the work type's width ([`Bracket`]).
+#[derive(Debug, Clone, Copy)]
+struct BracketKeys<K> {
+    lo: K,
+    hi: K,
+    /// Whether copies of `hi` count: not when `hi` lies above every key (no upper end).
+    count_hi: bool,
+    /// Whether keys in between are gathered (room left, and a key can lie in between).
+    track: bool,
+    /// `lo < k < hi` as one unsigned comparison: `k − first < span`.
+    first: K,
+    span: K,
+}
+
+impl<K: KeyWord> BracketKeys<K> {
+    fn of(b: &Bracket) -> BracketKeys<K> {
+        // `lo` is a key (or 0); `hi` may lie above every key (no upper end): then it equals
+        // none, and every key above `lo` lies in between.
+        let open = b.hi > K::MAX;
+        let lo = K::narrow(b.lo);
+        let hi = K::narrow(b.hi.min(K::MAX));
+        let one = K::narrow(1);
+        BracketKeys {
+            lo,
+            hi,
+            count_hi: !open,
+            track: !b.overflow && b.hi > b.lo.saturating_add(1),
+            first: lo.wrapping_add(one),
+            span: if open {
+                K::narrow(K::MAX).wrapping_sub(lo)
+            } else {
+                hi.wrapping_sub(lo).wrapping_sub(one)
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn inside(&self, k: K) -> bool {
+        k.wrapping_sub(self.first) < self.span
+    }
+}
+
+/// Gathers the entries of `mask` (bit i: entry `at + i`, key `key(i)`) into the bracket;
+/// `false` once it overflowed (then it holds nothing and gathers no more).
+#[inline(always)]
+fn gather(b: &mut Bracket, at: usize, mut mask: u32, key: impl Fn(usize) -> u64) -> bool {
+    while mask != 0 {
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        if b.inside.len() == b.cap {
+            b.overflow = true;
+            b.inside = Vec::new();
+            return false;
+        }
+        b.inside.push((key(i), at + i));
+    }
+    true
+}
+
+/// The bracket pass's portable loop, in runs of 16 counted lane by lane (f64 keys, and CPUs
+/// without AVX2): the entries done and the three counts, as [`simd::bracket_f32`].
+#[inline(always)]
+fn bracket_runs<T: Work>(
+    b: &mut Bracket,
+    keys: &BracketKeys<T::Key>,
+    flip: u64,
+    start: usize,
+    base: &[T],
+    model: &[T],
+    tracking: &mut bool,
+) -> (usize, usize, usize, usize) {
+    const RUN: usize = 16;
+    let n = base.len().min(model.len());
+    let whole = n - n % RUN;
+    let mut under = [0u32; RUN];
+    let mut at_lo = [0u32; RUN];
+    let mut at_hi = [0u32; RUN];
+    let hi_counts = u32::from(keys.count_hi);
+    let mut lanes = [keys.lo; RUN];
+    for (r, (bs, ms)) in base[..whole]
+        .chunks_exact(RUN)
+        .zip(model[..whole].chunks_exact(RUN))
+        .enumerate()
+    {
+        let mut inside = 0u32;
+        for i in 0..RUN {
+            let k = ms[i].minus(bs[i]).key(flip);
+            lanes[i] = k;
+            under[i] += u32::from(k < keys.lo);
+            at_lo[i] += u32::from(k == keys.lo);
+            at_hi[i] += u32::from(k == keys.hi) & hi_counts;
+            inside |= u32::from(keys.inside(k)) << i;
+        }
+        if *tracking && inside != 0 {
+            *tracking = gather(b, start + r * RUN, inside, |i| lanes[i].wide());
+        }
+    }
+    let sum = |c: [u32; RUN]| c.iter().map(|&x| x as usize).sum::<usize>();
+    (whole, sum(under), sum(at_lo), sum(at_hi))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bracket_runs_avx2<T: Work>(
+    b: &mut Bracket,
+    keys: &BracketKeys<T::Key>,
+    flip: u64,
+    start: usize,
+    base: &[T],
+    model: &[T],
+    tracking: &mut bool,
+) -> (usize, usize, usize, usize) {
+    bracket_runs(b, keys, flip, start, base, model, tracking)
 }
 
 /// Work buffers of one block: the base and each model's delta in the work type, and the sums
@@ -1229,7 +1317,7 @@ fn prune_delta<T: Work>(mask: Mask, factor: Option<f64>, first: usize, base: &[T
                     }
                 } else {
                     // 0 ≤ a ≤ Key::MAX and 0 < b − a ≤ Key::MAX here.
-                    let (a, span) = (T::Key::narrow(a as u64), T::Key::narrow((b - a as u128) as u64));
+                    let (a, span) = (T::Key::narrow(a as u64), T::Key::narrow((b - a) as u64));
                     for (d, &b) in delta.iter_mut().zip(base) {
                         let x = d.minus(b);
                         *d = x.kept(x.key(flip).wrapping_sub(a) < span);
@@ -1427,6 +1515,87 @@ mod tests {
         (0..n)
             .map(|i| crate::kernels::random::normal(seed, i as u64) as f32)
             .collect()
+    }
+
+    /// A bracket pass over one block, as the definition says (no runs, no SIMD).
+    fn bracket_reference(b: &Bracket, flip: u64, start: usize, base: &[f32], model: &[f32]) -> Bracket {
+        let mut out = Bracket {
+            blocks: Vec::new(),
+            inside: Vec::new(),
+            ..*b
+        };
+        let (mut at_lo, mut at_hi) = (0, 0);
+        for (i, (&m, &x)) in model.iter().zip(base).enumerate() {
+            let k = key(m - x, flip);
+            out.under += usize::from(k < b.lo);
+            at_lo += usize::from(k == b.lo);
+            at_hi += usize::from(k == b.hi);
+            if !out.overflow && b.lo < k && k < b.hi {
+                if out.inside.len() == out.cap {
+                    out.overflow = true;
+                    out.inside = Vec::new();
+                } else {
+                    out.inside.push((k, start + i));
+                }
+            }
+        }
+        out.blocks.push((start, base.len(), at_lo, at_hi));
+        out
+    }
+
+    #[test]
+    fn the_bracket_pass_counts_as_its_definition() {
+        // Every path of `take_bracket` (AVX2 where the CPU has it, runs of 16, the tail) on
+        // repeated and spread values, brackets open above, at 0, empty between, and a gather
+        // cap that overflows mid-block.
+        for (seed, n) in [(1u64, 2048usize), (2, 2047), (3, 13), (4, 777), (5, 5000)] {
+            let base: Vec<f32> = if seed % 2 == 0 { tied(n, seed) } else { spread(n, seed) };
+            let model: Vec<f32> = if seed % 2 == 0 {
+                tied(n, seed + 10)
+            } else {
+                spread(n, seed + 10)
+            };
+            for flip in [0u64, u64::from(u32::MAX)] {
+                let mut keys: Vec<u64> = model.iter().zip(&base).map(|(&m, &x)| key(m - x, flip)).collect();
+                keys.sort_unstable();
+                let q = |f: f64| keys[((n - 1) as f64 * f) as usize];
+                let brackets = [
+                    (q(0.4), q(0.6)),
+                    (q(0.5), u64::MAX),
+                    (0, q(0.3)),
+                    (q(0.2), q(0.2)),
+                    (q(0.2), q(0.2) + 1),
+                    (0, u64::MAX),
+                    (u64::from(u32::MAX), u64::MAX),
+                ];
+                for (lo, hi) in brackets {
+                    for cap in [1 << 20, 5] {
+                        let bracket = Bracket {
+                            lo,
+                            hi,
+                            under: 3,
+                            blocks: Vec::new(),
+                            inside: Vec::new(),
+                            cap,
+                            overflow: false,
+                            done: false,
+                        };
+                        let want = bracket_reference(&bracket, flip, 100, &base, &model);
+                        let mut b = Bound::new(0, 0, flip, 32, n);
+                        b.bracket = Some(bracket);
+                        b.take_bracket(100, &base, &model);
+                        let got = b.bracket.unwrap();
+                        let what = format!("seed {seed} n {n} flip {flip:x} lo {lo} hi {hi} cap {cap}");
+                        assert_eq!(
+                            (got.under, &got.blocks, got.overflow),
+                            (want.under, &want.blocks, want.overflow),
+                            "{what}"
+                        );
+                        assert_eq!(got.inside, want.inside, "{what}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
