@@ -406,7 +406,7 @@ impl Prepared {
             ..IoPreview::default()
         };
         // Files `save` steps write during the run.
-        let saves: Vec<SpaceNeed> = ctx.planned_files.iter().map(|f| f.space_need()).collect();
+        let saves = save_needs(ctx.planned_files.iter().map(|f| f.space_need()));
         // Dry-run still on at the end of the plan: the output is not written (nor read).
         let output = self.plan.output.as_ref().filter(|_| state.flags.dry_run.is_none());
         let (Some(output), Some(alias)) = (output, self.output_alias(state)?) else {
@@ -692,6 +692,27 @@ pub fn save(
     })
 }
 
+/// The space of the files `save` steps write, one need per path: a path saved again is replaced
+/// atomically, so while a save writes it the previous save's file still exists, and the most
+/// it holds at once is the largest sum of two consecutive saves (the one save's size when it is
+/// saved once).
+fn save_needs(saves: impl Iterator<Item = SpaceNeed>) -> Vec<SpaceNeed> {
+    let mut needs: Vec<(SpaceNeed, u64)> = Vec::new();
+    for save in saves {
+        match needs.iter_mut().find(|(need, _)| need.path == save.path) {
+            Some((need, last)) => {
+                need.bytes = need.bytes.max(last.saturating_add(save.bytes));
+                *last = save.bytes;
+            }
+            None => {
+                let last = save.bytes;
+                needs.push((save, last));
+            }
+        }
+    }
+    needs.into_iter().map(|(need, _)| need).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -702,6 +723,25 @@ mod tests {
 
     fn f32_bytes(values: &[f32]) -> Vec<u8> {
         values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn a_path_saved_again_needs_its_largest_two_consecutive_saves() {
+        let need = |path: &str, bytes| SpaceNeed {
+            role: "save",
+            path: PathBuf::from(path),
+            bytes,
+        };
+        let saves = [
+            need("/a", 10),
+            need("/b", 7),
+            need("/a", 5),
+            need("/a", 20),
+            need("/a", 1),
+        ];
+        // /a holds 10, then 10 + 5 while the second save writes, 5 + 20, 20 + 1.
+        assert_eq!(save_needs(saves.into_iter()), vec![need("/a", 25), need("/b", 7)]);
+        assert_eq!(save_needs([need("/a", 3)].into_iter()), vec![need("/a", 3)]);
     }
 
     fn write_input(dir: &std::path::Path) -> PathBuf {

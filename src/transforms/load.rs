@@ -253,7 +253,8 @@ pub(crate) struct PlannedFile {
 
 impl PlannedFile {
     /// The space its write needs: the bytes of its tensors and sidecars (headers, a few KiB,
-    /// left out; a file saved twice is counted twice, as replacing it holds both for a moment).
+    /// left out). A path saved again is counted by the run's check as replacing it holds both
+    /// files for a moment (`save_needs` in the executor).
     pub(crate) fn space_need(&self) -> crate::space::SpaceNeed {
         crate::space::SpaceNeed {
             role: "save",
@@ -266,8 +267,12 @@ impl PlannedFile {
     }
 }
 
-/// `path` made absolute (lexically: it may not exist yet), so a `load` finds the file a `save`
-/// of another spelling of the same path will write.
+/// `path` made absolute as the filesystem resolves it, though it may not exist yet: `..` after
+/// an existing directory goes to the parent of what it is (a symlink's target's parent, as the
+/// kernel does), the existing part of the path is canonical (so two spellings through a
+/// symlink are one file) and the rest is taken as written. A `load` thus finds the file a
+/// `save` of another spelling of the same path will write, and the space check measures the
+/// disk the file will be on.
 fn absolute(path: &std::path::Path) -> PathBuf {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let mut normal = PathBuf::new();
@@ -275,12 +280,29 @@ fn absolute(path: &std::path::Path) -> PathBuf {
         match part {
             std::path::Component::CurDir => {}
             std::path::Component::ParentDir => {
+                if let Ok(real) = normal.canonicalize() {
+                    normal = real;
+                }
                 normal.pop();
             }
             other => normal.push(other),
         }
     }
-    normal
+    // The longest existing ancestor, canonical, then the rest as written.
+    let mut rest = Vec::new();
+    let mut existing = normal.as_path();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, part| p.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return normal,
+        }
+    }
 }
 
 impl Load {
@@ -654,6 +676,27 @@ mod tests {
     use ::safetensors::Dtype;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
+
+    #[test]
+    fn paths_resolve_through_symlinks_as_the_filesystem_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(real.join("a/sub")).unwrap();
+        std::os::unix::fs::symlink(real.join("a/sub"), real.join("link")).unwrap();
+        // `link/..` is the parent of `a/sub`, not the temporary directory.
+        assert_eq!(absolute(&real.join("link/../out.st")), real.join("a/out.st"));
+        // Two spellings of a file not written yet are one path.
+        assert_eq!(
+            absolute(&real.join("link/new/x.st")),
+            absolute(&real.join("a/sub/new/x.st"))
+        );
+        assert_eq!(absolute(&real.join("a/./sub/new/x.st")), real.join("a/sub/new/x.st"));
+        // Nothing existing below the root: taken as written.
+        assert_eq!(
+            absolute(std::path::Path::new("/nonexistent-bs/x/../y")),
+            PathBuf::from("/nonexistent-bs/y")
+        );
+    }
 
     fn setup(dir: &std::path::Path) -> (PathBuf, State) {
         let path = dir.join("in.safetensors");
