@@ -778,6 +778,15 @@ mod tests {
                 .unwrap();
             assert!(same(&one, &other), "{threads}");
         }
+        // Several panels: the products and the norm split by halves of them.
+        let rows = || Rows::new(&a, m, n).with_panel_rows(96);
+        let one = pool(1).install(|| randomized(rows(), 40, settings)).unwrap();
+        let norm = pool(1).install(|| frobenius_sq(rows())).unwrap();
+        for threads in [2, 3, 8] {
+            let other = pool(threads).install(|| randomized(rows(), 40, settings)).unwrap();
+            assert!(same(&one, &other), "panels, {threads}");
+            assert_eq!(pool(threads).install(|| frobenius_sq(rows())).unwrap(), norm);
+        }
     }
 
     #[test]
@@ -792,12 +801,15 @@ mod tests {
         for (x, y) in whole.s.iter().zip(&panels.s) {
             assert!((x - y).abs() < 1e-9 * whole.s[0], "{x} {y}");
         }
-        // Six passes (A Ω, two power iterations of Aᵀ and A, Aᵀ Q), five panels each.
+        // Six passes (A Ω, two power iterations of Aᵀ and A, Aᵀ Q), five panels each; the two
+        // halves of a pass run side by side, so its releases interleave (each half in order).
         let passes = released.lock().unwrap().clone();
         assert_eq!(passes.len(), 6 * 5);
+        let mut first_pass = passes[..5].to_vec();
+        first_pass.sort_unstable();
         assert_eq!(
-            &passes[..5],
-            &[
+            first_pass,
+            [
                 (0, 64 * n),
                 (64 * n, 128 * n),
                 (128 * n, 192 * n),
@@ -805,6 +817,10 @@ mod tests {
                 (256 * n, 300 * n)
             ]
         );
+        let position = |panel| passes[..5].iter().position(|&p| p == panel).unwrap();
+        assert!(position((0, 64 * n)) < position((64 * n, 128 * n)));
+        assert!(position((128 * n, 192 * n)) < position((192 * n, 256 * n)));
+        assert!(position((192 * n, 256 * n)) < position((256 * n, 300 * n)));
         let total = frobenius_sq(rows).unwrap();
         let expected: f64 = a.iter().map(|x| x * x).sum();
         assert!((total - expected).abs() < 1e-9 * expected);

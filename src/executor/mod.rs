@@ -406,7 +406,7 @@ impl Prepared {
             ..IoPreview::default()
         };
         // Files `save` steps write during the run.
-        let saves = save_needs(ctx.planned_files.iter().map(|f| f.space_need()));
+        let saves = save_needs(ctx.planned_files.iter().map(|f| (f.format(), f.space_need())));
         // Dry-run still on at the end of the plan: the output is not written (nor read).
         let output = self.plan.output.as_ref().filter(|_| state.flags.dry_run.is_none());
         let (Some(output), Some(alias)) = (output, self.output_alias(state)?) else {
@@ -692,25 +692,29 @@ pub fn save(
     })
 }
 
-/// The space of the files `save` steps write, one need per path: a path saved again is replaced
-/// atomically, so while a save writes it the previous save's file still exists, and the most
-/// it holds at once is the largest sum of two consecutive saves (the one save's size when it is
-/// saved once).
-fn save_needs(saves: impl Iterator<Item = SpaceNeed>) -> Vec<SpaceNeed> {
-    let mut needs: Vec<(SpaceNeed, u64)> = Vec::new();
-    for save in saves {
-        match needs.iter_mut().find(|(need, _)| need.path == save.path) {
-            Some((need, last)) => {
+/// The space of the files `save` steps write, one need per path and format: a path saved again
+/// in the same format is replaced atomically, so while a save writes it the previous save's
+/// file still exists, and the most it holds at once is the largest sum of two consecutive saves
+/// (the one save's size when it is saved once). Saves of other formats into one folder leave
+/// each other's files, so they are summed.
+fn save_needs<F: PartialEq>(saves: impl Iterator<Item = (F, SpaceNeed)>) -> Vec<SpaceNeed> {
+    let mut needs: Vec<(F, SpaceNeed, u64)> = Vec::new();
+    for (format, save) in saves {
+        match needs
+            .iter_mut()
+            .find(|(f, need, _)| need.path == save.path && *f == format)
+        {
+            Some((_, need, last)) => {
                 need.bytes = need.bytes.max(last.saturating_add(save.bytes));
                 *last = save.bytes;
             }
             None => {
                 let last = save.bytes;
-                needs.push((save, last));
+                needs.push((format, save, last));
             }
         }
     }
-    needs.into_iter().map(|(need, _)| need).collect()
+    needs.into_iter().map(|(_, need, _)| need).collect()
 }
 
 #[cfg(test)]
@@ -740,8 +744,15 @@ mod tests {
             need("/a", 1),
         ];
         // /a holds 10, then 10 + 5 while the second save writes, 5 + 20, 20 + 1.
-        assert_eq!(save_needs(saves.into_iter()), vec![need("/a", 25), need("/b", 7)]);
-        assert_eq!(save_needs([need("/a", 3)].into_iter()), vec![need("/a", 3)]);
+        assert_eq!(
+            save_needs(saves.into_iter().map(|s| (0, s))),
+            vec![need("/a", 25), need("/b", 7)]
+        );
+        assert_eq!(save_needs([(0, need("/a", 3))].into_iter()), vec![need("/a", 3)]);
+        // Another format into the same folder stays beside the first: summed.
+        let mixed = [(0, need("/d", 10)), (1, need("/d", 10)), (0, need("/d", 10))];
+        let total: u64 = save_needs(mixed.into_iter()).iter().map(|n| n.bytes).sum();
+        assert_eq!(total, 30);
     }
 
     fn write_input(dir: &std::path::Path) -> PathBuf {

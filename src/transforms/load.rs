@@ -252,6 +252,11 @@ pub(crate) struct PlannedFile {
 }
 
 impl PlannedFile {
+    /// The format it is written in.
+    pub(crate) fn format(&self) -> Format {
+        self.format
+    }
+
     /// The space its write needs: the bytes of its tensors and sidecars (headers, a few KiB,
     /// left out). A path saved again is counted by the run's check as replacing it holds both
     /// files for a moment (`save_needs` in the executor).
@@ -288,9 +293,14 @@ fn absolute(path: &std::path::Path) -> PathBuf {
             other => normal.push(other),
         }
     }
-    // The longest existing ancestor, canonical, then the rest as written.
-    let mut rest = Vec::new();
-    let mut existing = normal.as_path();
+    // The longest existing ancestor of the folder, canonical, then the rest as written. The
+    // last part is never resolved: a save renames over the path itself (replacing a symlink
+    // there, not its target), as `write::logical` resolves only the parent.
+    let (Some(folder), Some(name)) = (normal.parent(), normal.file_name()) else {
+        return normal;
+    };
+    let mut rest = vec![name.to_os_string()];
+    let mut existing = folder;
     loop {
         if let Ok(real) = existing.canonicalize() {
             return rest.iter().rev().fold(real, |p, part| p.join(part));
@@ -685,6 +695,10 @@ mod tests {
         std::os::unix::fs::symlink(real.join("a/sub"), real.join("link")).unwrap();
         // `link/..` is the parent of `a/sub`, not the temporary directory.
         assert_eq!(absolute(&real.join("link/../out.st")), real.join("a/out.st"));
+        // A symlink as the last part is not followed (a save replaces the link itself).
+        std::fs::write(real.join("a/blob"), b"").unwrap();
+        std::os::unix::fs::symlink(real.join("a/blob"), real.join("a/sub/model.st")).unwrap();
+        assert_eq!(absolute(&real.join("link/model.st")), real.join("a/sub/model.st"));
         // Two spellings of a file not written yet are one path.
         assert_eq!(
             absolute(&real.join("link/new/x.st")),

@@ -305,7 +305,11 @@ impl Factorizer {
         let matrix = m.saturating_mul(n);
         let elements = if self.randomized_for(m, n) {
             let k = self.rank_bound(m, n).saturating_add(self.settings.oversample).min(p);
-            let panel = matrix.min(n.saturating_mul((PANEL_BYTES / width / n.max(1)).max(64)));
+            // Two panels resident at once: the passes run by halves of the panels, side by side.
+            let panel = matrix.min(
+                n.saturating_mul((PANEL_BYTES / width / n.max(1)).max(64))
+                    .saturating_mul(2),
+            );
             m.saturating_add(n)
                 .saturating_mul(k)
                 .saturating_mul(3)
@@ -350,7 +354,7 @@ impl Factorizer {
         pool: &rayon::ThreadPool,
     ) -> Result<(Svd<T>, Quality, &'static str), LinalgError> {
         let (m, n) = a.shape();
-        let total = linalg::frobenius_sq(a)?;
+        let total = pool.install(|| linalg::frobenius_sq(a))?;
         let randomized = self.randomized_for(m, n);
         let mut svd = pool.install(|| match (randomized, self.target()) {
             (true, Some(target)) => {

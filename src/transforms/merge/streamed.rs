@@ -428,43 +428,41 @@ impl Bound {
         };
         let keys = BracketKeys::<T::Key>::of(b);
         let n = base.len().min(model.len());
-        let mut counts = (0, 0, 0, 0);
         let mut tracking = keys.track;
         #[cfg(target_arch = "x86_64")]
-        if avx2() {
-            counts = if T::DTYPE == DType::F32 {
-                // SAFETY: `T` is f32 (its dtype says so: the only `Work` type of that dtype),
-                // so the slices are f32 slices; the CPU has AVX2.
-                let (base, model) = unsafe {
-                    (
-                        std::slice::from_raw_parts(base.as_ptr().cast::<f32>(), n),
-                        std::slice::from_raw_parts(model.as_ptr().cast::<f32>(), n),
-                    )
-                };
-                let wide = |k: T::Key| k.wide() as u32;
-                let simd_keys = simd::BracketKeys {
-                    flip: flip as u32,
-                    lo: wide(keys.lo),
-                    hi: wide(keys.hi),
-                    count_hi: keys.count_hi,
-                    first: wide(keys.first),
-                    span: wide(keys.span),
-                };
-                unsafe {
-                    simd::bracket_f32(base, model, simd_keys, hits, |at, mask, lanes| {
-                        tracking = keys.track && gather(b, start + at, mask, |i| u64::from(lanes[i]));
-                        tracking
-                    })
-                }
-            } else {
-                // SAFETY: the CPU has AVX2.
-                unsafe { bracket_runs_avx2(b, &keys, flip, start, base, model, &mut tracking) }
+        let counts = if !avx2() {
+            bracket_runs(b, &keys, flip, start, base, model, &mut tracking)
+        } else if T::DTYPE == DType::F32 {
+            // SAFETY: `T` is f32 (its dtype says so: the only `Work` type of that dtype),
+            // so the slices are f32 slices; the CPU has AVX2.
+            let (base, model) = unsafe {
+                (
+                    std::slice::from_raw_parts(base.as_ptr().cast::<f32>(), n),
+                    std::slice::from_raw_parts(model.as_ptr().cast::<f32>(), n),
+                )
             };
-        }
+            let wide = |k: T::Key| k.wide() as u32;
+            let simd_keys = simd::BracketKeys {
+                flip: flip as u32,
+                lo: wide(keys.lo),
+                hi: wide(keys.hi),
+                count_hi: keys.count_hi,
+                first: wide(keys.first),
+                // Nothing to gather: a span of 0 (the kernel then only counts).
+                span: if keys.track { wide(keys.span) } else { 0 },
+            };
+            unsafe {
+                simd::bracket_f32(base, model, simd_keys, hits, |at, mask, lanes| {
+                    tracking = keys.track && gather(b, start + at, mask, |i| u64::from(lanes[i]));
+                    tracking
+                })
+            }
+        } else {
+            // SAFETY: the CPU has AVX2.
+            unsafe { bracket_runs_avx2(b, &keys, flip, start, base, model, &mut tracking) }
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        {
-            counts = bracket_runs(b, &keys, flip, start, base, model, &mut tracking);
-        }
+        let counts = bracket_runs(b, &keys, flip, start, base, model, &mut tracking);
         let (done, mut u, mut l, mut h) = counts;
         for i in done..n {
             let k = model[i].minus(base[i]).key(flip);
