@@ -305,11 +305,7 @@ impl Factorizer {
         let matrix = m.saturating_mul(n);
         let elements = if self.randomized_for(m, n) {
             let k = self.rank_bound(m, n).saturating_add(self.settings.oversample).min(p);
-            // Two panels resident at once: the passes run by halves of the panels, side by side.
-            let panel = matrix.min(
-                n.saturating_mul((PANEL_BYTES / width / n.max(1)).max(64))
-                    .saturating_mul(2),
-            );
+            let panel = matrix.min(n.saturating_mul((PANEL_BYTES / width / n.max(1)).max(64)));
             m.saturating_add(n)
                 .saturating_mul(k)
                 .saturating_mul(3)
