@@ -11,9 +11,10 @@ batches, so only compare rows of one run):
 rsvd      Randomized rank-64 SVD of a 4096×14336 F32 matrix (224 MiB; a decaying spectrum
           ``L·diag(1/i)·R`` of rank 256 scaled to unit RMS, plus Gaussian noise of std 0.05):
           - ours: ``phlora: {target: w, target_a: a, target_b: b, rank: 64, method: randomized}``
-            (factors only, 4.5 MiB written), and the "read floor": the same file through
-            ``dump: {target: w, verbosity: stat}`` + ``delete: w`` (reads every element, writes an
-            empty file). Factorization time = best phlora wall − best floor wall.
+            (factors only, 4.5 MiB written), and the "start-up floor": the same file through
+            ``delete: w`` (parses the header, reads no tensor, writes an empty file).
+            Factorization time = best phlora wall − best floor wall, so it includes getting the
+            matrix (an F32 matrix is mapped where it lies, not read).
           - numpy: the same algorithm written here (Gaussian sketch with 10 extra vectors, 2 power
             iterations re-orthonormalized by QR, SVD of QᵀW), timed around the call inside a
             Python subprocess (imports and reading the file excluded; process wall also shown).
@@ -408,15 +409,18 @@ def job_rsvd(ctx) -> list[Result]:
     bench.remove(out)
     print(f"[rsvd] brainsurgery phlora --threads 1 ...", file=sys.stderr, flush=True)
     m1, _ = measure(ctx.bs(plan, threads=1), [path], out, ctx.repeat)
-    print(f"[rsvd] read floor ...", file=sys.stderr, flush=True)
-    floor, _ = measure(ctx.bs(["-I", str(path), "-e", "dump: {target: w, verbosity: stat}", "-e", "delete: w", "-o", str(out)]),
+    # The floor is the process without the factorization: start-up, the header, an output
+    # written. Our run maps the matrix rather than reading it (F32 in the work type), so a floor
+    # that reads the matrix (as this one did before) would flatter us by the read.
+    print(f"[rsvd] start-up floor ...", file=sys.stderr, flush=True)
+    floor, _ = measure(ctx.bs(["-I", str(path), "-e", "delete: w", "-o", str(out)]),
                        [path], out, ctx.repeat)
     print(f"    ours {m.times} 1 thread {m1.times} floor {floor.times}", file=sys.stderr)
     met = "met" if m.best - floor.best <= 0.5 else "MISSED"
     rows = [Result(job, "ours phlora (factors)", m, timed=m.best - floor.best, err=f"{ours_err:.4f}",
-                   note=f"timed = wall − read floor; target ≤ 0.5 s: {met}; exact rank-{r} error {exact:.4f}"),
-            Result(job, "ours phlora, --threads 1", m1, timed=m1.best - floor.best, note="timed = wall − read floor"),
-            Result(job, "ours read floor (dump stat)", floor, note="reads all of w, writes nothing")]
+                   note=f"timed = wall − start-up floor (mapping the matrix included); target ≤ 0.5 s: {met}; exact rank-{r} error {exact:.4f}"),
+            Result(job, "ours phlora, --threads 1", m1, timed=m1.best - floor.best, note="timed = wall − start-up floor"),
+            Result(job, "ours start-up floor", floor, note="header only: reads no tensor, writes an empty checkpoint")]
     print(f"[rsvd] numpy ...", file=sys.stderr, flush=True)
     mn, tn, en = inner(ctx.py, "rsvd_numpy", path, ctx.repeat)
     rows.append(Result(job, "NumPy rSVD (same algorithm)", mn, timed=tn, err=f"{en:.4f}", note="timed = the call only"))

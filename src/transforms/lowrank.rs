@@ -369,6 +369,64 @@ impl Factorizer {
     }
 }
 
+/// The matrix a factorization works on: read (converted) into the run's budget or arena, or,
+/// for a tensor stored contiguously in its file in the work type already (an F32 matrix factored
+/// in f32) whose bytes the budget holds, a populated read-only map of them, counted against the
+/// budget: no copy and no fresh pages to fault in.
+enum MatrixValues {
+    Read(Scratch),
+    Mapped(
+        crate::formats::mapped::GuardedMap,
+        #[allow(dead_code)] crate::memory::Reservation,
+    ),
+}
+
+impl MatrixValues {
+    fn of<T: Real + Element>(t: &Tensor, op: &'static str, cx: &mut ReadContext) -> Result<MatrixValues, ValueError> {
+        if t.dtype == T::DTYPE {
+            if let Some((file, offset)) = t.as_stored() {
+                let len = t.nbytes();
+                if let Some(reservation) = cx.memory().reserve(len) {
+                    if let Ok(map) = file.map_range(offset, len, true) {
+                        if len > 0 && map.as_ptr().cast::<T>().is_aligned() {
+                            cx.count_read(len);
+                            return Ok(MatrixValues::Mapped(map, reservation));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(MatrixValues::Read(read_real_scratch::<T>(t, op, cx)?))
+    }
+
+    fn typed<T: Element>(&self) -> &[T] {
+        match self {
+            MatrixValues::Read(scratch) => scratch.typed::<T>(),
+            MatrixValues::Mapped(map, _) => {
+                // SAFETY: the map is aligned for `T` (checked when made) and holds whole `T`s
+                // of plain numbers (every bit pattern a value), little-endian as the file's.
+                unsafe { std::slice::from_raw_parts(map.as_ptr().cast::<T>(), map.len() / std::mem::size_of::<T>()) }
+            }
+        }
+    }
+
+    /// Hands back the pages of bytes `[start, start + len)` (the arena's; the budget's and a
+    /// map's stay until dropped).
+    fn settle_range(&self, start: usize, len: usize) {
+        if let MatrixValues::Read(scratch) = self {
+            scratch.settle_range(start, len);
+        }
+    }
+
+    /// Drops the matrix; an error when a mapped file shrank while it was read.
+    fn finish(self) -> Result<(), ValueError> {
+        match self {
+            MatrixValues::Read(_) => Ok(()),
+            MatrixValues::Mapped(map, _) => Ok(map.check()?),
+        }
+    }
+}
+
 /// A thread pool for the factorizations of one step: `threads` (0: one per core).
 pub(crate) fn factor_pool(threads: usize) -> Result<rayon::ThreadPool, TransformError> {
     rayon::ThreadPoolBuilder::new()
@@ -703,8 +761,8 @@ impl Phlora {
     ) -> Result<Factored, StepError> {
         let display = m.display();
         // Within the run's memory budget, else in its arena, whose pages each pass of the
-        // randomized SVD hands back panel by panel.
-        let values = read_real_scratch::<T>(&m.tensor, self.op(), &mut ctx.reads)
+        // randomized SVD hands back panel by panel; or mapped where it lies.
+        let values = MatrixValues::of::<T>(&m.tensor, self.op(), &mut ctx.reads)
             .map_err(|e| TransformError::value_of(&display, e))?;
         let width = std::mem::size_of::<T>();
         let release = |start: usize, end: usize| values.settle_range(start * width, (end - start) * width);
@@ -716,7 +774,8 @@ impl Phlora {
                     tensor: display.clone(),
                     source,
                 })?;
-        drop(values);
+        // A mapped file that shrank meanwhile read as zeros: what was computed must not be used.
+        values.finish().map_err(|e| TransformError::value_of(&display, e))?;
         let rank = quality.rank;
         let (b, a) = split_factors(&svd);
         drop(svd);
