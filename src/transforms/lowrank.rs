@@ -383,12 +383,13 @@ enum MatrixValues {
 
 impl MatrixValues {
     fn of<T: Real + Element>(t: &Tensor, op: &'static str, cx: &mut ReadContext) -> Result<MatrixValues, ValueError> {
-        if t.dtype == T::DTYPE {
+        // Little-endian targets only: the file's bytes are the values as they are.
+        if t.dtype == T::DTYPE && t.nbytes() > 0 && cfg!(target_endian = "little") {
             if let Some((file, offset)) = t.as_stored() {
                 let len = t.nbytes();
                 if let Some(reservation) = cx.memory().reserve(len) {
                     if let Ok(map) = file.map_range(offset, len, true) {
-                        if len > 0 && map.as_ptr().cast::<T>().is_aligned() {
+                        if map.as_ptr().cast::<T>().is_aligned() {
                             cx.count_read(len);
                             return Ok(MatrixValues::Mapped(map, reservation));
                         }
@@ -767,15 +768,14 @@ impl Phlora {
         let width = std::mem::size_of::<T>();
         let release = |start: usize, end: usize| values.settle_range(start * width, (end - start) * width);
         let matrix = Rows::new(values.typed::<T>(), rows, cols).releasing(&release);
-        let (svd, quality, method) =
-            self.factorizer
-                .factor(matrix, &m.name, pool)
-                .map_err(|source| TransformError::Factorization {
-                    tensor: display.clone(),
-                    source,
-                })?;
-        // A mapped file that shrank meanwhile read as zeros: what was computed must not be used.
+        let factored = self.factorizer.factor(matrix, &m.name, pool);
+        // A mapped file that shrank meanwhile read as zeros: what was computed must not be used
+        // (and that, not what the zeros made of the factorization, is the error to report).
         values.finish().map_err(|e| TransformError::value_of(&display, e))?;
+        let (svd, quality, method) = factored.map_err(|source| TransformError::Factorization {
+            tensor: display.clone(),
+            source,
+        })?;
         let rank = quality.rank;
         let (b, a) = split_factors(&svd);
         drop(svd);
@@ -940,6 +940,42 @@ impl Transform for Phlora {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_stored_matrix_is_mapped_when_aligned_and_read_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.bin");
+        let values = [1.5f32, -2.0, 3.25, 0.5];
+        let mut bytes = vec![0u8; 4];
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        bytes.push(0);
+        std::fs::write(&path, &bytes).unwrap();
+        let file = Arc::new(crate::formats::SourceFile::open(&path).unwrap());
+        let mut cx = ReadContext::default();
+        for (offset, mapped) in [(4u64, true), (1, false)] {
+            let t = Tensor::stored(DType::F32, vec![2, 2], file.clone(), offset);
+            let before = cx.bytes_read();
+            let m = MatrixValues::of::<f32>(&t, "phlora", &mut cx).unwrap();
+            assert_eq!(matches!(m, MatrixValues::Mapped(..)), mapped, "offset {offset}");
+            assert_eq!(cx.bytes_read() - before, 16, "offset {offset}");
+            if mapped {
+                assert_eq!(m.typed::<f32>(), &values);
+            } else {
+                // The unaligned bytes at offset 1, read and converted as they are.
+                let want: Vec<f32> = bytes[1..17]
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                assert_eq!(m.typed::<f32>(), &want[..]);
+            }
+            m.finish().unwrap();
+        }
+        // Another dtype than the work type is read (converted).
+        let t = Tensor::stored(DType::F32, vec![2, 2], file.clone(), 4);
+        let m = MatrixValues::of::<f64>(&t, "phlora", &mut cx).unwrap();
+        assert!(matches!(m, MatrixValues::Read(_)));
+        assert_eq!(m.typed::<f64>(), &[1.5, -2.0, 3.25, 0.5]);
+    }
+
     use super::*;
     use crate::kernels::random;
 
