@@ -178,8 +178,7 @@ impl Memory {
 
     /// A zeroed buffer of `len` bytes for a tensor computed whole by `op`: in memory when the
     /// budget holds it, else in the arena.
-    // Reserved fallibly first (`vec!` would abort on a refused allocation, not spill).
-    #[allow(clippy::slow_vector_initialization)]
+    // Allocated fallibly (`vec!` would abort on a refused allocation, not spill).
     pub fn alloc(self: &Arc<Self>, op: &'static str, len: usize) -> Result<Scratch, MemoryError> {
         if let Some(reservation) = self.reserve(len) {
             // u64 words: 8-byte alignment, so typed views of f32/f64 elements are sound.
