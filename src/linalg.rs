@@ -244,7 +244,7 @@ impl<T: Real> Svd<T> {
 }
 
 /// The squared Frobenius norm (summed in f64), or where the first non-finite value is. The two
-/// halves of the panels are summed side by side ([`panel_halves`]), each in eight lanes (a
+/// halves of the panels are summed side by side ([`halves`]), each in eight lanes (a
 /// single running sum waits on every addition: 55 ms of a 224 MiB matrix against ~20), and
 /// added in a fixed order: the same sum whatever the threads.
 pub fn frobenius_sq<T: Real>(a: Rows<'_, T>) -> Result<f64, LinalgError> {
@@ -276,7 +276,7 @@ pub fn frobenius_sq<T: Real>(a: Rows<'_, T>) -> Result<f64, LinalgError> {
         }
         Ok(total)
     };
-    match panel_halves(&a) {
+    match halves(&a) {
         None => sum(&a.panels().collect::<Vec<_>>()),
         Some([first, second]) => {
             let (first, second) = rayon::join(|| sum(&first), || sum(&second));
@@ -405,20 +405,45 @@ fn product<T: Real>(c: &mut [T], rows: usize, cols: usize, lhs: MatRef<'_, T>, r
     );
 }
 
-/// The panels of `a` in two runs of consecutive panels (as even as whole panels allow), one
-/// per part ([`PARTS`]); `None` when there is a single panel (then faer splits its product).
-fn panel_halves<T>(a: &Rows<'_, T>) -> Option<[Vec<(usize, usize)>; 2]> {
+/// The rows of `a` in two runs, one per part ([`PARTS`]): the panels in two runs of
+/// consecutive panels (as even as whole panels allow), or a single panel's rows in two halves;
+/// `None` for a single row. A function of the shape alone, so the parts' sums are the same
+/// whatever the threads; each part runs with faer sequential inside (faer splitting a product
+/// synchronises its threads per call, which costs more than the product for small matrices).
+fn halves<T>(a: &Rows<'_, T>) -> Option<[Vec<(usize, usize)>; 2]> {
     let mut first: Vec<(usize, usize)> = a.panels().collect();
-    if first.len() < 2 {
-        return None;
+    match first.len() {
+        0 => None,
+        1 if a.m < 2 => None,
+        1 => {
+            let top = a.m / 2;
+            Some([vec![(0, top)], vec![(top, a.m - top)]])
+        }
+        _ => {
+            let second = first.split_off(first.len() / 2);
+            Some([first, second])
+        }
     }
-    let second = first.split_off(first.len() / 2);
-    Some([first, second])
 }
 
-/// `c = A x` (column-major `m × k` `c`, overwritten), panel by panel. With two panels or more,
-/// each half of them is multiplied by one part (`rayon::join`: side by side on two threads,
-/// one after the other on one), faer sequential inside: faer splitting each tall-skinny panel
+/// Below this many elements, a QR or SVD of a sketch runs sequentially: faer's parallel
+/// factorizations synchronise their threads per column block, which small matrices do not
+/// repay (extracting LoRA adapters from 1024-wide projections spent a quarter of its time in
+/// faer's barriers). A function of the shape alone, as results depend on the parts.
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// How faer runs a factorization of a `rows × cols` sketch ([`PARALLEL_FROM`]).
+fn par_for(rows: usize, cols: usize) -> Par {
+    if rows.saturating_mul(cols) < PARALLEL_FROM {
+        Par::Seq
+    } else {
+        par()
+    }
+}
+
+/// `c = A x` (column-major `m × k` `c`, overwritten), panel by panel. Each half of the rows
+/// ([`halves`]) is multiplied by one part (`rayon::join`: side by side on two threads, one
+/// after the other on one), faer sequential inside: faer splitting each tall-skinny panel
 /// product synchronised its threads per panel and scaled 1.5× on 2 cores. Each output row is
 /// computed the same way whatever the threads.
 fn a_times<T: Real>(c: &mut [T], a: Rows<'_, T>, x: MatRef<'_, T>, par: Par) {
@@ -439,7 +464,7 @@ fn a_times<T: Real>(c: &mut [T], a: Rows<'_, T>, x: MatRef<'_, T>, par: Par) {
         }
     };
     let c = MatMut::from_column_major_slice_mut(c, a.m, k);
-    match panel_halves(&a) {
+    match halves(&a) {
         None => run(c, &a.panels().collect::<Vec<_>>(), 0, par),
         Some([top, bottom]) => {
             let split = bottom[0].0;
@@ -452,9 +477,9 @@ fn a_times<T: Real>(c: &mut [T], a: Rows<'_, T>, x: MatRef<'_, T>, par: Par) {
     }
 }
 
-/// `c = Aᵀ x` (column-major `n × k` `c`, overwritten), summed panel by panel. With two panels
-/// or more, each part sums its half of the panels' products in order (as [`a_times`]) and the
-/// second half's sum is added to the first's: the same sums whatever the threads.
+/// `c = Aᵀ x` (column-major `n × k` `c`, overwritten), summed panel by panel. Each part sums
+/// its half of the rows' products in order (as [`a_times`]) and the second half's sum is added
+/// to the first's: the same sums whatever the threads.
 fn a_transposed_times<T: Real>(c: &mut [T], a: Rows<'_, T>, x: MatRef<'_, T>, par: Par) -> Result<(), LinalgError> {
     let k = x.ncols();
     let sum = |out: &mut [T], panels: &[(usize, usize)], par: Par| {
@@ -469,7 +494,7 @@ fn a_transposed_times<T: Real>(c: &mut [T], a: Rows<'_, T>, x: MatRef<'_, T>, pa
             a.done(first, rows);
         }
     };
-    match panel_halves(&a) {
+    match halves(&a) {
         None => sum(c, &a.panels().collect::<Vec<_>>(), par),
         Some([first, second]) => {
             let mut part = try_vec("product workspace", a.n * k, T::default())?;
@@ -510,17 +535,17 @@ pub fn randomized<T: Real>(a: Rows<'_, T>, rank: usize, settings: Randomized) ->
     // Q: an orthonormal basis of range(A Ω), sharpened by power iterations (Aᵀ, then A).
     let mut q = try_vec("range basis", m * k, T::default())?;
     a_times(&mut q, a, MatRef::from_column_major_slice(&omega, n, k), par);
-    orthonormalize(&mut q, m, k, par)?;
+    orthonormalize(&mut q, m, k, par_for(m, k))?;
     let mut z = omega;
     for _ in 0..settings.power_iterations {
         a_transposed_times(&mut z, a, MatRef::from_column_major_slice(&q, m, k), par)?;
-        orthonormalize(&mut z, n, k, par)?;
+        orthonormalize(&mut z, n, k, par_for(n, k))?;
         a_times(&mut q, a, MatRef::from_column_major_slice(&z, n, k), par);
-        orthonormalize(&mut q, m, k, par)?;
+        orthonormalize(&mut q, m, k, par_for(m, k))?;
     }
     // Bᵀ = Aᵀ Q (n × k) = W S Xᵀ, so A ≈ Q B = (Q X) S Wᵀ.
     a_transposed_times(&mut z, a, MatRef::from_column_major_slice(&q, m, k), par)?;
-    let (w, s, x) = thin_svd_into(MatRef::from_column_major_slice(&z, n, k), par)?;
+    let (w, s, x) = thin_svd_into(MatRef::from_column_major_slice(&z, n, k), par_for(n, k))?;
     drop(z);
     let mut u = try_vec("singular vectors", m * k, T::default())?;
     product(
@@ -529,7 +554,7 @@ pub fn randomized<T: Real>(a: Rows<'_, T>, rank: usize, settings: Randomized) ->
         k,
         MatRef::from_column_major_slice(&q, m, k),
         MatRef::from_column_major_slice(&x, k, k),
-        par,
+        par_for(m, k),
     );
     let mut svd = Svd { m, n, u, s, v: w };
     svd.truncate(rank);
@@ -786,6 +811,21 @@ mod tests {
             let other = pool(threads).install(|| randomized(rows(), 40, settings)).unwrap();
             assert!(same(&one, &other), "panels, {threads}");
             assert_eq!(pool(threads).install(|| frobenius_sq(rows())).unwrap(), norm);
+        }
+        // A sketch large enough for faer's parallel QR ([`PARALLEL_FROM`]).
+        let (rows, k) = (PARALLEL_FROM / 16 + 7, 16);
+        assert!(matches!(par_for(rows, k), Par::Rayon(_)));
+        let y: Vec<f32> = (0..rows * k).map(|i| random::normal(13, i as u64) as f32).collect();
+        let basis = |threads| {
+            let mut y = y.clone();
+            pool(threads)
+                .install(|| orthonormalize(&mut y, rows, k, par_for(rows, k)))
+                .unwrap();
+            y
+        };
+        let one = basis(1);
+        for threads in [2, 3] {
+            assert!(basis(threads) == one, "QR, {threads}");
         }
     }
 

@@ -256,6 +256,9 @@ struct Module {
     bias: Option<(Tensor, Tensor)>,
 }
 
+/// What factoring one module gives: its factors at each rank and what each rank kept.
+type ModuleFactors = (Vec<Extracted>, Vec<Factorization>);
+
 /// The factors of one module at one rank, before scaling.
 struct Extracted {
     module: String,
@@ -532,15 +535,15 @@ impl ExtractLora {
         }
     }
 
-    /// Factors one module (all ranks from one SVD).
+    /// Factors one module (all ranks from one SVD): its factors and what each rank kept.
     fn extract_one<T: Real>(
         &self,
         module: &Module,
         pool: &rayon::ThreadPool,
-        ctx: &mut Context,
-    ) -> Result<Vec<Extracted>, StepError> {
+        reads: &mut ReadContext,
+    ) -> Result<ModuleFactors, StepError> {
         let display = format!("{}::{}.weight", self.finetuned, module.name);
-        let delta = difference::<T>(&module.ft, &module.base, module.transpose, &mut ctx.reads)
+        let delta = difference::<T>(&module.ft, &module.base, module.transpose, reads)
             .map_err(|e| TransformError::value_of(&display, e))?;
         let (rows, cols) = module.shape;
         let (svd, quality, method) = self
@@ -553,10 +556,10 @@ impl ExtractLora {
         drop(delta);
         let bias = match &module.bias {
             Some((ft, base)) => {
-                let ft = read_real::<f64>(ft, "extract_lora", &mut ctx.reads)
-                    .map_err(|e| TransformError::value_of(&display, e))?;
-                let base = read_real::<f64>(base, "extract_lora", &mut ctx.reads)
-                    .map_err(|e| TransformError::value_of(&display, e))?;
+                let ft =
+                    read_real::<f64>(ft, "extract_lora", reads).map_err(|e| TransformError::value_of(&display, e))?;
+                let base =
+                    read_real::<f64>(base, "extract_lora", reads).map_err(|e| TransformError::value_of(&display, e))?;
                 Some(ft.iter().zip(&base).map(|(a, b)| a - b).collect::<Vec<f64>>())
             }
             None => None,
@@ -566,6 +569,7 @@ impl ExtractLora {
             None => vec![quality.rank],
         };
         let mut out = Vec::with_capacity(ranks.len());
+        let mut factorizations = Vec::with_capacity(ranks.len());
         for &rank in &ranks {
             let mut truncated = svd.clone();
             truncated.truncate(rank);
@@ -574,7 +578,7 @@ impl ExtractLora {
             } else {
                 quality.at_rank(&svd.s, rank)
             };
-            ctx.factorizations.push(Factorization {
+            factorizations.push(Factorization {
                 op: "extract_lora",
                 tensor: display.clone(),
                 shape: (rows, cols),
@@ -591,7 +595,100 @@ impl ExtractLora {
                 bias: bias.clone(),
             });
         }
-        Ok(out)
+        Ok((out, factorizations))
+    }
+
+    /// How many modules are factored at once: one per thread when every matrix is a single
+    /// panel (larger ones already split each pass over the threads by halves of their panels)
+    /// and the largest `workspaces` of that many fit the budget together; else one.
+    fn workers(&self, modules: &[Module], workspaces: &[usize], ctx: &Context) -> usize {
+        let single_panels = modules.iter().all(|m| {
+            let width = if m.ft.dtype == DType::F64 { 8 } else { 4 };
+            m.shape.0.saturating_mul(m.shape.1).saturating_mul(width) <= crate::linalg::PANEL_BYTES
+        });
+        if !single_panels {
+            return 1;
+        }
+        let mut largest = workspaces.to_vec();
+        largest.sort_unstable_by(|a, b| b.cmp(a));
+        let budget = usize::try_from(ctx.reads.memory().limit()).unwrap_or(usize::MAX);
+        let mut workers = ctx.threads.min(modules.len()).max(1);
+        while workers > 1
+            && largest
+                .iter()
+                .take(workers)
+                .fold(0usize, |sum, &b| sum.saturating_add(b))
+                > budget
+        {
+            workers -= 1;
+        }
+        workers
+    }
+
+    /// [`ExtractLora::extract_one`] for one module, in the work type its weights call for.
+    fn extract_module(
+        &self,
+        module: &Module,
+        pool: &rayon::ThreadPool,
+        reads: &mut ReadContext,
+    ) -> Result<ModuleFactors, StepError> {
+        reads.check().map_err(|_| StepError::Cancelled)?;
+        if module.ft.dtype == DType::F64 {
+            self.extract_one::<f64>(module, pool, reads)
+        } else {
+            self.extract_one::<f32>(module, pool, reads)
+        }
+    }
+
+    /// Factors every module, in order of `modules`, on `workers` threads: each takes the next
+    /// module and factors it on a pool of its own thread, so no more than `workers` matrices
+    /// are held at once (rayon would start another module in a thread waiting on a join). A
+    /// module's result does not depend on the pool it ran on ([`crate::linalg`] splits work by
+    /// shape). On failure, the error of the first failed module in order, as one thread would
+    /// report it: modules are taken in order and each one taken is finished.
+    fn extract_parallel(
+        &self,
+        modules: &[Module],
+        workers: usize,
+        reads: &ReadContext,
+    ) -> Result<Vec<ModuleFactors>, StepError> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        type Done = (usize, Result<ModuleFactors, StepError>);
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let mut done: Vec<Done> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    let mut reads = reads.fork();
+                    let (next, failed) = (&next, &failed);
+                    scope.spawn(move || -> Result<Vec<Done>, StepError> {
+                        let pool = factor_pool(1)?;
+                        let mut done = Vec::new();
+                        while !failed.load(Ordering::Relaxed) {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(module) = modules.get(i) else { break };
+                            let result = self.extract_module(module, &pool, &mut reads);
+                            if result.is_err() {
+                                failed.store(true, Ordering::Relaxed);
+                            }
+                            done.push((i, result));
+                        }
+                        Ok(done)
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(modules.len());
+            for handle in handles {
+                match handle.join() {
+                    Ok(Ok(done)) => all.extend(done),
+                    Ok(Err(e)) => all.push((usize::MAX, Err(e))),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            all
+        });
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, result)| result).collect()
     }
 
     /// Writes one adapter directory from the factors of every module at one rank.
@@ -744,15 +841,31 @@ impl Transform for ExtractLora {
             write::validate_target(&spec, state, &self.location.key("path"))?;
             self.check_target(dir)?;
         }
-        for m in &modules {
-            let width = if m.ft.dtype == DType::F64 { 8 } else { 4 };
-            // The base's values beside the fine-tune's while the delta is formed.
-            let delta = m.shape.0.saturating_mul(m.shape.1).saturating_mul(width);
-            let bytes = self
-                .factorizer
-                .workspace(m.shape.0, m.shape.1, width)
-                .saturating_add(delta);
+        let workspaces: Vec<usize> = modules
+            .iter()
+            .map(|m| {
+                let width = if m.ft.dtype == DType::F64 { 8 } else { 4 };
+                // The base's values beside the fine-tune's while the delta is formed.
+                let delta = m.shape.0.saturating_mul(m.shape.1).saturating_mul(width);
+                self.factorizer
+                    .workspace(m.shape.0, m.shape.1, width)
+                    .saturating_add(delta)
+            })
+            .collect();
+        let workers = self.workers(&modules, &workspaces, ctx);
+        for (m, &bytes) in modules.iter().zip(&workspaces) {
             ctx.need_workspace(bytes, &m.name);
+        }
+        if workers > 1 {
+            // The `workers` largest workspaces held at once.
+            let mut largest = workspaces.clone();
+            largest.sort_unstable_by(|a, b| b.cmp(a));
+            let together = largest
+                .iter()
+                .take(workers)
+                .fold(0usize, |sum, &b| sum.saturating_add(b));
+            let name = modules.first().map_or(String::new(), |m| m.name.clone());
+            ctx.need_workspace(together, &format!("{name} and {} more modules at once", workers - 1));
         }
         let fan_in_fan_out = modules.iter().any(|m| m.transpose && !m.embedding);
         if fan_in_fan_out && modules.iter().any(|m| !m.transpose && !m.embedding) {
@@ -795,18 +908,19 @@ impl Transform for ExtractLora {
             ));
             return Ok(Flow::Continue);
         }
-        let pool = factor_pool(ctx.threads)?;
         let mut extracted: Vec<Extracted> = Vec::new();
-        for module in &modules {
-            if ctx.cancelled() {
-                return Err(StepError::Cancelled);
+        if workers > 1 {
+            for (parts, factorizations) in self.extract_parallel(&modules, workers, &ctx.reads)? {
+                extracted.extend(parts);
+                ctx.factorizations.extend(factorizations);
             }
-            let parts = if module.ft.dtype == DType::F64 {
-                self.extract_one::<f64>(module, &pool, ctx)?
-            } else {
-                self.extract_one::<f32>(module, &pool, ctx)?
-            };
-            extracted.extend(parts);
+        } else {
+            let pool = factor_pool(ctx.threads)?;
+            for module in &modules {
+                let (parts, factorizations) = self.extract_module(module, &pool, &mut ctx.reads)?;
+                extracted.extend(parts);
+                ctx.factorizations.extend(factorizations);
+            }
         }
         let shared = Shared {
             whole,

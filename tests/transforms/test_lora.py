@@ -117,6 +117,40 @@ def test_extract_then_merge_recovers_a_low_rank_fine_tune(write, tmp_path):
         assert _rel(got[k], ft[k].astype(np.float64)) < 1e-5, k
 
 
+def test_extraction_is_the_same_for_any_thread_count_and_fails_at_the_first_bad_module(write, tmp_path):
+    # Modules are factored several at once, one per thread: the adapter, the report's order and
+    # the error of a bad module must not depend on how many.
+    rng = np.random.default_rng(21)
+    base, ft = {}, {}
+    for i in range(3):
+        for name, (o, n) in {"q_proj": (200, 160), "v_proj": (120, 160)}.items():
+            w = rng.standard_normal((o, n)).astype(np.float32)
+            base[f"model.layers.{i}.{name}.weight"] = w
+            ft[f"model.layers.{i}.{name}.weight"] = w + _low_rank(o, n, 6, rng) + 1e-3 * rng.standard_normal((o, n)).astype(np.float32)
+    bp, fp = write(base, name="base.safetensors"), write(ft, name="ft.safetensors")
+    plan = lambda out, fp=fp, method="randomized": {  # noqa: E731
+        "inputs": [f"base::{bp}", f"ft::{fp}"],
+        "transforms": [{"extract_lora": {"base": "base", "finetuned": "ft", "target": r".*_proj\.weight",
+                                         "rank": 8, "method": method, "path": str(out)}}],
+    }
+    for method in ["randomized", "exact"]:
+        runs = {t: bs.run(plan(tmp_path / f"{method}{t}", method=method), threads=t, quiet=True) for t in [1, 2, 3]}
+        one = (tmp_path / f"{method}1" / "adapter_model.safetensors").read_bytes()
+        for t in [2, 3]:
+            assert (tmp_path / f"{method}{t}" / "adapter_model.safetensors").read_bytes() == one, (method, t)
+            assert runs[t]["factorizations"] == runs[1]["factorizations"], (method, t)
+        assert [f["tensor"] for f in runs[1]["factorizations"]] == [f"ft::{k}" for k in ft]
+    # Two bad modules: the error names the first in order, for any thread count.
+    ft["model.layers.1.q_proj.weight"][3, 4] = np.nan
+    ft["model.layers.2.v_proj.weight"][0, 0] = np.inf
+    bad = write(ft, name="bad.safetensors")
+    for t in [1, 2, 3]:
+        with pytest.raises(bs.TransformError, match=r"model\.layers\.1\.q_proj") as e:
+            bs.run(plan(tmp_path / f"bad{t}", fp=bad), threads=t, quiet=True)
+        assert "layers.2" not in str(e.value)
+        assert not (tmp_path / f"bad{t}").exists()
+
+
 def test_full_rank_extraction_round_trips(write, tmp_path):
     base, ft, bp, fp = _pair(write, np.random.default_rng(1), rank=4, noise=0.3)
     adapter = tmp_path / "adapter"
