@@ -1012,6 +1012,39 @@ pub fn read_real<T: Real>(t: &Tensor, op: &'static str, cx: &mut ReadContext) ->
     Ok(values)
 }
 
+/// Subtracts the elements of `t`, converted as [`read_real`] converts them, from `values` (one
+/// per element of `t`), streaming: `a − b` of two whole tensors without holding `b` whole.
+pub fn subtract_real<T: Real>(
+    values: &mut [T],
+    t: &Tensor,
+    op: &'static str,
+    cx: &mut ReadContext,
+) -> Result<(), ValueError> {
+    if !t.dtype.is_computable() {
+        return Err(ValueError::NoByteSize { op, dtype: t.dtype });
+    }
+    if values.len() != t.numel() {
+        return Err(ValueError::Compute {
+            op,
+            reason: format!("{} values to subtract {} elements from", values.len(), t.numel()),
+        });
+    }
+    let width = std::mem::size_of::<T>();
+    let size = element_size(t.dtype, op)?;
+    let mut converted = Vec::new();
+    let mut at = 0;
+    t.stream(cx, |chunk| {
+        let n = chunk.len() / size;
+        converted.resize(n * width, 0);
+        kernels::convert(t.dtype, chunk, T::DTYPE, &mut converted);
+        for (v, bytes) in values[at..at + n].iter_mut().zip(converted.chunks_exact(width)) {
+            *v -= T::from_le(bytes);
+        }
+        at += n;
+        Ok::<(), ValueError>(())
+    })
+}
+
 /// [`read_real`] into a buffer from the run's budget (or its arena): the elements of `t` as
 /// `T`, for work that needs a whole tensor at once (a product's operands).
 pub fn read_real_scratch<T: Real + Element>(
