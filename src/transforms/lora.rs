@@ -904,6 +904,14 @@ impl Transform for ExtractLora {
             }
         };
         if !ctx.evaluate {
+            // What the run reads: both weights (and biases) of every module, and the tensors
+            // stored whole.
+            ctx.defer_reads(
+                modules
+                    .iter()
+                    .flat_map(|m| [&m.ft, &m.base].into_iter().chain(m.bias.iter().flat_map(|(f, b)| [f, b])))
+                    .chain(whole.iter().map(|(_, t)| t)),
+            );
             ctx.note(format!(
                 "extract_lora: {} → {} (written when the plan runs)",
                 count_noun(modules.len()),

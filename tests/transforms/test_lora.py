@@ -140,6 +140,10 @@ def test_extraction_is_the_same_for_any_thread_count_and_fails_at_the_first_bad_
             assert (tmp_path / f"{method}{t}" / "adapter_model.safetensors").read_bytes() == one, (method, t)
             assert runs[t]["factorizations"] == runs[1]["factorizations"], (method, t)
         assert [f["tensor"] for f in runs[1]["factorizations"]] == [f"ft::{k}" for k in ft]
+    # The check counts what the run reads: both weights of every module.
+    checked = bs.check(plan(tmp_path / "checked"))
+    weights = sum(v.nbytes for v in base.values()) + sum(v.nbytes for v in ft.values())
+    assert checked["bytes_to_read"] == runs[1]["bytes_read"] == weights
     # Two bad modules: the error names the first in order, for any thread count.
     ft["model.layers.1.q_proj.weight"][3, 4] = np.nan
     ft["model.layers.2.v_proj.weight"][0, 0] = np.inf
