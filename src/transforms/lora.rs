@@ -909,7 +909,11 @@ impl Transform for ExtractLora {
             ctx.defer_reads(
                 modules
                     .iter()
-                    .flat_map(|m| [&m.ft, &m.base].into_iter().chain(m.bias.iter().flat_map(|(f, b)| [f, b])))
+                    .flat_map(|m| {
+                        [&m.ft, &m.base]
+                            .into_iter()
+                            .chain(m.bias.iter().flat_map(|(f, b)| [f, b]))
+                    })
                     .chain(whole.iter().map(|(_, t)| t)),
             );
             ctx.note(format!(
