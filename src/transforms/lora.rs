@@ -26,8 +26,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 use serde_json::{json, Value as Json};
 
 use super::lowrank::{
-    encode_into, factor_pool, matrix_shape, split_factors, Factorization, Factorizer, Pooled, ENERGY, MAX_RANK, METHOD,
-    OVERSAMPLE, POWER_ITERATIONS, SEED, THRESHOLD,
+    encode_into, factor_pool, in_parallel, largest_together, matrix_shape, split_factors, workers, Factorization,
+    Factorizer, Pooled, ENERGY, MAX_RANK, METHOD, OVERSAMPLE, POWER_ITERATIONS, SEED, THRESHOLD,
 };
 use super::{count_noun, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
@@ -586,27 +586,6 @@ impl ExtractLora {
         Ok((out, factorizations))
     }
 
-    /// How many modules are factored at once: one per thread, as far as the largest
-    /// `workspaces` of that many fit the budget together (else fewer, down to one). Reading and
-    /// converting a module's weights is one thread's work, so whole modules per thread beat
-    /// splitting each module's passes (the 0.94 GiB BF16 pair of the benchmark: 4.2 s → 2.5 s).
-    fn workers(&self, modules: &[Module], workspaces: &[usize], ctx: &Context) -> usize {
-        let mut largest = workspaces.to_vec();
-        largest.sort_unstable_by(|a, b| b.cmp(a));
-        let budget = usize::try_from(ctx.reads.memory().limit()).unwrap_or(usize::MAX);
-        let mut workers = ctx.threads.min(modules.len()).max(1);
-        while workers > 1
-            && largest
-                .iter()
-                .take(workers)
-                .fold(0usize, |sum, &b| sum.saturating_add(b))
-                > budget
-        {
-            workers -= 1;
-        }
-        workers
-    }
-
     /// [`ExtractLora::extract_one`] for one module, in the work type its weights call for.
     fn extract_module(
         &self,
@@ -671,58 +650,6 @@ impl ExtractLora {
             b: (format!("{PREFIX}{name}.{b_name}"), b),
             bias,
         })
-    }
-
-    /// Factors every module, in order of `modules`, on `workers` threads: each takes the next
-    /// module and factors it on a pool of its own thread, so no more than `workers` matrices
-    /// are held at once (rayon would start another module in a thread waiting on a join). A
-    /// module's result does not depend on the pool it ran on ([`crate::linalg`] splits work by
-    /// shape). On failure, the error of the first failed module in order, as one thread would
-    /// report it: modules are taken in order and each one taken is finished.
-    fn extract_parallel(
-        &self,
-        modules: &[Module],
-        dtype: DType,
-        workers: usize,
-        reads: &ReadContext,
-    ) -> Result<Vec<ModuleFactors>, StepError> {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        type Done = (usize, Result<ModuleFactors, StepError>);
-        let next = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
-        let mut done: Vec<Done> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|_| {
-                    let mut reads = reads.fork();
-                    let (next, failed) = (&next, &failed);
-                    scope.spawn(move || -> Result<Vec<Done>, StepError> {
-                        let pool = factor_pool(1)?;
-                        let mut done = Vec::new();
-                        while !failed.load(Ordering::Relaxed) {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(module) = modules.get(i) else { break };
-                            let result = self.extract_module(module, dtype, &pool, &mut reads);
-                            if result.is_err() {
-                                failed.store(true, Ordering::Relaxed);
-                            }
-                            done.push((i, result));
-                        }
-                        Ok(done)
-                    })
-                })
-                .collect();
-            let mut all = Vec::with_capacity(modules.len());
-            for handle in handles {
-                match handle.join() {
-                    Ok(Ok(done)) => all.extend(done),
-                    Ok(Err(e)) => all.push((usize::MAX, Err(e))),
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-            all
-        });
-        done.sort_by_key(|(i, _)| *i);
-        done.into_iter().map(|(_, result)| result).collect()
     }
 
     /// Writes one adapter directory from the factors of every module at one rank.
@@ -855,20 +782,16 @@ impl Transform for ExtractLora {
                     .saturating_add(delta)
             })
             .collect();
-        let workers = self.workers(&modules, &workspaces, ctx);
+        let workers = workers(ctx.threads, &workspaces, ctx.reads.memory().limit());
         for (m, &bytes) in modules.iter().zip(&workspaces) {
             ctx.need_workspace(bytes, &m.name);
         }
         if workers > 1 {
-            // The `workers` largest workspaces held at once.
-            let mut largest = workspaces.clone();
-            largest.sort_unstable_by(|a, b| b.cmp(a));
-            let together = largest
-                .iter()
-                .take(workers)
-                .fold(0usize, |sum, &b| sum.saturating_add(b));
             let name = modules.first().map_or(String::new(), |m| m.name.clone());
-            ctx.need_workspace(together, &format!("{name} and {} more modules at once", workers - 1));
+            ctx.need_workspace(
+                largest_together(&workspaces, workers),
+                &format!("{name} and {} more modules at once", workers - 1),
+            );
         }
         let fan_in_fan_out = modules.iter().any(|m| m.transpose && !m.embedding);
         if fan_in_fan_out && modules.iter().any(|m| !m.transpose && !m.embedding) {
@@ -925,7 +848,10 @@ impl Transform for ExtractLora {
         }
         let mut extracted: Vec<Extracted> = Vec::new();
         if workers > 1 {
-            for (parts, factorizations) in self.extract_parallel(&modules, dtype, workers, &ctx.reads)? {
+            let each = |m: &Module, pool: &rayon::ThreadPool, reads: &mut ReadContext| {
+                self.extract_module(m, dtype, pool, reads)
+            };
+            for (parts, factorizations) in in_parallel(&modules, workers, &ctx.reads, each)? {
                 extracted.extend(parts);
                 ctx.factorizations.extend(factorizations);
             }

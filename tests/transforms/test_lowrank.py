@@ -141,6 +141,31 @@ def test_output_is_identical_for_any_thread_count(write, tmp_path):
     assert outs[0] == outs[1] == outs[2]
 
 
+def test_matches_factored_at_once_keep_order_and_report_the_first_failure(write, tmp_path):
+    # Several matches are factored one per thread: the factors, the report's order and which bad
+    # matrix the error names must be those of one thread.
+    ws = {f"m{i}": _decaying(120 + 10 * i, 90, seed=i) for i in range(5)}
+    path = write(ws)
+    for method in ["exact", "randomized"]:
+        plan = [{"phlora": {"target": r"m(\d)", "target_a": r"a\1", "target_b": r"b\1", "rank": 6, "method": method}}]
+        reports, outs = [], []
+        for threads in [1, 2, 3]:
+            out = tmp_path / f"{method}{threads}.safetensors"
+            reports.append(_run(path, plan, out, threads=threads, quiet=True)["factorizations"])
+            outs.append(out.read_bytes())
+        assert outs[0] == outs[1] == outs[2], method
+        assert reports[0] == reports[1] == reports[2], method
+        assert [f["tensor"].split("::")[-1] for f in reports[0]] == list(ws)
+    ws["m2"][3, 3] = np.nan
+    ws["m4"][0, 0] = np.inf
+    bad = write(ws, name="bad.safetensors")
+    plan = [{"phlora": {"target": r"m(\d)", "target_a": r"a\1", "target_b": r"b\1", "rank": 6}}]
+    for threads in [1, 2, 3]:
+        with pytest.raises(bs.TransformError, match="m2") as e:
+            _run(bad, plan, tmp_path / f"bad{threads}.safetensors", threads=threads, quiet=True)
+        assert "m4" not in str(e.value)
+
+
 def test_check_reports_factor_shapes_without_reading(write, tmp_path):
     path = write({"w": np.zeros((10, 6), np.float32)})
     plan = {"inputs": [str(path)], "transforms": [{"phlora": {"target": "w", "target_a": "a", "target_b": "b", "rank": 4}}]}
