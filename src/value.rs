@@ -985,29 +985,49 @@ impl Tensor {
     }
 }
 
-/// Reads a whole tensor as `T` values (f32, or f64), converted as [`kernels::convert`] does:
-/// for operations that need every element at once (products, factorizations).
-pub fn read_real<T: Real>(t: &Tensor, op: &'static str, cx: &mut ReadContext) -> Result<Vec<T>, ValueError> {
+/// Streams the elements of `t` converted to `T` (as [`kernels::convert`] does), handing `f` the
+/// index of each run's first element and the run's little-endian `T` bytes: the one loop behind
+/// [`read_real`], [`subtract_real`] and [`read_real_scratch`].
+fn stream_real<T: Real>(
+    t: &Tensor,
+    op: &'static str,
+    cx: &mut ReadContext,
+    mut f: impl FnMut(usize, &[u8]) -> Result<(), ValueError>,
+) -> Result<(), ValueError> {
     // Carry-only dtypes (sub-byte floats, complex, F8_E8M0) have no conversion to compute with.
     if !t.dtype.is_computable() {
         return Err(ValueError::NoByteSize { op, dtype: t.dtype });
     }
     let width = std::mem::size_of::<T>();
-    let mut values = Vec::new();
-    values
-        .try_reserve_exact(t.numel())
-        .map_err(|_| ValueError::OutOfMemory {
-            op,
-            bytes: t.numel().saturating_mul(width),
-        })?;
     let size = element_size(t.dtype, op)?;
     let mut converted = Vec::new();
+    let mut at = 0;
     t.stream(cx, |chunk| {
         let n = chunk.len() / size;
         converted.resize(n * width, 0);
         kernels::convert(t.dtype, chunk, T::DTYPE, &mut converted);
-        values.extend(converted.chunks_exact(width).map(T::from_le));
+        f(at, &converted)?;
+        at += n;
         Ok::<(), ValueError>(())
+    })
+}
+
+/// Reads a whole tensor as `T` values (f32, or f64), converted as [`kernels::convert`] does:
+/// for operations that need every element at once (products, factorizations).
+pub fn read_real<T: Real>(t: &Tensor, op: &'static str, cx: &mut ReadContext) -> Result<Vec<T>, ValueError> {
+    let width = std::mem::size_of::<T>();
+    let mut values = Vec::new();
+    if t.dtype.is_computable() {
+        values
+            .try_reserve_exact(t.numel())
+            .map_err(|_| ValueError::OutOfMemory {
+                op,
+                bytes: t.numel().saturating_mul(width),
+            })?;
+    }
+    stream_real::<T>(t, op, cx, |_, converted| {
+        values.extend(converted.chunks_exact(width).map(T::from_le));
+        Ok(())
     })?;
     Ok(values)
 }
@@ -1020,9 +1040,6 @@ pub fn subtract_real<T: Real>(
     op: &'static str,
     cx: &mut ReadContext,
 ) -> Result<(), ValueError> {
-    if !t.dtype.is_computable() {
-        return Err(ValueError::NoByteSize { op, dtype: t.dtype });
-    }
     if values.len() != t.numel() {
         return Err(ValueError::Compute {
             op,
@@ -1030,18 +1047,12 @@ pub fn subtract_real<T: Real>(
         });
     }
     let width = std::mem::size_of::<T>();
-    let size = element_size(t.dtype, op)?;
-    let mut converted = Vec::new();
-    let mut at = 0;
-    t.stream(cx, |chunk| {
-        let n = chunk.len() / size;
-        converted.resize(n * width, 0);
-        kernels::convert(t.dtype, chunk, T::DTYPE, &mut converted);
+    stream_real::<T>(t, op, cx, |at, converted| {
+        let n = converted.len() / width;
         for (v, bytes) in values[at..at + n].iter_mut().zip(converted.chunks_exact(width)) {
             *v -= T::from_le(bytes);
         }
-        at += n;
-        Ok::<(), ValueError>(())
+        Ok(())
     })
 }
 
@@ -1056,17 +1067,9 @@ pub fn read_real_scratch<T: Real + Element>(
         return Err(ValueError::NoByteSize { op, dtype: t.dtype });
     }
     let width = std::mem::size_of::<T>();
-    let size = element_size(t.dtype, op)?;
     let mut out = cx.alloc(op, t.numel().saturating_mul(width))?;
-    let mut converted = Vec::new();
-    let mut at = 0;
-    t.stream(cx, |chunk| {
-        let n = chunk.len() / size;
-        converted.resize(n * width, 0);
-        kernels::convert(t.dtype, chunk, T::DTYPE, &mut converted);
-        out.write_at(at, &converted).map_err(|e| scratch_error(op, e))?;
-        at += converted.len();
-        Ok::<(), ValueError>(())
+    stream_real::<T>(t, op, cx, |at, converted| {
+        out.write_at(at * width, converted).map_err(|e| scratch_error(op, e))
     })?;
     Ok(out)
 }
