@@ -775,11 +775,13 @@ impl Transform for ExtractLora {
             .iter()
             .map(|m| {
                 let width = if m.ft.dtype == DType::F64 { 8 } else { 4 };
-                // The delta, held while it is factored.
+                // The delta, held while it is factored; twice while a transposed one
+                // (embeddings, Conv1D) is turned.
                 let delta = m.shape.0.saturating_mul(m.shape.1).saturating_mul(width);
+                let copies = if m.transpose { 2 } else { 1 };
                 self.factorizer
                     .workspace(m.shape.0, m.shape.1, width)
-                    .saturating_add(delta)
+                    .saturating_add(delta.saturating_mul(copies))
             })
             .collect();
         let workers = workers(ctx.threads, &workspaces, ctx.reads.memory().limit());
@@ -787,7 +789,11 @@ impl Transform for ExtractLora {
             ctx.need_workspace(bytes, &m.name);
         }
         if workers > 1 {
-            let name = modules.first().map_or(String::new(), |m| m.name.clone());
+            let largest = workspaces
+                .iter()
+                .enumerate()
+                .max_by_key(|&(i, &b)| (b, std::cmp::Reverse(i)));
+            let name = largest.map_or(String::new(), |(i, _)| modules[i].name.clone());
             ctx.need_workspace(
                 largest_together(&workspaces, workers),
                 &format!("{name} and {} more modules at once", workers - 1),

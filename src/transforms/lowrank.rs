@@ -482,15 +482,30 @@ pub(crate) fn in_parallel<I: Sync, R: Send>(
 ) -> Result<Vec<R>, StepError> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     type Done<R> = (usize, Result<R, StepError>);
+    /// Stops the other workers when its worker ends early: an error, or a panic unwinding.
+    struct StopOthers<'a>(&'a AtomicBool, bool);
+    impl Drop for StopOthers<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+    }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let factor = &factor;
-    let mut done: Vec<Done<R>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                let mut reads = reads.fork();
-                let (next, failed) = (&next, &failed);
-                scope.spawn(move || -> Result<Vec<Done<R>>, StepError> {
+    let (setup, mut done, panic) = std::thread::scope(|scope| {
+        let mut setup: Option<StepError> = None;
+        let mut handles = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let mut reads = reads.fork();
+            let (next, failed) = (&next, &failed);
+            // The engine's stack: reading a lazy tensor recurses once per operation stacked
+            // on it (`ENGINE_STACK_BYTES`), and the workers read their matrices.
+            let spawned = std::thread::Builder::new()
+                .stack_size(crate::value::ENGINE_STACK_BYTES)
+                .spawn_scoped(scope, move || -> Result<Vec<Done<R>>, StepError> {
+                    let mut guard = StopOthers(failed, false);
                     let pool = factor_pool(1)?;
                     let mut done = Vec::new();
                     while !failed.load(Ordering::Relaxed) {
@@ -505,20 +520,40 @@ pub(crate) fn in_parallel<I: Sync, R: Send>(
                         }
                         done.push((i, result));
                     }
+                    guard.1 = true;
                     Ok(done)
-                })
-            })
-            .collect();
-        let mut all = Vec::with_capacity(items.len());
+                });
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    setup.get_or_insert(StepError::from(TransformError::Value(ValueError::Compute {
+                        op: "factorization",
+                        reason: format!("cannot start its threads: {e}"),
+                    })));
+                    break;
+                }
+            }
+        }
+        let (mut all, mut panic) = (Vec::with_capacity(items.len()), None);
         for handle in handles {
             match handle.join() {
                 Ok(Ok(done)) => all.extend(done),
-                Ok(Err(e)) => all.push((usize::MAX, Err(e))),
-                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(Err(e)) => {
+                    setup.get_or_insert(e);
+                }
+                Err(p) => panic = Some(p),
             }
         }
-        all
+        (setup, all, panic)
     });
+    if let Some(panic) = panic {
+        std::panic::resume_unwind(panic);
+    }
+    // A worker that could not start fails the step before any module's own error.
+    if let Some(e) = setup {
+        return Err(e);
+    }
     done.sort_by_key(|(i, _)| *i);
     done.into_iter().map(|(_, result)| result).collect()
 }
@@ -960,7 +995,11 @@ impl Transform for Phlora {
         if workers > 1 {
             // That many matrices and workspaces at once.
             let (workspaces, helds): (Vec<usize>, Vec<usize>) = sizes.iter().copied().unzip();
-            let name = matches.first().map_or(String::new(), |m| m.display());
+            let largest = whole
+                .iter()
+                .enumerate()
+                .max_by_key(|&(i, &b)| (b, std::cmp::Reverse(i)));
+            let name = largest.map_or(String::new(), |(i, _)| matches[i].display());
             ctx.need_workspace(
                 largest_together(&workspaces, workers),
                 &format!("{name} and {} more matrices at once", workers - 1),

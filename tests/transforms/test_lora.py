@@ -155,6 +155,41 @@ def test_extraction_is_the_same_for_any_thread_count_and_fails_at_the_first_bad_
         assert not (tmp_path / f"bad{t}").exists()
 
 
+def test_extraction_threads_read_deeply_stacked_lazy_tensors(write, tmp_path):
+    # The worker threads read the weights: a tensor under thousands of stacked in-place edits
+    # recurses once per edit when read, which the engine's stack holds (issue 9) and a default
+    # thread stack did not (the process aborted with threads=2).
+    base, ft, bp, fp = _pair(write, np.random.default_rng(5), rank=2)
+    edits = [{"scale_": {"target": "ft::model.layers.0.v_proj.weight", "by": 1.0}}] * 5000
+    step = {"extract_lora": {"base": "base", "finetuned": "ft", "target": r".*_proj\.weight", "rank": 2}}
+    outs = []
+    for threads in [1, 2]:
+        out = tmp_path / f"t{threads}"
+        plan = {"inputs": [f"base::{bp}", f"ft::{fp}"], "transforms": [*edits, {"extract_lora": {**step["extract_lora"], "path": str(out)}}]}
+        bs.run(plan, threads=threads, quiet=True)
+        outs.append(read(out / "adapter_model.safetensors"))
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        assert np.array_equal(outs[0][k], outs[1][k]), k
+
+
+def test_one_module_on_several_threads_matches_one_thread(write, tmp_path):
+    # One module: a single worker with every thread (the SVD's passes split by halves of rows),
+    # against one thread.
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((300, 280)).astype(np.float32)
+    bp = write({"m.q_proj.weight": w}, name="b1.safetensors")
+    fp = write({"m.q_proj.weight": w + _low_rank(300, 280, 5, rng)}, name="f1.safetensors")
+    files = []
+    for threads in [1, 2]:
+        out = tmp_path / f"one{threads}"
+        payload = {"base": "base", "finetuned": "ft", "target": r".*_proj\.weight", "rank": 5, "method": "randomized", "path": str(out)}
+        bs.run({"inputs": [f"base::{bp}", f"ft::{fp}"], "transforms": [{"extract_lora": payload}]}, threads=threads, quiet=True)
+        files.append(read(out / "adapter_model.safetensors"))
+    for k in files[0]:
+        assert np.array_equal(files[0][k], files[1][k]), k
+
+
 def test_full_rank_extraction_round_trips(write, tmp_path):
     base, ft, bp, fp = _pair(write, np.random.default_rng(1), rank=4, noise=0.3)
     adapter = tmp_path / "adapter"
