@@ -26,8 +26,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 use serde_json::{json, Value as Json};
 
 use super::lowrank::{
-    encode_into, factor_pool, in_parallel, largest_together, matrix_shape, split_factors, workers, Factorization,
-    Factorizer, Pooled, ENERGY, MAX_RANK, METHOD, OVERSAMPLE, POWER_ITERATIONS, SEED, THRESHOLD,
+    encode_into, factor_pool, in_parallel, matrix_shape, need_workspaces_at_once, split_factors, workers,
+    Factorization, Factorizer, Pooled, ENERGY, MAX_RANK, METHOD, OVERSAMPLE, POWER_ITERATIONS, SEED, THRESHOLD,
 };
 use super::{count_noun, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
@@ -788,17 +788,7 @@ impl Transform for ExtractLora {
         for (m, &bytes) in modules.iter().zip(&workspaces) {
             ctx.need_workspace(bytes, &m.name);
         }
-        if workers > 1 {
-            let largest = workspaces
-                .iter()
-                .enumerate()
-                .max_by_key(|&(i, &b)| (b, std::cmp::Reverse(i)));
-            let name = largest.map_or(String::new(), |(i, _)| modules[i].name.clone());
-            ctx.need_workspace(
-                largest_together(&workspaces, workers),
-                &format!("{name} and {} more modules at once", workers - 1),
-            );
-        }
+        need_workspaces_at_once(ctx, &workspaces, workers, |i| modules[i].name.clone());
         let fan_in_fan_out = modules.iter().any(|m| m.transpose && !m.embedding);
         if fan_in_fan_out && modules.iter().any(|m| !m.transpose && !m.embedding) {
             return Err(adapter_error(

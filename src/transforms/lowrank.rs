@@ -468,6 +468,28 @@ pub(crate) fn largest_together(sizes: &[usize], workers: usize) -> usize {
         .fold(0usize, |sum, &b| sum.saturating_add(b))
 }
 
+/// Records the workspace `workers` factorizations at once hold (the largest of `workspaces`
+/// together), named after the largest one (`name_of` its index), when there are several.
+pub(crate) fn need_workspaces_at_once(
+    ctx: &mut Context,
+    workspaces: &[usize],
+    workers: usize,
+    name_of: impl Fn(usize) -> String,
+) {
+    if workers < 2 {
+        return;
+    }
+    let largest = workspaces
+        .iter()
+        .enumerate()
+        .max_by_key(|&(i, &b)| (b, std::cmp::Reverse(i)))
+        .map_or(0, |(i, _)| i);
+    ctx.need_workspace(
+        largest_together(workspaces, workers),
+        &format!("{} and {} more at once", name_of(largest), workers - 1),
+    );
+}
+
 /// `factor(item, pool, reads)` for every item, results in the items' order, on `workers`
 /// threads: each takes the next item and works on it with a pool of its own thread, so no more
 /// than `workers` items are in hand at once (rayon would start another item in a thread
@@ -992,18 +1014,10 @@ impl Transform for Phlora {
         let budget = ctx.reads.memory().limit();
         let whole: Vec<usize> = sizes.iter().map(|&(w, h)| w.saturating_add(h)).collect();
         let workers = workers(ctx.threads, &whole, budget);
+        // That many matrices and workspaces at once.
+        let (workspaces, helds): (Vec<usize>, Vec<usize>) = sizes.iter().copied().unzip();
+        need_workspaces_at_once(ctx, &workspaces, workers, |i| matches[i].display());
         if workers > 1 {
-            // That many matrices and workspaces at once.
-            let (workspaces, helds): (Vec<usize>, Vec<usize>) = sizes.iter().copied().unzip();
-            let largest = whole
-                .iter()
-                .enumerate()
-                .max_by_key(|&(i, &b)| (b, std::cmp::Reverse(i)));
-            let name = largest.map_or(String::new(), |(i, _)| matches[i].display());
-            ctx.need_workspace(
-                largest_together(&workspaces, workers),
-                &format!("{name} and {} more matrices at once", workers - 1),
-            );
             ctx.held = ctx.held.max(largest_together(&helds, workers));
         }
         let writes = |overwrite: bool| if overwrite { Writes::Either } else { Writes::New };
