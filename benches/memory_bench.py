@@ -8,13 +8,16 @@ job with an ample budget, with peak RSS, in the same batch.
 - product: ``a @ b`` of two 2048×8192 · 8192×2048 F32 operands (64 MiB each) with a 32 MB budget
   (operands and product in the scratch arena) and with an ample one.
 
-Peak RSS of each process via ``/usr/bin/time -v`` (helpers of ``run.py``); page cache warm.
+The budget's run, the ample run and a ``cp`` of the input alternate in each round (the cost of
+writing fresh page-cache pages varies by several times on a VM); best of the rounds. Peak RSS of
+each process via ``/usr/bin/time -v`` (helpers of ``run.py``); page cache warm.
 Inputs live in ``$BENCH_DIR`` (default ``bench-data/``). Release build only.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,16 +89,33 @@ def main() -> None:
             "32MB",
         ),
     ]
-    print(f"{'job':28} {'budget':>8} {'best s':>8} {'peak RSS':>10}   {'ample s':>8} {'peak RSS':>10}  ratio")
+    print(
+        f"{'job':28} {'budget':>8} {'best s':>8} {'peak RSS':>10}   {'ample s':>8} {'peak RSS':>10}  ratio"
+        f"   {'cp s':>6}  (all runs: budget / ample / cp)"
+    )
     for name, inp, transforms, budget in jobs:
-        rows = []
-        for limit in (budget, "64GB"):
-            cmd = [exe, str(inp), *transforms, "-o", str(out), "--max-memory", limit, "--threads", "2", "--no-progress"]
-            rows.append(bench.measure(cmd, inp, out, args.repeat))
-        small, ample = rows
+        small, ample, copy = bench.Measure(), bench.Measure(), bench.Measure()
+        bench.warm(inp)
+        # Interleaved, with a `cp` of the input in each round: on a VM the cost of writing
+        # fresh page-cache pages swings by several times from one minute to the next, so runs
+        # compared with each other are taken side by side.
+        for _ in range(args.repeat):
+            for limit, m in ((budget, small), ("64GB", ample)):
+                cmd = [exe, str(inp), *transforms, "-o", str(out), "--max-memory", limit, "--threads", "2"]
+                bench.remove(out)
+                subprocess.run(["sync"], check=True)
+                wall, rss = bench.run_once([*cmd, "--no-progress"])
+                m.times.append(wall)
+                m.rss_kib.append(rss)
+                bench.remove(out)
+            subprocess.run(["sync"], check=True)
+            wall, _ = bench.run_once(["cp", str(inp), str(out)])
+            copy.times.append(wall)
+            bench.remove(out)
         print(
             f"{name:28} {budget:>8} {small.best:8.2f} {small.rss_mib:8.0f} MiB   "
-            f"{ample.best:8.2f} {ample.rss_mib:8.0f} MiB  {small.best / ample.best:5.2f}×"
+            f"{ample.best:8.2f} {ample.rss_mib:8.0f} MiB  {small.best / ample.best:5.2f}×   {copy.best:6.2f}"
+            f"  ({', '.join(f'{a:.2f}/{b:.2f}/{c:.2f}' for a, b, c in zip(small.times, ample.times, copy.times))})"
         )
 
 

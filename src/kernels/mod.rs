@@ -24,11 +24,14 @@
 //! CPU has them and produce bit-identical results to the portable code; everything else goes
 //! through exact `f64`/`i128` intermediates in blocks of `BLOCK` elements (one-byte sources
 //! through a 256-entry table).
+//!
+//! Besides: `transpose` (register-blocked tile transposes for `permute`) and `random`.
 
 #![deny(missing_docs)]
 
 pub mod random;
 mod scalar;
+pub mod transpose;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -398,7 +398,8 @@ impl PermuteOp {
         let col_stride = self.strides[r - 1];
         let first = self.offset_of(plane, r - 2) + q0;
         let mut bytes = crate::value::try_filled("permute", cols * width * size, 0u8)?;
-        let block = (TILE_ELEMS / width).max(16).min(cols);
+        // A multiple of eight runs: whole register blocks of the transpose.
+        let block = ((TILE_ELEMS / width).max(16) & !7).min(cols);
         let mut tile = cx.take(block * width * size);
         let mut result = Ok(());
         let mut c0 = 0;
@@ -418,10 +419,7 @@ impl PermuteOp {
             if result.is_err() {
                 break;
             }
-            for t in 0..width {
-                let row = &mut bytes[(t * cols + c0) * size..(t * cols + c1) * size];
-                scatter_row(size, &tile, width, t, 0, row);
-            }
+            crate::kernels::transpose::transpose_tile(size, &tile, width, c1 - c0, &mut bytes[c0 * size..], cols);
             c0 = c1;
         }
         cx.give(tile);
