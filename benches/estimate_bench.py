@@ -6,8 +6,8 @@ For each job: the estimate `bs.check` gives (`peak_memory_estimate`, the engine'
 and the peak RSS of the CLI running the job minus the peak RSS of the CLI checking it (the
 program, its libraries and the headers: what is there before any work). Jobs: the benchmark
 plans of `run.py` (convert, cast, upcycle on the 1 GiB BF16 checkpoint) and those of
-`memory_bench.py` (a product and a transpose, under a small budget and an ample one), and a
-randomized factorization. Page cache warm; inputs in ``$BENCH_DIR`` (default ``bench-data/``).
+`memory_bench.py` (a product and a transpose, under a small budget and an ample one), a
+randomized factorization, and ``extract_lora`` over ``lora_bench.py``'s 0.94 GiB BF16 pair. Page cache warm; inputs in ``$BENCH_DIR`` (default ``bench-data/``).
 """
 
 from __future__ import annotations
@@ -65,24 +65,35 @@ def main() -> None:
             "64GB",
         ),
     ]
+    # An extraction writes its adapter from a step: a plan with two inputs and no output.
+    import lora_bench  # noqa: E402
+
+    base, ft = lora_bench.gib_pair(data)
+    adapter = data / "estimate-adapter"
+    extract = f"extract_lora: {{base: base, finetuned: ft, target: '{lora_bench.PROJ}', rank: 16, path: '{adapter}'}}"
+    jobs.append(("extract_lora r16, 0.94 GiB pair", (base, ft), [extract], "64GB"))
     exe = bench.brainsurgery_exe()
     print(f"{'job':26} {'budget':>7} {'estimate':>10} {'measured':>10} {'run RSS':>9} {'check RSS':>9}  est/meas")
     for name, inp, transforms, budget in jobs:
-        plan = cli_plan(inp, transforms, out)
+        if isinstance(inp, tuple):
+            inputs, written = [f"base::{inp[0]}", f"ft::{inp[1]}"], adapter
+            plan = [f"inputs=[{','.join(inputs)}]", *(a for t in transforms for a in ("-e", t))]
+            spec = {"inputs": inputs, "transforms": [yaml.safe_load(t) for t in transforms]}
+            inp = inp[1]
+        else:
+            inputs, written = [str(inp)], out
+            plan = cli_plan(inp, transforms, out)
+            spec = {"inputs": inputs, "transforms": [yaml.safe_load(t) for t in transforms], "output": str(out)}
         common = ["--max-memory", budget, "--threads", "2"]
-        estimate = bs.check(
-            {"inputs": [str(inp)], "transforms": [yaml.safe_load(t) for t in transforms], "output": str(out)},
-            threads=2,
-            max_memory=budget,
-        )["peak_memory_estimate"]
+        estimate = bs.check(spec, threads=2, max_memory=budget)["peak_memory_estimate"]
         checked = bench.measure([exe, "check", *plan, *common], inp, None, args.repeat)
-        ran = bench.measure([exe, *plan, *common, "--no-progress"], inp, out, args.repeat)
+        ran = bench.measure([exe, *plan, *common, "--no-progress"], inp, written, args.repeat)
         measured = (ran.rss_mib - checked.rss_mib) * MiB
         print(
             f"{name:26} {budget:>7} {estimate / MiB:8.1f} Mi {measured / MiB:8.1f} Mi {ran.rss_mib:7.0f} Mi "
             f"{checked.rss_mib:7.0f} Mi  {estimate / max(measured, 1):6.2f}"
         )
-    subprocess.run(["rm", "-f", str(out)], check=False)
+    subprocess.run(["rm", "-rf", str(out), str(adapter)], check=False)
 
 
 if __name__ == "__main__":

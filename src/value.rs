@@ -218,6 +218,11 @@ pub trait ElementFn: Send + Sync + std::fmt::Debug {
         0
     }
 
+    /// The tensors it reads (a second operand), none by default.
+    fn inputs(&self) -> Vec<&Tensor> {
+        Vec::new()
+    }
+
     /// Bytes of input files its operands read (see [`LazyOp::bytes_to_read`]); 0 without any.
     fn bytes_to_read(&self, _seen: &mut HashSet<usize>) -> u64 {
         0
@@ -866,7 +871,13 @@ impl Tensor {
     /// memory or arena space goes to the tensors computed next. A value another tensor also
     /// holds (a view of the product kept elsewhere) is left alone.
     pub fn release_unshared(&self) {
-        if Arc::strong_count(&self.value) > 1 {
+        self.release_unshared_besides(0);
+    }
+
+    /// [`Tensor::release_unshared`] when `others` more holders of this tensor's value are known
+    /// to be done with it (the log of a step's reads).
+    pub fn release_unshared_besides(&self, others: usize) {
+        if Arc::strong_count(&self.value) > 1 + others {
             return;
         }
         match &*self.value {
@@ -883,6 +894,31 @@ impl Tensor {
             Value::Overwrite { base, with, .. } => {
                 base.release_unshared();
                 with.release_unshared();
+            }
+            Value::Stored { .. } | Value::Strided(_) | Value::Memory(_) => {}
+        }
+    }
+
+    /// The address of this tensor's value: tensors sharing a value (copies) have the same.
+    pub fn value_address(&self) -> usize {
+        Arc::as_ptr(&self.value) as *const () as usize
+    }
+
+    /// Adds the addresses of this tensor's value and of every value it is computed from.
+    pub fn collect_values(&self, into: &mut HashSet<usize>) {
+        if !into.insert(self.value_address()) {
+            return;
+        }
+        match &*self.value {
+            Value::Op(op) => op.inputs().into_iter().for_each(|t| t.collect_values(into)),
+            Value::View { base, .. } | Value::Cast { base } => base.collect_values(into),
+            Value::Map { base, f, .. } => {
+                base.collect_values(into);
+                f.inputs().into_iter().for_each(|t| t.collect_values(into));
+            }
+            Value::Overwrite { base, with, .. } => {
+                base.collect_values(into);
+                with.collect_values(into);
             }
             Value::Stored { .. } | Value::Strided(_) | Value::Memory(_) => {}
         }

@@ -398,6 +398,32 @@ def test_a_written_product_is_released_so_the_next_fits_the_budget(tmp_path: Pat
             np.testing.assert_allclose(got["c" + name], product, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("read_again", [False, True])
+def test_a_product_is_released_after_its_last_reader_not_at_the_write(tmp_path: Path, read_again: bool) -> None:
+    # A 4 MiB product of the second input, read by an assertion and never written: released
+    # after that step, its memory holds the output's product (4 + 4 MiB and the writer's 3 MiB
+    # would not fit 10 MiB). Read again by a later step, it is kept until then.
+    rng = np.random.default_rng(5)
+    a, b, x, y = (rng.standard_normal(s, dtype=np.float32) for s in [(1024, 256), (256, 1024)] * 2)
+    model, aux = tmp_path / "m.safetensors", tmp_path / "aux.safetensors"
+    save_file({"a": a, "b": b}, str(model))
+    save_file({"x": x, "y": y}, str(aux))
+    out = tmp_path / "o.safetensors"
+    transforms: list[dict] = [
+        {"matmul": {"from_a": "aux::x", "from_b": "aux::y", "to": "aux::p"}},
+        {"assert": {"finite": {"of": "aux::p"}}},
+        {"matmul": {"from_a": "a", "from_b": "b", "to": "c"}},
+        {"assert": {"finite": {"of": "c"}}},
+    ]
+    if read_again:
+        transforms.append({"assert": {"finite": {"of": "aux::p"}}})
+    transforms.append({"delete": {"target": "a|b"}})
+    plan = {"inputs": [f"m::{model}", f"aux::{aux}"], "transforms": transforms, "output": {"path": str(out), "alias": "m"}}
+    result = bs.run(plan, threads=1, max_memory="10MiB", quiet=True)
+    assert (result.arena_bytes > 0) == read_again
+    np.testing.assert_allclose(load_file(str(out))["c"], a @ b, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("op", ["phlora_", "phlora"])
 def test_factors_kept_for_the_write_come_from_the_budget(tmp_path: Path, op: str) -> None:
     """`phlora_`'s f32 factors (kept to compute the product when written) and `phlora`'s factors

@@ -13,8 +13,10 @@ use crate::memory::{Memory, MemoryError, MemoryOptions};
 use crate::plan::{Location, OutputSpec, Plan, PlanError};
 use crate::space::{FilesystemSpace, SpaceNeed};
 use crate::state::State;
-use crate::transforms::{plan_sha256_with_nested, run_steps, Context, ParseScope, Step, StepError, StepFailure};
-use crate::value::{ReadContext, CHUNK_BYTES};
+use crate::transforms::{
+    plan_sha256_with_nested, run_steps, Context, LastReads, ParseScope, Step, StepError, StepFailure,
+};
+use crate::value::{ReadContext, Tensor, CHUNK_BYTES};
 use crate::write::{self, WriteOptions};
 
 pub use crate::write::ProgressFn;
@@ -391,7 +393,7 @@ impl Prepared {
 
     /// [`Prepared::check`] against the memory budget of `memory`.
     pub fn check_within(&self, memory: &MemoryOptions) -> Result<Report, Error> {
-        let (state, ctx) = self.checked(memory)?;
+        let (state, ctx) = self.checked(memory, false)?;
         let preview = self.preview(&state, &ctx)?;
         let mut report = self.report(&state, ctx)?;
         preview.fill(&mut report);
@@ -506,9 +508,14 @@ impl Prepared {
 
     /// The check without its report: the state and context it ended with. Refuses a plan whose
     /// work cannot fit the budget even with every tensor computed whole in the arena.
-    fn checked(&self, memory: &MemoryOptions) -> Result<(State, Context), Error> {
+    /// With `log_reads`, the context holds the log of what steps read whole (see
+    /// [`LastReads`]).
+    fn checked(&self, memory: &MemoryOptions, log_reads: bool) -> Result<(State, Context), Error> {
         let mut ctx = Context::new(false, Arc::new(AtomicBool::new(false)));
         ctx.reads = ReadContext::for_run(ctx.cancel.clone(), self.memory(memory));
+        if log_reads {
+            ctx.last_reads = LastReads::logging();
+        }
         let state = self.execute(&mut ctx)?;
         if let (Some(output), Some(alias)) = (&self.plan.output, self.output_alias(&state)?) {
             write::validate_output(output, &state, &alias)?;
@@ -553,9 +560,28 @@ impl Prepared {
     /// an output hands its result to Python this way (lazy values, nothing written).
     pub fn run_keeping_state(&self, options: &RunOptions) -> Result<(Report, State, Arc<Memory>), Error> {
         // The check's report would be thrown away: one summary per tensor (issue 9).
-        let (preview, fixed) = {
-            let (state, ctx) = self.checked(&options.memory)?;
-            (self.preview(&state, &ctx)?, self.fixed_memory(ctx.workspace))
+        let (preview, fixed, last_reads) = {
+            let (state, ctx) = self.checked(&options.memory, true)?;
+            // What is read after the steps: the output's tensors, or (a result handed to
+            // Python) every alias's.
+            let held: Vec<&Tensor> = match self.output_alias(&state)? {
+                Some(alias) => state
+                    .alias(&alias)
+                    .into_iter()
+                    .flat_map(|a| a.iter().map(|(_, t)| t))
+                    .collect(),
+                None => state
+                    .alias_names()
+                    .into_iter()
+                    .flat_map(|alias| state.alias(&alias).into_iter().flat_map(|a| a.iter().map(|(_, t)| t)))
+                    .collect(),
+            };
+            let last_reads = LastReads::releasing(&ctx.last_reads, &held);
+            (
+                self.preview(&state, &ctx)?,
+                self.fixed_memory(ctx.workspace),
+                last_reads,
+            )
         };
         if !options.skip_space_check {
             crate::space::require(&preview.filesystems)?;
@@ -567,6 +593,7 @@ impl Prepared {
         let _fixed = memory.reserve(usize::try_from(fixed).unwrap_or(usize::MAX));
         let mut ctx = Context::new(true, options.cancel.clone());
         ctx.reads = ReadContext::for_run(options.cancel.clone(), memory.clone());
+        ctx.last_reads = last_reads;
         let state = self.execute(&mut ctx)?;
         // Written before the report is built, so the writer's layout and the report's per-tensor
         // summaries are not held at once.

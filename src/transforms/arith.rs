@@ -220,6 +220,10 @@ struct CombineFn {
 }
 
 impl ElementFn for CombineFn {
+    fn inputs(&self) -> Vec<&Tensor> {
+        vec![&self.other]
+    }
+
     fn materialized(&self, seen: &mut std::collections::HashSet<usize>) -> usize {
         self.other.materialized(seen)
     }

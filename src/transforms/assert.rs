@@ -569,8 +569,8 @@ fn evaluate_values(
     for m in &matches {
         require_values(m, assertion)?;
     }
+    ctx.reads_whole(matches.iter().map(|m| &m.tensor));
     if !ctx.evaluate {
-        ctx.defer_reads(matches.iter().map(|m| &m.tensor));
         return Ok(Outcome::Deferred);
     }
     for m in &matches {
@@ -644,8 +644,8 @@ fn evaluate_equal(
         }
         pairs.push((m, tensor, display));
     }
+    ctx.reads_whole(pairs.iter().flat_map(|(m, right, _)| [&m.tensor, right]));
     if !ctx.evaluate {
-        ctx.defer_reads(pairs.iter().flat_map(|(m, right, _)| [&m.tensor, right]));
         return Ok(Outcome::Deferred);
     }
     for (m, right, display) in pairs {

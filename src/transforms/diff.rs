@@ -573,9 +573,9 @@ fn compare_pairs(pairs: &[Pair], ctx: &mut Context, report: &mut DiffReport) -> 
         let raw = !comparable && a.dtype == b.dtype;
         found.incomparable = !comparable && !raw;
         if comparable || raw {
+            ctx.reads_whole([a, b]);
             if !ctx.evaluate {
                 report.deferred += 1;
-                ctx.defer_reads([a, b]);
             } else if comparable {
                 let values = ValueDiff::new(&difference_sums(a, b, ctx)?, report.eps);
                 if values.over_eps || found.dtypes.is_some() {

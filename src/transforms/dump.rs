@@ -279,12 +279,12 @@ impl Dump {
         };
         // Carry-only dtypes (sub-byte floats, complex) have no values to summarize; they are
         // listed with their header, never an error, so `dump` works on any checkpoint.
+        // Statistics read every element when the plan runs; `full` reads only the printed
+        // ones, which are not counted.
+        if self.verbosity == Verbosity::Stat && tensor.dtype.is_computable() {
+            ctx.reads_whole([tensor]);
+        }
         if !evaluate || !tensor.dtype.is_computable() {
-            // Statistics read every element when the plan runs; `full` reads only the printed
-            // ones, which are not counted.
-            if !ctx.evaluate && self.verbosity == Verbosity::Stat && tensor.dtype.is_computable() {
-                ctx.defer_reads([tensor]);
-            }
             return Ok(item);
         }
         match self.verbosity {

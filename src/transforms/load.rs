@@ -594,6 +594,7 @@ fn save_tensors(
     ctx: &mut Context,
     plan_sha256: Option<&str>,
 ) -> Result<Option<Vec<PathBuf>>, StepError> {
+    ctx.log_reads(tensors.iter().map(|(_, t)| *t));
     if !ctx.evaluate {
         // The writer refuses it too, but only when the steps before it have run.
         if spec.single_file && spec.path.is_dir() {

@@ -800,6 +800,26 @@ impl Transform for ExtractLora {
             .dtype
             .or_else(|| modules.first().map(|m| m.base.dtype))
             .unwrap_or(DType::F32);
+        // The adapter tensors are kept until the adapter is written: at the last module, every
+        // module's factors at every rank beside that module's workspace (and each worker's read
+        // buffers: a chunk of each weight).
+        let element = dtype.size().unwrap_or(4);
+        let adapter = modules.iter().fold(0usize, |sum, m| {
+            let (ranks, copies): (usize, usize) = match &self.ranks {
+                Some(ranks) => (
+                    ranks.iter().map(|&r| r.min(m.shape.0.min(m.shape.1))).sum(),
+                    ranks.len(),
+                ),
+                None => (self.factorizer.rank_bound(m.shape.0, m.shape.1), 1),
+            };
+            // A bias delta per adapter directory.
+            let bias = if m.bias.is_some() { m.shape.0 * copies } else { 0 };
+            let elements = (m.shape.0 + m.shape.1).saturating_mul(ranks).saturating_add(bias);
+            sum.saturating_add(elements.saturating_mul(element))
+        });
+        ctx.held = ctx
+            .held
+            .max(adapter.saturating_add(workers.saturating_mul(2 * crate::value::CHUNK_BYTES)));
         let whole: Vec<(String, Tensor)> = match &self.modules_to_save {
             None => Vec::new(),
             Some(reference) => {
@@ -822,19 +842,19 @@ impl Transform for ExtractLora {
                 matches.into_iter().map(|m| (m.name, m.tensor)).collect()
             }
         };
+        // What the run reads: both weights (and biases) of every module, and the tensors stored
+        // whole.
+        ctx.reads_whole(
+            modules
+                .iter()
+                .flat_map(|m| {
+                    [&m.ft, &m.base]
+                        .into_iter()
+                        .chain(m.bias.iter().flat_map(|(f, b)| [f, b]))
+                })
+                .chain(whole.iter().map(|(_, t)| t)),
+        );
         if !ctx.evaluate {
-            // What the run reads: both weights (and biases) of every module, and the tensors
-            // stored whole.
-            ctx.defer_reads(
-                modules
-                    .iter()
-                    .flat_map(|m| {
-                        [&m.ft, &m.base]
-                            .into_iter()
-                            .chain(m.bias.iter().flat_map(|(f, b)| [f, b]))
-                    })
-                    .chain(whole.iter().map(|(_, t)| t)),
-            );
             ctx.note(format!(
                 "extract_lora: {} → {} (written when the plan runs)",
                 count_noun(modules.len()),

@@ -119,6 +119,106 @@ pub struct Context {
     pub(crate) planned_files: Vec<load::PlannedFile>,
     /// How deep [`run_steps`] calls are nested (`execute`), so only top-level steps are timed.
     depth: usize,
+    /// The whole-tensor reads of steps, for releasing a value after its last reader.
+    pub(crate) last_reads: LastReads,
+}
+
+/// What steps read whole (value assertions, `dump` statistics, `diff`, extraction, `save`), so a
+/// value computed whole is released after the step that reads it last instead of kept until the
+/// output is written (SPEC §8.3): the check logs every read in order; the run counts the same
+/// reads and, after each step, releases the values the check found no later reader of.
+#[derive(Debug, Default)]
+pub(crate) struct LastReads {
+    /// The check's log (when asked for): the tensors read, in order. Holding them keeps every
+    /// logged value alive, so no address is reused while the log is taken.
+    log: Option<Vec<Tensor>>,
+    /// The run: for each read of the check's log, whether it was the last use of its value, and
+    /// the dtype and shape read; a read that differs stops all releasing for the run.
+    plan: Option<Arc<[LastRead]>>,
+    /// Reads the run has counted so far.
+    next: usize,
+    /// Tensors whose last read was in the current step.
+    done: Vec<Tensor>,
+}
+
+/// One read of a check's log, as the run looks it up.
+#[derive(Debug)]
+pub(crate) struct LastRead {
+    last: bool,
+    dtype: crate::dtype::DType,
+    shape: Vec<usize>,
+}
+
+impl LastReads {
+    /// A check that logs its reads.
+    pub(crate) fn logging() -> Self {
+        LastReads {
+            log: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// A run that releases by the log a check took, whose values still `held` at the end of
+    /// the plan (the output's tensors) are read afterwards.
+    pub(crate) fn releasing(log: &LastReads, held: &[&Tensor]) -> Self {
+        let Some(reads) = &log.log else {
+            return Self::default();
+        };
+        // Backwards: a read is a value's last use when no later read and nothing held at the
+        // end reaches it (a later tensor computed from it would read it again).
+        let mut later = std::collections::HashSet::new();
+        for tensor in held {
+            tensor.collect_values(&mut later);
+        }
+        let mut plan: Vec<LastRead> = reads
+            .iter()
+            .rev()
+            .map(|tensor| {
+                let last = !later.contains(&tensor.value_address());
+                tensor.collect_values(&mut later);
+                LastRead {
+                    last,
+                    dtype: tensor.dtype,
+                    shape: tensor.shape.clone(),
+                }
+            })
+            .collect();
+        plan.reverse();
+        LastReads {
+            plan: Some(plan.into()),
+            ..Self::default()
+        }
+    }
+
+    fn read(&mut self, tensor: &Tensor) {
+        if let Some(log) = &mut self.log {
+            log.push(tensor.clone());
+            return;
+        }
+        let Some(plan) = &self.plan else {
+            return;
+        };
+        match plan.get(self.next) {
+            Some(read) if read.dtype == tensor.dtype && read.shape == tensor.shape => {
+                self.next += 1;
+                let address = tensor.value_address();
+                if read.last && !self.done.iter().any(|t| t.value_address() == address) {
+                    self.done.push(tensor.clone());
+                }
+            }
+            // The run read something the check did not: nothing is released from here on.
+            _ => self.plan = None,
+        }
+    }
+
+    /// After a step: releases what the values it read last computed whole (a value another
+    /// tensor also holds is left alone).
+    fn release(&mut self) {
+        for tensor in self.done.drain(..) {
+            // Held here and, unless the step dropped it, by the state.
+            tensor.release_unshared_besides(1);
+        }
+    }
 }
 
 /// How long one transform of a plan took.
@@ -160,6 +260,7 @@ impl Context {
             deferred_reads: 0,
             planned_files: Vec::new(),
             depth: 0,
+            last_reads: LastReads::default(),
         }
     }
 
@@ -172,11 +273,23 @@ impl Context {
         }
     }
 
-    /// Counts what reading each of `tensors` whole reads, for a value read a check defers.
-    pub fn defer_reads<'a>(&mut self, tensors: impl IntoIterator<Item = &'a Tensor>) {
+    /// Records that the step reads each of `tensors` whole, in the check and in the run alike:
+    /// a check counts the input bytes this will read and logs the reads (see [`LastReads`]).
+    pub fn reads_whole<'a>(&mut self, tensors: impl IntoIterator<Item = &'a Tensor>) {
         let mut seen = std::collections::HashSet::new();
         for tensor in tensors {
-            self.deferred_reads = self.deferred_reads.saturating_add(tensor.bytes_to_read(&mut seen));
+            if !self.evaluate {
+                self.deferred_reads = self.deferred_reads.saturating_add(tensor.bytes_to_read(&mut seen));
+            }
+            self.last_reads.read(tensor);
+        }
+    }
+
+    /// Records that the step reads each of `tensors` whole, with bytes counted elsewhere (a
+    /// `save`'s are the file's).
+    pub(crate) fn log_reads<'a>(&mut self, tensors: impl IntoIterator<Item = &'a Tensor>) {
+        for tensor in tensors {
+            self.last_reads.read(tensor);
         }
     }
 
@@ -394,6 +507,7 @@ fn run_steps_at_depth(steps: &[Step], state: &mut State, ctx: &mut Context) -> R
         } else {
             apply_step(step, state, ctx)
         };
+        ctx.last_reads.release();
         if ctx.depth == 1 {
             ctx.timings.push(StepTiming {
                 index,

@@ -338,6 +338,14 @@ impl PermuteOp {
                 {
                     Some(band) => band.clone(),
                     None => {
+                        // One band per reader: the oldest no reader holds makes room (a band
+                        // begun by one thread and left for another, where the writer split the
+                        // chunks, is read again when that thread gets to it). Keeping it instead
+                        // measured 94 MiB instead of 64 on the 256 MB transpose.
+                        if bands.len() >= band_readers() {
+                            let idle = bands.iter().position(|b| Arc::strong_count(b) == 1);
+                            bands.remove(idle.unwrap_or(0));
+                        }
                         let band = Arc::new(Band {
                             plane,
                             q0,
@@ -347,9 +355,6 @@ impl PermuteOp {
                             served: std::sync::atomic::AtomicUsize::new(0),
                             _budget: cx.memory().reserve(cols_of(&self.dims) * width * size),
                         });
-                        if bands.len() > band_readers() {
-                            bands.remove(0);
-                        }
                         bands.push(band.clone());
                         band
                     }
