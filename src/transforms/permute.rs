@@ -181,6 +181,7 @@ pub fn permuted(source: &Tensor, order: &[usize]) -> Result<Tensor, ValueError> 
             whole: Mutex::new(None),
             gathered: std::sync::atomic::AtomicUsize::new(0),
             bands: Mutex::new(Vec::new()),
+            spare: Arc::default(),
             mapped: match &*source.value {
                 Value::Stored { file, offset } => Some(LazyMap::new(file.clone(), *offset, source.nbytes(), true)),
                 _ => None,
@@ -217,6 +218,47 @@ pub struct PermuteOp {
     /// For a stored source too large for a mapping within the memory budget: the bands of source
     /// rows read last (see [`PermuteOp::read_banded`]), newest last.
     bands: Mutex<Vec<Arc<Band>>>,
+    /// Buffers of bands dropped, for the next bands (a new band's pages are faulted in and
+    /// zeroed).
+    spare: Spare,
+}
+
+/// Band buffers kept for reuse.
+type Spare = Arc<Mutex<Vec<BandBuffer>>>;
+
+/// A band's bytes: an anonymous mapping of its own, so a dropped band's memory leaves the
+/// resident set at once (32 MB buffers from the allocator stayed in its heaps now and then: a
+/// third band's worth of peak RSS on the 256 MB transpose).
+#[derive(Debug)]
+struct BandBuffer {
+    map: memmap2::MmapMut,
+    len: usize,
+}
+
+impl BandBuffer {
+    /// `len` bytes: a spare buffer large enough, else a new mapping.
+    fn take(spare: &Spare, len: usize) -> Result<BandBuffer, ValueError> {
+        let mut spare = spare.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = spare.iter().position(|b| b.map.len() >= len) {
+            let mut buffer = spare.swap_remove(i);
+            buffer.len = len;
+            return Ok(buffer);
+        }
+        drop(spare);
+        let map = memmap2::MmapMut::map_anon(len.max(1)).map_err(|_| ValueError::OutOfMemory {
+            op: "permute",
+            bytes: len,
+        })?;
+        Ok(BandBuffer { map, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.map[..self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map[..self.len]
+    }
 }
 
 /// Output rows `[q0, q0 + width)` of one plane of a tiled permutation, read from the source and
@@ -226,19 +268,33 @@ struct Band {
     plane: usize,
     q0: usize,
     width: usize,
-    bytes: std::sync::OnceLock<Option<Vec<u8>>>,
+    bytes: std::sync::OnceLock<Option<BandBuffer>>,
     /// Element size, and output bytes served from the band so far (dropped once all served).
     size: usize,
     served: std::sync::atomic::AtomicUsize,
     /// The band's bytes counted against the run's budget while it is kept (`None` when the
     /// budget is spent: the bands of all readers stay near a quarter of it by their width).
     _budget: Option<crate::memory::Reservation>,
+    /// Where the buffer goes when the band is dropped.
+    spare: Spare,
+}
+
+impl Drop for Band {
+    fn drop(&mut self) {
+        if let Some(Some(bytes)) = self.bytes.take() {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            // At most a buffer per reader: the bands kept never need more at once.
+            if spare.len() < band_readers() {
+                spare.push(bytes);
+            }
+        }
+    }
 }
 
 impl Band {
     /// The bytes read (empty until then, which [`PermuteOp::band`] never hands out).
     fn bytes(&self) -> &[u8] {
-        self.bytes.get().and_then(Option::as_deref).unwrap_or_default()
+        self.bytes.get().and_then(Option::as_ref).map_or(&[], BandBuffer::bytes)
     }
 }
 
@@ -310,10 +366,12 @@ impl PermuteOp {
         let total = band.width * cols_of(&self.dims) * (band.size);
         let served = band.served.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
         if served >= total {
-            self.bands
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|b| !Arc::ptr_eq(b, band));
+            let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
+            bands.retain(|b| !Arc::ptr_eq(b, band));
+            // No band in progress: a pass is over (or nearly), the spare buffers go too.
+            if bands.is_empty() {
+                self.spare.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            }
         }
     }
 
@@ -354,6 +412,7 @@ impl PermuteOp {
                             size,
                             served: std::sync::atomic::AtomicUsize::new(0),
                             _budget: cx.memory().reserve(cols_of(&self.dims) * width * size),
+                            spare: self.spare.clone(),
                         });
                         bands.push(band.clone());
                         band
@@ -397,12 +456,14 @@ impl PermuteOp {
         width: usize,
         size: usize,
         cx: &mut ReadContext,
-    ) -> Result<Vec<u8>, ValueError> {
+    ) -> Result<BandBuffer, ValueError> {
         let r = self.dims.len();
         let cols = self.dims[r - 1];
         let col_stride = self.strides[r - 1];
         let first = self.offset_of(plane, r - 2) + q0;
-        let mut bytes = crate::value::try_filled("permute", cols * width * size, 0u8)?;
+        // A buffer of a dropped band, else a new one; every byte is written below.
+        let mut buffer = BandBuffer::take(&self.spare, cols * width * size)?;
+        let bytes = buffer.bytes_mut();
         // A multiple of eight runs: whole register blocks of the transpose.
         let block = ((TILE_ELEMS / width).max(16) & !7).min(cols);
         let mut tile = cx.take(block * width * size);
@@ -428,7 +489,7 @@ impl PermuteOp {
             c0 = c1;
         }
         cx.give(tile);
-        result.map(|()| bytes)
+        result.map(|()| buffer)
     }
 
     /// The source offset of the first element of output row `row` over `dims[..k]`.
@@ -668,6 +729,7 @@ impl LazyOp for PermuteOp {
     fn release(&self) {
         *self.whole.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.bands.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.spare.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     fn name(&self) -> &'static str {
