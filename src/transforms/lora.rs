@@ -788,7 +788,12 @@ impl Transform for ExtractLora {
         for (m, &bytes) in modules.iter().zip(&workspaces) {
             ctx.need_workspace(bytes, &m.name);
         }
-        need_workspaces_at_once(ctx, &workspaces, workers, |i| modules[i].name.clone());
+        let second = |i: usize| {
+            let width = if modules[i].ft.dtype == DType::F64 { 8 } else { 4 };
+            self.factorizer
+                .second_part(modules[i].shape.0, modules[i].shape.1, width)
+        };
+        need_workspaces_at_once(ctx, &workspaces, workers, |i| modules[i].name.clone(), second);
         let fan_in_fan_out = modules.iter().any(|m| m.transpose && !m.embedding);
         if fan_in_fan_out && modules.iter().any(|m| !m.transpose && !m.embedding) {
             return Err(adapter_error(
