@@ -899,6 +899,15 @@ impl Tensor {
         }
     }
 
+    /// Whether the value is computed (an operation, or a view, cast or edit of one may be):
+    /// not bytes of a file or of memory as they are.
+    pub fn computes(&self) -> bool {
+        !matches!(
+            &*self.value,
+            Value::Stored { .. } | Value::Strided(_) | Value::Memory(_)
+        )
+    }
+
     /// The address of this tensor's value: tensors sharing a value (copies) have the same.
     pub fn value_address(&self) -> usize {
         Arc::as_ptr(&self.value) as *const () as usize

@@ -3,6 +3,8 @@ it, and what `check` says before a byte is read."""
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -422,6 +424,43 @@ def test_a_product_is_released_after_its_last_reader_not_at_the_write(tmp_path: 
     result = bs.run(plan, threads=1, max_memory="10MiB", quiet=True)
     assert (result.arena_bytes > 0) == read_again
     np.testing.assert_allclose(load_file(str(out))["c"], a @ b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("later", ["phlora_", "dump_full", "merge_lora"])
+def test_a_product_read_again_by_a_later_step_is_computed_once(tmp_path: Path, later: str) -> None:
+    # The assertion's read is not the product's last: a factorization, a `dump` of its values or
+    # a merge into it reads it later, so it is kept, and the operands are read once.
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((256, 64), dtype=np.float32), rng.standard_normal((64, 256), dtype=np.float32)
+    model = tmp_path / "m.safetensors"
+    save_file({"a": a, "b": b}, str(model))
+    transforms: list[dict] = [
+        {"matmul": {"from_a": "a", "from_b": "b", "to": "p.weight"}},
+        {"assert": {"finite": {"of": "p\\.weight"}}},
+    ]
+    if later == "phlora_":
+        transforms.append({"phlora_": {"target": "p\\.weight", "rank": 8}})
+    elif later == "dump_full":
+        transforms.append({"dump": {"target": "p\\.weight", "verbosity": "full"}})
+    else:
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        save_file(
+            {
+                "base_model.model.p.lora_A.weight": rng.standard_normal((4, 256), dtype=np.float32),
+                "base_model.model.p.lora_B.weight": rng.standard_normal((256, 4), dtype=np.float32),
+            },
+            str(adapter / "adapter_model.safetensors"),
+        )
+        config = {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["p"]}
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        transforms.append({"merge_lora": {"target": "m", "adapter": str(adapter)}})
+    transforms.append({"delete": {"target": "a|b"}})
+    out = tmp_path / "o.safetensors"
+    plan = {"inputs": [f"m::{model}"], "transforms": transforms, "output": str(out)}
+    result = bs.run(plan, threads=1, quiet=True)
+    adapter_bytes = 2 * 4 * 256 * 4 if later == "merge_lora" else 0
+    assert result.bytes_read == a.nbytes + b.nbytes + adapter_bytes
 
 
 @pytest.mark.parametrize("op", ["phlora_", "phlora"])

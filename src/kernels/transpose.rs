@@ -66,24 +66,8 @@ fn copy_elements(
 #[cfg(target_arch = "x86_64")]
 fn simd(size: usize, tile: &[u8], h: usize, n: usize, dst: &mut [u8], ld: usize) -> (usize, usize) {
     match size {
-        2 => {
-            let (rows, cols) = (h - h % 8, n - n % 8);
-            for t in (0..rows).step_by(8) {
-                for j in (0..cols).step_by(8) {
-                    x86::block_u16(tile, h, t, j, dst, ld);
-                }
-            }
-            (rows, cols)
-        }
-        4 => {
-            let (rows, cols) = (h - h % 4, n - n % 4);
-            for t in (0..rows).step_by(4) {
-                for j in (0..cols).step_by(4) {
-                    x86::block_u32(tile, h, t, j, dst, ld);
-                }
-            }
-            (rows, cols)
-        }
+        2 => x86::blocks(tile, h, n, dst, ld, x86::transpose_u16),
+        4 => x86::blocks(tile, h, n, dst, ld, x86::transpose_u32),
         _ => (0, 0),
     }
 }
@@ -112,12 +96,36 @@ mod x86 {
         unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), v) }
     }
 
-    /// Rows `t..t + 8`, columns `j..j + 8` of 2-byte elements.
+    /// The whole `K × K` blocks of the tile, each loaded as `K` registers (one per run), turned
+    /// by `transpose` and stored as `K` row pieces; elements of `16 / K` bytes. Returns the rows
+    /// and columns done.
     #[inline]
-    pub(super) fn block_u16(tile: &[u8], h: usize, t: usize, j: usize, dst: &mut [u8], ld: usize) {
-        let a: [__m128i; 8] = std::array::from_fn(|k| load(tile, ((j + k) * h + t) * 2));
+    pub(super) fn blocks<const K: usize>(
+        tile: &[u8],
+        h: usize,
+        n: usize,
+        dst: &mut [u8],
+        ld: usize,
+        transpose: fn([__m128i; K]) -> [__m128i; K],
+    ) -> (usize, usize) {
+        let size = 16 / K;
+        let (rows, cols) = (h - h % K, n - n % K);
+        for t in (0..rows).step_by(K) {
+            for j in (0..cols).step_by(K) {
+                let runs = std::array::from_fn(|k| load(tile, ((j + k) * h + t) * size));
+                for (i, v) in transpose(runs).into_iter().enumerate() {
+                    store(dst, ((t + i) * ld + j) * size, v);
+                }
+            }
+        }
+        (rows, cols)
+    }
+
+    /// Eight registers of eight 2-byte lanes, transposed.
+    #[inline(always)]
+    pub(super) fn transpose_u16(a: [__m128i; 8]) -> [__m128i; 8] {
         // SAFETY: SSE2 is part of x86_64; the unpacks only move lanes between registers.
-        let d = unsafe {
+        unsafe {
             let b0 = _mm_unpacklo_epi16(a[0], a[1]);
             let b1 = _mm_unpackhi_epi16(a[0], a[1]);
             let b2 = _mm_unpacklo_epi16(a[2], a[3]);
@@ -144,18 +152,14 @@ mod x86 {
                 _mm_unpacklo_epi64(c3, c7),
                 _mm_unpackhi_epi64(c3, c7),
             ]
-        };
-        for (i, v) in d.into_iter().enumerate() {
-            store(dst, ((t + i) * ld + j) * 2, v);
         }
     }
 
-    /// Rows `t..t + 4`, columns `j..j + 4` of 4-byte elements.
-    #[inline]
-    pub(super) fn block_u32(tile: &[u8], h: usize, t: usize, j: usize, dst: &mut [u8], ld: usize) {
-        let a: [__m128i; 4] = std::array::from_fn(|k| load(tile, ((j + k) * h + t) * 4));
+    /// Four registers of four 4-byte lanes, transposed.
+    #[inline(always)]
+    pub(super) fn transpose_u32(a: [__m128i; 4]) -> [__m128i; 4] {
         // SAFETY: SSE2 is part of x86_64; the unpacks only move lanes between registers.
-        let d = unsafe {
+        unsafe {
             let b0 = _mm_unpacklo_epi32(a[0], a[1]);
             let b1 = _mm_unpackhi_epi32(a[0], a[1]);
             let b2 = _mm_unpacklo_epi32(a[2], a[3]);
@@ -166,9 +170,6 @@ mod x86 {
                 _mm_unpacklo_epi64(b1, b3),
                 _mm_unpackhi_epi64(b1, b3),
             ]
-        };
-        for (i, v) in d.into_iter().enumerate() {
-            store(dst, ((t + i) * ld + j) * 4, v);
         }
     }
 }

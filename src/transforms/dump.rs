@@ -283,6 +283,9 @@ impl Dump {
         // ones, which are not counted.
         if self.verbosity == Verbosity::Stat && tensor.dtype.is_computable() {
             ctx.reads_whole([tensor]);
+        } else if self.verbosity == Verbosity::Full && tensor.dtype.is_computable() {
+            // A product or permutation is computed whole to print a few elements: a reader.
+            ctx.log_reads([tensor]);
         }
         if !evaluate || !tensor.dtype.is_computable() {
             return Ok(item);

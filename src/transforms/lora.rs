@@ -26,8 +26,9 @@ use faer::{Accum, MatMut, MatRef, Par};
 use serde_json::{json, Value as Json};
 
 use super::lowrank::{
-    encode_into, factor_pool, in_parallel, matrix_shape, need_workspaces_at_once, split_factors, workers,
-    Factorization, Factorizer, Pooled, ENERGY, MAX_RANK, METHOD, OVERSAMPLE, POWER_ITERATIONS, SEED, THRESHOLD,
+    encode_into, factor_pool, in_parallel, matrix_shape, need_second_part, need_workspaces_at_once, split_factors,
+    workers, Factorization, Factorizer, Pooled, ENERGY, MAX_RANK, METHOD, OVERSAMPLE, POWER_ITERATIONS, SEED,
+    THRESHOLD,
 };
 use super::{count_noun, require_float, Context, Flow, StepError, Transform, TransformError, TransformSpec};
 use crate::dtype::DType;
@@ -788,12 +789,7 @@ impl Transform for ExtractLora {
         for (m, &bytes) in modules.iter().zip(&workspaces) {
             ctx.need_workspace(bytes, &m.name);
         }
-        let second = |i: usize| {
-            let width = if modules[i].ft.dtype == DType::F64 { 8 } else { 4 };
-            self.factorizer
-                .second_part(modules[i].shape.0, modules[i].shape.1, width)
-        };
-        need_workspaces_at_once(ctx, &workspaces, workers, |i| modules[i].name.clone(), second);
+        need_workspaces_at_once(ctx, &workspaces, workers, |i| modules[i].name.clone());
         let fan_in_fan_out = modules.iter().any(|m| m.transpose && !m.embedding);
         if fan_in_fan_out && modules.iter().any(|m| !m.transpose && !m.embedding) {
             return Err(adapter_error(
@@ -822,9 +818,14 @@ impl Transform for ExtractLora {
             let elements = (m.shape.0 + m.shape.1).saturating_mul(ranks).saturating_add(bias);
             sum.saturating_add(elements.saturating_mul(element))
         });
-        ctx.held = ctx
-            .held
-            .max(adapter.saturating_add(workers.saturating_mul(2 * crate::value::CHUNK_BYTES)));
+        let beside = adapter.saturating_add(workers.saturating_mul(2 * crate::value::CHUNK_BYTES));
+        ctx.held = ctx.held.max(beside);
+        let second = |i: usize| {
+            let width = if modules[i].ft.dtype == DType::F64 { 8 } else { 4 };
+            self.factorizer
+                .second_part(modules[i].shape.0, modules[i].shape.1, width)
+        };
+        need_second_part(ctx, modules.len(), workers, |_| beside, second);
         let whole: Vec<(String, Tensor)> = match &self.modules_to_save {
             None => Vec::new(),
             Some(reference) => {
@@ -1152,6 +1153,13 @@ impl LazyOp for MergeOp {
         "merge_lora"
     }
 
+    fn inputs(&self) -> Vec<&Tensor> {
+        [Some(&self.base), Some(&self.b), Some(&self.a), self.magnitude.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     fn materialized(&self, seen: &mut HashSet<usize>) -> usize {
         let factors = (self.a.numel() + self.b.numel()) * 8;
         factors.saturating_add(self.base.materialized(seen))
@@ -1237,6 +1245,10 @@ struct BiasOp {
 impl LazyOp for BiasOp {
     fn name(&self) -> &'static str {
         "merge_lora"
+    }
+
+    fn inputs(&self) -> Vec<&Tensor> {
+        vec![&self.base, &self.bias]
     }
 
     fn bytes_to_read(&self, seen: &mut HashSet<usize>) -> u64 {

@@ -479,35 +479,43 @@ pub(crate) fn largest_together(sizes: &[usize], workers: usize) -> usize {
 }
 
 /// Records the workspace `workers` factorizations at once hold (the largest of `workspaces`
-/// together), named after the largest one (`name_of` its index), when there are several. One
-/// factorization on a pool of several threads whose products run in two parts (a randomized
-/// SVD's) holds a second part's packing buffers besides: `second_part(i)` bytes (see
-/// [`Factorizer::second_part`]).
+/// together), named after the largest one (`name_of` its index), when there are several.
 pub(crate) fn need_workspaces_at_once(
     ctx: &mut Context,
     workspaces: &[usize],
     workers: usize,
     name_of: impl Fn(usize) -> String,
-    second_part: impl Fn(usize) -> usize,
 ) {
+    if workers < 2 {
+        return;
+    }
     let largest = workspaces
         .iter()
         .enumerate()
         .max_by_key(|&(i, &b)| (b, std::cmp::Reverse(i)))
         .map_or(0, |(i, _)| i);
-    if workers < 2 {
-        if ctx.threads != 1 && !workspaces.is_empty() {
-            ctx.need_workspace(
-                workspaces[largest].saturating_add(second_part(largest)),
-                &name_of(largest),
-            );
-        }
-        return;
-    }
     ctx.need_workspace(
         largest_together(workspaces, workers),
         &format!("{} and {} more at once", name_of(largest), workers - 1),
     );
+}
+
+/// Counts, for the estimate, what one factorization run on a pool of several threads holds
+/// beside its workspace and `held(i)`: its products' second part packs operand blocks of its own
+/// (`second_part(i)`, see [`Factorizer::second_part`]). Not part of the workspace the run
+/// reserves and the check refuses by: the packing is faer's, outside the budget, and depends
+/// on the CPU.
+pub(crate) fn need_second_part(
+    ctx: &mut Context,
+    count: usize,
+    workers: usize,
+    held: impl Fn(usize) -> usize,
+    second_part: impl Fn(usize) -> usize,
+) {
+    if workers < 2 && ctx.threads != 1 {
+        let most = (0..count).map(|i| held(i).saturating_add(second_part(i))).max();
+        ctx.held = ctx.held.max(most.unwrap_or(0));
+    }
 }
 
 /// What one matrix product packs its operand blocks into while it runs: faer sizes them by the
@@ -1058,9 +1066,10 @@ impl Transform for Phlora {
         let workers = workers(ctx.threads, &whole, budget);
         // That many matrices and workspaces at once.
         let (workspaces, helds): (Vec<usize>, Vec<usize>) = sizes.iter().copied().unzip();
+        need_workspaces_at_once(ctx, &workspaces, workers, |i| matches[i].display());
         let width = |i: usize| if matches[i].tensor.dtype == DType::F64 { 8 } else { 4 };
         let second = |i: usize| self.factorizer.second_part(shapes[i].0, shapes[i].1, width(i));
-        need_workspaces_at_once(ctx, &workspaces, workers, |i| matches[i].display(), second);
+        need_second_part(ctx, matches.len(), workers, |i| helds[i], second);
         if workers > 1 {
             ctx.held = ctx.held.max(largest_together(&helds, workers));
         }
@@ -1088,6 +1097,8 @@ impl Transform for Phlora {
             }
             None => None,
         };
+        // Each match is read whole to be factored (in the check: will be).
+        ctx.log_reads(matches.iter().map(|m| &m.tensor));
         let mut results = Vec::with_capacity(matches.len());
         if !ctx.evaluate {
             for (m, &shape) in matches.iter().zip(&shapes) {

@@ -137,8 +137,9 @@ pub(crate) struct LastReads {
     plan: Option<Arc<[LastRead]>>,
     /// Reads the run has counted so far.
     next: usize,
-    /// Tensors whose last read was in the current step.
+    /// Tensors whose last read was in the current step, and their values' addresses.
     done: Vec<Tensor>,
+    done_values: std::collections::HashSet<usize>,
 }
 
 /// One read of a check's log, as the run looks it up.
@@ -201,8 +202,8 @@ impl LastReads {
         match plan.get(self.next) {
             Some(read) if read.dtype == tensor.dtype && read.shape == tensor.shape => {
                 self.next += 1;
-                let address = tensor.value_address();
-                if read.last && !self.done.iter().any(|t| t.value_address() == address) {
+                // Stored and in-memory values keep nothing to release.
+                if read.last && tensor.computes() && self.done_values.insert(tensor.value_address()) {
                     self.done.push(tensor.clone());
                 }
             }
@@ -218,6 +219,7 @@ impl LastReads {
             // Held here and, unless the step dropped it, by the state.
             tensor.release_unshared_besides(1);
         }
+        self.done_values.clear();
     }
 }
 

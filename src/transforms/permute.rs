@@ -239,7 +239,8 @@ impl BandBuffer {
     /// `len` bytes: a spare buffer large enough, else a new mapping.
     fn take(spare: &Spare, len: usize) -> Result<BandBuffer, ValueError> {
         let mut spare = spare.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = spare.iter().position(|b| b.map.len() >= len) {
+        let fits = spare.iter().enumerate().filter(|(_, b)| b.map.len() >= len);
+        if let Some((i, _)) = fits.min_by_key(|(_, b)| b.map.len()) {
             let mut buffer = spare.swap_remove(i);
             buffer.len = len;
             return Ok(buffer);
@@ -342,7 +343,9 @@ impl PermuteOp {
         let (rows, cols) = (self.dims[r - 2], self.dims[r - 1]);
         let plane = rows * cols;
         let budget = usize::try_from(cx.memory().limit()).unwrap_or(usize::MAX);
-        let width = (budget / 4 / band_readers() / (cols * size).max(1)).clamp(1, rows);
+        // At most TILE_ELEMS / 8 rows, so eight source runs fit the tile `read_band` reads them
+        // into (narrow outputs of long source rows would otherwise take a tile as large as a band).
+        let width = (budget / 4 / band_readers() / (cols * size).max(1)).clamp(1, rows.min(TILE_ELEMS / 8));
         let n = out.len() / size;
         let mut done = 0;
         while done < n {
@@ -357,6 +360,13 @@ impl PermuteOp {
             self.band_served(&band, count * size);
             done += count;
         }
+        // No band in progress (this reader's last one dropped above): a pass is over, or nearly,
+        // and the spare buffers are unmapped (outside the locks).
+        let idle = self.bands.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+        if idle {
+            let spare = std::mem::take(&mut *self.spare.lock().unwrap_or_else(|e| e.into_inner()));
+            drop(spare);
+        }
         Ok(())
     }
 
@@ -366,12 +376,10 @@ impl PermuteOp {
         let total = band.width * cols_of(&self.dims) * (band.size);
         let served = band.served.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
         if served >= total {
-            let mut bands = self.bands.lock().unwrap_or_else(|e| e.into_inner());
-            bands.retain(|b| !Arc::ptr_eq(b, band));
-            // No band in progress: a pass is over (or nearly), the spare buffers go too.
-            if bands.is_empty() {
-                self.spare.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            }
+            self.bands
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|b| !Arc::ptr_eq(b, band));
         }
     }
 
@@ -465,7 +473,7 @@ impl PermuteOp {
         let mut buffer = BandBuffer::take(&self.spare, cols * width * size)?;
         let bytes = buffer.bytes_mut();
         // A multiple of eight runs: whole register blocks of the transpose.
-        let block = ((TILE_ELEMS / width).max(16) & !7).min(cols);
+        let block = ((TILE_ELEMS / width).max(8) & !7).min(cols);
         let mut tile = cx.take(block * width * size);
         let mut result = Ok(());
         let mut c0 = 0;
@@ -853,6 +861,49 @@ mod tests {
             for chunk in [1, 3, 7, 20, 64, 10_000] {
                 assert_eq!(read_all(&t, chunk), expected, "{shape:?} by {order:?}, chunk {chunk}");
             }
+        }
+    }
+
+    #[test]
+    fn banded_reads_equal_the_permutation_and_leave_no_buffers_after_a_pass() {
+        // 3 planes of 300×500 u32 transposed under a 1 MB budget: bands of a few output rows,
+        // a narrower last band per plane, chunks across band and plane boundaries.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.bin");
+        let shape = [3usize, 300, 500];
+        let n: usize = shape.iter().product();
+        let bytes: Vec<u8> = (0..n as u32).flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = Arc::new(crate::formats::SourceFile::open(&path).unwrap());
+        let stored = Tensor::stored(DType::U32, shape.to_vec(), file, 0);
+        let t = permuted(&stored, &[0, 2, 1]).unwrap();
+        let Value::Op(op) = &*t.value else {
+            panic!("a permutation is an operation")
+        };
+        let memory = Arc::new(crate::memory::Memory::new(1 << 20, dir.path().to_path_buf()));
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut cx = ReadContext::for_run(cancel, memory);
+        let expected = naive(&shape, &[0, 2, 1]);
+        for chunk in [4096, 777] {
+            let mut got = Vec::with_capacity(n);
+            let mut start = 0;
+            while start < n {
+                let k = chunk.min(n - start);
+                let mut out = vec![0u8; k * 4];
+                t.read(start, &mut out, &mut cx).unwrap();
+                got.extend(out.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())));
+                start += k;
+            }
+            assert_eq!(got, expected, "chunks of {chunk}");
+            let permute = format!("{op:?}");
+            assert!(
+                permute.contains("bands: Mutex { data: [],"),
+                "bands left after a pass: {permute}"
+            );
+            assert!(
+                permute.contains("spare: Mutex { data: [],"),
+                "buffers left after a pass: {permute}"
+            );
         }
     }
 

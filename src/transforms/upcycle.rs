@@ -883,6 +883,10 @@ impl LazyOp for EmbedRouter {
         "embedding router"
     }
 
+    fn inputs(&self) -> Vec<&Tensor> {
+        vec![&self.embed]
+    }
+
     fn read(
         &self,
         dtype: DType,
