@@ -4,7 +4,6 @@ it, and what `check` says before a byte is read."""
 from __future__ import annotations
 
 import json
-
 import os
 import signal
 import subprocess

@@ -147,6 +147,8 @@ struct MemoryNeeds {
     workspace: usize,
     /// The largest matrix a step holds beside its workspace, in the budget or the arena.
     held: usize,
+    /// What the step holds beside them outside the budget (see [`Context::unbudgeted`]).
+    unbudgeted: usize,
 }
 
 /// Releases what tensors outside the output alias keep computed whole (a product an assertion
@@ -340,6 +342,7 @@ impl Prepared {
             budget: ctx.reads.memory().limit(),
             workspace: ctx.workspace,
             held: ctx.held,
+            unbudgeted: ctx.unbudgeted,
         };
         let mut report = Report {
             notes: ctx.notes,
@@ -436,6 +439,7 @@ impl Prepared {
                 budget: ctx.reads.memory().limit(),
                 workspace: ctx.workspace,
                 held: ctx.held,
+                unbudgeted: ctx.unbudgeted,
             };
             arena = self.memory_estimate(Some(current), &needs).arena;
         }
@@ -495,7 +499,9 @@ impl Prepared {
         // A step holding a matrix beside its workspace (the randomized SVD's) holds what the
         // budget leaves of it; the writing holds the buffers, the tensors computed whole that
         // fit, and the pages of transposed sources.
-        let step = (needs.workspace as u64).saturating_add((needs.held as u64).min(room));
+        let step = (needs.workspace as u64)
+            .saturating_add((needs.held as u64).min(room))
+            .saturating_add(needs.unbudgeted as u64);
         let writing = buffers.saturating_add(in_memory).saturating_add(resident);
         MemoryEstimate {
             budget: needs.budget,

@@ -106,7 +106,7 @@ mod x86 {
         n: usize,
         dst: &mut [u8],
         ld: usize,
-        transpose: fn([__m128i; K]) -> [__m128i; K],
+        transpose: impl Fn([__m128i; K]) -> [__m128i; K],
     ) -> (usize, usize) {
         let size = 16 / K;
         let (rows, cols) = (h - h % K, n - n % K);

@@ -818,14 +818,15 @@ impl Transform for ExtractLora {
             let elements = (m.shape.0 + m.shape.1).saturating_mul(ranks).saturating_add(bias);
             sum.saturating_add(elements.saturating_mul(element))
         });
-        let beside = adapter.saturating_add(workers.saturating_mul(2 * crate::value::CHUNK_BYTES));
-        ctx.held = ctx.held.max(beside);
+        ctx.held = ctx
+            .held
+            .max(adapter.saturating_add(workers.saturating_mul(2 * crate::value::CHUNK_BYTES)));
         let second = |i: usize| {
             let width = if modules[i].ft.dtype == DType::F64 { 8 } else { 4 };
             self.factorizer
                 .second_part(modules[i].shape.0, modules[i].shape.1, width)
         };
-        need_second_part(ctx, modules.len(), workers, |_| beside, second);
+        need_second_part(ctx, modules.len(), workers, second);
         let whole: Vec<(String, Tensor)> = match &self.modules_to_save {
             None => Vec::new(),
             Some(reference) => {
@@ -1158,6 +1159,11 @@ impl LazyOp for MergeOp {
             .into_iter()
             .flatten()
             .collect()
+    }
+
+    fn release(&self) {
+        // Read from the adapter again if the merged weight is read again.
+        *self.factors.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn materialized(&self, seen: &mut HashSet<usize>) -> usize {

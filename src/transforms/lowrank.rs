@@ -501,20 +501,14 @@ pub(crate) fn need_workspaces_at_once(
 }
 
 /// Counts, for the estimate, what one factorization run on a pool of several threads holds
-/// beside its workspace and `held(i)`: its products' second part packs operand blocks of its own
+/// beside its workspace and matrix: its products' second part packs operand blocks of its own
 /// (`second_part(i)`, see [`Factorizer::second_part`]). Not part of the workspace the run
-/// reserves and the check refuses by: the packing is faer's, outside the budget, and depends
-/// on the CPU.
-pub(crate) fn need_second_part(
-    ctx: &mut Context,
-    count: usize,
-    workers: usize,
-    held: impl Fn(usize) -> usize,
-    second_part: impl Fn(usize) -> usize,
-) {
+/// reserves and the check refuses by (the packing is faer's, outside the budget and the arena,
+/// and depends on the CPU), and not capped by the budget like the matrix.
+pub(crate) fn need_second_part(ctx: &mut Context, count: usize, workers: usize, second_part: impl Fn(usize) -> usize) {
     if workers < 2 && ctx.threads != 1 {
-        let most = (0..count).map(|i| held(i).saturating_add(second_part(i))).max();
-        ctx.held = ctx.held.max(most.unwrap_or(0));
+        let most = (0..count).map(second_part).max().unwrap_or(0);
+        ctx.unbudgeted = ctx.unbudgeted.max(most);
     }
 }
 
@@ -1069,7 +1063,7 @@ impl Transform for Phlora {
         need_workspaces_at_once(ctx, &workspaces, workers, |i| matches[i].display());
         let width = |i: usize| if matches[i].tensor.dtype == DType::F64 { 8 } else { 4 };
         let second = |i: usize| self.factorizer.second_part(shapes[i].0, shapes[i].1, width(i));
-        need_second_part(ctx, matches.len(), workers, |i| helds[i], second);
+        need_second_part(ctx, matches.len(), workers, second);
         if workers > 1 {
             ctx.held = ctx.held.max(largest_together(&helds, workers));
         }

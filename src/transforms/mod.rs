@@ -104,6 +104,9 @@ pub struct Context {
     /// The largest matrix a step holds beside its workspace, in the budget or (beyond it) the
     /// arena: the randomized SVD's input.
     pub held: usize,
+    /// What a step holds outside the budget and the arena beside its workspace and matrix (a
+    /// parallel factorization's second packing buffers), for the estimate only.
+    pub unbudgeted: usize,
     /// The tensor whose step needs [`Context::workspace`], for the message when it does not
     /// fit the memory budget.
     pub workspace_tensor: Option<String>,
@@ -257,6 +260,7 @@ impl Context {
             factorizations: Vec::new(),
             workspace: 0,
             held: 0,
+            unbudgeted: 0,
             workspace_tensor: None,
             timings: Vec::new(),
             deferred_reads: 0,
