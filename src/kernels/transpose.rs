@@ -121,38 +121,20 @@ mod x86 {
         (rows, cols)
     }
 
-    /// Eight registers of eight 2-byte lanes, transposed.
+    /// Eight registers of eight 2-byte lanes, transposed: lanes paired across neighbouring
+    /// registers, after which the pairs of the even and of the odd registers are two 4×4
+    /// transposes of 4-byte lanes.
     #[inline(always)]
     pub(super) fn transpose_u16(a: [__m128i; 8]) -> [__m128i; 8] {
         // SAFETY: SSE2 is part of x86_64; the unpacks only move lanes between registers.
-        unsafe {
-            let b0 = _mm_unpacklo_epi16(a[0], a[1]);
-            let b1 = _mm_unpackhi_epi16(a[0], a[1]);
-            let b2 = _mm_unpacklo_epi16(a[2], a[3]);
-            let b3 = _mm_unpackhi_epi16(a[2], a[3]);
-            let b4 = _mm_unpacklo_epi16(a[4], a[5]);
-            let b5 = _mm_unpackhi_epi16(a[4], a[5]);
-            let b6 = _mm_unpacklo_epi16(a[6], a[7]);
-            let b7 = _mm_unpackhi_epi16(a[6], a[7]);
-            let c0 = _mm_unpacklo_epi32(b0, b2);
-            let c1 = _mm_unpackhi_epi32(b0, b2);
-            let c2 = _mm_unpacklo_epi32(b1, b3);
-            let c3 = _mm_unpackhi_epi32(b1, b3);
-            let c4 = _mm_unpacklo_epi32(b4, b6);
-            let c5 = _mm_unpackhi_epi32(b4, b6);
-            let c6 = _mm_unpacklo_epi32(b5, b7);
-            let c7 = _mm_unpackhi_epi32(b5, b7);
-            [
-                _mm_unpacklo_epi64(c0, c4),
-                _mm_unpackhi_epi64(c0, c4),
-                _mm_unpacklo_epi64(c1, c5),
-                _mm_unpackhi_epi64(c1, c5),
-                _mm_unpacklo_epi64(c2, c6),
-                _mm_unpackhi_epi64(c2, c6),
-                _mm_unpacklo_epi64(c3, c7),
-                _mm_unpackhi_epi64(c3, c7),
-            ]
-        }
+        let (low, high) = unsafe {
+            (
+                std::array::from_fn(|k| _mm_unpacklo_epi16(a[2 * k], a[2 * k + 1])),
+                std::array::from_fn(|k| _mm_unpackhi_epi16(a[2 * k], a[2 * k + 1])),
+            )
+        };
+        let (low, high) = (transpose_u32(low), transpose_u32(high));
+        std::array::from_fn(|i| if i < 4 { low[i] } else { high[i - 4] })
     }
 
     /// Four registers of four 4-byte lanes, transposed.
