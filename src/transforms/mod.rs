@@ -126,7 +126,7 @@ pub struct Context {
     pub(crate) last_reads: LastReads,
 }
 
-/// What steps read whole (value assertions, `dump` statistics, `diff`, extraction, `save`), so a
+/// What steps read whole (value assertions, `dump`, `diff`, `extract_lora`, `phlora`, `save`), so a
 /// value computed whole is released after the step that reads it last instead of kept until the
 /// output is written (SPEC §8.3): the check logs every read in order; the run counts the same
 /// reads and, after each step, releases the values the check found no later reader of.
